@@ -1,0 +1,291 @@
+"""The unified model: BERT parity, attention-mask semantics, backends, gradients."""
+import pytest
+import torch
+from transformers import BertModel
+
+from vltrain.config import debug_model_config
+from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch
+from vltrain.model import VLModel
+from vltrain.model.bert_weights import from_hf_state_dict, to_hf_state_dict
+from vltrain.config import ObjectivesConfig
+from vltrain.objectives import pretrain_losses
+
+
+def random_inputs(cfg, B=4, T=12, N=6, seed=0, pad=True):
+    """Image-text inputs in our layout: [CLS] [SEP] w.. [STOP]; text padded per row, regions too."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, cfg.vocab_size, (B, T), generator=g)
+    ids[:, 0], ids[:, 1] = 101, 102
+    am = torch.ones(B, T, dtype=torch.long)
+    rm = torch.ones(B, N, dtype=torch.bool)
+    if pad:
+        for b in range(1, B):
+            am[b, T - 2 * b:] = 0
+            rm[b, N - b:] = False
+    ids = ids * am
+    tt = torch.zeros_like(ids)
+    tt[:, 2:] = 1
+    tt = tt * am
+    feats = torch.randn(B, N, cfg.region_feat_dim, generator=g)
+    xy = torch.rand(B, N, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(B, N, 2, generator=g) * 0.4], -1)
+    probs = torch.softmax(torch.randn(B, N, cfg.num_region_classes, generator=g), -1)
+    return dict(input_ids=ids, token_type_ids=tt, attention_mask=am, region_feats=feats,
+                region_boxes=boxes, region_cls_probs=probs, region_mask=rm)
+
+
+def make_model(backend="eager", seed=0, **kw):
+    torch.manual_seed(seed)
+    return VLModel(debug_model_config(attention_backend=backend, **kw)).eval()
+
+
+# --------------------------------------------------------------------------- BERT parity
+
+@pytest.fixture(scope="module")
+def hf_bert(minilm_dir):
+    return BertModel.from_pretrained(minilm_dir).eval()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_text_only_equals_transformers_bert(minilm_dir, hf_bert, backend):
+    model = VLModel.from_pretrained(minilm_dir, attention_backend=backend).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(999, 30522, (3, 21), generator=g)
+    ids[:, 0] = 101
+    am = torch.ones_like(ids)
+    am[1, 13:] = 0
+    am[2, 6:] = 0
+    ids = ids * am
+    tt = torch.zeros_like(ids)
+    tt[0, 10:] = 1
+    with torch.no_grad():
+        ref = hf_bert(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
+        ours = model(ids, tt, am, mode="bidirectional").text_hidden
+    valid = am.bool()
+    assert ours.shape == ref.shape
+    assert (ours[valid] - ref[valid]).abs().max() < 1e-4
+
+
+def test_weight_name_map_round_trips(minilm_dir):
+    model = make_model()
+    sd = model.state_dict()
+    back = from_hf_state_dict(to_hf_state_dict(sd))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    hf_names = to_hf_state_dict(sd)
+    assert "encoder.layer.1.attention.self.key.weight" in hf_names
+    assert "embeddings.word_embeddings.weight" in hf_names
+
+
+def test_from_pretrained_overrides_and_grown_token_types(minilm_dir):
+    from safetensors.torch import load_file
+    model = VLModel.from_pretrained(minilm_dir, region_embedding="vlbert", type_vocab_size=3,
+                                    image_token_type=2, region_feat_dim=32)
+    ref = load_file(f"{minilm_dir}/model.safetensors")["embeddings.token_type_embeddings.weight"]
+    tt = model.embeddings.token_type.weight
+    assert tt.shape[0] == 3 and torch.equal(tt[:2], ref)
+    assert not torch.equal(tt[2], torch.zeros_like(tt[2]))
+    assert model.region_embeddings.proj.in_features == 32 + 128
+    with pytest.raises(Exception, match="model.region_feat_dims"):
+        VLModel.from_pretrained(minilm_dir, region_feat_dims=32)
+
+
+def test_from_pretrained_shape_mismatch_names_parameter(minilm_dir):
+    with pytest.raises(ValueError, match="embeddings.word.weight"):
+        VLModel.from_pretrained(minilm_dir, vocab_size=1000)
+
+
+# --------------------------------------------------------------------------- mask semantics
+
+def run(model, inputs, mode):
+    with torch.no_grad():
+        return model(**inputs, mode=mode)
+
+
+@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+def test_seq2seq_mask_semantics(kind):
+    model = make_model(region_embedding=kind)
+    x = random_inputs(model.config, B=2, pad=False)
+    base = run(model, x, "seq2seq")
+    # Change a target token (position 6 of 12; targets are positions >= 2).
+    y = {k: v.clone() for k, v in x.items()}
+    y["input_ids"][:, 6] = 2000
+    out = run(model, y, "seq2seq")
+    assert torch.allclose(out.region_hidden, base.region_hidden, atol=1e-6)
+    assert torch.allclose(out.text_hidden[:, :6], base.text_hidden[:, :6], atol=1e-6)
+    assert not torch.allclose(out.text_hidden[:, 6:], base.text_hidden[:, 6:], atol=1e-4)
+    # Change one region: every text state moves.
+    z = {k: v.clone() for k, v in x.items()}
+    z["region_feats"][:, 0] += 1.0
+    out = run(model, z, "seq2seq")
+    diff = (out.text_hidden - base.text_hidden).abs().amax(-1)
+    assert (diff > 1e-5).all()
+
+
+def test_bidirectional_last_token_reaches_regions():
+    model = make_model()
+    x = random_inputs(model.config, B=2, pad=False)
+    base = run(model, x, "bidirectional")
+    y = {k: v.clone() for k, v in x.items()}
+    y["input_ids"][:, -1] = 2000
+    out = run(model, y, "bidirectional")
+    assert ((out.region_hidden - base.region_hidden).abs().amax(-1) > 1e-5).all()
+
+
+def test_left_to_right_is_causal_over_text():
+    model = make_model()
+    x = random_inputs(model.config, B=2, pad=False)
+    base = run(model, x, "left_to_right")
+    y = {k: v.clone() for k, v in x.items()}
+    y["input_ids"][:, 4] = 2000
+    out = run(model, y, "left_to_right")
+    assert torch.allclose(out.text_hidden[:, :4], base.text_hidden[:, :4], atol=1e-6)
+    assert torch.allclose(out.region_hidden, base.region_hidden, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+def test_mixed_modes_equal_each_example_alone(kind):
+    model = make_model(region_embedding=kind)
+    x = random_inputs(model.config, B=4)
+    modes = torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, MODE_BIDIRECTIONAL])
+    mixed = run(model, x, modes)
+    for b in range(4):
+        one = {k: v[b:b + 1] for k, v in x.items()}
+        alone = run(model, one, int(modes[b]))
+        tv, rv = x["attention_mask"][b].bool(), x["region_mask"][b]
+        assert (mixed.text_hidden[b][tv] - alone.text_hidden[0][tv]).abs().max() < 1e-5
+        assert (mixed.region_hidden[b][rv] - alone.region_hidden[0][rv]).abs().max() < 1e-5
+
+
+def test_padding_does_not_change_real_positions():
+    model = make_model()
+    x = random_inputs(model.config, B=1, pad=False)
+    base = run(model, x, "seq2seq")
+    padded = dict(x)
+    padded["input_ids"] = torch.cat([x["input_ids"], torch.zeros(1, 5, dtype=torch.long)], 1)
+    padded["token_type_ids"] = torch.cat([x["token_type_ids"], torch.zeros(1, 5, dtype=torch.long)], 1)
+    padded["attention_mask"] = torch.cat([x["attention_mask"], torch.zeros(1, 5, dtype=torch.long)], 1)
+    for k, extra in (("region_feats", torch.randn(1, 3, 64)), ("region_boxes", torch.rand(1, 3, 4)),
+                     ("region_cls_probs", torch.rand(1, 3, 17)), ("region_mask", torch.zeros(1, 3, dtype=torch.bool))):
+        padded[k] = torch.cat([x[k], extra], 1)
+    out = run(model, padded, "seq2seq")
+    assert (out.text_hidden[:, :12] - base.text_hidden).abs().max() < 1e-5
+    assert (out.region_hidden[:, :6] - base.region_hidden).abs().max() < 1e-5
+    assert torch.isfinite(out.text_hidden).all()
+
+
+# --------------------------------------------------------------------------- backends
+
+@pytest.mark.parametrize("mode", ["bidirectional", "seq2seq", "left_to_right", "mixed"])
+def test_sdpa_equals_eager_forward_and_backward(mode):
+    eager, sdpa = make_model("eager"), make_model("sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    x = random_inputs(eager.config, B=4)
+    m = torch.tensor([1, 0, 2, 1]) if mode == "mixed" else mode
+    outs, grads = [], []
+    for model in (eager, sdpa):
+        model.zero_grad()
+        out = model(**x, mode=m)
+        tv, rv = x["attention_mask"].bool(), x["region_mask"]
+        (out.text_hidden[tv].square().mean() + out.region_hidden[rv].square().mean()).backward()
+        outs.append((out.text_hidden[tv], out.region_hidden[rv]))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5
+    assert (outs[0][1] - outs[1][1]).abs().max() < 1e-5
+    assert grads[0].keys() == grads[1].keys()
+    # Relative to the largest gradient entry of the model: float32 noise on near-zero
+    # gradients would make a per-tensor relative bound meaningless.
+    scale = max(float(g.abs().max()) for g in grads[0].values())
+    for n in grads[0]:
+        assert float((grads[0][n] - grads[1][n]).abs().max()) / scale < 1e-5, n
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="attention_backend"):
+        VLModel(debug_model_config(attention_backend="flashy"))
+
+
+# --------------------------------------------------------------------------- gradients
+
+def pretrain_batch(cfg, seed=0):
+    x = random_inputs(cfg, B=4, seed=seed)
+    B, T = x["input_ids"].shape
+    N = x["region_feats"].shape[1]
+    mlm_pos = torch.tensor([0 * T + 3, 0 * T + 5, 1 * T + 4, 2 * T + 2, 3 * T + 3])
+    mrc_pos = torch.tensor([0 * N + 1, 1 * N + 0, 2 * N + 2, 3 * N + 1])
+    feats = x["region_feats"].clone().view(B * N, -1)
+    feats[mrc_pos] = 0
+    probs = x["region_cls_probs"].clone().view(B * N, -1)
+    targets = probs[mrc_pos].clone()
+    probs[mrc_pos] = 0  # as the collator does: the target must not leak through the class term
+    return Batch(sample_id=torch.arange(B), input_ids=x["input_ids"], token_type_ids=x["token_type_ids"],
+                 attention_mask=x["attention_mask"], mode=torch.tensor([1, 0, 1, 0]),
+                 region_feats=feats.view(B, N, -1), region_boxes=x["region_boxes"],
+                 region_cls_probs=probs.view(B, N, -1), region_mask=x["region_mask"],
+                 mlm_positions=mlm_pos, mlm_labels=torch.randint(1000, 2000, (5,)),
+                 mrc_positions=mrc_pos, mrc_targets=targets)
+
+
+@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+def test_pretraining_gradients_finite_and_nonzero(kind):
+    torch.manual_seed(0)
+    model = VLModel(debug_model_config(region_embedding=kind, hidden_dropout=0.1, attention_dropout=0.1))
+    model.train()
+    batch = pretrain_batch(model.config)
+    loss, metrics = pretrain_losses(model, batch, ObjectivesConfig(mrc=True))
+    loss.backward()
+    assert torch.isfinite(loss) and {"loss_mlm", "loss_mrc", "mlm_acc", "mrc_acc"} <= metrics.keys()
+    unused = ("cls_head.",)  # the [CLS] scoring head serves fine-tuning tasks, not these objectives
+    for name, p in model.named_parameters():
+        if name.startswith(unused):
+            continue
+        if name == "embeddings.position.weight" or name == "embeddings.word.weight":
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+            assert p.grad.abs().sum() > 0, name
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        # Zeroed class distributions once made LN(bias) explode (gradient ~1/sqrt(eps)).
+        assert p.grad.norm() < 100, f"{name} gradient norm {float(p.grad.norm()):.3g}"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+def test_example_reduction_is_accumulation_invariant():
+    model = make_model()
+    batch = pretrain_batch(model.config)
+    cfg = ObjectivesConfig(mrc=True, loss_reduction="example")
+    full, _ = pretrain_losses(model, batch, cfg)
+    halves = []
+    for sl in (slice(0, 2), slice(2, 4)):
+        T, N = batch.input_ids.shape[1], batch.region_feats.shape[1]
+        b0 = sl.start
+        keep = (batch.mlm_positions // T >= b0) & (batch.mlm_positions // T < sl.stop)
+        keep_r = (batch.mrc_positions // N >= b0) & (batch.mrc_positions // N < sl.stop)
+        part = Batch(sample_id=batch.sample_id[sl], input_ids=batch.input_ids[sl],
+                     token_type_ids=batch.token_type_ids[sl], attention_mask=batch.attention_mask[sl],
+                     mode=batch.mode[sl], region_feats=batch.region_feats[sl], region_boxes=batch.region_boxes[sl],
+                     region_cls_probs=batch.region_cls_probs[sl], region_mask=batch.region_mask[sl],
+                     mlm_positions=batch.mlm_positions[keep] - b0 * T, mlm_labels=batch.mlm_labels[keep],
+                     mrc_positions=batch.mrc_positions[keep_r] - b0 * N, mrc_targets=batch.mrc_targets[keep_r])
+        halves.append(pretrain_losses(model, part, cfg)[0])
+    assert abs(float(full) - float(sum(halves) / 2)) < 1e-5
+
+
+def test_vlp_needs_class_probs_unless_switched_off():
+    model = make_model()
+    x = random_inputs(model.config)
+    x["region_cls_probs"] = None
+    with pytest.raises(ValueError, match="use_cls_probs"):
+        model(**x)
+    model = make_model(use_cls_probs=False, geometry_conf=False)
+    assert torch.isfinite(model(**x).text_hidden).all()
+    with pytest.raises(ValueError, match="geometry_conf"):
+        make_model(use_cls_probs=False)
+
+
+def test_meta_device_base_model_builds():
+    from vltrain.config import ModelConfig
+    with torch.device("meta"):
+        model = VLModel(ModelConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert 100e6 < n < 150e6

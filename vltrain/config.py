@@ -1,0 +1,254 @@
+"""One typed config tree: YAML file + dotted ``key=value`` overrides; unknown keys are errors.
+
+    cfg = load_config("configs/debug.yaml", ["train.lr=3e-4", "model.num_layers=4"])
+    save_config(cfg, "run/config.yaml"); assert load_config("run/config.yaml") == cfg
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """The unified transformer. Text part mirrors BERT's config.json semantics."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"                 # gelu (erf, as BERT) | gelu_tanh | relu
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    # Regions.
+    region_embedding: str = "vlp"            # vlp | vlbert
+    region_feat_dim: int = 2048
+    num_region_classes: int = 1601           # detector classes incl. background
+    use_cls_probs: bool = True               # vlp: the LN(W_c C) class-distribution term
+    geometry_conf: bool = True               # vlp: append confidence (max non-bg class prob) to G
+    image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
+    img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
+    # Execution.
+    attention_backend: str = "eager"         # eager (reference) | sdpa
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                          # MDS dataset: local dir or s3://bucket/prefix
+    val: str = ""
+    text_train: str = ""                     # text-only MDS stream mixed in (VL-BERT)
+    text_proportion: float = 0.0             # fraction of samples drawn from text_train
+    cache_dir: str = "/tmp/vltrain_cache"    # per-node local cache root (node id appended)
+    vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
+    max_text_len: int = 40
+    max_regions: int = 100
+    pad_to: str = "longest"                  # longest | bucket
+    buckets: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
+    num_workers: int = 2
+    shuffle: bool = True
+    skip_bad_samples: bool = False           # count and report bad samples instead of failing
+    hard_class_targets: bool = False         # use obj_labels when cls_prob is absent
+    validate_hash: str = ""                  # "" | xxh64 | sha1 | ...: check shards on download
+    download_timeout: float = 60.0           # seconds per shard download
+    cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)
+    num_canonical_nodes: int = 0             # streaming's shuffle/partition unit; 0 = #nodes of
+                                             # the first run (keep it fixed to resume elsewhere)
+
+
+@dataclass
+class ObjectivesConfig:
+    seq2seq_prob: float = 0.75               # lambda: P(seq2seq) per example, else bidirectional
+    mlm: bool = True
+    mlm_prob: float = 0.15
+    max_pred: int = 20
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+    whole_word_mask: bool = False
+    mlm_weight: float = 1.0
+    mrc: bool = False                        # masked region classification
+    mrc_prob: float = 0.15
+    mrc_weight: float = 1.0
+    loss_reduction: str = "token"            # token (BERT) | example (accumulation-invariant)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-6
+    warmup_steps: int = -1                   # -1: use warmup_ratio
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    init_from: str = ""                      # HF BERT folder, our export, or a checkpoint
+    resume: str = ""                         # "" | auto | path to a checkpoint folder
+    log_every: int = 10
+    save_every_steps: int = 0
+    save_every_minutes: float = 0.0
+    keep_last: int = 3
+    val_every: int = 0
+    max_nonfinite_in_row: int = 10
+    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fills the ds_config's "auto")
+    peak_tflops: float = 0.0                 # per-device peak for MFU; 0 = from the device name
+    dist_timeout_s: float = 600.0            # collective timeout: a dead rank fails the job by then
+
+
+@dataclass
+class TaskConfig:
+    name: str = "pretrain"                   # pretrain | caption | vqa | mc | refs
+    num_answers: int = 3129
+
+
+@dataclass
+class Config:
+    run_name: str = "debug"
+    output_root: str = "runs"
+    mode: str = "train"                      # train | eval
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+def debug_model_config(**overrides) -> ModelConfig:
+    """The tiny model every test and the demo use (2 layers, hidden 64)."""
+    base = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                max_position_embeddings=128, region_feat_dim=64, num_region_classes=17,
+                hidden_dropout=0.0, attention_dropout=0.0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+# ---------------------------------------------------------------------------- building
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_type(value, tp, key: str):
+    """Return ``value`` coerced to ``tp`` (int->float only), else raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} is not of type {tp}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp in (str, float) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build_section(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+    kw = {}
+    for k, v in data.items():
+        tp = hints[k]
+        kw[k] = build_section(tp, v, f"{prefix}{k}.") if _is_dataclass_type(tp) else _check_type(v, tp, prefix + k)
+    return cls(**kw)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=1e-4`` -> (``a.b``, 1e-4); the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    # YAML reads 1e-4 as a string (no dot); numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
+    tree = dict(data or {})
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(tree, key, value)
+    return build_section(Config, tree)
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -> Config:
+    """Config from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    data = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str) -> None:
+    """Write the resolved config as YAML (the file ``load_config`` reads back identically)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,83 @@
+"""The on-disk contract between `data_tools/` (writers) and `vltrain.data` (readers).
+
+Every dataset is an MDS folder (local or ``s3://``/``gs://`` prefix) holding ``index.json``,
+the shards, and ``vltrain_meta.json`` (written by us beside the index): the dataset kind,
+feature dimension, class count and which optional columns exist. Region features are
+float16 ndarrays; ``pkl`` columns are never used (unsafe, and refused at read time).
+
+Boxes are ``x1, y1, x2, y2`` normalised to [0, 1] by the image size.
+"""
+from __future__ import annotations
+
+META_FILE = "vltrain_meta.json"
+META_VERSION = 1
+
+# Columns every image-bearing sample has.
+IMAGE_COLUMNS = {
+    "sample_id": "int64",                # stable id: keys masking RNG, eval dedupe
+    "image_id": "str",
+    "image_w": "int32",
+    "image_h": "int32",
+    "features": "ndarray:float16",       # (N, D) detector RoI features
+    "boxes": "ndarray:float32",          # (N, 4) normalised x1,y1,x2,y2
+}
+# Optional image columns: present in every sample of a dataset or in none (meta says which).
+OPTIONAL_IMAGE_COLUMNS = {
+    "cls_prob": "ndarray:float16",       # (N, C) detector class distribution (C incl. background)
+    "obj_labels": "ndarray:int32",       # (N,) detector hard labels (objects_id)
+    "obj_conf": "ndarray:float32",       # (N,) detector confidence (objects_conf)
+    "image_feature": "ndarray:float16",  # (D,) whole-image RoI feature (VL-BERT text tokens)
+}
+
+# Task-specific columns, by dataset kind.
+KIND_COLUMNS = {
+    "captions": {"captions": "json"},                          # list[str], all references
+    "vqa": {
+        "question_id": "int64",
+        "question": "str",
+        "answers": "json",               # list[str], the raw annotator answers (10 in VQA v2)
+        "target_ids": "ndarray:int32",   # answer-vocab ids with a non-zero soft score
+        "target_scores": "ndarray:float32",
+        # MDS cannot store empty arrays: a question with no in-vocabulary answer (test split,
+        # or only rare answers) stores the placeholder ids [0], scores [0.0], which adds
+        # nothing to a dense target vector.
+    },
+    "refs": {"expression": "str", "target_region": "int32", "target_box": "ndarray:float32"},
+    "mc": {"question": "str", "choices": "json", "label": "int32"},
+    "text": {"text": "str"},             # text-only <Text, None> samples: no image columns
+}
+KINDS = tuple(KIND_COLUMNS)
+
+# Answer vocabulary of a VQA dataset: a JSON list of answers, index = class id.
+ANSWER_VOCAB_FILE = "answer_vocab.json"
+
+
+def columns_for(kind: str, optional: tuple[str, ...] = ()) -> dict[str, str]:
+    """MDS ``columns`` mapping for a dataset of ``kind`` with the given optional image columns."""
+    if kind not in KIND_COLUMNS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
+    if kind == "text":
+        return {"sample_id": "int64", **KIND_COLUMNS["text"]}
+    unknown = set(optional) - set(OPTIONAL_IMAGE_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown optional image columns {sorted(unknown)}")
+    cols = dict(IMAGE_COLUMNS)
+    cols.update({k: OPTIONAL_IMAGE_COLUMNS[k] for k in optional})
+    cols.update(KIND_COLUMNS[kind])
+    return cols
+
+
+def make_meta(kind: str, feature_dim: int | None, num_classes: int | None,
+              optional: tuple[str, ...] = (), **extra) -> dict:
+    """Contents of ``vltrain_meta.json``. ``extra`` holds tool-specific facts (source, counts)."""
+    return {
+        "version": META_VERSION,
+        "kind": kind,
+        "feature_dim": feature_dim,
+        "num_classes": num_classes,        # detector classes incl. background; None if unknown
+        "has_cls_prob": "cls_prob" in optional,
+        "has_obj_labels": "obj_labels" in optional,
+        "has_image_feature": "image_feature" in optional,
+        "optional_columns": sorted(optional),
+        **extra,
+    }

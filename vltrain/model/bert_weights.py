@@ -1,0 +1,192 @@
+"""Hugging Face BERT <-> VLModel weights: one name map, used for loading and for export.
+
+A folder is either a Hugging Face BERT checkpoint (``config.json`` of ``model_type: bert`` +
+``model.safetensors`` or ``pytorch_model.bin``, keys with or without a ``bert.`` prefix) or
+one we exported (its ``config.json`` also carries a ``vltrain`` section with the full
+ModelConfig). Exported text weights use BERT's names, so ``transformers.BertModel`` loads
+them; everything else keeps our names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+
+import torch
+
+from vltrain.config import ModelConfig, build_section
+
+log = logging.getLogger(__name__)
+
+# (our name, BERT name) templates: {i} = layer index, {p} = weight|bias, {qkv} = query|key|value.
+_NAME_MAP = [
+    ("embeddings.word.weight", "embeddings.word_embeddings.weight"),
+    ("embeddings.position.weight", "embeddings.position_embeddings.weight"),
+    ("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"),
+    ("embeddings.norm.{p}", "embeddings.LayerNorm.{p}"),
+    ("layers.{i}.attn_out.{p}", "encoder.layer.{i}.attention.output.dense.{p}"),
+    ("layers.{i}.attn_norm.{p}", "encoder.layer.{i}.attention.output.LayerNorm.{p}"),
+    ("layers.{i}.ffn_in.{p}", "encoder.layer.{i}.intermediate.dense.{p}"),
+    ("layers.{i}.ffn_out.{p}", "encoder.layer.{i}.output.dense.{p}"),
+    ("layers.{i}.ffn_norm.{p}", "encoder.layer.{i}.output.LayerNorm.{p}"),
+    ("cls_head.pooler.dense.{p}", "pooler.dense.{p}"),
+    ("mlm_head.transform.dense.{p}", "cls.predictions.transform.dense.{p}"),
+    ("mlm_head.transform.norm.{p}", "cls.predictions.transform.LayerNorm.{p}"),
+    ("mlm_head.bias", "cls.predictions.bias"),
+]
+# Our fused projection holds BERT's query, key and value stacked along dim 0.
+_QKV = ("layers.{i}.qkv.{p}", "encoder.layer.{i}.attention.self.{qkv}.{p}")
+_GROUPS = {"i": r"\d+", "p": "weight|bias", "qkv": "query|key|value"}
+
+
+@functools.lru_cache(maxsize=None)
+def _regex(template: str) -> re.Pattern:
+    pat = re.escape(template)
+    for g, body in _GROUPS.items():
+        pat = pat.replace(re.escape("{%s}" % g), f"(?P<{g}>{body})")
+    return re.compile(pat)
+
+
+def _translate(name: str, pairs) -> dict | None:
+    """(groups, destination template) for the first (src, dst) pair matching ``name``."""
+    for src, dst in pairs:
+        m = _regex(src).fullmatch(name)
+        if m:
+            return m.groupdict(), dst
+    return None
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> BERT names for the text encoder (q/k/v split), our names otherwise."""
+    out = {}
+    for name, t in state.items():
+        hit = _translate(name, [_QKV])
+        if hit:
+            groups, dst = hit
+            for part, chunk in zip(("query", "key", "value"), t.chunk(3, dim=0)):
+                out[dst.format(qkv=part, **groups)] = chunk.contiguous()
+            continue
+        hit = _translate(name, _NAME_MAP)
+        out[hit[1].format(**hit[0]) if hit else name] = t
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``to_hf_state_dict``; accepts a ``bert.`` prefix and old gamma/beta names."""
+    reverse = [(hf, ours) for ours, hf in _NAME_MAP]
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        k = k[len("bert."):] if k.startswith("bert.") else k
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+        hit = _translate(k, [(_QKV[1], _QKV[0])])
+        if hit:
+            groups, dst = hit
+            qkv.setdefault(dst.format(**groups), {})[groups["qkv"]] = v
+            continue
+        hit = _translate(k, reverse)
+        out[hit[1].format(**hit[0]) if hit else k] = v
+    for name, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"{name}: checkpoint has only {sorted(parts)} of query/key/value")
+        out[name] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    return out
+
+
+# BERT config.json -> ModelConfig
+_HF_CONFIG = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
+    "hidden_act": "hidden_act", "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size", "layer_norm_eps": "layer_norm_eps",
+    "hidden_dropout_prob": "hidden_dropout", "attention_probs_dropout_prob": "attention_dropout",
+    "initializer_range": "initializer_range", "pad_token_id": "pad_token_id",
+}
+
+
+def read_model_config(path: str, **overrides) -> ModelConfig:
+    """ModelConfig from a folder's config.json (ours or BERT's) plus field overrides."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face BERT folder or a "
+                                "vltrain export)")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    if "vltrain" in raw:
+        data = dict(raw["vltrain"])
+    else:
+        if raw.get("model_type", "bert") != "bert":
+            raise ValueError(f"{cfg_file}: model_type={raw.get('model_type')!r}, expected a BERT config")
+        data = {ours: raw[hf] for hf, ours in _HF_CONFIG.items() if hf in raw}
+    data.update(overrides)
+    return build_section(ModelConfig, data, prefix="model.")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights from ``model.safetensors`` or ``pytorch_model.bin`` in ``path`` (or a file path)."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+    for f in files:
+        if os.path.isfile(f):
+            if f.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                return load_file(f)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: bool = True) -> list[str]:
+    """Copy ``state`` (HF or our names) into ``model``; returns the parameter names left fresh.
+
+    Shapes must match, except a token-type table that grew (VL-BERT's third segment): its
+    first rows are copied and the new rows keep BERT initialisation.
+    """
+    ours = from_hf_state_dict(state)
+    own = model.state_dict()
+    errors, loaded = [], set()
+    for name, t in ours.items():
+        if name not in own:
+            continue  # e.g. BERT's cls.predictions.decoder.* (tied), position_ids buffers, NSP head
+        target = own[name]
+        if t.shape == target.shape:
+            target.copy_(t.to(target.dtype))
+        elif name == "embeddings.token_type.weight" and t.shape[1:] == target.shape[1:] and t.shape[0] < target.shape[0]:
+            target[: t.shape[0]].copy_(t.to(target.dtype))
+        else:
+            errors.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(target.shape)}")
+            continue
+        loaded.add(name)
+    if errors:
+        raise ValueError(f"{source}: parameter shapes do not match the model:\n  " + "\n  ".join(errors))
+    fresh = [n for n in own if n not in loaded]
+    if strict_text:
+        missing = [n for n in fresh if n.startswith(("embeddings.", "layers."))]
+        if missing:
+            raise ValueError(f"{source}: text encoder weights missing from the checkpoint: {missing[:8]}"
+                             + (" ..." if len(missing) > 8 else ""))
+    return fresh
+
+
+def load_pretrained(cls, path: str, **overrides):
+    cfg = read_model_config(path, **overrides)
+    model = cls(cfg)
+    with torch.no_grad():
+        fresh = load_into(model, read_state_dict(path), source=path)
+    if fresh:
+        log.info("%s: %d tensors newly initialised (not in the checkpoint): %s", path, len(fresh),
+                 ", ".join(sorted({n.split('.')[0] for n in fresh})))
+    return model
+
+
+def export_config_json(cfg: ModelConfig) -> dict:
+    """config.json for an export: BERT's keys (for transformers) + the full ModelConfig."""
+    d = dataclasses.asdict(cfg)
+    out = {"model_type": "bert", "architectures": ["BertModel"], "position_embedding_type": "absolute"}
+    out.update({hf: d[ours] for hf, ours in _HF_CONFIG.items()})
+    out["vltrain"] = d
+    return out

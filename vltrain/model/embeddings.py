@@ -1,0 +1,143 @@
+"""Text (BERT) and region (VLP, VL-BERT) embeddings.
+
+Region embedders return the *feature* term only; the model adds the shared region
+position, the image segment embedding and BERT's embedding LayerNorm to text and regions
+alike, so both live in one space.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vltrain.config import ModelConfig
+
+
+class WordEmbedding(nn.Embedding):
+    """Token embedding that also serves as the tied MLM decoder.
+
+    The decoder goes through this module's ``__call__`` (``logits=True``) rather than
+    reading ``.weight`` from elsewhere, so hooks that gather sharded parameters (ZeRO-3)
+    fire for both uses, and the weight exists once in the state dict.
+    """
+
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if logits else super().forward(x)
+
+
+class TextEmbeddings(nn.Module):
+    """BERT's word + position + token-type embeddings (LayerNorm/dropout applied by the model)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = WordEmbedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids, token_type_ids, position_ids) -> torch.Tensor:
+        return self.word(input_ids) + self.position(position_ids) + self.token_type(token_type_ids)
+
+
+def vlp_geometry(boxes: torch.Tensor, cls_probs: torch.Tensor | None, with_conf: bool) -> torch.Tensor:
+    """VLP's G_i: normalised x1,y1,x2,y2, relative area, and (optionally) detector confidence.
+
+    Confidence = the largest non-background class probability, which is what bottom-up
+    attention's ``objects_conf`` holds, so it needs no extra input column.
+    """
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    parts = [boxes, area[..., None]]
+    if with_conf:
+        parts.append(cls_probs[..., 1:].amax(-1, keepdim=True).to(boxes.dtype))
+    return torch.cat(parts, dim=-1)
+
+
+class VLPRegionEmbedding(nn.Module):
+    """r = W_r R + W_p [LN(W_c C) | LN(W_g G)]  (Zhou et al. 2020, eq. 1).
+
+    With ``use_cls_probs=false`` (feature files without class distributions) the class
+    term is dropped: r = W_r R + W_p LN(W_g G).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.use_cls = cfg.use_cls_probs
+        self.with_conf = cfg.geometry_conf
+        geo_dim = 5 + int(cfg.geometry_conf)
+        self.feat = nn.Linear(cfg.region_feat_dim, h)                      # W_r
+        self.geo = nn.Linear(geo_dim, h)                                    # W_g
+        self.geo_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        if self.use_cls:
+            self.cls = nn.Linear(cfg.num_region_classes, h)                 # W_c
+            self.cls_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(h * (2 if self.use_cls else 1), h)            # W_p
+
+    def forward(self, feats, boxes, cls_probs) -> torch.Tensor:
+        if self.use_cls and cls_probs is None:
+            raise ValueError("model.use_cls_probs=true needs region_cls_probs (the dataset's cls_prob "
+                             "column); set model.use_cls_probs=false and model.geometry_conf=false "
+                             "for features without class distributions")
+        dtype = self.feat.weight.dtype
+        g = self.geo_norm(self.geo(vlp_geometry(boxes.to(dtype), cls_probs, self.with_conf)))
+        if self.use_cls:
+            c = cls_probs.to(dtype)
+            # A region whose distribution is all zero (masked for region classification, or
+            # padding) has no class information: LN(W_c 0) = LN(bias) would be a constant
+            # vector whose LayerNorm gradient is ~1/sqrt(eps), so its class term is dropped.
+            known = (c.abs().sum(-1, keepdim=True) > 0).to(dtype)
+            parts = [self.cls_norm(self.cls(c)) * known, g]
+        else:
+            parts = [g]
+        return self.feat(feats.to(dtype)) + self.proj(torch.cat(parts, dim=-1))
+
+
+def sincos_box_embedding(boxes: torch.Tensor, num_freqs: int = 16, wave_len: float = 1000.0) -> torch.Tensor:
+    """VL-BERT's geometry embedding: sin/cos of each (x1,y1,x2,y2) at ``num_freqs`` frequencies.
+
+    As in VL-BERT (after relation networks), coordinates in [0,1] are scaled by 100 and
+    divided by ``wave_len ** (i / num_freqs)``. Returns (..., 4 * 2 * num_freqs).
+    """
+    freqs = wave_len ** (torch.arange(num_freqs, device=boxes.device, dtype=torch.float32) / num_freqs)
+    x = (boxes.float() * 100.0)[..., None] / freqs                      # (..., 4, F)
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2).to(boxes.dtype)
+
+
+class VLBertRegionEmbedding(nn.Module):
+    """VL-BERT's visual feature embedding: FC([appearance ; sin/cos geometry]).
+
+    The model adds the [IMG] token embedding to regions; text tokens get this embedding of
+    the whole image (full box [0,0,1,1]) with the whole-image feature, see ``image_term``.
+    """
+    NUM_FREQS = 16
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.region_feat_dim + 8 * self.NUM_FREQS, cfg.hidden_size)
+
+    def forward(self, feats, boxes, cls_probs=None) -> torch.Tensor:
+        dtype = self.proj.weight.dtype
+        geo = sincos_box_embedding(boxes.to(dtype), self.NUM_FREQS)
+        return self.proj(torch.cat([feats.to(dtype), geo], dim=-1))
+
+    def image_term(self, image_feat: torch.Tensor) -> torch.Tensor:
+        """(B, D) whole-image feature -> (B, H) visual embedding added to every text token."""
+        full_box = image_feat.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(image_feat.shape[0], 4)
+        return self.forward(image_feat, full_box)
+
+
+def init_bert_(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: N(0, std) for linear/embedding weights, zero bias, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, 0.0, std)
+        if module.padding_idx is not None and not module.weight.is_meta:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+

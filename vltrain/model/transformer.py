@@ -1,0 +1,49 @@
+"""BERT's post-LayerNorm transformer block with a fused QKV projection."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vltrain.config import ModelConfig
+from vltrain.model.attention import Backend
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),                       # erf GELU, as BERT
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Block(nn.Module):
+    """x = LN(x + Attn(x)); x = LN(x + FFN(x)) — BERT's parameter semantics."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"model.hidden_size={cfg.hidden_size} is not divisible by "
+                             f"model.num_heads={cfg.num_heads}")
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"model.hidden_act={cfg.hidden_act!r}; choose one of {sorted(ACTIVATIONS)}")
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(h, 3 * h)       # one matmul instead of three (BERT's q, k, v stacked)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hidden_dropout = cfg.hidden_dropout
+        self.attention_dropout = cfg.attention_dropout
+
+    def forward(self, x: torch.Tensor, mask, backend: Backend) -> torch.Tensor:
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        p_attn = self.attention_dropout if self.training else 0.0
+        a = backend.attend(q, k, v, mask, p_attn).transpose(1, 2).reshape(B, L, H)
+        p = self.hidden_dropout if self.training else 0.0
+        x = self.attn_norm(x + F.dropout(self.attn_out(a), p, self.training))
+        f = self.ffn_out(self.act(self.ffn_in(x)))
+        return self.ffn_norm(x + F.dropout(f, p, self.training))

@@ -1,0 +1,193 @@
+"""The unified vision-language transformer (VLP / VL-BERT), pure torch.
+
+Sequence order inside the model: ``[CLS] r1..rN <input_ids[1:]>`` — regions are spliced in
+right after [CLS], so VLP's ``[CLS] r1..rN [SEP] w1..wT [STOP]`` comes from
+``input_ids = [CLS] [SEP] w1..wT [STOP]``, and a text-only input is exactly BERT's.
+Text tokens keep positions 0..T-1 whatever the regions (so text-only equals BERT);
+all regions share one learned position (VL-BERT) and the image segment embedding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from vltrain.config import ModelConfig
+from vltrain.data.batch import MODE_LEFT_TO_RIGHT, MODE_NAMES, MODE_SEQ2SEQ
+from vltrain.model.attention import AttentionStructure, get_backend
+from vltrain.model.embeddings import TextEmbeddings, VLBertRegionEmbedding, VLPRegionEmbedding, init_bert_
+from vltrain.model.heads import ClsScoreHead, MLMHead, RegionClassHead
+from vltrain.model.transformer import Block
+
+REGION_EMBEDDINGS = {"vlp": VLPRegionEmbedding, "vlbert": VLBertRegionEmbedding}
+
+
+@dataclass
+class VLModelOutput:
+    text_hidden: torch.Tensor                     # (B, T, H), aligned with input_ids
+    region_hidden: Optional[torch.Tensor]         # (B, N, H) or None without regions
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Errors that name the key, raised before any parameter is allocated."""
+    if cfg.region_embedding not in REGION_EMBEDDINGS:
+        raise ValueError(f"model.region_embedding={cfg.region_embedding!r}; choose one of "
+                         f"{sorted(REGION_EMBEDDINGS)}")
+    if not 0 <= cfg.image_token_type < cfg.type_vocab_size:
+        raise ValueError(f"model.image_token_type={cfg.image_token_type} needs model.type_vocab_size > "
+                         f"{cfg.image_token_type} (is {cfg.type_vocab_size})")
+    if cfg.region_embedding == "vlp" and cfg.geometry_conf and not cfg.use_cls_probs:
+        raise ValueError("model.geometry_conf=true derives confidence from class probabilities; "
+                         "set it false when model.use_cls_probs=false")
+    get_backend(cfg.attention_backend)
+
+
+def mode_tensor(mode: Union[str, int, torch.Tensor], batch: int, device) -> torch.Tensor:
+    """Per-example mode ids (B,) from a name, an id, or a tensor."""
+    if isinstance(mode, str):
+        if mode not in MODE_NAMES:
+            raise ValueError(f"mode={mode!r}; choose one of {sorted(MODE_NAMES)} or a (B,) tensor")
+        mode = MODE_NAMES[mode]
+    if isinstance(mode, int):
+        return torch.full((batch,), mode, dtype=torch.long, device=device)
+    if mode.shape != (batch,):
+        raise ValueError(f"mode tensor must have shape ({batch},), got {tuple(mode.shape)}")
+    if mode.device.type == "cpu":  # checked on the host only: on GPU it would sync every step
+        bad = ~torch.isin(mode, torch.tensor(list(MODE_NAMES.values())))
+        if bad.any():
+            raise ValueError(f"unknown mode ids {mode[bad].tolist()}; valid: {MODE_NAMES}")
+    return mode.to(device, non_blocking=True)
+
+
+class VLModel(nn.Module):
+    """One shared transformer over image regions and text; heads for pretraining objectives."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        validate_model_config(config)
+        self.config = config
+        h = config.hidden_size
+        self.embeddings = TextEmbeddings(config)
+        self.region_embeddings = REGION_EMBEDDINGS[config.region_embedding](config)
+        self.region_position = nn.Parameter(torch.empty(h))
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.mlm_head = MLMHead(config)
+        self.mrc_head = RegionClassHead(config)
+        self.cls_head = ClsScoreHead(config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        self.apply(lambda m: init_bert_(m, std))
+        nn.init.normal_(self.region_position, 0.0, std)
+        nn.init.zeros_(self.mlm_head.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "VLModel":
+        """Load a Hugging Face BERT folder (text weights; the rest fresh) or our exported folder."""
+        from vltrain.model.bert_weights import load_pretrained
+        return load_pretrained(cls, path, **overrides)
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _embed_regions(self, region_feats, region_boxes, region_cls_probs, region_mask):
+        cfg = self.config
+        B, N, _ = region_feats.shape
+        if region_boxes is None:
+            raise ValueError("region_boxes is required when region_feats is given")
+        x = self.region_embeddings(region_feats, region_boxes, region_cls_probs)
+        if cfg.region_embedding == "vlbert":
+            img_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long, device=x.device)
+            x = x + self.embeddings.word(img_ids)
+        types = torch.full((B, N), cfg.image_token_type, dtype=torch.long, device=x.device)
+        return x + self.embeddings.token_type(types) + self.region_position
+
+    def _image_term(self, region_feats, region_mask, image_feat):
+        """VL-BERT: whole-image visual embedding for text tokens (B, 1, H); None otherwise.
+
+        Uses the dataset's whole-image feature when given, else the mean of the real region
+        features; examples with no real region (text-only rows in a mixed batch) get zero.
+        """
+        if self.config.region_embedding != "vlbert" or region_feats is None:
+            return None
+        has = region_mask.any(dim=1, keepdim=True)                                # (B, 1)
+        if image_feat is None:
+            m = region_mask[..., None].to(region_feats.dtype)
+            image_feat = (region_feats * m).sum(1) / m.sum(1).clamp(min=1)
+        term = self.region_embeddings.image_term(image_feat.to(self.region_position.dtype))
+        return (term * has.to(term.dtype))[:, None, :]
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
+                mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None) -> VLModelOutput:
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_valid = attention_mask.bool()
+        modes = mode_tensor(mode, B, dev)
+
+        pos = torch.arange(T, device=dev).expand(B, T)
+        text = self.embeddings(input_ids, token_type_ids, pos)
+        if region_feats is not None and region_feats.shape[1] == 0:
+            region_feats = None
+        image_term = None
+        if region_feats is not None:
+            N = region_feats.shape[1]
+            if region_mask is None:
+                region_mask = torch.ones(B, N, dtype=torch.bool, device=dev)
+            region_mask = region_mask.bool()
+            image_term = self._image_term(region_feats, region_mask, image_feat)
+            regions = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_mask)
+        else:
+            N = 0
+        if image_term is not None:
+            text = text + image_term
+
+        # Causal targets: seq2seq -> text tokens of segment 1; left-to-right -> all text after [CLS].
+        is_s2s = (modes == MODE_SEQ2SEQ)[:, None]
+        is_l2r = (modes == MODE_LEFT_TO_RIGHT)[:, None]
+        after_cls = torch.arange(T, device=dev)[None, :] >= 1
+        text_target = text_valid & ((is_s2s & (token_type_ids == 1)) | (is_l2r & after_cls))
+
+        if N:
+            x = torch.cat([text[:, :1], regions, text[:, 1:]], dim=1)
+            key_valid = torch.cat([text_valid[:, :1], region_mask, text_valid[:, 1:]], dim=1)
+            target = torch.cat([text_target[:, :1], torch.zeros_like(region_mask), text_target[:, 1:]], dim=1)
+        else:
+            x, key_valid, target = text, text_valid, text_target
+        x = F.dropout(self.embeddings.norm(x), self.config.hidden_dropout, self.training)
+
+        backend = get_backend(self.config.attention_backend)
+        prepared = backend.prepare(AttentionStructure(key_valid=key_valid, target=target), x.dtype)
+        for layer in self.layers:
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, prepared, backend, use_reentrant=False)
+            else:
+                x = layer(x, prepared, backend)
+
+        if N:
+            text_hidden = torch.cat([x[:, :1], x[:, 1 + N:]], dim=1)
+            region_hidden = x[:, 1:1 + N]
+        else:
+            text_hidden, region_hidden = x, None
+        return VLModelOutput(text_hidden=text_hidden, region_hidden=region_hidden)
+
+    # ------------------------------------------------------------------ heads
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for gathered (M, H) hidden states (masked positions only)."""
+        return self.mlm_head(hidden, self.embeddings.word)
+
+    def num_non_embedding_params(self) -> int:
+        """Parameters that take part in the 6N FLOPs term (embedding tables excluded)."""
+        emb = {id(p) for p in self.embeddings.word.parameters()}
+        emb |= {id(p) for p in self.embeddings.position.parameters()}
+        emb |= {id(p) for p in self.embeddings.token_type.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in emb)

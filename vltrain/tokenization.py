@@ -1,0 +1,90 @@
+"""BERT WordPiece tokenisation with the special tokens VLP and VL-BERT need.
+
+Mapping (deliberate, so the vocabulary size and the tied MLM decoder stay BERT's):
+  [CLS] [SEP] [MASK] [PAD] [UNK]  BERT's own tokens.
+  [STOP]  = [SEP]        VLP's end-of-caption token; the reference code ends captions with [SEP],
+                         so decoding stops when [SEP] is predicted.
+  [IMG]   = [unused0]    VL-BERT's region token, taken from BERT's reserved slots.
+  [END]   = [unused1]    VL-BERT's end token.
+A vocab.txt without [unusedK] slots gets [IMG]/[END] appended as new tokens (the model's
+``vocab_size`` must then be set to ``len(tokenizer)``).
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from transformers import BertTokenizerFast
+
+ALIASES = {"[STOP]": "[SEP]", "[IMG]": "[unused0]", "[END]": "[unused1]"}
+
+# Vocabularies shipped with the package (no hub access needed): BERT-base uncased WordPiece,
+# the vocabulary of bert-base-uncased and of MiniLM (all-MiniLM-L6-v2).
+BUILTIN_VOCABS = {"bert-base-uncased": os.path.join(os.path.dirname(__file__), "assets",
+                                                    "bert-base-uncased-vocab.txt")}
+
+
+class Tokenizer:
+    """Thin wrapper over ``transformers.BertTokenizerFast`` exposing the ids we use."""
+
+    def __init__(self, vocab_file: str, lowercase: bool = True):
+        vocab_file = BUILTIN_VOCABS.get(vocab_file, vocab_file)
+        if os.path.isdir(vocab_file):
+            vocab_file = os.path.join(vocab_file, "vocab.txt")
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"tokenizer vocab file not found: {vocab_file}")
+        self.vocab_file = vocab_file
+        self.hf = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=lowercase)
+        vocab = self.hf.get_vocab()
+        extra = [tok for alias, tok in ALIASES.items() if tok not in vocab and alias != "[STOP]"]
+        if extra:  # no reserved slots: add the VL tokens under their own names
+            names = [a for a, t in ALIASES.items() if t in extra]
+            self.hf.add_special_tokens({"additional_special_tokens": names})
+            self._alias = {a: (a if a in names else t) for a, t in ALIASES.items()}
+        else:
+            self._alias = dict(ALIASES)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token, resolving our aliases ([STOP], [IMG], [END])."""
+        tid = self.hf.convert_tokens_to_ids(self._alias.get(token, token))
+        if tid is None or (tid == self.hf.unk_token_id and token not in ("[UNK]",)):
+            raise KeyError(f"token {token!r} is not in {self.vocab_file}")
+        return tid
+
+    @cached_property
+    def cls_id(self) -> int: return self.token_id("[CLS]")
+    @cached_property
+    def sep_id(self) -> int: return self.token_id("[SEP]")
+    @cached_property
+    def stop_id(self) -> int: return self.token_id("[STOP]")
+    @cached_property
+    def mask_id(self) -> int: return self.token_id("[MASK]")
+    @cached_property
+    def pad_id(self) -> int: return self.token_id("[PAD]")
+    @cached_property
+    def unk_id(self) -> int: return self.token_id("[UNK]")
+    @cached_property
+    def img_id(self) -> int: return self.token_id("[IMG]")
+    @cached_property
+    def end_id(self) -> int: return self.token_id("[END]")
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.hf.all_special_ids) | {self.img_id, self.end_id}
+
+    def encode(self, text: str) -> list[int]:
+        """WordPiece ids of ``text`` without any special tokens."""
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def word_starts(self, ids: list[int]) -> list[bool]:
+        """True where a token starts a word (not a ``##`` continuation): for whole-word masking."""
+        toks = self.hf.convert_ids_to_tokens(ids)
+        return [not t.startswith("##") for t in toks]
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` with special tokens dropped and WordPieces joined."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
+                              clean_up_tokenization_spaces=True)
