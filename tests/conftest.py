@@ -13,3 +13,4 @@ from tests.fixtures.assets import *  # noqa: E402,F401,F403
 from tests.fixtures.s3 import *  # noqa: E402,F401,F403
 from tests.fixtures.slurm import *  # noqa: E402,F401,F403
 from tests.fixtures.mds import *  # noqa: E402,F401,F403
+from tests.fixtures.corpus import *  # noqa: E402,F401,F403

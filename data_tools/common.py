@@ -1,0 +1,285 @@
+"""Shared pieces of the data tools: output location handling, the MDS writer, bad-input policy.
+
+Every tool writes one MDS dataset per ``--out`` (a local folder or ``s3://bucket/prefix``;
+other schemes streaming supports, such as ``gs://``, work through streaming's uploaders)
+following :mod:`vltrain.data.schema`: the shards and ``index.json`` written by
+``streaming.MDSWriter`` (zstd, xxh64 hashes) and ``vltrain_meta.json`` beside them.
+
+Credentials are never taken from flags and never written anywhere: boto3 (and streaming)
+read them from the environment (``AWS_ACCESS_KEY_ID`` ..., ``S3_ENDPOINT_URL`` for an
+S3-compatible endpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.parse
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+from vltrain.data import schema
+
+COMPRESSION = "zstd"
+HASHES = ["xxh64"]           # streaming verifies these at read time (validate_hash="xxh64")
+DEFAULT_SIZE_LIMIT = "64mb"
+MAX_SKIP_MESSAGES = 20       # skip warnings printed one by one; the rest only counted
+
+
+class BadInputError(Exception):
+    """Input that would produce a garbled sample. The message names the file/row/sample."""
+
+
+class SkipCounter:
+    """Either raises :class:`BadInputError` on bad input or (``skip_bad``) counts and reports it.
+
+    ``category`` is a short stable key ("nan_features", "empty_caption", ...) so the meta and
+    the final report can say how many of each kind were skipped.
+    """
+
+    def __init__(self, skip_bad: bool = False, stream=None):
+        self.skip_bad = skip_bad
+        self.counts: Counter[str] = Counter()
+        self.stream = stream
+
+    def bad(self, category: str, message: str) -> None:
+        """Report one bad input. Raises unless skipping; returns when the caller should skip."""
+        if not self.skip_bad:
+            raise BadInputError(message)
+        self.counts[category] += 1
+        out = self.stream or sys.stderr
+        total = sum(self.counts.values())
+        if total <= MAX_SKIP_MESSAGES:
+            print(f"skipping: {message}", file=out)
+        elif total == MAX_SKIP_MESSAGES + 1:
+            print("skipping: (further skip messages suppressed; counts are reported at the end)",
+                  file=out)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+    def report(self, stream=None) -> None:
+        out = stream or sys.stdout
+        if self.total:
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+            print(f"skipped {self.total} bad input(s) ({detail})", file=out)
+        else:
+            print("skipped 0 bad inputs", file=out)
+
+
+# ---------------------------------------------------------------- locations
+
+def is_remote(path: str) -> bool:
+    """True for ``scheme://...`` locations (s3://, gs://, ...), False for local paths."""
+    return urllib.parse.urlparse(path).scheme not in ("", "file")
+
+
+def join_location(base: str, *names: str) -> str:
+    """Join a local folder or a remote prefix with relative names."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *[n.strip("/") for n in names]])
+    return os.path.join(base, *names)
+
+
+def _s3_client():
+    import boto3
+    # Credentials and region come from the environment / AWS config, never from us.
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+
+
+def upload_file(local_path: str, url: str) -> None:
+    """Copy one local file to ``url`` (``s3://`` via boto3 honouring ``S3_ENDPOINT_URL``;
+    other remote schemes via streaming's uploader; a local path is a plain copy)."""
+    if not is_remote(url):
+        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+        shutil.copyfile(local_path, url)
+        return
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "s3":
+        _s3_client().upload_file(local_path, parsed.netloc, parsed.path.lstrip("/"))
+        return
+    from streaming.base.storage import CloudUploader
+    remote_dir, name = url.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(local_path, os.path.join(tmp, name))
+        CloudUploader.get((tmp, remote_dir), keep_local=True, exist_ok=True).upload_file(name)
+
+
+def remote_has_index(url: str) -> bool:
+    """Whether an ``s3://`` prefix already holds an ``index.json`` (other schemes: not checked)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "s3":
+        return False
+    from botocore.exceptions import ClientError
+    key = "/".join([p for p in (parsed.path.strip("/"), "index.json") if p])
+    try:
+        _s3_client().head_object(Bucket=parsed.netloc, Key=key)
+        return True
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def download_file(url: str, local_path: str, timeout: float = 120.0) -> None:
+    """Fetch one file from a local path or remote URL (through streaming's downloaders)."""
+    if not is_remote(url):
+        shutil.copyfile(url, local_path)
+        return
+    from streaming.base.storage import CloudDownloader
+    if os.path.exists(local_path):
+        os.remove(local_path)
+    CloudDownloader.direct_download(url, local_path, timeout=timeout)
+
+
+def read_json_location(url: str) -> Any:
+    """Load a JSON file from a local path or a remote URL."""
+    if not is_remote(url):
+        with open(url, encoding="utf-8") as f:
+            return json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(urllib.parse.urlparse(url).path) or "file.json")
+        download_file(url, local)
+        with open(local, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def write_json_to(local_dir: str, remote_dir: str | None, name: str, obj: Any) -> str:
+    """Write ``obj`` as ``name`` into ``local_dir`` and, if ``remote_dir``, upload it there."""
+    path = os.path.join(local_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    if remote_dir:
+        upload_file(path, join_location(remote_dir, name))
+    return path
+
+
+# ---------------------------------------------------------------- the writer
+
+class DatasetWriter:
+    """One MDS dataset being written: ``write(sample)``, ``add_json(name, obj)``, ``meta``."""
+
+    def __init__(self, mds_writer, out: str, kind: str, columns: dict[str, str], meta: dict):
+        self._w = mds_writer
+        self.out = out
+        self.kind = kind
+        self.columns = columns
+        self.meta = meta
+        self.count = 0
+        self._extra: dict[str, Any] = {}
+        self._ids: set[int] = set()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        missing = set(self.columns) - set(sample)
+        extra = set(sample) - set(self.columns)
+        if missing or extra:
+            # A programming error in a tool, not bad input: fail loudly.
+            raise ValueError(f"sample {sample.get('sample_id')} does not match the {self.kind} schema: "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        sid = int(sample["sample_id"])
+        if sid in self._ids:
+            raise BadInputError(f"duplicate sample_id {sid} in {self.out} (image/question ids must be unique)")
+        self._ids.add(sid)
+        self._w.write(sample)
+        self.count += 1
+
+    def add_json(self, name: str, obj: Any) -> None:
+        """An extra JSON file written beside the shards (e.g. the answer vocabulary)."""
+        self._extra[name] = obj
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._w.shards)
+
+
+def _remove_partial(local: str) -> None:
+    shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta: dict,
+                *, size_limit: str | int = DEFAULT_SIZE_LIMIT, overwrite: bool = False
+                ) -> Iterator[DatasetWriter]:
+    """Open an MDS dataset of ``kind`` at ``out`` (local folder or ``s3://...``).
+
+    ``meta`` is the :func:`vltrain.data.schema.make_meta` dict; the tool may update
+    ``writer.meta`` while writing (counts, skips). On a clean exit the meta and extra JSON
+    files are written first and ``index.json`` last, so a dataset with an index is complete.
+    On an exception nothing is finalised: no index is written and the local partial output is
+    removed, so a failed run never leaves a dataset that looks valid.
+    """
+    from streaming import MDSWriter
+
+    optional = tuple(optional)
+    columns = schema.columns_for(kind, optional)
+    remote = out if is_remote(out) else None
+    if remote and not overwrite and remote_has_index(out):
+        raise BadInputError(f"{out} already holds a dataset (index.json); pass --overwrite to replace it")
+    if not remote:
+        if os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise BadInputError(f"output folder {out} is not empty (pass --overwrite to replace it)")
+        if overwrite and os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+    mds = MDSWriter(out=out, columns=columns, compression=COMPRESSION, hashes=HASHES,
+                    size_limit=size_limit)
+    writer = DatasetWriter(mds, out, kind, columns, dict(meta))
+    try:
+        yield writer
+    except BaseException:
+        mds.cancel_future_jobs()
+        _remove_partial(mds.local)
+        raise
+    try:
+        writer.meta["num_samples"] = writer.count
+        for name, obj in writer._extra.items():
+            write_json_to(mds.local, remote, name, obj)
+        write_json_to(mds.local, remote, schema.META_FILE, writer.meta)
+        mds.finish()
+    except BaseException:
+        if remote:
+            _remove_partial(mds.local)
+        raise
+
+
+# ---------------------------------------------------------------- CLI helpers
+
+def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True) -> None:
+    p.add_argument("--out", required=True,
+                   help="output dataset: a local folder (must be empty) or s3://bucket/prefix "
+                        "(credentials and S3_ENDPOINT_URL from the environment)")
+    p.add_argument("--size-limit", default=DEFAULT_SIZE_LIMIT,
+                   help="shard size limit before compression (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (a non-empty local folder is emptied first; on s3:// "
+                        "the new index.json replaces the old one)")
+    if skip_bad:
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip bad inputs (counted, reported at the end and stored in the meta) "
+                            "instead of stopping with an error")
+
+
+def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+             argv: list[str] | None) -> int:
+    """Parse ``argv``, run ``fn``; bad input -> message on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        fn(args)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def summarize(writer: DatasetWriter, skips: SkipCounter) -> None:
+    print(f"wrote {writer.count} {writer.kind} samples in {writer.shard_count} shard(s) to {writer.out}")
+    skips.report()

@@ -1,0 +1,169 @@
+"""Captions + region features -> MDS dataset of kind ``captions`` (one sample per image).
+
+Caption sources (detected from the JSON):
+  * Karpathy split file (``dataset_coco.json`` / ``dataset_flickr30k.json``):
+    ``images[].sentences[].raw``, ``split``, ``filename``, ``cocoid``/``imgid``;
+    ``--split`` picks Karpathy splits (``train`` adds ``restval`` with ``--include-restval``).
+  * COCO ``captions_*.json``: ``images[]`` (id, width, height) + ``annotations[]``
+    (image_id, caption); it has no splits, so ``--split`` must be ``all`` (the default).
+
+Region features: ``--tsv`` (bottom-up-attention TSV, base64 float32) or ``--npz-dir`` (one
+``<image_id>.npz`` per image); see data_tools/features.py. Each sample holds ALL captions
+of its image (training draws one per visit, evaluation scores against all references),
+region features as float16 and boxes normalised by the image size.
+
+Example:
+  python data_tools/convert_captions.py --captions dataset_coco.json --split train \\
+      --include-restval --tsv trainval_36.tsv --out s3://bucket/coco/captions/train
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: import `data_tools` as a package, and keep
+    import os as _os, sys as _sys  # data_tools/inspect.py from shadowing the stdlib `inspect`
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+    _sys.path.insert(0, _os.path.dirname(_here))
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer, run_main,
+                               summarize)
+from data_tools.features import (RegionChecker, add_feature_args, iter_image_regions, norm_id,
+                                 stable_sample_id)
+from vltrain.data import schema
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def load_captions(path: str, split: str, include_restval: bool, image_key: str,
+                  skips: SkipCounter) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], str]:
+    """Return ({image_id: [captions]} in file order, {image_id: (w, h)} where known, format)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: cannot read caption JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise BadInputError(f"{path}: neither a Karpathy split file nor a COCO captions file "
+                            f"(no 'images' list)")
+    caps: dict[str, list[str]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    if "annotations" in data:                                   # COCO captions_*.json
+        fmt = "coco"
+        if split != "all":
+            raise BadInputError(f"{path} is a COCO captions file, which has no splits; "
+                                f"use --split all (got {split!r})")
+        for im in data["images"]:
+            iid = norm_id(im["id"])
+            if "width" in im and "height" in im:
+                sizes[iid] = (int(im["width"]), int(im["height"]))
+        order = {norm_id(im["id"]): i for i, im in enumerate(data["images"])}
+        for k, ann in enumerate(data["annotations"]):
+            iid = norm_id(ann.get("image_id", ""))
+            text = str(ann.get("caption") or "").strip()
+            if iid not in order:
+                skips.bad("unknown_image", f"{path} annotation {k} (id {ann.get('id')}): image_id "
+                                           f"{ann.get('image_id')!r} is not in 'images'")
+                continue
+            if not text:
+                skips.bad("empty_caption", f"{path} annotation {k} (id {ann.get('id')}, image {iid}): "
+                                           f"empty caption")
+                continue
+            caps.setdefault(iid, []).append(text)
+        caps = dict(sorted(caps.items(), key=lambda kv: order[kv[0]]))
+        return caps, sizes, fmt
+    fmt = "karpathy"
+    if split == "all":
+        keep = set(KARPATHY_SPLITS)
+    else:
+        keep = {split} | ({"restval"} if include_restval and split == "train" else set())
+    for k, im in enumerate(data["images"]):
+        if im.get("split") not in keep:
+            continue
+        if image_key == "auto":
+            key = "cocoid" if "cocoid" in im else "filename"
+        else:
+            key = image_key
+        if key not in im:
+            raise BadInputError(f"{path} image {k}: no '{key}' field for --image-key")
+        raw_id = os.path.splitext(str(im[key]))[0] if key == "filename" else im[key]
+        iid = norm_id(raw_id)
+        texts = []
+        for j, sent in enumerate(im.get("sentences", [])):
+            text = str(sent.get("raw") or "").strip()
+            if not text:
+                skips.bad("empty_caption", f"{path} image {k} ({im.get('filename', iid)}, id {iid}) "
+                                           f"sentence {j}: empty caption")
+                continue
+            texts.append(text)
+        if not texts:
+            if im.get("sentences"):
+                continue  # every caption was bad and already counted
+            skips.bad("no_captions", f"{path} image {k} ({im.get('filename', iid)}, id {iid}): no captions")
+            continue
+        if iid in caps:
+            skips.bad("duplicate_image", f"{path} image {k}: image id {iid} appears twice")
+            continue
+        caps[iid] = texts
+    return caps, sizes, fmt
+
+
+def convert(args: argparse.Namespace) -> None:
+    skips = SkipCounter(args.skip_bad)
+    caps, sizes, fmt = load_captions(args.captions, args.split, args.include_restval,
+                                     args.image_key, skips)
+    if not caps:
+        raise BadInputError(f"{args.captions}: no captions for split {args.split!r}")
+    checker = RegionChecker(skips, args.feature_dim)
+    writer = None
+    with contextlib.ExitStack() as stack:
+        for r in iter_image_regions(args, list(caps), skips, "captions"):
+            cols = checker.to_columns(r, sizes.get(r.image_id))
+            if cols is None:
+                continue
+            if writer is None:
+                meta = schema.make_meta(
+                    "captions", checker.feature_dim, checker.num_classes, checker.optional,
+                    source={"tool": "convert_captions", "captions": os.path.basename(args.captions),
+                            "format": fmt, "split": args.split, "include_restval": args.include_restval,
+                            "features": ([os.path.basename(t) for t in args.tsv] if args.tsv
+                                         else os.path.basename(os.path.normpath(args.npz_dir)))})
+                writer = stack.enter_context(open_writer(args.out, "captions", checker.optional, meta,
+                                                         size_limit=args.size_limit,
+                                                         overwrite=args.overwrite))
+            writer.write({"sample_id": stable_sample_id(r.image_id), **cols, "captions": caps[r.image_id]})
+        if writer is None:
+            raise BadInputError("no samples to write: no image with captions had valid features")
+        writer.meta["num_captions"] = sum(len(caps[i]) for i in caps)
+        writer.meta["skipped"] = skips.as_dict()
+        writer.meta["skipped_total"] = skips.total
+    summarize(writer, skips)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_captions.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--captions", required=True,
+                   help="Karpathy split JSON (dataset_coco.json) or COCO captions_*.json")
+    p.add_argument("--split", default="all", choices=("all", *KARPATHY_SPLITS),
+                   help="Karpathy split to convert (default %(default)s)")
+    p.add_argument("--include-restval", action="store_true",
+                   help="with --split train: also take the 'restval' images (the usual 113k train set)")
+    p.add_argument("--image-key", default="auto", choices=("auto", "cocoid", "filename", "imgid"),
+                   help="Karpathy field that matches the feature files' image ids "
+                        "(auto: cocoid if present, else the filename without extension)")
+    add_feature_args(p)
+    add_output_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(convert, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

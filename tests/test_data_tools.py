@@ -1,0 +1,633 @@
+"""data_tools/: converters on small files in the real formats, the synthetic corpus, inspect, S3, bad input.
+
+Inputs are written here in the formats people actually have (Karpathy / COCO caption JSON,
+bottom-up-attention TSV with base64 float32 arrays, per-image .npz, VQA v2 questions and
+annotations JSON, blank-line separated text) and read back through ``StreamingDataset``.
+Each tool runs once as a real subprocess (``python data_tools/<tool>.py``); everything else
+calls ``main(argv)`` in-process, because importing streaming costs ~5 s per process.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data_tools import convert_captions, convert_text, convert_vqa, make_synthetic
+from data_tools import inspect as dt_inspect
+from vltrain.data import schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F16 = dict(rtol=1e-3, atol=1e-3)   # float16 keeps ~3 significant digits
+
+
+# ---------------------------------------------------------------- helpers
+
+def run_tool(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python data_tools/<tool>.py args`` as a real subprocess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data_tools", f"{tool}.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                          timeout=300)
+
+
+def read_mds(local: str, remote: str | None = None) -> list[dict]:
+    """All samples of an MDS dataset, in order, through StreamingDataset (hashes verified)."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=str(local), remote=remote, shuffle=False, batch_size=1,
+                          validate_hash="xxh64")
+    try:
+        return [ds[i] for i in range(len(ds))]
+    finally:
+        del ds
+
+
+def read_meta(out) -> dict:
+    with open(os.path.join(out, schema.META_FILE)) as f:
+        return json.load(f)
+
+
+def b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+
+
+def make_image(rng, n: int, dim: int, w: int = 640, h: int = 480, classes: int = 0) -> dict:
+    x1 = rng.uniform(0, w / 2, n)
+    y1 = rng.uniform(0, h / 2, n)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(5, w / 2, n), y1 + rng.uniform(5, h / 2, n)], 1)
+    img = {"w": w, "h": h, "boxes": boxes.astype(np.float32),
+           "features": rng.normal(0, 2, (n, dim)).astype(np.float32)}
+    if classes:
+        p = rng.random((n, classes)).astype(np.float32)
+        img["cls_prob"] = p / p.sum(1, keepdims=True)
+        img["objects_id"] = p.argmax(1).astype(np.int64)
+        img["objects_conf"] = p.max(1).astype(np.float32)
+    return img
+
+
+TSV_FIELDS_FULL = "image_id,image_w,image_h,num_boxes,boxes,features,cls_prob,objects_id,objects_conf"
+
+
+def tsv_row(image_id, img: dict, full: bool = False, **override) -> str:
+    cells = {"image_id": str(image_id), "image_w": str(img["w"]), "image_h": str(img["h"]),
+             "num_boxes": str(len(img["boxes"])), "boxes": b64(img["boxes"]), "features": b64(img["features"])}
+    if full:
+        cells.update(cls_prob=b64(img["cls_prob"]), objects_id=b64(img["objects_id"]),
+                     objects_conf=b64(img["objects_conf"]))
+    cells.update(override)
+    return "\t".join(cells.values())
+
+
+def write_tsv(path, rows: list[str]) -> str:
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return str(path)
+
+
+def karpathy(images: list[tuple[int, str, list[str]]]) -> dict:
+    return {"dataset": "coco", "images": [
+        {"cocoid": cid, "imgid": k, "filepath": "train2014", "filename": f"COCO_train2014_{cid:012d}.jpg",
+         "split": split, "sentids": list(range(len(caps))),
+         "sentences": [{"raw": c, "tokens": c.lower().split(), "imgid": k, "sentid": j} for j, c in enumerate(caps)]}
+        for k, (cid, split, caps) in enumerate(images)]}
+
+
+def write_json(path, obj) -> str:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+def check_image_columns(s: dict, img: dict):
+    np.testing.assert_allclose(s["features"].astype(np.float32), img["features"], **F16)
+    assert s["features"].dtype == np.float16
+    np.testing.assert_array_equal(s["features"], img["features"].astype(np.float16))
+    scale = np.array([img["w"], img["h"], img["w"], img["h"]], np.float32)
+    np.testing.assert_allclose(s["boxes"], np.clip(img["boxes"] / scale, 0, 1), rtol=1e-6, atol=1e-7)
+    assert (int(s["image_w"]), int(s["image_h"])) == (img["w"], img["h"])
+
+
+# ---------------------------------------------------------------- captions
+
+def test_convert_captions_karpathy_tsv(tmp_path):
+    """Karpathy JSON + header-less bottom-up TSV with cls_prob/objects: subprocess, train+restval."""
+    rng = np.random.default_rng(0)
+    ids = [9, 25, 30, 42, 77]
+    splits = ["train", "restval", "train", "val", "test"]
+    imgs = {i: make_image(rng, n, 16, classes=5) for i, n in zip(ids, [3, 10, 1, 4, 2])}
+    caps = {i: [f"  A man riding wave {i}. ", "two dogs on a couch"] for i in ids}
+    kp = write_json(tmp_path / "dataset_coco.json", karpathy([(i, s, caps[i]) for i, s in zip(ids, splits)]))
+    rows = [tsv_row(i, imgs[i], full=True) for i in ids if i != 42]
+    # The val image's row is corrupt: never decoded, because --split train does not need it.
+    rows.append(tsv_row(42, imgs[42], full=True, features="!!!not base64!!!"))
+    tsv = write_tsv(tmp_path / "feats.tsv", rows)
+    out = tmp_path / "out"
+    r = run_tool("convert_captions", "--captions", kp, "--split", "train", "--include-restval",
+                 "--tsv", tsv, "--tsv-fields", TSV_FIELDS_FULL, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 3 captions samples" in r.stdout
+    samples = read_mds(out)
+    assert [s["image_id"] for s in samples] == ["9", "25", "30"]          # TSV order
+    for s in samples:
+        img = imgs[int(s["image_id"])]
+        check_image_columns(s, img)
+        assert s["sample_id"] == int(s["image_id"])
+        assert s["captions"] == [c.strip() for c in caps[int(s["image_id"])]]
+        np.testing.assert_allclose(s["cls_prob"].astype(np.float32), img["cls_prob"], **F16)
+        np.testing.assert_array_equal(s["obj_labels"], img["objects_id"])
+        np.testing.assert_array_equal(s["obj_conf"], img["objects_conf"])
+    meta = read_meta(out)
+    assert meta["kind"] == "captions" and meta["feature_dim"] == 16 and meta["num_classes"] == 5
+    assert meta["has_cls_prob"] and meta["has_obj_labels"] and not meta["has_image_feature"]
+    assert meta["num_samples"] == 3 and meta["skipped_total"] == 0
+    assert set(meta["optional_columns"]) == {"cls_prob", "obj_labels", "obj_conf"}
+
+
+def test_convert_captions_coco_json_npz(tmp_path, capsys):
+    """COCO captions_*.json + per-image npz (zero-padded names, sizes from the JSON, no cls_prob)."""
+    rng = np.random.default_rng(1)
+    imgs = {i: make_image(rng, 5, 8, w=500 + i, h=300 + i) for i in (3, 11)}
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    for i, img in imgs.items():
+        np.savez(npz / f"{i:012d}.npz", features=img["features"], boxes=img["boxes"])
+    coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": imgs[i]["w"], "height": imgs[i]["h"]}
+                       for i in (11, 3)],
+            "annotations": [{"id": 1, "image_id": 3, "caption": "a red bus"},
+                            {"id": 2, "image_id": 11, "caption": "a cat. "},
+                            {"id": 3, "image_id": 3, "caption": "a bus on a street"}]}
+    cap = write_json(tmp_path / "captions_val2014.json", coco)
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", cap, "--npz-dir", str(npz), "--out", str(out)]) == 0
+    samples = read_mds(out)
+    assert [s["image_id"] for s in samples] == ["11", "3"]                   # COCO images order
+    assert samples[0]["captions"] == ["a cat."]
+    assert samples[1]["captions"] == ["a red bus", "a bus on a street"]
+    for s in samples:
+        check_image_columns(s, imgs[int(s["image_id"])])
+        assert "cls_prob" not in s
+    meta = read_meta(out)
+    assert not meta["has_cls_prob"] and meta["num_classes"] is None and meta["source"]["format"] == "coco"
+
+
+def test_tsv_header_aliases_and_py3_bytes_literals(tmp_path):
+    """An LXMERT-style TSV: header row, img_id/img_h/img_w names, attrs columns, b'...' cells."""
+    rng = np.random.default_rng(7)
+    img = make_image(rng, 4, 10, w=320, h=200, classes=3)
+    head = "img_id\timg_h\timg_w\tobjects_id\tobjects_conf\tattrs_id\tattrs_conf\tnum_boxes\tboxes\tfeatures"
+    cells = ["COCO_val2014_000000000042", "200", "320", f"b'{b64(img['objects_id'])}'", b64(img["objects_conf"]),
+             b64(np.zeros(4, np.int64)), b64(np.zeros(4, np.float32)), "4", f"b'{b64(img['boxes'])}'",
+             b64(img["features"])]
+    tsv = write_tsv(tmp_path / "lx.tsv", [head, "\t".join(cells)])
+    kp = write_json(tmp_path / "k.json", {"images": [{"filename": "COCO_val2014_000000000042.jpg", "split": "val",
+                                                      "sentences": [{"raw": "a plane"}]}]})
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", kp, "--split", "val", "--tsv", tsv, "--out", str(out)]) == 0
+    (s,) = read_mds(out)
+    check_image_columns(s, img)
+    assert s["image_id"] == "COCO_val2014_000000000042" and s["captions"] == ["a plane"]
+    np.testing.assert_array_equal(s["obj_labels"], img["objects_id"])
+    assert "cls_prob" not in s and read_meta(out)["has_obj_labels"]
+
+
+# ---------------------------------------------------------------- VQA
+
+def _ann(qid, iid, answers, mc):
+    return {"question_id": qid, "image_id": iid, "answer_type": "other", "multiple_choice_answer": mc,
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]}
+
+
+def test_convert_vqa_scores_vocab_and_splits(tmp_path):
+    rng = np.random.default_rng(2)
+    imgs = {i: make_image(rng, 4, 12) for i in (1, 2, 3)}
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, img) for i, img in imgs.items()])
+    qa = [  # (qid, image, question, 10 answers, multiple_choice_answer)
+        (10, 1, "How many dogs?", ["Two", "2", "two"] + ["3"] * 7, "3"),
+        (11, 1, "What animal is it?", ["a dog.", "dog"] + ["cat"] * 8, "cat"),
+        (12, 2, "Is it sunny?", ["yes"] + ["no"] * 9, "no"),
+        (13, 2, "What animal?", ["cat"] * 10, "cat"),
+        (14, 3, "How many?", ["two"] * 10, "Two"),
+        (15, 3, "Color?", ["blue"] * 5 + ["Red"] * 5, "blue"),
+    ]
+    qs = write_json(tmp_path / "q.json", {"questions": [{"question_id": q, "image_id": i, "question": t}
+                                                        for q, i, t, _, _ in qa]})
+    an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, a, mc) for q, i, _, a, mc in qa]})
+    out = tmp_path / "train"
+    r = run_tool("convert_vqa", "--questions", qs, "--annotations", an, "--tsv", tsv,
+                 "--num-answers", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    # multiple_choice_answer counts after normalisation: cat 2, 3 1, no 1, 2 1 ("Two"), blue 1;
+    # top-3 by frequency, ties alphabetical: cat, then "2" < "3".
+    with open(out / schema.ANSWER_VOCAB_FILE) as f:
+        vocab = json.load(f)
+    assert vocab == ["cat", "2", "3"]
+    samples = {int(s["question_id"]): s for s in read_mds(out)}
+    assert sorted(samples) == [10, 11, 12, 13, 14, 15]
+
+    def targets(q):
+        s = samples[q]
+        return {vocab[i]: float(v) for i, v in zip(s["target_ids"], s["target_scores"]) if v > 0}
+
+    # Hand-computed official VQA accuracies (mean over 10 leave-one-out subsets of min(1, m/3)):
+    # 3 annotators say 2 ("Two", "2", "two"): (3*2/3 + 7*1)/10 = 0.9; 7 say 3 -> 1.0.
+    assert targets(10) == pytest.approx({"2": 0.9, "3": 1.0})
+    # "a dog." and "dog" both normalise to "dog" (2 matches): (2*1/3 + 8*2/3)/10 = 0.6, but "dog" is
+    # not in the top-3 vocabulary so only cat (8 matches) -> 1.0 remains.
+    assert targets(11) == pytest.approx({"cat": 1.0})
+    assert targets(13) == {"cat": 1.0}
+    assert targets(14) == {"2": 1.0}                         # "two" x10 -> "2"
+    # yes (1 match -> 9*(1/3)/10 = 0.3) and no are out of vocabulary: placeholder (0, 0.0).
+    assert samples[12]["target_ids"].tolist() == [0] and samples[12]["target_scores"].tolist() == [0.0]
+    assert samples[10]["answers"] == ["Two", "2", "two"] + ["3"] * 7
+    assert samples[11]["question"] == "What animal is it?"
+    for s in samples.values():
+        check_image_columns(s, imgs[int(s["image_id"])])
+        assert s["sample_id"] == s["question_id"]
+    meta = read_meta(out)
+    assert meta["kind"] == "vqa" and meta["answer_vocab_size"] == 3
+    assert meta["questions_without_target"] == 2             # 12 and 15 (blue/red not in vocab)
+
+    # The full vocabulary (default K) reproduces the 0.6 / 0.3 scores of the hand example.
+    full = tmp_path / "full"
+    assert convert_vqa.main(["--questions", qs, "--annotations", an, "--tsv", tsv, "--out", str(full),
+                             "--vocab-count", "all"]) == 0
+    with open(full / schema.ANSWER_VOCAB_FILE) as f:
+        vocab_all = json.load(f)
+    # all-answers counts: 3: 7, 2: 13 (3 + 10), cat 18, no 9, dog 2, yes 1, blue 5, red 5
+    assert vocab_all == ["cat", "2", "no", "3", "blue", "red", "dog", "yes"]
+    by_q = {int(s["question_id"]): s for s in read_mds(full)}
+    sc = {vocab_all[i]: float(v) for i, v in zip(by_q[11]["target_ids"], by_q[11]["target_scores"])}
+    assert sc == pytest.approx({"dog": 0.6, "cat": 1.0})
+    sc = {vocab_all[i]: float(v) for i, v in zip(by_q[12]["target_ids"], by_q[12]["target_scores"])}
+    assert sc == pytest.approx({"yes": 0.3, "no": 1.0})
+    assert list(by_q[11]["target_ids"]) == sorted(by_q[11]["target_ids"])
+
+    # A test split: questions only, ids from train's vocabulary file.
+    test_q = write_json(tmp_path / "tq.json", {"questions": [{"question_id": 99, "image_id": 2,
+                                                               "question": "What is it?"}]})
+    test_out = tmp_path / "test"
+    assert convert_vqa.main(["--questions", test_q, "--tsv", tsv, "--answer-vocab",
+                             str(out / schema.ANSWER_VOCAB_FILE), "--out", str(test_out)]) == 0
+    (t,) = read_mds(test_out)
+    assert t["answers"] == [] and t["target_ids"].tolist() == [0] and t["target_scores"].tolist() == [0.0]
+    with open(test_out / schema.ANSWER_VOCAB_FILE) as f:
+        assert json.load(f) == vocab
+    assert read_meta(test_out)["has_answers"] is False
+
+
+# ---------------------------------------------------------------- text
+
+def test_convert_text(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The first document.\nIt has two lines.\n\n\n  \nSecond doc: one line.  \n\n"
+                      "w1 w2 w3 w4 w5 w6 w7\n", encoding="utf-8")
+    out = tmp_path / "docs"
+    r = run_tool("convert_text", "--input", corpus, "--out", out)
+    assert r.returncode == 0, r.stderr
+    texts = [s["text"] for s in read_mds(out)]
+    assert texts == ["The first document.\nIt has two lines.", "Second doc: one line.", "w1 w2 w3 w4 w5 w6 w7"]
+    assert read_meta(out)["kind"] == "text" and read_meta(out)["num_documents"] == 3
+    chunks = tmp_path / "chunks"
+    assert convert_text.main(["--input", str(corpus), "--max-words", "3", "--out", str(chunks)]) == 0
+    samples = read_mds(chunks)
+    assert [s["text"] for s in samples] == ["The first document.", "It has two", "lines.", "Second doc: one",
+                                            "line.", "w1 w2 w3", "w4 w5 w6", "w7"]
+    assert [int(s["sample_id"]) for s in samples] == list(range(8))
+
+
+# ---------------------------------------------------------------- synthetic corpus
+
+SYN_ARGS = ["--images-pretrain", "12", "--images-train", "16", "--images-val", "6", "--images-test", "6",
+            "--text-docs", "8"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn") / "a"
+    assert make_synthetic.main([*SYN_ARGS, "--seed", "5", "--out", str(out)]) == 0
+    return out
+
+
+def _files(root) -> dict[str, bytes]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+def test_make_synthetic_deterministic_and_disjoint(synthetic, tmp_path):
+    again = tmp_path / "b"
+    assert make_synthetic.main([*SYN_ARGS, "--seed", "5", "--out", str(again)]) == 0
+    a, b = _files(synthetic), _files(again)
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)          # byte-identical
+    other = tmp_path / "c"
+    assert make_synthetic.main([*SYN_ARGS, "--seed", "6", "--out", str(other)]) == 0
+    shard = os.path.join("captions", "train", "shard.00000.mds.zstd")
+    assert _files(other)[shard] != a[shard]
+
+    layout = {f"{k}/{s}" for k in ("captions", "vqa", "refs", "mc") for s in make_synthetic.SPLITS} | {"text/train"}
+    for ds in layout:
+        assert (synthetic / ds / "index.json").exists() and (synthetic / ds / schema.META_FILE).exists()
+    ids, feats = {}, {}
+    for split in make_synthetic.SPLITS:
+        caps = read_mds(synthetic / "captions" / split)
+        ids[split] = {s["image_id"] for s in caps}
+        feats[split] = {s["image_feature"].tobytes() for s in caps}
+        assert len(ids[split]) == len(caps) == int(SYN_ARGS[SYN_ARGS.index(f"--images-{split}") + 1])
+        for kind in ("vqa", "refs", "mc"):
+            samples = read_mds(synthetic / kind / split)
+            assert {s["image_id"] for s in samples} <= ids[split]
+            assert len({int(s["sample_id"]) for s in samples}) == len(samples)
+    for i, s1 in enumerate(make_synthetic.SPLITS):
+        for s2 in make_synthetic.SPLITS[i + 1:]:
+            assert not ids[s1] & ids[s2] and not feats[s1] & feats[s2], (s1, s2)
+    with open(synthetic / "synthetic_corpus.json") as f:
+        info = json.load(f)
+    assert info["datasets"]["captions/train"] == 16 and info["num_classes"] == 17
+
+
+def test_make_synthetic_content(synthetic):
+    from vltrain.metrics.vqa import answer_scores
+    meta = read_meta(synthetic / "vqa/train")
+    assert meta["num_classes"] == 17 and meta["feature_dim"] == 64 and meta["has_cls_prob"]
+    with open(synthetic / "vqa/train" / schema.ANSWER_VOCAB_FILE) as f:
+        vocab = json.load(f)
+    caps = read_mds(synthetic / "captions/train")
+    for s in caps:
+        n = s["features"].shape[0]
+        assert 3 <= n <= 6 and s["features"].shape[1] == 64 and s["features"].dtype == np.float16
+        assert s["cls_prob"].shape == (n, 17) and s["obj_labels"].shape == (n,)
+        assert ((s["boxes"] >= 0) & (s["boxes"] <= 1)).all()
+        assert (s["boxes"][:, 2] > s["boxes"][:, 0]).all() and (s["boxes"][:, 3] > s["boxes"][:, 1]).all()
+        assert s["image_feature"].shape == (64,) and len(s["captions"]) == 5
+    for s in read_mds(synthetic / "vqa/train"):
+        assert len(s["answers"]) == 10
+        want = {vocab.index(a): v for a, v in answer_scores(s["answers"]).items()}
+        assert dict(zip(s["target_ids"].tolist(), s["target_scores"].tolist())) == pytest.approx(want)
+        assert s["question"].endswith("?")
+    for s in read_mds(synthetic / "refs/train"):
+        b, t = s["boxes"][s["target_region"]], s["target_box"]
+        inter = max(0, min(b[2], t[2]) - max(b[0], t[0])) * max(0, min(b[3], t[3]) - max(b[1], t[1]))
+        union = (b[2] - b[0]) * (b[3] - b[1]) + (t[2] - t[0]) * (t[3] - t[1]) - inter
+        assert inter / union > 0.5 and s["expression"].startswith("the ")
+    for s in read_mds(synthetic / "mc/train"):
+        assert len(s["choices"]) == 4 == len(set(s["choices"])) and 0 <= s["label"] < 4
+    texts = read_mds(synthetic / "text/train")
+    assert len(texts) == 8 and all(t["text"] for t in texts)
+
+    # Features come from the pixels: a nearest-centroid classifier on region features, fit on the
+    # pretrain split, predicts the detector label of val regions far above chance (17 classes).
+    def xy(split):
+        ss = read_mds(synthetic / "captions" / split)
+        return (np.concatenate([s["features"].astype(np.float32) for s in ss]),
+                np.concatenate([s["obj_labels"] for s in ss]))
+    x, y = xy("pretrain")
+    x = np.concatenate([x, xy("train")[0]])
+    y = np.concatenate([y, xy("train")[1]])
+    xv, yv = xy("val")
+    cents = {c: x[y == c].mean(0) for c in np.unique(y)}
+    cls = np.array(list(cents))
+    pred = cls[np.argmin([[np.sum((v - cents[c]) ** 2) for c in cls] for v in xv], 1)]
+    assert (pred == yv).mean() > 0.5, (pred == yv).mean()
+
+
+def test_synthetic_to_s3_and_inspect(s3_bucket, tmp_path, capsys):
+    """make_synthetic writes straight to s3:// (subprocess); streaming and inspect.py read it back."""
+    import boto3
+    from tests.fixtures.s3 import S3_SECRET_SENTINEL
+    url = f"s3://{s3_bucket}/corpus"
+    r = run_tool("make_synthetic", "--images-pretrain", "0", "--images-train", "8", "--images-val", "4",
+                 "--images-test", "0", "--text-docs", "3", "--seed", "1", "--out", url)
+    assert r.returncode == 0, r.stderr
+    samples = read_mds(tmp_path / "cache", remote=f"{url}/vqa/train")
+    assert len(samples) == 8 * 4 and all(len(s["answers"]) == 10 for s in samples)
+    assert len(read_mds(tmp_path / "cache2", remote=f"{url}/captions/val")) == 4
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert f"corpus/vqa/train/{schema.META_FILE}" in keys and f"corpus/vqa/train/{schema.ANSWER_VOCAB_FILE}" in keys
+    assert "corpus/synthetic_corpus.json" in keys
+    for k in keys:                                  # no credential anywhere in what was written
+        if not k.endswith(".zstd"):
+            body = s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read().decode()
+            assert S3_SECRET_SENTINEL not in body and os.environ["AWS_ACCESS_KEY_ID"] not in body, k
+    meta = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"corpus/vqa/train/{schema.META_FILE}")["Body"].read())
+    assert meta["kind"] == "vqa" and meta["num_samples"] == 32
+
+    # An existing s3 dataset is not overwritten by accident; --overwrite replaces it.
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one doc\n\nanother doc\n")
+    assert convert_text.main(["--input", str(corpus), "--out", f"{url}/vqa/train"]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert convert_text.main(["--input", str(corpus), "--out", f"{url}/text/new"]) == 0
+    assert [x["text"] for x in read_mds(tmp_path / "cache3", remote=f"{url}/text/new")] == ["one doc", "another doc"]
+
+    r = run_tool("inspect", f"{url}/vqa/train", "--sample", "3")
+    assert r.returncode == 0, r.stderr
+    assert "samples: 32 in 1 shard(s)" in r.stdout and "kind: vqa" in r.stdout
+    assert "features: dim 64, dtype float16" in r.stdout and "images: 8" in r.stdout
+    assert "question length (words):" in r.stdout and "regions per image:" in r.stdout
+    assert "sample 3:" in r.stdout and "features: ndarray shape (" in r.stdout
+    assert S3_SECRET_SENTINEL not in r.stdout + r.stderr
+
+
+def test_inspect_local_counts(synthetic, capsys):
+    assert dt_inspect.main([str(synthetic / "captions/train")]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 16 in 1 shard(s)" in out and "captions length (words):" in out
+    rep = dt_inspect.inspect_dataset(str(synthetic / "captions/train"), sample_index=2)
+    caps = read_mds(synthetic / "captions/train")
+    assert sum(rep["text_length_hist"].values()) == 16 * 5
+    assert rep["regions_hist"] == dict(Counter(s["features"].shape[0] for s in caps))
+    assert rep["sample"]["image_id"] == repr(caps[2]["image_id"]) and rep["feature_dim"] == 64
+    rep = dt_inspect.inspect_dataset(str(synthetic / "text/train"))
+    assert rep["num_samples"] == 8 and rep["kind"] == "text" and "feature_dim" not in rep
+
+
+def test_inspect_corrupt_and_truncated_shard(synthetic, tmp_path, capsys):
+    import shutil
+    for how in ("flip", "truncate", "missing"):
+        ds = tmp_path / how
+        shutil.copytree(synthetic / "refs/val", ds)
+        shard = ds / "shard.00000.mds.zstd"
+        data = bytearray(shard.read_bytes())
+        if how == "flip":
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        elif how == "truncate":
+            shard.write_bytes(bytes(data[: len(data) // 2]))
+        else:
+            shard.unlink()
+        assert dt_inspect.main([str(ds)]) == 2
+        err = capsys.readouterr().err
+        assert "shard.00000.mds.zstd" in err, err
+        assert {"flip": "xxh64 mismatch", "truncate": "truncated", "missing": "does not exist"}[how] in err
+
+
+# ---------------------------------------------------------------- bad input
+
+def _caption_inputs(tmp_path, rows: list[str], n_images: int = 3, **extra_caps) -> tuple[str, str]:
+    images = [(i, "train", [f"caption {i}"]) for i in range(1, n_images + 1)]
+    for i, caps in extra_caps.items():
+        images.append((int(i[1:]), "train", caps))
+    kp = write_json(tmp_path / "k.json", karpathy(images))
+    return kp, write_tsv(tmp_path / "f.tsv", rows)
+
+
+def _good(rng, dim=6):
+    return make_image(rng, 3, dim)
+
+
+def _nan(img):
+    img = dict(img, features=img["features"].copy())
+    img["features"][1, 2] = np.nan
+    return img
+
+
+def _inf(img):
+    img = dict(img, features=img["features"].copy())
+    img["features"][0, 0] = np.inf
+    return img
+
+
+def _case_rows(case: str, rng):
+    """Rows of a 3-image TSV where image 2 is bad in the given way, and the expected message."""
+    g1, g2, g3 = _good(rng), _good(rng), _good(rng)
+    bad = {
+        "nan": (tsv_row(2, _nan(g2)), "row 2 (image 2): 'features' contains NaN"),
+        "inf": (tsv_row(2, _inf(g2)), "row 2 (image 2): 'features' contains inf"),
+        "dim_first": (tsv_row(2, make_image(rng, 3, 7)), "row 2 (image 2): features have dimension 7, expected 6"),
+        "num_boxes": (tsv_row(2, g2, num_boxes="4"), "row 2 (image 2): num_boxes=4 but 'boxes' holds 12 values"),
+        "zero_regions": (tsv_row(2, g2, num_boxes="0", boxes="", features=""),
+                         "row 2 (image 2): image has zero regions"),
+        "corrupt_b64": (tsv_row(2, g2, features="AAAA*&^%" + b64(g2["features"])[8:]),
+                        "row 2 (image 2): field 'features' is not valid base64"),
+        "truncated_b64": (tsv_row(2, g2, features=b64(g2["features"])[:-7]),
+                          "row 2 (image 2): field 'features' is not valid base64"),
+        "truncated_row": (tsv_row(2, g2)[: len(tsv_row(2, g2)) // 2].rsplit("\t", 1)[0],
+                          "row 2 (image 2): 5 fields, expected 6"),
+    }[case]
+    return [tsv_row(1, g1), bad[0], tsv_row(3, g3)], bad[1]
+
+
+BAD_TSV_CASES = ["nan", "inf", "dim_first", "num_boxes", "zero_regions", "corrupt_b64", "truncated_b64",
+                 "truncated_row"]
+
+
+@pytest.mark.parametrize("case", BAD_TSV_CASES)
+def test_bad_tsv_rows_fail_with_named_row(case, tmp_path, capsys):
+    rows, msg = _case_rows(case, np.random.default_rng(3))
+    kp, tsv = _caption_inputs(tmp_path, rows)
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "f.tsv" in err, err
+    assert not (out / "index.json").exists()                      # nothing that looks like a dataset
+
+
+def test_bad_captions_and_missing_features(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    g = [_good(rng) for _ in range(3)]
+    # --feature-dim disagrees with the data
+    kp, tsv = _caption_inputs(tmp_path, [tsv_row(i + 1, g[i]) for i in range(3)])
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--feature-dim", "5",
+                                  "--out", str(tmp_path / "o1")]) == 2
+    assert "row 1 (image 1): features have dimension 6, expected 5 (from --feature-dim)" in capsys.readouterr().err
+    # an empty caption
+    kp, tsv = _caption_inputs(tmp_path, [tsv_row(i + 1, g[i]) for i in range(3)], i4=["ok", "   "])
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--out", str(tmp_path / "o2")]) == 2
+    assert "(COCO_train2014_000000000004.jpg, id 4) sentence 1: empty caption" in capsys.readouterr().err
+    # a caption whose image has no features
+    kp, tsv = _caption_inputs(tmp_path, [tsv_row(i + 1, g[i]) for i in range(3)], i8=["a lonely caption"])
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--out", str(tmp_path / "o3")]) == 2
+    assert "image 8 has captions but no row in the feature TSV(s)" in capsys.readouterr().err
+    assert not (tmp_path / "o3" / "index.json").exists()
+    # npz: image without a file, file without 'features', corrupt file, zero regions
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(npz / "1.npz", features=g[0]["features"], boxes=g[0]["boxes"], image_w=640, image_h=480)
+    np.savez(npz / "2.npz", boxes=g[1]["boxes"], image_w=640, image_h=480)
+    (npz / "3.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
+    np.savez(npz / "4.npz", features=np.zeros((0, 6), np.float32), boxes=np.zeros((0, 4), np.float32),
+             image_w=640, image_h=480)
+    kp = write_json(tmp_path / "k2.json", karpathy([(i, "train", [f"c{i}"]) for i in (1, 2, 3, 4, 5)]))
+    assert convert_captions.main(["--captions", kp, "--npz-dir", str(npz), "--out", str(tmp_path / "o4")]) == 2
+    assert "2.npz (image 2): missing array 'features'" in capsys.readouterr().err
+    out = tmp_path / "o5"
+    assert convert_captions.main(["--captions", kp, "--npz-dir", str(npz), "--skip-bad", "--out", str(out)]) == 0
+    o = capsys.readouterr()
+    assert "3.npz (image 3): cannot read npz" in o.err and "4.npz (image 4): image has zero regions" in o.err
+    assert "5.npz does not exist" in o.err
+    assert "skipped 4 bad input(s) (corrupt_file: 1, missing_column: 1, no_features: 1, zero_regions: 1)" in o.out
+    assert [s["image_id"] for s in read_mds(out)] == ["1"]
+
+
+def test_skip_bad_counts_every_case(tmp_path, capsys):
+    """All bad TSV rows in one file + an empty caption + a caption without features, --skip-bad."""
+    rng = np.random.default_rng(5)
+    rows, n = [], 0
+    for case in BAD_TSV_CASES:
+        case_rows, _ = _case_rows(case, rng)
+        bad = case_rows[1].split("\t", 1)
+        rows.append(f"{100 + n}\t{bad[1]}" if len(bad) > 1 else f"{100 + n}")
+        n += 1
+    good = [_good(rng) for _ in range(2)]
+    rows = [tsv_row(1, good[0])] + rows + [tsv_row(2, good[1])]
+    images = [(1, "train", ["one", ""]), (2, "train", ["two"])] + \
+             [(100 + k, "train", [f"bad {k}"]) for k in range(n)] + [(500, "train", ["no features"])]
+    kp = write_json(tmp_path / "k.json", karpathy(images))
+    tsv = write_tsv(tmp_path / "f.tsv", rows)
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--skip-bad", "--out", str(out)]) == 0
+    o = capsys.readouterr()
+    expect = {"corrupt_base64": 2, "empty_caption": 1, "malformed_row": 1, "no_features": 1,
+              "nonfinite": 2, "num_boxes_mismatch": 1, "wrong_feature_dim": 1, "zero_regions": 1}
+    assert f"skipped {sum(expect.values())} bad input(s)" in o.out
+    assert "skipping: " in o.err and "image 500 has captions but no row" in o.err
+    assert "f.tsv row 5 (image 103): num_boxes=4" in o.err
+    samples = read_mds(out)
+    assert [s["image_id"] for s in samples] == ["1", "2"] and samples[0]["captions"] == ["one"]
+    meta = read_meta(out)
+    assert meta["skipped"] == expect and meta["skipped_total"] == sum(expect.values())
+    # without --skip-bad the same input stops at the first problem: a real process exits non-zero
+    r = run_tool("convert_captions", "--captions", kp, "--tsv", tsv, "--out", tmp_path / "strict")
+    assert r.returncode != 0 and "error: " in r.stderr and "empty caption" in r.stderr
+    assert not (tmp_path / "strict" / "index.json").exists()
+
+
+def test_bad_vqa_and_text_inputs(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    g = _good(rng)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(1, g)])
+    qs = write_json(tmp_path / "q.json", {"questions": [
+        {"question_id": 1, "image_id": 1, "question": "what?"},
+        {"question_id": 2, "image_id": 1, "question": "  "},
+        {"question_id": 3, "image_id": 7, "question": "where?"}]})
+    an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, ["x"] * 10, "x") for q, i in ((1, 1), (2, 1), (3, 7))]})
+    assert convert_vqa.main(["--questions", qs, "--annotations", an, "--tsv", tsv, "--out", str(tmp_path / "v")]) == 2
+    assert "question 1 (question_id 2, image 1): empty question" in capsys.readouterr().err
+    out = tmp_path / "v2"
+    assert convert_vqa.main(["--questions", qs, "--annotations", an, "--tsv", tsv, "--skip-bad",
+                             "--out", str(out)]) == 0
+    o = capsys.readouterr()
+    assert "image 7 has questions but no row in the feature TSV(s)" in o.err
+    assert read_meta(out)["skipped"] == {"empty_question": 1, "no_features": 1}
+    # test questions need a vocabulary from somewhere
+    assert convert_vqa.main(["--questions", qs, "--tsv", tsv, "--out", str(tmp_path / "v3")]) == 2
+    assert "--answer-vocab" in capsys.readouterr().err
+    # text: invalid UTF-8 names file and line
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good doc\n\nbroken \xff\xfe line\nmore\n\nlast doc\n")
+    assert convert_text.main(["--input", str(bad), "--out", str(tmp_path / "t")]) == 2
+    assert "bad.txt line 3: not valid UTF-8" in capsys.readouterr().err
+    out = tmp_path / "t2"
+    assert convert_text.main(["--input", str(bad), "--skip-bad", "--out", str(out)]) == 0
+    assert [s["text"] for s in read_mds(out)] == ["good doc", "last doc"]
+    assert read_meta(out)["skipped"] == {"invalid_utf8": 1}

@@ -1,0 +1,19 @@
+"""The README's demo command (`make demo` runs `python -m vltrain.demo`), at a smaller size."""
+import os
+import subprocess
+import sys
+
+from tests.fixtures.corpus import REPO
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    r = subprocess.run([sys.executable, "-m", "vltrain.demo", "--out", str(tmp_path / "demo"), "--steps", "6",
+                        "--images", "64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[3/3] done" in r.stdout
+    run = tmp_path / "demo" / "runs" / "demo"
+    assert (run / "checkpoints" / "step_00000006" / "vltrain_ckpt.json").is_file()
+    assert f"tensorboard --logdir {run / 'tensorboard'}" in r.stdout
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))

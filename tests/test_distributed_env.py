@@ -1,0 +1,191 @@
+"""Slurm -> torch variable mapping, launcher gaps, and a bounded collective timeout."""
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from vltrain.engine.distributed import (DistInfo, expand_nodelist, first_host, parse_tasks_per_node,
+                                        port_from_job_id, setup_env, setup_env_from_slurm)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def srun_task_env(**over):
+    """What srun gives task 3 of `srun --nodes=3 --ntasks-per-node=2`."""
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6", "SLURM_NODEID": "1",
+           "SLURM_TASKS_PER_NODE": "2(x3)", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "node[1-3]",
+           "SLURM_JOB_ID": "12345", "PATH": "/usr/bin:/bin"}
+    env.update(over)
+    return env
+
+
+def test_srun_task_maps_to_torch_variables():
+    env = srun_task_env()
+    info = setup_env(env, use_scontrol=False)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("3", "1", "6")
+    assert (env["LOCAL_WORLD_SIZE"], env["LOCAL_SIZE"]) == ("2", "2")
+    assert (env["NODE_RANK"], env["GROUP_RANK"]) == ("1", "1")
+    assert env["MASTER_ADDR"] == "node1"
+    assert env["MASTER_PORT"] == str(10000 + 12345 % 20000)
+    assert info == DistInfo(rank=3, world=6, local_rank=1, local_world=2, node_rank=1)
+    assert not info.is_main and info.num_nodes == 3
+
+
+def test_uneven_tasks_per_node_use_this_nodes_count():
+    env = srun_task_env(SLURM_PROCID="4", SLURM_LOCALID="0", SLURM_NTASKS="5", SLURM_NODEID="2",
+                        SLURM_TASKS_PER_NODE="2(x2),1", SLURM_JOB_NODELIST="gpu[07-09]")
+    del env["SLURM_NTASKS_PER_NODE"]
+    setup_env(env, use_scontrol=False)
+    assert env["LOCAL_WORLD_SIZE"] == "1" and env["RANK"] == "4" and env["MASTER_ADDR"] == "gpu07"
+
+
+def test_step_variables_win_over_job_variables():
+    env = srun_task_env(SLURM_STEP_NODELIST="node[2-3]", SLURM_STEP_NUM_TASKS="4", SLURM_STEP_TASKS_PER_NODE="2(x2)")
+    setup_env_from_slurm(env, use_scontrol=False)
+    assert env["MASTER_ADDR"] == "node2" and env["WORLD_SIZE"] == "4"
+
+
+@pytest.mark.parametrize("text, want", [("2(x3)", [2, 2, 2]), ("4", [4]), ("2(x2),1", [2, 2, 1]),
+                                        ("1,3(x2),2", [1, 3, 3, 2])])
+def test_parse_tasks_per_node(text, want):
+    assert parse_tasks_per_node(text) == want
+
+
+def test_parse_tasks_per_node_rejects_garbage():
+    with pytest.raises(ValueError):
+        parse_tasks_per_node("two")
+
+
+@pytest.mark.parametrize("nodelist, want", [
+    ("node[1-2]", ["node1", "node2"]),
+    ("node1", ["node1"]),
+    ("n1,n2", ["n1", "n2"]),
+    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+    ("a-[008-010]-ib", ["a-008-ib", "a-009-ib", "a-010-ib"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+])
+def test_expand_nodelist(nodelist, want):
+    assert expand_nodelist(nodelist) == want
+    assert first_host(nodelist, use_scontrol=False) == want[0]
+
+
+def test_first_host_asks_scontrol_when_present(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"   # an outside tool: prints what `scontrol show hostnames` prints
+    fake.write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'alpha\\nbeta\\n'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert first_host("whatever[1-2]") == "alpha"
+    assert first_host("whatever[1-2]", use_scontrol=False) == "whatever1"
+
+
+def test_existing_variables_are_not_touched():
+    # a launcher already set the torch variables: no Slurm mapping at all
+    env = srun_task_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="10.0.0.1", MASTER_PORT="6000")
+    assert setup_env_from_slurm(env, use_scontrol=False) is False
+    setup_env(env, use_scontrol=False)
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("0", "2", "10.0.0.1", "6000")
+    # RANK absent but the user fixed the rendezvous: those are kept
+    env = srun_task_env(MASTER_ADDR="head", MASTER_PORT="7777", LOCAL_WORLD_SIZE="2")
+    setup_env(env, use_scontrol=False)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"]) == ("head", "7777", "3")
+
+
+def test_deepspeed_launcher_gets_local_world_size():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+           "LOCAL_SIZE": "2", "CROSS_RANK": "1", "CROSS_SIZE": "2"}
+    info = setup_env(env, use_scontrol=False)
+    assert env["LOCAL_WORLD_SIZE"] == "2" and env["NODE_RANK"] == "1"
+    assert info.local_world == 2 and info.node_rank == 1
+
+
+def test_torchrun_gets_local_size():
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+           "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"}
+    setup_env(env, use_scontrol=False)
+    assert env["LOCAL_SIZE"] == "4" and env["NODE_RANK"] == "1"
+
+
+def test_bare_python_is_a_one_process_world():
+    env = {"PATH": "/usr/bin"}
+    info = setup_env(env, use_scontrol=False)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_SIZE"]) == ("0", "1", "0", "1")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+    assert info.is_main and info.world == 1
+
+
+def test_port_from_job_id():
+    assert port_from_job_id("12345") == 22345 and port_from_job_id("30000") == 20000
+    assert 10000 <= port_from_job_id("1234_7") < 30000      # array-job style ids still give a port
+
+
+# ---------------------------------------------------------------------------- real processes
+
+RANK_SCRIPT = textwrap.dedent(r"""
+    import os, sys, time
+    import torch
+    torch.set_num_threads(1)
+    from vltrain.engine.distributed import init_distributed
+    info = init_distributed(timeout_s=float(sys.argv[1]))
+    print(f"INFO rank={info.rank} world={info.world} local_world={info.local_world} "
+          f"backend={info.backend} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)                      # both ranks: works
+    print(f"SUM {t.item()}", flush=True)
+    if info.rank == 1:
+        time.sleep(float(sys.argv[2]))                   # rank 1 hangs: never joins the next collective
+        sys.exit(0)
+    t0 = time.time()
+    try:
+        torch.distributed.all_reduce(t)
+        print("NO-TIMEOUT", flush=True)
+    except Exception as e:
+        print(f"TIMEOUT after {time.time() - t0:.1f}s: {type(e).__name__}", flush=True)
+        os._exit(3)
+""")
+
+
+def _port_for_job():
+    for job in range(4242, 20000, 97):     # MASTER_PORT = 10000 + job: find a free one
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 10000 + job))
+                return job
+            except OSError:
+                continue
+    pytest.skip("no free port in 10000-30000")
+
+
+def test_two_srun_tasks_rendezvous_and_a_hung_peer_times_out():
+    """Two processes with only SLURM_* variables form a gloo world; rank 1 then hangs and
+    rank 0's collective fails after the configured timeout instead of hanging."""
+    job = _port_for_job()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+                                                        "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, SLURM_NTASKS="2",
+                SLURM_TASKS_PER_NODE="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job))
+    timeout_s, hang_s = 4.0, 40
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(timeout_s), str(hang_s)], cwd=ROOT,
+                              env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        t0 = time.time()
+        out0, _ = procs[0].communicate(timeout=300)   # a first DeepSpeed run JIT-builds its shm op
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        out1 = procs[1].communicate()[0]
+    assert f"master=localhost:{10000 + job}" in out0, out0[-3000:]
+    assert "INFO rank=0 world=2 local_world=2 backend=gloo" in out0 and "SUM 2.0" in out0, out0[-3000:]
+    assert "INFO rank=1 world=2" in out1, out1[-3000:]
+    assert "TIMEOUT after" in out0 and procs[0].returncode == 3, out0[-3000:]
+    waited = float(out0.split("TIMEOUT after ")[1].split("s")[0])
+    assert timeout_s - 0.5 <= waited < timeout_s + 15, out0
+    assert elapsed < hang_s                      # rank 0 did not wait for the hung peer

@@ -1,0 +1,265 @@
+"""ds_configs/*.json resolve against our config, build real DeepSpeed engines on CPU, and the
+resolver refuses contradictions; the LR schedule's values (it is DeepSpeed's lr_scheduler)."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vltrain.config import Config, ConfigError, debug_model_config
+from vltrain.engine.ds_config import (DSConfigError, cpu_adam_status, no_decay_param_groups, precision_of,
+                                      resolve_ds_config)
+from vltrain.engine.schedule import linear_warmup_decay, lr_at, warmup_steps_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
+
+
+def debug_cfg(**train) -> Config:
+    cfg = Config(model=debug_model_config())
+    cfg.train.micro_batch_size = 4
+    cfg.train.grad_accum = 2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_the_shipped_configs_exist():
+    names = {os.path.basename(p) for p in DS_CONFIGS}
+    assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"} <= names
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_ds_config_resolves_on_cpu(path, precision):
+    cfg = debug_cfg(precision=precision, lr=3e-4, adam_betas=[0.9, 0.98], adam_eps=1e-8, weight_decay=0.05,
+                    grad_clip=0.5)
+    ds = resolve_ds_config(path, cfg, world_size=2, accelerator_name="cpu")
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 4 * 2 * 2
+    assert ds["gradient_clipping"] == 0.5
+    p = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert (p["lr"], p["betas"], p["eps"], p["weight_decay"]) == (3e-4, [0.9, 0.98], 1e-8, 0.05)
+    assert p["torch_adam"] is True
+    assert precision_of(ds) == precision
+    assert "scheduler" not in ds
+    if ds["zero_optimization"]["stage"] == 3:
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
+def test_gpu_resolution_uses_deepspeed_adam_and_allows_fp16(path):
+    ds = resolve_ds_config(path, debug_cfg(precision="fp16"), world_size=8, accelerator_name="cuda")
+    assert "torch_adam" not in ds["optimizer"]["params"]      # FusedAdam / DeepSpeedCPUAdam (offload)
+    assert precision_of(ds) == "fp16"
+    assert ds["fp16"]["loss_scale"] == 0                      # dynamic loss scaling
+    assert ds["bf16"]["enabled"] is False
+    assert ds["train_batch_size"] == 4 * 2 * 8
+
+
+def test_fp16_on_cpu_is_refused_with_a_message():
+    with pytest.raises(DSConfigError, match=r"fp16.*not available on DeepSpeed's CPU accelerator"):
+        resolve_ds_config(DS_CONFIGS[0], debug_cfg(precision="fp16"), 1, "cpu")
+    with pytest.raises(DSConfigError, match="fp16"):
+        resolve_ds_config({"fp16": {"enabled": True}}, debug_cfg(precision="fp16"), 1, "cpu")
+
+
+def _err(ds, cfg, world=1, accel="cpu") -> str:
+    with pytest.raises(DSConfigError) as e:
+        resolve_ds_config(ds, cfg, world, accel)
+    assert isinstance(e.value, ConfigError)          # run.py catches one error type
+    return str(e.value)
+
+
+@pytest.mark.parametrize("ds, ours, needles", [
+    ({"train_micro_batch_size_per_gpu": 4}, {"micro_batch_size": 8},
+     ["'train_micro_batch_size_per_gpu' = 4", "train.micro_batch_size = 8"]),
+    ({"gradient_accumulation_steps": 3}, {"grad_accum": 1},
+     ["'gradient_accumulation_steps' = 3", "train.grad_accum = 1"]),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, {"lr": 1e-4},
+     ["'optimizer.params.lr' = 0.001", "train.lr = 0.0001"]),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}}, {"adam_betas": [0.9, 0.999]},
+     ["'optimizer.params.betas' = [0.9, 0.95]", "train.adam_betas = [0.9, 0.999]"]),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-8}}}, {"adam_eps": 1e-6},
+     ["'optimizer.params.eps'", "train.adam_eps = 1e-06"]),
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.0}}}, {"weight_decay": 0.01},
+     ["'optimizer.params.weight_decay' = 0.0", "train.weight_decay = 0.01"]),
+    ({"gradient_clipping": 0.0}, {"grad_clip": 1.0}, ["'gradient_clipping' = 0.0", "train.grad_clip = 1.0"]),
+    ({"bf16": {"enabled": True}}, {"precision": "fp32"}, ["'bf16.enabled' = true", "train.precision = 'fp32'"]),
+    ({"bf16": {"enabled": False}}, {"precision": "bf16"}, ["'bf16.enabled' = false", "train.precision = 'bf16'"]),
+])
+def test_contradictions_name_both_keys_and_values(ds, ours, needles):
+    msg = _err(ds, debug_cfg(**ours))
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_train_batch_size_must_match_world_size():
+    cfg = debug_cfg(micro_batch_size=8, grad_accum=1)
+    ds = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    assert resolve_ds_config(ds, cfg, 2, "cpu")["train_batch_size"] == 16
+    msg = _err(ds, cfg, world=4)
+    assert "'train_batch_size' = 16" in msg and "world_size" in msg and "32" in msg
+
+
+def test_explicit_agreeing_values_and_missing_keys_are_accepted():
+    cfg = debug_cfg(micro_batch_size=8, grad_accum=1, lr=1e-4)
+    ds = resolve_ds_config({"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                            "zero_optimization": {"stage": 2}}, cfg, 1, "cpu")
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 1
+    assert ds["gradient_clipping"] == 1.0 and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert precision_of(ds) == "fp32"
+    # the minimal config: everything comes from ours
+    assert resolve_ds_config({}, cfg, 1, "cpu")["optimizer"]["params"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("ds, needle", [
+    ({"scheduler": {"type": "WarmupLR", "params": {}}}, "'scheduler' section"),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, "'optimizer.type' = \"Lamb\""),
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}, "torch_adam"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs ZeRO stage 3"),
+    ({"wall_clock_breakdown": "auto"}, "'wall_clock_breakdown' = \"auto\""),
+])
+def test_unusable_sections_are_refused(ds, needle):
+    assert needle in _err(ds, debug_cfg())
+
+
+def test_bad_file_and_bad_precision():
+    assert "not found" in _err("/nonexistent/ds.json", debug_cfg())
+    assert "train.precision" in _err({}, debug_cfg(precision="fp8"))
+
+
+def test_resolving_does_not_modify_the_input():
+    src = {"train_micro_batch_size_per_gpu": "auto", "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    before = json.dumps(src)
+    resolve_ds_config(src, debug_cfg(), 1, "cpu")
+    assert json.dumps(src) == before
+
+
+def test_cpu_adam_status_reports():
+    ok, msg = cpu_adam_status()
+    assert isinstance(ok, bool) and "CPU Adam" in msg
+
+
+def test_no_decay_groups():
+    import torch
+    m = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    g = no_decay_param_groups(m, 0.1)
+    assert [len(x["params"]) for x in g] == [2, 3] and [x["weight_decay"] for x in g] == [0.1, 0.0]
+
+
+# ---------------------------------------------------------------------------- schedule
+
+def test_schedule_values():
+    cfg = debug_cfg(lr=1e-3, warmup_steps=10, max_steps=110)
+    assert lr_at(cfg, 0) == 0.0
+    assert math.isclose(lr_at(cfg, 5), 0.5e-3)
+    assert math.isclose(lr_at(cfg, 10), 1e-3)               # warm-up end
+    assert math.isclose(lr_at(cfg, 60), 0.5e-3)             # half-way through the decay
+    assert lr_at(cfg, 110) == 0.0 and lr_at(cfg, 200) == 0.0
+    ratio = debug_cfg(warmup_steps=-1, warmup_ratio=0.1, max_steps=1000)
+    assert warmup_steps_of(ratio) == 100
+    no_warm = debug_cfg(lr=1.0, warmup_steps=0, max_steps=4)
+    assert [lr_at(no_warm, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="max_steps"):
+        linear_warmup_decay(debug_cfg(warmup_steps=20, max_steps=10))
+
+
+def test_schedule_as_torch_lambdalr():
+    import torch
+    cfg = debug_cfg(lr=1.0, warmup_steps=2, max_steps=6)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = linear_warmup_decay(cfg)(opt)
+    seen = []
+    for _ in range(7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+# ---------------------------------------------------------------------------- real engines
+
+ENGINE_SCRIPT = textwrap.dedent(r"""
+    import glob, json, os, sys
+    import torch, deepspeed
+    torch.set_num_threads(1)
+    from vltrain.config import Config, debug_model_config
+    from vltrain.engine.distributed import init_distributed
+    from vltrain.engine.ds_config import resolve_ds_config, precision_of, no_decay_param_groups
+    from vltrain.engine.schedule import linear_warmup_decay, lr_at
+    info = init_distributed(timeout_s=60)
+    results = []
+    for path in sys.argv[1:]:
+        for prec in ("fp32", "bf16"):
+            cfg = Config(model=debug_model_config())
+            cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.precision = 4, 1, prec
+            cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps = 1e-2, 2, 10
+            ds = resolve_ds_config(path, cfg, info.world, info.accelerator)
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Flatten(), torch.nn.Linear(24, 16),
+                                    torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+            eng, opt, _, sched = deepspeed.initialize(model=m, model_parameters=no_decay_param_groups(m, 0.01),
+                                                      config=ds, lr_scheduler=linear_warmup_decay(cfg))
+            g = torch.Generator().manual_seed(1)
+            losses, lrs = [], []
+            for step in range(4):
+                x = torch.randint(0, 16, (4, 3), generator=g)
+                y = torch.randn(4, 1, generator=g)
+                loss = (eng(x).float() - y).pow(2).mean()
+                eng.backward(loss)
+                eng.step()
+                losses.append(loss.item())
+                lrs.append(sched.get_last_lr()[0])
+            results.append(dict(config=os.path.basename(path), precision=prec, resolved=precision_of(ds),
+                                module_dtype=str(next(eng.module.parameters()).dtype),
+                                optimizer=type(eng.basic_optimizer).__name__,
+                                wds=[pg["weight_decay"] for pg in eng.basic_optimizer.param_groups],
+                                losses=losses, lrs=lrs, want_lrs=[lr_at(cfg, s + 1) for s in range(4)],
+                                clip=eng.gradient_clipping(), stage=eng.zero_optimization_stage()))
+            eng.destroy()
+    print("RESULTS " + json.dumps(results), flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    from vltrain.engine.distributed import free_port
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+                                                             "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, *DS_CONFIGS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+def test_every_ds_config_builds_and_trains_a_real_engine_on_cpu(engine_results):
+    got = {(r["config"], r["precision"]) for r in engine_results}
+    assert got == {(os.path.basename(p), prec) for p in DS_CONFIGS for prec in ("fp32", "bf16")}
+    for r in engine_results:
+        assert r["resolved"] == r["precision"]
+        assert r["module_dtype"] == ("torch.bfloat16" if r["precision"] == "bf16" else "torch.float32")
+        assert r["optimizer"] == "AdamW"                       # torch_adam on CPU
+        assert r["wds"] == [0.01, 0.0]                         # our param groups survive DeepSpeed
+        assert r["clip"] == 1.0
+        assert all(math.isfinite(v) for v in r["losses"]), r
+        assert r["losses"][-1] < r["losses"][0], r             # it trains
+        assert r["lrs"] == pytest.approx(r["want_lrs"]), r     # DeepSpeed steps our schedule
+
+
+def test_zero_stages_agree_in_fp32(engine_results):
+    fp32 = {r["config"]: r["losses"] for r in engine_results if r["precision"] == "fp32"}
+    ref = fp32["zero0.json"]
+    for name, losses in fp32.items():
+        assert losses == pytest.approx(ref, rel=1e-5), name

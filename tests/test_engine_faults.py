@@ -1,0 +1,79 @@
+"""What the engine does with bad runs: non-finite losses on one rank, and bad inputs that
+must stop every rank before training, without hanging (2 ranks, gloo)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures.corpus import REPO, Ranks, rank_env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script_args, tmp, name):
+    port = free_port()
+    logs = []
+    procs = []
+    for r in range(2):
+        f = open(os.path.join(tmp, f"{name}{r}.log"), "w")
+        logs.append(f.name)
+        procs.append(subprocess.Popen([sys.executable, *script_args], cwd=REPO, env=rank_env(r, 2, port),
+                                      stdout=f, stderr=subprocess.STDOUT))
+    return procs, logs
+
+
+def finish(procs, logs, timeout=300):
+    codes = [p.wait(timeout) for p in procs]
+    return codes, [open(l).read() for l in logs]
+
+
+def test_nonfinite_losses_skip_on_every_rank_and_abort_when_persistent(tmp_path, synthetic_corpus):
+    train = os.path.join(synthetic_corpus, "captions", "pretrain")
+    out = str(tmp_path / "runs")
+    runs = {m: launch(["tests/workers/nonfinite.py", m, out, train, str(tmp_path / f"cache-{m}")], str(tmp_path), m)
+            for m in ("transient", "persistent")}
+    (codes_t, logs_t), (codes_p, logs_p) = finish(*runs["transient"]), finish(*runs["persistent"])
+
+    assert codes_t == [0, 0], logs_t[0][-3000:]
+    # Both ranks skipped the same two micro-batches, and training still ran its 10 steps.
+    for log in logs_t:
+        assert log.count("non-finite loss at step") == 2, log[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(out, "transient", "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/nonfinite_skipped")] == [1.0, 2.0]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
+
+    assert codes_p[0] != 0 and codes_p[1] != 0, logs_p[0][-3000:]
+    for log in logs_p:
+        assert "3 non-finite losses in a row" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "ds_contradiction", "missing_data", "bad_checkpoint"])
+def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, case):
+    train = os.path.join(synthetic_corpus, "captions", "pretrain")
+    base = ["--config", "configs/debug.yaml", f"output_root={tmp_path}", f"data.train={train}", "data.val=",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=5", "train.dist_timeout_s=30"]
+    expect = {
+        "unknown_key": (["train.lr_rate=1"], "unknown config key 'train.lr_rate'; did you mean 'train.lr'"),
+        "ds_contradiction": (["--deepspeed_config", str(tmp_path / "ds.json")],
+                             "'train_micro_batch_size_per_gpu' = 4 contradicts train.micro_batch_size = 8"),
+        "missing_data": ([f"data.train={tmp_path / 'nowhere'}"], f"{tmp_path / 'nowhere'}"),
+        "bad_checkpoint": ([f"train.resume={tmp_path / 'ckpt'}"], f"{tmp_path / 'ckpt'}: no complete checkpoint"),
+    }
+    (tmp_path / "ds.json").write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1}}')
+    (tmp_path / "ckpt" / "step_00000005").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step_00000005" / "mp_rank_00_model_states.pt").write_text("garbage")
+    extra, message = expect[case]
+    ranks = Ranks(base + extra, 2, str(tmp_path / "logs"), free_port())
+    codes = ranks.wait(240)
+    assert codes == [2, 2], ranks.log(0)[-3000:]
+    for r in range(2):
+        assert message in ranks.log(r), ranks.log(r)[-3000:]
+    assert "step 1/" not in ranks.log(0)

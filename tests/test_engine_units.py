@@ -1,0 +1,65 @@
+"""Engine pieces that need no second process: recipes, checkpoint discovery, activation
+checkpointing."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from vltrain.config import load_config
+from vltrain.engine import checkpoint as ckpt
+from vltrain.model import VLModel
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob("configs/*.yaml")))
+def test_every_recipe_builds_its_model(recipe):
+    cfg = load_config(recipe)
+    with torch.device("meta"):           # BERT-base recipes cost nothing this way
+        model = VLModel(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _tag(save_dir, step, complete=True):
+    d = os.path.join(save_dir, ckpt.step_tag(step))
+    os.makedirs(d)
+    if complete:
+        with open(os.path.join(d, ckpt.COMPLETE_FILE), "w") as f:
+            json.dump({"step": step, "world_size": 2}, f)
+    return d
+
+
+def test_incomplete_latest_is_reported_and_skipped(tmp_path, caplog):
+    save = str(tmp_path)
+    _tag(save, 10)
+    _tag(save, 20)
+    _tag(save, 30, complete=False)                 # crashed while saving
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(30))
+    found = ckpt.find_resume_point(save)
+    assert found.tag == ckpt.step_tag(20) and found.info["step"] == 20
+    assert "step_00000030" in caplog.text and "incomplete" in caplog.text
+
+
+def test_no_checkpoint_and_explicit_paths(tmp_path):
+    assert ckpt.find_resume_point(str(tmp_path / "none")) is None
+    d = _tag(str(tmp_path), 40)
+    assert ckpt.resolve_checkpoint(d).tag == "step_00000040"          # a tag folder
+    assert ckpt.resolve_checkpoint(str(tmp_path)).tag == "step_00000040"  # a save dir
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.resolve_checkpoint(str(tmp_path / "missing"))
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_grads():
+    from tests.test_model import pretrain_batch
+    from vltrain.config import ObjectivesConfig, debug_model_config
+    from vltrain.objectives import pretrain_losses
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = VLModel(debug_model_config(activation_checkpointing=flag)).train()
+        loss, _ = pretrain_losses(model, pretrain_batch(model.config), ObjectivesConfig(mrc=True))
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert results[0][0] == results[1][0]
+    for n, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][n], atol=1e-7), n

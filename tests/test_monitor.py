@@ -1,0 +1,204 @@
+"""FLOP count, peak table and the TensorBoard monitor (read back with tensorboard's EventAccumulator)."""
+import glob
+import math
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from vltrain.config import Config, config_to_dict, debug_model_config
+from vltrain.monitor import (FlopCounter, Monitor, device_peak_tflops, flops_per_sample, non_embedding_params,
+                             peak_memory_gb, peak_tflops_for, scrub_hparams)
+
+
+class TinyBert(nn.Module):
+    """Embedding tables + one layer + an MLM decoder tied to the word embeddings."""
+
+    def __init__(self, vocab=50, hidden=8, ffn=16, pos=12):
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden)
+        self.pos = nn.Embedding(pos, hidden)
+        self.type = nn.Embedding(2, hidden)
+        self.region = nn.Linear(6, hidden)           # region projection: a matmul, counts
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.ffn1 = nn.Linear(hidden, ffn)
+        self.ffn2 = nn.Linear(ffn, hidden)
+        self.ln = nn.LayerNorm(hidden)
+        self.decoder = nn.Linear(hidden, vocab)
+        self.decoder.weight = self.word.weight       # tied: counted once, as an embedding table
+
+
+def test_non_embedding_params_by_hand():
+    m = TinyBert()
+    h, f, v = 8, 16, 50
+    hand = (6 * h + h) + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 2 * h + v   # + decoder bias
+    assert non_embedding_params(m) == hand == 690
+    # a custom predicate: also treat the region projection as an embedding
+    assert non_embedding_params(m, lambda name, mod: isinstance(mod, nn.Embedding) or name == "region") == hand - 56
+
+
+def test_flops_per_sample_formula():
+    cfg = debug_model_config(vocab_size=50, hidden_size=8, num_layers=1)
+    m = TinyBert()
+    n, L, H, V, T, P = 690, 1, 8, 50, 10, 3
+    want = T * (6 * n + 12 * L * H * T) + P * 6 * H * V
+    assert flops_per_sample(m, cfg, seq_len=T, n_mlm_pred=P) == want == 58200
+    assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P) == want
+    fc = FlopCounter(m, cfg)
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12) == 4 * want
+
+
+def test_bert_base_flops_match_the_design_figure():
+    """DESIGN.md: BERT-base with 100 regions + ~40 text tokens is about 1e11 FLOPs/sample."""
+    cfg = Config().model
+    n = 85_000_000 + 2048 * 768     # 12 layers ~85M, + the region projection
+    f = flops_per_sample(n, cfg, seq_len=142, n_mlm_pred=6)
+    assert 0.7e11 < f < 1.3e11
+
+
+def test_peak_table():
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756
+    assert peak_tflops_for("NVIDIA H200") == 989
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops_for("NVIDIA A100 80GB PCIe", "fp16") == 312
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert peak_tflops_for("Some CPU") is None
+    assert device_peak_tflops("bf16", override=123.0) == 123.0
+    if not torch.cuda.is_available():
+        assert device_peak_tflops("bf16") is None
+
+
+def test_peak_memory_is_positive():
+    assert 0.001 < peak_memory_gb() < 1000
+
+
+def _read(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    files = glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _train(mon, steps, data_sleep=0.0, step_sleep=0.0, flops=0.0):
+    for step in range(1, steps + 1):
+        with mon.data_wait():
+            time.sleep(data_sleep)
+        time.sleep(step_sleep)
+        loss = torch.tensor(2.0 / step)
+        mon.step_end(step, {"loss": loss, "loss_mlm": loss * 0.5, "mlm_acc": torch.tensor(0.25)},
+                     samples=8, tokens=torch.tensor(100), flops=flops, lr=1e-4 * step,
+                     grad_norm=torch.tensor(1.5), loss_scale=None)
+
+
+def test_monitor_writes_expected_tags_and_only_rank0(tmp_path):
+    logs = []
+    os.environ["VLTRAIN_TEST_SENTINEL_SECRET"] = "S3NT1NEL-ENV"
+    mon = Monitor(str(tmp_path / "run"), rank=0, world_size=1, log_every=2, peak_tflops=1e-6,
+                  log_fn=logs.append, max_steps=6)
+    cfg = config_to_dict(Config())
+    cfg["data"]["train"] = "s3://user:S3NT1NEL-URL@bucket/prefix"
+    cfg["secret_key"] = "S3NT1NEL-KEY"
+    mon.log_hparams(cfg, {"zero_optimization": {"stage": 2}})
+    _train(mon, 6, data_sleep=0.02, step_sleep=0.02, flops=1e6)
+    mon.log_val(6, {"loss": 1.0, "mlm_acc": torch.tensor(0.5)})
+    mon.close()
+    other = Monitor(str(tmp_path / "run1"), rank=1, world_size=2, log_every=2, log_fn=logs.append)
+    _train(other, 4)
+    other.close()
+    assert not (tmp_path / "run1").exists()                  # rank 1 writes nothing
+
+    acc = _read(str(tmp_path / "run" / "tensorboard"))
+    tags = set(acc.Tags()["scalars"])
+    want = {"train/loss", "train/loss_mlm", "train/mlm_acc", "train/lr", "train/grad_norm",
+            "perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "perf/data_wait_frac", "perf/step_time_s",
+            "perf/peak_mem_gb", "val/loss", "val/mlm_acc"}
+    assert want <= tags, want - tags
+    assert "train/loss_scale" not in tags                    # not fp16
+    for tag in tags:
+        assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [2, 4, 6]
+    assert loss[0].value == pytest.approx((2.0 + 1.0) / 2)   # mean over the interval
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([2e-4, 4e-4, 6e-4])
+    by_samples = _read(str(tmp_path / "run" / "tensorboard" / "by_samples"))
+    assert set(by_samples.Tags()["scalars"]) == {"by_samples/loss", "by_samples/samples_per_s"}
+    assert [e.step for e in by_samples.Scalars("by_samples/loss")] == [16, 32, 48]
+    sps = acc.Scalars("perf/samples_per_s")[-1].value
+    step_time = acc.Scalars("perf/step_time_s")[-1].value
+    assert 0.04 <= step_time < 1.0 and sps == pytest.approx(8 / step_time, rel=0.05)
+    assert acc.Scalars("perf/tokens_per_s")[-1].value == pytest.approx(100 / step_time, rel=0.05)
+    assert 0.3 < acc.Scalars("perf/data_wait_frac")[-1].value < 0.7   # half of each step was data wait
+    mfu = acc.Scalars("perf/mfu")[-1].value
+    assert mfu == pytest.approx((1e6 / step_time) / 1e6, rel=0.05)    # peak 1e-6 TFLOP/s = 1e6 FLOP/s
+    # hparams: the HParams plugin and a text table
+    assert "hparams/text_summary" in acc.Tags()["tensors"]
+    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+    # the human line
+    assert len([ln for ln in logs if ln.startswith("step ")]) == 3
+    assert logs[-2].startswith("step 6/6 | loss ") and "samples/s" in logs[-2] and "MFU" in logs[-2]
+    assert logs[-1].startswith("val step 6")
+    # secrets: no env value, no secret-looking key, no URL password
+    blob = open(glob.glob(str(tmp_path / "run" / "tensorboard" / "events.*"))[0], "rb").read()
+    assert b"S3NT1NEL" not in blob
+    assert b"zero_optimization.stage" in blob and b"train.lr" in blob
+
+
+def test_no_mfu_without_a_peak_and_loss_scale_when_given(tmp_path):
+    mon = Monitor(str(tmp_path), rank=0, log_every=1, peak_tflops=None, log_fn=lambda s: None)
+    for step in (1, 2):
+        mon.step_end(step, {"loss": 1.0}, samples=4, flops=1e9, lr=1e-3, loss_scale=65536.0)
+    mon.close()
+    acc = _read(str(tmp_path / "tensorboard"))
+    tags = set(acc.Tags()["scalars"])
+    assert "perf/mfu" not in tags and "perf/tokens_per_s" not in tags
+    assert [e.value for e in acc.Scalars("train/loss_scale")] == [65536.0, 65536.0]
+
+
+def test_scrub_hparams():
+    out = scrub_hparams({"a": {"b": 1, "password": "x", "aws_secret_access_key": "y"},
+                         "url": "https://u:p@host/x", "l": [1, 2], "n": None})
+    assert out == {"a.b": 1, "url": "https://***@host/x", "l": "[1, 2]", "n": "None"}
+
+
+def test_reset_timer_keeps_the_interval_losses_and_sample_count(tmp_path):
+    mon = Monitor(str(tmp_path), rank=0, log_every=2, log_fn=lambda s: None)
+    mon.step_end(1, {"loss": 1.0}, samples=4)
+    time.sleep(0.3)                      # e.g. a validation pass: not training time
+    mon.reset_timer()
+    mon.step_end(2, {"loss": 3.0}, samples=4)
+    mon.close()
+    acc = _read(str(tmp_path / "tensorboard"))
+    assert acc.Scalars("train/loss")[0].value == 2.0
+    assert _read(str(tmp_path / "tensorboard" / "by_samples")).Scalars("by_samples/loss")[0].step == 8
+    assert acc.Scalars("perf/step_time_s")[0].value < 0.25
+
+
+def test_resume_hides_what_the_crashed_run_logged_after_the_checkpoint(tmp_path):
+    first = Monitor(str(tmp_path), rank=0, log_every=1, log_fn=lambda s: None)
+    for step in range(1, 5):
+        first.step_end(step, {"loss": float(step)}, samples=8)
+    first.close()                        # "crash" after step 4; the checkpoint was at step 2
+    second = Monitor(str(tmp_path), rank=0, log_every=1, log_fn=lambda s: None)
+    second.resume_at(step=2, samples_seen=16)
+    for step in range(3, 6):
+        second.step_end(step, {"loss": 10.0 * step}, samples=8)
+    second.close()
+    acc = _read_all(str(tmp_path / "tensorboard"))
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0),
+                                                                      (5, 50.0)]
+    acc = _read_all(str(tmp_path / "tensorboard" / "by_samples"))
+    assert [(e.step, e.value) for e in acc.Scalars("by_samples/loss")] == [(8, 1.0), (16, 2.0), (24, 30.0),
+                                                                           (32, 40.0), (40, 50.0)]
+
+
+def _read_all(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc

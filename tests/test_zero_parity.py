@@ -1,0 +1,35 @@
+"""ZeRO stages and gradient accumulation: same losses as plain data parallel (2 ranks, gloo)."""
+import json
+import socket
+
+from tests.fixtures.corpus import REPO, rank_env
+import subprocess
+import sys
+
+STEPS = 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zero_stages_and_accumulation_match_stage0(tmp_path):
+    out = tmp_path / "losses.json"
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "tests/workers/zero_parity.py", str(out), str(STEPS)],
+                              cwd=REPO, env=rank_env(r, 2, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    res = json.loads(out.read_text())
+    ref = res["zero0"]
+    assert len(ref) == STEPS and ref[-1] < ref[0]          # it trains
+    for key in ("zero1", "zero2", "zero3"):
+        for a, b in zip(res[key], ref):
+            assert abs(a - b) <= 1e-4 * abs(b), (key, res[key], ref)
+    # Per-example mean losses and dropout 0: 2 x (B/2) equals 1 x B.
+    for key, base in (("zero0_accum2", "zero0"), ("zero2_accum2", "zero2")):
+        for a, b in zip(res[key], res[base]):
+            assert abs(a - b) <= 1e-5 * abs(b), (key, res[key], res[base])

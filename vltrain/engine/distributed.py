@@ -1,0 +1,267 @@
+"""Distributed environment: one code path for the ``deepspeed`` launcher, ``torchrun`` and ``srun``.
+
+torch.distributed reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; DeepSpeed's
+CPU accelerator counts devices from LOCAL_SIZE; mosaicml-streaming counts nodes from
+LOCAL_WORLD_SIZE. Launchers set different subsets:
+
+    deepspeed launcher  RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT LOCAL_SIZE CROSS_RANK CROSS_SIZE
+    torchrun            RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT LOCAL_WORLD_SIZE GROUP_RANK
+    srun (one task per process)   only SLURM_*; DeepSpeed does not read them
+
+:func:`setup_env` fills the gaps (never overriding a variable that is already set):
+under Slurm it maps SLURM_* to the torch variables; everywhere it makes LOCAL_SIZE and
+LOCAL_WORLD_SIZE agree and sets NODE_RANK/GROUP_RANK; a bare ``python run.py`` becomes a
+one-process world on 127.0.0.1 (otherwise DeepSpeed would try MPI discovery).
+
+Collective timeout: :func:`init_distributed` passes ``timeout`` (``train.dist_timeout_s``,
+default :data:`DEFAULT_TIMEOUT_S` = 600 s) to the process group, so a collective whose peer
+crashed or hangs raises on the surviving ranks within that time instead of hanging the job
+(gloo: the collective raises; NCCL: the watchdog aborts the communicator and the process
+exits). A dead peer usually fails faster than that, as soon as its sockets close.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import MutableMapping, Optional
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    node_rank: int = 0
+    accelerator: str = "cpu"     # DeepSpeed accelerator name ('cuda', 'cpu'), set by init_distributed
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world // max(1, self.local_world))
+
+    @classmethod
+    def from_env(cls, environ: Optional[MutableMapping[str, str]] = None) -> "DistInfo":
+        env = os.environ if environ is None else environ
+        world = int(env.get("WORLD_SIZE", 1))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+        rank = int(env.get("RANK", 0))
+        return cls(rank=rank, world=world, local_rank=int(env.get("LOCAL_RANK", 0)),
+                   local_world=local_world,
+                   node_rank=int(env.get("NODE_RANK", env.get("GROUP_RANK", rank // max(1, local_world)))))
+
+
+# ------------------------------------------------------------------------------ Slurm parsing
+
+def parse_tasks_per_node(text: str) -> list[int]:
+    """Slurm's compressed per-node counts: ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if not m:
+            raise ValueError(f"cannot parse Slurm tasks-per-node {text!r}")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    if not out:
+        raise ValueError(f"cannot parse Slurm tasks-per-node {text!r}")
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_one(host: str) -> list[str]:
+    m = re.search(r"\[([^\[\]]*)\]", host)
+    if not m:
+        return [host]
+    head, tail = host[:m.start()], host[m.end():]
+    out = []
+    for item in m.group(1).split(","):
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            width = len(lo)   # zero padding is kept: node[001-003] -> node001..node003
+            for i in range(int(lo), int(hi) + 1):
+                out += _expand_one(f"{head}{i:0{width}d}{tail}")
+        else:
+            out += _expand_one(f"{head}{item}{tail}")
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Our parser for Slurm hostlists: ``"gpu[01-02,05],cpu7"`` -> gpu01 gpu02 gpu05 cpu7."""
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist):
+        hosts += _expand_one(part)
+    return hosts
+
+
+def first_host(nodelist: str, use_scontrol: bool = True) -> str:
+    """First host of a Slurm nodelist: ``scontrol show hostnames`` when available, else our parser."""
+    if use_scontrol and shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise ValueError(f"empty Slurm nodelist {nodelist!r}")
+    return hosts[0]
+
+
+def port_from_job_id(job_id: str) -> int:
+    """A per-job rendezvous port in [10000, 30000), so two jobs sharing a node don't collide."""
+    try:
+        n = int(job_id)
+    except ValueError:
+        n = sum(ord(c) * 31 ** i for i, c in enumerate(job_id))
+    return 10000 + n % 20000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ env setup
+
+def _set(env: MutableMapping[str, str], key: str, value) -> None:
+    if key not in env:
+        env[key] = str(value)
+
+
+def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use_scontrol: bool = True) -> bool:
+    """Map SLURM_* to torch's variables when a launcher has not set them (one srun task per process).
+
+    Only acts when RANK and WORLD_SIZE are both absent and SLURM_PROCID is present; never
+    overrides a variable that is already set. Returns True when it mapped anything.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
+        return False
+    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+    if ntasks is None:
+        raise RuntimeError("SLURM_PROCID is set but neither SLURM_NTASKS nor SLURM_STEP_NUM_TASKS is; "
+                           "launch one task per process with srun")
+    _set(env, "RANK", env["SLURM_PROCID"])
+    _set(env, "WORLD_SIZE", ntasks)
+    _set(env, "LOCAL_RANK", env.get("SLURM_LOCALID", 0))
+    node_id = int(env.get("SLURM_NODEID", 0))
+    _set(env, "NODE_RANK", node_id)
+    _set(env, "GROUP_RANK", node_id)
+    per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+                or env.get("SLURM_NTASKS_PER_NODE"))
+    if per_node:
+        counts = parse_tasks_per_node(per_node)
+        local_world = counts[node_id] if node_id < len(counts) else counts[0]
+    else:
+        local_world = int(ntasks)
+    _set(env, "LOCAL_WORLD_SIZE", local_world)
+    _set(env, "LOCAL_SIZE", local_world)
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = first_host(nodelist, use_scontrol) if nodelist else "127.0.0.1"
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    _set(env, "MASTER_PORT", port_from_job_id(job_id) if job_id else DEFAULT_MASTER_PORT)
+    return True
+
+
+def setup_env(environ: Optional[MutableMapping[str, str]] = None, use_scontrol: bool = True) -> DistInfo:
+    """Complete the distributed environment for any launcher (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    setup_env_from_slurm(env, use_scontrol)
+    if "RANK" not in env and "WORLD_SIZE" not in env:      # bare `python run.py`: a one-process world
+        _set(env, "RANK", 0)
+        _set(env, "WORLD_SIZE", 1)
+        _set(env, "LOCAL_RANK", 0)
+        _set(env, "MASTER_ADDR", "127.0.0.1")
+        _set(env, "MASTER_PORT", free_port())
+    _set(env, "LOCAL_RANK", 0)
+    _set(env, "MASTER_ADDR", "127.0.0.1")
+    _set(env, "MASTER_PORT", DEFAULT_MASTER_PORT)
+    # deepspeed launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE; make both exist.
+    # Neither: a hand-made env; assume one node.
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("WORLD_SIZE", "1")
+    _set(env, "LOCAL_WORLD_SIZE", local)
+    _set(env, "LOCAL_SIZE", local)
+    node = env.get("GROUP_RANK") or env.get("CROSS_RANK") or env.get("NODE_RANK")
+    if node is None:
+        node = int(env["RANK"]) // max(1, int(local))
+    _set(env, "NODE_RANK", node)
+    _set(env, "GROUP_RANK", node)
+    return DistInfo.from_env(env)
+
+
+def pick_backend() -> tuple[str, str]:
+    """(accelerator, backend): ('cuda', 'nccl') with a GPU, else ('cpu', 'gloo') and DS_ACCELERATOR=cpu.
+
+    Must run before DeepSpeed's accelerator is first queried (it is cached)."""
+    forced = os.environ.get("DS_ACCELERATOR")
+    if forced == "cpu":
+        return "cpu", "gloo"
+    import torch
+    if forced in (None, "cuda"):
+        if torch.cuda.is_available():
+            return "cuda", "nccl"
+        if forced == "cuda":
+            raise RuntimeError("DS_ACCELERATOR=cuda but torch sees no GPU (CUDA_VISIBLE_DEVICES, driver?)")
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        return "cpu", "gloo"
+    from deepspeed.accelerator import get_accelerator   # another accelerator the user chose
+    acc = get_accelerator()
+    return acc.device_name(), acc.communication_backend_name()
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """setup_env + backend choice + ``deepspeed.init_distributed`` with a bounded collective timeout.
+
+    Works on ``os.environ`` (torch reads it). On CUDA also selects this rank's GPU (LOCAL_RANK).
+    ``timeout_s``: ``train.dist_timeout_s`` (default 600 s): the longest a collective may wait.
+    """
+    info = setup_env(os.environ)
+    accel, backend = pick_backend()
+    import deepspeed
+    if accel == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op (~2 min on 2 cores,
+        # redone whenever its build folder is cleaned) that only speeds up CPU inference;
+        # gloo does our collectives, so mark the op unavailable instead of building it.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if accel == "cuda":
+        import torch
+        torch.cuda.set_device(info.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=float(timeout_s)),
+                               auto_mpi_discovery=False, verbose=False)
+    return dataclasses.replace(info, accelerator=accel, backend=backend)

@@ -1,0 +1,306 @@
+"""DeepSpeed JSON configs: fill ``"auto"`` from our config, refuse contradictions.
+
+The Hugging Face convention: a ds_config says *how* to shard/offload/cast, our config
+(``train.*``) says *what* to train with (batch sizes, optimizer hyper-parameters, clip,
+precision). Every ``"auto"`` (and every batch/optimizer/clip key left out) is filled from
+our config; an explicit value that disagrees with it is an error naming both keys, so the
+two never silently disagree.
+
+    ds = resolve_ds_config("ds_configs/zero2.json", cfg, world_size=8, accelerator_name="cuda")
+    engine, opt, _, sched = deepspeed.initialize(model=m, model_parameters=groups, config=ds,
+                                                 lr_scheduler=linear_warmup_decay(cfg.train))
+
+What is filled (ds_config key <- our key):
+    train_micro_batch_size_per_gpu   <- train.micro_batch_size
+    gradient_accumulation_steps      <- train.grad_accum
+    train_batch_size                 <- micro_batch_size * grad_accum * world_size
+    gradient_clipping                <- train.grad_clip
+    optimizer.params.lr/betas/eps/weight_decay <- train.lr/adam_betas/adam_eps/weight_decay
+    optimizer.params.torch_adam      <- true on the CPU accelerator, false elsewhere
+                                        (DeepSpeed's FusedAdam on GPU, DeepSpeedCPUAdam
+                                        when the optimizer is offloaded)
+    bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16)
+    zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size,
+    stage3_param_persistence_threshold <- model.hidden_size (H*H, 0.9*H*H, 10*H, as HF does)
+
+There is no DeepSpeed ``scheduler`` section: the LR schedule is ours
+(:func:`vltrain.engine.schedule.linear_warmup_decay`, passed as ``lr_scheduler=``); a
+``scheduler`` section is refused so that two schedules can never both be configured.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any, Union
+
+from vltrain.config import ConfigError
+
+AUTO = "auto"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class DSConfigError(ConfigError):
+    """A ds_config that cannot be used with our config; the message names both keys."""
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def _train(cfg):
+    """Accept the whole Config or just its ``train`` section."""
+    return getattr(cfg, "train", cfg)
+
+
+def _hidden(cfg):
+    model = getattr(cfg, "model", None)
+    return getattr(model, "hidden_size", None)
+
+
+def cfg_precision(cfg) -> str:
+    """``train.precision`` (fp32 when the config predates the field)."""
+    p = getattr(_train(cfg), "precision", "fp32")
+    if p not in PRECISIONS:
+        raise DSConfigError(f"config key 'train.precision': {p!r} is not one of {', '.join(PRECISIONS)}")
+    return p
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+class _Resolver:
+    def __init__(self, ds: dict, source: str):
+        self.ds = ds
+        self.source = source
+
+    def err(self, msg: str) -> DSConfigError:
+        return DSConfigError(f"ds_config {self.source}: {msg}")
+
+    def fill(self, node: dict, key: str, dotted: str, ours, our_key: str, *, missing_is_auto=True,
+             shown=None):
+        """Set ``node[key]`` from our value when it is "auto" (or absent); else check it agrees."""
+        if key not in node:
+            if missing_is_auto:
+                node[key] = copy.deepcopy(ours)
+            return
+        theirs = node[key]
+        if theirs == AUTO:
+            node[key] = copy.deepcopy(ours)
+        elif not _same(theirs, ours):
+            shown = ours if shown is None else shown
+            raise self.err(f"'{dotted}' = {json.dumps(theirs)} contradicts {our_key} = {shown!r}; "
+                           f"set '{dotted}' to \"auto\" (filled from our config) or make the two agree")
+
+
+def _load(path_or_dict) -> tuple[dict, str]:
+    if isinstance(path_or_dict, dict):
+        return copy.deepcopy(path_or_dict), "<dict>"
+    path = os.fspath(path_or_dict)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DSConfigError(f"ds_config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"ds_config {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DSConfigError(f"ds_config {path}: expected a JSON object at the top level")
+    return data, path
+
+
+def _section(r: _Resolver, key: str) -> dict:
+    sec = r.ds.setdefault(key, {})
+    if not isinstance(sec, dict):
+        raise r.err(f"'{key}' must be an object, got {json.dumps(sec)}")
+    return sec
+
+
+def _enabled(sec: dict):
+    return sec.get("enabled", False) if sec else False
+
+
+# ------------------------------------------------------------------------------ public
+
+def precision_of(ds: dict) -> str:
+    """'bf16' | 'fp16' | 'fp32' of a resolved ds_config."""
+    bf = _enabled(ds.get("bf16") or ds.get("bfloat16") or {})
+    fp = _enabled(ds.get("fp16") or {})
+    if AUTO in (bf, fp):
+        raise DSConfigError("precision_of() needs a resolved ds_config (bf16/fp16 'enabled' is still \"auto\")")
+    if bf and fp:
+        raise DSConfigError("ds_config enables both bf16 and fp16")
+    return "bf16" if bf else "fp16" if fp else "fp32"
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    off = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return off.get("device", "none") not in ("none", None)
+
+
+def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_size: int,
+                      accelerator_name: str) -> dict:
+    """Load a ds_config (path or dict), fill every "auto" from ``cfg``, check the rest.
+
+    ``cfg`` is our :class:`vltrain.config.Config` (``train.*`` and ``model.hidden_size`` are
+    read); ``world_size`` the data-parallel size; ``accelerator_name`` DeepSpeed's
+    ``get_accelerator().device_name()`` ('cuda', 'cpu', ...). Raises :class:`DSConfigError`
+    naming the ds_config key, its value and our config key and value on a contradiction.
+    """
+    ds, source = _load(path_or_dict)
+    r = _Resolver(ds, source)
+    t = _train(cfg)
+    on_cpu = accelerator_name == "cpu"
+    if world_size < 1:
+        raise r.err(f"world_size must be >= 1, got {world_size}")
+
+    # --- batch sizes
+    r.fill(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu",
+           t.micro_batch_size, "train.micro_batch_size")
+    r.fill(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    r.fill(ds, "train_batch_size", "train_batch_size", global_batch,
+           f"train.micro_batch_size * train.grad_accum * world_size "
+           f"({t.micro_batch_size} * {t.grad_accum} * {world_size})")
+
+    # --- clipping (always explicit in the resolved config)
+    r.fill(ds, "gradient_clipping", "gradient_clipping", float(t.grad_clip), "train.grad_clip")
+
+    # --- optimizer: AdamW from our config
+    opt = _section(r, "optimizer")
+    opt_type = opt.setdefault("type", "AdamW")
+    if str(opt_type).lower() not in ("adamw", "adam"):
+        raise r.err(f"'optimizer.type' = {json.dumps(opt_type)} is not supported: vltrain trains with AdamW "
+                    f"configured by train.lr / train.adam_betas / train.adam_eps / train.weight_decay")
+    params = opt.setdefault("params", {})
+    if not isinstance(params, dict):
+        raise r.err(f"'optimizer.params' must be an object, got {json.dumps(params)}")
+    if str(opt_type).lower() == "adam" and params.get("adam_w_mode") is False:
+        raise r.err("'optimizer.params.adam_w_mode' = false (L2-regularised Adam) is not supported; "
+                    "vltrain trains with decoupled weight decay (AdamW)")
+    r.fill(params, "lr", "optimizer.params.lr", float(t.lr), "train.lr")
+    r.fill(params, "betas", "optimizer.params.betas", [float(b) for b in t.adam_betas], "train.adam_betas")
+    r.fill(params, "eps", "optimizer.params.eps", float(t.adam_eps), "train.adam_eps")
+    r.fill(params, "weight_decay", "optimizer.params.weight_decay", float(t.weight_decay), "train.weight_decay")
+    if "max_grad_norm" in params:
+        raise r.err("'optimizer.params.max_grad_norm' is not supported; clipping is 'gradient_clipping' "
+                    "(filled from train.grad_clip)")
+
+    # torch_adam: true on CPU (no fused/C++ Adam needed), DeepSpeed's own Adam elsewhere.
+    torch_adam = params.get("torch_adam", AUTO)
+    if torch_adam == AUTO:
+        params["torch_adam"] = on_cpu
+    elif on_cpu and torch_adam is not True:
+        raise r.err("'optimizer.params.torch_adam' = false on the CPU accelerator: DeepSpeed's fused Adam "
+                    "is a GPU kernel; set it to \"auto\" or true")
+    if not params["torch_adam"]:
+        params.pop("torch_adam")   # DeepSpeed's default: FusedAdam (GPU) / DeepSpeedCPUAdam (offload)
+
+    # --- scheduler: ours, never DeepSpeed's
+    if "scheduler" in ds:
+        raise r.err("has a 'scheduler' section, but the LR schedule comes from our config "
+                    "(train.warmup_steps / train.warmup_ratio / train.max_steps, linear warm-up then "
+                    "linear decay); remove the 'scheduler' section")
+
+    # --- precision
+    want = cfg_precision(cfg)
+    if "bfloat16" in ds:                # DeepSpeed's legacy spelling
+        if "bf16" in ds:
+            raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")
+        ds["bf16"] = ds.pop("bfloat16")
+    bf16 = _section(r, "bf16")
+    fp16 = _section(r, "fp16")
+    r.fill(bf16, "enabled", "bf16.enabled", want == "bf16", "train.precision", shown=want)
+    r.fill(fp16, "enabled", "fp16.enabled", want == "fp16", "train.precision", shown=want)
+    if bf16["enabled"] and fp16["enabled"]:   # unreachable with fill(); kept for hand-made dicts
+        raise r.err("enables both bf16 and fp16")
+    if fp16["enabled"] and on_cpu:
+        raise r.err("fp16 (train.precision = 'fp16') is not available on DeepSpeed's CPU accelerator "
+                    "(it has no fp16 support); use train.precision=bf16 or fp32 on CPU")
+    if fp16["enabled"]:
+        fp16.setdefault("loss_scale", 0)   # 0 = dynamic loss scaling
+
+    # --- ZeRO
+    zero = _section(r, "zero_optimization")
+    stage = zero.setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise r.err(f"'zero_optimization.stage' = {json.dumps(stage)} must be 0, 1, 2 or 3")
+    h = _hidden(cfg)
+    for key, value in (("reduce_bucket_size", None if h is None else h * h),
+                       ("stage3_prefetch_bucket_size", None if h is None else int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", None if h is None else 10 * h)):
+        if zero.get(key) == AUTO:
+            if value is None:
+                raise r.err(f"'zero_optimization.{key}' = \"auto\" needs model.hidden_size")
+            zero[key] = value
+    if (zero.get("offload_param") or {}).get("device", "none") not in ("none", None) and stage != 3:
+        raise r.err(f"'zero_optimization.offload_param' needs ZeRO stage 3, but 'zero_optimization.stage' = {stage}")
+    if offloads_optimizer(ds) and stage == 0:
+        raise r.err("'zero_optimization.offload_optimizer' needs ZeRO stage 1, 2 or 3, "
+                    "but 'zero_optimization.stage' = 0")
+
+    _check_no_auto(r, ds, "")
+    return ds
+
+
+def _check_no_auto(r: _Resolver, node: Any, prefix: str):
+    """Any "auto" we do not know how to fill is an error, not a DeepSpeed crash later."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_no_auto(r, v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_no_auto(r, v, f"{prefix}[{i}].")
+    elif node == AUTO:
+        raise r.err(f"'{prefix.rstrip('.')}' = \"auto\", but vltrain has no config value to fill it with; "
+                    f"give it an explicit value")
+
+
+def cpu_adam_status() -> tuple[bool, str]:
+    """Can DeepSpeed build its CPU Adam op (needed for optimizer offload with DeepSpeedCPUAdam)?
+
+    Returns (ok, message). Cheap: checks the builder's requirements, does not compile.
+    """
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+    except Exception as e:  # pragma: no cover - depends on the install
+        return False, f"DeepSpeed's CPUAdamBuilder cannot be imported: {e}"
+    try:
+        builder = CPUAdamBuilder()
+        if builder.is_compatible(verbose=False):
+            return True, "DeepSpeed's CPU Adam op can be built (JIT, C++ compiler + ninja present)"
+        return False, ("DeepSpeed's CPU Adam op cannot be built here (is_compatible() is false: a C++ "
+                       "compiler and ninja are needed, or install DeepSpeed with DS_BUILD_CPU_ADAM=1)")
+    except Exception as e:  # pragma: no cover
+        return False, f"DeepSpeed's CPU Adam op cannot be built here: {e}"
+
+
+def check_buildable(ds: dict) -> None:
+    """Raise a clear error before deepspeed.initialize if the resolved config needs an op we can't build."""
+    params = (ds.get("optimizer") or {}).get("params") or {}
+    if offloads_optimizer(ds) and not params.get("torch_adam", False):
+        ok, msg = cpu_adam_status()
+        if not ok:
+            raise DSConfigError(f"ZeRO optimizer offload uses DeepSpeedCPUAdam, but {msg}")
+
+
+def no_decay_param_groups(model, weight_decay: float) -> list[dict]:
+    """BERT's convention: no weight decay on biases and LayerNorm weights (1-d params).
+
+    Pass as ``model_parameters`` to ``deepspeed.initialize``; the group's ``weight_decay``
+    overrides the ds_config's ``optimizer.params.weight_decay`` for that group.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": float(weight_decay)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

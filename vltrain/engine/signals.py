@@ -1,0 +1,41 @@
+"""Preemption: a signal sets a flag; ranks agree on stopping at the next step boundary.
+
+Under ``srun`` every task receives the signal Slurm sends (``--signal=USR1@T`` or
+``scancel --signal=USR1 JOBID``). The ``deepspeed`` launcher forwards SIGINT/SIGTERM to its
+children (terminating them), so prefer SIGUSR1 sent to the ranks themselves, or run one
+``srun`` task per GPU as our sbatch templates do. One rank seeing the signal is enough:
+the flag is max-reduced across ranks with the other per-step flags.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+# Exit code of a run that stopped on a signal after checkpointing: EX_TEMPFAIL from
+# sysexits.h ("temporary failure, try again"). The sbatch templates requeue on it.
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; read at step boundaries."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self) -> "StopFlag":
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            log.warning("received %s: will checkpoint and exit at the next step boundary",
+                        signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None

@@ -1,0 +1,232 @@
+"""The training loop around a DeepSpeed engine: data, steps, agreement between ranks,
+validation, checkpoints, preemption.
+
+Per micro-step the ranks all-reduce (max) one small flag vector — [loss non-finite, stop
+signal seen, time-based save due (rank 0's clock)] — so every rank takes the same branch
+and no collective can hang. This is the one host-device sync per micro-step; everything
+else (metrics) stays on the device until a logging boundary.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from vltrain.config import Config, config_to_dict, save_config
+from vltrain.data.batch import Batch
+from vltrain.engine import checkpoint as ckpt
+from vltrain.engine.signals import EXIT_PREEMPTED, StopFlag
+
+log = logging.getLogger(__name__)
+
+FLAG_NONFINITE, FLAG_STOP, FLAG_SAVE = 0, 1, 2
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns the loop; built by ``vltrain.engine.build.build_training``."""
+
+    def __init__(self, cfg: Config, engine, info, loader, val_loader, monitor, flops, run_dir: str,
+                 device: torch.device, float_dtype: Optional[torch.dtype], ds_config: dict):
+        self.cfg, self.engine, self.info = cfg, engine, info
+        self.loader, self.val_loader, self.monitor, self.flops = loader, val_loader, monitor, flops
+        self.run_dir, self.device, self.float_dtype = run_dir, device, float_dtype
+        self.ds_config = ds_config
+        self.save_dir = os.path.join(run_dir, "checkpoints")
+        self.step = 0                     # optimizer steps done
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.best_metric: Optional[float] = None
+        self.stop = StopFlag().install()
+        self._last_save_time = time.time()
+
+    # ------------------------------------------------------------------ state
+
+    def checkpoint_info(self) -> dict:
+        zero = (self.ds_config.get("zero_optimization") or {}).get("stage", 0)
+        t = self.cfg.train
+        return {"world_size": self.info.world, "zero_stage": zero,
+                "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
+                "global_batch": t.micro_batch_size * t.grad_accum * self.info.world,
+                "num_canonical_nodes": self.loader.state_dict().get("num_canonical_nodes"),
+                "best_metric": self.best_metric, "nonfinite_total": self.nonfinite_total}
+
+    def save(self, tag: Optional[str] = None) -> str:
+        tag = tag or ckpt.step_tag(self.step)
+        rank_state = {"loader": self.loader.state_dict(), "best_metric": self.best_metric,
+                      "nonfinite_total": self.nonfinite_total, "samples_seen": self.monitor.samples_seen}
+        path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
+                         rank_state=rank_state, info=self.checkpoint_info(), rank=self.info.rank,
+                         keep_last=self.cfg.train.keep_last)
+        self._last_save_time = time.time()
+        if self.info.is_main:
+            log.info("saved checkpoint %s (step %d)", path, self.step)
+        return path
+
+    def resume_from(self, found: ckpt.Found) -> None:
+        """Full resume: engine (weights, optimizer, schedule), loader position, RNG, counters."""
+        load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {found.path}")
+        state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"])
+        self.loader.load_state_dict(state["loader"])
+        if found.info["world_size"] == self.info.world:
+            ckpt.set_rng_state(state["rng"])   # per-rank streams only mean something at the same size
+        self.step = int(state["step"])
+        self.best_metric = state.get("best_metric")
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.monitor.resume_at(self.step, int(state.get("samples_seen", 0)))
+        if self.info.is_main:
+            log.info("resumed from %s at step %d", found.path, self.step)
+
+    # ------------------------------------------------------------------ loop
+
+    def _flags(self, loss: torch.Tensor) -> list[bool]:
+        flags = torch.zeros(3, device=self.device)
+        flags[FLAG_NONFINITE] = (~torch.isfinite(loss.detach())).float()
+        flags[FLAG_STOP] = float(self.stop.requested)
+        every = self.cfg.train.save_every_minutes
+        if self.info.is_main and every > 0 and time.time() - self._last_save_time >= every * 60:
+            flags[FLAG_SAVE] = 1.0
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in flags.tolist()]
+
+    def _batches(self):
+        """Endless batches across epochs (the loader keeps the epoch). A resumed, finished
+        epoch yields nothing once; two empty epochs in a row mean the data is too small."""
+        empty = 0
+        while True:
+            n = 0
+            for batch in self.loader:
+                n += 1
+                yield batch
+            empty = 0 if n else empty + 1
+            if empty >= 2:
+                raise RuntimeError(f"data.train={self.cfg.data.train} yields no batch for this rank: the "
+                                   "dataset is smaller than world_size x train.micro_batch_size")
+
+    def train(self) -> int:
+        """Run to ``train.max_steps`` or a stop signal; returns the process exit code."""
+        cfg = self.cfg.train
+        if self.info.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.monitor.log_hparams(config_to_dict(self.cfg), self.ds_config)
+        self.monitor.reset_timer()
+        batches = self._batches()
+        save_due = False
+        step_metrics: dict[str, torch.Tensor] = {}
+        n_micro, tokens, flops = 0, 0, 0.0
+        while self.step < cfg.max_steps:
+            with self.monitor.data_wait():
+                batch: Batch = next(batches)
+            batch = batch.to(self.device, float_dtype=self.float_dtype)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            loss, metrics = self.engine(batch)
+            nonfinite, stop, save_now = self._flags(loss)
+            save_due = save_due or save_now
+            if nonfinite:
+                # Every rank skips this micro-batch before backward: no gradient, no update.
+                self.nonfinite_total += 1
+                self.nonfinite_in_row += 1
+                self.monitor.log_scalar("train/nonfinite_skipped", self.nonfinite_total, self.step)
+                log.warning("non-finite loss at step %d: micro-batch skipped on every rank (%d in a row, "
+                            "%d in total)", self.step, self.nonfinite_in_row, self.nonfinite_total)
+                if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step} "
+                        f"(train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); lower train.lr, "
+                        "check the data, or resume from an earlier checkpoint")
+                if stop and boundary:
+                    return self._preempt()
+                continue
+            self.nonfinite_in_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
+            n_micro += 1
+            tokens = tokens + batch.attention_mask.sum() + (batch.region_mask.sum() if batch.region_mask is not None else 0)
+            n_pred = 0 if batch.mlm_positions is None else batch.mlm_positions.numel()
+            flops += self.flops.batch(batch.batch_size, self._seq_len(batch), n_pred)
+            if not boundary:
+                continue
+            self.step += 1
+            self.monitor.step_end(
+                self.step, {k: v / n_micro for k, v in step_metrics.items()},
+                samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
+                lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
+                loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None)
+            step_metrics, n_micro, tokens, flops = {}, 0, 0, 0.0
+            if cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0:
+                self.validate()
+            if stop:
+                return self._preempt()
+            if (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or save_due:
+                self.save()
+                save_due = False
+                self.monitor.reset_timer()
+        if self.val_loader is not None and cfg.val_every and self.step % cfg.val_every:
+            self.validate()
+        if not os.path.isdir(os.path.join(self.save_dir, ckpt.step_tag(self.step))):
+            self.save()
+        self.monitor.close()
+        return 0
+
+    @staticmethod
+    def _seq_len(batch: Batch) -> int:
+        """Sequence length the model computes (text + region slots, padding included)."""
+        n = batch.region_feats.shape[1] if batch.region_feats is not None else 0
+        return batch.input_ids.shape[1] + n
+
+    def _preempt(self) -> int:
+        self.save()
+        if self.info.is_main:
+            log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (requeue)",
+                        self.step, EXIT_PREEMPTED)
+        self.monitor.close()
+        return EXIT_PREEMPTED
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean loss / MLM accuracy / region accuracy over the held-out stream (each sample once)."""
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for batch in self.val_loader:
+            keep = torch.tensor([int(s) not in seen for s in batch.sample_id.tolist()])
+            seen.update(batch.sample_id.tolist())
+            if not keep.any():
+                continue  # streaming pads ranks' shares with repeats
+            batch = batch.to(self.device, float_dtype=self.float_dtype)
+            _, metrics = self.engine(batch)
+            n = float(keep.sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float() * n
+            sums["_n"] = sums.get("_n", torch.zeros((), device=self.device)) + n
+        self.engine.train()
+        keys = sorted(k for k in sums if k != "_n")
+        vec = torch.stack([sums[k] for k in keys] + [sums.get("_n", torch.zeros((), device=self.device))]) \
+            if keys else torch.zeros(1, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        n = float(vec[-1])
+        result = {k: float(vec[i]) / max(n, 1.0) for i, k in enumerate(keys)}
+        self.monitor.log_val(self.step, result)
+        self.monitor.reset_timer()
+        metric = result.get("loss")
+        if metric is not None and math.isfinite(metric) and (self.best_metric is None or metric < self.best_metric):
+            self.best_metric = metric
+            self.save(ckpt.BEST_TAG)
+        return result

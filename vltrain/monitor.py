@@ -1,0 +1,442 @@
+"""Training monitor: TensorBoard scalars (rank 0 only), throughput, MFU, a compact log line.
+
+FLOP count (one documented formula, also used by the benchmarks):
+
+    per token           6 * N  +  12 * layers * hidden * seq_len
+    per predicted token 6 * hidden * vocab           (the MLM decoder, only where gathered)
+    per sample          seq_len * (per token) + n_mlm_pred * 6 * hidden * vocab
+
+N = non-embedding parameters: every parameter except embedding *tables* (word, position,
+token-type: the ``nn.Embedding`` modules). The region projection, attention, FFN and head
+layers are matrix products and count. MFU = achieved FLOP/s / (peak FLOP/s per device x
+world size), the peak being the device's spec dense bf16/fp16 figure
+(:data:`PEAK_TFLOPS`, overridable with ``train.peak_tflops``). No MFU tag is written where
+no peak is known (CPU, fp32, unknown GPU) unless one is configured.
+
+Tags (stable names; x = optimizer step, except ``by_samples/*``, whose x is samples seen
+and which live in the ``tensorboard/by_samples`` run):
+    train/loss, train/<other metrics passed, e.g. loss_mlm, mlm_acc>, train/lr,
+    train/grad_norm, train/loss_scale (fp16), perf/samples_per_s, perf/tokens_per_s,
+    perf/mfu, perf/data_wait_frac, perf/step_time_s, perf/peak_mem_gb, val/<metric>,
+    by_samples/loss, by_samples/samples_per_s
+
+Host-device syncs: losses/metrics/token counts passed as tensors are accumulated on
+their device; the monitor synchronises and reads them back only every ``log_every`` steps.
+Timing is wall-clock between logging boundaries, so it is exact at those boundaries.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+Number = Union[int, float, torch.Tensor]
+
+# Spec dense (non-sparse) peak TFLOP/s per device for bf16/fp16 tensor-core math.
+# Matched against torch.cuda.get_device_name() in order (first substring match wins).
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bf16": 989.0, "fp16": 989.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0}),        # SXM / HBM3 ("NVIDIA H100 80GB HBM3")
+    ("H800", {"bf16": 989.0, "fp16": 989.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0}),
+    ("V100", {"fp16": 125.0}),
+]
+
+
+def peak_tflops_for(device_name: str, precision: str = "bf16") -> Optional[float]:
+    """Spec dense peak TFLOP/s of one device, or None when unknown (fp32 peaks are not listed)."""
+    for key, table in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return table.get(precision)
+    return None
+
+
+def device_peak_tflops(precision: str = "bf16", override: float = 0.0) -> Optional[float]:
+    """``override`` (train.peak_tflops) when > 0, else the table entry of this process's GPU."""
+    if override and override > 0:
+        return float(override)
+    if torch.cuda.is_available():
+        return peak_tflops_for(torch.cuda.get_device_name(), precision)
+    return None
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+def is_embedding_table(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+
+
+def non_embedding_params(model: nn.Module,
+                         is_embedding: Callable[[str, nn.Module], bool] = lambda name, m: is_embedding_table(m)) -> int:
+    """Parameters of ``model`` outside embedding tables (tied weights counted once)."""
+    emb = set()
+    for name, module in model.named_modules():
+        if is_embedding(name, module):
+            emb.update(id(p) for p in module.parameters(recurse=False))
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in emb:
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+def flops_per_sample(model_or_n: Union[nn.Module, int], model_cfg, seq_len: int, n_mlm_pred: float = 0.0) -> float:
+    """Model FLOPs (forward + backward) of one sample of ``seq_len`` tokens (regions included).
+
+    ``model_or_n``: the nn.Module (N counted with :func:`non_embedding_params`) or N itself;
+    ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``vocab_size``;
+    ``n_mlm_pred``: predicted MLM tokens in the sample (may be a batch average).
+    """
+    n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
+    L, H, V = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.vocab_size
+    return seq_len * (6.0 * n + 12.0 * L * H * seq_len) + n_mlm_pred * 6.0 * H * V
+
+
+class FlopCounter:
+    """Caches N; ``batch(batch_size, seq_len, n_pred_total)`` -> FLOPs of one micro-batch.
+
+    Shapes are host-side ints (``tensor.shape``), so this never synchronises."""
+
+    def __init__(self, model_or_n: Union[nn.Module, int], model_cfg):
+        self.n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
+        self.cfg = model_cfg
+
+    def per_sample(self, seq_len: int, n_mlm_pred: float = 0.0) -> float:
+        return flops_per_sample(self.n, self.cfg, seq_len, n_mlm_pred)
+
+    def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0) -> float:
+        return batch_size * flops_per_sample(self.n, self.cfg, seq_len, 0.0) + \
+            n_pred_total * 6.0 * self.cfg.hidden_size * self.cfg.vocab_size
+
+
+# ------------------------------------------------------------------------------ memory
+
+def peak_memory_gb(device: Optional[torch.device] = None) -> float:
+    """CUDA max allocated on GPU, else this process's peak RSS (GB = 1e9 bytes)."""
+    if (device is None or torch.device(device).type == "cuda") and torch.cuda.is_available() \
+            and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 1e9
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
+    return kb * 1024 / 1e9 if sys.platform != "darwin" else kb / 1e9
+
+
+# ------------------------------------------------------------------------------ hparams
+
+_SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|api_key|auth|private)", re.I)
+_URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def scrub_hparams(d: Mapping) -> dict:
+    """Flatten to dotted keys; drop secret-looking keys and strip user:password@ from URLs."""
+    out = {}
+    for k, v in _flatten(d).items():
+        if _SECRET_KEY.search(k.split(".")[-1]):
+            continue
+        if isinstance(v, str):
+            v = _URL_USERINFO.sub(r"\1***@", v)
+        elif isinstance(v, (list, tuple)):
+            v = _URL_USERINFO.sub(r"\1***@", str(list(v)))
+        elif v is None:
+            v = "None"
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------ monitor
+
+def _is_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+class Monitor:
+    """Per-optimizer-step bookkeeping; TensorBoard + log line on rank 0 every ``log_every`` steps.
+
+    Every rank must call :meth:`step_end` for every step (with ``reduce=True`` the averages
+    are all-reduced across ranks at logging steps, a collective). Usage::
+
+        fc = FlopCounter(model, cfg.model)
+        mon = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
+                      peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
+                      max_steps=cfg.train.max_steps)
+        mon.log_hparams(config_to_dict(cfg), ds_config)
+        for step in range(start, max_steps):
+            with mon.data_wait():
+                batch = next(it)
+            ...
+            mon.step_end(step + 1, {"loss": loss, "loss_mlm": l_mlm, "mlm_acc": acc},
+                         samples=B, tokens=n_tok, flops=fc.batch(B, T, n_pred),
+                         lr=sched.get_last_lr()[0], grad_norm=engine.get_global_grad_norm())
+        mon.log_val(step, {"loss": v, "mlm_acc": a}); mon.close()
+
+    On resume call ``mon.resume_at(step, samples_seen)`` before logging anything.
+    """
+
+    def __init__(self, run_dir: Optional[str], *, rank: int = 0, world_size: int = 1, log_every: int = 10,
+                 peak_tflops: Optional[float] = None, reduce: bool = True,
+                 log_fn: Optional[Callable[[str], None]] = None, max_steps: Optional[int] = None):
+        self.rank, self.world = rank, world_size
+        self.log_every = max(1, int(log_every))
+        self.peak_tflops = peak_tflops if peak_tflops and peak_tflops > 0 else None
+        self.reduce = reduce
+        self.max_steps = max_steps
+        self.log_fn = log_fn or (lambda s: print(s, flush=True))
+        self.tb_dir = os.path.join(run_dir, "tensorboard") if run_dir else None
+        self._writers: dict = {}        # opened on first write, so resume_at() can still set purge steps
+        self._purge: dict = {"": None, "by_samples": None}
+        self._closed = False
+        self.samples_seen = 0           # global (all ranks), host-side
+        self._reset_interval()
+        self._data_start: Optional[float] = None
+        self.last: dict[str, float] = {}
+
+    # ---- writers
+    def _writer(self, sub: str = ""):
+        """Rank 0's SummaryWriter for ``tensorboard/`` ("") or ``tensorboard/by_samples``; else None."""
+        if self.rank != 0 or not self.tb_dir or self._closed:
+            return None
+        if sub not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+            d = os.path.join(self.tb_dir, sub) if sub else self.tb_dir
+            os.makedirs(d, exist_ok=True)
+            self._writers[sub] = SummaryWriter(log_dir=d, purge_step=self._purge.get(sub))
+        return self._writers[sub]
+
+    @property
+    def writer(self):
+        return self._writer("")
+
+    def resume_at(self, step: int, samples_seen: int = 0):
+        """Continue a run from a checkpoint taken after ``step`` optimizer steps and
+        ``samples_seen`` samples: events a crashed run logged after that are purged
+        (TensorBoard hides them), and the samples axis continues. Call before the first log."""
+        if self._writers:
+            raise RuntimeError("Monitor.resume_at() must be called before anything is logged")
+        self._purge = {"": int(step) + 1, "by_samples": int(samples_seen) + 1}
+        self.samples_seen = int(samples_seen)
+
+    # ---- timing
+    def _reset_interval(self):
+        self._sums: dict[str, Number] = {}
+        self._counts: dict[str, int] = {}
+        self._new_samples: Number = 0      # for the samples-seen axis (survives reset_timer)
+        self._reset_throughput()
+
+    def _reset_throughput(self):
+        self._steps = 0
+        self._samples: Number = 0
+        self._tokens: Number = 0
+        self._flops = 0.0
+        self._data_time = 0.0
+        self._t_last = time.perf_counter()
+
+    def reset_timer(self):
+        """Restart the throughput clock now (after setup, a validation pass or a checkpoint save),
+        so that time is not counted as training; losses of the interval are kept."""
+        self._reset_throughput()
+
+    def data_start(self):
+        self._data_start = time.perf_counter()
+
+    def data_end(self):
+        if self._data_start is not None:
+            self._data_time += time.perf_counter() - self._data_start
+            self._data_start = None
+
+    @contextmanager
+    def data_wait(self):
+        """Wrap the fetch of the next batch: time spent here is data wait."""
+        self.data_start()
+        try:
+            yield
+        finally:
+            self.data_end()
+
+    # ---- per step
+    def _add(self, key: str, value: Optional[Number]):
+        if value is None:
+            return
+        if _is_tensor(value):
+            value = value.detach().float().reshape(())
+        self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def step_end(self, step: int, metrics: Optional[Mapping[str, Number]] = None, *, samples: Number,
+                 tokens: Optional[Number] = None, flops: float = 0.0, lr: Optional[float] = None,
+                 grad_norm: Optional[Number] = None, loss_scale: Optional[float] = None,
+                 instant: Optional[Mapping[str, float]] = None, force: bool = False) -> Optional[dict]:
+        """Record one optimizer step (``step`` = steps done, the x value); log every ``log_every``.
+
+        ``metrics`` (``train/<key>``) and ``grad_norm`` are averaged over the interval;
+        ``samples``/``tokens``/``flops`` are this rank's counts for the step (summed over
+        ranks when reducing); ``lr``, ``loss_scale`` and ``instant`` (full tag -> value) are
+        written as given at logging steps. Returns the logged values on logging steps."""
+        for k, v in (metrics or {}).items():
+            self._add(f"train/{k}", v)
+        self._add("train/grad_norm", grad_norm)
+        self._samples = self._samples + samples
+        self._new_samples = self._new_samples + samples
+        if tokens is not None:
+            self._tokens = self._tokens + tokens
+        self._flops += float(flops)
+        self._steps += 1
+        self._lr, self._loss_scale, self._instant = lr, loss_scale, instant
+        if not force and step % self.log_every != 0 and not (self.max_steps and step >= self.max_steps):
+            return None
+        return self._flush(step)
+
+    def _flush(self, step: int) -> dict:
+        keys = sorted(self._sums)
+        dev = next((v.device for v in self._sums.values() if _is_tensor(v)), None)
+        for v in (self._samples, self._tokens, self._new_samples):
+            if dev is None and _is_tensor(v):
+                dev = v.device
+        dev = dev or torch.device("cpu")
+        # One vector: [metric sums..., metric counts..., samples, tokens, flops, data_time, wall]
+        vals = [self._sums[k] for k in keys] + [float(self._counts[k]) for k in keys]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        now = time.perf_counter()
+        wall = now - self._t_last
+        vals += [self._samples, self._tokens, self._flops, self._data_time, wall, self._new_samples]
+        vec = torch.stack([v.to(dev, torch.float64) if _is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
+                           for v in vals])
+        n_ranks = 1
+        if self.reduce and self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(vec)
+            n_ranks = torch.distributed.get_world_size()
+        vec = vec.cpu().tolist()               # the one host-device sync per interval
+        m = len(keys)
+        out = {}
+        for i, k in enumerate(keys):
+            out[k] = vec[i] / max(1.0, vec[m + i])
+        samples, tokens, flops, data_time, wall_sum, new_samples = vec[2 * m:2 * m + 6]
+        wall = max(wall_sum / n_ranks, 1e-9)   # mean wall time across ranks
+        self.samples_seen += int(round(new_samples))
+        if self._lr is not None:
+            out["train/lr"] = float(self._lr)
+        if self._loss_scale is not None:
+            out["train/loss_scale"] = float(self._loss_scale)
+        out["perf/samples_per_s"] = samples / wall
+        if tokens:
+            out["perf/tokens_per_s"] = tokens / wall
+        if self._steps:
+            out["perf/step_time_s"] = wall / self._steps
+        out["perf/data_wait_frac"] = min(1.0, (data_time / n_ranks) / wall)
+        out["perf/peak_mem_gb"] = peak_memory_gb()
+        if self.peak_tflops and flops > 0:
+            # flops holds the counts of n_ranks ranks (all of them when reduced, else this one)
+            out["perf/mfu"] = (flops / wall) / (self.peak_tflops * 1e12 * n_ranks)
+        for k, v in (self._instant or {}).items():
+            out[k] = float(v)
+        self.last = out
+        w = self.writer
+        if w is not None:
+            for k, v in out.items():
+                w.add_scalar(k, v, step)
+            w.flush()
+            # samples seen as x: a separate TensorBoard run ("by_samples"), so that purging
+            # by step on resume does not hide these points (their steps are sample counts)
+            ws = self._writer("by_samples")
+            if "train/loss" in out:
+                ws.add_scalar("by_samples/loss", out["train/loss"], self.samples_seen)
+            ws.add_scalar("by_samples/samples_per_s", out["perf/samples_per_s"], self.samples_seen)
+            ws.flush()
+        if self.rank == 0:
+            self.log_fn(self.format_line(step, out))
+        self._reset_interval()
+        return out
+
+    def format_line(self, step: int, out: Mapping[str, float]) -> str:
+        total = f"/{self.max_steps}" if self.max_steps else ""
+        parts = [f"step {step}{total}"]
+        if "train/loss" in out:
+            parts.append(f"loss {out['train/loss']:.4f}")
+        for k, v in out.items():
+            if k.startswith("train/") and k not in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale"):
+                parts.append(f"{k[6:]} {v:.4g}")
+        if "train/lr" in out:
+            parts.append(f"lr {out['train/lr']:.3e}")
+        if "train/grad_norm" in out:
+            parts.append(f"gnorm {out['train/grad_norm']:.3g}")
+        parts.append(f"{out['perf/samples_per_s']:.1f} samples/s")
+        if "perf/mfu" in out:
+            parts.append(f"MFU {100 * out['perf/mfu']:.1f}%")
+        parts.append(f"data {100 * out['perf/data_wait_frac']:.1f}%")
+        parts.append(f"mem {out['perf/peak_mem_gb']:.2f} GB")
+        return " | ".join(parts)
+
+    # ---- other records
+    def log_val(self, step: int, metrics: Mapping[str, Number]) -> dict:
+        """Validation metrics (already reduced across ranks by the caller) as ``val/<key>``."""
+        out = {f"val/{k}": float(v.item() if _is_tensor(v) else v) for k, v in metrics.items()}
+        w = self.writer
+        if w is not None:
+            for k, v in out.items():
+                w.add_scalar(k, v, step)
+            w.flush()
+        if self.rank == 0:
+            self.log_fn(f"val step {step} | " + " | ".join(f"{k[4:]} {v:.4g}" for k, v in out.items()))
+        return out
+
+    def log_scalar(self, tag: str, value: float, step: int):
+        w = self.writer
+        if w is not None:
+            w.add_scalar(tag, float(value), step)
+
+    def log_hparams(self, config: Mapping, ds_config: Optional[Mapping] = None,
+                    metric_tags: Iterable[str] = ("train/loss", "val/loss")):
+        """The run's hyper-parameters: the HParams dashboard and a text table (no env variables)."""
+        w = self.writer
+        if w is None:
+            return
+        hp = scrub_hparams(config)
+        if ds_config is not None:
+            hp.update(scrub_hparams({"ds": ds_config}))
+        from torch.utils.tensorboard.summary import hparams
+        exp, ssi, sei = hparams(hp, {t: 0.0 for t in metric_tags})   # values unused: names only
+        fw = w._get_file_writer()
+        for s in (exp, ssi, sei):
+            fw.add_summary(s)
+        table = "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in hp.items())
+        w.add_text("hparams", table, 0)
+        w.flush()
+
+    def close(self):
+        for w in self._writers.values():
+            w.flush()
+            w.close()
+        self._writers = {}
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

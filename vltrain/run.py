@@ -1,0 +1,83 @@
+"""Entry point: parse config -> build -> train (or eval) -> clean exit.
+
+    deepspeed --num_gpus 8 vltrain/run.py --config configs/vlp_pretrain_cc.yaml \
+        --deepspeed_config ds_configs/zero2.json train.lr=1e-4 run_name=cc-base
+    torchrun --nproc_per_node 8 vltrain/run.py --config ...
+    srun python vltrain/run.py --config ...          # one task per GPU (see slurm/)
+
+Exit codes: 0 done; 75 stopped on SIGUSR1/SIGTERM after checkpointing (requeue me);
+2 bad configuration or input; 1 any other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+if __package__ in (None, ""):  # `python vltrain/run.py` / `deepspeed vltrain/run.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    p.add_argument("--deepspeed_config", "--ds_config", dest="ds_config", default=None,
+                   help="DeepSpeed JSON (ds_configs/*.json); default ds_configs/zero2.json")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; LOCAL_RANK is used instead")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    job = os.environ.get("SLURM_JOB_ID", "-")
+    fmt = f"%(asctime)s job={job} rank={rank} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, format=fmt, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    setup_logging()
+    log = logging.getLogger("vltrain.run")
+    from vltrain.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_BAD_INPUT
+    from vltrain.data.errors import DataError
+    from vltrain.engine.ds_config import DSConfigError
+
+    trainer = None
+    try:
+        from vltrain.engine.build import build_training
+        trainer = build_training(cfg, args.ds_config)
+        return trainer.train()
+    except (ConfigError, DSConfigError, DataError, FileNotFoundError, ValueError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        log.debug("%s", traceback.format_exc())
+        return EXIT_BAD_INPUT
+    finally:
+        _shutdown()
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already died; nothing left to tidy
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
