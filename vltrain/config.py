@@ -184,7 +184,8 @@ def build_section(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
+            close = difflib.get_close_matches(k, names, n=1) or \
+                sorted((n for n in names if k.startswith(n) or n.startswith(k)), key=len)[-1:]
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
     kw = {}
