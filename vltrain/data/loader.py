@@ -148,18 +148,24 @@ def _check_meta_vs_model(cfg, infos: list[StreamInfo]) -> None:
                             f"model.num_region_classes={m.num_region_classes}")
 
 
-def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool) -> tuple[VLDataLoader, PretrainCollator]:
-    prepare_streaming_once()
-    ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
-    _check_meta_vs_model(cfg, infos)
+def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> PretrainCollator:
+    """The pretraining task's collator (the default ``make_collator``)."""
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
     try:
-        collator = PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
-                                    require_cls_probs=need_cls)
+        return PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
+                                require_cls_probs=need_cls)
     except ValueError as e:
         if need_cls and "cls_prob" in str(e) and not cfg.objectives.mrc:
             raise MetaError(f"{e}; or set model.use_cls_probs=false") from e
         raise
+
+
+def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
+            make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
+    prepare_streaming_once()
+    ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
+    _check_meta_vs_model(cfg, infos)
+    collator = (make_collator or pretrain_collator)(cfg, tokenizer, infos, train)
     workers = int(cfg.data.num_workers)
     loader = VLDataLoader(ds, collator=collator, batch_size=batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), drop_last=train,
@@ -168,17 +174,18 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool) -> tuple[V
     return loader, collator
 
 
-def build_train_loader(cfg, tokenizer, batch_size: int) -> tuple[VLDataLoader, PretrainCollator]:
+def build_train_loader(cfg, tokenizer, batch_size: int, make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
     """Pretraining loader over ``data.train`` (+ ``data.text_train``), shuffled, ``drop_last``.
 
     ``batch_size`` is the per-rank micro batch. Every rank must call it (collective when
     torch.distributed is initialised).
     """
-    return _loader(cfg, tokenizer, batch_size, "train", train=True)
+    return _loader(cfg, tokenizer, batch_size, "train", train=True, make_collator=make_collator)
 
 
-def build_eval_loader(cfg, tokenizer, batch_size: int, split: str = "val") -> tuple[VLDataLoader, PretrainCollator]:
+def build_eval_loader(cfg, tokenizer, batch_size: int, split: str = "val",
+                      make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
     """Eval loader over ``data.<split>``: no shuffle, keeps the last partial batch, masks fixed
     (epoch 0) so every evaluation scores the same masked tokens. Streaming pads each rank's
     share to equal length by repeating samples: dedupe by ``Batch.sample_id`` when scoring."""
-    return _loader(cfg, tokenizer, batch_size, split, train=False)
+    return _loader(cfg, tokenizer, batch_size, split, train=False, make_collator=make_collator)

@@ -16,7 +16,7 @@ from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
 from vltrain.model.bert_weights import load_into, read_state_dict
-from vltrain.tasks.pretrain import PretrainTask
+from vltrain.tasks import get_task
 from vltrain.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -83,21 +83,23 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     model = VLModel(cfg.model)
     if cfg.train.init_from and found is None:
         init_weights(model, cfg.train.init_from)
-    task = PretrainTask(model, cfg.objectives)
+    spec = get_task(cfg.task.name)
+    task = spec.build_module(cfg, model)
 
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,
         lr_scheduler=linear_warmup_decay(cfg))
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)   # dropout streams differ per rank
 
-    loader, _ = build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size)
-    val_loader = build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size)[0] if cfg.data.val else None
+    loader, _ = build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)
+    val_loader = (build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size, make_collator=spec.make_collator)[0]
+                  if cfg.data.val else None)
     float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
                       peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
                       max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info)
     trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter(model, cfg.model), run_dir,
-                      device, float_dtype, ds)
+                      device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
     if found is not None:
         trainer.resume_from(found)
     return trainer

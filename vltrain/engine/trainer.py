@@ -35,11 +35,13 @@ class Trainer:
     """Owns the loop; built by ``vltrain.engine.build.build_training``."""
 
     def __init__(self, cfg: Config, engine, info, loader, val_loader, monitor, flops, run_dir: str,
-                 device: torch.device, float_dtype: Optional[torch.dtype], ds_config: dict):
+                 device: torch.device, float_dtype: Optional[torch.dtype], ds_config: dict,
+                 spec=None, tokenizer=None):
         self.cfg, self.engine, self.info = cfg, engine, info
         self.loader, self.val_loader, self.monitor, self.flops = loader, val_loader, monitor, flops
         self.run_dir, self.device, self.float_dtype = run_dir, device, float_dtype
         self.ds_config = ds_config
+        self.spec, self.tokenizer = spec, tokenizer
         self.save_dir = os.path.join(run_dir, "checkpoints")
         self.step = 0                     # optimizer steps done
         self.nonfinite_total = 0
@@ -198,35 +200,47 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Mean loss / MLM accuracy / region accuracy over the held-out stream (each sample once)."""
+        """Validation on ``data.val``: the task's evaluation, or the mean of its loss metrics.
+        Keeps the ``best`` checkpoint by the task's metric."""
+        if self.spec is not None and self.spec.evaluate is not None:
+            result = self.spec.evaluate(self, "val")
+        else:
+            result = self.mean_metrics(self.val_loader)
+        self.monitor.log_val(self.step, result)
+        self.monitor.reset_timer()
+        name = self.spec.best_metric if self.spec is not None else "loss"
+        higher = self.spec.higher_is_better if self.spec is not None else False
+        metric = result.get(name)
+        if metric is not None and math.isfinite(metric):
+            better = self.best_metric is None or (metric > self.best_metric if higher else metric < self.best_metric)
+            if better:
+                self.best_metric = metric
+                self.save(ckpt.BEST_TAG)
+        return result
+
+    @torch.no_grad()
+    def mean_metrics(self, loader) -> dict:
+        """Mean of the module's metrics over a loader, each sample once per rank, all ranks."""
         self.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
-        for batch in self.val_loader:
-            keep = torch.tensor([int(s) not in seen for s in batch.sample_id.tolist()])
-            seen.update(batch.sample_id.tolist())
-            if not keep.any():
+        n_local = torch.zeros((), device=self.device)
+        for batch in loader:
+            ids = batch.sample_id.tolist()
+            keep = sum(1 for s in ids if s not in seen)
+            seen.update(ids)
+            if not keep:
                 continue  # streaming pads ranks' shares with repeats
             batch = batch.to(self.device, float_dtype=self.float_dtype)
             _, metrics = self.engine(batch)
-            n = float(keep.sum())
             for k, v in metrics.items():
-                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float() * n
-            sums["_n"] = sums.get("_n", torch.zeros((), device=self.device)) + n
+                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float() * keep
+            n_local += keep
         self.engine.train()
-        keys = sorted(k for k in sums if k != "_n")
-        vec = torch.stack([sums[k] for k in keys] + [sums.get("_n", torch.zeros((), device=self.device))]) \
-            if keys else torch.zeros(1, device=self.device)
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys] + [n_local])
         if dist.is_initialized():
             dist.all_reduce(vec)
         n = float(vec[-1])
-        result = {k: float(vec[i]) / max(n, 1.0) for i, k in enumerate(keys)}
-        self.monitor.log_val(self.step, result)
-        self.monitor.reset_timer()
-        metric = result.get("loss")
-        if metric is not None and math.isfinite(metric) and (self.best_metric is None or metric < self.best_metric):
-            self.best_metric = metric
-            self.save(ckpt.BEST_TAG)
-        return result
+        return {k: float(vec[i]) / max(n, 1.0) for i, k in enumerate(keys)}

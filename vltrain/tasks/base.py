@@ -1,0 +1,60 @@
+"""What a task is, to the engine: a module to train, a collator, and an evaluation.
+
+The engine (``vltrain.engine.build`` / ``trainer``) only talks to a ``TaskSpec``; each task
+(pretrain, caption, vqa, mc, refs) registers one in ``vltrain.tasks.TASKS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    # (cfg, model: VLModel) -> nn.Module whose forward(batch) returns (loss, {name: scalar tensor})
+    build_module: Callable[..., nn.Module]
+    # (cfg, tokenizer, stream infos, train: bool) -> collate_fn returning a Batch; None = pretraining's
+    make_collator: Optional[Callable] = None
+    # (trainer, split) -> {metric: float}: task metrics on a held-out split (each sample once,
+    # across ranks), predictions written under the run dir; None = mean of the module's metrics
+    evaluate: Optional[Callable] = None
+    # the validation metric that picks the `best` checkpoint, and whether higher is better
+    best_metric: str = "loss"
+    higher_is_better: bool = False
+
+
+def check_task_name(name: str, registry: dict) -> TaskSpec:
+    if name not in registry:
+        raise ValueError(f"task.name={name!r}; choose one of {sorted(registry)}")
+    return registry[name]
+
+
+def gather_predictions(local: dict, world: int) -> dict:
+    """Union of every rank's ``{sample_id: prediction}``; each sample kept once.
+
+    Streaming pads each rank's share of an epoch with repeated samples, so the same id may
+    arrive from two ranks: the predictions are identical (same weights, same input), and
+    the dict keeps one. Returns the full dict on every rank.
+    """
+    import torch.distributed as dist
+    if world <= 1 or not dist.is_initialized():
+        return dict(local)
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def write_json(obj, path: str) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    import json
+    import os
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
