@@ -32,7 +32,7 @@ class Batch:
     mode: torch.Tensor                            # (B,) int64, MODE_*
     region_feats: Optional[torch.Tensor] = None   # (B, N, D) float, zeroed where region-masked
     region_boxes: Optional[torch.Tensor] = None   # (B, N, 4) float32, normalised x1,y1,x2,y2
-    region_cls_probs: Optional[torch.Tensor] = None  # (B, N, C) float32
+    region_cls_probs: Optional[torch.Tensor] = None  # (B, N, C) as stored (float16); cast on device
     region_mask: Optional[torch.Tensor] = None    # (B, N) bool, real vs padded regions
     image_feat: Optional[torch.Tensor] = None     # (B, D) whole-image feature (VL-BERT), optional
     # MLM: flat indices into the (B*T) text positions, and the original ids there.
@@ -40,7 +40,7 @@ class Batch:
     mlm_labels: Optional[torch.Tensor] = None     # (M,) int64
     # Masked region classification: flat indices into (B*N) regions, soft targets.
     mrc_positions: Optional[torch.Tensor] = None  # (R,) int64
-    mrc_targets: Optional[torch.Tensor] = None    # (R, C) float32
+    mrc_targets: Optional[torch.Tensor] = None    # (R, C) soft targets, as stored (float16)
     # Task fields (filled by task collators).
     task: dict = field(default_factory=dict)
 

@@ -358,7 +358,10 @@ class PretrainCollator:
         boxes = torch.zeros((B, N, 4), dtype=torch.float32)
         rmask = torch.zeros((B, N), dtype=torch.bool)
         C = next((e.cls.shape[1] for e in img if e.cls is not None), None)
-        cls = torch.zeros((B, N, C), dtype=torch.float32) if C is not None else None
+        # Class distributions keep the stored dtype (float16): at 100 x 1601 they outweigh the
+        # features; the model and the loss cast them on the device.
+        cls_dtype = next((_torch_dtype(e.cls.dtype) for e in img if e.cls is not None), None)
+        cls = torch.zeros((B, N, C), dtype=cls_dtype) if C is not None else None
         has_if = any(e.image_feat is not None for e in img)
         image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
         mrc_pos = []
@@ -373,7 +376,7 @@ class PretrainCollator:
                 if e.cls.shape[1] != C:
                     raise BadSampleError(f"batch mixes class counts {C} and {e.cls.shape[1]}: "
                                          "streams disagree")
-                cls[i, :n].copy_(_t(e.cls))     # float16 -> float32 here (fast in torch)
+                cls[i, :n].copy_(_t(e.cls))
             if e.image_feat is not None:
                 image_feat[i].copy_(_t(e.image_feat))
             if e.mrc_pos is not None:

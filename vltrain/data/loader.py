@@ -66,6 +66,7 @@ class VLDataLoader(StreamingDataLoader):
         self._resume: Optional[dict] = None
         self._offset = 0
         self._started = False
+        self._epoch_done = False
 
     def _get_batch_size(self, batch) -> int:
         # Samples consumed from the dataset, not rows returned: skipped ones count (resume).
@@ -79,8 +80,9 @@ class VLDataLoader(StreamingDataLoader):
 
     def __iter__(self):
         self.epoch, self._offset = self._upcoming_epoch()
-        self._started = True
-        self.collator.set_epoch(self.epoch if self.fixed_epoch is None else self.fixed_epoch)
+        self._started, self._epoch_done = True, False
+        if hasattr(self.collator, "set_epoch"):   # task collators without randomness may lack it
+            self.collator.set_epoch(self.epoch if self.fixed_epoch is None else self.fixed_epoch)
         self.num_samples_yielded = 0
         it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
         while True:
@@ -88,6 +90,9 @@ class VLDataLoader(StreamingDataLoader):
             try:
                 batch = next(it)
             except StopIteration:
+                # Exhausted: the epoch is complete even if drop_last left samples unyielded,
+                # so a checkpoint taken now resumes at the next epoch, as an unbroken run would.
+                self._epoch_done = True
                 return
             self.data_wait_s += time.perf_counter() - t0
             skipped = batch.task.pop(SKIPPED_KEY, None)
@@ -111,17 +116,18 @@ class VLDataLoader(StreamingDataLoader):
         """Resumption state; identical on every rank (save it from rank 0)."""
         if not self._started:
             if self._resume is not None:
-                return dict(self._resume)
+                return dict(self._resume, num_skipped=self.num_skipped)
             epoch, offset = self._upcoming_epoch()
             st = self.dataset.state_dict(0, False)
-            st.update(epoch=epoch, sample_in_epoch=offset)
+            st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped)
             return st
         from streaming.base.world import World
         n = self.num_samples_yielded * World.detect().num_ranks
         if self.dataset.replication:
             n //= self.dataset.replication
         st = self.dataset.state_dict(n, False)  # fills num_canonical_nodes, shuffle_seed, ...
-        st.update(epoch=self.epoch, sample_in_epoch=self._offset + n)
+        done = max(self._offset + n, int(self.dataset.epoch_size)) if self._epoch_done else self._offset + n
+        st.update(epoch=self.epoch, sample_in_epoch=done)
         st["num_skipped"] = self.num_skipped
         return st
 

@@ -1,0 +1,305 @@
+"""The pretraining collator: layout, masking rules and their statistics, determinism, errors."""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures.mds import make_caption_samples, make_text_samples
+from vltrain.config import DataConfig, ObjectivesConfig
+from vltrain.data import schema
+from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ
+from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo
+from vltrain.data.errors import BadSampleError
+from vltrain.data.masking import num_to_mask
+
+CLS, SEP, MASK, PAD = 101, 102, 103, 0
+CAPS_META = schema.make_meta("captions", 8, 5, ("cls_prob",))
+TEXT_META = schema.make_meta("text", None, None)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tests.fixtures.assets import minilm_path
+    from vltrain.tokenization import Tokenizer
+    return Tokenizer(minilm_path() + "/vocab.txt")
+
+
+def make(tok, data=None, obj=None, seed=3, metas=(CAPS_META, TEXT_META), **kw):
+    streams = [StreamInfo(f"s3://bkt/ds{i}", m) for i, m in enumerate(metas)]
+    return PretrainCollator(tok, data or DataConfig(), obj or ObjectivesConfig(), seed, streams, **kw)
+
+
+def caps(n, **kw):
+    return make_caption_samples(n, **kw)
+
+
+def texts(n, start_id=1000):
+    return [dict(s, _stream=1) for s in make_text_samples(n, start_id=start_id)]
+
+
+def rows(batch):
+    """Per sample id: (mode, real ids, types, in-row mlm positions, labels, mrc region ids)."""
+    B, T = batch.input_ids.shape
+    out = {}
+    for r in range(B):
+        L = int(batch.attention_mask[r].sum())
+        sel = (batch.mlm_positions // T == r) if batch.mlm_positions is not None else torch.zeros(0, dtype=torch.bool)
+        pos = (batch.mlm_positions[sel] - r * T).tolist() if batch.mlm_positions is not None else []
+        lab = batch.mlm_labels[sel].tolist() if batch.mlm_labels is not None else []
+        mrc = []
+        if batch.mrc_positions is not None and batch.region_mask is not None:
+            N = batch.region_mask.shape[1]
+            mrc = (batch.mrc_positions[batch.mrc_positions // N == r] - r * N).tolist()
+        out[int(batch.sample_id[r])] = (int(batch.mode[r]), batch.input_ids[r, :L].tolist(),
+                                        batch.token_type_ids[r, :L].tolist(), pos, lab, mrc)
+    return out
+
+
+# ---------------------------------------------------------------------------- layout
+
+def test_layout_token_types_and_truncation(tok):
+    data = DataConfig(max_text_len=12)
+    obj = ObjectivesConfig(mlm=False, seq2seq_prob=0.5)
+    samples = caps(40, words=(2, 20)) + texts(10)
+    b = make(tok, data, obj)(samples)
+    assert b.input_ids.shape[1] <= 12 and b.mlm_positions is None
+    seen_modes = set()
+    for s in samples:
+        mode, ids, types, *_ = rows(b)[s["sample_id"]]
+        if "captions" in s:
+            # The caption drawn is one of the references, truncated to fit 12 with 3 specials.
+            assert ids[:2] == [CLS, SEP] and ids[-1] == SEP
+            assert any(ids[2:-1] == tok.encode(c)[:9] for c in s["captions"])
+            seen_modes.add(mode)
+            want = [0, 0] + [1] * (len(ids) - 2) if mode == MODE_SEQ2SEQ else [0] * len(ids)
+            assert types == want
+        else:
+            assert ids == [CLS] + tok.encode(s["text"])[:10] + [SEP]
+            assert mode == MODE_BIDIRECTIONAL and not any(types)
+    assert seen_modes == {MODE_SEQ2SEQ, MODE_BIDIRECTIONAL}
+    assert b.attention_mask.sum(1).tolist() == [len(rows(b)[int(i)][1]) for i in b.sample_id]
+    assert (b.input_ids[b.attention_mask == 0] == PAD).all()
+    # Text-only rows: no real regions; image rows: as many real regions as the sample has.
+    n_reg = {s["sample_id"]: len(s.get("features", ())) for s in samples}
+    assert b.region_mask.sum(1).tolist() == [n_reg[int(i)] for i in b.sample_id]
+
+
+def test_bucket_padding(tok):
+    data = DataConfig(pad_to="bucket", buckets=[8, 16, 24], max_text_len=24, max_regions=12)
+    col = make(tok, data)
+    short = [dict(s, captions=["a dog"]) for s in caps(3)]
+    b = col(short)
+    assert b.input_ids.shape == (3, 8) and b.region_feats.shape[:2] == (3, 12)
+    b = col(short + [dict(caps(1, seed=5)[0], sample_id=99, captions=["a " * 10])])
+    assert b.input_ids.shape[1] == 16
+    for n_words in (3, 12, 30):                       # text-only batch: a plain BERT input
+        b = col([dict(t, text="dog " * n_words) for t in texts(2, start_id=5000)])
+        longest = min(n_words + 2, 24)
+        assert b.input_ids.shape[1] == min(x for x in (8, 16, 24) if x >= longest)
+        assert b.region_feats is None and b.region_mask is None
+    with pytest.raises(ValueError, match="data.buckets"):
+        make(tok, DataConfig(pad_to="bucket", buckets=[8, 16], max_text_len=40))
+    # Longest: padded to the batch's longest row; regions to the batch's max.
+    b = make(tok)(short)
+    assert b.input_ids.shape == (3, 5) and b.region_feats.shape[1] == max(len(s["features"]) for s in short)
+
+
+# ---------------------------------------------------------------------------- masking
+
+def test_exact_mlm_counts_positions_and_labels(tok):
+    obj = ObjectivesConfig(max_pred=4)
+    samples = caps(200, words=(1, 40)) + texts(50)
+    data = DataConfig(max_text_len=48)
+    masked = rows(make(tok, data, obj)(samples))
+    clean = rows(make(tok, data, dataclasses.replace(obj, mlm=False))(samples))
+    capped = 0
+    for sid, (mode, ids, types, pos, lab, _) in masked.items():
+        orig = clean[sid][1]
+        is_text = sid >= 1000
+        n_words = len(orig) - (2 if is_text else 3)
+        want = min(4, max(1, int(round(0.15 * n_words))))
+        assert want == num_to_mask(n_words, 0.15, 4)
+        assert len(pos) == want, (sid, n_words)
+        capped += want == 4 and round(0.15 * n_words) > 4
+        # Candidates: caption word-pieces + [STOP] for captions; word-pieces for text.
+        lo, hi = (1, len(orig) - 2) if is_text else (2, len(orig) - 1)
+        assert all(lo <= p <= hi for p in pos) and len(set(pos)) == len(pos)
+        assert lab == [orig[p] for p in pos]
+        # Only masked positions differ from the clean sequence.
+        assert all(ids[p] == orig[p] for p in range(len(ids)) if p not in pos)
+    assert capped > 0
+
+
+def _binom_ok(k, n, p, sigmas=5.0):
+    return abs(k - n * p) <= sigmas * np.sqrt(n * p * (1 - p))
+
+
+def test_80_10_10_split_and_lambda(tok):
+    obj = ObjectivesConfig(max_pred=20, mlm_prob=0.4, seq2seq_prob=0.75)
+    samples = caps(2000, words=(4, 14), regions=(1, 2), captions=(1, 1))
+    masked = rows(make(tok, obj=obj, seed=11)(samples))
+    n = n_mask = n_same = n_rand = 0
+    special = set(tok.special_ids)
+    for mode, ids, _, pos, lab, _ in masked.values():
+        for p, l in zip(pos, lab):
+            n += 1
+            if ids[p] == MASK:
+                n_mask += 1
+            elif ids[p] == l:
+                n_same += 1
+            else:
+                n_rand += 1
+                assert ids[p] not in special and not tok.hf.convert_ids_to_tokens(ids[p]).startswith("[")
+    assert n > 7000
+    assert _binom_ok(n_mask, n, 0.8) and _binom_ok(n_rand, n, 0.1) and _binom_ok(n_same, n, 0.1)
+    n_s2s = sum(m == MODE_SEQ2SEQ for m, *_ in masked.values())
+    assert _binom_ok(n_s2s, len(masked), 0.75)
+    # lambda = 1 and 0: captioning / VQA fine-tuning.
+    for lam, mode in ((1.0, MODE_SEQ2SEQ), (0.0, MODE_BIDIRECTIONAL)):
+        b = make(tok, obj=ObjectivesConfig(seq2seq_prob=lam))(samples[:50])
+        assert (b.mode == mode).all()
+
+
+def test_whole_word_masking_masks_whole_words(tok):
+    obj = ObjectivesConfig(whole_word_mask=True, mlm_prob=0.3, max_pred=6)
+    sentence = "unbelievably photographer playing unbelievably near the photographer unbelievably"
+    samples = [dict(s, captions=[sentence]) for s in caps(300)]
+    pieces = tok.encode(sentence)
+    starts = tok.word_starts(pieces) + [True]          # + [STOP], its own word
+    words, cur = [], []
+    for i, st in enumerate(starts):                    # word spans as row positions (offset 2)
+        if st and cur:
+            words.append(cur)
+            cur = []
+        cur.append(i + 2)
+    words.append(cur)
+    assert max(len(w) for w in words) == 5
+    n_mask = num_to_mask(len(pieces), 0.3, 6)
+    saw_long = False
+    for _, ids, _, pos, _, _ in rows(make(tok, obj=obj)(samples)).values():
+        assert pos and len(pos) <= n_mask
+        for w in words:
+            hit = [p in pos for p in w]
+            assert all(hit) or not any(hit), (w, pos)    # never part of a word
+            saw_long |= len(w) == 5 and all(hit)
+    assert saw_long
+
+
+def test_masked_regions_zeroed_exactly_where_targets_exist(tok):
+    obj = ObjectivesConfig(mrc=True, mrc_prob=0.15)
+    samples = caps(60, regions=(1, 30)) + texts(5)
+    b = make(tok, obj=obj)(samples)
+    by_id = {s["sample_id"]: s for s in samples}
+    B, N, D = b.region_feats.shape
+    masked = torch.zeros(B * N, dtype=torch.bool)
+    masked[b.mrc_positions] = True
+    assert len(set(b.mrc_positions.tolist())) == len(b.mrc_positions)
+    assert b.region_mask.view(-1)[b.mrc_positions].all()          # only real regions
+    feats = b.region_feats.view(B * N, D)
+    cls = b.region_cls_probs.view(B * N, -1)
+    assert (feats[masked] == 0).all() and (cls[masked] == 0).all()
+    k = 0
+    for r, sid in enumerate(b.sample_id.tolist()):
+        s = by_id[sid]
+        if "features" not in s:
+            assert not b.region_mask[r].any()
+            continue
+        n = len(s["features"])
+        rm = masked.view(B, N)[r, :n]
+        assert int(rm.sum()) == max(1, int(round(0.15 * n)))
+        orig = torch.from_numpy(s["features"].astype(np.float32))
+        assert torch.equal(b.region_feats[r, :n][~rm].float(), orig[~rm])
+        assert torch.equal(b.region_boxes[r, :n], torch.from_numpy(s["boxes"]))   # boxes kept
+        tgt = torch.from_numpy(s["cls_prob"].astype(np.float32))[rm]
+        assert torch.equal(b.mrc_targets[k:k + len(tgt)], tgt)
+        assert torch.equal(b.region_cls_probs[r, :n][~rm], torch.from_numpy(s["cls_prob"].astype(np.float32))[~rm])
+        k += len(tgt)
+        if n > 0:   # unmasked feature rows are non-zero, so zeros really mark the masked ones
+            assert (orig[~rm].abs().sum(1) > 0).all()
+    assert k == len(b.mrc_targets) and b.mrc_targets.dtype == torch.float16  # as stored
+
+
+# ---------------------------------------------------------------------------- determinism
+
+def test_same_sample_same_masks_in_any_batch(tok):
+    obj = ObjectivesConfig(mrc=True)
+    samples = caps(24, captions=(2, 5)) + texts(8)
+    col = make(tok, obj=obj)
+    ref = rows(col(samples))
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        order = rng.permutation(len(samples))
+        data = DataConfig(pad_to="bucket") if trial == 1 else DataConfig()
+        other = make(tok, data, obj)
+        got = {}
+        for chunk in np.array_split(order, [3, 10, 11, 20]):
+            got.update(rows(other([samples[i] for i in chunk])))
+        assert got == ref
+    # Pickled into a DataLoader worker: same result.
+    assert rows(pickle.loads(pickle.dumps(col))(samples)) == ref
+    # Another epoch or another seed: different draws.
+    col.set_epoch(1)
+    assert sum(rows(col(samples))[k] != ref[k] for k in ref) > len(ref) // 2
+    assert sum(rows(make(tok, obj=obj, seed=4)(samples))[k] != ref[k] for k in ref) > len(ref) // 2
+
+
+# ---------------------------------------------------------------------------- errors
+
+def test_missing_cls_prob_names_the_column(tok):
+    meta = schema.make_meta("captions", 8, 5, ("obj_labels",))
+    obj = ObjectivesConfig(mrc=True)
+    with pytest.raises(ValueError, match=r"s3://bkt/ds0 has no 'cls_prob' column.*hard_class_targets"):
+        make(tok, obj=obj, metas=(meta,))
+    with pytest.raises(ValueError, match=r"s3://bkt/ds0 has no 'cls_prob' column"):
+        make(tok, metas=(meta,), require_cls_probs=True)
+    # Opt-in hard targets: one-hot of obj_labels, for both targets and the class input.
+    col = make(tok, DataConfig(hard_class_targets=True), obj, metas=(meta,))
+    samples = caps(6, optional=("obj_labels",))
+    b = col(samples)
+    for r, s in enumerate(samples):
+        n = len(s["obj_labels"])
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(s["obj_labels"].astype(np.int64)), 5).float()
+        keep = ~torch.isin(torch.arange(n), b.mrc_positions - r * b.region_mask.shape[1])
+        assert torch.equal(b.region_cls_probs[r, :n][keep], onehot[keep])
+    assert torch.equal(b.mrc_targets.sum(1), torch.ones(len(b.mrc_positions)))
+    # Meta says cls_prob exists but a sample lacks it: the sample is named.
+    bad = caps(2)
+    del bad[1]["cls_prob"]
+    with pytest.raises(BadSampleError, match=r"ds0: sample_id 1: missing column 'cls_prob'"):
+        make(tok, obj=obj)(bad)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda s: s["features"].__setitem__((0, 3), np.nan), r"column 'features' has 1 NaN/inf"),
+    (lambda s: s["boxes"].__setitem__((1, 0), np.inf), r"column 'boxes' has 1 NaN/inf"),
+    (lambda s: s.__setitem__("features", s["features"][:, :6]), r"column 'features' has dim 6, .*feature_dim=8"),
+    (lambda s: s.__setitem__("features", s["features"][:0]), r"image has zero regions"),
+    (lambda s: s.__setitem__("boxes", s["boxes"][:-1]), r"column 'boxes' has shape"),
+    (lambda s: s.__setitem__("captions", ["a cat", "  "]), r"caption 1 is empty"),
+    (lambda s: s.__setitem__("captions", []), r"column 'captions' holds no captions"),
+    (lambda s: s.pop("features"), r"missing column 'features'"),
+    (lambda s: s["cls_prob"].__setitem__((0, 0), np.nan), r"column 'cls_prob' has 1 NaN/inf"),
+])
+def test_bad_sample_errors_name_dataset_and_sample(tok, breakage, message):
+    samples = caps(4)
+    breakage(samples[2])
+    with pytest.raises(BadSampleError, match=rf"dataset s3://bkt/ds0: sample_id 2: {message}"):
+        make(tok, obj=ObjectivesConfig(mrc=True))(samples)
+
+
+def test_skip_bad_samples_counts_them(tok):
+    col = make(tok, DataConfig(skip_bad_samples=True), ObjectivesConfig(mrc=True))
+    samples = caps(5) + texts(2)
+    samples[1]["features"][0, 0] = np.inf
+    samples[6]["text"] = " "
+    b = col(samples)
+    assert sorted(b.sample_id.tolist()) == [0, 2, 3, 4, 1000]
+    assert len(b.task[SKIPPED_KEY]) == 2
+    assert any("sample_id 1" in m for m in b.task[SKIPPED_KEY])
+    assert any("sample_id 1001: text is empty" in m for m in b.task[SKIPPED_KEY])
+    empty = col([samples[1]])
+    assert empty.batch_size == 0 and len(empty.task[SKIPPED_KEY]) == 1

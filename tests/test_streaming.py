@@ -1,0 +1,287 @@
+"""Reading MDS shards through StreamingDataset: 2 ranks from S3 (moto), resume, mixing, corruption.
+
+Ranks are real processes (forked from pytest, so they skip the ~10 s streaming/transformers
+import), each with its own RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, a gloo process group,
+streaming's shared-memory coordination and the real loader + collator with a DataLoader worker.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import multiprocessing as mp
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from tests.fixtures.mds import make_caption_samples, write_captions, write_mds, write_text
+
+N_CAPS = 48          # divisible by world (2) x batch (4) x workers
+BATCH = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(spec):
+    from vltrain.config import Config
+    cfg = Config()
+    d = cfg.data
+    d.train, d.cache_dir, d.num_workers = spec["train"], spec["cache"], spec.get("workers", 1)
+    d.text_train, d.text_proportion = spec.get("text", ""), spec.get("text_proportion", 0.0)
+    d.validate_hash = spec.get("validate_hash", "")
+    cfg.model.region_feat_dim, cfg.model.num_region_classes = 8, 5
+    cfg.objectives.mrc = True
+    cfg.train.seed = 7
+    return cfg
+
+
+def _signature(batch, row):
+    """Everything random about one row: mode, corrupted ids, types, mlm and mrc positions."""
+    T = batch.input_ids.shape[1]
+    L = int(batch.attention_mask[row].sum())
+    mlm = [int(p) - row * T for p in batch.mlm_positions if row * T <= p < (row + 1) * T]
+    sig = [int(batch.mode[row]), batch.input_ids[row, :L].tolist(),
+           batch.token_type_ids[row, :L].tolist(), mlm]
+    if batch.region_mask is not None:
+        N = batch.region_mask.shape[1]
+        sig.append([int(p) - row * N for p in batch.mrc_positions if row * N <= p < (row + 1) * N])
+    return sig
+
+
+def _rank_main(rank, world, local_world, spec, out):
+    """One training rank: read `spec["epochs"]` epochs (or stop after `stop_after` batches)."""
+    atexit._clear()   # forked: never run pytest's exit handlers; run only ours at the end
+    env = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank % local_world,
+           "LOCAL_WORLD_SIZE": local_world, "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": spec["port"], "OMP_NUM_THREADS": 1}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.pop("NODE_RANK", None)
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from vltrain.data.loader import build_train_loader
+        from vltrain.tokenization import Tokenizer
+        loader, _ = build_train_loader(_cfg(spec), Tokenizer(spec["vocab"]), BATCH)
+        if spec.get("state"):
+            loader.load_state_dict(spec["state"])
+        res = {"epochs": [], "sigs": {}, "kinds": {}}
+        n = 0
+        for _ in range(spec.get("epochs", 1)):
+            ids = []
+            for batch in loader:
+                for r, sid in enumerate(batch.sample_id.tolist()):
+                    text = batch.region_mask is None or not bool(batch.region_mask[r].any())
+                    key = f"{'t' if text else 'c'}{sid}@{loader.epoch}"
+                    ids.append(key)
+                    res["sigs"][key] = _signature(batch, r)
+                n += 1
+                if n == spec.get("stop_after"):
+                    break
+            res["epochs"].append({"epoch": loader.epoch, "ids": ids})
+            if n == spec.get("stop_after"):
+                break
+        res["state"] = loader.state_dict()
+        res["cache_dirs"] = sorted(os.listdir(spec["cache"]))
+        with open(out, "w") as f:
+            json.dump(res, f)
+        del loader
+    finally:
+        dist.destroy_process_group()
+        atexit._run_exitfuncs()   # streaming's shared-memory cleanup
+
+
+def run_ranks(tmp_path, spec, world=2, local_world=2, timeout=90):
+    ctx = mp.get_context("fork")
+    spec = dict(spec, port=_free_port())
+    outs = [str(tmp_path / f"rank{r}-{spec['port']}.json") for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, local_world, spec, outs[r])) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail(f"rank process hung: {spec}")
+    assert [p.exitcode for p in procs] == [0] * world, "a rank failed (see captured stderr)"
+    return [json.load(open(o)) for o in outs]
+
+
+@pytest.fixture
+def s3_caps(s3_bucket):
+    """48 captions samples on moto S3 in several hashed shards."""
+    return write_captions(f"s3://{s3_bucket}/caps", N_CAPS, hashes=["xxh64"], size_limit=1 << 13)
+
+
+def test_two_ranks_from_s3_partition_and_exact_resume(s3_caps, vocab_file, tmp_path):
+    base = {"train": s3_caps, "vocab": vocab_file, "validate_hash": "xxh64"}
+    full = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c_full"), epochs=2))
+    # Each epoch: the union over ranks is the dataset, nothing twice, equal shares.
+    for e in range(2):
+        per_rank = [r["epochs"][e]["ids"] for r in full]
+        assert all(len(ids) == N_CAPS // 2 for ids in per_rank)
+        everything = per_rank[0] + per_rank[1]
+        assert sorted(everything) == sorted(f"c{i}@{e}" for i in range(N_CAPS))
+    # Epochs are reshuffled and re-masked (same seed, different epoch).
+    order0 = [k.split("@")[0] for k in full[0]["epochs"][0]["ids"]]
+    order1 = [k.split("@")[0] for k in full[0]["epochs"][1]["ids"]]
+    assert order0 != order1
+    assert sum(full[0]["sigs"][f"{k}@0"] != full[0]["sigs"].get(f"{k}@1", full[1]["sigs"].get(f"{k}@1"))
+               for k in order0) > len(order0) // 2
+
+    # Interrupted after 2 batches per rank, on a different cache folder.
+    part = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c_res"), stop_after=2))
+    state = part[0]["state"]
+    assert part[1]["state"] == state
+    assert state["epoch"] == 0 and state["sample_in_epoch"] == 2 * BATCH * 2
+    # Resumed: new processes, 2 DataLoader workers instead of 1, same cache folder.
+    rest = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c_res"), state=state, epochs=2, workers=2))
+    for r in range(2):
+        resumed = part[r]["epochs"][0]["ids"] + rest[r]["epochs"][0]["ids"]
+        assert resumed == full[r]["epochs"][0]["ids"]            # exactly the same order
+        assert rest[r]["epochs"][1]["ids"] == full[r]["epochs"][1]["ids"]
+        # ... and every sample got exactly the same caption, mode and masks.
+        for key in resumed + rest[r]["epochs"][1]["ids"]:
+            got = part[r]["sigs"].get(key) or rest[r]["sigs"][key]
+            assert got == full[r]["sigs"][key], key
+    assert full[0]["cache_dirs"] == ["node0"]
+    # Resumed on 1 rank instead of 2 (same num_canonical_nodes, saved in the state): exactly
+    # the samples not yet seen, none twice.
+    solo = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c_solo"), state=state), world=1, local_world=1)
+    seen = part[0]["epochs"][0]["ids"] + part[1]["epochs"][0]["ids"] + solo[0]["epochs"][0]["ids"]
+    assert sorted(seen) == sorted(f"c{i}@0" for i in range(N_CAPS))
+
+
+def test_text_mixing_on_two_emulated_nodes_one_host(s3_bucket, vocab_file, tmp_path):
+    """LOCAL_WORLD_SIZE=1 x 2 ranks = 2 nodes on one host: own caches, own shared memory."""
+    caps = write_captions(f"s3://{s3_bucket}/caps", N_CAPS, size_limit=1 << 13)
+    text = write_text(f"s3://{s3_bucket}/text", 40, size_limit=1 << 12)
+    spec = {"train": caps, "text": text, "text_proportion": 0.25, "vocab": vocab_file,
+            "cache": str(tmp_path / "cache")}
+    res = run_ranks(tmp_path, spec, local_world=1)
+    ids = res[0]["epochs"][0]["ids"] + res[1]["epochs"][0]["ids"]
+    # Epoch = every image-text sample once + 16 text samples (25% of 64), none twice.
+    assert len(ids) == 64 and len(set(ids)) == 64
+    assert {k for k in ids if k.startswith("c")} == {f"c{i}@0" for i in range(N_CAPS)}
+    assert sum(k.startswith("t") for k in ids) == 16
+    for r in res:
+        for key in r["epochs"][0]["ids"]:
+            mode, ids_row, types = r["sigs"][key][:3]
+            if key.startswith("t"):   # text-only rows: [CLS] .. [SEP], bidirectional, segment 0
+                assert mode == 0 and ids_row[0] == 101 and ids_row[-1] == 102 and not any(types)
+    assert sorted(os.listdir(tmp_path / "cache")) == ["node0", "node1"]
+    assert [len(r["cache_dirs"]) for r in res] == [2, 2]
+
+
+# ------------------------------------------------------------------ corruption (one process)
+
+def _single_loader(remote, tmp_path, vocab_file, **data):
+    """A loader in this process (no DataLoader worker unless ``num_workers`` is given)."""
+    from vltrain.data import loader as L
+    from vltrain.tokenization import Tokenizer
+    spec = {"train": remote, "cache": str(tmp_path / "cache"), "workers": 0}
+    cfg = _cfg(spec)
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    L._SHM_CLEANED = True   # leave other processes' streaming shared memory alone
+    return L.build_train_loader(cfg, Tokenizer(vocab_file), BATCH)[0]
+
+
+def _shards(folder):
+    return sorted(f for f in os.listdir(folder) if f.startswith("shard."))
+
+
+def test_hash_mismatch_names_the_shard(tmp_path, vocab_file):
+    from vltrain.data.errors import ShardError
+    ds = write_captions(str(tmp_path / "ds"), 24, hashes=["xxh64"], size_limit=1 << 12)
+    bad = _shards(ds)[1]
+    path = os.path.join(ds, bad)
+    data = bytearray(open(path, "rb").read())
+    data[-5] ^= 0xFF                                  # same size, one flipped byte
+    open(path, "wb").write(bytes(data))
+    loader = _single_loader(ds, tmp_path, vocab_file, validate_hash="xxh64", shuffle=False)
+    with pytest.raises(ShardError, match=rf"shard {bad} failed its hash check.*Checksum failure"):
+        for _ in loader:
+            pass
+    (cache,) = (tmp_path / "cache" / "node0").iterdir()
+    assert _shards(ds)[0] in os.listdir(cache) and bad not in os.listdir(cache)  # bad copy dropped
+
+
+def test_truncated_shard_names_the_shard(tmp_path, vocab_file):
+    from vltrain.data.errors import ShardError
+    ds = write_captions(str(tmp_path / "ds"), 24, size_limit=1 << 12)
+    bad = _shards(ds)[0]
+    path = os.path.join(ds, bad)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) - 100])
+    loader = _single_loader(ds, tmp_path, vocab_file, shuffle=False)
+    with pytest.raises(ShardError, match=rf"{bad}.*truncated"):
+        for _ in loader:
+            pass
+
+
+def test_missing_meta_is_a_clear_error(tmp_path, vocab_file, s3_bucket):
+    from vltrain.data.datasets import read_meta
+    from vltrain.data.errors import MetaError
+    ds = write_captions(str(tmp_path / "ds"), 8)
+    os.remove(os.path.join(ds, "vltrain_meta.json"))
+    with pytest.raises(MetaError, match=r"ds: no vltrain_meta.json"):
+        read_meta(ds)
+    with pytest.raises(MetaError, match=rf"s3://{s3_bucket}/nothing: cannot read vltrain_meta.json"):
+        read_meta(f"s3://{s3_bucket}/nothing")
+
+
+def test_bad_samples_fail_or_are_skipped_and_counted(tmp_path, vocab_file):
+    from vltrain.data.errors import BadSampleError
+    samples = make_caption_samples(16)
+    samples[3]["features"][1, 2] = np.nan
+    samples[9]["captions"] = [""]
+    ds = write_mds(str(tmp_path / "ds"), "captions", samples, optional=("cls_prob",),
+                   feature_dim=8, num_classes=5)
+    loader = _single_loader(ds, tmp_path / "a", vocab_file, shuffle=False)
+    with pytest.raises(BadSampleError, match=rf"dataset {ds}: sample_id 3: column 'features' has 1 NaN"):
+        next(iter(loader))
+    loader = _single_loader(ds, tmp_path / "b", vocab_file, shuffle=False, skip_bad_samples=True)
+    seen = [i for b in loader for i in b.sample_id.tolist()]
+    assert seen == [i for i in range(16) if i not in (3, 9)]
+    assert loader.num_skipped == 2 and "sample_id 9: caption 0 is empty" in loader.skipped_examples[1]
+    assert loader.state_dict()["sample_in_epoch"] == 16          # skipped ones were consumed
+
+
+def test_eval_loader_keeps_every_sample_and_fixed_masks(tmp_path, vocab_file):
+    from vltrain.data import loader as L
+    from vltrain.tokenization import Tokenizer
+    cfg = _cfg({"train": "", "cache": str(tmp_path / "cache"), "workers": 0})
+    cfg.data.val = write_captions(str(tmp_path / "val"), 18, size_limit=1 << 12)
+    L._SHM_CLEANED = True
+    loader, _ = L.build_eval_loader(cfg, Tokenizer(vocab_file), BATCH)
+    runs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert [b.batch_size for b in batches] == [4, 4, 4, 4, 2]            # no drop_last
+        assert [i for b in batches for i in b.sample_id.tolist()] == list(range(18))
+        runs.append([_signature(b, r) for b in batches for r in range(b.batch_size)])
+    assert runs[0] == runs[1]                                              # same masks every eval
+
+
+def test_state_at_epoch_end_resumes_with_the_next_epoch(tmp_path, vocab_file):
+    ds = write_captions(str(tmp_path / "ds"), 18, size_limit=1 << 12)
+    loader = _single_loader(ds, tmp_path / "a", vocab_file)
+    assert sum(b.batch_size for b in loader) == 16                  # drop_last: 2 left over
+    state = loader.state_dict()
+    assert (state["epoch"], state["sample_in_epoch"]) == (0, 18)
+    nxt = [(b.sample_id.tolist(), _signature(b, 0)) for b in loader]
+    assert loader.epoch == 1
+    resumed = _single_loader(ds, tmp_path / "b", vocab_file)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state                              # saved again before a step
+    assert list(resumed) == [] and resumed.epoch == 0                 # epoch 0 was complete
+    assert [(b.sample_id.tolist(), _signature(b, 0)) for b in resumed] == nxt
+    assert resumed.epoch == 1
