@@ -138,7 +138,8 @@ def test_tensorboard_has_every_cpu_tag(runs):
     tags = set(acc.Tags()["scalars"])
     want = {"train/loss", "train/loss_mlm", "train/loss_mrc", "train/mlm_acc", "train/mrc_acc", "train/lr",
             "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_frac",
-            "perf/step_time_s", "perf/peak_mem_gb", "val/loss", "val/mlm_acc", "val/mrc_acc"}
+            "perf/step_time_s", "perf/peak_mem_gb", "val/loss", "val/mlm_acc", "val/mrc_acc",
+            "data/skipped_samples"}
     assert want <= tags, want - tags
     assert "perf/mfu" not in tags          # no known peak for a CPU
     for tag in want:

@@ -44,14 +44,16 @@ class ModelConfig:
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.
-    attention_backend: str = "eager"         # eager (reference) | sdpa
+    attention_backend: str = "eager"         # eager (reference) | sdpa | flex | varlen | auto
     activation_checkpointing: bool = False
+    compile: bool = False                    # torch.compile each transformer block (in place)
 
 
 @dataclass
 class DataConfig:
     train: str = ""                          # MDS dataset: local dir or s3://bucket/prefix
     val: str = ""
+    test: str = ""                           # evaluation-only split (mode=eval task.eval_split=test)
     text_train: str = ""                     # text-only MDS stream mixed in (VL-BERT)
     text_proportion: float = 0.0             # fraction of samples drawn from text_train
     cache_dir: str = "/tmp/vltrain_cache"    # per-node local cache root (node id appended)
@@ -116,7 +118,20 @@ class TrainConfig:
 @dataclass
 class TaskConfig:
     name: str = "pretrain"                   # pretrain | caption | vqa | mc | refs
-    num_answers: int = 3129
+    num_answers: int = 3129                  # vqa: size of the dataset's answer_vocab.json
+    vqa_head: str = "vlp"                    # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
+    eval_split: str = "val"                  # mode=eval evaluates data.<eval_split>: val | test
+    # caption: decoding (vltrain/decoding.py) and fine-tuning
+    beam_size: int = 5                       # caption, mode=eval: beam width (1 = greedy)
+    val_beam_size: int = 1                   # caption, validation during training (VLP: greedy)
+    max_len: int = 20                        # caption: most words per decoded caption
+    min_len: int = 0                         # caption: fewest words before [STOP]
+    length_penalty: float = 0.0              # caption: GNMT alpha, lp = ((5+|Y|)/6)^alpha
+    no_repeat_ngram: int = 0                 # caption: block repeated n-grams (0 = off)
+    label_smoothing: float = 0.0             # caption: cross-entropy label smoothing
+    scst: bool = False                       # caption: self-critical training (CIDEr-D reward)
+    scst_references: str = ""                # caption, scst: {image_id: [captions]} JSON for the
+                                             # CIDEr-D idf; "" = read data.train's captions
 
 
 @dataclass

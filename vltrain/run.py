@@ -4,6 +4,8 @@
         --deepspeed_config ds_configs/zero2.json train.lr=1e-4 run_name=cc-base
     torchrun --nproc_per_node 8 vltrain/run.py --config ...
     srun python vltrain/run.py --config ...          # one task per GPU (see slurm/)
+    deepspeed vltrain/run.py --config configs/vqa_vlp.yaml mode=eval \
+        train.init_from=runs/vqa/checkpoints/best [task.eval_split=test]
 
 Exit codes: 0 done; 75 stopped on SIGUSR1/SIGTERM after checkpointing (requeue me);
 2 bad configuration or input; 1 any other failure.
@@ -57,10 +59,17 @@ def main(argv=None) -> int:
     from vltrain.data.errors import DataError
     from vltrain.engine.ds_config import DSConfigError
 
+    if cfg.mode not in ("train", "eval"):
+        log.error("mode=%r; choose train or eval", cfg.mode)
+        return EXIT_BAD_INPUT
+    if cfg.mode == "eval":
+        cfg.train.resume = ""        # eval loads train.init_from; it never resumes a run
     trainer = None
     try:
         from vltrain.engine.build import build_training
         trainer = build_training(cfg, args.ds_config)
+        if cfg.mode == "eval":
+            return trainer.run_eval(cfg.task.eval_split)
         return trainer.train()
     except (ConfigError, DSConfigError, DataError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, e)

@@ -16,7 +16,6 @@ Epochs and resume (what the trainer relies on):
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Optional
 
 import torch
@@ -45,13 +44,13 @@ def prepare_streaming_once() -> None:
 
 
 class VLDataLoader(StreamingDataLoader):
-    """``StreamingDataLoader`` yielding ``Batch``; counts skipped samples and data-wait time.
+    """``StreamingDataLoader`` yielding ``Batch``; counts skipped samples (data wait is timed
+    by the trainer's monitor around ``next()``).
 
     Attributes the trainer reads:
       ``epoch``           epoch of the current/last iteration;
       ``num_skipped``     bad samples skipped so far (``data.skip_bad_samples``), with up to
                           20 of their messages in ``skipped_examples``;
-      ``data_wait_s``     seconds spent waiting for the next batch (``pop_data_wait()`` resets).
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
@@ -62,7 +61,6 @@ class VLDataLoader(StreamingDataLoader):
         self.epoch = 0
         self.num_skipped = 0
         self.skipped_examples: list[str] = []
-        self.data_wait_s = 0.0
         self._resume: Optional[dict] = None
         self._offset = 0
         self._started = False
@@ -86,7 +84,6 @@ class VLDataLoader(StreamingDataLoader):
         self.num_samples_yielded = 0
         it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
         while True:
-            t0 = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
@@ -94,7 +91,6 @@ class VLDataLoader(StreamingDataLoader):
                 # so a checkpoint taken now resumes at the next epoch, as an unbroken run would.
                 self._epoch_done = True
                 return
-            self.data_wait_s += time.perf_counter() - t0
             skipped = batch.task.pop(SKIPPED_KEY, None)
             self.num_samples_yielded += batch.batch_size + len(skipped or ())
             if skipped:
@@ -106,11 +102,6 @@ class VLDataLoader(StreamingDataLoader):
             if batch.batch_size == 0:
                 continue
             yield batch
-
-    def pop_data_wait(self) -> float:
-        """Seconds spent waiting for data since the last call."""
-        w, self.data_wait_s = self.data_wait_s, 0.0
-        return w
 
     def state_dict(self) -> dict[str, Any]:
         """Resumption state; identical on every rank (save it from rank 0)."""

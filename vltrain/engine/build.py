@@ -12,6 +12,7 @@ from vltrain.config import Config
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
+from vltrain.engine.resume import check_model_matches, check_resume_stage, reconcile_resume
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -29,15 +30,21 @@ def run_dir_of(cfg: Config) -> str:
     return os.path.join(cfg.output_root, cfg.run_name)
 
 
-def init_weights(model: VLModel, path: str) -> None:
+def init_weights(model: VLModel, path: str) -> dict:
     """train.init_from: a Hugging Face BERT folder, our export, a consolidated .safetensors,
-    or one of our DeepSpeed checkpoints (weights only, any ZeRO stage)."""
+    or one of our DeepSpeed checkpoints (weights only, any ZeRO stage).
+
+    Returns the checkpoint's task-level tensors (names outside ``model.``, e.g. a fine-tuned
+    VQA head) for ``load_task_weights``; empty for anything but our checkpoints."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"train.init_from={path} does not exist")
+    task_state: dict = {}
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        found = ckpt.resolve_checkpoint(path)
-        state = get_fp32_state_dict_from_zero_checkpoint(found.save_dir, tag=found.tag)
+        from vltrain.ckpt.layout import locate
+        from vltrain.ckpt.weights import fp32_state_dict
+        found = locate(path)                     # any ZeRO stage, or a resharded (universal) one
+        state = fp32_state_dict(found)
+        task_state = {k: v for k, v in state.items() if not k.startswith("model.")}
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         source = found.path
     else:
@@ -46,6 +53,30 @@ def init_weights(model: VLModel, path: str) -> None:
     with torch.no_grad():
         fresh = load_into(model, state, source=source)
     log.info("initialised from %s (%d tensors fresh)", source, len(fresh))
+    return task_state
+
+
+def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, require_heads: bool) -> None:
+    """Copy a checkpoint's task-level tensors (heads) into the task module where the names
+    match. ``require_heads`` (mode=eval): every task-level parameter must come from the
+    checkpoint, so a checkpoint of another task is an error rather than random predictions."""
+    own = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
+    loaded = []
+    with torch.no_grad():
+        for name, t in task_state.items():
+            if name not in own:
+                continue
+            if own[name].shape != t.shape:
+                raise ValueError(f"train.init_from={source}: {name} has shape {tuple(t.shape)} but the "
+                                 f"{type(task).__name__} expects {tuple(own[name].shape)}")
+            own[name].copy_(t.to(own[name].dtype))
+            loaded.append(name)
+    missing = sorted(set(own) - set(loaded))
+    if require_heads and missing:
+        raise ValueError(f"train.init_from={source or '(empty)'} has no weights for {missing[:6]}: mode=eval "
+                         f"needs a checkpoint fine-tuned for this task ({type(task).__name__})")
+    if loaded:
+        log.info("task weights from %s: %s", source, ", ".join(sorted({n.split('.')[0] for n in loaded})))
 
 
 def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
@@ -69,9 +100,13 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     run_dir = run_dir_of(cfg)
 
     found = find_resume(cfg, run_dir)
+    if found is not None:   # files present; same global batch (grad_accum), world size it can load on
+        reconcile_resume(cfg, found, info.world, info.num_nodes)
     ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
     if found is not None and found.info.get("universal"):
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    if found is not None:
+        check_resume_stage(found, ds)           # a stage its files can be loaded under
     check_buildable(ds)
     precision = precision_of(ds)
 
@@ -81,17 +116,25 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                          f"{cfg.model.vocab_size}")
     torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
     model = VLModel(cfg.model)
+    task_state: dict = {}
     if cfg.train.init_from and found is None:
-        init_weights(model, cfg.train.init_from)
+        task_state = init_weights(model, cfg.train.init_from)
+    elif cfg.mode == "eval":
+        raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
     spec = get_task(cfg.task.name)
     task = spec.build_module(cfg, model)
+    if cfg.mode == "eval" or task_state:
+        load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval")
+    if found is not None:
+        check_model_matches(found.path, task)   # names the mismatched parameters and shapes
 
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,
         lr_scheduler=linear_warmup_decay(cfg))
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)   # dropout streams differ per rank
 
-    loader, _ = build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)
+    loader = (build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)[0]
+              if cfg.mode != "eval" else None)    # eval needs no training data
     val_loader = (build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size, make_collator=spec.make_collator)[0]
                   if cfg.data.val else None)
     float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

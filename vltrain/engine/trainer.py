@@ -49,6 +49,7 @@ class Trainer:
         self.best_metric: Optional[float] = None
         self.stop = StopFlag().install()
         self._last_save_time = time.time()
+        self._eval_loaders: dict = {}      # split -> loader, built on first use (eval_loader)
 
     # ------------------------------------------------------------------ state
 
@@ -163,11 +164,15 @@ class Trainer:
             if not boundary:
                 continue
             self.step += 1
+            instant = None
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                instant = {"data/skipped_samples": self._global_sum(self.loader.num_skipped)}
             self.monitor.step_end(
                 self.step, {k: v / n_micro for k, v in step_metrics.items()},
                 samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
                 lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
-                loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None)
+                loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
+                instant=instant)
             step_metrics, n_micro, tokens, flops = {}, 0, 0, 0.0
             if cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0:
                 self.validate()
@@ -183,6 +188,12 @@ class Trainer:
             self.save()
         self.monitor.close()
         return 0
+
+    def _global_sum(self, value: float) -> float:
+        t = torch.tensor([float(value)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return float(t)
 
     @staticmethod
     def _seq_len(batch: Batch) -> int:
@@ -218,6 +229,38 @@ class Trainer:
                 self.best_metric = metric
                 self.save(ckpt.BEST_TAG)
         return result
+
+    def eval_loader(self, split: str):
+        """Loader over ``data.<split>`` for evaluation: the validation loader for ``val``, else
+        built once (every rank must call this together the first time: it is collective)."""
+        if split == "val" and self.val_loader is not None:
+            return self.val_loader
+        if split not in self._eval_loaders:
+            from vltrain.data.loader import build_eval_loader
+            make = self.spec.make_collator if self.spec is not None else None
+            self._eval_loaders[split] = build_eval_loader(self.cfg, self.tokenizer, self.cfg.train.micro_batch_size,
+                                                          split, make_collator=make)[0]
+        return self._eval_loaders[split]
+
+    def run_eval(self, split: str) -> int:
+        """``mode=eval``: the task's evaluation of ``data.<split>`` with the loaded weights (each
+        sample once across ranks; result files under ``<run_dir>/eval/``), logged to TensorBoard
+        as ``<split>/<metric>`` and printed. Returns the exit code."""
+        if self.step == 0 and self.cfg.train.init_from:
+            try:   # name the results by the evaluated checkpoint's step (0 for an export / HF folder)
+                self.step = int(ckpt.resolve_checkpoint(self.cfg.train.init_from).info.get("step", 0))
+            except (FileNotFoundError, OSError):
+                pass
+        if self.spec is not None and self.spec.evaluate is not None:
+            result = self.spec.evaluate(self, split)
+        else:
+            result = self.mean_metrics(self.eval_loader(split))
+        for k, v in result.items():
+            self.monitor.log_scalar(f"{split}/{k}", v, self.step)
+        if self.info.is_main:
+            log.info("eval %s step %d | %s", split, self.step, " | ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        self.monitor.close()
+        return 0
 
     @torch.no_grad()
     def mean_metrics(self, loader) -> dict:

@@ -11,14 +11,48 @@ so the prefix (regions, [CLS], [SEP], non-target text) is bidirectional, target 
 the prefix and earlier targets, and nobody in the prefix sees a target. Bidirectional
 examples simply have no targets. [CLS] is always a valid non-target key, so no row is
 fully masked and padding rows stay finite.
+
+Backends (``model.attention_backend``):
+    eager   reference: explicit scores + additive mask, softmax in float32.
+    sdpa    ``F.scaled_dot_product_attention`` with the additive mask. On CUDA it is pinned
+            to the memory-efficient and cuDNN kernels (both take an arbitrary mask), so it
+            can never fall back to the math kernel silently: if neither can run, it raises.
+    flex    FlexAttention: a ``BlockMask`` from :func:`structure_mask_mod` (prefix-LM +
+            padding + per-example mode), built once per forward; the kernel is compiled
+            once per (shape, dtype, device) and cached, so fixed length buckets never
+            recompile. No attention dropout (refused in training). Fused only on CUDA; on
+            CPU it runs forward-only through PyTorch's unfused reference (tests).
+    varlen  unpadded variable-length kernels (``flash_attn.flash_attn_varlen_func`` when
+            installed, else ``torch.nn.attention.varlen.varlen_attn``, detected by feature).
+            Per example, the valid tokens are packed as [prefix..., targets...]; then
+              call 1: prefix rows  x prefix keys, non-causal;
+              call 2: target rows  x all keys,    causal, bottom-right aligned
+            which is exactly the rule above (targets see the whole prefix and the earlier
+            targets). Bidirectional examples have no target rows. On CPU an SDPA emulation
+            of the same two calls runs instead (reference for the tests; slow).
+    auto    the fastest correct backend for the device and the recipe: on CUDA flex when
+            attention dropout is 0 (and FlexAttention can compile), else sdpa; on CPU sdpa.
+            The choice is logged.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
+import types
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:          # torch < 2.5
+    create_block_mask = flex_attention = None
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,10 +92,251 @@ def eager_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     return torch.matmul(probs, v)
 
 
+# ------------------------------------------------------------------------------ sdpa
+
+def _sdpa_gpu_kernels():
+    from torch.nn.attention import SDPBackend
+    # Both take an arbitrary additive mask (flash does not); math is left out on purpose.
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def _prepare_sdpa(structure: AttentionStructure, dtype: torch.dtype):
+    mask = structure.additive_mask(dtype)
+    L = mask.shape[-1]
+    if mask.is_cuda and L % 16:
+        # The memory-efficient kernel wants the mask's row stride 16-aligned; otherwise it
+        # pads a copy on every call (every layer). Pad once here and hand it a view.
+        padded = mask.new_zeros(*mask.shape[:-1], (L + 15) // 16 * 16)
+        padded[..., :L] = mask
+        mask = padded[..., :L]
+    return mask
+
+
 def sdpa_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with the same additive mask."""
+    if q.is_cuda:
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(_sdpa_gpu_kernels()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
+
+# ------------------------------------------------------------------------------ flex
+
+FLEX_DROPOUT_MESSAGE = (
+    "model.attention_backend=flex: FlexAttention has no attention dropout, but "
+    "model.attention_dropout={p} in training. Set model.attention_dropout=0 for this recipe, "
+    "or use model.attention_backend=sdpa (or auto, which picks sdpa when dropout is on).")
+
+
+def flex_available() -> bool:
+    return flex_attention is not None
+
+
+def structure_mask_mod(key_valid: torch.Tensor, target: torch.Tensor) -> Callable:
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` of the rule in the module doc."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return key_valid[b, kv_idx] & (~target[b, kv_idx] | (target[b, q_idx] & (kv_idx <= q_idx)))
+    return mask_mod
+
+
+def _prepare_flex(structure: AttentionStructure, dtype: torch.dtype):
+    if not flex_available():
+        raise RuntimeError("model.attention_backend=flex needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    B, L = structure.key_valid.shape
+    mask_mod = structure_mask_mod(structure.key_valid, structure.target)
+    # Same mask for every head (H=None): one (B, 1, L/128, L/128) block table per forward.
+    return create_block_mask(mask_mod, B, None, L, L, device=structure.key_valid.device)
+
+
+def _flex_call(q, k, v, block_mask):
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+# Compiled FlexAttention callables, one per (shape, dtype, device, grad): the data issue's
+# fixed length buckets give a handful of keys, each compiled once. Each key gets its own
+# code object, so Dynamo's per-code-object recompile limit (8) is never what decides
+# whether a bucket runs fused or silently falls back to the unfused implementation.
+_FLEX_COMPILED: dict = {}
+FLEX_COMPILE_BACKEND = "inductor"     # tests swap in "eager" to check the caching quickly
+
+
+def flex_cache_key(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, q.requires_grad)
+
+
+def compiled_flex(key: tuple) -> Callable:
+    fn = _FLEX_COMPILED.get(key)
+    if fn is None:
+        code = _flex_call.__code__.replace(co_name=f"flex_{len(_FLEX_COMPILED)}")
+        fresh = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+        fn = torch.compile(fresh, backend=FLEX_COMPILE_BACKEND, dynamic=False, fullgraph=True)
+        _FLEX_COMPILED[key] = fn
+        log.info("flex attention: compiling for %s", key)
+    return fn
+
+
+def flex_attention_backend(q, k, v, block_mask, dropout_p: float) -> torch.Tensor:
+    if dropout_p > 0:
+        raise ValueError(FLEX_DROPOUT_MESSAGE.format(p=dropout_p))
+    if not q.is_cuda:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            raise RuntimeError("model.attention_backend=flex: FlexAttention has no backward on CPU "
+                               "(its fused kernel is GPU-only); use sdpa on CPU for training")
+        # CPU: PyTorch's unfused reference (tests, inference); no compile, quiet about it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return _flex_call(q, k, v, block_mask)
+    if torch.compiler.is_compiling():       # inside a compiled block: Dynamo fuses it there
+        return _flex_call(q, k, v, block_mask)
+    return compiled_flex(flex_cache_key(q, k))(q, k, v, block_mask)
+
+
+# ------------------------------------------------------------------------------ varlen
+
+@dataclass
+class VarlenPlan:
+    """Unpadding metadata of one forward (built once, used by every layer).
+
+    Static shapes, no host sync: every row vector has B*L entries, the rows of real tokens
+    first (grouped per example, as the ``cu_*`` offsets say) and the rest after; kernels read
+    only the rows the offsets cover, and the max lengths given to them are the padded length
+    L (an upper bound is all they need). ``*_back`` invert the packing (a gather, not a
+    scatter) and ``*_flat`` say which (b, pos) positions each call answers.
+    """
+    prefix_rows: torch.Tensor   # (B*L,) flat (b*L+pos) indices: per example its prefix tokens
+    target_rows: torch.Tensor   # (B*L,) per example its target tokens, in order
+    all_rows: torch.Tensor      # (B*L,) per example its prefix tokens, then its targets
+    cu_prefix: torch.Tensor     # (B+1,) int32 offsets into prefix_rows
+    cu_target: torch.Tensor     # (B+1,) int32 offsets into target_rows
+    cu_all: torch.Tensor        # (B+1,) int32 offsets into all_rows
+    prefix_back: torch.Tensor   # (B*L,) packed row of each flat position (prefix call)
+    target_back: torch.Tensor   # (B*L,) packed row of each flat position (target call)
+    prefix_flat: torch.Tensor   # (B*L,) bool: flat position is a real prefix token
+    target_flat: torch.Tensor   # (B*L,) bool: flat position is a real target token
+    length: int                 # L
+    has_targets: bool           # False: the target call is skipped (known on the host)
+
+
+def _packed_order(rank: torch.Tensor, keep: torch.Tensor, B: int, L: int):
+    """Flat indices sorted by (example, rank, position) for kept tokens, the others after;
+    and the (B+1,) int32 offsets of each example's kept tokens."""
+    pos = torch.arange(L, device=keep.device)
+    ex = torch.arange(B, device=keep.device)[:, None]
+    key = torch.where(keep, ex * (3 * L) + rank * L + pos, B * 3 * L + ex * L + pos)
+    order = torch.argsort(key.reshape(-1))
+    cu = F.pad(torch.cumsum(keep.sum(1), 0), (1, 0)).to(torch.int32)
+    return order, cu
+
+
+def plan_varlen(structure: AttentionStructure) -> VarlenPlan:
+    """Per-forward packing of the two-call scheme (see the module docstring)."""
+    valid = structure.key_valid
+    target = structure.target & valid
+    B, L = valid.shape
+    prefix = valid & ~target
+    zeros = torch.zeros_like(target, dtype=torch.long)
+    prefix_rows, cu_prefix = _packed_order(zeros, prefix, B, L)
+    target_rows, cu_target = _packed_order(zeros, target, B, L)
+    all_rows, cu_all = _packed_order(target.long(), valid, B, L)
+    # Whether any example has targets is free to ask on CPU; on GPU it would cost a sync,
+    # so the target call always runs there (bidirectional examples are empty segments).
+    has_targets = True if target.is_cuda else bool(target.any())
+    return VarlenPlan(prefix_rows, target_rows, all_rows, cu_prefix, cu_target, cu_all,
+                      torch.argsort(prefix_rows), torch.argsort(target_rows),
+                      prefix.reshape(-1), target.reshape(-1), L, has_targets)
+
+
+def _prepare_varlen(structure: AttentionStructure, dtype: torch.dtype):
+    return plan_varlen(structure)
+
+
+def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, dropout_p: float = 0.0):
+    """CPU reference of a varlen kernel: SDPA per segment, causal = bottom-right aligned.
+
+    q: (Tq, h, d), k/v: (Tk, h, d); rows past ``cu_q[-1]`` are left zero (kernels leave them
+    undefined; the caller masks them)."""
+    out = torch.zeros_like(q)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if q1 == q0:
+            continue
+        mask = None
+        if causal:   # bottom-right: query j of lq sees keys <= j + (lk - lq)
+            mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
+        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                           v[k0:k1].transpose(0, 1), attn_mask=mask, dropout_p=dropout_p)
+        out = out.index_copy(0, torch.arange(q0, q1, device=q.device), o.transpose(0, 1))
+    return out
+
+
+emulated_varlen = torch.compiler.disable(emulated_varlen)   # host loop: never traced
+
+
+def flash_attn_varlen():
+    """``flash_attn.flash_attn_varlen_func`` when the package is installed, else None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:      # installed but built for another torch/CUDA
+        return None
+    return flash_attn_varlen_func
+
+
+def torch_varlen():
+    """PyTorch's own varlen attention (``torch.nn.attention.varlen.varlen_attn``) or None."""
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:
+        return None
+    return getattr(varlen, "varlen_attn", None)
+
+
+def varlen_kernel_name(device_type: str) -> Optional[str]:
+    if device_type != "cuda":
+        return "emulated"
+    if flash_attn_varlen() is not None:
+        return "flash_attn"
+    if torch_varlen() is not None:
+        return "torch"
+    return None
+
+
+def _varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p):
+    kind = varlen_kernel_name(q.device.type)
+    if kind == "emulated":
+        return emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p)
+    if kind == "flash_attn":
+        return flash_attn_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, causal=causal)
+    if kind == "torch":
+        if dropout_p > 0:
+            raise ValueError(f"model.attention_backend=varlen with torch's varlen_attn has no attention "
+                             f"dropout (model.attention_dropout={dropout_p} in training); install "
+                             f"flash_attn, set the dropout to 0, or use sdpa")
+        return torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0) if causal else (-1, -1))
+    raise RuntimeError("model.attention_backend=varlen needs flash_attn or torch.nn.attention.varlen "
+                       "on CUDA; neither is available here")
+
+
+def varlen_attention(q, k, v, plan: VarlenPlan, dropout_p: float) -> torch.Tensor:
+    """Two varlen calls over the unpadded tokens; (B, h, L, d) in and out, padding rows zero."""
+    B, h, L, d = q.shape
+    # (B, h, L, d) -> (B*L, h, d): a view of the fused qkv output (no copy).
+    qf, kf, vf = (t.transpose(1, 2).reshape(B * L, h, d) for t in (q, k, v))
+    r = plan.prefix_rows
+    out_p = _varlen_call(qf[r], kf[r], vf[r], plan.cu_prefix, plan.cu_prefix, L, L, False, dropout_p)
+    # Rows past the offsets are undefined in the kernels' output: ``where`` drops them (NaN too).
+    out = torch.where(plan.prefix_flat[:, None, None], out_p[plan.prefix_back], 0.0)
+    if plan.has_targets:
+        t, a = plan.target_rows, plan.all_rows
+        out_t = _varlen_call(qf[t], kf[a], vf[a], plan.cu_target, plan.cu_all, L, L, True, dropout_p)
+        out = torch.where(plan.target_flat[:, None, None], out_t[plan.target_back], out)
+    return out.view(B, L, h, d).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------ registry
 
 @dataclass(frozen=True)
 class Backend:
@@ -72,8 +347,70 @@ class Backend:
 
 BACKENDS = {
     "eager": Backend("eager", _prepare_dense, eager_attention),
-    "sdpa": Backend("sdpa", _prepare_dense, sdpa_attention),
+    "sdpa": Backend("sdpa", _prepare_sdpa, sdpa_attention),
+    "flex": Backend("flex", _prepare_flex, flex_attention_backend),
+    "varlen": Backend("varlen", _prepare_varlen, varlen_attention),
 }
+
+
+# ------------------------------------------------------------------------------ auto
+
+@functools.lru_cache(maxsize=None)
+def _flex_compilable() -> bool:
+    """FlexAttention fuses through Inductor's Triton templates on CUDA."""
+    return flex_available() and importlib.util.find_spec("triton") is not None
+
+
+def resolve_auto(device_type: str, dropout_p: float) -> tuple[str, str]:
+    """(backend name, reason) that ``auto`` uses for a device and an attention dropout."""
+    if device_type != "cuda":
+        return "sdpa", f"{device_type}: fused GPU kernels do not apply; sdpa is the fastest exact path"
+    if dropout_p > 0:
+        return "sdpa", f"attention dropout {dropout_p} (flex has none): sdpa on efficient/cuDNN kernels"
+    if _flex_compilable():
+        return "flex", "cuda, no attention dropout: compiled FlexAttention skips masked blocks"
+    return "sdpa", "cuda without Triton: sdpa on efficient/cuDNN kernels"
+
+
+_LOGGED: set = set()
+
+
+def _log_choice(device_type: str, dropout_p: float) -> None:
+    if torch.compiler.is_compiling():
+        return
+    name, why = resolve_auto(device_type, dropout_p)
+    if (name, device_type) not in _LOGGED:
+        _LOGGED.add((name, device_type))
+        log.info("model.attention_backend=auto -> %s (%s)", name, why)
+
+
+@dataclass
+class AutoPrepared:
+    dense: torch.Tensor                 # sdpa's mask: always there (dropout may need it)
+    block_mask: Optional[object]        # flex's BlockMask on CUDA when flex can compile
+
+
+def _prepare_auto(structure: AttentionStructure, dtype: torch.dtype):
+    dev = structure.key_valid.device.type
+    block = None
+    if dev == "cuda" and _flex_compilable():
+        # Flex vs sdpa hinges on the attention dropout, known only at attend time (it
+        # depends on the training flag), so both are built here, once per forward; each is
+        # a few small kernels.
+        block = _prepare_flex(structure, dtype)
+    else:
+        _log_choice(dev, 0.0)
+    return AutoPrepared(_prepare_sdpa(structure, dtype), block)
+
+
+def auto_attention(q, k, v, prepared: AutoPrepared, dropout_p: float) -> torch.Tensor:
+    _log_choice(q.device.type, dropout_p)
+    if prepared.block_mask is not None and dropout_p == 0:
+        return flex_attention_backend(q, k, v, prepared.block_mask, dropout_p)
+    return sdpa_attention(q, k, v, prepared.dense, dropout_p)
+
+
+BACKENDS["auto"] = Backend("auto", _prepare_auto, auto_attention)
 
 
 def get_backend(name: str) -> Backend:

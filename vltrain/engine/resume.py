@@ -1,0 +1,245 @@
+"""Checks and adjustments before a checkpoint is resumed (``train.resume=``) or read by the
+checkpoint tools: are all its files there, does it fit this model, this world size, this
+global batch. Every refusal is a :class:`CheckpointError` (a ``ValueError``: ``run.py`` exits
+2) whose message names the file / tag / parameter and shapes / world sizes that would work.
+
+What a resume keeps, whatever the new world size:
+  * the global batch (samples per optimizer step): ``train.grad_accum`` is recomputed as
+    ``global_batch / (train.micro_batch_size x world)``; if that is not a whole number the
+    resume is refused with the world sizes (and micro batch sizes) that work;
+  * streaming's ``num_canonical_nodes`` (saved in the loader state): the sample order then
+    stays the same on any number of nodes, provided the node count divides it or is a
+    multiple of it (streaming's rule), which is checked here too.
+
+A ZeRO-1/2/3 checkpoint holds optimizer shards laid out for the world size it was saved on:
+resuming it on another world size needs ``vltrain-ckpt reshard`` first (a universal
+checkpoint, recognised by ``"universal": true`` in its completion record). A ZeRO-0 checkpoint
+holds the full state once and resumes on any world size as it is.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Iterable, Optional
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message says what to do instead."""
+
+
+def model_states_files(tag_dir: str, zero_stage: int, world: int) -> list[str]:
+    """DeepSpeed's model-states file names (one for ZeRO 0-2, one per rank for ZeRO-3)."""
+    if zero_stage == 3:
+        return [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+    return ["mp_rank_00_model_states.pt"]
+
+
+def _first_model_states(tag_dir: str) -> Optional[str]:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            return os.path.join(tag_dir, name)
+    return None
+
+
+def check_checkpoint_files(tag_dir: str, info: dict) -> None:
+    """Every file the completion record ``info`` promises is in ``tag_dir``; else name the first
+    missing one (and what it is)."""
+    from vltrain.engine.checkpoint import rank_state_file
+
+    world = int(info.get("world_size", 1))
+    stage = int(info.get("zero_stage", 0))
+    where = f"checkpoint {tag_dir} (saved on {world} rank(s) with ZeRO-{stage})"
+
+    def missing(name: str, what: str):
+        raise CheckpointError(f"{where} is incomplete: {name} is missing ({what}); "
+                              "copy it back from where the checkpoint was written, or use another tag")
+
+    if not os.path.isfile(os.path.join(tag_dir, "config.yaml")):
+        missing("config.yaml", "the resolved config the run was trained with")
+    for r in range(world):
+        path = rank_state_file(tag_dir, r)
+        if not os.path.isfile(path):
+            missing(os.path.basename(path), f"rank {r}'s dataloader and RNG state")
+    if info.get("universal"):
+        if not os.path.isdir(os.path.join(tag_dir, "zero")):
+            missing("zero/", "the universal checkpoint's per-parameter fp32 weights and optimizer state")
+        if _first_model_states(tag_dir) is None:
+            missing("mp_rank_00_model_states.pt", "DeepSpeed's model states")
+        return
+    for name in model_states_files(tag_dir, stage, world):
+        if not os.path.isfile(os.path.join(tag_dir, name)):
+            missing(name, "DeepSpeed's model states" + (f" of rank {name.split('_')[3]}" if stage == 3 else ""))
+    if stage >= 1:
+        for r in range(world):
+            pattern = f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            if not glob.glob(os.path.join(glob.escape(tag_dir), pattern)):
+                missing(pattern.lstrip("*"), f"rank {r}'s ZeRO optimizer shard: fp32 weights and Adam moments")
+
+
+def saved_param_shapes(tag_dir: str) -> Optional[dict[str, tuple]]:
+    """Parameter name -> shape as DeepSpeed recorded them (names as in the engine's module,
+    i.e. ``model.``-prefixed). Reads one model-states file lazily (mmap)."""
+    import torch
+
+    path = _first_model_states(tag_dir)
+    if path is None:
+        return None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    groups = sd.get("param_shapes") or []
+    if isinstance(groups, dict):
+        groups = [groups]
+    shapes: dict[str, tuple] = {}
+    for g in groups:
+        shapes.update({k: tuple(v) for k, v in g.items()})
+    for k, v in (sd.get("frozen_param_shapes") or {}).items():
+        shapes[k] = tuple(v)
+    return shapes
+
+
+def shape_mismatches(saved: dict[str, tuple], ours: dict[str, tuple], limit: int = 12) -> list[str]:
+    """Readable differences between two name -> shape maps (empty when they agree)."""
+    out = [f"{n}: checkpoint {saved[n]} vs model {ours[n]}" for n in saved if n in ours and saved[n] != ours[n]]
+    only_ckpt = [n for n in saved if n not in ours]
+    only_model = [n for n in ours if n not in saved]
+    if only_ckpt:
+        out.append(f"in the checkpoint but not in the model: {', '.join(only_ckpt[:6])}"
+                   + (f" (+{len(only_ckpt) - 6} more)" if len(only_ckpt) > 6 else ""))
+    if only_model:
+        out.append(f"in the model but not in the checkpoint: {', '.join(only_model[:6])}"
+                   + (f" (+{len(only_model) - 6} more)" if len(only_model) > 6 else ""))
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def check_model_matches(tag_dir: str, module) -> None:
+    """Refuse to resume ``tag_dir`` into ``module`` (the engine's module) when any parameter's
+    name or shape differs, naming each mismatched parameter and both shapes."""
+    saved = saved_param_shapes(tag_dir)
+    if not saved:
+        return
+    ours = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    diffs = shape_mismatches(saved, ours)
+    if diffs:
+        hint = ""
+        cfg_path = os.path.join(tag_dir, "config.yaml")
+        if os.path.isfile(cfg_path):
+            hint = (f"\nThe checkpoint was trained with the model section of {cfg_path}; resume with the "
+                    "same model.* settings, or start a new run from its weights with train.init_from=")
+        raise CheckpointError(f"checkpoint {tag_dir} does not fit this model (different shapes):\n  "
+                              + "\n  ".join(diffs) + hint)
+
+
+def _stage_family(stage: int) -> str:
+    return {0: "ZeRO-0", 3: "ZeRO-3"}.get(stage, "ZeRO-1/2")
+
+
+def check_resume_stage(found, ds: dict) -> None:
+    """Refuse a ZeRO stage the checkpoint's files cannot be loaded under (DeepSpeed 0.19 keeps
+    model states once for stages 0-2 and per rank for stage 3; stage 0 keeps no ZeRO shards),
+    naming the ds_config to use instead."""
+    saved = int(found.info.get("zero_stage", 0))
+    target = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if _stage_family(saved) == _stage_family(target):
+        return
+    want = {"ZeRO-0": "ds_configs/zero0.json", "ZeRO-3": "ds_configs/zero3.json",
+            "ZeRO-1/2": "ds_configs/zero2.json (or zero1.json)"}[_stage_family(saved)]
+    kind = "universal checkpoint resharded from" if found.info.get("universal") else "checkpoint saved with"
+    raise CheckpointError(
+        f"{found.path} is a {kind} ZeRO-{saved}; DeepSpeed cannot load it under ZeRO-{target} (the "
+        f"ds_config's zero_optimization.stage). Resume it with --deepspeed_config {want}, or start a new run "
+        f"from its weights only: vltrain-ckpt consolidate {found.path} OUT.safetensors, then "
+        "train.init_from=OUT.safetensors")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def workable_world_sizes(global_batch: int, micro_batch: int) -> list[int]:
+    """World sizes W with global_batch = micro_batch x W x (whole grad_accum >= 1)."""
+    if micro_batch <= 0 or global_batch % micro_batch:
+        return []
+    return divisors(global_batch // micro_batch)
+
+
+def _fmt(values: Iterable[int], limit: int = 16) -> str:
+    values = list(values)
+    text = ", ".join(map(str, values[:limit]))
+    return text + (f", ... ({len(values)} in all)" if len(values) > limit else "") if values else "none"
+
+
+def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
+    """``grad_accum`` that keeps ``global_batch`` on ``world`` ranks of ``micro_batch``; raises
+    naming the world sizes (and micro batch sizes) that would work."""
+    per_step = micro_batch * world
+    if per_step > 0 and global_batch % per_step == 0:
+        return global_batch // per_step
+    sizes = workable_world_sizes(global_batch, micro_batch)
+    micros = [m for m in divisors(global_batch // world)] if global_batch % world == 0 else []
+    msg = (f"cannot keep the global batch of {global_batch} samples per step on {world} rank(s) with "
+           f"train.micro_batch_size={micro_batch} ({global_batch} is not a multiple of "
+           f"{micro_batch} x {world}). World sizes that keep it with micro batch {micro_batch}: "
+           f"{_fmt(sizes)}")
+    if micros:
+        msg += f"; on {world} rank(s) use train.micro_batch_size in {_fmt(micros)}"
+    raise CheckpointError(msg)
+
+
+def canonical_nodes_ok(num_canonical_nodes: Optional[int], nodes: int) -> bool:
+    if not num_canonical_nodes or nodes <= 0:
+        return True
+    a, b = max(num_canonical_nodes, nodes), min(num_canonical_nodes, nodes)
+    return a % b == 0
+
+
+def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
+    """Fit ``cfg`` to resuming ``found`` on ``world`` ranks over ``nodes`` nodes, or refuse.
+
+    Checks the checkpoint's files; refuses a ZeRO-1/2/3 checkpoint saved on another world
+    size (reshard it first); sets ``cfg.train.grad_accum`` so the global batch stays the
+    saved one; pins ``cfg.data.num_canonical_nodes`` to the saved value. Returns notes on
+    what changed (also logged)."""
+    info = found.info
+    path = found.path
+    check_checkpoint_files(path, info)
+    saved_world = int(info.get("world_size", world))
+    stage = int(info.get("zero_stage", 0))
+    universal = bool(info.get("universal"))
+    notes: list[str] = []
+    if world != saved_world and not universal and stage >= 1:
+        raise CheckpointError(
+            f"checkpoint {path} was saved on {saved_world} rank(s) with ZeRO-{stage}: its optimizer shards "
+            f"are laid out for {saved_world} ranks and cannot be loaded on {world}. Convert it once with\n"
+            f"  vltrain-ckpt reshard {path} OUT_DIR\n"
+            f"and resume with train.resume=OUT_DIR on any number of ranks (or resume on {saved_world} ranks)")
+
+    t = cfg.train
+    global_batch = int(info.get("global_batch") or 0)
+    if global_batch:
+        accum = batch_plan(global_batch, int(t.micro_batch_size), world)
+        if accum != t.grad_accum:
+            notes.append(f"train.grad_accum {t.grad_accum} -> {accum}: keeps the checkpoint's global batch of "
+                         f"{global_batch} ({t.micro_batch_size} x {accum} x {world} ranks; saved as "
+                         f"{info.get('micro_batch_size')} x {info.get('grad_accum')} x {saved_world})")
+            t.grad_accum = accum
+
+    ncn = info.get("num_canonical_nodes")
+    if ncn:
+        if not canonical_nodes_ok(ncn, nodes):
+            ok = [n for n in range(1, 4 * int(ncn) + 1) if canonical_nodes_ok(ncn, n)]
+            raise CheckpointError(
+                f"checkpoint {path}: the data order is fixed by streaming's num_canonical_nodes={ncn} (from the "
+                f"first run); {nodes} node(s) neither divide it nor are a multiple of it, so streaming cannot "
+                f"keep that order. Node counts that work: {_fmt(ok, 12)}")
+        if cfg.data.num_canonical_nodes not in (0, ncn):
+            notes.append(f"data.num_canonical_nodes {cfg.data.num_canonical_nodes} -> {ncn}: the saved loader "
+                         "state fixes it (changing it would change the sample order)")
+        cfg.data.num_canonical_nodes = int(ncn)
+    for n in notes:
+        log.warning("resume: %s", n)
+    return notes

@@ -1,0 +1,262 @@
+"""Image captioning (VLP): seq2seq fine-tuning, self-critical training, decoding, COCO scoring.
+
+Training (``task.scst=false``): VLP's seq2seq objective with λ = 1 — every example is
+``[CLS] r1..rN [SEP] w1..wT [STOP]`` in seq2seq mode and masked LM runs on the caption tokens
+and [STOP] only (``objectives.mlm_prob`` / ``max_pred``), cross-entropy with optional label
+smoothing (``task.label_smoothing``). ``objectives.seq2seq_prob`` and ``objectives.mrc`` are
+ignored: the caption collator forces λ = 1 and no region masking.
+
+Self-critical (``task.scst=true``, start from a fine-tuned checkpoint with ``train.init_from``):
+see ``vltrain.tasks.scst``; rewards use CIDEr-D with document frequencies of
+``task.scst_references`` (a JSON ``{image_id: [captions]}``) or, when empty, of data.train.
+
+Evaluation (``Trainer.validate`` on data.val, and ``mode=eval``): captions decoded with the
+KV cache — greedy (``task.val_beam_size``, default 1) during training, ``task.beam_size``
+(default 5, as VLP's test decoding) in ``mode=eval`` — with ``task.max_len``, ``min_len``,
+``length_penalty``, ``no_repeat_ngram``; scored per image against all its references with
+``vltrain.metrics.caption.caption_scores`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when
+it can run). Files (``vltrain.tasks.evaluation.write_results``): ``predictions.json``
+``{sample_id: {image_id, caption}}``, the COCO results file ``captions_results.json``
+``[{"image_id", "caption"}]`` (numeric ids as ints), and ``metrics.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vltrain.data.batch import Batch
+from vltrain.data.collate import PretrainCollator
+from vltrain.decoding import DecodeOptions, DecodeTokens, decode
+from vltrain.objectives.reduce import reduce_loss
+from vltrain.tasks.base import TaskSpec
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_FILE = "captions_results.json"
+SCORED = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+
+# ------------------------------------------------------------------------------ data
+
+class CaptionCollator(PretrainCollator):
+    """The pretraining collator with λ = 1 (every example seq2seq) and no region masking;
+    each batch also carries ``task["image_id"]`` (list of str) and ``task["references"]``
+    (every reference caption of each image): SCST rewards and evaluation need them."""
+
+    def __init__(self, tokenizer, data, objectives, seed, streams=None, require_cls_probs=False):
+        objectives = dataclasses.replace(objectives, seq2seq_prob=1.0, mrc=False)
+        super().__init__(tokenizer, data, objectives, seed, streams, require_cls_probs=require_cls_probs)
+
+    def _check_stream(self, info) -> None:
+        if info.meta and info.meta.get("kind") != "captions":
+            raise ValueError(f"dataset {info.name} has kind {info.meta.get('kind')!r}, but task.name=caption "
+                             "needs a 'captions' dataset (data_tools/convert_captions.py)")
+        super()._check_stream(info)
+
+    def _example(self, sample, text_ids):
+        ex = super()._example(sample, text_ids)
+        ex.references = [str(c) for c in sample["captions"]]
+        image_id = sample.get("image_id")
+        ex.image_id = str(image_id) if image_id not in (None, "") else str(ex.sample_id)
+        return ex
+
+    def _assemble(self, exs):
+        batch = super()._assemble(exs)
+        batch.task["image_id"] = [e.image_id for e in exs]
+        batch.task["references"] = [e.references for e in exs]
+        return batch
+
+
+def make_caption_collator(cfg, tokenizer, infos, train: bool) -> CaptionCollator:
+    from vltrain.data.errors import MetaError
+    need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
+    try:
+        return CaptionCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
+                               require_cls_probs=need_cls)
+    except ValueError as e:
+        if need_cls and "cls_prob" in str(e):
+            raise MetaError(f"{e}; or set model.use_cls_probs=false") from e
+        raise
+
+
+# ------------------------------------------------------------------------------ module
+
+def decode_options(task_cfg, beam_size: int) -> DecodeOptions:
+    opts = DecodeOptions(beam_size=beam_size, max_len=task_cfg.max_len, min_len=task_cfg.min_len,
+                         length_penalty=task_cfg.length_penalty, no_repeat_ngram=task_cfg.no_repeat_ngram)
+    try:
+        opts.check()
+    except ValueError as e:
+        raise ValueError(f"task.*: {e}") from None
+    return opts
+
+
+class CaptionTask(nn.Module):
+    """forward(batch) -> (loss, metrics): seq2seq MLM cross-entropy, or the SCST loss when
+    built with a ``SelfCritical``; forward(batch, predict=True) -> decoded captions."""
+
+    def __init__(self, model, objectives, tokens: DecodeTokens, label_smoothing: float = 0.0, scst=None):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"task.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.model = model
+        self.objectives = objectives
+        self.tokens = tokens
+        self.label_smoothing = label_smoothing
+        self.scst = scst
+        self.predict_options = DecodeOptions()
+        self.sync_steps = False          # decode a fixed number of steps on every rank (ZeRO-3)
+
+    def xe_loss(self, batch: Batch, per_example: bool = False):
+        out = self.model(batch.input_ids, batch.token_type_ids, batch.attention_mask,
+                         region_feats=batch.region_feats, region_boxes=batch.region_boxes,
+                         region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
+                         mode=batch.mode, image_feat=batch.image_feat)
+        h = out.text_hidden
+        B, T, H = h.shape
+        total = h.sum() * 0.0                        # keeps every rank's backward identical
+        metrics = {}
+        if batch.mlm_positions is not None and batch.mlm_positions.numel():
+            logits = self.model.mlm_logits(h.reshape(B * T, H).index_select(0, batch.mlm_positions)).float()
+            per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none",
+                                      label_smoothing=self.label_smoothing)
+            rows = batch.mlm_positions // T
+            loss = reduce_loss(per_tok, rows, B, self.objectives.loss_reduction)
+            total = total + loss
+            acc = (logits.argmax(-1) == batch.mlm_labels).float()
+            metrics.update(loss_mlm=loss.detach(), mlm_acc=acc.mean().detach())
+            if per_example:
+                nll = F.cross_entropy(logits.detach(), batch.mlm_labels, reduction="none")
+                sums = nll.new_zeros(B).index_add_(0, rows, nll)
+                cnt = nll.new_zeros(B).index_add_(0, rows, torch.ones_like(nll))
+                metrics["nll"] = sums / cnt.clamp(min=1)
+                metrics["nll_count"] = cnt
+        metrics["loss"] = total.detach()
+        return total, metrics
+
+    def forward(self, batch: Batch, predict: bool = False):
+        if predict:
+            res = decode(self.model, batch, self.tokens, self.predict_options, early_exit=not self.sync_steps)
+            with torch.no_grad():
+                _, m = self.xe_loss(batch, per_example=True)
+            return {"tokens": res.tokens, "stopped": res.stopped, "nll": m.get("nll"),
+                    "nll_count": m.get("nll_count")}
+        if self.scst is not None:
+            return self.scst.loss(self.model, batch)
+        return self.xe_loss(batch)
+
+
+def build_caption(cfg, model) -> CaptionTask:
+    from vltrain.tokenization import Tokenizer
+    t = cfg.task
+    tok = Tokenizer(cfg.data.vocab)
+    decode_options(t, t.beam_size)                   # fail on bad decoding settings at build time
+    scst = None
+    if t.scst and cfg.mode == "train":
+        from vltrain.tasks.scst import SelfCritical, read_caption_references
+        source = t.scst_references or cfg.data.train
+        refs = read_caption_references(source, cfg.data.download_timeout)
+        log.info("self-critical training: CIDEr-D document frequencies from %d images of %s", len(refs), source)
+        scst = SelfCritical(refs, tok, decode_options(t, 1))
+    return CaptionTask(model, cfg.objectives, DecodeTokens.from_tokenizer(tok), t.label_smoothing, scst)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def _zero_stage(trainer) -> int:
+    return int(((getattr(trainer, "ds_config", None) or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def _coco_id(image_id: str):
+    """COCO's evaluation server wants integer image ids; keep anything else as it is."""
+    return int(image_id) if str(image_id).isdigit() else image_id
+
+
+def score_captions(references: dict, candidates: dict) -> tuple[dict, dict]:
+    """(numeric metrics for TensorBoard/best checkpoint, everything for metrics.json).
+
+    The COCO metrics need Java (PTB tokenizer, METEOR); without it CIDEr-D is computed with
+    the pure-Python tokenizer and the others are reported as unavailable, with the reason."""
+    from vltrain.metrics.caption import CiderD, JavaNotFoundError, caption_scores
+    try:
+        full = caption_scores(references, candidates)
+    except JavaNotFoundError as e:
+        log.warning("caption metrics: %s; reporting CIDEr-D with the pure-Python tokenizer only", e)
+        ids = list(candidates)
+        cider = CiderD({i: references[i] for i in ids}, tokenize="simple")
+        full = {m: None for m in SCORED}
+        full["CIDEr"] = float(cider([(i, candidates[i]) for i in ids]).mean())
+        full["status"] = f"Java missing ({e}); CIDEr-D with simple_tokenize, other metrics unavailable"
+        full["SPICE_status"] = "unavailable: no Java"
+    if full.get("SPICE") is None:
+        log.info("SPICE %s", full.get("SPICE_status"))
+    numeric = {k: float(v) for k, v in full.items() if k in SCORED and v is not None}
+    return numeric, full
+
+
+def evaluate_caption(trainer, split: str) -> dict:
+    """Decode every image of ``split`` once across ranks and score against all references.
+
+    Validation during training decodes with ``task.val_beam_size`` (greedy by default);
+    ``mode=eval`` with ``task.beam_size``. Returns CIDEr etc. (fractions, x1 as
+    pycocoevalcap) plus ``loss`` (masked-token cross-entropy on the same batches)."""
+    import torch.distributed as dist
+    from vltrain.tasks.evaluation import predict_split, write_results
+
+    cfg = trainer.cfg
+    module = trainer.engine.module
+    beam = cfg.task.beam_size if cfg.mode == "eval" else cfg.task.val_beam_size
+    module.predict_options = decode_options(cfg.task, beam)
+    module.sync_steps = _zero_stage(trainer) == 3
+    tok = trainer.tokenizer
+
+    def collect(batch, out):
+        recs = {}
+        nll, cnt = out.get("nll"), out.get("nll_count")
+        for i, sid in enumerate(batch.sample_id.tolist()):
+            rec = {"image_id": batch.task["image_id"][i], "caption": tok.decode(out["tokens"][i]),
+                   "references": batch.task["references"][i]}
+            if nll is not None and float(cnt[i]) > 0:
+                rec["nll"] = float(nll[i])
+            recs[sid] = rec
+        return recs
+
+    preds = predict_split(trainer, split, collect)
+    refs, cands = {}, {}
+    for rec in preds.values():
+        refs[rec["image_id"]] = rec["references"]
+        cands[rec["image_id"]] = rec["caption"]
+    nlls = [r["nll"] for r in preds.values() if "nll" in r]
+
+    # Scored on rank 0 only (Java, METEOR's JVM); every rank gets the same numbers, so the
+    # `best` checkpoint decision agrees everywhere.
+    payload = [None]
+    if trainer.info.is_main:
+        try:
+            numeric, full = score_captions(refs, cands) if refs and all(refs.values()) else ({}, {})
+            payload = [(numeric, full, None)]
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            payload = [({}, {}, f"{type(e).__name__}: {e}")]
+    if trainer.info.world > 1 and dist.is_initialized():
+        dist.broadcast_object_list(payload, src=0)
+    numeric, full, err = payload[0]
+    if err:
+        raise RuntimeError(f"caption scoring failed on rank 0: {err}")
+    metrics = dict(numeric)
+    if nlls:
+        metrics["loss"] = sum(nlls) / len(nlls)
+    metrics["num_images"] = float(len(cands))
+    records = {sid: {"image_id": r["image_id"], "caption": r["caption"]} for sid, r in preds.items()}
+    submission = sorted(({"image_id": _coco_id(i), "caption": c} for i, c in cands.items()),
+                        key=lambda r: (str(type(r["image_id"])), r["image_id"]))
+    write_results(trainer, split, {**full, **metrics, "decoding": dataclasses.asdict(module.predict_options)},
+                  records, {SUBMISSION_FILE: submission})
+    return metrics
+
+
+SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator,
+                evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True)

@@ -1,0 +1,64 @@
+"""Shared evaluation plumbing for tasks: one pass over a split on every rank, predictions keyed
+by sample id (each sample once across ranks), and the result files of one evaluation.
+
+Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<NNNNNNNN>/``:
+  ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "metrics"}
+  ``predictions.json``   {sample_id: prediction record}, sorted by sample id
+  + the task's submission file(s) (e.g. VQA's ``vqa_results.json``)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+
+from vltrain.tasks.base import gather_predictions, write_json
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_split(trainer, split: str, collect: Callable) -> dict:
+    """Run the task module with ``predict=True`` over ``split`` on every rank; return the union
+    of ``collect(host_batch, outputs) -> {sample_id: record}`` over all ranks (on every rank).
+
+    Every batch is forwarded, repeats included: with ZeRO-3 the forward is a collective, so
+    every rank must run the same number of them (streaming gives each rank an equal share,
+    padded with repeated samples; the dict keeps one record per sample id).
+    """
+    loader = trainer.eval_loader(split)
+    engine = trainer.engine
+    was_training = engine.training
+    engine.eval()
+    local: dict = {}
+    try:
+        for batch in loader:
+            outputs = engine(batch.to(trainer.device, float_dtype=trainer.float_dtype), predict=True)
+            outputs = {k: v.float().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+            local.update(collect(batch, outputs))
+    finally:
+        if was_training:
+            engine.train()
+    return gather_predictions(local, trainer.info.world)
+
+
+def eval_dir(trainer, split: str) -> str:
+    return os.path.join(trainer.run_dir, "eval", f"{split}_step{trainer.step:08d}")
+
+
+def write_results(trainer, split: str, metrics: dict, predictions: dict, files: dict | None = None) -> str:
+    """Write one evaluation's files on rank 0 (see module docstring); returns the folder."""
+    out = eval_dir(trainer, split)
+    if trainer.info.is_main:
+        os.makedirs(out, exist_ok=True)
+        write_json({str(k): predictions[k] for k in sorted(predictions)}, os.path.join(out, "predictions.json"))
+        for name, obj in (files or {}).items():
+            write_json(obj, os.path.join(out, name))
+        write_json({"task": trainer.cfg.task.name, "split": split, "step": trainer.step,
+                    "init_from": trainer.cfg.train.init_from, "num_samples": len(predictions),
+                    "metrics": metrics}, os.path.join(out, "metrics.json"))
+        log.info("%s evaluation on %s (%d samples) written to %s", trainer.cfg.task.name, split,
+                 len(predictions), out)
+    return out

@@ -1,0 +1,72 @@
+"""Multiple choice in VL-BERT's VCR format: for each choice, ``[CLS] question [SEP] answer [SEP]``
+with the image; the model's ``cls_head`` (pooled ``[CLS]`` -> one score) scores the pair, and a
+softmax over the choices is trained with cross-entropy. All choices of a sample run as one
+(B*K)-row forward; the regions are expanded on the device, not copied K times on the host.
+
+Evaluation: accuracy (percent) of the highest-scoring choice; ``predictions.json`` holds each
+sample's choice probabilities (the VCR leaderboard's inputs), prediction and label.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vltrain.data.batch import Batch
+from vltrain.tasks.base import TaskSpec
+from vltrain.tasks.collate_tasks import MCCollator
+from vltrain.tasks.evaluation import predict_split, write_results
+from vltrain.tasks.heads import expand_regions
+
+
+class MultipleChoiceTask(nn.Module):
+    """forward(batch) -> (loss, metrics); forward(batch, predict=True) -> {"scores": (B, K)}
+    with -inf for padded choices."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch, predict: bool = False):
+        t = batch.task
+        B, K, T = t["choice_ids"].shape
+        out = self.model(t["choice_ids"].reshape(B * K, T), t["choice_type"].reshape(B * K, T),
+                         t["choice_mask"].reshape(B * K, T), mode="bidirectional", **expand_regions(batch, K))
+        scores = self.model.cls_head(out.text_hidden[:, 0]).view(B, K).float()
+        scores = scores.masked_fill(~t["choice_valid"], float("-inf"))
+        if predict:
+            return {"scores": scores}
+        label = t["label"]
+        loss = F.cross_entropy(scores, label, ignore_index=-1)
+        acc = (scores.argmax(1) == label).float().mean()
+        return loss, {"loss": loss.detach(), "mc_acc": acc.detach()}
+
+
+def evaluate_mc(trainer, split: str) -> dict:
+    def collect(batch, out):
+        probs = torch.softmax(out["scores"], dim=1)
+        labels = batch.task["label"].tolist()
+        valid = batch.task["choice_valid"]
+        recs = {}
+        for i, sid in enumerate(batch.sample_id.tolist()):
+            p = probs[i, valid[i]].tolist()
+            pred = int(out["scores"][i].argmax())
+            rec = {"image_id": batch.task["image_id"][i], "probs": p, "pred": pred}
+            if labels[i] >= 0:
+                rec["label"] = labels[i]
+            recs[sid] = rec
+        return recs
+
+    preds = predict_split(trainer, split, collect)
+    labeled = [r for r in preds.values() if "label" in r]
+    metrics = {"num_samples": float(len(preds))}
+    if labeled:
+        metrics["accuracy"] = 100.0 * sum(r["pred"] == r["label"] for r in labeled) / len(labeled)
+        metrics["chance"] = 100.0 * sum(1.0 / len(r["probs"]) for r in labeled) / len(labeled)
+    write_results(trainer, split, metrics, preds)
+    return metrics
+
+
+SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model),
+                make_collator=lambda cfg, tok, infos, train: MCCollator(cfg, tok, infos, train),
+                evaluate=evaluate_mc, best_metric="accuracy", higher_is_better=True)

@@ -1,0 +1,117 @@
+"""Self-critical sequence training (Rennie et al. 2017), as VLP's ``--scst``.
+
+Per batch: one caption per image is *sampled* from the model (with gradient, dropout as in
+training), one is decoded *greedily* (no gradient, eval mode) as the baseline; the reward of
+each is its CIDEr-D against the image's references with document frequencies from a fixed
+corpus (the training references, like the reference SCST code's precomputed corpus idf).
+Loss = - (r(sample) - r(greedy)) * log p(sample), averaged over the sampled tokens
+(the [STOP] step included), so captions that beat the greedy one become more likely.
+
+The reward tokeniser is ``simple_tokenize`` (pure Python; no Java in the training loop);
+evaluation still uses the PTB tokenizer through ``vltrain.metrics.caption``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Optional
+
+import torch
+
+from vltrain.decoding import DecodeOptions, DecodeTokens, greedy_decode, sample_captions
+
+log = logging.getLogger(__name__)
+
+
+def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, list[str]]:
+    """``{image_id: [reference captions]}`` of a captions dataset.
+
+    ``location``: a JSON file mapping image id -> list of captions, or an MDS captions
+    dataset (local folder or remote prefix; every shard is read once, through streaming's
+    own downloader, codecs and MDS reader)."""
+    from vltrain.data.datasets import _read_text, is_remote
+    from vltrain.data.errors import MetaError
+    if location.endswith(".json"):
+        with open(location) as f:
+            refs = json.load(f)
+        if not isinstance(refs, dict) or not refs:
+            raise MetaError(f"{location}: expected a JSON object image_id -> [captions]")
+        return {str(k): [str(c) for c in v] for k, v in refs.items()}
+    from streaming.base.compression import decompress
+    from streaming.base.format.mds import MDSReader
+    from streaming.base.storage import CloudDownloader
+    try:
+        index = json.loads(_read_text(location, "index.json", timeout))
+        shards = index["shards"]
+    except (ValueError, KeyError) as e:
+        raise MetaError(f"dataset {location}: index.json is unreadable ({e})") from e
+    refs: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="vltrain_refs_") as tmp:
+        os.makedirs(os.path.join(tmp, "raw"))
+        for shard in shards:
+            raw, zipped = shard["raw_data"], shard.get("zip_data")
+            name = (zipped or raw)["basename"]
+            if is_remote(location):
+                src = os.path.join(tmp, name)
+                CloudDownloader.direct_download(location.rstrip("/") + "/" + name, src, timeout)
+            else:
+                src = os.path.join(location, name)
+            with open(src, "rb") as f:
+                data = f.read()
+            if zipped:
+                data = decompress(shard["compression"], data)
+            dst = os.path.join(tmp, "raw", raw["basename"])
+            with open(dst, "wb") as f:
+                f.write(data)
+            reader = MDSReader.from_json(os.path.join(tmp, "raw"), "", shard)
+            for i in range(reader.samples):
+                s = reader.get_item(i)
+                key = str(s.get("image_id") or s["sample_id"])
+                refs[key] = [str(c) for c in s["captions"]]
+            os.remove(dst)
+            if src.startswith(tmp):
+                os.remove(src)
+    if not refs:
+        raise MetaError(f"dataset {location} holds no captions")
+    return refs
+
+
+class SelfCritical:
+    """The SCST loss of a batch (image ids and regions) for a ``VLModel``."""
+
+    def __init__(self, references: dict, tokenizer, opts: DecodeOptions, sync_steps: bool = False):
+        from vltrain.metrics.caption import CiderD
+        self.cider = CiderD(references, tokenize="simple")
+        self.tokenizer = tokenizer
+        self.tokens = DecodeTokens.from_tokenizer(tokenizer)
+        self.opts = opts
+        # Fixed step counts on every rank (ZeRO-3 gathers parameters collectively per call).
+        self.sync_steps = sync_steps
+
+    def rewards(self, image_ids, token_lists) -> torch.Tensor:
+        caps = [self.tokenizer.decode(t) for t in token_lists]
+        return torch.from_numpy(self.cider(list(zip(image_ids, caps)))).float()
+
+    def loss(self, model, batch, generator: Optional[torch.Generator] = None):
+        o = self.opts
+        image_ids = [str(i) for i in batch.task["image_id"]]
+        greedy = greedy_decode(model, batch, self.tokens, max_len=o.max_len, min_len=o.min_len,
+                               no_repeat_ngram=o.no_repeat_ngram, early_exit=not self.sync_steps)
+        words, logps, mask = sample_captions(model, batch, self.tokens, max_len=o.max_len, min_len=o.min_len,
+                                             no_repeat_ngram=o.no_repeat_ngram, generator=generator,
+                                             early_exit=not self.sync_steps)
+        sampled = []
+        for row, n in zip(words.tolist(), mask.sum(1).long().tolist()):
+            cap = row[:n]                                   # the caption's steps
+            if cap and cap[-1] == self.tokens.pad_id:       # ended by [STOP] (written as [PAD])
+                cap = cap[:-1]
+            sampled.append(cap)
+        r_sample = self.rewards(image_ids, sampled).to(logps.device)
+        r_greedy = self.rewards(image_ids, greedy.tokens).to(logps.device)
+        adv = r_sample - r_greedy
+        loss = -(adv[:, None] * logps * mask).sum() / mask.sum().clamp(min=1.0)
+        metrics = {"loss": loss.detach(), "reward_sample": r_sample.mean(), "reward_greedy": r_greedy.mean(),
+                   "advantage": adv.mean()}
+        return loss, metrics

@@ -1,0 +1,150 @@
+"""VQA fine-tuning and evaluation, both papers' heads (``task.vqa_head``):
+
+  vlp     VLP: ``Linear -> ReLU -> Linear`` on ``h_[CLS] * h_[SEP]`` (the [SEP] between the
+          regions and the question), sigmoid / binary cross-entropy against the soft scores.
+  vlbert  VL-BERT: a ``[MASK]`` after the question (``[CLS] q [SEP] [MASK] [STOP]``) whose final
+          state goes through a head initialised from the model's MLM head (see
+          ``heads.MLMAnswerHead``); same loss.
+
+The answer vocabulary is the dataset's ``answer_vocab.json`` (index = class id); its size must
+equal ``task.num_answers`` (3129 for VQA v2 as VLP/VL-BERT use it). The loss is BCE summed over
+answers and averaged over questions (VLP's ``BCE-mean x num_answers``).
+
+Evaluation: argmax answer per question, scored with the official VQA accuracy (annotator
+answers normalised, mean over leave-one-out subsets); unlabeled questions (test-dev/test)
+get predictions only. Files: ``predictions.json`` (by sample id) and the submission
+``vqa_results.json`` = ``[{"question_id", "answer"}]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vltrain.data.batch import Batch
+from vltrain.tasks.base import TaskSpec
+from vltrain.tasks.collate_tasks import VQACollator
+from vltrain.tasks.evaluation import predict_split, write_results
+from vltrain.tasks.heads import MLMAnswerHead, VLPAnswerHead
+
+log = logging.getLogger(__name__)
+
+VQA_HEADS = ("vlp", "vlbert")
+SUBMISSION_FILE = "vqa_results.json"
+
+
+def read_answer_vocab(remote: str, timeout: float = 60.0) -> list[str]:
+    """``answer_vocab.json`` of a VQA dataset (local folder or remote prefix)."""
+    from vltrain.data.datasets import _read_text
+    from vltrain.data.errors import MetaError
+    from vltrain.data.schema import ANSWER_VOCAB_FILE
+    text = _read_text(remote, ANSWER_VOCAB_FILE, timeout)
+    try:
+        vocab = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MetaError(f"dataset {remote}: {ANSWER_VOCAB_FILE} is not valid JSON: {e}") from e
+    if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab) or not vocab:
+        raise MetaError(f"dataset {remote}: {ANSWER_VOCAB_FILE} must be a non-empty JSON list of strings")
+    return vocab
+
+
+def task_dataset(cfg) -> str:
+    """The dataset whose answer vocabulary defines the head: data.train, or in eval mode the
+    split being evaluated."""
+    split = "train" if cfg.mode == "train" else cfg.task.eval_split
+    path = getattr(cfg.data, split, "")
+    if not path:
+        raise ValueError(f"task.name=vqa reads its answer vocabulary from data.{split}, which is empty")
+    return path
+
+
+class VQATask(nn.Module):
+    """forward(batch) -> (loss, metrics); forward(batch, predict=True) -> {"logits": (B, A)}."""
+
+    def __init__(self, model, head: str, answers: list[str], tokenizer=None):
+        super().__init__()
+        if head not in VQA_HEADS:
+            raise ValueError(f"task.vqa_head={head!r}; choose one of {list(VQA_HEADS)}")
+        self.model = model
+        self.head_type = head
+        self.answers = list(answers)      # plain attribute: not part of the state dict
+        h, n = model.config.hidden_size, len(answers)
+        if head == "vlp":
+            self.head = VLPAnswerHead(h, n, model.config.initializer_range)
+        else:
+            pieces = [tokenizer.encode(a) for a in answers]
+            self.head = MLMAnswerHead(model, pieces, model.config.hidden_dropout)
+
+    def forward(self, batch: Batch, predict: bool = False):
+        out = self.model(batch.input_ids, batch.token_type_ids, batch.attention_mask,
+                         region_feats=batch.region_feats, region_boxes=batch.region_boxes,
+                         region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
+                         mode=batch.mode, image_feat=batch.image_feat)
+        h = out.text_hidden
+        rows = torch.arange(h.shape[0], device=h.device)
+        at = h[rows, batch.task["answer_pos"]]           # [SEP] (vlp) or [MASK] (vlbert)
+        logits = self.head(h[:, 0] * at if self.head_type == "vlp" else at).float()
+        if predict:
+            return {"logits": logits}
+        target = batch.task["vqa_targets"].float()
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(1, logits.shape[0])
+        score = target.gather(1, logits.argmax(1, keepdim=True)).mean()
+        return loss, {"loss": loss.detach(), "vqa_score": score.detach()}
+
+
+def build_vqa(cfg, model) -> VQATask:
+    vocab = read_answer_vocab(task_dataset(cfg), cfg.data.download_timeout)
+    if len(vocab) != cfg.task.num_answers:
+        raise ValueError(f"the answer vocabulary of {task_dataset(cfg)} has {len(vocab)} answers but "
+                         f"task.num_answers={cfg.task.num_answers}; set task.num_answers={len(vocab)}")
+    tok = None
+    if cfg.task.vqa_head == "vlbert":
+        from vltrain.tokenization import Tokenizer
+        tok = Tokenizer(cfg.data.vocab)
+    return VQATask(model, cfg.task.vqa_head, vocab, tok)
+
+
+def evaluate_vqa(trainer, split: str) -> dict:
+    """Official VQA accuracy (percent) over ``split``, each question once across ranks."""
+    from vltrain.metrics.vqa import vqa_accuracy
+    module = trainer.engine.module
+    remote = getattr(trainer.cfg.data, split)
+    vocab = read_answer_vocab(remote, trainer.cfg.data.download_timeout)
+    if vocab != module.answers:
+        raise ValueError(f"dataset {remote}: answer_vocab.json differs from the one the VQA head was built "
+                         "with; convert every split with --answer-vocab <train split's answer_vocab.json>")
+
+    def collect(batch, out):
+        pred = out["logits"].argmax(1).tolist()
+        qids = batch.task["question_id"].tolist()
+        recs = {}
+        for i, sid in enumerate(batch.sample_id.tolist()):
+            answer = module.answers[pred[i]]
+            rec = {"question_id": qids[i], "image_id": batch.task["image_id"][i], "answer": answer}
+            gt = batch.task["answers"][i]
+            if gt:
+                rec["accuracy"] = vqa_accuracy(answer, gt, normalize_gt=True)
+            recs[sid] = rec
+        return recs
+
+    preds = predict_split(trainer, split, collect)
+    scored = [r["accuracy"] for r in preds.values() if "accuracy" in r]
+    metrics = {"num_samples": float(len(preds))}
+    if scored:
+        metrics["accuracy"] = 100.0 * sum(scored) / len(scored)
+        metrics["num_scored"] = float(len(scored))
+    submission = sorted(({"question_id": r["question_id"], "answer": r["answer"]} for r in preds.values()),
+                        key=lambda r: r["question_id"])
+    write_results(trainer, split, metrics, preds, {SUBMISSION_FILE: submission})
+    return metrics
+
+
+def make_vqa_collator(cfg, tokenizer, infos, train):
+    return VQACollator(cfg, tokenizer, infos, train)
+
+
+SPEC = TaskSpec("vqa", build_module=build_vqa, make_collator=make_vqa_collator, evaluate=evaluate_vqa,
+                best_metric="accuracy", higher_is_better=True)
