@@ -46,6 +46,8 @@ def setup_logging() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from vltrain.engine.signals import STOP
+    STOP.install()   # before the slow start-up: a preemption signal then is kept, not fatal
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     setup_logging()

@@ -39,3 +39,8 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+# One per process: run.py installs it first thing, so a signal that arrives while the job is
+# still starting (imports, engine build) is kept and honoured at the first step boundary.
+STOP = StopFlag()

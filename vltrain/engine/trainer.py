@@ -20,7 +20,7 @@ import torch.distributed as dist
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.signals import EXIT_PREEMPTED, StopFlag
+from vltrain.engine.signals import EXIT_PREEMPTED, STOP
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.best_metric: Optional[float] = None
-        self.stop = StopFlag().install()
+        self.stop = STOP.install()
         self._last_save_time = time.time()
         self._eval_loaders: dict = {}      # split -> loader, built on first use (eval_loader)
 
@@ -76,9 +76,13 @@ class Trainer:
 
     def resume_from(self, found: ckpt.Found) -> None:
         """Full resume: engine (weights, optimizer, schedule), loader position, RNG, counters."""
+        from vltrain.engine.resume import optimizer_group_settings, repair_universal_zero3_load
+        settings = optimizer_group_settings(self.engine)
         load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {found.path}")
+        if found.info.get("universal"):
+            repair_universal_zero3_load(self.engine, settings)   # DeepSpeed 0.19.8 ZeRO-3 loader quirks
         state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"])
         self.loader.load_state_dict(state["loader"])
         if found.info["world_size"] == self.info.world:

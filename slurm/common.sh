@@ -1,0 +1,268 @@
+# shellcheck shell=bash
+# Shared logic of the vltrain sbatch templates (pretrain / finetune / eval.sbatch).
+# Sourced, never run: it only defines functions. A template sets its defaults and calls
+#
+#     vltrain_main "$@"        # "$@": extra key=value config overrides from the sbatch line
+#
+# What vltrain_main does, in order:
+#   1. builds the run.py command line from the variables below (+ EXTRA and "$@");
+#   2. resolves the run folder OUTPUT_ROOT/RUN_NAME with vltrain's own config loader, so a
+#      bad config fails here in a second (exit 2, job FAILED, not requeued);
+#   3. exports the rendezvous (MASTER_ADDR = first node of the job, MASTER_PORT from the job
+#      id), NCCL defaults, and starts ONE srun TASK PER GPU running `python vltrain/run.py`
+#      (each task maps SLURM_PROCID/LOCALID/NTASKS/NODEID to RANK/LOCAL_RANK/WORLD_SIZE/
+#      NODE_RANK itself: vltrain/engine/distributed.py);
+#   4. reads every task's exit code and decides:
+#        all 0                    -> done: exit 0 (COMPLETED, not requeued)
+#        75 (and no real error)   -> the ranks checkpointed on SIGUSR1: `scontrol requeue`
+#                                    (at most MAX_REQUEUES times, counted by SLURM_RESTART_COUNT);
+#                                    the requeued job resumes from `latest` (train.resume=auto)
+#        anything else            -> a real failure: exit with that code (FAILED, not requeued)
+#
+# Variables (export them before sbatch, or `sbatch --export=ALL,CONFIG=...`):
+#   CONFIG          recipe YAML (default: the template's)
+#   DS_CONFIG       DeepSpeed JSON (default ds_configs/zero2.json)
+#   RUN_NAME        -> run_name     (default: the recipe's run_name)
+#   OUTPUT_ROOT     -> output_root  (default: the recipe's output_root, relative to the submit dir)
+#   DATA_REMOTE     -> data.train   (an s3://bucket/prefix or a shared folder of MDS shards)
+#   DATA_VAL_REMOTE -> data.val
+#   CACHE_DIR       -> data.cache_dir (node-local disk; vltrain appends node<N> per node)
+#   INIT_FROM       -> train.init_from
+#   EXTRA           more key=value overrides, space-separated (positional args come last and win)
+#   MAX_REQUEUES    requeue cap (default 20)
+#   PYTHON          interpreter of the shared venv (default: `python` on PATH)
+#   CPUS_PER_TASK   CPUs per rank (default: sbatch --cpus-per-task, else the node's CPUs / tasks)
+#   VLTRAIN_MASTER_PORT  rendezvous port (default 10000 + job id % 20000)
+#   VLTRAIN_HOME    the vltrain checkout (default: the folder above the submitted template,
+#                   found by the template itself; else the submit dir)
+# Secrets (AWS_* for S3) travel in the environment: this file never prints the environment.
+#
+# Resources (Slurm 22.05): an sbatch command-line option beats the same SBATCH_* variable,
+# which beats the template's #SBATCH line. The templates ask for 8 tasks x 8 GPUs per node on
+# whole nodes (--exclusive; the CPUs are split evenly between the ranks here). On nodes without
+# GPUs drop the GPU request with `--gpus-per-node=0` (or SBATCH_GPUS_PER_NODE=0); a request for
+# GPUs a node lacks is refused at submission ("Invalid generic resource (gres) specification").
+# CPUs deliberately are not tied to GPUs (--cpus-per-gpu): with zero GPUs that is refused too.
+#
+# Signals: `#SBATCH --signal=USR1@T` (no "B:") and `scancel --signal=USR1 JOBID` reach every
+# process of the training step; the ranks finish the step, checkpoint and exit 75. USR1 to the
+# batch shell (`--signal=B:USR1@T`, `scancel --batch --signal=USR1`) is forwarded the same way.
+# SIGTERM (scancel, time limit, the scheduler's own preemption) is Slurm ending the job: it
+# reaches every process, the ranks' dataloader workers too (which then die, so a rank usually
+# fails instead of checkpointing), SIGKILL follows after KillWait; the script never requeues
+# after it. Hence the USR1 lead time before the time limit.
+
+VLTRAIN_EXIT_PREEMPTED=75   # vltrain/engine/signals.py EXIT_PREEMPTED
+VLTRAIN_EXIT_BAD_INPUT=2
+
+vltrain_log() {
+    echo "[vltrain-slurm $(date '+%F %T')] job=${SLURM_JOB_ID:--} restart=${SLURM_RESTART_COUNT:-0}: $*"
+}
+
+vltrain_fail() {   # vltrain_fail CODE MESSAGE...
+    local code=$1
+    shift
+    vltrain_log "ERROR: $*" >&2
+    exit "$code"
+}
+
+# Tasks per node of this job (SLURM_TASKS_PER_NODE looks like "8(x4)" or "8(x3),4").
+vltrain_tasks_per_node() {
+    local tpn="${SLURM_NTASKS_PER_NODE:-}"
+    if [[ -z "$tpn" ]]; then
+        tpn="${SLURM_TASKS_PER_NODE:-1}"
+        tpn="${tpn%%,*}"
+        tpn="${tpn%%(*}"
+    fi
+    echo "${tpn:-1}"
+}
+
+# ------------------------------------------------------------------------------ per task
+# Runs inside every srun task (see vltrain_main): one header line, the accelerator choice for
+# THIS node, then python as a child whose exit code is written to EXIT_DIR/<rank>.
+#
+# Signals: Slurm signals every process of the step (`--signal=USR1@T`, `scancel --signal=USR1`),
+# so python gets USR1/TERM directly; the traps keep this small shell alive and forward the
+# signal too (harmless twice: the trainer only sets a flag), for launch setups that signal only
+# the task's top process.
+vltrain_task() {
+    local exit_dir=$1
+    shift
+    local rank="${SLURM_PROCID:-0}"
+    if [[ -z "${DS_ACCELERATOR:-}" ]] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+        export DS_ACCELERATOR=cpu   # no GPU on this node: DeepSpeed's CPU accelerator + gloo
+    fi
+    echo "$(date '+%F %T') job=${SLURM_JOB_ID:--} rank=$rank local_rank=${SLURM_LOCALID:-0} node=${SLURMD_NODENAME:-?} host=$(hostname -s) restart=${SLURM_RESTART_COUNT:-0} accelerator=${DS_ACCELERATOR:-auto}: starting vltrain/run.py"
+    local child rc
+    "$@" &
+    child=$!
+    trap 'kill -USR1 "$child" 2>/dev/null' USR1
+    trap 'kill -TERM "$child" 2>/dev/null' TERM
+    while true; do
+        wait "$child"
+        rc=$?
+        kill -0 "$child" 2>/dev/null || break   # still alive: wait was cut short by a trapped signal
+    done
+    echo "$rc" >"$exit_dir/$rank" 2>/dev/null || true
+    echo "$(date '+%F %T') job=${SLURM_JOB_ID:--} rank=$rank node=${SLURMD_NODENAME:-?}: vltrain/run.py exited with $rc"
+    exit "$rc"
+}
+
+# ------------------------------------------------------------------------------ batch script
+vltrain_main() {
+    [[ -n "${SLURM_JOB_ID:-}" ]] || vltrain_fail 2 "not inside a Slurm job: submit with sbatch"
+    local home="${VLTRAIN_HOME:?}"
+    local restart="${SLURM_RESTART_COUNT:-0}"
+    local python="${PYTHON:-python}"
+    command -v "$python" >/dev/null 2>&1 \
+        || vltrain_fail 2 "python interpreter '$python' not found: activate the shared venv before sbatch or set PYTHON=/path/to/venv/bin/python"
+    [[ -n "${CONFIG:-}" ]] || vltrain_fail 2 "set CONFIG=configs/<recipe>.yaml (export it before sbatch, or sbatch --export=ALL,CONFIG=...)"
+    local ds_config="${DS_CONFIG:-$home/ds_configs/zero2.json}"
+    [[ -f "$ds_config" ]] || vltrain_fail 2 "DS_CONFIG=$ds_config does not exist"
+
+    # Launcher variables from the submitting shell would stop run.py from mapping SLURM_*.
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE NODE_RANK GROUP_RANK CROSS_RANK CROSS_SIZE
+
+    # ---- overrides, lowest priority first (the config loader applies them in order).
+    local -a ov=() extra=()
+    [[ -n "${VLTRAIN_MODE:-}" && "${VLTRAIN_MODE}" != train ]] && ov+=("mode=$VLTRAIN_MODE")
+    [[ -n "${OUTPUT_ROOT:-}" ]] && ov+=("output_root=$OUTPUT_ROOT")
+    [[ -n "${RUN_NAME:-}" ]] && ov+=("run_name=$RUN_NAME")
+    [[ -n "${DATA_REMOTE:-}" ]] && ov+=("data.train=$DATA_REMOTE")
+    [[ -n "${DATA_VAL_REMOTE:-}" ]] && ov+=("data.val=$DATA_VAL_REMOTE")
+    [[ -n "${CACHE_DIR:-}" ]] && ov+=("data.cache_dir=$CACHE_DIR")
+    [[ -n "${INIT_FROM:-}" ]] && ov+=("train.init_from=$INIT_FROM")
+    local resume=0
+    [[ "${VLTRAIN_MODE:-train}" == train ]] && resume=1
+    # First run: resume=auto picks up a previous job of the same run (resubmission), and the
+    # user may still point train.resume at a checkpoint. A requeued run always continues
+    # from its own latest checkpoint, so there it comes last and wins.
+    ((resume)) && ((restart == 0)) && ov+=("train.resume=auto")
+    read -r -a extra <<<"${EXTRA:-}"
+    ov+=("${extra[@]}" "$@")
+    ((resume)) && ((restart > 0)) && ov+=("train.resume=auto")
+    local kv
+    for kv in "${ov[@]}"; do
+        [[ "$kv" == *=* ]] || vltrain_fail 2 "argument '$kv' is not a key=value config override"
+    done
+
+    # ---- the run folder, exactly as run.py will compute it (and the config checked early).
+    local run_dir
+    run_dir="$(PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$CONFIG" "${ov[@]}" <<'PY'
+import os, sys
+from vltrain.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as e:
+    print(f"bad configuration: {e}", file=sys.stderr)
+    sys.exit(2)
+print(os.path.abspath(os.path.join(cfg.output_root, cfg.run_name)))
+PY
+)" || vltrain_fail "$VLTRAIN_EXIT_BAD_INPUT" "config check failed for CONFIG=$CONFIG (message above); not starting the ranks"
+
+    local log_dir="$run_dir/logs"
+    local exit_dir="$log_dir/.exit/$SLURM_JOB_ID.$restart"
+    mkdir -p "$log_dir" "$exit_dir" || vltrain_fail 1 "cannot create $log_dir (OUTPUT_ROOT must be on a filesystem every node sees)"
+    rm -f "$exit_dir"/* 2>/dev/null
+    # The batch log itself (#SBATCH --output) stays where sbatch put it; link it beside the ranks' logs.
+    local batch_log
+    batch_log="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | head -n1 | cut -d= -f2-)"
+    [[ -n "$batch_log" && -f "$batch_log" ]] && ln -sfn "$batch_log" "$log_dir/$SLURM_JOB_ID-batch.out" 2>/dev/null
+
+    # ---- distributed environment shared by all ranks (per-rank variables are mapped in run.py).
+    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    # Port from the job id (= vltrain.engine.distributed.port_from_job_id): two jobs sharing a
+    # node differ. VLTRAIN_MASTER_PORT overrides it (a blocked port range; two clusters whose
+    # job ids collide on one host, like the test suite's local clusters).
+    MASTER_PORT="${VLTRAIN_MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
+    export MASTER_ADDR MASTER_PORT
+    local tpn cpt
+    tpn="$(vltrain_tasks_per_node)"
+    cpt="${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}"
+    if [[ -z "$cpt" ]]; then
+        cpt=$(( ${SLURM_CPUS_ON_NODE:-1} / (tpn > 0 ? tpn : 1) ))
+        ((cpt >= 1)) || cpt=1
+    fi
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$cpt}"
+    export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+    # NCCL (ignored on CPU nodes). Async error handling turns a dead peer into an error on
+    # every rank (with --kill-on-bad-exit the job then ends) instead of a hang.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    # Cluster-specific, set them before sbatch when needed:
+    #   NCCL_SOCKET_IFNAME=ib0 (or ^lo,docker0)  the interface for NCCL's bootstrap/socket traffic
+    #   NCCL_IB_HCA=mlx5_0,mlx5_1                 the InfiniBand HCAs to use (=^mlx5_4 excludes one)
+    #   NCCL_DEBUG=INFO                           topology and transport choices in the rank logs
+    #   NCCL_NET_GDR_LEVEL, NCCL_IB_GID_INDEX     GPUDirect RDMA / RoCE settings from your admins
+
+    local -a cmd=("$python" "$home/vltrain/run.py" --config "$CONFIG" --deepspeed_config "$ds_config" "${ov[@]}")
+    vltrain_log "nodes=$SLURM_JOB_NODELIST ntasks=${SLURM_NTASKS:-?} tasks_per_node=$tpn cpus_per_task=$cpt master=$MASTER_ADDR:$MASTER_PORT"
+    vltrain_log "run dir $run_dir; rank logs $log_dir/$SLURM_JOB_ID-<rank>.log"
+    vltrain_log "command: ${cmd[*]}"
+
+    # ---- one task per GPU. --kill-on-bad-exit: one rank failing ends the others at once.
+    # srun's own exit code is then the killed ranks' (143), so the ranks' codes are read from
+    # exit_dir instead. --gpu-bind=none: every rank sees all GPUs of its node and takes
+    # cuda:LOCAL_RANK (a site default binding one GPU per task would break that index and
+    # CUDA peer-to-peer between the ranks of a node).
+    local srun_pid rc got_term=0
+    # shellcheck disable=SC2016  # $1/$@ expand in the task's shell, not here
+    srun --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none \
+        --output="$log_dir/%j-%t.log" --open-mode=append \
+        bash -c 'source "$1"; shift; vltrain_task "$@"' vltrain-task "$home/slurm/common.sh" "$exit_dir" "${cmd[@]}" &
+    srun_pid=$!
+    # USR1 to this shell (`--signal=B:USR1@T`, `scancel --batch --signal=USR1`): pass it on
+    # through srun, which forwards it to every task. TERM to this shell means Slurm itself is
+    # ending the job (scancel, time limit, preemption): forward it, but never requeue after it.
+    trap 'kill -USR1 "$srun_pid" 2>/dev/null' USR1
+    trap 'got_term=1; kill -TERM "$srun_pid" 2>/dev/null' TERM
+    while true; do
+        wait "$srun_pid"
+        rc=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+
+    local f code codes="" preempted=0 failed_code=""
+    for f in "$exit_dir"/*; do
+        [[ -f "$f" ]] || continue
+        code="$(tr -dc '0-9' <"$f")"
+        codes+=" rank${f##*/}=$code"
+        if [[ "$code" == "$VLTRAIN_EXIT_PREEMPTED" ]]; then
+            preempted=1
+        elif [[ -n "$code" && "$code" -ne 0 && "$code" -lt 128 && -z "$failed_code" ]]; then
+            failed_code=$code   # a real error (killed-by-signal codes >=128 are srun's collateral)
+        fi
+    done
+    rm -rf "$exit_dir"
+    rmdir "$log_dir/.exit" 2>/dev/null
+    vltrain_log "srun exited with $rc; ranks:${codes:- none reported}"
+
+    if ((rc == 0)); then
+        vltrain_log "finished"
+        return 0
+    fi
+    if ((preempted)) && [[ -z "$failed_code" ]]; then
+        # 75 means every rank passed the checkpoint commit, whatever srun then did to the others.
+        if ((got_term)); then
+            vltrain_log "checkpointed after SIGTERM from Slurm (cancel / time limit): not requeueing; resubmit to continue"
+            exit "$VLTRAIN_EXIT_PREEMPTED"
+        fi
+        local max="${MAX_REQUEUES:-20}"
+        if ((restart >= max)); then
+            vltrain_log "checkpointed, but the job was already requeued $restart times (MAX_REQUEUES=$max): not requeueing"
+            exit "$VLTRAIN_EXIT_PREEMPTED"
+        fi
+        vltrain_log "checkpointed on signal: requeueing (requeue $((restart + 1)) of at most $max); the next run resumes from latest"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            return 0
+        fi
+        vltrain_fail "$VLTRAIN_EXIT_PREEMPTED" "scontrol requeue $SLURM_JOB_ID failed; resubmit to resume"
+    fi
+    code="${failed_code:-$rc}"
+    ((code != 0)) || code=1
+    # The ranks' error lines of this run (the logs are appended to across requeues).
+    for f in "$log_dir/$SLURM_JOB_ID"-*.log; do
+        [[ -f "$f" ]] && awk '/: starting vltrain\/run.py$/ {buf = ""} / ERROR / {buf = buf $0 "\n"} END {printf "%s", buf}' "$f"
+    done | sort -u | head -n 10 >&2
+    vltrain_fail "$code" "training failed (exit $code); not requeued. See $log_dir/$SLURM_JOB_ID-<rank>.log"
+}

@@ -1,0 +1,270 @@
+"""The sbatch templates on a real (local, two-node, CPU) Slurm cluster, debug model:
+
+  plain     `sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/pretrain.sbatch`, data
+            read from s3:// (moto): COMPLETED, one rank per node, checkpoints, finite TensorBoard
+            losses, one cache folder per node, the S3 secret in no log
+  preempt   the same job (GPU request dropped with SBATCH_GPUS_PER_NODE=0 instead), signalled
+            with `scancel --signal=USR1` mid-run: it checkpoints, exits 75, requeues itself,
+            resumes from that checkpoint and completes every step exactly once
+  failures  a bad config key (caught before the ranks start) and a missing dataset (inside the
+            ranks, through srun --kill-on-bad-exit): FAILED with the message in the log, never
+            requeued
+
+The ranks choose DeepSpeed's CPU accelerator by themselves (no DS_ACCELERATOR in the job's
+environment, no nvidia-smi on the nodes).
+"""
+import glob
+import math
+import os
+import re
+import socket
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.corpus import REPO
+from tests.fixtures.s3 import S3_SECRET_SENTINEL
+
+pytestmark = pytest.mark.slow
+
+PRETRAIN = os.path.join(REPO, "slurm", "pretrain.sbatch")
+DEBUG_CONFIG = os.path.join(REPO, "configs", "debug.yaml")
+S3_VARS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+JOB_TIMEOUT = 300      # a job start costs ~30 s of imports per rank on a loaded 2-core machine
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _wait_for(predicate, timeout, what, poll=0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Job:
+    """One submission of slurm/pretrain.sbatch; its batch log and run folder under `root`."""
+
+    def __init__(self, cluster, root, name, sbatch_args, overrides, env_extra=None):
+        self.cluster, self.root, self.name = cluster, str(root), name
+        self.run_dir = os.path.join(self.root, "runs", name)
+        env = {k: v for k, v in cluster.env.items() if k != "DS_ACCELERATOR"}  # the template decides
+        env.update({k: os.environ[k] for k in S3_VARS if k in os.environ})
+        env.update(CONFIG=DEBUG_CONFIG, PYTHON=sys.executable, OUTPUT_ROOT=os.path.join(self.root, "runs"),
+                   RUN_NAME=name, CACHE_DIR=os.path.join(self.root, "cache", name), OMP_NUM_THREADS="1",
+                   VLTRAIN_MASTER_PORT=str(_free_port()))
+        env.update(env_extra or {})
+        self.env = env
+        res = cluster.run(["sbatch", "--parsable", f"--output={self.root}/slurm-%j.out", "--time=15",
+                           *sbatch_args, PRETRAIN, *overrides], cwd=REPO, env=env)
+        self.id = res.stdout.strip().split(";")[0]
+
+    @property
+    def batch_log(self):
+        return _read(os.path.join(self.root, f"slurm-{self.id}.out"))
+
+    def rank_log(self, rank):
+        return _read(os.path.join(self.run_dir, "logs", f"{self.id}-{rank}.log"))
+
+    def logs(self):
+        return (f"--- batch log\n{self.batch_log[-3000:]}\n--- rank 0\n{self.rank_log(0)[-3000:]}"
+                f"\n--- rank 1\n{self.rank_log(1)[-2000:]}")
+
+    def wait(self, states, timeout=JOB_TIMEOUT):
+        try:
+            return self.cluster.wait_job(self.id, states, timeout=timeout)
+        except (AssertionError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
+
+
+def _scalars(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def _rank_headers(text, jobid):
+    """(rank, node, restart) of every task start line the template writes."""
+    return re.findall(rf"job={jobid} rank=(\d+) local_rank=\d+ node=(\S+) host=\S+ restart=(\d+) "
+                      r"accelerator=(\S+): starting", text)
+
+
+def _assert_no_secret(*roots):
+    hits = []
+    for root in roots:
+        files = [root] if os.path.isfile(root) else glob.glob(os.path.join(root, "**", "*"), recursive=True)
+        for path in files:
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    if S3_SECRET_SENTINEL.encode() in f.read():
+                        hits.append(path)
+    assert not hits, f"the S3 secret was written to {hits}"
+
+
+def _upload(local, bucket, prefix):
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    for path in glob.glob(os.path.join(local, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            s3.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local)}")
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(synthetic_corpus, s3_endpoint):
+    import boto3
+    bucket = "vlt-slurm-jobs"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return {"train": _upload(os.path.join(synthetic_corpus, "captions", "pretrain"), bucket, "captions/pretrain"),
+            "val": _upload(os.path.join(synthetic_corpus, "captions", "val"), bucket, "captions/val"),
+            "bucket": bucket}
+
+
+def test_two_node_pretraining_from_s3(slurm_cluster, s3_corpus, tmp_path):
+    steps = 20
+    job = Job(slurm_cluster, tmp_path, "plain",
+              ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0"],
+              [f"train.max_steps={steps}", "train.log_every=1", "train.save_every_steps=10",
+               "train.val_every=10", "train.dist_timeout_s=60"],
+              {"DATA_REMOTE": s3_corpus["train"], "DATA_VAL_REMOTE": s3_corpus["val"]})
+    info = job.wait({"COMPLETED"})
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", (info, job.logs())
+
+    # Two ranks, one on each node, both on the CPU accelerator the template picked.
+    logs = job.rank_log(0) + job.rank_log(1)
+    assert sorted(_rank_headers(logs, job.id)) == [("0", "node1", "0", "cpu"), ("1", "node2", "0", "cpu")], logs
+    assert f"job={job.id} rank=0 INFO vltrain.train: step {steps}/{steps}" in job.rank_log(0), job.logs()
+    batch = job.batch_log
+    assert f"master=node1:{job.env['VLTRAIN_MASTER_PORT']}" in batch, batch
+    assert "ranks: rank0=0 rank1=0" in batch and "finished" in batch, batch
+    assert "requeu" not in batch.split("srun exited", 1)[1], batch
+    assert os.path.realpath(os.path.join(job.run_dir, "logs", f"{job.id}-batch.out")) == \
+        os.path.realpath(os.path.join(tmp_path, f"slurm-{job.id}.out"))
+
+    # Checkpoints (complete, both ranks' state), resolved config, TensorBoard with finite losses.
+    ck = os.path.join(job.run_dir, "checkpoints")
+    assert _read(os.path.join(ck, "latest")).strip() == f"step_{steps:08d}"
+    for tag in ("step_00000010", f"step_{steps:08d}"):
+        files = set(os.listdir(os.path.join(ck, tag)))
+        assert {"vltrain_ckpt.json", "vltrain_rank00000.pt", "vltrain_rank00001.pt"} <= files, (tag, files)
+    assert f"train: {s3_corpus['train']}" in _read(os.path.join(job.run_dir, "config.yaml"))
+    losses = _scalars(os.path.join(job.run_dir, "tensorboard"), "train/loss")
+    assert [s for s, _ in losses] == list(range(1, steps + 1)), losses
+    assert all(math.isfinite(v) for _, v in losses), losses
+    val = _scalars(os.path.join(job.run_dir, "tensorboard"), "val/loss")
+    assert [s for s, _ in val] == [10, 20] and all(math.isfinite(v) for _, v in val), val
+
+    # Each node streamed into its own cache folder.
+    assert sorted(os.listdir(os.path.join(tmp_path, "cache", "plain"))) == ["node0", "node1"]
+
+    # The secret was in every rank's environment (they read S3 with it) and is in no log:
+    # not the batch log, not the ranks' logs, not the run folder, not the Slurm daemons' logs.
+    assert job.env["AWS_SECRET_ACCESS_KEY"] == S3_SECRET_SENTINEL
+    _assert_no_secret(str(tmp_path), str(slurm_cluster.state_dir / "log"))
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, tmp_path):
+    steps = 60
+    # The GPU request is dropped by an SBATCH_* variable this time; the command line is the
+    # plain one from the README.
+    job = Job(slurm_cluster, tmp_path, "preempt", ["--nodes=2", "--ntasks-per-node=1"],
+              [f"train.max_steps={steps}", "train.log_every=1", "data.val=", "train.dist_timeout_s=60"],
+              {"SBATCH_GPUS_PER_NODE": "0",
+               "DATA_REMOTE": os.path.join(synthetic_corpus, "captions", "pretrain")})
+    try:
+        _wait_for(lambda: any(int(n) >= 5 for n in re.findall(rf"step (\d+)/{steps} ", job.rank_log(0))),
+                  JOB_TIMEOUT, "training to be under way")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{slurm_cluster.job(job.id)}\n{job.logs()}") from None
+    slurm_cluster.run(["scancel", "--signal=USR1", job.id])     # to the tasks, as --signal=USR1@T does
+    try:
+        _wait_for(lambda: "requeueing" in job.batch_log, 120, "the batch script to requeue the job")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{job.logs()}") from None
+
+    # Slurm holds a requeued job back (BeginTime = now + cred_expire, 2 min) because the nodes
+    # refuse a relaunch whose credential is not newer than the revoked one. Start it sooner:
+    # once the job is back in the queue, a moment past the revocation's second.
+    def requeued():
+        info = slurm_cluster.job(job.id)
+        return info.get("JobState") == "PENDING" and info.get("Restarts") == "1"
+    _wait_for(requeued, 90, "the job to be pending again after its requeue")
+    time.sleep(2)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
+    info = job.wait({"COMPLETED"})
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, job.logs())
+
+    log0, batch = job.rank_log(0), job.batch_log
+    # First run: USR1 seen, checkpoint at step k, exit 75 -> requeue. Second run: resumed at k.
+    k = int(re.search(r"stopped on signal at step (\d+); checkpoint saved; exiting with 75", log0).group(1))
+    assert 5 <= k < steps, log0
+    assert "received SIGUSR1" in log0
+    assert re.search(rf"restart=0: srun exited with \d+; ranks:.*=75", batch), batch
+    assert "restart=0: checkpointed on signal: requeueing" in batch, batch
+    assert "restart=1: srun exited with 0; ranks: rank0=0 rank1=0" in batch and "restart=1: finished" in batch, batch
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", log0)
+    assert resumed == [(os.path.join(job.run_dir, "checkpoints", f"step_{k:08d}"), str(k))], log0
+    headers = sorted(_rank_headers(job.rank_log(0) + job.rank_log(1), job.id))
+    assert headers == [("0", "node1", "0", "cpu"), ("0", "node1", "1", "cpu"),
+                       ("1", "node2", "0", "cpu"), ("1", "node2", "1", "cpu")], headers
+
+    # Every step trained exactly once across the two runs: in the log and in TensorBoard.
+    logged = [int(s) for s in re.findall(rf"INFO vltrain\.train: step (\d+)/{steps} ", log0)]
+    assert logged == list(range(1, steps + 1)), logged
+    first, second = log0.split("resumed from", 1)
+    assert f"step {k}/{steps} " in first and f"step {k + 1}/{steps} " not in first
+    losses = _scalars(os.path.join(job.run_dir, "tensorboard"), "train/loss")
+    assert [s for s, _ in losses] == list(range(1, steps + 1)), [s for s, _ in losses]
+    assert all(math.isfinite(v) for _, v in losses)
+    assert _read(os.path.join(job.run_dir, "checkpoints", "latest")).strip() == f"step_{steps:08d}"
+    _assert_no_secret(str(tmp_path))
+
+
+def test_real_failures_end_failed_and_are_not_requeued(slurm_cluster, s3_corpus, tmp_path):
+    base = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0"]
+    # 1. A bad config key: the template checks the config before starting any rank.
+    bad_key = Job(slurm_cluster, tmp_path, "badkey", base, ["train.no_such_key=1"],
+                  {"DATA_REMOTE": s3_corpus["train"]})
+    # 2. A dataset that is not there: every rank fails while building (exit 2); srun
+    #    --kill-on-bad-exit ends the step; the batch script reports the ranks' error.
+    missing = f"s3://{s3_corpus['bucket']}/no/such/dataset"
+    no_data = Job(slurm_cluster, tmp_path, "nodata", base, ["data.val=", "train.dist_timeout_s=60"],
+                  {"DATA_REMOTE": missing})
+
+    info = bad_key.wait({"FAILED"})
+    assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
+    assert "unknown config key 'train.no_such_key'" in bad_key.batch_log, bad_key.batch_log
+    assert "not starting the ranks" in bad_key.batch_log
+    assert not os.path.exists(os.path.join(bad_key.run_dir)), "no rank should have started"
+
+    info = no_data.wait({"FAILED"})
+    assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, no_data.logs())
+    for rank in (0, 1):
+        assert f"job={no_data.id} rank={rank} local_rank=0" in no_data.rank_log(rank)
+    assert re.search(rf"job={no_data.id} rank=\d ERROR vltrain\.run: MetaError: dataset {re.escape(missing)}",
+                     no_data.rank_log(0) + no_data.rank_log(1)), no_data.logs()
+    batch = no_data.batch_log
+    assert "training failed (exit 2); not requeued" in batch, batch
+    assert f"MetaError: dataset {missing}" in batch, batch        # the ranks' error, copied up
+    time.sleep(3)                                                  # and it stays that way
+    for job in (bad_key, no_data):
+        info = slurm_cluster.job(job.id)
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    _assert_no_secret(str(tmp_path))
