@@ -144,6 +144,31 @@ def main(argv=None):
                 rows.append((label, workers, *timed(dl, args.samples - args.batch)))
             print(f"workers={workers} done", flush=True)
 
+        # Single-process component costs (one core, no worker IPC): read one sample, collate one.
+        torch.set_num_threads(1)
+        cfg = load_config(None, [f"data.train={mds}", f"data.cache_dir={root}/cache_c",
+                                 f"model.region_feat_dim={args.dim}", "model.num_region_classes=17",
+                                 f"data.max_regions={args.regions}", "objectives.mrc=true"])
+        ds, _ = build_dataset(cfg, args.batch, shuffle=False)
+        readers = {"ours: MDS + StreamingDataset": lambda i: ds[i],
+                   "HDF5 random access": FileDataset(side, "hdf5", root).__getitem__,
+                   ".npy per image": FileDataset(side, "npy", root).__getitem__}
+        order = np.random.default_rng(0).permutation(args.samples)
+        coll = PretrainCollator(tok, cfg.data, cfg.objectives, 0, [StreamInfo(mds, meta)])
+        parts = []
+        for name, read in readers.items():
+            for i in order[:64]:
+                read(int(i))                                   # warm caches / open files
+            t0 = time.perf_counter()
+            items = [read(int(i)) for i in order]
+            t_read = (time.perf_counter() - t0) / len(order)
+            t0 = time.perf_counter()
+            for k in range(0, len(items) - args.batch + 1, args.batch):
+                coll(items[k:k + args.batch])
+            t_coll = (time.perf_counter() - t0) / (len(items) // args.batch * args.batch)
+            parts.append((name, t_read * 1e3, t_coll * 1e3))
+        del ds
+
     per_sample_mb = args.regions * args.dim * 2 / 1e6
     need = GPU_SAMPLES_PER_S * per_sample_mb
     lines = [f"| reader (same collation) | workers | samples/s | features MB/s | workers per GPU for {GPU_SAMPLES_PER_S} samples/s |",
@@ -151,6 +176,11 @@ def main(argv=None):
     for name, w, sps, mbs in rows:
         per_worker = sps / w
         lines.append(f"| {name} | {w} | {sps:,.0f} | {mbs:,.0f} | {GPU_SAMPLES_PER_S / per_worker:,.1f} |")
+    lines += ["", "| reader, one process, one thread | read ms/sample | collate ms/sample | samples/s per core | cores per GPU for "
+              f"{GPU_SAMPLES_PER_S} samples/s |", "|---|---|---|---|---|"]
+    for name, r, c in parts:
+        per_core = 1e3 / (r + c)
+        lines.append(f"| {name} | {r:.3f} | {c:.3f} | {per_core:,.0f} | {GPU_SAMPLES_PER_S / per_core:.1f} |")
     table = "\n".join(lines)
     note = (f"\n{args.samples} samples, {args.regions} regions x {args.dim} fp16 = {per_sample_mb:.2f} MB/sample, "
             f"batch {args.batch}; one H100 at {GPU_SAMPLES_PER_S} samples/s needs {need / 1e3:.2f} GB/s of features.\n")
