@@ -3,7 +3,8 @@ LIVE engine state, several runs per launch (one launch = one set of ranks).
 
 Usage: python tests/workers/ckpt_train.py SPEC.json
 
-SPEC = {"out": DIR, "runs": [{"name": N, "ds_config": PATH, "overrides": [...]}, ...]}
+SPEC = {"out": DIR, "runs": [{"name": N, "ds_config": PATH, "overrides": [...]}, ...],
+        "bad": [{"name": N, "argv": [...]}, ...]}      # "bad": one-rank launches only
 
 For each run, every rank builds the trainer exactly as ``vltrain/run.py`` does (resume,
 ``train.resume=`` included) and trains to ``train.max_steps``. Instrumentation only, no
@@ -12,8 +13,12 @@ resume, before the first step) the full fp32 weights and Adam moments are read f
 engine with ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
 (collective under ZeRO-3) and rank 0 writes them to ``DIR/<name>_<when>.pt``; the globally
 reduced loss of every step goes to ``DIR/<name>_losses.json``.
+
+Then each "bad" case runs ``vltrain/run.py``'s ``main(argv)`` in this process and records its
+exit code and the errors it logged in ``DIR/bad_inputs.json``.
 """
 import json
+import logging
 import os
 import sys
 
@@ -23,12 +28,26 @@ import torch
 def live_state(engine) -> dict:
     """{"fp32"|"exp_avg"|"exp_avg_sq": {name: full tensor}} read from the live engine (all ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        # DeepSpeed 0.19.8, ZeRO-1/2: the optimizer-state views are linked lazily right after
+        # the FIRST param group's first step (and reset by load_checkpoint), so with our two
+        # groups (decay / no decay) the second group's exp_avg would read as "not found".
+        # Re-linking only refreshes those views; nothing is copied or changed.
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
     out = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    zero = engine.zero_optimization_stage()
+    base = getattr(opt, "optimizer", opt)
     for name, p in engine.module.named_parameters():
+        if zero == 0:   # no ZeRO: the module holds the fp32 weights, torch's AdamW the moments
+            out["fp32"][name] = p.detach().clone().cpu()
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[key][name] = base.state[p][key].detach().clone().cpu()
+            continue
         out["fp32"][name] = safe_get_full_fp32_param(p).detach().clone().cpu()
         for key in ("exp_avg", "exp_avg_sq"):
-            t = safe_get_full_optimizer_state(p, key)
-            out[key][name] = None if t is None else t.detach().clone().cpu()
+            out[key][name] = safe_get_full_optimizer_state(p, key).detach().clone().cpu()
     return out
 
 
@@ -65,13 +84,37 @@ def run_one(spec: dict, out: str, rank: int) -> None:
         return res
 
     trainer.monitor.step_end = step_end
-    dump("built")
+    if cfg.train.resume:
+        dump("built")                     # the resumed state, before any step
     code = trainer.train()
     if rank == 0:
         with open(os.path.join(out, f"{name}_losses.json"), "w") as f:
             json.dump({"code": code, "losses": losses, "grad_accum": trainer.cfg.train.grad_accum,
                        "world": trainer.info.world}, f)
     trainer.engine.destroy()
+
+
+class _Errors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def bad_inputs(cases: list, out: str) -> None:
+    """``vltrain.run.main(argv)`` once per case (one-rank world): exit code + error messages."""
+    from vltrain import run
+    handler = _Errors()
+    logging.getLogger("vltrain.run").addHandler(handler)    # not root: run.main resets root's handlers
+    result = {}
+    for case in cases:
+        handler.messages = []
+        code = run.main(case["argv"])
+        result[case["name"]] = {"code": code, "errors": list(handler.messages)}
+    with open(os.path.join(out, "bad_inputs.json"), "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def main(spec_path: str) -> int:
@@ -86,6 +129,8 @@ def main(spec_path: str) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if spec.get("bad"):
+        bad_inputs(spec["bad"], spec["out"])
     return 0
 
 

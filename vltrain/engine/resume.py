@@ -157,7 +157,8 @@ def check_resume_stage(found, ds: dict) -> None:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def workable_world_sizes(global_batch: int, micro_batch: int) -> list[int]:
@@ -180,7 +181,7 @@ def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
     if per_step > 0 and global_batch % per_step == 0:
         return global_batch // per_step
     sizes = workable_world_sizes(global_batch, micro_batch)
-    micros = [m for m in divisors(global_batch // world)] if global_batch % world == 0 else []
+    micros = divisors(global_batch // world) if global_batch % world == 0 else []
     msg = (f"cannot keep the global batch of {global_batch} samples per step on {world} rank(s) with "
            f"train.micro_batch_size={micro_batch} ({global_batch} is not a multiple of "
            f"{micro_batch} x {world}). World sizes that keep it with micro batch {micro_batch}: "
@@ -243,3 +244,38 @@ def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
     for n in notes:
         log.warning("resume: %s", n)
     return notes
+
+
+def optimizer_group_settings(engine) -> list[dict]:
+    """Per-group optimizer settings (weight decay) as built, before a checkpoint is loaded."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return [{"weight_decay": g.get("weight_decay")} for g in getattr(inner, "param_groups", [])]
+
+
+def repair_universal_zero3_load(engine, settings: list[dict]) -> bool:
+    """Undo two side effects of DeepSpeed 0.19.8's ZeRO-3 universal loader
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) with more than one param group:
+
+      * it gives every sub-group's Adam state the SAME ``step`` tensor, which torch's Adam
+        increments in place once per sub-group, so the step count (bias correction) then
+        advances by the number of groups per optimizer step;
+      * it copies param group 0's settings into every group, so our no-decay group (biases,
+        LayerNorm) would get weight decay.
+
+    Each state gets its own ``step`` copy (same value) and each group its own settings back.
+    Returns whether anything was repaired. No-op for other optimizers."""
+    import torch
+
+    opt = engine.optimizer
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None)
+    if not flats:
+        return False
+    inner = getattr(opt, "optimizer", opt)
+    for p in flats:
+        state = inner.state.get(p)
+        if state and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for group, saved in zip(inner.param_groups, settings):
+        if saved.get("weight_decay") is not None:
+            group["weight_decay"] = saved["weight_decay"]
+    return True

@@ -1,0 +1,426 @@
+"""Checkpoint tools (`vltrain-ckpt`), end to end on CPU/gloo with the debug model.
+
+Trained once per module, by the real ``build_training`` (tests/workers/ckpt_train.py), which
+also reads the LIVE engine's full fp32 weights and Adam moments at every save and right
+after every resume:
+
+  A  2 ranks: z2 (ZeRO-2, 6 steps, saves at 3 and 6), z1 / z3b / z0 (ZeRO-1/3/0, 2 steps)
+  B  1 rank:  z3 (ZeRO-3, grad_accum 2 = the same global batch of 16, 6 steps, saves at 3, 6)
+     -> `reshard` z2@3 -> U2 and z3@3 -> U3
+  C  1 rank:  resume U2 (grad_accum becomes 2), then bad inputs through run.py's main()
+  D  2 ranks: resume U3 (grad_accum becomes 1)
+  (U2/U3 are written into the resuming runs' own checkpoints/ folders: train.resume=auto)
+
+A and B run side by side, then C and D: four launches in all.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.fixtures.corpus import REPO, rank_env
+from vltrain.ckpt.__main__ import main as ckpt_main
+
+TAG3 = "step_00000003"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, name: str, world: int, log_dir: str):
+    path = os.path.join(log_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    port = free_port()
+    logs = [os.path.join(log_dir, f"{name}.rank{r}.log") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, "tests/workers/ckpt_train.py", path], cwd=REPO,
+                              env=rank_env(r, world, port), stdout=open(logs[r], "w"), stderr=subprocess.STDOUT)
+             for r in range(world)]
+    return name, procs, logs
+
+
+def finish(*launches, timeout=900):
+    for name, procs, logs in launches:
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                codes.append(None)
+        if codes != [0] * len(procs):
+            tails = "\n".join(f"--- {l}\n" + open(l).read()[-3000:] for l in logs)
+            raise AssertionError(f"launch {name} failed with {codes}:\n{tails}")
+
+
+def cli(capsys, *argv):
+    """`vltrain-ckpt ARGV` in this process: (exit code, stdout, stderr)."""
+    code = ckpt_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strip(state: dict) -> dict:
+    return {k[len("model."):]: v for k, v in state.items()}
+
+
+def load_dump(ckpts, name):
+    return torch.load(os.path.join(ckpts["dumps"], f"{name}.pt"), weights_only=False)
+
+
+def losses(ckpts, name):
+    with open(os.path.join(ckpts["dumps"], f"{name}_losses.json")) as f:
+        d = json.load(f)
+    d["losses"] = {int(k): v for k, v in d["losses"].items()}
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, synthetic_corpus):
+    root = str(tmp_path_factory.mktemp("ckpt_tools"))
+    dumps, runs, logs = (os.path.join(root, d) for d in ("dumps", "runs", "logs"))
+    for d in (dumps, logs):
+        os.makedirs(d)
+    train = os.path.join(synthetic_corpus, "captions", "pretrain")
+
+    def run(name, ds, *extra):
+        return {"name": name, "ds_config": f"ds_configs/{ds}.json", "overrides": [
+            f"output_root={runs}", f"run_name={name}", f"data.train={train}", "data.val=",
+            f"data.cache_dir={root}/cache/{name}", "train.log_every=1", "objectives.loss_reduction=example",
+            "train.dist_timeout_s=300", "train.keep_last=5", *extra]}
+
+    long = ("train.max_steps=6", "train.save_every_steps=3")
+    short = ("train.max_steps=2", "train.warmup_steps=1")
+    a = launch({"out": dumps, "runs": [run("z2", "zero2", *long), run("z1", "zero1", *short),
+                                       run("z3b", "zero3", *short), run("z0", "zero0", *short)]}, "A", 2, logs)
+    b = launch({"out": dumps, "runs": [run("z3", "zero3", *long, "train.grad_accum=2")]}, "B", 1, logs)
+    finish(a, b)
+    res = {"root": root, "dumps": dumps, "runs": runs, "logs": logs, "run": run, "train": train,
+           "z2": os.path.join(runs, "z2", "checkpoints"), "z3": os.path.join(runs, "z3", "checkpoints")}
+    for name in ("z1", "z3b", "z0"):
+        res[name] = os.path.join(runs, name, "checkpoints")
+    return res
+
+
+@pytest.fixture(scope="module")
+def resharded(ckpts):
+    out = {}
+    # Written where the next runs look for their own checkpoints (the README's recipe): they
+    # resume with train.resume=auto, as a requeued Slurm job does.
+    for key, src, run, extra in (("U2", ckpts["z2"], "r2to1", ["--world-size", "1"]),
+                                 ("U3", ckpts["z3"], "r3to2", ["--world-size", "2"])):
+        dest = os.path.join(ckpts["runs"], run, "checkpoints", TAG3)
+        assert ckpt_main(["reshard", src, dest, "--tag", TAG3, *extra]) == 0
+        out[key] = dest
+    # A copy of z2@3 missing rank 1's optimizer shard (hard links: cheap).
+    damaged = os.path.join(ckpts["root"], "damaged", TAG3)
+    shutil.copytree(os.path.join(ckpts["z2"], TAG3), damaged, copy_function=os.link)
+    os.remove(os.path.join(damaged, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    out["damaged"] = damaged
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(ckpts, resharded):
+    run, runs = ckpts["run"], ckpts["runs"]
+    base = ["--config", "configs/debug.yaml", f"output_root={runs}", f"data.train={ckpts['train']}", "data.val=",
+            f"data.cache_dir={ckpts['root']}/cache/bad", "train.max_steps=6", "objectives.loss_reduction=example"]
+    u2, z2_3 = resharded["U2"], os.path.join(ckpts["z2"], TAG3)
+    bad = [
+        {"name": "shape_resume", "argv": base + ["run_name=b1", f"train.resume={u2}", "model.hidden_size=32"]},
+        {"name": "shape_init", "argv": base + ["run_name=b2", f"train.init_from={z2_3}", "model.hidden_size=32"]},
+        {"name": "not_resharded", "argv": base + ["run_name=b3", f"train.resume={z2_3}"]},
+        {"name": "batch", "argv": base + ["run_name=b4", f"train.resume={u2}", "train.micro_batch_size=3"]},
+        {"name": "missing_file", "argv": base + ["run_name=b5", f"train.resume={resharded['damaged']}"]},
+        {"name": "stage", "argv": base[:2] + ["--deepspeed_config", "ds_configs/zero3.json"] + base[2:]
+         + ["run_name=b6", f"train.resume={u2}"]},
+    ]
+    c = launch({"out": ckpts["dumps"], "runs": [run("r2to1", "zero2", "train.max_steps=6", "train.save_every_steps=3",
+                                                    "train.resume=auto")], "bad": bad}, "C", 1, ckpts["logs"])
+    d = launch({"out": ckpts["dumps"], "runs": [run("r3to2", "zero3", "train.max_steps=6", "train.save_every_steps=3",
+                                                    "train.resume=auto")]}, "D", 2, ckpts["logs"])
+    finish(c, d)
+    with open(os.path.join(ckpts["dumps"], "bad_inputs.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------ reshard + resume
+
+def assert_same_state(before: dict, after: dict):
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert before[key].keys() == after[key].keys()
+        for name in before[key]:
+            assert torch.equal(before[key][name], after[key][name]), (key, name)
+
+
+@pytest.mark.parametrize("src,dest,world,accum", [("z2", "r2to1", 1, 2), ("z3", "r3to2", 2, 1)],
+                         ids=["zero2_2ranks_to_1", "zero3_1rank_to_2"])
+def test_reshard_then_resume_on_another_world_size(ckpts, resharded, resumed, src, dest, world, accum):
+    # the live engine after resuming holds exactly what the live engine held when saving
+    before, after = load_dump(ckpts, f"{src}_save3"), load_dump(ckpts, f"{dest}_built")
+    assert after["step"] == 3 and after["world"] == world
+    assert_same_state(before, after)
+    # the global batch is kept by adjusting grad_accum; the first resumed step reproduces the
+    # uninterrupted run's loss; training continues to the end and checkpoints
+    u, r = losses(ckpts, src), losses(ckpts, dest)
+    assert r["code"] == 0 and r["world"] == world and r["grad_accum"] == accum
+    assert after["grad_accum"] == accum
+    assert sorted(r["losses"]) == [4, 5, 6]
+    # first resumed step, and the ones after it (a wrong Adam step count or weight decay
+    # after loading -- DeepSpeed 0.19.8's ZeRO-3 universal loader -- shows from step 5 on)
+    for s in (4, 5, 6):
+        assert abs(r["losses"][s] - u["losses"][s]) <= 1e-5 * abs(u["losses"][s]), (s, r["losses"], u["losses"])
+    end_u, end_r = load_dump(ckpts, f"{src}_save6")["fp32"], load_dump(ckpts, f"{dest}_save6")["fp32"]
+    assert max((end_u[n] - end_r[n]).abs().max().item() for n in end_u) <= 1e-5
+    rec = json.load(open(os.path.join(ckpts["runs"], dest, "checkpoints", "step_00000006", "vltrain_ckpt.json")))
+    assert (rec["world_size"], rec["grad_accum"], rec["global_batch"], rec["step"]) == (world, accum, 16, 6)
+
+
+def test_reshard_output_is_a_universal_checkpoint(ckpts, resharded, capsys):
+    out = resharded["U2"]
+    rec = json.load(open(os.path.join(out, "vltrain_ckpt.json")))
+    assert rec["universal"] is True and rec["step"] == 3 and rec["world_size"] == 2 and rec["global_batch"] == 16
+    assert rec["num_canonical_nodes"] == 1
+    files = set(os.listdir(out))
+    assert {"zero", "mp_rank_00_model_states.pt", "config.yaml", "vltrain_rank00000.pt", "vltrain_rank00001.pt"} <= files
+    assert "latest_universal" not in files
+    assert not [n for n in os.listdir(os.path.dirname(out)) if ".partial-" in n]
+    code, out_text, _ = cli(capsys, "inspect", out, "--json")
+    d = json.loads(out_text)
+    assert code == 0 and d["universal"] is True and "micro batch 8: 1, 2" in d["resumes_on"]
+
+
+# ------------------------------------------------------------------ consolidate
+
+@pytest.mark.parametrize("name,tag,dump", [("z1", "step_00000002", "z1_save2"), ("z2", TAG3, "z2_save3"),
+                                           ("z3b", "step_00000002", "z3b_save2"), ("z0", "step_00000002", "z0_save2"),
+                                           ("U3", None, "z3_save3")],
+                         ids=["zero1", "zero2", "zero3_2ranks", "zero0", "universal_from_zero3"])
+def test_consolidate_equals_live_engine_weights(ckpts, resharded, tmp_path, capsys, name, tag, dump):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    src = resharded[name] if name in resharded else ckpts[name]
+    out = tmp_path / "w.safetensors"
+    code, _, err = cli(capsys, "consolidate", src, out, *(["--tag", tag] if tag else []))
+    assert code == 0, err
+    got = load_file(str(out))
+    live = strip(load_dump(ckpts, dump)["fp32"])
+    assert got.keys() == live.keys()
+    for k in live:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], live[k]), k
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["vltrain_model_config"])["hidden_size"] == 64
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "w.yaml").is_file()
+
+
+def test_consolidated_file_round_trips_with_tied_decoder(ckpts, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from vltrain.model import VLModel
+    out = tmp_path / "model.safetensors"
+    assert cli(capsys, "consolidate", ckpts["z2"], out)[0] == 0          # latest: step 6
+    state = load_file(str(out))
+    vocab_matrices = [k for k, v in state.items() if tuple(v.shape) == (30522, 64)]
+    assert vocab_matrices == ["embeddings.word.weight"]                # the decoder is stored once
+    model = VLModel.from_pretrained(str(tmp_path)).eval()
+    own = model.state_dict()
+    assert own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in state)
+    # re-tied: the MLM decoder is the word-embedding matrix itself
+    h = torch.randn(5, 64)
+    with torch.no_grad():
+        logits = model.mlm_head(h, model.embeddings.word)
+        model.embeddings.word.weight[7].add_(1.0)
+        moved = model.mlm_head(h, model.embeddings.word)
+        expect = torch.nn.functional.linear(model.mlm_head.transform(h), model.embeddings.word.weight) + model.mlm_head.bias
+    assert torch.allclose(moved, expect, atol=1e-5) and not torch.allclose(moved[:, 7], logits[:, 7])
+
+
+# ------------------------------------------------------------------ export-hf
+
+def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import BertModel
+    from vltrain.config import load_config
+    from vltrain.model import VLModel
+    from vltrain.tokenization import Tokenizer
+    out = tmp_path / "hf"
+    code, _, err = cli(capsys, "export-hf", ckpts["z2"], out)
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json", "README.md"} <= set(os.listdir(out))
+    cfg = load_config(os.path.join(ckpts["z2"], "step_00000006", "config.yaml"))
+    assert (out / "vocab.txt").read_bytes() == open(Tokenizer(cfg.data.vocab).vocab_file, "rb").read()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["vltrain"]["hidden_size"] == 64
+    assert "encoder.layer.0.attention.self.query.weight" in load_file(str(out / "model.safetensors"))
+
+    ours = VLModel.from_pretrained(str(out)).eval()
+    live = strip(load_dump(ckpts, "z2_save6")["fp32"])
+    own = ours.state_dict()
+    assert own.keys() == live.keys() and all(torch.equal(own[k], live[k]) for k in live)
+
+    bert = BertModel.from_pretrained(str(out)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(999, 30522, (3, 17), generator=g)
+    ids[:, 0] = 101
+    am = torch.ones_like(ids)
+    am[1, 9:] = 0
+    am[2, 4:] = 0
+    ids = ids * am
+    tt = torch.zeros_like(ids)
+    tt[0, 8:] = 1
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
+        got = ours(ids, tt, am, mode="bidirectional").text_hidden
+    valid = am.bool()
+    assert (got[valid] - ref[valid]).abs().max() <= 1e-5
+
+
+def test_init_from_accepts_export_consolidated_and_resharded(ckpts, resharded, tmp_path, capsys):
+    from vltrain.config import debug_model_config
+    from vltrain.engine.build import init_weights
+    from vltrain.model import VLModel
+    assert cli(capsys, "export-hf", ckpts["z2"], tmp_path / "hf", "--tag", TAG3)[0] == 0
+    assert cli(capsys, "consolidate", ckpts["z2"], tmp_path / "c" / "w.safetensors", "--tag", TAG3)[0] == 0
+    live = strip(load_dump(ckpts, "z2_save3")["fp32"])
+    for src in (tmp_path / "hf", tmp_path / "c" / "w.safetensors", resharded["U2"]):
+        torch.manual_seed(123)
+        model = VLModel(debug_model_config())
+        init_weights(model, str(src))
+        own = model.state_dict()
+        assert all(torch.equal(own[k], live[k]) for k in live), src
+
+
+# ------------------------------------------------------------------ inspect
+
+def test_inspect_reports_the_checkpoint(ckpts, capsys):
+    code, out, _ = cli(capsys, "inspect", ckpts["z2"], "--tag", TAG3, "--json")
+    assert code == 0
+    d = json.loads(out)
+    live = load_dump(ckpts, "z2_save3")["fp32"]
+    assert (d["zero_stage"], d["world_size"], d["step"], d["global_batch"], d["universal"]) == (2, 2, 3, 16, False)
+    assert d["parameters"] == sum(t.numel() for t in live.values()) and d["tensors"] == len(live)
+    assert d["tags_in_folder"] == ["step_00000006", TAG3] and d["size_bytes"] > 0
+    assert "fp32" in d["dtype"] and "hidden_size: 64" in d["config"] and d["problem"] is None
+    assert "2 ranks only" in d["resumes_on"]
+    code, out, _ = cli(capsys, "inspect", os.path.join(ckpts["runs"], "z3"))      # a run folder: latest tag
+    assert code == 0 and "ZeRO stage      3" in out and "step            6" in out and "micro 8 x accum 2 x 1" in out
+
+
+def test_console_script_and_module_entry_point(ckpts, resharded):
+    exe = shutil.which("vltrain-ckpt", path=os.path.dirname(sys.executable)) or shutil.which("vltrain-ckpt")
+    assert exe, "vltrain-ckpt is not installed (pip install -e .)"
+    p = subprocess.run([exe, "inspect", resharded["U3"]], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert "universal: resumes on any world size" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "vltrain.ckpt", "reshard", ckpts["z2"], os.path.join(ckpts["root"], "x"),
+                        "--tag", "nope"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 2 and "no tag 'nope'" in p.stderr
+
+
+# ------------------------------------------------------------------ bad input
+
+def assert_nothing_written(*paths):
+    for p in paths:
+        assert not os.path.exists(p), p
+        parent = os.path.dirname(os.fspath(p))
+        if os.path.isdir(parent):
+            assert not [n for n in os.listdir(parent) if ".partial-" in n], parent
+
+
+def test_missing_optimizer_shard_is_named(ckpts, resharded, resumed, tmp_path, capsys):
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    damaged = resharded["damaged"]
+    for argv, outs in ((["reshard", damaged, tmp_path / "u"], [tmp_path / "u"]),
+                       (["consolidate", damaged, tmp_path / "w.safetensors"],
+                        [tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "w.yaml"]),
+                       (["export-hf", damaged, tmp_path / "hf"], [tmp_path / "hf"])):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and name in err and "rank 1" in err, err
+        assert_nothing_written(*outs)
+    code, out, err = cli(capsys, "inspect", damaged)
+    assert code == 2 and "INCOMPLETE" in out and name in err
+    r = resumed["missing_file"]                                      # train.resume= through run.py
+    assert r["code"] == 2 and name in r["errors"][0]
+
+
+def test_wrong_tag_is_named_with_the_tags_that_exist(ckpts, tmp_path, capsys):
+    for cmd, out in (("reshard", tmp_path / "u"), ("consolidate", tmp_path / "w.safetensors"),
+                     ("export-hf", tmp_path / "hf")):
+        code, _, err = cli(capsys, cmd, ckpts["z2"], out, "--tag", "step_00000099")
+        assert code == 2 and "no tag 'step_00000099'" in err and TAG3 in err and "step_00000006" in err, err
+        assert_nothing_written(out)
+    code, _, err = cli(capsys, "inspect", tmp_path / "nowhere")
+    assert code == 2 and "does not exist" in err
+
+
+def test_world_size_that_cannot_keep_the_global_batch(ckpts, resumed, tmp_path, capsys):
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], tmp_path / "u", "--tag", TAG3, "--world-size", "3")
+    assert code == 2 and "global batch of 16" in err and "World sizes that keep it with micro batch 8: 1, 2" in err
+    assert_nothing_written(tmp_path / "u")
+    r = resumed["batch"]                               # resume on 1 rank with micro batch 3
+    assert r["code"] == 2 and "train.micro_batch_size in 1, 2, 4, 8, 16" in r["errors"][0]
+
+
+def test_different_model_shape_is_refused_naming_parameters(resumed):
+    r = resumed["shape_resume"]
+    assert r["code"] == 2 and "model.layers.0.qkv.weight: checkpoint (192, 64) vs model (96, 32)" in r["errors"][0]
+    r = resumed["shape_init"]
+    assert r["code"] == 2 and "layers.0.qkv.weight: checkpoint (192, 64) vs model (96, 32)" in r["errors"][0]
+
+
+def test_resume_refusals_say_what_to_do(resumed):
+    r = resumed["not_resharded"]           # a ZeRO-2 checkpoint of 2 ranks on 1 rank, not resharded
+    assert r["code"] == 2 and "saved on 2 rank(s) with ZeRO-2" in r["errors"][0] and "vltrain-ckpt reshard" in r["errors"][0]
+    r = resumed["stage"]                   # resharded from ZeRO-2, resumed under ZeRO-3
+    assert r["code"] == 2 and "cannot load it under ZeRO-3" in r["errors"][0] and "zero2.json" in r["errors"][0]
+
+
+def test_reshard_refusals(ckpts, resharded, tmp_path, capsys):
+    code, _, err = cli(capsys, "reshard", ckpts["z0"], tmp_path / "u")
+    assert code == 2 and "ZeRO stage 0" in err and "train.resume=" in err and "consolidate" in err
+    code, _, err = cli(capsys, "reshard", resharded["U2"], tmp_path / "u")
+    assert code == 2 and "already universal" in err
+    assert_nothing_written(tmp_path / "u")
+    os.makedirs(tmp_path / "taken")
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], tmp_path / "taken", "--tag", TAG3)
+    assert code == 2 and "already exists" in err and os.listdir(tmp_path / "taken") == ["keep.txt"]
+
+
+def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
+    """The arithmetic behind `train.resume=` on another world size: the README's 64 -> 8 GPUs.
+    (A folder laid out like a universal checkpoint of 64 ranks; only the record is read.)"""
+    from vltrain.config import load_config
+    from vltrain.engine.checkpoint import resolve_checkpoint
+    from vltrain.engine.resume import CheckpointError, batch_plan, canonical_nodes_ok, reconcile_resume
+    assert batch_plan(4096, 8, 8) == 64 and batch_plan(4096, 8, 64) == 8
+    with pytest.raises(CheckpointError, match=r"World sizes that keep it with micro batch 8: 1, 2\b"):
+        batch_plan(16, 8, 3)
+    assert canonical_nodes_ok(8, 1) and canonical_nodes_ok(8, 16) and not canonical_nodes_ok(8, 3)
+
+    tag = tmp_path / "universal"
+    os.makedirs(tag / "zero")
+    for name in ["config.yaml", "mp_rank_00_model_states.pt"] + [f"vltrain_rank{r:05d}.pt" for r in range(64)]:
+        (tag / name).write_bytes(b"")
+    record = {"world_size": 64, "zero_stage": 3, "micro_batch_size": 8, "grad_accum": 8, "global_batch": 4096,
+              "num_canonical_nodes": 8, "step": 1000, "universal": True}
+    (tag / "vltrain_ckpt.json").write_text(json.dumps(record))
+    found = resolve_checkpoint(str(tag))
+    cfg = load_config("configs/debug.yaml")                       # micro batch 8, grad_accum 1
+    notes = reconcile_resume(cfg, found, world=8, nodes=1)
+    assert cfg.train.grad_accum == 64 and cfg.data.num_canonical_nodes == 8
+    assert "train.grad_accum 1 -> 64" in notes[0]
+    with pytest.raises(CheckpointError, match="Node counts that work: 1, 2, 4, 8, 16"):
+        reconcile_resume(load_config("configs/debug.yaml"), found, world=16, nodes=6)
+    with pytest.raises(CheckpointError, match="vltrain_rank00063.pt is missing"):
+        os.remove(tag / "vltrain_rank00063.pt")
+        reconcile_resume(load_config("configs/debug.yaml"), found, world=8, nodes=1)
