@@ -275,10 +275,10 @@ class Trainer:
         n_local = torch.zeros((), device=self.device)
         for batch in loader:
             ids = batch.sample_id.tolist()
-            keep = sum(1 for s in ids if s not in seen)
+            keep = sum(1 for s in ids if s not in seen)   # streaming pads ranks' shares with repeats
             seen.update(ids)
-            if not keep:
-                continue  # streaming pads ranks' shares with repeats
+            # Every batch still runs forward (weight 0 when all repeats): under ZeRO-3 the
+            # forward gathers parameters collectively, so every rank must run the same batches.
             batch = batch.to(self.device, float_dtype=self.float_dtype)
             _, metrics = self.engine(batch)
             for k, v in metrics.items():

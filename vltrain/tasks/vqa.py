@@ -18,7 +18,6 @@ get predictions only. Files: ``predictions.json`` (by sample id) and the submiss
 from __future__ import annotations
 
 import json
-import logging
 
 import torch
 import torch.nn as nn
@@ -29,8 +28,6 @@ from vltrain.tasks.base import TaskSpec
 from vltrain.tasks.collate_tasks import VQACollator
 from vltrain.tasks.evaluation import predict_split, write_results
 from vltrain.tasks.heads import MLMAnswerHead, VLPAnswerHead
-
-log = logging.getLogger(__name__)
 
 VQA_HEADS = ("vlp", "vlbert")
 SUBMISSION_FILE = "vqa_results.json"

@@ -1,0 +1,140 @@
+"""``mode=eval`` (issue 7): ``vltrain/run.py --config configs/<task>.yaml mode=eval
+train.init_from=<checkpoint>`` on several ranks keeps every sample exactly once, writes the
+predictions keyed by sample id plus the submission format, logs to TensorBoard and prints,
+and scores exactly what one rank scores.
+
+Launches (gloo, CPU, debug model, the synthetic corpus's word vocabulary):
+  1 rank   fine-tunes vqa (VL-BERT's [MASK] head, so both heads run end to end in the suite)
+           / refs / mc briefly (checkpoints), then evaluates each checkpoint in mode=eval on
+           an odd-sized split
+  2 ranks  ``python vltrain/run.py ... mode=eval`` (the CLI) for VQA on the same split
+  2 ranks  mode=eval for refs and mc (the worker calls what run.py calls)
+The odd sizes (251 / 127 / 63 samples) make streaming pad one rank's share with a repeated
+sample, which the evaluation must drop.
+"""
+import json
+import os
+
+import pytest
+
+from tests.fixtures.tasks import run_ranks, run_tasks_worker, synthetic_vocab, write_subset
+
+SIZES = {"vqa": ("test", 251), "refs": ("val", 127), "mc": ("val", 63)}
+TRAIN_STEPS = 100
+TASK_OVERRIDES = {"vqa": ["task.vqa_head=vlbert"], "refs": [], "mc": []}
+
+
+def common(root, vocab, nvocab, task):
+    return [f"data.cache_dir={root}/cache", f"data.vocab={vocab}", f"model.vocab_size={nvocab}",
+            "data.val=", "train.dist_timeout_s=60", *TASK_OVERRIDES[task]]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, synthetic_corpus):
+    root = str(tmp_path_factory.mktemp("evalmode"))
+    vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
+    subsets, runs1, evals = {}, [], {}
+    for task, (split, n) in SIZES.items():
+        dst = os.path.join(root, "data", f"{task}_{split}{n}")
+        subsets[task] = (dst, write_subset(os.path.join(synthetic_corpus, task, split), dst, n))
+        runs1.append({"name": f"train_{task}", "config": f"configs/{task}_debug.yaml", "overrides": [
+            f"output_root={root}/train", f"data.train={synthetic_corpus}/{task}/train",
+            f"train.max_steps={TRAIN_STEPS}", "train.warmup_steps=5", "train.val_every=0", "data.num_workers=0",
+            *common(root, vocab, nvocab, task)]})
+        ckpt = os.path.join(root, "train", f"{task}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
+        evals[task] = [f"mode=eval", f"train.init_from={ckpt}", "task.eval_split=test", f"data.test={dst}",
+                       "data.train=/nonexistent/train/data/is/not/needed", *common(root, vocab, nvocab, task)]
+    for task in SIZES:
+        runs1.append({"name": f"eval_{task}", "config": f"configs/{task}_debug.yaml",
+                      "overrides": [f"output_root={root}/one", *evals[task]]})
+    codes, logs = run_tasks_worker({"out": os.path.join(root, "w1"), "runs": runs1}, 1, os.path.join(root, "logs1"))
+    assert codes == [0], logs[0][-5000:]
+
+    cli = ["vltrain/run.py", "--config", "configs/vqa_debug.yaml", f"output_root={root}/two", *evals["vqa"]]
+    codes, cli_logs = run_ranks(cli, 2, os.path.join(root, "logs_cli"))
+    assert codes == [0, 0], cli_logs[0][-5000:] + cli_logs[1][-2000:]
+
+    runs2 = [{"name": f"eval_{t}", "config": f"configs/{t}_debug.yaml", "overrides": [f"output_root={root}/two", *evals[t]]}
+             for t in ("refs", "mc")]
+    codes, logs2 = run_tasks_worker({"out": os.path.join(root, "w2"), "runs": runs2}, 2, os.path.join(root, "logs2"))
+    assert codes == [0, 0], logs2[0][-5000:] + logs2[1][-2000:]
+
+    def files(world, task):
+        d = os.path.join(root, "one" if world == 1 else "two", f"{task}-debug", "eval", f"test_step{TRAIN_STEPS:08d}")
+        out = {}
+        for name in os.listdir(d):
+            with open(os.path.join(d, name)) as f:
+                out[name] = json.load(f)
+        return out
+
+    return {"root": root, "subsets": subsets, "cli_log": cli_logs[0],
+            "res": {(w, t): files(w, t) for w in (1, 2) for t in SIZES}}
+
+
+@pytest.mark.parametrize("task", list(SIZES))
+def test_two_ranks_keep_each_sample_once_and_match_one_rank(evaluated, task):
+    _, rows = evaluated["subsets"][task]
+    ids = sorted(str(r["sample_id"]) for r in rows)
+    one, two = evaluated["res"][(1, task)], evaluated["res"][(2, task)]
+    for res in (one, two):
+        assert sorted(res["predictions.json"]) == ids                      # each sample, once
+        assert res["metrics.json"]["num_samples"] == len(rows) == SIZES[task][1]
+        assert res["metrics.json"]["metrics"]["num_samples"] == len(rows)
+        assert res["metrics.json"]["step"] == TRAIN_STEPS and res["metrics.json"]["split"] == "test"
+    assert one["metrics.json"]["metrics"] == pytest.approx(two["metrics.json"]["metrics"], abs=1e-9)
+    for sid in ids:
+        a, b = one["predictions.json"][sid], two["predictions.json"][sid]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (task, sid, k, a[k], b[k])
+    # The checkpoint learned something, so equal predictions are not a constant answer.
+    key = {"vqa": "answer", "refs": "region", "mc": "pred"}[task]
+    assert len({p[key] for p in one["predictions.json"].values()}) > 1
+
+
+def test_vqa_submission_file_holds_every_question_once(evaluated):
+    _, rows = evaluated["subsets"]["vqa"]
+    for world in (1, 2):
+        res = evaluated["res"][(world, "vqa")]
+        sub = res["vqa_results.json"]
+        assert isinstance(sub, list) and all(set(r) == {"question_id", "answer"} for r in sub)
+        assert [r["question_id"] for r in sub] == sorted(r["question_id"] for r in rows)
+        by_sid = {str(r["sample_id"]): r["question_id"] for r in rows}
+        answers = {p["question_id"]: p["answer"] for sid, p in res["predictions.json"].items()
+                   if p["question_id"] == by_sid[sid]}
+        assert len(answers) == len(rows) and all(answers[r["question_id"]] == r["answer"] for r in sub)
+
+
+def test_eval_results_are_in_tensorboard_and_printed(evaluated):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    m = evaluated["res"][(2, "vqa")]["metrics.json"]["metrics"]
+    acc = EventAccumulator(os.path.join(evaluated["root"], "two", "vqa-debug", "tensorboard"),
+                           size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("test/accuracy")] == [(TRAIN_STEPS, pytest.approx(m["accuracy"]))]
+    assert f"eval test step {TRAIN_STEPS} | num_samples 251 | accuracy {m['accuracy']:.4g}" in evaluated["cli_log"]
+
+
+def test_eval_needs_the_tasks_own_weights(evaluated, synthetic_corpus):
+    """init_from loads a checkpoint's task head; in mode=eval a checkpoint of another task (no
+    VQA head in it) is refused, naming what is missing, instead of predicting at random."""
+    import torch
+    from vltrain.config import load_config
+    from vltrain.engine.build import init_weights, load_task_weights
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    root = evaluated["root"]
+    vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
+    ckpt = {t: os.path.join(root, "train", f"{t}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}") for t in SIZES}
+    cfg = load_config("configs/vqa_debug.yaml", [f"data.train={synthetic_corpus}/vqa/train", f"data.vocab={vocab}",
+                                                 f"model.vocab_size={nvocab}", *TASK_OVERRIDES["vqa"]])
+    task = get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    state = init_weights(task.model, ckpt["vqa"])
+    assert sorted(state) == sorted(n for n, _ in task.named_parameters() if n.startswith("head."))
+    load_task_weights(task, state, ckpt["vqa"], require_heads=True)
+    assert all(torch.equal(p, state[n]) for n, p in task.named_parameters() if n in state)
+
+    other = get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    refs_state = init_weights(other.model, ckpt["refs"])
+    with pytest.raises(ValueError, match=r"has no weights for \['head.decoder.bias'.*fine-tuned for this task"):
+        load_task_weights(other, refs_state, ckpt["refs"], require_heads=True)
