@@ -130,6 +130,7 @@ class TaskConfig:
     no_repeat_ngram: int = 0                 # caption: block repeated n-grams (0 = off)
     label_smoothing: float = 0.0             # caption: cross-entropy label smoothing
     scst: bool = False                       # caption: self-critical training (CIDEr-D reward)
+    scst_samples: int = 1                    # caption, scst: sampled captions per image
     scst_references: str = ""                # caption, scst: {image_id: [captions]} JSON for the
                                              # CIDEr-D idf; "" = read data.train's captions
 

@@ -101,6 +101,8 @@ def _sdpa_gpu_kernels():
 
 
 def _prepare_sdpa(structure: AttentionStructure, dtype: torch.dtype):
+    if structure.key_valid.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")    # what autocast would cast it to, every layer
     mask = structure.additive_mask(dtype)
     L = mask.shape[-1]
     if mask.is_cuda and L % 16:

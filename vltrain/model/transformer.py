@@ -40,7 +40,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask, backend: Backend) -> torch.Tensor:
         B, L, H = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind on the (B, L, 3, h, d) view, then transpose: backward stacks dq, dk, dv straight
+        # into the fused layout (one copy), where a permute-first split needs two.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, L, 3, self.num_heads, H // self.num_heads).unbind(2))
         p_attn = self.attention_dropout if self.training else 0.0
         a = backend.attend(q, k, v, mask, p_attn).transpose(1, 2).reshape(B, L, H)
         p = self.hidden_dropout if self.training else 0.0

@@ -138,14 +138,20 @@ class CaptionTask(nn.Module):
         metrics["loss"] = total.detach()
         return total, metrics
 
+    def _partitioned(self) -> bool:
+        """ZeRO-3 partitions parameters (they carry ``ds_id``): every module call gathers them
+        collectively, so every rank must decode the same number of steps."""
+        return self.sync_steps or hasattr(self.model.embeddings.word.weight, "ds_id")
+
     def forward(self, batch: Batch, predict: bool = False):
         if predict:
-            res = decode(self.model, batch, self.tokens, self.predict_options, early_exit=not self.sync_steps)
+            res = decode(self.model, batch, self.tokens, self.predict_options, early_exit=not self._partitioned())
             with torch.no_grad():
                 _, m = self.xe_loss(batch, per_example=True)
             return {"tokens": res.tokens, "stopped": res.stopped, "nll": m.get("nll"),
                     "nll_count": m.get("nll_count")}
         if self.scst is not None:
+            self.scst.sync_steps = self._partitioned()
             return self.scst.loss(self.model, batch)
         return self.xe_loss(batch)
 
@@ -161,7 +167,7 @@ def build_caption(cfg, model) -> CaptionTask:
         source = t.scst_references or cfg.data.train
         refs = read_caption_references(source, cfg.data.download_timeout)
         log.info("self-critical training: CIDEr-D document frequencies from %d images of %s", len(refs), source)
-        scst = SelfCritical(refs, tok, decode_options(t, 1))
+        scst = SelfCritical(refs, tok, decode_options(t, 1), samples=t.scst_samples)
     return CaptionTask(model, cfg.objectives, DecodeTokens.from_tokenizer(tok), t.label_smoothing, scst)
 
 

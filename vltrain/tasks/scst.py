@@ -12,6 +12,7 @@ evaluation still uses the PTB tokenizer through ``vltrain.metrics.caption``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,30 +26,21 @@ from vltrain.decoding import DecodeOptions, DecodeTokens, greedy_decode, sample_
 log = logging.getLogger(__name__)
 
 
-def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, list[str]]:
-    """``{image_id: [reference captions]}`` of a captions dataset.
-
-    ``location``: a JSON file mapping image id -> list of captions, or an MDS captions
-    dataset (local folder or remote prefix; every shard is read once, through streaming's
-    own downloader, codecs and MDS reader)."""
-    from vltrain.data.datasets import _read_text, is_remote
-    from vltrain.data.errors import MetaError
-    if location.endswith(".json"):
-        with open(location) as f:
-            refs = json.load(f)
-        if not isinstance(refs, dict) or not refs:
-            raise MetaError(f"{location}: expected a JSON object image_id -> [captions]")
-        return {str(k): [str(c) for c in v] for k, v in refs.items()}
+def iter_mds_samples(location: str, timeout: float = 60.0):
+    """Every sample (decoded dict) of an MDS dataset, in shard order: a local folder or a
+    remote prefix, read once through streaming's own downloader, codecs and MDS reader
+    (no ``StreamingDataset``, so no shared memory and no cache folder to collide with)."""
     from streaming.base.compression import decompress
     from streaming.base.format.mds import MDSReader
     from streaming.base.storage import CloudDownloader
+
+    from vltrain.data.datasets import _read_text, is_remote
+    from vltrain.data.errors import MetaError
     try:
-        index = json.loads(_read_text(location, "index.json", timeout))
-        shards = index["shards"]
+        shards = json.loads(_read_text(location, "index.json", timeout))["shards"]
     except (ValueError, KeyError) as e:
         raise MetaError(f"dataset {location}: index.json is unreadable ({e})") from e
-    refs: dict[str, list[str]] = {}
-    with tempfile.TemporaryDirectory(prefix="vltrain_refs_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vltrain_mds_") as tmp:
         os.makedirs(os.path.join(tmp, "raw"))
         for shard in shards:
             raw, zipped = shard["raw_data"], shard.get("zip_data")
@@ -67,50 +59,86 @@ def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, l
                 f.write(data)
             reader = MDSReader.from_json(os.path.join(tmp, "raw"), "", shard)
             for i in range(reader.samples):
-                s = reader.get_item(i)
-                key = str(s.get("image_id") or s["sample_id"])
-                refs[key] = [str(c) for c in s["captions"]]
+                yield reader.get_item(i)
             os.remove(dst)
             if src.startswith(tmp):
                 os.remove(src)
+
+
+def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, list[str]]:
+    """``{image_id: [reference captions]}`` of a captions dataset.
+
+    ``location``: a JSON file mapping image id -> list of captions, or an MDS captions
+    dataset (local folder or remote prefix; see ``iter_mds_samples``)."""
+    from vltrain.data.errors import MetaError
+    if location.endswith(".json"):
+        with open(location) as f:
+            refs = json.load(f)
+        if not isinstance(refs, dict) or not refs:
+            raise MetaError(f"{location}: expected a JSON object image_id -> [captions]")
+        return {str(k): [str(c) for c in v] for k, v in refs.items()}
+    refs: dict[str, list[str]] = {}
+    for s in iter_mds_samples(location, timeout):
+        if "captions" not in s:
+            raise MetaError(f"dataset {location} has no 'captions' column: not a captions dataset")
+        image_id = s.get("image_id")
+        refs[str(image_id) if image_id not in (None, "") else str(s["sample_id"])] = [str(c) for c in s["captions"]]
     if not refs:
         raise MetaError(f"dataset {location} holds no captions")
     return refs
 
 
-class SelfCritical:
-    """The SCST loss of a batch (image ids and regions) for a ``VLModel``."""
+def sampled_captions(words: torch.Tensor, mask: torch.Tensor, pad_id: int) -> list[list[int]]:
+    """Word ids of each sampled caption (``sample_captions`` output), [STOP] left out."""
+    out = []
+    for row, n in zip(words.tolist(), mask.sum(1).long().tolist()):
+        cap = row[:n]                                   # the caption's steps
+        if cap and cap[-1] == pad_id:                   # ended by [STOP] (written as [PAD])
+            cap = cap[:-1]
+        out.append(cap)
+    return out
 
-    def __init__(self, references: dict, tokenizer, opts: DecodeOptions, sync_steps: bool = False):
+
+class SelfCritical:
+    """The SCST loss of a batch (image ids and regions) for a ``VLModel``.
+
+    ``samples`` captions are sampled per image, each scored against the image's greedy
+    caption (the baseline), which lowers the variance of the gradient for the same images."""
+
+    def __init__(self, references: dict, tokenizer, opts: DecodeOptions, samples: int = 1,
+                 sync_steps: bool = False):
         from vltrain.metrics.caption import CiderD
+        if samples < 1:
+            raise ValueError(f"task.scst_samples must be >= 1, got {samples}")
         self.cider = CiderD(references, tokenize="simple")
         self.tokenizer = tokenizer
         self.tokens = DecodeTokens.from_tokenizer(tokenizer)
         self.opts = opts
+        self.samples = samples
         # Fixed step counts on every rank (ZeRO-3 gathers parameters collectively per call).
         self.sync_steps = sync_steps
 
     def rewards(self, image_ids, token_lists) -> torch.Tensor:
+        """CIDEr-D of each caption (word ids) against its image's references."""
         caps = [self.tokenizer.decode(t) for t in token_lists]
         return torch.from_numpy(self.cider(list(zip(image_ids, caps)))).float()
 
     def loss(self, model, batch, generator: Optional[torch.Generator] = None):
-        o = self.opts
+        o, n = self.opts, self.samples
         image_ids = [str(i) for i in batch.task["image_id"]]
         greedy = greedy_decode(model, batch, self.tokens, max_len=o.max_len, min_len=o.min_len,
                                no_repeat_ngram=o.no_repeat_ngram, early_exit=not self.sync_steps)
-        words, logps, mask = sample_captions(model, batch, self.tokens, max_len=o.max_len, min_len=o.min_len,
+        many = batch if n == 1 else dataclasses.replace(batch, **{
+            f: getattr(batch, f).repeat_interleave(n, dim=0)
+            for f in ("region_feats", "region_boxes", "region_cls_probs", "region_mask", "image_feat")
+            if getattr(batch, f) is not None})
+        words, logps, mask = sample_captions(model, many, self.tokens, max_len=o.max_len, min_len=o.min_len,
                                              no_repeat_ngram=o.no_repeat_ngram, generator=generator,
                                              early_exit=not self.sync_steps)
-        sampled = []
-        for row, n in zip(words.tolist(), mask.sum(1).long().tolist()):
-            cap = row[:n]                                   # the caption's steps
-            if cap and cap[-1] == self.tokens.pad_id:       # ended by [STOP] (written as [PAD])
-                cap = cap[:-1]
-            sampled.append(cap)
-        r_sample = self.rewards(image_ids, sampled).to(logps.device)
+        sample_ids = [i for i in image_ids for _ in range(n)]
+        r_sample = self.rewards(sample_ids, sampled_captions(words, mask, self.tokens.pad_id)).to(logps.device)
         r_greedy = self.rewards(image_ids, greedy.tokens).to(logps.device)
-        adv = r_sample - r_greedy
+        adv = r_sample - r_greedy.repeat_interleave(n)
         loss = -(adv[:, None] * logps * mask).sum() / mask.sum().clamp(min=1.0)
         metrics = {"loss": loss.detach(), "reward_sample": r_sample.mean(), "reward_greedy": r_greedy.mean(),
                    "advantage": adv.mean()}

@@ -1,0 +1,307 @@
+"""Attention backends against the eager reference (issue 8).
+
+CPU: sdpa, varlen (SDPA emulation of its two kernel calls), auto and flex (forward; no
+CPU backward) equal eager through the whole model, forward and backward; the flex
+mask_mod evaluated densely equals ``AttentionStructure.dense_allowed()``; the varlen
+packing and its bottom-right causal call equal eager on raw q, k, v; per-shape flex
+compilation never recompiles a shape; ``auto`` logs its choice; compiled blocks equal
+eager. GPU tests run the real FlexAttention / varlen kernels and skip without CUDA.
+"""
+import logging
+
+import pytest
+import torch
+
+from tests.test_model import make_model, random_inputs
+from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2SEQ
+from vltrain.model import attention as A
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: FlexAttention/varlen kernels are GPU-only")
+
+MODES = {"bidirectional": "bidirectional", "seq2seq": "seq2seq", "left_to_right": "left_to_right",
+         "mixed": torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2SEQ])}
+
+
+def inputs_for(cfg, case: str):
+    x = random_inputs(cfg, B=4)
+    if case == "targets_inside":
+        # Targets not at the end of the sequence: segment-1 tokens followed by segment-0 ones.
+        tt = torch.zeros_like(x["token_type_ids"])
+        tt[:, 3:7] = 1
+        x["token_type_ids"] = tt * x["attention_mask"]
+    return x
+
+
+def forward_backward(model, x, mode, backward=True):
+    model.zero_grad()
+    with torch.set_grad_enabled(backward):
+        out = model(**x, mode=mode)
+    tv, rv = x["attention_mask"].bool(), x["region_mask"]
+    if backward:
+        (out.text_hidden[tv].square().mean() + out.region_hidden[rv].square().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat([out.text_hidden[tv], out.region_hidden[rv]]).detach(), grads
+
+
+def assert_same(ref, got):
+    (o0, g0), (o1, g1) = ref, got
+    assert (o0 - o1).abs().max() < 1e-5
+    assert g0.keys() == g1.keys()
+    scale = max(float(g.abs().max()) for g in g0.values()) if g0 else 1.0
+    for n in g0:
+        assert float((g0[n] - g1[n]).abs().max()) / scale < 1e-5, n
+
+
+def pair(backend, **kw):
+    ref = make_model("eager", **kw)
+    other = make_model(backend, **kw)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+# --------------------------------------------------------------------------- whole model, CPU
+
+@pytest.mark.parametrize("backend", ["varlen", "auto"])
+@pytest.mark.parametrize("mode", [*MODES, "targets_inside"])
+def test_cpu_backend_equals_eager_forward_and_backward(backend, mode):
+    ref, other = pair(backend)
+    x = inputs_for(ref.config, mode)
+    m = "seq2seq" if mode == "targets_inside" else MODES[mode]
+    assert_same(forward_backward(ref, x, m), forward_backward(other, x, m))
+
+
+@pytest.mark.parametrize("mode", [*MODES, "targets_inside"])
+def test_flex_forward_equals_eager_on_cpu(mode):
+    ref, flex = pair("flex")
+    x = inputs_for(ref.config, mode)
+    m = "seq2seq" if mode == "targets_inside" else MODES[mode]
+    o0, _ = forward_backward(ref, x, m, backward=False)
+    o1, _ = forward_backward(flex, x, m, backward=False)
+    assert (o0 - o1).abs().max() < 1e-5
+
+
+def test_flex_refuses_attention_dropout_in_training_and_cpu_backward():
+    model = make_model("flex", attention_dropout=0.1).train()
+    x = random_inputs(model.config, B=2)
+    with pytest.raises(ValueError, match="attention_dropout=0.1.*attention_dropout=0"):
+        model(**x, mode="seq2seq")
+    model.eval()                                   # no dropout in eval: fine
+    with torch.no_grad():
+        assert torch.isfinite(model(**x, mode="seq2seq").text_hidden).all()
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        model(**x, mode="seq2seq")
+
+
+# --------------------------------------------------------------------------- flex mask_mod
+
+def structures():
+    """Every mode, padding inside (regions) and at the end (text), targets anywhere."""
+    g = torch.Generator().manual_seed(0)
+    B, L = 6, 23
+    valid = torch.rand(B, L, generator=g) > 0.25
+    valid[:, 0] = True
+    valid[1] = True                                          # one unpadded example
+    target = torch.zeros(B, L, dtype=torch.bool)
+    target[0, 12:] = True                                    # seq2seq: targets at the end
+    target[2, 1:] = True                                     # left-to-right
+    target[3, 5:9] = True                                    # targets inside the sequence
+    target[4] = torch.rand(L, generator=g) > 0.5             # scattered
+    target[:, 0] = False                                     # [CLS] is never a target
+    # example 5: bidirectional (no targets)
+    yield A.AttentionStructure(valid, target & valid)
+    yield A.AttentionStructure(valid, target)                # targets on padding too: ignored
+    yield A.AttentionStructure(torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_flex_mask_mod_evaluated_densely_equals_dense_mask(i):
+    from torch.nn.attention.flex_attention import create_mask
+    st = list(structures())[i]
+    B, L = st.key_valid.shape
+    mask_mod = A.structure_mask_mod(st.key_valid, st.target)
+    dense = create_mask(mask_mod, B, 1, L, L, device="cpu")[:, 0]        # FlexAttention's own evaluation
+    assert torch.equal(dense, st.dense_allowed())
+    b, q, k = torch.meshgrid(torch.arange(B), torch.arange(L), torch.arange(L), indexing="ij")
+    assert torch.equal(mask_mod(b, 0, q, k), st.dense_allowed())        # plain broadcasting too
+
+
+def test_flex_block_mask_is_built_once_per_forward(monkeypatch):
+    calls = []
+    real = A._prepare_flex
+    monkeypatch.setitem(A.BACKENDS, "flex", A.Backend("flex", lambda *a: calls.append(1) or real(*a),
+                                                      A.flex_attention_backend))
+    model = make_model("flex")
+    with torch.no_grad():
+        model(**random_inputs(model.config, B=2), mode="seq2seq")
+    assert len(calls) == 1 and model.config.num_layers > 1
+
+
+def test_flex_compiled_once_per_shape_beyond_dynamo_recompile_limit(monkeypatch):
+    """Each (shape, dtype, device, grad) key gets its own compiled callable: a new batch of
+    a known bucket never recompiles, and more buckets than Dynamo's per-function recompile
+    limit (8) all stay compiled."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(A, "FLEX_COMPILE_BACKEND", "eager")     # fast; the caching is what is tested
+    monkeypatch.setattr(A, "_FLEX_COMPILED", {})
+    torch._dynamo.reset()
+    counters.clear()
+    lengths = [8, 8, 9, 8, 10, 11, 12, 13, 14, 15, 16, 17, 9]
+    for i, L in enumerate(lengths):
+        g = torch.Generator().manual_seed(i)
+        valid = torch.rand(2, L, generator=g) > 0.3
+        valid[:, 0] = True
+        st = A.AttentionStructure(valid, torch.zeros_like(valid).index_fill_(1, torch.arange(L // 2, L), True) & valid)
+        q, k, v = torch.randn(3, 2, 2, L, 4, generator=g).unbind(0)
+        with torch.no_grad():
+            out = A.compiled_flex(A.flex_cache_key(q, k))(q, k, v, A._prepare_flex(st, q.dtype))
+            ref = A.eager_attention(q, k, v, st.additive_mask(q.dtype), 0.0)
+        assert ((out - ref) * valid[:, None, :, None]).abs().max() < 1e-5
+    distinct = len(set(lengths))
+    assert len(A._FLEX_COMPILED) == distinct > 8
+    assert counters["stats"]["unique_graphs"] == distinct
+
+
+# --------------------------------------------------------------------------- varlen scheme
+
+def test_varlen_plan_packs_prefix_then_targets_per_example():
+    st = next(structures())
+    plan = A.plan_varlen(st)
+    B, L = st.key_valid.shape
+    valid, target = st.key_valid, st.target & st.key_valid
+    cu_all, cu_t, cu_p = plan.cu_all.tolist(), plan.cu_target.tolist(), plan.cu_prefix.tolist()
+    for b in range(B):
+        rows = plan.all_rows[cu_all[b]:cu_all[b + 1]].tolist()
+        pre = [b * L + i for i in range(L) if valid[b, i] and not target[b, i]]
+        tgt = [b * L + i for i in range(L) if target[b, i]]
+        assert rows == pre + tgt                      # prefix first, then targets in order
+        assert plan.prefix_rows[cu_p[b]:cu_p[b + 1]].tolist() == pre
+        assert plan.target_rows[cu_t[b]:cu_t[b + 1]].tolist() == tgt
+    assert cu_all[-1] == int(valid.sum()) and plan.all_rows.numel() == B * L
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_varlen_two_call_scheme_equals_eager_on_unpadded_tensors(i):
+    """The two kernel calls (prefix: non-causal; targets: causal bottom-right over all keys),
+    emulated with SDPA on the unpadded CPU tensors, equal eager: fp32, forward and backward."""
+    st = list(structures())[i]
+    B, L = st.key_valid.shape
+    g = torch.Generator().manual_seed(i)
+    q0, k0, v0 = torch.randn(3, B, 3, L, 8, generator=g, dtype=torch.float64).float().unbind(0)
+    go = torch.randn(B, 3, L, 8, generator=g)
+    rows = st.key_valid[:, None, :, None]
+    res = []
+    for attend, prep in ((A.eager_attention, st.additive_mask(torch.float32)), (A.varlen_attention, A.plan_varlen(st))):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = attend(q, k, v, prep, 0.0)
+        (out * rows * go).sum().backward()          # only real query rows carry a gradient
+        res.append((out * rows, q.grad, k.grad, v.grad))
+    for a, b in zip(*res):
+        assert (a - b).abs().max() < 1e-5
+    assert torch.all(res[1][0][~st.key_valid[:, None, :, None].expand_as(res[1][0])] == 0)
+
+
+def test_emulated_varlen_causal_is_bottom_right_aligned():
+    q, k, v = torch.randn(3, 5, 2, 4).unbind(0)
+    cu_q, cu_k = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    out = A.emulated_varlen(q[:2], k, v, cu_q, cu_k, 2, 5, causal=True)
+    # Query 0 of 2 sees keys 0..3, query 1 sees 0..4 (aligned to the bottom-right corner).
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:2].transpose(0, 1), k.transpose(0, 1),
+                                                           v.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- auto, sdpa pinning
+
+def test_auto_picks_an_existing_backend_and_logs_it(caplog, monkeypatch):
+    monkeypatch.setattr(A, "_LOGGED", set())
+    model = make_model("auto")
+    with caplog.at_level(logging.INFO, logger="vltrain.model.attention"):
+        with torch.no_grad():
+            model(**random_inputs(model.config, B=2), mode="seq2seq")
+    msgs = [r.getMessage() for r in caplog.records if "attention_backend=auto" in r.getMessage()]
+    assert msgs and "-> sdpa" in msgs[0]
+    for dev, p in (("cpu", 0.0), ("cuda", 0.0), ("cuda", 0.1)):
+        name, why = A.resolve_auto(dev, p)
+        assert name in A.BACKENDS and name != "auto" and why
+    assert A.resolve_auto("cuda", 0.1)[0] == "sdpa"          # flex has no dropout
+
+
+def test_sdpa_is_pinned_to_mask_capable_fused_kernels_on_gpu():
+    from torch.nn.attention import SDPBackend
+    kernels = A._sdpa_gpu_kernels()
+    assert SDPBackend.MATH not in kernels and SDPBackend.FLASH_ATTENTION not in kernels
+    assert set(kernels) == {SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION}
+
+
+# --------------------------------------------------------------------------- compile
+
+def test_compiled_blocks_equal_eager_forward_and_backward():
+    from vltrain.model.compile import compile_blocks, is_compiled
+    ref, comp = pair("sdpa")
+    names = [n for n, _ in comp.named_parameters()]
+    compile_blocks(comp)
+    assert is_compiled(comp) and [n for n, _ in comp.named_parameters()] == names   # state dict keys kept
+    x = random_inputs(ref.config, B=4)
+    assert_same(forward_backward(ref, x, MODES["mixed"]), forward_backward(comp, x, MODES["mixed"]))
+
+
+def test_compile_config_field_and_maybe_compile():
+    from vltrain.config import load_config
+    from vltrain.model.compile import is_compiled, maybe_compile
+    assert load_config(None, ["model.compile=true"]).model.compile is True
+    model = make_model("sdpa")
+    assert not is_compiled(maybe_compile(model))
+    model = make_model("sdpa", compile=True)
+    assert is_compiled(maybe_compile(model))
+
+
+# --------------------------------------------------------------------------- GPU kernels
+
+def cuda_inputs(cfg, mode):
+    x = {k: v.cuda() for k, v in random_inputs(cfg, B=4).items()}
+    return x, (MODES[mode].cuda() if torch.is_tensor(MODES[mode]) else MODES[mode])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "auto"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gpu_backend_equals_eager_fp32(backend, mode):
+    """The real kernels (pinned efficient/cuDNN SDPA, compiled FlexAttention) in fp32."""
+    ref, other = pair(backend)
+    ref, other = ref.cuda(), other.cuda()
+    x, m = cuda_inputs(ref.config, mode)
+    assert_same(forward_backward(ref, x, m), forward_backward(other, x, m))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gpu_varlen_equals_eager_bf16(mode):
+    """Varlen kernels are fp16/bf16 only: varlen under bf16 autocast must be as close to the
+    fp32 eager reference as eager itself is under the same autocast."""
+    if A.varlen_kernel_name("cuda") is None:
+        pytest.skip("no flash_attn and no torch.nn.attention.varlen")
+    ref, var = pair("varlen")
+    ref, var = ref.cuda(), var.cuda()
+    x, m = cuda_inputs(ref.config, mode)
+    o32, g32 = forward_backward(ref, x, m)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o_e, g_e = forward_backward(ref, x, m)
+        o_v, g_v = forward_backward(var, x, m)
+    err_e, err_v = (o_e.float() - o32).abs().max(), (o_v.float() - o32).abs().max()
+    assert err_v <= 2 * err_e + 1e-3, (float(err_v), float(err_e))
+    for n in g32:
+        e, v = (g_e[n].float() - g32[n]).abs().max(), (g_v[n].float() - g32[n]).abs().max()
+        assert v <= 2 * e + 1e-3 * float(g32[n].abs().max()) + 1e-6, (n, float(v), float(e))
+
+
+@needs_cuda
+def test_gpu_sdpa_never_falls_back_to_math():
+    st = next(structures())
+    st = A.AttentionStructure(st.key_valid.cuda(), st.target.cuda())
+    q, k, v = torch.randn(3, 6, 4, 23, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    out = A.sdpa_attention(q, k, v, A._prepare_sdpa(st, q.dtype), 0.0)   # raises if no fused kernel fits
+    ref = A.eager_attention(q.float(), k.float(), v.float(), st.additive_mask(torch.float32), 0.0)
+    rows = st.key_valid[:, None, :, None]
+    assert ((out.float() - ref) * rows).abs().max() < 2e-2

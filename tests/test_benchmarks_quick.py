@@ -1,0 +1,71 @@
+"""`benchmarks/train_throughput.py --quick` runs and prints a complete table (issue 8)."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures.corpus import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    md, js = d / "report.md", d / "raw.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--quick", "--threads", "1",
+                        "--out", str(md), "--json", str(js)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p.stdout, md.read_text(), json.loads(js.read_text())
+
+
+def table_rows(md: str, first_header: str):
+    """Data rows of the Markdown table whose header starts with ``first_header``."""
+    lines = md.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return lines[start], rows
+
+
+def finite(cell: str) -> bool:
+    try:
+        return math.isfinite(float(cell.replace(",", "")))
+    except ValueError:
+        return False
+
+
+def test_quick_report_has_every_row_with_finite_numbers(quick_run):
+    stdout, md, raw = quick_run
+    assert md.strip() == stdout.strip()                      # --out writes what is printed
+    header, rows = table_rows(md, "model")
+    labels = {(r[0], r[1], r[2]) for r in rows}
+    for expected in (("ours (vltrain)", "eager", "off"), ("ours (vltrain)", "sdpa", "off"),
+                     ("ours (vltrain)", "sdpa", "on"), ("VisualBERT (transformers)", "eager (its own)", "off")):
+        assert expected in labels, (expected, labels)
+    for r in rows:
+        assert all(finite(c) for c in r[3:-1]), r              # samples/s .. × peer (by CPU time)
+        assert float(r[3].replace(",", "")) > 0 and float(r[7]) > 0
+    assert re.search(r"CPU target .*: (met|NOT met) by wall-clock .*, (met|NOT met) by CPU time", md)
+
+    _, zrows = table_rows(md, "stage")
+    assert [r[0] for r in zrows] == ["ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
+    assert all(finite(c) for r in zrows for c in r[2:])     # r[1]: DeepSpeed's optimizer class
+    totals = [float(r[5].replace(",", "")) for r in zrows]
+    assert totals[3] < totals[1] <= totals[0]                # sharding shrinks the per-rank state
+    assert re.findall(r"compile=true` under ZeRO-(\d).*\((\w+)\)", md) == [("1", "ok"), ("2", "ok")]
+
+    _, arows = table_rows(md, "backend")
+    assert {r[0] for r in arows} >= {"eager", "sdpa", "varlen"}
+    for r in arows:
+        assert finite(r[2]) and finite(r[3]) and float(r[4]) < 1e-4, r   # every backend matches eager
+    assert raw["throughput"]["rows"] and raw["zero"]["3"]["total"] > 0

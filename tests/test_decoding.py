@@ -1,0 +1,353 @@
+"""Caption decoding (vltrain/decoding.py) and the cached incremental forward
+(vltrain/model/incremental.py), on small random models (CPU, fp32, eval mode).
+
+The references here are written independently of the code under test: a naive decoder that
+re-runs the model's full forward for every step of every hypothesis and applies the
+constraints in plain Python, and an exhaustive search over a 4-word vocabulary.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vltrain.config import debug_model_config
+from vltrain.data.batch import Batch
+from vltrain.decoding import (DecodeOptions, DecodeTokens, beam_search, decode, greedy_decode,
+                              length_penalty, sample_captions)
+from vltrain.model import VLModel
+from vltrain.model.incremental import GenCache, encode_prefix, extend
+from vltrain.tokenization import Tokenizer
+
+D, C = 64, 17
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer("bert-base-uncased")
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return DecodeTokens.from_tokenizer(tok)
+
+
+def make_model(seed=0, stop_bias=None, **kw):
+    torch.manual_seed(seed)
+    m = VLModel(debug_model_config(initializer_range=0.2, **kw)).eval()
+    if stop_bias is not None:
+        with torch.no_grad():
+            m.mlm_head.bias[102] = stop_bias          # [STOP] = [SEP] = 102 in BERT's vocab
+    return m
+
+
+def make_images(B=5, N=6, seed=1, ragged=True) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    rmask = torch.ones(B, N, dtype=torch.bool)
+    if ragged:                                          # different region counts per image
+        for b in range(B):
+            rmask[b, 1 + (b * 2) % N:] = False
+    one = torch.zeros(B, 1, dtype=torch.long)
+    return Batch(sample_id=torch.arange(B), input_ids=one, token_type_ids=one, attention_mask=one + 1,
+                 mode=torch.ones(B, dtype=torch.long), region_feats=torch.randn(B, N, D, generator=g),
+                 region_boxes=torch.rand(B, N, 4, generator=g).sort(-1).values,
+                 region_cls_probs=torch.softmax(3 * torch.randn(B, N, C, generator=g), -1),
+                 region_mask=rmask, image_feat=torch.randn(B, D, generator=g))
+
+
+def image(batch: Batch, b: int) -> Batch:
+    take = lambda x: None if x is None else x[b:b + 1]          # noqa: E731
+    return Batch(sample_id=batch.sample_id[b:b + 1], input_ids=batch.input_ids[b:b + 1],
+                 token_type_ids=batch.token_type_ids[b:b + 1], attention_mask=batch.attention_mask[b:b + 1],
+                 mode=batch.mode[b:b + 1], region_feats=take(batch.region_feats),
+                 region_boxes=take(batch.region_boxes), region_cls_probs=take(batch.region_cls_probs),
+                 region_mask=take(batch.region_mask), image_feat=take(batch.image_feat))
+
+
+# ------------------------------------------------------------------------------ naive reference
+
+@torch.no_grad()
+def naive_logp(model, batch, b, words_list):
+    """log-softmax at the trailing [MASK] of ``[CLS] [SEP] words [MASK]`` for each word list,
+    by the model's full forward (one image ``b``, many hypotheses)."""
+    n = len(words_list)
+    L = max(len(w) for w in words_list)
+    ids = torch.zeros(n, L + 3, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    att = torch.zeros_like(ids)
+    last = []
+    for i, w in enumerate(words_list):
+        row = [101, 102, *w, 103]
+        ids[i, :len(row)] = torch.tensor(row)
+        types[i, 2:len(row)] = 1
+        att[i, :len(row)] = 1
+        last.append(len(row) - 1)
+    one = image(batch, b)
+    rep = lambda x: None if x is None else x.expand(n, *x.shape[1:])   # noqa: E731
+    out = model(ids, types, att, region_feats=rep(one.region_feats), region_boxes=rep(one.region_boxes),
+                region_cls_probs=rep(one.region_cls_probs), region_mask=rep(one.region_mask),
+                mode="seq2seq", image_feat=rep(one.image_feat))
+    h = out.text_hidden[torch.arange(n), torch.tensor(last)]
+    return F.log_softmax(model.mlm_logits(h).float(), -1)
+
+
+def allowed(tokens: DecodeTokens, words, cand, min_len, n):
+    """The decoding rules, written out: may ``cand`` follow ``words``?"""
+    if cand in tokens.forbidden:
+        return False
+    if cand == tokens.stop_id and len(words) < min_len:
+        return False
+    if n == 1 and cand in words:
+        return False
+    if n > 1 and len(words) >= n - 1:
+        seen = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+        if tuple(words[len(words) - n + 1:]) + (cand,) in seen:
+            return False
+    return True
+
+
+def naive_greedy(model, batch, tokens, max_len, min_len=0, n=0):
+    outs = []
+    for b in range(batch.batch_size):
+        words, stopped = [], False
+        for _ in range(max_len):
+            logp = naive_logp(model, batch, b, [words])[0]
+            for c in logp.argsort(descending=True).tolist():
+                if allowed(tokens, words, c, min_len, n):
+                    break
+            if c == tokens.stop_id:
+                stopped = True
+                break
+            words.append(c)
+        outs.append((words, stopped))
+    return outs
+
+
+def repeated_ngram(words, n) -> bool:
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+# ------------------------------------------------------------------------------ incremental forward
+
+@pytest.mark.parametrize("embedding", ["vlp", "vlbert"])
+def test_incremental_forward_equals_full_forward(embedding):
+    model = make_model(region_embedding=embedding)
+    batch = make_images(B=4)
+    words = torch.randint(1000, 3000, (4, 5))
+    words[:, -1] = 103                                                      # a trailing [MASK]
+    ids = torch.cat([torch.tensor([[101, 102]] * 4), words], 1)
+    types = torch.zeros_like(ids)
+    types[:, 2:] = 1
+    imgs = dict(region_feats=batch.region_feats, region_boxes=batch.region_boxes,
+                region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
+                image_feat=batch.image_feat)
+    with torch.no_grad():
+        full = model(ids, types, None, mode="seq2seq", **imgs).text_hidden[:, 2:]
+        prefix = encode_prefix(model, ids[:, :2], **imgs)
+        assert prefix.keys[0].shape[2] == 2 + batch.region_feats.shape[1]
+        # in pieces of 1, 2 and 2 new positions, committing all but the final [MASK]
+        gen = GenCache.empty(prefix, 4)
+        h1, gen = extend(model, prefix, gen, words[:, :1], commit=1)
+        h2, gen = extend(model, prefix, gen, words[:, 1:3], commit=2)
+        h3, gen = extend(model, prefix, gen, words[:, 3:], commit=1)
+        assert gen.length == 4                          # the [MASK]'s key/value is not cached
+        torch.testing.assert_close(torch.cat([h1, h2, h3], 1), full, atol=2e-5, rtol=1e-5)
+        # three beams per image sharing one prefix
+        gen = GenCache.empty(prefix, 12)
+        hb, _ = extend(model, prefix, gen, words.repeat_interleave(3, 0), commit=0)
+        torch.testing.assert_close(hb, full.repeat_interleave(3, 0), atol=2e-5, rtol=1e-5)
+
+
+def test_incremental_forward_has_gradients():
+    model = make_model()
+    model.train()
+    batch = make_images(B=2)
+    prefix = encode_prefix(model, torch.tensor([[101, 102]] * 2), region_feats=batch.region_feats,
+                           region_boxes=batch.region_boxes, region_cls_probs=batch.region_cls_probs,
+                           region_mask=batch.region_mask)
+    h, gen = extend(model, prefix, GenCache.empty(prefix, 2), torch.tensor([[2000, 103]] * 2), commit=1)
+    h2, _ = extend(model, prefix, gen, torch.tensor([[2001, 103]] * 2), commit=1)
+    (h.sum() + h2.sum()).backward()
+    assert model.layers[0].qkv.weight.grad.abs().sum() > 0
+    assert model.region_embeddings.feat.weight.grad.abs().sum() > 0     # through the cached prefix
+
+
+# ------------------------------------------------------------------------------ cache / beam / greedy
+
+CONSTRAINTS = [dict(), dict(no_repeat_ngram=2), dict(min_len=4, no_repeat_ngram=1), dict(no_repeat_ngram=3)]
+
+
+@pytest.mark.parametrize("kw", CONSTRAINTS)
+def test_cached_and_uncached_decoding_give_identical_tokens(ids, kw):
+    model = make_model(stop_bias=6.5)
+    batch = make_images(B=6)
+    for fn, extra in ((greedy_decode, {}), (beam_search, dict(beam_size=4, length_penalty=0.6))):
+        cached = fn(model, batch, ids, max_len=9, use_cache=True, **extra, **kw)
+        plain = fn(model, batch, ids, max_len=9, use_cache=False, **extra, **kw)
+        assert cached.tokens == plain.tokens, fn.__name__
+        assert cached.stopped == plain.stopped
+        assert cached.scores == pytest.approx(plain.scores, abs=1e-4)
+
+
+@pytest.mark.parametrize("kw", CONSTRAINTS)
+def test_beam_size_one_equals_greedy(ids, kw):
+    model = make_model(stop_bias=6.5)
+    batch = make_images(B=6)
+    g = greedy_decode(model, batch, ids, max_len=9, **kw)
+    b = beam_search(model, batch, ids, beam_size=1, max_len=9, **kw)
+    assert b.tokens == g.tokens and b.stopped == g.stopped
+    assert b.scores == pytest.approx(g.scores, abs=1e-5)
+    assert decode(model, batch, ids, DecodeOptions(beam_size=1, max_len=9, **kw)).tokens == g.tokens
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(min_len=3, no_repeat_ngram=1), dict(no_repeat_ngram=2)])
+def test_greedy_equals_naive_full_forward_decoder(ids, kw):
+    model = make_model(stop_bias=6.5)
+    batch = make_images(B=6)
+    g = greedy_decode(model, batch, ids, max_len=8, **kw)
+    ref = naive_greedy(model, batch, ids, 8, kw.get("min_len", 0), kw.get("no_repeat_ngram", 0))
+    assert [(t, s) for t, s in zip(g.tokens, g.stopped)] == ref
+
+
+def test_decoding_stops_at_stop(ids):
+    batch = make_images(B=6)
+    # [STOP] far above everything: every caption ends as soon as it may.
+    eager = make_model(stop_bias=50.0)
+    for min_len in (0, 3):
+        for res in (greedy_decode(eager, batch, ids, max_len=10, min_len=min_len),
+                    beam_search(eager, batch, ids, beam_size=3, max_len=10, min_len=min_len)):
+            assert res.stopped == [True] * 6
+            assert [len(t) for t in res.tokens] == [min_len] * 6
+    # [STOP] never likely: every caption runs to max_len, unstopped.
+    never = make_model(stop_bias=-50.0)
+    res = greedy_decode(never, batch, ids, max_len=7)
+    assert res.stopped == [False] * 6 and res.lengths == [7] * 6
+    # In between: each stopped caption's next argmax (full forward) is [STOP], and no word
+    # before it was; no output contains [STOP] or any other special token.
+    model = make_model(stop_bias=6.5)
+    res = greedy_decode(model, batch, ids, max_len=8, no_repeat_ngram=1)
+    assert any(res.stopped) and not all(len(t) == 0 for t in res.tokens)
+    for b, (words, stopped) in enumerate(zip(res.tokens, res.stopped)):
+        assert not set(words) & ({ids.stop_id} | set(ids.forbidden))
+        logp = naive_logp(model, batch, b, [words[:i] for i in range(len(words) + 1)])
+        for i in range(len(words)):      # [STOP] is never blocked here, so it never won before
+            assert logp[i].argmax().item() != ids.stop_id
+        if stopped:
+            best = [c for c in logp[-1].argsort(descending=True).tolist()
+                    if c not in words and c not in ids.forbidden]
+            assert best[0] == ids.stop_id
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ngram_blocking_and_min_length_hold_on_every_output(ids, n):
+    batch = make_images(B=6)
+    for seed, bias in ((0, None), (1, 6.0), (2, 7.0)):
+        model = make_model(seed=seed, stop_bias=bias)
+        for min_len in (0, 5):
+            outs = [greedy_decode(model, batch, ids, max_len=12, min_len=min_len, no_repeat_ngram=n),
+                    beam_search(model, batch, ids, beam_size=4, max_len=12, min_len=min_len,
+                                no_repeat_ngram=n, length_penalty=1.0)]
+            for res in outs:
+                for words, stopped in zip(res.tokens, res.stopped):
+                    assert not repeated_ngram(words, n), (n, words)
+                    assert len(words) >= min_len
+                    assert len(words) <= 12 and (stopped or len(words) == 12)
+                    assert not set(words) & set(ids.forbidden)
+    # without blocking the random model does repeat itself, so the check above has teeth
+    plain = greedy_decode(make_model(), batch, ids, max_len=12)
+    assert any(repeated_ngram(w, 2) for w in plain.tokens)
+
+
+def test_batched_beam_search_equals_one_image_at_a_time(ids):
+    model = make_model(stop_bias=6.0)
+    batch = make_images(B=5)
+    together = beam_search(model, batch, ids, beam_size=3, max_len=8, no_repeat_ngram=2, length_penalty=1.0)
+    for b in range(5):
+        alone = beam_search(model, image(batch, b), ids, beam_size=3, max_len=8, no_repeat_ngram=2,
+                            length_penalty=1.0)
+        assert alone.tokens[0] == together.tokens[b]
+        assert alone.scores[0] == pytest.approx(together.scores[b], abs=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.5])
+def test_beam_search_is_exact_when_the_beam_holds_every_hypothesis(ids, alpha):
+    """A 4-word vocabulary (everything else forbidden), max_len 3: a beam of 64 never prunes,
+    so beam search must return the exhaustive optimum of log P / lp(|Y|)."""
+    model = make_model(stop_bias=3.0)
+    batch = make_images(B=2)
+    vocab = [2000, 2001, 2002, 2003]
+    keep = set(vocab) | {ids.stop_id}
+    small = DecodeTokens(ids.cls_id, ids.sep_id, ids.stop_id, ids.mask_id, ids.pad_id,
+                         tuple(i for i in range(model.config.vocab_size) if i not in keep))
+    max_len = 3
+    for use_cache in (True, False):
+        res = beam_search(model, batch, small, beam_size=64, max_len=max_len, length_penalty=alpha,
+                          use_cache=use_cache)
+        for b in range(2):
+            prefixes = [list(p) for L in range(max_len + 1) for p in itertools.product(vocab, repeat=L)]
+            logp = {tuple(p): row for p, row in zip(prefixes, naive_logp(model, batch, b, prefixes))}
+            best = None
+            for p in prefixes:
+                base = sum(logp[tuple(p[:i])][p[i]].item() for i in range(len(p)))
+                if len(p) < max_len:    # ends with [STOP]
+                    cand = ((base + logp[tuple(p)][ids.stop_id].item()) / length_penalty(len(p) + 1, alpha), p, True)
+                else:                   # reached max_len
+                    cand = (base / length_penalty(max_len, alpha), p, False)
+                if best is None or cand[0] > best[0] + 1e-9:
+                    best = cand
+            assert res.tokens[b] == best[1] and res.stopped[b] == best[2]
+            assert res.scores[b] == pytest.approx(best[0], abs=1e-4)
+
+
+def test_beam_scores_are_length_penalised_log_probabilities(ids):
+    model = make_model(stop_bias=6.0)
+    batch = make_images(B=4)
+    for alpha in (0.0, 1.0):
+        res = beam_search(model, batch, ids, beam_size=4, max_len=8, length_penalty=alpha)
+        for b, (words, stopped, score) in enumerate(zip(res.tokens, res.stopped, res.scores)):
+            logp = naive_logp(model, batch, b, [words[:i] for i in range(len(words) + 1)])
+            total = sum(logp[i, w].item() for i, w in enumerate(words))
+            if stopped:
+                total += logp[-1, ids.stop_id].item()
+            assert score == pytest.approx(total / length_penalty(len(words) + int(stopped), alpha), abs=1e-4)
+
+
+def test_sampling_is_differentiable_and_reproducible(ids):
+    model = make_model(stop_bias=6.0)
+    model.train()
+    batch = make_images(B=4)
+    w1, lp1, m1 = sample_captions(model, batch, ids, max_len=6, generator=torch.Generator().manual_seed(3))
+    w2, lp2, m2 = sample_captions(model, batch, ids, max_len=6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(w1, w2) and torch.equal(m1, m2)
+    assert lp1.requires_grad and (lp1 * m1).sum().isfinite()
+    assert torch.all(lp1.detach()[m1 == 0] == 0) and torch.all(lp1.detach()[m1 == 1] <= 0)
+    (lp1 * m1).sum().backward()
+    assert model.mlm_head.transform.dense.weight.grad.abs().sum() > 0
+    # the sampled log-probabilities are the model's: re-score image 0 with the full forward
+    model.eval()
+    n = int(m1[0].sum())
+    words = [w for w in w1[0, :n].tolist()]
+    logp = naive_logp(model, batch, 0, [[x for x in words[:i] if x != ids.pad_id] for i in range(n)])
+    want = [logp[i, w if w != ids.pad_id else ids.stop_id].item() for i, w in enumerate(words)]
+    assert lp1[0, :n].tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_sampler_draws_from_the_softmax_and_never_a_forbidden_token():
+    from vltrain.decoding import _sample
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), 0.5, float("-inf")]]).expand(40000, 6)
+    draws = _sample(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    want = torch.softmax(logits[0], -1)
+    assert freq[3] == 0 and freq[5] == 0
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+
+
+def test_options_are_checked(ids):
+    model = make_model()
+    batch = make_images(B=1)
+    for bad in (dict(beam_size=0), dict(max_len=0), dict(min_len=5, max_len=4), dict(no_repeat_ngram=-1)):
+        with pytest.raises(ValueError):
+            decode(model, batch, ids, DecodeOptions(**bad))
+    assert math.isclose(length_penalty(7, 1.0), 2.0)
