@@ -121,6 +121,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         task_state = init_weights(model, cfg.train.init_from)
     elif cfg.mode == "eval":
         raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
+    from vltrain.model.compile import maybe_compile
+    maybe_compile(model)     # model.compile: blocks compiled in place, state-dict names unchanged
     spec = get_task(cfg.task.name)
     task = spec.build_module(cfg, model)
     if cfg.mode == "eval" or task_state:
