@@ -28,7 +28,7 @@ def launch(script_args, tmp, name):
     return procs, logs
 
 
-def finish(procs, logs, timeout=300):
+def finish(procs, logs, timeout=600):
     codes = [p.wait(timeout) for p in procs]
     return codes, [open(l).read() for l in logs]
 
