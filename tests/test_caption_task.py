@@ -7,23 +7,16 @@ end; the other tests read its files and its checkpoint.
 import json
 import os
 import shutil
-import socket
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.corpus import Ranks
+from tests.fixtures.corpus import Ranks, free_port
 
 STEPS = 300
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java not installed (pycocoevalcap)")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

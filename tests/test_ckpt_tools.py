@@ -16,23 +16,16 @@ A and B run side by side, then C and D: four launches in all.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.fixtures.corpus import REPO, rank_env
+from tests.fixtures.corpus import REPO, rank_env, free_port
 from vltrain.ckpt.__main__ import main as ckpt_main
 
 TAG3 = "step_00000003"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(spec: dict, name: str, world: int, log_dir: str):

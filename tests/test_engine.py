@@ -12,7 +12,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,12 @@ import time
 import boto3
 import pytest
 
-from tests.fixtures.corpus import REPO, Ranks, rank_env
+from tests.fixtures.corpus import REPO, Ranks, rank_env, free_port
 from tests.fixtures.s3 import S3_SECRET_SENTINEL
 from vltrain.engine.checkpoint import COMPLETE_FILE, find_resume_point
 from vltrain.engine.signals import EXIT_PREEMPTED
 
 STEPS = 40
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upload_dir(local, bucket, prefix):

@@ -1,19 +1,12 @@
 """What the engine does with bad runs: non-finite losses on one rank, and bad inputs that
 must stop every rank before training, without hanging (2 ranks, gloo)."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.fixtures.corpus import REPO, Ranks, rank_env
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.fixtures.corpus import REPO, Ranks, rank_env, free_port
 
 
 def launch(script_args, tmp, name):

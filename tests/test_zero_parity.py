@@ -1,18 +1,11 @@
 """ZeRO stages and gradient accumulation: same losses as plain data parallel (2 ranks, gloo)."""
 import json
-import socket
 
-from tests.fixtures.corpus import REPO, rank_env
+from tests.fixtures.corpus import REPO, rank_env, free_port
 import subprocess
 import sys
 
 STEPS = 20
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_zero_stages_and_accumulation_match_stage0(tmp_path):
