@@ -29,9 +29,13 @@ def finish(procs, logs, timeout=600):
 def test_nonfinite_losses_skip_on_every_rank_and_abort_when_persistent(tmp_path, synthetic_corpus):
     train = os.path.join(synthetic_corpus, "captions", "pretrain")
     out = str(tmp_path / "runs")
-    runs = {m: launch(["tests/workers/nonfinite.py", m, out, train, str(tmp_path / f"cache-{m}")], str(tmp_path), m)
-            for m in ("transient", "persistent")}
-    (codes_t, logs_t), (codes_p, logs_p) = finish(*runs["transient"]), finish(*runs["persistent"])
+    # One job at a time: a starting streaming job clears stale shared memory on the host,
+    # which would include a concurrently running job's.
+    results = {}
+    for m in ("transient", "persistent"):
+        results[m] = finish(*launch(["tests/workers/nonfinite.py", m, out, train, str(tmp_path / f"cache-{m}")],
+                                    str(tmp_path), m))
+    (codes_t, logs_t), (codes_p, logs_p) = results["transient"], results["persistent"]
 
     assert codes_t == [0, 0], logs_t[0][-3000:]
     # Both ranks skipped the same two micro-batches, and training still ran its 10 steps.
