@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 

@@ -28,6 +28,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -254,6 +255,7 @@ def zero_section(size: Size, args) -> tuple[str, dict]:
         raise RuntimeError("ZeRO worker failed:\n" + "\n".join(l[-4000:] for l in logs))
     with open(out) as f:
         res = json.load(f)
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
     return render_zero(res, size), res
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.nn as nn
 
 log = logging.getLogger(__name__)
