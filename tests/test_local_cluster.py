@@ -1,22 +1,16 @@
 """The local Slurm cluster (slurm/local_cluster.sh) is a real two-node cluster, and the
 requeue mechanics the sbatch templates rely on work on it: USR1 reaches the batch
 script, `scontrol requeue` puts the job back, and the second run appends to the log."""
+import functools
 import re
-import time
 
 import pytest
+from tests.fixtures.slurm import wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def _wait_for(predicate, timeout, what, poll=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+_wait_for = functools.partial(wait_for, poll=0.2)
 
 
 def test_cluster_has_two_idle_nodes(slurm_cluster):

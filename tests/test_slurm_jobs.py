@@ -13,6 +13,7 @@
 The ranks choose DeepSpeed's CPU accelerator by themselves (no DS_ACCELERATOR in the job's
 environment, no nvidia-smi on the nodes).
 """
+import functools
 import glob
 import math
 import os
@@ -25,6 +26,7 @@ import pytest
 
 from tests.fixtures.corpus import REPO
 from tests.fixtures.s3 import S3_SECRET_SENTINEL
+from tests.fixtures.slurm import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +50,7 @@ def _read(path):
         return ""
 
 
-def _wait_for(predicate, timeout, what, poll=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+_wait_for = functools.partial(wait_for, poll=0.5)
 
 
 class Job:
