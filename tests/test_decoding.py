@@ -351,3 +351,17 @@ def test_options_are_checked(ids):
         with pytest.raises(ValueError):
             decode(model, batch, ids, DecodeOptions(**bad))
     assert math.isclose(length_penalty(7, 1.0), 2.0)
+
+
+def test_compiled_model_decodes_with_the_cache(ids):
+    """model.compile=true: the cache's prefix keys/values come from the hidden states entering
+    each block, not from hooks (a compiled block ignores hooks added after compilation)."""
+    from vltrain.model.compile import compile_blocks
+    ref = make_model(stop_bias=6.5)
+    compiled = compile_blocks(make_model(stop_bias=6.5))
+    batch = make_images(B=4)
+    for fn, extra in ((greedy_decode, {}), (beam_search, dict(beam_size=3, length_penalty=0.6))):
+        want = fn(ref, batch, ids, max_len=7, use_cache=True, **extra)
+        got = fn(compiled, batch, ids, max_len=7, use_cache=True, **extra)
+        assert got.tokens == want.tokens, fn.__name__
+        assert got.scores == pytest.approx(want.scores, abs=1e-4)

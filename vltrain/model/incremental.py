@@ -9,8 +9,8 @@ change. This module caches them and, per step, runs the layers on the new positi
 never cached, because the next step replaces that token.
 
 * ``encode_prefix`` runs the model's own forward over the prefix once per image and keeps
-  every layer's keys/values (captured from ``Block.qkv``), so the prefix is computed exactly
-  as in training, whatever the attention backend.
+  every layer's keys/values (projected from the hidden states entering each block), so the
+  prefix is computed as in training, whatever the attention backend, compiled or not.
 * ``extend`` runs new target tokens through the same ``Block`` weights with eager attention
   over [prefix | generated | new] keys. The prefix is stored once per image and shared by
   its beams (broadcast in the score product), so beam reordering copies only the few
@@ -74,25 +74,17 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    captured: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        def grab(_mod, _inp, out, i=i):
-            captured.setdefault(i, out)      # first call only (activation checkpointing re-runs)
-        hooks.append(layer.qkv.register_forward_hook(grab))
-    try:
-        model(input_ids, token_type_ids, attention_mask, region_feats=region_feats,
-              region_boxes=region_boxes, region_cls_probs=region_cls_probs, region_mask=region_mask,
-              mode=MODE_SEQ2SEQ, image_feat=image_feat)
-    finally:
-        for h in hooks:
-            h.remove()
+    inputs: list[torch.Tensor] = []
+    model(input_ids, token_type_ids, attention_mask, region_feats=region_feats,
+          region_boxes=region_boxes, region_cls_probs=region_cls_probs, region_mask=region_mask,
+          mode=MODE_SEQ2SEQ, image_feat=image_feat, layer_inputs=inputs)
     keys, values = [], []
-    for i, layer in enumerate(model.layers):
-        qkv = captured[i]
-        L, H = qkv.shape[1], qkv.shape[2] // 3
+    for layer, x in zip(model.layers, inputs):
+        L, H = x.shape[1], x.shape[2]
         h = layer.num_heads
-        _, k, v = qkv.view(B, L, 3, h, H // h).permute(2, 0, 3, 1, 4)
+        # One more QKV projection of the prefix per layer (once per image), run eagerly: the
+        # block itself may be compiled, and its keys/values are not among its outputs.
+        _, k, v = layer.qkv(x).view(B, L, 3, h, H // h).permute(2, 0, 3, 1, 4)
         keys.append(k)
         values.append(v)
     valid = attention_mask.bool()

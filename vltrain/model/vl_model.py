@@ -123,7 +123,11 @@ class VLModel(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
-                mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None) -> VLModelOutput:
+                mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None,
+                layer_inputs: Optional[list] = None) -> VLModelOutput:
+        """``layer_inputs``: a list to which the hidden states entering each block are appended
+        (the decoding KV cache derives every layer's keys/values from them; forward hooks would
+        not do: a compiled block does not run hooks added after it was compiled)."""
         B, T = input_ids.shape
         dev = input_ids.device
         if token_type_ids is None:
@@ -167,6 +171,8 @@ class VLModel(nn.Module):
         backend = get_backend(self.config.attention_backend)
         prepared = backend.prepare(AttentionStructure(key_valid=key_valid, target=target), x.dtype)
         for layer in self.layers:
+            if layer_inputs is not None:
+                layer_inputs.append(x)
             if self.config.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, prepared, backend, use_reentrant=False)
             else:
