@@ -368,7 +368,7 @@ def measure_zero_stages(info, size: Size, precision: str) -> dict:
 
 
 def compile_under_zero(info, size: Size, steps: int = 3) -> dict:
-    """model.compile=true under ZeRO-1/2: compiled blocks (compiled before
+    """model.compile=true under ZeRO-1/2/3: compiled blocks (compiled before
     ``deepspeed.initialize``, as vltrain/engine/build.py does) give the same losses as eager."""
     import deepspeed
     from vltrain.config import Config
@@ -378,7 +378,7 @@ def compile_under_zero(info, size: Size, steps: int = 3) -> dict:
     from vltrain.tasks.pretrain import PretrainTask
 
     out = {}
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         losses = {}
         for compiled in (False, True):
             cfg = Config(model=dataclasses.replace(size.model, compile=compiled, attention_backend="sdpa"))
@@ -484,6 +484,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the Markdown report here too")
     p.add_argument("--json", help="write the raw numbers here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=0, help="micro-batch (default: 8, or 4 with --quick); "
+                   "sweep it on a GPU to find the best MFU")
     p.add_argument("--rounds", type=int, default=None, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -501,6 +503,8 @@ def main(argv=None) -> int:
     args.warmup = args.warmup or (1 if args.quick else 1)
     device = torch.device(args.device)
     size = quick_size() if args.quick else full_size()
+    if args.batch:
+        size = dataclasses.replace(size, batch=args.batch)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     started = time.time()
 
