@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -268,3 +269,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def update_benchmarks(section: str, text: str, path: str = os.path.join(REPO, "BENCHMARKS.md")) -> None:
+    """Replace (or append) the ``section`` heading's part of BENCHMARKS.md with ``text`` (which
+    starts with that heading); the other sections are left as they are."""
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    with open(path + ".tmp", "w") as f:
+        f.write(new.rstrip("\n") + "\n")
+    os.replace(path + ".tmp", path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import REPO, machine_description, markdown_table, median, sync  # noqa: E402
+from benchmarks.common import machine_description, markdown_table, median, sync, update_benchmarks  # noqa: E402
 from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
 from vltrain.data.batch import Batch  # noqa: E402
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode  # noqa: E402
@@ -129,16 +128,6 @@ def report(args, res) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks(text: str, path: str) -> None:
-    """Replace (or append) our section; other sections are left as they are."""
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    with open(path + ".tmp", "w") as f:
-        f.write(new.rstrip("\n") + "\n")
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="debug-size model (CI)")
@@ -161,7 +150,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
     if args.update_benchmarks:
-        update_benchmarks(text, os.path.join(REPO, "BENCHMARKS.md"))
+        update_benchmarks(SECTION, text)
     ok = all(res["same"].values()) and res["lengths"] == [args.max_len]
     return 0 if ok else 1
 

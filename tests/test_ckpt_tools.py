@@ -22,6 +22,7 @@ import sys
 import pytest
 import torch
 
+from tests.fixtures.assets import bert_text_diff
 from tests.fixtures.corpus import REPO, rank_env, free_port
 from vltrain.ckpt.__main__ import main as ckpt_main
 
@@ -263,20 +264,7 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     assert own.keys() == live.keys() and all(torch.equal(own[k], live[k]) for k in live)
 
     bert = BertModel.from_pretrained(str(out)).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(999, 30522, (3, 17), generator=g)
-    ids[:, 0] = 101
-    am = torch.ones_like(ids)
-    am[1, 9:] = 0
-    am[2, 4:] = 0
-    ids = ids * am
-    tt = torch.zeros_like(ids)
-    tt[0, 8:] = 1
-    with torch.no_grad():
-        ref = bert(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
-        got = ours(ids, tt, am, mode="bidirectional").text_hidden
-    valid = am.bool()
-    assert (got[valid] - ref[valid]).abs().max() <= 1e-5
+    assert bert_text_diff(ours, bert, seed=0, length=17) <= 1e-5
 
 
 def test_init_from_accepts_export_consolidated_and_resharded(ckpts, resharded, tmp_path, capsys):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import BertModel
 
+from tests.fixtures.assets import bert_text_diff
 from vltrain.config import debug_model_config
 from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch
 from vltrain.model import VLModel
@@ -49,21 +50,7 @@ def hf_bert(minilm_dir):
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_text_only_equals_transformers_bert(minilm_dir, hf_bert, backend):
     model = VLModel.from_pretrained(minilm_dir, attention_backend=backend).eval()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(999, 30522, (3, 21), generator=g)
-    ids[:, 0] = 101
-    am = torch.ones_like(ids)
-    am[1, 13:] = 0
-    am[2, 6:] = 0
-    ids = ids * am
-    tt = torch.zeros_like(ids)
-    tt[0, 10:] = 1
-    with torch.no_grad():
-        ref = hf_bert(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
-        ours = model(ids, tt, am, mode="bidirectional").text_hidden
-    valid = am.bool()
-    assert ours.shape == ref.shape
-    assert (ours[valid] - ref[valid]).abs().max() < 1e-4
+    assert bert_text_diff(model, hf_bert, seed=1, length=21) < 1e-4
 
 
 def test_weight_name_map_round_trips(minilm_dir):

@@ -29,7 +29,9 @@ def minilm_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def launcher_cmd(nproc: int) -> tuple[list[str], dict]:
+def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str], dict]:
+    """``deepspeed --num_gpus N script`` and its environment: N GPUs when there are N, else N
+    CPU processes (one thread each) over gloo."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     gpus = 0
     try:
@@ -40,7 +42,7 @@ def launcher_cmd(nproc: int) -> tuple[list[str], dict]:
     if gpus < nproc:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [deepspeed, "--num_gpus", str(nproc), "vltrain/run.py"], env
+    return [deepspeed, "--num_gpus", str(nproc), script], env
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,21 @@
+"""Processes the multi-rank tests launch (one rank per process, see tests/fixtures)."""
+import json
+import os
+
+
+def run_spec(spec_path: str, run_one) -> dict:
+    """The loop shared by the spec-driven workers: read ``SPEC.json``, call
+    ``run_one(run, out_dir, rank)`` for each of ``spec["runs"]`` in order on every rank, then
+    barrier and tear the process group down. Returns the spec."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    from vltrain.run import setup_logging
+    setup_logging()
+    rank = int(os.environ.get("RANK", "0"))
+    for run in spec["runs"]:
+        run_one(run, spec["out"], rank)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return spec

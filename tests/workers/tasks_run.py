@@ -39,17 +39,8 @@ def run_one(spec: dict, out: str, rank: int) -> None:
 
 
 def main(spec_path: str) -> int:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    from vltrain.run import setup_logging
-    setup_logging()
-    rank = int(os.environ.get("RANK", "0"))
-    for run in spec["runs"]:
-        run_one(run, spec["out"], rank)
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from tests.workers import run_spec
+    run_spec(spec_path, run_one)
     return 0
 
 
