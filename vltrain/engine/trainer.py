@@ -21,6 +21,7 @@ from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP
+from vltrain.tasks.base import batch_work
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,10 @@ class Trainer:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
             n_micro += 1
-            tokens = tokens + batch.attention_mask.sum() + (batch.region_mask.sum() if batch.region_mask is not None else 0)
+            rows, seq_len, real_tokens = batch_work(self.spec, batch)
+            tokens = tokens + real_tokens
             n_pred = 0 if batch.mlm_positions is None else batch.mlm_positions.numel()
-            flops += self.flops.batch(batch.batch_size, self._seq_len(batch), n_pred)
+            flops += self.flops.batch(rows, seq_len, n_pred)
             if not boundary:
                 continue
             self.step += 1
@@ -198,12 +200,6 @@ class Trainer:
         if dist.is_initialized():
             dist.all_reduce(t)
         return float(t)
-
-    @staticmethod
-    def _seq_len(batch: Batch) -> int:
-        """Sequence length the model computes (text + region slots, padding included)."""
-        n = batch.region_feats.shape[1] if batch.region_feats is not None else 0
-        return batch.input_ids.shape[1] + n
 
     def _preempt(self) -> int:
         self.save()

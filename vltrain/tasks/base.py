@@ -24,6 +24,24 @@ class TaskSpec:
     # the validation metric that picks the `best` checkpoint, and whether higher is better
     best_metric: str = "loss"
     higher_is_better: bool = False
+    # (batch) -> (sequences the model runs, their padded length, real tokens in them): what the
+    # throughput and MFU counters see; None = one sequence per sample (text + region slots).
+    # Multiple choice runs K sequences per sample.
+    work: Optional[Callable] = None
+
+
+def regions_in(batch) -> int:
+    return batch.region_feats.shape[1] if batch.region_feats is not None else 0
+
+
+def batch_work(spec: Optional[TaskSpec], batch) -> tuple:
+    """(sequences, padded length, real tokens as a device scalar) of one batch."""
+    if spec is not None and spec.work is not None:
+        return spec.work(batch)
+    tokens = batch.attention_mask.sum()
+    if batch.region_mask is not None:
+        tokens = tokens + batch.region_mask.sum()
+    return batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens
 
 
 def check_task_name(name: str, registry: dict) -> TaskSpec:
