@@ -64,7 +64,8 @@ def worker(spec_path: str) -> int:
         if trainer.info.is_main:
             with open(os.path.join(spec["out"], run["name"] + ".json"), "w") as f:
                 json.dump({"code": code, "train_s": train_s, "steps": trainer.step, "metrics": metrics}, f)
-        trainer.engine.destroy()
+        trainer.close()
+        del trainer                       # its datasets must go before the next run's are built
         if dist.is_initialized():
             dist.barrier()
         if not run["keep"] and trainer.info.is_main:

@@ -91,7 +91,7 @@ def run_one(spec: dict, out: str, rank: int) -> None:
         with open(os.path.join(out, f"{name}_losses.json"), "w") as f:
             json.dump({"code": code, "losses": losses, "grad_accum": trainer.cfg.train.grad_accum,
                        "world": trainer.info.world}, f)
-    trainer.engine.destroy()
+    trainer.close()
 
 
 class _Errors(logging.Handler):

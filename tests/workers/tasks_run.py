@@ -35,7 +35,7 @@ def run_one(spec: dict, out: str, rank: int) -> None:
     if rank == 0:
         with open(os.path.join(out, f"{spec['name']}.json"), "w") as f:
             json.dump({"code": code, "val": vals, "step": trainer.step}, f)
-    trainer.engine.destroy()
+    trainer.close()
 
 
 def main(spec_path: str) -> int:

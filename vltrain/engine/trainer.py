@@ -209,6 +209,17 @@ class Trainer:
         self.monitor.close()
         return EXIT_PREEMPTED
 
+    def close(self) -> None:
+        """Release the engine and the datasets, so that another run can be built in this
+        process: streaming refuses a second live dataset on the same local cache folder,
+        and a finished run's validation set is usually the next run's too."""
+        import gc
+        self.engine.destroy()
+        self.monitor.close()
+        self.loader = self.val_loader = None
+        self._eval_loaders.clear()
+        gc.collect()
+
     # ------------------------------------------------------------------ validation
 
     def validate(self) -> dict:
