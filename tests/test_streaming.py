@@ -285,3 +285,44 @@ def test_state_at_epoch_end_resumes_with_the_next_epoch(tmp_path, vocab_file):
     assert list(resumed) == [] and resumed.epoch == 0                 # epoch 0 was complete
     assert [(b.sample_id.tolist(), _signature(b, 0)) for b in resumed] == nxt
     assert resumed.epoch == 1
+
+
+def test_stale_shm_sweep_keeps_live_and_young_segments(tmp_path):
+    """The sweep unlinks streaming segments no process maps (a crashed run's), but keeps one a
+    live process maps (another job on the same node) and one just created (a starting job);
+    streaming's own helper unlinked all of them."""
+    import subprocess
+    import sys
+    import time
+    from multiprocessing import shared_memory
+
+    from vltrain.data.datasets import SHM_DIR, _clean_host_shm
+    stale, live, young = "999990_locals", "999991_barrier", "999992_next_epoch"
+    old = time.time() - 3600
+    with open(os.path.join(SHM_DIR, stale), "wb") as f:      # what a SIGKILLed run leaves
+        f.write(b"\0" * 8)
+    os.utime(os.path.join(SHM_DIR, stale), (old, old))
+    with open(os.path.join(SHM_DIR, young), "wb") as f:
+        f.write(b"\0" * 8)
+    # Another process maps `live` for as long as it runs (the other job).
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom multiprocessing import shared_memory, resource_tracker\n"
+        f"m = shared_memory.SharedMemory({live!r}, create=True, size=8)\n"
+        "resource_tracker.unregister(m._name, 'shared_memory')\nprint('ready', flush=True)\ntime.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        os.utime(os.path.join(SHM_DIR, live), (old, old))
+        removed = _clean_host_shm()
+        assert stale in removed and live not in removed and young not in removed
+        assert not os.path.exists(os.path.join(SHM_DIR, stale))
+        assert os.path.exists(os.path.join(SHM_DIR, live)) and os.path.exists(os.path.join(SHM_DIR, young))
+        shared_memory.SharedMemory(live).close()                # the other job can still attach
+    finally:
+        holder.kill()
+        holder.wait()
+        for name in (stale, live, young):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                pass

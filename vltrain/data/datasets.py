@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Optional
 
@@ -26,6 +29,8 @@ from streaming.base.storage import CloudDownloader
 from vltrain.data import schema
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data.errors import MetaError, ShardError
+
+log = logging.getLogger(__name__)
 
 _REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "sftp://",
                    "dbfs:", "https://", "http://")
@@ -213,38 +218,65 @@ class VLStreamingDataset(StreamingDataset):
 
 # ---------------------------------------------------------------------------- building
 
-def _clean_host_shm() -> None:
-    """Streaming's stale-shm sweep (``streaming.base.util.clean_stale_shared_memory``'s loop)."""
-    from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
+SHM_DIR = "/dev/shm"
+SHM_MIN_AGE_S = 60.0      # younger segments may be half-created by a starting job: never touched
+
+
+def _mapped_shm_names() -> set:
+    """Names under /dev/shm that a live process maps (every process whose maps we can read:
+    all of ours, which are the only segments we could unlink anyway)."""
+    names = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(SHM_DIR + "/")
+                    if i >= 0:
+                        names.add(line[i + len(SHM_DIR) + 1:].split()[0])
+        except OSError:          # gone, or another user's
+            continue
+    return names
+
+
+def _clean_host_shm() -> list[str]:
+    """Unlink streaming's shared-memory segments that no live process maps (leaked by crashed
+    or killed runs); returns their names.
+
+    Streaming's own ``clean_stale_shared_memory`` unlinks *every* streaming segment on the
+    host, including those of another job running there (on a shared node that breaks the
+    other job's next epoch or dataloader worker), and stops at the first unused prefix, so
+    leaks above a gap stay. This sweep keeps anything mapped or younger than a minute."""
     from streaming.base.constant import SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path
-    for prefix_int in range(1000000):
-        leaked = False
-        for shm_name in SHM_TO_CLEAN:
-            name = _get_path(prefix_int, shm_name)
-            try:
-                shm = BuiltinSharedMemory(name, True, 4)
-            except FileExistsError:
-                try:
-                    shm = BuiltinSharedMemory(name, False, 4)
-                    leaked = True
-                except (PermissionError, FileNotFoundError):
-                    continue
-            shm.close()
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-        if not leaked:
-            break
+    if not os.path.isdir(SHM_DIR) or not os.path.isdir("/proc"):
+        return []                # not Linux: leave streaming's segments alone
+    pattern = re.compile(r"^\d{6}_(%s)$" % "|".join(map(re.escape, SHM_TO_CLEAN)))
+    candidates = [n for n in os.listdir(SHM_DIR) if pattern.match(n)]
+    if not candidates:
+        return []
+    in_use = _mapped_shm_names()
+    now = time.time()
+    removed = []
+    for name in candidates:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if name in in_use or now - os.stat(path).st_mtime < SHM_MIN_AGE_S:
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except OSError:          # vanished, or another user's segment
+            continue
+    if removed:
+        log.info("removed %d stale streaming shared-memory segments (%s ...)", len(removed), removed[0])
+    return removed
 
 
 def clean_stale_shared_memory() -> None:
-    """Remove streaming shared memory leaked by crashed runs; call before any dataset exists.
+    """Remove streaming shared memory leaked by crashed runs (see ``_clean_host_shm``).
 
-    One process per *host* sweeps (streaming's own helper sweeps once per node, and two
-    emulated nodes on one host would race: one unlinks the probe the other just created),
-    then every rank meets at a barrier. Every rank must call it when torch.distributed is on.
+    One process per *host* sweeps, then every rank meets at a barrier (so no rank builds a
+    dataset while the sweep runs). Every rank must call it when torch.distributed is on.
     """
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

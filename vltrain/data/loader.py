@@ -34,8 +34,9 @@ _SHM_CLEANED = False
 def prepare_streaming_once() -> None:
     """Clean stale streaming shared memory, once per process, before the first dataset exists.
 
-    Never call it while a dataset is alive: it would unlink that dataset's shared memory.
-    With torch.distributed initialised, every rank must reach it (it ends in a barrier).
+    Segments a live process maps (this process's datasets, another job's on the same host)
+    are kept. With torch.distributed initialised, every rank must reach it (it ends in a
+    barrier).
     """
     global _SHM_CLEANED
     if not _SHM_CLEANED:
