@@ -61,14 +61,15 @@ def worker(spec_path: str) -> int:
         code = trainer.train()
         train_s = time.time() - t0
         metrics = trainer.spec.evaluate(trainer, "val") if run["evaluate"] else {}
-        if trainer.info.is_main:
+        is_main = trainer.info.is_main
+        if is_main:
             with open(os.path.join(spec["out"], run["name"] + ".json"), "w") as f:
                 json.dump({"code": code, "train_s": train_s, "steps": trainer.step, "metrics": metrics}, f)
         trainer.close()
         del trainer                       # its datasets must go before the next run's are built
         if dist.is_initialized():
             dist.barrier()
-        if not run["keep"] and trainer.info.is_main:
+        if not run["keep"] and is_main:
             shutil.rmtree(os.path.join(run_dir_of(cfg), "checkpoints"), ignore_errors=True)
         if code:
             return code
