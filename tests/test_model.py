@@ -5,7 +5,7 @@ from transformers import BertModel
 
 from tests.fixtures.assets import bert_text_diff
 from vltrain.config import debug_model_config
-from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch
+from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2SEQ, Batch
 from vltrain.model import VLModel
 from vltrain.model.bert_weights import from_hf_state_dict, to_hf_state_dict
 from vltrain.config import ObjectivesConfig
@@ -276,3 +276,83 @@ def test_meta_device_base_model_builds():
         model = VLModel(ModelConfig())
     n = sum(p.numel() for p in model.parameters())
     assert 100e6 < n < 150e6
+
+
+# --------------------------------------------------------------------------- last block at selected rows
+
+@pytest.mark.parametrize("backend,checkpointing", [("eager", False), ("sdpa", False), ("eager", True)])
+@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+def test_selected_positions_equal_the_full_forward(backend, checkpointing, kind):
+    """text_positions / region_positions: the last block only at those rows gives the full
+    forward's states there, and the same parameter gradients, in every mode with padding."""
+    ref = make_model("eager", region_embedding=kind)
+    sel = make_model(backend, region_embedding=kind, activation_checkpointing=checkpointing)
+    sel.load_state_dict(ref.state_dict())
+    if checkpointing:
+        ref.train(), sel.train()                    # checkpointing applies in training; dropout is 0
+    x = random_inputs(ref.config)
+    B, T = x["input_ids"].shape
+    N = x["region_feats"].shape[1]
+    mode = torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2SEQ])
+    # [CLS], masked-looking text positions (some in padding rows' valid part), regions incl. a padded one
+    tpos = torch.tensor([0, 3, 5, T + 0, T + 4, 2 * T + 2, 3 * T + 1, 3 * T + 5])
+    rpos = torch.tensor([1, N + 0, 2 * N + 3, 3 * N + 2, 3 * N + N - 1])
+    w_t, w_r = torch.randn(len(tpos), ref.config.hidden_size), torch.randn(len(rpos), ref.config.hidden_size)
+
+    full = ref(**x, mode=mode)
+    ft = full.text_hidden.reshape(B * T, -1)[tpos]
+    fr = full.region_hidden.reshape(B * N, -1)[rpos]
+    ((ft * w_t).sum() + (fr * w_r).sum()).backward()
+    out = sel(**x, mode=mode, text_positions=tpos, region_positions=rpos)
+    assert out.text_hidden is None and out.region_hidden is None
+    ((out.text_selected * w_t).sum() + (out.region_selected * w_r).sum()).backward()
+    assert (out.text_selected - ft).abs().max() < 1e-5
+    assert (out.region_selected - fr).abs().max() < 1e-5
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for n, p in sel.named_parameters():
+        if n in grads:
+            assert float((p.grad - grads[n]).abs().max()) / scale < 1e-5, n
+        else:
+            assert p.grad is None or not p.grad.any(), n
+
+    only_text = sel(**x, mode=mode, text_positions=tpos)
+    assert only_text.region_selected.shape[0] == 0 and (only_text.text_selected - ft).abs().max() < 1e-5
+    nothing = sel(**x, mode=mode, text_positions=tpos[:0])
+    assert nothing.text_selected.shape == (0, ref.config.hidden_size)
+
+
+def test_rows_allowed_are_rows_of_the_dense_mask():
+    from vltrain.model.attention import AttentionStructure
+    g = torch.Generator().manual_seed(0)
+    st = AttentionStructure(torch.rand(3, 9, generator=g) > 0.2, torch.rand(3, 9, generator=g) > 0.5)
+    st.key_valid[:, 0] = True
+    b = torch.tensor([0, 0, 1, 2, 2, 2])
+    q = torch.tensor([0, 8, 4, 1, 5, 7])
+    assert torch.equal(st.rows_allowed(b, q), st.dense_allowed()[b, q])
+
+
+def test_pretraining_losses_equal_the_full_forward_gathered():
+    """pretrain_losses reads only the selected rows; the numbers are those of gathering the
+    full forward's states (the way the losses were computed before)."""
+    model = make_model()
+    batch = pretrain_batch(model.config)
+    with torch.no_grad():
+        check_losses_equal_gathered_full_forward(model, batch)
+
+
+def check_losses_equal_gathered_full_forward(model, batch):
+    import torch.nn.functional as F
+    loss, metrics = pretrain_losses(model, batch, ObjectivesConfig(mrc=True))
+    full = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, region_feats=batch.region_feats,
+                 region_boxes=batch.region_boxes, region_cls_probs=batch.region_cls_probs,
+                 region_mask=batch.region_mask, mode=batch.mode)
+    B, T = batch.input_ids.shape
+    N = batch.region_feats.shape[1]
+    logits = model.mlm_logits(full.text_hidden.reshape(B * T, -1)[batch.mlm_positions])
+    mlm = F.cross_entropy(logits, batch.mlm_labels)
+    logp = F.log_softmax(model.mrc_head(full.region_hidden.reshape(B * N, -1)[batch.mrc_positions]), -1)
+    mrc = -(batch.mrc_targets * logp).sum(-1).mean()
+    assert abs(float(metrics["loss_mlm"]) - float(mlm)) < 1e-5
+    assert abs(float(metrics["loss_mrc"]) - float(mrc)) < 1e-5
+    assert abs(float(loss) - float(mlm + mrc)) < 1e-5

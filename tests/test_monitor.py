@@ -49,6 +49,11 @@ def test_flops_per_sample_formula():
     assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P) == want
     fc = FlopCounter(m, cfg)
     assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12) == 4 * want
+    # The last block at 5 of the 40 rows only: 35 rows skip its attention output + FFN
+    # (6 * (H^2 + 2 H I) each, I = intermediate) and their attention probabilities (12 H T).
+    skipped = 35 * (6 * (H * H + 2 * H * cfg.intermediate_size) + 12 * H * T)
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5) == 4 * want - skipped
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40) == 4 * want
 
 
 def test_bert_base_flops_match_the_design_figure():

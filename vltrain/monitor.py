@@ -120,9 +120,18 @@ class FlopCounter:
     def per_sample(self, seq_len: int, n_mlm_pred: float = 0.0) -> float:
         return flops_per_sample(self.n, self.cfg, seq_len, n_mlm_pred)
 
-    def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0) -> float:
-        return batch_size * flops_per_sample(self.n, self.cfg, seq_len, 0.0) + \
+    def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0,
+              last_rows: Optional[int] = None) -> float:
+        """``last_rows``: rows the last block computes when a loss asks the model for a few
+        positions only (``VLModel(text_positions=...)``); the others skip its attention
+        output, FFN and attention-probability work, and are not counted."""
+        total = batch_size * flops_per_sample(self.n, self.cfg, seq_len, 0.0) + \
             n_pred_total * 6.0 * self.cfg.hidden_size * self.cfg.vocab_size
+        if last_rows is not None:
+            H, inter = self.cfg.hidden_size, self.cfg.intermediate_size
+            skipped = max(0, batch_size * seq_len - last_rows)
+            total -= skipped * (6.0 * (H * H + 2 * H * inter) + 12.0 * H * seq_len)
+        return total
 
 
 # ------------------------------------------------------------------------------ memory

@@ -163,10 +163,10 @@ class Trainer:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
             n_micro += 1
-            rows, seq_len, real_tokens = batch_work(self.spec, batch)
-            tokens = tokens + real_tokens
+            work = batch_work(self.spec, batch)
+            tokens = tokens + work.tokens
             n_pred = 0 if batch.mlm_positions is None else batch.mlm_positions.numel()
-            flops += self.flops.batch(rows, seq_len, n_pred)
+            flops += self.flops.batch(work.sequences, work.seq_len, n_pred, work.last_rows)
             if not boundary:
                 continue
             self.step += 1

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.config import ModelConfig
-from vltrain.model.attention import Backend
+from vltrain.model.attention import AttentionStructure, Backend, sdpa_attention
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                       # erf GELU, as BERT
@@ -49,3 +49,25 @@ class Block(nn.Module):
         x = self.attn_norm(x + F.dropout(self.attn_out(a), p, self.training))
         f = self.ffn_out(self.act(self.ffn_in(x)))
         return self.ffn_norm(x + F.dropout(f, p, self.training))
+
+    def forward_at(self, x: torch.Tensor, b_idx: torch.Tensor, q_idx: torch.Tensor,
+                   structure: AttentionStructure) -> torch.Tensor:
+        """The block's output (M, H) at rows ``(b_idx[m], q_idx[m])`` only: keys/values from
+        every position, but the query, attention output, FFN and norms only for those rows.
+        The last block of a loss that reads a few positions (MLM, MRC) needs nothing else.
+        Not compiled (``model.compile`` compiles ``forward``); the QKV projection still runs
+        on every position, through the module call that ZeRO-3 gathers its weights for."""
+        B, L, H = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(B, L, 3, h, H // h).unbind(2)          # (B, L, h, d)
+        q = q[b_idx, q_idx][:, :, None]                                     # (M, h, 1, d)
+        k, v = k[b_idx].transpose(1, 2), v[b_idx].transpose(1, 2)          # (M, h, L, d)
+        allowed = structure.rows_allowed(b_idx, q_idx)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None, None, :]
+        p_attn = self.attention_dropout if self.training else 0.0
+        a = sdpa_attention(q, k, v, mask, p_attn).reshape(-1, H)
+        p = self.hidden_dropout if self.training else 0.0
+        xs = self.attn_norm(x[b_idx, q_idx] + F.dropout(self.attn_out(a), p, self.training))
+        f = self.ffn_out(self.act(self.ffn_in(xs)))
+        return self.ffn_norm(xs + F.dropout(f, p, self.training))

@@ -28,8 +28,12 @@ REGION_EMBEDDINGS = {"vlp": VLPRegionEmbedding, "vlbert": VLBertRegionEmbedding}
 
 @dataclass
 class VLModelOutput:
-    text_hidden: torch.Tensor                     # (B, T, H), aligned with input_ids
+    text_hidden: Optional[torch.Tensor]           # (B, T, H), aligned with input_ids
     region_hidden: Optional[torch.Tensor]         # (B, N, H) or None without regions
+    # with text_positions / region_positions: the final states at those positions only
+    # (and text_hidden = region_hidden = None)
+    text_selected: Optional[torch.Tensor] = None  # (len(text_positions), H)
+    region_selected: Optional[torch.Tensor] = None  # (len(region_positions), H)
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -124,10 +128,17 @@ class VLModel(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
                 mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None,
-                layer_inputs: Optional[list] = None) -> VLModelOutput:
+                layer_inputs: Optional[list] = None, text_positions: Optional[torch.Tensor] = None,
+                region_positions: Optional[torch.Tensor] = None) -> VLModelOutput:
         """``layer_inputs``: a list to which the hidden states entering each block are appended
         (the decoding KV cache derives every layer's keys/values from them; forward hooks would
-        not do: a compiled block does not run hooks added after it was compiled)."""
+        not do: a compiled block does not run hooks added after it was compiled).
+
+        ``text_positions`` (flat indices into B x T, as ``Batch.mlm_positions``) and/or
+        ``region_positions`` (into B x N, as ``Batch.mrc_positions``): return the final states
+        at those positions only (``text_selected``, ``region_selected``). The last block then
+        computes its query, attention output and FFN only there (keys/values everywhere):
+        MLM/MRC losses read ~15% of the tokens, so this skips most of one block's work."""
         B, T = input_ids.shape
         dev = input_ids.device
         if token_type_ids is None:
@@ -169,14 +180,23 @@ class VLModel(nn.Module):
         x = F.dropout(self.embeddings.norm(x), self.config.hidden_dropout, self.training)
 
         backend = get_backend(self.config.attention_backend)
-        prepared = backend.prepare(AttentionStructure(key_valid=key_valid, target=target), x.dtype)
-        for layer in self.layers:
+        structure = AttentionStructure(key_valid=key_valid, target=target)
+        prepared = backend.prepare(structure, x.dtype)
+        select = text_positions is not None or region_positions is not None
+        ckpt = self.config.activation_checkpointing and self.training
+        for layer in (self.layers[:-1] if select else self.layers):
             if layer_inputs is not None:
                 layer_inputs.append(x)
-            if self.config.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, prepared, backend, use_reentrant=False)
-            else:
-                x = layer(x, prepared, backend)
+            x = checkpoint(layer, x, prepared, backend, use_reentrant=False) if ckpt else layer(x, prepared, backend)
+        if select:
+            if layer_inputs is not None:
+                layer_inputs.append(x)
+            b_idx, q_idx, n_text = self._joint_rows(T, N, text_positions, region_positions, dev)
+            last = self.layers[-1]
+            y = (checkpoint(last.forward_at, x, b_idx, q_idx, structure, use_reentrant=False) if ckpt
+                 else last.forward_at(x, b_idx, q_idx, structure))
+            return VLModelOutput(text_hidden=None, region_hidden=None, text_selected=y[:n_text],
+                                 region_selected=y[n_text:] if N else None)
 
         if N:
             text_hidden = torch.cat([x[:, :1], x[:, 1 + N:]], dim=1)
@@ -184,6 +204,24 @@ class VLModel(nn.Module):
         else:
             text_hidden, region_hidden = x, None
         return VLModelOutput(text_hidden=text_hidden, region_hidden=region_hidden)
+
+    @staticmethod
+    def _joint_rows(T: int, N: int, text_positions, region_positions, dev):
+        """(example, position in [CLS] r1..rN <text[1:]>) of the selected text then region
+        positions, and how many of them are text."""
+        b, q = [], []
+        if text_positions is not None:
+            t = text_positions % T
+            b.append(text_positions // T)
+            q.append(torch.where(t == 0, t, t + N))
+        if region_positions is not None and N:
+            b.append(region_positions // N)
+            q.append(1 + region_positions % N)
+        n_text = 0 if text_positions is None else text_positions.numel()
+        if not b:
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            return empty, empty, 0
+        return torch.cat(b).to(dev), torch.cat(q).to(dev), n_text
 
     # ------------------------------------------------------------------ heads
 

@@ -9,10 +9,10 @@ from vltrain.data.batch import Batch
 from vltrain.objectives.reduce import reduce_loss
 
 
-def mlm_loss(model, text_hidden, batch: Batch, how: str):
-    """Cross-entropy of the tied MLM head, computed only at the masked positions."""
-    B, T, H = text_hidden.shape
-    hidden = text_hidden.reshape(B * T, H).index_select(0, batch.mlm_positions)
+def mlm_loss(model, hidden, batch: Batch, T: int, how: str):
+    """Cross-entropy of the tied MLM head at the masked positions; ``hidden`` (M, H) holds the
+    final states there (``VLModelOutput.text_selected``), T the batch's text length."""
+    B = batch.input_ids.shape[0]
     logits = model.mlm_logits(hidden).float()
     per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none")
     loss = reduce_loss(per_tok, batch.mlm_positions // T, B, how)
@@ -20,10 +20,10 @@ def mlm_loss(model, text_hidden, batch: Batch, how: str):
     return loss, acc
 
 
-def mrc_loss(model, region_hidden, batch: Batch, how: str):
-    """Soft cross-entropy against the detector's class distribution at the masked regions."""
-    B, N, H = region_hidden.shape
-    hidden = region_hidden.reshape(B * N, H).index_select(0, batch.mrc_positions)
+def mrc_loss(model, hidden, batch: Batch, N: int, how: str):
+    """Soft cross-entropy against the detector's class distribution at the masked regions;
+    ``hidden`` (M, H) holds their final states (``VLModelOutput.region_selected``)."""
+    B = batch.input_ids.shape[0]
     logp = F.log_softmax(model.mrc_head(hidden).float(), dim=-1)
     target = batch.mrc_targets.float()
     per_region = -(target * logp).sum(-1)
@@ -32,26 +32,40 @@ def mrc_loss(model, region_hidden, batch: Batch, how: str):
     return loss, acc
 
 
+def loss_positions(batch: Batch, cfg: ObjectivesConfig):
+    """(text, region) positions the pretraining losses read: the model computes its last
+    block only there. Empty (not None) when an objective has nothing to predict."""
+    text = batch.mlm_positions if cfg.mlm and batch.mlm_positions is not None else None
+    regions = batch.mrc_positions if (cfg.mrc and batch.region_feats is not None
+                                      and batch.mrc_positions is not None) else None
+    if text is None:
+        text = batch.input_ids.new_zeros(0)
+    return text, regions
+
+
 def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
     """Forward the batch; return (weighted total loss, {name: detached scalar tensor}).
 
     Metrics stay on the device (no host sync); the monitor reads them at log intervals.
     """
+    text_pos, region_pos = loss_positions(batch, cfg)
     out = model(batch.input_ids, batch.token_type_ids, batch.attention_mask,
                 region_feats=batch.region_feats, region_boxes=batch.region_boxes,
                 region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
-                mode=batch.mode, image_feat=batch.image_feat)
-    # Zero that stays in the graph: a micro-batch with nothing masked still runs backward, so
-    # every rank joins the same gradient collectives.
-    total = out.text_hidden.sum() * 0.0
+                mode=batch.mode, image_feat=batch.image_feat,
+                text_positions=text_pos, region_positions=region_pos)
+    # Zero that stays in the graph: a micro-batch with nothing masked still runs backward
+    # through every block, so every rank joins the same gradient collectives.
+    total = out.text_selected.sum() * 0.0
     metrics = {}
-    if cfg.mlm and batch.mlm_positions is not None and batch.mlm_positions.numel():
-        loss, acc = mlm_loss(model, out.text_hidden, batch, cfg.loss_reduction)
+    T = batch.input_ids.shape[1]
+    if text_pos.numel():
+        loss, acc = mlm_loss(model, out.text_selected, batch, T, cfg.loss_reduction)
         total = total + cfg.mlm_weight * loss
         metrics.update(loss_mlm=loss.detach(), mlm_acc=acc.detach())
-    if (cfg.mrc and out.region_hidden is not None and batch.mrc_positions is not None
-            and batch.mrc_positions.numel()):
-        loss, acc = mrc_loss(model, out.region_hidden, batch, cfg.loss_reduction)
+    if out.region_selected is not None and out.region_selected.shape[0]:
+        N = batch.region_feats.shape[1]
+        loss, acc = mrc_loss(model, out.region_selected, batch, N, cfg.loss_reduction)
         total = total + cfg.mrc_weight * loss
         metrics.update(loss_mrc=loss.detach(), mrc_acc=acc.detach())
     metrics["loss"] = total.detach()

@@ -1,11 +1,12 @@
 """Tasks: what a batch means and how it is scored. ``get_task(name)`` -> ``TaskSpec``."""
-from vltrain.tasks.base import TaskSpec, check_task_name
+from vltrain.tasks.base import TaskSpec, check_task_name, masked_positions_work
 from vltrain.tasks.pretrain import PretrainTask
 from vltrain.tasks import mc as _mc, refs as _refs, vqa as _vqa
 from vltrain.tasks import caption as _caption
 
 TASKS: dict[str, TaskSpec] = {
-    "pretrain": TaskSpec("pretrain", build_module=lambda cfg, model: PretrainTask(model, cfg.objectives)),
+    "pretrain": TaskSpec("pretrain", build_module=lambda cfg, model: PretrainTask(model, cfg.objectives),
+                         work=masked_positions_work),
     "vqa": _vqa.SPEC,
     "mc": _mc.SPEC,
     "refs": _refs.SPEC,

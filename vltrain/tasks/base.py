@@ -6,7 +6,7 @@ The engine (``vltrain.engine.build`` / ``trainer``) only talks to a ``TaskSpec``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch.nn as nn
 
@@ -24,24 +24,38 @@ class TaskSpec:
     # the validation metric that picks the `best` checkpoint, and whether higher is better
     best_metric: str = "loss"
     higher_is_better: bool = False
-    # (batch) -> (sequences the model runs, their padded length, real tokens in them): what the
-    # throughput and MFU counters see; None = one sequence per sample (text + region slots).
-    # Multiple choice runs K sequences per sample.
+    # (batch) -> Work: what the throughput and MFU counters see; None = one sequence per
+    # sample (text + region slots), every block at every position. See ``Work``.
     work: Optional[Callable] = None
+
+
+class Work(NamedTuple):
+    """What the model computes for one batch (host ints, except ``tokens``: a device scalar)."""
+    sequences: int                # sequences run (multiple choice: K per sample)
+    seq_len: int                  # their padded length (text + region slots)
+    tokens: object                # real (non-padding) tokens in them
+    last_rows: Optional[int] = None   # rows the last block computes (None: all; losses that
+                                      # read only masked positions ask the model for those)
 
 
 def regions_in(batch) -> int:
     return batch.region_feats.shape[1] if batch.region_feats is not None else 0
 
 
-def batch_work(spec: Optional[TaskSpec], batch) -> tuple:
-    """(sequences, padded length, real tokens as a device scalar) of one batch."""
+def batch_work(spec: Optional[TaskSpec], batch) -> Work:
     if spec is not None and spec.work is not None:
         return spec.work(batch)
     tokens = batch.attention_mask.sum()
     if batch.region_mask is not None:
         tokens = tokens + batch.region_mask.sum()
-    return batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens
+    return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens)
+
+
+def masked_positions_work(batch) -> Work:
+    """Pretraining and caption fine-tuning: the last block runs only at the masked text
+    (and masked region) positions the losses read."""
+    n = sum(p.numel() for p in (batch.mlm_positions, batch.mrc_positions) if p is not None)
+    return batch_work(None, batch)._replace(last_rows=n)
 
 
 def check_task_name(name: str, registry: dict) -> TaskSpec:

@@ -32,7 +32,7 @@ from vltrain.data.batch import Batch
 from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
 from vltrain.objectives.reduce import reduce_loss
-from vltrain.tasks.base import TaskSpec
+from vltrain.tasks.base import TaskSpec, masked_positions_work
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +112,20 @@ class CaptionTask(nn.Module):
         self.sync_steps = False          # decode a fixed number of steps on every rank (ZeRO-3)
 
     def xe_loss(self, batch: Batch, per_example: bool = False):
+        positions = batch.mlm_positions if batch.mlm_positions is not None else batch.input_ids.new_zeros(0)
         out = self.model(batch.input_ids, batch.token_type_ids, batch.attention_mask,
                          region_feats=batch.region_feats, region_boxes=batch.region_boxes,
                          region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
-                         mode=batch.mode, image_feat=batch.image_feat)
-        h = out.text_hidden
-        B, T, H = h.shape
+                         mode=batch.mode, image_feat=batch.image_feat, text_positions=positions)
+        h = out.text_selected                        # final states at the masked positions only
+        B, T = batch.input_ids.shape
         total = h.sum() * 0.0                        # keeps every rank's backward identical
         metrics = {}
-        if batch.mlm_positions is not None and batch.mlm_positions.numel():
-            logits = self.model.mlm_logits(h.reshape(B * T, H).index_select(0, batch.mlm_positions)).float()
+        if positions.numel():
+            logits = self.model.mlm_logits(h).float()
             per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none",
                                       label_smoothing=self.label_smoothing)
-            rows = batch.mlm_positions // T
+            rows = positions // T
             loss = reduce_loss(per_tok, rows, B, self.objectives.loss_reduction)
             total = total + loss
             acc = (logits.argmax(-1) == batch.mlm_labels).float()
@@ -264,5 +265,5 @@ def evaluate_caption(trainer, split: str) -> dict:
     return metrics
 
 
-SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator,
+SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator, work=masked_positions_work,
                 evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True)
