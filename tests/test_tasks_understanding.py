@@ -107,9 +107,10 @@ def test_mc_and_refs_collators(synthetic_corpus):
     # throughput/MFU counters: every choice is a sequence the model runs
     from vltrain.tasks import get_task
     from vltrain.tasks.base import batch_work
-    seqs, length, tokens = batch_work(get_task("mc"), b)
-    assert (seqs, length) == (16, b.task["choice_ids"].shape[2] + b.region_feats.shape[1])
-    assert int(tokens) == int(b.task["choice_mask"].sum()) + 4 * int(b.region_mask.sum())
+    work = batch_work(get_task("mc"), b)
+    assert (work.sequences, work.seq_len) == (16, b.task["choice_ids"].shape[2] + b.region_feats.shape[1])
+    assert int(work.tokens) == int(b.task["choice_mask"].sum()) + 4 * int(b.region_mask.sum())
+    assert work.last_rows is None
 
     from vltrain.metrics.accuracy import box_iou
     rows = read_rows(os.path.join(synthetic_corpus, "refs", "val"))[:8]
@@ -123,9 +124,9 @@ def test_mc_and_refs_collators(synthetic_corpus):
         assert b.task["region_labels"][i, r["target_region"]] == 1      # the object's own region
         assert b.input_ids[i, :int(b.attention_mask[i].sum())].tolist() == \
             [tok.cls_id, *tok.encode(r["expression"]), tok.sep_id]
-    seqs, length, tokens = batch_work(get_task("refs"), b)     # the default: one sequence per sample
-    assert (seqs, length) == (8, b.input_ids.shape[1] + b.region_feats.shape[1])
-    assert int(tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum())
+    work = batch_work(get_task("refs"), b)     # the default: one sequence per sample
+    assert (work.sequences, work.seq_len) == (8, b.input_ids.shape[1] + b.region_feats.shape[1])
+    assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum())
 
 
 def test_wrong_dataset_kind_and_answer_count_are_named(synthetic_corpus):

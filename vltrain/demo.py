@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -30,8 +31,8 @@ def minilm_dir() -> str:
 
 
 def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str], dict]:
-    """``deepspeed --num_gpus N script`` and its environment: N GPUs when there are N, else N
-    CPU processes (one thread each) over gloo."""
+    """``deepspeed --num_gpus N --master_port P script`` and its environment: N GPUs when
+    there are N, else N CPU processes (one thread each) over gloo."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     gpus = 0
     try:
@@ -42,7 +43,11 @@ def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str],
     if gpus < nproc:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [deepspeed, "--num_gpus", str(nproc), script], env
+    # A free port, not the launcher's default 29500: another job on this machine may hold it.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(port), script], env
 
 
 def main(argv=None) -> int:
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
     cmd += ["--config", "configs/demo.yaml", "--deepspeed_config", "ds_configs/zero2.json",
             f"output_root={runs}", f"data.train={corpus}/captions/pretrain", f"data.val={corpus}/captions/val",
             f"data.cache_dir={out}/cache", f"train.init_from={minilm_dir()}", f"train.max_steps={args.steps}"]
-    print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:4]) + " --config configs/demo.yaml ...",
+    print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:6]) + " --config configs/demo.yaml ...",
           flush=True)
     rc = subprocess.call(cmd, cwd=REPO, env=env)
     if rc:
