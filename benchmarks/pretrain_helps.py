@@ -136,6 +136,25 @@ def launch(runs: list[dict], out: str, nproc: int) -> None:
         raise SystemExit(f"the worker launch failed with exit code {rc}; finished runs are kept in {out}")
 
 
+def baselines(corpus: str) -> dict:
+    """What each task must beat on the val split: CIDEr of giving every image the most
+    frequent training caption; VQA accuracy of always giving the majority training answer."""
+    from collections import Counter
+
+    from vltrain.metrics.caption import caption_scores
+    from vltrain.metrics.vqa import majority_answer_baseline
+    from vltrain.tasks.scst import iter_mds_samples, read_caption_references
+    train = read_caption_references(f"{corpus}/captions/train")
+    val = read_caption_references(f"{corpus}/captions/val")
+    top = Counter(c for refs in train.values() for c in refs).most_common(1)[0][0]
+    cider = caption_scores(val, {i: top for i in val}, spice=False)["CIDEr"]
+    with open(f"{corpus}/vqa/train/answer_vocab.json") as f:
+        vocab = json.load(f)
+    answer, acc = majority_answer_baseline(list(iter_mds_samples(f"{corpus}/vqa/train")),
+                                           list(iter_mds_samples(f"{corpus}/vqa/val")), vocab)
+    return {"caption": (f"every image captioned \"{top}\"", cider), "vqa": (f"always \"{answer}\"", acc)}
+
+
 def report(args, out: str) -> tuple[str, dict]:
     res = {}
     for name in os.listdir(out):
@@ -143,6 +162,7 @@ def report(args, out: str) -> tuple[str, dict]:
             with open(os.path.join(out, name)) as f:
                 res[name[:-5]] = json.load(f)
     pre = res["pretrain"]
+    base = baselines(os.path.join(out, "synthetic"))
     rows, summary = [], {}
     for task, (_, _, metric) in TASKS.items():
         for budget in args.budgets:
@@ -156,6 +176,8 @@ def report(args, out: str) -> tuple[str, dict]:
                          f"{mean['pretrained']:.3f}{spread(vals['pretrained'])}",
                          f"{mean['text-only']:.3f}{spread(vals['text-only'])}",
                          f"{mean['pretrained'] - mean['text-only']:+.3f}"])
+        what, score = base[task]
+        rows.append([task, f"{metric} (val{unit})", "baseline", f"{score:.3f} ({what})", "", ""])
     lines = [
         SECTION, "",
         f"`python benchmarks/pretrain_helps.py {' '.join(args.argv)}`".replace(" `", "`"), "",

@@ -9,11 +9,11 @@ import os
 import numpy as np
 import torch
 
-from tests.fixtures.tasks import read_rows, vqa_majority_baseline
+from tests.fixtures.tasks import read_rows
 from vltrain.config import debug_model_config, load_config
 from vltrain.data.collate import StreamInfo
 from vltrain.data.datasets import read_meta
-from vltrain.metrics.vqa import vqa_accuracy
+from vltrain.metrics.vqa import majority_answer_baseline, vqa_accuracy
 from vltrain.model import VLModel
 from vltrain.tasks.collate_tasks import VQACollator
 from vltrain.tasks.vqa import VQATask
@@ -59,7 +59,7 @@ def test_debug_model_answers_synthetic_vqa_above_the_majority_answer(synthetic_c
             pred = task(batch, predict=True)["logits"].argmax(1).tolist()
             scores += [vqa_accuracy(answers[p], gt, normalize_gt=True) for p, gt in zip(pred, batch.task["answers"])]
     acc = 100.0 * float(np.mean(scores))
-    majority, base = vqa_majority_baseline(train, val, answers)
+    majority, base = majority_answer_baseline(train, val, answers)
     print(f"VQA accuracy {acc:.2f} vs majority answer {majority!r} {base:.2f}; loss "
           f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
     assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.tasks import (largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab,
-                                  vqa_majority_baseline)
+from tests.fixtures.tasks import largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab
 from vltrain.config import load_config
 from vltrain.data.collate import StreamInfo
 from vltrain.data.datasets import read_meta
 from vltrain.data.errors import BadSampleError
+from vltrain.metrics.vqa import majority_answer_baseline
 
 STEPS = {"vqa": 300, "refs": 300, "mc": 200}      # run in this order: mc starts from refs
 # Asserted margins over the baselines, in accuracy points. Runs are deterministic (fixed seeds,
@@ -229,7 +229,7 @@ def test_vqa_finetunes_above_the_majority_answer(finetuned, task_corpus):
     val = read_rows(os.path.join(task_corpus, "vqa", "val"))
     with open(os.path.join(task_corpus, "vqa", "train", "answer_vocab.json")) as f:
         vocab = json.load(f)
-    answer, base = vqa_majority_baseline(train, val, vocab)
+    answer, base = majority_answer_baseline(train, val, vocab)
     m = finetuned["vqa"]["metrics"]
     assert m["num_samples"] == m["num_scored"] == len(val)
     assert m["accuracy"] >= base + MARGIN["vqa"], (m, answer, base)

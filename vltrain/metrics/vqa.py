@@ -201,3 +201,17 @@ def vqa_eval(
             groups[types[q]].append(acc)
         out[key] = {t: 100.0 * sum(v) / len(v) for t, v in groups.items()}
     return out
+
+
+def majority_answer_baseline(train_rows: Sequence[Mapping], eval_rows: Sequence[Mapping],
+                             vocab: Sequence[str]) -> tuple[str, float]:
+    """(answer, official accuracy in percent on ``eval_rows``) of always giving the answer with
+    the highest total soft score in ``train_rows`` — the prior a VQA model must beat. Rows are
+    samples of our VQA datasets (``target_ids``, ``target_scores``, ``answers``)."""
+    mass: Counter = Counter()
+    for r in train_rows:
+        for i, s in zip(list(r["target_ids"]), list(r["target_scores"])):
+            mass[int(i)] += float(s)
+    answer = vocab[mass.most_common(1)[0][0]]
+    scores = [vqa_accuracy(answer, list(r["answers"]), normalize_gt=True) for r in eval_rows]
+    return answer, 100.0 * sum(scores) / max(1, len(scores))
