@@ -70,6 +70,11 @@ def test_quick_report_has_every_row_with_finite_numbers(quick_run):
         assert finite(r[2]) and finite(r[3]) and float(r[4]) < 1e-4, r   # every backend matches eager
     assert raw["throughput"]["rows"] and raw["zero"]["3"]["total"] > 0
 
+    _, lrows = table_rows(md, "last block")
+    assert [r[0] for r in lrows] == ["every position, then gather", "masked positions only (forward_at)"]
+    assert all(finite(c) for r in lrows for c in r[1:])
+    assert ("ours (vltrain)", "eager, full last block", "off") in labels     # the same ablation end to end
+
 
 def test_pretrain_helps_quick_runs_every_fine_tuning_on_both_inits(tmp_path):
     """`benchmarks/pretrain_helps.py --quick`: pretraining then 2 tasks x 2 budgets x 2 inits,
