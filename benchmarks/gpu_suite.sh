@@ -5,6 +5,9 @@
 #   mkdir -p .wheels && cp ../shared/wheels-py312/*.whl .wheels/     # git-ignored
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]                           # OUT_DIR default: $OUT or gpu_out
 #
+# From a session with the device tool: run(command="bash benchmarks/gpu_suite.sh", carry=[".wheels"])
+# (the reports land in $OUT and come back).
+#
 # 1. installs the wheels with --no-deps into a separate target (the node's torch stays);
 # 2. the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16);
 # 3. benchmarks/train_throughput.py in bf16 at micro-batch 8, 32 and 64 (ours per backend,
