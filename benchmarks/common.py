@@ -208,9 +208,10 @@ class Runner:
 
 
 def time_interleaved(runners: Sequence[Runner], device: torch.device, warmup: int, rounds: int,
-                     log: Callable[[str], None] = print) -> None:
+                     log: Callable[[str], None] = print, steps_per_round: int = 1) -> None:
     """Warm every runner up, then time them round-robin (A B C A B C ...), so machine noise
-    (other jobs, thermal) lands on every configuration alike."""
+    (other jobs, thermal) lands on every configuration alike. A round of a runner is
+    ``steps_per_round`` steps and one sync; its per-step time is recorded."""
     for r in runners:
         for i in range(warmup):
             t0 = time.perf_counter()
@@ -221,10 +222,11 @@ def time_interleaved(runners: Sequence[Runner], device: torch.device, warmup: in
         for r in runners:
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            r.step()
+            for _ in range(steps_per_round):
+                r.step()
             sync(device)
-            r.times.append(time.perf_counter() - t0)
-            r.cpu_times.append(time.process_time() - c0)
+            r.times.append((time.perf_counter() - t0) / steps_per_round)
+            r.cpu_times.append((time.process_time() - c0) / steps_per_round)
         log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{r.label} {r.times[-1]:.2f}s" for r in runners))
 
 

@@ -1,63 +1,84 @@
 #!/usr/bin/env bash
-# Every GPU check of the performance issue in one call, for a GPU machine without internet
-# that has Python 3.12 + torch (CUDA) + transformers but not deepspeed / mosaicml-streaming:
+# Every GPU check of the performance issue, for a GPU machine without internet that has
+# Python 3.12 + torch (CUDA) + transformers but not deepspeed / mosaicml-streaming:
 #
 #   mkdir -p .wheels && cp ../shared/wheels-py312/*.whl .wheels/     # git-ignored
-#   bash benchmarks/gpu_suite.sh [OUT_DIR]                           # OUT_DIR default: $OUT or gpu_out
+#   bash benchmarks/gpu_suite.sh [RESULTS_DIR]                       # default: gpu_out
 #
-# From a session with the device tool: run(command="bash benchmarks/gpu_suite.sh", carry=[".wheels"])
-# (the reports land in $OUT and come back).
+# From a session with the device tool (10-minute calls; pick steps per call). On an H100 all
+# five steps took ~8 minutes (tests 1.8, tput 2.9, one sweep batch 1.7, profile 1, decode 0.5):
+#   run(command="STEPS='tests tput sweep decode' SWEEP=128 bash benchmarks/gpu_suite.sh", carry=[".wheels"])
+# Where $OUT is set (the device tool), the results folder is packed into $OUT/gpu_results.tgz
+# after every step, so a call cut off at its limit still returns what finished.
 #
-# 1. installs the wheels with --no-deps into a separate target (the node's torch stays);
-# 2. the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16);
-# 3. benchmarks/train_throughput.py in bf16 at micro-batch 8, 32 and 64 (ours per backend,
-#    compile off/on, beside VisualBertForPreTraining; MFU against the device's spec peak);
-#    ZeRO memory is left out here: it needs 2 ranks and is a per-rank byte count, measured on CPU;
-# 4. benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that "identical
-#    tokens" is a real check: in bf16 the two paths round differently and near-ties flip).
-# Each step writes its report under OUT_DIR; a failing step is recorded and the next one runs.
-# DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python runs the same plumbing at the debug size on a CPU (a dry run of this script).
+# Steps (STEPS, default all, in this order):
+#   tests    the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16)
+#   tput     benchmarks/train_throughput.py at micro-batch $TPUT_BATCH (256, the best measured on
+#            an H100): every backend, compile off/on, the full-last-block ablation,
+#            VisualBertForPreTraining; bf16 autocast
+#   sweep    the same at micro-batches $SWEEP ("64 128") for sdpa and flex only
+#            (the best-MFU search); ZeRO memory is left out on the GPU: a per-rank byte count
+#            on 2 ranks, measured on CPU
+#   profile  benchmarks/gpu_profile.py: where the step's GPU time goes (ours compiled, peer)
+#   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
+#            "identical tokens" is a real check: in bf16 the two paths round differently)
+# Each step has a time limit ($STEP_TIMEOUT s, tput twice that); a failing step is recorded
+# and the next one runs.
+# DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python runs the same plumbing at the debug size on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-gpu_out}}
-mkdir -p "$OUT_DIR"
+RES=${1:-gpu_out}
+mkdir -p "$RES"
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/vltrain_site}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
+STEPS=${STEPS:-tests tput sweep profile decode}
+SWEEP=${SWEEP:-64 128}
+TPUT_BATCH=${TPUT_BATCH:-256}
+STEP_TIMEOUT=${STEP_TIMEOUT:-170}
+export PYTHONUNBUFFERED=1
 status=0
-step() {   # step NAME CMD...: run, log to OUT_DIR/NAME.log, keep going on failure
-  local name=$1; shift
-  echo "=== $name: $*"
-  "$@" > "$OUT_DIR/$name.log" 2>&1
+pack() { if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" -C "$RES" . ; fi; }
+step() {   # step NAME LIMIT_S CMD...: run, log to RES/NAME.log, keep going on failure
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ]; then echo "!!! $name failed (exit $rc); tail:"; status=1; fi
-  tail -n 40 "$OUT_DIR/$name.log"
+  tail -n 25 "$RES/$name.log"
+  pack
 }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if ! "$PY" -c "import deepspeed, streaming" 2>/dev/null; then
   ls .wheels/*.whl > /dev/null || { echo "no .wheels/*.whl: copy ../shared/wheels-py312/*.whl there"; exit 2; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .wheels/*.whl || exit 2
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
-"$PY" - <<'EOF' | tee "$OUT_DIR/versions.txt"
+nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
+"$PY" - <<'PYEOF' | tee "$RES/versions.txt"
 import importlib
 for m in ("torch", "triton", "transformers", "deepspeed", "streaming", "flash_attn", "pytest"):
     try:
         print(m, getattr(importlib.import_module(m), "__version__", "?"))
     except Exception as e:  # noqa: BLE001 — report what is missing, keep going
         print(m, "MISSING:", type(e).__name__, e)
-EOF
+PYEOF
+pack
 
-if "$PY" -c "import pytest" 2>/dev/null; then
-  step attention_tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_attention_backends.py
-else
-  echo "pytest is not installed here: attention GPU tests not run"; status=1
+TT=benchmarks/train_throughput.py
+want tests && step attention_tests "$STEP_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_attention_backends.py
+want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
+  --batch "$TPUT_BATCH" --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
+if want sweep; then
+  for b in $SWEEP; do
+    step "sweep_b$b" "$STEP_TIMEOUT" "$PY" $TT $QUICK --device "$DEVICE" --no-zero --batch "$b" --backends sdpa,flex \
+      --no-ablation --out "$RES/sweep_b$b.md" --json "$RES/sweep_b$b.json"
+  done
 fi
-for b in 8 32 64; do
-  step "throughput_b$b" "$PY" benchmarks/train_throughput.py $QUICK --device "$DEVICE" --no-zero --batch "$b" \
-    --out "$OUT_DIR/throughput_b$b.md" --json "$OUT_DIR/throughput_b$b.json"
-done
-step decode "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 --out "$OUT_DIR/decode.md"
+want profile && step profile "$STEP_TIMEOUT" "$PY" benchmarks/gpu_profile.py $QUICK --device "$DEVICE" \
+  --batch "$TPUT_BATCH" --compile
+want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \
+  --out "$RES/decode.md"
 exit $status

@@ -158,6 +158,8 @@ def flops_run_fraction(size: Size, n_pred: int) -> float:
 def full_last_speedup(runners, cpu: bool) -> str:
     """Step time of the ablation row over the plain eager row's (median; CPU time too)."""
     r = {x.label: x for x in runners}
+    if FULL_LAST not in r:
+        return "not measured in this run"
     a, b = r[FULL_LAST], r["eager"]
     text = f"{median(a.times) / median(b.times):.2f}× by step time"
     if cpu:
@@ -189,6 +191,12 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
     batch = make_batch(size, seed=0)
     n_pred = int(batch.mlm_positions.numel())
     names, skipped = backends_for(device)
+    if args.backends:
+        wanted = args.backends.split(",")
+        for n in names:
+            if n not in wanted:
+                skipped[n] = "left out of this run (--backends)"
+        names = [n for n in names if n in wanted]
     compile_opts = [False] if args.no_compile else [False, True]
     runners = []
     for compiled in compile_opts:
@@ -197,12 +205,14 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
                 continue                       # CI: one compiled row proves compile works
             log(f"building ours: {name} compile={compiled}")
             runners.append(build_ours(size, name, compiled, batch, device, n_pred))
-    log("building ours (ablation): eager, last block at every position")
-    runners.append(build_ours(size, "eager", False, batch, device, n_pred, full_last=True))
+    if not args.no_ablation and "eager" in names:
+        log("building ours (ablation): eager, last block at every position")
+        runners.append(build_ours(size, "eager", False, batch, device, n_pred, full_last=True))
     log("building peer: VisualBertForPreTraining")
     runners.append(build_peer(size, batch, device, n_pred))
 
-    time_interleaved(runners, device, warmup=args.warmup, rounds=args.rounds, log=log)
+    time_interleaved(runners, device, warmup=args.warmup, rounds=args.rounds, log=log,
+                     steps_per_round=args.steps_per_round)
     for r in runners:
         log(f"memory: {r.label}")
         r.peak_bytes = resident_bytes(r.module, r.optimizer) + transient_peak_bytes(r.step, device)
@@ -261,6 +271,10 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
              f"CPU time).",
              f"- The last block only at the masked positions (`eager`) vs the same model computing it at "
              f"every position (`{FULL_LAST}`), same run: {full_last_speedup(runners, cpu)}."]
+    if args.steps_per_round > 1:
+        lines.insert(2, f"- Each timed round runs {args.steps_per_round} steps back to back and synchronises "
+                        f"once (as training does; a sync per step would expose the host's launch latency); "
+                        f"step time = round time / {args.steps_per_round}.")
     if cpu:
         lines.append(f"- Load average at the end of the timing: {load:.1f} on {os.cpu_count()} cores.")
         wall_ok = best["vs_peer"] >= CPU_TARGET
@@ -488,13 +502,23 @@ def attention_section(size: Size, device: torch.device, args) -> tuple[str, dict
         skipped["flex"] = "no FlexAttention backward on CPU"
     kernels = {"varlen": A.varlen_kernel_name(device.type), "sdpa": "efficient/cuDNN (pinned)" if device.type == "cuda"
                else "torch CPU dispatch", "eager": "matmul + softmax", "flex": "compiled flex (Triton)"}
+    if device.type == "cuda":       # each of sdpa's two pinned kernels alone: which one torch picks matters
+        for kern in A.SDPA_GPU_KERNELS:
+            names.append(f"sdpa:{kern}")
+            kernels[f"sdpa:{kern}"] = f"{kern} only"
 
     def run(name):
-        be = A.get_backend(name)
-        q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
-        prepared = be.prepare(st, dtype)
-        out = be.attend(q, k, v, prepared, 0.0)
-        out.backward(go)
+        be = A.get_backend(name.split(":")[0])
+        pinned = A.SDPA_GPU_KERNELS
+        if ":" in name:
+            A.SDPA_GPU_KERNELS = (name.split(":")[1],)
+        try:
+            q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
+            prepared = be.prepare(st, dtype)
+            out = be.attend(q, k, v, prepared, 0.0)
+            out.backward(go)
+        finally:
+            A.SDPA_GPU_KERNELS = pinned
         return out.detach(), q.grad
 
     ref_out, ref_grad = run("eager")
@@ -592,6 +616,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-compile", action="store_true", help="leave out the compile=on rows")
     p.add_argument("--no-zero", action="store_true", help="leave out the ZeRO memory section")
+    p.add_argument("--backends", default="", help="comma-separated subset of our attention backends to time "
+                   "(default: every one that trains on this device)")
+    p.add_argument("--no-ablation", action="store_true", help="leave out the full-last-block ablation row")
+    p.add_argument("--steps-per-round", type=int, default=0,
+                   help="steps timed back to back per round (default: 1 on CPU, 5 on GPU)")
     p.add_argument("--zero-timeout", type=float, default=1800)
     p.add_argument("--zero-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -600,9 +629,12 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.rounds = args.rounds or (2 if args.quick else 7)
-    args.warmup = args.warmup or (1 if args.quick else 1)
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.rounds = args.rounds or (2 if args.quick else 10 if gpu else 7)
+    # GPU: the first steps compile / autotune / grow the allocator's pools.
+    args.warmup = args.warmup or (3 if gpu and not args.quick else 1)
+    args.steps_per_round = args.steps_per_round or (5 if gpu and not args.quick else 1)
     size = quick_size() if args.quick else full_size()
     if args.batch:
         size = dataclasses.replace(size, batch=args.batch)

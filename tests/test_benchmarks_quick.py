@@ -108,3 +108,32 @@ def test_pretrain_helps_quick_runs_every_fine_tuning_on_both_inits(tmp_path):
         # fine-tuning checkpoints are deleted after scoring; the pretraining one is kept
         assert (out / "runs" / name / "checkpoints").is_dir() == (name == "pretrain"), name
     assert os.path.isfile(os.path.join(pre_ckpt, "latest"))
+
+
+def run_script(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p.stdout
+
+
+def test_backend_subset_for_batch_sweeps():
+    """The GPU suite's sweep rows: --backends keeps only those (the rest listed as left out),
+    --no-ablation drops the ablation row, --steps-per-round says so in the report."""
+    md = run_script(["benchmarks/train_throughput.py", "--quick", "--threads", "1", "--no-zero", "--no-compile",
+                     "--backends", "sdpa", "--no-ablation", "--steps-per-round", "2", "--batch", "2"])
+    _, rows = table_rows(md, "model")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("ours (vltrain)", "sdpa", "off"),
+                                                  ("VisualBERT (transformers)", "eager (its own)", "off")]
+    assert "micro-batch 2," in md and "runs 2 steps back to back" in md
+    assert "`eager` (left out of this run (--backends))" in md
+    assert "same run: not measured in this run" in md
+
+
+def test_gpu_profile_reports_both_models():
+    out = run_script(["benchmarks/gpu_profile.py", "--quick", "--device", "cpu", "--batch", "2", "--steps", "2",
+                      "--top", "5", "--compile"])
+    heads = re.findall(r"^(.+?) \[(.+?)\]: step ([\d.]+) ms", out, re.M)
+    assert [(m, l) for m, l, _ in heads] == [("ours (vltrain)", "sdpa"), ("ours (vltrain)", "sdpa +compile"),
+                                             ("VisualBERT (transformers)", "peer")]
+    assert all(float(t) > 0 for _, _, t in heads)

@@ -30,13 +30,12 @@ Backends (``model.attention_backend``):
             which is exactly the rule above (targets see the whole prefix and the earlier
             targets). Bidirectional examples have no target rows. On CPU an SDPA emulation
             of the same two calls runs instead (reference for the tests; slow).
-    auto    the fastest correct backend for the device and the recipe: on CUDA flex when
-            attention dropout is 0 (and FlexAttention can compile), else sdpa; on CPU sdpa.
-            The choice is logged.
+    auto    the fastest correct backend for the device and the recipe, as measured
+            (BENCHMARKS.md): sdpa on CPU and on CUDA (an H100 at our lengths: flex and
+            varlen train slower, see ``resolve_auto``). The choice is logged.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import types
@@ -102,10 +101,14 @@ def eager_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ sdpa
 
+# Both take an arbitrary additive mask (flash does not); math is left out on purpose.
+# benchmarks/train_throughput.py narrows this to one kernel to time each alone.
+SDPA_GPU_KERNELS = ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+
+
 def _sdpa_gpu_kernels():
     from torch.nn.attention import SDPBackend
-    # Both take an arbitrary additive mask (flash does not); math is left out on purpose.
-    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    return [getattr(SDPBackend, k) for k in SDPA_GPU_KERNELS]
 
 
 def _prepare_sdpa(structure: AttentionStructure, dtype: torch.dtype):
@@ -156,7 +159,10 @@ def _prepare_flex(structure: AttentionStructure, dtype: torch.dtype):
     B, L = structure.key_valid.shape
     mask_mod = structure_mask_mod(structure.key_valid, structure.target)
     # Same mask for every head (H=None): one (B, 1, L/128, L/128) block table per forward.
-    return create_block_mask(mask_mod, B, None, L, L, device=structure.key_valid.device)
+    # On CUDA its construction is compiled (once per bucket shape): uncompiled, evaluating
+    # the mask densely costs more than the attention it saves.
+    return create_block_mask(mask_mod, B, None, L, L, device=structure.key_valid.device,
+                             _compile=structure.key_valid.is_cuda)
 
 
 def _flex_call(q, k, v, block_mask):
@@ -261,13 +267,33 @@ def _prepare_varlen(structure: AttentionStructure, dtype: torch.dtype):
     return plan_varlen(structure)
 
 
+class _UndefinedTailGrad(torch.autograd.Function):
+    """Identity whose gradient is NaN in rows ``n:``: what a varlen kernel's backward leaves
+    there (uninitialised memory on GPU), so that CPU tests see any leak of those rows."""
+
+    @staticmethod
+    def forward(ctx, x, n: int):
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[ctx.n:] = float("nan")
+        return g, None
+
+
 def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, dropout_p: float = 0.0):
     """CPU reference of a varlen kernel: SDPA per segment, causal = bottom-right aligned.
 
-    q: (Tq, h, d), k/v: (Tk, h, d); rows past ``cu_q[-1]`` are left zero (kernels leave them
-    undefined; the caller masks them)."""
-    out = torch.zeros_like(q)
+    q: (Tq, h, d), k/v: (Tk, h, d). Like the GPU kernels, rows past ``cu_q[-1]`` of the output
+    and rows past the offsets of dq/dk/dv are undefined: NaN here, so a caller that lets them
+    through fails the CPU tests as it would corrupt training on a GPU."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    q = _UndefinedTailGrad.apply(q, cq[-1])
+    k = _UndefinedTailGrad.apply(k, ck[-1])
+    v = _UndefinedTailGrad.apply(v, ck[-1])
+    out = torch.full_like(q, float("nan")).index_fill(0, torch.arange(cq[-1], device=q.device), 0.0)
     for i in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[i], cq[i + 1], ck[i], ck[i + 1]
         if q1 == q0:
@@ -335,13 +361,20 @@ def varlen_attention(q, k, v, plan: VarlenPlan, dropout_p: float) -> torch.Tenso
     B, h, L, d = q.shape
     # (B, h, L, d) -> (B*L, h, d): a view of the fused qkv output (no copy).
     qf, kf, vf = (t.transpose(1, 2).reshape(B * L, h, d) for t in (q, k, v))
-    r = plan.prefix_rows
-    out_p = _varlen_call(qf[r], kf[r], vf[r], plan.cu_prefix, plan.cu_prefix, L, L, False, dropout_p)
-    # Rows past the offsets are undefined in the kernels' output: ``where`` drops them (NaN too).
+    packed = torch.arange(B * L, device=q.device)
+
+    def pack(x, rows, cu):
+        # Rows past the offsets are undefined in the kernels' output AND in their dq/dk/dv:
+        # ``where`` (not a multiply: NaN-safe both ways) keeps that garbage out of the real
+        # tokens' gradients, which the gather's backward would otherwise add it to.
+        return torch.where((packed < cu[-1])[:, None, None], x[rows], 0.0)
+
+    r, cp = plan.prefix_rows, plan.cu_prefix
+    out_p = _varlen_call(pack(qf, r, cp), pack(kf, r, cp), pack(vf, r, cp), cp, cp, L, L, False, dropout_p)
     out = torch.where(plan.prefix_flat[:, None, None], out_p[plan.prefix_back], 0.0)
     if plan.has_targets:
-        t, a = plan.target_rows, plan.all_rows
-        out_t = _varlen_call(qf[t], kf[a], vf[a], plan.cu_target, plan.cu_all, L, L, True, dropout_p)
+        t, a, ct, ca = plan.target_rows, plan.all_rows, plan.cu_target, plan.cu_all
+        out_t = _varlen_call(pack(qf, t, ct), pack(kf, a, ca), pack(vf, a, ca), ct, ca, L, L, True, dropout_p)
         out = torch.where(plan.target_flat[:, None, None], out_t[plan.target_back], out)
     return out.view(B, L, h, d).transpose(1, 2)
 
@@ -365,21 +398,17 @@ BACKENDS = {
 
 # ------------------------------------------------------------------------------ auto
 
-@functools.lru_cache(maxsize=None)
-def _flex_compilable() -> bool:
-    """FlexAttention fuses through Inductor's Triton templates on CUDA."""
-    return flex_available() and importlib.util.find_spec("triton") is not None
-
-
 def resolve_auto(device_type: str, dropout_p: float) -> tuple[str, str]:
     """(backend name, reason) that ``auto`` uses for a device and an attention dropout."""
     if device_type != "cuda":
         return "sdpa", f"{device_type}: fused GPU kernels do not apply; sdpa is the fastest exact path"
+    # Measured (BENCHMARKS.md, H100, bf16, base size, L=140): sdpa's training step is ~2x
+    # flex's (compiled, dropout 0) and ~3x varlen's (torch's kernel, two calls); at our
+    # short sequences flex's 128-wide blocks save nothing and cost a BlockMask per forward.
+    why = "cuda: sdpa on the efficient/cuDNN kernels, the fastest measured at our lengths"
     if dropout_p > 0:
-        return "sdpa", f"attention dropout {dropout_p} (flex has none): sdpa on efficient/cuDNN kernels"
-    if _flex_compilable():
-        return "flex", "cuda, no attention dropout: compiled FlexAttention skips masked blocks"
-    return "sdpa", "cuda without Triton: sdpa on efficient/cuDNN kernels"
+        why += f" (and attention dropout {dropout_p}: flex has none)"
+    return "sdpa", why
 
 
 _LOGGED: set = set()
@@ -394,33 +423,12 @@ def _log_choice(device_type: str, dropout_p: float) -> None:
         log.info("model.attention_backend=auto -> %s (%s)", name, why)
 
 
-@dataclass
-class AutoPrepared:
-    dense: torch.Tensor                 # sdpa's mask: always there (dropout may need it)
-    block_mask: Optional[object]        # flex's BlockMask on CUDA when flex can compile
-
-
-def _prepare_auto(structure: AttentionStructure, dtype: torch.dtype):
-    dev = structure.key_valid.device.type
-    block = None
-    if dev == "cuda" and _flex_compilable():
-        # Flex vs sdpa hinges on the attention dropout, known only at attend time (it
-        # depends on the training flag), so both are built here, once per forward; each is
-        # a few small kernels.
-        block = _prepare_flex(structure, dtype)
-    else:
-        _log_choice(dev, 0.0)
-    return AutoPrepared(_prepare_sdpa(structure, dtype), block)
-
-
-def auto_attention(q, k, v, prepared: AutoPrepared, dropout_p: float) -> torch.Tensor:
+def auto_attention(q, k, v, prepared, dropout_p: float) -> torch.Tensor:
     _log_choice(q.device.type, dropout_p)
-    if prepared.block_mask is not None and dropout_p == 0:
-        return flex_attention_backend(q, k, v, prepared.block_mask, dropout_p)
-    return sdpa_attention(q, k, v, prepared.dense, dropout_p)
+    return sdpa_attention(q, k, v, prepared, dropout_p)
 
 
-BACKENDS["auto"] = Backend("auto", _prepare_auto, auto_attention)
+BACKENDS["auto"] = Backend("auto", _prepare_sdpa, auto_attention)
 
 
 def get_backend(name: str) -> Backend:
