@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh [RESULTS_DIR]                       # default: gpu_out
 #
 # From a session with the device tool (10-minute calls; pick steps per call). On an H100 all
-# five steps took ~8 minutes (tests 1.8, tput 2.9, one sweep batch 1.7, profile 1, decode 0.5):
+# steps took ~9 minutes (tests 1.8, tput 2.9, one sweep batch 1.7, profile 1, attn 0.5, decode 0.5):
 #   run(command="STEPS='tests tput sweep decode' SWEEP=128 bash benchmarks/gpu_suite.sh", carry=[".wheels"])
 # Where $OUT is set (the device tool), the results folder is packed into $OUT/gpu_results.tgz
 # after every step, so a call cut off at its limit still returns what finished.
@@ -20,6 +20,8 @@
 #            (the best-MFU search); ZeRO memory is left out on the GPU: a per-rank byte count
 #            on 2 ranks, measured on CPU
 #   profile  benchmarks/gpu_profile.py: where the step's GPU time goes (ours compiled, peer)
+#   attn     benchmarks/attention_kernels.py: each sdpa kernel with/without our mask and dropout,
+#            varlen's and flex's preparation and call, at micro-batch $TPUT_BATCH
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
 # Each step has a time limit ($STEP_TIMEOUT s, tput twice that); a failing step is recorded
@@ -33,7 +35,7 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/vltrain_site}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
-STEPS=${STEPS:-tests tput sweep profile decode}
+STEPS=${STEPS:-tests tput sweep profile attn decode}
 SWEEP=${SWEEP:-64 128}
 TPUT_BATCH=${TPUT_BATCH:-256}
 STEP_TIMEOUT=${STEP_TIMEOUT:-170}
@@ -79,6 +81,8 @@ if want sweep; then
 fi
 want profile && step profile "$STEP_TIMEOUT" "$PY" benchmarks/gpu_profile.py $QUICK --device "$DEVICE" \
   --batch "$TPUT_BATCH" --compile
+want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_kernels.py $QUICK \
+  --device "$DEVICE" --batch "$TPUT_BATCH"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \
   --out "$RES/decode.md"
 exit $status

@@ -137,3 +137,11 @@ def test_gpu_profile_reports_both_models():
     assert [(m, l) for m, l, _ in heads] == [("ours (vltrain)", "sdpa"), ("ours (vltrain)", "sdpa +compile"),
                                              ("VisualBERT (transformers)", "peer")]
     assert all(float(t) > 0 for _, _, t in heads)
+
+
+def test_attention_kernels_quick_times_every_variant():
+    out = run_script(["benchmarks/attention_kernels.py", "--quick", "--device", "cpu"])
+    _, rows = table_rows(out, "variant")
+    labels = [r[0] for r in rows]
+    assert len(labels) == 6 and any("our mask" in x for x in labels) and any("preparation" in x for x in labels)
+    assert all(finite(r[1]) and float(r[1]) > 0 and r[3] == "-" for r in rows), rows

@@ -37,6 +37,7 @@ def _cfg(spec):
     cfg.model.region_feat_dim, cfg.model.num_region_classes = 8, 5
     cfg.objectives.mrc = True
     cfg.train.seed = 7
+    cfg.train.dist_timeout_s = spec.get("dist_timeout_s", 600.0)
     return cfg
 
 
@@ -69,6 +70,11 @@ def _rank_main(rank, world, local_world, spec, out):
         from vltrain.data.loader import build_train_loader
         from vltrain.tokenization import Tokenizer
         loader, _ = build_train_loader(_cfg(spec), Tokenizer(spec["vocab"]), BATCH)
+        if spec.get("log"):
+            import logging
+            logging.getLogger().addHandler(logging.FileHandler(f"{spec['log']}.rank{rank}"))
+        if spec.get("gone_before_epoch") == rank:
+            return                  # a rank that dies before its loader starts the epoch
         if spec.get("state"):
             loader.load_state_dict(spec["state"])
         res = {"epochs": [], "sigs": {}, "kinds": {}}
@@ -326,3 +332,38 @@ def test_stale_shm_sweep_keeps_live_and_young_segments(tmp_path):
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
                 pass
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_rank_gone_at_epoch_start_fails_the_peer_instead_of_hanging(tmp_path, vocab_file, workers):
+    """Rank 1 builds its loader and dies before starting the epoch: rank 0's loader waits in
+    streaming's shared barrier for it (forever, left alone). The fetch watchdog ends rank 0
+    with exit 1 after train.dist_timeout_s, saying why, and takes its DataLoader worker with it."""
+    import time
+    ds = write_captions(str(tmp_path / "ds"), N_CAPS, size_limit=1 << 12)
+    log = str(tmp_path / "wd")
+    spec = {"train": ds, "cache": str(tmp_path / "cache"), "vocab": vocab_file, "workers": workers,
+            "dist_timeout_s": 4.0, "gone_before_epoch": 1, "log": log, "port": _free_port()}
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, 2, spec, str(tmp_path / f"r{r}.json"))) for r in range(2)]
+    t0 = time.time()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(90)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False], "rank 0 hung in the epoch-start barrier"
+    assert [p.exitcode for p in procs] == [1, 0]
+    assert time.time() - t0 < 60
+    text = open(f"{log}.rank0").read()
+    assert f"no batch from data.train={ds} for 4 s (train.dist_timeout_s)" in text, text
+    assert "shared barrier" in text
+    pids = json.loads(text.split("terminated DataLoader worker processes ", 1)[1].splitlines()[0])
+    assert len(pids) == workers
+    time.sleep(0.5)
+    for pid in pids:                      # the worker that sat in the barrier is gone too
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

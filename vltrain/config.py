@@ -112,7 +112,7 @@ class TrainConfig:
     max_nonfinite_in_row: int = 10
     precision: str = "fp32"                  # fp32 | bf16 | fp16 (fills the ds_config's "auto")
     peak_tflops: float = 0.0                 # per-device peak for MFU; 0 = from the device name
-    dist_timeout_s: float = 600.0            # collective timeout: a dead rank fails the job by then
+    dist_timeout_s: float = 600.0            # collective and batch-fetch timeout: a dead rank fails the job by then
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo, num_skipped
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
 from vltrain.data.errors import MetaError
+from vltrain.data.fetch_watchdog import FetchWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class VLDataLoader(StreamingDataLoader):
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
-                 fixed_epoch: Optional[int] = None, **kwargs):
+                 fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
+                 **kwargs):
         super().__init__(dataset, batch_size=batch_size, collate_fn=collator, **kwargs)
         self.collator = collator
+        self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
         self.fixed_epoch = fixed_epoch
         self.epoch = 0
         self.num_skipped = 0
@@ -86,7 +89,8 @@ class VLDataLoader(StreamingDataLoader):
         it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
         while True:
             try:
-                batch = next(it)
+                with self.watchdog.waiting():
+                    batch = next(it)
             except StopIteration:
                 # Exhausted: the epoch is complete even if drop_last left samples unyielded,
                 # so a checkpoint taken now resumes at the next epoch, as an unbroken run would.
@@ -168,7 +172,10 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
     loader = VLDataLoader(ds, collator=collator, batch_size=batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), drop_last=train,
                           persistent_workers=False, fixed_epoch=None if train else 0,
-                          prefetch_factor=2 if workers > 0 else None)
+                          prefetch_factor=2 if workers > 0 else None,
+                          # the bound a rank waits for its peers, also for a batch
+                          wait_timeout_s=cfg.train.dist_timeout_s,
+                          what=f"data.{split}={getattr(cfg.data, split)}")
     return loader, collator
 
 

@@ -1,0 +1,158 @@
+"""Attention at our shape, kernel by kernel: what the mask, dropout and tile alignment cost.
+
+    python benchmarks/attention_kernels.py [--batch 256] [--length 140] [--quick] [--device cuda]
+
+Forward + backward of one attention call, (B, 12 heads, L, 64), bf16 on CUDA (fp32 on CPU),
+every variant timed interleaved in one run:
+  - each sdpa kernel with our mixed prefix-LM + padding mask (what ``sdpa`` trains with),
+    attention dropout 0 and 0.1;
+  - the same kernels with no mask, and the flash kernel (which takes no mask): the
+    upper bound for a bias-free formulation at this length;
+  - no mask at L rounded down to a multiple of 64 (what tile alignment alone is worth);
+  - the ``varlen`` and ``flex`` backends split into their per-forward preparation (varlen
+    plan / BlockMask) and the per-layer attention call.
+A variant the device cannot run is listed with the error, not dropped. A diagnosis for the
+throughput table (which backend to build next), not a target of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import machine_description, markdown_table, median, sync  # noqa: E402
+from vltrain.model import attention as A  # noqa: E402
+
+
+def mixed_structure(B: int, L: int, text: int, device, seed: int = 3) -> A.AttentionStructure:
+    """Regions first, then a caption padded inside a ``text``-token bucket; 3 of 4 examples
+    seq2seq (their caption tokens are causal targets), as the pretraining collator mixes them."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(max(3, text // 3), text + 1, (B,), generator=g)
+    text_valid = torch.arange(text)[None, :] < lens[:, None]
+    key_valid = torch.cat([torch.ones(B, L - text, dtype=torch.bool), text_valid], 1)
+    seq2seq = torch.rand(B, generator=g) < 0.75
+    target = torch.cat([torch.zeros(B, L - text, dtype=torch.bool), text_valid & seq2seq[:, None]], 1)
+    target[:, L - text] = False                                  # [SEP] belongs to the prefix
+    return A.AttentionStructure(key_valid.to(device), target.to(device))
+
+
+def sdpa_with(kernel, mask, dropout):
+    """fwd+bwd closure of F.scaled_dot_product_attention pinned to one kernel (None: default)."""
+    def run(q, k, v, go):
+        if kernel is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            from torch.nn.attention import sdpa_kernel
+            with sdpa_kernel([kernel]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out.backward(go)
+    return run
+
+
+def backend_parts(name: str, st: A.AttentionStructure, dtype):
+    """(prepare-only closure, attend-only closure) of one of our backends."""
+    be = A.get_backend(name)
+    prepared = be.prepare(st, dtype)
+
+    def prepare(q, k, v, go):
+        be.prepare(st, dtype)
+
+    def attend(q, k, v, go):
+        be.attend(q, k, v, prepared, 0.0).backward(go)
+    return prepare, attend
+
+
+def variants(st: A.AttentionStructure, dtype, device, L: int):
+    mask = A._prepare_sdpa(st, dtype)
+    out = []                                      # (label, L used, closure)
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+        for kern in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            for p in (0.0, 0.1):
+                out.append((f"sdpa {kern}, our mask, dropout {p}", L, sdpa_with(getattr(SDPBackend, kern), mask, p)))
+        for kern in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            for p in (0.0, 0.1):
+                out.append((f"sdpa {kern}, no mask, dropout {p}", L, sdpa_with(getattr(SDPBackend, kern), None, p)))
+        L64 = L // 64 * 64
+        if L64 and L64 != L:
+            out.append((f"sdpa FLASH_ATTENTION, no mask, dropout 0.0, L={L64}", L64,
+                        sdpa_with(SDPBackend.FLASH_ATTENTION, None, 0.0)))
+        for name in ("varlen", "flex"):
+            if name == "flex" and not A.flex_available() or name == "varlen" and not A.varlen_kernel_name("cuda"):
+                continue
+            prep, att = backend_parts(name, st, dtype)
+            out += [(f"{name}: per-forward preparation only", L, prep), (f"{name}: attention call only", L, att)]
+    else:
+        for p in (0.0, 0.1):
+            out.append((f"sdpa (CPU dispatch), our mask, dropout {p}", L, sdpa_with(None, mask, p)))
+            out.append((f"sdpa (CPU dispatch), no mask, dropout {p}", L, sdpa_with(None, None, p)))
+        prep, att = backend_parts("varlen", st, dtype)
+        out += [("varlen (CPU emulation): per-forward preparation only", L, prep),
+                ("varlen (CPU emulation): attention call only", L, att)]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--length", type=int, default=140, help="regions + text positions")
+    p.add_argument("--text", type=int, default=40, help="text bucket inside --length")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny shape (CI)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.length, args.text, args.heads, args.head_dim, args.reps = 4, 22, 12, 4, 16, 2
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, L, h, d = args.batch, args.length, args.heads, args.head_dim
+    st = mixed_structure(B, L, args.text, device)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(B, h, L, d, generator=g).to(device, dtype) for _ in range(4)]
+
+    def tensors(n):
+        q, k, v, go = (t[:, :, :n] for t in base)
+        return [t.detach().requires_grad_() for t in (q, k, v)] + [go.contiguous()]
+
+    rows, timed = [], []
+    for label, n, fn in variants(st, dtype, device, L):
+        try:
+            fn(*tensors(n))                       # warm-up: compiles, autotunes, checks it runs
+            fn(*tensors(n))
+            sync(device)
+            timed.append((label, n, fn, []))
+        except Exception as e:  # noqa: BLE001 — a kernel this device refuses is a result too
+            rows.append([label, "n/a", "n/a", f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"])
+    for _ in range(args.reps):
+        for label, n, fn, times in timed:
+            ins = tensors(n)
+            sync(device)
+            t0 = time.perf_counter()
+            fn(*ins)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    for label, n, fn, times in timed:
+        t = median(times)
+        # fwd + bwd of dense attention = 3 x (2 matmuls of 2·B·h·n²·d), whatever is masked
+        tflops = float("nan") if "preparation" in label else 12 * B * h * n * n * d / t / 1e12
+        rows.append([label, t * 1e3, tflops, "-"])
+    rows.sort(key=lambda r: (r[1] == "n/a", r[0]))
+    print(f"Machine: {machine_description(device)}. Shape (B, heads, L, d) = ({B}, {h}, {L}, {d}), "
+          f"{str(dtype).replace('torch.', '')}, {int(st.target.any(1).sum())} of {B} examples seq2seq, "
+          f"{float(st.key_valid.float().mean()):.0%} of positions real; median of {args.reps} interleaved "
+          f"fwd+bwd calls.\n")
+    print(markdown_table(["variant", "fwd+bwd ms", "dense-equivalent TFLOP/s", "error"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
