@@ -205,6 +205,7 @@ class Runner:
     cpu_times: list = dataclasses.field(default_factory=list)     # process CPU seconds, all threads
     peak_bytes: int = 0
     note: str = ""
+    engine: object = None          # the DeepSpeed engine, for the engine row
 
 
 def time_interleaved(runners: Sequence[Runner], device: torch.device, warmup: int, rounds: int,

@@ -6,7 +6,8 @@
 
 Sections of the Markdown report:
   1. Full training steps (forward, backward, AdamW step) of our model for each attention
-     backend that trains on this device, compile off/on, and of
+     backend that trains on this device, compile off/on, through the DeepSpeed engine as
+     ``vltrain/run.py`` trains (ZeRO-2, one rank, sdpa; bf16 weights on GPU), and of
      ``transformers.VisualBertForPreTraining`` of the same size, on the same batch, in the
      same process, timed round-robin (A B C A B C ...) so machine noise hits all alike.
      samples/s, tokens/s, achieved TFLOP/s and MFU (both with ``vltrain.monitor``'s formula,
@@ -146,6 +147,57 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     return Runner(label, OURS, label if full_last else backend, compiled, step, task, opt, flops, note=note)
 
 
+ENGINE_STAGE = 2      # ds_configs/zero2.json, the recipes' default, "auto" keys filled as run.py does
+
+
+def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
+    """Ours through the DeepSpeed engine, as ``vltrain/run.py`` trains: ZeRO-2 on one rank,
+    sdpa, ``model.compile`` on GPU, ``train.precision`` bf16 on GPU (weights in bf16, fp32
+    master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch AdamW)."""
+    import deepspeed
+    from vltrain.config import Config
+    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
+    from vltrain.model import VLModel
+    from vltrain.model.compile import maybe_compile
+    from vltrain.monitor import FlopCounter
+    from vltrain.tasks.pretrain import PretrainTask
+
+    gpu = device.type == "cuda"
+    cfg = Config(model=dataclasses.replace(size.model, attention_backend="sdpa", compile=gpu))
+    cfg.train.micro_batch_size = size.batch
+    cfg.train.precision = "bf16" if gpu else "fp32"
+    ds = resolve_ds_config(os.path.join(REPO, "ds_configs", f"zero{ENGINE_STAGE}.json"), cfg, 1, device.type)
+    torch.manual_seed(0)
+    model = maybe_compile(VLModel(cfg.model))
+    task = PretrainTask(model, cfg.objectives)
+    engine, *_ = deepspeed.initialize(model=task, config=ds,
+                                      model_parameters=no_decay_param_groups(task, cfg.train.weight_decay))
+    b = batch.to(device, float_dtype=torch.bfloat16 if gpu else None)
+
+    def step():
+        loss, _ = engine(b)
+        engine.backward(loss)
+        engine.step()
+
+    flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
+    label = f"DeepSpeed engine, ZeRO-{ENGINE_STAGE}, sdpa{' +compile' if gpu else ''}"
+    note = ("what vltrain/run.py runs: " + ("bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch AdamW")
+            + "; memory includes zero2.json's reduce buckets")
+    return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine)
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A world of one for the engine row (DeepSpeed needs a process group)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if torch.distributed.is_initialized():
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    from vltrain.engine.distributed import init_distributed
+    init_distributed(300)
+
+
 def flops_run_fraction(size: Size, n_pred: int) -> float:
     """FLOPs our step runs (last block at the masked rows) over the formula's full count."""
     from vltrain.model import VLModel
@@ -208,6 +260,14 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
     if not args.no_ablation and "eager" in names:
         log("building ours (ablation): eager, last block at every position")
         runners.append(build_ours(size, "eager", False, batch, device, n_pred, full_last=True))
+    if not args.no_engine:
+        log(f"building ours through the DeepSpeed engine (ZeRO-{ENGINE_STAGE})")
+        try:        # e.g. DeepSpeed's fused Adam cannot be built on this GPU node: report, go on
+            init_single_process_group(device)
+            runners.append(build_engine(size, batch, device, n_pred))
+        except Exception as e:  # noqa: BLE001
+            skipped["DeepSpeed engine"] = f"failed to build: {type(e).__name__}: {str(e)[:200]}"
+            log(f"engine row left out: {skipped['DeepSpeed engine']}")
     log("building peer: VisualBertForPreTraining")
     runners.append(build_peer(size, batch, device, n_pred))
 
@@ -215,7 +275,8 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
                      steps_per_round=args.steps_per_round)
     for r in runners:
         log(f"memory: {r.label}")
-        r.peak_bytes = resident_bytes(r.module, r.optimizer) + transient_peak_bytes(r.step, device)
+        held = engine_state_bytes(r.engine)["total"] if r.engine else resident_bytes(r.module, r.optimizer)
+        r.peak_bytes = held + transient_peak_bytes(r.step, device)
 
     from vltrain.monitor import device_peak_tflops
     if device.type == "cuda":
@@ -380,6 +441,27 @@ def zero_worker(out: str, quick: bool) -> None:
     torch.distributed.barrier()
 
 
+def engine_state_bytes(engine) -> dict:
+    """This rank's bytes of parameters, fp32 master weights and optimizer state in a
+    DeepSpeed engine (any ZeRO stage); distinct storages counted once."""
+    opt = engine.optimizer
+    params = []
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            params.append(p.ds_tensor)          # ZeRO-3: this rank's partition
+        if p.data.numel():
+            params.append(p.data)               # whole parameter (stage 0-2; ZeRO-3 persistent ones)
+    master = []        # fp32 master weights, whatever the DeepSpeed optimizer calls them
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups_flat", "fp32_groups"):
+        for t in getattr(opt, attr, None) or []:
+            master += [t] if torch.is_tensor(t) else [x for x in t if torch.is_tensor(x)]
+    inner = getattr(opt, "optimizer", opt)
+    states = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
+    return dict(params=tensor_bytes(params), master=tensor_bytes(master), optim=tensor_bytes(states),
+                total=tensor_bytes(params + master + states))
+
+
 def measure_zero_stages(info, size: Size, precision: str) -> dict:
     """Per-rank bytes of parameters, fp32 master partitions and optimizer state, ZeRO 0..3."""
     import deepspeed
@@ -405,22 +487,7 @@ def measure_zero_stages(info, size: Size, precision: str) -> dict:
         engine.backward(loss)
         engine.step()
         opt = engine.optimizer
-        params = []
-        for p in engine.module.parameters():
-            if hasattr(p, "ds_tensor"):
-                params.append(p.ds_tensor)          # ZeRO-3: this rank's partition
-            if p.data.numel():
-                params.append(p.data)               # whole parameter (stage 0-2; ZeRO-3 persistent ones)
-        master = []        # fp32 master weights, whatever the DeepSpeed optimizer calls them
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                     "fp32_groups_flat", "fp32_groups"):
-            for t in getattr(opt, attr, None) or []:
-                master += [t] if torch.is_tensor(t) else [x for x in t if torch.is_tensor(x)]
-        inner = getattr(opt, "optimizer", opt)
-        states = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
-        m = dict(params=tensor_bytes(params), master=tensor_bytes(master), optim=tensor_bytes(states),
-                 total=tensor_bytes(params + master + states), num_params=n_params,
-                 optimizer=type(opt).__name__)
+        m = dict(engine_state_bytes(engine), num_params=n_params, optimizer=type(opt).__name__)
         gathered = [None] * info.world
         torch.distributed.all_gather_object(gathered, m)
         res[str(stage)] = gathered[0]
@@ -619,6 +686,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="", help="comma-separated subset of our attention backends to time "
                    "(default: every one that trains on this device)")
     p.add_argument("--no-ablation", action="store_true", help="leave out the full-last-block ablation row")
+    p.add_argument("--no-engine", action="store_true", help="leave out the DeepSpeed engine row")
     p.add_argument("--steps-per-round", type=int, default=0,
                    help="steps timed back to back per round (default: 1 on CPU, 5 on GPU)")
     p.add_argument("--zero-timeout", type=float, default=1800)

@@ -50,7 +50,8 @@ def test_quick_report_has_every_row_with_finite_numbers(quick_run):
     header, rows = table_rows(md, "model")
     labels = {(r[0], r[1], r[2]) for r in rows}
     for expected in (("ours (vltrain)", "eager", "off"), ("ours (vltrain)", "sdpa", "off"),
-                     ("ours (vltrain)", "sdpa", "on"), ("VisualBERT (transformers)", "eager (its own)", "off")):
+                     ("ours (vltrain)", "sdpa", "on"), ("VisualBERT (transformers)", "eager (its own)", "off"),
+                     ("ours (vltrain)", "DeepSpeed engine, ZeRO-2, sdpa", "off")):
         assert expected in labels, (expected, labels)
     for r in rows:
         assert all(finite(c) for c in r[3:-1]), r              # samples/s .. × peer (by CPU time)
@@ -121,7 +122,7 @@ def test_backend_subset_for_batch_sweeps():
     """The GPU suite's sweep rows: --backends keeps only those (the rest listed as left out),
     --no-ablation drops the ablation row, --steps-per-round says so in the report."""
     md = run_script(["benchmarks/train_throughput.py", "--quick", "--threads", "1", "--no-zero", "--no-compile",
-                     "--backends", "sdpa", "--no-ablation", "--steps-per-round", "2", "--batch", "2"])
+                     "--backends", "sdpa", "--no-ablation", "--no-engine", "--steps-per-round", "2", "--batch", "2"])
     _, rows = table_rows(md, "model")
     assert [(r[0], r[1], r[2]) for r in rows] == [("ours (vltrain)", "sdpa", "off"),
                                                   ("VisualBERT (transformers)", "eager (its own)", "off")]
