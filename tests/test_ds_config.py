@@ -47,7 +47,7 @@ def test_every_ds_config_resolves_on_cpu(path, precision):
     p = ds["optimizer"]["params"]
     assert ds["optimizer"]["type"] == "AdamW"
     assert (p["lr"], p["betas"], p["eps"], p["weight_decay"]) == (3e-4, [0.9, 0.98], 1e-8, 0.05)
-    assert p["torch_adam"] is True
+    assert p["torch_adam"] is True and p["fused"] is True           # torch's fused AdamW kernel
     assert precision_of(ds) == precision
     assert "scheduler" not in ds
     if ds["zero_optimization"]["stage"] == 3:
@@ -58,6 +58,7 @@ def test_every_ds_config_resolves_on_cpu(path, precision):
 def test_gpu_resolution_uses_deepspeed_adam_and_allows_fp16(path):
     ds = resolve_ds_config(path, debug_cfg(precision="fp16"), world_size=8, accelerator_name="cuda")
     assert "torch_adam" not in ds["optimizer"]["params"]      # FusedAdam / DeepSpeedCPUAdam (offload)
+    assert "fused" not in ds["optimizer"]["params"]           # a torch AdamW argument only
     assert precision_of(ds) == "fp16"
     assert ds["fp16"]["loss_scale"] == 0                      # dynamic loss scaling
     assert ds["bf16"]["enabled"] is False

@@ -19,6 +19,7 @@ What is filled (ds_config key <- our key):
     optimizer.params.torch_adam      <- true on the CPU accelerator, false elsewhere
                                         (DeepSpeed's FusedAdam on GPU, DeepSpeedCPUAdam
                                         when the optimizer is offloaded)
+    optimizer.params.fused           <- true with torch_adam (torch's fused AdamW kernel)
     bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16)
     zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size,
     stage3_param_persistence_threshold <- model.hidden_size (H*H, 0.9*H*H, 10*H, as HF does)
@@ -201,6 +202,10 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "is a GPU kernel; set it to \"auto\" or true")
     if not params["torch_adam"]:
         params.pop("torch_adam")   # DeepSpeed's default: FusedAdam (GPU) / DeepSpeedCPUAdam (offload)
+    else:
+        # torch's fused AdamW kernel: one pass over each (ZeRO: flat fp32) tensor instead of
+        # ~10; measured 4.88 -> 4.53 s per base-size ZeRO-2 step on the 2-core CPU.
+        params.setdefault("fused", True)
 
     # --- scheduler: ours, never DeepSpeed's
     if "scheduler" in ds:
