@@ -181,7 +181,7 @@ def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
 
     flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
     label = f"DeepSpeed engine, ZeRO-{ENGINE_STAGE}, sdpa{' +compile' if gpu else ''}"
-    note = ("what vltrain/run.py runs: " + ("bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch AdamW")
+    note = ("what vltrain/run.py runs: " + ("bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW")
             + "; memory includes zero2.json's reduce buckets")
     return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine)
 
