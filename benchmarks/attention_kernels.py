@@ -4,7 +4,8 @@
 
 Forward + backward of one attention call, (B, 12 heads, L, 64), bf16 on CUDA (fp32 on CPU),
 every variant timed interleaved in one run:
-  - each sdpa kernel with our mixed prefix-LM + padding mask (what ``sdpa`` trains with),
+  - each sdpa kernel with our mask (``bucketed_structure``: the pretraining batch's
+    seq2seq/bidirectional mix, captions padded in their bucket; what ``sdpa`` trains with),
     attention dropout 0 and 0.1;
   - the same kernels with no mask, and the flash kernel (which takes no mask): the
     upper bound for a bias-free formulation at this length;
@@ -17,6 +18,7 @@ throughput table (which backend to build next), not a target of its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -26,21 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_description, markdown_table, median, sync  # noqa: E402
+from benchmarks.common import (Size, bucketed_structure, full_size, machine_description,  # noqa: E402
+                               markdown_table, median, sync)
 from vltrain.model import attention as A  # noqa: E402
-
-
-def mixed_structure(B: int, L: int, text: int, device, seed: int = 3) -> A.AttentionStructure:
-    """Regions first, then a caption padded inside a ``text``-token bucket; 3 of 4 examples
-    seq2seq (their caption tokens are causal targets), as the pretraining collator mixes them."""
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(max(3, text // 3), text + 1, (B,), generator=g)
-    text_valid = torch.arange(text)[None, :] < lens[:, None]
-    key_valid = torch.cat([torch.ones(B, L - text, dtype=torch.bool), text_valid], 1)
-    seq2seq = torch.rand(B, generator=g) < 0.75
-    target = torch.cat([torch.zeros(B, L - text, dtype=torch.bool), text_valid & seq2seq[:, None]], 1)
-    target[:, L - text] = False                                  # [SEP] belongs to the prefix
-    return A.AttentionStructure(key_valid.to(device), target.to(device))
 
 
 def sdpa_with(kernel, mask, dropout):
@@ -115,7 +105,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     B, L, h, d = args.batch, args.length, args.heads, args.head_dim
-    st = mixed_structure(B, L, args.text, device)
+    cfg = dataclasses.replace(full_size().model, num_heads=h, hidden_size=h * d)
+    st = bucketed_structure(Size("custom", cfg, batch=B, regions=L - args.text, text=args.text), device)
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(B, h, L, d, generator=g).to(device, dtype) for _ in range(4)]
 

@@ -130,6 +130,20 @@ def make_optimizer(params, device: torch.device):
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
 
+def bucketed_structure(size: Size, device, seed: int = 2):
+    """The attention micro-benchmarks' structure: ``make_batch``'s per-example modes, with
+    captions of random length (over [text/3, text]) padded inside the fixed text bucket."""
+    from vltrain.model.attention import AttentionStructure
+    batch = make_batch(size, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    lens = torch.randint(max(3, size.text // 3), size.text + 1, (size.batch,), generator=g)
+    text_valid = torch.arange(size.text)[None, :] < lens[:, None]
+    key_valid = torch.cat([text_valid[:, :1], batch.region_mask, text_valid[:, 1:]], 1)
+    text_target = text_valid & (batch.token_type_ids == 1)
+    target = torch.cat([text_target[:, :1], torch.zeros_like(batch.region_mask), text_target[:, 1:]], 1)
+    return AttentionStructure(key_valid.to(device), target.to(device))
+
+
 # ------------------------------------------------------------------------------ timing & memory
 
 def sync(device: torch.device) -> None:

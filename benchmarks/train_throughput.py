@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (REPO, Runner, Size, full_size, machine_description, make_batch, make_optimizer,  # noqa: E402
-                    markdown_table, measured_gemm_tflops, median, peer_flop_cfg, peer_inputs, peer_model,
+from benchmarks.common import (REPO, Runner, Size, bucketed_structure, full_size,  # noqa: E402
+                    machine_description, make_batch, make_optimizer, markdown_table, measured_gemm_tflops, median, peer_flop_cfg, peer_inputs, peer_model,
                     quick_size, resident_bytes, sync, tensor_bytes, time_interleaved, to_device,
                     transient_peak_bytes)
 
@@ -546,15 +546,8 @@ def attention_section(size: Size, device: torch.device, args) -> tuple[str, dict
     from vltrain.model import attention as A
     B, L = size.batch, size.seq_len
     h, d = size.model.num_heads, size.model.hidden_size // size.model.num_heads
-    batch = make_batch(size, seed=2)
-    # Bucket-padded captions: text lengths spread over [12, text] inside the fixed bucket.
-    g = torch.Generator().manual_seed(3)
-    lens = torch.randint(max(3, size.text // 3), size.text + 1, (B,), generator=g)
-    text_valid = torch.arange(size.text)[None, :] < lens[:, None]
-    key_valid = torch.cat([text_valid[:, :1], batch.region_mask, text_valid[:, 1:]], 1)
-    text_target = text_valid & (batch.token_type_ids == 1)
-    target = torch.cat([text_target[:, :1], torch.zeros_like(batch.region_mask), text_target[:, 1:]], 1)
-    st = A.AttentionStructure(key_valid.to(device), target.to(device))
+    st = bucketed_structure(size, device)
+    g = torch.Generator().manual_seed(4)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q0, k0, v0 = (torch.randn(B, L, h, d, generator=g).transpose(1, 2).to(device, dtype) for _ in range(3))
     go = torch.randn(B, h, L, d, generator=g).to(device, dtype)
