@@ -2,10 +2,11 @@
 
     python benchmarks/gpu_profile.py --batch 64 [--backend sdpa] [--compile] [--quick]
 
-Profiles ours (compile off, and on with --compile) and the peer. Prints, per model, the step's wall time, the summed CUDA kernel time (wall minus that is time
-the GPU waited for the host), and the top kernels by total CUDA time. Same models, batch and
-precision as benchmarks/train_throughput.py (bf16 autocast on CUDA). A diagnosis aid for the
-throughput table, not a figure of its own.
+Profiles ours (compile off, and on with --compile) and the peer. Prints, per model, the
+step's wall time, the summed CUDA kernel time (wall minus that is time the GPU waited for
+the host) and the top kernels by total CUDA time. Same models, batch and precision as
+benchmarks/train_throughput.py (bf16 autocast on CUDA). A diagnosis aid for the throughput
+table, not a figure of its own.
 """
 from __future__ import annotations
 

@@ -42,9 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import (REPO, Runner, Size, bucketed_structure, full_size,  # noqa: E402
-                    machine_description, make_batch, make_optimizer, markdown_table, measured_gemm_tflops, median, peer_flop_cfg, peer_inputs, peer_model,
-                    quick_size, resident_bytes, sync, tensor_bytes, time_interleaved, to_device,
-                    transient_peak_bytes)
+                    machine_description, make_batch, make_optimizer, markdown_table, measured_gemm_tflops,
+                    median, peer_flop_cfg, peer_inputs, peer_model, quick_size, resident_bytes, sync,
+                    tensor_bytes, time_interleaved, to_device, transient_peak_bytes)
 
 PEER = "VisualBERT (transformers)"
 OURS = "ours (vltrain)"
@@ -153,7 +153,7 @@ ENGINE_STAGE = 2      # ds_configs/zero2.json, the recipes' default, "auto" keys
 def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
     """Ours through the DeepSpeed engine, as ``vltrain/run.py`` trains: ZeRO-2 on one rank,
     sdpa, ``model.compile`` on GPU, ``train.precision`` bf16 on GPU (weights in bf16, fp32
-    master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch AdamW)."""
+    master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch's fused AdamW)."""
     import deepspeed
     from vltrain.config import Config
     from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
@@ -181,8 +181,8 @@ def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
 
     flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
     label = f"DeepSpeed engine, ZeRO-{ENGINE_STAGE}, sdpa{' +compile' if gpu else ''}"
-    note = ("what vltrain/run.py runs: " + ("bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW")
-            + "; memory includes zero2.json's reduce buckets")
+    optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
+    note = f"what vltrain/run.py runs: {optim}; memory includes zero2.json's reduce buckets"
     return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine)
 
 
