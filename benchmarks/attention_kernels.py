@@ -60,7 +60,7 @@ def backend_parts(name: str, st: A.AttentionStructure, dtype):
 
 
 def variants(st: A.AttentionStructure, dtype, device, L: int):
-    mask = A._prepare_sdpa(st, dtype)
+    mask = A.get_backend("sdpa").prepare(st, dtype)
     out = []                                      # (label, L used, closure)
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend

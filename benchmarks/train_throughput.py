@@ -562,23 +562,13 @@ def attention_section(size: Size, device: torch.device, args) -> tuple[str, dict
         skipped["flex"] = "no FlexAttention backward on CPU"
     kernels = {"varlen": A.varlen_kernel_name(device.type), "sdpa": "efficient/cuDNN (pinned)" if device.type == "cuda"
                else "torch CPU dispatch", "eager": "matmul + softmax", "flex": "compiled flex (Triton)"}
-    if device.type == "cuda":       # each of sdpa's two pinned kernels alone: which one torch picks matters
-        for kern in A.SDPA_GPU_KERNELS:
-            names.append(f"sdpa:{kern}")
-            kernels[f"sdpa:{kern}"] = f"{kern} only"
 
     def run(name):
-        be = A.get_backend(name.split(":")[0])
-        pinned = A.SDPA_GPU_KERNELS
-        if ":" in name:
-            A.SDPA_GPU_KERNELS = (name.split(":")[1],)
-        try:
-            q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
-            prepared = be.prepare(st, dtype)
-            out = be.attend(q, k, v, prepared, 0.0)
-            out.backward(go)
-        finally:
-            A.SDPA_GPU_KERNELS = pinned
+        be = A.get_backend(name)
+        q, k, v = (t.detach().requires_grad_() for t in (q0, k0, v0))
+        prepared = be.prepare(st, dtype)
+        out = be.attend(q, k, v, prepared, 0.0)
+        out.backward(go)
         return out.detach(), q.grad
 
     ref_out, ref_grad = run("eager")

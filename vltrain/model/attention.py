@@ -101,14 +101,10 @@ def eager_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ sdpa
 
-# Both take an arbitrary additive mask (flash does not); math is left out on purpose.
-# benchmarks/train_throughput.py narrows this to one kernel to time each alone.
-SDPA_GPU_KERNELS = ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
-
-
 def _sdpa_gpu_kernels():
     from torch.nn.attention import SDPBackend
-    return [getattr(SDPBackend, k) for k in SDPA_GPU_KERNELS]
+    # Both take an arbitrary additive mask (flash does not); math is left out on purpose.
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 def _prepare_sdpa(structure: AttentionStructure, dtype: torch.dtype):
