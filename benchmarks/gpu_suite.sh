@@ -22,6 +22,9 @@
 #   profile  benchmarks/gpu_profile.py: where the step's GPU time goes (ours compiled, peer)
 #   attn     benchmarks/attention_kernels.py: each sdpa kernel with/without our mask and dropout,
 #            varlen's and flex's preparation and call, at micro-batch $TPUT_BATCH
+#   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
+#            vs the DeepSpeed engine (bf16, ZeRO-2), and the bf16 step's kernel-class breakdown;
+#            LEVERS_ARGS=--autotune adds the max-autotune row (long compile)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
 # Each step has a time limit ($STEP_TIMEOUT s, tput twice that); a failing step is recorded
@@ -35,7 +38,7 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/vltrain_site}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
-STEPS=${STEPS:-tests tput sweep profile attn decode}
+STEPS=${STEPS:-tests tput sweep profile attn levers decode}
 SWEEP=${SWEEP:-64 128}
 TPUT_BATCH=${TPUT_BATCH:-256}
 STEP_TIMEOUT=${STEP_TIMEOUT:-170}
@@ -59,6 +62,7 @@ if ! "$PY" -c "import deepspeed, streaming" 2>/dev/null; then
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
+echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<unset>}" | tee "$RES/arch_list.txt"
 "$PY" - <<'PYEOF' | tee "$RES/versions.txt"
 import importlib
 for m in ("torch", "triton", "transformers", "deepspeed", "streaming", "flash_attn", "pytest"):
@@ -83,6 +87,8 @@ want profile && step profile "$STEP_TIMEOUT" "$PY" benchmarks/gpu_profile.py $QU
   --batch "$TPUT_BATCH" --compile
 want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_kernels.py $QUICK \
   --device "$DEVICE" --batch "$TPUT_BATCH"
+want levers && step "levers_b$TPUT_BATCH" "$STEP_TIMEOUT" "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
+  --batch "$TPUT_BATCH" --engine ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \
   --out "$RES/decode.md"
 exit $status

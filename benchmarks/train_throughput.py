@@ -150,13 +150,16 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
 ENGINE_STAGE = 2      # ds_configs/zero2.json, the recipes' default, "auto" keys filled as run.py does
 
 
-def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
+def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE_STAGE,
+                 ds_keys: dict | None = None) -> Runner:
     """Ours through the DeepSpeed engine, as ``vltrain/run.py`` trains: ZeRO-2 on one rank,
     sdpa, ``model.compile`` on GPU, ``train.precision`` bf16 on GPU (weights in bf16, fp32
-    master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch's fused AdamW)."""
+    master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch's fused AdamW).
+    ``stage`` picks ds_configs/zero<stage>.json; ``ds_keys`` ({section: {key: value}}) are set
+    in the resolved config (the diagnosis rows of benchmarks/mfu_levers.py)."""
     import deepspeed
     from vltrain.config import Config
-    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.model.compile import maybe_compile
     from vltrain.monitor import FlopCounter
@@ -166,7 +169,10 @@ def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
     cfg = Config(model=dataclasses.replace(size.model, attention_backend="sdpa", compile=gpu))
     cfg.train.micro_batch_size = size.batch
     cfg.train.precision = "bf16" if gpu else "fp32"
-    ds = resolve_ds_config(os.path.join(REPO, "ds_configs", f"zero{ENGINE_STAGE}.json"), cfg, 1, device.type)
+    ds = resolve_ds_config(os.path.join(REPO, "ds_configs", f"zero{stage}.json"), cfg, 1, device.type)
+    for section, keys in (ds_keys or {}).items():
+        ds.setdefault(section, {}).update(keys)
+    check_buildable(ds)                     # as vltrain/engine/build.py, before deepspeed.initialize
     torch.manual_seed(0)
     model = maybe_compile(VLModel(cfg.model))
     task = PretrainTask(model, cfg.objectives)
@@ -180,9 +186,9 @@ def build_engine(size: Size, batch, device, flops_pred: int) -> Runner:
         engine.step()
 
     flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
-    label = f"DeepSpeed engine, ZeRO-{ENGINE_STAGE}, sdpa{' +compile' if gpu else ''}"
+    label = f"DeepSpeed engine, ZeRO-{stage}, sdpa{' +compile' if gpu else ''}"
     optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
-    note = f"what vltrain/run.py runs: {optim}; memory includes zero2.json's reduce buckets"
+    note = f"what vltrain/run.py runs: {optim}; memory includes zero{stage}.json's reduce buckets"
     return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine)
 
 
@@ -466,7 +472,7 @@ def measure_zero_stages(info, size: Size, precision: str) -> dict:
     """Per-rank bytes of parameters, fp32 master partitions and optimizer state, ZeRO 0..3."""
     import deepspeed
     from vltrain.config import Config
-    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.tasks.pretrain import PretrainTask
 
@@ -505,7 +511,7 @@ def compile_under_zero(info, size: Size, steps: int = 3) -> dict:
     ``deepspeed.initialize``, as vltrain/engine/build.py does) give the same losses as eager."""
     import deepspeed
     from vltrain.config import Config
-    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.model.compile import maybe_compile
     from vltrain.tasks.pretrain import PretrainTask

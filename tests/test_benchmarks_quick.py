@@ -111,8 +111,8 @@ def test_pretrain_helps_quick_runs_every_fine_tuning_on_both_inits(tmp_path):
     assert os.path.isfile(os.path.join(pre_ckpt, "latest"))
 
 
-def run_script(args, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+def run_script(args, timeout=600, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env_extra or {}))
     p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p.stdout
@@ -146,3 +146,24 @@ def test_attention_kernels_quick_times_every_variant():
     labels = [r[0] for r in rows]
     assert len(labels) == 6 and any("our mask" in x for x in labels) and any("preparation" in x for x in labels)
     assert all(finite(r[1]) and float(r[1]) > 0 and r[3] == "-" for r in rows), rows
+
+
+def test_mfu_levers_quick_has_every_row(tmp_path):
+    """Every lever, what-if and engine-variant row, with finite numbers; the engine rows are
+    real DeepSpeed engines (one rank, CPU accelerator) built from ds_configs/zero<N>.json."""
+    md = tmp_path / "levers.md"
+    out = run_script(["benchmarks/mfu_levers.py", "--quick", "--device", "cpu", "--batch", "2", "--engine",
+                      "--diagnose", "--rounds", "1", "--steps-per-round", "1", "--out", str(md)],
+                     env_extra={"DS_ACCELERATOR": "cpu"})
+    _, rows = table_rows(out, "configuration")
+    labels = [r[0] for r in rows]
+    assert labels == ["autocast (fp32 weights)", "bf16 weights", "diagnose: bf16 weights, no compile",
+                      "diagnose: autocast, no dropout", "diagnose: bf16 weights, no dropout",
+                      "DeepSpeed engine (ZeRO-2, fp32)",
+                      "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",
+                      "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=false)", "DeepSpeed engine (ZeRO-1, fp32)",
+                      "DeepSpeed engine (ZeRO-0, fp32)", "peer: VisualBertForPreTraining (fp32, eager)",
+                      "bf16 weights, micro-batch 4"]
+    assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows     # samples/s
+    assert rows[0][6] == "1" and rows[-2][7] == "1"                    # × autocast row, × peer
+    assert md.read_text().strip() == out.strip()

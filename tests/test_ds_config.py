@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from vltrain.config import Config, ConfigError, debug_model_config
-from vltrain.engine.ds_config import (DSConfigError, cpu_adam_status, no_decay_param_groups, precision_of,
-                                      resolve_ds_config)
+from vltrain.engine.ds_config import (DSConfigError, cpu_adam_status, no_decay_param_groups,
+                                      plain_cuda_arch_list, precision_of, resolve_ds_config)
 from vltrain.engine.schedule import linear_warmup_decay, lr_at, warmup_steps_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +63,29 @@ def test_gpu_resolution_uses_deepspeed_adam_and_allows_fp16(path):
     assert ds["fp16"]["loss_scale"] == 0                      # dynamic loss scaling
     assert ds["bf16"]["enabled"] is False
     assert ds["train_batch_size"] == 4 * 2 * 8
+
+
+def test_bf16_skips_deepspeeds_gradient_overflow_scan_unless_asked():
+    path = os.path.join(ROOT, "ds_configs", "zero2.json")
+    ds = resolve_ds_config(path, debug_cfg(precision="bf16"), 1, "cuda")
+    assert ds["bf16"]["check_grad_overflow"] is False
+    with open(path) as f:
+        raw = json.load(f)
+    raw["bf16"]["check_grad_overflow"] = True                 # an explicit choice is kept
+    assert resolve_ds_config(raw, debug_cfg(precision="bf16"), 1, "cuda")["bf16"]["check_grad_overflow"] is True
+    assert "check_grad_overflow" not in resolve_ds_config(path, debug_cfg(precision="fp32"), 1, "cuda")["bf16"]
+
+
+@pytest.mark.parametrize("before, after", [
+    ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0a+PTX 10.0f", "9.0+PTX;10.0"), ("8.6;9.0", None), ("", None)])
+def test_arch_specific_cuda_arch_lists_are_made_readable_for_deepspeed(before, after):
+    env = {"TORCH_CUDA_ARCH_LIST": before}
+    old = plain_cuda_arch_list(env)
+    assert old == (before if after else None)
+    assert env["TORCH_CUDA_ARCH_LIST"] == (after or before)
+    if after:      # what DeepSpeed's JIT builder does with each entry (it failed on "9.0a": '0a')
+        for cc in after.split(";"):
+            tuple(int(part.split("+")[0]) for part in cc.split("."))
 
 
 def test_fp16_on_cpu_is_refused_with_a_message():
@@ -225,7 +248,8 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
                                 optimizer=type(eng.basic_optimizer).__name__,
                                 wds=[pg["weight_decay"] for pg in eng.basic_optimizer.param_groups],
                                 losses=losses, lrs=lrs, want_lrs=[lr_at(cfg, s + 1) for s in range(4)],
-                                clip=eng.gradient_clipping(), stage=eng.zero_optimization_stage()))
+                                clip=eng.gradient_clipping(), stage=eng.zero_optimization_stage(),
+                                check_overflow=eng._config.bfloat16_config.check_grad_overflow))
             eng.destroy()
     print("RESULTS " + json.dumps(results), flush=True)
 """)
@@ -254,6 +278,8 @@ def test_every_ds_config_builds_and_trains_a_real_engine_on_cpu(engine_results):
         assert r["optimizer"] == "AdamW"                       # torch_adam on CPU
         assert r["wds"] == [0.01, 0.0]                         # our param groups survive DeepSpeed
         assert r["clip"] == 1.0
+        if r["precision"] == "bf16":
+            assert r["check_overflow"] is False, r             # DeepSpeed reads our default
         assert all(math.isfinite(v) for v in r["losses"]), r
         assert r["losses"][-1] < r["losses"][0], r             # it trains
         assert r["lrs"] == pytest.approx(r["want_lrs"]), r     # DeepSpeed steps our schedule

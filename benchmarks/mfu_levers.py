@@ -1,0 +1,206 @@
+"""What each MFU lever gains at a fixed micro-batch: one run, configurations interleaved.
+
+    python benchmarks/mfu_levers.py --batch 256 [--autotune] [--engine] [--quick] [--out F.md]
+
+Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throughput.py):
+  autocast        fp32 weights, bf16 autocast, torch's fused AdamW (the throughput table's row)
+  bf16 weights    weights, gradients and AdamW state in bf16, no autocast (an upper bound of
+                  DeepSpeed's bf16 mode, which adds an fp32 master copy and its update)
+  bf16 weights, 2x batch          the same at twice the micro-batch
+  bf16 weights, max-autotune      ``mode="max-autotune-no-cudagraphs"``: Inductor may fuse bias
+                                  and GELU into Triton GEMM templates (--autotune; compiles long)
+  DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine)
+  peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
+With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
+bf16.check_grad_overflow flipped, with overlap_comm off; ZeRO-1; ZeRO-0).
+Then a torch-profiler breakdown of the autocast, bf16-weights and engine steps by kernel class
+(GEMM, attention, Triton (compiled elementwise), optimizer, other) and the time the GPU waited
+for the host.
+MFU: ``vltrain.monitor``'s formula over the spec dense bf16 peak, as in the throughput table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (Runner, full_size, machine_description, make_batch, make_optimizer,  # noqa: E402
+                               markdown_table, median, quick_size, sync, time_interleaved)
+from benchmarks.train_throughput import OURS, build_engine, build_peer, init_single_process_group  # noqa: E402
+
+DEFAULT_CHECK = False    # vltrain's bf16.check_grad_overflow (vltrain.engine.ds_config)
+
+KERNEL_CLASSES = [      # first match wins (cuDNN's attention kernels have "sm90" in their names too)
+    ("attention", re.compile(r"cudnn|fmha|flash|attention|mem_eff|sdpa", re.I)),
+    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|s16816|s1688", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
+    ("Triton (compiled)", re.compile(r"^triton_", re.I)),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build(size, batch, device, n_pred: int, label: str, bf16_weights: bool, compile_kwargs,
+          **model_over) -> Runner:
+    from vltrain.config import ObjectivesConfig
+    from vltrain.model import VLModel
+    from vltrain.model.compile import compile_blocks
+    from vltrain.monitor import FlopCounter
+    from vltrain.tasks.pretrain import PretrainTask
+
+    cfg = dataclasses.replace(size.model, attention_backend="sdpa", **model_over)
+    torch.manual_seed(0)
+    model = VLModel(cfg)
+    if compile_kwargs is not False:
+        compile_blocks(model, **compile_kwargs)
+    task = PretrainTask(model, ObjectivesConfig()).to(device).train()
+    if bf16_weights:
+        task.to(torch.bfloat16)
+    opt = make_optimizer(task.parameters(), device)
+    b = batch.to(device, float_dtype=torch.bfloat16 if bf16_weights else None)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_weights)
+
+    def step():
+        with amp:
+            loss, _ = task(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = FlopCounter(model, cfg).batch(size.batch, size.seq_len, n_pred)
+    return Runner(label, OURS, "sdpa", True, step, task, opt, flops)
+
+
+def kernel_breakdown(runner: Runner, device, steps: int = 3, top_n: int = 12) -> tuple[str, dict]:
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.step()
+        sync(device)
+        wall = (time.perf_counter() - t0) / steps
+    sums: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        cls = next((c for c, rx in KERNEL_CLASSES if rx.search(e.key)), "other (eager kernels)")
+        us = e.self_device_time_total / steps
+        sums[cls] = sums.get(cls, 0.0) + us
+        if cls not in ("GEMM", "attention"):
+            top[e.key] = us
+    busy = sum(sums.values()) / 1e3
+    rows = [[c, v / 1e3, 100 * v / 1e3 / (wall * 1e3)] for c, v in sorted(sums.items(), key=lambda kv: -kv[1])]
+    rows.append(["GPU idle (waiting for the host)", max(0.0, wall * 1e3 - busy), 100 * max(0.0, 1 - busy / wall / 1e3)])
+    md = markdown_table(["kernel class", "ms / step", "% of step"], rows)
+    others = sorted(top.items(), key=lambda kv: -kv[1])[:top_n]
+    md += "\n\nLargest kernels besides GEMM and attention (ms / step):\n" + "\n".join(
+        f"- `{k[:110]}` {v / 1e3:.2f}" for k, v in others)
+    return md, dict(wall_ms=wall * 1e3, classes_ms={k: v / 1e3 for k, v in sums.items()})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--autotune", action="store_true", help="add the max-autotune row (long compile)")
+    p.add_argument("--engine", action="store_true", help="add the DeepSpeed engine row (bf16, ZeRO-2)")
+    p.add_argument("--diagnose", action="store_true", help="add what-if rows: no compile, no dropout")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps-per-round", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="debug size (CI / CPU plumbing check)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the Markdown report here too")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    base = quick_size() if args.quick else full_size()
+    sizes = {k: dataclasses.replace(base, batch=b) for k, b in (("1x", args.batch), ("2x", 2 * args.batch))}
+    batches = {k: make_batch(s, seed=0) for k, s in sizes.items()}
+    preds = {k: int(b.mlm_positions.numel()) for k, b in batches.items()}
+
+    def mk(label, key="1x", bf16=True, ck=None, **over):
+        log(f"building: {label}")
+        r = build(sizes[key], batches[key], device, preds[key], label, bf16, {} if ck is None else ck, **over)
+        r.label = label
+        r.batch = sizes[key].batch
+        return r
+
+    # Every row of ours compiles with dynamic=False and the 2x-batch row comes last: the blocks
+    # of all rows share one Dynamo cache, and an automatic-dynamic recompile for the second
+    # batch size would otherwise serve (slower) dynamic-shape kernels to rows built before it.
+    torch._dynamo.config.recompile_limit = 64
+    static = dict(dynamic=False)
+    runners = [mk("autocast (fp32 weights)", bf16=False, ck=static), mk("bf16 weights", ck=static)]
+    if args.autotune:
+        runners.append(mk("bf16 weights, max-autotune", ck=dict(mode="max-autotune-no-cudagraphs", dynamic=False)))
+    if args.diagnose:       # what-if rows: not configurations to train with
+        runners += [mk("diagnose: bf16 weights, no compile", ck=False),
+                    mk("diagnose: autocast, no dropout", bf16=False, ck=static, hidden_dropout=0.0,
+                       attention_dropout=0.0),
+                    mk("diagnose: bf16 weights, no dropout", ck=static, hidden_dropout=0.0, attention_dropout=0.0)]
+    if args.engine:
+        try:
+            init_single_process_group(device)
+            variants = [(2, {}, "")]
+            if args.diagnose:      # which part of the engine costs what
+                variants += [(2, {"bf16": {"check_grad_overflow": not DEFAULT_CHECK}},
+                              f", bf16.check_grad_overflow={str(not DEFAULT_CHECK).lower()}"),
+                             (2, {"zero_optimization": {"overlap_comm": False}}, ", overlap_comm=false"),
+                             (1, {}, ""), (0, {}, "")]
+            precision = "bf16" if device.type == "cuda" else "fp32"
+            for stage, keys, tag in variants:
+                log(f"building: DeepSpeed engine ZeRO-{stage}{tag}")
+                r = build_engine(sizes["1x"], batches["1x"], device, preds["1x"], stage=stage, ds_keys=keys)
+                r.label, r.batch = f"DeepSpeed engine (ZeRO-{stage}, {precision}{tag})", args.batch
+                runners.append(r)
+        except Exception as e:  # noqa: BLE001 — e.g. FusedAdam cannot be built: report, go on
+            import traceback
+            log(f"engine row left out: {type(e).__name__}: {str(e)[:300]}\n{traceback.format_exc()[-3000:]}")
+    log("building: peer (VisualBertForPreTraining, bf16 autocast)")
+    peer = build_peer(sizes["1x"], batches["1x"], device, preds["1x"])
+    amp_name = "bf16 autocast" if device.type == "cuda" else "fp32"
+    peer.label, peer.batch = f"peer: VisualBertForPreTraining ({amp_name}, eager)", args.batch
+    runners.append(peer)
+    runners.append(mk(f"bf16 weights, micro-batch {2 * args.batch}", key="2x", ck=static))
+    time_interleaved(runners, device, warmup=3, rounds=args.rounds, log=log,
+                     steps_per_round=args.steps_per_round)
+
+    from vltrain.monitor import device_peak_tflops
+    peak = device_peak_tflops("bf16") if device.type == "cuda" else None
+    ref_sps = runners[0].batch / median(runners[0].times)
+    peer_sps = peer.batch / median(peer.times)
+    rows = []
+    for r in runners:
+        t = median(r.times)
+        tflops = r.flops_per_step / t / 1e12
+        rows.append([r.label, r.batch, r.batch / t, t * 1e3, tflops, 100 * tflops / peak if peak else float("nan"),
+                     (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
+    md = [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
+          f"text tokens, sdpa, compiled blocks; {args.rounds} rounds of {args.steps_per_round} steps, interleaved.",
+          "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
+                              "× autocast row", "× peer"], rows)]
+    engines = [r for r in runners if r.engine is not None][:1]
+    for r in runners[:2] + engines if device.type == "cuda" else []:
+        log(f"profiling: {r.label}")
+        table, _ = kernel_breakdown(r, device)
+        md += ["", f"Kernel time per step, `{r.label}` at micro-batch {args.batch} (torch profiler, 3 steps):",
+               "", table]
+    text = "\n".join(md)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
