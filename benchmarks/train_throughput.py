@@ -634,7 +634,7 @@ def last_block_section(size: Size, device: torch.device, args) -> tuple[str, dic
     def selected():
         x = x0.clone().requires_grad_()
         with autocast_ctx(device):
-            y = block.forward_at(x, b_idx, q_idx, st)
+            y = block.forward_at(x, b_idx, q_idx, backend.prepare(st, x.dtype), backend)
         y.float().sum().backward()
 
     runs = {"every position, then gather": full, "masked positions only (forward_at)": selected}
@@ -653,7 +653,7 @@ def last_block_section(size: Size, device: torch.device, args) -> tuple[str, dic
     rows = [[k, ms[k], ref / ms[k]] for k in runs]
     md = "\n".join([markdown_table(["last block", "fwd+bwd ms (median)", "speed-up"], rows), "",
                     f"- One block of the model above, {B} × {L} positions, {len(b_idx)} masked rows read by the "
-                    f"loss; keys/values at every position in both; interleaved repetitions."])
+                    f"loss; attention at every position in both; interleaved repetitions."])
     return md, ms
 
 

@@ -50,8 +50,8 @@ def test_flops_per_sample_formula():
     fc = FlopCounter(m, cfg)
     assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12) == 4 * want
     # The last block at 5 of the 40 rows only: 35 rows skip its attention output + FFN
-    # (6 * (H^2 + 2 H I) each, I = intermediate) and their attention probabilities (12 H T).
-    skipped = 35 * (6 * (H * H + 2 * H * cfg.intermediate_size) + 12 * H * T)
+    # (6 * (H^2 + 2 H I) each, I = intermediate); its attention runs at every row.
+    skipped = 35 * 6 * (H * H + 2 * H * cfg.intermediate_size)
     assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5) == 4 * want - skipped
     assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40) == 4 * want
 

@@ -124,13 +124,13 @@ class FlopCounter:
               last_rows: Optional[int] = None) -> float:
         """``last_rows``: rows the last block computes when a loss asks the model for a few
         positions only (``VLModel(text_positions=...)``); the others skip its attention
-        output, FFN and attention-probability work, and are not counted."""
+        output projection and FFN (not its attention), which are not counted."""
         total = batch_size * flops_per_sample(self.n, self.cfg, seq_len, 0.0) + \
             n_pred_total * 6.0 * self.cfg.hidden_size * self.cfg.vocab_size
         if last_rows is not None:
             H, inter = self.cfg.hidden_size, self.cfg.intermediate_size
             skipped = max(0, batch_size * seq_len - last_rows)
-            total -= skipped * (6.0 * (H * H + 2 * H * inter) + 12.0 * H * seq_len)
+            total -= skipped * 6.0 * (H * H + 2 * H * inter)
         return total
 
 

@@ -69,14 +69,6 @@ class AttentionStructure:
         t_k = self.target[:, None, :]
         return self.key_valid[:, None, :] & (~t_k | (t_q & causal[None]))
 
-    def rows_allowed(self, b_idx: torch.Tensor, q_idx: torch.Tensor) -> torch.Tensor:
-        """(M, L) bool: ``dense_allowed()[b_idx, q_idx]`` without building the (B, L, L) matrix."""
-        L = self.key_valid.shape[1]
-        causal = torch.arange(L, device=q_idx.device)[None, :] <= q_idx[:, None]
-        t_k = self.target[b_idx]
-        t_q = self.target[b_idx, q_idx][:, None]
-        return self.key_valid[b_idx] & (~t_k | (t_q & causal))
-
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, L, L) additive mask: 0 where allowed, the dtype's minimum elsewhere."""
         allowed = self.dense_allowed()

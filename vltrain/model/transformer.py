@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.config import ModelConfig
-from vltrain.model.attention import AttentionStructure, Backend, sdpa_attention
+from vltrain.model.attention import Backend
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                       # erf GELU, as BERT
@@ -50,23 +50,20 @@ class Block(nn.Module):
         f = self.ffn_out(self.act(self.ffn_in(x)))
         return self.ffn_norm(x + F.dropout(f, p, self.training))
 
-    def forward_at(self, x: torch.Tensor, b_idx: torch.Tensor, q_idx: torch.Tensor,
-                   structure: AttentionStructure) -> torch.Tensor:
-        """The block's output (M, H) at rows ``(b_idx[m], q_idx[m])`` only: keys/values from
-        every position, but the query, attention output, FFN and norms only for those rows.
-        The last block of a loss that reads a few positions (MLM, MRC) needs nothing else.
-        Not compiled (``model.compile`` compiles ``forward``); the QKV projection still runs
-        on every position, through the module call that ZeRO-3 gathers its weights for."""
+    def forward_at(self, x: torch.Tensor, b_idx: torch.Tensor, q_idx: torch.Tensor, mask,
+                   backend: Backend) -> torch.Tensor:
+        """The block's output (M, H) at rows ``(b_idx[m], q_idx[m])`` only. The last block of
+        a loss that reads a few positions (MLM, MRC) needs nothing else: attention runs at
+        every position as in ``forward`` (same backend and mask, one kernel call), and only
+        the rows' attention output, residual, norms and FFN — about three quarters of the block's
+        FLOPs at BERT's shapes — are computed. Attending for the M rows alone would need
+        each row's keys/values gathered per row (M x L x H copies), which cost more on a GPU
+        than the attention they save (H100 profile, BENCHMARKS.md). Not compiled
+        (``model.compile`` compiles ``forward``)."""
         B, L, H = x.shape
-        h = self.num_heads
-        q, k, v = self.qkv(x).view(B, L, 3, h, H // h).unbind(2)          # (B, L, h, d)
-        q = q[b_idx, q_idx][:, :, None]                                     # (M, h, 1, d)
-        k, v = k[b_idx].transpose(1, 2), v[b_idx].transpose(1, 2)          # (M, h, L, d)
-        allowed = structure.rows_allowed(b_idx, q_idx)
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None, None, :]
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, L, 3, self.num_heads, H // self.num_heads).unbind(2))
         p_attn = self.attention_dropout if self.training else 0.0
-        a = sdpa_attention(q, k, v, mask, p_attn).reshape(-1, H)
+        a = backend.attend(q, k, v, mask, p_attn).transpose(1, 2)[b_idx, q_idx].reshape(-1, H)
         p = self.hidden_dropout if self.training else 0.0
         xs = self.attn_norm(x[b_idx, q_idx] + F.dropout(self.attn_out(a), p, self.training))
         f = self.ffn_out(self.act(self.ffn_in(xs)))

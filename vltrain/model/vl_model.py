@@ -137,7 +137,7 @@ class VLModel(nn.Module):
         ``text_positions`` (flat indices into B x T, as ``Batch.mlm_positions``) and/or
         ``region_positions`` (into B x N, as ``Batch.mrc_positions``): return the final states
         at those positions only (``text_selected``, ``region_selected``). The last block then
-        computes its query, attention output and FFN only there (keys/values everywhere):
+        computes its attention output and FFN only there (attention itself everywhere):
         MLM/MRC losses read ~15% of the tokens, so this skips most of one block's work."""
         B, T = input_ids.shape
         dev = input_ids.device
@@ -193,8 +193,8 @@ class VLModel(nn.Module):
                 layer_inputs.append(x)
             b_idx, q_idx, n_text = self._joint_rows(T, N, text_positions, region_positions, dev)
             last = self.layers[-1]
-            y = (checkpoint(last.forward_at, x, b_idx, q_idx, structure, use_reentrant=False) if ckpt
-                 else last.forward_at(x, b_idx, q_idx, structure))
+            y = (checkpoint(last.forward_at, x, b_idx, q_idx, prepared, backend, use_reentrant=False) if ckpt
+                 else last.forward_at(x, b_idx, q_idx, prepared, backend))
             return VLModelOutput(text_hidden=None, region_hidden=None, text_selected=y[:n_text],
                                  region_selected=y[n_text:] if N else None)
 
