@@ -472,7 +472,7 @@ def measure_zero_stages(info, size: Size, precision: str) -> dict:
     """Per-rank bytes of parameters, fp32 master partitions and optimizer state, ZeRO 0..3."""
     import deepspeed
     from vltrain.config import Config
-    from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.tasks.pretrain import PretrainTask
 
@@ -511,7 +511,7 @@ def compile_under_zero(info, size: Size, steps: int = 3) -> dict:
     ``deepspeed.initialize``, as vltrain/engine/build.py does) give the same losses as eager."""
     import deepspeed
     from vltrain.config import Config
-    from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.model.compile import maybe_compile
     from vltrain.tasks.pretrain import PretrainTask

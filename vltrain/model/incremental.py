@@ -130,10 +130,7 @@ def _attend(layer, x, pk, pv, pbias, gk, gv, beam: int):
     out = torch.matmul(probs[..., :P].reshape(B, beam, h, s, P), pv[:, None]).reshape(M, h, s, d)
     out = out + torch.matmul(probs[..., P:], gv)
     a = out.transpose(1, 2).reshape(M, s, H)
-    p = layer.hidden_dropout if layer.training else 0.0
-    x = layer.attn_norm(x + F.dropout(layer.attn_out(a), p, layer.training))
-    f = layer.ffn_out(layer.act(layer.ffn_in(x)))
-    return layer.ffn_norm(x + F.dropout(f, p, layer.training)), gk, gv
+    return layer.after_attention(x, a), gk, gv
 
 
 def extend(model, prefix: PrefixCache, gen: GenCache, input_ids: torch.Tensor, commit: int,
