@@ -12,7 +12,7 @@ Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throu
   DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine)
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
-bf16.check_grad_overflow flipped, with overlap_comm off; ZeRO-1; ZeRO-0).
+DeepSpeed's default bf16.check_grad_overflow=true, with overlap_comm off; ZeRO-1; ZeRO-0).
 Then a torch-profiler breakdown of the autocast, bf16-weights and engine steps by kernel class
 (GEMM, attention, Triton (compiled elementwise), optimizer, other) and the time the GPU waited
 for the host.
@@ -34,8 +34,6 @@ import torch  # noqa: E402
 from benchmarks.common import (Runner, full_size, machine_description, make_batch, make_optimizer,  # noqa: E402
                                markdown_table, median, quick_size, sync, time_interleaved)
 from benchmarks.train_throughput import OURS, build_engine, build_peer, init_single_process_group  # noqa: E402
-
-DEFAULT_CHECK = False    # vltrain's bf16.check_grad_overflow (vltrain.engine.ds_config)
 
 KERNEL_CLASSES = [      # first match wins (cuDNN's attention kernels have "sm90" in their names too)
     ("attention", re.compile(r"cudnn|fmha|flash|attention|mem_eff|sdpa", re.I)),
@@ -80,7 +78,7 @@ def build(size, batch, device, n_pred: int, label: str, bf16_weights: bool, comp
     return Runner(label, OURS, "sdpa", True, step, task, opt, flops)
 
 
-def kernel_breakdown(runner: Runner, device, steps: int = 3, top_n: int = 12) -> tuple[str, dict]:
+def kernel_breakdown(runner: Runner, device, steps: int = 3, top_n: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -106,7 +104,7 @@ def kernel_breakdown(runner: Runner, device, steps: int = 3, top_n: int = 12) ->
     others = sorted(top.items(), key=lambda kv: -kv[1])[:top_n]
     md += "\n\nLargest kernels besides GEMM and attention (ms / step):\n" + "\n".join(
         f"- `{k[:110]}` {v / 1e3:.2f}" for k, v in others)
-    return md, dict(wall_ms=wall * 1e3, classes_ms={k: v / 1e3 for k, v in sums.items()})
+    return md
 
 
 def main(argv=None) -> int:
@@ -152,8 +150,8 @@ def main(argv=None) -> int:
             init_single_process_group(device)
             variants = [(2, {}, "")]
             if args.diagnose:      # which part of the engine costs what
-                variants += [(2, {"bf16": {"check_grad_overflow": not DEFAULT_CHECK}},
-                              f", bf16.check_grad_overflow={str(not DEFAULT_CHECK).lower()}"),
+                variants += [(2, {"bf16": {"check_grad_overflow": True}},     # DeepSpeed's default
+                              ", bf16.check_grad_overflow=true"),
                              (2, {"zero_optimization": {"overlap_comm": False}}, ", overlap_comm=false"),
                              (1, {}, ""), (0, {}, "")]
             precision = "bf16" if device.type == "cuda" else "fp32"
@@ -191,7 +189,7 @@ def main(argv=None) -> int:
     engines = [r for r in runners if r.engine is not None][:1]
     for r in runners[:2] + engines if device.type == "cuda" else []:
         log(f"profiling: {r.label}")
-        table, _ = kernel_breakdown(r, device)
+        table = kernel_breakdown(r, device)
         md += ["", f"Kernel time per step, `{r.label}` at micro-batch {args.batch} (torch profiler, 3 steps):",
                "", table]
     text = "\n".join(md)
