@@ -3,7 +3,8 @@
     python benchmarks/mfu_levers.py --batch 256 [--autotune] [--engine] [--quick] [--out F.md]
 
 Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throughput.py):
-  autocast        fp32 weights, bf16 autocast, torch's fused AdamW (the throughput table's row)
+  autocast        fp32 weights, bf16 autocast, torch's fused AdamW (the throughput table's row;
+                  on CPU, the --quick plumbing check, fp32 without autocast)
   bf16 weights    weights, gradients and AdamW state in bf16, no autocast (an upper bound of
                   DeepSpeed's bf16 mode, which adds an fp32 master copy and its update)
   bf16 weights, 2x batch          the same at twice the micro-batch
@@ -31,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (Runner, full_size, machine_description, make_batch, make_optimizer,  # noqa: E402
-                               markdown_table, median, quick_size, sync, time_interleaved)
-from benchmarks.train_throughput import OURS, build_engine, build_peer, init_single_process_group  # noqa: E402
+from benchmarks.common import (Runner, full_size, machine_description, make_batch, markdown_table,  # noqa: E402
+                               median, quick_size, sync, time_interleaved)
+from benchmarks.train_throughput import build_engine, build_ours, build_peer, init_single_process_group  # noqa: E402
 
 KERNEL_CLASSES = [      # first match wins (cuDNN's attention kernels have "sm90" in their names too)
     ("attention", re.compile(r"cudnn|fmha|flash|attention|mem_eff|sdpa", re.I)),
@@ -45,37 +46,6 @@ KERNEL_CLASSES = [      # first match wins (cuDNN's attention kernels have "sm90
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def build(size, batch, device, n_pred: int, label: str, bf16_weights: bool, compile_kwargs,
-          **model_over) -> Runner:
-    from vltrain.config import ObjectivesConfig
-    from vltrain.model import VLModel
-    from vltrain.model.compile import compile_blocks
-    from vltrain.monitor import FlopCounter
-    from vltrain.tasks.pretrain import PretrainTask
-
-    cfg = dataclasses.replace(size.model, attention_backend="sdpa", **model_over)
-    torch.manual_seed(0)
-    model = VLModel(cfg)
-    if compile_kwargs is not False:
-        compile_blocks(model, **compile_kwargs)
-    task = PretrainTask(model, ObjectivesConfig()).to(device).train()
-    if bf16_weights:
-        task.to(torch.bfloat16)
-    opt = make_optimizer(task.parameters(), device)
-    b = batch.to(device, float_dtype=torch.bfloat16 if bf16_weights else None)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_weights)
-
-    def step():
-        with amp:
-            loss, _ = task(b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    flops = FlopCounter(model, cfg).batch(size.batch, size.seq_len, n_pred)
-    return Runner(label, OURS, "sdpa", True, step, task, opt, flops)
 
 
 def kernel_breakdown(runner: Runner, device, steps: int = 3, top_n: int = 12) -> str:
@@ -127,7 +97,8 @@ def main(argv=None) -> int:
 
     def mk(label, key="1x", bf16=True, ck=None, **over):
         log(f"building: {label}")
-        r = build(sizes[key], batches[key], device, preds[key], label, bf16, {} if ck is None else ck, **over)
+        r = build_ours(sizes[key], "sdpa", ck is not False, batches[key], device, preds[key], bf16_weights=bf16,
+                       compile_kwargs=ck or None, **over)
         r.label = label
         r.batch = sizes[key].batch
         return r
@@ -137,12 +108,13 @@ def main(argv=None) -> int:
     # batch size would otherwise serve (slower) dynamic-shape kernels to rows built before it.
     torch._dynamo.config.recompile_limit = 64
     static = dict(dynamic=False)
-    runners = [mk("autocast (fp32 weights)", bf16=False, ck=static), mk("bf16 weights", ck=static)]
+    amp = "fp32 weights, " + ("bf16 autocast" if device.type == "cuda" else "no autocast (CPU)")
+    runners = [mk(amp, bf16=False, ck=static), mk("bf16 weights", ck=static)]
     if args.autotune:
         runners.append(mk("bf16 weights, max-autotune", ck=dict(mode="max-autotune-no-cudagraphs", dynamic=False)))
     if args.diagnose:       # what-if rows: not configurations to train with
         runners += [mk("diagnose: bf16 weights, no compile", ck=False),
-                    mk("diagnose: autocast, no dropout", bf16=False, ck=static, hidden_dropout=0.0,
+                    mk(f"diagnose: {amp}, no dropout", bf16=False, ck=static, hidden_dropout=0.0,
                        attention_dropout=0.0),
                     mk("diagnose: bf16 weights, no dropout", ck=static, hidden_dropout=0.0, attention_dropout=0.0)]
     if args.engine:
@@ -185,7 +157,7 @@ def main(argv=None) -> int:
     md = [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
           f"text tokens, sdpa, compiled blocks; {args.rounds} rounds of {args.steps_per_round} steps, interleaved.",
           "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
-                              "× autocast row", "× peer"], rows)]
+                              "× first row", "× peer"], rows)]
     engines = [r for r in runners if r.engine is not None][:1]
     for r in runners[:2] + engines if device.type == "cuda" else []:
         log(f"profiling: {r.label}")

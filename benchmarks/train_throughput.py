@@ -110,14 +110,18 @@ class FullLastBlock(torch.nn.Module):
 
 
 def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pred: int,
-               full_last: bool = False) -> Runner:
+               full_last: bool = False, bf16_weights: bool = False, compile_kwargs: dict | None = None,
+               **model_over) -> Runner:
+    """Our model + torch's AdamW, bf16 autocast on GPU (fp32 on CPU). ``bf16_weights``: weights,
+    gradients and optimizer state in bf16, no autocast; ``compile_kwargs`` go to
+    ``torch.compile``; ``model_over`` replaces model config keys (benchmarks/mfu_levers.py)."""
     from vltrain.config import ObjectivesConfig
     from vltrain.model import VLModel
     from vltrain.model.compile import compile_blocks
     from vltrain.monitor import FlopCounter
     from vltrain.tasks.pretrain import PretrainTask
 
-    over = dict(attention_backend=backend)
+    over = dict(model_over, attention_backend=backend)
     note = ""
     from vltrain.model.attention import varlen_kernel_name
     no_dropout = backend == "flex" or (backend == "varlen" and varlen_kernel_name(device.type) == "torch")
@@ -128,13 +132,16 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     torch.manual_seed(0)
     model = VLModel(cfg)
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, **(compile_kwargs or {}))
     task = PretrainTask(FullLastBlock(model) if full_last else model, ObjectivesConfig()).to(device).train()
+    if bf16_weights:
+        task.to(torch.bfloat16)
     opt = make_optimizer(task.parameters(), device)
-    b = to_device(batch, device)
+    b = batch.to(device, float_dtype=torch.bfloat16 if bf16_weights else None)
+    amp = nullcontext() if bf16_weights else autocast_ctx(device)
 
     def step():
-        with autocast_ctx(device):
+        with amp:
             loss, _ = task(b)
         loss.backward()
         opt.step()

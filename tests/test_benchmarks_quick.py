@@ -157,13 +157,13 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                      env_extra={"DS_ACCELERATOR": "cpu"})
     _, rows = table_rows(out, "configuration")
     labels = [r[0] for r in rows]
-    assert labels == ["autocast (fp32 weights)", "bf16 weights", "diagnose: bf16 weights, no compile",
-                      "diagnose: autocast, no dropout", "diagnose: bf16 weights, no dropout",
+    assert labels == ["fp32 weights, no autocast (CPU)", "bf16 weights", "diagnose: bf16 weights, no compile",
+                      "diagnose: fp32 weights, no autocast (CPU), no dropout", "diagnose: bf16 weights, no dropout",
                       "DeepSpeed engine (ZeRO-2, fp32)",
                       "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",
                       "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=false)", "DeepSpeed engine (ZeRO-1, fp32)",
                       "DeepSpeed engine (ZeRO-0, fp32)", "peer: VisualBertForPreTraining (fp32, eager)",
                       "bf16 weights, micro-batch 4"]
     assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows     # samples/s
-    assert rows[0][6] == "1" and rows[-2][7] == "1"                    # × autocast row, × peer
+    assert rows[0][6] == "1" and rows[-2][7] == "1"                    # × first row, × peer
     assert md.read_text().strip() == out.strip()
