@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from vltrain.config import Config, ConfigError, debug_model_config
-from vltrain.engine.ds_config import (DSConfigError, cpu_adam_status, no_decay_param_groups,
+from vltrain.engine.ds_config import (DSConfigError, cpu_adam_status, model_param_count, no_decay_param_groups,
                                       plain_cuda_arch_list, precision_of, resolve_ds_config)
 from vltrain.engine.schedule import linear_warmup_decay, lr_at, warmup_steps_of
 
@@ -50,8 +50,30 @@ def test_every_ds_config_resolves_on_cpu(path, precision):
     assert p["torch_adam"] is True and p["fused"] is True           # torch's fused AdamW kernel
     assert precision_of(ds) == precision
     assert "scheduler" not in ds
-    if ds["zero_optimization"]["stage"] == 3:
-        assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    zero = ds["zero_optimization"]
+    if zero["stage"] == 3:
+        assert zero["reduce_bucket_size"] == 64 * 64
+    elif zero["stage"] in (1, 2):           # sized to the model (see the next test)
+        assert zero["reduce_bucket_size"] == model_param_count(cfg.model)
+
+
+def test_zero12_reduce_bucket_is_the_models_size_capped_at_deepspeeds_default():
+    """DeepSpeed allocates the whole reduce bucket (twice with overlap_comm) every backward:
+    the shipped 5e8 meant 2 GB of bf16 buffers per GPU for a 116M-parameter model."""
+    from vltrain.config import ModelConfig
+    from vltrain.model import VLModel
+    path = os.path.join(ROOT, "ds_configs", "zero2.json")
+    assert model_param_count(debug_model_config()) == sum(p.numel() for p in VLModel(debug_model_config()).parameters())
+    base = Config()                                            # BERT-base sized VLP
+    n = model_param_count(base.model)
+    assert 100e6 < n < 130e6
+    assert resolve_ds_config(path, base, 8, "cuda")["zero_optimization"]["reduce_bucket_size"] == n
+    big = Config(model=ModelConfig(hidden_size=4096, num_layers=48, num_heads=32, intermediate_size=16384))
+    assert resolve_ds_config(path, big, 8, "cuda")["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    with open(path) as f:
+        raw = json.load(f)
+    raw["zero_optimization"]["reduce_bucket_size"] = 123456            # an explicit value is kept
+    assert resolve_ds_config(raw, base, 8, "cuda")["zero_optimization"]["reduce_bucket_size"] == 123456
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
@@ -249,7 +271,9 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
                                 wds=[pg["weight_decay"] for pg in eng.basic_optimizer.param_groups],
                                 losses=losses, lrs=lrs, want_lrs=[lr_at(cfg, s + 1) for s in range(4)],
                                 clip=eng.gradient_clipping(), stage=eng.zero_optimization_stage(),
-                                check_overflow=eng._config.bfloat16_config.check_grad_overflow))
+                                check_overflow=eng._config.bfloat16_config.check_grad_overflow,
+                                bucket=ds["zero_optimization"].get("reduce_bucket_size"),
+                                ds_bucket=getattr(eng.optimizer, "reduce_bucket_size", None)))
             eng.destroy()
     print("RESULTS " + json.dumps(results), flush=True)
 """)
@@ -280,6 +304,8 @@ def test_every_ds_config_builds_and_trains_a_real_engine_on_cpu(engine_results):
         assert r["clip"] == 1.0
         if r["precision"] == "bf16":
             assert r["check_overflow"] is False, r             # DeepSpeed reads our default
+        if r["stage"] in (1, 2):
+            assert r["ds_bucket"] == r["bucket"] < 500_000_000, r   # DeepSpeed buckets our "auto" size
         assert all(math.isfinite(v) for v in r["losses"]), r
         assert r["losses"][-1] < r["losses"][0], r             # it trains
         assert r["lrs"] == pytest.approx(r["want_lrs"]), r     # DeepSpeed steps our schedule

@@ -22,8 +22,10 @@ What is filled (ds_config key <- our key):
     optimizer.params.fused           <- true with torch_adam (torch's fused AdamW kernel)
     bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16)
     bf16.check_grad_overflow         <- false unless set (the trainer skips non-finite losses)
-    zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size,
-    stage3_param_persistence_threshold <- model.hidden_size (H*H, 0.9*H*H, 10*H, as HF does)
+    zero_optimization.reduce_bucket_size <- ZeRO-3: model.hidden_size**2 (as HF does);
+                                        ZeRO-0/1/2: the model's parameter count, capped at 5e8
+    zero_optimization.stage3_prefetch_bucket_size, stage3_param_persistence_threshold
+                                     <- model.hidden_size (0.9*H*H, 10*H, as HF does)
 
 There is no DeepSpeed ``scheduler`` section: the LR schedule is ours
 (:func:`vltrain.engine.schedule.linear_warmup_decay`, passed as ``lr_scheduler=``); a
@@ -69,6 +71,36 @@ def cfg_precision(cfg) -> str:
     if p not in PRECISIONS:
         raise DSConfigError(f"config key 'train.precision': {p!r} is not one of {', '.join(PRECISIONS)}")
     return p
+
+
+# DeepSpeed's default ZeRO-1/2 reduce bucket (elements), and the cap of our "auto" one.
+ZERO12_MAX_BUCKET = 500_000_000
+
+
+def model_param_count(model_cfg) -> int:
+    """Parameters of ``VLModel(model_cfg)``, counted on the meta device (no memory, no init)."""
+    import torch
+    from vltrain.model import VLModel
+    with torch.device("meta"):
+        return sum(p.numel() for p in VLModel(model_cfg).parameters())
+
+
+def _reduce_bucket(cfg, stage: int):
+    """``zero_optimization.reduce_bucket_size`` for "auto".
+
+    ZeRO-3: H*H, as Hugging Face fills it. ZeRO-0/1/2: the model's parameter count, capped
+    at DeepSpeed's default 5e8. Why: DeepSpeed allocates the contiguous-gradient bucket at
+    its full configured size every backward (two with overlap_comm), so 5e8 meant 2 GB of
+    bf16 buffers per GPU for our 110M-parameter base model, whose gradients need 0.22 GB.
+    Sized to the model, the reduce schedule is DeepSpeed's default one (the whole model in one
+    bucket, reduced once per backward; task heads outside VLModel spill into a second, small
+    one) and the buffers hold just the gradients."""
+    model = getattr(cfg, "model", None)
+    if model is None:
+        return None
+    if stage == 3:
+        return model.hidden_size * model.hidden_size
+    return min(ZERO12_MAX_BUCKET, model_param_count(model))
 
 
 def _same(a, b) -> bool:
@@ -248,12 +280,13 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     if stage not in (0, 1, 2, 3):
         raise r.err(f"'zero_optimization.stage' = {json.dumps(stage)} must be 0, 1, 2 or 3")
     h = _hidden(cfg)
-    for key, value in (("reduce_bucket_size", None if h is None else h * h),
-                       ("stage3_prefetch_bucket_size", None if h is None else int(0.9 * h * h)),
-                       ("stage3_param_persistence_threshold", None if h is None else 10 * h)):
+    for key, value_of in (("reduce_bucket_size", lambda: _reduce_bucket(cfg, stage)),
+                          ("stage3_prefetch_bucket_size", lambda: None if h is None else int(0.9 * h * h)),
+                          ("stage3_param_persistence_threshold", lambda: None if h is None else 10 * h)):
         if zero.get(key) == AUTO:
+            value = value_of()
             if value is None:
-                raise r.err(f"'zero_optimization.{key}' = \"auto\" needs model.hidden_size")
+                raise r.err(f"'zero_optimization.{key}' = \"auto\" needs the model config (model.*)")
             zero[key] = value
     if (zero.get("offload_param") or {}).get("device", "none") not in ("none", None) and stage != 3:
         raise r.err(f"'zero_optimization.offload_param' needs ZeRO stage 3, but 'zero_optimization.stage' = {stage}")
