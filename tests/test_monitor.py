@@ -56,6 +56,33 @@ def test_flops_per_sample_formula():
     assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40) == 4 * want
 
 
+@pytest.mark.parametrize("mlm, mrc", [(True, True), (True, False), (False, True)])
+def test_pretraining_work_counts_the_rows_the_model_is_asked_for(mlm, mrc):
+    """The MFU counter's rows (last block, MLM logits) are the positions the loss passes to
+    the model, whatever the objectives flags: one decision, read by both."""
+    import dataclasses
+    from benchmarks.common import Size, make_batch
+    from vltrain.config import ObjectivesConfig
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    from vltrain.tasks.base import batch_work
+    size = Size("t", debug_model_config(), batch=3, regions=5, text=9)
+    batch = make_batch(size)
+    batch = dataclasses.replace(batch, mrc_positions=torch.tensor([0, 7, 11]),
+                                mrc_targets=torch.softmax(torch.randn(3, 17), -1))
+    cfg = Config(model=size.model, objectives=ObjectivesConfig(mlm=mlm, mrc=mrc))
+    spec = get_task("pretrain")
+    model = VLModel(cfg.model)
+    seen = {}
+    model.register_forward_pre_hook(lambda m, args, kw: seen.update(kw), with_kwargs=True)
+    spec.build_module(cfg, model)(batch)
+    text, regions = seen["text_positions"], seen["region_positions"]
+    work = batch_work(spec, batch, cfg)
+    assert work.mlm_rows == text.numel() == (batch.mlm_positions.numel() if mlm else 0)
+    assert work.last_rows == text.numel() + (0 if regions is None else regions.numel())
+    assert work.last_rows == (batch.mlm_positions.numel() if mlm else 0) + (3 if mrc else 0)
+
+
 def test_bert_base_flops_match_the_design_figure():
     """DESIGN.md: BERT-base with 100 regions + ~40 text tokens is about 1e11 FLOPs/sample."""
     cfg = Config().model

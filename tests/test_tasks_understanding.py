@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.fixtures.tasks import largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab
-from vltrain.config import load_config
+from vltrain.config import Config, load_config
 from vltrain.data.collate import StreamInfo
 from vltrain.data.datasets import read_meta
 from vltrain.data.errors import BadSampleError
@@ -107,7 +107,7 @@ def test_mc_and_refs_collators(synthetic_corpus):
     # throughput/MFU counters: every choice is a sequence the model runs
     from vltrain.tasks import get_task
     from vltrain.tasks.base import batch_work
-    work = batch_work(get_task("mc"), b)
+    work = batch_work(get_task("mc"), b, Config())
     assert (work.sequences, work.seq_len) == (16, b.task["choice_ids"].shape[2] + b.region_feats.shape[1])
     assert int(work.tokens) == int(b.task["choice_mask"].sum()) + 4 * int(b.region_mask.sum())
     assert work.last_rows is None
@@ -124,7 +124,7 @@ def test_mc_and_refs_collators(synthetic_corpus):
         assert b.task["region_labels"][i, r["target_region"]] == 1      # the object's own region
         assert b.input_ids[i, :int(b.attention_mask[i].sum())].tolist() == \
             [tok.cls_id, *tok.encode(r["expression"]), tok.sep_id]
-    work = batch_work(get_task("refs"), b)     # the default: one sequence per sample
+    work = batch_work(get_task("refs"), b, Config())     # the default: one sequence per sample
     assert (work.sequences, work.seq_len) == (8, b.input_ids.shape[1] + b.region_feats.shape[1])
     assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum())
 

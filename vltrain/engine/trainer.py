@@ -163,10 +163,9 @@ class Trainer:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
             n_micro += 1
-            work = batch_work(self.spec, batch)
+            work = batch_work(self.spec, batch, self.cfg)
             tokens = tokens + work.tokens
-            n_pred = 0 if batch.mlm_positions is None else batch.mlm_positions.numel()
-            flops += self.flops.batch(work.sequences, work.seq_len, n_pred, work.last_rows)
+            flops += self.flops.batch(work.sequences, work.seq_len, work.mlm_rows, work.last_rows)
             if not boundary:
                 continue
             self.step += 1

@@ -24,8 +24,8 @@ class TaskSpec:
     # the validation metric that picks the `best` checkpoint, and whether higher is better
     best_metric: str = "loss"
     higher_is_better: bool = False
-    # (batch) -> Work: what the throughput and MFU counters see; None = one sequence per
-    # sample (text + region slots), every block at every position. See ``Work``.
+    # (cfg, batch) -> Work: what the throughput and MFU counters see; None = one sequence per
+    # sample (text + region slots), every block at every position, no MLM logits. See ``Work``.
     work: Optional[Callable] = None
 
 
@@ -36,26 +36,29 @@ class Work(NamedTuple):
     tokens: object                # real (non-padding) tokens in them
     last_rows: Optional[int] = None   # rows the last block computes (None: all; losses that
                                       # read only masked positions ask the model for those)
+    mlm_rows: int = 0                 # rows whose vocabulary logits the MLM head computes
 
 
 def regions_in(batch) -> int:
     return batch.region_feats.shape[1] if batch.region_feats is not None else 0
 
 
-def batch_work(spec: Optional[TaskSpec], batch) -> Work:
+def batch_work(spec: Optional[TaskSpec], batch, cfg=None) -> Work:
     if spec is not None and spec.work is not None:
-        return spec.work(batch)
+        return spec.work(cfg, batch)
     tokens = batch.attention_mask.sum()
     if batch.region_mask is not None:
         tokens = tokens + batch.region_mask.sum()
     return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens)
 
 
-def masked_positions_work(batch) -> Work:
-    """Pretraining and caption fine-tuning: the last block runs only at the masked text
-    (and masked region) positions the losses read."""
-    n = sum(p.numel() for p in (batch.mlm_positions, batch.mrc_positions) if p is not None)
-    return batch_work(None, batch)._replace(last_rows=n)
+def selected_rows_work(batch, text_positions, region_positions=None) -> Work:
+    """Losses that read a few positions (pretraining, caption fine-tuning): the last block
+    runs only at the positions they pass to the model, the MLM head at the text ones. Give it
+    the very positions the loss passes (``objectives.pretrain.loss_positions``)."""
+    text = 0 if text_positions is None else text_positions.numel()
+    regions = 0 if region_positions is None else region_positions.numel()
+    return batch_work(None, batch)._replace(last_rows=text + regions, mlm_rows=text)
 
 
 def check_task_name(name: str, registry: dict) -> TaskSpec:

@@ -32,7 +32,7 @@ from vltrain.data.batch import Batch
 from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
 from vltrain.objectives.reduce import reduce_loss
-from vltrain.tasks.base import TaskSpec, masked_positions_work
+from vltrain.tasks.base import TaskSpec, selected_rows_work
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,11 @@ def decode_options(task_cfg, beam_size: int) -> DecodeOptions:
     return opts
 
 
+def caption_positions(batch: Batch) -> torch.Tensor:
+    """The masked caption positions the cross-entropy reads (empty when none)."""
+    return batch.mlm_positions if batch.mlm_positions is not None else batch.input_ids.new_zeros(0)
+
+
 class CaptionTask(nn.Module):
     """forward(batch) -> (loss, metrics): seq2seq MLM cross-entropy, or the SCST loss when
     built with a ``SelfCritical``; forward(batch, predict=True) -> decoded captions."""
@@ -112,7 +117,7 @@ class CaptionTask(nn.Module):
         self.sync_steps = False          # decode a fixed number of steps on every rank (ZeRO-3)
 
     def xe_loss(self, batch: Batch, per_example: bool = False):
-        positions = batch.mlm_positions if batch.mlm_positions is not None else batch.input_ids.new_zeros(0)
+        positions = caption_positions(batch)
         out = self.model(batch.input_ids, batch.token_type_ids, batch.attention_mask,
                          region_feats=batch.region_feats, region_boxes=batch.region_boxes,
                          region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
@@ -265,5 +270,5 @@ def evaluate_caption(trainer, split: str) -> dict:
     return metrics
 
 
-SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator, work=masked_positions_work,
+SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator, work=lambda cfg, batch: selected_rows_work(batch, caption_positions(batch)),
                 evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True)

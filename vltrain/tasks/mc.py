@@ -67,7 +67,7 @@ def evaluate_mc(trainer, split: str) -> dict:
     return metrics
 
 
-def mc_work(batch: Batch) -> Work:
+def mc_work(cfg, batch: Batch) -> Work:
     """K sequences per sample (every choice, padded ones included: they are computed too)."""
     B, K, T = batch.task["choice_ids"].shape
     tokens = batch.task["choice_mask"].sum()
