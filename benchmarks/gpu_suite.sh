@@ -12,7 +12,8 @@
 # after every step, so a call cut off at its limit still returns what finished.
 #
 # Steps (STEPS, default all, in this order):
-#   tests    the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16)
+#   tests    the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16) and
+#            every task's training step under torch.cuda.set_sync_debug_mode("error")
 #   tput     benchmarks/train_throughput.py at micro-batch $TPUT_BATCH (256, the best measured on
 #            an H100): every backend, compile off/on, the full-last-block ablation,
 #            VisualBertForPreTraining; bf16 autocast
@@ -74,7 +75,8 @@ PYEOF
 pack
 
 TT=benchmarks/train_throughput.py
-want tests && step attention_tests "$STEP_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} tests/test_attention_backends.py
+want tests && step attention_tests "$STEP_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
+  tests/test_attention_backends.py tests/test_host_syncs.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
   --batch "$TPUT_BATCH" --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
 if want sweep; then

@@ -258,6 +258,13 @@ def test_example_reduction_is_accumulation_invariant():
     assert abs(float(full) - float(sum(halves) / 2)) < 1e-5
 
 
+def test_loss_reductions_by_hand():
+    from vltrain.objectives.reduce import reduce_loss
+    per_item, example = torch.tensor([1.0, 3.0, 5.0, 2.0]), torch.tensor([0, 0, 2, 2])   # example 1: no item
+    assert float(reduce_loss(per_item, example, 3, "example")) == pytest.approx((2.0 + 0.0 + 3.5) / 3)
+    assert float(reduce_loss(per_item, example, 3, "token")) == pytest.approx(11.0 / 4)
+
+
 def test_vlp_needs_class_probs_unless_switched_off():
     model = make_model()
     x = random_inputs(model.config)

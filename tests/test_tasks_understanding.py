@@ -25,10 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.tasks import largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab
-from vltrain.config import Config, load_config
-from vltrain.data.collate import StreamInfo
-from vltrain.data.datasets import read_meta
+from tests.fixtures.tasks import (collator, largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab,
+                                  task_cfg)
+from vltrain.config import Config
 from vltrain.data.errors import BadSampleError
 from vltrain.metrics.vqa import majority_answer_baseline
 
@@ -38,19 +37,6 @@ STEPS = {"vqa": 300, "refs": 300, "mc": 200}      # run in this order: mc starts
 MARGIN = {"vqa": 12.0, "mc": 15.0, "refs": 20.0}
 TASK_CORPUS_ARGS = ["--images-pretrain", "0", "--images-train", "256", "--images-val", "128", "--images-test", "0",
                     "--text-docs", "0", "--mc-per-image", "3", "--seed", "7"]
-
-
-def task_cfg(corpus, task, *extra):
-    return load_config(f"configs/{task}_debug.yaml", [f"data.train={corpus}/{task}/train",
-                                                      f"data.val={corpus}/{task}/val", *extra])
-
-
-def collator(cfg, split="val", train=False):
-    from vltrain.tasks import get_task
-    from vltrain.tokenization import Tokenizer
-    path = getattr(cfg.data, split)
-    return get_task(cfg.task.name).make_collator(cfg, Tokenizer(cfg.data.vocab), [StreamInfo(path, read_meta(path))],
-                                                 train)
 
 
 # ----------------------------------------------------------------------------- single process

@@ -16,5 +16,6 @@ def reduce_loss(per_item: torch.Tensor, example_index: torch.Tensor, batch_size:
         raise ValueError(f"objectives.loss_reduction={how!r}; choose 'token' or 'example'")
     sums = per_item.new_zeros(batch_size).index_add_(0, example_index, per_item)
     counts = per_item.new_zeros(batch_size).index_add_(0, example_index, torch.ones_like(per_item))
-    has = counts > 0
-    return (sums[has] / counts[has]).sum() / batch_size
+    # An example without items adds 0 / 1. (Selecting the examples that have items with a
+    # boolean mask would give a value-dependent shape: a host sync on the GPU every step.)
+    return (sums / counts.clamp(min=1)).sum() / batch_size
