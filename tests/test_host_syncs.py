@@ -6,11 +6,21 @@ The trainer keeps exactly one per micro-step on purpose (the all-reduced flag ve
 vltrain/engine/trainer.py); the model, the losses and the task heads must add none.
 
 On CPU a recorder stands in for CUDA's sync detector (tests/fixtures/host_sync.py); on a GPU
-the same step runs under ``torch.cuda.set_sync_debug_mode("error")``.
+the same step runs under ``torch.cuda.set_sync_debug_mode("error")``. Last, the whole
+``Trainer.train()`` loop: vltrain reads back once per micro-step (the flags), once per log
+interval and once per checkpoint.
 """
+import collections
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
+from tests.fixtures.corpus import REPO, free_port, rank_env
 from tests.fixtures.host_sync import HostSyncRecorder
 from tests.fixtures.tasks import CORPUS_DIR, collator, read_rows, task_cfg
 
@@ -47,12 +57,12 @@ def training_step(corpus: str, case: str, backend: str, device: str = "cpu"):
 
 def test_the_recorder_sees_what_syncs_on_a_gpu():
     x = torch.arange(6.0)
-    with HostSyncRecorder(package="tests") as rec:
+    with HostSyncRecorder(packages=("tests",)) as rec:
         y = x * 2 + 1                                  # none of these
         torch.where(x > 2, x, y).index_add_(0, torch.tensor([0, 1]), x[:2])
         x.reshape(2, 3)[:, 1:].sum(0)
     assert rec.calls == []
-    with HostSyncRecorder(package="tests") as rec:
+    with HostSyncRecorder(packages=("tests",)) as rec:
         x.sum().item()
         bool(x.sum() > 0)
         x[x > 2]
@@ -100,3 +110,49 @@ def test_a_training_step_has_no_host_sync_on_cuda(synthetic_corpus, case, backen
 def test_every_task_has_a_case():
     from vltrain.tasks import TASKS
     assert {task for task, _ in CASES.values()} == set(TASKS) <= set(CORPUS_DIR)
+
+
+TRAINER_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from tests.fixtures.host_sync import HostSyncRecorder
+    from vltrain.config import load_config
+    from vltrain.engine.build import build_training
+    corpus, out = sys.argv[1], sys.argv[2]
+    cfg = load_config("configs/debug.yaml", [f"data.train={corpus}/captions/pretrain", "data.val=",
+                                             "train.max_steps=3", "train.grad_accum=2", "train.warmup_steps=1", "train.log_every=3",
+                                             "train.save_every_steps=0", f"output_root={out}", "run_name=syncs",
+                                             f"data.cache_dir={out}/cache"])
+    trainer = build_training(cfg)
+    with HostSyncRecorder(packages=("vltrain", "deepspeed")) as rec:
+        code = trainer.train()
+    print("RESULTS " + json.dumps({"code": code, "calls": rec.calls}), flush=True)
+""")
+
+# Where vltrain itself may read back from the device during Trainer.train(), and how often.
+PER_MICRO_STEP = {"vltrain/engine/trainer.py:_flags",          # THE one sync: the agreed flag vector
+                  "vltrain/model/vl_model.py:mode_tensor"}     # CPU only (see CPU_ONLY)
+PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_flush", "vltrain/engine/trainer.py:_global_sum",
+                           "vltrain/engine/checkpoint.py:save", "vltrain/data/loader.py:__iter__"}
+
+
+def test_the_trainer_syncs_once_per_micro_step(synthetic_corpus, tmp_path):
+    """Trainer.train() as run.py runs it (DeepSpeed ZeRO-2, 3 steps x 2 micro-steps): vltrain's
+    only per-micro-step read-back is the flag vector; logging reads once per interval, saving
+    once per checkpoint. (DeepSpeed's own step reads its gradient norm back to check the clip;
+    listed in the message, not asserted: not ours to change.)"""
+    env = rank_env(0, 1, free_port())
+    proc = subprocess.run([sys.executable, "-c", TRAINER_SCRIPT, synthetic_corpus, str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(lines[-1][len("RESULTS "):])
+    assert res["code"] == 0
+    sites = collections.Counter(where.rsplit(":", 1)[0] for _, where in res["calls"])
+    ours = {k: n for k, n in sites.items() if k.startswith("vltrain/")}
+    deepspeeds = {k: n for k, n in sites.items() if not k.startswith("vltrain/")}
+    assert set(ours) <= PER_MICRO_STEP | PER_LOG_INTERVAL_OR_RUN, (ours, deepspeeds)
+    assert ours["vltrain/engine/trainer.py:_flags"] == 6, (ours, deepspeeds)
+    assert ours.get("vltrain/model/vl_model.py:mode_tensor", 0) == 6, (ours, deepspeeds)
+    assert ours.get("vltrain/monitor.py:_flush", 0) <= 2, (ours, deepspeeds)      # one log step: .cpu().tolist()
