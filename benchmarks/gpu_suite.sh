@@ -13,7 +13,8 @@
 #
 # Steps (STEPS, default all, in this order):
 #   tests    the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16) and
-#            every task's training step under torch.cuda.set_sync_debug_mode("error")
+#            every task's training step under torch.cuda.set_sync_debug_mode("error"), the
+#            side-stream batch copy
 #   tput     benchmarks/train_throughput.py at micro-batch $TPUT_BATCH (256, the best measured on
 #            an H100): every backend, compile off/on, the full-last-block ablation,
 #            VisualBertForPreTraining; bf16 autocast
@@ -25,6 +26,7 @@
 #            varlen's and flex's preparation and call, at micro-batch $TPUT_BATCH
 #   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
 #            vs the DeepSpeed engine (bf16, ZeRO-2), and the bf16 step's kernel-class breakdown;
+#            and the batch's host-to-device copy on the compute stream vs a side stream;
 #            LEVERS_ARGS=--autotune adds the max-autotune row (long compile)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
@@ -76,7 +78,7 @@ pack
 
 TT=benchmarks/train_throughput.py
 want tests && step attention_tests "$STEP_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
-  tests/test_attention_backends.py tests/test_host_syncs.py
+  tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
   --batch "$TPUT_BATCH" --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
 if want sweep; then
@@ -90,7 +92,7 @@ want profile && step profile "$STEP_TIMEOUT" "$PY" benchmarks/gpu_profile.py $QU
 want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_kernels.py $QUICK \
   --device "$DEVICE" --batch "$TPUT_BATCH"
 want levers && step "levers_b$TPUT_BATCH" "$STEP_TIMEOUT" "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
-  --batch "$TPUT_BATCH" --engine ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
+  --batch "$TPUT_BATCH" --engine --h2d ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \
   --out "$RES/decode.md"
 exit $status

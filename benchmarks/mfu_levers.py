@@ -10,6 +10,9 @@ Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throu
   bf16 weights, 2x batch          the same at twice the micro-batch
   bf16 weights, max-autotune      ``mode="max-autotune-no-cudagraphs"``: Inductor may fuse bias
                                   and GELU into Triton GEMM templates (--autotune; compiles long)
+  batch from host memory          bf16 weights, the batch copied from pinned host memory every
+                                  step (fp16 region inputs, as the loader gives them): on the
+                                  compute stream vs the trainer's side-stream DeviceCopier (--h2d)
   DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine)
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
@@ -83,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--autotune", action="store_true", help="add the max-autotune row (long compile)")
     p.add_argument("--engine", action="store_true", help="add the DeepSpeed engine row (bf16, ZeRO-2)")
     p.add_argument("--diagnose", action="store_true", help="add what-if rows: no compile, no dropout")
+    p.add_argument("--h2d", action="store_true",
+                   help="add rows whose batch is copied from pinned host memory every step: on the "
+                        "compute stream vs on a side stream (the trainer's DeviceCopier)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps-per-round", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="debug size (CI / CPU plumbing check)")
@@ -117,6 +123,11 @@ def main(argv=None) -> int:
                     mk(f"diagnose: {amp}, no dropout", bf16=False, ck=static, hidden_dropout=0.0,
                        attention_dropout=0.0),
                     mk("diagnose: bf16 weights, no dropout", ck=static, hidden_dropout=0.0, attention_dropout=0.0)]
+    if args.h2d:            # the batch's host-to-device copy, as the trainer does it and as it did before
+        runners += [mk("bf16 weights, batch from host memory, copied on the compute stream",
+                       ck=static, host_copy="compute-stream"),
+                    mk("bf16 weights, batch from host memory, copied on a side stream (vltrain)",
+                       ck=static, host_copy="side-stream")]
     if args.engine:
         try:
             init_single_process_group(device)

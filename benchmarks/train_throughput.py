@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -111,10 +112,14 @@ class FullLastBlock(torch.nn.Module):
 
 def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pred: int,
                full_last: bool = False, bf16_weights: bool = False, compile_kwargs: dict | None = None,
-               **model_over) -> Runner:
+               host_copy: str | None = None, **model_over) -> Runner:
     """Our model + torch's AdamW, bf16 autocast on GPU (fp32 on CPU). ``bf16_weights``: weights,
     gradients and optimizer state in bf16, no autocast; ``compile_kwargs`` go to
-    ``torch.compile``; ``model_over`` replaces model config keys (benchmarks/mfu_levers.py)."""
+    ``torch.compile``; ``model_over`` replaces model config keys (benchmarks/mfu_levers.py).
+    ``host_copy``: the batch starts every step in (pinned, on CUDA) host memory with the
+    region inputs in fp16 as the loader delivers them, and is copied on the compute stream
+    (``"compute-stream"``) or by the trainer's ``DeviceCopier`` (``"side-stream"``); None: it
+    stays on the device (every other row)."""
     from vltrain.config import ObjectivesConfig
     from vltrain.model import VLModel
     from vltrain.model.compile import compile_blocks
@@ -137,12 +142,14 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     if bf16_weights:
         task.to(torch.bfloat16)
     opt = make_optimizer(task.parameters(), device)
-    b = batch.to(device, float_dtype=torch.bfloat16 if bf16_weights else None)
+    float_dtype = torch.bfloat16 if bf16_weights else None
+    b = batch.to(device, float_dtype=float_dtype)
     amp = nullcontext() if bf16_weights else autocast_ctx(device)
+    copy = host_copier(batch, device, float_dtype, host_copy)
 
     def step():
         with amp:
-            loss, _ = task(b)
+            loss, _ = task(copy() if copy else b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -152,6 +159,22 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     if full_last:
         note = "ablation: last block at every position"
     return Runner(label, OURS, label if full_last else backend, compiled, step, task, opt, flops, note=note)
+
+
+def host_copier(batch, device, float_dtype, how: str | None):
+    """A function giving the batch copied from host memory (see ``build_ours``), or None."""
+    if how is None:
+        return None
+    from vltrain.engine.device_copy import DeviceCopier
+    host = dataclasses.replace(batch, region_feats=batch.region_feats.half(),
+                               region_cls_probs=batch.region_cls_probs.half())
+    if device.type == "cuda":
+        host = host.pin_memory()
+    if how == "compute-stream":
+        return lambda: host.to(device, non_blocking=True, float_dtype=float_dtype)
+    if how == "side-stream":
+        return functools.partial(DeviceCopier(device, float_dtype), host)
+    raise ValueError(f"host_copy={how!r}; choose compute-stream or side-stream")
 
 
 ENGINE_STAGE = 2      # ds_configs/zero2.json, the recipes' default, "auto" keys filled as run.py does

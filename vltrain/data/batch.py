@@ -44,32 +44,37 @@ class Batch:
     # Task fields (filled by task collators).
     task: dict = field(default_factory=dict)
 
-    def to(self, device, non_blocking: bool = True, float_dtype: Optional[torch.dtype] = None) -> "Batch":
-        """Move every tensor; floating region inputs optionally cast (e.g. to bf16)."""
-        def move(x, cast=False):
-            if not isinstance(x, torch.Tensor):
-                return x
-            x = x.to(device, non_blocking=non_blocking)
-            return x.to(float_dtype) if cast and float_dtype is not None and x.is_floating_point() else x
+    def _map(self, fn) -> "Batch":
+        """A new Batch with ``fn(tensor, name)`` applied to every tensor (task fields named
+        ``task.<key>``)."""
         kw = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name == "task":
-                kw["task"] = {k: move(t) for k, t in v.items()}
+                kw["task"] = {k: fn(t, f"task.{k}") if isinstance(t, torch.Tensor) else t for k, t in v.items()}
             else:
-                kw[f.name] = move(v, cast=f.name in ("region_feats", "image_feat"))
+                kw[f.name] = fn(v, f.name) if isinstance(v, torch.Tensor) else v
         return Batch(**kw)
+
+    def tensors(self):
+        """Every tensor of the batch (task fields too)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            for t in (v.values() if f.name == "task" else (v,)):
+                if isinstance(t, torch.Tensor):
+                    yield t
+
+    def to(self, device, non_blocking: bool = True, float_dtype: Optional[torch.dtype] = None) -> "Batch":
+        """Move every tensor; floating region inputs optionally cast (e.g. to bf16)."""
+        def move(x, name):
+            x = x.to(device, non_blocking=non_blocking)
+            cast = name in ("region_feats", "image_feat") and float_dtype is not None and x.is_floating_point()
+            return x.to(float_dtype) if cast else x
+        return self._map(move)
 
     def pin_memory(self) -> "Batch":
         """Called by torch's DataLoader (pin_memory=True) so host->device copies are async."""
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name == "task":
-                kw["task"] = {k: t.pin_memory() if isinstance(t, torch.Tensor) else t for k, t in v.items()}
-            else:
-                kw[f.name] = v.pin_memory() if isinstance(v, torch.Tensor) else v
-        return Batch(**kw)
+        return self._map(lambda t, name: t.pin_memory())
 
     @property
     def batch_size(self) -> int:

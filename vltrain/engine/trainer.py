@@ -20,6 +20,7 @@ import torch.distributed as dist
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
 from vltrain.engine import checkpoint as ckpt
+from vltrain.engine.device_copy import DeviceCopier
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP
 from vltrain.tasks.base import batch_work
 
@@ -51,6 +52,7 @@ class Trainer:
         self.stop = STOP.install()
         self._last_save_time = time.time()
         self._eval_loaders: dict = {}      # split -> loader, built on first use (eval_loader)
+        self.to_device = DeviceCopier(device, float_dtype)   # host -> device on a side CUDA stream
 
     # ------------------------------------------------------------------ state
 
@@ -137,7 +139,7 @@ class Trainer:
         while self.step < cfg.max_steps:
             with self.monitor.data_wait():
                 batch: Batch = next(batches)
-            batch = batch.to(self.device, float_dtype=self.float_dtype)
+            batch = self.to_device(batch)
             boundary = self.engine.is_gradient_accumulation_boundary()
             loss, metrics = self.engine(batch)
             nonfinite, stop, save_now = self._flags(loss)
@@ -285,7 +287,7 @@ class Trainer:
             seen.update(ids)
             # Every batch still runs forward (weight 0 when all repeats): under ZeRO-3 the
             # forward gathers parameters collectively, so every rank must run the same batches.
-            batch = batch.to(self.device, float_dtype=self.float_dtype)
+            batch = self.to_device(batch)
             _, metrics = self.engine(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float() * keep

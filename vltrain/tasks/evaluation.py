@@ -35,7 +35,7 @@ def predict_split(trainer, split: str, collect: Callable) -> dict:
     local: dict = {}
     try:
         for batch in loader:
-            outputs = engine(batch.to(trainer.device, float_dtype=trainer.float_dtype), predict=True)
+            outputs = engine(trainer.to_device(batch), predict=True)
             outputs = {k: v.float().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
             local.update(collect(batch, outputs))
     finally:
