@@ -91,7 +91,7 @@ def _reduce_bucket(cfg, stage: int):
     ZeRO-3: H*H, as Hugging Face fills it. ZeRO-0/1/2: the model's parameter count, capped
     at DeepSpeed's default 5e8. Why: DeepSpeed allocates the contiguous-gradient bucket at
     its full configured size every backward (two with overlap_comm), so 5e8 meant 2 GB of
-    bf16 buffers per GPU for our 110M-parameter base model, whose gradients need 0.22 GB.
+    bf16 buffers per GPU for our 116M-parameter base model, whose gradients need 0.23 GB.
     Sized to the model, the reduce schedule is DeepSpeed's default one (the whole model in one
     bucket, reduced once per backward; task heads outside VLModel spill into a second, small
     one) and the buffers hold just the gradients."""

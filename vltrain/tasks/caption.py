@@ -270,5 +270,6 @@ def evaluate_caption(trainer, split: str) -> dict:
     return metrics
 
 
-SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator, work=lambda cfg, batch: selected_rows_work(batch, caption_positions(batch)),
+SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator,
+                work=lambda cfg, batch: selected_rows_work(batch, caption_positions(batch)),
                 evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True)
