@@ -83,6 +83,24 @@ def test_pretraining_work_counts_the_rows_the_model_is_asked_for(mlm, mrc):
     assert work.last_rows == (batch.mlm_positions.numel() if mlm else 0) + (3 if mrc else 0)
 
 
+def test_self_critical_work_is_not_counted(tmp_path):
+    """SCST decodes captions of data-dependent length: its work is None (the trainer then adds
+    no tokens and no FLOPs), and with no FLOPs the monitor reports no MFU, even with a peak."""
+    from benchmarks.common import Size, make_batch
+    from vltrain.tasks import get_task
+    from vltrain.tasks.base import batch_work
+    batch = make_batch(Size("t", debug_model_config(), batch=3, regions=5, text=9))
+    cfg = Config(model=debug_model_config())
+    cfg.task.name = "caption"
+    assert batch_work(get_task("caption"), batch, cfg).mlm_rows == batch.mlm_positions.numel()
+    cfg.task.scst = True
+    assert batch_work(get_task("caption"), batch, cfg) is None
+    mon = Monitor(str(tmp_path), rank=0, log_every=1, peak_tflops=989.0, log_fn=lambda s: None)
+    out = mon.step_end(1, {"loss": 1.0}, samples=4, tokens=0, flops=0.0)
+    mon.close()
+    assert out["perf/samples_per_s"] > 0 and "perf/mfu" not in out and "perf/tokens_per_s" not in out
+
+
 def test_bert_base_flops_match_the_design_figure():
     """DESIGN.md: BERT-base with 100 regions + ~40 text tokens is about 1e11 FLOPs/sample."""
     cfg = Config().model
@@ -216,6 +234,10 @@ def test_resume_hides_what_the_crashed_run_logged_after_the_checkpoint(tmp_path)
     for step in range(1, 5):
         first.step_end(step, {"loss": float(step)}, samples=8)
     first.close()                        # "crash" after step 4; the checkpoint was at step 2
+    # The resumed run starts later, as a new job would. TensorBoard orders event files by
+    # name (epoch second, host, pid, then a per-process counter compared as text): two
+    # writers of one process within one second can sort "…9" after "…10".
+    time.sleep(1.1)
     second = Monitor(str(tmp_path), rank=0, log_every=1, log_fn=lambda s: None)
     second.resume_at(step=2, samples_seen=16)
     for step in range(3, 6):

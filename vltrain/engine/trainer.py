@@ -166,8 +166,9 @@ class Trainer:
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
             n_micro += 1
             work = batch_work(self.spec, batch, self.cfg)
-            tokens = tokens + work.tokens
-            flops += self.flops.batch(work.sequences, work.seq_len, work.mlm_rows, work.last_rows)
+            if work is not None:           # None: not countable (self-critical training)
+                tokens = tokens + work.tokens
+                flops += self.flops.batch(work.sequences, work.seq_len, work.mlm_rows, work.last_rows)
             if not boundary:
                 continue
             self.step += 1

@@ -24,8 +24,10 @@ class TaskSpec:
     # the validation metric that picks the `best` checkpoint, and whether higher is better
     best_metric: str = "loss"
     higher_is_better: bool = False
-    # (cfg, batch) -> Work: what the throughput and MFU counters see; None = one sequence per
-    # sample (text + region slots), every block at every position, no MLM logits. See ``Work``.
+    # (cfg, batch) -> Work: what the throughput and MFU counters see, or None where that
+    # depends on what the step computes (self-critical training decodes captions of
+    # data-dependent length): then no tokens/s and no MFU are reported. Unset = one sequence
+    # per sample (text + region slots), every block at every position, no MLM logits.
     work: Optional[Callable] = None
 
 
@@ -43,7 +45,7 @@ def regions_in(batch) -> int:
     return batch.region_feats.shape[1] if batch.region_feats is not None else 0
 
 
-def batch_work(spec: Optional[TaskSpec], batch, cfg=None) -> Work:
+def batch_work(spec: Optional[TaskSpec], batch, cfg=None) -> Optional[Work]:
     if spec is not None and spec.work is not None:
         return spec.work(cfg, batch)
     tokens = batch.attention_mask.sum()
