@@ -30,7 +30,7 @@
 #            LEVERS_ARGS=--autotune adds the max-autotune row (long compile)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
-# Each step has a time limit ($STEP_TIMEOUT s, tput twice that); a failing step is recorded
+# Each step has a time limit ($STEP_TIMEOUT s, tests and tput twice that); a failing step is recorded
 # and the next one runs.
 # DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python runs the same plumbing at the debug size on a CPU.
 set -uo pipefail
@@ -77,7 +77,7 @@ PYEOF
 pack
 
 TT=benchmarks/train_throughput.py
-want tests && step attention_tests "$STEP_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
+want tests && step gpu_tests $((2 * STEP_TIMEOUT)) "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
   tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
   --batch "$TPUT_BATCH" --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
