@@ -12,7 +12,6 @@ interval and once per checkpoint.
 """
 import collections
 import json
-import os
 import subprocess
 import sys
 import textwrap
