@@ -16,7 +16,9 @@ Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throu
   DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine)
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
-DeepSpeed's default bf16.check_grad_overflow=true, with overlap_comm off; ZeRO-1; ZeRO-0).
+DeepSpeed's default bf16.check_grad_overflow=true, with overlap_comm off; ZeRO-1; ZeRO-1
+with overlap_comm and contiguous_gradients off, which registers no per-parameter gradient
+hooks; ZeRO-0).
 Then a torch-profiler breakdown of the autocast, bf16-weights and engine steps by kernel class
 (GEMM, attention, Triton (compiled elementwise), optimizer, other) and the time the GPU waited
 for the host.
@@ -136,7 +138,11 @@ def main(argv=None) -> int:
                 variants += [(2, {"bf16": {"check_grad_overflow": True}},     # DeepSpeed's default
                               ", bf16.check_grad_overflow=true"),
                              (2, {"zero_optimization": {"overlap_comm": False}}, ", overlap_comm=false"),
-                             (1, {}, ""), (0, {}, "")]
+                             (1, {}, ""),
+                             # no per-parameter gradient hooks: DeepSpeed reduces after backward
+                             (1, {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": False}},
+                              ", no gradient hooks"),
+                             (0, {}, "")]
             precision = "bf16" if device.type == "cuda" else "fp32"
             for stage, keys, tag in variants:
                 log(f"building: DeepSpeed engine ZeRO-{stage}{tag}")
