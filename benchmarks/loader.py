@@ -1,6 +1,6 @@
 """Data-path throughput: our streaming loader with collation vs the reference code's layouts.
 
-    python benchmarks/loader.py [--samples 1000] [--regions 100] [--dim 2048] [--out loader.md]
+    python benchmarks/loader.py [--samples 1000] [--regions 100] [--dim 2048] [--classes 1601] [--out loader.md]
 
 Every reader produces the same pretraining batches (the same ``PretrainCollator``:
 tokenise, mode, MLM, region masking, padding) from the same samples; what differs is
@@ -10,7 +10,9 @@ where the region features come from:
   hdf5   one HDF5 file, (N, regions, dim) float16, random access per sample (LXMERT/VLP style)
   npy    one ``.npy`` per image (VL-BERT / bottom-up style), random order
 
-each with 1 and 2 DataLoader workers, measured in the same run. The figure that matters on
+each with 1 and 2 DataLoader workers, measured in the same run. Every sample also carries its
+regions' class distributions (fp16, ``--classes`` 1601 as VLP's Visual Genome detector: another
+~320 KB at 100 regions, read from the same files as the features in every layout). The figure that matters on
 a GPU node: at 100 regions x 2048 fp16 (~400 KB/sample), 4,000 samples/s per H100 needs
 ~1.6 GB/s of features per GPU, so ``workers per GPU = needed / (rate per worker)``.
 """
@@ -30,13 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU_SAMPLES_PER_S = 4000            # the engine issue's per-H100 goal at 45% MFU
 
 
-def make_samples(n, regions, dim, seed=0):
-    """Caption samples with realistic region sizes (features float16)."""
+def make_samples(n, regions, dim, classes=1601, seed=0):
+    """Caption samples with realistic region sizes (features and class distributions float16)."""
     from tests.fixtures.mds import WORDS
     rng = np.random.default_rng(seed)
     for i in range(n):
         xy = rng.random((regions, 2)) * 0.5
-        p = rng.random((regions, 17)) + 1e-3
+        p = rng.random((regions, classes)) + 1e-3
         yield {"sample_id": i, "image_id": f"img{i}", "image_w": 640, "image_h": 480,
                "features": rng.standard_normal((regions, dim)).astype(np.float16),
                "boxes": np.concatenate([xy, xy + 0.3], 1).astype(np.float32),
@@ -44,28 +46,32 @@ def make_samples(n, regions, dim, seed=0):
                "captions": [" ".join(rng.choice(WORDS, 10)) for _ in range(5)]}
 
 
-def write_all(root, n, regions, dim):
+def write_all(root, n, regions, dim, classes):
     """The same samples as MDS shards (our writer), one HDF5 file, and one .npy per image."""
     import h5py
     from data_tools.common import open_writer
     from vltrain.data import schema
     mds = os.path.join(root, "mds")
-    meta = schema.make_meta("captions", dim, 17, ("cls_prob",))
+    meta = schema.make_meta("captions", dim, classes, ("cls_prob",))
     os.makedirs(os.path.join(root, "npy"))
     side = []
     with open_writer(mds, "captions", ("cls_prob",), meta) as w, \
             h5py.File(os.path.join(root, "feats.h5"), "w") as h5:
         feats = h5.create_dataset("features", (n, regions, dim), dtype="float16", chunks=(1, regions, dim))
-        for s in make_samples(n, regions, dim):
+        cls = h5.create_dataset("cls_prob", (n, regions, classes), dtype="float16", chunks=(1, regions, classes))
+        for s in make_samples(n, regions, dim, classes):
             w.write(s)
-            feats[s["sample_id"]] = s["features"]
-            np.save(os.path.join(root, "npy", f"{s['sample_id']}.npy"), s["features"])
-            side.append({k: v for k, v in s.items() if k != "features"})
+            i = s["sample_id"]
+            feats[i], cls[i] = s["features"], s["cls_prob"]
+            np.save(os.path.join(root, "npy", f"{i}.npy"), s["features"])
+            np.save(os.path.join(root, "npy", f"{i}_cls.npy"), s["cls_prob"])
+            side.append({k: v for k, v in s.items() if k not in ("features", "cls_prob")})
     return mds, meta, side
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """The reference layouts: features from HDF5 / .npy, everything else from a side table."""
+    """The reference layouts: features and class distributions from HDF5 / .npy files (as the
+    papers' code reads them), captions and boxes from a side table."""
 
     def __init__(self, side, kind, root):
         self.side, self.kind, self.root = side, kind, root
@@ -80,9 +86,10 @@ class FileDataset(torch.utils.data.Dataset):
             if self.h5 is None:               # opened per worker process
                 import h5py
                 self.h5 = h5py.File(os.path.join(self.root, "feats.h5"), "r")
-            s["features"] = self.h5["features"][i]
+            s["features"], s["cls_prob"] = self.h5["features"][i], self.h5["cls_prob"][i]
         else:
             s["features"] = np.load(os.path.join(self.root, "npy", f"{i}.npy"))
+            s["cls_prob"] = np.load(os.path.join(self.root, "npy", f"{i}_cls.npy"))
         return s
 
 
@@ -103,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--regions", type=int, default=100)
     ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--classes", type=int, default=1601,
+                    help="detector classes of the class distributions (Visual Genome's 1600 + background)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the Markdown table here too")
     args = ap.parse_args(argv)
@@ -118,12 +127,12 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory(prefix="vltrain_loaderbench_") as root:
         t0 = time.time()
-        mds, meta, side = write_all(root, args.samples, args.regions, args.dim)
+        mds, meta, side = write_all(root, args.samples, args.regions, args.dim, args.classes)
         print(f"wrote {args.samples} samples ({args.regions}x{args.dim} fp16) three ways in "
               f"{time.time() - t0:.0f}s", flush=True)
         for workers in (1, 2):
             cfg = load_config(None, [f"data.train={mds}", f"data.cache_dir={root}/cache{workers}",
-                                     f"model.region_feat_dim={args.dim}", "model.num_region_classes=17",
+                                     f"model.region_feat_dim={args.dim}", f"model.num_region_classes={args.classes}",
                                      f"data.max_regions={args.regions}", "objectives.mrc=true",
                                      f"data.num_workers={workers}"])
             collator = PretrainCollator(tok, cfg.data, cfg.objectives, 0, [StreamInfo(mds, meta)])
@@ -147,7 +156,7 @@ def main(argv=None):
         # Single-process component costs (one core, no worker IPC): read one sample, collate one.
         torch.set_num_threads(1)
         cfg = load_config(None, [f"data.train={mds}", f"data.cache_dir={root}/cache_c",
-                                 f"model.region_feat_dim={args.dim}", "model.num_region_classes=17",
+                                 f"model.region_feat_dim={args.dim}", f"model.num_region_classes={args.classes}",
                                  f"data.max_regions={args.regions}", "objectives.mrc=true"])
         ds, _ = build_dataset(cfg, args.batch, shuffle=False)
         readers = {"ours: MDS + StreamingDataset": lambda i: ds[i],
@@ -170,6 +179,7 @@ def main(argv=None):
         del ds
 
     per_sample_mb = args.regions * args.dim * 2 / 1e6
+    cls_mb = args.regions * args.classes * 2 / 1e6
     need = GPU_SAMPLES_PER_S * per_sample_mb
     lines = [f"| reader (same collation) | workers | samples/s | features MB/s | workers per GPU for {GPU_SAMPLES_PER_S} samples/s |",
              "|---|---|---|---|---|"]
@@ -182,7 +192,8 @@ def main(argv=None):
         per_core = 1e3 / (r + c)
         lines.append(f"| {name} | {r:.3f} | {c:.3f} | {per_core:,.0f} | {GPU_SAMPLES_PER_S / per_core:.1f} |")
     table = "\n".join(lines)
-    note = (f"\n{args.samples} samples, {args.regions} regions x {args.dim} fp16 = {per_sample_mb:.2f} MB/sample, "
+    note = (f"\n{args.samples} samples, {args.regions} regions x {args.dim} fp16 = {per_sample_mb:.2f} MB/sample of "
+            f"features plus {args.regions} x {args.classes} fp16 = {cls_mb:.2f} MB of class distributions, "
             f"batch {args.batch}; one H100 at {GPU_SAMPLES_PER_S} samples/s needs {need / 1e3:.2f} GB/s of features.\n")
     print(table + note)
     if args.out:
