@@ -4,12 +4,11 @@ import glob
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from tests.fixtures.corpus import run_one_rank
 from vltrain.config import Config, ConfigError, debug_model_config
 from vltrain.engine.ds_config import (DSConfigError, cpu_adam_status, model_param_count, no_decay_param_groups,
                                       plain_cuda_arch_list, precision_of, resolve_ds_config)
@@ -280,17 +279,8 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
 
 
 @pytest.fixture(scope="module")
-def engine_results(tmp_path_factory):
-    from vltrain.engine.distributed import free_port
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
-                                                             "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, *DS_CONFIGS], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+def engine_results():
+    return run_one_rank(ENGINE_SCRIPT, *DS_CONFIGS)
 
 
 def test_every_ds_config_builds_and_trains_a_real_engine_on_cpu(engine_results):

@@ -11,15 +11,12 @@ the same step runs under ``torch.cuda.set_sync_debug_mode("error")``. Last, the 
 interval and once per checkpoint.
 """
 import collections
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from tests.fixtures.corpus import REPO, free_port, rank_env
+from tests.fixtures.corpus import run_one_rank
 from tests.fixtures.host_sync import HostSyncRecorder
 from tests.fixtures.tasks import CORPUS_DIR, collator, read_rows, task_cfg
 
@@ -145,12 +142,7 @@ def test_the_trainer_syncs_once_per_micro_step(synthetic_corpus, tmp_path):
     only per-micro-step read-back is the flag vector; logging reads once per interval, saving
     once per checkpoint. (DeepSpeed's own step reads its gradient norm back to check the clip;
     listed in the message, not asserted: not ours to change.)"""
-    env = rank_env(0, 1, free_port())
-    proc = subprocess.run([sys.executable, "-c", TRAINER_SCRIPT, synthetic_corpus, str(tmp_path)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    res = json.loads(lines[-1][len("RESULTS "):])
+    res = run_one_rank(TRAINER_SCRIPT, synthetic_corpus, str(tmp_path))
     assert res["code"] == 0
     sites = collections.Counter(where.rsplit(":", 1)[0] for _, where in res["calls"])
     ours = {k: n for k, n in sites.items() if k.startswith("vltrain/")}
