@@ -10,7 +10,10 @@ where the region features come from:
   hdf5   one HDF5 file, (N, regions, dim) float16, random access per sample (LXMERT/VLP style)
   npy    one ``.npy`` per image (VL-BERT / bottom-up style), random order
 
-each with 1 and 2 DataLoader workers, measured in the same run. Every sample also carries its
+each with 1 and 2 DataLoader workers, measured in the same run. Then what the trainer's process
+pays per batch from a worker (each tensor in its own shared-memory segment, torch's default,
+vs VLDataLoader's one packed buffer), and how long a thread that frees a batch's shared
+memory holds up the training thread (plain deallocation vs vltrain's GIL-free release). Every sample also carries its
 regions' class distributions (fp16, ``--classes`` 1601 as VLP's Visual Genome detector: another
 ~320 KB at 100 regions, read from the same files as the features in every layout). The figure that matters on
 a GPU node: at 100 regions x 2048 fp16 (~400 KB/sample), 4,000 samples/s per H100 needs
@@ -105,6 +108,67 @@ def timed(loader, limit):
     return n / dt, nbytes / dt / 1e6
 
 
+def receive_cost(loader, step_s):
+    """What ``next(loader)`` costs the trainer's process while the workers are ahead (it sleeps
+    ``step_s`` per batch, as a GPU step would): median main-thread CPU ms and wall ms per batch.
+    The previous batch is freed inside the timed span, as in a training loop."""
+    it = iter(loader)
+    batch = next(it)
+    cpu, wall = [], []
+    while True:
+        time.sleep(step_s)
+        c, w = time.thread_time(), time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        cpu.append(time.thread_time() - c)
+        wall.append(time.perf_counter() - w)
+    del it, batch
+    return float(np.median(cpu)) * 1e3, float(np.median(wall)) * 1e3, len(cpu)
+
+
+def free_stall(nbytes: int, release: bool, reps: int = 3) -> tuple[float, float]:
+    """A thread drops a batch-sized shared-memory buffer (as the pinning thread does after
+    copying a batch) while another thread spins (the training thread launching kernels):
+    median ms the drop takes, and the longest the spinning thread was held up (the GIL). With
+    ``release`` the pages are first given back by vltrain's GIL-free ``release_shared_pages``."""
+    import threading
+    from vltrain.data.packed import release_shared_pages
+    bufs = []
+    for _ in range(reps):
+        b = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+        bufs.append(b.fill_(1))                 # written, as a worker writes a batch
+    stop, worst, took = threading.Event(), [0.0], []
+
+    def spin():
+        last = time.perf_counter()
+        while not stop.is_set():
+            now = time.perf_counter()
+            worst[0] = max(worst[0], now - last)
+            last = now
+
+    def drop():
+        while bufs:
+            b = bufs.pop()
+            t0 = time.perf_counter()
+            if release:
+                release_shared_pages(b)
+            del b
+            took.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    time.sleep(0.05)
+    dropper = threading.Thread(target=drop)
+    dropper.start()
+    dropper.join()
+    stop.set()
+    spinner.join()
+    return float(np.median(took)) * 1e3, worst[0] * 1e3
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=1000)
@@ -113,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=1601,
                     help="detector classes of the class distributions (Visual Genome's 1600 + background)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--step-s", type=float, default=0.25,
+                    help="the trainer's step time in the receive-cost rows (workers stay ahead)")
     ap.add_argument("--out", default=None, help="write the Markdown table here too")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -153,6 +219,23 @@ def main(argv=None):
                 rows.append((label, workers, *timed(dl, args.samples - args.batch)))
             print(f"workers={workers} done", flush=True)
 
+        # What the trainer's process pays per batch: each tensor in its own shared segment
+        # (torch's default) vs the batch packed into one (VLDataLoader's workers).
+        receive = []
+        for workers in (1, 2):
+            for packed in (False, True):
+                cfg = load_config(None, [f"data.train={mds}", f"data.cache_dir={root}/recv{workers}{packed}",
+                                         f"model.region_feat_dim={args.dim}", f"model.num_region_classes={args.classes}",
+                                         f"data.max_regions={args.regions}", "objectives.mrc=true"])
+                collator = PretrainCollator(tok, cfg.data, cfg.objectives, 0, [StreamInfo(mds, meta)])
+                ds, _ = build_dataset(cfg, args.batch)
+                loader = VLDataLoader(ds, collator=collator, batch_size=args.batch, num_workers=workers,
+                                      drop_last=True, prefetch_factor=2)
+                if not packed:
+                    loader.collate_fn = collator
+                receive.append((workers, packed, *receive_cost(loader, args.step_s)))
+                del loader, ds
+
         # Single-process component costs (one core, no worker IPC): read one sample, collate one.
         torch.set_num_threads(1)
         cfg = load_config(None, [f"data.train={mds}", f"data.cache_dir={root}/cache_c",
@@ -180,6 +263,11 @@ def main(argv=None):
 
     per_sample_mb = args.regions * args.dim * 2 / 1e6
     cls_mb = args.regions * args.classes * 2 / 1e6
+    stalls = []
+    for b in (args.batch, 256):
+        nbytes = int(b * (per_sample_mb + cls_mb) * 1e6)
+        for release in (False, True):
+            stalls.append((b, nbytes, release, *free_stall(nbytes, release)))
     need = GPU_SAMPLES_PER_S * per_sample_mb
     lines = [f"| reader (same collation) | workers | samples/s | features MB/s | workers per GPU for {GPU_SAMPLES_PER_S} samples/s |",
              "|---|---|---|---|---|"]
@@ -191,6 +279,16 @@ def main(argv=None):
     for name, r, c in parts:
         per_core = 1e3 / (r + c)
         lines.append(f"| {name} | {r:.3f} | {c:.3f} | {per_core:,.0f} | {GPU_SAMPLES_PER_S / per_core:.1f} |")
+    lines += ["", f"| batch transfer (worker -> trainer) | workers | trainer's CPU ms per batch | next() wall ms | batches |",
+              "|---|---|---|---|---|"]
+    for w, packed, cpu, wall, n in receive:
+        how = "packed: one shared buffer (vltrain)" if packed else "per tensor (torch's default)"
+        lines.append(f"| {how} | {w} | {cpu:.2f} | {wall:.2f} | {n} |")
+    lines += ["", "| freeing a batch's shared memory (pinning thread) | batch | MB | ms to free | longest stall of the training thread ms |",
+              "|---|---|---|---|---|"]
+    for b, nbytes, release, took, worst in stalls:
+        how = "pages given back without the GIL, then dropped (vltrain)" if release else "dropped (tensor deallocation, GIL held)"
+        lines.append(f"| {how} | {b} | {nbytes / 1e6:,.0f} | {took:.1f} | {worst:.1f} |")
     table = "\n".join(lines)
     note = (f"\n{args.samples} samples, {args.regions} regions x {args.dim} fp16 = {per_sample_mb:.2f} MB/sample of "
             f"features plus {args.regions} x {args.classes} fp16 = {cls_mb:.2f} MB of class distributions, "

@@ -26,6 +26,7 @@ from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo, num_
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
 from vltrain.data.errors import MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
+from vltrain.data.packed import PackedBatch, pack
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,18 @@ def prepare_streaming_once() -> None:
         _SHM_CLEANED = True
 
 
+class PackInWorkers:
+    """``collate_fn``: the collator's batch, packed into one shared buffer when collated in a
+    DataLoader worker (see vltrain/data/packed.py); unchanged in the main process."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, samples):
+        batch = self.collator(samples)
+        return pack(batch) if torch.utils.data.get_worker_info() is not None else batch
+
+
 class VLDataLoader(StreamingDataLoader):
     """``StreamingDataLoader`` yielding ``Batch``; counts skipped samples (data wait is timed
     by the trainer's monitor around ``next()``).
@@ -58,7 +71,7 @@ class VLDataLoader(StreamingDataLoader):
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
                  fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
                  **kwargs):
-        super().__init__(dataset, batch_size=batch_size, collate_fn=collator, **kwargs)
+        super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
         self.collator = collator
         self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
         self.fixed_epoch = fixed_epoch
@@ -96,6 +109,8 @@ class VLDataLoader(StreamingDataLoader):
                 # so a checkpoint taken now resumes at the next epoch, as an unbroken run would.
                 self._epoch_done = True
                 return
+            if isinstance(batch, PackedBatch):
+                batch = batch.unpack()
             skipped = batch.task.pop(SKIPPED_KEY, None)
             self.num_samples_yielded += batch.batch_size + len(skipped or ())
             if skipped:
