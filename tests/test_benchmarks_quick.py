@@ -163,7 +163,7 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "bf16 weights, batch from host memory, copied on a side stream (vltrain)",
                       "DeepSpeed engine (ZeRO-2, fp32)",
                       "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",
-                      "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=false)", "DeepSpeed engine (ZeRO-1, fp32)",
+                      "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=true)", "DeepSpeed engine (ZeRO-1, fp32)",
                       "DeepSpeed engine (ZeRO-1, fp32, no gradient hooks)",
                       "DeepSpeed engine (ZeRO-0, fp32)", "peer: VisualBertForPreTraining (fp32, eager)",
                       "bf16 weights, micro-batch 4"]

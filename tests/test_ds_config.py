@@ -56,23 +56,44 @@ def test_every_ds_config_resolves_on_cpu(path, precision):
         assert zero["reduce_bucket_size"] == model_param_count(cfg.model)
 
 
-def test_zero12_reduce_bucket_is_the_models_size_capped_at_deepspeeds_default():
-    """DeepSpeed allocates the whole reduce bucket (twice with overlap_comm) every backward:
-    the shipped 5e8 meant 2 GB of bf16 buffers per GPU for a 116M-parameter model."""
+def test_zero12_reduce_bucket_one_bucket_on_one_rank_ddp_buckets_on_several():
+    """One rank: the model in one bucket (DeepSpeed allocates the whole bucket, twice with
+    overlap_comm, every backward: the shipped 5e8 meant 2 GB of bf16 buffers per GPU for a
+    116M-parameter model). Several ranks: DDP's 25 MB buckets, so reductions can overlap the
+    backward. Capped at DeepSpeed's 5e8; an explicit number is kept."""
     from vltrain.config import ModelConfig
     from vltrain.model import VLModel
     path = os.path.join(ROOT, "ds_configs", "zero2.json")
     assert model_param_count(debug_model_config()) == sum(p.numel() for p in VLModel(debug_model_config()).parameters())
+
+    def bucket(cfg, world, precision="bf16", ds=path):
+        cfg.train.precision = precision
+        return resolve_ds_config(ds, cfg, world, "cuda")["zero_optimization"]["reduce_bucket_size"]
+
     base = Config()                                            # BERT-base sized VLP
     n = model_param_count(base.model)
     assert 100e6 < n < 130e6
-    assert resolve_ds_config(path, base, 8, "cuda")["zero_optimization"]["reduce_bucket_size"] == n
+    assert bucket(base, 1) == n
+    assert bucket(base, 8) == 25 * 2**20 // 2                 # bf16 gradients: 13.1M elements, ~9 buckets
+    assert bucket(base, 8, "fp32") == 25 * 2**20 // 4
+    assert bucket(Config(model=debug_model_config()), 8) == model_param_count(debug_model_config())  # smaller
     big = Config(model=ModelConfig(hidden_size=4096, num_layers=48, num_heads=32, intermediate_size=16384))
-    assert resolve_ds_config(path, big, 8, "cuda")["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert bucket(big, 1) == 500_000_000
     with open(path) as f:
         raw = json.load(f)
     raw["zero_optimization"]["reduce_bucket_size"] = 123456            # an explicit value is kept
-    assert resolve_ds_config(raw, base, 8, "cuda")["zero_optimization"]["reduce_bucket_size"] == 123456
+    assert bucket(base, 1, ds=raw) == bucket(base, 8, ds=raw) == 123456
+
+
+def test_overlap_comm_auto_is_on_with_several_ranks_only():
+    path = os.path.join(ROOT, "ds_configs", "zero2.json")
+    cfg = debug_cfg()
+    assert resolve_ds_config(path, cfg, 1, "cuda")["zero_optimization"]["overlap_comm"] is False
+    assert resolve_ds_config(path, cfg, 2, "cuda")["zero_optimization"]["overlap_comm"] is True
+    with open(path) as f:
+        raw = json.load(f)
+    raw["zero_optimization"]["overlap_comm"] = True                   # an explicit value is kept
+    assert resolve_ds_config(raw, cfg, 1, "cuda")["zero_optimization"]["overlap_comm"] is True
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)

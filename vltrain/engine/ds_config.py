@@ -23,7 +23,9 @@ What is filled (ds_config key <- our key):
     bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16)
     bf16.check_grad_overflow         <- false unless set (the trainer skips non-finite losses)
     zero_optimization.reduce_bucket_size <- ZeRO-3: model.hidden_size**2 (as HF does);
-                                        ZeRO-0/1/2: the model's parameter count, capped at 5e8
+                                        ZeRO-0/1/2: one rank: the model's parameter count;
+                                        several: 25 MB of gradients (DDP's bucket); at most 5e8
+    zero_optimization.overlap_comm   <- true with several ranks, false with one
     zero_optimization.stage3_prefetch_bucket_size, stage3_param_persistence_threshold
                                      <- model.hidden_size (0.9*H*H, 10*H, as HF does)
 
@@ -75,6 +77,8 @@ def cfg_precision(cfg) -> str:
 
 # DeepSpeed's default ZeRO-1/2 reduce bucket (elements), and the cap of our "auto" one.
 ZERO12_MAX_BUCKET = 500_000_000
+# With several ranks: PyTorch DDP's default bucket, 25 MB of gradients.
+DDP_BUCKET_BYTES = 25 * 2**20
 
 
 def model_param_count(model_cfg) -> int:
@@ -85,22 +89,30 @@ def model_param_count(model_cfg) -> int:
         return sum(p.numel() for p in VLModel(model_cfg).parameters())
 
 
-def _reduce_bucket(cfg, stage: int):
+def _reduce_bucket(cfg, stage: int, world_size: int):
     """``zero_optimization.reduce_bucket_size`` for "auto".
 
-    ZeRO-3: H*H, as Hugging Face fills it. ZeRO-0/1/2: the model's parameter count, capped
-    at DeepSpeed's default 5e8. Why: DeepSpeed allocates the contiguous-gradient bucket at
-    its full configured size every backward (two with overlap_comm), so 5e8 meant 2 GB of
-    bf16 buffers per GPU for our 116M-parameter base model, whose gradients need 0.23 GB.
-    Sized to the model, the reduce schedule is DeepSpeed's default one (the whole model in one
-    bucket, reduced once per backward; task heads outside VLModel spill into a second, small
-    one) and the buffers hold just the gradients."""
+    ZeRO-3: H*H, as Hugging Face fills it. ZeRO-0/1/2, in gradient elements:
+      * one rank: the model's parameter count. There is nothing to reduce with and nothing to
+        overlap, so one bucket per backward; DeepSpeed allocates the contiguous-gradient
+        bucket at its full configured size every backward (two with overlap_comm), and its
+        default 5e8 meant 2 GB of bf16 buffers per GPU for our 116M-parameter base model,
+        whose gradients need 0.23 GB.
+      * several ranks: 25 MB of gradients (13.1M bf16 elements), PyTorch DDP's default
+        bucket. A bucket is reduced as soon as it is full, so with ``overlap_comm`` the
+        reductions of the upper layers' gradients run while the backward computes the lower
+        layers'; with one model-sized bucket (or DeepSpeed's 5e8) the whole reduction waited
+        for the end of the backward (~9 buckets for the base model instead of 1).
+    Both capped at DeepSpeed's default 5e8."""
     model = getattr(cfg, "model", None)
     if model is None:
         return None
     if stage == 3:
         return model.hidden_size * model.hidden_size
-    return min(ZERO12_MAX_BUCKET, model_param_count(model))
+    n = model_param_count(model)
+    if world_size > 1:
+        n = min(n, DDP_BUCKET_BYTES // (4 if cfg_precision(cfg) == "fp32" else 2))
+    return min(ZERO12_MAX_BUCKET, n)
 
 
 def _same(a, b) -> bool:
@@ -280,7 +292,11 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     if stage not in (0, 1, 2, 3):
         raise r.err(f"'zero_optimization.stage' = {json.dumps(stage)} must be 0, 1, 2 or 3")
     h = _hidden(cfg)
-    for key, value_of in (("reduce_bucket_size", lambda: _reduce_bucket(cfg, stage)),
+    if zero.get("overlap_comm") == AUTO:
+        # Overlap reductions with the backward where there are any: on one GPU the reduction
+        # stream and double buffers only cost (~10% of an H100 engine step, BENCHMARKS.md).
+        zero["overlap_comm"] = world_size > 1
+    for key, value_of in (("reduce_bucket_size", lambda: _reduce_bucket(cfg, stage, world_size)),
                           ("stage3_prefetch_bucket_size", lambda: None if h is None else int(0.9 * h * h)),
                           ("stage3_param_persistence_threshold", lambda: None if h is None else 10 * h)):
         if zero.get(key) == AUTO:
