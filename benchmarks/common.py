@@ -288,6 +288,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def emit_report(text: str, out: str | None) -> None:
+    """Print a Markdown report, and write it to ``out`` when given (``--out``)."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def update_benchmarks(section: str, text: str, path: str = os.path.join(REPO, "BENCHMARKS.md")) -> None:
     """Replace (or append) the ``section`` heading's part of BENCHMARKS.md with ``text`` (which
     starts with that heading); the other sections are left as they are."""

@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_description, markdown_table, median, sync, update_benchmarks  # noqa: E402
+from benchmarks.common import (emit_report, machine_description, markdown_table, median, sync,  # noqa: E402
+                               update_benchmarks)
 from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
 from vltrain.data.batch import Batch  # noqa: E402
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode  # noqa: E402
@@ -145,10 +146,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     res = run(args)
     text = report(args, res)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_report(text, args.out)
     if args.update_benchmarks:
         update_benchmarks(SECTION, text)
     ok = all(res["same"].values()) and res["lengths"] == [args.max_len]

@@ -28,6 +28,9 @@
 #            vs the DeepSpeed engine (bf16, ZeRO-2), and the bf16 step's kernel-class breakdown;
 #            and the batch's host-to-device copy on the compute stream vs a side stream;
 #            LEVERS_ARGS=--autotune adds the max-autotune row (long compile)
+#   e2e      benchmarks/trainer_e2e.py at micro-batch $TPUT_BATCH: the Trainer as run.py trains
+#            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
+#            wait) beside the engine alone and the model's own loop on one batch
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
 # Each step has a time limit ($STEP_TIMEOUT s, tests and tput twice that); a failing step is recorded
@@ -41,7 +44,7 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/vltrain_site}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
-STEPS=${STEPS:-tests tput sweep profile attn levers decode}
+STEPS=${STEPS:-tests tput sweep profile attn levers e2e decode}
 SWEEP=${SWEEP:-64 128}
 TPUT_BATCH=${TPUT_BATCH:-256}
 STEP_TIMEOUT=${STEP_TIMEOUT:-170}
@@ -93,6 +96,8 @@ want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_k
   --device "$DEVICE" --batch "$TPUT_BATCH"
 want levers && step "levers_b$TPUT_BATCH" "$STEP_TIMEOUT" "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
   --batch "$TPUT_BATCH" --engine --h2d ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
+want e2e && step e2e $((2 * STEP_TIMEOUT)) "$PY" benchmarks/trainer_e2e.py $QUICK --device "$DEVICE" \
+  --batch "$TPUT_BATCH" --out "$RES/e2e_b$TPUT_BATCH.md"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \
   --out "$RES/decode.md"
 exit $status

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU_SAMPLES_PER_S = 4000            # the engine issue's per-H100 goal at 45% MFU
 
 
-def make_samples(n, regions, dim, classes=1601, seed=0):
+def make_samples(n, regions, dim, classes=1601, seed=0, words=10):
     """Caption samples with realistic region sizes (features and class distributions float16)."""
     from tests.fixtures.mds import WORDS
     rng = np.random.default_rng(seed)
@@ -46,28 +46,36 @@ def make_samples(n, regions, dim, classes=1601, seed=0):
                "features": rng.standard_normal((regions, dim)).astype(np.float16),
                "boxes": np.concatenate([xy, xy + 0.3], 1).astype(np.float32),
                "cls_prob": (p / p.sum(1, keepdims=True)).astype(np.float16),
-               "captions": [" ".join(rng.choice(WORDS, 10)) for _ in range(5)]}
+               "captions": [" ".join(rng.choice(WORDS, words)) for _ in range(5)]}
 
 
-def write_all(root, n, regions, dim, classes):
-    """The same samples as MDS shards (our writer), one HDF5 file, and one .npy per image."""
+def write_all(root, n, regions, dim, classes, layouts=("mds", "hdf5", "npy"), words=10):
+    """The same samples as MDS shards (our writer), one HDF5 file, and one .npy per image
+    (``layouts``: which of them)."""
+    import contextlib
     import h5py
     from data_tools.common import open_writer
     from vltrain.data import schema
     mds = os.path.join(root, "mds")
     meta = schema.make_meta("captions", dim, classes, ("cls_prob",))
-    os.makedirs(os.path.join(root, "npy"))
     side = []
-    with open_writer(mds, "captions", ("cls_prob",), meta) as w, \
-            h5py.File(os.path.join(root, "feats.h5"), "w") as h5:
-        feats = h5.create_dataset("features", (n, regions, dim), dtype="float16", chunks=(1, regions, dim))
-        cls = h5.create_dataset("cls_prob", (n, regions, classes), dtype="float16", chunks=(1, regions, classes))
-        for s in make_samples(n, regions, dim, classes):
-            w.write(s)
+    with contextlib.ExitStack() as stack:
+        w = stack.enter_context(open_writer(mds, "captions", ("cls_prob",), meta)) if "mds" in layouts else None
+        if "hdf5" in layouts:
+            h5 = stack.enter_context(h5py.File(os.path.join(root, "feats.h5"), "w"))
+            feats = h5.create_dataset("features", (n, regions, dim), dtype="float16", chunks=(1, regions, dim))
+            cls = h5.create_dataset("cls_prob", (n, regions, classes), dtype="float16", chunks=(1, regions, classes))
+        if "npy" in layouts:
+            os.makedirs(os.path.join(root, "npy"))
+        for s in make_samples(n, regions, dim, classes, words=words):
             i = s["sample_id"]
-            feats[i], cls[i] = s["features"], s["cls_prob"]
-            np.save(os.path.join(root, "npy", f"{i}.npy"), s["features"])
-            np.save(os.path.join(root, "npy", f"{i}_cls.npy"), s["cls_prob"])
+            if w is not None:
+                w.write(s)
+            if "hdf5" in layouts:
+                feats[i], cls[i] = s["features"], s["cls_prob"]
+            if "npy" in layouts:
+                np.save(os.path.join(root, "npy", f"{i}.npy"), s["features"])
+                np.save(os.path.join(root, "npy", f"{i}_cls.npy"), s["cls_prob"])
             side.append({k: v for k, v in s.items() if k not in ("features", "cls_prob")})
     return mds, meta, side
 
@@ -228,13 +236,12 @@ def main(argv=None):
                                          f"model.region_feat_dim={args.dim}", f"model.num_region_classes={args.classes}",
                                          f"data.max_regions={args.regions}", "objectives.mrc=true"])
                 collator = PretrainCollator(tok, cfg.data, cfg.objectives, 0, [StreamInfo(mds, meta)])
-                ds, _ = build_dataset(cfg, args.batch)
-                loader = VLDataLoader(ds, collator=collator, batch_size=args.batch, num_workers=workers,
-                                      drop_last=True, prefetch_factor=2)
+                loader = VLDataLoader(build_dataset(cfg, args.batch)[0], collator=collator, batch_size=args.batch,
+                                      num_workers=workers, drop_last=True, prefetch_factor=2)
                 if not packed:
                     loader.collate_fn = collator
                 receive.append((workers, packed, *receive_cost(loader, args.step_s)))
-                del loader, ds
+                del loader
 
         # Single-process component costs (one core, no worker IPC): read one sample, collate one.
         torch.set_num_threads(1)
@@ -279,15 +286,18 @@ def main(argv=None):
     for name, r, c in parts:
         per_core = 1e3 / (r + c)
         lines.append(f"| {name} | {r:.3f} | {c:.3f} | {per_core:,.0f} | {GPU_SAMPLES_PER_S / per_core:.1f} |")
-    lines += ["", f"| batch transfer (worker -> trainer) | workers | trainer's CPU ms per batch | next() wall ms | batches |",
+    lines += ["", "| batch transfer (worker -> trainer) | workers | trainer's CPU ms per batch | next() wall ms "
+              "| batches |",
               "|---|---|---|---|---|"]
     for w, packed, cpu, wall, n in receive:
         how = "packed: one shared buffer (vltrain)" if packed else "per tensor (torch's default)"
         lines.append(f"| {how} | {w} | {cpu:.2f} | {wall:.2f} | {n} |")
-    lines += ["", "| freeing a batch's shared memory (pinning thread) | batch | MB | ms to free | longest stall of the training thread ms |",
+    lines += ["", "| freeing a batch's shared memory (pinning thread) | batch | MB | ms to free "
+              "| longest stall of the training thread ms |",
               "|---|---|---|---|---|"]
     for b, nbytes, release, took, worst in stalls:
-        how = "pages given back without the GIL, then dropped (vltrain)" if release else "dropped (tensor deallocation, GIL held)"
+        how = ("pages given back without the GIL, then dropped (vltrain)" if release
+               else "dropped (tensor deallocation, GIL held)")
         lines.append(f"| {how} | {b} | {nbytes / 1e6:,.0f} | {took:.1f} | {worst:.1f} |")
     table = "\n".join(lines)
     note = (f"\n{args.samples} samples, {args.regions} regions x {args.dim} fp16 = {per_sample_mb:.2f} MB/sample of "

@@ -160,7 +160,9 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
     assert labels == ["fp32 weights, no autocast (CPU)", "bf16 weights", "diagnose: bf16 weights, no compile",
                       "diagnose: fp32 weights, no autocast (CPU), no dropout", "diagnose: bf16 weights, no dropout",
                       "bf16 weights, batch from host memory, copied on the compute stream",
-                      "bf16 weights, batch from host memory, copied on a side stream (vltrain)",
+                      "bf16 weights, batch from host memory, copied on a side stream",
+                      "bf16 weights, batch from host memory, copied on a side stream during the previous backward "
+                      "(vltrain)",
                       "DeepSpeed engine (ZeRO-2, fp32)",
                       "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",
                       "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=true)", "DeepSpeed engine (ZeRO-1, fp32)",
@@ -169,4 +171,20 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "bf16 weights, micro-batch 4"]
     assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows     # samples/s
     assert rows[0][6] == "1" and rows[-2][7] == "1"                    # × first row, × peer
+    assert md.read_text().strip() == out.strip()
+
+
+def test_trainer_e2e_quick_reports_the_trainer_beside_its_parts(tmp_path):
+    """The real Trainer (MDS corpus, a loader worker, a DeepSpeed engine on the CPU
+    accelerator) beside the engine alone and the model alone, with finite numbers."""
+    md = tmp_path / "e2e.md"
+    out = run_script(["benchmarks/trainer_e2e.py", "--quick", "--device", "cpu", "--steps", "4", "--rounds", "1",
+                      "--out", str(md)], env_extra={"DS_ACCELERATOR": "cpu"})
+    _, rows = table_rows(out, "configuration")
+    assert [r[0].split(":")[0] for r in rows] == ["vltrain Trainer (run.py)",
+                                                  "DeepSpeed engine alone (ZeRO-2), one batch on the device",
+                                                  "model's own loop"]
+    assert all(finite(r[1]) and float(r[1].replace(",", "")) > 0 for r in rows), rows      # samples/s
+    assert finite(rows[0][4]) and 0 <= float(rows[0][4]) <= 100, rows                      # data wait %
+    assert rows[-1][6] == "1"
     assert md.read_text().strip() == out.strip()

@@ -293,6 +293,38 @@ def test_state_at_epoch_end_resumes_with_the_next_epoch(tmp_path, vocab_file):
     assert resumed.epoch == 1
 
 
+def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file):
+    """The trainer fetches one batch ahead; its checkpoint's loader state leaves that batch
+    out (``state_dict(held_back=1)``), mid-epoch and when it is the next epoch's first."""
+    ds = write_captions(str(tmp_path / "ds"), 18, size_limit=1 << 12)
+
+    def ids(batches):
+        return [(b.sample_id.tolist(), _signature(b, 0)) for b in batches]
+
+    loader = _single_loader(ds, tmp_path / "a", vocab_file)
+    it = iter(loader)
+    first = ids([next(it) for _ in range(2)])
+    held = ids([next(it)])                                          # fetched ahead, not trained on
+    state = loader.state_dict(held_back=1)
+    assert (state["epoch"], state["sample_in_epoch"]) == (0, 8)
+    rest = ids(list(it))                                            # the 4th batch (drop_last)
+    resumed = _single_loader(ds, tmp_path / "b", vocab_file)
+    resumed.load_state_dict(state)
+    assert ids(resumed) == held + rest
+    with pytest.raises(ValueError, match="held_back=2"):
+        loader.state_dict(held_back=2)                              # the epoch is over
+
+    loader = _single_loader(ds, tmp_path / "c", vocab_file)
+    epoch0 = ids(loader)
+    it = iter(loader)                                               # epoch 1 starts
+    held = ids([next(it)])
+    state = loader.state_dict(held_back=1)
+    assert (state["epoch"], state["sample_in_epoch"]) == (1, 0)
+    resumed = _single_loader(ds, tmp_path / "d", vocab_file)
+    resumed.load_state_dict(state)
+    assert ids(resumed)[:1] == held and resumed.epoch == 1 and held != epoch0[:1]
+
+
 def test_stale_shm_sweep_keeps_live_and_young_segments(tmp_path):
     """The sweep unlinks streaming segments no process maps (a crashed run's), but keeps one a
     live process maps (another job on the same node) and one just created (a starting job);

@@ -8,6 +8,8 @@ Epochs and resume (what the trainer relies on):
     by all ranks (``batches yielded x batch x world``, skipped bad samples included).
     ``load_state_dict()`` before ``iter()`` makes the next iteration continue exactly there:
     same epoch, same remaining samples in the same order, same masks.
+  * ``state_dict(held_back=k)`` is the state from before the last ``k`` batches were yielded
+    (the trainer fetches one batch ahead, and a checkpoint must not count it as trained).
   * A finished epoch saves ``sample_in_epoch == epoch size``: a resumed ``iter()`` then yields
     nothing for that epoch and the following ``iter()`` starts the next one (streaming's rule).
   * Resuming with a different world size is supported by streaming as long as
@@ -15,6 +17,7 @@ Epochs and resume (what the trainer relies on):
 """
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any, Optional
 
@@ -82,6 +85,8 @@ class VLDataLoader(StreamingDataLoader):
         self._offset = 0
         self._started = False
         self._epoch_done = False
+        # (samples consumed, skipped) of the last batches yielded this epoch, for state_dict(held_back)
+        self._yielded: collections.deque = collections.deque(maxlen=8)
 
     def _get_batch_size(self, batch) -> int:
         # Samples consumed from the dataset, not rows returned: skipped ones count (resume).
@@ -99,6 +104,7 @@ class VLDataLoader(StreamingDataLoader):
         if hasattr(self.collator, "set_epoch"):   # task collators without randomness may lack it
             self.collator.set_epoch(self.epoch if self.fixed_epoch is None else self.fixed_epoch)
         self.num_samples_yielded = 0
+        self._yielded.clear()
         it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
         while True:
             try:
@@ -111,8 +117,8 @@ class VLDataLoader(StreamingDataLoader):
                 return
             if isinstance(batch, PackedBatch):
                 batch = batch.unpack()
-            skipped = batch.task.pop(SKIPPED_KEY, None)
-            self.num_samples_yielded += batch.batch_size + len(skipped or ())
+            skipped = batch.task.pop(SKIPPED_KEY, None) or ()
+            self.num_samples_yielded += batch.batch_size + len(skipped)
             if skipped:
                 self.num_skipped += len(skipped)
                 for msg in skipped:
@@ -121,10 +127,24 @@ class VLDataLoader(StreamingDataLoader):
                         log.warning("skipped bad sample: %s", msg)
             if batch.batch_size == 0:
                 continue
+            self._yielded.append((batch.batch_size + len(skipped), len(skipped)))
             yield batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Resumption state; identical on every rank (save it from rank 0)."""
+    def state_dict(self, held_back: int = 0) -> dict[str, Any]:
+        """Resumption state; identical on every rank (save it from rank 0).
+
+        ``held_back``: how many of the batches yielded last were not trained on yet (the
+        trainer fetches one ahead): the state is the one from before they were yielded, so a
+        resumed run starts with them. They must all come from the current epoch."""
+        if held_back:
+            if not self._started or self._epoch_done or held_back > len(self._yielded):
+                raise ValueError(f"state_dict(held_back={held_back}): only {len(self._yielded)} batches of "
+                                 f"this epoch were yielded")
+            back = list(self._yielded)[-held_back:]
+            return self._state(sum(n for n, _ in back), sum(k for _, k in back))
+        return self._state(0, 0)
+
+    def _state(self, unyielded: int, unskipped: int) -> dict[str, Any]:
         if not self._started:
             if self._resume is not None:
                 return dict(self._resume, num_skipped=self.num_skipped)
@@ -133,13 +153,13 @@ class VLDataLoader(StreamingDataLoader):
             st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped)
             return st
         from streaming.base.world import World
-        n = self.num_samples_yielded * World.detect().num_ranks
+        n = (self.num_samples_yielded - unyielded) * World.detect().num_ranks
         if self.dataset.replication:
             n //= self.dataset.replication
         st = self.dataset.state_dict(n, False)  # fills num_canonical_nodes, shuffle_seed, ...
         done = max(self._offset + n, int(self.dataset.epoch_size)) if self._epoch_done else self._offset + n
         st.update(epoch=self.epoch, sample_in_epoch=done)
-        st["num_skipped"] = self.num_skipped
+        st["num_skipped"] = self.num_skipped - unskipped
         return st
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:

@@ -6,10 +6,9 @@ step i+1's kernels wait behind the copy, so the GPU computes nothing while it ru
 base-size VLP batch of 256 is ~190 MB of fp16 region features and class distributions: a
 few ms per step over PCIe). Issued on a side stream while the GPU is still busy with the
 previous micro-step, the copy overlaps that work; the compute stream waits for it only where
-the batch is first used. What is still queued when the trainer fetches the next batch: the
-backward between accumulation micro-steps (its one sync per micro-step comes after the
-forward), the optimizer update after an optimizer step (DeepSpeed's step reads the gradient
-norm back before it).
+the batch is first used. The trainer fetches and copies the next batch right after queuing a
+micro-step's backward (before DeepSpeed's step, which reads the gradient norm back), so the
+copy runs beside the backward.
 
 ``record_stream`` tells the caching allocator that the copied tensors are used on the
 compute stream, so their memory is not handed out again before that use has finished. The

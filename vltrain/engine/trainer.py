@@ -53,6 +53,10 @@ class Trainer:
         self._last_save_time = time.time()
         self._eval_loaders: dict = {}      # split -> loader, built on first use (eval_loader)
         self.to_device = DeviceCopier(device, float_dtype)   # host -> device on a side CUDA stream
+        # The next micro-batch, fetched and copied while the GPU runs this one's backward
+        # (see train()); a checkpoint's loader state leaves it out, so a resumed run starts
+        # with it.
+        self._next: Optional[Batch] = None
 
     # ------------------------------------------------------------------ state
 
@@ -67,7 +71,8 @@ class Trainer:
 
     def save(self, tag: Optional[str] = None) -> str:
         tag = tag or ckpt.step_tag(self.step)
-        rank_state = {"loader": self.loader.state_dict(), "best_metric": self.best_metric,
+        rank_state = {"loader": self.loader.state_dict(held_back=int(self._next is not None)),
+                      "best_metric": self.best_metric,
                       "nonfinite_total": self.nonfinite_total, "samples_seen": self.monitor.samples_seen}
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
                          rank_state=rank_state, info=self.checkpoint_info(), rank=self.info.rank,
@@ -110,6 +115,11 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [bool(v) for v in flags.tolist()]
 
+    def _fetch(self, batches) -> Batch:
+        with self.monitor.data_wait():
+            batch: Batch = next(batches)
+        return self.to_device(batch)
+
     def _batches(self):
         """Endless batches across epochs (the loader keeps the epoch). A resumed, finished
         epoch yields nothing once; two empty epochs in a row mean the data is too small."""
@@ -137,9 +147,8 @@ class Trainer:
         step_metrics: dict[str, torch.Tensor] = {}
         n_micro, tokens, flops = 0, 0, 0.0
         while self.step < cfg.max_steps:
-            with self.monitor.data_wait():
-                batch: Batch = next(batches)
-            batch = self.to_device(batch)
+            batch = self._next if self._next is not None else self._fetch(batches)
+            self._next = None
             boundary = self.engine.is_gradient_accumulation_boundary()
             loss, metrics = self.engine(batch)
             nonfinite, stop, save_now = self._flags(loss)
@@ -161,6 +170,12 @@ class Trainer:
                 continue
             self.nonfinite_in_row = 0
             self.engine.backward(loss)
+            if not (boundary and self.step + 1 >= cfg.max_steps):
+                # While the GPU runs the backward just queued: the loader's next batch and its
+                # copy to the device (side stream). Fetched after the step instead, the copy
+                # would wait behind DeepSpeed's step, which reads the gradient norm back, and
+                # the next forward behind the copy.
+                self._next = self._fetch(batches)
             self.engine.step()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
