@@ -102,8 +102,8 @@ def _madvise():
     return fn
 
 
-def pack(batch: Batch, shared: bool = True) -> PackedBatch:
-    """Copy every tensor of ``batch`` into one buffer (in shared memory if ``shared``)."""
+def pack(batch: Batch) -> PackedBatch:
+    """Copy every tensor of ``batch`` into one new shared-memory buffer."""
     entries, fields, task = [], {}, {}
     for f in dataclasses.fields(batch):
         v = getattr(batch, f.name)
@@ -124,10 +124,8 @@ def pack(batch: Batch, shared: bool = True) -> PackedBatch:
             raise ValueError(f"pack: batch field {where} must be a dense CPU tensor, got {t.device} {t.layout}")
         layout.append((name, key, t.dtype, tuple(t.shape), offset))
         offset += (_nbytes(t.dtype, t.shape) + ALIGN - 1) // ALIGN * ALIGN
-    if shared:
-        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))[:offset]
-    else:
-        buffer = torch.empty(offset, dtype=torch.uint8)
+    # Allocated in shared memory directly: pickling it to the trainer then copies nothing.
+    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))[:offset]
     packed = PackedBatch(buffer, tuple(layout), fields, task)
     views = packed.unpack()
     for name, key, t in entries:
