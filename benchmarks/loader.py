@@ -13,11 +13,12 @@ where the region features come from:
 each with 1 and 2 DataLoader workers, measured in the same run. Then what the trainer's process
 pays per batch from a worker (each tensor in its own shared-memory segment, torch's default,
 vs VLDataLoader's one packed buffer), and how long a thread that frees a batch's shared
-memory holds up the training thread (plain deallocation vs vltrain's GIL-free release). Every sample also carries its
-regions' class distributions (fp16, ``--classes`` 1601 as VLP's Visual Genome detector: another
-~320 KB at 100 regions, read from the same files as the features in every layout). The figure that matters on
-a GPU node: at 100 regions x 2048 fp16 (~400 KB/sample), 4,000 samples/s per H100 needs
-~1.6 GB/s of features per GPU, so ``workers per GPU = needed / (rate per worker)``.
+memory holds up the training thread (plain deallocation vs vltrain's GIL-free release).
+Every sample also carries its regions' class distributions (fp16, ``--classes`` 1601 as
+VLP's Visual Genome detector: another ~320 KB at 100 regions, read from the same files as
+the features in every layout). The figure that matters on a GPU node: at 100 regions x 2048
+fp16 (~400 KB/sample), 4,000 samples/s per H100 needs ~1.6 GB/s of features per GPU, so
+``workers per GPU = needed / (rate per worker)``.
 """
 from __future__ import annotations
 
@@ -142,11 +143,8 @@ def free_stall(nbytes: int, release: bool, reps: int = 3) -> tuple[float, float]
     median ms the drop takes, and the longest the spinning thread was held up (the GIL). With
     ``release`` the pages are first given back by vltrain's GIL-free ``release_shared_pages``."""
     import threading
-    from vltrain.data.packed import release_shared_pages
-    bufs = []
-    for _ in range(reps):
-        b = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
-        bufs.append(b.fill_(1))                 # written, as a worker writes a batch
+    from vltrain.data.packed import release_shared_pages, shared_buffer
+    bufs = [shared_buffer(nbytes).fill_(1) for _ in range(reps)]     # written, as a worker writes a batch
     stop, worst, took = threading.Event(), [0.0], []
 
     def spin():

@@ -7,7 +7,7 @@ import torch
 
 from tests.fixtures.tasks import CORPUS_DIR, collator, read_rows, task_cfg
 from vltrain.data.batch import Batch
-from vltrain.data.packed import ALIGN, pack, release_shared_pages
+from vltrain.data.packed import ALIGN, pack, release_shared_pages, shared_buffer
 
 
 def assert_same_batch(a: Batch, b: Batch) -> None:
@@ -67,8 +67,7 @@ def test_moving_a_packed_batch_keeps_the_values_and_gives_the_shared_pages_back(
 
 
 def test_release_shared_pages_frees_exactly_that_storage():
-    a = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(3 * 4096 + 100)).fill_(1)
-    b = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(4096)).fill_(1)
+    a, b = shared_buffer(3 * 4096 + 100).fill_(1), shared_buffer(4096).fill_(1)
     assert release_shared_pages(a)
     assert int(a.count_nonzero()) == 0 and int(b.count_nonzero()) == b.numel()
     assert not release_shared_pages(torch.empty(0, dtype=torch.uint8))

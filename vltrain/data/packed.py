@@ -102,6 +102,12 @@ def _madvise():
     return fn
 
 
+def shared_buffer(nbytes: int) -> torch.Tensor:
+    """A new (nbytes,) uint8 tensor in its own shared-memory segment."""
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))     # a segment cannot be empty
+    return torch.empty(0, dtype=torch.uint8).set_(storage)[:nbytes]
+
+
 def pack(batch: Batch) -> PackedBatch:
     """Copy every tensor of ``batch`` into one new shared-memory buffer."""
     entries, fields, task = [], {}, {}
@@ -125,8 +131,7 @@ def pack(batch: Batch) -> PackedBatch:
         layout.append((name, key, t.dtype, tuple(t.shape), offset))
         offset += (_nbytes(t.dtype, t.shape) + ALIGN - 1) // ALIGN * ALIGN
     # Allocated in shared memory directly: pickling it to the trainer then copies nothing.
-    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))[:offset]
-    packed = PackedBatch(buffer, tuple(layout), fields, task)
+    packed = PackedBatch(shared_buffer(offset), tuple(layout), fields, task)
     views = packed.unpack()
     for name, key, t in entries:
         (views.task[key] if key is not None else getattr(views, name)).copy_(t)
