@@ -413,8 +413,3 @@ def _t(arr: np.ndarray) -> torch.Tensor:
             warnings.simplefilter("ignore")
             return torch.from_numpy(arr)
     return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def num_skipped(batch: Batch) -> int:
-    """Samples the collator dropped from this batch (``data.skip_bad_samples``)."""
-    return len(batch.task.get(SKIPPED_KEY, ()))

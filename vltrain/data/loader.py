@@ -25,7 +25,7 @@ import torch
 from streaming import StreamingDataLoader
 from torch.utils.data import DataLoader
 
-from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo, num_skipped
+from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
 from vltrain.data.errors import MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
@@ -88,10 +88,6 @@ class VLDataLoader(StreamingDataLoader):
         # (samples consumed, skipped) of the last batches yielded this epoch, for state_dict(held_back)
         self._yielded: collections.deque = collections.deque(maxlen=8)
 
-    def _get_batch_size(self, batch) -> int:
-        # Samples consumed from the dataset, not rows returned: skipped ones count (resume).
-        return batch.batch_size + num_skipped(batch)
-
     def _upcoming_epoch(self) -> tuple[int, int]:
         nxt = int(self.dataset.next_epoch)
         if self._resume is not None and self._resume["epoch"] >= nxt:
@@ -118,6 +114,7 @@ class VLDataLoader(StreamingDataLoader):
             if isinstance(batch, PackedBatch):
                 batch = batch.unpack()
             skipped = batch.task.pop(SKIPPED_KEY, None) or ()
+            # Samples consumed from the dataset, not rows returned: skipped ones count (resume).
             self.num_samples_yielded += batch.batch_size + len(skipped)
             if skipped:
                 self.num_skipped += len(skipped)
