@@ -13,7 +13,7 @@ Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throu
   batch from host memory          bf16 weights, the batch copied from pinned host memory every
                                   step (fp16 region inputs, as the loader gives them): on the
                                   compute stream vs a side stream (DeviceCopier) vs a side
-                                  stream during the previous backward, as the trainer (--h2d)
+                                  stream during the previous forward, as the trainer (--h2d)
   DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine)
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--h2d", action="store_true",
                    help="add rows whose batch is copied from pinned host memory every step: on the "
                         "compute stream vs on a side stream (DeviceCopier) vs on a side stream during the "
-                        "previous step's backward (the trainer)")
+                        "previous step's forward (the trainer)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps-per-round", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="debug size (CI / CPU plumbing check)")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                     mk("bf16 weights, batch from host memory, copied on a side stream",
                        ck=static, host_copy="side-stream"),
                     mk("bf16 weights, batch from host memory, copied on a side stream during the previous "
-                       "backward (vltrain)", ck=static, host_copy="side-stream-ahead")]
+                       "forward (vltrain)", ck=static, host_copy="side-stream-ahead")]
     if args.engine:
         try:
             init_single_process_group(device)

@@ -119,7 +119,7 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     ``host_copy``: the batch starts every step in (pinned, on CUDA) host memory with the
     region inputs in fp16 as the loader delivers them, and is copied on the compute stream
     (``"compute-stream"``) or by the trainer's ``DeviceCopier`` (``"side-stream"``; with
-    ``"side-stream-ahead"`` issued right after the backward for the next step, as the trainer
+    ``"side-stream-ahead"`` issued right after the forward for the next step, as the trainer
     does); None: it stays on the device (every other row)."""
     from vltrain.config import ObjectivesConfig
     from vltrain.model import VLModel
@@ -147,14 +147,15 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     b = batch.to(device, float_dtype=float_dtype)
     amp = nullcontext() if bf16_weights else autocast_ctx(device)
     copy = host_copier(batch, device, float_dtype, host_copy)
-    ahead = []            # "side-stream-ahead": the next step's batch, copied during this backward
+    ahead = []            # "side-stream-ahead": the next step's batch, copied during this forward
 
     def step():
+        pending = ahead.pop() if ahead else copy() if copy else None
         with amp:
-            loss, _ = task(ahead.pop() if ahead else copy() if copy else b)
-        loss.backward()
+            loss, _ = task(pending.get() if pending else b)
         if host_copy == "side-stream-ahead":
             ahead.append(copy())
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -166,18 +167,19 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
 
 
 def host_copier(batch, device, float_dtype, how: str | None):
-    """A function giving the batch copied from host memory (see ``build_ours``), or None."""
+    """A function issuing the copy of the batch from host memory (see ``build_ours``) and
+    giving its ``InFlight``, or None."""
     if how is None:
         return None
-    from vltrain.engine.device_copy import DeviceCopier
+    from vltrain.engine.device_copy import DeviceCopier, InFlight
     host = dataclasses.replace(batch, region_feats=batch.region_feats.half(),
                                region_cls_probs=batch.region_cls_probs.half())
     if device.type == "cuda":
         host = host.pin_memory()
     if how == "compute-stream":
-        return lambda: host.to(device, non_blocking=True, float_dtype=float_dtype)
+        return lambda: InFlight(host.to(device, non_blocking=True, float_dtype=float_dtype))
     if how in ("side-stream", "side-stream-ahead"):
-        return functools.partial(DeviceCopier(device, float_dtype), host)
+        return functools.partial(DeviceCopier(device, float_dtype).start, host)
     raise ValueError(f"host_copy={how!r}; choose compute-stream, side-stream or side-stream-ahead")
 
 

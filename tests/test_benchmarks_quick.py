@@ -161,7 +161,7 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "diagnose: fp32 weights, no autocast (CPU), no dropout", "diagnose: bf16 weights, no dropout",
                       "bf16 weights, batch from host memory, copied on the compute stream",
                       "bf16 weights, batch from host memory, copied on a side stream",
-                      "bf16 weights, batch from host memory, copied on a side stream during the previous backward "
+                      "bf16 weights, batch from host memory, copied on a side stream during the previous forward "
                       "(vltrain)",
                       "DeepSpeed engine (ZeRO-2, fp32)",
                       "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",

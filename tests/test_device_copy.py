@@ -1,6 +1,7 @@
 """Host-to-device batch copies (vltrain/engine/device_copy.py): the same batch as ``Batch.to``,
 region features cast, task tensors moved; on a GPU from pinned memory on a side stream, with
-no host sync and correct values while the compute stream is still busy."""
+no host sync and correct values while the compute stream is still busy, also when the copy is
+started before more compute is queued and taken into use after it (as the trainer does)."""
 import pytest
 import torch
 
@@ -34,6 +35,8 @@ def test_copier_on_cpu_equals_batch_to(float_dtype):
     assert same(out, b.to("cpu", float_dtype=float_dtype))
     assert out.region_feats.dtype == (float_dtype or torch.float16)
     assert out.region_boxes.dtype == torch.float32 and out.task["vqa_targets"].dtype == torch.float32
+    pending = DeviceCopier(torch.device("cpu"), float_dtype).start(b)
+    assert pending.get() is pending.get() and same(pending.get(), out)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU reference: the test above)")
@@ -50,8 +53,14 @@ def test_copier_on_cuda_overlaps_a_busy_stream_and_gets_the_values_right():
             x = torch.tanh(x @ x)
         out = copier(b)
         used = out.region_feats.float().sum() + out.task["vqa_targets"].sum()
+        pending = copier.start(b)                               # the trainer's order: copy started,
+        for _ in range(20):                                     # more compute queued (the rest of
+            x = torch.tanh(x @ x)                               # the micro-step), then the batch used
+        ahead = pending.get()
+        used_ahead = ahead.region_feats.float().sum() + ahead.task["vqa_targets"].sum()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t.device.type == "cuda" for t in out.tensors())
-    assert same(out, want)
-    assert float(used) == pytest.approx(float(want.region_feats.float().sum() + want.task["vqa_targets"].sum()))
+    assert same(out, want) and same(ahead, want)
+    total = float(want.region_feats.float().sum() + want.task["vqa_targets"].sum())
+    assert float(used) == pytest.approx(total) and float(used_ahead) == pytest.approx(total)

@@ -125,7 +125,15 @@ TRAINER_SCRIPT = textwrap.dedent(r"""
                                              "train.save_every_steps=0", f"output_root={out}", "run_name=syncs",
                                              f"data.cache_dir={out}/cache"])
     trainer = build_training(cfg)
-    with HostSyncRecorder(packages=("vltrain", "deepspeed")) as rec:
+    rec = HostSyncRecorder(packages=("vltrain", "deepspeed"))
+    forward, fetch = trainer.engine.forward, trainer._fetch        # markers in the same timeline
+    def marked(name, fn):
+        def call(*a, **k):
+            rec.calls.append((name, "marker"))
+            return fn(*a, **k)
+        return call
+    trainer.engine.forward, trainer._fetch = marked("forward", forward), marked("fetch", fetch)
+    with rec:
         code = trainer.train()
     print("RESULTS " + json.dumps({"code": code, "calls": rec.calls}), flush=True)
 """)
@@ -137,17 +145,39 @@ PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_flush", "vltrain/engine/trainer.
                            "vltrain/engine/checkpoint.py:save", "vltrain/data/loader.py:__iter__"}
 
 
-def test_the_trainer_syncs_once_per_micro_step(synthetic_corpus, tmp_path):
-    """Trainer.train() as run.py runs it (DeepSpeed ZeRO-2, 3 steps x 2 micro-steps): vltrain's
-    only per-micro-step read-back is the flag vector; logging reads once per interval, saving
-    once per checkpoint. (DeepSpeed's own step reads its gradient norm back to check the clip;
-    listed in the message, not asserted: not ours to change.)"""
-    res = run_one_rank(TRAINER_SCRIPT, synthetic_corpus, str(tmp_path))
+@pytest.fixture(scope="module")
+def trainer_calls(synthetic_corpus, tmp_path_factory):
+    """Trainer.train() as run.py runs it (DeepSpeed ZeRO-2, 3 steps x 2 micro-steps, one rank):
+    its read-backs, with markers where the engine's forward and the trainer's fetch begin."""
+    res = run_one_rank(TRAINER_SCRIPT, synthetic_corpus, str(tmp_path_factory.mktemp("syncs")))
     assert res["code"] == 0
-    sites = collections.Counter(where.rsplit(":", 1)[0] for _, where in res["calls"])
+    return [tuple(c) for c in res["calls"]]
+
+
+def test_the_trainer_syncs_once_per_micro_step(trainer_calls):
+    """vltrain's only per-micro-step read-back is the flag vector; logging reads once per
+    interval, saving once per checkpoint. (DeepSpeed's own step reads its gradient norm back to
+    check the clip; listed in the message, not asserted: not ours to change.)"""
+    sites = collections.Counter(where.rsplit(":", 1)[0] for _, where in trainer_calls if where != "marker")
     ours = {k: n for k, n in sites.items() if k.startswith("vltrain/")}
     deepspeeds = {k: n for k, n in sites.items() if not k.startswith("vltrain/")}
     assert set(ours) <= PER_MICRO_STEP | PER_LOG_INTERVAL_OR_RUN, (ours, deepspeeds)
     assert ours["vltrain/engine/trainer.py:_flags"] == 6, (ours, deepspeeds)
     assert ours.get("vltrain/model/vl_model.py:mode_tensor", 0) == 6, (ours, deepspeeds)
     assert ours.get("vltrain/monitor.py:_flush", 0) <= 2, (ours, deepspeeds)      # one log step: .cpu().tolist()
+
+
+def test_the_next_batch_is_fetched_before_the_first_read_back_after_each_forward(trainer_calls):
+    """The trainer takes (and starts copying) the next micro-batch right after queuing a
+    forward, before anything makes the host wait for the GPU: so the fetch overlaps GPU work
+    even where DeepSpeed's backward or step syncs (this recorder sees read-backs; DeepSpeed's
+    device-wide syncs with overlap_comm come inside the backward, later still). Every
+    micro-step but the last fetches one; the first batch is fetched up front."""
+    def site(where):
+        return where.rsplit(":", 1)[0].removeprefix("vltrain/")
+    order = [op if where == "marker" else "sync" for op, where in trainer_calls if site(where) not in CPU_ONLY]
+    forwards = [i for i, op in enumerate(order) if op == "forward"]
+    assert len(forwards) == 6 and order[0] == "fetch", order
+    for i in forwards[:-1]:
+        assert order[i + 1] == "fetch", (i, order)
+    assert "fetch" not in order[forwards[-1]:], order

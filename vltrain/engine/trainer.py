@@ -20,7 +20,7 @@ import torch.distributed as dist
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.device_copy import DeviceCopier
+from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP
 from vltrain.tasks.base import batch_work
 
@@ -53,10 +53,10 @@ class Trainer:
         self._last_save_time = time.time()
         self._eval_loaders: dict = {}      # split -> loader, built on first use (eval_loader)
         self.to_device = DeviceCopier(device, float_dtype)   # host -> device on a side CUDA stream
-        # The next micro-batch, fetched and copied while the GPU runs this one's backward
-        # (see train()); a checkpoint's loader state leaves it out, so a resumed run starts
-        # with it.
-        self._next: Optional[Batch] = None
+        # The next micro-batch, fetched and its copy started while the GPU runs this one's
+        # forward (see train()); a checkpoint's loader state leaves it out, so a resumed run
+        # starts with it.
+        self._next: Optional[InFlight] = None
 
     # ------------------------------------------------------------------ state
 
@@ -115,10 +115,10 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [bool(v) for v in flags.tolist()]
 
-    def _fetch(self, batches) -> Batch:
+    def _fetch(self, batches) -> InFlight:
         with self.monitor.data_wait():
             batch: Batch = next(batches)
-        return self.to_device(batch)
+        return self.to_device.start(batch)
 
     def _batches(self):
         """Endless batches across epochs (the loader keeps the epoch). A resumed, finished
@@ -147,10 +147,18 @@ class Trainer:
         step_metrics: dict[str, torch.Tensor] = {}
         n_micro, tokens, flops = 0, 0, 0.0
         while self.step < cfg.max_steps:
-            batch = self._next if self._next is not None else self._fetch(batches)
+            batch = (self._next if self._next is not None else self._fetch(batches)).get()
             self._next = None
             boundary = self.engine.is_gradient_accumulation_boundary()
             loss, metrics = self.engine(batch)
+            if not (boundary and self.step + 1 >= cfg.max_steps):
+                # While the GPU runs the forward just queued: the loader's next batch and its
+                # copy to the device (side stream). Here, before the first read-back of this
+                # micro-step (the flags below), the host's fetch and the copy overlap GPU work
+                # whatever follows: DeepSpeed's backward ends in a device-wide sync with
+                # overlap_comm (ZeRO-2, several ranks) and its step reads the gradient norm
+                # back, each leaving the GPU idle behind a fetch issued after them.
+                self._next = self._fetch(batches)
             nonfinite, stop, save_now = self._flags(loss)
             save_due = save_due or save_now
             if nonfinite:
@@ -170,12 +178,6 @@ class Trainer:
                 continue
             self.nonfinite_in_row = 0
             self.engine.backward(loss)
-            if not (boundary and self.step + 1 >= cfg.max_steps):
-                # While the GPU runs the backward just queued: the loader's next batch and its
-                # copy to the device (side stream). Fetched after the step instead, the copy
-                # would wait behind DeepSpeed's step, which reads the gradient norm back, and
-                # the next forward behind the copy.
-                self._next = self._fetch(batches)
             self.engine.step()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
