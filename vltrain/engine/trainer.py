@@ -60,22 +60,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def checkpoint_info(self) -> dict:
+    def checkpoint_info(self, loader_state: dict) -> dict:
         zero = (self.ds_config.get("zero_optimization") or {}).get("stage", 0)
         t = self.cfg.train
         return {"world_size": self.info.world, "zero_stage": zero,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
                 "global_batch": t.micro_batch_size * t.grad_accum * self.info.world,
-                "num_canonical_nodes": self.loader.state_dict().get("num_canonical_nodes"),
+                "num_canonical_nodes": loader_state.get("num_canonical_nodes"),
                 "best_metric": self.best_metric, "nonfinite_total": self.nonfinite_total}
 
     def save(self, tag: Optional[str] = None) -> str:
         tag = tag or ckpt.step_tag(self.step)
-        rank_state = {"loader": self.loader.state_dict(held_back=int(self._next is not None)),
+        loader_state = self.loader.state_dict(held_back=int(self._next is not None))
+        rank_state = {"loader": loader_state,
                       "best_metric": self.best_metric,
                       "nonfinite_total": self.nonfinite_total, "samples_seen": self.monitor.samples_seen}
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
-                         rank_state=rank_state, info=self.checkpoint_info(), rank=self.info.rank,
+                         rank_state=rank_state, info=self.checkpoint_info(loader_state), rank=self.info.rank,
                          keep_last=self.cfg.train.keep_last)
         self._last_save_time = time.time()
         if self.info.is_main:
