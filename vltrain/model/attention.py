@@ -391,7 +391,8 @@ def resolve_auto(device_type: str, dropout_p: float) -> tuple[str, str]:
     if device_type != "cuda":
         return "sdpa", f"{device_type}: fused GPU kernels do not apply; sdpa is the fastest exact path"
     # Measured (BENCHMARKS.md, H100, bf16, base size, L=140): sdpa's training step is ~2x
-    # flex's (compiled, dropout 0) and ~3x varlen's (torch's kernel, two calls); at our
+    # flex's (compiled, dropout 0) and ~1.4x varlen's (torch's kernel, two calls; the
+    # attention alone ~4.6x); at our
     # short sequences flex's 128-wide blocks save nothing and cost a BlockMask per forward.
     why = "cuda: sdpa on the efficient/cuDNN kernels, the fastest measured at our lengths"
     if dropout_p > 0:
