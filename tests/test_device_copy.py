@@ -2,6 +2,8 @@
 region features cast, task tensors moved; on a GPU from pinned memory on a side stream, with
 no host sync and correct values while the compute stream is still busy, also when the copy is
 started before more compute is queued and taken into use after it (as the trainer does)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,9 +60,12 @@ def test_copier_on_cuda_overlaps_a_busy_stream_and_gets_the_values_right():
             x = torch.tanh(x @ x)                               # the micro-step), then the batch used
         ahead = pending.get()
         used_ahead = ahead.region_feats.float().sum() + ahead.task["vqa_targets"].sum()
+        text_only = copier.start(dataclasses.replace(b, region_feats=None, region_boxes=None,
+                                                     region_cls_probs=None, region_mask=None)).get()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t.device.type == "cuda" for t in out.tensors())
     assert same(out, want) and same(ahead, want)
+    assert torch.equal(text_only.input_ids.cpu(), b.input_ids) and text_only.region_feats is None
     total = float(want.region_feats.float().sum() + want.task["vqa_targets"].sum())
     assert float(used) == pytest.approx(total) and float(used_ahead) == pytest.approx(total)

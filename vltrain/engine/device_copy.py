@@ -30,13 +30,14 @@ from vltrain.data.batch import Batch
 class InFlight:
     """A batch on the device whose copy may still be running on the copier's stream."""
 
-    def __init__(self, batch: Batch, event: Optional[torch.cuda.Event] = None):
-        self._batch, self._event = batch, event
+    def __init__(self, batch: Batch, event: Optional[torch.cuda.Event] = None,
+                 device: Optional[torch.device] = None):
+        self._batch, self._event, self._device = batch, event, device
 
     def get(self) -> Batch:
         """The batch, usable on the current stream (which waits for the copy; no host sync)."""
         if self._event is not None:
-            compute = torch.cuda.current_stream(self._batch.region_feats.device)
+            compute = torch.cuda.current_stream(self._device)
             compute.wait_event(self._event)
             for t in self._batch.tensors():
                 t.record_stream(compute)
@@ -60,7 +61,7 @@ class DeviceCopier:
             out = batch.to(self.device, non_blocking=True, float_dtype=self.float_dtype)
             done = torch.cuda.Event()
             done.record(self.stream)
-        return InFlight(out, done)
+        return InFlight(out, done, self.device)
 
     def __call__(self, batch: Batch) -> Batch:
         return self.start(batch).get()
