@@ -291,6 +291,23 @@ def test_bad_sample_errors_name_dataset_and_sample(tok, breakage, message):
         make(tok, obj=ObjectivesConfig(mrc=True))(samples)
 
 
+def test_the_float16_finiteness_check_agrees_with_numpy_on_every_bit_pattern():
+    """The collator tests float16 arrays through their bits (numpy's float16 math is slow):
+    every one of the 65,536 values, alone and inside an otherwise finite array."""
+    from vltrain.data.collate import _all_finite
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.isfinite(every.astype(np.float32))
+    assert finite.sum() == 63488                       # 2 x 31 exponents x 1024 mantissas
+    assert [_all_finite(np.array([v])) for v in every] == finite.tolist()
+    base = np.full((4, 7), 1.5, np.float16)
+    for v in every[~finite][::97].tolist() + [np.inf, -np.inf, np.nan]:
+        arr = base.copy()
+        arr[3, 6] = v
+        assert not _all_finite(arr)
+    assert _all_finite(base) and _all_finite(np.zeros((0, 7), np.float16))
+    assert _all_finite(np.array([65504, -65504, 6e-8, -0.0], np.float16))
+
+
 def test_skip_bad_samples_counts_them(tok):
     col = make(tok, DataConfig(skip_bad_samples=True), ObjectivesConfig(mrc=True))
     samples = caps(5) + texts(2)

@@ -395,8 +395,9 @@ class PretrainCollator:
 
 
 def _all_finite(arr: np.ndarray) -> bool:
-    if arr.dtype == np.float16:   # numpy's float16 math is slow: test the exponent bits
-        return not ((arr.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    if arr.dtype == np.float16:   # numpy's float16 math is slow: test the bits. Finite iff the
+        # magnitude bits are below the all-ones exponent (inf 0x7C00, NaN above it).
+        return arr.size == 0 or int((arr.view(np.uint16) & 0x7FFF).max()) < 0x7C00
     if arr.dtype.kind == "f":
         return bool(np.isfinite(arr).all())
     return True
