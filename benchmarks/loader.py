@@ -137,6 +137,16 @@ def receive_cost(loader, step_s):
     return float(np.median(cpu)) * 1e3, float(np.median(wall)) * 1e3, len(cpu)
 
 
+def make_fresh_collator(base):
+    """The collator as before vltrain recycled its large tensors in workers: ``scratch``
+    stays None whatever ``PackInWorkers`` sets (the peer of the recycling rows)."""
+    class Fresh(type(base)):
+        scratch = property(lambda self: None, lambda self, value: None)
+    fresh = object.__new__(Fresh)
+    fresh.__dict__.update({k: v for k, v in vars(base).items() if k != "scratch"})
+    return fresh
+
+
 def free_stall(nbytes: int, release: bool, reps: int = 3) -> tuple[float, float]:
     """A thread drops a batch-sized shared-memory buffer (as the pinning thread does after
     copying a batch) while another thread spins (the training thread launching kernels):
@@ -265,6 +275,21 @@ def main(argv=None):
             t_coll = (time.perf_counter() - t0) / (len(items) // args.batch * args.batch)
             parts.append((name, t_read * 1e3, t_coll * 1e3))
         del ds
+        # A worker's batch assembly (collate + copy into the shared buffer) with the collator's
+        # large tensors new every batch vs recycled, one worker, same run.
+        assembly = []
+        for b in sorted({args.batch, 128}):
+            for recycled in (False, True, False, True):
+                cfg = load_config(None, [f"data.train={mds}", f"data.cache_dir={root}/asm{b}{recycled}{len(assembly)}",
+                                         f"model.region_feat_dim={args.dim}", f"model.num_region_classes={args.classes}",
+                                         f"data.max_regions={args.regions}", "objectives.mrc=true"])
+                collator = PretrainCollator(tok, cfg.data, cfg.objectives, 0, [StreamInfo(mds, meta)])
+                loader = VLDataLoader(build_dataset(cfg, b)[0], batch_size=b, num_workers=1, drop_last=True,
+                                      collator=collator if recycled else make_fresh_collator(collator),
+                                      persistent_workers=False, prefetch_factor=2)
+                timed(loader, 2 * b)
+                assembly.append((b, recycled, timed(loader, args.samples - b)[0]))
+                del loader
 
     per_sample_mb = args.regions * args.dim * 2 / 1e6
     cls_mb = args.regions * args.classes * 2 / 1e6
@@ -284,6 +309,10 @@ def main(argv=None):
     for name, r, c in parts:
         per_core = 1e3 / (r + c)
         lines.append(f"| {name} | {r:.3f} | {c:.3f} | {per_core:,.0f} | {GPU_SAMPLES_PER_S / per_core:.1f} |")
+    lines += ["", "| one worker, collator's large tensors | batch | samples/s |", "|---|---|---|"]
+    for b, recycled, sps in assembly:
+        how = "recycled between batches (vltrain)" if recycled else "new every batch"
+        lines.append(f"| {how} | {b} | {sps:,.0f} |")
     lines += ["", "| batch transfer (worker -> trainer) | workers | trainer's CPU ms per batch | next() wall ms "
               "| batches |",
               "|---|---|---|---|---|"]

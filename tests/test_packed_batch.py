@@ -7,7 +7,7 @@ import torch
 
 from tests.fixtures.tasks import CORPUS_DIR, collator, read_rows, task_cfg
 from vltrain.data.batch import Batch
-from vltrain.data.packed import ALIGN, pack, release_shared_pages, shared_buffer
+from vltrain.data.packed import ALIGN, ScratchPool, pack, release_shared_pages, shared_buffer
 
 
 def assert_same_batch(a: Batch, b: Batch) -> None:
@@ -119,3 +119,24 @@ def test_pinned_packed_batch_reaches_the_gpu_intact(synthetic_corpus):
     on_gpu = DeviceCopier(torch.device("cuda"))(pinned)
     torch.cuda.synchronize()
     assert_same_batch(batch, on_gpu.to("cpu"))
+
+
+def test_scratch_pool_recycles_zeroed_tensors_only_after_recycle():
+    pool = ScratchPool(keep=2)
+    a = pool.zeros((3, 5), torch.float16).fill_(7)
+    b = pool.zeros((3, 5), torch.float16)                  # a is still in use: a new one
+    assert b.data_ptr() != a.data_ptr() and pool.reused == 0
+    pool.recycle()
+    c = pool.zeros((3, 5), torch.float16)
+    assert c.data_ptr() in (a.data_ptr(), b.data_ptr()) and pool.reused == 1
+    assert int(c.count_nonzero()) == 0                      # zeroed although a held 7s
+    assert pool.zeros((3, 5), torch.float32).dtype == torch.float32 and pool.reused == 1
+    pool.recycle()
+    for shape in ((1,), (2,), (4,)):                        # more free shapes than keep: oldest go
+        pool.zeros(shape, torch.uint8)
+    pool.recycle()
+    pool.zeros((4,), torch.uint8)
+    pool.zeros((2,), torch.uint8)
+    assert pool.reused == 3
+    pool.zeros((1,), torch.uint8)                          # dropped: a new one
+    assert pool.reused == 3

@@ -29,6 +29,7 @@ import torch
 from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch
 from vltrain.data.errors import BadSampleError
 from vltrain.data import masking
+from vltrain.data.packed import ScratchPool
 
 # Keys the reader adds to every sample (see datasets.VLStreamingDataset.get_item).
 STREAM_KEY = "_stream"
@@ -93,6 +94,8 @@ class PretrainCollator:
         self.epoch = 0
         self.streams = list(streams) if streams else [StreamInfo("<unnamed dataset>", {})]
         self.require_cls_probs = require_cls_probs
+        # Set in DataLoader workers (PackInWorkers): where the large batch tensors come from.
+        self.scratch: Optional[ScratchPool] = None
         self.cls_id, self.sep_id, self.stop_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.stop_id
         self.mask_id, self.pad_id = tokenizer.mask_id, tokenizer.pad_id
         self.random_pool = random_token_pool(tokenizer)
@@ -354,14 +357,16 @@ class PretrainCollator:
             raise BadSampleError("batch mixes feature dims "
                                  f"{sorted({e.feats.shape[1] for e in img})}: streams disagree")
         N = self.data.max_regions if self.data.pad_to == "bucket" else max(len(e.feats) for e in img)
-        feats = torch.zeros((B, N, D), dtype=_torch_dtype(img[0].feats.dtype))
+        # The two large tensors (~0.7 MB per base-size sample) from the worker's pool.
+        zeros = self.scratch.zeros if self.scratch is not None else _zeros
+        feats = zeros((B, N, D), _torch_dtype(img[0].feats.dtype))
         boxes = torch.zeros((B, N, 4), dtype=torch.float32)
         rmask = torch.zeros((B, N), dtype=torch.bool)
         C = next((e.cls.shape[1] for e in img if e.cls is not None), None)
         # Class distributions keep the stored dtype (float16): at 100 x 1601 they outweigh the
         # features; the model and the loss cast them on the device.
         cls_dtype = next((_torch_dtype(e.cls.dtype) for e in img if e.cls is not None), None)
-        cls = torch.zeros((B, N, C), dtype=cls_dtype) if C is not None else None
+        cls = zeros((B, N, C), cls_dtype) if C is not None else None
         has_if = any(e.image_feat is not None for e in img)
         image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
         mrc_pos = []
@@ -392,6 +397,10 @@ class PretrainCollator:
             feats.view(B * N, D)[pos] = 0
             cls.view(B * N, C)[pos] = 0
         return batch
+
+
+def _zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
 
 
 def _all_finite(arr: np.ndarray) -> bool:

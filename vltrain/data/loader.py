@@ -29,7 +29,7 @@ from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
 from vltrain.data.errors import MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
-from vltrain.data.packed import PackedBatch, pack
+from vltrain.data.packed import PackedBatch, ScratchPool, pack
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,23 @@ def prepare_streaming_once() -> None:
 
 class PackInWorkers:
     """``collate_fn``: the collator's batch, packed into one shared buffer when collated in a
-    DataLoader worker (see vltrain/data/packed.py); unchanged in the main process."""
+    DataLoader worker (see vltrain/data/packed.py), the collator's large tensors recycled
+    there from batch to batch; unchanged in the main process."""
 
     def __init__(self, collator):
         self.collator = collator
+        self.scratch: Optional[ScratchPool] = None
 
     def __call__(self, samples):
-        batch = self.collator(samples)
-        return pack(batch) if torch.utils.data.get_worker_info() is not None else batch
+        if torch.utils.data.get_worker_info() is None:
+            return self.collator(samples)
+        if self.scratch is None:          # first batch in this worker (its own copy of both)
+            self.scratch = self.collator.scratch = ScratchPool()
+        try:
+            return pack(self.collator(samples))
+        finally:
+            # pack copied the batch (or the collator raised): nothing holds its tensors now.
+            self.scratch.recycle()
 
 
 class VLDataLoader(StreamingDataLoader):

@@ -16,6 +16,12 @@ gives the pages back to the kernel (~50 ms for a 190 MB base-size batch of 256 o
 long every step. ``pin_memory`` therefore releases the shared pages itself, after copying
 them, in a system call made without the GIL (:func:`release_shared_pages`).
 
+The worker's own copy of the batch is the third: the collator assembles it in new tensors
+(~190 MB at base size and a batch of 256) that ``pack`` copies and drops. Fresh memory costs
+a page fault per 4 KB on first touch, which was about as much as the collation itself, so in
+a worker the collator takes its large tensors from a :class:`ScratchPool` that hands the
+same ones back, zeroed, for the next batch.
+
 The packed form only crosses the process boundary: ``VLDataLoader`` packs in its workers and
 unpacks before yielding, so every consumer still sees a ``Batch``. ``benchmarks/loader.py``
 measures both costs.
@@ -26,6 +32,7 @@ import ctypes
 import dataclasses
 import functools
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -136,3 +143,39 @@ def pack(batch: Batch) -> PackedBatch:
     for name, key, t in entries:
         (views.task[key] if key is not None else getattr(views, name)).copy_(t)
     return packed
+
+
+class ScratchPool:
+    """Zeroed CPU tensors for a DataLoader worker's batch assembly, recycled between batches.
+
+    ``zeros(shape, dtype)`` gives a tensor back from the previous batch if one of that shape
+    and dtype is free (zeroed in place: its pages are mapped already), else a new one.
+    ``recycle()`` declares every tensor handed out since the last call free again: only for
+    a caller that no longer holds them or any view of them (``PackInWorkers``, once ``pack``
+    has copied the batch). Keeps at most ``keep`` free tensors (the shapes a batch uses)."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._free: OrderedDict = OrderedDict()      # (shape, dtype) -> tensor
+        self._out: list = []
+        self.reused = 0
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        t = self._free.pop(key, None)
+        if t is None:
+            t = torch.zeros(key[0], dtype=dtype)
+        else:
+            t.zero_()
+            self.reused += 1
+        self._out.append((key, t))
+        return t
+
+    def recycle(self) -> None:
+        for key, t in self._out:
+            self._free[key] = t
+            self._free.move_to_end(key)
+        self._out.clear()
+        while len(self._free) > self.keep:
+            self._free.popitem(last=False)
+
