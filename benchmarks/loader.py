@@ -10,10 +10,12 @@ where the region features come from:
   hdf5   one HDF5 file, (N, regions, dim) float16, random access per sample (LXMERT/VLP style)
   npy    one ``.npy`` per image (VL-BERT / bottom-up style), random order
 
-each with 1 and 2 DataLoader workers, measured in the same run. Then what the trainer's process
-pays per batch from a worker (each tensor in its own shared-memory segment, torch's default,
-vs VLDataLoader's one packed buffer), and how long a thread that frees a batch's shared
-memory holds up the training thread (plain deallocation vs vltrain's GIL-free release).
+each with 1 and 2 DataLoader workers, measured in the same run. Then one worker with the
+collator's large tensors new every batch vs recycled (vltrain's ``ScratchPool``); what the
+trainer's process pays per batch from a worker (each tensor in its own shared-memory
+segment, torch's default, vs VLDataLoader's one packed buffer); and how long a thread that
+frees a batch's shared memory holds up the training thread (plain deallocation vs vltrain's
+GIL-free release).
 Every sample also carries its regions' class distributions (fp16, ``--classes`` 1601 as
 VLP's Visual Genome detector: another ~320 KB at 100 regions, read from the same files as
 the features in every layout). The figure that matters on a GPU node: at 100 regions x 2048
