@@ -188,3 +188,23 @@ def test_trainer_e2e_quick_reports_the_trainer_beside_its_parts(tmp_path):
     assert finite(rows[0][4]) and 0 <= float(rows[0][4]) <= 100, rows                      # data wait %
     assert rows[-1][6] == "1"
     assert md.read_text().strip() == out.strip()
+
+
+def test_loader_benchmark_reports_every_table(tmp_path):
+    """benchmarks/loader.py at a tiny size: every reader, the worker's new vs recycled batch
+    tensors, the transfer and the freeing rows, each with a finite positive figure."""
+    md = tmp_path / "loader.md"
+    out = run_script(["benchmarks/loader.py", "--samples", "96", "--regions", "6", "--dim", "32", "--classes", "17",
+                      "--batch", "8", "--step-s", "0.01", "--out", str(md)])
+    _, rows = table_rows(out, "reader (same collation)")
+    assert [(r[0], r[1]) for r in rows] == [(name, w) for w in ("1", "2") for name in
+                                            ("ours: MDS + StreamingDataset", "HDF5 random access", ".npy per image")]
+    _, rows = table_rows(out, "one worker, collator's large tensors")
+    assert [(r[0], r[1]) for r in rows] == [(how, b) for b in ("8", "32") for how in
+                                            ("new every batch", "recycled between batches (vltrain)") * 2]
+    assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows
+    for first, n in (("reader, one process, one thread", 3), ("batch transfer (worker -> trainer)", 4),
+                     ("freeing a batch's shared memory (pinning thread)", 4)):
+        _, rows = table_rows(out, first)
+        assert len(rows) == n and all(finite(c) for r in rows for c in r[1:]), (first, rows)
+    assert out.strip().endswith(md.read_text().strip())          # --out: the tables as printed
