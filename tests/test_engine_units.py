@@ -59,7 +59,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_grads():
         model = VLModel(debug_model_config(activation_checkpointing=flag)).train()
         loss, _ = pretrain_losses(model, pretrain_batch(model.config), ObjectivesConfig(mrc=True))
         loss.backward()
-        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert results[0][0] == results[1][0]
     for n, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][n], atol=1e-7), n

@@ -153,9 +153,12 @@ class ScratchPool:
     and dtype is free (zeroed in place: its pages are mapped already), else a new one.
     ``recycle()`` declares every tensor handed out since the last call free again: only for
     a caller that no longer holds them or any view of them (``PackInWorkers``, once ``pack``
-    has copied the batch). Keeps at most ``keep`` free tensors (the shapes a batch uses)."""
+    has copied the batch). Keeps at most ``keep`` free tensors: by default one batch's region
+    features and class distributions, memory the worker needs at its peak anyway (~190 MB at
+    base size and a batch of 256); with ``data.pad_to`` other than ``bucket`` the region count
+    varies, and a tensor is reused only when its shape comes back."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 2):
         self.keep = keep
         self._free: OrderedDict = OrderedDict()      # (shape, dtype) -> tensor
         self._out: list = []
