@@ -358,15 +358,15 @@ class PretrainCollator:
                                  f"{sorted({e.feats.shape[1] for e in img})}: streams disagree")
         N = self.data.max_regions if self.data.pad_to == "bucket" else max(len(e.feats) for e in img)
         # The two large tensors (~0.7 MB per base-size sample) from the worker's pool.
-        zeros = self.scratch.zeros if self.scratch is not None else _zeros
-        feats = zeros((B, N, D), _torch_dtype(img[0].feats.dtype))
+        zeros = self.scratch.zeros if self.scratch is not None else torch.zeros
+        feats = zeros((B, N, D), dtype=_torch_dtype(img[0].feats.dtype))
         boxes = torch.zeros((B, N, 4), dtype=torch.float32)
         rmask = torch.zeros((B, N), dtype=torch.bool)
         C = next((e.cls.shape[1] for e in img if e.cls is not None), None)
         # Class distributions keep the stored dtype (float16): at 100 x 1601 they outweigh the
         # features; the model and the loss cast them on the device.
         cls_dtype = next((_torch_dtype(e.cls.dtype) for e in img if e.cls is not None), None)
-        cls = zeros((B, N, C), cls_dtype) if C is not None else None
+        cls = zeros((B, N, C), dtype=cls_dtype) if C is not None else None
         has_if = any(e.image_feat is not None for e in img)
         image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
         mrc_pos = []
@@ -397,10 +397,6 @@ class PretrainCollator:
             feats.view(B * N, D)[pos] = 0
             cls.view(B * N, C)[pos] = 0
         return batch
-
-
-def _zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype)
 
 
 def _all_finite(arr: np.ndarray) -> bool:
