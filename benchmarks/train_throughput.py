@@ -645,8 +645,8 @@ def attention_section(size: Size, device: torch.device, args) -> tuple[str, dict
 
 
 def last_block_section(size: Size, device: torch.device, args) -> tuple[str, dict]:
-    """One block, fwd+bwd: at every position then gathering the masked rows, vs ``forward_at``
-    computing only those rows (what the pretraining and caption losses now ask for)."""
+    """One block, fwd+bwd: at every position then gathering the masked rows, vs the block
+    called with ``rows=`` computing only those rows (what the pretraining and caption losses now ask for)."""
     from vltrain.model import attention as A
     from vltrain.model.transformer import Block
     torch.manual_seed(0)
@@ -670,10 +670,10 @@ def last_block_section(size: Size, device: torch.device, args) -> tuple[str, dic
     def selected():
         x = x0.clone().requires_grad_()
         with autocast_ctx(device):
-            y = block.forward_at(x, b_idx, q_idx, backend.prepare(st, x.dtype), backend)
+            y = block(x, backend.prepare(st, x.dtype), backend, (b_idx, q_idx))
         y.float().sum().backward()
 
-    runs = {"every position, then gather": full, "masked positions only (forward_at)": selected}
+    runs = {"every position, then gather": full, "masked positions only": selected}
     times = {k: [] for k in runs}
     for f in runs.values():
         f()

@@ -25,6 +25,8 @@ import torch
 from tests.fixtures.assets import bert_text_diff
 from tests.fixtures.corpus import REPO, rank_env, free_port
 from vltrain.ckpt.__main__ import main as ckpt_main
+from vltrain.config import debug_model_config
+from vltrain.model.transformer import named_pieces
 
 TAG3 = "step_00000003"
 
@@ -209,7 +211,8 @@ def test_consolidate_equals_live_engine_weights(ckpts, resharded, tmp_path, caps
     code, _, err = cli(capsys, "consolidate", src, out, *(["--tag", tag] if tag else []))
     assert code == 0, err
     got = load_file(str(out))
-    live = strip(load_dump(ckpts, dump)["fp32"])
+    # files name the blocks' pieces (layers.0.qkv.weight); the live engine holds flat parameters
+    live = named_pieces(strip(load_dump(ckpts, dump)["fp32"]), debug_model_config())
     assert got.keys() == live.keys()
     for k in live:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], live[k]), k
@@ -228,7 +231,7 @@ def test_consolidated_file_round_trips_with_tied_decoder(ckpts, tmp_path, capsys
     vocab_matrices = [k for k, v in state.items() if tuple(v.shape) == (30522, 64)]
     assert vocab_matrices == ["embeddings.word.weight"]                # the decoder is stored once
     model = VLModel.from_pretrained(str(tmp_path)).eval()
-    own = model.state_dict()
+    own = named_pieces(model.state_dict(), model.config)
     assert own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in state)
     # re-tied: the MLM decoder is the word-embedding matrix itself
     h = torch.randn(5, 64)

@@ -170,7 +170,7 @@ def test_incremental_forward_has_gradients():
     h, gen = extend(model, prefix, GenCache.empty(prefix, 2), torch.tensor([[2000, 103]] * 2), commit=1)
     h2, _ = extend(model, prefix, gen, torch.tensor([[2001, 103]] * 2), commit=1)
     (h.sum() + h2.sum()).backward()
-    assert model.layers[0].qkv.weight.grad.abs().sum() > 0
+    assert model.layers[0].matrices.grad.abs().sum() > 0
     assert model.region_embeddings.feat.weight.grad.abs().sum() > 0     # through the cached prefix
 
 
@@ -226,8 +226,12 @@ def test_decoding_stops_at_stop(ids):
     assert res.stopped == [False] * 6 and res.lengths == [7] * 6
     # In between: each stopped caption's next argmax (full forward) is [STOP], and no word
     # before it was; no output contains [STOP] or any other special token.
-    model = make_model(stop_bias=6.5)
-    res = greedy_decode(model, batch, ids, max_len=8, no_repeat_ngram=1)
+    # The bias that gives such a mix depends on the random init: take the first that does.
+    for bias in (4.0, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 9.0):
+        model = make_model(stop_bias=bias)
+        res = greedy_decode(model, batch, ids, max_len=8, no_repeat_ngram=1)
+        if any(res.stopped) and not all(len(t) == 0 for t in res.tokens):
+            break
     assert any(res.stopped) and not all(len(t) == 0 for t in res.tokens)
     for b, (words, stopped) in enumerate(zip(res.tokens, res.stopped)):
         assert not set(words) & ({ids.stop_id} | set(ids.forbidden))

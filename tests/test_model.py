@@ -54,8 +54,13 @@ def test_text_only_equals_transformers_bert(minilm_dir, hf_bert, backend):
 
 
 def test_weight_name_map_round_trips(minilm_dir):
+    from vltrain.model.transformer import named_pieces
     model = make_model()
-    sd = model.state_dict()
+    flat = model.state_dict()
+    sd = named_pieces(flat, model.config)
+    assert {"layers.1.qkv.weight", "layers.1.ffn_norm.bias"} <= sd.keys() and "layers.1.matrices" not in sd
+    n_block = sum(flat[f"layers.1.{k}"].numel() for k in ("matrices", "vectors"))
+    assert sum(v.numel() for k, v in sd.items() if k.startswith("layers.1.")) == n_block   # every element once
     back = from_hf_state_dict(to_hf_state_dict(sd))
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)

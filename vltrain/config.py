@@ -46,7 +46,7 @@ class ModelConfig:
     # Execution.
     attention_backend: str = "eager"         # eager (reference) | sdpa | flex | varlen | auto
     activation_checkpointing: bool = False
-    compile: bool = False                    # torch.compile each transformer block (in place)
+    compile: bool = False                    # torch.compile the transformer layer function (compile.py)
 
 
 @dataclass

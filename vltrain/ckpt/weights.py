@@ -74,10 +74,14 @@ def fp32_state_dict(found: ckpt.Found, verbose: bool = False) -> dict[str, torch
 
 
 def model_state_dict(found: ckpt.Found, verbose: bool = False) -> dict[str, torch.Tensor]:
-    """``fp32_state_dict`` with VLModel names (``model.`` stripped), tensors unshared."""
+    """``fp32_state_dict`` with VLModel names (``model.`` stripped), the blocks' flat parameters
+    as their pieces (``layers.{i}.qkv.weight`` ..., ``transformer.named_pieces``), tensors unshared."""
+    from vltrain.ckpt.layout import read_config
+    from vltrain.model.transformer import named_pieces
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for k, v in strip_prefix(fp32_state_dict(found, verbose)).items():
+    state = named_pieces(strip_prefix(fp32_state_dict(found, verbose)), read_config(found).model)
+    for k, v in state.items():
         # safetensors refuses shared storage: a second name for one tensor gets its own copy
         key = v.untyped_storage().data_ptr() if v.numel() else None
         out[k] = v.clone() if key is not None and key in seen else v

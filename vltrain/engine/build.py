@@ -40,10 +40,13 @@ def init_weights(model: VLModel, path: str) -> dict:
         raise FileNotFoundError(f"train.init_from={path} does not exist")
     task_state: dict = {}
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        from vltrain.ckpt.layout import locate
+        from vltrain.ckpt.layout import locate, read_config
         from vltrain.ckpt.weights import fp32_state_dict
+        from vltrain.model.transformer import named_pieces
         found = locate(path)                     # any ZeRO stage, or a resharded (universal) one
-        state = fp32_state_dict(found)
+        # the blocks' flat parameters split by the checkpoint's own config: a model of another
+        # shape is then refused naming the pieces (layers.0.qkv.weight: checkpoint .. vs model ..)
+        state = named_pieces(fp32_state_dict(found), read_config(found).model)
         task_state = {k: v for k, v in state.items() if not k.startswith("model.")}
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         source = found.path
@@ -122,7 +125,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     elif cfg.mode == "eval":
         raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
     from vltrain.model.compile import maybe_compile
-    maybe_compile(model)     # model.compile: blocks compiled in place, state-dict names unchanged
+    maybe_compile(model)     # model.compile: the layer function compiled, state-dict names unchanged
     spec = get_task(cfg.task.name)
     task = spec.build_module(cfg, model)
     if cfg.mode == "eval" or task_state:

@@ -384,7 +384,9 @@ def check_buildable(ds: dict) -> None:
 
 
 def no_decay_param_groups(model, weight_decay: float) -> list[dict]:
-    """BERT's convention: no weight decay on biases and LayerNorm weights (1-d params).
+    """BERT's convention: no weight decay on biases and LayerNorm weights (1-d params, and a
+    block's flat ``vectors``); decay on weight matrices (2-d params, and a block's flat
+    ``matrices``: its four weight matrices, see vltrain/model/transformer.py).
 
     Pass as ``model_parameters`` to ``deepspeed.initialize``; the group's ``weight_decay``
     overrides the ds_config's ``optimizer.params.weight_decay`` for that group.
@@ -393,7 +395,8 @@ def no_decay_param_groups(model, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        decays = name.endswith(".matrices") or (p.ndim >= 2 and not name.endswith((".bias", ".vectors")))
+        (decay if decays else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": float(weight_decay)},
               {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

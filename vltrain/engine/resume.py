@@ -116,6 +116,14 @@ def shape_mismatches(saved: dict[str, tuple], ours: dict[str, tuple], limit: int
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def _piece_shapes(shapes: dict[str, tuple], model_cfg) -> dict[str, tuple]:
+    """Name -> shape with the blocks' flat parameters as their pieces (``transformer.named_pieces``)."""
+    import torch
+    from vltrain.model.transformer import named_pieces
+    meta = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+    return {n: tuple(t.shape) for n, t in named_pieces(meta, model_cfg).items()}
+
+
 def check_model_matches(tag_dir: str, module) -> None:
     """Refuse to resume ``tag_dir`` into ``module`` (the engine's module) when any parameter's
     name or shape differs, naming each mismatched parameter and both shapes."""
@@ -127,6 +135,22 @@ def check_model_matches(tag_dir: str, module) -> None:
     if diffs:
         hint = ""
         cfg_path = os.path.join(tag_dir, "config.yaml")
+        model = getattr(module, "model", None)
+        if os.path.isfile(cfg_path) and hasattr(model, "config"):
+            # name the blocks' pieces (layers.0.qkv.weight), each side split by its own config
+            from vltrain.config import load_config
+            try:
+                saved_pieces = _piece_shapes(saved, load_config(cfg_path).model)
+            except ValueError:        # the config does not describe these shapes: flat names then
+                saved_pieces = None
+            if saved_pieces is not None:
+                diffs = shape_mismatches(saved_pieces, _piece_shapes(ours, model.config))
+            if not diffs:             # same pieces, another layout: per-piece block parameters
+                raise CheckpointError(
+                    f"checkpoint {tag_dir} holds each transformer block as 12 parameters (written before "
+                    "vltrain held a block in two flat ones, model.layers.{i}.matrices / .vectors): its "
+                    "optimizer state cannot be resumed into this layout. Start a new run from its weights "
+                    f"with train.init_from={tag_dir}")
         if os.path.isfile(cfg_path):
             hint = (f"\nThe checkpoint was trained with the model section of {cfg_path}; resume with the "
                     "same model.* settings, or start a new run from its weights with train.init_from=")

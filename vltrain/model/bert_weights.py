@@ -1,5 +1,8 @@
 """Hugging Face BERT <-> VLModel weights: one name map, used for loading and for export.
 
+Our side of the map uses the blocks' piece names (``layers.{i}.qkv.weight``, see
+``transformer.named_pieces``), not the flat parameters the blocks hold.
+
 A folder is either a Hugging Face BERT checkpoint (``config.json`` of ``model_type: bert`` +
 ``model.safetensors`` or ``pytorch_model.bin``, keys with or without a ``bert.`` prefix) or
 one we exported (its ``config.json`` also carries a ``vltrain`` section with the full
@@ -146,8 +149,11 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
     Shapes must match, except a token-type table that grew (VL-BERT's third segment): its
     first rows are copied and the new rows keep BERT initialisation.
     """
-    ours = from_hf_state_dict(state)
-    own = model.state_dict()
+    from vltrain.model.transformer import named_pieces
+    # Both sides under the blocks' piece names (layers.{i}.qkv.weight ...): an input that holds
+    # the flat block parameters (a plain torch.save of state_dict()) is split by our config.
+    ours = from_hf_state_dict(named_pieces(state, model.config))
+    own = named_pieces(model.state_dict(), model.config)        # views: copying into them loads
     errors, loaded = [], set()
     for name, t in ours.items():
         if name not in own:

@@ -9,12 +9,13 @@ change. This module caches them and, per step, runs the layers on the new positi
 never cached, because the next step replaces that token.
 
 * ``encode_prefix`` runs the model's own forward over the prefix once per image and keeps
-  every layer's keys/values (projected from the hidden states entering each block), so the
-  prefix is computed as in training, whatever the attention backend, compiled or not.
-* ``extend`` runs new target tokens through the same ``Block`` weights with eager attention
-  over [prefix | generated | new] keys. The prefix is stored once per image and shared by
-  its beams (broadcast in the score product), so beam reordering copies only the few
-  generated positions, never the ~100 regions.
+  every layer's keys/values as its attention received them (``VLModel.forward(record_kv=)``),
+  with the model's attention backend, run eagerly.
+* ``extend`` runs new target tokens through the same blocks (``Block.__call__``, so ZeRO-3
+  gathers their weights as in training) with :class:`CachedAttention` as the attention:
+  eager attention over [prefix | generated | new] keys. The prefix is stored once per image
+  and shared by its beams (broadcast in the score product), so beam reordering copies only
+  the few generated positions, never the ~100 regions.
 
 Everything is functional (no in-place writes into cache buffers), so ``extend`` can run
 under autograd (self-critical training samples with it).
@@ -74,19 +75,11 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    inputs: list[torch.Tensor] = []
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     model(input_ids, token_type_ids, attention_mask, region_feats=region_feats,
           region_boxes=region_boxes, region_cls_probs=region_cls_probs, region_mask=region_mask,
-          mode=MODE_SEQ2SEQ, image_feat=image_feat, layer_inputs=inputs)
-    keys, values = [], []
-    for layer, x in zip(model.layers, inputs):
-        L, H = x.shape[1], x.shape[2]
-        h = layer.num_heads
-        # One more QKV projection of the prefix per layer (once per image), run eagerly: the
-        # block itself may be compiled, and its keys/values are not among its outputs.
-        _, k, v = layer.qkv(x).view(B, L, 3, h, H // h).permute(2, 0, 3, 1, 4)
-        keys.append(k)
-        values.append(v)
+          mode=MODE_SEQ2SEQ, image_feat=image_feat, record_kv=kv)
+    keys, values = [k for k, _ in kv], [v for _, v in kv]
     valid = attention_mask.bool()
     if region_feats is not None and region_feats.shape[1] > 0:
         N = region_feats.shape[1]
@@ -102,35 +95,36 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
     return PrefixCache(keys, values, bias[:, None, None, None, :], image_term, T)
 
 
-def _attend(layer, x, pk, pv, pbias, gk, gv, beam: int):
-    """One ``Block`` on new positions x (M, s, H): eager attention over prefix + generated + new
-    keys, the new ones causally. Returns (output (M, s, H), all generated+new keys, values)."""
-    M, s, H = x.shape
-    h = layer.num_heads
-    d = H // h
-    B = M // beam
-    q, k, v = layer.qkv(x).view(M, s, 3, h, d).permute(2, 0, 3, 1, 4)       # (M, h, s, d)
-    gk = torch.cat([gk, k], dim=2)                                            # (M, h, t+s, d)
-    gv = torch.cat([gv, v], dim=2)
-    scale = d ** -0.5
-    P = pk.shape[2]
-    # Prefix keys are shared by the beams of an image: (B, K, h, s, d) x (B, 1, h, d, P).
-    sp = torch.matmul(q.view(B, beam, h, s, d), pk[:, None].transpose(-1, -2)) * scale
-    sp = (sp + pbias).reshape(M, h, s, P)
-    sg = torch.matmul(q, gk.transpose(-1, -2)) * scale                        # (M, h, s, t+s)
-    t = gk.shape[2] - s
-    if s > 1:   # new token j (absolute t+j) sees generated keys <= t+j
-        idx = torch.arange(t + s, device=x.device)
-        future = idx[None, :] > (t + torch.arange(s, device=x.device))[:, None]
-        sg = sg.masked_fill(future, torch.finfo(sg.dtype).min)
-    probs = torch.softmax(torch.cat([sp, sg], dim=-1).float(), dim=-1).to(q.dtype)
-    p_attn = layer.attention_dropout if layer.training else 0.0
-    if p_attn > 0:
-        probs = F.dropout(probs, p=p_attn)
-    out = torch.matmul(probs[..., :P].reshape(B, beam, h, s, P), pv[:, None]).reshape(M, h, s, d)
-    out = out + torch.matmul(probs[..., P:], gv)
-    a = out.transpose(1, 2).reshape(M, s, H)
-    return layer.after_attention(x, a), gk, gv
+class CachedAttention:
+    """The attention of one block on new positions (M, s): over the prefix's cached keys
+    (shared by each image's ``beam`` rows), the generated ones and the new ones, the new ones
+    causally. After the call ``keys`` / ``values`` hold the generated + new keys/values."""
+
+    def __init__(self, pk, pv, pbias, gk, gv, beam: int):
+        self.pk, self.pv, self.pbias, self.keys, self.values, self.beam = pk, pv, pbias, gk, gv, beam
+
+    def attend(self, q, k, v, mask, p_attn: float) -> torch.Tensor:
+        M, h, s, d = q.shape
+        B = M // self.beam
+        gk = self.keys = torch.cat([self.keys, k], dim=2)                        # (M, h, t+s, d)
+        gv = self.values = torch.cat([self.values, v], dim=2)
+        scale = d ** -0.5
+        pk, pv = self.pk, self.pv
+        P = pk.shape[2]
+        # Prefix keys are shared by the beams of an image: (B, K, h, s, d) x (B, 1, h, d, P).
+        sp = torch.matmul(q.view(B, self.beam, h, s, d), pk[:, None].transpose(-1, -2)) * scale
+        sp = (sp + self.pbias).reshape(M, h, s, P)
+        sg = torch.matmul(q, gk.transpose(-1, -2)) * scale                        # (M, h, s, t+s)
+        t = gk.shape[2] - s
+        if s > 1:   # new token j (absolute t+j) sees generated keys <= t+j
+            idx = torch.arange(t + s, device=q.device)
+            future = idx[None, :] > (t + torch.arange(s, device=q.device))[:, None]
+            sg = sg.masked_fill(future, torch.finfo(sg.dtype).min)
+        probs = torch.softmax(torch.cat([sp, sg], dim=-1).float(), dim=-1).to(q.dtype)
+        if p_attn > 0:
+            probs = F.dropout(probs, p=p_attn)
+        out = torch.matmul(probs[..., :P].reshape(B, self.beam, h, s, P), pv[:, None]).reshape(M, h, s, d)
+        return out + torch.matmul(probs[..., P:], gv)
 
 
 def extend(model, prefix: PrefixCache, gen: GenCache, input_ids: torch.Tensor, commit: int,
@@ -152,8 +146,8 @@ def extend(model, prefix: PrefixCache, gen: GenCache, input_ids: torch.Tensor, c
     x = F.dropout(model.embeddings.norm(x), model.config.hidden_dropout, model.training)
     keys, values = [], []
     for i, layer in enumerate(model.layers):
-        x, gk, gv = _attend(layer, x, prefix.keys[i], prefix.values[i], prefix.bias,
-                            gen.keys[i], gen.values[i], beam)
-        keys.append(gk[:, :, :t + commit])
-        values.append(gv[:, :, :t + commit])
+        att = CachedAttention(prefix.keys[i], prefix.values[i], prefix.bias, gen.keys[i], gen.values[i], beam)
+        x = layer(x, None, att, eager=True)
+        keys.append(att.keys[:, :, :t + commit])
+        values.append(att.values[:, :, :t + commit])
     return x, GenCache(keys, values)

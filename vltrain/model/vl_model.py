@@ -67,6 +67,17 @@ def mode_tensor(mode: Union[str, int, torch.Tensor], batch: int, device) -> torc
     return mode.to(device, non_blocking=True)
 
 
+class RecordKV:
+    """An attention backend that appends each call's keys and values to a list, then attends."""
+
+    def __init__(self, backend, out: list):
+        self.backend, self.out = backend, out
+
+    def attend(self, q, k, v, mask, p):
+        self.out.append((k, v))
+        return self.backend.attend(q, k, v, mask, p)
+
+
 class VLModel(nn.Module):
     """One shared transformer over image regions and text; heads for pretraining objectives."""
 
@@ -89,6 +100,8 @@ class VLModel(nn.Module):
         self.apply(lambda m: init_bert_(m, std))
         nn.init.normal_(self.region_position, 0.0, std)
         nn.init.zeros_(self.mlm_head.bias)
+        for layer in self.layers:
+            layer.reset_parameters(std)
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "VLModel":
@@ -128,11 +141,11 @@ class VLModel(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
                 mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None,
-                layer_inputs: Optional[list] = None, text_positions: Optional[torch.Tensor] = None,
+                record_kv: Optional[list] = None, text_positions: Optional[torch.Tensor] = None,
                 region_positions: Optional[torch.Tensor] = None) -> VLModelOutput:
-        """``layer_inputs``: a list to which the hidden states entering each block are appended
-        (the decoding KV cache derives every layer's keys/values from them; forward hooks would
-        not do: a compiled block does not run hooks added after it was compiled).
+        """``record_kv``: a list to which every layer's attention keys and values (B, h, L, d)
+        are appended, for the decoding KV cache; the blocks then run eagerly (the compiled
+        function is traced for training's backends only).
 
         ``text_positions`` (flat indices into B x T, as ``Batch.mlm_positions``) and/or
         ``region_positions`` (into B x N, as ``Batch.mrc_positions``): return the final states
@@ -183,18 +196,22 @@ class VLModel(nn.Module):
         structure = AttentionStructure(key_valid=key_valid, target=target)
         prepared = backend.prepare(structure, x.dtype)
         select = text_positions is not None or region_positions is not None
-        ckpt = self.config.activation_checkpointing and self.training
+        eager = record_kv is not None
+        if eager:
+            backend = RecordKV(backend, record_kv)
+        # not with record_kv: a recomputation in the backward would record the layers again
+        ckpt = self.config.activation_checkpointing and self.training and not eager
+
+        def run(layer, x, rows=None):
+            if ckpt:
+                return checkpoint(layer, x, prepared, backend, rows, eager, use_reentrant=False)
+            return layer(x, prepared, backend, rows, eager)
+
         for layer in (self.layers[:-1] if select else self.layers):
-            if layer_inputs is not None:
-                layer_inputs.append(x)
-            x = checkpoint(layer, x, prepared, backend, use_reentrant=False) if ckpt else layer(x, prepared, backend)
+            x = run(layer, x)
         if select:
-            if layer_inputs is not None:
-                layer_inputs.append(x)
             b_idx, q_idx, n_text = self._joint_rows(T, N, text_positions, region_positions, dev)
-            last = self.layers[-1]
-            y = (checkpoint(last.forward_at, x, b_idx, q_idx, prepared, backend, use_reentrant=False) if ckpt
-                 else last.forward_at(x, b_idx, q_idx, prepared, backend))
+            y = run(self.layers[-1], x, (b_idx, q_idx))
             return VLModelOutput(text_hidden=None, region_hidden=None, text_selected=y[:n_text],
                                  region_selected=y[n_text:] if N else None)
 
