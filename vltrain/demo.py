@@ -92,7 +92,7 @@ def main(argv=None) -> int:
           f"{info['world_size']}, ZeRO-{info['zero_stage']})")
     print(f"  config:      {os.path.join(run_dir, 'config.yaml')}")
     print(f"  TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
-    print(f"  resume:      add train.resume=auto to the same command")
+    print("  resume:      add train.resume=auto to the same command")
     return 0
 
 

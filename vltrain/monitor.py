@@ -26,7 +26,6 @@ Timing is wall-clock between logging boundaries, so it is exact at those boundar
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import resource

@@ -19,8 +19,6 @@ import json
 import os
 import shutil
 
-import torch
-
 from vltrain.config import save_config
 from vltrain.engine import checkpoint as ckpt
 from vltrain.ckpt.layout import read_config, staged_dir, staged_files

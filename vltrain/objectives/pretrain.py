@@ -1,7 +1,6 @@
 """Pretraining objectives: masked LM (both papers) and masked region classification (VL-BERT)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from vltrain.config import ObjectivesConfig
