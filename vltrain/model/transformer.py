@@ -65,13 +65,9 @@ def piece_name(field: str) -> str:
     return ".".join(field.rsplit("_", 1))
 
 
-def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
-    return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
-
-
-def split_flat(matrices: torch.Tensor, vectors: torch.Tensor, cfg: ModelConfig) -> Weights:
-    shapes = list(piece_shapes(cfg).values())
-    return Weights(*_split(matrices, shapes[:N_MATRICES]), *_split(vectors, shapes[N_MATRICES:]))
+def _split(flat: torch.Tensor, shapes, sizes=None) -> list[torch.Tensor]:
+    sizes = sizes or [math.prod(s) for s in shapes]
+    return [t.view(s) for t, s in zip(flat.split(sizes), shapes)]
 
 
 def named_pieces(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -132,8 +128,11 @@ class Block(nn.Module):
             raise ValueError(f"model.hidden_act={cfg.hidden_act!r}; choose one of {sorted(ACTIVATIONS)}")
         self.cfg = cfg
         shapes = list(piece_shapes(cfg).values())
-        self.matrices = nn.Parameter(torch.empty(sum(math.prod(s) for s in shapes[:N_MATRICES])))
-        self.vectors = nn.Parameter(torch.empty(sum(math.prod(s) for s in shapes[N_MATRICES:])))
+        # the layout, computed once: weights() runs on every forward (the host-time path)
+        self._layout = [(shapes[:N_MATRICES], [math.prod(s) for s in shapes[:N_MATRICES]]),
+                        (shapes[N_MATRICES:], [math.prod(s) for s in shapes[N_MATRICES:]])]
+        self.matrices = nn.Parameter(torch.empty(sum(self._layout[0][1])))
+        self.vectors = nn.Parameter(torch.empty(sum(self._layout[1][1])))
         self.num_heads = cfg.num_heads
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.hidden_dropout = cfg.hidden_dropout
@@ -154,7 +153,8 @@ class Block(nn.Module):
                     t.zero_()
 
     def weights(self) -> Weights:
-        return split_flat(self.matrices, self.vectors, self.cfg)
+        (ms, msz), (vs, vsz) = self._layout
+        return Weights(*_split(self.matrices, ms, msz), *_split(self.vectors, vs, vsz))
 
     def forward(self, x: torch.Tensor, mask, backend, rows: Optional[tuple] = None,
                 eager: bool = False) -> torch.Tensor:
