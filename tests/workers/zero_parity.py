@@ -1,4 +1,6 @@
-"""2-rank worker: the same training under ZeRO 0/1/2/3, and with gradient accumulation.
+"""2-rank worker: the same training under ZeRO 0/1/2/3, and with gradient accumulation; after
+the ZeRO-3 training, cached greedy decoding through the engine's (partitioned) model beside a
+plain model holding the gathered weights.
 
 Every configuration trains the debug model on identical per-rank batches made by the real
 collator from in-memory samples, with the same seed; rank 0 writes per-step losses as JSON.
@@ -32,6 +34,23 @@ def main(out: str, steps: int):
     samples = make_caption_samples(16 * steps * 2, feature_dim=64, num_classes=17, seed=3)
     mine = samples[info.rank::2]                      # rank r's stream, same in every config
 
+    decoded = {}
+
+    def decode_both(model):
+        """Decoding reads every block's weights inside Block.__call__, where ZeRO-3 gathers
+        them; a use outside it would see the empty partitions (or fail)."""
+        from tests.test_decoding import make_images
+        from vltrain.decoding import DecodeTokens, greedy_decode
+        ids = DecodeTokens.from_tokenizer(tok)
+        images = make_images(B=3, N=6)
+        model.eval()
+        with torch.no_grad():
+            decoded["zero3"] = greedy_decode(model, images, ids, max_len=6, min_len=2).tokens
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                plain = VLModel(model.config)
+                plain.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+            decoded["plain"] = greedy_decode(plain.eval(), images, ids, max_len=6, min_len=2).tokens
+
     def run(stage: int, micro: int, accum: int):
         c = load_config("configs/debug.yaml", ["objectives.loss_reduction=example", f"train.max_steps={steps}",
                                                f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
@@ -54,12 +73,15 @@ def main(out: str, steps: int):
             t = torch.tensor([step_loss])
             torch.distributed.all_reduce(t)
             losses.append(float(t) / info.world)
+        if stage == 3:
+            decode_both(engine.module.model)
         engine.destroy()
         return losses
 
     result = {f"zero{s}": run(s, 8, 1) for s in (0, 1, 2, 3)}
     result["zero0_accum2"] = run(0, 4, 2)
     result["zero2_accum2"] = run(2, 4, 2)
+    result["decoded"] = decoded
     if info.rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
