@@ -14,8 +14,7 @@ losses as eager on 2 ranks, checked by benchmarks/train_throughput.py). Call it 
 Shapes: the default (automatic dynamic) compiles the first length it sees statically and,
 if another length follows, one dynamic-length graph; with ``data.pad_to=bucket`` that is at
 most two graphs, whatever the number of buckets. The last block of a loss that reads a few
-rows (``rows=``, MLM/MRC) is its own variant, likewise static then dynamic in the number of
-rows, which changes from batch to batch.
+rows (``rows=``, MLM/MRC) runs eagerly: its number of rows changes from batch to batch.
 """
 from __future__ import annotations
 

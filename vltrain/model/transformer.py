@@ -161,7 +161,8 @@ class Block(nn.Module):
         """The block at every position (B, L, H), or at ``rows`` only (M, H) (``layer_forward``).
         ``backend`` is any object with ``attend(q, k, v, mask, p)`` (the model's attention
         backend, or the decoder's cached attention, which passes ``eager=True``: the compiled
-        function is traced for the training shapes and backends only)."""
-        fn = layer_forward if eager else self.run
+        function is traced for the training shapes and backends only). The ``rows`` call runs
+        eagerly too, as it was measured on the H100: its row count changes every batch."""
+        fn = self.run if rows is None and not eager else layer_forward
         return fn(self.weights(), x, mask, backend, rows, self.num_heads, self.act, self.cfg.layer_norm_eps,
                   self.attention_dropout if self.training else 0.0, self.hidden_dropout if self.training else 0.0)
