@@ -65,8 +65,16 @@ def piece_name(field: str) -> str:
     return ".".join(field.rsplit("_", 1))
 
 
-def _split(flat: torch.Tensor, shapes, sizes=None) -> list[torch.Tensor]:
-    sizes = sizes or [math.prod(s) for s in shapes]
+def flat_layout(cfg: ModelConfig) -> dict[str, tuple[list[str], list[tuple], list[int]]]:
+    """``matrices`` / ``vectors`` -> (``Weights`` fields, their shapes, their sizes), in order."""
+    shapes = piece_shapes(cfg)
+    out = {}
+    for leaf, fields in (("matrices", list(shapes)[:N_MATRICES]), ("vectors", list(shapes)[N_MATRICES:])):
+        out[leaf] = (fields, [shapes[f] for f in fields], [math.prod(shapes[f]) for f in fields])
+    return out
+
+
+def _split(flat: torch.Tensor, shapes, sizes) -> list[torch.Tensor]:
     return [t.view(s) for t, s in zip(flat.split(sizes), shapes)]
 
 
@@ -75,19 +83,17 @@ def named_pieces(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     under the submodule names (``<p>layers.{i}.qkv.weight`` ...), as views (no copy); other
     entries unchanged. Sizes are checked against ``cfg`` (the config the state was saved with)."""
     out: dict[str, torch.Tensor] = {}
-    shapes = piece_shapes(cfg)
-    fields = list(shapes)
+    layout = flat_layout(cfg)
     for name, t in state.items():
         stem, _, leaf = name.rpartition(".")
-        if leaf not in ("matrices", "vectors") or not stem.rpartition(".")[0].endswith("layers"):
+        if leaf not in layout or not stem.rpartition(".")[0].endswith("layers"):
             out[name] = t
             continue
-        part = fields[:N_MATRICES] if leaf == "matrices" else fields[N_MATRICES:]
-        need = sum(math.prod(shapes[f]) for f in part)
-        if t.numel() != need:
+        fields, shapes, sizes = layout[leaf]
+        if t.numel() != sum(sizes):
             raise ValueError(f"{name}: {t.numel()} elements, the model config (hidden_size={cfg.hidden_size}, "
-                             f"intermediate_size={cfg.intermediate_size}) needs {need}")
-        for f, piece in zip(part, _split(t, [shapes[f] for f in part])):
+                             f"intermediate_size={cfg.intermediate_size}) needs {sum(sizes)}")
+        for f, piece in zip(fields, _split(t, shapes, sizes)):
             out[f"{stem}.{piece_name(f)}"] = piece
     return out
 
@@ -127,12 +133,10 @@ class Block(nn.Module):
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"model.hidden_act={cfg.hidden_act!r}; choose one of {sorted(ACTIVATIONS)}")
         self.cfg = cfg
-        shapes = list(piece_shapes(cfg).values())
-        # the layout, computed once: weights() runs on every forward (the host-time path)
-        self._layout = [(shapes[:N_MATRICES], [math.prod(s) for s in shapes[:N_MATRICES]]),
-                        (shapes[N_MATRICES:], [math.prod(s) for s in shapes[N_MATRICES:]])]
-        self.matrices = nn.Parameter(torch.empty(sum(self._layout[0][1])))
-        self.vectors = nn.Parameter(torch.empty(sum(self._layout[1][1])))
+        # computed once: weights() runs on every forward (the host-time path)
+        self._layout = flat_layout(cfg)
+        self.matrices = nn.Parameter(torch.empty(sum(self._layout["matrices"][2])))
+        self.vectors = nn.Parameter(torch.empty(sum(self._layout["vectors"][2])))
         self.num_heads = cfg.num_heads
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.hidden_dropout = cfg.hidden_dropout
@@ -153,7 +157,8 @@ class Block(nn.Module):
                     t.zero_()
 
     def weights(self) -> Weights:
-        (ms, msz), (vs, vsz) = self._layout
+        _, ms, msz = self._layout["matrices"]
+        _, vs, vsz = self._layout["vectors"]
         return Weights(*_split(self.matrices, ms, msz), *_split(self.vectors, vs, vsz))
 
     def forward(self, x: torch.Tensor, mask, backend, rows: Optional[tuple] = None,
