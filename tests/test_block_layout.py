@@ -51,3 +51,14 @@ def test_a_per_piece_checkpoint_is_refused_naming_init_from(tmp_path):
     # the same model in this layout passes
     torch.save({"param_shapes": [ours]}, tag / "mp_rank_00_model_states.pt")
     check_model_matches(str(tag), task)
+
+
+def test_flat_block_state_of_another_size_is_refused_naming_it():
+    """A plain torch.save of another model's state_dict (flat block parameters) loaded into
+    this model: the error names the parameter and both sizes instead of a view error."""
+    from vltrain.model.bert_weights import load_into
+    small = VLModel(debug_model_config(hidden_size=32, num_heads=2, intermediate_size=64))
+    model = VLModel(debug_model_config())
+    with pytest.raises(ValueError) as e:
+        load_into(model, small.state_dict(), source="small.pt")
+    assert "layers.0.matrices" in str(e.value) and "hidden_size=64" in str(e.value)
