@@ -23,6 +23,9 @@ if REPO not in sys.path:
 
 from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
 from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch  # noqa: E402
+from vltrain import profiling  # noqa: E402
+
+markdown_table = profiling.markdown_table     # one table formatter for the reports and in-job profiles
 
 CLS, SEP, MASK, STOP = 101, 102, 103, 102
 
@@ -274,18 +277,6 @@ def machine_description(device: torch.device) -> str:
         pass
     return (f"CPU: {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads)")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def fmt(x):
-        if isinstance(x, float):
-            if math.isnan(x):
-                return "n/a"
-            return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
-        return str(x)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def emit_report(text: str, out: str | None) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 import time
 
@@ -43,45 +42,25 @@ from benchmarks.common import (Runner, emit_report, full_size, machine_descripti
                                markdown_table, median, quick_size, sync, time_interleaved)
 from benchmarks.train_throughput import build_engine, build_ours, build_peer, init_single_process_group  # noqa: E402
 
-KERNEL_CLASSES = [      # first match wins (cuDNN's attention kernels have "sm90" in their names too)
-    ("attention", re.compile(r"cudnn|fmha|flash|attention|mem_eff|sdpa", re.I)),
-    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|s16816|s1688", re.I)),
-    ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
-    ("Triton (compiled)", re.compile(r"^triton_", re.I)),
-]
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
 def kernel_breakdown(runner: Runner, device, steps: int = 3, top_n: int = 12) -> str:
+    """Device time by kernel class and the GPU's idle time per step (vltrain.profiling, the
+    same summary ``train.profile_steps`` writes for a real job)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from vltrain.profiling import summarize
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             runner.step()
         sync(device)
-        wall = (time.perf_counter() - t0) / steps
-    sums: dict[str, float] = {}
-    top: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        cls = next((c for c, rx in KERNEL_CLASSES if rx.search(e.key)), "other (eager kernels)")
-        us = e.self_device_time_total / steps
-        sums[cls] = sums.get(cls, 0.0) + us
-        if cls not in ("GEMM", "attention"):
-            top[e.key] = us
-    busy = sum(sums.values()) / 1e3
-    rows = [[c, v / 1e3, 100 * v / 1e3 / (wall * 1e3)] for c, v in sorted(sums.items(), key=lambda kv: -kv[1])]
-    rows.append(["GPU idle (waiting for the host)", max(0.0, wall * 1e3 - busy), 100 * max(0.0, 1 - busy / wall / 1e3)])
-    md = markdown_table(["kernel class", "ms / step", "% of step"], rows)
-    others = sorted(top.items(), key=lambda kv: -kv[1])[:top_n]
-    md += "\n\nLargest kernels besides GEMM and attention (ms / step):\n" + "\n".join(
-        f"- `{k[:110]}` {v / 1e3:.2f}" for k, v in others)
-    return md
+        wall = time.perf_counter() - t0
+    return summarize(prof, steps, wall).class_table(top_n)
 
 
 def main(argv=None) -> int:
@@ -181,10 +160,11 @@ def main(argv=None) -> int:
           "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
                               "× first row", "× peer"], rows)]
     engines = [r for r in runners if r.engine is not None][:1]
-    for r in runners[:2] + engines if device.type == "cuda" else []:
+    for r in runners[:2] + engines:
         log(f"profiling: {r.label}")
         table = kernel_breakdown(r, device)
-        md += ["", f"Kernel time per step, `{r.label}` at micro-batch {args.batch} (torch profiler, 3 steps):",
+        what = "Kernel" if device.type == "cuda" else "Operator"
+        md += ["", f"{what} time per step, `{r.label}` at micro-batch {args.batch} (torch profiler, 3 steps):",
                "", table]
     emit_report("\n".join(md), args.out)
     return 0

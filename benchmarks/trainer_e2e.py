@@ -16,6 +16,9 @@ Rows, all in one process on one device:
             engine row): the trainer minus data loading and the trainer's own work.
   model     the model's own loop on that batch: bf16 weights + fused AdamW on GPU, fp32 on CPU.
 MFU: ``vltrain.monitor``'s formula over the spec dense bf16 peak (GPU only).
+Then where the trainer's step goes: ``--profile`` steps of the first half (after the
+compilation, before the timed half) under ``train.profile_steps``, whose summary (the trainer's
+phases; device time by kernel class and the GPU's idle time on CUDA) ends the report.
 """
 from __future__ import annotations
 
@@ -35,11 +38,19 @@ from benchmarks.loader import write_all  # noqa: E402
 from benchmarks.train_throughput import build_engine, build_ours, init_single_process_group, log  # noqa: E402
 
 
+def profile_window(steps: int, profile: int) -> tuple[int, int]:
+    """(train.profile_start, train.profile_steps): ``profile`` steps (fewer if the run is short)
+    ending one step before the timed second half begins."""
+    k = min(profile, steps // 2 - 1) if profile > 0 else 0
+    return (steps // 2 - 1 - k, k) if k > 0 else (0, 0)
+
+
 def trainer_config(size: Size, mds: str, root: str, args, gpu: bool):
     """The VLP recipe (the debug one with --quick) pointed at the corpus, for ``args.steps`` steps."""
     from vltrain.config import load_config
     recipe = "configs/debug.yaml" if args.quick else "configs/vlp_pretrain_cc.yaml"
     m = size.model
+    start, k = profile_window(args.steps, args.profile)
     return load_config(os.path.join(REPO, recipe), [
         f"data.train={mds}", "data.val=", f"data.cache_dir={root}/cache", f"data.num_workers={args.workers}",
         f"data.max_regions={size.regions}", f"data.max_text_len={size.text}",
@@ -47,19 +58,23 @@ def trainer_config(size: Size, mds: str, root: str, args, gpu: bool):
         f"model.compile={str(gpu).lower()}", "model.attention_backend=sdpa",
         f"train.micro_batch_size={size.batch}", f"train.max_steps={args.steps}", f"train.log_every={args.steps // 2}",
         "train.init_from=", "train.save_every_steps=0", "train.save_every_minutes=0", "train.val_every=0",
-        f"train.precision={'bf16' if gpu else 'fp32'}", f"output_root={root}/out", "run_name=e2e"])
+        f"train.precision={'bf16' if gpu else 'fp32'}", f"output_root={root}/out", "run_name=e2e",
+        f"train.profile_start={start}", f"train.profile_steps={k}"])
 
 
-def run_trainer(cfg) -> dict:
-    """Train; the monitor's figures of the last log interval (steps/2 + 1 .. steps)."""
+def run_trainer(cfg) -> tuple[dict, str]:
+    """Train; the monitor's figures of the last log interval (steps/2 + 1 .. steps), and rank 0's
+    profile summary ("" without a window)."""
     from vltrain.engine.build import build_training
     trainer = build_training(cfg)
     code = trainer.train()
     if code != 0:
         raise RuntimeError(f"Trainer.train() returned {code}")
     last = dict(trainer.monitor.last)
+    summary = os.path.join(trainer.profiler.out_dir, "rank0.md")
+    profile = open(summary).read() if cfg.train.profile_steps else ""
     trainer.close()
-    return last
+    return last, profile
 
 
 def main(argv=None) -> int:
@@ -70,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps of the trainer row (even)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on GPU, 1 on CPU)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the engine and model rows")
+    p.add_argument("--profile", type=int, default=3,
+                   help="trainer steps to profile before the timed half (train.profile_steps; 0 = none)")
     p.add_argument("--out", help="write the Markdown report here too")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -89,7 +106,7 @@ def main(argv=None) -> int:
         mds, _, _ = write_all(root, n, size.regions, m.region_feat_dim, m.num_region_classes, layouts=("mds",),
                               words=size.text - 3)
         log("training: the Trainer, as vltrain/run.py")
-        e2e = run_trainer(trainer_config(size, mds, root, args, gpu))
+        e2e, profile = run_trainer(trainer_config(size, mds, root, args, gpu))
 
     batch = make_batch(size, seed=0)
     preds = int(batch.mlm_positions.numel())
@@ -120,6 +137,9 @@ def main(argv=None) -> int:
           f"{args.steps // 2}; engine and model rows: {args.rounds} rounds, interleaved.", "",
           markdown_table(["configuration", "samples/s", "step ms", "MFU %", "data wait %", "peak mem GB",
                           "× model's own loop"], rows)]
+    if profile:      # its own heading one level down, under the report's
+        md += ["", "Where the trainer's step goes (`train.profile_steps`, rank 0's summary):", "",
+               profile.replace("# Profile:", "##### Profile:", 1).strip()]
     emit_report("\n".join(md), args.out)
     return 0
 

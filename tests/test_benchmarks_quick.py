@@ -171,6 +171,11 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "bf16 weights, micro-batch 4"]
     assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows     # samples/s
     assert rows[0][6] == "1" and rows[-2][7] == "1"                    # × first row, × peer
+    # the profiler's breakdown (vltrain.profiling) of the first two rows and the engine's
+    breakdowns = [line for line in out.splitlines() if line.startswith("Operator time per step, ")]
+    assert len(breakdowns) == 3, breakdowns
+    _, classes = table_rows(out, "aten operator self time by class (CPU)")
+    assert "GEMM" in [r[0] for r in classes] and all(finite(r[1]) for r in classes), classes
     assert md.read_text().strip() == out.strip()
 
 
@@ -187,6 +192,11 @@ def test_trainer_e2e_quick_reports_the_trainer_beside_its_parts(tmp_path):
     assert all(finite(r[1]) and float(r[1].replace(",", "")) > 0 for r in rows), rows      # samples/s
     assert finite(rows[0][4]) and 0 <= float(rows[0][4]) <= 100, rows                      # data wait %
     assert rows[-1][6] == "1"
+    # one step before the timed half under train.profile_steps: the trainer's phases, the operators
+    assert "##### Profile: steps 1-1, rank 0\n" in out
+    _, phases = table_rows(out, "trainer phase (host, inclusive)")
+    assert [r[0] for r in phases] == ["forward", "fetch", "flags", "backward", "step", "log"], phases
+    assert all(finite(r[2]) and float(r[2]) > 0 for r in phases), phases
     assert md.read_text().strip() == out.strip()
 
 

@@ -1,7 +1,8 @@
 """The training engine end to end, 2 ranks over gloo on CPU with the debug model:
 
   U   uninterrupted run under the `deepspeed` launcher, reading its data from S3 (moto)
-  P   the same run launched srun-style (one process per rank); SIGUSR1 to rank 1 only
+  P   the same run launched srun-style (one process per rank); SIGUSR1 to rank 1 only; both
+      ranks under the profiler from step 4 (train.profile_steps), a window the signal cuts short
   R   `train.resume=auto` continues from P's checkpoint; rank 1 is SIGKILLed after step 20
   R2  `train.resume=auto` again: continues from the last complete checkpoint to the end
 
@@ -10,7 +11,6 @@ tags, checkpoint layout and that the S3 secret is written nowhere.
 """
 import glob
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -81,9 +81,11 @@ def runs(tmp_path_factory, synthetic_corpus, s3_endpoint):
         u = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     res["U_code"] = u.returncode
 
-    # P: srun-style ranks, SIGUSR1 to rank 1 once training is under way.
+    # P: srun-style ranks, SIGUSR1 to rank 1 once training is under way, inside a profiled
+    # window (R and R2 resume past it: no profile there).
     args = ["--config", "configs/debug.yaml", "--deepspeed_config", "ds_configs/zero2.json",
-            *overrides(out, "P", local_train, local_val, str(root / "cacheP"))]
+            *overrides(out, "P", local_train, local_val, str(root / "cacheP"),
+                       **{"train.profile_steps": STEPS, "train.profile_start": 3, "train.profile_ranks": "[0,1]"})]
     p = Ranks(args, 2, os.path.join(logs, "P"), free_port())
     p.wait_for(0, "step 5/", 300)
     p.procs[1].send_signal(signal.SIGUSR1)
@@ -152,6 +154,27 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank(runs):
     files = os.listdir(found.path)
     assert {"vltrain_rank00000.pt", "vltrain_rank00001.pt", COMPLETE_FILE} <= set(files)
     assert "received SIGUSR1" in runs["P_logs"][1]
+
+
+def test_profiled_window_cut_short_by_the_signal(runs):
+    """Both ranks profiled from step 4 until the stop signal ended the run: each wrote its trace
+    (the trainer's phases once per micro-step) and its summary, which says it was cut short.
+    That the profiled run's losses equal U's is test_resume_reproduces_the_uninterrupted_losses."""
+    import gzip
+    import json
+    stopped = runs["P_found"].info["step"]
+    out = os.path.join(runs["out"], "P", "profile", f"steps_4-{3 + STEPS}")
+    for r in (0, 1):
+        md = open(os.path.join(out, f"rank{r}.md")).read()
+        assert md.startswith(f"# Profile: steps 4-{stopped}, rank {r}; cut short at step {stopped} (stop signal)\n")
+        for phase in ("forward", "fetch", "flags", "backward", "step", "log"):
+            assert f"| {phase} | " in md, (phase, md)
+        events = json.load(gzip.open(os.path.join(out, f"rank{r}.pt.trace.json.gz")))["traceEvents"]
+        forwards = [e for e in events if e.get("name") == "vltrain.forward"]
+        assert len(forwards) == stopped - 3, (len(forwards), stopped)
+        assert f"profile of steps 4-{stopped} (rank {r}; cut short at step {stopped} (stop signal))" in runs["P_logs"][r]
+    for log in runs["R_logs"]:
+        assert "starts at step" in log and "past the profiled window (steps 4-43)" in log
 
 
 def test_killed_rank_fails_the_job_in_bounded_time(runs):

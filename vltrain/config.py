@@ -113,6 +113,9 @@ class TrainConfig:
     precision: str = "fp32"                  # fp32 | bf16 | fp16 (fills the ds_config's "auto")
     peak_tflops: float = 0.0                 # per-device peak for MFU; 0 = from the device name
     dist_timeout_s: float = 600.0            # collective and batch-fetch timeout: a dead rank fails the job by then
+    profile_steps: int = 0                   # > 0: torch-profile this many optimizer steps (<run_dir>/profile/)
+    profile_start: int = 10                  # ... those after this step (past compile and warm-up)
+    profile_ranks: list[int] = field(default_factory=lambda: [0])   # the ranks that profile
 
 
 @dataclass

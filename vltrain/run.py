@@ -42,6 +42,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, format=fmt, force=True)
     for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Every rank listed in train.profile_ranks says where its profile is and what it found.
+    logging.getLogger("vltrain.profiling").setLevel(logging.INFO)
 
 
 def main(argv=None) -> int:

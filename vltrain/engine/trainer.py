@@ -22,6 +22,7 @@ from vltrain.data.batch import Batch
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP
+from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Trainer:
         # forward (see train()); a checkpoint's loader state leaves it out, so a resumed run
         # starts with it.
         self._next: Optional[InFlight] = None
+        self.profiler = StepProfiler(cfg.train, run_dir, info.rank, info.world, device)   # train.profile_*
 
     # ------------------------------------------------------------------ state
 
@@ -137,7 +139,15 @@ class Trainer:
 
     def train(self) -> int:
         """Run to ``train.max_steps`` or a stop signal; returns the process exit code."""
+        try:
+            return self._train()
+        except BaseException as e:
+            self.profiler.close(self.step, f"{type(e).__name__}")     # what the window saw, then raise
+            raise
+
+    def _train(self) -> int:
         cfg = self.cfg.train
+        phase = self.profiler.phase
         if self.info.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -147,11 +157,13 @@ class Trainer:
         save_due = False
         step_metrics: dict[str, torch.Tensor] = {}
         n_micro, tokens, flops = 0, 0, 0.0
+        self.profiler.at_step(self.step)
         while self.step < cfg.max_steps:
-            batch = (self._next if self._next is not None else self._fetch(batches)).get()
-            self._next = None
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            loss, metrics = self.engine(batch)
+            with phase("forward"):
+                batch = (self._next if self._next is not None else self._fetch(batches)).get()
+                self._next = None
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                loss, metrics = self.engine(batch)
             if not (boundary and self.step + 1 >= cfg.max_steps):
                 # While the GPU runs the forward just queued: the loader's next batch and its
                 # copy to the device (side stream). Here, before the first read-back of this
@@ -159,8 +171,10 @@ class Trainer:
                 # whatever follows: DeepSpeed's backward ends in a device-wide sync with
                 # overlap_comm (ZeRO-2, several ranks) and its step reads the gradient norm
                 # back, each leaving the GPU idle behind a fetch issued after them.
-                self._next = self._fetch(batches)
-            nonfinite, stop, save_now = self._flags(loss)
+                with phase("fetch"):
+                    self._next = self._fetch(batches)
+            with phase("flags"):
+                nonfinite, stop, save_now = self._flags(loss)
             save_due = save_due or save_now
             if nonfinite:
                 # Every rank skips this micro-batch before backward: no gradient, no update.
@@ -178,8 +192,10 @@ class Trainer:
                     return self._preempt()
                 continue
             self.nonfinite_in_row = 0
-            self.engine.backward(loss)
-            self.engine.step()
+            with phase("backward"):
+                self.engine.backward(loss)
+            with phase("step"):
+                self.engine.step()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
             n_micro += 1
@@ -191,23 +207,28 @@ class Trainer:
                 continue
             self.step += 1
             instant = None
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                instant = {"data/skipped_samples": self._global_sum(self.loader.num_skipped)}
-            self.monitor.step_end(
-                self.step, {k: v / n_micro for k, v in step_metrics.items()},
-                samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
-                lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
-                loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
-                instant=instant)
+            with phase("log"):
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    instant = {"data/skipped_samples": self._global_sum(self.loader.num_skipped)}
+                self.monitor.step_end(
+                    self.step, {k: v / n_micro for k, v in step_metrics.items()},
+                    samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
+                    lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
+                    loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
+                    instant=instant)
             step_metrics, n_micro, tokens, flops = {}, 0, 0, 0.0
             if cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0:
-                self.validate()
+                with phase("validate"):
+                    self.validate()
             if stop:
                 return self._preempt()
             if (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or save_due:
                 self.save()
                 save_due = False
                 self.monitor.reset_timer()
+            if self.profiler.at_step(self.step):    # a window ended: its export is not a step's time
+                self.monitor.reset_timer()
+        self.profiler.close(self.step, "the run's last step")
         if self.val_loader is not None and cfg.val_every and self.step % cfg.val_every:
             self.validate()
         if not os.path.isdir(os.path.join(self.save_dir, ckpt.step_tag(self.step))):
@@ -222,6 +243,7 @@ class Trainer:
         return float(t)
 
     def _preempt(self) -> int:
+        self.profiler.close(self.step, "stop signal")
         self.save()
         if self.info.is_main:
             log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (requeue)",
