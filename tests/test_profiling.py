@@ -164,3 +164,25 @@ def test_a_failed_export_is_logged_not_raised(tmp_path, caplog):
 def test_bad_profile_config_names_the_key(tmp_path, kw, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         StepProfiler(_train_cfg(**kw), str(tmp_path), 0, 2, torch.device("cpu"))
+
+
+def test_cpu_attention_counts_what_it_calls():
+    """SDPA's math kernel (what the CPU runs where no fused kernel applies) is matrix products and
+    a softmax under one attention operator: they count as attention, not as GEMM; a plain matrix
+    product beside it stays GEMM."""
+    from torch.profiler import ProfilerActivity, profile
+    q = torch.randn(4, 2, 64, 32)
+    mask = torch.ones(64, 64, dtype=torch.bool).tril()
+    w = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(3):
+            torch.ops.aten._scaled_dot_product_attention_math(q, q, q, attn_mask=mask)
+            w @ w
+    events = p.events()
+    outer = sum(e.cpu_time_total for e in events if e.key == "aten::_scaled_dot_product_attention_math")
+    inner_bmm = sum(e.self_cpu_time_total for e in events if e.key == "aten::bmm")
+    plain_mm = sum(e.self_cpu_time_total for e in events if e.key == "aten::mm")
+    assert inner_bmm > 0 and plain_mm > 0
+    s = dict(summarize(p, 3, wall_s=1.0).classes)                      # ms per step
+    assert s["attention"] == pytest.approx(outer / 3e3, rel=1e-6)
+    assert s["GEMM"] == pytest.approx(plain_mm / 3e3, rel=1e-6)         # the attention's bmm's are not here

@@ -50,7 +50,9 @@ KERNEL_CLASSES = [
     ("copies and sets", re.compile(r"^mem(cpy|set)", re.I)),
 ]
 KERNEL_OTHER = "other (eager kernels)"
-# CPU: aten operators by name (their self time; a linear's matrix product is its addmm).
+# CPU: aten operators by name. An attention operator counts with everything it calls (on CPU
+# it is matrix products and a softmax), any other operator by its self time (a linear's
+# matrix product is its addmm).
 CPU_OP_CLASSES = [
     ("communication", re.compile(r"c10d|gloo|nccl|all_?reduce|all_?gather|reduce_?scatter", re.I)),
     ("attention", re.compile(r"scaled_dot_product|attention", re.I)),
@@ -153,13 +155,16 @@ def summarize(prof, steps: int, wall_s: float) -> Summary:
         elif e.key in SYNC_CALLS:
             syncs += e.count
             continue
-        elif not on_device and e.key.startswith("aten::"):
-            cls, ms = classify(e.key, CPU_OP_CLASSES, CPU_OTHER), e.self_cpu_time_total / 1e3 / steps
         else:
             continue
         sums[cls] = sums.get(cls, 0.0) + ms
         if cls not in MAIN_CLASSES:
             top[e.key] = top.get(e.key, 0.0) + ms
+    if not on_device:
+        for key, (cls, us) in _cpu_operator_time(prof.events()).items():
+            sums[cls] = sums.get(cls, 0.0) + us / 1e3 / steps
+            if cls not in MAIN_CLASSES:
+                top[key] = top.get(key, 0.0) + us / 1e3 / steps
     wall_ms = wall_s * 1e3 / steps
     idle = None
     if on_device:
@@ -172,6 +177,29 @@ def summarize(prof, steps: int, wall_s: float) -> Summary:
                    syncs=syncs / steps if on_device else None,
                    phases=sorted(phases, key=lambda p: order.get(p[0], len(order))),
                    top=sorted(top.items(), key=lambda kv: -kv[1]))
+
+
+def _cpu_operator_time(events) -> dict[str, tuple[str, float]]:
+    """aten operator -> (class, CPU us): attention operators with what they call, the others'
+    self time (none counted twice)."""
+    attention = dict(CPU_OP_CLASSES)["attention"]
+
+    def inside_attention(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if attention.search(p.key):
+                return True
+            p = p.cpu_parent
+        return False
+
+    out: dict[str, tuple[str, float]] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not e.key.startswith("aten::") or inside_attention(e):
+            continue
+        cls = classify(e.key, CPU_OP_CLASSES, CPU_OTHER)
+        us = e.cpu_time_total if cls == "attention" else e.self_cpu_time_total
+        out[e.key] = (cls, out.get(e.key, (cls, 0.0))[1] + us)
+    return out
 
 
 def check_profile_config(train: TrainConfig, world: int) -> None:
