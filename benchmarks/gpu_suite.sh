@@ -30,7 +30,8 @@
 #            LEVERS_ARGS=--autotune adds the max-autotune row (long compile)
 #   e2e      benchmarks/trainer_e2e.py at micro-batch $TPUT_BATCH: the Trainer as run.py trains
 #            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
-#            wait) beside the engine alone and the model's own loop on one batch
+#            wait) beside the engine alone and the model's own loop on one batch, then the
+#            trainer's own profile (train.profile_steps: phases, kernel classes, GPU idle)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
 # Each step has a time limit ($STEP_TIMEOUT s, tests and tput twice that); a failing step is recorded
