@@ -174,7 +174,7 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
     # the profiler's breakdown (vltrain.profiling) of the first two rows and the engine's
     breakdowns = [line for line in out.splitlines() if line.startswith("Operator time per step, ")]
     assert len(breakdowns) == 3, breakdowns
-    _, classes = table_rows(out, "aten operator self time by class (CPU)")
+    _, classes = table_rows(out, "aten operator time by class (CPU)")
     assert "GEMM" in [r[0] for r in classes] and all(finite(r[1]) for r in classes), classes
     assert md.read_text().strip() == out.strip()
 

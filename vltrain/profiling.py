@@ -106,12 +106,14 @@ class Summary:
 
     def class_table(self, top_n: int = 10) -> str:
         pct = (lambda ms: 100 * ms / self.wall_ms) if self.wall_ms > 0 else (lambda ms: float("nan"))
-        what = "device time by kernel class" if self.on_device else "aten operator self time by class (CPU)"
+        what = "device time by kernel class" if self.on_device else "aten operator time by class (CPU)"
         rows = [[c, ms, pct(ms)] for c, ms in self.classes]
         if self.idle_ms is not None:
             rows.append(["GPU idle (no kernel or copy running: waiting for the host)", self.idle_ms,
                          pct(self.idle_ms)])
         md = markdown_table([what, "ms / step", "% of step"], rows)
+        if not self.on_device:
+            md += "\n\nAn attention operator counts with the operators it calls, any other by its self time."
         if self.syncs is not None:
             md += f"\n\nHost waits for the device (`cuda*Synchronize` calls): {self.syncs:.1f} per step."
         if self.top:
@@ -146,25 +148,23 @@ def summarize(prof, steps: int, wall_s: float) -> Summary:
     sums: dict[str, float] = {}
     top: dict[str, float] = {}
     phases, syncs = [], 0
-    for e in averages:
-        if e.device_type == cuda:
-            cls, ms = classify(e.key, KERNEL_CLASSES, KERNEL_OTHER), e.self_device_time_total / 1e3 / steps
-        elif e.key.startswith(PHASE_PREFIX):
-            phases.append((e.key[len(PHASE_PREFIX):], e.count / steps, e.cpu_time_total / 1e3 / steps))
-            continue
-        elif e.key in SYNC_CALLS:
-            syncs += e.count
-            continue
-        else:
-            continue
+
+    def add(cls: str, key: str, us: float) -> None:
+        ms = us / 1e3 / steps
         sums[cls] = sums.get(cls, 0.0) + ms
         if cls not in MAIN_CLASSES:
-            top[e.key] = top.get(e.key, 0.0) + ms
+            top[key] = top.get(key, 0.0) + ms
+
+    for e in averages:
+        if e.key.startswith(PHASE_PREFIX):
+            phases.append((e.key[len(PHASE_PREFIX):], e.count / steps, e.cpu_time_total / 1e3 / steps))
+        elif e.key in SYNC_CALLS:
+            syncs += e.count
+        elif e.device_type == cuda:
+            add(classify(e.key, KERNEL_CLASSES, KERNEL_OTHER), e.key, e.self_device_time_total)
     if not on_device:
         for key, (cls, us) in _cpu_operator_time(prof.events()).items():
-            sums[cls] = sums.get(cls, 0.0) + us / 1e3 / steps
-            if cls not in MAIN_CLASSES:
-                top[key] = top.get(key, 0.0) + us / 1e3 / steps
+            add(cls, key, us)
     wall_ms = wall_s * 1e3 / steps
     idle = None
     if on_device:
