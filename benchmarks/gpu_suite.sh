@@ -82,7 +82,8 @@ pack
 
 TT=benchmarks/train_throughput.py
 want tests && step gpu_tests $((2 * STEP_TIMEOUT)) "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
-  tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py tests/test_packed_batch.py
+  tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py tests/test_packed_batch.py \
+  tests/test_profiling.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
   --batch "$TPUT_BATCH" --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
 if want sweep; then

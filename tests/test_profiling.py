@@ -186,3 +186,29 @@ def test_cpu_attention_counts_what_it_calls():
     s = dict(summarize(p, 3, wall_s=1.0).classes)                      # ms per step
     assert s["attention"] == pytest.approx(outer / 3e3, rel=1e-6)
     assert s["GEMM"] == pytest.approx(plain_mm / 3e3, rel=1e-6)         # the attention's bmm's are not here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU reference: the window and summary tests above)")
+def test_cuda_window_reports_kernel_classes_and_idle(tmp_path):
+    """On a GPU the summary is device time: GEMM and attention kernels classified, the idle time
+    (wall minus the union of device intervals) between 0 and the step, the host's waits counted
+    (one .item() per step here)."""
+    dev = torch.device("cuda")
+    prof = StepProfiler(_train_cfg(profile_steps=3, profile_start=1), str(tmp_path), 0, 1, dev)
+    w = torch.randn(1024, 1024, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(8, 4, 128, 64, device=dev, dtype=torch.bfloat16)
+    step = 0
+    prof.at_step(step)
+    while step < 5:
+        with prof.phase("forward"):
+            (w @ w).sum()
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        with prof.phase("flags"):
+            (w @ w).sum().item()
+        step += 1
+        prof.at_step(step)
+    md = (tmp_path / "profile" / "steps_2-4" / "rank0.md").read_text()
+    classes = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")}
+    assert {"GEMM", "attention", "GPU idle (no kernel or copy running: waiting for the host)"} <= classes, md
+    assert "Host waits for the device (`cuda*Synchronize` calls): " in md
+    assert md.startswith("# Profile: steps 2-4, rank 0\n\nDevice: ")
