@@ -155,6 +155,31 @@ def test_a_failed_export_is_logged_not_raised(tmp_path, caplog):
     assert any("profile of steps 1-1 on rank 0 not written: " in r.getMessage() for r in caplog.records)
 
 
+def test_a_profiler_that_cannot_start_is_logged_not_raised(tmp_path, caplog, monkeypatch):
+    """E.g. CUPTI unavailable on a cluster's nodes: the run goes on without a profile."""
+    def refuse(self):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+    monkeypatch.setattr(torch.profiler.profile, "start", refuse)
+    prof = StepProfiler(_train_cfg(profile_steps=2, profile_start=1), str(tmp_path), 0, 1, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="vltrain.profiling"):
+        end = _profiled_steps(4, prof)
+        prof.close(end, "the run's last step")
+    assert not prof.active and not (tmp_path / "profile").exists()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["train.profile_steps: the profiler did not start on rank 0 (RuntimeError: "
+                    "CUPTI_ERROR_NOT_INITIALIZED): no profile"], msgs
+
+
+def test_an_error_in_the_first_profiled_step_still_writes_the_window(tmp_path):
+    prof = StepProfiler(_train_cfg(profile_steps=2, profile_start=3), str(tmp_path), 0, 1, torch.device("cpu"))
+    prof.at_step(3)                              # the window opens after step 3 ...
+    with prof.phase("forward"):
+        torch.randn(8, 8) @ torch.randn(8, 8)
+    prof.close(3, "RuntimeError")               # ... and step 4 fails
+    md = (tmp_path / "profile" / "steps_4-5" / "rank0.md").read_text()
+    assert md.startswith("# Profile: steps 4 (none completed), rank 0; cut short at step 3 (RuntimeError)\n")
+
+
 @pytest.mark.parametrize("kw, key", [
     (dict(profile_steps=-1), "train.profile_steps"),
     (dict(profile_steps=2, profile_start=-3), "train.profile_start"),

@@ -273,35 +273,46 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self._sync()                                   # the window holds only its own steps' work
-        self._prof = profile(activities=acts)
-        self._prof.start()
-        self._t0 = time.perf_counter()
+        try:
+            prof = profile(activities=acts)
+            prof.start()
+        except Exception as e:                          # noqa: BLE001 - a profile never ends a run
+            self._ended = True
+            log.warning("train.profile_steps: the profiler did not start on rank %d (%s: %s): no profile",
+                        self.rank, type(e).__name__, e)
+            return
+        self._prof, self._t0 = prof, time.perf_counter()
         log.info("profiling steps %d-%d on rank %d", self.first, self.last, self.rank)
+
+    def steps_done(self, step: int) -> str:
+        done = step - (self.first - 1)
+        return f"{self.first}-{step}" if done > 0 else f"{self.first} (none completed)"
 
     def _finish(self, step: int, why: str) -> None:
         prof, self._prof, self._ended = self._prof, None, True
-        self._sync()
-        wall = time.perf_counter() - self._t0
-        prof.stop()
         done = step - (self.first - 1)
         cut = f"; cut short at step {step} ({why})" if why and step < self.last else ""
-        try:
+        try:     # also when the run is failing: what the window saw, and never a second error
+            self._sync()
+            wall = time.perf_counter() - self._t0
+            prof.stop()
             summary = summarize(prof, done, wall)
             os.makedirs(self.out_dir, exist_ok=True)
             trace = os.path.join(self.out_dir, f"rank{self.rank}.pt.trace.json.gz")
             prof.export_chrome_trace(trace)
             with open(os.path.join(self.out_dir, f"rank{self.rank}.md"), "w") as f:
-                f.write(self.report(summary, done, cut))
+                f.write(self.report(summary, step, cut))
         except Exception as e:                          # noqa: BLE001 - a profile never ends a run
             log.warning("profile of steps %d-%d on rank %d not written: %s: %s", self.first, self.last,
                         self.rank, type(e).__name__, e)
             return
-        log.info("profile of steps %d-%d (rank %d%s): %s; trace %s", self.first, self.first + done - 1,
-                 self.rank, cut, summary.line(), trace)
+        log.info("profile of steps %s (rank %d%s): %s; trace %s", self.steps_done(step), self.rank, cut,
+                 summary.line(), trace)
 
-    def report(self, s: Summary, done: int, cut: str) -> str:
+    def report(self, s: Summary, step: int, cut: str) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        head = (f"# Profile: steps {self.first}-{self.first + done - 1}, rank {self.rank}{cut}\n\n"
+        done = max(step - (self.first - 1), 0)
+        head = (f"# Profile: steps {self.steps_done(step)}, rank {self.rank}{cut}\n\n"
                 f"Device: {where}. {done} optimizer step(s), {s.wall_ms:.2f} ms per step (wall, device "
                 "work included). Phases are host time, each including the ones it calls; a phase that "
                 "waits for the device (`flags` reads the agreed flag vector back, DeepSpeed's `step` "
