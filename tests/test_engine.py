@@ -173,6 +173,11 @@ def test_profiled_window_cut_short_by_the_signal(runs):
         forwards = [e for e in events if e.get("name") == "vltrain.forward"]
         assert len(forwards) == stopped - 3, (len(forwards), stopped)
         assert f"profile of steps 4-{stopped} (rank {r}; cut short at step {stopped} (stop signal))" in runs["P_logs"][r]
+    # rank 0's summary in TensorBoard's text tab too, at the step the window ended
+    acc, _ = scalars(os.path.join(runs["out"], "P", "tensorboard"), "train/loss")
+    texts = acc.Tensors("profile/text_summary")
+    assert [t.step for t in texts] == [stopped]
+    assert texts[0].tensor_proto.string_val[0].decode() == open(os.path.join(out, "rank0.md")).read()
     for log in runs["R_logs"]:
         assert "starts at step" in log and "past the profiled window (steps 4-43)" in log
 

@@ -79,10 +79,13 @@ def _train_cfg(**kw) -> TrainConfig:
 
 def test_window_writes_trace_and_summary(tmp_path, caplog):
     prof = StepProfiler(_train_cfg(profile_steps=2, profile_start=3), str(tmp_path), 0, 1, torch.device("cpu"))
+    reports = []
+    prof.on_report = lambda md, step: reports.append((md, step))          # the trainer: TensorBoard
     with caplog.at_level(logging.INFO, logger="vltrain.profiling"):
         end = _profiled_steps(8, prof)
         prof.close(end, "the run's last step")
     out = tmp_path / "profile" / "steps_4-5"
+    assert reports == [((out / "rank0.md").read_text(), 5)]
     assert sorted(os.listdir(out)) == ["rank0.md", "rank0.pt.trace.json.gz"]
     names = [e.get("name") for e in json.load(gzip.open(out / "rank0.pt.trace.json.gz"))["traceEvents"]]
     # steps 4 and 5 only: two of each phase, none from the steps around the window

@@ -418,6 +418,13 @@ class Monitor:
         if w is not None:
             w.add_scalar(tag, float(value), step)
 
+    def log_text(self, tag: str, text: str, step: int):
+        """Markdown in TensorBoard's text tab (rank 0), e.g. a profile's summary."""
+        w = self.writer
+        if w is not None:
+            w.add_text(tag, text, step)
+            w.flush()
+
     def log_hparams(self, config: Mapping, ds_config: Optional[Mapping] = None,
                     metric_tags: Iterable[str] = ("train/loss", "val/loss")):
         """The run's hyper-parameters: the HParams dashboard and a text table (no env variables)."""

@@ -27,7 +27,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -230,6 +230,8 @@ class StepProfiler:
         self._prof = None
         self._t0 = 0.0
         self._ended = False                      # the window ran, or can no longer run
+        # (summary markdown, step) -> None: where else the summary goes (the trainer: TensorBoard)
+        self.on_report: Optional[Callable[[str, int], None]] = None
 
     @property
     def active(self) -> bool:
@@ -300,8 +302,11 @@ class StepProfiler:
             os.makedirs(self.out_dir, exist_ok=True)
             trace = os.path.join(self.out_dir, f"rank{self.rank}.pt.trace.json.gz")
             prof.export_chrome_trace(trace)
+            report = self.report(summary, step, cut)
             with open(os.path.join(self.out_dir, f"rank{self.rank}.md"), "w") as f:
-                f.write(self.report(summary, step, cut))
+                f.write(report)
+            if self.on_report is not None:
+                self.on_report(report, step)
         except Exception as e:                          # noqa: BLE001 - a profile never ends a run
             log.warning("profile of steps %d-%d on rank %d not written: %s: %s", self.first, self.last,
                         self.rank, type(e).__name__, e)

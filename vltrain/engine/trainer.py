@@ -59,6 +59,7 @@ class Trainer:
         # starts with it.
         self._next: Optional[InFlight] = None
         self.profiler = StepProfiler(cfg.train, run_dir, info.rank, info.world, device)   # train.profile_*
+        self.profiler.on_report = lambda md, step: self.monitor.log_text("profile", md, step)
 
     # ------------------------------------------------------------------ state
 
