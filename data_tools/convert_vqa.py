@@ -16,8 +16,9 @@ contractions), counting each question's ``multiple_choice_answer`` once
 annotator answer (``--vocab-count all``). Ties are broken alphabetically.
 
 Targets: ``answer_scores`` (vltrain.metrics.vqa) gives every distinct normalised annotator
-answer the official VQA accuracy a prediction of it would get (mean over the 10
-leave-one-out subsets of min(1, matches/3)); answers outside the vocabulary are dropped.
+answer the VQA accuracy a prediction of it would get against the normalised annotator answers
+(mean over the 10 leave-one-out subsets of min(1, matches/3); the official metric does not
+normalise the annotators' answers); answers outside the vocabulary are dropped.
 ``target_ids``/``target_scores`` hold the in-vocabulary answers sorted by id. A question
 with none (test split, or only rare answers) stores the single placeholder (0, 0.0)
 because MDS cannot store empty arrays; a zero score adds nothing to a dense target.

@@ -253,7 +253,7 @@ def test_answer_scores_soft_targets():
     assert scores.keys() == {"2", "3", "dog", "cat"}
     for k, v in {"2": 1.0, "3": 0.6, "dog": 0.9, "cat": 0.3}.items():
         assert scores[k] == pytest.approx(v, abs=1e-12), k
-    # each equals the official accuracy of predicting it (on the normalised answers)
+    # each equals the accuracy of predicting it against the normalised answers (not the official one)
     for k, v in scores.items():
         assert v == pytest.approx(vqa_accuracy(k, gt, normalize_gt=True))
     assert answer_scores(["yes"] * 10) == {"yes": 1.0}
@@ -274,6 +274,16 @@ def test_vqa_eval_aggregates():
         vqa_eval({1: "yes"}, gt)
     with pytest.raises(ValueError, match="unknown question"):
         vqa_eval({**pred, 9: "x"}, gt)
+
+
+def test_majority_answer_baseline_is_scored_officially():
+    """The baseline a model's official ``accuracy`` is compared with uses the same metric."""
+    from vltrain.metrics.vqa import majority_answer_baseline
+    vocab = ["2", "3"]
+    train = [{"target_ids": [0], "target_scores": [1.0]}, {"target_ids": [1], "target_scores": [0.6]}]
+    val = [{"answers": ["two"] * 7 + ["2"] * 3}, {"answers": ["2"] * 10}]
+    # official: 3 verbatim matches -> 0.9, then 1.0 (normalising "two" would give 1.0 twice)
+    assert majority_answer_baseline(train, val, vocab) == ("2", pytest.approx(95.0))
 
 
 # --------------------------------------------------------------- multiple choice / boxes

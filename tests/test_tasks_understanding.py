@@ -126,6 +126,23 @@ def test_wrong_dataset_kind_and_answer_count_are_named(synthetic_corpus):
         get_task("vqa").build_module(cfg, VLModel(cfg.model))
 
 
+def test_vqa_evaluation_scores_officially_and_normalised():
+    """evaluate_vqa scores each answer with ``score_answer``: ``accuracy`` (the best metric) is
+    the official vqaEval.py score, which compares the annotators' answers as given;
+    ``accuracy_normalized`` normalises them like the training targets. (The 2-rank fine-tune
+    below checks the whole evaluation against vqa_eval on its written predictions.)"""
+    from vltrain.tasks import get_task
+    from vltrain.tasks.vqa import score_answer
+    cases = [("2", ["two"] * 7 + ["2"] * 3, 0.9, 1.0),   # 3 verbatim matches; 10 once normalised
+             ("lot", ["a lot"] * 10, 0.0, 1.0),          # unanimous: compared verbatim
+             ("yes", ["yes."] * 4 + ["no"] * 6, 1.0, 1.0),  # punctuation: stripped on disagreement
+             ("yes", ["yes"] * 10, 1.0, 1.0)]
+    for answer, gt, official, normalised in cases:
+        assert score_answer(answer, gt) == pytest.approx({"accuracy": official,
+                                                          "accuracy_normalized": normalised}), (answer, gt)
+    assert get_task("vqa").best_metric == "accuracy"
+
+
 def test_vlbert_answer_head_starts_as_the_mlm_head(synthetic_corpus):
     """VL-BERT's VQA head at step 0 = the model's MLM head restricted to the answers' words."""
     from vltrain.model import VLModel
@@ -219,13 +236,15 @@ def test_vqa_finetunes_above_the_majority_answer(finetuned, task_corpus):
     m = finetuned["vqa"]["metrics"]
     assert m["num_samples"] == m["num_scored"] == len(val)
     assert m["accuracy"] >= base + MARGIN["vqa"], (m, answer, base)
-    # The reported accuracy is the official metric of the written predictions.
+    # The reported accuracy is the official metric of the written predictions; the normalised
+    # one scores the same predictions against normalised annotator answers.
     from vltrain.metrics.vqa import vqa_eval
     with open(os.path.join(finetuned["vqa"]["dir"], "predictions.json")) as f:
         preds = json.load(f)
-    official = vqa_eval({r["question_id"]: preds[str(r["sample_id"])]["answer"] for r in val},
-                        {r["question_id"]: r["answers"] for r in val}, normalize_gt=True)
-    assert official["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
+    answers = {r["question_id"]: preds[str(r["sample_id"])]["answer"] for r in val}
+    gt = {r["question_id"]: r["answers"] for r in val}
+    assert vqa_eval(answers, gt)["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
+    assert vqa_eval(answers, gt, normalize_gt=True)["accuracy"] == pytest.approx(m["accuracy_normalized"], abs=1e-9)
 
 
 def test_vqa_submission_file_is_the_official_format(finetuned, task_corpus):

@@ -15,7 +15,10 @@ Reproduces ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` of GT-Vision-Lab/V
   (ten for VQA), of ``min(1, #matches / 3)``: 1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1.
 
 ``normalize_answer`` is the prediction-side processing; the data converter uses it to build
-the answer vocabulary, and ``answer_scores`` gives the soft training targets.
+the answer vocabulary, and ``answer_scores`` gives the soft training targets. ``normalize_gt=True``
+is NOT the official metric: it normalises the ground truth like those targets, so the score of a
+prediction is its soft target (the val score the LXMERT / VL-BERT code report), more lenient
+than the official one (``"2"`` vs 7 x ``"two"`` + 3 x ``"2"``: 1.0, officially 0.9).
 """
 from __future__ import annotations
 
@@ -132,11 +135,13 @@ def _check_answers(gt_answers: Sequence[str]) -> None:
 
 
 def vqa_accuracy(pred: str, gt_answers: Sequence[str], *, normalize_gt: bool = False) -> float:
-    """Per-question accuracy in [0, 1] as the official ``VQAEval.evaluate`` computes it.
+    """Per-question accuracy in [0, 1]; by default as the official ``VQAEval.evaluate``
+    computes it.
 
-    ``normalize_gt=True`` first applies :func:`normalize_answer` to every ground-truth
-    answer (for raw answers that did not go through the VQA team's preprocessing, e.g.
-    ``"Two"`` or ``"a dog."``); the default is the official evaluator verbatim.
+    ``normalize_gt=True`` (not official) first applies :func:`normalize_answer` to every
+    ground-truth answer (``"Two"`` -> ``"2"``, ``"a dog."`` -> ``"dog"``): the score is then the
+    soft training target of ``pred`` (:func:`answer_scores`), the convention of the LXMERT /
+    VL-BERT code.
     """
     _check_answers(gt_answers)
     answers = [normalize_answer(a) for a in gt_answers] if normalize_gt else list(gt_answers)
@@ -149,9 +154,9 @@ def answer_scores(gt_answers: Sequence[str]) -> dict[str, float]:
     """Soft target for every distinct normalised answer of one question.
 
     The score of answer ``a`` is ``vqa_accuracy(a, gt_answers, normalize_gt=True)``: the
-    annotators' answers are normalised first (the common preprocessing; a no-op on the
-    released VQA annotations, which are already normalised), so with ten answers the
-    scores are 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+ agreeing annotators.
+    annotators' answers are normalised first (the common preprocessing of VQA training
+    targets), so with ten answers the scores are 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+
+    agreeing annotators.
     """
     _check_answers(gt_answers)
     normed = [normalize_answer(a) for a in gt_answers]
@@ -166,7 +171,7 @@ def vqa_eval(
     *,
     normalize_gt: bool = False,
 ) -> dict:
-    """Official VQA accuracy over a set of questions.
+    """VQA accuracy over a set of questions (official unless ``normalize_gt``).
 
     ``predictions``: question id -> predicted answer; ``gt``: question id -> annotator
     answers. Every question in ``gt`` needs a prediction and every prediction a question
@@ -213,5 +218,5 @@ def majority_answer_baseline(train_rows: Sequence[Mapping], eval_rows: Sequence[
         for i, s in zip(list(r["target_ids"]), list(r["target_scores"])):
             mass[int(i)] += float(s)
     answer = vocab[mass.most_common(1)[0][0]]
-    scores = [vqa_accuracy(answer, list(r["answers"]), normalize_gt=True) for r in eval_rows]
+    scores = [vqa_accuracy(answer, list(r["answers"])) for r in eval_rows]
     return answer, 100.0 * sum(scores) / max(1, len(scores))

@@ -10,10 +10,11 @@ The answer vocabulary is the dataset's ``answer_vocab.json`` (index = class id);
 equal ``task.num_answers`` (3129 for VQA v2 as VLP/VL-BERT use it). The loss is BCE summed over
 answers and averaged over questions (VLP's ``BCE-mean x num_answers``).
 
-Evaluation: argmax answer per question, scored with the official VQA accuracy (annotator
-answers normalised, mean over leave-one-out subsets); unlabeled questions (test-dev/test)
-get predictions only. Files: ``predictions.json`` (by sample id) and the submission
-``vqa_results.json`` = ``[{"question_id", "answer"}]``.
+Evaluation: argmax answer per question, scored twice (see ``score_answer``): ``accuracy``, the
+official vqaEval.py metric (the one reported as best), and ``accuracy_normalized``, the
+LXMERT / VL-BERT code's val score; unlabeled questions (test-dev/test) get predictions only.
+Files: ``predictions.json`` (by sample id) and the submission ``vqa_results.json`` =
+``[{"question_id", "answer"}]``.
 """
 from __future__ import annotations
 
@@ -104,9 +105,18 @@ def build_vqa(cfg, model) -> VQATask:
     return VQATask(model, cfg.task.vqa_head, vocab, tok)
 
 
-def evaluate_vqa(trainer, split: str) -> dict:
-    """Official VQA accuracy (percent) over ``split``, each question once across ranks."""
+def score_answer(answer: str, gt: list[str]) -> dict[str, float]:
+    """One question's scores: ``accuracy`` is the official vqaEval.py metric (ground truth as
+    annotated); ``accuracy_normalized`` normalises the ground truth like the training targets
+    (the soft-score convention of the LXMERT / VL-BERT code; more lenient)."""
     from vltrain.metrics.vqa import vqa_accuracy
+    return {"accuracy": vqa_accuracy(answer, gt),
+            "accuracy_normalized": vqa_accuracy(answer, gt, normalize_gt=True)}
+
+
+def evaluate_vqa(trainer, split: str) -> dict:
+    """VQA accuracies (percent, see ``score_answer``) over ``split``, each question once across
+    ranks."""
     module = trainer.engine.module
     remote = getattr(trainer.cfg.data, split)
     vocab = read_answer_vocab(remote, trainer.cfg.data.download_timeout)
@@ -123,15 +133,16 @@ def evaluate_vqa(trainer, split: str) -> dict:
             rec = {"question_id": qids[i], "image_id": batch.task["image_id"][i], "answer": answer}
             gt = batch.task["answers"][i]
             if gt:
-                rec["accuracy"] = vqa_accuracy(answer, gt, normalize_gt=True)
+                rec.update(score_answer(answer, gt))
             recs[sid] = rec
         return recs
 
     preds = predict_split(trainer, split, collect)
-    scored = [r["accuracy"] for r in preds.values() if "accuracy" in r]
+    scored = [r for r in preds.values() if "accuracy" in r]
     metrics = {"num_samples": float(len(preds))}
     if scored:
-        metrics["accuracy"] = 100.0 * sum(scored) / len(scored)
+        for key in ("accuracy", "accuracy_normalized"):
+            metrics[key] = 100.0 * sum(r[key] for r in scored) / len(scored)
         metrics["num_scored"] = float(len(scored))
     submission = sorted(({"question_id": r["question_id"], "answer": r["answer"]} for r in preds.values()),
                         key=lambda r: r["question_id"])
