@@ -1,15 +1,18 @@
-"""Engine pieces that need no second process: recipes, checkpoint discovery, activation
-checkpointing."""
+"""Engine pieces that need no second process: recipes, the tokenizer check, checkpoint
+discovery, activation checkpointing."""
 import glob
 import json
 import os
+import re
 
 import pytest
 import torch
 
 from vltrain.config import load_config
 from vltrain.engine import checkpoint as ckpt
+from vltrain.engine.build import check_tokenizer
 from vltrain.model import VLModel
+from vltrain.tokenization import Tokenizer
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob("configs/*.yaml")))
@@ -18,6 +21,30 @@ def test_every_recipe_builds_its_model(recipe):
     with torch.device("meta"):           # BERT-base recipes cost nothing this way
         model = VLModel(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+    check_tokenizer(cfg, Tokenizer(cfg.data.vocab))   # its token ids are its vocabulary's
+
+
+def test_img_token_id_must_be_the_tokenizers(tmp_path):
+    """A vocab.txt without [unusedK] slots puts [IMG] after its last token, not at BERT's id 1:
+    a VL-BERT model built with the default model.img_token_id is refused, naming the fix."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog"]) + "\n")
+    tok = Tokenizer(str(vocab))
+    assert tok.img_id == 7
+    cfg = load_config("configs/debug.yaml", [f"data.vocab={vocab}", "model.vocab_size=9",
+                                             "model.region_embedding=vlbert"])
+    assert cfg.model.img_token_id == 1
+    msg = f"data.vocab={vocab} has [IMG] at id 7 but model.img_token_id=1; set model.img_token_id=7"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        check_tokenizer(cfg, tok)
+    cfg.model.img_token_id = 7
+    check_tokenizer(cfg, tok)
+    # VLP's region embedding has no [IMG] token: any id is fine there.
+    cfg.model.region_embedding, cfg.model.img_token_id = "vlp", 1
+    check_tokenizer(cfg, tok)
+    cfg.model.vocab_size = 8
+    with pytest.raises(ValueError, match="the tokenizer has 9 tokens but model.vocab_size=8"):
+        check_tokenizer(cfg, tok)
 
 
 def _tag(save_dir, step, complete=True):

@@ -91,6 +91,19 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
     return ckpt.resolve_checkpoint(r)
 
 
+def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
+    """The model's token ids agree with the tokenizer's vocabulary."""
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}")
+    # VL-BERT adds the [IMG] embedding (by model.img_token_id) to every region; a vocab.txt
+    # without [unusedK] slots gets [IMG] appended elsewhere, and a stale id would silently
+    # give every region another token's embedding.
+    if cfg.model.region_embedding == "vlbert" and tokenizer.img_id != cfg.model.img_token_id:
+        raise ValueError(f"data.vocab={cfg.data.vocab} has [IMG] at id {tokenizer.img_id} but "
+                         f"model.img_token_id={cfg.model.img_token_id}; set model.img_token_id={tokenizer.img_id}")
+
+
 def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer:
     import deepspeed
     from vltrain.data.loader import build_eval_loader, build_train_loader
@@ -114,9 +127,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     precision = precision_of(ds)
 
     tokenizer = Tokenizer(cfg.data.vocab)
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}")
+    check_tokenizer(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
     model = VLModel(cfg.model)
     task_state: dict = {}
