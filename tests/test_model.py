@@ -77,7 +77,7 @@ def test_from_pretrained_overrides_and_grown_token_types(minilm_dir):
     tt = model.embeddings.token_type.weight
     assert tt.shape[0] == 3 and torch.equal(tt[:2], ref)
     assert not torch.equal(tt[2], torch.zeros_like(tt[2]))
-    assert model.region_embeddings.proj.in_features == 32 + 128
+    assert model.region_embeddings.proj.in_features == 32 + 2048
     with pytest.raises(Exception, match="model.region_feat_dims"):
         VLModel.from_pretrained(minilm_dir, region_feat_dims=32)
 
@@ -85,6 +85,89 @@ def test_from_pretrained_overrides_and_grown_token_types(minilm_dir):
 def test_from_pretrained_shape_mismatch_names_parameter(minilm_dir):
     with pytest.raises(ValueError, match="embeddings.word.weight"):
         VLModel.from_pretrained(minilm_dir, vocab_size=1000)
+
+
+# --------------------------------------------------------------------------- VL-BERT geometry
+
+def test_vlbert_geometry_is_the_papers_2048_sincos():
+    """Default width 2048 = VL-BERT's coordinate_embeddings(boxes, 256): per coordinate, the sines
+    then the cosines of 100 * c / 1000 ** (i / 256), coordinates one after another."""
+    model = make_model(region_embedding="vlbert")
+    emb = model.region_embeddings
+    assert model.config.vlbert_geometry_dim == 2048
+    assert emb.proj.in_features == model.config.region_feat_dim + 2048
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.25, 0.6, 0.9], [0.33, 0.5, 0.34, 0.75]])
+    wave = 1000.0 ** (torch.arange(256, dtype=torch.float64) / 256)
+    ref = torch.stack([torch.cat([f(100.0 * c / wave) for c in box for f in (torch.sin, torch.cos)])
+                       for box in boxes.double()]).float()
+    assert ref.shape == (3, 2048)
+    feats = torch.randn(3, model.config.region_feat_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(emb(feats, boxes), emb.proj(torch.cat([feats, ref], -1)), rtol=0, atol=1e-5)
+        # bf16 weights: the sin/cos still come from the float32 boxes (a bf16 corner near 1 is
+        # off by ~0.002, ~0.2 rad at the highest frequency), rounded to bf16 only afterwards
+        emb = emb.to(torch.bfloat16)
+        torch.testing.assert_close(emb(feats, boxes), emb.proj(torch.cat([feats, ref], -1).bfloat16()),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [0, -8, 100])
+def test_vlbert_geometry_dim_must_be_a_positive_multiple_of_8(dim):
+    with pytest.raises(ValueError, match=f"model.vlbert_geometry_dim={dim} must be a positive multiple of 8"):
+        make_model(region_embedding="vlbert", vlbert_geometry_dim=dim)
+
+
+def save_export(model, folder, drop_geometry_key=False):
+    """``model`` as a vltrain export folder (config.json + model.safetensors), as ckpt/export.py
+    writes one; ``drop_geometry_key``: its config as written before model.vlbert_geometry_dim existed."""
+    import json
+    from safetensors.torch import save_file
+    from vltrain.model.bert_weights import export_config_json
+    from vltrain.model.transformer import named_pieces
+    config = export_config_json(model.config)
+    if drop_geometry_key:
+        del config["vltrain"]["vlbert_geometry_dim"]
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    state = to_hf_state_dict(named_pieces(model.state_dict(), model.config))
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+
+
+def test_exported_vlbert_model_reloads_with_its_geometry_width(tmp_path):
+    model = make_model(region_embedding="vlbert", vlbert_geometry_dim=64)
+    save_export(model, tmp_path)
+    back = VLModel.from_pretrained(str(tmp_path)).eval()
+    assert back.config == model.config
+    x = random_inputs(model.config, B=2)
+    torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(model, x, "bidirectional").text_hidden)
+
+
+def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
+    """A VL-BERT checkpoint from before model.vlbert_geometry_dim (128-d geometry, a config without
+    the key, which then reads as 2048): loading it names the parameter, both shapes and the fix,
+    for init_from / from_pretrained and for a resume."""
+    from vltrain.config import Config, save_config
+    from vltrain.engine.resume import CheckpointError, check_model_matches
+    from vltrain.tasks.pretrain import PretrainTask
+    old = make_model(region_embedding="vlbert", vlbert_geometry_dim=128)
+    save_export(old, tmp_path, drop_geometry_key=True)
+    with pytest.raises(ValueError) as e:
+        VLModel.from_pretrained(str(tmp_path))
+    assert "region_embeddings.proj.weight: checkpoint (64, 192) vs model (64, 2112)" in str(e.value)
+    assert "model.vlbert_geometry_dim=128" in str(e.value)
+    assert VLModel.from_pretrained(str(tmp_path), vlbert_geometry_dim=128).config == old.config
+
+    cfg = Config(model=debug_model_config(region_embedding="vlbert"))
+    tag = tmp_path / "step_00000006"
+    tag.mkdir()
+    old_task = PretrainTask(old, ObjectivesConfig())
+    torch.save({"param_shapes": [{n: tuple(p.shape) for n, p in old_task.named_parameters()}]},
+               tag / "mp_rank_00_model_states.pt")
+    save_config(cfg, str(tag / "config.yaml"))
+    with pytest.raises(CheckpointError) as e:
+        check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
+    assert "model.region_embeddings.proj.weight: checkpoint (64, 192) vs model (64, 2112)" in str(e.value)
+    assert "model.vlbert_geometry_dim=128" in str(e.value)
 
 
 # --------------------------------------------------------------------------- mask semantics

@@ -41,6 +41,8 @@ class ModelConfig:
     num_region_classes: int = 1601           # detector classes incl. background
     use_cls_probs: bool = True               # vlp: the LN(W_c C) class-distribution term
     geometry_conf: bool = True               # vlp: append confidence (max non-bg class prob) to G
+    vlbert_geometry_dim: int = 2048          # vlbert: width of the sin/cos box embedding (paper: 2048);
+                                             # a multiple of 8 (4 coordinates x sin/cos x frequencies)
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.

@@ -21,6 +21,7 @@ import re
 import torch
 
 from vltrain.config import ModelConfig, build_section
+from vltrain.model.embeddings import geometry_dim_hint
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
             continue
         loaded.add(name)
     if errors:
-        raise ValueError(f"{source}: parameter shapes do not match the model:\n  " + "\n  ".join(errors))
+        raise ValueError(f"{source}: parameter shapes do not match the model:\n  " + "\n  ".join(errors)
+                         + geometry_dim_hint(errors, model.config))
     fresh = [n for n in own if n not in loaded]
     if strict_text:
         missing = [n for n in fresh if n.startswith(("embeddings.", "layers."))]

@@ -92,11 +92,12 @@ class VLPRegionEmbedding(nn.Module):
         return self.feat(feats.to(dtype)) + self.proj(torch.cat(parts, dim=-1))
 
 
-def sincos_box_embedding(boxes: torch.Tensor, num_freqs: int = 16, wave_len: float = 1000.0) -> torch.Tensor:
+def sincos_box_embedding(boxes: torch.Tensor, num_freqs: int, wave_len: float = 1000.0) -> torch.Tensor:
     """VL-BERT's geometry embedding: sin/cos of each (x1,y1,x2,y2) at ``num_freqs`` frequencies.
 
-    As in VL-BERT (after relation networks), coordinates in [0,1] are scaled by 100 and
-    divided by ``wave_len ** (i / num_freqs)``. Returns (..., 4 * 2 * num_freqs).
+    As in VL-BERT's ``coordinate_embeddings`` (after relation networks), coordinates in [0,1]
+    are scaled by 100 and divided by ``wave_len ** (i / num_freqs)``; each coordinate's sines
+    then cosines, coordinate after coordinate. Returns (..., 4 * 2 * num_freqs).
     """
     freqs = wave_len ** (torch.arange(num_freqs, device=boxes.device, dtype=torch.float32) / num_freqs)
     x = (boxes.float() * 100.0)[..., None] / freqs                      # (..., 4, F)
@@ -106,24 +107,40 @@ def sincos_box_embedding(boxes: torch.Tensor, num_freqs: int = 16, wave_len: flo
 class VLBertRegionEmbedding(nn.Module):
     """VL-BERT's visual feature embedding: FC([appearance ; sin/cos geometry]).
 
+    The geometry is ``model.vlbert_geometry_dim`` wide: the paper's 2048 by default (its code's
+    ``coordinate_embeddings(boxes, 256)``: 4 coordinates x sin/cos x 256 frequencies). The
+    paper's text embeds the corners x1,y1,x2,y2, which we keep; its code embeds centre/size.
     The model adds the [IMG] token embedding to regions; text tokens get this embedding of
     the whole image (full box [0,0,1,1]) with the whole-image feature, see ``image_term``.
     """
-    NUM_FREQS = 16
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(cfg.region_feat_dim + 8 * self.NUM_FREQS, cfg.hidden_size)
+        self.num_freqs = cfg.vlbert_geometry_dim // 8
+        self.proj = nn.Linear(cfg.region_feat_dim + cfg.vlbert_geometry_dim, cfg.hidden_size)
 
     def forward(self, feats, boxes, cls_probs=None) -> torch.Tensor:
         dtype = self.proj.weight.dtype
-        geo = sincos_box_embedding(boxes.to(dtype), self.NUM_FREQS)
+        # sin/cos of the float32 boxes: in bf16 a coordinate near 1 is off by ~0.002, i.e.
+        # ~0.2 rad at the highest frequency (x100 scale)
+        geo = sincos_box_embedding(boxes.float(), self.num_freqs).to(dtype)
         return self.proj(torch.cat([feats.to(dtype), geo], dim=-1))
 
     def image_term(self, image_feat: torch.Tensor) -> torch.Tensor:
         """(B, D) whole-image feature -> (B, H) visual embedding added to every text token."""
         full_box = image_feat.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(image_feat.shape[0], 4)
         return self.forward(image_feat, full_box)
+
+
+def geometry_dim_hint(mismatches: list[str], cfg: ModelConfig) -> str:
+    """A line for shape errors naming VL-BERT's region projection: checkpoints written before
+    ``model.vlbert_geometry_dim`` existed hold a 128-d geometry, and their saved configs lack the
+    key (so reusing "the same model settings" would not restore it)."""
+    if cfg.region_embedding != "vlbert" or not any("region_embeddings.proj.weight" in m for m in mismatches):
+        return ""
+    return (f"\nregion_embeddings.proj reads [appearance (model.region_feat_dim={cfg.region_feat_dim}) ; "
+            f"sin/cos geometry (model.vlbert_geometry_dim={cfg.vlbert_geometry_dim})]; VL-BERT checkpoints "
+            "written before that key existed have a 128-d geometry: load them with model.vlbert_geometry_dim=128")
 
 
 def init_bert_(module: nn.Module, std: float) -> None:

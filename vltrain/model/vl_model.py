@@ -44,6 +44,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if not 0 <= cfg.image_token_type < cfg.type_vocab_size:
         raise ValueError(f"model.image_token_type={cfg.image_token_type} needs model.type_vocab_size > "
                          f"{cfg.image_token_type} (is {cfg.type_vocab_size})")
+    if cfg.vlbert_geometry_dim <= 0 or cfg.vlbert_geometry_dim % 8:
+        raise ValueError(f"model.vlbert_geometry_dim={cfg.vlbert_geometry_dim} must be a positive multiple of 8 "
+                         "(4 box coordinates x sin/cos x frequencies; VL-BERT uses 2048)")
     if cfg.region_embedding == "vlp" and cfg.geometry_conf and not cfg.use_cls_probs:
         raise ValueError("model.geometry_conf=true derives confidence from class probabilities; "
                          "set it false when model.use_cls_probs=false")
