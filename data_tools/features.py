@@ -354,6 +354,16 @@ class RegionChecker:
                 bad("wrong_num_classes", f"{r.where}: cls_prob has {c} classes, expected {self.num_classes} "
                                          f"(from {self.first_where})")
                 return None
+        labels = r.optional.get("obj_labels")
+        if labels is not None and labels.size and labels.min() < 0:
+            bad("bad_label", f"{r.where}: objects_id has negative labels ({int(labels.min())})")
+            return None
+        if labels is not None and "cls_prob" in r.optional and labels.size \
+                and labels.max() >= r.optional["cls_prob"].shape[1] - 1:
+            # bottom-up's objects_id indexes the non-background classes: column = label + 1
+            bad("bad_label", f"{r.where}: objects_id {int(labels.max())} is beyond cls_prob's "
+                             f"{r.optional['cls_prob'].shape[1] - 1} non-background classes")
+            return None
         present = tuple(sorted(r.optional))
         if self.optional is not None:
             missing = set(self.optional) - set(present)

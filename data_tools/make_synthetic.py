@@ -14,14 +14,18 @@ Regions = every object's box (a few pixels of jitter) plus 1-2 distractor boxes 
 background, in a random order; ``image_feature`` is the same pooling over the whole image.
 The detector-like outputs (``cls_prob`` (N, 17), ``obj_labels``, ``obj_conf``) are a noisy
 softmax peaked at the true class (background for distractors; ~10% of objects get a wrong
-peak, like a real detector's mistakes).
+peak, like a real detector's mistakes); ``obj_labels``/``obj_conf`` follow bottom-up
+attention's ``objects_id``/``objects_conf`` (argmax / max over the non-background classes).
 
 Text, from templates, all consistent with the scene:
   captions  5 per image ("a small red circle left of a blue square", "there is a large green cross")
   vqa       --questions-per-image questions ("what color is the circle?", "how many squares are
             there?", "is there a red triangle?", "what shape is left of the blue square?") with
-            10 annotator answers: ~--answer-noise of them wrong, and surface variants that the
-            official normalisation merges ("two"/"2", "Yes"/"yes.", "a circle"/"circle")
+            10 annotator answers: ~--answer-noise of them wrong, and surface variants ("two"/"2",
+            "Yes"/"yes.", "a circle"/"circle") that the training targets' normalisation
+            (normalize_answer) merges; the official accuracy compares annotator answers as given
+            (only punctuation is stripped, and only when they disagree), so it counts most
+            variants as misses
   refs      --refs-per-image unambiguous referring expressions ("the red circle", "the large
             square on the left") with the target region index and the object's true box
   mc        --mc-per-image 4-way multiple-choice items (question, 4 answers, one correct)
@@ -231,7 +235,9 @@ def detector_outputs(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray
         logits[r, cls] += float(rng.uniform(3.0, 6.0))
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    return p.astype(np.float16), p.argmax(1).astype(np.int32), p.max(1).astype(np.float32)
+    # obj_labels / obj_conf as bottom-up attention writes objects_id / objects_conf: argmax and max
+    # over the non-background classes (label k is class column k + 1).
+    return p.astype(np.float16), p[:, 1:].argmax(1).astype(np.int32), p[:, 1:].max(1).astype(np.float32)
 
 
 # ---------------------------------------------------------------- text
@@ -297,7 +303,7 @@ def vqa_candidates(rng: np.random.Generator, s: Scene) -> list[tuple[str, str, s
     sh = SHAPES[int(rng.integers(0, 4))]
     out.append((f"how many {PLURALS[sh]} are there?", str(shape_count[sh]), "number"))
     present = objs[int(rng.integers(0, len(objs)))]
-    out.append((f"how many objects are there?", str(len(objs)), "number"))
+    out.append(("how many objects are there?", str(len(objs)), "number"))
     if rng.random() < 0.5:
         out.append((f"is there a {present.colour} {present.shape}?", "yes", "yes/no"))
     else:

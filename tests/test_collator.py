@@ -88,6 +88,51 @@ def test_layout_token_types_and_truncation(tok):
     assert b.region_mask.sum(1).tolist() == [n_reg[int(i)] for i in b.sample_id]
 
 
+def test_vlbert_captions_use_vlbert_text_layout(tok):
+    """A VL-BERT model's captions are laid out as its text-only samples and fine-tuning inputs:
+    [CLS] caption [SEP] (the regions go in after [CLS]); MLM picks word-pieces only (VLP's
+    [STOP] prediction is a generation objective); a seq2seq draw still marks the caption."""
+    data = DataConfig(max_text_len=12)
+    samples = caps(60, words=(2, 20))
+    b = make(tok, data, ObjectivesConfig(seq2seq_prob=0.5, max_pred=20), vlbert=True)(samples)
+    got = rows(b)
+    modes = set()
+    for s in samples:
+        mode, ids, types, pos, lab, _ = got[s["sample_id"]]
+        assert ids[0] == CLS and ids[-1] == SEP and SEP not in ids[1:-1]
+        orig = list(ids)
+        for p, t in zip(pos, lab):
+            orig[p] = t
+        assert any(orig[1:-1] == tok.encode(c)[:10] for c in s["captions"])   # 12 - 2 specials
+        assert all(1 <= p < len(ids) - 1 for p in pos) and len(pos) >= 1
+        want = [0] + [1] * (len(ids) - 1) if mode == MODE_SEQ2SEQ else [0] * len(ids)
+        assert types == want
+        modes.add(mode)
+    assert modes == {MODE_SEQ2SEQ, MODE_BIDIRECTIONAL}
+    # the VLP layout of the same samples: [CLS] [SEP] caption [STOP], [STOP] maskable
+    vlp = rows(make(tok, data, ObjectivesConfig(seq2seq_prob=0.5, max_pred=20))(samples))
+    assert all(v[1][:2] == [CLS, SEP] for v in vlp.values())
+    assert any(len(v[1]) - 1 in v[3] for v in vlp.values())
+
+
+def test_vlbert_mrc_keeps_the_stored_whole_image_feature_out(tok):
+    """A stored whole-image feature was extracted with the masked regions in view: a VL-BERT
+    model with MRC refuses it (naming the key); regions_mean leaves it out of the batch (the
+    model then averages the real regions, masked ones zeroed). VLP's model never reads it."""
+    meta = schema.make_meta("captions", 8, 5, ("cls_prob", "image_feature"))
+    samples = caps(4, optional=("cls_prob", "image_feature"))
+    mrc = ObjectivesConfig(mrc=True)
+    with pytest.raises(ValueError, match=r"s3://bkt/ds0 has a whole-image feature.*data.image_feature=regions_mean"):
+        make(tok, obj=mrc, metas=(meta,), vlbert=True)
+    b = make(tok, DataConfig(image_feature="regions_mean"), mrc, metas=(meta,), vlbert=True)(samples)
+    assert b.image_feat is None and len(b.mrc_positions) > 0
+    for kw in ({"obj": mrc}, {"vlbert": True}):         # VLP + MRC, or VL-BERT without MRC
+        b = make(tok, metas=(meta,), **kw)(samples)
+        assert torch.equal(b.image_feat, torch.from_numpy(np.stack([s["image_feature"] for s in samples])))
+    with pytest.raises(ValueError, match=r"data.image_feature must be 'stored' or 'regions_mean'"):
+        make(tok, DataConfig(image_feature="mean"))
+
+
 def test_bucket_padding(tok):
     data = DataConfig(pad_to="bucket", buckets=[8, 16, 24], max_text_len=24, max_regions=12)
     col = make(tok, data)
@@ -256,16 +301,26 @@ def test_missing_cls_prob_names_the_column(tok):
         make(tok, obj=obj, metas=(meta,))
     with pytest.raises(ValueError, match=r"s3://bkt/ds0 has no 'cls_prob' column"):
         make(tok, metas=(meta,), require_cls_probs=True)
-    # Opt-in hard targets: one-hot of obj_labels, for both targets and the class input.
-    col = make(tok, DataConfig(hard_class_targets=True), obj, metas=(meta,))
-    samples = caps(6, optional=("obj_labels",))
-    b = col(samples)
-    for r, s in enumerate(samples):
-        n = len(s["obj_labels"])
-        onehot = torch.nn.functional.one_hot(torch.from_numpy(s["obj_labels"].astype(np.int64)), 5).float()
-        keep = ~torch.isin(torch.arange(n), b.mrc_positions - r * b.region_mask.shape[1])
-        assert torch.equal(b.region_cls_probs[r, :n][keep], onehot[keep])
-    assert torch.equal(b.mrc_targets.sum(1), torch.ones(len(b.mrc_positions)))
+    # Opt-in hard targets: one-hot of obj_labels, for both targets and the class input. The
+    # labels are bottom-up's objects_id (no background), so label k is class column k + 1;
+    # the class count comes from the meta or, where the meta has none, from the model.
+    no_count = {**meta, "num_classes": None}
+    with pytest.raises(ValueError, match=r"hard_class_targets needs the class count.*model.num_region_classes"):
+        make(tok, DataConfig(hard_class_targets=True), obj, metas=(no_count,))
+    for m, kw in ((meta, {}), (no_count, {"num_classes": 5})):
+        col = make(tok, DataConfig(hard_class_targets=True), obj, metas=(m,), **kw)
+        samples = caps(6, optional=("obj_labels",))
+        b = col(samples)
+        for r, s in enumerate(samples):
+            n = len(s["obj_labels"])
+            onehot = torch.nn.functional.one_hot(torch.from_numpy(s["obj_labels"].astype(np.int64)) + 1, 5).float()
+            keep = ~torch.isin(torch.arange(n), b.mrc_positions - r * b.region_mask.shape[1])
+            assert torch.equal(b.region_cls_probs[r, :n][keep], onehot[keep])
+            assert (b.region_cls_probs[r, :n, 0] == 0).all()          # never background
+        assert torch.equal(b.mrc_targets.sum(1), torch.ones(len(b.mrc_positions)))
+    samples[3]["obj_labels"][0] = 4                    # 4 non-background classes: ids 0..3
+    with pytest.raises(BadSampleError, match=r"sample_id 3: column 'obj_labels' .* outside \[0, 4\)"):
+        col(samples)
     # Meta says cls_prob exists but a sample lacks it: the sample is named.
     bad = caps(2)
     del bad[1]["cls_prob"]

@@ -64,8 +64,9 @@ def make_image(rng, n: int, dim: int, w: int = 640, h: int = 480, classes: int =
     if classes:
         p = rng.random((n, classes)).astype(np.float32)
         img["cls_prob"] = p / p.sum(1, keepdims=True)
-        img["objects_id"] = p.argmax(1).astype(np.int64)
-        img["objects_conf"] = p.max(1).astype(np.float32)
+        # as bottom-up attention writes them: over the non-background classes (column 0)
+        img["objects_id"] = p[:, 1:].argmax(1).astype(np.int64)
+        img["objects_conf"] = p[:, 1:].max(1).astype(np.float32)
     return img
 
 
@@ -383,11 +384,14 @@ def test_make_synthetic_content(synthetic):
     assert len(texts) == 8 and all(t["text"] for t in texts)
 
     # Features come from the pixels: a nearest-centroid classifier on region features, fit on the
-    # pretrain split, predicts the detector label of val regions far above chance (17 classes).
+    # pretrain split, predicts the detector's class (background included) of val regions far
+    # above chance (17 classes). obj_labels is bottom-up's objects_id: argmax after background.
     def xy(split):
         ss = read_mds(synthetic / "captions" / split)
+        for s in ss:
+            np.testing.assert_array_equal(s["obj_labels"], s["cls_prob"][:, 1:].argmax(1))
         return (np.concatenate([s["features"].astype(np.float32) for s in ss]),
-                np.concatenate([s["obj_labels"] for s in ss]))
+                np.concatenate([s["cls_prob"].argmax(1) for s in ss]))
     x, y = xy("pretrain")
     x = np.concatenate([x, xy("train")[0]])
     y = np.concatenate([y, xy("train")[1]])
@@ -530,6 +534,20 @@ def test_bad_tsv_rows_fail_with_named_row(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert msg in err and "f.tsv" in err, err
     assert not (out / "index.json").exists()                      # nothing that looks like a dataset
+
+
+def test_objects_id_beyond_the_non_background_classes_is_refused(tmp_path, capsys):
+    """bottom-up's objects_id counts the classes after background: with C cls_prob columns, C-1
+    (an id that includes background) is out of range, named with its row."""
+    rng = np.random.default_rng(5)
+    g1, g2 = make_image(rng, 3, 6, classes=5), make_image(rng, 3, 6, classes=5)
+    g2 = dict(g2, objects_id=np.array([0, 4, 1], np.int64))
+    kp, tsv = _caption_inputs(tmp_path, [tsv_row(1, g1, full=True), tsv_row(2, g2, full=True)], n_images=2)
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--tsv-fields", TSV_FIELDS_FULL,
+                                  "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "row 2 (image 2): objects_id 4 is beyond cls_prob's 4 non-background classes" in err, err
 
 
 def test_bad_captions_and_missing_features(tmp_path, capsys):

@@ -67,7 +67,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     skip_bad_samples: bool = False           # count and report bad samples instead of failing
-    hard_class_targets: bool = False         # use obj_labels when cls_prob is absent
+    hard_class_targets: bool = False         # one-hot obj_labels (bottom-up objects_id) when cls_prob is absent
+    image_feature: str = "stored"            # VL-BERT's whole-image feature for text: stored (the
+                                             # dataset's image_feature, else regions_mean) | regions_mean
     validate_hash: str = ""                  # "" | xxh64 | sha1 | ...: check shards on download
     download_timeout: float = 60.0           # seconds per shard download
     cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)

@@ -3,16 +3,26 @@
 Per sample (all randomness from ``masking.sample_rng(seed, epoch, sample_id, stream)``, drawn in
 this order: caption choice, mode, MLM positions, MLM corruption, masked regions):
   * captions: one caption drawn per visit; ``[CLS] [SEP] w1..wT [STOP]`` with
-    ``T <= max_text_len - 3``; mode seq2seq with probability ``objectives.seq2seq_prob``, else
-    bidirectional. In seq2seq mode the caption tokens and [STOP] get token_type 1 (targets).
+    ``T <= max_text_len - 3`` (VLP: the model splices the regions in after [CLS], giving
+    ``[CLS] regions [SEP] caption [STOP]``); for a VL-BERT model, ``[CLS] w1..wT [SEP]``
+    with ``T <= max_text_len - 2``, the layout of VL-BERT's text-only samples and of every
+    VL-BERT fine-tuning input (no [SEP] between the regions and the text). Mode seq2seq with
+    probability ``objectives.seq2seq_prob``, else bidirectional. In seq2seq mode the caption
+    tokens and the closing token get token_type 1 (targets).
   * text: ``[CLS] w1..wT [SEP]`` with ``T <= max_text_len - 2``; always bidirectional.
   * MLM: ``n_mask = min(max_pred, max(1, round(mlm_prob * n_tokens)))`` with ``n_tokens`` the
     number of word-pieces of the (truncated) caption/text, *not* counting specials. Candidates
-    are those word-pieces plus, for captions, the [STOP] token (as VLP/UniLM: the model must
-    learn to predict the end). Chosen tokens: 80% [MASK], 10% random non-special token, 10% kept.
+    are those word-pieces plus, for VLP-layout captions, the [STOP] token (as VLP/UniLM: the
+    model must learn to predict the end). Chosen tokens: 80% [MASK], 10% random non-special token, 10% kept.
   * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions; their features
     and class distributions are zeroed in the input (the distribution is the target, so it
-    must not leak through the VLP class-embedding term); boxes are kept, as in VL-BERT.
+    must not leak through the VLP class-embedding term); boxes are kept, as in VL-BERT. A
+    stored whole-image feature would show the masked regions to a VL-BERT model's text
+    (VL-BERT zeroes their pixels before extracting it), so MRC refuses
+    ``data.image_feature=stored`` there on a dataset that has one.
+  * Hard class targets (``data.hard_class_targets``, datasets with bottom-up ``objects_id``
+    but no ``cls_prob``): one-hot at column ``label + 1``, column 0 being background, as in
+    ``cls_prob`` (bottom-up's ``objects_id`` is the argmax over the non-background classes).
 
 ``region_feats`` keep the stored dtype (float16): cast on device with ``Batch.to(float_dtype=)``.
 """
@@ -83,10 +93,16 @@ class PretrainCollator:
         streams: one ``StreamInfo`` per stream of the dataset, in stream order; samples carry
             their stream index under ``_stream`` (0 when absent).
         require_cls_probs: the model needs ``region_cls_probs`` (VLP class-embedding term).
+        vlbert: the model is VL-BERT-style (``model.region_embedding=vlbert``): captions as
+            ``[CLS] w1..wT [SEP]`` instead of VLP's ``[CLS] [SEP] w1..wT [STOP]``, and the
+            whole-image feature reaches the text (VLP's model does not read it).
+        num_classes: the model's class count (``model.num_region_classes``), used for hard
+            class targets when a dataset's meta does not say it.
     """
 
     def __init__(self, tokenizer, data, objectives, seed: int,
-                 streams: Optional[Sequence[StreamInfo]] = None, require_cls_probs: bool = False):
+                 streams: Optional[Sequence[StreamInfo]] = None, require_cls_probs: bool = False,
+                 vlbert: bool = False, num_classes: Optional[int] = None):
         self.tok = tokenizer
         self.data = data
         self.obj = objectives
@@ -94,6 +110,8 @@ class PretrainCollator:
         self.epoch = 0
         self.streams = list(streams) if streams else [StreamInfo("<unnamed dataset>", {})]
         self.require_cls_probs = require_cls_probs
+        self.vlbert = bool(vlbert)
+        self.num_classes = num_classes
         # Set in DataLoader workers (PackInWorkers): where the large batch tensors come from.
         self.scratch: Optional[ScratchPool] = None
         self.cls_id, self.sep_id, self.stop_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.stop_id
@@ -102,6 +120,8 @@ class PretrainCollator:
         if data.max_text_len < 4:
             raise ValueError(f"data.max_text_len={data.max_text_len} leaves no room for text "
                              "after [CLS] [SEP] ... [STOP]")
+        if data.image_feature not in ("stored", "regions_mean"):
+            raise ValueError(f"data.image_feature must be 'stored' or 'regions_mean', got {data.image_feature!r}")
         if data.pad_to not in ("longest", "bucket"):
             raise ValueError(f"data.pad_to must be 'longest' or 'bucket', got {data.pad_to!r}")
         self.buckets = sorted(int(b) for b in data.buckets)
@@ -123,12 +143,18 @@ class PretrainCollator:
         if meta.get("kind") not in ("captions",):
             raise ValueError(f"dataset {info.name}: kind {meta.get('kind')!r} cannot be used for "
                              "pretraining (expected 'captions' or 'text')")
+        if self.vlbert and self.obj.mrc and meta.get("has_image_feature") and self.data.image_feature == "stored":
+            raise ValueError(
+                f"dataset {info.name} has a whole-image feature (image_feature), extracted from the "
+                "unmasked image: with objectives.mrc=true it would show the masked regions to the text "
+                "(VL-BERT zeroes their pixels before extracting it). Set data.image_feature=regions_mean "
+                "(the mean of the real region features, masked ones zeroed; use it for fine-tuning too)")
         if self._needs_classes() and not meta.get("has_cls_prob"):
             why = "objectives.mrc=true" if self.obj.mrc else "the model's class-embedding term"
             if self.data.hard_class_targets and meta.get("has_obj_labels"):
-                if not meta.get("num_classes"):
-                    raise ValueError(f"dataset {info.name}: data.hard_class_targets needs "
-                                     "num_classes in vltrain_meta.json")
+                if not (meta.get("num_classes") or self.num_classes):
+                    raise ValueError(f"dataset {info.name}: data.hard_class_targets needs the class "
+                                     "count (num_classes in vltrain_meta.json or model.num_region_classes)")
                 return
             hint = ("; the dataset has obj_labels: set data.hard_class_targets=true to use them as "
                     "one-hot targets" if meta.get("has_obj_labels") else "")
@@ -202,19 +228,23 @@ class PretrainCollator:
         elif self._needs_classes():
             if self.data.hard_class_targets and (meta.get("has_obj_labels") or "obj_labels" in sample):
                 labels = np.asarray(self._get(info, sample, "obj_labels")).astype(np.int64)
+                num_classes = num_classes or self.num_classes
                 if not num_classes:
-                    raise self._bad(info, sample, "data.hard_class_targets needs num_classes in "
-                                                  "vltrain_meta.json")
-                if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes:
-                    raise self._bad(info, sample, f"column 'obj_labels' has shape {labels.shape} or "
-                                                  f"values outside [0, {num_classes})")
-                cls = np.eye(num_classes, dtype=np.float32)[labels[:k]]
+                    raise self._bad(info, sample, "data.hard_class_targets needs the class count "
+                                                  "(num_classes in vltrain_meta.json or model.num_region_classes)")
+                if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes - 1:
+                    raise self._bad(info, sample, f"column 'obj_labels' has shape {labels.shape} or values "
+                                                  f"outside [0, {num_classes - 1}) (bottom-up objects_id: "
+                                                  f"{num_classes - 1} object classes, background excluded)")
+                # objects_id counts the non-background classes; column 0 is background.
+                cls = np.eye(num_classes, dtype=np.float32)[labels[:k] + 1]
             else:
                 raise self._bad(info, sample, "missing column 'cls_prob' (detector class "
                                               "distribution), needed for region classification "
                                               "targets / class embedding")
         image_feat = None
-        if meta.get("has_image_feature") or (not meta and "image_feature" in sample):
+        stored = meta.get("has_image_feature") or (not meta and "image_feature" in sample)
+        if stored and self.data.image_feature == "stored":
             image_feat = np.asarray(self._get(info, sample, "image_feature"))
             if image_feat.shape != (d,):
                 raise self._bad(info, sample, f"column 'image_feature' has shape {image_feat.shape}, "
@@ -233,13 +263,21 @@ class PretrainCollator:
             j = int(rng.integers(len(caps)))
             if not text_ids:
                 raise self._bad(info, sample, f"caption {j} is empty after tokenisation: {caps[j]!r}")
-            words = text_ids[: self.data.max_text_len - 3]
-            ids = np.array([self.cls_id, self.sep_id, *words, self.stop_id], np.int64)
+            if self.vlbert:
+                words = text_ids[: self.data.max_text_len - 2]
+                ids = np.array([self.cls_id, *words, self.sep_id], np.int64)
+            else:
+                words = text_ids[: self.data.max_text_len - 3]
+                ids = np.array([self.cls_id, self.sep_id, *words, self.stop_id], np.int64)
+            first = len(ids) - len(words) - 1                        # the caption's first token
             mode = MODE_SEQ2SEQ if rng.random() < obj.seq2seq_prob else MODE_BIDIRECTIONAL
             ttype = np.zeros(len(ids), np.int64)
             if mode == MODE_SEQ2SEQ:
-                ttype[2:] = 1
-            cand = np.arange(2, len(ids), dtype=np.int64)           # caption + [STOP]
+                ttype[first:] = 1
+            # VLP also masks [STOP] (the model learns where a caption ends); VL-BERT, like BERT,
+            # masks word-pieces only.
+            end = len(ids) - 1 if self.vlbert else len(ids)
+            cand = np.arange(first, end, dtype=np.int64)
         elif kind == "text":
             if not text_ids:
                 raise self._bad(info, sample, "text is empty after tokenisation")
@@ -257,7 +295,7 @@ class PretrainCollator:
             ws = None
             if obj.whole_word_mask:
                 ws = np.array(self.tok.word_starts([int(i) for i in ids[cand]]), bool)
-                if kind == "captions":
+                if kind == "captions" and not self.vlbert:
                     ws[-1] = True                                    # [STOP] is its own word
             pos = masking.choose_mlm_positions(rng, cand, n_mask, ws)
             ex.mlm_pos, ex.mlm_lab = pos, ids[pos].copy()

@@ -196,7 +196,8 @@ def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> P
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
     try:
         return PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
-                                require_cls_probs=need_cls)
+                                require_cls_probs=need_cls, vlbert=cfg.model.region_embedding == "vlbert",
+                                num_classes=cfg.model.num_region_classes)
     except ValueError as e:
         if need_cls and "cls_prob" in str(e) and not cfg.objectives.mrc:
             raise MetaError(f"{e}; or set model.use_cls_probs=false") from e

@@ -24,7 +24,8 @@ IMAGE_COLUMNS = {
 # Optional image columns: present in every sample of a dataset or in none (meta says which).
 OPTIONAL_IMAGE_COLUMNS = {
     "cls_prob": "ndarray:float16",       # (N, C) detector class distribution (C incl. background)
-    "obj_labels": "ndarray:int32",       # (N,) detector hard labels (objects_id)
+    "obj_labels": "ndarray:int32",       # (N,) bottom-up objects_id: argmax over the non-
+                                         # background classes (= cls_prob column - 1)
     "obj_conf": "ndarray:float32",       # (N,) detector confidence (objects_conf)
     "image_feature": "ndarray:float16",  # (D,) whole-image RoI feature (VL-BERT text tokens)
 }

@@ -51,7 +51,8 @@ class TaskCollator(PretrainCollator):
         objectives = dataclasses.replace(cfg.objectives, mlm=False, mrc=False)
         self.train = bool(train)
         self.task_cfg = cfg.task
-        super().__init__(tokenizer, cfg.data, objectives, cfg.train.seed, infos, require_cls_probs=need_cls)
+        super().__init__(tokenizer, cfg.data, objectives, cfg.train.seed, infos, require_cls_probs=need_cls,
+                         num_classes=cfg.model.num_region_classes)
 
     def _check_stream(self, info: StreamInfo) -> None:
         meta = info.meta
