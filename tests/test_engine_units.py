@@ -56,6 +56,29 @@ def _tag(save_dir, step, complete=True):
     return d
 
 
+def test_rotation_keeps_this_runs_newest_complete_checkpoints(tmp_path):
+    """keep_last counts the complete tags up to the step just saved. A run resumed from step 6
+    of an older run (whose tags go to 16) saving 9 and 10 kept 12, 15, 16 and deleted its own
+    new saves, `latest` pointing at nothing; an incomplete tag in the count could delete every
+    complete one."""
+    save = str(tmp_path)
+    for step in (3, 6, 12, 15, 16):
+        _tag(save, step)
+    _tag(save, 9)
+    assert ckpt.rotate(save, 9, keep_last=3) == []
+    _tag(save, 10)
+    assert ckpt.rotate(save, 10, keep_last=3) == ["step_00000003"]
+    assert sorted(os.listdir(save)) == [ckpt.step_tag(s) for s in (6, 9, 10, 12, 15, 16)]
+    assert ckpt.rotate(save, 10, keep_last=1) == ["step_00000009", "step_00000006"]
+    # an incomplete tag (a save that died) takes no slot; an older one is deleted
+    _tag(save, 11, complete=False)
+    _tag(save, 8, complete=False)
+    _tag(save, 14)
+    assert ckpt.rotate(save, 14, keep_last=3) == ["step_00000011", "step_00000008"]
+    assert sorted(os.listdir(save)) == [ckpt.step_tag(s) for s in (10, 12, 14, 15, 16)]
+    assert ckpt.rotate(save, 14, keep_last=2) == ["step_00000010"]
+
+
 def test_incomplete_latest_is_reported_and_skipped(tmp_path, caplog):
     save = str(tmp_path)
     _tag(save, 10)

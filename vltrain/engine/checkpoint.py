@@ -157,10 +157,31 @@ def save(engine, save_dir: str, tag: str, *, step: int, cfg, rank_state: dict, i
             with open(tmp, "w") as f:
                 f.write(tag)
             os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
-            for old in _tags_newest_first(save_dir)[max(keep_last, 1):]:
-                shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
+            rotate(save_dir, step, keep_last)
     _barrier()  # nobody exits or resumes before the commit
     return tag_dir
+
+
+def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
+    """After the save of ``step``: keep the ``keep_last`` newest complete tags up to ``step`` (the
+    one just saved among them) and delete the older tags, complete or not. Returns the deleted.
+
+    Tags *after* ``step`` are left alone and not counted: they belong to a run this one
+    resumed before the end of (from an earlier checkpoint, e.g. after a divergence), or are a
+    crashed save's leftovers, which the save of that step rewrites. Counting them by step
+    number deleted the new saves, leaving ``latest`` pointing at a deleted tag; counting an
+    incomplete tag could delete every complete one."""
+    kept, deleted = 0, []
+    for tag in _tags_newest_first(save_dir):
+        tag_step = int(_STEP_TAG.fullmatch(tag).group(1))
+        if tag_step > step:
+            continue
+        if kept < max(keep_last, 1) and read_ckpt_info(os.path.join(save_dir, tag)) is not None:
+            kept += 1
+            continue
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+        deleted.append(tag)
+    return deleted
 
 
 def load_rank_state(tag_dir: str, rank: int, saved_world: int) -> dict:
