@@ -39,7 +39,9 @@ def overrides(out_root, run_name, train, val, cache, **extra):
     kv = {"output_root": out_root, "run_name": run_name, "data.train": train, "data.val": val,
           "data.cache_dir": cache, "train.max_steps": STEPS, "train.log_every": 1,
           "train.save_every_steps": 10, "train.val_every": 20, "train.keep_last": 10,
-          "train.dist_timeout_s": 30, **extra}
+          "train.dist_timeout_s": 30,
+          # dropout on (debug.yaml has none): exact resume must restore the masks' RNG stream too
+          "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1, **extra}
     return [f"{k}={v}" for k, v in kv.items()]
 
 

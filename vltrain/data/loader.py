@@ -215,6 +215,10 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
                           pin_memory=torch.cuda.is_available(), drop_last=train,
                           persistent_workers=False, fixed_epoch=None if train else 0,
                           prefetch_factor=2 if workers > 0 else None,
+                          # Each iter() draws the workers' base seed from this generator, not from
+                          # torch's global RNG, which a resumed run restores from its checkpoint:
+                          # drawn there, it shifted every dropout mask after a resume.
+                          generator=torch.Generator().manual_seed(cfg.train.seed),
                           # the bound a rank waits for its peers, also for a batch
                           wait_timeout_s=cfg.train.dist_timeout_s,
                           what=f"data.{split}={getattr(cfg.data, split)}")
