@@ -325,6 +325,41 @@ def test_pretraining_gradients_finite_and_nonzero(kind):
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
+    """Data-parallel ranks must produce gradients for the same parameters: a text-only
+    micro-batch (VL-BERT's <Text, None> mixing) on one rank beside image batches on others
+    failed ZeRO-2's first reduction (sizes differ). Its region parameters get exact zeros, and
+    the loss and every other gradient are what they would be without them."""
+    torch.manual_seed(0)
+    model = VLModel(debug_model_config(region_embedding=kind)).train()
+    image = pretrain_batch(model.config)
+    pretrain_losses(model, image, ObjectivesConfig(mrc=True))[0].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    text = Batch(sample_id=image.sample_id, input_ids=image.input_ids, token_type_ids=torch.zeros_like(image.input_ids),
+                 attention_mask=image.attention_mask, mode=torch.zeros(4, dtype=torch.long),
+                 mlm_positions=image.mlm_positions, mlm_labels=image.mlm_labels)
+    loss, metrics = pretrain_losses(model, text, ObjectivesConfig(mrc=True))
+    loss.backward()
+    assert "loss_mrc" not in metrics
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad <= grads.keys(), sorted(with_grad - grads.keys())
+    region = [n for n in grads if n.startswith(("region_embeddings.", "region_position", "mrc_head."))]
+    assert region and all(grads[n].abs().max() == 0 for n in region)
+    # the same forward in eval mode has no anchor: same loss, same text gradients
+    ref = {n: g.clone() for n, g in grads.items()}
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        assert pretrain_losses(model, text, ObjectivesConfig(mrc=False))[0] == loss
+    model.train()
+    pretrain_losses(model, text, ObjectivesConfig(mrc=False))[0].backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None and n not in region:
+            assert torch.equal(p.grad, ref[n]), n
+
+
 def test_example_reduction_is_accumulation_invariant():
     model = make_model()
     batch = pretrain_batch(model.config)

@@ -256,3 +256,32 @@ def _read_all(tb_dir):
     acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
     acc.Reload()
     return acc
+
+
+def _monitor_rank(rank: int, port: int, out: str):
+    """One gloo rank: rank 1's micro-steps had no region loss (text-only batches)."""
+    import json
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    mon = Monitor(None, rank=rank, world_size=2, log_every=2, log_fn=lambda s: None)
+    for step in (1, 2):
+        metrics = {"loss": torch.tensor(1.0 + rank)}
+        if rank == 0:
+            metrics["loss_mrc"] = torch.tensor(3.0 * step)
+        logged = mon.step_end(step, metrics, samples=4)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(logged, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_different_metrics_reduce_their_union(tmp_path):
+    """A rank whose interval lacks a metric (no region loss on text-only batches) joins the
+    reduction all the same: the metric is averaged over the micro-steps that had it."""
+    import json
+    import torch.multiprocessing as mp
+    from tests.fixtures.corpus import free_port
+    mp.spawn(_monitor_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        logged = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert logged["train/loss"] == pytest.approx(1.5)              # (1 + 1 + 2 + 2) / 4
+        assert logged["train/loss_mrc"] == pytest.approx(4.5)          # (3 + 6) / 2, rank 0's only

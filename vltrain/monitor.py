@@ -321,13 +321,21 @@ class Monitor:
 
     def _flush(self, step: int) -> dict:
         keys = sorted(self._sums)
+        reducing = (self.reduce and self.world > 1 and torch.distributed.is_available()
+                    and torch.distributed.is_initialized())
+        if reducing:
+            # Ranks may have seen different metrics in the interval (one whose micro-batches were
+            # all text-only has no region loss): reduce the union, a missing one as 0 sum / 0 count.
+            seen: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(seen, keys)
+            keys = sorted(set().union(*seen))
         dev = next((v.device for v in self._sums.values() if _is_tensor(v)), None)
         for v in (self._samples, self._tokens, self._new_samples):
             if dev is None and _is_tensor(v):
                 dev = v.device
         dev = dev or torch.device("cpu")
         # One vector: [metric sums..., metric counts..., samples, tokens, flops, data_time, wall]
-        vals = [self._sums[k] for k in keys] + [float(self._counts[k]) for k in keys]
+        vals = [self._sums.get(k, 0.0) for k in keys] + [float(self._counts.get(k, 0)) for k in keys]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         now = time.perf_counter()
@@ -336,7 +344,7 @@ class Monitor:
         vec = torch.stack([v.to(dev, torch.float64) if _is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
                            for v in vals])
         n_ranks = 1
-        if self.reduce and self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if reducing:
             torch.distributed.all_reduce(vec)
             n_ranks = torch.distributed.get_world_size()
         vec = vec.cpu().tolist()               # the one host-device sync per interval

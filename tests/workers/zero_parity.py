@@ -1,6 +1,7 @@
 """2-rank worker: the same training under ZeRO 0/1/2/3, and with gradient accumulation; after
 the ZeRO-3 training, cached greedy decoding through the engine's (partitioned) model beside a
-plain model holding the gathered weights.
+plain model holding the gathered weights; and a VL-BERT model with text-only micro-batches on
+one rank beside image batches on the other (VL-BERT's text mixing) under ZeRO 0/2/3.
 
 Every configuration trains the debug model on identical per-rank batches made by the real
 collator from in-memory samples, with the same seed; rank 0 writes per-step losses as JSON.
@@ -14,7 +15,7 @@ import torch
 
 def main(out: str, steps: int):
     import deepspeed
-    from tests.fixtures.mds import make_caption_samples
+    from tests.fixtures.mds import make_caption_samples, make_text_samples
     from vltrain.config import load_config
     from vltrain.data.collate import PretrainCollator, StreamInfo
     from vltrain.data.schema import make_meta
@@ -51,20 +52,34 @@ def main(out: str, steps: int):
                 plain.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
             decoded["plain"] = greedy_decode(plain.eval(), images, ids, max_len=6, min_len=2).tokens
 
-    def run(stage: int, micro: int, accum: int):
+    # VL-BERT: rank 1's micro-batches alternate text-only / image, rank 0's are all images.
+    vlbert = ["model.region_embedding=vlbert", "model.type_vocab_size=3", "model.image_token_type=2",
+              "model.use_cls_probs=false", "model.geometry_conf=false", "model.vlbert_geometry_dim=64",
+              "objectives.seq2seq_prob=0"]
+    vcfg = load_config("configs/debug.yaml", vlbert)
+    vcoll = PretrainCollator(tok, vcfg.data, vcfg.objectives, vcfg.train.seed,
+                             [StreamInfo("mem", meta), StreamInfo("text", make_meta("text", None, None))], vlbert=True)
+    texts = [dict(t, _stream=1) for t in make_text_samples(8 * steps, start_id=10 ** 6)]
+
+    def vlbert_batch(step, micro, i):
+        if info.rank == 1 and step % 2 == 0:
+            return vcoll(texts[i:i + micro])
+        return vcoll(mine[i:i + micro])
+
+    def run(stage: int, micro: int, accum: int, extra=(), make=None):
         c = load_config("configs/debug.yaml", ["objectives.loss_reduction=example", f"train.max_steps={steps}",
                                                f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
-                                               "train.warmup_steps=2"])
+                                               "train.warmup_steps=2", *extra])
         ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, c, info.world, "cpu")
         torch.manual_seed(0)
         task = PretrainTask(VLModel(c.model), c.objectives)
         engine, *_ = deepspeed.initialize(model=task, config=ds, lr_scheduler=linear_warmup_decay(c),
                                           model_parameters=no_decay_param_groups(task, c.train.weight_decay))
         losses, i = [], 0
-        for _ in range(steps):
+        for step in range(steps):
             step_loss = 0.0
             for _ in range(accum):
-                batch = collator(mine[i:i + micro])
+                batch = make(step, micro, i) if make else collator(mine[i:i + micro])
                 i += micro
                 loss, _ = engine(batch)
                 engine.backward(loss)
@@ -82,6 +97,8 @@ def main(out: str, steps: int):
     result["zero0_accum2"] = run(0, 4, 2)
     result["zero2_accum2"] = run(2, 4, 2)
     result["decoded"] = decoded
+    for s_ in (0, 2, 3):
+        result[f"vlbert_text_zero{s_}"] = run(s_, 8, 1, vlbert, vlbert_batch)
     if info.rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)

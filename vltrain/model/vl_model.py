@@ -141,6 +141,19 @@ class VLModel(nn.Module):
         term = self.region_embeddings.image_term(image_feat.to(self.region_position.dtype))
         return (term * has.to(term.dtype))[:, None, :]
 
+    def _region_anchor(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero that depends on every region-embedding parameter, for a training batch with no
+        regions (VL-BERT's text-only samples). Another data-parallel rank's batch has regions:
+        ZeRO's reduce buckets and DDP's all-reduce need the same parameters to get gradients
+        on every rank, or the first reduction fails (sizes differ between ranks). Under ZeRO-3
+        the modules must also run in the same order as for an image batch (each call gathers
+        its parameters collectively), hence the same two calls as ``forward`` makes."""
+        cfg = self.config
+        feats, mask = like.new_zeros(1, 1, cfg.region_feat_dim), torch.ones(1, 1, dtype=torch.bool, device=like.device)
+        term = self._image_term(feats, mask, None)
+        regions = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes), mask)
+        return 0.0 * (regions.sum() + (term.sum() if term is not None else 0.0))
+
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
                 mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None,
@@ -178,6 +191,8 @@ class VLModel(nn.Module):
             regions = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_mask)
         else:
             N = 0
+            if self.training and torch.is_grad_enabled():
+                text = text + self._region_anchor(text)
         if image_term is not None:
             text = text + image_term
 

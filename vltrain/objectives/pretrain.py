@@ -67,5 +67,9 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
         loss, acc = mrc_loss(model, out.region_selected, batch, N, cfg.loss_reduction)
         total = total + cfg.mrc_weight * loss
         metrics.update(loss_mrc=loss.detach(), mrc_acc=acc.detach())
+    elif cfg.mrc:
+        # No region to classify here (a text-only micro-batch), but other ranks have some:
+        # the head gets zero gradients, so every rank reduces the same ones (see _region_anchor).
+        total = total + model.mrc_head(out.text_selected[:0]).sum()
     metrics["loss"] = total.detach()
     return total, metrics
