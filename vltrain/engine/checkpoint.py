@@ -68,13 +68,17 @@ class Found:
         return os.path.join(self.save_dir, self.tag)
 
 
-def _tags_newest_first(save_dir: str) -> list[str]:
+def _steps_newest_first(save_dir: str) -> list[tuple[int, str]]:
+    """(step, tag) of every ``step_*`` folder, highest step first."""
     try:
         names = os.listdir(save_dir)
     except FileNotFoundError:
         return []
-    steps = [(int(m.group(1)), n) for n in names if (m := _STEP_TAG.fullmatch(n))]
-    return [n for _, n in sorted(steps, reverse=True)]
+    return sorted(((int(m.group(1)), n) for n in names if (m := _STEP_TAG.fullmatch(n))), reverse=True)
+
+
+def _tags_newest_first(save_dir: str) -> list[str]:
+    return [n for _, n in _steps_newest_first(save_dir)]
 
 
 def find_resume_point(save_dir: str) -> Optional[Found]:
@@ -172,8 +176,7 @@ def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
     number deleted the new saves, leaving ``latest`` pointing at a deleted tag; counting an
     incomplete tag could delete every complete one."""
     kept, deleted = 0, []
-    for tag in _tags_newest_first(save_dir):
-        tag_step = int(_STEP_TAG.fullmatch(tag).group(1))
+    for tag_step, tag in _steps_newest_first(save_dir):
         if tag_step > step:
             continue
         if kept < max(keep_last, 1) and read_ckpt_info(os.path.join(save_dir, tag)) is not None:
