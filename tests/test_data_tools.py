@@ -536,9 +536,9 @@ def test_bad_tsv_rows_fail_with_named_row(case, tmp_path, capsys):
     assert not (out / "index.json").exists()                      # nothing that looks like a dataset
 
 
-def test_objects_id_beyond_the_non_background_classes_is_refused(tmp_path, capsys):
+def test_objects_id_outside_the_non_background_classes_is_refused(tmp_path, capsys):
     """bottom-up's objects_id counts the classes after background: with C cls_prob columns, C-1
-    (an id that includes background) is out of range, named with its row."""
+    (an id that includes background) is out of range, and so is a negative id; the row is named."""
     rng = np.random.default_rng(5)
     g1, g2 = make_image(rng, 3, 6, classes=5), make_image(rng, 3, 6, classes=5)
     g2 = dict(g2, objects_id=np.array([0, 4, 1], np.int64))
@@ -548,6 +548,12 @@ def test_objects_id_beyond_the_non_background_classes_is_refused(tmp_path, capsy
                                   "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "row 2 (image 2): objects_id 4 is beyond cls_prob's 4 non-background classes" in err, err
+    g2 = dict(g2, objects_id=np.array([0, -1, 1], np.int64))
+    kp, tsv = _caption_inputs(tmp_path, [tsv_row(1, g1, full=True), tsv_row(2, g2, full=True)], n_images=2)
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--tsv-fields", TSV_FIELDS_FULL,
+                                  "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "row 2 (image 2): objects_id has negative labels (-1)" in err, err
 
 
 def test_bad_captions_and_missing_features(tmp_path, capsys):
