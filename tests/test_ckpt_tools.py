@@ -140,6 +140,8 @@ def resumed(ckpts, resharded):
         {"name": "missing_file", "argv": base + ["run_name=b5", f"train.resume={resharded['damaged']}"]},
         {"name": "stage", "argv": base[:2] + ["--deepspeed_config", "ds_configs/zero3.json"] + base[2:]
          + ["run_name=b6", f"train.resume={u2}"]},
+        {"name": "shape_resume_zero0", "argv": base[:2] + ["--deepspeed_config", "ds_configs/zero0.json"] + base[2:]
+         + ["run_name=b7", f"train.resume={ckpts['z0']}", "model.hidden_size=32"]},
     ]
     c = launch({"out": ckpts["dumps"], "runs": [run("r2to1", "zero2", "train.max_steps=6", "train.save_every_steps=3",
                                                     "train.resume=auto")], "bad": bad}, "C", 1, ckpts["logs"])
@@ -247,7 +249,7 @@ def test_consolidated_file_round_trips_with_tied_decoder(ckpts, tmp_path, capsys
 
 def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     from safetensors.torch import load_file
-    from transformers import BertModel
+    from transformers import BertForMaskedLM, BertModel
     from vltrain.config import load_config
     from vltrain.model import VLModel
     from vltrain.tokenization import Tokenizer
@@ -259,7 +261,7 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     assert (out / "vocab.txt").read_bytes() == open(Tokenizer(cfg.data.vocab).vocab_file, "rb").read()
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "bert" and config["vltrain"]["hidden_size"] == 64
-    assert "encoder.layer.0.attention.self.query.weight" in load_file(str(out / "model.safetensors"))
+    assert "bert.encoder.layer.0.attention.self.query.weight" in load_file(str(out / "model.safetensors"))
 
     ours = VLModel.from_pretrained(str(out)).eval()
     live = strip(load_dump(ckpts, "z2_save6")["fp32"])
@@ -268,6 +270,16 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
 
     bert = BertModel.from_pretrained(str(out)).eval()
     assert bert_text_diff(ours, bert, seed=0, length=17) <= 1e-5
+    # with its MLM head: every weight found, text-only logits equal ours
+    mlm, info = BertForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    ids = torch.randint(999, 30522, (2, 13), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 101
+    with torch.no_grad():
+        ref = mlm.eval()(input_ids=ids).logits
+        h = ours(ids, torch.zeros_like(ids), torch.ones_like(ids), mode="bidirectional").text_hidden
+        got = ours.mlm_head(h, ours.embeddings.word)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
 
 def test_init_from_accepts_export_consolidated_and_resharded(ckpts, resharded, tmp_path, capsys):
@@ -299,6 +311,12 @@ def test_inspect_reports_the_checkpoint(ckpts, capsys):
     assert "2 ranks only" in d["resumes_on"]
     code, out, _ = cli(capsys, "inspect", os.path.join(ckpts["runs"], "z3"))      # a run folder: latest tag
     assert code == 0 and "ZeRO stage      3" in out and "step            6" in out and "micro 8 x accum 2 x 1" in out
+    # ZeRO-0: DeepSpeed records no parameter shapes; they come from the module state
+    code, out, _ = cli(capsys, "inspect", ckpts["z0"], "--json")
+    d = json.loads(out)
+    live = load_dump(ckpts, "z0_save2")["fp32"]
+    assert code == 0 and d["zero_stage"] == 0 and "any world size" in d["resumes_on"]
+    assert d["parameters"] == sum(t.numel() for t in live.values()) and d["tensors"] == len(live)
 
 
 def test_console_script_and_module_entry_point(ckpts, resharded):
@@ -361,6 +379,8 @@ def test_different_model_shape_is_refused_naming_parameters(resumed):
     assert r["code"] == 2 and "model.layers.0.qkv.weight: checkpoint (192, 64) vs model (96, 32)" in r["errors"][0]
     r = resumed["shape_init"]
     assert r["code"] == 2 and "layers.0.qkv.weight: checkpoint (192, 64) vs model (96, 32)" in r["errors"][0]
+    r = resumed["shape_resume_zero0"]       # ZeRO-0 keeps no shape record: read from the module state
+    assert r["code"] == 2 and "model.embeddings.word.weight: checkpoint (30522, 64) vs model (30522, 32)" in r["errors"][0]
 
 
 def test_resume_refusals_say_what_to_do(resumed):

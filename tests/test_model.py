@@ -65,8 +65,10 @@ def test_weight_name_map_round_trips(minilm_dir):
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     hf_names = to_hf_state_dict(sd)
-    assert "encoder.layer.1.attention.self.key.weight" in hf_names
-    assert "embeddings.word_embeddings.weight" in hf_names
+    # BERT's pretraining-checkpoint layout: encoder under bert., MLM head as cls.predictions
+    assert "bert.encoder.layer.1.attention.self.key.weight" in hf_names
+    assert "bert.embeddings.word_embeddings.weight" in hf_names
+    assert "cls.predictions.transform.dense.weight" in hf_names and "cls.predictions.bias" in hf_names
 
 
 def test_from_pretrained_overrides_and_grown_token_types(minilm_dir):

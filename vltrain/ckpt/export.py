@@ -6,8 +6,9 @@ consolidate  OUT.safetensors  full fp32 weights, VLModel names (``model.`` strip
                               training config). Named ``model.safetensors``, its folder is what
                               ``VLModel.from_pretrained`` loads.
 export-hf    OUT_DIR/         config.json (BERT keys + a ``vltrain`` section), model.safetensors
-                              (text encoder under BERT's names so ``transformers.BertModel``
-                              loads it, everything else under ours), the tokenizer files
+                              (text encoder under BERT's names, ``bert.``-prefixed, MLM head as
+                              ``cls.predictions.*``, so ``transformers.BertModel`` and
+                              ``BertForMaskedLM`` load them; everything else under ours), the tokenizer files
                               (vocab.txt, tokenizer_config.json, ...), vltrain_config.yaml, README.md
 
 Both store the MLM decoder once (it *is* the word-embedding matrix in our model and
@@ -71,8 +72,9 @@ Weights exported by `vltrain-ckpt export-hf` from the vltrain checkpoint
 
 - `config.json`: BERT's keys (so `transformers` reads it) plus a `vltrain` section with the full
   model config; `vltrain_config.yaml` is the complete training config of the run.
-- `model.safetensors`: the text encoder under BERT's names (`embeddings.*`, `encoder.layer.*`,
-  `pooler.*`, `cls.predictions.*`), the region embeddings and other heads under vltrain's names.
+- `model.safetensors`: the text encoder under BERT's names (`bert.embeddings.*`,
+  `bert.encoder.layer.*`, `bert.pooler.*`, `cls.predictions.*`), the region embeddings and other
+  heads under vltrain's names.
   The MLM decoder is tied to the word embeddings and stored once.
 - `vocab.txt` and tokenizer files: the WordPiece tokenizer the model was trained with.
 
@@ -82,8 +84,9 @@ Load it:
 from vltrain.model import VLModel
 model = VLModel.from_pretrained("{out}")            # everything, for fine-tuning / inference
 
-from transformers import BertModel, BertTokenizerFast
+from transformers import BertForMaskedLM, BertModel, BertTokenizerFast
 bert = BertModel.from_pretrained("{out}")           # the text encoder only (text-only inputs)
+mlm = BertForMaskedLM.from_pretrained("{out}")      # the text encoder and its MLM head
 tok = BertTokenizerFast.from_pretrained("{out}")
 ```
 

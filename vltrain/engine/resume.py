@@ -91,7 +91,12 @@ def saved_param_shapes(tag_dir: str) -> Optional[dict[str, tuple]]:
         sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-    groups = sd.get("param_shapes") or []
+    groups = sd.get("param_shapes")
+    if groups is None:
+        # ZeRO-0: DeepSpeed records no shapes (there is no ZeRO optimizer to ask); the module
+        # state holds every parameter in full, the buffers named in ``buffer_names`` besides
+        buffers = set(sd.get("buffer_names") or [])
+        return {k: tuple(v.shape) for k, v in (sd.get("module") or {}).items() if k not in buffers}
     if isinstance(groups, dict):
         groups = [groups]
     shapes: dict[str, tuple] = {}

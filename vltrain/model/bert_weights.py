@@ -6,8 +6,8 @@ Our side of the map uses the blocks' piece names (``layers.{i}.qkv.weight``, see
 A folder is either a Hugging Face BERT checkpoint (``config.json`` of ``model_type: bert`` +
 ``model.safetensors`` or ``pytorch_model.bin``, keys with or without a ``bert.`` prefix) or
 one we exported (its ``config.json`` also carries a ``vltrain`` section with the full
-ModelConfig). Exported text weights use BERT's names, so ``transformers.BertModel`` loads
-them; everything else keeps our names.
+ModelConfig). Exported text weights use BERT's names, so ``transformers.BertModel`` and
+``BertForMaskedLM`` load them; everything else keeps our names.
 """
 from __future__ import annotations
 
@@ -64,17 +64,25 @@ def _translate(name: str, pairs) -> dict | None:
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> BERT names for the text encoder (q/k/v split), our names otherwise."""
+    """Our state dict -> BERT names for the text encoder (q/k/v split), our names otherwise.
+
+    Laid out as BERT's own pretraining checkpoints are: the encoder under ``bert.``, the MLM
+    head as ``cls.predictions.*``. ``BertModel`` strips the prefix when loading and
+    ``BertForMaskedLM`` needs it (without it transformers loads the encoder but drops the head)."""
     out = {}
     for name, t in state.items():
         hit = _translate(name, [_QKV])
         if hit:
             groups, dst = hit
             for part, chunk in zip(("query", "key", "value"), t.chunk(3, dim=0)):
-                out[dst.format(qkv=part, **groups)] = chunk.contiguous()
+                out["bert." + dst.format(qkv=part, **groups)] = chunk.contiguous()
             continue
         hit = _translate(name, _NAME_MAP)
-        out[hit[1].format(**hit[0]) if hit else name] = t
+        if hit:
+            hf = hit[1].format(**hit[0])
+            out[hf if hf.startswith("cls.") else "bert." + hf] = t
+        else:
+            out[name] = t
     return out
 
 
@@ -194,7 +202,7 @@ def load_pretrained(cls, path: str, **overrides):
 def export_config_json(cfg: ModelConfig) -> dict:
     """config.json for an export: BERT's keys (for transformers) + the full ModelConfig."""
     d = dataclasses.asdict(cfg)
-    out = {"model_type": "bert", "architectures": ["BertModel"], "position_embedding_type": "absolute"}
+    out = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "position_embedding_type": "absolute"}
     out.update({hf: d[ours] for hf, ours in _HF_CONFIG.items()})
     out["vltrain"] = d
     return out
