@@ -129,6 +129,13 @@ def remote_has_index(url: str) -> bool:
         raise
 
 
+def remove_remote_index(url: str) -> None:
+    """Delete ``index.json`` under an ``s3://`` prefix (what makes the prefix a dataset)."""
+    parsed = urllib.parse.urlparse(url)
+    key = "/".join([p for p in (parsed.path.strip("/"), "index.json") if p])
+    _s3_client().delete_object(Bucket=parsed.netloc, Key=key)
+
+
 def download_file(url: str, local_path: str, timeout: float = 120.0) -> None:
     """Fetch one file from a local path or remote URL (through streaming's downloaders)."""
     if not is_remote(url):
@@ -215,15 +222,20 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
     ``writer.meta`` while writing (counts, skips). On a clean exit the meta and extra JSON
     files are written first and ``index.json`` last, so a dataset with an index is complete.
     On an exception nothing is finalised: no index is written and the local partial output is
-    removed, so a failed run never leaves a dataset that looks valid.
+    removed, so a failed run never leaves a dataset that looks valid (``overwrite`` of an
+    ``s3://`` dataset deletes its old ``index.json`` before writing, for the same reason).
     """
     from streaming import MDSWriter
 
     optional = tuple(optional)
     columns = schema.columns_for(kind, optional)
     remote = out if is_remote(out) else None
-    if remote and not overwrite and remote_has_index(out):
-        raise BadInputError(f"{out} already holds a dataset (index.json); pass --overwrite to replace it")
+    if remote and remote_has_index(out):
+        if not overwrite:
+            raise BadInputError(f"{out} already holds a dataset (index.json); pass --overwrite to replace it")
+        # The old index goes first: shards are replaced one by one under the same names, so an
+        # overwrite cut short must not leave the old index pointing at a mix of old and new.
+        remove_remote_index(out)
     if not remote:
         if os.path.isdir(out) and os.listdir(out) and not overwrite:
             raise BadInputError(f"output folder {out} is not empty (pass --overwrite to replace it)")

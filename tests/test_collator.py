@@ -375,3 +375,16 @@ def test_skip_bad_samples_counts_them(tok):
     assert any("sample_id 1001: text is empty" in m for m in b.task[SKIPPED_KEY])
     empty = col([samples[1]])
     assert empty.batch_size == 0 and len(empty.task[SKIPPED_KEY]) == 1
+
+
+def test_whole_word_masking_never_exceeds_max_pred():
+    """When no whole word fits in n_mask (a 5-piece word, max_pred 3), the first visited word's
+    first n_mask pieces are masked: something is masked, never more than max_pred."""
+    from vltrain.data.masking import choose_mlm_positions
+    cand = np.arange(2, 9)                                        # words: [2..6] (5 pieces), [7, 8]
+    starts = np.array([1, 0, 0, 0, 0, 1, 0], bool)
+    for seed in range(20):
+        pos = choose_mlm_positions(np.random.default_rng(seed), cand, 1, starts)
+        assert len(pos) == 1 and pos[0] in (2, 7)
+        pos = choose_mlm_positions(np.random.default_rng(seed), cand, 3, starts)
+        assert pos.tolist() in ([7, 8], [2, 3, 4])

@@ -432,6 +432,13 @@ def test_synthetic_to_s3_and_inspect(s3_bucket, tmp_path, capsys):
     assert "already holds a dataset" in capsys.readouterr().err
     assert convert_text.main(["--input", str(corpus), "--out", f"{url}/text/new"]) == 0
     assert [x["text"] for x in read_mds(tmp_path / "cache3", remote=f"{url}/text/new")] == ["one doc", "another doc"]
+    # An --overwrite cut short leaves no index: not the old one over a mix of old and new shards.
+    from data_tools.common import open_writer, remote_has_index
+    with pytest.raises(RuntimeError, match="cut short"):
+        with open_writer(f"{url}/text/new", "text", (), schema.make_meta("text", None, None, ()),
+                         overwrite=True):
+            raise RuntimeError("cut short")
+    assert not remote_has_index(f"{url}/text/new")
 
     r = run_tool("inspect", f"{url}/vqa/train", "--sample", "3")
     assert r.returncode == 0, r.stderr

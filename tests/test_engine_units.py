@@ -113,3 +113,30 @@ def test_activation_checkpointing_gives_the_same_losses_and_grads():
     assert results[0][0] == results[1][0]
     for n, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][n], atol=1e-7), n
+
+
+@pytest.mark.parametrize("n,ranks,batch", [(1001, 8, 4), (37, 2, 8), (48, 2, 4)])
+def test_validation_counts_each_sample_once_across_ranks(n, ranks, batch):
+    """Trainer.mean_metrics weighs each batch by first_seen_counts. Streaming pads every rank's
+    share with other ranks' samples (here its own partition for an eval loader); counted per
+    rank, 1001 samples on 8 ranks would be 1008."""
+    from streaming.base.partition.orig import get_partitions_orig
+    from vltrain.tasks.evaluation import first_seen_counts
+    parts = get_partitions_orig(n, 1, 1, ranks, 1, batch)[0, :, 0]        # (ranks, batches, batch)
+    per_rank = [[[int(i) for i in b if i >= 0] for b in r] for r in parts]
+    per_rank = [[b for b in r if b] for r in per_rank]
+    assert len({len(r) for r in per_rank}) == 1                          # same batch count: ZeRO-3 safe
+    per_rank_unique = sum(len({i for b in r for i in b}) for r in per_rank)
+    assert per_rank_unique == {1001: 1008, 37: 37, 48: 48}[n]            # what counting per rank gave
+    counts = first_seen_counts(per_rank)
+    assert sum(map(sum, counts)) == n
+    # each sample is counted in exactly one batch: the first that holds it
+    owner = {}
+    for r, batches in enumerate(per_rank):
+        for b, ids in enumerate(batches):
+            for i in ids:
+                owner.setdefault(i, (r, b))
+    expect = [[len({i for i in ids if owner[i] == (r, b)}) for b, ids in enumerate(batches)]
+              for r, batches in enumerate(per_rank)]
+    assert counts == expect
+    assert first_seen_counts([[[1, 1, 2]], [[2, 3]]]) == [[2], [1]]     # a repeat inside a batch too

@@ -194,6 +194,7 @@ def _single_loader(remote, tmp_path, vocab_file, **data):
     from vltrain.tokenization import Tokenizer
     spec = {"train": remote, "cache": str(tmp_path / "cache"), "workers": 0}
     cfg = _cfg(spec)
+    cfg.run_name = data.pop("run_name", cfg.run_name)
     for k, v in data.items():
         setattr(cfg.data, k, v)
     L._SHM_CLEANED = True   # leave other processes' streaming shared memory alone
@@ -216,7 +217,7 @@ def test_hash_mismatch_names_the_shard(tmp_path, vocab_file):
     with pytest.raises(ShardError, match=rf"shard {bad} failed its hash check.*Checksum failure"):
         for _ in loader:
             pass
-    (cache,) = (tmp_path / "cache" / "node0").iterdir()
+    (cache,) = (tmp_path / "cache" / "node0" / "debug").iterdir()
     assert _shards(ds)[0] in os.listdir(cache) and bad not in os.listdir(cache)  # bad copy dropped
 
 
@@ -261,6 +262,32 @@ def test_bad_samples_fail_or_are_skipped_and_counted(tmp_path, vocab_file):
     assert loader.state_dict()["sample_in_epoch"] == 16          # skipped ones were consumed
 
 
+def test_an_all_bad_micro_batch_keeps_ranks_in_step(tmp_path, vocab_file):
+    """Skipping a whole micro-batch would leave this rank a batch short of the others (a hang at
+    the next collective or epoch barrier): the previous batch stands in, flagged for zero weight.
+    With nothing before it, the error names the samples."""
+    from vltrain.data.errors import BadSampleError
+    from vltrain.data.loader import STAND_IN_KEY
+    samples = make_caption_samples(16)
+    for i in range(4, 8):                                          # the second micro-batch of 4
+        samples[i]["features"][0, 0] = np.nan
+    ds = write_mds(str(tmp_path / "ds"), "captions", samples, optional=("cls_prob",),
+                   feature_dim=8, num_classes=5)
+    loader = _single_loader(ds, tmp_path / "a", vocab_file, shuffle=False, skip_bad_samples=True)
+    batches = list(loader)
+    assert [b.sample_id.tolist() for b in batches] == [[0, 1, 2, 3], [0, 1, 2, 3], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert [bool(b.task.get(STAND_IN_KEY)) for b in batches] == [False, True, False, False]
+    assert loader.num_stand_ins == 1 and loader.num_skipped == 4
+    assert loader.state_dict()["sample_in_epoch"] == 16
+    for i in range(4):
+        samples[i]["features"][0, 0] = np.nan
+    ds = write_mds(str(tmp_path / "ds2"), "captions", samples, optional=("cls_prob",),
+                   feature_dim=8, num_classes=5)
+    loader = _single_loader(ds, tmp_path / "b", vocab_file, shuffle=False, skip_bad_samples=True)
+    with pytest.raises(BadSampleError, match=r"first micro-batch .* is bad.*sample_id 0"):
+        list(loader)
+
+
 def test_eval_loader_keeps_every_sample_and_fixed_masks(tmp_path, vocab_file):
     from vltrain.data import loader as L
     from vltrain.tokenization import Tokenizer
@@ -303,7 +330,7 @@ def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file
 
     loader = _single_loader(ds, tmp_path / "a", vocab_file)
     it = iter(loader)
-    first = ids([next(it) for _ in range(2)])
+    ids([next(it) for _ in range(2)])
     held = ids([next(it)])                                          # fetched ahead, not trained on
     state = loader.state_dict(held_back=1)
     assert (state["epoch"], state["sample_in_epoch"]) == (0, 8)
@@ -399,3 +426,24 @@ def test_rank_gone_at_epoch_start_fails_the_peer_instead_of_hanging(tmp_path, vo
     for pid in pids:                      # the worker that sat in the barrier is gone too
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_cache_folder_is_per_run_and_per_index(tmp_path, vocab_file):
+    """Two jobs on one node reading one dataset each get a cache folder (streaming refuses a
+    second live dataset on a folder: "Reused local directory"), and a dataset rewritten at the
+    same path is read afresh, not through the old copy's cached index.json."""
+    import gc
+    import shutil
+    ds = str(tmp_path / "ds")
+    write_captions(ds, 16, size_limit=1 << 12)
+    a = _single_loader(ds, tmp_path, vocab_file, run_name="a", shuffle=False)
+    b = _single_loader(ds, tmp_path, vocab_file, run_name="b", shuffle=False)    # a is alive
+    assert sum(x.batch_size for x in a) == 16 and sum(x.batch_size for x in b) == 16
+    del a, b
+    gc.collect()
+    shutil.rmtree(ds)
+    write_captions(ds, 24, size_limit=1 << 12, seed=3)
+    c = _single_loader(ds, tmp_path, vocab_file, run_name="a", shuffle=False)    # run a, requeued
+    assert sum(x.batch_size for x in c) == 24
+    node = tmp_path / "cache" / "node0"
+    assert sorted(os.listdir(node)) == ["a", "b"] and len(os.listdir(node / "a")) == 2

@@ -5,9 +5,11 @@ Node rank (which local cache a process uses) comes from the environment: ``GROUP
 itself derives nodes from ``RANK``/``WORLD_SIZE``/``LOCAL_WORLD_SIZE`` (the ``deepspeed``
 launcher does not set ``LOCAL_WORLD_SIZE``: the engine must export it), so those must agree.
 
-Each (node, remote, role) gets its own cache folder ``<cache_dir>/node<N>/<hash>-<role>``, so
-two emulated nodes on one host never share one, and a train and a val loader over the same
-remote do not collide (streaming refuses two live datasets on one local folder).
+Each (node, run, remote, index, role) gets its own cache folder
+``<cache_dir>/node<N>/<run_name>/<hash>-<index hash>-<role>`` (``cache_dir_for``), so two
+emulated nodes on one host never share one, two jobs on one node neither, a train and a val
+loader over the same remote do not collide (streaming refuses two live datasets on one local
+folder), and a dataset rewritten in place is read afresh.
 """
 from __future__ import annotations
 
@@ -48,10 +50,17 @@ def node_rank() -> int:
     return int(os.environ.get("RANK", 0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def cache_dir_for(cache_root: str, remote: str, role: str = "train") -> str:
-    """``<cache_root>/node<N>/<blake2s(remote)[:12]>-<role>``."""
+def cache_dir_for(cache_root: str, run_name: str, remote: str, index_text: str, role: str = "train") -> str:
+    """``<cache_root>/node<N>/<run_name>/<blake2s(remote)[:12]>-<blake2s(index.json)[:12]>-<role>``.
+
+    Per run: streaming refuses two live datasets on one local folder, so two jobs sharing a
+    node (a sweep, an eval beside training) each need their own; a requeued job keeps its
+    name and finds its shards still there. Per index: streaming reads a cached ``index.json``
+    instead of the remote one, so a dataset rewritten at the same path would otherwise be
+    read from the old copy's index and shards."""
     h = hashlib.blake2s(remote.rstrip("/").encode(), digest_size=6).hexdigest()
-    return os.path.join(cache_root, f"node{node_rank()}", f"{h}-{role}")
+    ix = hashlib.blake2s(index_text.encode(), digest_size=6).hexdigest()
+    return os.path.join(cache_root, f"node{node_rank()}", run_name, f"{h}-{ix}-{role}")
 
 
 def _read_text(remote: str, name: str, timeout: float) -> str:
@@ -403,8 +412,9 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
     for remote, choose in stream_remotes(cfg, split):
         meta = read_meta(remote, d.download_timeout)
         infos.append(StreamInfo(remote, meta))
+        index = _read_text(remote, "index.json", d.download_timeout)
         streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
-                              local=cache_dir_for(d.cache_dir, remote, split), choose=choose))
+                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, split), choose=choose))
     kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
               validate_hash=d.validate_hash or None,

@@ -18,6 +18,7 @@ Epochs and resume (what the trainer relies on):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -27,9 +28,12 @@ from torch.utils.data import DataLoader
 
 from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
-from vltrain.data.errors import MetaError
+from vltrain.data.batch import Batch
+from vltrain.data.errors import BadSampleError, MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
+
+STAND_IN_KEY = "stand_in"   # Batch.task flag: a repeated batch standing in for an all-bad one
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,10 @@ class VLDataLoader(StreamingDataLoader):
       ``epoch``           epoch of the current/last iteration;
       ``num_skipped``     bad samples skipped so far (``data.skip_bad_samples``), with up to
                           20 of their messages in ``skipped_examples``;
+      ``num_stand_ins``   micro-batches whose samples were all skipped: the previous batch
+                          was yielded again in their place with ``task[STAND_IN_KEY] = True``
+                          (the trainer gives it zero weight), so every rank runs as many
+                          micro-batches as the others;
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
@@ -89,6 +97,7 @@ class VLDataLoader(StreamingDataLoader):
         self.fixed_epoch = fixed_epoch
         self.epoch = 0
         self.num_skipped = 0
+        self.num_stand_ins = 0
         self.skipped_examples: list[str] = []
         self._resume: Optional[dict] = None
         self._offset = 0
@@ -111,6 +120,7 @@ class VLDataLoader(StreamingDataLoader):
         self.num_samples_yielded = 0
         self._yielded.clear()
         it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
+        last: Optional[Batch] = None
         while True:
             try:
                 with self.watchdog.waiting():
@@ -132,7 +142,19 @@ class VLDataLoader(StreamingDataLoader):
                         self.skipped_examples.append(msg)
                         log.warning("skipped bad sample: %s", msg)
             if batch.batch_size == 0:
+                # Every sample of the micro-batch was bad. Ranks must still run as many
+                # micro-batches as each other (collectives in every step, streaming's barrier at
+                # the next epoch), so the last good batch stands in, marked for zero weight.
+                if last is None:
+                    raise BadSampleError(
+                        f"every sample of this rank's first micro-batch (since the loader started) is bad "
+                        f"and skipped, so nothing can stand in for it: {'; '.join(skipped[:3])}. Fix the "
+                        "data, or raise train.micro_batch_size")
+                self._yielded.append((len(skipped), len(skipped)))
+                self.num_stand_ins += 1
+                yield dataclasses.replace(last, task={**last.task, STAND_IN_KEY: True})
                 continue
+            last = batch
             self._yielded.append((batch.batch_size + len(skipped), len(skipped)))
             yield batch
 

@@ -36,7 +36,8 @@ def choose_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, n_mas
     Whole-word (``word_start`` given, one bool per candidate): candidates are grouped into
     words (a word starts where ``word_start`` is True); words are visited in random order and
     taken whole while the total stays <= ``n_mask`` (Google BERT's rule). If no word fits, the
-    first visited word is taken whole, so at least one word is always masked.
+    first ``n_mask`` pieces of the first visited word are taken, so something is always masked
+    and never more than ``n_mask`` (``max_pred`` holds).
     """
     candidates = np.asarray(candidates, dtype=np.int64)
     if len(candidates) == 0 or n_mask <= 0:
@@ -60,7 +61,7 @@ def choose_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, n_mas
         if total == n_mask:
             break
     if not chosen:
-        chosen = [words[order[0]]]
+        chosen = [words[order[0]][:n_mask]]
     return np.sort(np.concatenate(chosen))
 
 

@@ -19,11 +19,13 @@ import torch.distributed as dist
 
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
+from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
+from vltrain.tasks.evaluation import first_seen_counts
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,11 @@ class Trainer:
                 self._next = None
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 loss, metrics = self.engine(batch)
+                stand_in = bool(batch.task.get(STAND_IN_KEY))
+                if stand_in:
+                    # this rank's samples were all bad: the same forward/backward/collectives
+                    # as every other rank, with no gradient and nothing counted
+                    loss = loss * 0.0
             if not (boundary and self.step + 1 >= cfg.max_steps):
                 # While the GPU runs the forward just queued: the loader's next batch and its
                 # copy to the device (side stream). Here, before the first read-back of this
@@ -197,13 +204,14 @@ class Trainer:
                 self.engine.backward(loss)
             with phase("step"):
                 self.engine.step()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
-            n_micro += 1
-            work = batch_work(self.spec, batch, self.cfg)
-            if work is not None:           # None: not countable (self-critical training)
-                tokens = tokens + work.tokens
-                flops += self.flops.batch(work.sequences, work.seq_len, work.mlm_rows, work.last_rows)
+            if not stand_in:
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
+                n_micro += 1
+                work = batch_work(self.spec, batch, self.cfg)
+                if work is not None:           # None: not countable (self-critical training)
+                    tokens = tokens + work.tokens
+                    flops += self.flops.batch(work.sequences, work.seq_len, work.mlm_rows, work.last_rows)
             if not boundary:
                 continue
             self.step += 1
@@ -212,7 +220,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     instant = {"data/skipped_samples": self._global_sum(self.loader.num_skipped)}
                 self.monitor.step_end(
-                    self.step, {k: v / n_micro for k, v in step_metrics.items()},
+                    self.step, {k: v / max(n_micro, 1) for k, v in step_metrics.items()},
                     samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
                     lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
                     loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
@@ -318,26 +326,31 @@ class Trainer:
 
     @torch.no_grad()
     def mean_metrics(self, loader) -> dict:
-        """Mean of the module's metrics over a loader, each sample once per rank, all ranks."""
+        """Mean of the module's metrics over a loader, each sample once across all ranks (a
+        batch's metrics weigh as many samples as it holds that no earlier batch, on this rank
+        or a lower one, held). A metric is averaged over the batches that report it."""
         self.engine.eval()
-        sums: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        n_local = torch.zeros((), device=self.device)
+        batches: list[tuple[list[int], dict[str, torch.Tensor]]] = []
         for batch in loader:
             ids = batch.sample_id.tolist()
-            keep = sum(1 for s in ids if s not in seen)   # streaming pads ranks' shares with repeats
-            seen.update(ids)
-            # Every batch still runs forward (weight 0 when all repeats): under ZeRO-3 the
-            # forward gathers parameters collectively, so every rank must run the same batches.
-            batch = self.to_device(batch)
-            _, metrics = self.engine(batch)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float() * keep
-            n_local += keep
+            # Every batch runs forward, repeats included: under ZeRO-3 the forward gathers
+            # parameters collectively, so every rank must run the same batches.
+            _, metrics = self.engine(self.to_device(batch))
+            batches.append((ids, {k: v.detach().float() for k, v in metrics.items()}))
         self.engine.train()
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys] + [n_local])
+        mine = ([ids for ids, _ in batches], sorted({k for _, m in batches for k in m}))
+        everyone = [mine]
         if dist.is_initialized():
-            dist.all_reduce(vec)
-        n = float(vec[-1])
-        return {k: float(vec[i]) / max(n, 1.0) for i, k in enumerate(keys)}
+            everyone = [None] * self.info.world
+            dist.all_gather_object(everyone, mine)
+        weights = first_seen_counts([ids for ids, _ in everyone])[self.info.rank]
+        keys = sorted({k for _, ks in everyone for k in ks})
+        sums = torch.zeros(2 * len(keys), device=self.device)   # weighted sums, then weights
+        for (_, metrics), w in zip(batches, weights):
+            for i, k in enumerate(keys):
+                if k in metrics:
+                    sums[i] += metrics[k] * w
+                    sums[len(keys) + i] += w
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return {k: float(sums[i]) / max(float(sums[len(keys) + i]), 1.0) for i, k in enumerate(keys)}

@@ -44,6 +44,23 @@ def predict_split(trainer, split: str, collect: Callable) -> dict:
     return gather_predictions(local, trainer.info.world)
 
 
+def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
+    """For the sample ids of every rank's batches (``per_rank[rank][batch]``), how many in each
+    batch are counted: each id once in all, where it first occurs in (rank, batch) order.
+    Streaming pads every rank's share to the same length with other ranks' samples, so the
+    same sample can come up on two ranks (and twice in one batch)."""
+    seen: set[int] = set()
+    out = []
+    for batches in per_rank:
+        counts = []
+        for ids in batches:
+            new = set(ids) - seen
+            seen |= new
+            counts.append(len(new))
+        out.append(counts)
+    return out
+
+
 def eval_dir(trainer, split: str) -> str:
     return os.path.join(trainer.run_dir, "eval", f"{split}_step{trainer.step:08d}")
 
