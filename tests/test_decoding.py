@@ -369,3 +369,12 @@ def test_compiled_model_decodes_with_the_cache(ids):
         got = fn(compiled, batch, ids, max_len=7, use_cache=True, **extra)
         assert got.tokens == want.tokens, fn.__name__
         assert got.scores == pytest.approx(want.scores, abs=1e-4)
+
+
+def test_reserved_unused_slots_are_forbidden(tok, ids):
+    """BERT's [unused0..993] never appear in text: a caption must not spell "[unused5]"."""
+    vocab = tok.hf.get_vocab()
+    reserved = {i for t, i in vocab.items() if t.startswith("[unused")}
+    assert len(reserved) == 994 and reserved <= set(ids.forbidden)
+    assert ids.stop_id not in ids.forbidden and vocab["cat"] not in ids.forbidden
+    assert {tok.cls_id, tok.mask_id, tok.pad_id} <= set(ids.forbidden)

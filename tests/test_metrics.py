@@ -326,3 +326,22 @@ def test_grounding_accuracy_threshold():
     assert grounding_accuracy(pred, gt, thresh=0.4) == 0.75
     with pytest.raises(ValueError):
         grounding_accuracy(pred[:3], gt)
+
+
+def test_caption_task_scoring_without_java(monkeypatch, tmp_path):
+    """mode=eval needs the COCO protocol: no Java is an error. Validation during training goes
+    on with CIDEr-D on the pure-Python tokenizer, under its own name (the best checkpoint is
+    kept by CIDEr, so it is not updated from it); an empty split or an image without
+    references is an error naming it."""
+    from vltrain.tasks.caption import _check_references, score_captions
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(JavaNotFoundError, match="java not found"):
+        score_captions(REFS, CANDS, final=True)
+    numeric, full = score_captions(REFS, CANDS, final=False)
+    assert set(numeric) == {"CIDEr_simple"} and full["CIDEr"] is None and "Java missing" in full["status"]
+    expect = CiderD(REFS, tokenize="simple")([(i, CANDS[i]) for i in REFS]).mean()
+    assert numeric["CIDEr_simple"] == pytest.approx(float(expect))
+    with pytest.raises(ValueError, match="data.val: no image"):
+        _check_references("val", {})
+    with pytest.raises(ValueError, match="data.test: 1 image.* image_id 42"):
+        _check_references("test", {7: ["a cat"], 42: []})

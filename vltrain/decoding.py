@@ -12,7 +12,8 @@ reference the cached path is tested against; both give the same tokens).
 
 Constraints, applied to the log-probabilities of every step (the probabilities themselves
 are never renormalised, so scores are the model's log-likelihoods):
-  * special tokens other than [STOP] ([CLS], [MASK], [PAD], [UNK], [IMG], [END]) are never produced;
+  * special tokens other than [STOP] ([CLS], [MASK], [PAD], [UNK], [IMG], [END]) and BERT's
+    reserved ``[unusedK]`` slots are never produced;
   * ``min_len``: [STOP] is forbidden before ``min_len`` words;
   * ``no_repeat_ngram`` = n > 0: no n-gram of words occurs twice (fairseq's rule).
 Beam search ranks finished hypotheses by ``log P / lp`` with GNMT's length penalty
@@ -20,6 +21,8 @@ Beam search ranks finished hypotheses by ``log P / lp`` with GNMT's length penal
 is plain log-likelihood, and then ``beam_size=1`` is exactly greedy decoding.
 """
 from __future__ import annotations
+
+import re
 
 import contextlib
 from dataclasses import dataclass, field
@@ -46,7 +49,9 @@ class DecodeTokens:
 
     @classmethod
     def from_tokenizer(cls, tok) -> "DecodeTokens":
-        forbidden = tuple(sorted(set(tok.special_ids) - {tok.stop_id}))
+        # BERT's reserved [unusedK] slots never appear in text: a caption must not spell one
+        reserved = {i for t, i in tok.hf.get_vocab().items() if re.fullmatch(r"\[unused\d+\]", t)}
+        forbidden = tuple(sorted((set(tok.special_ids) | reserved) - {tok.stop_id}))
         return cls(tok.cls_id, tok.sep_id, tok.stop_id, tok.mask_id, tok.pad_id, forbidden)
 
 

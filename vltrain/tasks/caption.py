@@ -188,26 +188,42 @@ def _coco_id(image_id: str):
     return int(image_id) if str(image_id).isdigit() else image_id
 
 
-def score_captions(references: dict, candidates: dict) -> tuple[dict, dict]:
+def score_captions(references: dict, candidates: dict, final: bool) -> tuple[dict, dict]:
     """(numeric metrics for TensorBoard/best checkpoint, everything for metrics.json).
 
-    The COCO metrics need Java (PTB tokenizer, METEOR); without it CIDEr-D is computed with
-    the pure-Python tokenizer and the others are reported as unavailable, with the reason."""
+    ``final`` (``mode=eval``): the COCO protocol or an error; Java is required (PTB tokenizer,
+    METEOR) and SPICE runs when its jars are there. Validation during training skips SPICE
+    (minutes of CoreNLP parsing on rank 0 while the other ranks wait in a collective) and,
+    without Java, reports CIDEr-D with the pure-Python tokenizer under its own name,
+    ``CIDEr_simple``: not comparable with published CIDEr, so the ``best`` checkpoint (kept by
+    CIDEr) is not updated from it."""
     from vltrain.metrics.caption import CiderD, JavaNotFoundError, caption_scores
     try:
-        full = caption_scores(references, candidates)
+        full = caption_scores(references, candidates, spice=None if final else False)
     except JavaNotFoundError as e:
-        log.warning("caption metrics: %s; reporting CIDEr-D with the pure-Python tokenizer only", e)
+        if final:
+            raise
+        log.warning("caption metrics: %s; validation reports CIDEr_simple (CIDEr-D, pure-Python tokenizer) "
+                    "only, and the best checkpoint is not updated", e)
         ids = list(candidates)
         cider = CiderD({i: references[i] for i in ids}, tokenize="simple")
         full = {m: None for m in SCORED}
-        full["CIDEr"] = float(cider([(i, candidates[i]) for i in ids]).mean())
-        full["status"] = f"Java missing ({e}); CIDEr-D with simple_tokenize, other metrics unavailable"
+        full["CIDEr_simple"] = float(cider([(i, candidates[i]) for i in ids]).mean())
+        full["status"] = f"Java missing ({e}); CIDEr_simple = CIDEr-D with simple_tokenize, COCO metrics unavailable"
         full["SPICE_status"] = "unavailable: no Java"
     if full.get("SPICE") is None:
         log.info("SPICE %s", full.get("SPICE_status"))
-    numeric = {k: float(v) for k, v in full.items() if k in SCORED and v is not None}
+    numeric = {k: float(v) for k, v in full.items() if k in SCORED + ("CIDEr_simple",) and v is not None}
     return numeric, full
+
+
+def _check_references(split: str, refs: dict) -> None:
+    if not refs:
+        raise ValueError(f"data.{split}: no image to caption (the split is empty)")
+    empty = [i for i, r in refs.items() if not r]
+    if empty:
+        raise ValueError(f"data.{split}: {len(empty)} image(s) without a reference caption, e.g. image_id "
+                         f"{', '.join(map(str, empty[:5]))}: CIDEr needs every image's references")
 
 
 def evaluate_caption(trainer, split: str) -> dict:
@@ -249,7 +265,8 @@ def evaluate_caption(trainer, split: str) -> dict:
     payload = [None]
     if trainer.info.is_main:
         try:
-            numeric, full = score_captions(refs, cands) if refs and all(refs.values()) else ({}, {})
+            _check_references(split, refs)
+            numeric, full = score_captions(refs, cands, final=trainer.cfg.mode == "eval")
             payload = [(numeric, full, None)]
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             payload = [({}, {}, f"{type(e).__name__}: {e}")]
