@@ -77,6 +77,15 @@ vltrain_tasks_per_node() {
     echo "${tpn:-1}"
 }
 
+# Uneven layouts ("8(x3),4") are refused: streaming partitions the data by world / ranks per
+# node, so ranks on nodes of different sizes would disagree on it (run.py refuses them too).
+vltrain_check_even_tasks() {
+    local tpn="${SLURM_TASKS_PER_NODE:-1}" counts
+    counts="$(tr ',' '\n' <<<"$tpn" | sed 's/(.*//' | sort -u)"
+    [[ "$(wc -l <<<"$counts")" -eq 1 ]] \
+        || vltrain_fail 2 "tasks per node are uneven ($tpn): vltrain needs the same number of ranks on every node; submit with --ntasks-per-node=N"
+}
+
 # ------------------------------------------------------------------------------ per task
 # Runs inside every srun task (see vltrain_main): one header line, the accelerator choice for
 # THIS node, then python as a child whose exit code is written to EXIT_DIR/<rank>.
@@ -177,6 +186,7 @@ PY
     MASTER_PORT="${VLTRAIN_MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
     export MASTER_ADDR MASTER_PORT
     local tpn cpt
+    vltrain_check_even_tasks
     tpn="$(vltrain_tasks_per_node)"
     cpt="${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}"
     if [[ -z "$cpt" ]]; then

@@ -36,12 +36,19 @@ def test_srun_task_maps_to_torch_variables():
     assert not info.is_main and info.num_nodes == 3
 
 
-def test_uneven_tasks_per_node_use_this_nodes_count():
+def test_uneven_tasks_per_node_are_refused():
+    """Streaming derives nodes as world / ranks per node: uneven nodes would make ranks disagree
+    on the data partition, so such a layout is refused with the sbatch option to use."""
     env = srun_task_env(SLURM_PROCID="4", SLURM_LOCALID="0", SLURM_NTASKS="5", SLURM_NODEID="2",
                         SLURM_TASKS_PER_NODE="2(x2),1", SLURM_JOB_NODELIST="gpu[07-09]")
     del env["SLURM_NTASKS_PER_NODE"]
+    with pytest.raises(ValueError, match=r"uneven \(2\(x2\),1\).*--ntasks-per-node"):
+        setup_env(env, use_scontrol=False)
+    env = srun_task_env(SLURM_PROCID="4", SLURM_LOCALID="0", SLURM_NTASKS="6", SLURM_NODEID="2",
+                        SLURM_TASKS_PER_NODE="2(x3)", SLURM_JOB_NODELIST="gpu[07-09]")
+    del env["SLURM_NTASKS_PER_NODE"]
     setup_env(env, use_scontrol=False)
-    assert env["LOCAL_WORLD_SIZE"] == "1" and env["RANK"] == "4" and env["MASTER_ADDR"] == "gpu07"
+    assert env["LOCAL_WORLD_SIZE"] == "2" and env["RANK"] == "4" and env["MASTER_ADDR"] == "gpu07"
 
 
 def test_step_variables_win_over_job_variables():

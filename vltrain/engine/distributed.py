@@ -185,7 +185,12 @@ def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use
                 or env.get("SLURM_NTASKS_PER_NODE"))
     if per_node:
         counts = parse_tasks_per_node(per_node)
-        local_world = counts[node_id] if node_id < len(counts) else counts[0]
+        if len(set(counts)) > 1:
+            # streaming (and our node count) take nodes = world / ranks per node: with uneven
+            # nodes, ranks would disagree on the data partition and hang or repeat samples
+            raise ValueError(f"SLURM tasks per node are uneven ({per_node}): vltrain needs the same number of "
+                             "ranks on every node; submit with --ntasks-per-node=N (and --nodes=M)")
+        local_world = counts[0]
     else:
         local_world = int(ntasks)
     _set(env, "LOCAL_WORLD_SIZE", local_world)
