@@ -42,7 +42,7 @@ def evaluated(tmp_path_factory, synthetic_corpus):
             f"train.max_steps={TRAIN_STEPS}", "train.warmup_steps=5", "train.val_every=0", "data.num_workers=0",
             *common(root, vocab, nvocab, task)]})
         ckpt = os.path.join(root, "train", f"{task}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
-        evals[task] = [f"mode=eval", f"train.init_from={ckpt}", "task.eval_split=test", f"data.test={dst}",
+        evals[task] = ["mode=eval", f"train.init_from={ckpt}", "task.eval_split=test", f"data.test={dst}",
                        "data.train=/nonexistent/train/data/is/not/needed", *common(root, vocab, nvocab, task)]
     for task in SIZES:
         runs1.append({"name": f"eval_{task}", "config": f"configs/{task}_debug.yaml",

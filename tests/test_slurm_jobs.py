@@ -211,7 +211,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     k = int(re.search(r"stopped on signal at step (\d+); checkpoint saved; exiting with 75", log0).group(1))
     assert 5 <= k < steps, log0
     assert "received SIGUSR1" in log0
-    assert re.search(rf"restart=0: srun exited with \d+; ranks:.*=75", batch), batch
+    assert re.search(r"restart=0: srun exited with \d+; ranks:.*=75", batch), batch
     assert "restart=0: checkpointed on signal: requeueing" in batch, batch
     assert "restart=1: srun exited with 0; ranks: rank0=0 rank1=0" in batch and "restart=1: finished" in batch, batch
     resumed = re.findall(r"resumed from (\S+) at step (\d+)", log0)

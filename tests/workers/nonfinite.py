@@ -5,11 +5,8 @@ chosen optimizer steps. Usage: python tests/workers/nonfinite.py MODE OUT_ROOT T
 MODE=transient: NaN on rank 1 at steps 3 and 7 (one micro-batch each) -> training finishes.
 MODE=persistent: NaN on rank 1 from step 4 on -> abort after train.max_nonfinite_in_row.
 """
-import math
 import os
 import sys
-
-import torch
 
 
 def main(mode, out_root, train, cache):
