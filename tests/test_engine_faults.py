@@ -52,6 +52,26 @@ def test_nonfinite_losses_skip_on_every_rank_and_abort_when_persistent(tmp_path,
         assert "3 non-finite losses in a row" in log, log[-3000:]
 
 
+def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthetic_corpus):
+    """Rank 1's second micro-batch of an epoch holds only bad samples (skip_bad_samples): the rank runs its
+    previous batch again at zero weight instead of running one micro-batch fewer than rank 0,
+    which would leave the ranks in different epochs at the end of the first (16 micro-batches
+    each) and hang them; both ranks finish, every step logged."""
+    train = os.path.join(synthetic_corpus, "captions", "pretrain")
+    out = str(tmp_path / "runs")
+    codes, logs = finish(*launch(["tests/workers/bad_batch.py", out, train, str(tmp_path / "cache")],
+                                 str(tmp_path), "bad"), timeout=400)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "stands in at zero weight" in logs[1] and "stands in" not in logs[0], logs[1][-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(out, "bad_batch", "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
+    # each epoch's DataLoader worker is new, so its second micro-batch is bad in both epochs
+    assert [e.value for e in acc.Scalars("data/skipped_samples")][-1] == 16
+    assert logs[1].count("stands in at zero weight") == 2
+
+
 @pytest.mark.parametrize("case", ["unknown_key", "ds_contradiction", "missing_data", "bad_checkpoint"])
 def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, case):
     train = os.path.join(synthetic_corpus, "captions", "pretrain")

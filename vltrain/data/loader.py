@@ -152,6 +152,8 @@ class VLDataLoader(StreamingDataLoader):
                         "data, or raise train.micro_batch_size")
                 self._yielded.append((len(skipped), len(skipped)))
                 self.num_stand_ins += 1
+                log.warning("all %d samples of a micro-batch were bad: the previous batch stands in at zero "
+                            "weight (%d such micro-batches so far)", len(skipped), self.num_stand_ins)
                 yield dataclasses.replace(last, task={**last.task, STAND_IN_KEY: True})
                 continue
             last = batch

@@ -1,0 +1,37 @@
+"""2-rank worker: every sample of ONE micro-batch of ONE rank is bad (data.skip_bad_samples).
+
+Fault injection (not a mock): the real trainer and loader run; rank 1's DataLoader worker
+puts a NaN into every sample of its second micro-batch before the real collator sees them,
+which then skips them all. Usage: python tests/workers/bad_batch.py OUT_ROOT TRAIN CACHE
+"""
+import os
+import sys
+
+
+def main(out_root, train, cache):
+    import numpy as np
+    from vltrain import run
+    from vltrain.data.collate import PretrainCollator
+
+    real_call = PretrainCollator.__call__
+    rank = int(os.environ["RANK"])
+    calls = {"n": 0}
+
+    def call(self, samples):
+        calls["n"] += 1                       # in the (forked) DataLoader worker: its batches in order
+        if rank == 1 and calls["n"] == 2:
+            for s in samples:
+                s["features"] = np.array(s["features"], dtype=np.float32)
+                s["features"][0, 0] = np.nan
+        return real_call(self, samples)
+
+    PretrainCollator.__call__ = call
+    code = run.main(["--config", "configs/debug.yaml", "--deepspeed_config", "ds_configs/zero2.json",
+                     f"output_root={out_root}", "run_name=bad_batch", f"data.train={train}", "data.val=",
+                     f"data.cache_dir={cache}", "train.max_steps=20", "train.log_every=1",
+                     "data.skip_bad_samples=true", "train.dist_timeout_s=60"])
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
