@@ -77,6 +77,11 @@ vltrain_tasks_per_node() {
     echo "${tpn:-1}"
 }
 
+# Whether run folder $1 holds a complete checkpoint (a tag with its completion record).
+vltrain_has_checkpoint() {
+    compgen -G "$1/checkpoints/*/vltrain_ckpt.json" >/dev/null
+}
+
 # Uneven layouts ("8(x3),4") are refused: streaming partitions the data by world / ranks per
 # node, so ranks on nodes of different sizes would disagree on it (run.py refuses them too).
 vltrain_check_even_tasks() {
@@ -144,8 +149,9 @@ vltrain_main() {
     local resume=0
     [[ "${VLTRAIN_MODE:-train}" == train ]] && resume=1
     # First run: resume=auto picks up a previous job of the same run (resubmission), and the
-    # user may still point train.resume at a checkpoint. A requeued run always continues
-    # from its own latest checkpoint, so there it comes last and wins.
+    # user may still point train.resume at a checkpoint. A requeued run continues from its
+    # own latest checkpoint, so there it comes last and wins -- once the run has one (below):
+    # requeued before its first save, the user's train.resume still applies.
     ((resume)) && ((restart == 0)) && ov+=("train.resume=auto")
     read -r -a extra <<<"${EXTRA:-}"
     ov+=("${extra[@]}" "$@")
@@ -168,6 +174,11 @@ except ConfigError as e:
 print(os.path.abspath(os.path.join(cfg.output_root, cfg.run_name)))
 PY
 )" || vltrain_fail "$VLTRAIN_EXIT_BAD_INPUT" "config check failed for CONFIG=$CONFIG (message above); not starting the ranks"
+
+    if ((resume)) && ((restart > 0)) && ! vltrain_has_checkpoint "$run_dir"; then
+        unset 'ov[${#ov[@]}-1]'   # no checkpoint of its own yet: drop the requeue's resume=auto
+        vltrain_log "requeued before the run's first checkpoint: train.resume as configured"
+    fi
 
     local log_dir="$run_dir/logs"
     local exit_dir="$log_dir/.exit/$SLURM_JOB_ID.$restart"

@@ -196,3 +196,25 @@ def test_two_srun_tasks_rendezvous_and_a_hung_peer_times_out():
     waited = float(out0.split("TIMEOUT after ")[1].split("s")[0])
     assert timeout_s - 0.5 <= waited < timeout_s + 15, out0
     assert elapsed < hang_s                      # rank 0 did not wait for the hung peer
+
+
+def _common_sh(script: str, **env) -> subprocess.CompletedProcess:
+    """``script`` run by bash after sourcing slurm/common.sh (its helper functions)."""
+    full = {**os.environ, **{k: str(v) for k, v in env.items()}}
+    return subprocess.run(["bash", "-c", f"source slurm/common.sh; {script}"], capture_output=True, text=True,
+                          env=full, timeout=60)
+
+
+def test_sbatch_helpers_refuse_uneven_layouts_and_see_checkpoints(tmp_path):
+    """The batch shell refuses "4(x2),2" before srun (exit 2, the option to use); a requeued
+    run resumes its own checkpoints only once it has a complete one (else the user's
+    train.resume applies)."""
+    p = _common_sh("vltrain_check_even_tasks", SLURM_TASKS_PER_NODE="4(x2),2")
+    assert p.returncode == 2 and "uneven (4(x2),2)" in p.stderr and "--ntasks-per-node" in p.stderr
+    assert _common_sh("vltrain_check_even_tasks", SLURM_TASKS_PER_NODE="4(x3)").returncode == 0
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010.partial-x").mkdir(parents=True)   # being written: not complete
+    assert _common_sh(f"vltrain_has_checkpoint {run}").returncode == 1
+    (run / "checkpoints" / "step_00000005").mkdir()
+    (run / "checkpoints" / "step_00000005" / "vltrain_ckpt.json").write_text("{}")
+    assert _common_sh(f"vltrain_has_checkpoint {run}").returncode == 0
