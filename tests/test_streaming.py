@@ -213,12 +213,26 @@ def test_hash_mismatch_names_the_shard(tmp_path, vocab_file):
     data = bytearray(open(path, "rb").read())
     data[-5] ^= 0xFF                                  # same size, one flipped byte
     open(path, "wb").write(bytes(data))
-    loader = _single_loader(ds, tmp_path, vocab_file, validate_hash="xxh64", shuffle=False)
+    # data.validate_hash's default, auto: checked because the index records xxh64 (data_tools writes it)
+    loader = _single_loader(ds, tmp_path, vocab_file, validate_hash="auto", shuffle=False)
     with pytest.raises(ShardError, match=rf"shard {bad} failed its hash check.*Checksum failure"):
         for _ in loader:
             pass
     (cache,) = (tmp_path / "cache" / "node0" / "debug").iterdir()
     assert _shards(ds)[0] in os.listdir(cache) and bad not in os.listdir(cache)  # bad copy dropped
+
+
+def test_validate_hash_auto_checks_what_the_index_records(tmp_path):
+    from vltrain.config import Config
+    from vltrain.data.datasets import hash_to_validate
+    assert Config().data.validate_hash == "auto"
+    with_hash = write_captions(str(tmp_path / "h"), 8, hashes=["sha1", "xxh64"])
+    without = write_captions(str(tmp_path / "n"), 8)
+    index = {k: open(os.path.join(p, "index.json")).read() for k, p in (("h", with_hash), ("n", without))}
+    assert hash_to_validate("auto", index["h"], with_hash) == "xxh64"
+    assert hash_to_validate("auto", index["n"], without) is None            # nothing to check against
+    assert hash_to_validate("", index["h"], with_hash) is None
+    assert hash_to_validate("sha1", index["n"], without) == "sha1"          # explicit: required as given
 
 
 def test_truncated_shard_names_the_shard(tmp_path, vocab_file):

@@ -70,7 +70,7 @@ class DataConfig:
     hard_class_targets: bool = False         # one-hot obj_labels (bottom-up objects_id) when cls_prob is absent
     image_feature: str = "stored"            # VL-BERT's whole-image feature for text: stored (the
                                              # dataset's image_feature, else regions_mean) | regions_mean
-    validate_hash: str = ""                  # "" | xxh64 | sha1 | ...: check shards on download
+    validate_hash: str = "auto"              # auto (xxh64 where the index records it) | "" | xxh64 | sha1 | ...
     download_timeout: float = 60.0           # seconds per shard download
     cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)
     num_canonical_nodes: int = 0             # streaming's shuffle/partition unit; 0 = #nodes of

@@ -83,6 +83,25 @@ def _read_text(remote: str, name: str, timeout: float) -> str:
         return f.read()
 
 
+def hash_to_validate(setting: str, index_text: str, remote: str) -> Optional[str]:
+    """The hash streaming checks each downloaded shard file against (``data.validate_hash``).
+
+    ``auto``: xxh64 when the index records it for every shard file (data_tools writes it:
+    a shard corrupted in storage or in transit then fails loudly, naming it, instead of
+    feeding wrong features), else none; ``""``: none; anything else is required of the index."""
+    if setting != "auto":
+        return setting or None
+    try:
+        shards = json.loads(index_text)["shards"]
+        files = [s["zip_data"] or s["raw_data"] for s in shards]
+        ok = bool(files) and all("xxh64" in (f.get("hashes") or {}) for f in files)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MetaError(f"dataset {remote}: index.json is unreadable ({e})") from e
+    if not ok:
+        log.info("dataset %s: its index records no xxh64 hashes; shards are not hash-checked", remote)
+    return "xxh64" if ok else None
+
+
 def count_samples(remote: str, timeout: float = 60.0) -> int:
     """Number of samples of an MDS dataset, from its ``index.json``."""
     try:
@@ -414,10 +433,10 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
         infos.append(StreamInfo(remote, meta))
         index = _read_text(remote, "index.json", d.download_timeout)
         streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
-                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, split), choose=choose))
+                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, split), choose=choose,
+                              validate_hash=hash_to_validate(d.validate_hash, index, remote)))
     kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
-              validate_hash=d.validate_hash or None,
               download_timeout=float(d.download_timeout))
     if d.cache_limit:
         kw["cache_limit"] = d.cache_limit
