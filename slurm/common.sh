@@ -103,8 +103,11 @@ vltrain_task() {
     local exit_dir=$1
     shift
     local rank="${SLURM_PROCID:-0}"
-    if [[ -z "${DS_ACCELERATOR:-}" ]] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
-        export DS_ACCELERATOR=cpu   # no GPU on this node: DeepSpeed's CPU accelerator + gloo
+    # No GPU on this node: DeepSpeed's CPU accelerator + gloo. A node where Slurm allocated GPUs
+    # is left to DeepSpeed's own detection even without nvidia-smi (containers, ROCm).
+    if [[ -z "${DS_ACCELERATOR:-}" ]] && ((${SLURM_GPUS_ON_NODE:-0} == 0)) && [[ -z "${SLURM_STEP_GPUS:-}${SLURM_JOB_GPUS:-}" ]] \
+        && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+        export DS_ACCELERATOR=cpu
     fi
     echo "$(date '+%F %T') job=${SLURM_JOB_ID:--} rank=$rank local_rank=${SLURM_LOCALID:-0} node=${SLURMD_NODENAME:-?} host=$(hostname -s) restart=${SLURM_RESTART_COUNT:-0} accelerator=${DS_ACCELERATOR:-auto}: starting vltrain/run.py"
     local child rc

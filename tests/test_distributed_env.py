@@ -1,5 +1,6 @@
 """Slurm -> torch variable mapping, launcher gaps, and a bounded collective timeout."""
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -218,3 +219,17 @@ def test_sbatch_helpers_refuse_uneven_layouts_and_see_checkpoints(tmp_path):
     (run / "checkpoints" / "step_00000005").mkdir()
     (run / "checkpoints" / "step_00000005" / "vltrain_ckpt.json").write_text("{}")
     assert _common_sh(f"vltrain_has_checkpoint {run}").returncode == 0
+
+
+def test_sbatch_task_picks_the_cpu_accelerator_only_without_allocated_gpus(tmp_path):
+    """No nvidia-smi on PATH: the CPU accelerator, unless Slurm allocated GPUs on the node
+    (a container without nvidia-smi, a ROCm node), where DeepSpeed detects the device itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DS_ACCELERATOR"))}
+    env["PATH"] = "/usr/bin:/bin"                                       # no nvidia-smi here
+    assert not shutil.which("nvidia-smi", path=env["PATH"])
+    show = 'vltrain_task "$EXIT" bash -c \'echo "acc=${DS_ACCELERATOR:-auto}"\''
+    for extra, want in (({}, "acc=cpu"), ({"SLURM_GPUS_ON_NODE": "8"}, "acc=auto"),
+                        ({"SLURM_STEP_GPUS": "0,1"}, "acc=auto")):
+        p = subprocess.run(["bash", "-c", f"source slurm/common.sh; {show}"], capture_output=True, text=True,
+                           env={**env, **extra, "EXIT": str(tmp_path)}, timeout=60)
+        assert p.returncode == 0 and want in p.stdout, (extra, p.stdout, p.stderr)
