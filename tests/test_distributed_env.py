@@ -233,3 +233,10 @@ def test_sbatch_task_picks_the_cpu_accelerator_only_without_allocated_gpus(tmp_p
         p = subprocess.run(["bash", "-c", f"source slurm/common.sh; {show}"], capture_output=True, text=True,
                            env={**env, **extra, "EXIT": str(tmp_path)}, timeout=60)
         assert p.returncode == 0 and want in p.stdout, (extra, p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("leftover", [{"RANK": "3"}, {"WORLD_SIZE": "8"}])
+def test_half_a_launcher_environment_is_refused(leftover):
+    env = srun_task_env(**leftover)
+    with pytest.raises(ValueError, match="is set but (WORLD_SIZE|RANK) is not: set both"):
+        setup_env(env, use_scontrol=False)

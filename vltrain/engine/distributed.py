@@ -206,6 +206,12 @@ def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use
 def setup_env(environ: Optional[MutableMapping[str, str]] = None, use_scontrol: bool = True) -> DistInfo:
     """Complete the distributed environment for any launcher (see the module docstring)."""
     env = os.environ if environ is None else environ
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        # half a launcher's environment (left over in a shell, say): mapping SLURM_* or
+        # assuming one process would each give a wrong world
+        have, lack = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise ValueError(f"{have}={env[have]} is set but {lack} is not: set both (a launcher does), or unset "
+                         f"{have} to let vltrain map SLURM_* / run as one process")
     setup_env_from_slurm(env, use_scontrol)
     if "RANK" not in env and "WORLD_SIZE" not in env:      # bare `python run.py`: a one-process world
         _set(env, "RANK", 0)
