@@ -388,3 +388,13 @@ def test_whole_word_masking_never_exceeds_max_pred():
         assert len(pos) == 1 and pos[0] in (2, 7)
         pos = choose_mlm_positions(np.random.default_rng(seed), cand, 3, starts)
         assert pos.tolist() in ([7, 8], [2, 3, 4])
+
+
+def test_class_distributions_are_collated_only_when_used(tok):
+    """cls_prob (100 x 1601 at base size: more bytes than the features) goes into the batch for
+    region classification or VLP's class-embedding term, not otherwise (e.g. VL-BERT fine-tuning)."""
+    samples = caps(6)
+    assert make(tok, obj=ObjectivesConfig(mrc=False))(samples).region_cls_probs is None
+    assert make(tok, obj=ObjectivesConfig(mrc=False), require_cls_probs=True)(samples).region_cls_probs is not None
+    b = make(tok, obj=ObjectivesConfig(mrc=True))(samples)
+    assert b.region_cls_probs is not None and b.region_cls_probs.shape[-1] == samples[0]["cls_prob"].shape[-1]

@@ -216,32 +216,9 @@ class PretrainCollator:
         feats, boxes = feats[:k], boxes[:k]
         self._finite(info, sample, "features", feats)
         self._finite(info, sample, "boxes", boxes)
-        num_classes = meta.get("num_classes")
-        cls = None
-        if meta.get("has_cls_prob") or (not meta and "cls_prob" in sample):
-            cls = np.asarray(self._get(info, sample, "cls_prob"))
-            if cls.ndim != 2 or cls.shape[0] != n or (num_classes and cls.shape[1] != num_classes):
-                want = f"({n}, {num_classes or 'C'})"
-                raise self._bad(info, sample, f"column 'cls_prob' has shape {cls.shape}, expected {want}")
-            cls = cls[:k]
-            self._finite(info, sample, "cls_prob", cls)
-        elif self._needs_classes():
-            if self.data.hard_class_targets and (meta.get("has_obj_labels") or "obj_labels" in sample):
-                labels = np.asarray(self._get(info, sample, "obj_labels")).astype(np.int64)
-                num_classes = num_classes or self.num_classes
-                if not num_classes:
-                    raise self._bad(info, sample, "data.hard_class_targets needs the class count "
-                                                  "(num_classes in vltrain_meta.json or model.num_region_classes)")
-                if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes - 1:
-                    raise self._bad(info, sample, f"column 'obj_labels' has shape {labels.shape} or values "
-                                                  f"outside [0, {num_classes - 1}) (bottom-up objects_id: "
-                                                  f"{num_classes - 1} object classes, background excluded)")
-                # objects_id counts the non-background classes; column 0 is background.
-                cls = np.eye(num_classes, dtype=np.float32)[labels[:k] + 1]
-            else:
-                raise self._bad(info, sample, "missing column 'cls_prob' (detector class "
-                                              "distribution), needed for region classification "
-                                              "targets / class embedding")
+        # Class distributions (100 x 1601 fp16: more bytes than the features) are read only for
+        # what uses them: region classification targets and VLP's class-embedding term.
+        cls = self._classes(info, sample, meta, n, k) if self._needs_classes() else None
         image_feat = None
         stored = meta.get("has_image_feature") or (not meta and "image_feature" in sample)
         if stored and self.data.image_feature == "stored":
@@ -251,6 +228,33 @@ class PretrainCollator:
                                               f"expected ({d},)")
             self._finite(info, sample, "image_feature", image_feat)
         return feats, boxes, cls, image_feat
+
+    def _classes(self, info, sample, meta: dict, n: int, k: int) -> np.ndarray:
+        """The first ``k`` of the sample's ``n`` class distributions: the stored ``cls_prob``, or
+        one-hot ``obj_labels`` with ``data.hard_class_targets``; else a bad sample."""
+        num_classes = meta.get("num_classes")
+        if meta.get("has_cls_prob") or (not meta and "cls_prob" in sample):
+            cls = np.asarray(self._get(info, sample, "cls_prob"))
+            if cls.ndim != 2 or cls.shape[0] != n or (num_classes and cls.shape[1] != num_classes):
+                want = f"({n}, {num_classes or 'C'})"
+                raise self._bad(info, sample, f"column 'cls_prob' has shape {cls.shape}, expected {want}")
+            cls = cls[:k]
+            self._finite(info, sample, "cls_prob", cls)
+            return cls
+        if not (self.data.hard_class_targets and (meta.get("has_obj_labels") or "obj_labels" in sample)):
+            raise self._bad(info, sample, "missing column 'cls_prob' (detector class distribution), needed for "
+                                          "region classification targets / class embedding")
+        labels = np.asarray(self._get(info, sample, "obj_labels")).astype(np.int64)
+        num_classes = num_classes or self.num_classes
+        if not num_classes:
+            raise self._bad(info, sample, "data.hard_class_targets needs the class count "
+                                          "(num_classes in vltrain_meta.json or model.num_region_classes)")
+        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= num_classes - 1:
+            raise self._bad(info, sample, f"column 'obj_labels' has shape {labels.shape} or values "
+                                          f"outside [0, {num_classes - 1}) (bottom-up objects_id: "
+                                          f"{num_classes - 1} object classes, background excluded)")
+        # objects_id counts the non-background classes; column 0 is background.
+        return np.eye(num_classes, dtype=np.float32)[labels[:k] + 1]
 
     def _example(self, sample: dict, text_ids: list[int]) -> _Example:
         s, info = self._stream_of(sample)
