@@ -258,6 +258,10 @@ class Trainer:
             log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (requeue)",
                         self.step, EXIT_PREEMPTED)
         self.monitor.close()
+        if dist.is_initialized():
+            # srun --kill-on-bad-exit ends every task once the first exits 75: wait until every
+            # rank has flushed its logs (the checkpoint itself is committed before this)
+            dist.barrier()
         return EXIT_PREEMPTED
 
     def close(self) -> None:
