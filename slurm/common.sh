@@ -26,7 +26,7 @@
 #   OUTPUT_ROOT     -> output_root  (default: the recipe's output_root, relative to the submit dir)
 #   DATA_REMOTE     -> data.train   (an s3://bucket/prefix or a shared folder of MDS shards)
 #   DATA_VAL_REMOTE -> data.val
-#   CACHE_DIR       -> data.cache_dir (node-local disk; vltrain appends node<N> per node)
+#   CACHE_DIR       -> data.cache_dir (node-local disk; vltrain appends node<N>/<run_name>)
 #   INIT_FROM       -> train.init_from
 #   EXTRA           more key=value overrides, space-separated (positional args come last and win)
 #   MAX_REQUEUES    requeue cap (default 20)
