@@ -2,7 +2,11 @@
 hand-computed cases of the official vqaEval.py algorithm; MC / grounding accuracy."""
 import itertools
 import math
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -345,3 +349,63 @@ def test_caption_task_scoring_without_java(monkeypatch, tmp_path):
         _check_references("val", {})
     with pytest.raises(ValueError, match="data.test: 1 image.* image_id 42"):
         _check_references("test", {7: ["a cat"], 42: []})
+
+
+def _kill_first_java_child(sig, found: list, timeout=60.0):
+    """Background: send ``sig`` to the first java process this process starts."""
+    import time
+    import psutil
+    me, end = psutil.Process(), time.time() + timeout
+    while time.time() < end:
+        for c in me.children(recursive=True):
+            try:
+                if "java" in c.name():
+                    c.send_signal(sig)
+                    found.append(c.pid)
+                    return
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stop_requested", [True, False], ids=["after_stop_signal", "no_stop_signal"])
+def test_a_scorer_ended_by_the_stop_signal_is_an_interruption_in_training(monkeypatch, stop_requested):
+    """Slurm's USR1 reaches every process of the step, the PTB tokenizer's / METEOR's JVM too,
+    and ends it. During training validation, with the stop flag set, that is no error: the
+    validation has no scores and the run goes on to checkpoint. Without the flag it is one."""
+    import signal
+    import threading
+    from vltrain.engine.signals import STOP
+    from vltrain.tasks.caption import _score_on_main
+    monkeypatch.setattr(STOP, "signum", signal.SIGUSR1 if stop_requested else None)
+    found: list = []
+    killer = threading.Thread(target=_kill_first_java_child, args=(signal.SIGUSR1, found))
+    killer.start()
+    numeric, full, err = _score_on_main("val", REFS, CANDS, final=False)
+    killer.join()
+    assert found, "no java child was seen"
+    if stop_requested:
+        assert err is None and numeric == {} and "stop signal ended the scorer" in full["status"]
+    else:
+        assert numeric == {} and "(Java) failed" in err            # PTB tokenizer's or METEOR's
+
+
+def test_eval_ignores_usr1_and_so_do_the_processes_it_starts():
+    """mode=eval is not preemptible: it ignores SIGUSR1, and a child started afterwards (the
+    scorers' Java) inherits that across exec; a child of a process that handles USR1 does not."""
+    script = textwrap.dedent("""
+        import os, signal, subprocess, sys, time
+        from vltrain.engine.signals import STOP
+        STOP.install()
+        if sys.argv[1] == "eval":
+            STOP.ignore_usr1()
+        child = subprocess.Popen(["sleep", "30"])
+        os.kill(child.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        print("alive" if child.poll() is None else f"ended {child.returncode}")
+        child.kill()
+    """)
+    for mode, want in (("eval", "alive"), ("train", "ended -10")):
+        p = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert p.stdout.strip() == want, (mode, p.stdout, p.stderr)

@@ -40,6 +40,12 @@ class StopFlag:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def ignore_usr1(self) -> None:
+        """For work that does not stop on a signal (``mode=eval``): SIGUSR1 is ignored, and so
+        by the processes it starts (an ignored signal stays ignored across exec; a handled one
+        does not), e.g. the caption metrics' Java, which USR1 would otherwise end."""
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
 
 # One per process: run.py installs it first thing, so a signal that arrives while the job is
 # still starting (imports, engine build) is kept and honoured at the first step boundary.

@@ -311,7 +311,9 @@ class Trainer:
     def run_eval(self, split: str) -> int:
         """``mode=eval``: the task's evaluation of ``data.<split>`` with the loaded weights (each
         sample once across ranks; result files under ``<run_dir>/eval/``), logged to TensorBoard
-        as ``<split>/<metric>`` and printed. Returns the exit code."""
+        as ``<split>/<metric>`` and printed. Returns the exit code. Not preemptible: SIGUSR1
+        is ignored from here on (the scorers' Java children inherit that)."""
+        STOP.ignore_usr1()
         if self.step == 0 and self.cfg.train.init_from:
             try:   # name the results by the evaluated checkpoint's step (0 for an export / HF folder)
                 self.step = int(ckpt.resolve_checkpoint(self.cfg.train.init_from).info.get("step", 0))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from vltrain.data.batch import Batch
 from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
+from vltrain.engine.signals import STOP
 from vltrain.objectives.reduce import reduce_loss
 from vltrain.tasks.base import TaskSpec, selected_rows_work
 
@@ -226,6 +227,28 @@ def _check_references(split: str, refs: dict) -> None:
                          f"{', '.join(map(str, empty[:5]))}: CIDEr needs every image's references")
 
 
+def _score_on_main(split: str, refs: dict, cands: dict, final: bool) -> tuple[dict, dict, str | None]:
+    """(numeric, full, error) of the scoring on rank 0; an error is re-raised on every rank.
+
+    During training, a scoring failure after a stop signal arrived is an interruption: Slurm's
+    USR1 reaches every process of the step, the metrics' Java children (PTB tokenizer, METEOR,
+    SPICE) included, which it ends. That validation then has no scores, and the run goes on to
+    its checkpoint and exit 75. (``mode=eval`` ignores USR1, so its children inherit that.)"""
+    try:
+        _check_references(split, refs)
+    except ValueError as e:
+        return {}, {}, f"{type(e).__name__}: {e}"
+    try:
+        numeric, full = score_captions(refs, cands, final=final)
+        return numeric, full, None
+    except Exception as e:  # noqa: BLE001 - reported to every rank by the caller
+        if STOP.requested and not final:
+            log.warning("caption scoring cut short by the stop signal (%s: %s): this validation has no scores",
+                        type(e).__name__, e)
+            return {}, {"status": f"not scored: the stop signal ended the scorer ({type(e).__name__})"}, None
+        return {}, {}, f"{type(e).__name__}: {e}"
+
+
 def evaluate_caption(trainer, split: str) -> dict:
     """Decode every image of ``split`` once across ranks and score against all references.
 
@@ -264,12 +287,7 @@ def evaluate_caption(trainer, split: str) -> dict:
     # `best` checkpoint decision agrees everywhere.
     payload = [None]
     if trainer.info.is_main:
-        try:
-            _check_references(split, refs)
-            numeric, full = score_captions(refs, cands, final=trainer.cfg.mode == "eval")
-            payload = [(numeric, full, None)]
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            payload = [({}, {}, f"{type(e).__name__}: {e}")]
+        payload = [_score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval")]
     if trainer.info.world > 1 and dist.is_initialized():
         dist.broadcast_object_list(payload, src=0)
     numeric, full, err = payload[0]
