@@ -15,8 +15,8 @@ from __future__ import annotations
 
 if __package__ in (None, ""):  # run as a script: import `data_tools` as a package, and keep
     import os as _os, sys as _sys  # data_tools/inspect.py from shadowing the stdlib `inspect`
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+    _here = _os.path.dirname(_os.path.realpath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or ".") != _here]   # symlinks resolved
     _sys.path.insert(0, _os.path.dirname(_here))
 
 import argparse

@@ -229,6 +229,9 @@ def test_consolidated_file_round_trips_with_tied_decoder(ckpts, tmp_path, capsys
     from vltrain.model import VLModel
     out = tmp_path / "model.safetensors"
     assert cli(capsys, "consolidate", ckpts["z2"], out)[0] == 0          # latest: step 6
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask               # for sharing: not mkstemp's 0600
     state = load_file(str(out))
     vocab_matrices = [k for k, v in state.items() if tuple(v.shape) == (30522, 64)]
     assert vocab_matrices == ["embeddings.word.weight"]                # the decoder is stored once
@@ -256,6 +259,9 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     out = tmp_path / "hf"
     code, _, err = cli(capsys, "export-hf", ckpts["z2"], out)
     assert code == 0, err
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask               # for sharing: not mkdtemp's 0700
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json", "README.md"} <= set(os.listdir(out))
     cfg = load_config(os.path.join(ckpts["z2"], "step_00000006", "config.yaml"))
     assert (out / "vocab.txt").read_bytes() == open(Tokenizer(cfg.data.vocab).vocab_file, "rb").read()

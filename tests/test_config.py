@@ -16,8 +16,15 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'"):
         load_config(None, ["train.lrr=1e-3"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'bogus'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'bogus\.x'"):
         load_config(None, ["bogus.x=1"])
+    # a mistyped section is matched among sections, and the error says where the key came from
+    (tmp_path / "ok.yaml").write_text("model:\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError, match=r"^command-line override: unknown config key 'modle\.hidden_size'; "
+                                          r"did you mean 'model\.hidden_size'\?$"):
+        load_config(str(tmp_path / "ok.yaml"), ["modle.hidden_size=32"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'model\.hiden_size'"):
+        load_config(path, ["train.lr=1e-3"])                     # the file's own error, named by the file
 
 
 def test_nested_override_and_types(tmp_path):

@@ -662,3 +662,14 @@ def test_bad_vqa_and_text_inputs(tmp_path, capsys):
     assert convert_text.main(["--input", str(bad), "--skip-bad", "--out", str(out)]) == 0
     assert [s["text"] for s in read_mds(out)] == ["good doc", "last doc"]
     assert read_meta(out)["skipped"] == {"invalid_utf8": 1}
+
+
+def test_tools_run_from_a_symlinked_checkout(tmp_path):
+    """`python <link>/data_tools/inspect.py`: the guard that keeps inspect.py from shadowing the
+    stdlib's `inspect` compares resolved paths (sys.path[0] is the resolved folder)."""
+    link = tmp_path / "checkout"
+    link.symlink_to(ROOT, target_is_directory=True)
+    for tool in ("inspect", "make_synthetic"):
+        p = subprocess.run([sys.executable, str(link / "data_tools" / f"{tool}.py"), "--help"], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=300)
+        assert p.returncode == 0 and "usage:" in p.stdout, p.stderr[-2000:]

@@ -140,3 +140,32 @@ def test_validation_counts_each_sample_once_across_ranks(n, ranks, batch):
               for r, batches in enumerate(per_rank)]
     assert counts == expect
     assert first_seen_counts([[[1, 1, 2]], [[2, 3]]]) == [[2], [1]]     # a repeat inside a batch too
+
+
+def test_a_fresh_run_over_a_runs_checkpoints_says_so(tmp_path, caplog):
+    from vltrain.engine.build import warn_fresh_start_over_checkpoints
+    assert warn_fresh_start_over_checkpoints(str(tmp_path)) is None                 # nothing there
+    tag = tmp_path / "checkpoints" / "step_00000040"
+    tag.mkdir(parents=True)
+    assert warn_fresh_start_over_checkpoints(str(tmp_path)) is None                 # incomplete: not a run's
+    (tag / "vltrain_ckpt.json").write_text(json.dumps({"step": 40}))
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000040")
+    with caplog.at_level("WARNING"):
+        msg = warn_fresh_start_over_checkpoints(str(tmp_path))
+    assert "up to step 40" in msg and "train.resume=auto" in msg and msg in caplog.text
+
+
+def test_a_resume_with_other_settings_says_which(tmp_path, caplog):
+    """The README tour's mistake: resuming without the first command's overrides runs on with
+    debug.yaml's max_steps and lr; the resume names what differs from the checkpoint's config."""
+    from vltrain.config import save_config
+    from vltrain.engine.build import warn_config_changes
+    first = load_config("configs/debug.yaml", ["train.max_steps=100", "train.lr=5e-4"])
+    save_config(first, str(tmp_path / "config.yaml"))
+    again = load_config("configs/debug.yaml", ["train.resume=auto", "train.grad_accum=2"])
+    with caplog.at_level("WARNING"):
+        diffs = warn_config_changes(again, str(tmp_path))
+    assert sorted(diffs) == ["train.lr 0.0005 -> 0.001", "train.max_steps 100 -> 40"], diffs
+    assert "train.max_steps 100 -> 40" in caplog.text
+    same = load_config("configs/debug.yaml", ["train.max_steps=100", "train.lr=5e-4", "train.resume=auto"])
+    assert warn_config_changes(same, str(tmp_path)) == []                     # resume keys are expected to differ

@@ -207,10 +207,15 @@ def build_section(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1) or \
-                sorted((n for n in names if k.startswith(n) or n.startswith(k)), key=len)[-1:]
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+            # a mapping (model.hidden_size=.. with "model" mistyped) can only be a section
+            pool = [n for n in names if _is_dataclass_type(hints[n]) == isinstance(data[k], dict)] or names
+            close = difflib.get_close_matches(k, pool, n=1) or \
+                sorted((n for n in pool if k.startswith(n) or n.startswith(k)), key=len)[-1:]
+            rest = ""
+            if isinstance(data[k], dict) and len(data[k]) == 1:
+                rest = "." + next(iter(data[k]))          # the user's key under the section
+            hint = f"; did you mean '{prefix}{close[0]}{rest}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{k}{rest}'{hint}")
     kw = {}
     for k, v in data.items():
         tp = hints[k]
@@ -262,10 +267,15 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if path:
+        try:
+            config_from_dict(data, ())
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     try:
         return config_from_dict(data, overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    except ConfigError as e:       # the file alone is fine: an override's error
+        raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
 
 
 def config_to_dict(cfg) -> dict:

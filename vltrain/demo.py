@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     cmd, env = launcher_cmd(2)
     cmd += ["--config", "configs/demo.yaml", "--deepspeed_config", "ds_configs/zero2.json",
             f"output_root={runs}", f"data.train={corpus}/captions/pretrain", f"data.val={corpus}/captions/val",
-            f"data.cache_dir={out}/cache", f"train.init_from={minilm_dir()}", f"train.max_steps={args.steps}"]
+            f"data.cache_dir={out}/cache", f"train.init_from={minilm_dir()}", f"train.max_steps={args.steps}",
+            "train.resume=auto"]    # a second demo with more --steps continues this run
     print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:6]) + " --config configs/demo.yaml ...",
           flush=True)
     rc = subprocess.call(cmd, cwd=REPO, env=env)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
           f"{info['world_size']}, ZeRO-{info['zero_stage']})")
     print(f"  config:      {os.path.join(run_dir, 'config.yaml')}")
     print(f"  TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
-    print("  resume:      add train.resume=auto to the same command")
+    print(f"  continue:    python -m vltrain.demo --out {args.out} --steps {2 * args.steps}  (resumes this run)")
     return 0
 
 

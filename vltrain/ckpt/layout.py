@@ -101,12 +101,19 @@ def staged_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp made it 0700: outputs are for sharing
         if os.path.lexists(out_dir):
             shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
         os.rename(tmp, out_dir)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
@@ -133,6 +140,7 @@ def staged_files(paths: list[str], overwrite: bool = False) -> Iterator[list[str
     try:
         yield tmps
         for tmp, p in zip(tmps, paths):
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: outputs are for sharing
             os.replace(tmp, p)
     finally:
         for tmp in tmps:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from vltrain.config import Config
+from vltrain.config import Config, config_to_dict
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
@@ -91,6 +91,52 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
     return ckpt.resolve_checkpoint(r)
 
 
+# Keys a resume is expected to change (or that change nothing about the training itself).
+_RESUME_KEYS = {"train.resume", "train.init_from", "train.grad_accum", "data.num_canonical_nodes", "data.cache_dir",
+                "output_root", "train.dist_timeout_s", "train.log_every", "data.num_workers"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
+    """Settings of this resume that differ from the checkpoint's ``config.yaml``, logged: a
+    resume with the overrides of the first command left out (another max_steps, lr...) runs
+    on, and is no longer the run that was interrupted."""
+    path = os.path.join(tag_dir, "config.yaml")
+    try:
+        from vltrain.config import load_config
+        saved = _flat(config_to_dict(load_config(path)))
+    except Exception:  # noqa: BLE001 - an old or foreign config: nothing to compare
+        return []
+    now = _flat(config_to_dict(cfg))
+    diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+             if k in saved and now[k] != saved[k] and k not in _RESUME_KEYS]
+    if diffs:
+        log.warning("resuming %s with settings that differ from its config.yaml (pass the first run's overrides "
+                    "again for an exact continuation): %s", tag_dir, "; ".join(diffs[:12])
+                    + (f"; ... {len(diffs) - 12} more" if len(diffs) > 12 else ""))
+    return diffs
+
+
+def warn_fresh_start_over_checkpoints(run_dir: str) -> Optional[str]:
+    """A run that does not resume, in a folder that already holds one's checkpoints: say so
+    (its checkpoints will overwrite theirs and its TensorBoard events join theirs)."""
+    save_dir = os.path.join(run_dir, "checkpoints")
+    prev = ckpt.find_resume_point(save_dir) if os.path.isdir(save_dir) else None
+    if prev is None:
+        return None
+    msg = (f"{run_dir} already holds a run's checkpoints (up to step {prev.info.get('step')}, {prev.path}); "
+           "this run starts from step 0 and its checkpoints will replace them. To continue that run "
+           "instead, add train.resume=auto; to keep both, use another run_name")
+    log.warning("%s", msg)
+    return msg
+
+
 def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
     """The model's token ids agree with the tokenizer's vocabulary."""
     if len(tokenizer) > cfg.model.vocab_size:
@@ -118,6 +164,10 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     found = find_resume(cfg, run_dir)
     if found is not None:   # files present; same global batch (grad_accum), world size it can load on
         reconcile_resume(cfg, found, info.world, info.num_nodes)
+        if info.is_main:
+            warn_config_changes(cfg, found.path)
+    elif info.is_main and cfg.mode == "train":
+        warn_fresh_start_over_checkpoints(run_dir)
     ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
     if found is not None and found.info.get("universal"):
         ds.setdefault("checkpoint", {})["load_universal"] = True
