@@ -461,25 +461,3 @@ def test_cache_folder_is_per_run_and_per_index(tmp_path, vocab_file):
     assert sum(x.batch_size for x in c) == 24
     node = tmp_path / "cache" / "node0"
     assert sorted(os.listdir(node)) == ["a", "b"] and len(os.listdir(node / "a")) == 2
-
-
-def test_dataloader_workers_survive_sigterm(tmp_path, vocab_file):
-    """Slurm's SIGTERM reaches the DataLoader workers too; they ignore it, so the rank (whose
-    own handler asks for a checkpoint at the next step) keeps its data until it stops."""
-    import signal
-    import time
-    import psutil
-    ds = write_captions(str(tmp_path / "ds"), 32, size_limit=1 << 12)
-    loader = _single_loader(ds, tmp_path, vocab_file, shuffle=False, num_workers=1)
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
-    it = iter(loader)
-    got = [next(it).batch_size]
-    workers = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
-    assert workers
-    for w in workers:
-        os.kill(w.pid, signal.SIGTERM)
-    got.append(next(it).batch_size)
-    time.sleep(0.5)
-    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-    got += [b.batch_size for b in it]
-    assert sum(got) == 32

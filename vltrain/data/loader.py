@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import signal
 from typing import Any, Optional
 
 import torch
@@ -75,14 +74,6 @@ class PackInWorkers:
             self.scratch.recycle()
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM. Slurm's (scancel, the time limit, preemption) reaches
-    every process of the step, and torch's handler in a worker re-raises it: the worker died
-    and its rank failed before it could checkpoint. The rank's own handler now gets that
-    chance; a worker still ends with its rank (torch's parent watchdog) or by SIGKILL."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class VLDataLoader(StreamingDataLoader):
     """``StreamingDataLoader`` yielding ``Batch``; counts skipped samples (data wait is timed
     by the trainer's monitor around ``next()``).
@@ -100,7 +91,6 @@ class VLDataLoader(StreamingDataLoader):
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
                  fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
                  **kwargs):
-        kwargs.setdefault("worker_init_fn", _ignore_sigterm)
         super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
         self.collator = collator
         self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
