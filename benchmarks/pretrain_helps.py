@@ -188,7 +188,8 @@ def report(args, out: str) -> tuple[str, dict]:
         f"{args.val_images} val images; each budget is its own run (warm-up 10%, linear decay), "
         f"global batch 32, the same lr and seed for both inits"
         + (f"; mean of {args.seeds} seeds, range in brackets" if args.seeds > 1 else "") + ". "
-        "Captioning: greedy decoding, CIDEr-D; VQA: the official VQA accuracy (vqaEval.py's answer processing, min(matches/3, 1) averaged over the ten 9-annotator subsets).", "",
+        "Captioning: greedy decoding, CIDEr-D; VQA: the official VQA accuracy (vqaEval.py's "
+        "answer processing, min(matches/3, 1) averaged over the ten 9-annotator subsets).", "",
         markdown_table(["task", "metric", "fine-tuning steps", "from VL pretraining", "from text-only MiniLM",
                         "difference"], rows), "",
     ]
