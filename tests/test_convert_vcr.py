@@ -1,0 +1,237 @@
+"""data_tools/convert_vcr.py on small VCR jsonl files in the real format (object references as
+index lists into ``objects``, "person" and other classes) with TSV / npz region features, and
+the converted dataset through the real multiple-choice collator."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_tools import convert_vcr
+from tests.fixtures.tasks import collator, read_rows
+from tests.test_data_tools import (ROOT, TSV_FIELDS_FULL, check_image_columns, make_image, read_mds, read_meta,
+                                   run_tool, tsv_row, write_tsv)
+
+# Indices 0, 1 and 4..16 are persons: 15 -> Casey again, 16 -> Riley again (index % 15).
+OBJECTS = ["person", "person", "tie", "chair"] + ["person"] * 13
+FN_A = "lsmdc_3036_IN_TIME/3036_IN_TIME_00.37.33.594-00.37.54.485@0.jpg"
+FN_B = "movieclips_A_Walk_in_the_Clouds/abc_walk@3.jpg"
+ID_A, ID_B = "3036_IN_TIME_00.37.33.594-00.37.54.485@0", "abc_walk@3"
+
+
+def vcr_line(annot_id, img_fn, question, answers, rationales, answer_label=None, rationale_label=None, **extra):
+    d = {"movie": "3036_IN_TIME", "objects": OBJECTS, "interesting_scores": [0], "answer_likelihood": "likely",
+         "img_fn": img_fn, "metadata_fn": img_fn[:-4] + ".json", "question_orig": "orig", "question": question,
+         "answer_choices": answers, "rationale_choices": rationales, "annot_id": annot_id}
+    if answer_label is not None:
+        d.update(answer_label=answer_label, rationale_label=rationale_label)
+    d.update(extra)
+    return json.dumps(d)
+
+
+TRAIN = [
+    vcr_line("train-0", FN_A, ["What", "is", [0], "thinking", "?"],
+             [[[0, 1], "are", "friends", "."], [[2], "is", "red", "."],
+              ["He", "does", "n't", "like", [1], "'s", [2], "."], [[16], "sits", "on", "the", [3], "!"]],
+             [[[1], "is", "frowning", "at", [2], "."], ["It", "is", "(", "very", ")", "late", "."],
+              [[15], "says", "so", "."], ["No", "reason", "."]], 2, 0),
+    vcr_line("train-1", FN_A, ["Why", "is", [1, 2], "here", "?"],
+             [["To", "work", "."], ["To", "eat", "."], [[3], "."], ["Because", [0, 15], "asked", "."]],
+             [["A", "."], ["B", "."], ["C", "."], ["D", "."]], 3, 2),
+    vcr_line("train-7", FN_B, ["Where", "is", [15], "going", "?"],
+             [["Home", "."], ["Out", "."], ["Up", "."], ["Down", "."]],
+             [["W", "."], ["X", "."], ["Y", "."], ["Z", "."]], 0, 3),
+]
+# (question, answer texts, rationale texts, answer_label, rationale_label), by sample id.
+EXPECTED = {
+    0: ("What is Casey thinking?",
+        ["Casey and Riley are friends.", "tie is red.", "He doesn't like Riley's tie.", "Riley sits on the chair!"],
+        ["Riley is frowning at tie.", "It is (very) late.", "Casey says so.", "No reason."], 2, 0),
+    1: ("Why is Riley and tie here?", ["To work.", "To eat.", "chair.", "Because Casey and Casey asked."],
+        ["A.", "B.", "C.", "D."], 3, 2),
+    7: ("Where is Casey going?", ["Home.", "Out.", "Up.", "Down."], ["W.", "X.", "Y.", "Z."], 0, 3),
+}
+
+
+def write_lines(path, lines) -> str:
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def images():
+    rng = np.random.default_rng(3)
+    return {ID_A: make_image(rng, 5, 8, w=1000, h=560), ID_B: make_image(rng, 3, 8, w=640, h=360)}
+
+
+@pytest.fixture
+def tsv(tmp_path, images):
+    # B's row first: samples follow the feature file's order, then the annotation file's.
+    return write_tsv(tmp_path / "feats.tsv", [tsv_row(i, images[i]) for i in (ID_B, ID_A)])
+
+
+def test_qa_round_trip_tsv(tmp_path, images, tsv):
+    ann = write_lines(tmp_path / "train.jsonl", TRAIN)
+    out = tmp_path / "qa"
+    r = run_tool("convert_vcr", "--annotations", ann, "--tsv", tsv, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 3 mc samples" in r.stdout
+    samples = read_mds(out)
+    assert [int(s["sample_id"]) for s in samples] == [7, 0, 1]
+    assert [s["image_id"] for s in samples] == [ID_B, ID_A, ID_A]        # two questions share image A
+    for s in samples:
+        q, answers, _, a_label, _ = EXPECTED[int(s["sample_id"])]
+        assert s["question"] == q and s["choices"] == answers and int(s["label"]) == a_label
+        check_image_columns(s, images[s["image_id"]])
+    meta = read_meta(out)
+    assert meta["kind"] == "mc" and meta["task"] == "qa" and meta["num_choices"] == 4 and meta["has_labels"]
+    assert meta["num_samples"] == 3 and meta["num_images"] == 2 and meta["num_unlabeled"] == 0
+    assert meta["skipped_total"] == 0 and meta["feature_dim"] == 8
+    assert meta["source"] == {"tool": "convert_vcr", "annotations": "train.jsonl", "features": ["feats.tsv"]}
+
+
+def test_qar_and_test_split(tmp_path, tsv, capsys):
+    ann = write_lines(tmp_path / "train.jsonl", TRAIN)
+    out = tmp_path / "qar"
+    assert convert_vcr.main(["--annotations", ann, "--task", "qar", "--tsv", tsv, "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 3
+    for s in rows:
+        q, answers, rationales, a_label, r_label = EXPECTED[int(s["sample_id"])]
+        assert s["question"] == f"{q} {answers[a_label]}"
+        assert s["choices"] == rationales and int(s["label"]) == r_label
+    assert rows[1]["question"] == "What is Casey thinking? He doesn't like Riley's tie."
+    assert read_meta(out)["task"] == "qar"
+
+    test = [vcr_line("test-0", FN_A, ["Who", "is", [1], "?"], [["A"], ["B"], ["C"], ["D"]], [["E"], ["F"]]),
+            vcr_line("test-3", FN_B, ["Why", "?"], [["A"], ["B"], ["C"], ["D"]], [["E"], ["F"]])]
+    test_ann = write_lines(tmp_path / "test.jsonl", test)
+    test_out = tmp_path / "test_qa"
+    assert convert_vcr.main(["--annotations", test_ann, "--tsv", tsv, "--out", str(test_out)]) == 0
+    rows = read_rows(test_out)
+    assert [(int(s["sample_id"]), int(s["label"])) for s in rows] == [(3, -1), (0, -1)]
+    assert rows[1]["question"] == "Who is Riley?"
+    meta = read_meta(test_out)
+    assert meta["has_labels"] is False and meta["num_unlabeled"] == 2
+
+    capsys.readouterr()
+    assert convert_vcr.main(["--annotations", test_ann, "--task", "qar", "--tsv", tsv,
+                             "--out", str(tmp_path / "test_qar")]) == 2
+    err = capsys.readouterr().err
+    assert f"{test_ann} line 1 (annot_id test-0)" in err and "no answer_label" in err and "--task qa" in err
+    assert not os.path.exists(tmp_path / "test_qar" / "index.json")
+
+
+def test_npz_sizes_from_metadata(tmp_path, images, capsys):
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    for i, img in images.items():
+        np.savez(npz / f"{i}.npz", features=img["features"], boxes=img["boxes"])
+    ann = write_lines(tmp_path / "val.jsonl", TRAIN)
+    meta_dir = tmp_path / "vcr1images"
+    (meta_dir / os.path.dirname(FN_A)).mkdir(parents=True)
+    with open(meta_dir / (FN_A[:-4] + ".json"), "w") as f:
+        json.dump({"boxes": [], "segms": [], "names": OBJECTS, "width": 1000, "height": 560}, f)
+    base = ["--annotations", ann, "--npz-dir", str(npz)]
+
+    # B's metadata json is missing: an error naming the path, or a counted skip.
+    assert convert_vcr.main([*base, "--metadata-dir", str(meta_dir), "--out", str(tmp_path / "o1")]) == 2
+    assert os.path.join(str(meta_dir), FN_B[:-4] + ".json") in capsys.readouterr().err
+    out = tmp_path / "o2"
+    assert convert_vcr.main([*base, "--metadata-dir", str(meta_dir), "--skip-bad", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [int(s["sample_id"]) for s in rows] == [0, 1]
+    for s in rows:
+        check_image_columns(s, images[ID_A])                # boxes normalised by 1000 x 560
+    assert read_meta(out)["skipped"] == {"missing_image_size": 1}
+
+    (meta_dir / os.path.dirname(FN_B)).mkdir()
+    with open(meta_dir / (FN_B[:-4] + ".json"), "w") as f:
+        json.dump({"width": 640, "height": 360}, f)
+    out = tmp_path / "o3"
+    assert convert_vcr.main([*base, "--metadata-dir", str(meta_dir), "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 3
+    for s in rows:
+        check_image_columns(s, images[s["image_id"]])
+
+    capsys.readouterr()
+    assert convert_vcr.main([*base, "--out", str(tmp_path / "o4")]) == 2
+    assert "no image_w/image_h" in capsys.readouterr().err
+
+
+def _bad(annot_id, **change):
+    """A line of image A with one field changed (labels 0/0 unless changed)."""
+    d = json.loads(vcr_line(annot_id, FN_A, ["Is", [0], "ok", "?"], [["A"], ["B"], ["C"], ["D"]],
+                            [["E"], ["F"], ["G"], ["H"]], 0, 0))
+    d.update(change)
+    return json.dumps(d)
+
+
+BAD = {  # case: (category, line 4 of the file, annot_id named, text in the message)
+    "object_index": ("bad_object_ref", _bad("train-9", question=["Is", [0, 17], "ok", "?"]), "train-9",
+                     "object index 17"),
+    "label": ("bad_label", _bad("train-9", answer_label=4), "train-9", "answer_label 4"),
+    "json": ("malformed_line", '{"annot_id": "train-9", "objects": ["person"], "img_fn": ', "train-9",
+             "invalid JSON"),
+    "choices": ("bad_choices", _bad("train-9", answer_choices=[["A"]]), "train-9", "at least 2 choices"),
+    "token": ("bad_token", _bad("train-9", question=["Is", {"x": 1}, "?"]), "train-9", "token 1"),
+    "annot_id": ("duplicate_annotation", _bad("train-0"), "train-0", "already on line 1"),
+    "sample_id": ("duplicate_annotation", _bad("val-7"), "val-7", "sample id 7 already taken by line 3"),
+    "labels": ("mixed_labels", json.dumps({k: v for k, v in json.loads(_bad("train-9")).items()
+                                           if not k.endswith("_label")}), "train-9", "lacks labels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_line_is_an_error(tmp_path, tsv, capsys, case):
+    _, line, annot_id, needle = BAD[case]
+    ann = write_lines(tmp_path / "train.jsonl", [*TRAIN, line])
+    assert convert_vcr.main(["--annotations", ann, "--tsv", tsv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ann} line 4 (annot_id {annot_id})" in err and needle in err, err
+
+
+def test_missing_features_and_skip_bad(tmp_path, tsv, capsys):
+    no_feat = vcr_line("train-8", "movieclips_X/nofeat@1.jpg", ["Why", "?"], [["A"], ["B"]], [["C"], ["D"]], 1, 0)
+    ann = write_lines(tmp_path / "train.jsonl", [*TRAIN, no_feat])
+    assert convert_vcr.main(["--annotations", ann, "--tsv", tsv, "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "image nofeat@1 has annotations but no row" in err and tsv in err
+
+    bad = [BAD[c][1] for c in sorted(BAD)]
+    bad += ["", "[1, 2]", _bad("train-10", img_fn=None), no_feat]    # blank lines are passed over
+    ann = write_lines(tmp_path / "all.jsonl", [*TRAIN, *bad])
+    out = tmp_path / "o2"
+    assert convert_vcr.main(["--annotations", ann, "--tsv", tsv, "--skip-bad", "--out", str(out)]) == 0
+    assert sorted(int(s["sample_id"]) for s in read_rows(out)) == [0, 1, 7]
+    meta = read_meta(out)
+    assert meta["skipped"] == {"bad_choices": 1, "bad_label": 1, "bad_object_ref": 1, "bad_token": 1,
+                               "duplicate_annotation": 2, "malformed_line": 3, "mixed_labels": 1, "no_features": 1}
+    assert meta["skipped_total"] == 11
+
+
+def test_through_mc_collator(tmp_path):
+    from vltrain.config import load_config
+    from vltrain.tokenization import Tokenizer
+    rng = np.random.default_rng(4)
+    # configs/mc_debug.yaml: 64-dim features, 17 detector classes (cls_prob for VLP's class term).
+    imgs = {i: make_image(rng, n, 64, classes=17) for i, n in ((ID_A, 6), (ID_B, 4))}
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, imgs[i], full=True) for i in (ID_B, ID_A)])
+    ann = write_lines(tmp_path / "train.jsonl", TRAIN)
+    out = str(tmp_path / "qa")
+    assert convert_vcr.main(["--annotations", ann, "--tsv", tsv, "--tsv-fields", TSV_FIELDS_FULL,
+                             "--out", out]) == 0
+    cfg = load_config(os.path.join(ROOT, "configs", "mc_debug.yaml"), [f"data.train={out}", f"data.val={out}"])
+    batch = collator(cfg, "val")(read_rows(out))
+    assert batch.sample_id.tolist() == [7, 0, 1]
+    assert batch.task["label"].tolist() == [EXPECTED[i][3] for i in (7, 0, 1)]
+    assert batch.task["choice_valid"].shape == (3, 4) and bool(batch.task["choice_valid"].all())
+    assert batch.task["image_id"] == [ID_B, ID_A, ID_A]
+    tok = Tokenizer(cfg.data.vocab)
+    text = tok.decode(batch.task["choice_ids"][1, 2])               # train-0, choice 2
+    assert "casey" in text and "riley" in text and "tie" in text, text
+    assert "[SEP]" not in text and tok.sep_id in batch.task["choice_ids"][1, 2].tolist()
