@@ -9,6 +9,9 @@ after every resume:
      -> `reshard` z2@3 -> U2 and z3@3 -> U3
   C  1 rank:  resume U2 (grad_accum becomes 2), then bad inputs through run.py's main()
   D  2 ranks: resume U3 (grad_accum becomes 1)
+  N  4 ranks on 2 emulated nodes: n4 (ZeRO-2, micro-batch 4, 6 steps) -> `reshard` n4@3 ->
+     M  2 ranks on one node resume it (grad_accum 2): the README's 64 GPUs on 8 nodes -> 8
+        GPUs on one node, scaled down (only for test_reshard_from_two_nodes_to_one)
   (U2/U3 are written into the resuming runs' own checkpoints/ folders: train.resume=auto)
 
 A and B run side by side, then C and D: four launches in all.
@@ -31,14 +34,18 @@ from vltrain.model.transformer import named_pieces
 TAG3 = "step_00000003"
 
 
-def launch(spec: dict, name: str, world: int, log_dir: str):
+def launch(spec: dict, name: str, world: int, log_dir: str, per_node: int = 0):
+    """``world`` ranks of the worker; ``per_node`` ranks per emulated node (default: one node)."""
     path = os.path.join(log_dir, f"{name}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
     port = free_port()
+    per_node = per_node or world
     logs = [os.path.join(log_dir, f"{name}.rank{r}.log") for r in range(world)]
     procs = [subprocess.Popen([sys.executable, "tests/workers/ckpt_train.py", path], cwd=REPO,
-                              env=rank_env(r, world, port), stdout=open(logs[r], "w"), stderr=subprocess.STDOUT)
+                              env=rank_env(r, world, port, LOCAL_RANK=r % per_node, LOCAL_WORLD_SIZE=per_node,
+                                           LOCAL_SIZE=per_node, NODE_RANK=r // per_node),
+                              stdout=open(logs[r], "w"), stderr=subprocess.STDOUT)
              for r in range(world)]
     return name, procs, logs
 
@@ -153,6 +160,20 @@ def resumed(ckpts, resharded):
         return json.load(f)
 
 
+@pytest.fixture(scope="module")
+def two_nodes(ckpts):
+    """n4: 4 ranks as 2 nodes x 2 -> reshard at step 3 -> n4to2: 2 ranks on one node."""
+    run, logs = ckpts["run"], ckpts["logs"]
+    steps = ("train.max_steps=6", "train.save_every_steps=3", "train.micro_batch_size=4")
+    finish(launch({"out": ckpts["dumps"], "runs": [run("n4", "zero2", *steps)]}, "N", 4, logs, per_node=2))
+    dest = os.path.join(ckpts["runs"], "n4to2", "checkpoints", TAG3)
+    assert ckpt_main(["reshard", os.path.join(ckpts["runs"], "n4", "checkpoints"), dest, "--tag", TAG3,
+                      "--world-size", "2"]) == 0
+    finish(launch({"out": ckpts["dumps"], "runs": [run("n4to2", "zero2", *steps, "train.resume=auto")]},
+                  "M", 2, logs))
+    return dest
+
+
 # ------------------------------------------------------------------ reshard + resume
 
 def assert_same_state(before: dict, after: dict):
@@ -183,6 +204,23 @@ def test_reshard_then_resume_on_another_world_size(ckpts, resharded, resumed, sr
     assert max((end_u[n] - end_r[n]).abs().max().item() for n in end_u) <= 1e-5
     rec = json.load(open(os.path.join(ckpts["runs"], dest, "checkpoints", "step_00000006", "vltrain_ckpt.json")))
     assert (rec["world_size"], rec["grad_accum"], rec["global_batch"], rec["step"]) == (world, accum, 16, 6)
+
+
+def test_reshard_from_two_nodes_to_one(ckpts, two_nodes):
+    # each emulated node kept its own shard cache; the data order was fixed by 2 canonical nodes
+    assert sorted(os.listdir(os.path.join(ckpts["root"], "cache", "n4"))) == ["node0", "node1"]
+    rec = json.load(open(os.path.join(two_nodes, "vltrain_ckpt.json")))
+    assert (rec["world_size"], rec["num_canonical_nodes"], rec["global_batch"]) == (4, 2, 16)
+    before, after = load_dump(ckpts, "n4_save3"), load_dump(ckpts, "n4to2_built")
+    assert (after["step"], after["world"], after["grad_accum"]) == (3, 2, 2)
+    assert_same_state(before, after)
+    # the same samples and masks in the same global batches: the losses of the 4-rank run
+    u, r = losses(ckpts, "n4"), losses(ckpts, "n4to2")
+    assert r["code"] == 0 and sorted(r["losses"]) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert abs(r["losses"][s] - u["losses"][s]) <= 1e-5 * abs(u["losses"][s]), (s, r["losses"], u["losses"])
+    end = json.load(open(os.path.join(ckpts["runs"], "n4to2", "checkpoints", "step_00000006", "vltrain_ckpt.json")))
+    assert (end["world_size"], end["grad_accum"], end["num_canonical_nodes"], end["step"]) == (2, 2, 2, 6)
 
 
 def test_reshard_output_is_a_universal_checkpoint(ckpts, resharded, capsys):
