@@ -12,7 +12,7 @@ from tests.fixtures.mds import make_caption_samples, make_text_samples
 from vltrain.config import DataConfig, ObjectivesConfig
 from vltrain.data import schema
 from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ
-from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo
+from vltrain.data.collate import SKIPPED_KEY, TRUNCATED_KEY, PretrainCollator, StreamInfo
 from vltrain.data.errors import BadSampleError
 from vltrain.data.masking import num_to_mask
 
@@ -67,20 +67,30 @@ def test_layout_token_types_and_truncation(tok):
     samples = caps(40, words=(2, 20)) + texts(10)
     b = make(tok, data, obj)(samples)
     assert b.input_ids.shape[1] <= 12 and b.mlm_positions is None
-    seen_modes = set()
+    seen_modes, cut = set(), 0
     for s in samples:
         mode, ids, types, *_ = rows(b)[s["sample_id"]]
         if "captions" in s:
             # The caption drawn is one of the references, truncated to fit 12 with 3 specials.
             assert ids[:2] == [CLS, SEP] and ids[-1] == SEP
-            assert any(ids[2:-1] == tok.encode(c)[:9] for c in s["captions"])
+            drawn = [c for c in s["captions"] if ids[2:-1] == tok.encode(c)[:9]]
+            assert drawn
+            cut += len(tok.encode(drawn[0])) > 9
             seen_modes.add(mode)
             want = [0, 0] + [1] * (len(ids) - 2) if mode == MODE_SEQ2SEQ else [0] * len(ids)
             assert types == want
         else:
             assert ids == [CLS] + tok.encode(s["text"])[:10] + [SEP]
+            cut += len(tok.encode(s["text"])) > 10
             assert mode == MODE_BIDIRECTIONAL and not any(types)
     assert seen_modes == {MODE_SEQ2SEQ, MODE_BIDIRECTIONAL}
+    # the loader counts the cut samples (data/truncated_text); no regions cut at the default 100
+    assert 0 < cut < len(samples) and b.task[TRUNCATED_KEY] == (cut, 0)
+    few = make(tok, DataConfig(max_regions=5), obj)(samples)
+    assert few.task[TRUNCATED_KEY] == (sum(len(tok.encode(s.get("text", ""))) > 38 for s in samples),
+                                       sum(len(s.get("features", ())) > 5 for s in samples))
+    assert few.task[TRUNCATED_KEY][1] > 0
+    assert TRUNCATED_KEY not in make(tok, DataConfig(), obj)(caps(8, words=(2, 5))).task
     assert b.attention_mask.sum(1).tolist() == [len(rows(b)[int(i)][1]) for i in b.sample_id]
     assert (b.input_ids[b.attention_mask == 0] == PAD).all()
     # Text-only rows: no real regions; image rows: as many real regions as the sample has.

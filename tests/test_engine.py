@@ -136,11 +136,13 @@ def test_tensorboard_has_every_cpu_tag(runs):
     want = {"train/loss", "train/loss_mlm", "train/loss_mrc", "train/mlm_acc", "train/mrc_acc", "train/lr",
             "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_frac",
             "perf/step_time_s", "perf/peak_mem_gb", "val/loss", "val/mlm_acc", "val/mrc_acc",
-            "data/skipped_samples"}
+            "data/skipped_samples", "data/truncated_text", "data/truncated_regions"}
     assert want <= tags, want - tags
     assert "perf/mfu" not in tags          # no known peak for a CPU
     for tag in want:
         assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
+    for tag in ("data/truncated_text", "data/truncated_regions"):   # the corpus fits debug.yaml's limits
+        assert {e.value for e in acc.Scalars(tag)} == {0.0}, tag
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     assert losses[-1][1] < losses[0][1]
     assert len(acc.Tensors("_hparams_/experiment") if "_hparams_/experiment" in acc.Tags()["tensors"] else []) \

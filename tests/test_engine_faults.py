@@ -69,6 +69,9 @@ def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthe
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
     # each epoch's DataLoader worker is new, so its second micro-batch is bad in both epochs
     assert [e.value for e in acc.Scalars("data/skipped_samples")][-1] == 16
+    for tag in ("data/truncated_text", "data/truncated_regions"):
+        assert [e.value for e in acc.Scalars(tag)] == [1.0] * 20, tag
+    assert "have more text than data.max_text_len allows" in logs[0]
     assert logs[1].count("stands in at zero weight") == 2
 
 

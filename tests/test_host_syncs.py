@@ -141,7 +141,7 @@ TRAINER_SCRIPT = textwrap.dedent(r"""
 # Where vltrain itself may read back from the device during Trainer.train(), and how often.
 PER_MICRO_STEP = {"vltrain/engine/trainer.py:_flags",          # THE one sync: the agreed flag vector
                   "vltrain/model/vl_model.py:mode_tensor"}     # CPU only (see CPU_ONLY)
-PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_flush", "vltrain/engine/trainer.py:_global_sum",
+PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_flush", "vltrain/engine/trainer.py:_data_counters",
                            "vltrain/engine/checkpoint.py:save", "vltrain/data/loader.py:__iter__"}
 
 

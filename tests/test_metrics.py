@@ -1,6 +1,7 @@
 """Metrics: caption scores equal pycocoevalcap called directly; VQA accuracy equals
 hand-computed cases of the official vqaEval.py algorithm; MC / grounding accuracy."""
 import itertools
+import json
 import math
 import os
 import shutil
@@ -409,3 +410,27 @@ def test_eval_ignores_usr1_and_so_do_the_processes_it_starts():
         p = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert p.stdout.strip() == want, (mode, p.stdout, p.stderr)
+
+
+def test_vcr_joint_accuracy_from_two_evaluations(tmp_path, capsys):
+    """Q->AR counts a question when both its answer and its rationale are right (VCR)."""
+    from vltrain.metrics.vcr import main as vcr_main
+
+    def write(name, preds_labels):
+        d = tmp_path / name
+        d.mkdir()
+        recs = {str(k): {"image_id": "x", "probs": [0.25] * 4, "pred": p, **({"label": y} if y is not None else {})}
+                for k, (p, y) in preds_labels.items()}
+        (d / "predictions.json").write_text(json.dumps(recs))
+        return str(d)
+
+    qa = write("qa", {1: (0, 0), 2: (1, 1), 3: (2, 2), 4: (3, 0)})       # right on 1, 2, 3
+    qar = write("qar", {1: (1, 0), 2: (1, 1), 3: (0, 0), 4: (2, 2)})     # right on 2, 3, 4
+    assert vcr_main([qa, os.path.join(qar, "predictions.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"Q->A": 75.0, "QA->R": 75.0, "Q->AR": 50.0, "num_samples": 4.0}
+    other = write("other", {1: (0, 0), 2: (1, 1), 3: (2, 2), 5: (0, 0)})
+    assert vcr_main([qa, other]) == 2
+    assert "1 only in Q->A (e.g. ['4']), 1 only in QA->R (e.g. ['5'])" in capsys.readouterr().err
+    test = write("test", {1: (0, None), 2: (1, None), 3: (2, None), 4: (0, None)})
+    assert vcr_main([qa, test]) == 2
+    assert "4 questions have no label" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.tasks import (collator, largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab,
+from tests.fixtures.tasks import (CORPUS_DIR as CORPUS_DIR_OF, collator, largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab,
                                   task_cfg)
 from vltrain.config import Config
 from vltrain.data.errors import BadSampleError
@@ -113,6 +113,26 @@ def test_mc_and_refs_collators(synthetic_corpus):
     work = batch_work(get_task("refs"), b, Config())     # the default: one sequence per sample
     assert (work.sequences, work.seq_len) == (8, b.input_ids.shape[1] + b.region_feats.shape[1])
     assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum())
+
+
+@pytest.mark.parametrize("task", ["vqa", "mc", "refs"])
+def test_task_collators_count_cut_text_and_regions(synthetic_corpus, task):
+    """Samples whose text or regions a task collator cuts are counted (the loader logs the
+    shares as data/truncated_text and data/truncated_regions)."""
+    from vltrain.data.collate import TRUNCATED_KEY
+    rows = read_rows(os.path.join(synthetic_corpus, CORPUS_DIR_OF[task], "val"))[:16]
+    L = {"vqa": 9, "mc": 9, "refs": 5}[task]         # cuts some of each task's texts
+    col = collator(task_cfg(synthetic_corpus, task, f"data.max_text_len={L}", "data.max_regions=3"))
+    enc = col.tok.encode
+    if task == "vqa":                       # task.vqa_head=vlp: [CLS] [SEP] question [STOP]
+        want = sum(len(enc(r["question"])) > L - 3 for r in rows)
+    elif task == "mc":                      # [CLS] question [SEP] answer [SEP], any choice trimmed
+        want = sum(any(len(enc(r["question"])) + len(enc(c)) > L - 3 for c in r["choices"]) for r in rows)
+    else:                                   # [CLS] expression [SEP]
+        want = sum(len(enc(r["expression"])) > L - 2 for r in rows)
+    regions = sum(len(r["features"]) > 3 for r in rows)
+    assert want > 0 and regions > 0
+    assert col(rows).task[TRUNCATED_KEY] == (want, regions)
 
 
 def test_wrong_dataset_kind_and_answer_count_are_named(synthetic_corpus):

@@ -29,7 +29,10 @@ def main(out_root, train, cache):
     code = run.main(["--config", "configs/debug.yaml", "--deepspeed_config", "ds_configs/zero2.json",
                      f"output_root={out_root}", "run_name=bad_batch", f"data.train={train}", "data.val=",
                      f"data.cache_dir={cache}", "train.max_steps=20", "train.log_every=1",
-                     "data.skip_bad_samples=true", "train.dist_timeout_s=60"])
+                     "data.skip_bad_samples=true", "train.dist_timeout_s=60",
+                     # every synthetic caption is longer than 3 words and every image has >= 2
+                     # regions: the truncation shares are exactly 1 (0.5 if one rank's count were lost)
+                     "data.max_text_len=6", "data.max_regions=1"])
     sys.exit(code)
 
 

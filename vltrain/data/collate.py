@@ -45,6 +45,9 @@ from vltrain.data.packed import ScratchPool
 STREAM_KEY = "_stream"
 # Key in ``Batch.task`` carrying skipped-sample messages from the worker to the loader.
 SKIPPED_KEY = "_skipped"
+# Key in ``Batch.task``: (samples whose text was cut to data.max_text_len, samples whose regions
+# were cut to data.max_regions), present when either is non-zero; the loader counts them.
+TRUNCATED_KEY = "_truncated"
 
 
 @dataclass
@@ -71,6 +74,8 @@ class _Example:
     cls: Optional[np.ndarray] = None        # (n, C) as stored, or one-hot float32
     mrc_pos: Optional[np.ndarray] = None    # region indices to mask
     image_feat: Optional[np.ndarray] = None
+    cut_text: bool = False                  # text longer than data.max_text_len allows
+    cut_regions: bool = False               # more regions than data.max_regions
 
 
 def random_token_pool(tokenizer) -> np.ndarray:
@@ -198,7 +203,7 @@ class PretrainCollator:
             raise self._bad(info, sample, f"column '{col}' has {n_bad} NaN/inf values")
 
     def _regions(self, info: StreamInfo, sample: dict):
-        """Validated (feats, boxes, cls or None, image_feat or None), cut to max_regions."""
+        """Validated (feats, boxes, cls or None, image_feat or None, cut), cut to max_regions."""
         meta = info.meta
         feats = np.asarray(self._get(info, sample, "features"))
         if feats.ndim != 2:
@@ -227,7 +232,7 @@ class PretrainCollator:
                 raise self._bad(info, sample, f"column 'image_feature' has shape {image_feat.shape}, "
                                               f"expected ({d},)")
             self._finite(info, sample, "image_feature", image_feat)
-        return feats, boxes, cls, image_feat
+        return feats, boxes, cls, image_feat, k < n
 
     def _classes(self, info, sample, meta: dict, n: int, k: int) -> np.ndarray:
         """The first ``k`` of the sample's ``n`` class distributions: the stored ``cls_prob``, or
@@ -293,7 +298,9 @@ class PretrainCollator:
             cand = np.arange(1, len(ids) - 1, dtype=np.int64)
         else:
             raise self._bad(info, sample, f"dataset kind {kind!r} is not a pretraining kind")
-        ex = _Example(sid, ids, ttype, mode, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        # text_ids come from a tokeniser call capped at max_text_len, more than the words' share
+        ex = _Example(sid, ids, ttype, mode, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                      cut_text=len(words) < len(text_ids))
         if obj.mlm:
             n_mask = masking.num_to_mask(len(words), obj.mlm_prob, obj.max_pred)
             ws = None
@@ -306,10 +313,9 @@ class PretrainCollator:
             masking.apply_mlm(rng, ids, pos, self.mask_id, self.random_pool,
                               obj.mask_token_prob, obj.random_token_prob)
         if kind == "captions":
-            feats, boxes, cls, image_feat = self._regions(info, sample)
-            ex.feats, ex.boxes, ex.cls, ex.image_feat = feats, boxes, cls, image_feat
+            ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = self._regions(info, sample)
             if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
-                ex.mrc_pos = masking.choose_regions(rng, len(feats), obj.mrc_prob)
+                ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob)
         return ex
 
     def _text_of(self, sample: dict) -> str:
@@ -388,6 +394,9 @@ class PretrainCollator:
             input_ids=input_ids, token_type_ids=ttype, attention_mask=attn,
             mode=torch.tensor([e.mode for e in exs], dtype=torch.long),
         )
+        cut = (sum(e.cut_text for e in exs), sum(e.cut_regions for e in exs))
+        if any(cut):
+            batch.task[TRUNCATED_KEY] = cut
         if self.obj.mlm:
             batch.mlm_positions = torch.from_numpy(np.concatenate(mlm_pos or [np.zeros(0, np.int64)]))
             batch.mlm_labels = torch.from_numpy(np.concatenate(mlm_lab or [np.zeros(0, np.int64)]))

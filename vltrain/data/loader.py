@@ -26,7 +26,7 @@ import torch
 from streaming import StreamingDataLoader
 from torch.utils.data import DataLoader
 
-from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo
+from vltrain.data.collate import SKIPPED_KEY, TRUNCATED_KEY, PretrainCollator, StreamInfo
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
 from vltrain.data.batch import Batch
 from vltrain.data.errors import BadSampleError, MetaError
@@ -86,6 +86,9 @@ class VLDataLoader(StreamingDataLoader):
                           was yielded again in their place with ``task[STAND_IN_KEY] = True``
                           (the trainer gives it zero weight), so every rank runs as many
                           micro-batches as the others;
+
+    A batch's ``task[TRUNCATED_KEY]`` (samples whose text / regions the collator cut) stays in
+    it for the trainer to count as it trains on the batch; the loader warns the first time.
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
@@ -99,6 +102,7 @@ class VLDataLoader(StreamingDataLoader):
         self.num_skipped = 0
         self.num_stand_ins = 0
         self.skipped_examples: list[str] = []
+        self._warned_cuts = [False, False]
         self._resume: Optional[dict] = None
         self._offset = 0
         self._started = False
@@ -156,9 +160,22 @@ class VLDataLoader(StreamingDataLoader):
                             "weight (%d such micro-batches so far)", len(skipped), self.num_stand_ins)
                 yield dataclasses.replace(last, task={**last.task, STAND_IN_KEY: True})
                 continue
+            self._warn_cuts(batch)
             last = batch
             self._yielded.append((batch.batch_size + len(skipped), len(skipped)))
             yield batch
+
+    def _warn_cuts(self, batch: Batch) -> None:
+        text, regions = batch.task.get(TRUNCATED_KEY, (0, 0))
+        if text and not self._warned_cuts[0]:
+            self._warned_cuts[0] = True
+            log.warning("%d of %d samples of a micro-batch have more text than data.max_text_len allows: "
+                        "cut (the share per log interval is data/truncated_text)", text, batch.batch_size)
+        if regions and not self._warned_cuts[1]:
+            self._warned_cuts[1] = True
+            log.warning("%d of %d samples of a micro-batch have more regions than data.max_regions: the "
+                        "first ones are kept (the share per log interval is data/truncated_regions)",
+                        regions, batch.batch_size)
 
     def state_dict(self, held_back: int = 0) -> dict[str, Any]:
         """Resumption state; identical on every rank (save it from rank 0).

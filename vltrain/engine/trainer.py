@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
+from vltrain.data.collate import TRUNCATED_KEY
 from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.device_copy import DeviceCopier, InFlight
@@ -51,6 +52,7 @@ class Trainer:
         self.step = 0                     # optimizer steps done
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self._cuts = [0, 0, 0]           # samples trained on since the last log, of them cut texts, regions
         self.best_metric: Optional[float] = None
         self.stop = STOP.install()
         self._last_save_time = time.time()
@@ -205,6 +207,8 @@ class Trainer:
             with phase("step"):
                 self.engine.step()
             if not stand_in:
+                cut = batch.task.get(TRUNCATED_KEY, (0, 0))
+                self._cuts = [a + b for a, b in zip(self._cuts, (batch.batch_size, *cut))]
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
                 n_micro += 1
@@ -218,7 +222,7 @@ class Trainer:
             instant = None
             with phase("log"):
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    instant = {"data/skipped_samples": self._global_sum(self.loader.num_skipped)}
+                    instant = self._data_counters()
                 self.monitor.step_end(
                     self.step, {k: v / max(n_micro, 1) for k, v in step_metrics.items()},
                     samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
@@ -245,11 +249,19 @@ class Trainer:
         self.monitor.close()
         return 0
 
-    def _global_sum(self, value: float) -> float:
-        t = torch.tensor([float(value)], device=self.device)
+    def _data_counters(self) -> dict:
+        """Skipped samples so far, and the shares of the samples trained on since the last log
+        whose text or regions were cut (data.max_text_len / max_regions), over all ranks: one
+        all-reduce."""
+        t = torch.tensor([float(self.loader.num_skipped), *map(float, self._cuts)], device=self.device)
+        self._cuts = [0, 0, 0]
         if dist.is_initialized():
             dist.all_reduce(t)
-        return float(t)
+        skipped, rows, text, regions = t.tolist()
+        out = {"data/skipped_samples": skipped}
+        if rows:
+            out.update({"data/truncated_text": text / rows, "data/truncated_regions": regions / rows})
+        return out
 
     def _preempt(self) -> int:
         self.profiler.close(self.step, "stop signal")

@@ -74,11 +74,12 @@ class TaskCollator(PretrainCollator):
             raise self._bad(info, sample, f"column '{col}' is empty after tokenisation: {text!r}")
         return ids
 
-    def _image_example(self, info, sample, ids: list[int], ttype: list[int]) -> _Example:
-        feats, boxes, cls, image_feat = self._regions(info, sample)
+    def _image_example(self, info, sample, ids: list[int], ttype: list[int], cut_text: bool) -> _Example:
+        feats, boxes, cls, image_feat, cut_regions = self._regions(info, sample)
         return _Example(int(self._get(info, sample, "sample_id")), np.asarray(ids, np.int64),
                         np.asarray(ttype, np.int64), MODE_BIDIRECTIONAL, _EMPTY, _EMPTY,
-                        feats=feats, boxes=boxes, cls=cls, image_feat=image_feat)
+                        feats=feats, boxes=boxes, cls=cls, image_feat=image_feat,
+                        cut_text=cut_text, cut_regions=cut_regions)
 
     def _pair(self, a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
         """Trim the longer of two texts one piece at a time until both fit (BERT's rule)."""
@@ -126,15 +127,15 @@ class VQACollator(TaskCollator):
 
     def example(self, sample):
         s, info = self._stream_of(sample)
-        words = self._words(info, sample, "question")
+        question = self._words(info, sample, "question")
         L = self.data.max_text_len
         if self.layout == "vlp":
-            words = words[: L - 3]
+            words = question[: L - 3]
             ids = [self.cls_id, self.sep_id, *words, self.stop_id]
             ttype = [0] * len(ids)
             pos = 1                                               # the [SEP] after the regions
         else:
-            words = words[: L - 4]
+            words = question[: L - 4]
             ids = [self.cls_id, *words, self.sep_id, self.mask_id, self.stop_id]
             ttype = [0] * (len(words) + 2) + [1, 1]
             pos = len(words) + 2                                  # the [MASK]
@@ -149,7 +150,7 @@ class VQACollator(TaskCollator):
         if len(tids) and (tids.min() < 0 or tids.max() >= self.num_answers):
             raise self._bad(info, sample, f"target_ids {tids.tolist()} outside [0, {self.num_answers}): the "
                                           f"dataset's answer vocabulary is larger than task.num_answers")
-        ex = self._image_example(info, sample, ids, ttype)
+        ex = self._image_example(info, sample, ids, ttype, len(words) < len(question))
         extra = {"qid": int(sample.get("question_id", ex.sample_id)), "tids": tids, "tsc": tsc, "pos": pos,
                  "image_id": str(sample.get("image_id", ""))}
         if not self.train:
@@ -181,14 +182,16 @@ class MCCollator(TaskCollator):
         label = int(self._get(info, sample, "label"))
         if not -1 <= label < len(choices):
             raise self._bad(info, sample, f"label {label} outside [0, {len(choices)}) (-1 = unlabeled)")
-        rows, types = [], []
+        rows, types, cut = [], [], False
         for k, c in enumerate(choices):
-            if not isinstance(c, str) or not c.strip() or not self.tok.encode(c):
+            a = self.tok.encode(c) if isinstance(c, str) else []
+            if not a:
                 raise self._bad(info, sample, f"choice {k} is empty: {c!r}")
-            qa, aa = self._pair(q, self.tok.encode(c), self.data.max_text_len - 3)
+            qa, aa = self._pair(q, a, self.data.max_text_len - 3)
+            cut = cut or len(qa) + len(aa) < len(q) + len(a)
             rows.append([self.cls_id, *qa, self.sep_id, *aa, self.sep_id])
             types.append([0] * (len(qa) + 2) + [1] * (len(aa) + 1))
-        ex = self._image_example(info, sample, rows[0], types[0])
+        ex = self._image_example(info, sample, rows[0], types[0], cut)
         return ex, {"rows": rows, "types": types, "label": label, "image_id": str(sample.get("image_id", ""))}
 
     def finish(self, batch, extras):
@@ -214,12 +217,13 @@ class RefsCollator(TaskCollator):
 
     def example(self, sample):
         s, info = self._stream_of(sample)
-        words = self._words(info, sample, "expression")[: self.data.max_text_len - 2]
+        expression = self._words(info, sample, "expression")
+        words = expression[: self.data.max_text_len - 2]
         ids = [self.cls_id, *words, self.sep_id]
         box = np.asarray(self._get(info, sample, "target_box"), dtype=np.float32).reshape(-1)
         if box.shape != (4,) or not np.isfinite(box).all():
             raise self._bad(info, sample, f"column 'target_box' must be 4 finite numbers, got {box.tolist()}")
-        ex = self._image_example(info, sample, ids, [0] * len(ids))
+        ex = self._image_example(info, sample, ids, [0] * len(ids), len(words) < len(expression))
         region = int(self._get(info, sample, "target_region"))
         if region >= len(ex.feats):
             region = -1                       # cut by data.max_regions: only the box is known
