@@ -1,11 +1,18 @@
 """Captions + region features -> MDS dataset of kind ``captions`` (one sample per image).
 
-Caption sources (detected from the JSON):
-  * Karpathy split file (``dataset_coco.json`` / ``dataset_flickr30k.json``):
-    ``images[].sentences[].raw``, ``split``, ``filename``, ``cocoid``/``imgid``;
-    ``--split`` picks Karpathy splits (``train`` adds ``restval`` with ``--include-restval``).
+Caption sources (detected from the file):
+  * Karpathy split file (``dataset_coco.json`` / ``dataset_flickr30k.json``, and VLP's
+    Conceptual Captions ``dataset_cc.json``, same layout): ``images[].sentences[].raw``,
+    ``split``, ``filename``, ``cocoid``/``imgid``; ``--split`` picks the images whose
+    ``split`` is that value (``train`` adds ``restval`` with ``--include-restval``; ``all``
+    takes every image whatever its split).
   * COCO ``captions_*.json``: ``images[]`` (id, width, height) + ``annotations[]``
     (image_id, caption); it has no splits, so ``--split`` must be ``all`` (the default).
+  * Conceptual Captions' own TSV (``Train_GCC-training.tsv``, ``Validation_GCC-1.1.0-
+    Validation.tsv``: ``caption<TAB>url`` per line, no header, no ids): the image id is the
+    line's 0-based index, so the feature files must be keyed by it (what downloaders that
+    name images by row, e.g. img2dataset with its default 10,000 samples per shard, give);
+    no splits (``--split all``).
 
 Region features: ``--tsv`` (bottom-up-attention TSV, base64 float32) or ``--npz-dir`` (one
 ``<image_id>.npz`` per image); see data_tools/features.py. Each sample holds ALL captions
@@ -36,12 +43,39 @@ from data_tools.features import (RegionChecker, add_feature_args, iter_image_reg
                                  stable_sample_id)
 from vltrain.data import schema
 
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
+def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
+    """Conceptual Captions' caption<TAB>url lines -> {row index: [caption]}."""
+    caps: dict[str, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for row, line in enumerate(f):
+                text, sep, url = line.rstrip("\n").partition("\t")
+                if not sep or not url.strip():
+                    skips.bad("malformed_line", f"{path} line {row + 1}: not 'caption<TAB>url' "
+                                                f"(a Conceptual Captions TSV)")
+                    continue
+                if not text.strip():
+                    skips.bad("empty_caption", f"{path} line {row + 1} (image {row}): empty caption")
+                    continue
+                caps[str(row)] = [text.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: cannot read captions TSV ({e})") from e
+    return caps
 
 
 def load_captions(path: str, split: str, include_restval: bool, image_key: str,
                   skips: SkipCounter) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], str]:
     """Return ({image_id: [captions]} in file order, {image_id: (w, h)} where known, format)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read captions ({e})") from e
+    if head and not head.startswith(b"{"):
+        if split != "all":
+            raise BadInputError(f"{path} is a Conceptual Captions TSV, which has no splits; use --split all "
+                                f"(got {split!r})")
+        return _gcc_tsv(path, skips), {}, "gcc_tsv"
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -77,12 +111,12 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
         caps = dict(sorted(caps.items(), key=lambda kv: order[kv[0]]))
         return caps, sizes, fmt
     fmt = "karpathy"
-    if split == "all":
-        keep = set(KARPATHY_SPLITS)
-    else:
-        keep = {split} | ({"restval"} if include_restval and split == "train" else set())
+    keep = {split} | ({"restval"} if include_restval and split == "train" else set())
+    present = sorted({str(im.get("split")) for im in data["images"]})
+    if split != "all" and not keep & set(present):
+        raise BadInputError(f"{path}: no image has split {split!r} (the file's splits: {present})")
     for k, im in enumerate(data["images"]):
-        if im.get("split") not in keep:
+        if split != "all" and im.get("split") not in keep:
             continue
         if image_key == "auto":
             key = "cocoid" if "cocoid" in im else "filename"
@@ -148,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_captions.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", required=True,
-                   help="Karpathy split JSON (dataset_coco.json) or COCO captions_*.json")
-    p.add_argument("--split", default="all", choices=("all", *KARPATHY_SPLITS),
-                   help="Karpathy split to convert (default %(default)s)")
+                   help="Karpathy split JSON (dataset_coco.json, dataset_cc.json), COCO captions_*.json "
+                        "or Conceptual Captions' caption<TAB>url TSV")
+    p.add_argument("--split", default="all",
+                   help="Karpathy split to convert: train, val, test, ... or all (default %(default)s)")
     p.add_argument("--include-restval", action="store_true",
                    help="with --split train: also take the 'restval' images (the usual 113k train set)")
     p.add_argument("--image-key", default="auto", choices=("auto", "cocoid", "filename", "imgid"),

@@ -175,6 +175,45 @@ def test_convert_captions_coco_json_npz(tmp_path, capsys):
     assert not meta["has_cls_prob"] and meta["num_classes"] is None and meta["source"]["format"] == "coco"
 
 
+def test_convert_conceptual_captions_both_formats(tmp_path, capsys):
+    """VLP's dataset_cc.json (Karpathy layout, ids from file names, its own split names) and
+    Conceptual Captions' caption<TAB>url TSV (ids = 0-based line index)."""
+    rng = np.random.default_rng(4)
+    imgs = {i: make_image(rng, 3, 8) for i in (0, 1, 2)}
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, img) for i, img in imgs.items()])
+    cc = write_json(tmp_path / "dataset_cc.json", {"dataset": "cc", "images": [
+        {"filename": f"{i}.jpg", "filepath": "trainval", "imgid": i, "split": split,
+         "sentences": [{"raw": f"caption {i}", "tokens": ["caption", str(i)]}]}
+        for i, split in ((0, "train"), (1, "trainval"), (2, "val"))]})
+    out = tmp_path / "cc_all"
+    assert convert_captions.main(["--captions", cc, "--tsv", tsv, "--out", str(out)]) == 0
+    assert [s["captions"] for s in read_mds(out)] == [["caption 0"], ["caption 1"], ["caption 2"]]
+    assert convert_captions.main(["--captions", cc, "--split", "trainval", "--tsv", tsv,
+                                  "--out", str(tmp_path / "cc_tv")]) == 0
+    assert [s["image_id"] for s in read_mds(tmp_path / "cc_tv")] == ["1"]
+    assert convert_captions.main(["--captions", cc, "--split", "test", "--tsv", tsv,
+                                  "--out", str(tmp_path / "cc_test")]) == 2
+    assert "no image has split 'test' (the file's splits: ['train', 'trainval', 'val'])" in capsys.readouterr().err
+
+    gcc = tmp_path / "Train_GCC-training.tsv"
+    gcc.write_text("a dog on a beach\thttp://x/0.jpg\n  actor at the premiere \thttp://x/1.jpg\n"
+                   "no url here\n\thttp://x/3.jpg\n")
+    assert convert_captions.main(["--captions", str(gcc), "--tsv", tsv, "--out", str(tmp_path / "g1")]) == 2
+    assert "Train_GCC-training.tsv line 3: not 'caption<TAB>url'" in capsys.readouterr().err
+    out = tmp_path / "gcc"
+    assert convert_captions.main(["--captions", str(gcc), "--tsv", tsv, "--out", str(out), "--skip-bad"]) == 0
+    got = read_mds(out)
+    assert [(s["image_id"], s["captions"]) for s in got] == [("0", ["a dog on a beach"]),
+                                                            ("1", ["actor at the premiere"])]
+    check_image_columns(got[1], imgs[1])
+    meta = read_meta(out)
+    assert meta["source"]["format"] == "gcc_tsv"
+    assert meta["skipped"] == {"empty_caption": 1, "malformed_line": 1}
+    assert convert_captions.main(["--captions", str(gcc), "--split", "train", "--tsv", tsv,
+                                  "--out", str(tmp_path / "g2")]) == 2
+    assert "Conceptual Captions TSV, which has no splits" in capsys.readouterr().err
+
+
 def test_tsv_header_aliases_and_py3_bytes_literals(tmp_path):
     """An LXMERT-style TSV: header row, img_id/img_h/img_w names, attrs columns, b'...' cells."""
     rng = np.random.default_rng(7)
