@@ -21,20 +21,41 @@ are joined with single spaces, except that no space goes before a token made onl
 punctuation (other than opening brackets/quotes) or an English clitic ('s, n't, 're, ...) nor
 after an opening bracket/quote (a straight quote counts as closing): ["What", "is", [0],
 "thinking", "?"] -> "What is Casey thinking?". The tokenizer re-tokenises the text anyway.
-Left out: which region an object reference points to (VL-BERT adds that RoI's feature to the
-reference's words; the mc schema carries text only).
+
+Object references -> regions (VL-BERT adds the referenced object's RoI feature to the words of
+the reference): unless ``--no-refs``, every sample gets two json columns,
+  question_refs  [[char_start, char_end, region], ...]: question[char_start:char_end] is the
+                 name written for one object, region its row in the sample's ``features``
+                 (0-based) or -1 when no region matches it;
+  choice_refs    one such list per choice, in the order of ``choices``.
+A token naming several objects ("Casey and Riley") gives one triple per object, each covering
+that object's name only (not " and "). With --task qar the answer's triples follow the
+question's, shifted by len(question) + 1 (they index the combined question text). The region
+of object i is
+  with --metadata-dir  the region whose box has the highest IoU with box i of the image's
+                       metadata (``boxes``, pixels, normalised by its ``width``/``height`` as
+                       the region boxes are by the feature file's size); below 0.5 -> -1.
+                       A metadata file whose box count differs from the line's objects is a
+                       bad line (bad_metadata);
+  without              i itself: the features are taken to be extracted on VCR's own boxes in
+                       ``objects`` order (as VL-BERT's and R2C's are); an image with fewer
+                       regions than a line's objects is a bad line (too_few_regions).
+The meta records refs ("metadata_iou", "object_order", or null with --no-refs), refs_total
+and refs_unmatched (triples with region -1).
 
 Images: the image id is ``img_fn``'s file name without extension, e.g.
 "lsmdc_3036_IN_TIME/3036_IN_TIME_00.37.33.594-00.37.54.485@0.jpg" ->
 "3036_IN_TIME_00.37.33.594-00.37.54.485@0": a TSV's image_id column or the npz file name must
 be exactly that. Feature files without image_w/image_h need ``--metadata-dir`` (the
-vcr1images folder): the size is then read from ``width``/``height`` of ``<dir>/<metadata_fn>``.
+vcr1images folder): the size is then read from ``width``/``height`` of ``<dir>/<metadata_fn>``
+(when given, every image's metadata is read: its boxes map references to regions, see above).
 
 sample_id: the integer after the last "-" of annot_id ("val-12" -> 12), else a stable hash of
 annot_id. Bad lines (invalid JSON, missing fields, object index out of range, fewer than 2
-choices, label out of range, duplicate annot_id, labelled and unlabelled lines mixed) stop the
-tool naming file, line and annot_id, or are counted with ``--skip-bad``. The meta records task,
-num_choices (the most of any sample; VCR: 4), has_labels, num_images, num_unlabeled and the skips.
+choices, label out of range, duplicate annot_id, labelled and unlabelled lines mixed, and the
+reference problems above) stop the tool naming file, line and annot_id, or are counted with
+``--skip-bad``. The meta records task, num_choices (the most of any sample; VCR: 4),
+has_labels, num_images, num_unlabeled, the refs facts above and the skips.
 
 Example:
   python data_tools/convert_vcr.py --annotations vcr1annots/train.jsonl --task qa \\
@@ -55,10 +76,14 @@ import os
 import re
 import sys
 import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
 
 from data_tools.common import BadInputError, SkipCounter, add_output_args, open_writer, run_main, summarize
 from data_tools.features import RegionChecker, add_feature_args, iter_image_regions, norm_id, stable_sample_id
 from vltrain.data import schema
+from vltrain.metrics.accuracy import box_iou
 
 # R2C's list (dataloaders/vcr.py), Peyton twice included: the same index gives the same name.
 GENDER_NEUTRAL_NAMES = ['Casey', 'Riley', 'Jessie', 'Jackie', 'Avery', 'Jaime', 'Peyton', 'Kerry', 'Jody',
@@ -66,6 +91,8 @@ GENDER_NEUTRAL_NAMES = ['Casey', 'Riley', 'Jessie', 'Jackie', 'Avery', 'Jaime', 
 CLITICS = {"'s", "'re", "'ve", "'ll", "'d", "'m", "n't"}
 OPENING = {"Ps", "Pi"}          # Unicode categories of opening brackets and quotes
 REQUIRED = ("annot_id", "objects", "img_fn", "question", "answer_choices")
+REF_COLUMNS = ("question_refs", "choice_refs")     # optional mc columns, json (see the docstring)
+MIN_IOU = 0.5                   # a metadata box matches its best region only at this IoU or more
 ANNOT_ID_RE = re.compile(rb'"annot_id"\s*:\s*"([^"\\]*)"')
 
 
@@ -82,40 +109,47 @@ def _is_punct(word: str, opening: bool) -> bool:
     return all(c.startswith("P") and (c in OPENING) == opening for c in cats)
 
 
-def object_words(ref: list, objects: list[str], what: str) -> str:
+def object_words(ref: list, objects: list[str], what: str) -> tuple[str, list[list[int]]]:
+    """The text of one object reference token and its [start, end, object index] spans."""
     if not ref or not all(type(i) is int for i in ref):   # bool is an int subclass: refused
         raise _BadLine("bad_object_ref", f"{what}: object reference {ref!r} is not a non-empty list of integers")
-    words = []
+    text, spans = "", []
     for i in ref:
         if not 0 <= i < len(objects):
             raise _BadLine("bad_object_ref", f"{what}: object index {i} outside the line's "
                                              f"{len(objects)} objects {objects}")
-        words.append(GENDER_NEUTRAL_NAMES[i % len(GENDER_NEUTRAL_NAMES)] if objects[i] == "person"
-                     else objects[i])
-    return " and ".join(words)
+        name = GENDER_NEUTRAL_NAMES[i % len(GENDER_NEUTRAL_NAMES)] if objects[i] == "person" else objects[i]
+        if text:
+            text += " and "
+        spans.append([len(text), len(text) + len(name), i])
+        text += name
+    return text, spans
 
 
-def render(tokens, objects: list[str], what: str) -> str:
-    """Text of one VCR token list (see the module docstring for the spacing rule)."""
+def render(tokens, objects: list[str], what: str) -> tuple[str, list[list[int]]]:
+    """Text of one VCR token list (see the module docstring for the spacing rule) and its
+    object references as [char_start, char_end, object index] triples."""
     if not isinstance(tokens, list):
         raise _BadLine("bad_token", f"{what} is not a list of tokens: {tokens!r}")
-    text, glue = "", True
+    text, refs, glue = "", [], True
     for k, tok in enumerate(tokens):
+        spans = []
         if isinstance(tok, str):
             word = tok.strip()
         elif isinstance(tok, list):
-            word = object_words(tok, objects, f"{what} token {k}")
+            word, spans = object_words(tok, objects, f"{what} token {k}")
         else:
             raise _BadLine("bad_token", f"{what} token {k} {tok!r} is neither a word nor a list of object indices")
         if not word:
             continue
         if not (glue or word.lower() in CLITICS or _is_punct(word, opening=False)):
             text += " "
+        refs += [[len(text) + a, len(text) + b, i] for a, b, i in spans]
         text += word
         glue = _is_punct(word, opening=True)
     if not text:
         raise _BadLine("empty_text", f"{what} is empty")
-    return text
+    return text, refs
 
 
 def _label(line: dict, key: str, n: int) -> int | None:
@@ -127,11 +161,12 @@ def _label(line: dict, key: str, n: int) -> int | None:
     return v
 
 
-def _choices(line: dict, key: str, objects: list[str]) -> list[str]:
+def _choices(line: dict, key: str, objects: list[str]) -> tuple[list[str], list[list[list[int]]]]:
     raw = line.get(key)
     if not isinstance(raw, list) or len(raw) < 2:
         raise _BadLine("bad_choices", f"{key} must list at least 2 choices, got {raw!r}")
-    return [render(c, objects, f"{key}[{k}]") for k, c in enumerate(raw)]
+    texts, refs = zip(*(render(c, objects, f"{key}[{k}]") for k, c in enumerate(raw)))
+    return list(texts), list(refs)
 
 
 def sample_id_of(annot_id: str) -> int:
@@ -142,7 +177,8 @@ def sample_id_of(annot_id: str) -> int:
 
 
 def parse_line(line, task: str, need_metadata: bool, where: str) -> dict:
-    """One annotation line -> {image_id, metadata_fn, question, choices, label, annot_id}."""
+    """One annotation line -> {annot_id, image_id, metadata_fn, num_objects, question, choices,
+    label, question_objs, choice_objs}; the *_objs hold [char_start, char_end, object index]."""
     if not isinstance(line, dict):
         raise _BadLine("malformed_line", "not a JSON object")
     missing = [k for k in REQUIRED + (("metadata_fn",) if need_metadata else ()) if k not in line]
@@ -153,25 +189,28 @@ def parse_line(line, task: str, need_metadata: bool, where: str) -> dict:
         raise _BadLine("malformed_line", f"'objects' is not a list of class names: {objects!r}")
     if not isinstance(line["img_fn"], str) or not line["img_fn"].strip():
         raise _BadLine("malformed_line", f"'img_fn' is not a file name: {line['img_fn']!r}")
-    question = render(line["question"], objects, "question")
-    answers = _choices(line, "answer_choices", objects)
+    question, question_objs = render(line["question"], objects, "question")
+    answers, answer_objs = _choices(line, "answer_choices", objects)
     answer = _label(line, "answer_label", len(answers))
     if task == "qa":
-        choices, label = answers, answer
+        choices, choice_objs, label = answers, answer_objs, answer
     else:
         if answer is None:
             # Not skippable: every line of a test file lacks it, skipping would hide the misuse.
             raise BadInputError(f"{where}: no answer_label (a test-split line?): --task qar puts the correct "
                                 f"answer after the question; VCR's test QA->R needs each candidate answer in "
                                 f"turn, which this tool does not do (convert the test split with --task qa)")
+        shift = len(question) + 1
+        question_objs = question_objs + [[a + shift, b + shift, i] for a, b, i in answer_objs[answer]]
         question = f"{question} {answers[answer]}"
-        choices = _choices(line, "rationale_choices", objects)
+        choices, choice_objs = _choices(line, "rationale_choices", objects)
         label = _label(line, "rationale_label", len(choices))
         if label is None:
             raise _BadLine("bad_label", "answer_label without rationale_label")
     base = os.path.splitext(os.path.basename(line["img_fn"].strip()))[0]
     return {"annot_id": str(line["annot_id"]), "image_id": norm_id(base), "metadata_fn": line.get("metadata_fn"),
-            "question": question, "choices": choices, "label": label}
+            "num_objects": len(objects), "question": question, "choices": choices, "label": label,
+            "question_objs": question_objs, "choice_objs": choice_objs}
 
 
 def _read_lines(path: str):
@@ -225,65 +264,156 @@ def read_annotations(args: argparse.Namespace, skips: SkipCounter) -> dict[str, 
         labelled = labelled or (has, lineno)
         seen[sid] = (a["annot_id"], lineno)
         a["sample_id"] = sid
+        a["where"] = where
         by_image.setdefault(a["image_id"], []).append(a)
     if not by_image:
         raise BadInputError(f"{args.annotations}: no usable annotation lines")
     return by_image
 
 
-def metadata_size(meta_dir: str, metadata_fn, image_id: str, skips: SkipCounter) -> tuple[int, int] | None:
-    path = os.path.join(meta_dir, str(metadata_fn))
+@dataclass
+class Metadata:
+    """What one ``<metadata-dir>/<metadata_fn>`` gives: the image size and the object boxes
+    normalised by it, each None with the reason in ``size_error`` / ``boxes_error``."""
+    path: str
+    size: tuple[int, int] | None = None
+    boxes: np.ndarray | None = None             # (num_objects, 4) x1,y1,x2,y2 in [0, 1]
+    size_error: str = ""
+    boxes_error: str = ""
+
+
+def load_metadata(meta_dir: str, metadata_fn) -> Metadata:
+    m = Metadata(os.path.join(meta_dir, str(metadata_fn)))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(m.path, encoding="utf-8") as f:
             meta = json.load(f)
-        w, h = int(meta["width"]), int(meta["height"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"   # str(OSError) repeats the path
-        skips.bad("missing_image_size", f"image {image_id}: the features have no image size and {path} "
-                                        f"gives none ({why})")
-        return None
-    return w, h
+        m.size_error = m.boxes_error = why
+        return m
+    if not isinstance(meta, dict):
+        m.size_error = m.boxes_error = "not a JSON object"
+        return m
+    try:
+        w, h = int(meta["width"]), int(meta["height"])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"size {w}x{h} is not positive")
+        m.size = (w, h)
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
+        m.size_error = f"{type(e).__name__}: {e}"
+        m.boxes_error = f"no width/height to normalise its boxes with ({m.size_error})"
+        return m
+    raw = meta.get("boxes")
+    if not isinstance(raw, list) or not all(isinstance(b, list) and len(b) >= 4 for b in raw):
+        m.boxes_error = f"'boxes' is not a list of [x1, y1, x2, y2(, score)] boxes: {str(raw)[:80]}"
+        return m
+    try:
+        boxes = np.array([b[:4] for b in raw], dtype=np.float64).reshape(-1, 4)
+    except (ValueError, TypeError) as e:
+        m.boxes_error = f"'boxes' holds non-numbers ({e})"
+        return m
+    if not np.isfinite(boxes).all():
+        m.boxes_error = "'boxes' holds NaN or inf"
+        return m
+    m.boxes = np.clip(boxes / np.array([w, h, w, h], dtype=np.float64), 0.0, 1.0)
+    return m
+
+
+def object_regions(a: dict, region_boxes: np.ndarray, meta: Metadata | None) -> list[int]:
+    """Region (row of ``features``, or -1) of each of the line's objects. ``meta`` None: the
+    features are on VCR's own boxes, region i = object i; else the best IoU with the metadata box."""
+    n, m = len(region_boxes), a["num_objects"]
+    if meta is None:
+        if m > n:
+            raise _BadLine("too_few_regions", f"image {a['image_id']} has {n} regions, fewer than the line's {m} "
+                                              f"objects (without --metadata-dir region i must be object i's box, "
+                                              f"features extracted on VCR's boxes as VL-BERT/R2C do)")
+        return list(range(m))
+    if meta.boxes is None:
+        raise _BadLine("bad_metadata", f"{meta.path} gives no object boxes ({meta.boxes_error})")
+    if len(meta.boxes) != m:
+        raise _BadLine("bad_metadata", f"{meta.path} has {len(meta.boxes)} boxes but the line has {m} objects "
+                                       f"(wrong metadata_fn or --metadata-dir?)")
+    if m == 0:
+        return []
+    iou = np.asarray(box_iou(meta.boxes, region_boxes.astype(np.float64)))       # (m, n)
+    best = iou.argmax(axis=1)
+    return [int(r) if iou[i, r] >= MIN_IOU else -1 for i, r in enumerate(best)]
 
 
 def convert(args: argparse.Namespace) -> None:
     skips = SkipCounter(args.skip_bad)
     by_image = read_annotations(args, skips)
     checker = RegionChecker(skips, args.feature_dim)
+    refs = None if args.no_refs else "metadata_iou" if args.metadata_dir else "object_order"
+    ref_columns = () if refs is None else REF_COLUMNS
     writer = None
-    images = unlabeled = num_choices = 0
+    images = unlabeled = num_choices = refs_total = refs_unmatched = 0
     with contextlib.ExitStack() as stack:
         for r in iter_image_regions(args, list(by_image), skips, "annotations"):
             anns = by_image[r.image_id]
+            metas: dict[str, Metadata] = {}
+
+            def metadata(fn) -> Metadata:
+                if str(fn) not in metas:
+                    metas[str(fn)] = load_metadata(args.metadata_dir, fn)
+                return metas[str(fn)]
+
             fallback = None
             if args.metadata_dir and (r.image_w is None or r.image_h is None):
-                fallback = metadata_size(args.metadata_dir, anns[0]["metadata_fn"], r.image_id, skips)
-                if fallback is None:
+                m = metadata(anns[0]["metadata_fn"])
+                if m.size is None:
+                    skips.bad("missing_image_size", f"image {r.image_id}: the features have no image size and "
+                                                    f"{m.path} gives none ({m.size_error})")
                     continue
+                fallback = m.size
             cols = checker.to_columns(r, fallback)
             if cols is None:
                 continue
+            rows = []
+            for a in anns:
+                row = {"sample_id": a["sample_id"], **cols, "question": a["question"], "choices": a["choices"],
+                       "label": -1 if a["label"] is None else a["label"]}
+                if refs is not None:
+                    try:
+                        region = object_regions(a, cols["boxes"],
+                                                metadata(a["metadata_fn"]) if refs == "metadata_iou" else None)
+                    except _BadLine as e:
+                        skips.bad(e.category, f"{a['where']}: {e}")
+                        continue
+                    row["question_refs"] = [[b, e, region[i]] for b, e, i in a["question_objs"]]
+                    row["choice_refs"] = [[[b, e, region[i]] for b, e, i in c] for c in a["choice_objs"]]
+                rows.append(row)
+            if not rows:
+                continue
             if writer is None:
+                optional = tuple(checker.optional) + ref_columns
                 meta = schema.make_meta(
-                    "mc", checker.feature_dim, checker.num_classes, checker.optional,
+                    "mc", checker.feature_dim, checker.num_classes, optional,
                     source={"tool": "convert_vcr", "annotations": os.path.basename(args.annotations),
                             "features": ([os.path.basename(t) for t in args.tsv] if args.tsv
                                          else os.path.basename(os.path.normpath(args.npz_dir)))},
-                    task=args.task)
-                writer = stack.enter_context(open_writer(args.out, "mc", checker.optional, meta,
+                    task=args.task, refs=refs)
+                writer = stack.enter_context(open_writer(args.out, "mc", optional, meta,
                                                          size_limit=args.size_limit, overwrite=args.overwrite))
             images += 1
-            for a in anns:
-                label = -1 if a["label"] is None else a["label"]
-                unlabeled += label < 0
-                num_choices = max(num_choices, len(a["choices"]))
-                writer.write({"sample_id": a["sample_id"], **cols, "question": a["question"],
-                              "choices": a["choices"], "label": label})
+            for row in rows:
+                unlabeled += row["label"] < 0
+                num_choices = max(num_choices, len(row["choices"]))
+                if refs is not None:
+                    for t in [row["question_refs"], *row["choice_refs"]]:
+                        refs_total += len(t)
+                        refs_unmatched += sum(reg < 0 for _, _, reg in t)
+                writer.write(row)
         if writer is None:
             raise BadInputError("no samples to write: no image with annotations had valid features")
         writer.meta.update(num_choices=num_choices, has_labels=unlabeled == 0, num_images=images,
-                           num_unlabeled=unlabeled, skipped=skips.as_dict(), skipped_total=skips.total)
+                           num_unlabeled=unlabeled, refs_total=refs_total, refs_unmatched=refs_unmatched,
+                           skipped=skips.as_dict(), skipped_total=skips.total)
     summarize(writer, skips)
     print(f"task {args.task}: {images} image(s), {unlabeled} unlabeled sample(s), up to {num_choices} choices")
+    if refs is not None:
+        print(f"object references ({refs}): {refs_total}, {refs_unmatched} without a matching region")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("qa", "qar"), default="qa",
                    help="qa: Q->A (default); qar: QA->R (question + correct answer, rationale choices)")
     p.add_argument("--metadata-dir", metavar="DIR",
-                   help="vcr1images folder: image sizes from <DIR>/<metadata_fn> when the features lack them")
+                   help="vcr1images folder: <DIR>/<metadata_fn> gives the object boxes (each reference -> the "
+                        "region of best IoU >= 0.5) and the image size where the features lack it; without it "
+                        "region i is taken to be object i's box")
+    p.add_argument("--no-refs", action="store_true",
+                   help="write no question_refs/choice_refs columns (text only)")
     add_feature_args(p)
     add_output_args(p)
     return p

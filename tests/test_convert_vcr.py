@@ -1,6 +1,7 @@
 """data_tools/convert_vcr.py on small VCR jsonl files in the real format (object references as
-index lists into ``objects``, "person" and other classes) with TSV / npz region features, and
-the converted dataset through the real multiple-choice collator."""
+index lists into ``objects``, "person" and other classes) with TSV / npz region features, the
+object reference -> region columns (question_refs / choice_refs: object order, or metadata box
+IoU), and the converted dataset through the real multiple-choice collator."""
 from __future__ import annotations
 
 import json
@@ -55,6 +56,27 @@ EXPECTED = {
 }
 
 
+RAW = {int(json.loads(line)["annot_id"].split("-")[1]): json.loads(line) for line in TRAIN}
+
+
+def name_of(i: int, objects=OBJECTS) -> str:
+    return convert_vcr.GENDER_NEUTRAL_NAMES[i % 15] if objects[i] == "person" else objects[i]
+
+
+def object_indices(tokens) -> list[int]:
+    return [i for t in tokens if isinstance(t, list) for i in t]
+
+
+def check_refs(text: str, refs, tokens, region_of=lambda i: i, objects=OBJECTS):
+    """One triple per object index of ``tokens``, in order, spanning exactly that object's name,
+    with region ``region_of(index)``."""
+    idx = object_indices(tokens)
+    assert len(refs) == len(idx), (text, refs)
+    for (start, end, region), i in zip(refs, idx):
+        assert text[start:end] == name_of(i, objects), (text, refs)
+        assert region == region_of(i)
+
+
 def write_lines(path, lines) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -64,7 +86,8 @@ def write_lines(path, lines) -> str:
 @pytest.fixture
 def images():
     rng = np.random.default_rng(3)
-    return {ID_A: make_image(rng, 5, 8, w=1000, h=560), ID_B: make_image(rng, 3, 8, w=640, h=360)}
+    # At least len(OBJECTS) = 17 regions: without --metadata-dir region i is object i's.
+    return {ID_A: make_image(rng, 18, 8, w=1000, h=560), ID_B: make_image(rng, 17, 8, w=640, h=360)}
 
 
 @pytest.fixture
@@ -88,9 +111,57 @@ def test_qa_round_trip_tsv(tmp_path, images, tsv):
         check_image_columns(s, images[s["image_id"]])
     meta = read_meta(out)
     assert meta["kind"] == "mc" and meta["task"] == "qa" and meta["num_choices"] == 4 and meta["has_labels"]
+    assert {"question_refs", "choice_refs"} <= set(meta["optional_columns"]) and meta["refs"] == "object_order"
     assert meta["num_samples"] == 3 and meta["num_images"] == 2 and meta["num_unlabeled"] == 0
     assert meta["skipped_total"] == 0 and meta["feature_dim"] == 8
     assert meta["source"] == {"tool": "convert_vcr", "annotations": "train.jsonl", "features": ["feats.tsv"]}
+
+
+def test_refs_object_order(tmp_path, tsv):
+    """question_refs / choice_refs: [start, end, region] per object (several per multi-object
+    token, " and " not covered), region = object index when there is no --metadata-dir."""
+    ann = write_lines(tmp_path / "train.jsonl", TRAIN)
+    out = tmp_path / "qa"
+    assert convert_vcr.main(["--annotations", ann, "--tsv", tsv, "--out", str(out)]) == 0
+    rows = {int(s["sample_id"]): s for s in read_rows(out)}
+    total = 0
+    for sid, s in rows.items():
+        raw = RAW[sid]
+        check_refs(s["question"], s["question_refs"], raw["question"])
+        assert len(s["choice_refs"]) == len(s["choices"]) == 4
+        for text, refs, tokens in zip(s["choices"], s["choice_refs"], raw["answer_choices"]):
+            check_refs(text, refs, tokens)
+        total += len(s["question_refs"]) + sum(map(len, s["choice_refs"]))
+    # spelled out once: "What is Casey thinking?", "Casey and Riley are friends.", "He doesn't like Riley's tie."
+    assert rows[0]["question_refs"] == [[8, 13, 0]]
+    assert rows[0]["choice_refs"][0] == [[0, 5, 0], [10, 15, 1]]
+    assert rows[0]["choice_refs"][2] == [[16, 21, 1], [24, 27, 2]]
+    assert rows[0]["choice_refs"][3] == [[0, 5, 16], [18, 23, 3]]         # index 16 -> "Riley" again
+    assert rows[1]["question_refs"] == [[7, 12, 1], [17, 20, 2]]          # "Why is Riley and tie here?"
+    assert rows[7]["choice_refs"][0] == []
+    meta = read_meta(out)
+    assert total == 14 and meta["refs_total"] == total and meta["refs_unmatched"] == 0
+
+
+def test_qar_refs_shifted(tmp_path, tsv):
+    """QA -> R: the correct answer's references follow the question's, shifted into the
+    combined text; the choices' are the rationales'."""
+    ann = write_lines(tmp_path / "train.jsonl", TRAIN)
+    out = tmp_path / "qar"
+    assert convert_vcr.main(["--annotations", ann, "--task", "qar", "--tsv", tsv, "--out", str(out)]) == 0
+    rows = {int(s["sample_id"]): s for s in read_rows(out)}
+    for sid, s in rows.items():
+        raw = RAW[sid]
+        check_refs(s["question"], s["question_refs"],
+                   raw["question"] + raw["answer_choices"][raw["answer_label"]])
+        for text, refs, tokens in zip(s["choices"], s["choice_refs"], raw["rationale_choices"]):
+            check_refs(text, refs, tokens)
+    # "What is Casey thinking? He doesn't like Riley's tie.": the answer starts at 24
+    assert rows[0]["question_refs"] == [[8, 13, 0], [24 + 16, 24 + 21, 1], [24 + 24, 24 + 27, 2]]
+    # "Why is Riley and tie here? Because Casey and Casey asked." (answer 3 at 27)
+    assert rows[1]["question_refs"] == [[7, 12, 1], [17, 20, 2], [35, 40, 0], [45, 50, 15]]
+    assert rows[0]["choice_refs"][0] == [[0, 5, 1], [21, 24, 2]]           # "Riley is frowning at tie."
+    assert read_meta(out)["refs_total"] == 3 + 4 + 1 + 3                   # questions + rationales
 
 
 def test_qar_and_test_split(tmp_path, tsv, capsys):
@@ -125,6 +196,11 @@ def test_qar_and_test_split(tmp_path, tsv, capsys):
     assert not os.path.exists(tmp_path / "test_qar" / "index.json")
 
 
+def metadata_boxes(boxes) -> list:
+    """VCR metadata ``boxes``: [x1, y1, x2, y2, score] in pixels."""
+    return [[*map(float, b), 0.9] for b in boxes]
+
+
 def test_npz_sizes_from_metadata(tmp_path, images, capsys):
     npz = tmp_path / "npz"
     npz.mkdir()
@@ -133,8 +209,9 @@ def test_npz_sizes_from_metadata(tmp_path, images, capsys):
     ann = write_lines(tmp_path / "val.jsonl", TRAIN)
     meta_dir = tmp_path / "vcr1images"
     (meta_dir / os.path.dirname(FN_A)).mkdir(parents=True)
-    with open(meta_dir / (FN_A[:-4] + ".json"), "w") as f:
-        json.dump({"boxes": [], "segms": [], "names": OBJECTS, "width": 1000, "height": 560}, f)
+    with open(meta_dir / (FN_A[:-4] + ".json"), "w") as f:   # the objects' boxes: A's first 17 regions
+        json.dump({"boxes": metadata_boxes(images[ID_A]["boxes"][:17]), "segms": [], "names": OBJECTS,
+                   "width": 1000, "height": 560}, f)
     base = ["--annotations", ann, "--npz-dir", str(npz)]
 
     # B's metadata json is missing: an error naming the path, or a counted skip.
@@ -146,21 +223,105 @@ def test_npz_sizes_from_metadata(tmp_path, images, capsys):
     assert [int(s["sample_id"]) for s in rows] == [0, 1]
     for s in rows:
         check_image_columns(s, images[ID_A])                # boxes normalised by 1000 x 560
-    assert read_meta(out)["skipped"] == {"missing_image_size": 1}
+        raw = RAW[int(s["sample_id"])]                    # region i has IoU 1 with object i's box
+        check_refs(s["question"], s["question_refs"], raw["question"])
+        for text, refs, tokens in zip(s["choices"], s["choice_refs"], raw["answer_choices"]):
+            check_refs(text, refs, tokens)
+    meta = read_meta(out)
+    assert meta["skipped"] == {"missing_image_size": 1} and meta["refs"] == "metadata_iou"
+    assert meta["refs_total"] == 13 and meta["refs_unmatched"] == 0
 
+    # B's metadata has a size but no boxes: fine for the size, a bad line for the references.
     (meta_dir / os.path.dirname(FN_B)).mkdir()
     with open(meta_dir / (FN_B[:-4] + ".json"), "w") as f:
         json.dump({"width": 640, "height": 360}, f)
-    out = tmp_path / "o3"
-    assert convert_vcr.main([*base, "--metadata-dir", str(meta_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert convert_vcr.main([*base, "--metadata-dir", str(meta_dir), "--out", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err
+    assert "(annot_id train-7)" in err and os.path.join(str(meta_dir), FN_B[:-4] + ".json") in err, err
+    assert "no object boxes" in err
+    out = tmp_path / "o3b"
+    assert convert_vcr.main([*base, "--metadata-dir", str(meta_dir), "--no-refs", "--out", str(out)]) == 0
     rows = read_rows(out)
     assert len(rows) == 3
     for s in rows:
         check_image_columns(s, images[s["image_id"]])
+        assert "question_refs" not in s
 
     capsys.readouterr()
     assert convert_vcr.main([*base, "--out", str(tmp_path / "o4")]) == 2
     assert "no image_w/image_h" in capsys.readouterr().err
+
+
+def test_refs_metadata_iou(tmp_path, capsys):
+    """--metadata-dir: each object -> the region of best IoU with its metadata box (compared
+    normalised: these features come from a half-size copy of the 640x480 image), -1 below 0.5;
+    a metadata file whose box count is not the line's object count is a bad line."""
+    rng = np.random.default_rng(5)
+    region_px = np.array([[0, 0, 100, 100], [200, 0, 300, 100], [0, 200, 100, 300], [200, 200, 300, 300]],
+                         np.float32)
+    img = {"w": 320, "h": 240, "boxes": region_px / 2, "features": rng.normal(0, 1, (4, 8)).astype(np.float32)}
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(ID_A, img)])
+    objects = ["person", "person", "dog", "chair"]
+    # object 0 ~ region 2 (IoU 0.91), 1 = region 0, 2 ~ region 3, 3 (the chair) far from every region
+    boxes = [region_px[2] + [3, -2, 4, 1], region_px[0], region_px[3] + 2, [500, 380, 620, 470]]
+    region_of = {0: 2, 1: 0, 2: 3, 3: -1}.__getitem__
+    meta_dir = tmp_path / "vcr1images"
+    (meta_dir / os.path.dirname(FN_A)).mkdir(parents=True)
+    meta_path = meta_dir / (FN_A[:-4] + ".json")
+    with open(meta_path, "w") as f:
+        json.dump({"boxes": metadata_boxes(boxes), "names": objects, "width": 640, "height": 480}, f)
+    question = ["Is", [0, 1], "near", "the", [2], "?"]
+    answers = [["Yes", "."], [[3], "is", "."], [[1, 3, 0], "!"]]
+    good = vcr_line("val-0", FN_A, question, answers, [["R"], ["S"]], 1, 0, objects=objects)
+    short = vcr_line("val-1", FN_A, ["Why", "?"], [["A"], ["B"]], [["R"], ["S"]], 0, 0, objects=objects[:3])
+    ann = write_lines(tmp_path / "val.jsonl", [good, short])
+    base = ["--annotations", ann, "--tsv", tsv, "--metadata-dir", str(meta_dir)]
+
+    assert convert_vcr.main([*base, "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ann} line 2 (annot_id val-1)" in err and str(meta_path) in err, err
+    assert "4 boxes but the line has 3 objects" in err
+
+    out = tmp_path / "o2"
+    assert convert_vcr.main([*base, "--skip-bad", "--out", str(out)]) == 0
+    [s] = read_rows(out)
+    assert s["question"] == "Is Casey and Riley near the dog?"
+    assert s["question_refs"] == [[3, 8, 2], [13, 18, 0], [28, 31, 3]]
+    assert s["choice_refs"] == [[], [[0, 5, -1]], [[0, 5, 0], [10, 15, -1], [20, 25, 2]]]
+    check_refs(s["question"], s["question_refs"], question, region_of, objects)
+    for text, refs, tokens in zip(s["choices"], s["choice_refs"], answers):
+        check_refs(text, refs, tokens, region_of, objects)
+    meta = read_meta(out)
+    assert meta["refs"] == "metadata_iou" and meta["refs_total"] == 7 and meta["refs_unmatched"] == 2
+    assert meta["skipped"] == {"bad_metadata": 1}
+
+
+def test_too_few_regions_and_no_refs(tmp_path, images, capsys):
+    """Without --metadata-dir an image needs a region per object; --no-refs writes text only."""
+    few = {ID_A: images[ID_A], ID_B: make_image(np.random.default_rng(6), 5, 8, w=640, h=360)}
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, few[i]) for i in (ID_B, ID_A)])
+    ann = write_lines(tmp_path / "train.jsonl", TRAIN)
+    base = ["--annotations", ann, "--tsv", tsv]
+    assert convert_vcr.main([*base, "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ann} line 3 (annot_id train-7)" in err and f"image {ID_B} has 5 regions" in err, err
+    assert "17 objects" in err
+
+    out = tmp_path / "o2"
+    assert convert_vcr.main([*base, "--skip-bad", "--out", str(out)]) == 0
+    assert [int(s["sample_id"]) for s in read_rows(out)] == [0, 1]
+    meta = read_meta(out)
+    assert meta["skipped"] == {"too_few_regions": 1} and meta["num_images"] == 1 and meta["num_samples"] == 2
+
+    out = tmp_path / "o3"
+    assert convert_vcr.main([*base, "--no-refs", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert [int(s["sample_id"]) for s in rows] == [7, 0, 1]
+    assert all("question_refs" not in s and "choice_refs" not in s for s in rows)
+    meta = read_meta(out)
+    assert meta["optional_columns"] == [] and meta["refs"] is None
+    assert meta["refs_total"] == 0 and meta["refs_unmatched"] == 0 and meta["skipped_total"] == 0
 
 
 def _bad(annot_id, **change):
@@ -219,7 +380,7 @@ def test_through_mc_collator(tmp_path):
     from vltrain.tokenization import Tokenizer
     rng = np.random.default_rng(4)
     # configs/mc_debug.yaml: 64-dim features, 17 detector classes (cls_prob for VLP's class term).
-    imgs = {i: make_image(rng, n, 64, classes=17) for i, n in ((ID_A, 6), (ID_B, 4))}
+    imgs = {i: make_image(rng, n, 64, classes=17) for i, n in ((ID_A, 18), (ID_B, 17))}
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, imgs[i], full=True) for i in (ID_B, ID_A)])
     ann = write_lines(tmp_path / "train.jsonl", TRAIN)
     out = str(tmp_path / "qa")
@@ -235,3 +396,15 @@ def test_through_mc_collator(tmp_path):
     text = tok.decode(batch.task["choice_ids"][1, 2])               # train-0, choice 2
     assert "casey" in text and "riley" in text and "tie" in text, text
     assert "[SEP]" not in text and tok.sep_id in batch.task["choice_ids"][1, 2].tolist()
+    assert "choice_regions" not in batch.task                       # a VLP model has no use for them
+
+    # A VL-BERT model's collator links each reference's word-pieces to its object's region
+    # (object order here: region k = object k), through the converter's character spans.
+    cfg = load_config(os.path.join(ROOT, "configs", "mc_debug.yaml"),
+                      [f"data.train={out}", f"data.val={out}", "model.region_embedding=vlbert",
+                       "model.type_vocab_size=3", "model.image_token_type=2", "data.max_regions=18"])
+    batch = collator(cfg, "val")(read_rows(out))
+    ids, regions = batch.task["choice_ids"][1, 2].tolist(), batch.task["choice_regions"][1, 2].tolist()
+    words = tok.hf.convert_ids_to_tokens(ids)
+    # train-0: "What is Casey thinking?" / "He doesn't like Riley's tie."
+    assert [(w, r) for w, r in zip(words, regions) if r >= 0] == [("casey", 0), ("riley", 1), ("tie", 2)]

@@ -113,6 +113,38 @@ def test_vlbert_geometry_is_the_papers_2048_sincos():
                                    rtol=0, atol=0)
 
 
+def test_vlbert_text_regions_give_linked_words_their_regions_feature():
+    """VL-BERT's VCR link: a token with text_regions = r gets region r's visual feature
+    embedding (appearance + geometry) in place of the whole image's; -1 keeps the image's."""
+    model = make_model(region_embedding="vlbert", type_vocab_size=3, image_token_type=2)
+    inp = random_inputs(model.config)
+    B, T = inp["input_ids"].shape
+    seen = []
+    hook = model.embeddings.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    links = torch.full((B, T), -1, dtype=torch.long)
+    links[0, 3], links[0, 4], links[2, 2] = 1, 1, 4            # rows 0 and 2: real tokens and regions
+    with torch.no_grad():
+        base = model(**inp)
+        same = model(**inp, text_regions=torch.full((B, T), -1, dtype=torch.long))
+        model(**inp, text_regions=links)
+    hook.remove()
+    torch.testing.assert_close(same.text_hidden, base.text_hidden, rtol=0, atol=0)
+    N = inp["region_feats"].shape[1]
+    text = lambda x: torch.cat([x[:, :1], x[:, 1 + N:]], 1)    # noqa: E731  (regions follow [CLS])
+    diff = text(seen[2]) - text(seen[0])
+    m = inp["region_mask"][..., None].float()
+    with torch.no_grad():
+        image = model.region_embeddings.image_term((inp["region_feats"] * m).sum(1) / m.sum(1))
+        visual = model.region_embeddings(inp["region_feats"], inp["region_boxes"])
+    for b, t, r in ((0, 3, 1), (0, 4, 1), (2, 2, 4)):
+        torch.testing.assert_close(diff[b, t], visual[b, r] - image[b], rtol=1e-5, atol=1e-5)
+    diff[0, 3:5] = 0
+    diff[2, 2] = 0
+    assert diff.abs().max() == 0                                  # every other token as before
+    with pytest.raises(ValueError, match="text_regions .* needs model.region_embedding=vlbert"):
+        make_model()(**inp, text_regions=links)
+
+
 @pytest.mark.parametrize("dim", [0, -8, 100])
 def test_vlbert_geometry_dim_must_be_a_positive_multiple_of_8(dim):
     with pytest.raises(ValueError, match=f"model.vlbert_geometry_dim={dim} must be a positive multiple of 8"):

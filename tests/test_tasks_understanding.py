@@ -135,6 +135,67 @@ def test_task_collators_count_cut_text_and_regions(synthetic_corpus, task):
     assert col(rows).task[TRUNCATED_KEY] == (want, regions)
 
 
+def test_mc_collator_links_object_references_to_regions(synthetic_corpus):
+    """VCR datasets carry question_refs / choice_refs ([char_start, char_end, region]): a VL-BERT
+    model's collator marks each word-piece of a reference with its region (choice_regions),
+    through the pair trimming; a region cut by data.max_regions falls back to the image (-1);
+    one beyond the sample's regions is a bad sample; a VLP model ignores the columns."""
+    from vltrain.data import schema
+    from vltrain.data.collate import StreamInfo
+    from vltrain.tasks import get_task
+    from vltrain.tokenization import Tokenizer
+    row = dict(read_rows(os.path.join(synthetic_corpus, "mc", "val"))[0])
+    n = len(row["features"])
+    q = "why is casey next to the tie?"                    # casey -> region 1, tie -> region n-1
+    row.update(question=q, choices=["riley stands", "no", "casey and riley wait", "the chair"],
+               question_refs=[[7, 12, 1], [25, 28, n - 1]],
+               choice_refs=[[[0, 5, 0]], [], [[0, 5, 1], [10, 15, 0]], [[4, 9, -1]]])
+    meta = schema.make_meta("mc", 64, 17, ("cls_prob", "question_refs", "choice_refs"))
+
+    def collate(rows, *extra):
+        cfg = task_cfg(synthetic_corpus, "mc", "model.region_embedding=vlbert", "model.type_vocab_size=3",
+                       "model.image_token_type=2", *extra)
+        return get_task("mc").make_collator(cfg, Tokenizer(cfg.data.vocab), [StreamInfo("mem", meta)], False)(rows)
+
+    tok = Tokenizer(task_cfg(synthetic_corpus, "mc").data.vocab)
+    qi, L = tok.encode(q), len(tok.encode(q))
+    b = collate([row])
+    got = b.task["choice_regions"][0]
+    want_q = [1 if w == "casey" else n - 1 if w == "tie" else -1 for w in tok.hf.convert_ids_to_tokens(qi)]
+    assert want_q.count(1) == 1 and want_q.count(n - 1) == 1
+    for k, (c, refs) in enumerate(zip(row["choices"], [[0, -1], [-1], [1, -1, 0, -1], [-1, -1]])):
+        a = tok.encode(c)
+        assert len(a) == len(refs)                              # one word-piece per word here
+        assert got[k, :L + len(a) + 3].tolist() == [-1, *want_q, -1, *refs, -1]
+        assert (got[k, L + len(a) + 3:] == -1).all()
+    # trimmed pairs keep the prefix of both texts, and their regions with them
+    short = collate([row], "data.max_text_len=8")
+    ids = short.task["choice_ids"][0, 2].tolist()
+    assert ids[:4] == [tok.cls_id, *qi[:3]] and short.task["choice_regions"][0, 2, :4].tolist() == [-1, *want_q[:3]]
+    # region n-1 beyond data.max_regions=2: the word keeps the whole image's feature
+    cut = collate([row], "data.max_regions=2").task["choice_regions"][0, 0]
+    assert cut[1 + want_q.index(n - 1)] == -1 and cut[1 + want_q.index(1)] == 1
+    with pytest.raises(BadSampleError, match=f"names region {n}, but the sample has {n} regions"):
+        collate([dict(row, question_refs=[[7, 12, n]])])
+    with pytest.raises(BadSampleError, match="reference \\[30, 40, 1\\] is not"):
+        collate([dict(row, question_refs=[[30, 40, 1]])])
+    # the task's forward feeds them to the model: the scores change when the links are dropped
+    from vltrain.model import VLModel
+    from vltrain.tasks.mc import MultipleChoiceTask
+    cfg = task_cfg(synthetic_corpus, "mc", "model.region_embedding=vlbert", "model.type_vocab_size=3",
+                   "model.image_token_type=2")
+    torch.manual_seed(0)
+    task = MultipleChoiceTask(VLModel(cfg.model)).eval()
+    with torch.no_grad():
+        linked = task(b, predict=True)["scores"]
+        b.task.pop("choice_regions")
+        plain = task(b, predict=True)["scores"]
+    assert torch.isfinite(linked).all() and not torch.allclose(linked, plain)
+    # a VLP model has no per-token visual feature: no choice_regions
+    vlp = get_task("mc").make_collator(task_cfg(synthetic_corpus, "mc"), tok, [StreamInfo("mem", meta)], False)
+    assert "choice_regions" not in vlp([row]).task
+
+
 def test_wrong_dataset_kind_and_answer_count_are_named(synthetic_corpus):
     cfg = task_cfg(synthetic_corpus, "vqa", f"data.val={synthetic_corpus}/refs/val")
     with pytest.raises(ValueError, match="kind 'refs', but task.name=vqa needs a 'vqa' dataset"):

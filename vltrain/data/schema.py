@@ -48,6 +48,13 @@ KIND_COLUMNS = {
     "text": {"text": "str"},             # text-only <Text, None> samples: no image columns
 }
 KINDS = tuple(KIND_COLUMNS)
+# Optional task columns, by kind (present in every sample of a dataset or in none).
+OPTIONAL_KIND_COLUMNS = {
+    # VL-BERT's VCR link from an object reference to its region: [char_start, char_end, region]
+    # triples; text[char_start:char_end] names the object, region indexes the sample's
+    # features rows (-1: no region matched). One list for the question, one per choice.
+    "mc": {"question_refs": "json", "choice_refs": "json"},
+}
 
 # Answer vocabulary of a VQA dataset: a JSON list of answers, index = class id.
 ANSWER_VOCAB_FILE = "answer_vocab.json"
@@ -59,11 +66,12 @@ def columns_for(kind: str, optional: tuple[str, ...] = ()) -> dict[str, str]:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
     if kind == "text":
         return {"sample_id": "int64", **KIND_COLUMNS["text"]}
-    unknown = set(optional) - set(OPTIONAL_IMAGE_COLUMNS)
+    known = {**OPTIONAL_IMAGE_COLUMNS, **OPTIONAL_KIND_COLUMNS.get(kind, {})}
+    unknown = set(optional) - set(known)
     if unknown:
-        raise ValueError(f"unknown optional image columns {sorted(unknown)}")
+        raise ValueError(f"unknown optional columns {sorted(unknown)} for kind {kind!r}")
     cols = dict(IMAGE_COLUMNS)
-    cols.update({k: OPTIONAL_IMAGE_COLUMNS[k] for k in optional})
+    cols.update({k: known[k] for k in optional})
     cols.update(KIND_COLUMNS[kind])
     return cols
 

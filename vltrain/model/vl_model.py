@@ -115,16 +115,17 @@ class VLModel(nn.Module):
     # ------------------------------------------------------------------ forward pieces
 
     def _embed_regions(self, region_feats, region_boxes, region_cls_probs, region_mask):
+        """(region inputs (B, N, H), their visual feature embeddings (B, N, H))."""
         cfg = self.config
         B, N, _ = region_feats.shape
         if region_boxes is None:
             raise ValueError("region_boxes is required when region_feats is given")
-        x = self.region_embeddings(region_feats, region_boxes, region_cls_probs)
+        visual = x = self.region_embeddings(region_feats, region_boxes, region_cls_probs)
         if cfg.region_embedding == "vlbert":
             img_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long, device=x.device)
             x = x + self.embeddings.word(img_ids)
         types = torch.full((B, N), cfg.image_token_type, dtype=torch.long, device=x.device)
-        return x + self.embeddings.token_type(types) + self.region_position
+        return x + self.embeddings.token_type(types) + self.region_position, visual
 
     def _image_term(self, region_feats, region_mask, image_feat):
         """VL-BERT: whole-image visual embedding for text tokens (B, 1, H); None otherwise.
@@ -151,14 +152,16 @@ class VLModel(nn.Module):
         cfg = self.config
         feats, mask = like.new_zeros(1, 1, cfg.region_feat_dim), torch.ones(1, 1, dtype=torch.bool, device=like.device)
         term = self._image_term(feats, mask, None)
-        regions = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes), mask)
+        regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes),
+                                         mask)
         return 0.0 * (regions.sum() + (term.sum() if term is not None else 0.0))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
                 mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None,
                 record_kv: Optional[list] = None, text_positions: Optional[torch.Tensor] = None,
-                region_positions: Optional[torch.Tensor] = None) -> VLModelOutput:
+                region_positions: Optional[torch.Tensor] = None,
+                text_regions: Optional[torch.Tensor] = None) -> VLModelOutput:
         """``record_kv``: a list to which every layer's attention keys and values (B, h, L, d)
         are appended, for the decoding KV cache; the blocks then run eagerly (the compiled
         function is traced for training's backends only).
@@ -167,9 +170,16 @@ class VLModel(nn.Module):
         ``region_positions`` (into B x N, as ``Batch.mrc_positions``): return the final states
         at those positions only (``text_selected``, ``region_selected``). The last block then
         computes its attention output and FFN only there (attention itself everywhere):
-        MLM/MRC losses read ~15% of the tokens, so this skips most of one block's work."""
+        MLM/MRC losses read ~15% of the tokens, so this skips most of one block's work.
+
+        ``text_regions`` (B, T), VL-BERT only: for each text token the region whose visual
+        feature embedding it gets instead of the whole image's (-1: the whole image), as
+        VL-BERT links VCR's object references to their regions."""
         B, T = input_ids.shape
         dev = input_ids.device
+        if text_regions is not None and self.config.region_embedding != "vlbert":
+            raise ValueError("text_regions (object references linked to regions) needs "
+                             "model.region_embedding=vlbert: VLP's text tokens have no visual feature")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
@@ -188,7 +198,11 @@ class VLModel(nn.Module):
                 region_mask = torch.ones(B, N, dtype=torch.bool, device=dev)
             region_mask = region_mask.bool()
             image_term = self._image_term(region_feats, region_mask, image_feat)
-            regions = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_mask)
+            regions, visual = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_mask)
+            if image_term is not None and text_regions is not None:
+                linked = text_regions >= 0
+                idx = text_regions.clamp(0, N - 1)[..., None].expand(B, T, visual.shape[-1])
+                image_term = torch.where(linked[..., None], visual.gather(1, idx), image_term)
         else:
             N = 0
             if self.training and torch.is_grad_enabled():

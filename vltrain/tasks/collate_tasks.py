@@ -17,8 +17,10 @@ Batch fields (``Batch.task``):
   vqa   ``vqa_targets`` (B, A) soft scores, ``answer_pos`` (B,) text index the head reads,
         ``question_id`` (B,); eval collators also ``answers`` (list of raw annotator answers)
   mc    ``choice_ids``/``choice_type``/``choice_mask`` (B, K, T), ``choice_valid`` (B, K),
-        ``label`` (B,) (-1 = unlabeled); the top-level text fields hold choice 0's row, so
-        ``batch_size`` counts samples (the loader's resume arithmetic relies on it)
+        ``label`` (B,) (-1 = unlabeled), ``choice_regions`` (B, K, T) when a VL-BERT model reads
+        a dataset with object references (the region each token's reference names, -1 none);
+        the top-level text fields hold choice 0's row, so ``batch_size`` counts samples (the
+        loader's resume arithmetic relies on it)
   refs  ``target_box`` (B, 4), ``region_labels`` (B, N) = IoU(region, target) >= 0.5 (VL-BERT's
         training labels), ``target_region`` (B,) (-1 when cut by ``max_regions``),
         ``image_size`` (B, 2) as (w, h)
@@ -173,26 +175,63 @@ class VQACollator(TaskCollator):
 class MCCollator(TaskCollator):
     kind = task = "mc"
 
+    def __init__(self, cfg, tokenizer, infos, train: bool):
+        super().__init__(cfg, tokenizer, infos, train)
+        # VL-BERT gives the words of an object reference that object's region feature; VLP's
+        # text has no visual feature, so its datasets' reference columns go unused.
+        self.link_refs = cfg.model.region_embedding == "vlbert"
+
+    def _tagged(self, info, sample, text, refs, what: str) -> tuple[list[int], list[int]]:
+        """WordPiece ids of ``text`` and, per id, the region its reference names (-1: none)."""
+        if not isinstance(text, str) or not text.strip():
+            raise self._bad(info, sample, f"{what} is empty: {text!r}")
+        enc = self.tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, regions = enc["input_ids"], [-1] * len(enc["input_ids"])
+        if not ids:
+            raise self._bad(info, sample, f"{what} is empty after tokenisation: {text!r}")
+        for ref in refs or ():
+            if not (isinstance(ref, list) and len(ref) == 3 and all(type(v) is int for v in ref)
+                    and 0 <= ref[0] < ref[1] <= len(text) and ref[2] >= -1):
+                raise self._bad(info, sample, f"{what}: reference {ref!r} is not [char_start, char_end, region] "
+                                              f"within its {len(text)} characters")
+            for j, (a, b) in enumerate(enc["offset_mapping"]):
+                if a < ref[1] and b > ref[0]:
+                    regions[j] = ref[2]
+        return ids, regions
+
     def example(self, sample):
         s, info = self._stream_of(sample)
-        q = self._words(info, sample, "question")
         choices = self._get(info, sample, "choices")
         if not isinstance(choices, list) or len(choices) < 2:
             raise self._bad(info, sample, f"column 'choices' must list at least 2 answers, got {choices!r}")
         label = int(self._get(info, sample, "label"))
         if not -1 <= label < len(choices):
             raise self._bad(info, sample, f"label {label} outside [0, {len(choices)}) (-1 = unlabeled)")
-        rows, types, cut = [], [], False
+        linked = self.link_refs and sample.get("question_refs") is not None
+        choice_refs = sample.get("choice_refs") if linked else None
+        if linked and not (isinstance(choice_refs, list) and len(choice_refs) == len(choices)):
+            raise self._bad(info, sample, f"column 'choice_refs' must hold one list per choice, got {choice_refs!r}")
+        q, rq = self._tagged(info, sample, self._get(info, sample, "question"),
+                             sample.get("question_refs") if linked else None, "column 'question'")
+        rows, types, regions, cut = [], [], [], False
         for k, c in enumerate(choices):
-            a = self.tok.encode(c) if isinstance(c, str) else []
-            if not a:
-                raise self._bad(info, sample, f"choice {k} is empty: {c!r}")
-            qa, aa = self._pair(q, a, self.data.max_text_len - 3)
+            a, ra = self._tagged(info, sample, c, choice_refs[k] if linked else None, f"choice {k}")
+            qa, aa = self._pair(q, a, self.data.max_text_len - 3)     # each keeps a prefix
             cut = cut or len(qa) + len(aa) < len(q) + len(a)
             rows.append([self.cls_id, *qa, self.sep_id, *aa, self.sep_id])
             types.append([0] * (len(qa) + 2) + [1] * (len(aa) + 1))
+            regions.append([-1, *rq[:len(qa)], -1, *ra[:len(aa)], -1])
         ex = self._image_example(info, sample, rows[0], types[0], cut)
-        return ex, {"rows": rows, "types": types, "label": label, "image_id": str(sample.get("image_id", ""))}
+        extra = {"rows": rows, "types": types, "label": label, "image_id": str(sample.get("image_id", ""))}
+        if linked:
+            stored = len(self._get(info, sample, "features"))
+            bad = [r for row in regions for r in row if r >= stored]
+            if bad:
+                raise self._bad(info, sample, f"an object reference names region {bad[0]}, but the sample "
+                                              f"has {stored} regions")
+            # a region cut by data.max_regions: the words keep the whole image's feature
+            extra["regions"] = [[r if r < len(ex.feats) else -1 for r in row] for row in regions]
+        return ex, extra
 
     def finish(self, batch, extras):
         B = len(extras)
@@ -210,6 +249,12 @@ class MCCollator(TaskCollator):
                 valid[i, k] = True
         batch.task.update(choice_ids=ids, choice_type=ttype, choice_mask=mask, choice_valid=valid,
                           label=torch.tensor([x["label"] for x in extras], dtype=torch.long))
+        if any("regions" in x for x in extras):
+            regions = torch.full((B, K, T), -1, dtype=torch.long)
+            for i, x in enumerate(extras):
+                for k, r in enumerate(x.get("regions", ())):
+                    regions[i, k, :len(r)] = torch.tensor(r)
+            batch.task["choice_regions"] = regions
 
 
 class RefsCollator(TaskCollator):

@@ -30,8 +30,10 @@ class MultipleChoiceTask(nn.Module):
     def forward(self, batch: Batch, predict: bool = False):
         t = batch.task
         B, K, T = t["choice_ids"].shape
+        linked = t.get("choice_regions")
         out = self.model(t["choice_ids"].reshape(B * K, T), t["choice_type"].reshape(B * K, T),
-                         t["choice_mask"].reshape(B * K, T), mode="bidirectional", **expand_regions(batch, K))
+                         t["choice_mask"].reshape(B * K, T), mode="bidirectional", **expand_regions(batch, K),
+                         text_regions=None if linked is None else linked.reshape(B * K, T))
         scores = self.model.cls_head(out.text_hidden[:, 0]).view(B, K).float()
         scores = scores.masked_fill(~t["choice_valid"], float("-inf"))
         if predict:
