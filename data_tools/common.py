@@ -66,6 +66,10 @@ class SkipCounter:
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
+    def as_meta(self) -> dict:
+        """The counts as every tool records them in ``vltrain_meta.json``."""
+        return {"skipped": self.as_dict(), "skipped_total": self.total}
+
     def report(self, stream=None) -> None:
         out = stream or sys.stdout
         if self.total:

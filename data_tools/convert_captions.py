@@ -39,8 +39,8 @@ import sys
 
 from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer, run_main,
                                summarize)
-from data_tools.features import (RegionChecker, add_feature_args, iter_image_regions, norm_id,
-                                 stable_sample_id)
+from data_tools.features import (RegionChecker, add_feature_args, feature_source, iter_image_regions,
+                                 norm_id, stable_sample_id)
 from vltrain.data import schema
 
 def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
@@ -164,8 +164,7 @@ def convert(args: argparse.Namespace) -> None:
                     "captions", checker.feature_dim, checker.num_classes, checker.optional,
                     source={"tool": "convert_captions", "captions": os.path.basename(args.captions),
                             "format": fmt, "split": args.split, "include_restval": args.include_restval,
-                            "features": ([os.path.basename(t) for t in args.tsv] if args.tsv
-                                         else os.path.basename(os.path.normpath(args.npz_dir)))})
+                            "features": feature_source(args)})
                 writer = stack.enter_context(open_writer(args.out, "captions", checker.optional, meta,
                                                          size_limit=args.size_limit,
                                                          overwrite=args.overwrite))
@@ -173,8 +172,7 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with captions had valid features")
         writer.meta["num_captions"] = sum(len(caps[i]) for i in caps)
-        writer.meta["skipped"] = skips.as_dict()
-        writer.meta["skipped_total"] = skips.total
+        writer.meta.update(skips.as_meta())
     summarize(writer, skips)
 
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer,
                                run_main, summarize)
-from data_tools.features import RegionChecker, add_feature_args, iter_image_regions, norm_id
+from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 from vltrain.metrics.accuracy import box_iou
 
@@ -179,8 +179,7 @@ def convert(args: argparse.Namespace) -> None:
                     "refs", checker.feature_dim, checker.num_classes, checker.optional,
                     source={"tool": "convert_refs", "refs": os.path.basename(args.refs),
                             "instances": os.path.basename(args.instances), "split": args.split,
-                            "features": ([os.path.basename(t) for t in args.tsv] if args.tsv
-                                         else os.path.basename(os.path.normpath(args.npz_dir)))})
+                            "features": feature_source(args)})
                 writer = stack.enter_context(open_writer(args.out, "refs", checker.optional, meta,
                                                          size_limit=args.size_limit,
                                                          overwrite=args.overwrite))
@@ -193,8 +192,7 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with expressions had valid features")
         writer.meta["reachable"] = reachable
-        writer.meta["skipped"] = skips.as_dict()
-        writer.meta["skipped_total"] = skips.total
+        writer.meta.update(skips.as_meta())
     summarize(writer, skips)
     print(f"{reachable} of {writer.count} expressions ({100 * reachable / writer.count:.1f}%) have a region "
           f"with IoU >= {IOU_REACHABLE} with their referent: the best accuracy these regions allow")

@@ -94,8 +94,7 @@ def convert(args: argparse.Namespace) -> None:
             raise BadInputError(f"no documents in {', '.join(args.input)}")
         writer.meta["num_documents"] = docs
         writer.meta["dropped_short"] = short
-        writer.meta["skipped"] = skips.as_dict()
-        writer.meta["skipped_total"] = skips.total
+        writer.meta.update(skips.as_meta())
     summarize(writer, skips)
     if short:
         print(f"dropped {short} document(s)/chunk(s) shorter than --min-words {args.min_words}")

@@ -81,7 +81,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_tools.common import BadInputError, SkipCounter, add_output_args, open_writer, run_main, summarize
-from data_tools.features import RegionChecker, add_feature_args, iter_image_regions, norm_id, stable_sample_id
+from data_tools.features import (RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id,
+                                 stable_sample_id)
 from vltrain.data import schema
 from vltrain.metrics.accuracy import box_iou
 
@@ -391,8 +392,7 @@ def convert(args: argparse.Namespace) -> None:
                 meta = schema.make_meta(
                     "mc", checker.feature_dim, checker.num_classes, optional,
                     source={"tool": "convert_vcr", "annotations": os.path.basename(args.annotations),
-                            "features": ([os.path.basename(t) for t in args.tsv] if args.tsv
-                                         else os.path.basename(os.path.normpath(args.npz_dir)))},
+                            "features": feature_source(args)},
                     task=args.task, refs=refs)
                 writer = stack.enter_context(open_writer(args.out, "mc", optional, meta,
                                                          size_limit=args.size_limit, overwrite=args.overwrite))
@@ -409,7 +409,7 @@ def convert(args: argparse.Namespace) -> None:
             raise BadInputError("no samples to write: no image with annotations had valid features")
         writer.meta.update(num_choices=num_choices, has_labels=unlabeled == 0, num_images=images,
                            num_unlabeled=unlabeled, refs_total=refs_total, refs_unmatched=refs_unmatched,
-                           skipped=skips.as_dict(), skipped_total=skips.total)
+                           **skips.as_meta())
     summarize(writer, skips)
     print(f"task {args.task}: {images} image(s), {unlabeled} unlabeled sample(s), up to {num_choices} choices")
     if refs is not None:

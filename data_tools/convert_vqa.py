@@ -47,7 +47,7 @@ import numpy as np
 
 from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer,
                                read_json_location, run_main, summarize)
-from data_tools.features import RegionChecker, add_feature_args, iter_image_regions, norm_id
+from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 from vltrain.metrics.vqa import answer_scores, normalize_answer
 
@@ -167,8 +167,7 @@ def convert(args: argparse.Namespace) -> None:
                     "vqa", checker.feature_dim, checker.num_classes, checker.optional,
                     source={"tool": "convert_vqa", "questions": os.path.basename(args.questions),
                             "annotations": os.path.basename(args.annotations) if args.annotations else None,
-                            "features": ([os.path.basename(t) for t in args.tsv] if args.tsv
-                                         else os.path.basename(os.path.normpath(args.npz_dir)))},
+                            "features": feature_source(args)},
                     answer_vocab_file=schema.ANSWER_VOCAB_FILE, answer_vocab_size=len(vocab),
                     answer_vocab_source=vocab_source, has_answers=anns is not None)
                 writer = stack.enter_context(open_writer(args.out, "vqa", checker.optional, meta,
@@ -184,8 +183,7 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with questions had valid features")
         writer.meta["questions_without_target"] = no_target
-        writer.meta["skipped"] = skips.as_dict()
-        writer.meta["skipped_total"] = skips.total
+        writer.meta.update(skips.as_meta())
     summarize(writer, skips)
     print(f"answer vocabulary: {len(vocab)} answers; {no_target} question(s) without an in-vocabulary answer")
 

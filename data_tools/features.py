@@ -74,6 +74,13 @@ class Regions:
     optional: dict[str, np.ndarray] = field(default_factory=dict)  # schema optional columns
 
 
+def feature_source(args: argparse.Namespace):
+    """How the meta names the features read: the TSV file names, or the npz folder's name."""
+    if args.tsv:
+        return [os.path.basename(t) for t in args.tsv]
+    return os.path.basename(os.path.normpath(args.npz_dir))
+
+
 def add_feature_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("region features (one of --tsv / --npz-dir)")
     src = g.add_mutually_exclusive_group(required=True)

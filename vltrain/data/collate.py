@@ -46,7 +46,8 @@ STREAM_KEY = "_stream"
 # Key in ``Batch.task`` carrying skipped-sample messages from the worker to the loader.
 SKIPPED_KEY = "_skipped"
 # Key in ``Batch.task``: (samples whose text was cut to data.max_text_len, samples whose regions
-# were cut to data.max_regions), present when either is non-zero; the loader counts them.
+# were cut to data.max_regions), present when either is non-zero; the trainer counts them for
+# the batches it trains on, the loader warns the first time.
 TRUNCATED_KEY = "_truncated"
 
 

@@ -68,13 +68,30 @@ class TaskCollator(PretrainCollator):
 
     # ------------------------------------------------------------------ helpers
     def _words(self, info, sample, col: str) -> list[int]:
-        text = self._get(info, sample, col)
+        return self._tagged(info, sample, self._get(info, sample, col), None, f"column '{col}'")[0]
+
+    def _tagged(self, info, sample, text, refs, what: str) -> tuple[list[int], list[int]]:
+        """WordPiece ids of ``text`` (``what`` names it in errors) and, per id, the region its
+        reference in ``refs`` ([char_start, char_end, region] triples) names (-1: none)."""
         if not isinstance(text, str) or not text.strip():
-            raise self._bad(info, sample, f"column '{col}' is empty")
-        ids = self.tok.encode(text)
+            raise self._bad(info, sample, f"{what} is empty: {text!r}")
+        if not refs:
+            ids = self.tok.encode(text)
+            regions = [-1] * len(ids)
+        else:
+            enc = self.tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, regions = enc["input_ids"], [-1] * len(enc["input_ids"])
+            for ref in refs:
+                if not (isinstance(ref, list) and len(ref) == 3 and all(type(v) is int for v in ref)
+                        and 0 <= ref[0] < ref[1] <= len(text) and ref[2] >= -1):
+                    raise self._bad(info, sample, f"{what}: reference {ref!r} is not [char_start, char_end, "
+                                                  f"region] within its {len(text)} characters")
+                for j, (a, b) in enumerate(enc["offset_mapping"]):
+                    if a < ref[1] and b > ref[0]:
+                        regions[j] = ref[2]
         if not ids:
-            raise self._bad(info, sample, f"column '{col}' is empty after tokenisation: {text!r}")
-        return ids
+            raise self._bad(info, sample, f"{what} is empty after tokenisation: {text!r}")
+        return ids, regions
 
     def _image_example(self, info, sample, ids: list[int], ttype: list[int], cut_text: bool) -> _Example:
         feats, boxes, cls, image_feat, cut_regions = self._regions(info, sample)
@@ -180,24 +197,6 @@ class MCCollator(TaskCollator):
         # VL-BERT gives the words of an object reference that object's region feature; VLP's
         # text has no visual feature, so its datasets' reference columns go unused.
         self.link_refs = cfg.model.region_embedding == "vlbert"
-
-    def _tagged(self, info, sample, text, refs, what: str) -> tuple[list[int], list[int]]:
-        """WordPiece ids of ``text`` and, per id, the region its reference names (-1: none)."""
-        if not isinstance(text, str) or not text.strip():
-            raise self._bad(info, sample, f"{what} is empty: {text!r}")
-        enc = self.tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, regions = enc["input_ids"], [-1] * len(enc["input_ids"])
-        if not ids:
-            raise self._bad(info, sample, f"{what} is empty after tokenisation: {text!r}")
-        for ref in refs or ():
-            if not (isinstance(ref, list) and len(ref) == 3 and all(type(v) is int for v in ref)
-                    and 0 <= ref[0] < ref[1] <= len(text) and ref[2] >= -1):
-                raise self._bad(info, sample, f"{what}: reference {ref!r} is not [char_start, char_end, region] "
-                                              f"within its {len(text)} characters")
-            for j, (a, b) in enumerate(enc["offset_mapping"]):
-                if a < ref[1] and b > ref[0]:
-                    regions[j] = ref[2]
-        return ids, regions
 
     def example(self, sample):
         s, info = self._stream_of(sample)
