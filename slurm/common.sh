@@ -47,10 +47,13 @@
 # Signals: `#SBATCH --signal=USR1@T` (no "B:") and `scancel --signal=USR1 JOBID` reach every
 # process of the training step; the ranks finish the step, checkpoint and exit 75. USR1 to the
 # batch shell (`--signal=B:USR1@T`, `scancel --batch --signal=USR1`) is forwarded the same way.
-# SIGTERM (scancel, time limit, the scheduler's own preemption) is Slurm ending the job: it
-# reaches every process, the ranks' dataloader workers too (which then die, so a rank usually
-# fails instead of checkpointing), SIGKILL follows after KillWait; the script never requeues
-# after it. Hence the USR1 lead time before the time limit.
+# SIGTERM (scancel, time limit, preemption) reaches every process of the job; the ranks treat it
+# as USR1 (their DataLoader workers ignore it: vltrain/data/worker_signals.py) and must finish
+# the step and checkpoint before SIGKILL: KillWait after a cancel or the time limit (30 s by
+# default), the partition's GraceTime on preemption. A preemption signals only the step, so the
+# ranks' 75 requeues the job as USR1's does (PreemptMode=REQUEUE would too); when the batch
+# shell got SIGTERM as well (scancel, time limit) the script does not requeue. Hence the USR1
+# lead time before the time limit: there, requeueing is the point.
 
 VLTRAIN_EXIT_PREEMPTED=75   # vltrain/engine/signals.py EXIT_PREEMPTED
 VLTRAIN_EXIT_BAD_INPUT=2
@@ -111,6 +114,11 @@ vltrain_task() {
     fi
     echo "$(date '+%F %T') job=${SLURM_JOB_ID:--} rank=$rank local_rank=${SLURM_LOCALID:-0} node=${SLURMD_NODENAME:-?} host=$(hostname -s) restart=${SLURM_RESTART_COUNT:-0} accelerator=${DS_ACCELERATOR:-auto}: starting vltrain/run.py"
     local child rc
+    # run.py handles USR1 from its first lines on; before that (interpreter start) USR1 would
+    # end it. Started with USR1 ignored (inherited across exec until run.py sets its handler),
+    # a USR1 that early is lost instead of fatal: the rank still checkpoints on the SIGTERM
+    # that ends the job.
+    trap '' USR1
     "$@" &
     child=$!
     trap 'kill -USR1 "$child" 2>/dev/null' USR1
@@ -127,6 +135,12 @@ vltrain_task() {
 
 # ------------------------------------------------------------------------------ batch script
 vltrain_main() {
+    # USR1 to this shell (--signal=B:USR1@T) before the ranks exist would end the job (bash's
+    # default action): nothing to checkpoint yet, so say so and carry on. TERM: the job is
+    # being ended; the ranks are not started (checked just before srun).
+    local early_term=0
+    trap 'vltrain_log "USR1 before the ranks started: nothing to checkpoint yet, ignored"' USR1
+    trap 'early_term=1' TERM
     [[ -n "${SLURM_JOB_ID:-}" ]] || vltrain_fail 2 "not inside a Slurm job: submit with sbatch"
     local home="${VLTRAIN_HOME:?}"
     local restart="${SLURM_RESTART_COUNT:-0}"
@@ -229,6 +243,7 @@ PY
     # cuda:LOCAL_RANK (a site default binding one GPU per task would break that index and
     # CUDA peer-to-peer between the ranks of a node).
     local srun_pid rc got_term=0
+    ((early_term)) && vltrain_fail 143 "SIGTERM before the ranks started (job cancelled or preempted): not starting them"
     # shellcheck disable=SC2016  # $1/$@ expand in the task's shell, not here
     srun --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none \
         --output="$log_dir/%j-%t.log" --open-mode=append \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real Slurm cluster on this one host: slurmctld + two slurmd daemons emulating the
-# nodes `node1` and `node2` (one partition `local` holding both), with its own munged.
+# nodes `node1` and `node2` (partition `local` holding both, and partition `urgent` on the same
+# nodes whose jobs preempt those of `local`), with its own munged.
 #
 #   bash slurm/local_cluster.sh start     # installs slurm-wlm + munge if missing (root + apt)
 #                                         # (stdout is just the export line: eval "$(... start)")
@@ -141,9 +142,15 @@ MinJobAge=300
 Waittime=0
 OverTimeLimit=0
 UnkillableStepTimeout=30
+# Preemption as on shared clusters: a job of partition urgent (higher PriorityTier) takes the
+# nodes of a running job of partition local, which gets SIGTERM, the partition's GraceTime
+# to checkpoint, then SIGKILL, and is requeued by Slurm itself.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT_BASE + 1)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT_BASE + 2)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=local Nodes=node1,node2 Default=YES MaxTime=INFINITE OverSubscribe=NO State=UP
+PartitionName=local Nodes=node1,node2 Default=YES MaxTime=INFINITE OverSubscribe=NO PriorityTier=1 GraceTime=60 State=UP
+PartitionName=urgent Nodes=node1,node2 MaxTime=INFINITE OverSubscribe=NO PriorityTier=2 PreemptMode=OFF State=UP
 EOF
     mv "$CONF.tmp" "$CONF"
 }

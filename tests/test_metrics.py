@@ -393,23 +393,27 @@ def test_a_scorer_ended_by_the_stop_signal_is_an_interruption_in_training(monkey
 
 def test_eval_ignores_usr1_and_so_do_the_processes_it_starts():
     """mode=eval is not preemptible: it ignores SIGUSR1, and a child started afterwards (the
-    scorers' Java) inherits that across exec; a child of a process that handles USR1 does not."""
+    scorers' Java) inherits that across exec; a child of a process that handles USR1 does not.
+    SIGTERM ends an evaluation at once; in training it only asks for a checkpoint and a stop."""
     script = textwrap.dedent("""
         import os, signal, subprocess, sys, time
         from vltrain.engine.signals import STOP
         STOP.install()
         if sys.argv[1] == "eval":
-            STOP.ignore_usr1()
+            STOP.not_preemptible()
         child = subprocess.Popen(["sleep", "30"])
         os.kill(child.pid, signal.SIGUSR1)
         time.sleep(0.5)
-        print("alive" if child.poll() is None else f"ended {child.returncode}")
+        print("alive" if child.poll() is None else f"ended {child.returncode}", flush=True)
         child.kill()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        print("stop requested" if STOP.requested else "running", flush=True)
     """)
-    for mode, want in (("eval", "alive"), ("train", "ended -10")):
+    for mode, want, code in (("eval", ["alive"], -15), ("train", ["ended -10", "stop requested"], 0)):
         p = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        assert p.stdout.strip() == want, (mode, p.stdout, p.stderr)
+        assert (p.stdout.split("\n")[:-1], p.returncode) == (want, code), (mode, p.stdout, p.stderr)
 
 
 def test_vcr_joint_accuracy_from_two_evaluations(tmp_path, capsys):

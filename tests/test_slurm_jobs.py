@@ -6,6 +6,9 @@
   preempt   the same job (GPU request dropped with SBATCH_GPUS_PER_NODE=0 instead), signalled
             with `scancel --signal=USR1` mid-run: it checkpoints, exits 75, requeues itself,
             resumes from that checkpoint and completes every step exactly once
+  sigterm   Slurm's SIGTERM: preempted by a job of a higher-tier partition (GraceTime) it
+            checkpoints, is requeued and resumes; `scancel` then ends it with a checkpoint
+  early     USR1 to the batch shell and to the ranks while they start: ignored, not fatal
   failures  a bad config key (caught before the ranks start) and a missing dataset (inside the
             ranks, through srun --kill-on-bad-exit): FAILED with the message in the log, never
             requeued
@@ -80,6 +83,17 @@ class Job:
     def logs(self):
         return (f"--- batch log\n{self.batch_log[-3000:]}\n--- rank 0\n{self.rank_log(0)[-3000:]}"
                 f"\n--- rank 1\n{self.rank_log(1)[-2000:]}")
+
+    def start_requeued(self):
+        """Slurm holds a requeued job back (BeginTime = now + cred_expire, 2 min) because the
+        nodes refuse a relaunch whose credential is not newer than the revoked one. Start it
+        sooner: once the job is back in the queue, a moment past the revocation's second."""
+        def requeued():
+            info = self.cluster.job(self.id)
+            return info.get("JobState") == "PENDING" and info.get("Restarts") == "1"
+        _wait_for(requeued, 90, "the job to be pending again after its requeue")
+        time.sleep(2)
+        self.cluster.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"])
 
     def wait(self, states, timeout=JOB_TIMEOUT):
         try:
@@ -194,15 +208,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     except TimeoutError as e:
         raise AssertionError(f"{e}\n{job.logs()}") from None
 
-    # Slurm holds a requeued job back (BeginTime = now + cred_expire, 2 min) because the nodes
-    # refuse a relaunch whose credential is not newer than the revoked one. Start it sooner:
-    # once the job is back in the queue, a moment past the revocation's second.
-    def requeued():
-        info = slurm_cluster.job(job.id)
-        return info.get("JobState") == "PENDING" and info.get("Restarts") == "1"
-    _wait_for(requeued, 90, "the job to be pending again after its requeue")
-    time.sleep(2)
-    slurm_cluster.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
+    job.start_requeued()
     info = job.wait({"COMPLETED"})
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, job.logs())
 
@@ -230,6 +236,105 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     assert all(math.isfinite(v) for _, v in losses)
     assert _read(os.path.join(job.run_dir, "checkpoints", "latest")).strip() == f"step_{steps:08d}"
     _assert_no_secret(str(tmp_path))
+
+
+def _slurm_time(value):
+    return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+
+
+def _log_time(line):
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+
+
+def test_preemption_and_scancel_checkpoint_on_sigterm(slurm_cluster, synthetic_corpus, tmp_path):
+    """Slurm's own SIGTERM, sent to every process of the job, DataLoader workers included:
+    1. a job of the higher-tier partition `urgent` preempts the run (PreemptMode=REQUEUE,
+       GraceTime): the ranks checkpoint within the grace time, the run is requeued, the urgent
+       job gets the nodes only once the checkpoint is written;
+    2. the requeued run resumes from that checkpoint;
+    3. `scancel` ends it for good: checkpoint, CANCELLED, not requeued."""
+    steps = 100000     # never reached: the job is cancelled
+    job = Job(slurm_cluster, tmp_path, "sigterm", ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0"],
+              ["train.log_every=1", f"train.max_steps={steps}", "data.val=", "train.dist_timeout_s=60"],
+              {"DATA_REMOTE": os.path.join(synthetic_corpus, "captions", "pretrain")})
+    assert "num_workers: 1" in _read(DEBUG_CONFIG)   # the workers are what SIGTERM used to kill
+
+    def trained(run_log):
+        return [int(n) for n in re.findall(rf"INFO vltrain\.train: step (\d+)/{steps} ", run_log)]
+
+    try:
+        _wait_for(lambda: any(n >= 5 for n in trained(job.rank_log(0))), JOB_TIMEOUT, "training to be under way")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{slurm_cluster.job(job.id)}\n{job.logs()}") from None
+    urgent = slurm_cluster.sbatch(["--partition=urgent", "--nodes=1", f"--output={tmp_path}/urgent-%j.out",
+                                   "--wrap", "echo urgent ran"])
+    info = slurm_cluster.wait_job(urgent, {"COMPLETED"}, timeout=120)
+    stopped = re.search(r"^(.*) WARNING vltrain\.engine\.trainer: stopped on signal at step (\d+); checkpoint saved",
+                        job.rank_log(0), flags=re.M)
+    assert stopped, job.logs()
+    k1 = int(stopped.group(2))
+    # The urgent job started only once the run had checkpointed (Slurm waited for it to end).
+    assert _slurm_time(info["StartTime"]) >= math.floor(_log_time(stopped.group(1))), (info, job.logs())
+    assert "received SIGTERM" in job.rank_log(0) and "received SIGTERM" in job.rank_log(1), job.logs()
+    assert re.search(r"restart=0: srun exited with \d+; ranks: rank0=75 rank1=75$", job.batch_log, flags=re.M), \
+        job.batch_log   # not 143: a rank past its checkpoint ignores srun's SIGTERM to the step
+
+    # 2. Requeued (by the template on exit 75; Slurm's PreemptMode=REQUEUE would too): resume.
+    job.start_requeued()
+    _wait_for(lambda: trained(job.rank_log(0).split("resumed from", 1)[-1]) if "resumed from" in job.rank_log(0)
+              else None, JOB_TIMEOUT, "the resumed run to train")
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", job.rank_log(0))
+    assert resumed == [(os.path.join(job.run_dir, "checkpoints", f"step_{k1:08d}"), str(k1))], job.logs()
+
+    # 3. scancel: SIGTERM to the batch shell and every process of the step.
+    slurm_cluster.run(["scancel", job.id])
+    info = job.wait({"CANCELLED"})
+    assert info["Restarts"] == "1", info
+    log0, batch = job.rank_log(0), job.batch_log
+    k2 = int(re.findall(r"stopped on signal at step (\d+); checkpoint saved", log0)[-1])
+    assert k2 > k1, log0
+    assert "restart=1: checkpointed after SIGTERM from Slurm (cancel / time limit): not requeueing" in batch, batch
+    assert _read(os.path.join(job.run_dir, "checkpoints", "latest")).strip() == f"step_{k2:08d}"
+    # Every step up to the last checkpoint trained exactly once across the two runs.
+    assert trained(log0) == list(range(1, k2 + 1)), trained(log0)
+    assert "Traceback" not in log0 + job.rank_log(1), job.logs()
+
+
+SLOW_PYTHON = """#!/bin/bash
+# The venv's python, started 4 s late: holds the batch shell in its config check and each rank
+# before run.py runs, so a signal can be sent there. A marker file says which one is waiting.
+if [[ "$1" == - ]]; then what=check; else what="rank$SLURM_PROCID"; fi
+touch "$MARKS/$what"
+sleep 4
+exec {python} "$@"
+"""
+
+
+def test_usr1_while_the_job_starts_is_not_fatal(slurm_cluster, synthetic_corpus, tmp_path):
+    """USR1 before anything can checkpoint: to the batch shell during its config check
+    (`scancel --batch`, as --signal=B:USR1@T sends it), then to the ranks before run.py has
+    its handler (a job whose time limit is under the USR1 lead gets it at once). Bash's and
+    Python's default action would end the job; it must instead run to the end."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    slow = tmp_path / "slow_python"
+    slow.write_text(SLOW_PYTHON.format(python=sys.executable))
+    slow.chmod(0o755)
+    steps = 6     # > debug.yaml's warm-up
+    job = Job(slurm_cluster, tmp_path, "early", ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0"],
+              [f"train.max_steps={steps}", "train.log_every=1", "data.val=", "train.dist_timeout_s=60"],
+              {"DATA_REMOTE": os.path.join(synthetic_corpus, "captions", "pretrain"), "PYTHON": str(slow),
+               "MARKS": str(marks)})
+    _wait_for(lambda: (marks / "check").exists(), JOB_TIMEOUT, "the batch shell's config check")
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job.id])
+    _wait_for(lambda: (marks / "rank0").exists() and (marks / "rank1").exists(), JOB_TIMEOUT, "the ranks to start")
+    slurm_cluster.run(["scancel", "--signal=USR1", job.id])
+    info = job.wait({"COMPLETED"})
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", (info, job.logs())
+    assert "USR1 before the ranks started: nothing to checkpoint yet, ignored" in job.batch_log, job.batch_log
+    assert "ranks: rank0=0 rank1=0" in job.batch_log, job.batch_log
+    assert f"step {steps}/{steps}" in job.rank_log(0), job.logs()
+    assert "received SIGUSR1" not in job.rank_log(0) + job.rank_log(1), job.logs()   # lost, as documented
 
 
 def test_real_failures_end_failed_and_are_not_requeued(slurm_cluster, s3_corpus, tmp_path):

@@ -32,6 +32,7 @@ from vltrain.data.batch import Batch
 from vltrain.data.errors import BadSampleError, MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
+from vltrain.data.worker_signals import forking_workers, ignore_foreign_sigterm
 
 STAND_IN_KEY = "stand_in"   # Batch.task flag: a repeated batch standing in for an all-bad one
 
@@ -94,7 +95,8 @@ class VLDataLoader(StreamingDataLoader):
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
                  fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
                  **kwargs):
-        super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
+        super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator),
+                         worker_init_fn=ignore_foreign_sigterm, **kwargs)
         self.collator = collator
         self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
         self.fixed_epoch = fixed_epoch
@@ -123,7 +125,8 @@ class VLDataLoader(StreamingDataLoader):
             self.collator.set_epoch(self.epoch if self.fixed_epoch is None else self.fixed_epoch)
         self.num_samples_yielded = 0
         self._yielded.clear()
-        it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
+        with forking_workers():
+            it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
         last: Optional[Batch] = None
         while True:
             try:

@@ -40,11 +40,22 @@ class StopFlag:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def ignore_usr1(self) -> None:
+    def exiting(self) -> None:
+        """The stop is done (checkpoint committed): later USR1/TERM are ignored while the
+        process exits. srun ends the step with SIGTERM as soon as the first rank exits 75
+        (--kill-on-bad-exit); arriving once Python has begun to finalize (default handlers
+        again), it would end a rank with 143, which reads like a crash. SIGKILL still ends it."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+    def not_preemptible(self) -> None:
         """For work that does not stop on a signal (``mode=eval``): SIGUSR1 is ignored, and so
         by the processes it starts (an ignored signal stays ignored across exec; a handled one
-        does not), e.g. the caption metrics' Java, which USR1 would otherwise end."""
+        does not), e.g. the caption metrics' Java, which USR1 would otherwise end. SIGTERM
+        ends the process at once again (Slurm's ``scancel``, time limit): with no checkpoint
+        to write, waiting for the next step boundary would only delay the end."""
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # One per process: run.py installs it first thing, so a signal that arrives while the job is

@@ -82,12 +82,16 @@ class Trainer:
         rank_state = {"loader": loader_state,
                       "best_metric": self.best_metric,
                       "nonfinite_total": self.nonfinite_total, "samples_seen": self.monitor.samples_seen}
+        start = time.time()
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
                          rank_state=rank_state, info=self.checkpoint_info(loader_state), rank=self.info.rank,
                          keep_last=self.cfg.train.keep_last)
         self._last_save_time = time.time()
+        # What a stop signal's save must fit in: Slurm's GraceTime / KillWait (README).
+        took = self._last_save_time - start
+        self.monitor.log_scalar("perf/checkpoint_save_s", took, self.step)
         if self.info.is_main:
-            log.info("saved checkpoint %s (step %d)", path, self.step)
+            log.info("saved checkpoint %s (step %d) in %.1f s", path, self.step, took)
         return path
 
     def resume_from(self, found: ckpt.Found) -> None:
@@ -266,6 +270,7 @@ class Trainer:
     def _preempt(self) -> int:
         self.profiler.close(self.step, "stop signal")
         self.save()
+        self.stop.exiting()
         if self.info.is_main:
             log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (requeue)",
                         self.step, EXIT_PREEMPTED)
@@ -324,8 +329,8 @@ class Trainer:
         """``mode=eval``: the task's evaluation of ``data.<split>`` with the loaded weights (each
         sample once across ranks; result files under ``<run_dir>/eval/``), logged to TensorBoard
         as ``<split>/<metric>`` and printed. Returns the exit code. Not preemptible: SIGUSR1
-        is ignored from here on (the scorers' Java children inherit that)."""
-        STOP.ignore_usr1()
+        is ignored from here on (the scorers' Java children inherit that), SIGTERM ends it."""
+        STOP.not_preemptible()
         if self.step == 0 and self.cfg.train.init_from:
             try:   # name the results by the evaluated checkpoint's step (0 for an export / HF folder)
                 self.step = int(ckpt.resolve_checkpoint(self.cfg.train.init_from).info.get("step", 0))
