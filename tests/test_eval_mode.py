@@ -10,7 +10,8 @@ Launches (gloo, CPU, debug model, the synthetic corpus's word vocabulary):
   2 ranks  ``python vltrain/run.py ... mode=eval`` (the CLI) for VQA on the same split
   2 ranks  mode=eval for refs and mc (the worker calls what run.py calls)
 The odd sizes (251 / 127 / 63 samples) make streaming pad one rank's share with a repeated
-sample, which the evaluation must drop.
+sample, which the evaluation must drop. The VQA evaluations keep 2 regions of every image (each
+has at least 3), so metrics.json must count every sample as cut exactly once, the repeat too.
 """
 import json
 import os
@@ -22,6 +23,7 @@ from tests.fixtures.tasks import run_ranks, run_tasks_worker, synthetic_vocab, w
 SIZES = {"vqa": ("test", 251), "refs": ("val", 127), "mc": ("val", 63)}
 TRAIN_STEPS = 100
 TASK_OVERRIDES = {"vqa": ["task.vqa_head=vlbert"], "refs": [], "mc": []}
+EVAL_CUT = {"vqa": ["data.max_regions=2"]}
 
 
 def common(root, vocab, nvocab, task):
@@ -43,7 +45,8 @@ def evaluated(tmp_path_factory, synthetic_corpus):
             *common(root, vocab, nvocab, task)]})
         ckpt = os.path.join(root, "train", f"{task}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
         evals[task] = ["mode=eval", f"train.init_from={ckpt}", "task.eval_split=test", f"data.test={dst}",
-                       "data.train=/nonexistent/train/data/is/not/needed", *common(root, vocab, nvocab, task)]
+                       "data.train=/nonexistent/train/data/is/not/needed", *common(root, vocab, nvocab, task),
+                       *EVAL_CUT.get(task, [])]
     for task in SIZES:
         runs1.append({"name": f"eval_{task}", "config": f"configs/{task}_debug.yaml",
                       "overrides": [f"output_root={root}/one", *evals[task]]})
@@ -81,6 +84,7 @@ def test_two_ranks_keep_each_sample_once_and_match_one_rank(evaluated, task):
         assert res["metrics.json"]["num_samples"] == len(rows) == SIZES[task][1]
         assert res["metrics.json"]["metrics"]["num_samples"] == len(rows)
         assert res["metrics.json"]["step"] == TRAIN_STEPS and res["metrics.json"]["split"] == "test"
+        assert res["metrics.json"]["truncated"] == {"text": 0, "regions": len(rows) if task in EVAL_CUT else 0}
     assert one["metrics.json"]["metrics"] == pytest.approx(two["metrics.json"]["metrics"], abs=1e-9)
     for sid in ids:
         a, b = one["predictions.json"][sid], two["predictions.json"][sid]
@@ -113,6 +117,8 @@ def test_eval_results_are_in_tensorboard_and_printed(evaluated):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("test/accuracy")] == [(TRAIN_STEPS, pytest.approx(m["accuracy"]))]
     assert f"eval test step {TRAIN_STEPS} | num_samples 251 | accuracy {m['accuracy']:.4g}" in evaluated["cli_log"]
+    assert ("test evaluation: 251 of 251 samples have more regions than data.max_regions allows"
+            in evaluated["cli_log"]), evaluated["cli_log"][-3000:]
 
 
 def test_eval_needs_the_tasks_own_weights(evaluated, synthetic_corpus):

@@ -125,14 +125,14 @@ def test_task_collators_count_cut_text_and_regions(synthetic_corpus, task):
     col = collator(task_cfg(synthetic_corpus, task, f"data.max_text_len={L}", "data.max_regions=3"))
     enc = col.tok.encode
     if task == "vqa":                       # task.vqa_head=vlp: [CLS] [SEP] question [STOP]
-        want = sum(len(enc(r["question"])) > L - 3 for r in rows)
+        want = [r for r in rows if len(enc(r["question"])) > L - 3]
     elif task == "mc":                      # [CLS] question [SEP] answer [SEP], any choice trimmed
-        want = sum(any(len(enc(r["question"])) + len(enc(c)) > L - 3 for c in r["choices"]) for r in rows)
+        want = [r for r in rows if any(len(enc(r["question"])) + len(enc(c)) > L - 3 for c in r["choices"])]
     else:                                   # [CLS] expression [SEP]
-        want = sum(len(enc(r["expression"])) > L - 2 for r in rows)
-    regions = sum(len(r["features"]) > 3 for r in rows)
-    assert want > 0 and regions > 0
-    assert col(rows).task[TRUNCATED_KEY] == (want, regions)
+        want = [r for r in rows if len(enc(r["expression"])) > L - 2]
+    regions = [r for r in rows if len(r["features"]) > 3]
+    assert want and regions
+    assert col(rows).task[TRUNCATED_KEY] == ([r["sample_id"] for r in want], [r["sample_id"] for r in regions])
 
 
 def test_mc_collator_links_object_references_to_regions(synthetic_corpus):

@@ -45,9 +45,10 @@ from vltrain.data.packed import ScratchPool
 STREAM_KEY = "_stream"
 # Key in ``Batch.task`` carrying skipped-sample messages from the worker to the loader.
 SKIPPED_KEY = "_skipped"
-# Key in ``Batch.task``: (samples whose text was cut to data.max_text_len, samples whose regions
-# were cut to data.max_regions), present when either is non-zero; the trainer counts them for
-# the batches it trains on, the loader warns the first time.
+# Key in ``Batch.task``: (sample ids whose text was cut to data.max_text_len, sample ids whose
+# regions were cut to data.max_regions), present when either is non-empty; the trainer counts
+# them for the batches it trains on, an evaluation counts each sample once (ids: streaming
+# repeats samples across ranks), the loader warns the first time.
 TRUNCATED_KEY = "_truncated"
 
 
@@ -395,7 +396,7 @@ class PretrainCollator:
             input_ids=input_ids, token_type_ids=ttype, attention_mask=attn,
             mode=torch.tensor([e.mode for e in exs], dtype=torch.long),
         )
-        cut = (sum(e.cut_text for e in exs), sum(e.cut_regions for e in exs))
+        cut = ([e.sample_id for e in exs if e.cut_text], [e.sample_id for e in exs if e.cut_regions])
         if any(cut):
             batch.task[TRUNCATED_KEY] = cut
         if self.obj.mlm:

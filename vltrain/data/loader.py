@@ -169,7 +169,7 @@ class VLDataLoader(StreamingDataLoader):
             yield batch
 
     def _warn_cuts(self, batch: Batch) -> None:
-        text, regions = batch.task.get(TRUNCATED_KEY, (0, 0))
+        text, regions = map(len, batch.task.get(TRUNCATED_KEY, ((), ())))
         if text and not self._warned_cuts[0]:
             self._warned_cuts[0] = True
             log.warning("%d of %d samples of a micro-batch have more text than data.max_text_len allows: "

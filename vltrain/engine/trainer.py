@@ -211,8 +211,8 @@ class Trainer:
             with phase("step"):
                 self.engine.step()
             if not stand_in:
-                cut = batch.task.get(TRUNCATED_KEY, (0, 0))
-                self._cuts = [a + b for a, b in zip(self._cuts, (batch.batch_size, *cut))]
+                cut = batch.task.get(TRUNCATED_KEY, ((), ()))
+                self._cuts = [a + b for a, b in zip(self._cuts, (batch.batch_size, *map(len, cut)))]
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
                 n_micro += 1

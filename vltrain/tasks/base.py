@@ -69,22 +69,23 @@ def check_task_name(name: str, registry: dict) -> TaskSpec:
     return registry[name]
 
 
-def gather_predictions(local: dict, world: int) -> dict:
-    """Union of every rank's ``{sample_id: prediction}``; each sample kept once.
+def gather_predictions(local: dict, cut: tuple[set, set], world: int) -> tuple[dict, tuple[set, set]]:
+    """Union of every rank's ``{sample_id: prediction}``, each sample kept once, and of its
+    ``cut`` (sample ids whose text / regions the collator cut), in one gather.
 
     Streaming pads each rank's share of an epoch with repeated samples, so the same id may
     arrive from two ranks: the predictions are identical (same weights, same input), and
-    the dict keeps one. Returns the full dict on every rank.
+    the dict keeps one. Returns the full dict and sets on every rank.
     """
     import torch.distributed as dist
     if world <= 1 or not dist.is_initialized():
-        return dict(local)
+        return dict(local), cut
     parts = [None] * world
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, (local, cut))
     merged: dict = {}
-    for part in parts:
-        merged.update(part)
-    return merged
+    for preds, _ in parts:
+        merged.update(preds)
+    return merged, tuple(set().union(*(c[i] for _, c in parts)) for i in range(len(cut)))
 
 
 def write_json(obj, path: str) -> None:

@@ -2,7 +2,9 @@
 by sample id (each sample once across ranks), and the result files of one evaluation.
 
 Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<NNNNNNNN>/``:
-  ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "metrics"}
+  ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "truncated", "metrics"}
+                         (truncated: how many of the samples had their text cut to
+                         data.max_text_len / their regions to data.max_regions)
   ``predictions.json``   {sample_id: prediction record}, sorted by sample id
   + the task's submission file(s) (e.g. VQA's ``vqa_results.json``)
 """
@@ -14,15 +16,17 @@ from typing import Callable
 
 import torch
 
+from vltrain.data.collate import TRUNCATED_KEY
 from vltrain.tasks.base import gather_predictions, write_json
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_split(trainer, split: str, collect: Callable) -> dict:
+def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
     """Run the task module with ``predict=True`` over ``split`` on every rank; return the union
-    of ``collect(host_batch, outputs) -> {sample_id: record}`` over all ranks (on every rank).
+    of ``collect(host_batch, outputs) -> {sample_id: record}`` over all ranks (on every rank),
+    and ``{"text": n, "regions": m}``: how many of those samples the collator cut.
 
     Every batch is forwarded, repeats included: with ZeRO-3 the forward is a collective, so
     every rank must run the same number of them (streaming gives each rank an equal share,
@@ -33,15 +37,19 @@ def predict_split(trainer, split: str, collect: Callable) -> dict:
     was_training = engine.training
     engine.eval()
     local: dict = {}
+    cut: tuple[set, set] = (set(), set())
     try:
         for batch in loader:
+            for ids, more in zip(cut, batch.task.get(TRUNCATED_KEY, ((), ()))):
+                ids.update(more)
             outputs = engine(trainer.to_device(batch), predict=True)
             outputs = {k: v.float().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
             local.update(collect(batch, outputs))
     finally:
         if was_training:
             engine.train()
-    return gather_predictions(local, trainer.info.world)
+    merged, (text, regions) = gather_predictions(local, cut, trainer.info.world)
+    return merged, {"text": len(text), "regions": len(regions)}
 
 
 def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
@@ -65,17 +73,23 @@ def eval_dir(trainer, split: str) -> str:
     return os.path.join(trainer.run_dir, "eval", f"{split}_step{trainer.step:08d}")
 
 
-def write_results(trainer, split: str, metrics: dict, predictions: dict, files: dict | None = None) -> str:
+def write_results(trainer, split: str, metrics: dict, predictions: dict, truncated: dict,
+                  files: dict | None = None) -> str:
     """Write one evaluation's files on rank 0 (see module docstring); returns the folder."""
     out = eval_dir(trainer, split)
     if trainer.info.is_main:
+        for what, limit in (("text", "data.max_text_len"), ("regions", "data.max_regions")):
+            if truncated[what]:
+                log.warning("%s evaluation: %d of %d samples have more %s than %s allows: the model saw "
+                            "them cut (metrics.json: truncated)", split, truncated[what], len(predictions),
+                            what, limit)
         os.makedirs(out, exist_ok=True)
         write_json({str(k): predictions[k] for k in sorted(predictions)}, os.path.join(out, "predictions.json"))
         for name, obj in (files or {}).items():
             write_json(obj, os.path.join(out, name))
         write_json({"task": trainer.cfg.task.name, "split": split, "step": trainer.step,
                     "init_from": trainer.cfg.train.init_from, "num_samples": len(predictions),
-                    "metrics": metrics}, os.path.join(out, "metrics.json"))
+                    "truncated": truncated, "metrics": metrics}, os.path.join(out, "metrics.json"))
         log.info("%s evaluation on %s (%d samples) written to %s", trainer.cfg.task.name, split,
                  len(predictions), out)
     return out
