@@ -39,8 +39,7 @@ import sys
 
 from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer, run_main,
                                summarize)
-from data_tools.features import (RegionChecker, add_feature_args, feature_source, iter_image_regions,
-                                 norm_id, stable_sample_id)
+from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 
 def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
@@ -168,7 +167,7 @@ def convert(args: argparse.Namespace) -> None:
                 writer = stack.enter_context(open_writer(args.out, "captions", checker.optional, meta,
                                                          size_limit=args.size_limit,
                                                          overwrite=args.overwrite))
-            writer.write({"sample_id": stable_sample_id(r.image_id), **cols, "captions": caps[r.image_id]})
+            writer.write({"sample_id": schema.stable_sample_id(r.image_id), **cols, "captions": caps[r.image_id]})
         if writer is None:
             raise BadInputError("no samples to write: no image with captions had valid features")
         writer.meta["num_captions"] = sum(len(caps[i]) for i in caps)

@@ -8,10 +8,13 @@ features (``--tsv`` or ``--npz-dir``, see data_tools/features.py). One sample pe
 Tasks (``--task``):
   qa   Q -> A: question, choices = answer_choices, label = answer_label (-1 on the test split).
   qar  QA -> R: question text = question + " " + the correct answer, choices =
-       rationale_choices, label = rationale_label. Needs answer_label, so not the test split
-       (VCR scores test QA -> R with each candidate answer in turn, which this tool does not do).
+       rationale_choices, label = rationale_label. Needs answer_label, so not the test split.
+       With ``--given-answer N``: answer_choices[N] in place of the correct answer, on any
+       split, no labels (-1): the rationale scores "conditioned on a<N>" that VCR's
+       leaderboard takes for the test split, one dataset per N = 0..3.
 Q -> AR (both right) is not a dataset: convert and evaluate qa and qar separately and combine
-the two predictions files yourself.
+the evaluations with ``python -m vltrain.metrics.vcr`` (val scores, or the leaderboard CSV
+from qa + the four --given-answer evaluations of the test split).
 
 Text: questions and choices are token lists whose tokens are words or lists of indices into
 ``objects``. As in R2C's and VL-BERT's VCR loaders, an index of a "person" object becomes the
@@ -81,10 +84,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_tools.common import BadInputError, SkipCounter, add_output_args, open_writer, run_main, summarize
-from data_tools.features import (RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id,
-                                 stable_sample_id)
+from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 from vltrain.metrics.accuracy import box_iou
+from vltrain.metrics.vcr import sample_id_of
 
 # R2C's list (dataloaders/vcr.py), Peyton twice included: the same index gives the same name.
 GENDER_NEUTRAL_NAMES = ['Casey', 'Riley', 'Jessie', 'Jackie', 'Avery', 'Jaime', 'Peyton', 'Kerry', 'Jody',
@@ -170,16 +173,10 @@ def _choices(line: dict, key: str, objects: list[str]) -> tuple[list[str], list[
     return list(texts), list(refs)
 
 
-def sample_id_of(annot_id: str) -> int:
-    _, sep, tail = annot_id.rpartition("-")
-    if sep and tail.isascii() and tail.isdigit() and int(tail) < 2 ** 63:
-        return int(tail)
-    return stable_sample_id(annot_id)
-
-
-def parse_line(line, task: str, need_metadata: bool, where: str) -> dict:
+def parse_line(line, task: str, need_metadata: bool, where: str, given_answer: int | None = None) -> dict:
     """One annotation line -> {annot_id, image_id, metadata_fn, num_objects, question, choices,
-    label, question_objs, choice_objs}; the *_objs hold [char_start, char_end, object index]."""
+    label, question_objs, choice_objs}; the *_objs hold [char_start, char_end, object index].
+    ``given_answer`` (qar): that candidate answer follows the question, and there is no label."""
     if not isinstance(line, dict):
         raise _BadLine("malformed_line", "not a JSON object")
     missing = [k for k in REQUIRED + (("metadata_fn",) if need_metadata else ()) if k not in line]
@@ -196,17 +193,21 @@ def parse_line(line, task: str, need_metadata: bool, where: str) -> dict:
     if task == "qa":
         choices, choice_objs, label = answers, answer_objs, answer
     else:
-        if answer is None:
+        if given_answer is not None:
+            if given_answer >= len(answers):
+                raise _BadLine("bad_label", f"--given-answer {given_answer} but only {len(answers)} answer choices")
+            answer = given_answer
+        elif answer is None:
             # Not skippable: every line of a test file lacks it, skipping would hide the misuse.
             raise BadInputError(f"{where}: no answer_label (a test-split line?): --task qar puts the correct "
-                                f"answer after the question; VCR's test QA->R needs each candidate answer in "
-                                f"turn, which this tool does not do (convert the test split with --task qa)")
+                                f"answer after the question; VCR's test QA->R takes each candidate answer in "
+                                f"turn: convert with --given-answer N for N = 0..3")
         shift = len(question) + 1
         question_objs = question_objs + [[a + shift, b + shift, i] for a, b, i in answer_objs[answer]]
         question = f"{question} {answers[answer]}"
         choices, choice_objs = _choices(line, "rationale_choices", objects)
-        label = _label(line, "rationale_label", len(choices))
-        if label is None:
+        label = None if given_answer is not None else _label(line, "rationale_label", len(choices))
+        if label is None and given_answer is None:
             raise _BadLine("bad_label", "answer_label without rationale_label")
     base = os.path.splitext(os.path.basename(line["img_fn"].strip()))[0]
     return {"annot_id": str(line["annot_id"]), "image_id": norm_id(base), "metadata_fn": line.get("metadata_fn"),
@@ -247,7 +248,7 @@ def read_annotations(args: argparse.Namespace, skips: SkipCounter) -> dict[str, 
         try:
             if isinstance(line, Exception):
                 raise _BadLine("malformed_line", f"invalid JSON ({line})")
-            a = parse_line(line, args.task, bool(args.metadata_dir), where)
+            a = parse_line(line, args.task, bool(args.metadata_dir), where, args.given_answer)
             sid = sample_id_of(a["annot_id"])
             if sid in seen:
                 first_aid, first_line = seen[sid]
@@ -343,6 +344,8 @@ def object_regions(a: dict, region_boxes: np.ndarray, meta: Metadata | None) -> 
 
 
 def convert(args: argparse.Namespace) -> None:
+    if args.given_answer is not None and args.task != "qar":
+        raise BadInputError("--given-answer goes with --task qar (the answer given before the rationales)")
     skips = SkipCounter(args.skip_bad)
     by_image = read_annotations(args, skips)
     checker = RegionChecker(skips, args.feature_dim)
@@ -393,7 +396,7 @@ def convert(args: argparse.Namespace) -> None:
                     "mc", checker.feature_dim, checker.num_classes, optional,
                     source={"tool": "convert_vcr", "annotations": os.path.basename(args.annotations),
                             "features": feature_source(args)},
-                    task=args.task, refs=refs)
+                    task=args.task, given_answer=args.given_answer, refs=refs)
                 writer = stack.enter_context(open_writer(args.out, "mc", optional, meta,
                                                          size_limit=args.size_limit, overwrite=args.overwrite))
             images += 1
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True, help="VCR annotations: train.jsonl, val.jsonl or test.jsonl")
     p.add_argument("--task", choices=("qa", "qar"), default="qa",
                    help="qa: Q->A (default); qar: QA->R (question + correct answer, rationale choices)")
+    p.add_argument("--given-answer", type=int, choices=range(4), metavar="N",
+                   help="with --task qar: candidate answer N (0-3) after the question instead of the correct "
+                        "one, no labels, any split (VCR's test QA->R, one dataset per N)")
     p.add_argument("--metadata-dir", metavar="DIR",
                    help="vcr1images folder: <DIR>/<metadata_fn> gives the object boxes (each reference -> the "
                         "region of best IoU >= 0.5) and the image size where the features lack it; without it "

@@ -54,14 +54,6 @@ def norm_id(x) -> str:
     return s
 
 
-def stable_sample_id(image_id: str) -> int:
-    """A stable int64 sample id for an image: the id itself if numeric, else a 63-bit hash."""
-    if image_id.isdigit() and int(image_id) < 2 ** 63:
-        return int(image_id)
-    import xxhash
-    return xxhash.xxh64(image_id.encode("utf-8")).intdigest() & (2 ** 63 - 1)
-
-
 @dataclass
 class Regions:
     """One image's regions as read from a feature file (boxes still in pixels)."""

@@ -192,8 +192,29 @@ def test_qar_and_test_split(tmp_path, tsv, capsys):
     assert convert_vcr.main(["--annotations", test_ann, "--task", "qar", "--tsv", tsv,
                              "--out", str(tmp_path / "test_qar")]) == 2
     err = capsys.readouterr().err
-    assert f"{test_ann} line 1 (annot_id test-0)" in err and "no answer_label" in err and "--task qa" in err
+    assert f"{test_ann} line 1 (annot_id test-0)" in err and "no answer_label" in err and "--given-answer" in err
     assert not os.path.exists(tmp_path / "test_qar" / "index.json")
+
+    # The leaderboard's QA->R: each candidate answer in turn, same sample ids as Q->A, no labels.
+    for n, answer in enumerate("ABCD"):
+        out_n = tmp_path / f"test_qar_a{n}"
+        assert convert_vcr.main(["--annotations", test_ann, "--task", "qar", "--given-answer", str(n),
+                                 "--tsv", tsv, "--out", str(out_n)]) == 0
+        rows = read_rows(out_n)
+        assert [(int(s["sample_id"]), int(s["label"])) for s in rows] == [(3, -1), (0, -1)]
+        assert rows[1]["question"] == f"Who is Riley? {answer}" and rows[1]["choices"] == ["E", "F"]
+        meta = read_meta(out_n)
+        assert meta["given_answer"] == n and meta["task"] == "qar" and meta["has_labels"] is False
+    # On a labelled split the given answer replaces the correct one, and the labels go.
+    assert convert_vcr.main(["--annotations", ann, "--task", "qar", "--given-answer", "1", "--tsv", tsv,
+                             "--out", str(tmp_path / "train_qar_a1")]) == 0
+    for s in read_rows(tmp_path / "train_qar_a1"):
+        q, answers, rationales, _, _ = EXPECTED[int(s["sample_id"])]
+        assert s["question"] == f"{q} {answers[1]}" and s["choices"] == rationales and int(s["label"]) == -1
+    capsys.readouterr()
+    assert convert_vcr.main(["--annotations", test_ann, "--given-answer", "1", "--tsv", tsv,
+                             "--out", str(tmp_path / "qa_given")]) == 2
+    assert "--given-answer goes with --task qar" in capsys.readouterr().err
 
 
 def metadata_boxes(boxes) -> list:

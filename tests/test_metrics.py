@@ -438,3 +438,40 @@ def test_vcr_joint_accuracy_from_two_evaluations(tmp_path, capsys):
     test = write("test", {1: (0, None), 2: (1, None), 3: (2, None), 4: (0, None)})
     assert vcr_main([qa, test]) == 2
     assert "4 questions have no label" in capsys.readouterr().err
+
+
+def test_vcr_leaderboard_csv_from_five_evaluations(tmp_path, capsys):
+    """The test split's submission: per annot_id (annotation order) the answers' probabilities
+    and the rationales' given each candidate answer, in R2C's eval_for_leaderboard.py columns."""
+    import csv
+    from vltrain.metrics.vcr import main as vcr_main, sample_id_of
+
+    annot_ids = ["test-5", "test-2", "test-odd-name"]      # the last one's sample id is a hash
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"annot_id": a, "question": []}) + "\n"
+                                                  for a in annot_ids))
+
+    def probs(which, a):              # distinct per evaluation and question
+        return [round(0.1 * which + 0.01 * i + 0.001 * len(a), 6) for i in range(4)]
+
+    evals = []
+    for which in range(5):
+        d = tmp_path / f"eval{which}"
+        d.mkdir()
+        recs = {str(sample_id_of(a)): {"image_id": "x", "probs": probs(which, a), "pred": 0} for a in annot_ids}
+        (d / "predictions.json").write_text(json.dumps(recs))
+        evals.append(str(d))
+    out = tmp_path / "submission.csv"
+    args = ["--leaderboard", str(out), "--annotations", str(tmp_path / "test.jsonl")]
+    assert vcr_main([*args, *evals]) == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == (["annot_id"] + [f"answer_{i}" for i in range(4)] +
+                       [f"rationale_conditioned_on_a{a}_{i}" for a in range(4) for i in range(4)])
+    assert [r[0] for r in rows[1:]] == annot_ids
+    for r, a in zip(rows[1:], annot_ids):
+        assert [float(x) for x in r[1:]] == [p for which in range(5) for p in probs(which, a)]
+
+    assert vcr_main([*args, *evals[:4]]) == 2                      # one conditioned evaluation short
+    assert "takes 5 evaluations" in capsys.readouterr().err
+    (tmp_path / "test.jsonl").write_text(json.dumps({"annot_id": "test-9"}) + "\n")
+    assert vcr_main([*args, *evals]) == 2
+    assert "annot_id test-9 (sample id 9) is not in the Q->A evaluation" in capsys.readouterr().err

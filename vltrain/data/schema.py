@@ -12,6 +12,14 @@ from __future__ import annotations
 META_FILE = "vltrain_meta.json"
 META_VERSION = 1
 
+
+def stable_sample_id(image_id: str) -> int:
+    """A stable int64 sample id for an image: the id itself if numeric, else a 63-bit hash."""
+    if image_id.isdigit() and int(image_id) < 2 ** 63:
+        return int(image_id)
+    import xxhash
+    return xxhash.xxh64(image_id.encode("utf-8")).intdigest() & (2 ** 63 - 1)
+
 # Columns every image-bearing sample has.
 IMAGE_COLUMNS = {
     "sample_id": "int64",                # stable id: keys masking RNG, eval dedupe

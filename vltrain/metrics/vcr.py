@@ -1,4 +1,5 @@
-"""VCR's three scores from two multiple-choice evaluations: Q->A, QA->R and Q->AR.
+"""VCR's three scores from two multiple-choice evaluations: Q->A, QA->R and Q->AR; and the
+leaderboard's submission file for the test split.
 
 VCR (Zellers et al. 2019) reports Q->A (pick the answer), QA->R (pick the rationale given the
 right answer) and Q->AR: a question counts only when both picks are right. vltrain trains and
@@ -9,14 +10,37 @@ evaluates the first two as two ``mc`` datasets (``data_tools/convert_vcr.py --ta
   python -m vltrain.metrics.vcr runs/vcr-qa/eval/val_step00016600 runs/vcr-qar/eval/val_step00016600
 
 (an evaluation folder or its predictions.json each). Both must hold the same questions, all
-labelled: test-split predictions are scored by the VCR leaderboard, from the ``probs``.
+labelled. The test split has no labels: the leaderboard scores a CSV of probabilities, the
+answers' and the rationales' conditioned on each candidate answer in turn (R2C's
+eval_for_leaderboard.py format). Evaluate the qa dataset and the four ``--task qar
+--given-answer N`` datasets of the test split, then
+
+  python -m vltrain.metrics.vcr --leaderboard submission.csv --annotations vcr1annots/test.jsonl \
+      QA_EVAL QAR_A0_EVAL QAR_A1_EVAL QAR_A2_EVAL QAR_A3_EVAL
+
+writes one row per line of the annotations, in their order (annot_id, answer_0..3,
+rationale_conditioned_on_a0_0 .. a3_3); a question missing from an evaluation is an error.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
+
+from vltrain.data.schema import stable_sample_id
+
+NUM_CHOICES = 4   # VCR: four answers, four rationales
+
+
+def sample_id_of(annot_id: str) -> int:
+    """A VCR question's sample id (convert_vcr): the integer after the last "-" of annot_id
+    ("test-12" -> 12), else a stable hash of annot_id."""
+    _, sep, tail = annot_id.rpartition("-")
+    if sep and tail.isascii() and tail.isdigit() and int(tail) < 2 ** 63:
+        return int(tail)
+    return stable_sample_id(annot_id)
 
 
 def joint_accuracy(qa: dict, qar: dict) -> dict[str, float]:
@@ -40,6 +64,46 @@ def joint_accuracy(qa: dict, qar: dict) -> dict[str, float]:
             "Q->AR": 100.0 * len(right_a & right_r) / n, "num_samples": float(n)}
 
 
+def leaderboard_rows(annot_ids: list[str], qa: dict, conditioned: list[dict]) -> list[list]:
+    """The leaderboard CSV's rows (header first): per annot_id the Q->A probabilities and the
+    QA->R ones given each candidate answer (``conditioned[n]``: the --given-answer n evaluation)."""
+    if len(conditioned) != NUM_CHOICES:
+        raise ValueError(f"{len(conditioned)} QA->R evaluations given: one per candidate answer, "
+                         f"{NUM_CHOICES}, is needed (--given-answer 0..{NUM_CHOICES - 1})")
+    header = ["annot_id", *(f"answer_{i}" for i in range(NUM_CHOICES)),
+              *(f"rationale_conditioned_on_a{a}_{i}" for a in range(NUM_CHOICES) for i in range(NUM_CHOICES))]
+    rows = [header]
+    for annot_id in annot_ids:
+        sid = str(sample_id_of(annot_id))
+        row = [annot_id]
+        for what, preds in (("Q->A", qa), *((f"QA->R given answer {n}", p) for n, p in enumerate(conditioned))):
+            if sid not in preds:
+                raise ValueError(f"annot_id {annot_id} (sample id {sid}) is not in the {what} evaluation: "
+                                 "evaluate the datasets converted from these annotations")
+            probs = preds[sid]["probs"]
+            if len(probs) != NUM_CHOICES:
+                raise ValueError(f"annot_id {annot_id}: {len(probs)} choices in the {what} evaluation, "
+                                 f"VCR has {NUM_CHOICES}")
+            row += [f"{p:.6g}" for p in probs]
+        rows.append(row)
+    return rows
+
+
+def _annot_ids(path: str) -> list[str]:
+    out = []
+    try:
+        with open(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        out.append(str(json.loads(line)["annot_id"]))
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{path} line {lineno}: no annot_id ({e!r})") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the annotations ({e})") from e
+    return out
+
+
 def _load(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "predictions.json")
@@ -53,11 +117,30 @@ def _load(path: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vltrain.metrics.vcr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("qa", help="the Q->A evaluation (folder or predictions.json)")
-    p.add_argument("qar", help="the QA->R evaluation of the same questions")
+    p.add_argument("evals", nargs="+", metavar="EVAL",
+                   help="evaluation folders (or predictions.json): Q->A then QA->R; with --leaderboard, "
+                        "Q->A then the four QA->R evaluations given answer 0, 1, 2, 3")
+    p.add_argument("--leaderboard", metavar="CSV", help="write the leaderboard submission file here")
+    p.add_argument("--annotations", metavar="JSONL", help="with --leaderboard: the split's VCR annotations")
     args = p.parse_args(argv)
     try:
-        scores = joint_accuracy(_load(args.qa), _load(args.qar))
+        if args.leaderboard:
+            if not args.annotations:
+                raise ValueError("--leaderboard needs --annotations (the test.jsonl the datasets came from)")
+            if len(args.evals) != 1 + NUM_CHOICES:
+                raise ValueError(f"--leaderboard takes {1 + NUM_CHOICES} evaluations (Q->A, then QA->R given "
+                                 f"answer 0..{NUM_CHOICES - 1}), got {len(args.evals)}")
+            preds = [_load(e) for e in args.evals]
+            rows = leaderboard_rows(_annot_ids(args.annotations), preds[0], preds[1:])
+            tmp = args.leaderboard + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+            os.replace(tmp, args.leaderboard)
+            print(f"wrote {len(rows) - 1} questions to {args.leaderboard}")
+            return 0
+        if len(args.evals) != 2:
+            raise ValueError(f"give the Q->A and the QA->R evaluation (2), got {len(args.evals)}")
+        scores = joint_accuracy(_load(args.evals[0]), _load(args.evals[1]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
