@@ -279,6 +279,37 @@ def machine_description(device: torch.device) -> str:
             f"({torch.get_num_threads()} threads)")
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (a 2-rank launch's MASTER_PORT)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(cmd: list[str], what: str, timeout: float) -> list[str]:
+    """``python cmd...`` as ranks 0 and 1 of a gloo world on this machine (DeepSpeed's CPU
+    accelerator, one thread each), as a launcher would start them; returns their output,
+    raises with its tail when either fails."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ)
+        for k in list(env):
+            if k.startswith(("SLURM_", "PMI_", "OMPI_")):
+                env.pop(k)
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", LOCAL_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(t[-4000:] for t in logs))
+    return logs
+
+
 def emit_report(text: str, out: str | None) -> None:
     """Print a Markdown report, and write it to ``out`` when given (``--out``)."""
     print(text)

@@ -31,8 +31,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,10 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (REPO, Runner, emit_report, Size, bucketed_structure, full_size,  # noqa: E402
-                    machine_description, make_batch, make_optimizer, markdown_table, measured_gemm_tflops,
-                    median, peer_flop_cfg, peer_inputs, peer_model, quick_size, resident_bytes, sync,
-                    tensor_bytes, time_interleaved, to_device, transient_peak_bytes)
+from benchmarks.common import (REPO, Runner, emit_report, Size, bucketed_structure, free_port,  # noqa: E402
+                    full_size, machine_description, make_batch, make_optimizer, markdown_table,
+                    measured_gemm_tflops, median, peer_flop_cfg, peer_inputs, peer_model, quick_size,
+                    resident_bytes, run_two_ranks, sync, tensor_bytes, time_interleaved, to_device,
+                    transient_peak_bytes)
 
 PEER = "VisualBERT (transformers)"
 OURS = "ours (vltrain)"
@@ -235,7 +234,7 @@ def init_single_process_group(device: torch.device) -> None:
     if torch.distributed.is_initialized():
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from vltrain.engine.distributed import init_distributed
     init_distributed(300)
 
@@ -396,32 +395,11 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
 
 # ------------------------------------------------------------------------------ 2. ZeRO memory
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def zero_section(size: Size, args) -> tuple[str, dict]:
     """Spawn 2 gloo ranks of ``--zero-worker`` and tabulate what they measured."""
     out = os.path.join(tempfile.mkdtemp(prefix="vltrain_zero_"), "zero.json")
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ)
-        for k in list(env):
-            if k.startswith(("SLURM_", "PMI_", "OMPI_")):
-                env.pop(k)
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", LOCAL_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
-        cmd = [sys.executable, os.path.abspath(__file__), "--zero-worker", out] + (["--quick"] if args.quick else [])
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    logs = [p.communicate(timeout=args.zero_timeout)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError("ZeRO worker failed:\n" + "\n".join(l[-4000:] for l in logs))
+    run_two_ranks([os.path.abspath(__file__), "--zero-worker", out] + (["--quick"] if args.quick else []),
+                  "ZeRO worker", args.zero_timeout)
     with open(out) as f:
         res = json.load(f)
     shutil.rmtree(os.path.dirname(out), ignore_errors=True)

@@ -137,10 +137,10 @@ vltrain_task() {
 vltrain_main() {
     # USR1 to this shell (--signal=B:USR1@T) before the ranks exist would end the job (bash's
     # default action): nothing to checkpoint yet, so say so and carry on. TERM: the job is
-    # being ended; the ranks are not started (checked just before srun).
-    local early_term=0
+    # being ended; the ranks are not started (checked just before srun), and never requeued.
+    local got_term=0
     trap 'vltrain_log "USR1 before the ranks started: nothing to checkpoint yet, ignored"' USR1
-    trap 'early_term=1' TERM
+    trap 'got_term=1' TERM
     [[ -n "${SLURM_JOB_ID:-}" ]] || vltrain_fail 2 "not inside a Slurm job: submit with sbatch"
     local home="${VLTRAIN_HOME:?}"
     local restart="${SLURM_RESTART_COUNT:-0}"
@@ -242,8 +242,8 @@ PY
     # exit_dir instead. --gpu-bind=none: every rank sees all GPUs of its node and takes
     # cuda:LOCAL_RANK (a site default binding one GPU per task would break that index and
     # CUDA peer-to-peer between the ranks of a node).
-    local srun_pid rc got_term=0
-    ((early_term)) && vltrain_fail 143 "SIGTERM before the ranks started (job cancelled or preempted): not starting them"
+    local srun_pid rc
+    ((got_term)) && vltrain_fail 143 "SIGTERM before the ranks started (job cancelled or preempted): not starting them"
     # shellcheck disable=SC2016  # $1/$@ expand in the task's shell, not here
     srun --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none \
         --output="$log_dir/%j-%t.log" --open-mode=append \

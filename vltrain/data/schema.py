@@ -20,6 +20,7 @@ def stable_sample_id(image_id: str) -> int:
     import xxhash
     return xxhash.xxh64(image_id.encode("utf-8")).intdigest() & (2 ** 63 - 1)
 
+
 # Columns every image-bearing sample has.
 IMAGE_COLUMNS = {
     "sample_id": "int64",                # stable id: keys masking RNG, eval dedupe
