@@ -72,12 +72,11 @@ def _rank_bytes(tag_dir: str, world: int) -> list[int]:
 def worker(out: str, quick: bool, rounds: int, where: str) -> None:
     """One rank: per ZeRO stage, build + one step, then ``rounds`` saves and loads; the peer
     on rank 0. Rank 0 writes the JSON."""
-    import deepspeed
     import torch.distributed as dist
+    from benchmarks.train_throughput import stepped_zero_engine
     from vltrain.config import Config
     from vltrain.engine import checkpoint as ckpt
     from vltrain.engine.distributed import init_distributed
-    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.tasks.pretrain import PretrainTask
 
@@ -97,15 +96,7 @@ def worker(out: str, quick: bool, rounds: int, where: str) -> None:
 
     for stage in (0, 1, 2, 3):
         log(f"rank {info.rank}: ZeRO-{stage}")
-        ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, info.world, "cpu")
-        torch.manual_seed(0)
-        task = PretrainTask(VLModel(cfg.model), cfg.objectives)
-        res["num_params"] = sum(p.numel() for p in task.parameters())
-        engine, *_ = deepspeed.initialize(model=task, config=ds,
-                                          model_parameters=no_decay_param_groups(task, cfg.train.weight_decay))
-        loss, _ = engine(batch)
-        engine.backward(loss)
-        engine.step()
+        engine, res["num_params"] = stepped_zero_engine(cfg, stage, info.world, batch)
         save_dir = os.path.join(where, f"zero{stage}")
         saves, loads, cold = [], [], True
         for r in range(rounds):
@@ -122,7 +113,7 @@ def worker(out: str, quick: bool, rounds: int, where: str) -> None:
                                      "loads": loads, "rank_bytes": _rank_bytes(tag_dir, info.world),
                                      "total_bytes": _dir_bytes(tag_dir), "cold_load": cold}
         engine.destroy()
-        engine = task = None
+        engine = None
         gc.collect()
         if info.rank == 0:
             shutil.rmtree(save_dir, ignore_errors=True)

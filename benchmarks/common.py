@@ -279,18 +279,11 @@ def machine_description(device: torch.device) -> str:
             f"({torch.get_num_threads()} threads)")
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now (a 2-rank launch's MASTER_PORT)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(cmd: list[str], what: str, timeout: float) -> list[str]:
     """``python cmd...`` as ranks 0 and 1 of a gloo world on this machine (DeepSpeed's CPU
     accelerator, one thread each), as a launcher would start them; returns their output,
     raises with its tail when either fails."""
+    from vltrain.engine.distributed import free_port
     port = free_port()
     procs = []
     for rank in range(2):

@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (REPO, Runner, emit_report, Size, bucketed_structure, free_port,  # noqa: E402
-                    full_size, machine_description, make_batch, make_optimizer, markdown_table,
+from benchmarks.common import (REPO, Runner, emit_report, Size, bucketed_structure, full_size,  # noqa: E402
+                    machine_description, make_batch, make_optimizer, markdown_table,
                     measured_gemm_tflops, median, peer_flop_cfg, peer_inputs, peer_model, quick_size,
                     resident_bytes, run_two_ranks, sync, tensor_bytes, time_interleaved, to_device,
                     transient_peak_bytes)
@@ -233,9 +233,9 @@ def init_single_process_group(device: torch.device) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if torch.distributed.is_initialized():
         return
+    from vltrain.engine.distributed import free_port, init_distributed
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    from vltrain.engine.distributed import init_distributed
     init_distributed(300)
 
 
@@ -482,13 +482,30 @@ def engine_state_bytes(engine) -> dict:
                 total=tensor_bytes(params + master + states))
 
 
-def measure_zero_stages(info, size: Size, precision: str) -> dict:
-    """Per-rank bytes of parameters, fp32 master partitions and optimizer state, ZeRO 0..3."""
+def stepped_zero_engine(cfg, stage: int, world: int, batch):
+    """(DeepSpeed engine of the pretraining task under ZeRO-``stage`` as vltrain/run.py builds it
+    on CPU, after one training step on ``batch``; the task's parameter count). Seeded: every
+    rank and stage starts from the same weights."""
     import deepspeed
-    from vltrain.config import Config
     from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
     from vltrain.model import VLModel
     from vltrain.tasks.pretrain import PretrainTask
+
+    ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, world, "cpu")
+    torch.manual_seed(0)
+    task = PretrainTask(VLModel(cfg.model), cfg.objectives)
+    n_params = sum(p.numel() for p in task.parameters())
+    engine, *_ = deepspeed.initialize(model=task, config=ds,
+                                      model_parameters=no_decay_param_groups(task, cfg.train.weight_decay))
+    loss, _ = engine(batch)
+    engine.backward(loss)
+    engine.step()
+    return engine, n_params
+
+
+def measure_zero_stages(info, size: Size, precision: str) -> dict:
+    """Per-rank bytes of parameters, fp32 master partitions and optimizer state, ZeRO 0..3."""
+    from vltrain.config import Config
 
     cfg = Config(model=size.model)
     cfg.train.micro_batch_size = size.batch
@@ -497,15 +514,7 @@ def measure_zero_stages(info, size: Size, precision: str) -> dict:
     batch = make_batch(size, seed=1 + info.rank).to("cpu", float_dtype=float_dtype)
     res = {"precision": precision, "size": size.name}
     for stage in (0, 1, 2, 3):
-        ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, info.world, "cpu")
-        torch.manual_seed(0)
-        task = PretrainTask(VLModel(cfg.model), cfg.objectives)
-        n_params = sum(p.numel() for p in task.parameters())
-        engine, *_ = deepspeed.initialize(model=task, config=ds,
-                                          model_parameters=no_decay_param_groups(task, cfg.train.weight_decay))
-        loss, _ = engine(batch)
-        engine.backward(loss)
-        engine.step()
+        engine, n_params = stepped_zero_engine(cfg, stage, info.world, batch)
         opt = engine.optimizer
         m = dict(engine_state_bytes(engine), num_params=n_params, optimizer=type(opt).__name__)
         gathered = [None] * info.world
@@ -515,7 +524,7 @@ def measure_zero_stages(info, size: Size, precision: str) -> dict:
         res["rank_spread"] = max(res["rank_spread"], max(abs(g["total"] - gathered[0]["total"]) for g in gathered))
         res["num_params"] = n_params
         engine.destroy()
-        del engine, task, opt
+        del engine, opt
         gc.collect()
     return res
 

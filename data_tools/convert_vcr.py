@@ -206,9 +206,11 @@ def parse_line(line, task: str, need_metadata: bool, where: str, given_answer: i
         question_objs = question_objs + [[a + shift, b + shift, i] for a, b, i in answer_objs[answer]]
         question = f"{question} {answers[answer]}"
         choices, choice_objs = _choices(line, "rationale_choices", objects)
-        label = None if given_answer is not None else _label(line, "rationale_label", len(choices))
-        if label is None and given_answer is None:
-            raise _BadLine("bad_label", "answer_label without rationale_label")
+        label = None
+        if given_answer is None:
+            label = _label(line, "rationale_label", len(choices))
+            if label is None:
+                raise _BadLine("bad_label", "answer_label without rationale_label")
     base = os.path.splitext(os.path.basename(line["img_fn"].strip()))[0]
     return {"annot_id": str(line["annot_id"]), "image_id": norm_id(base), "metadata_fn": line.get("metadata_fn"),
             "num_objects": len(objects), "question": question, "choices": choices, "label": label,

@@ -66,10 +66,8 @@ def joint_accuracy(qa: dict, qar: dict) -> dict[str, float]:
 
 def leaderboard_rows(annot_ids: list[str], qa: dict, conditioned: list[dict]) -> list[list]:
     """The leaderboard CSV's rows (header first): per annot_id the Q->A probabilities and the
-    QA->R ones given each candidate answer (``conditioned[n]``: the --given-answer n evaluation)."""
-    if len(conditioned) != NUM_CHOICES:
-        raise ValueError(f"{len(conditioned)} QA->R evaluations given: one per candidate answer, "
-                         f"{NUM_CHOICES}, is needed (--given-answer 0..{NUM_CHOICES - 1})")
+    QA->R ones given each candidate answer (``conditioned[n]``: the --given-answer n evaluation,
+    one per answer: main() checks the count before reading any file)."""
     header = ["annot_id", *(f"answer_{i}" for i in range(NUM_CHOICES)),
               *(f"rationale_conditioned_on_a{a}_{i}" for a in range(NUM_CHOICES) for i in range(NUM_CHOICES))]
     rows = [header]
