@@ -429,3 +429,18 @@ def test_through_mc_collator(tmp_path):
     words = tok.hf.convert_ids_to_tokens(ids)
     # train-0: "What is Casey thinking?" / "He doesn't like Riley's tie."
     assert [(w, r) for w, r in zip(words, regions) if r >= 0] == [("casey", 0), ("riley", 1), ("tie", 2)]
+
+
+def test_given_answer_beyond_a_lines_choices_is_a_bad_line(tmp_path, tsv, capsys):
+    """--given-answer 3 on a line with only 2 answer choices: named, or counted with --skip-bad."""
+    short = vcr_line("test-9", FN_A, ["Why", "?"], [["A"], ["B"]], [["E"], ["F"]])
+    ok = vcr_line("test-3", FN_B, ["Why", "?"], [["A"], ["B"], ["C"], ["D"]], [["E"], ["F"]])
+    ann = write_lines(tmp_path / "test.jsonl", [ok, short])
+    args = ["--annotations", ann, "--task", "qar", "--given-answer", "3", "--tsv", tsv]
+    assert convert_vcr.main([*args, "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ann} line 2 (annot_id test-9)" in err and "--given-answer 3 but only 2 answer choices" in err, err
+    assert convert_vcr.main([*args, "--skip-bad", "--out", str(tmp_path / "o2")]) == 0
+    rows = read_rows(tmp_path / "o2")
+    assert [(int(s["sample_id"]), s["question"]) for s in rows] == [(3, "Why? D")]
+    assert read_meta(tmp_path / "o2")["skipped"] == {"bad_label": 1}
