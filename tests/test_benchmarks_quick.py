@@ -238,18 +238,21 @@ def test_engine_overhead_quick_has_every_row(tmp_path):
 
 def test_checkpoint_io_quick_has_every_row(tmp_path):
     """vltrain's save/load under ZeRO-0..3 on 2 real ranks and the plain torch.save peer, each
-    with finite times; ZeRO-0 is written by rank 0 alone, ZeRO-1/2/3 shard over both ranks."""
+    with finite times and its fsync part; ZeRO-0 is written by rank 0 alone, ZeRO-1/2/3 shard
+    over both ranks."""
     md = tmp_path / "ckpt.md"
     out = run_script(["benchmarks/checkpoint_io.py", "--quick", "--rounds", "1", "--dir", str(tmp_path),
                       "--out", str(md)])
     _, rows = table_rows(out, "checkpoint")
     assert [r[0] for r in rows] == ["vltrain save, ZeRO-0", "vltrain save, ZeRO-1",
                                     "vltrain save, ZeRO-2 (run.py's default)", "vltrain save, ZeRO-3",
-                                    "peer: rank 0 torch.save(model + AdamW state dicts)"]
+                                    "peer: rank 0 torch.save(model + AdamW state dicts), then fsync"]
     assert all(finite(c) for r in rows for c in r[1:]), rows
     num = {r[0]: [float(c.replace(",", "")) for c in r[1:]] for r in rows}
     assert all(c > 0 for v in num.values() for c in v), rows
-    busiest, total = zip(*((v[2], v[3]) for v in num.values()))
+    assert all(v[1] < v[0] for v in num.values()), rows          # the fsync is a part of the save
+    busiest, total = zip(*((v[3], v[4]) for v in num.values()))
     assert busiest[0] == total[0] and all(b < t for b, t in zip(busiest[1:4], total[1:4])), rows
+    assert busiest[4] == total[4], rows
     assert md.read_text().strip() == out.strip()
     assert os.listdir(tmp_path) == ["ckpt.md"]          # the checkpoints are removed

@@ -90,6 +90,27 @@ def test_incomplete_latest_is_reported_and_skipped(tmp_path, caplog):
     assert "step_00000030" in caplog.text and "incomplete" in caplog.text
 
 
+def test_cut_short_saves_are_named_and_cleaned_up(tmp_path, caplog):
+    """A save writes <tag>.partial; one cut short is named at the next resume and deleted by a
+    later save's rotation; a replace cut between its two renames is named with what to rename."""
+    save = str(tmp_path)
+    _tag(save, 10)
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(10))
+    os.makedirs(os.path.join(save, "step_00000012.partial"))          # a save that died
+    assert ckpt.find_resume_point(save).tag == ckpt.step_tag(10)
+    assert "step_00000012.partial was cut short" in caplog.text
+    _tag(save, 14)
+    assert ckpt.rotate(save, 14, keep_last=3) == ["step_00000012.partial"]
+    # best replaced: renamed to best.old, then the crash before best.partial became best
+    for name in ("best.partial", "best.old"):
+        os.makedirs(os.path.join(save, name))
+        with open(os.path.join(save, name, ckpt.COMPLETE_FILE), "w") as f:
+            json.dump({"step": 14 if name == "best.partial" else 10, "world_size": 2}, f)
+    with pytest.raises(FileNotFoundError, match=r"best does not exist; a save that replaced it was cut short "
+                                                r"between two renames.*best.partial and .*best.old"):
+        ckpt.resolve_checkpoint(os.path.join(save, "best"))
+
+
 def test_no_checkpoint_and_explicit_paths(tmp_path):
     assert ckpt.find_resume_point(str(tmp_path / "none")) is None
     d = _tag(str(tmp_path), 40)
@@ -97,6 +118,15 @@ def test_no_checkpoint_and_explicit_paths(tmp_path):
     assert ckpt.resolve_checkpoint(str(tmp_path)).tag == "step_00000040"  # a save dir
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.resolve_checkpoint(str(tmp_path / "missing"))
+    run = tmp_path / "run"                                               # a run folder
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("")
+    _tag(str(run / "checkpoints"), 50)
+    assert ckpt.resolve_checkpoint(str(run)).path == str(run / "checkpoints" / "step_00000050")
+    cut = _tag(str(tmp_path), 60, complete=False)
+    open(os.path.join(cut, "mp_rank_00_model_states.pt"), "w").close()
+    with pytest.raises(FileNotFoundError, match="step_00000060 is incomplete .*its save did not finish"):
+        ckpt.resolve_checkpoint(cut)
 
 
 def test_activation_checkpointing_gives_the_same_losses_and_grads():

@@ -19,3 +19,17 @@ def run_spec(spec_path: str, run_one) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return spec
+
+
+def record_losses(trainer) -> dict:
+    """{step: globally reduced train/loss}, filled as ``trainer`` logs its steps."""
+    losses = {}
+    real_step_end = trainer.monitor.step_end
+
+    def step_end(step, *a, **kw):
+        res = real_step_end(step, *a, **kw)
+        if res is not None and "train/loss" in res:
+            losses[int(step)] = res["train/loss"]
+        return res
+    trainer.monitor.step_end = step_end
+    return losses

@@ -58,6 +58,8 @@ def locate(path: str, tag: Optional[str] = None, check_files: bool = True) -> ck
         save_dir = _save_dir_of(path)
         if save_dir is None and info is not None:
             save_dir = os.path.dirname(path)       # a tag folder given with another --tag
+        if save_dir is None and ckpt.is_incomplete_tag(path):
+            raise CheckpointError(ckpt.incomplete_message(path))
         if save_dir is None:
             raise CheckpointError(f"{path} is not a checkpoint: expected a tag folder holding {ckpt.COMPLETE_FILE}, "
                                   "a folder of such tags (a run's checkpoints/), or a run folder")
@@ -102,9 +104,11 @@ def staged_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp made it 0700: outputs are for sharing
+        ckpt.sync_tree(tmp)                   # durable before it takes the name (engine/checkpoint.py)
         if os.path.lexists(out_dir):
             shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
         os.rename(tmp, out_dir)
+        ckpt.sync_path(parent)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +145,10 @@ def staged_files(paths: list[str], overwrite: bool = False) -> Iterator[list[str
         yield tmps
         for tmp, p in zip(tmps, paths):
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: outputs are for sharing
+            ckpt.sync_path(tmp)
             os.replace(tmp, p)
+        for folder in {os.path.dirname(p) for p in paths}:
+            ckpt.sync_path(folder)
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):

@@ -12,7 +12,8 @@ from vltrain.config import Config, config_to_dict
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
-from vltrain.engine.resume import check_model_matches, check_resume_stage, reconcile_resume
+from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
+    reconcile_resume
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -173,6 +174,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         ds.setdefault("checkpoint", {})["load_universal"] = True
     if found is not None:
         check_resume_stage(found, ds)           # a stage its files can be loaded under
+        check_resume_precision(found, cfg.train.precision)
     check_buildable(ds)
     precision = precision_of(ds)
 

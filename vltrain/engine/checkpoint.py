@@ -13,6 +13,19 @@ A tag is complete only when ``vltrain_ckpt.json`` exists: it is written by rank 
 barrier that every rank reaches only once its own files are on disk, and ``latest`` moves
 after that. DeepSpeed's own ``latest`` (written by rank 0 without waiting for the others)
 is switched off.
+
+Every save is written as ``<tag>.partial`` and renamed to ``<tag>`` once complete, so that
+re-saving a tag that exists (``best`` at every improvement; a step saved again by a run
+resumed before it) keeps the previous copy until the new one is whole: a save cut short
+leaves ``<tag>`` as it was. Replacing an existing tag takes two renames (``<tag>`` to
+``<tag>.old``, ``<tag>.partial`` to ``<tag>``); a crash between them leaves both complete,
+and a reader that does not find ``<tag>`` says which to rename.
+
+"On disk" means synced, not only written: before the record, the first rank of every node
+fsyncs the tag's files and folders (DeepSpeed's writes end in the page cache), and the
+record and ``latest`` are each synced, renamed into place and their folder synced. Without
+that a node's power loss or kernel crash right after a save could leave a record the
+journal kept and shard data it had not written yet: a tag marked complete with torn files.
 """
 from __future__ import annotations
 
@@ -36,7 +49,9 @@ log = logging.getLogger(__name__)
 COMPLETE_FILE = "vltrain_ckpt.json"
 LATEST_FILE = "latest"
 BEST_TAG = "best"
+PARTIAL, OLD = ".partial", ".old"     # a save in progress; the copy it replaces, for two renames
 _STEP_TAG = re.compile(r"step_(\d+)")
+_STEP_LEFTOVER = re.compile(r"step_(\d+)(\.partial|\.old)")
 
 
 def step_tag(step: int) -> str:
@@ -89,6 +104,9 @@ def find_resume_point(save_dir: str) -> Optional[Found]:
             latest = f.read().strip()
     except FileNotFoundError:
         pass
+    if latest and not os.path.isdir(os.path.join(save_dir, latest)):
+        log.warning("checkpoint %s (latest) is missing%s", os.path.join(save_dir, latest),
+                    interrupted_replace(os.path.join(save_dir, latest)))
     candidates = ([latest] if latest else []) + [t for t in _tags_newest_first(save_dir) if t != latest]
     for tag in candidates:
         info = read_ckpt_info(os.path.join(save_dir, tag))
@@ -96,22 +114,53 @@ def find_resume_point(save_dir: str) -> Optional[Found]:
             if latest and tag != latest:
                 log.warning("checkpoint %s is incomplete (no %s); resuming from %s instead",
                             os.path.join(save_dir, latest), COMPLETE_FILE, tag)
+            cut = sorted(n for n in os.listdir(save_dir) if (m := _STEP_LEFTOVER.fullmatch(n))
+                         and m.group(2) == PARTIAL and int(m.group(1)) > int(info.get("step", 0)))
+            if cut:
+                log.warning("the save of %s was cut short (incomplete, left as is); the newest complete "
+                            "checkpoint is %s", ", ".join(cut), tag)
             return Found(save_dir, tag, info)
-        log.warning("skipping incomplete checkpoint %s (no %s)", os.path.join(save_dir, tag), COMPLETE_FILE)
+        if os.path.isdir(os.path.join(save_dir, tag)):
+            log.warning("skipping incomplete checkpoint %s (no %s)", os.path.join(save_dir, tag), COMPLETE_FILE)
     return None
 
 
+def interrupted_replace(path: str) -> str:
+    """For a missing tag folder: what a save cut between its two renames left, or ""."""
+    left = [p for p in (path + PARTIAL, path + OLD) if read_ckpt_info(p) is not None]
+    if not left:
+        return ""
+    return (f"; a save that replaced it was cut short between two renames, leaving complete copies: "
+            f"{' and '.join(left)} (the first is the newer): rename one to {os.path.basename(path)}")
+
+
+def is_incomplete_tag(path: str) -> bool:
+    """A tag folder holding a save's files but no completion record."""
+    return read_ckpt_info(path) is None and os.path.isdir(path) and any(
+        n.endswith("model_states.pt") or n.startswith("vltrain_rank") for n in os.listdir(path))
+
+
+def incomplete_message(path: str) -> str:
+    return (f"checkpoint {path} is incomplete (no {COMPLETE_FILE}: its save did not finish); "
+            f"use another tag of its folder")
+
+
 def resolve_checkpoint(path: str) -> Found:
-    """A user-given checkpoint: a tag folder, or a save dir (its latest complete tag)."""
+    """A user-given checkpoint: a tag folder, a save dir (its latest complete tag), or a run
+    folder (its ``checkpoints/``)."""
     info = read_ckpt_info(path)
     if info is not None:
         return Found(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)), info)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + interrupted_replace(os.path.abspath(path)))
     found = find_resume_point(path)
+    if found is None and os.path.isdir(os.path.join(path, "checkpoints")):     # a run folder
+        found = find_resume_point(os.path.join(path, "checkpoints"))
     if found is None:
+        if is_incomplete_tag(path):
+            raise FileNotFoundError(incomplete_message(path))
         raise FileNotFoundError(f"{path}: no complete checkpoint (a tag folder holding {COMPLETE_FILE}, "
-                                f"or a folder of such tags)")
+                                f"a folder of such tags, or a run folder holding checkpoints/)")
     return found
 
 
@@ -135,35 +184,76 @@ def _barrier():
         dist.barrier()
 
 
+def sync_path(path: str) -> None:
+    """fsync a file or a folder."""
+    fd = os.open(path, os.O_RDONLY)   # a folder too: Linux syncs its entries this way
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str) -> None:
+    """fsync every file under ``path``, then each folder (deepest first), then ``path``'s
+    parent, which holds its entry."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            sync_path(os.path.join(root, name))
+        sync_path(root)
+    sync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_durably(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically and durably: a crash leaves the old or the new."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_path(os.path.dirname(os.path.abspath(path)))
+
+
 def save(engine, save_dir: str, tag: str, *, step: int, cfg, rank_state: dict, info: dict,
-         rank: int, keep_last: int) -> str:
-    """Save on every rank; commit (completion record, ``latest``, rotation) on rank 0."""
+         rank: int, local_rank: int, keep_last: int) -> str:
+    """Save on every rank into ``<tag>.partial``; commit on rank 0 (completion record, rename to
+    ``tag``, ``latest``, rotation)."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     tag_dir = os.path.join(save_dir, tag)
-    if rank == 0 and os.path.isdir(tag_dir):
-        shutil.rmtree(tag_dir)  # a stale tag (e.g. `best`, or a crashed save) is rewritten whole
+    staging = tag_dir + PARTIAL
+    if rank == 0 and os.path.isdir(staging):
+        shutil.rmtree(staging)  # a save of this tag that was cut short
     _barrier()
-    engine.save_checkpoint(save_dir, tag=tag, save_latest=False,
+    engine.save_checkpoint(save_dir, tag=tag + PARTIAL, save_latest=False,
                            client_state={UNIVERSAL_CHECKPOINT_INFO: {}, "vltrain_step": step})
-    torch.save({"step": step, "rng": rng_state(), **rank_state}, rank_state_file(tag_dir, rank))
+    torch.save({"step": step, "rng": rng_state(), **rank_state}, rank_state_file(staging, rank))
     if rank == 0:
-        save_config(cfg, os.path.join(tag_dir, "config.yaml"))
-    _barrier()  # every rank's files are on disk
+        save_config(cfg, os.path.join(staging, "config.yaml"))
+    _barrier()  # every rank's files are written ...
+    if local_rank == 0:
+        sync_tree(staging)
+    _barrier()  # ... and synced on every node
     if rank == 0:
-        record = dict(info, step=step, tag=tag)
-        tmp = os.path.join(tag_dir, COMPLETE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, os.path.join(tag_dir, COMPLETE_FILE))
+        _write_durably(os.path.join(staging, COMPLETE_FILE), json.dumps(dict(info, step=step, tag=tag), indent=1))
+        _rename_into_place(staging, tag_dir)
         if tag != BEST_TAG:
-            tmp = os.path.join(save_dir, LATEST_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(tag)
-            os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
+            _write_durably(os.path.join(save_dir, LATEST_FILE), tag)
             rotate(save_dir, step, keep_last)
     _barrier()  # nobody exits or resumes before the commit
     return tag_dir
+
+
+def _rename_into_place(staging: str, tag_dir: str) -> None:
+    """``staging`` (complete) becomes ``tag_dir``; a previous ``tag_dir`` is deleted only after."""
+    old = tag_dir + OLD
+    if os.path.isdir(old):
+        shutil.rmtree(old)     # left by a replace cut between its renames; staging is newer
+    if os.path.lexists(tag_dir):
+        os.rename(tag_dir, old)
+    os.rename(staging, tag_dir)
+    sync_path(os.path.dirname(tag_dir))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
@@ -184,6 +274,11 @@ def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
             continue
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
         deleted.append(tag)
+    for name in os.listdir(save_dir):     # cut-short saves of earlier steps
+        m = _STEP_LEFTOVER.fullmatch(name)
+        if m and int(m.group(1)) < step:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+            deleted.append(name)
     return deleted
 
 

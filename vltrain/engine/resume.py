@@ -188,6 +188,28 @@ def check_resume_stage(found, ds: dict) -> None:
         "train.init_from=OUT.safetensors")
 
 
+def check_resume_precision(found, precision: str) -> None:
+    """Refuse to resume a DeepSpeed checkpoint at another ``train.precision``: its optimizer
+    files are the precision's own (bf16 keeps ``bf16_zero_pp_rank_*`` shards, fp16/fp32
+    ``zero_pp_rank_*``, and ZeRO-0 bf16 a bf16 optimizer's state), and DeepSpeed would fail
+    on a file it expects by name, which reads like a damaged checkpoint. A universal
+    checkpoint (``vltrain-ckpt reshard``) holds plain fp32 state and resumes at any."""
+    if found.info.get("universal"):
+        return
+    try:
+        from vltrain.config import load_config
+        saved = load_config(os.path.join(found.path, "config.yaml")).train.precision
+    except Exception:  # noqa: BLE001 - no readable config.yaml: DeepSpeed's own load decides
+        return
+    if saved != precision:
+        hint = ("start a new run from its weights with train.init_from" if int(found.info.get("zero_stage", 0)) == 0
+                else f"convert it first: vltrain-ckpt reshard {found.path} OUT (a universal checkpoint resumes "
+                     "at any precision), then train.resume=OUT")
+        raise CheckpointError(f"{found.path} was saved with train.precision={saved}; resuming it with "
+                              f"train.precision={precision} is not possible as it is (DeepSpeed's optimizer "
+                              f"files are per precision). Resume with train.precision={saved}, or {hint}")
+
+
 def divisors(n: int) -> list[int]:
     small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))

@@ -63,3 +63,18 @@ def linear_warmup_decay(cfg) -> Callable[[Optimizer], LambdaLR]:
     def make(optimizer: Optimizer) -> LambdaLR:
         return LambdaLR(optimizer, fn)
     return make
+
+
+def reapply(scheduler: LambdaLR, base_lrs: list[float]) -> None:
+    """After a checkpoint load: this run's learning rates (``base_lrs``, as built from the
+    config) on this run's schedule at the restored step. The load brings back the interrupted
+    run's base rates (LambdaLR's state) and its current rate per group (the optimizer's), so a
+    resume with another ``train.lr``, ``max_steps`` or warm-up would train its first update at
+    the old rate and every later one from the old base. Without a change this rewrites the
+    same values (same formula), so an exact resume stays exact."""
+    scheduler.base_lrs = list(base_lrs)
+    step = scheduler.last_epoch
+    for group, base, fn in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

@@ -22,6 +22,7 @@ from vltrain.data.batch import Batch
 from vltrain.data.collate import TRUNCATED_KEY
 from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
+from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP
 from vltrain.profiling import StepProfiler
@@ -56,6 +57,7 @@ class Trainer:
         self.best_metric: Optional[float] = None
         self.stop = STOP.install()
         self._last_save_time = time.time()
+        self._saved_step: Optional[int] = None   # the step whose state this run's save_dir holds
         self._eval_loaders: dict = {}      # split -> loader, built on first use (eval_loader)
         self.to_device = DeviceCopier(device, float_dtype)   # host -> device on a side CUDA stream
         # The next micro-batch, fetched and its copy started while the GPU runs this one's
@@ -85,8 +87,10 @@ class Trainer:
         start = time.time()
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
                          rank_state=rank_state, info=self.checkpoint_info(loader_state), rank=self.info.rank,
-                         keep_last=self.cfg.train.keep_last)
+                         local_rank=self.info.local_rank, keep_last=self.cfg.train.keep_last)
         self._last_save_time = time.time()
+        if tag != ckpt.BEST_TAG:
+            self._saved_step = self.step
         # What a stop signal's save must fit in: Slurm's GraceTime / KillWait (README).
         took = self._last_save_time - start
         self.monitor.log_scalar("perf/checkpoint_save_s", took, self.step)
@@ -98,16 +102,20 @@ class Trainer:
         """Full resume: engine (weights, optimizer, schedule), loader position, RNG, counters."""
         from vltrain.engine.resume import optimizer_group_settings, repair_universal_zero3_load
         settings = optimizer_group_settings(self.engine)
+        base_lrs = list(self.engine.lr_scheduler.base_lrs)      # this run's config, before the load
         load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {found.path}")
         if found.info.get("universal"):
             repair_universal_zero3_load(self.engine, settings)   # DeepSpeed 0.19.8 ZeRO-3 loader quirks
+        schedule.reapply(self.engine.lr_scheduler, base_lrs)
         state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"])
         self.loader.load_state_dict(state["loader"])
         if found.info["world_size"] == self.info.world:
             ckpt.set_rng_state(state["rng"])   # per-rank streams only mean something at the same size
         self.step = int(state["step"])
+        if os.path.abspath(found.path) == os.path.abspath(os.path.join(self.save_dir, ckpt.step_tag(self.step))):
+            self._saved_step = self.step
         self.best_metric = state.get("best_metric")
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.monitor.resume_at(self.step, int(state.get("samples_seen", 0)))
@@ -202,8 +210,10 @@ class Trainer:
                         f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step} "
                         f"(train.max_nonfinite_in_row={cfg.max_nonfinite_in_row}); lower train.lr, "
                         "check the data, or resume from an earlier checkpoint")
-                if stop and boundary:
+                if stop and boundary and cfg.grad_accum == 1:
                     return self._preempt()
+                # With gradient accumulation the step's earlier micro-batches are in the
+                # gradients, which a checkpoint does not hold: stop after the step completes.
                 continue
             self.nonfinite_in_row = 0
             with phase("backward"):
@@ -248,7 +258,7 @@ class Trainer:
         self.profiler.close(self.step, "the run's last step")
         if self.val_loader is not None and cfg.val_every and self.step % cfg.val_every:
             self.validate()
-        if not os.path.isdir(os.path.join(self.save_dir, ckpt.step_tag(self.step))):
+        if self._saved_step != self.step:
             self.save()
         self.monitor.close()
         return 0

@@ -1,0 +1,130 @@
+"""A checkpoint is synced to the disk before it is marked complete.
+
+The kernel keeps written files in its page cache; a node's power loss or kernel crash
+right after a save could keep a completion record (small, journaled) whose shard data was
+never written. No test here can cut the power, so these record the order of the syscalls
+that make a save durable (the real ``os.fsync``/``os.replace``/``os.rename``, wrapped to
+log each call's path) and check it: every file and folder of the tag is fsynced before the
+record takes its name, the record and ``latest`` are each fsynced before their rename and
+their folder after it, and the tag folder takes its name only after its record. Same for
+the offline tools' outputs (reshard, export).
+"""
+import os
+import textwrap
+
+from tests.fixtures.corpus import run_one_rank
+
+RECORDER = textwrap.dedent(r"""
+    import os
+    EVENTS = []
+    def _path(fd):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    def _wrap(name, real, path_of):
+        def call(*a, **k):
+            out = real(*a, **k)
+            EVENTS.append((name, *path_of(*a)))
+            return out
+        setattr(os, name, call)
+    _wrap("fsync", os.fsync, lambda fd: (_path(fd),))
+    _wrap("replace", os.replace, lambda src, dst: (os.path.abspath(src), os.path.abspath(dst)))
+    _wrap("rename", os.rename, lambda src, dst: (os.path.abspath(src), os.path.abspath(dst)))
+""")
+
+TRAIN = RECORDER + textwrap.dedent(r"""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from vltrain.config import load_config
+    from vltrain.engine.build import build_training
+    corpus, out = sys.argv[1], sys.argv[2]
+    cfg = load_config("configs/debug.yaml", [f"data.train={corpus}/captions/pretrain", "data.val=",
+                                             "train.max_steps=2", "train.warmup_steps=1", "train.save_every_steps=1",
+                                             "train.keep_last=1", f"output_root={out}", "run_name=durable",
+                                             f"data.cache_dir={out}/cache"])
+    trainer = build_training(cfg)
+    del EVENTS[:]
+    code = trainer.train()
+    print("RESULTS " + json.dumps({"code": code, "events": EVENTS, "save_dir": trainer.save_dir}), flush=True)
+""")
+
+
+def synced_before(events, paths, moment):
+    """The paths not fsynced before ``events[moment]``."""
+    synced = {e[1] for e in events[:moment] if e[0] == "fsync"}
+    return sorted(set(paths) - synced)
+
+
+def index_of(events, event):
+    """Where ``event`` last happened."""
+    return max(i for i, e in enumerate(events) if tuple(e) == event)
+
+
+def check_record_commit(events, record_tmp, record):
+    """``record_tmp`` fsynced, renamed to ``record``, then its folder fsynced. Returns the rename."""
+    i = index_of(events, ("replace", record_tmp, record))
+    assert not synced_before(events, [record_tmp], i), events
+    assert ("fsync", os.path.dirname(record)) in [tuple(e) for e in events[i + 1:]], events
+    return i
+
+
+def test_a_training_checkpoint_is_synced_before_it_is_marked_complete(synthetic_corpus, tmp_path):
+    """Written as <tag>.partial: every file and folder fsynced, then the record (fsynced, renamed,
+    folder fsynced), then the rename to <tag> and an fsync of the folder holding it, then latest."""
+    res = run_one_rank(TRAIN, synthetic_corpus, str(tmp_path))
+    assert res["code"] == 0
+    events, save_dir = [tuple(e) for e in res["events"]], res["save_dir"]
+    tag_dir = os.path.join(save_dir, "step_00000002")
+    staging = tag_dir + ".partial"
+    assert [n for n in os.listdir(save_dir) if n.startswith("step_")] == ["step_00000002"]   # step 1 rotated
+    record = os.path.join(staging, "vltrain_ckpt.json")
+    commit = check_record_commit(events, record + ".tmp", record)
+    tree = [os.path.join(root, n).replace(tag_dir, staging, 1)
+            for root, dirs, files in os.walk(tag_dir) for n in files + dirs] + [staging, save_dir]
+    data = [p for p in tree if p != record]
+    assert len(data) >= 5, data            # DeepSpeed's model + optimizer files, our rank state, config
+    assert not synced_before(events, data, commit), events
+    named = index_of(events, ("rename", staging, tag_dir))
+    assert named > commit and ("fsync", save_dir) in events[named + 1:], events
+    latest = os.path.join(save_dir, "latest")     # the last move of latest: to step 2, after its rename
+    assert check_record_commit(events, latest + ".tmp", latest) > named
+    # The first save (step 1) went the same way before its record.
+    first = os.path.join(save_dir, "step_00000001.partial", "vltrain_ckpt.json")
+    assert check_record_commit(events, first + ".tmp", first) < commit
+
+
+TOOLS = RECORDER + textwrap.dedent(r"""
+    import json, sys
+    from vltrain.ckpt.layout import staged_dir, staged_files
+    out = sys.argv[1]
+    with staged_dir(os.path.join(out, "universal")) as tmp:
+        os.makedirs(os.path.join(tmp, "zero", "layer"))
+        for name in ("a.pt", "zero/layer/fp32.pt"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("x" * 100)
+        staged = tmp
+    with staged_files([os.path.join(out, "w", "model.safetensors"), os.path.join(out, "w", "config.json")]) as tmps:
+        for t in tmps:
+            with open(t, "w") as f:
+                f.write("{}")
+        files = tmps
+    print("RESULTS " + json.dumps({"events": EVENTS, "staged": staged, "files": files}), flush=True)
+""")
+
+
+def test_the_offline_tools_outputs_are_synced_before_they_take_their_names(tmp_path):
+    """reshard/export write into a temporary name renamed into place at the end: the data is
+    fsynced before that rename, the parent folder after it."""
+    res = run_one_rank(TOOLS, str(tmp_path))
+    events = [tuple(e) for e in res["events"]]
+    staged, final = res["staged"], str(tmp_path / "universal")
+    i = index_of(events, ("rename", staged, final))
+    inside = [os.path.join(staged, p) for p in ("a.pt", "zero", "zero/layer", "zero/layer/fp32.pt")]
+    assert not synced_before(events, inside + [staged], i), events
+    assert ("fsync", str(tmp_path)) in events[i + 1:], events
+    assert sorted(os.listdir(final)) == ["a.pt", "zero"]
+
+    finals = [str(tmp_path / "w" / n) for n in ("model.safetensors", "config.json")]
+    renames = [index_of(events, ("replace", t, f)) for t, f in zip(res["files"], finals)]
+    for t, i in zip(res["files"], renames):
+        assert not synced_before(events, [t], i), events
+    assert ("fsync", str(tmp_path / "w")) in events[max(renames) + 1:], events

@@ -1,0 +1,62 @@
+"""Edges of saving and resuming (one rank, real trainers; tests/workers/resume_edges.py):
+a restart from an earlier step replaces the later steps it reaches and trains at its own
+learning rate, a failed save of `best` keeps the previous `best`, a resume at another
+precision is refused by name, and a stop signal with a non-finite loss at the end of an
+accumulated step still resumes exactly."""
+import math
+
+import pytest
+
+from tests.fixtures.corpus import run_one_rank
+
+SCRIPT = "from tests.workers.resume_edges import main; main()"
+
+
+@pytest.fixture(scope="module")
+def edges(synthetic_corpus, tmp_path_factory):
+    return run_one_rank(SCRIPT, synthetic_corpus, str(tmp_path_factory.mktemp("edges")))
+
+
+def test_a_restart_from_an_earlier_step_trains_at_its_lr_and_replaces_the_steps_it_reaches(edges):
+    base, restart = edges["base"], edges["restart"]
+    assert base["code"] == 0 and restart["code"] == 0
+    # The first update after the resume uses the new train.lr on the schedule at step 2,
+    # not the interrupted run's rate (both groups).
+    assert restart["lr_expected"] != pytest.approx(restart["lr_base_run"])
+    assert restart["lr_after_build"] == pytest.approx([restart["lr_expected"]] * 2, rel=1e-12)
+    # Its step 4 replaced the base run's (which the old end-of-run check took as saved).
+    assert restart["step4_lr"] == 5e-4 and restart["latest"] == "step_00000004"
+    # Step 3's loss is taken on step 2's weights (restored exactly); step 4's, after the new rate's update.
+    assert sorted(restart["losses"]) == ["3", "4"] and restart["losses"]["3"] == base["losses"]["3"]
+    assert restart["losses"]["4"] != base["losses"]["4"]
+    assert [n for n in restart["names"] if n.startswith("step_")] == ["step_00000002", "step_00000004"]
+
+
+def test_a_failed_save_of_best_keeps_the_previous_best(edges):
+    best = edges["best"]
+    assert best["first"]["step"] == 4 and best["first"]["tag"] == "best"
+    assert "No space left on device" in best["failed"]
+    assert best["kept"]["record"] == best["first"] and best["kept"]["mtime_same"]
+    assert "best.partial" in best["kept"]["names"]                  # the cut-short save, left aside
+    assert best["after"]["step"] == 5                              # the next save replaced it
+    assert not [n for n in best["names"] if n.startswith("best.")], best["names"]
+
+
+def test_a_resume_at_another_precision_is_refused_by_name(edges):
+    msg = edges["precision"]
+    assert msg.startswith("CheckpointError"), msg
+    for part in ("train.precision=fp32", "train.precision=bf16", "step_00000004", "vltrain-ckpt reshard"):
+        assert part in msg, msg
+
+
+def test_a_stop_on_a_nonfinite_last_micro_batch_waits_for_the_step(edges):
+    """grad_accum=2 and a NaN at micro-batch 4 (step 2's last): the step completes with
+    micro-batch 5 in the uninterrupted run. SIGUSR1 at micro-batch 4 must not checkpoint step 1
+    with micro-batch 3's gradient dropped: it checkpoints after step 2 and the resumed step 3
+    equals the uninterrupted one."""
+    ref, stopped, resumed = edges["accum_ref"], edges["accum_stopped"], edges["accum_resumed"]
+    assert ref["code"] == 0 and stopped["code"] == 75 and resumed["code"] == 0
+    assert stopped["latest"] == "step_00000002"
+    assert stopped["losses"] == {k: ref["losses"][k] for k in ("1", "2")}
+    assert sorted(resumed["losses"]) == ["3"] and math.isclose(resumed["losses"]["3"], ref["losses"]["3"],
+                                                              rel_tol=1e-6), (resumed, ref)
