@@ -4,7 +4,8 @@ Trained once per module, by the real ``build_training`` (tests/workers/ckpt_trai
 also reads the LIVE engine's full fp32 weights and Adam moments at every save and right
 after every resume:
 
-  A  2 ranks: z2 (ZeRO-2, 6 steps, saves at 3 and 6), z1 / z3b / z0 (ZeRO-1/3/0, 2 steps)
+  A  2 ranks: z2 (ZeRO-2, 6 steps, saves at 3 and 6), z1 / z3b / z0 (ZeRO-1/3/0, 2 steps),
+     z0bf (ZeRO-0 in bf16, 2 steps)
   B  1 rank:  z3 (ZeRO-3, grad_accum 2 = the same global batch of 16, 6 steps, saves at 3, 6)
      -> `reshard` z2@3 -> U2 and z3@3 -> U3
   C  1 rank:  resume U2 (grad_accum becomes 2), then bad inputs through run.py's main()
@@ -26,7 +27,8 @@ import pytest
 import torch
 
 from tests.fixtures.assets import bert_text_diff
-from tests.fixtures.corpus import REPO, rank_env, free_port
+from tests.fixtures.corpus import REPO, rank_env
+from vltrain.engine.distributed import free_port
 from vltrain.ckpt.__main__ import main as ckpt_main
 from vltrain.config import debug_model_config
 from vltrain.model.transformer import named_pieces
@@ -104,13 +106,14 @@ def ckpts(tmp_path_factory, synthetic_corpus):
     long = ("train.max_steps=6", "train.save_every_steps=3")
     short = ("train.max_steps=2", "train.warmup_steps=1")
     a = launch({"out": dumps, "runs": [run("z2", "zero2", *long), run("z1", "zero1", *short),
-                                       run("z3b", "zero3", *short), run("z0", "zero0", *short)]}, "A", 2, logs)
+                                       run("z3b", "zero3", *short), run("z0", "zero0", *short),
+                                       run("z0bf", "zero0", *short, "train.precision=bf16")]}, "A", 2, logs)
     finish(a)   # one job at a time: a starting streaming job clears the host's stale shared memory
     b = launch({"out": dumps, "runs": [run("z3", "zero3", *long, "train.grad_accum=2")]}, "B", 1, logs)
     finish(b)
     res = {"root": root, "dumps": dumps, "runs": runs, "logs": logs, "run": run, "train": train,
            "z2": os.path.join(runs, "z2", "checkpoints"), "z3": os.path.join(runs, "z3", "checkpoints")}
-    for name in ("z1", "z3b", "z0"):
+    for name in ("z1", "z3b", "z0", "z0bf"):
         res[name] = os.path.join(runs, name, "checkpoints")
     return res
 
@@ -241,21 +244,24 @@ def test_reshard_output_is_a_universal_checkpoint(ckpts, resharded, capsys):
 
 @pytest.mark.parametrize("name,tag,dump", [("z1", "step_00000002", "z1_save2"), ("z2", TAG3, "z2_save3"),
                                            ("z3b", "step_00000002", "z3b_save2"), ("z0", "step_00000002", "z0_save2"),
-                                           ("U3", None, "z3_save3")],
-                         ids=["zero1", "zero2", "zero3_2ranks", "zero0", "universal_from_zero3"])
+                                           ("z0bf", None, "z0bf_save2"), ("U3", None, "z3_save3")],
+                         ids=["zero1", "zero2", "zero3_2ranks", "zero0", "zero0_bf16_masters", "universal_from_zero3"])
 def test_consolidate_equals_live_engine_weights(ckpts, resharded, tmp_path, capsys, name, tag, dump):
     from safetensors import safe_open
     from safetensors.torch import load_file
     src = resharded[name] if name in resharded else ckpts[name]
     out = tmp_path / "w.safetensors"
-    code, _, err = cli(capsys, "consolidate", src, out, *(["--tag", tag] if tag else []))
+    code, text, err = cli(capsys, "consolidate", src, out, *(["--tag", tag] if tag else []))
     assert code == 0, err
+    assert "module state" not in text + err              # no precision note: fp32 weights (masters)
     got = load_file(str(out))
     # files name the blocks' pieces (layers.0.qkv.weight); the live engine holds flat parameters
     live = named_pieces(strip(load_dump(ckpts, dump)["fp32"]), debug_model_config())
     assert got.keys() == live.keys()
     for k in live:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], live[k]), k
+    if name == "z0bf":      # the fp32 masters, not the bf16 module weights cast up
+        assert sum(not torch.equal(v, v.bfloat16().float()) for v in got.values()) > len(got) // 2
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["vltrain_model_config"])["hidden_size"] == 64

@@ -39,8 +39,12 @@ def live_state(engine) -> dict:
     out = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
     zero = engine.zero_optimization_stage()
     base = getattr(opt, "optimizer", opt)
+    # ZeRO-0 in bf16/fp16: DeepSpeed's unfused optimizer steps an fp32 master per parameter
+    masters = {id(p16): p32 for g16, g32 in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+               for p16, p32 in zip(g16, g32)}
     for name, p in engine.module.named_parameters():
-        if zero == 0:   # no ZeRO: the module holds the fp32 weights, torch's AdamW the moments
+        if zero == 0:   # no ZeRO: the module (or the master) holds the fp32 weights, torch's AdamW the moments
+            p = masters.get(id(p), p)
             out["fp32"][name] = p.detach().clone().cpu()
             for key in ("exp_avg", "exp_avg_sq"):
                 out[key][name] = base.state[p][key].detach().clone().cpu()
@@ -52,6 +56,7 @@ def live_state(engine) -> dict:
 
 
 def run_one(spec: dict, out: str, rank: int) -> None:
+    from tests.workers import record_losses
     from vltrain.config import load_config
     from vltrain.engine.build import build_training
 
@@ -74,16 +79,7 @@ def run_one(spec: dict, out: str, rank: int) -> None:
         return path
 
     trainer.save = save
-    losses = {}
-    real_step_end = trainer.monitor.step_end
-
-    def step_end(step, *a, **kw):
-        res = real_step_end(step, *a, **kw)
-        if res is not None and "train/loss" in res:
-            losses[int(step)] = res["train/loss"]
-        return res
-
-    trainer.monitor.step_end = step_end
+    losses = record_losses(trainer)
     if cfg.train.resume:
         dump("built")                     # the resumed state, before any step
     code = trainer.train()

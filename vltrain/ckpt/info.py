@@ -62,7 +62,10 @@ def describe(found: ckpt.Found) -> dict:
     if universal or stage >= 1:
         dtype = f"{precision or '?'} training; fp32 master weights and Adam moments"
     else:
-        dtype = f"{precision or '?'} (ZeRO-0: module weights in the training dtype)"
+        from vltrain.ckpt.weights import stage0_file, stage0_masters
+        masters = precision not in (None, "fp32") and bool(stage0_masters(stage0_file(found)))
+        dtype = (f"{precision or '?'} (ZeRO-0: module weights in the training dtype"
+                 + ("; fp32 master weights in the optimizer state)" if masters else ")"))
     complete, incomplete = list_tags(found.save_dir)
     gb, mb = info.get("global_batch"), info.get("micro_batch_size")
     if universal or stage == 0:

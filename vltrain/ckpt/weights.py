@@ -2,7 +2,8 @@
 
   ZeRO-1/2/3         DeepSpeed's ``zero_to_fp32`` (the fp32 master copy in the optimizer shards)
   universal          ``zero/<param>/fp32.pt`` written by ``ds_to_universal`` (our ``reshard``)
-  ZeRO-0             the module state in ``mp_rank_00_model_states.pt`` (full on every rank)
+  ZeRO-0             ``mp_rank_00_model_states.pt``: the module state (full on every rank); with
+                     bf16/fp16, the fp32 master copy DeepSpeed's optimizer keeps beside it
 
 The engine wraps a task module whose ``.model`` is the ``VLModel``: ``model.`` is stripped so
 the names are ``VLModel.state_dict()``'s; anything else the task holds keeps its own name.
@@ -54,10 +55,39 @@ def _buffers(tag_dir: str, have: dict) -> dict[str, torch.Tensor]:
     return {n: module[n].clone() for n in sd.get("buffer_names") or [] if n in module and n not in have}
 
 
+def stage0_file(found: ckpt.Found) -> dict:
+    return torch.load(os.path.join(found.path, "mp_rank_00_model_states.pt"), map_location="cpu",
+                      weights_only=False, mmap=True)
+
+
+def stage0_masters(sd: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-0 with bf16/fp16: the fp32 master weights by name, or {} where there are none.
+
+    DeepSpeed's unfused FP16/BF16 optimizer saves them as ``optimizer["fp32_groups"]``, one list
+    per parameter group, without names. Our groups are ``no_decay_param_groups``' (decayed,
+    then not, each in ``named_parameters`` order), so the module state's parameters split by
+    the same rule name them; taken only if every shape agrees."""
+    groups = (sd.get("optimizer") or {}).get("fp32_groups") if isinstance(sd.get("optimizer"), dict) else None
+    if not groups or not all(isinstance(g, (list, tuple)) for g in groups):
+        return {}
+    from vltrain.engine.ds_config import decays
+    buffers = set(sd.get("buffer_names") or [])
+    names = [n for n, t in sd["module"].items() if n not in buffers and t.is_floating_point()]
+    ours = [g for g in ([n for n in names if decays(n, sd["module"][n].ndim)],
+                        [n for n in names if not decays(n, sd["module"][n].ndim)]) if g]
+    if [len(g) for g in ours] != [len(g) for g in groups]:
+        return {}
+    masters = {n: t for g_names, g in zip(ours, groups) for n, t in zip(g_names, g)}
+    if any(not torch.is_tensor(t) or tuple(t.shape) != tuple(sd["module"][n].shape) for n, t in masters.items()):
+        return {}
+    return masters
+
+
 def _stage0_state(found: ckpt.Found) -> dict[str, torch.Tensor]:
-    sd = torch.load(os.path.join(found.path, "mp_rank_00_model_states.pt"), map_location="cpu",
-                    weights_only=False)
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd["module"].items()}
+    sd = stage0_file(found)
+    masters = stage0_masters(sd)
+    return {k: masters.get(k, v).float().contiguous() if v.is_floating_point() else v.contiguous()
+            for k, v in sd["module"].items()}
 
 
 def fp32_state_dict(found: ckpt.Found, verbose: bool = False) -> dict[str, torch.Tensor]:
@@ -91,7 +121,7 @@ def model_state_dict(found: ckpt.Found, verbose: bool = False) -> dict[str, torc
 
 
 def precision_note(found: ckpt.Found) -> Optional[str]:
-    """A warning when the weights are not an fp32 master copy (ZeRO-0 with bf16/fp16)."""
+    """A warning when the weights are not the fp32 master copy (ZeRO-0 with bf16/fp16)."""
     if found.info.get("universal") or int(found.info.get("zero_stage", 0)) != 0:
         return None
     try:
@@ -99,7 +129,7 @@ def precision_note(found: ckpt.Found) -> Optional[str]:
         p = load_config(os.path.join(found.path, "config.yaml")).train.precision
     except Exception:  # noqa: BLE001
         return None
-    if p != "fp32":
-        return (f"ZeRO-0 {p} checkpoint: the weights come from the {p} module state (DeepSpeed keeps "
-                "no fp32 master copy in mp_rank_00_model_states.pt for stage 0); they are cast to fp32")
+    if p != "fp32" and not stage0_masters(stage0_file(found)):
+        return (f"ZeRO-0 {p} checkpoint without an fp32 master copy that maps onto the model's parameters: "
+                f"the weights come from the {p} module state, cast to fp32")
     return None

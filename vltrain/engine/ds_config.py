@@ -383,6 +383,11 @@ def check_buildable(ds: dict) -> None:
             raise DSConfigError(f"ZeRO optimizer offload uses DeepSpeedCPUAdam, but {msg}")
 
 
+def decays(name: str, ndim: int) -> bool:
+    """Whether parameter ``name`` is in the weight-decayed group (see no_decay_param_groups)."""
+    return name.endswith(".matrices") or (ndim >= 2 and not name.endswith((".bias", ".vectors")))
+
+
 def no_decay_param_groups(model, weight_decay: float) -> list[dict]:
     """BERT's convention: no weight decay on biases and LayerNorm weights (1-d params, and a
     block's flat ``vectors``); decay on weight matrices (2-d params, and a block's flat
@@ -393,10 +398,8 @@ def no_decay_param_groups(model, weight_decay: float) -> list[dict]:
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decays = name.endswith(".matrices") or (p.ndim >= 2 and not name.endswith((".bias", ".vectors")))
-        (decay if decays else no_decay).append(p)
+        if p.requires_grad:
+            (decay if decays(name, p.ndim) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": float(weight_decay)},
               {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
