@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.corpus import Ranks, free_port
+from tests.fixtures.corpus import Ranks
+from vltrain.engine.distributed import free_port
 
 STEPS = 300
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java not installed (pycocoevalcap)")

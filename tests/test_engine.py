@@ -19,7 +19,8 @@ import time
 import boto3
 import pytest
 
-from tests.fixtures.corpus import REPO, Ranks, rank_env, free_port
+from tests.fixtures.corpus import REPO, Ranks, rank_env
+from vltrain.engine.distributed import free_port
 from tests.fixtures.s3 import S3_SECRET_SENTINEL
 from vltrain.engine.checkpoint import COMPLETE_FILE, find_resume_point
 from vltrain.engine.signals import EXIT_PREEMPTED

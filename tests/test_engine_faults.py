@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from tests.fixtures.corpus import REPO, Ranks, rank_env, free_port
+from tests.fixtures.corpus import REPO, Ranks, rank_env
+from vltrain.engine.distributed import free_port
 
 
 def launch(script_args, tmp, name):

@@ -279,7 +279,7 @@ def test_ranks_with_different_metrics_reduce_their_union(tmp_path):
     reduction all the same: the metric is averaged over the micro-steps that had it."""
     import json
     import torch.multiprocessing as mp
-    from tests.fixtures.corpus import free_port
+    from vltrain.engine.distributed import free_port
     mp.spawn(_monitor_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         logged = json.load(open(tmp_path / f"rank{rank}.json"))

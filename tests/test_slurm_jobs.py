@@ -21,7 +21,6 @@ import glob
 import math
 import os
 import re
-import socket
 import sys
 import time
 
@@ -30,6 +29,7 @@ import pytest
 from tests.fixtures.corpus import REPO
 from tests.fixtures.s3 import S3_SECRET_SENTINEL
 from tests.fixtures.slurm import wait_for
+from vltrain.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,6 @@ PRETRAIN = os.path.join(REPO, "slurm", "pretrain.sbatch")
 DEBUG_CONFIG = os.path.join(REPO, "configs", "debug.yaml")
 S3_VARS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 JOB_TIMEOUT = 300      # a job start costs ~30 s of imports per rank on a loaded 2-core machine
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(path):
@@ -66,7 +60,7 @@ class Job:
         env.update({k: os.environ[k] for k in S3_VARS if k in os.environ})
         env.update(CONFIG=DEBUG_CONFIG, PYTHON=sys.executable, OUTPUT_ROOT=os.path.join(self.root, "runs"),
                    RUN_NAME=name, CACHE_DIR=os.path.join(self.root, "cache", name), OMP_NUM_THREADS="1",
-                   VLTRAIN_MASTER_PORT=str(_free_port()))
+                   VLTRAIN_MASTER_PORT=str(free_port()))
         env.update(env_extra or {})
         self.env = env
         res = cluster.run(["sbatch", "--parsable", f"--output={self.root}/slurm-%j.out", "--time=15",

@@ -10,21 +10,15 @@ import atexit
 import json
 import multiprocessing as mp
 import os
-import socket
 
 import numpy as np
 import pytest
 
 from tests.fixtures.mds import make_caption_samples, write_captions, write_mds, write_text
+from vltrain.engine.distributed import free_port
 
 N_CAPS = 48          # divisible by world (2) x batch (4) x workers
 BATCH = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(spec):
@@ -105,7 +99,7 @@ def _rank_main(rank, world, local_world, spec, out):
 
 def run_ranks(tmp_path, spec, world=2, local_world=2, timeout=90):
     ctx = mp.get_context("fork")
-    spec = dict(spec, port=_free_port())
+    spec = dict(spec, port=free_port())
     outs = [str(tmp_path / f"rank{r}-{spec['port']}.json") for r in range(world)]
     procs = [ctx.Process(target=_rank_main, args=(r, world, local_world, spec, outs[r])) for r in range(world)]
     for p in procs:
@@ -416,7 +410,7 @@ def test_rank_gone_at_epoch_start_fails_the_peer_instead_of_hanging(tmp_path, vo
     ds = write_captions(str(tmp_path / "ds"), N_CAPS, size_limit=1 << 12)
     log = str(tmp_path / "wd")
     spec = {"train": ds, "cache": str(tmp_path / "cache"), "vocab": vocab_file, "workers": workers,
-            "dist_timeout_s": 4.0, "gone_before_epoch": 1, "log": log, "port": _free_port()}
+            "dist_timeout_s": 4.0, "gone_before_epoch": 1, "log": log, "port": free_port()}
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(r, 2, 2, spec, str(tmp_path / f"r{r}.json"))) for r in range(2)]
     t0 = time.time()

@@ -3,7 +3,8 @@ decoding through a ZeRO-3 engine's model equals the same weights in a plain mode
 text-only micro-batches beside image batches train under every stage."""
 import json
 
-from tests.fixtures.corpus import REPO, rank_env, free_port
+from tests.fixtures.corpus import REPO, rank_env
+from vltrain.engine.distributed import free_port
 import subprocess
 import sys
 
