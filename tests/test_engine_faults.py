@@ -54,8 +54,8 @@ def test_nonfinite_losses_skip_on_every_rank_and_abort_when_persistent(tmp_path,
 
 
 def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthetic_corpus):
-    """Rank 1's second micro-batch of an epoch holds only bad samples (skip_bad_samples): the rank runs its
-    previous batch again at zero weight instead of running one micro-batch fewer than rank 0,
+    """Rank 1's first two micro-batches of an epoch hold only bad samples (skip_bad_samples): the rank runs
+    a good batch at zero weight in their place instead of running micro-batches fewer than rank 0,
     which would leave the ranks in different epochs at the end of the first (16 micro-batches
     each) and hang them; both ranks finish, every step logged."""
     train = os.path.join(synthetic_corpus, "captions", "pretrain")
@@ -68,12 +68,15 @@ def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthe
     acc = EventAccumulator(os.path.join(out, "bad_batch", "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
-    # each epoch's DataLoader worker is new, so its second micro-batch is bad in both epochs
-    assert [e.value for e in acc.Scalars("data/skipped_samples")][-1] == 16
+    # each epoch's DataLoader worker is new, so its first two micro-batches are bad in both
+    # epochs: the next good batch stands in at the start, the previous epoch's last in the second
+    assert [e.value for e in acc.Scalars("data/skipped_samples")][-1] == 32
+    assert logs[1].count("the next good batch stands in") == 2, logs[1][-3000:]
+    assert logs[1].count("the previous good batch stands in") == 2, logs[1][-3000:]
     for tag in ("data/truncated_text", "data/truncated_regions"):
         assert [e.value for e in acc.Scalars(tag)] == [1.0] * 20, tag
     assert "have more text than data.max_text_len allows" in logs[0]
-    assert logs[1].count("stands in at zero weight") == 2
+    assert logs[1].count("stands in at zero weight") == 4
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "ds_contradiction", "missing_data", "bad_checkpoint"])

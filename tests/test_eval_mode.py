@@ -12,6 +12,8 @@ Launches (gloo, CPU, debug model, the synthetic corpus's word vocabulary):
 The odd sizes (251 / 127 / 63 samples) make streaming pad one rank's share with a repeated
 sample, which the evaluation must drop. The VQA evaluations keep 2 regions of every image (each
 has at least 3), so metrics.json must count every sample as cut exactly once, the repeat too.
+The last 3 multiple-choice samples are bad (NaN features) and skipped (data.skip_bad_samples):
+metrics.json counts them once each, on one rank and on two, apart from num_samples.
 """
 import json
 import os
@@ -24,6 +26,7 @@ SIZES = {"vqa": ("test", 251), "refs": ("val", 127), "mc": ("val", 63)}
 TRAIN_STEPS = 100
 TASK_OVERRIDES = {"vqa": ["task.vqa_head=vlbert"], "refs": [], "mc": []}
 EVAL_CUT = {"vqa": ["data.max_regions=2"]}
+BAD = {"mc": 3}
 
 
 def common(root, vocab, nvocab, task):
@@ -38,7 +41,7 @@ def evaluated(tmp_path_factory, synthetic_corpus):
     subsets, runs1, evals = {}, [], {}
     for task, (split, n) in SIZES.items():
         dst = os.path.join(root, "data", f"{task}_{split}{n}")
-        subsets[task] = (dst, write_subset(os.path.join(synthetic_corpus, task, split), dst, n))
+        subsets[task] = (dst, write_subset(os.path.join(synthetic_corpus, task, split), dst, n, BAD.get(task, 0)))
         runs1.append({"name": f"train_{task}", "config": f"configs/{task}_debug.yaml", "overrides": [
             f"output_root={root}/train", f"data.train={synthetic_corpus}/{task}/train",
             f"train.max_steps={TRAIN_STEPS}", "train.warmup_steps=5", "train.val_every=0", "data.num_workers=0",
@@ -46,7 +49,7 @@ def evaluated(tmp_path_factory, synthetic_corpus):
         ckpt = os.path.join(root, "train", f"{task}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
         evals[task] = ["mode=eval", f"train.init_from={ckpt}", "task.eval_split=test", f"data.test={dst}",
                        "data.train=/nonexistent/train/data/is/not/needed", *common(root, vocab, nvocab, task),
-                       *EVAL_CUT.get(task, [])]
+                       *EVAL_CUT.get(task, []), *(["data.skip_bad_samples=true"] if task in BAD else [])]
     for task in SIZES:
         runs1.append({"name": f"eval_{task}", "config": f"configs/{task}_debug.yaml",
                       "overrides": [f"output_root={root}/one", *evals[task]]})
@@ -77,14 +80,18 @@ def evaluated(tmp_path_factory, synthetic_corpus):
 @pytest.mark.parametrize("task", list(SIZES))
 def test_two_ranks_keep_each_sample_once_and_match_one_rank(evaluated, task):
     _, rows = evaluated["subsets"][task]
+    assert len(rows) == SIZES[task][1]
+    bad = BAD.get(task, 0)
+    rows = rows[:len(rows) - bad]                                          # the scored ones
     ids = sorted(str(r["sample_id"]) for r in rows)
     one, two = evaluated["res"][(1, task)], evaluated["res"][(2, task)]
     for res in (one, two):
         assert sorted(res["predictions.json"]) == ids                      # each sample, once
-        assert res["metrics.json"]["num_samples"] == len(rows) == SIZES[task][1]
+        assert res["metrics.json"]["num_samples"] == len(rows)
         assert res["metrics.json"]["metrics"]["num_samples"] == len(rows)
         assert res["metrics.json"]["step"] == TRAIN_STEPS and res["metrics.json"]["split"] == "test"
         assert res["metrics.json"]["truncated"] == {"text": 0, "regions": len(rows) if task in EVAL_CUT else 0}
+        assert res["metrics.json"]["skipped"] == bad
     assert one["metrics.json"]["metrics"] == pytest.approx(two["metrics.json"]["metrics"], abs=1e-9)
     for sid in ids:
         a, b = one["predictions.json"][sid], two["predictions.json"][sid]

@@ -1,8 +1,10 @@
-"""2-rank worker: every sample of ONE micro-batch of ONE rank is bad (data.skip_bad_samples).
+"""2-rank worker: every sample of some micro-batches of ONE rank is bad (data.skip_bad_samples).
 
 Fault injection (not a mock): the real trainer and loader run; rank 1's DataLoader worker
-puts a NaN into every sample of its second micro-batch before the real collator sees them,
-which then skips them all. Usage: python tests/workers/bad_batch.py OUT_ROOT TRAIN CACHE
+puts a NaN into every sample of its first two micro-batches of each epoch before the real
+collator sees them, which then skips them all: in the first epoch no good batch has been
+seen yet (the next one stands in, as after a resume), in the second the previous epoch's
+last does. Usage: python tests/workers/bad_batch.py OUT_ROOT TRAIN CACHE
 """
 import os
 import sys
@@ -19,7 +21,7 @@ def main(out_root, train, cache):
 
     def call(self, samples):
         calls["n"] += 1                       # in the (forked) DataLoader worker: its batches in order
-        if rank == 1 and calls["n"] == 2:
+        if rank == 1 and calls["n"] in (1, 2):
             for s in samples:
                 s["features"] = np.array(s["features"], dtype=np.float32)
                 s["features"][0, 0] = np.nan

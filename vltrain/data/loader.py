@@ -105,6 +105,7 @@ class VLDataLoader(StreamingDataLoader):
         self.num_stand_ins = 0
         self.skipped_examples: list[str] = []
         self._warned_cuts = [False, False]
+        self._last: Optional[Batch] = None   # the last good batch: stands in for an all-bad one
         self._resume: Optional[dict] = None
         self._offset = 0
         self._started = False
@@ -124,49 +125,65 @@ class VLDataLoader(StreamingDataLoader):
         if hasattr(self.collator, "set_epoch"):   # task collators without randomness may lack it
             self.collator.set_epoch(self.epoch if self.fixed_epoch is None else self.fixed_epoch)
         self.num_samples_yielded = 0
+        self.skipped_in_pass: list[str] = []     # this pass's skip messages (an evaluation counts them)
         self._yielded.clear()
         with forking_workers():
             it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
-        last: Optional[Batch] = None
+        # All-bad micro-batches met before any good batch (a start, a resume): the next good
+        # batch stands in for each, yielded first in their place.
+        waiting: list[list[str]] = []
         while True:
             try:
                 with self.watchdog.waiting():
                     batch = next(it)
             except StopIteration:
+                if waiting:
+                    raise BadSampleError(
+                        f"every sample of this rank's micro-batches to the end of epoch {self.epoch} is bad and "
+                        f"skipped, so nothing can stand in for them: {'; '.join(waiting[0][:3])}. Fix the data, "
+                        "or raise train.micro_batch_size")
                 # Exhausted: the epoch is complete even if drop_last left samples unyielded,
                 # so a checkpoint taken now resumes at the next epoch, as an unbroken run would.
                 self._epoch_done = True
                 return
             if isinstance(batch, PackedBatch):
                 batch = batch.unpack()
-            skipped = batch.task.pop(SKIPPED_KEY, None) or ()
-            # Samples consumed from the dataset, not rows returned: skipped ones count (resume).
-            self.num_samples_yielded += batch.batch_size + len(skipped)
-            if skipped:
-                self.num_skipped += len(skipped)
-                for msg in skipped:
-                    if len(self.skipped_examples) < 20:
-                        self.skipped_examples.append(msg)
-                        log.warning("skipped bad sample: %s", msg)
+            skipped = list(batch.task.pop(SKIPPED_KEY, None) or ())
             if batch.batch_size == 0:
                 # Every sample of the micro-batch was bad. Ranks must still run as many
                 # micro-batches as each other (collectives in every step, streaming's barrier at
-                # the next epoch), so the last good batch stands in, marked for zero weight.
-                if last is None:
-                    raise BadSampleError(
-                        f"every sample of this rank's first micro-batch (since the loader started) is bad "
-                        f"and skipped, so nothing can stand in for it: {'; '.join(skipped[:3])}. Fix the "
-                        "data, or raise train.micro_batch_size")
-                self._yielded.append((len(skipped), len(skipped)))
-                self.num_stand_ins += 1
-                log.warning("all %d samples of a micro-batch were bad: the previous batch stands in at zero "
-                            "weight (%d such micro-batches so far)", len(skipped), self.num_stand_ins)
-                yield dataclasses.replace(last, task={**last.task, STAND_IN_KEY: True})
+                # the next epoch), so a good batch stands in, marked for zero weight.
+                if self._last is None:
+                    waiting.append(skipped)
+                    continue
+                yield self._stand_in(skipped, "previous")
                 continue
+            self._last = batch
+            for early in waiting:
+                yield self._stand_in(early, "next")
+            waiting.clear()
+            self._count(batch.batch_size, skipped)
             self._warn_cuts(batch)
-            last = batch
-            self._yielded.append((batch.batch_size + len(skipped), len(skipped)))
             yield batch
+
+    def _count(self, rows: int, skipped: list[str]) -> None:
+        """Just before a batch is yielded: the samples it consumed from the dataset (skipped ones
+        count: resume) and its skips."""
+        self.num_samples_yielded += rows + len(skipped)
+        self._yielded.append((rows + len(skipped), len(skipped)))
+        self.num_skipped += len(skipped)
+        self.skipped_in_pass += skipped
+        for msg in skipped:
+            if len(self.skipped_examples) < 20:
+                self.skipped_examples.append(msg)
+                log.warning("skipped bad sample: %s", msg)
+
+    def _stand_in(self, skipped: list[str], which: str) -> Batch:
+        self._count(0, skipped)
+        self.num_stand_ins += 1
+        log.warning("all %d samples of a micro-batch were bad: the %s good batch stands in at zero weight "
+                    "(%d such micro-batches so far)", len(skipped), which, self.num_stand_ins)
+        return dataclasses.replace(self._last, task={**self._last.task, STAND_IN_KEY: True})
 
     def _warn_cuts(self, batch: Batch) -> None:
         text, regions = map(len, batch.task.get(TRUNCATED_KEY, ((), ())))

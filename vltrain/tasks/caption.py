@@ -276,7 +276,7 @@ def evaluate_caption(trainer, split: str) -> dict:
             recs[sid] = rec
         return recs
 
-    preds, truncated = predict_split(trainer, split, collect)
+    preds, counts = predict_split(trainer, split, collect)
     refs, cands = {}, {}
     for rec in preds.values():
         refs[rec["image_id"]] = rec["references"]
@@ -301,7 +301,7 @@ def evaluate_caption(trainer, split: str) -> dict:
     submission = sorted(({"image_id": _coco_id(i), "caption": c} for i, c in cands.items()),
                         key=lambda r: (str(type(r["image_id"])), r["image_id"]))
     write_results(trainer, split, {**full, **metrics, "decoding": dataclasses.asdict(module.predict_options)},
-                  records, truncated, {SUBMISSION_FILE: submission})
+                  records, counts, {SUBMISSION_FILE: submission})
     return metrics
 
 

@@ -2,9 +2,10 @@
 by sample id (each sample once across ranks), and the result files of one evaluation.
 
 Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<NNNNNNNN>/``:
-  ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "truncated", "metrics"}
-                         (truncated: how many of the samples had their text cut to
-                         data.max_text_len / their regions to data.max_regions)
+  ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "truncated", "skipped",
+                         "metrics"} (truncated: how many of the samples had their text cut to
+                         data.max_text_len / their regions to data.max_regions; skipped: how many
+                         bad samples data.skip_bad_samples left out, not in num_samples)
   ``predictions.json``   {sample_id: prediction record}, sorted by sample id
   + the task's submission file(s) (e.g. VQA's ``vqa_results.json``)
 """
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
     """Run the task module with ``predict=True`` over ``split`` on every rank; return the union
     of ``collect(host_batch, outputs) -> {sample_id: record}`` over all ranks (on every rank),
-    and ``{"text": n, "regions": m}``: how many of those samples the collator cut.
+    and ``{"text": n, "regions": m, "skipped": k}``: how many of those samples the collator
+    cut, and how many bad samples it skipped (each once, though streaming's padding may give
+    one to two ranks).
 
     Every batch is forwarded, repeats included: with ZeRO-3 the forward is a collective, so
     every rank must run the same number of them (streaming gives each rank an equal share,
@@ -48,8 +51,9 @@ def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
     finally:
         if was_training:
             engine.train()
-    merged, (text, regions) = gather_predictions(local, cut, trainer.info.world)
-    return merged, {"text": len(text), "regions": len(regions)}
+    merged, (text, regions, skipped) = gather_predictions(local, (*cut, set(loader.skipped_in_pass)),
+                                                          trainer.info.world)
+    return merged, {"text": len(text), "regions": len(regions), "skipped": len(skipped)}
 
 
 def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
@@ -73,23 +77,28 @@ def eval_dir(trainer, split: str) -> str:
     return os.path.join(trainer.run_dir, "eval", f"{split}_step{trainer.step:08d}")
 
 
-def write_results(trainer, split: str, metrics: dict, predictions: dict, truncated: dict,
+def write_results(trainer, split: str, metrics: dict, predictions: dict, counts: dict,
                   files: dict | None = None) -> str:
-    """Write one evaluation's files on rank 0 (see module docstring); returns the folder."""
+    """Write one evaluation's files on rank 0 (see module docstring); returns the folder.
+    ``counts``: predict_split's cut and skipped samples."""
     out = eval_dir(trainer, split)
     if trainer.info.is_main:
         for what, limit in (("text", "data.max_text_len"), ("regions", "data.max_regions")):
-            if truncated[what]:
+            if counts[what]:
                 log.warning("%s evaluation: %d of %d samples have more %s than %s allows: the model saw "
-                            "them cut (metrics.json: truncated)", split, truncated[what], len(predictions),
+                            "them cut (metrics.json: truncated)", split, counts[what], len(predictions),
                             what, limit)
+        if counts["skipped"]:
+            log.warning("%s evaluation: %d bad samples skipped (data.skip_bad_samples), not scored "
+                        "(metrics.json: skipped)", split, counts["skipped"])
         os.makedirs(out, exist_ok=True)
         write_json({str(k): predictions[k] for k in sorted(predictions)}, os.path.join(out, "predictions.json"))
         for name, obj in (files or {}).items():
             write_json(obj, os.path.join(out, name))
         write_json({"task": trainer.cfg.task.name, "split": split, "step": trainer.step,
                     "init_from": trainer.cfg.train.init_from, "num_samples": len(predictions),
-                    "truncated": truncated, "metrics": metrics}, os.path.join(out, "metrics.json"))
+                    "truncated": {k: counts[k] for k in ("text", "regions")}, "skipped": counts["skipped"],
+                    "metrics": metrics}, os.path.join(out, "metrics.json"))
         log.info("%s evaluation on %s (%d samples) written to %s", trainer.cfg.task.name, split,
                  len(predictions), out)
     return out

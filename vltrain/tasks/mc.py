@@ -59,13 +59,13 @@ def evaluate_mc(trainer, split: str) -> dict:
             recs[sid] = rec
         return recs
 
-    preds, truncated = predict_split(trainer, split, collect)
+    preds, counts = predict_split(trainer, split, collect)
     labeled = [r for r in preds.values() if "label" in r]
     metrics = {"num_samples": float(len(preds))}
     if labeled:
         metrics["accuracy"] = 100.0 * sum(r["pred"] == r["label"] for r in labeled) / len(labeled)
         metrics["chance"] = 100.0 * sum(1.0 / len(r["probs"]) for r in labeled) / len(labeled)
-    write_results(trainer, split, metrics, preds, truncated)
+    write_results(trainer, split, metrics, preds, counts)
     return metrics
 
 

@@ -69,13 +69,13 @@ def evaluate_refs(trainer, split: str) -> dict:
                          "iou": float(iou[i]), "target_box": gt[i].tolist(), "largest_box": big[i].tolist()}
         return recs
 
-    preds, truncated = predict_split(trainer, split, collect)
+    preds, counts = predict_split(trainer, split, collect)
     recs = [preds[k] for k in sorted(preds)]
     gt = [r["target_box"] for r in recs]
     metrics = {"num_samples": float(len(recs)),
                "accuracy": 100.0 * grounding_accuracy([r["box"] for r in recs], gt),
                "largest_region_accuracy": 100.0 * grounding_accuracy([r["largest_box"] for r in recs], gt)}
-    write_results(trainer, split, metrics, preds, truncated)
+    write_results(trainer, split, metrics, preds, counts)
     return metrics
 
 

@@ -137,7 +137,7 @@ def evaluate_vqa(trainer, split: str) -> dict:
             recs[sid] = rec
         return recs
 
-    preds, truncated = predict_split(trainer, split, collect)
+    preds, counts = predict_split(trainer, split, collect)
     scored = [r for r in preds.values() if "accuracy" in r]
     metrics = {"num_samples": float(len(preds))}
     if scored:
@@ -146,7 +146,7 @@ def evaluate_vqa(trainer, split: str) -> dict:
         metrics["num_scored"] = float(len(scored))
     submission = sorted(({"question_id": r["question_id"], "answer": r["answer"]} for r in preds.values()),
                         key=lambda r: r["question_id"])
-    write_results(trainer, split, metrics, preds, truncated, {SUBMISSION_FILE: submission})
+    write_results(trainer, split, metrics, preds, counts, {SUBMISSION_FILE: submission})
     return metrics
 
 
