@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -212,6 +213,28 @@ class DatasetWriter:
         return len(self._w.shards)
 
 
+@functools.cache
+def _index_last_writer():
+    from streaming import MDSWriter     # imported on first use: the tools' --help stays fast
+
+    class IndexLastWriter(MDSWriter):
+        """streaming 0.13's MDSWriter uploads ``index.json`` once the last shard's upload has
+        *started* (its queue is empty), in parallel with it: a failed or killed last upload then
+        leaves an index that names a missing shard, a dataset that looks complete. Here every
+        shard upload has finished, and none failed, before the index is written."""
+
+        def _write_index(self) -> None:
+            if self.remote:
+                from concurrent.futures import ThreadPoolExecutor
+                self.executor.shutdown(wait=True)
+                if self.event.is_set():
+                    raise RuntimeError(f"uploading a shard to {self.remote} failed (see the error above); "
+                                       "index.json not written, so the dataset is not marked complete")
+                self.executor = ThreadPoolExecutor(max_workers=1)     # for the index itself
+            super()._write_index()
+    return IndexLastWriter
+
+
 def _remove_partial(local: str) -> None:
     shutil.rmtree(local, ignore_errors=True)
 
@@ -229,8 +252,6 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
     removed, so a failed run never leaves a dataset that looks valid (``overwrite`` of an
     ``s3://`` dataset deletes its old ``index.json`` before writing, for the same reason).
     """
-    from streaming import MDSWriter
-
     optional = tuple(optional)
     columns = schema.columns_for(kind, optional)
     remote = out if is_remote(out) else None
@@ -246,8 +267,8 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
         if overwrite and os.path.isdir(out):
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
-    mds = MDSWriter(out=out, columns=columns, compression=COMPRESSION, hashes=HASHES,
-                    size_limit=size_limit)
+    mds = _index_last_writer()(out=out, columns=columns, compression=COMPRESSION, hashes=HASHES,
+                               size_limit=size_limit)
     writer = DatasetWriter(mds, out, kind, columns, dict(meta))
     try:
         yield writer
