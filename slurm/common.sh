@@ -22,7 +22,8 @@
 # Variables (export them before sbatch, or `sbatch --export=ALL,CONFIG=...`):
 #   CONFIG          recipe YAML (default: the template's)
 #   DS_CONFIG       DeepSpeed JSON (default ds_configs/zero2.json)
-#   RUN_NAME        -> run_name     (default: the recipe's run_name)
+#   RUN_NAME        -> run_name     (default: the recipe's run_name; in a job array it must hold
+#                   %a, replaced by the array task id, so each task has its own run folder)
 #   OUTPUT_ROOT     -> output_root  (default: the recipe's output_root, relative to the submit dir)
 #   DATA_REMOTE     -> data.train   (an s3://bucket/prefix or a shared folder of MDS shards)
 #   DATA_VAL_REMOTE -> data.val
@@ -31,7 +32,8 @@
 #   EXTRA           more key=value overrides, space-separated (positional args come last and win)
 #   MAX_REQUEUES    requeue cap (default 20)
 #   PYTHON          interpreter of the shared venv (default: `python` on PATH)
-#   CPUS_PER_TASK   CPUs per rank (default: sbatch --cpus-per-task, else the node's CPUs / tasks)
+#   CPUS_PER_TASK   CPUs per rank (default: sbatch --cpus-per-task, else the smallest node's
+#                   CPUs / tasks per node)
 #   VLTRAIN_MASTER_PORT  rendezvous port (default 10000 + job id % 20000)
 #   VLTRAIN_HOME    the vltrain checkout (default: the folder above the submitted template,
 #                   found by the template itself; else the submit dir)
@@ -80,6 +82,36 @@ vltrain_tasks_per_node() {
     echo "${tpn:-1}"
 }
 
+# Wait for child $1 to end; its exit code in vltrain_rc (not $(...): a subshell cannot wait for
+# this shell's children). Polled, not `wait`ed: a trapped signal cuts a blocking `wait` short,
+# and one that arrives as the child ends can lose the child's status in bash (5.2: the retried
+# wait reports -1, so a finished run read as failed). `sleep` defers the traps (signal
+# forwarding) by at most a second; the final `wait` returns the status bash kept.
+vltrain_wait() {
+    while kill -0 "$1" 2>/dev/null; do
+        sleep 1
+    done
+    wait "$1"
+    vltrain_rc=$?
+}
+
+# The fewest CPUs any node of the job has (SLURM_JOB_CPUS_PER_NODE looks like "128(x3),64"):
+# srun --cpus-per-task x tasks per node must fit on every node, not only on the batch node.
+vltrain_min_cpus_per_node() {
+    local spec="${SLURM_JOB_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}}"
+    tr ',' '\n' <<<"$spec" | sed 's/(.*//' | sort -n | head -n1
+}
+
+# A job array's tasks would all train in one run folder (RUN_NAME is fixed at submission),
+# overwriting each other's checkpoints and resuming from each other's: each needs its own.
+# "%a" in RUN_NAME becomes the task id (as in sbatch --output); without it, refused.
+vltrain_array_run_name() {
+    [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]] || return 0
+    [[ "${RUN_NAME:-}" == *%a* ]] \
+        || vltrain_fail 2 "job array task $SLURM_ARRAY_TASK_ID: every task would train in the same run folder; set RUN_NAME with %a (e.g. RUN_NAME=sweep_%a), which becomes the task id"
+    RUN_NAME="${RUN_NAME//%a/$SLURM_ARRAY_TASK_ID}"
+}
+
 # Whether run folder $1 holds a complete checkpoint (a tag with its completion record).
 vltrain_has_checkpoint() {
     compgen -G "$1/checkpoints/*/vltrain_ckpt.json" >/dev/null
@@ -123,11 +155,8 @@ vltrain_task() {
     child=$!
     trap 'kill -USR1 "$child" 2>/dev/null' USR1
     trap 'kill -TERM "$child" 2>/dev/null' TERM
-    while true; do
-        wait "$child"
-        rc=$?
-        kill -0 "$child" 2>/dev/null || break   # still alive: wait was cut short by a trapped signal
-    done
+    vltrain_wait "$child"
+    rc=$vltrain_rc
     echo "$rc" >"$exit_dir/$rank" 2>/dev/null || true
     echo "$(date '+%F %T') job=${SLURM_JOB_ID:--} rank=$rank node=${SLURMD_NODENAME:-?}: vltrain/run.py exited with $rc"
     exit "$rc"
@@ -154,6 +183,7 @@ vltrain_main() {
     # Launcher variables from the submitting shell would stop run.py from mapping SLURM_*.
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE NODE_RANK GROUP_RANK CROSS_RANK CROSS_SIZE
 
+    vltrain_array_run_name
     # ---- overrides, lowest priority first (the config loader applies them in order).
     local -a ov=() extra=()
     [[ -n "${VLTRAIN_MODE:-}" && "${VLTRAIN_MODE}" != train ]] && ov+=("mode=$VLTRAIN_MODE")
@@ -218,7 +248,7 @@ PY
     tpn="$(vltrain_tasks_per_node)"
     cpt="${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}"
     if [[ -z "$cpt" ]]; then
-        cpt=$(( ${SLURM_CPUS_ON_NODE:-1} / (tpn > 0 ? tpn : 1) ))
+        cpt=$(( $(vltrain_min_cpus_per_node) / (tpn > 0 ? tpn : 1) ))
         ((cpt >= 1)) || cpt=1
     fi
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$cpt}"
@@ -254,11 +284,8 @@ PY
     # ending the job (scancel, time limit, preemption): forward it, but never requeue after it.
     trap 'kill -USR1 "$srun_pid" 2>/dev/null' USR1
     trap 'got_term=1; kill -TERM "$srun_pid" 2>/dev/null' TERM
-    while true; do
-        wait "$srun_pid"
-        rc=$?
-        kill -0 "$srun_pid" 2>/dev/null || break
-    done
+    vltrain_wait "$srun_pid"
+    rc=$vltrain_rc
     trap - USR1 TERM
 
     local f code codes="" preempted=0 failed_code=""

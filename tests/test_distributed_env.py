@@ -221,6 +221,47 @@ def test_sbatch_helpers_refuse_uneven_layouts_and_see_checkpoints(tmp_path):
     assert _common_sh(f"vltrain_has_checkpoint {run}").returncode == 0
 
 
+def test_sbatch_cpus_per_task_fit_the_smallest_node():
+    """srun --cpus-per-task x ranks per node must fit on every node: a job given 128 and 64 CPUs
+    asked for 16 per rank (the batch node's 128 / 8) and failed to start its step."""
+    for spec, want in (("128(x3),64", "64"), ("64,128", "64"), ("96(x2)", "96")):
+        p = _common_sh("vltrain_min_cpus_per_node", SLURM_JOB_CPUS_PER_NODE=spec)
+        assert p.returncode == 0 and p.stdout.strip() == want, (spec, p.stdout, p.stderr)
+
+
+def test_sbatch_job_array_tasks_get_their_own_run_folder():
+    """A job array's tasks shared RUN_NAME's folder (checkpoints overwritten, resumed across
+    tasks): %a becomes the task id, and an array without it is refused before anything runs."""
+    p = _common_sh('vltrain_array_run_name; echo "RUN_NAME=$RUN_NAME"', SLURM_ARRAY_TASK_ID="3", RUN_NAME="sweep_%a")
+    assert p.returncode == 0 and p.stdout.strip() == "RUN_NAME=sweep_3", (p.stdout, p.stderr)
+    p = _common_sh("vltrain_array_run_name", SLURM_ARRAY_TASK_ID="3", RUN_NAME="sweep")
+    assert p.returncode == 2 and "set RUN_NAME with %a" in p.stderr, (p.stdout, p.stderr)
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_ARRAY_TASK_ID"}
+    p = subprocess.run(["bash", "-c", 'source slurm/common.sh; vltrain_array_run_name; echo "RUN_NAME=$RUN_NAME"'],
+                       capture_output=True, text=True, env={**env, "RUN_NAME": "plain"}, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "RUN_NAME=plain"
+
+
+def test_sbatch_wait_keeps_the_childs_exit_code_when_a_signal_comes_as_it_ends():
+    """The batch shell and each task wait for their child with USR1/TERM trapped. A signal that
+    arrived as the child ended cut a blocking `wait` short and lost the child's status in bash
+    (read 138: a finished run reported FAILED); measured 3 in 20 with the blocking loop."""
+    script = ('trap "true" USR1; for i in $(seq 12); do ( kill -USR1 $$; exit 75 ) & '
+              'vltrain_wait $!; echo "rc=$vltrain_rc"; done')
+    p = _common_sh(script)
+    assert p.returncode == 0 and p.stdout.split() == ["rc=75"] * 12, (p.stdout, p.stderr)
+
+
+def test_a_rank_that_sees_fewer_gpus_than_its_local_rank_is_told_why():
+    """cuda:LOCAL_RANK needs every GPU of the node visible; per-task GPU binding hid them and
+    CUDA said only "invalid device ordinal"."""
+    from vltrain.engine.distributed import check_visible_gpus
+    check_visible_gpus(7, 8, {})
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=3 but this rank sees 1 GPU\(s\) "
+                                           r"\(CUDA_VISIBLE_DEVICES=5\).*srun --gpu-bind=none"):
+        check_visible_gpus(3, 1, {"CUDA_VISIBLE_DEVICES": "5"})
+
+
 def test_sbatch_task_picks_the_cpu_accelerator_only_without_allocated_gpus(tmp_path):
     """No nvidia-smi on PATH: the CPU accelerator, unless Slurm allocated GPUs on the node
     (a container without nvidia-smi, a ROCm node), where DeepSpeed detects the device itself."""

@@ -255,6 +255,20 @@ def pick_backend() -> tuple[str, str]:
     return acc.device_name(), acc.communication_backend_name()
 
 
+def check_visible_gpus(local_rank: int, count: int, environ: MutableMapping[str, str]) -> None:
+    """Each rank takes cuda:LOCAL_RANK (so do DeepSpeed's engine and streaming's node-local
+    coordination, by LOCAL_RANK), so every rank must see all GPUs of its node. A launch that
+    binds GPUs per task (``srun --gpus-per-task=1``, a site's default GPU binding, one GPU per
+    container) fails otherwise with CUDA's "invalid device ordinal"; say what to change."""
+    if local_rank < count:
+        return
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} but this rank sees {count} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): every rank must see all GPUs "
+        "of its node and takes cuda:LOCAL_RANK. Launch without per-task GPU binding: srun --gpu-bind=none "
+        "(the sbatch templates do), no --gpus-per-task, one container per node")
+
+
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """setup_env + backend choice + ``deepspeed.init_distributed`` with a bounded collective timeout.
 
@@ -272,6 +286,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if accel == "cuda":
         import torch
+        check_visible_gpus(info.local_rank, torch.cuda.device_count(), os.environ)
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=float(timeout_s)),
                                auto_mpi_discovery=False, verbose=False)
