@@ -1,8 +1,8 @@
 """Edges of saving and resuming (one rank, real trainers; tests/workers/resume_edges.py):
 a restart from an earlier step replaces the later steps it reaches and trains at its own
 learning rate, a failed save of `best` keeps the previous `best`, a resume at another
-precision is refused by name, and a stop signal with a non-finite loss at the end of an
-accumulated step still resumes exactly."""
+precision is refused by name, a stop signal with a non-finite loss at the end of an
+accumulated step still resumes exactly, and one at a validation step checkpoints first."""
 import math
 
 import pytest
@@ -60,3 +60,11 @@ def test_a_stop_on_a_nonfinite_last_micro_batch_waits_for_the_step(edges):
     assert stopped["losses"] == {k: ref["losses"][k] for k in ("1", "2")}
     assert sorted(resumed["losses"]) == ["3"] and math.isclose(resumed["losses"]["3"], ref["losses"]["3"],
                                                               rel_tol=1e-6), (resumed, ref)
+
+
+def test_a_stop_signal_checkpoints_before_a_validation_due_at_that_step(edges):
+    """Slurm's grace time (KillWait 30 s, GraceTime) must hold the checkpoint; a full
+    validation pass ran first, and a long one got the rank SIGKILLed without a checkpoint."""
+    stop = edges["valstop"]
+    assert stop["code"] == 75 and stop["latest"] == "step_00000002"
+    assert stop["validated_at"] == [], stop

@@ -16,6 +16,7 @@ full disk) during one save. Runs, in order:
   precision resume of the base run with train.precision=bf16: the error
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
+  valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2)
 """
 import json
 import os
@@ -66,6 +67,13 @@ def train(cfg, faults, **fault):
     trainer = build_training(cfg)
     losses = record_losses(trainer)
     trainer.lr_after_build = trainer.engine.get_lr()
+    trainer.validated_at = []                       # the steps validate() ran at (observed only)
+    real_validate = trainer.validate
+
+    def validate(*a, **kw):
+        trainer.validated_at.append(trainer.step)
+        return real_validate(*a, **kw)
+    trainer.validate = validate
     return trainer.train(), losses, trainer
 
 
@@ -136,5 +144,10 @@ def main():
     code, losses, t = train(cfg_of(corpus, out, "accum", *accum, "train.resume=auto"), faults)
     t.close()
     res["accum_resumed"] = {"code": code, "losses": losses}
+
+    code, losses, t = train(cfg_of(corpus, out, "valstop", "train.max_steps=4", "train.save_every_steps=0",
+                                   f"data.val={corpus}/captions/val", "train.val_every=2"), faults, usr1_at=2)
+    t.close()
+    res["valstop"] = {"code": code, "validated_at": t.validated_at, "latest": open(f"{t.save_dir}/latest").read()}
     print("RESULTS " + json.dumps(res), flush=True)
 

@@ -244,11 +244,11 @@ class Trainer:
                     loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
                     instant=instant)
             step_metrics, n_micro, tokens, flops = {}, 0, 0, 0.0
+            if stop:    # before a validation due now: the checkpoint must fit in Slurm's grace time
+                return self._preempt()
             if cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0:
                 with phase("validate"):
                     self.validate()
-            if stop:
-                return self._preempt()
             if (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or save_due:
                 self.save()
                 save_due = False
