@@ -272,8 +272,9 @@ def test_bad_samples_fail_or_are_skipped_and_counted(tmp_path, vocab_file):
 
 def test_an_all_bad_micro_batch_keeps_ranks_in_step(tmp_path, vocab_file):
     """Skipping a whole micro-batch would leave this rank a batch short of the others (a hang at
-    the next collective or epoch barrier): the previous batch stands in, flagged for zero weight.
-    With nothing before it, the error names the samples."""
+    the next collective or epoch barrier): the previous batch stands in, flagged for zero weight;
+    with no batch before it (a rank's first, the first after a resume) the next good one stands
+    in first. With no good batch in the whole epoch, the error names the samples."""
     from vltrain.data.errors import BadSampleError
     from vltrain.data.loader import STAND_IN_KEY
     samples = make_caption_samples(16)
@@ -287,12 +288,31 @@ def test_an_all_bad_micro_batch_keeps_ranks_in_step(tmp_path, vocab_file):
     assert [bool(b.task.get(STAND_IN_KEY)) for b in batches] == [False, True, False, False]
     assert loader.num_stand_ins == 1 and loader.num_skipped == 4
     assert loader.state_dict()["sample_in_epoch"] == 16
-    for i in range(4):
+    for i in range(4):                                             # the first two micro-batches bad
         samples[i]["features"][0, 0] = np.nan
     ds = write_mds(str(tmp_path / "ds2"), "captions", samples, optional=("cls_prob",),
                    feature_dim=8, num_classes=5)
     loader = _single_loader(ds, tmp_path / "b", vocab_file, shuffle=False, skip_bad_samples=True)
-    with pytest.raises(BadSampleError, match=r"first micro-batch .* is bad.*sample_id 0"):
+    batches = list(loader)
+    assert [b.sample_id.tolist() for b in batches] == [[8, 9, 10, 11]] * 3 + [[12, 13, 14, 15]]
+    assert [bool(b.task.get(STAND_IN_KEY)) for b in batches] == [True, True, False, False]
+    assert loader.num_stand_ins == 2 and loader.num_skipped == 8
+    assert loader.state_dict()["sample_in_epoch"] == 16
+    # A checkpoint taken with the latest batch held back resumes at it: each stand-in takes the
+    # place of its all-bad micro-batch in the sample count.
+    loader = _single_loader(ds, tmp_path / "b2", vocab_file, shuffle=False, skip_bad_samples=True)
+    it = iter(loader)
+    held = []
+    for _ in range(4):
+        next(it)
+        held.append(loader.state_dict(held_back=1)["sample_in_epoch"])
+    assert held == [0, 4, 8, 12], held
+    for i in range(8, 16):                                         # nothing good in the epoch
+        samples[i]["features"][0, 0] = np.nan
+    ds = write_mds(str(tmp_path / "ds3"), "captions", samples, optional=("cls_prob",),
+                   feature_dim=8, num_classes=5)
+    loader = _single_loader(ds, tmp_path / "c", vocab_file, shuffle=False, skip_bad_samples=True)
+    with pytest.raises(BadSampleError, match=r"micro-batches to the end of epoch 0 is bad.*sample_id 0"):
         list(loader)
 
 
