@@ -34,7 +34,8 @@
 #   PYTHON          interpreter of the shared venv (default: `python` on PATH)
 #   CPUS_PER_TASK   CPUs per rank (default: sbatch --cpus-per-task, else the smallest node's
 #                   CPUs / tasks per node)
-#   VLTRAIN_MASTER_PORT  rendezvous port (default 10000 + job id % 20000)
+#   VLTRAIN_MASTER_PORT  rendezvous port (default 10000 + job id % 20000, or the next port free
+#                   on the job's first node)
 #   VLTRAIN_HOME    the vltrain checkout (default: the folder above the submitted template,
 #                   found by the template itself; else the submit dir)
 # Secrets (AWS_* for S3) travel in the environment: this file never prints the environment.
@@ -110,6 +111,22 @@ vltrain_array_run_name() {
     [[ "${RUN_NAME:-}" == *%a* ]] \
         || vltrain_fail 2 "job array task $SLURM_ARRAY_TASK_ID: every task would train in the same run folder; set RUN_NAME with %a (e.g. RUN_NAME=sweep_%a), which becomes the task id"
     RUN_NAME="${RUN_NAME//%a/$SLURM_ARRAY_TASK_ID}"
+}
+
+# The first TCP port from $2 (wrapping within 10000-29999) that $1 (python) can bind on this host.
+vltrain_free_port() {
+    "$1" - "$2" <<'PY'
+import socket, sys
+start = int(sys.argv[1])
+for port in [*range(start, 30000), *range(10000, start)]:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+PY
 }
 
 # Whether run folder $1 holds a complete checkpoint (a tag with its completion record).
@@ -239,9 +256,16 @@ PY
     # ---- distributed environment shared by all ranks (per-rank variables are mapped in run.py).
     MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
     # Port from the job id (= vltrain.engine.distributed.port_from_job_id): two jobs sharing a
-    # node differ. VLTRAIN_MASTER_PORT overrides it (a blocked port range; two clusters whose
-    # job ids collide on one host, like the test suite's local clusters).
-    MASTER_PORT="${VLTRAIN_MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
+    # node differ; if it is taken on this node (the job's first: rank 0 listens here) by a
+    # service or a job whose id differs by a multiple of 20000, the next free one. Every rank
+    # reads MASTER_PORT from here. VLTRAIN_MASTER_PORT overrides it (a blocked port range).
+    if [[ -n "${VLTRAIN_MASTER_PORT:-}" ]]; then
+        MASTER_PORT=$VLTRAIN_MASTER_PORT
+    else
+        MASTER_PORT="$(vltrain_free_port "$python" $((10000 + SLURM_JOB_ID % 20000)))"
+        [[ -n "$MASTER_PORT" ]] || vltrain_fail 1 "no free TCP port in 10000-29999 on $(hostname -s) for the rendezvous; set VLTRAIN_MASTER_PORT"
+        ((MASTER_PORT == 10000 + SLURM_JOB_ID % 20000)) || vltrain_log "port $((10000 + SLURM_JOB_ID % 20000)) is taken on this node: rendezvous on $MASTER_PORT"
+    fi
     export MASTER_ADDR MASTER_PORT
     local tpn cpt
     vltrain_check_even_tasks

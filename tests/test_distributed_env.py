@@ -229,6 +229,19 @@ def test_sbatch_cpus_per_task_fit_the_smallest_node():
         assert p.returncode == 0 and p.stdout.strip() == want, (spec, p.stdout, p.stderr)
 
 
+def test_sbatch_rendezvous_port_moves_past_a_taken_one():
+    """The job-id port can be taken on the first node (a service; a job whose id differs by a
+    multiple of 20000): the batch shell takes the next free one instead of failing the job."""
+    probe = f'vltrain_free_port "{sys.executable}" '
+    port = int(_common_sh(probe + str(20000 + os.getpid() % 5000)).stdout)      # one free now
+    with socket.socket() as held:
+        held.bind(("", port))
+        held.listen()
+        p = _common_sh(probe + str(port))
+        assert p.returncode == 0 and int(p.stdout) > port, (p.stdout, p.stderr)
+    assert int(_common_sh(probe + str(port)).stdout) == port                   # released: that one again
+
+
 def test_sbatch_job_array_tasks_get_their_own_run_folder():
     """A job array's tasks shared RUN_NAME's folder (checkpoints overwritten, resumed across
     tasks): %a becomes the task id, and an array without it is refused before anything runs."""
