@@ -5,7 +5,8 @@ import os
 from typing import Optional
 
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.resume import CheckpointError, check_checkpoint_files, saved_param_shapes, workable_world_sizes
+from vltrain.engine.resume import CheckpointError, check_checkpoint_files, saved_config, saved_param_shapes, \
+    workable_world_sizes
 from vltrain.ckpt.layout import list_tags
 
 
@@ -52,11 +53,8 @@ def describe(found: ckpt.Found) -> dict:
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             config_text = f.read()
-        try:
-            from vltrain.config import load_config
-            precision = load_config(cfg_path).train.precision
-        except Exception:  # noqa: BLE001 - an old/foreign config is still shown
-            pass
+        saved = saved_config(found.path)      # an old/foreign config is still shown
+        precision = saved.train.precision if saved is not None else None
     stage = int(info.get("zero_stage", 0))
     universal = bool(info.get("universal"))
     if universal or stage >= 1:

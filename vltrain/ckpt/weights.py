@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.resume import CheckpointError, saved_param_shapes
+from vltrain.engine.resume import CheckpointError, saved_config, saved_param_shapes
 from vltrain.ckpt.layout import quiet
 
 PREFIX = "model."
@@ -67,7 +67,8 @@ def stage0_masters(sd: dict) -> dict[str, torch.Tensor]:
     per parameter group, without names. Our groups are ``no_decay_param_groups``' (decayed,
     then not, each in ``named_parameters`` order), so the module state's parameters split by
     the same rule name them; taken only if every shape agrees."""
-    groups = (sd.get("optimizer") or {}).get("fp32_groups") if isinstance(sd.get("optimizer"), dict) else None
+    opt = sd.get("optimizer")
+    groups = opt.get("fp32_groups") if isinstance(opt, dict) else None
     if not groups or not all(isinstance(g, (list, tuple)) for g in groups):
         return {}
     from vltrain.engine.ds_config import decays
@@ -124,11 +125,10 @@ def precision_note(found: ckpt.Found) -> Optional[str]:
     """A warning when the weights are not the fp32 master copy (ZeRO-0 with bf16/fp16)."""
     if found.info.get("universal") or int(found.info.get("zero_stage", 0)) != 0:
         return None
-    try:
-        from vltrain.config import load_config
-        p = load_config(os.path.join(found.path, "config.yaml")).train.precision
-    except Exception:  # noqa: BLE001
+    cfg = saved_config(found.path)
+    if cfg is None:
         return None
+    p = cfg.train.precision
     if p != "fp32" and not stage0_masters(stage0_file(found)):
         return (f"ZeRO-0 {p} checkpoint without an fp32 master copy that maps onto the model's parameters: "
                 f"the weights come from the {p} module state, cast to fp32")

@@ -13,7 +13,7 @@ from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
-    reconcile_resume
+    reconcile_resume, saved_config
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -108,12 +108,10 @@ def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
     """Settings of this resume that differ from the checkpoint's ``config.yaml``, logged: a
     resume with the overrides of the first command left out (another max_steps, lr...) runs
     on, and is no longer the run that was interrupted."""
-    path = os.path.join(tag_dir, "config.yaml")
-    try:
-        from vltrain.config import load_config
-        saved = _flat(config_to_dict(load_config(path)))
-    except Exception:  # noqa: BLE001 - an old or foreign config: nothing to compare
+    saved_cfg = saved_config(tag_dir)
+    if saved_cfg is None:      # an old or foreign config: nothing to compare
         return []
+    saved = _flat(config_to_dict(saved_cfg))
     now = _flat(config_to_dict(cfg))
     diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
              if k in saved and now[k] != saved[k] and k not in _RESUME_KEYS]

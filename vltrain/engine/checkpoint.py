@@ -51,7 +51,7 @@ LATEST_FILE = "latest"
 BEST_TAG = "best"
 PARTIAL, OLD = ".partial", ".old"     # a save in progress; the copy it replaces, for two renames
 _STEP_TAG = re.compile(r"step_(\d+)")
-_STEP_LEFTOVER = re.compile(r"step_(\d+)(\.partial|\.old)")
+_STEP_LEFTOVER = re.compile(rf"step_(\d+)({re.escape(PARTIAL)}|{re.escape(OLD)})")
 
 
 def step_tag(step: int) -> str:

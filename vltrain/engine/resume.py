@@ -188,19 +188,26 @@ def check_resume_stage(found, ds: dict) -> None:
         "train.init_from=OUT.safetensors")
 
 
+def saved_config(tag_dir: str):
+    """The resolved ``Config`` a checkpoint was trained with (its ``config.yaml``), or None when
+    it has none readable (an old or foreign checkpoint): callers then skip what they compare."""
+    from vltrain.config import load_config
+    try:
+        return load_config(os.path.join(tag_dir, "config.yaml"))
+    except Exception:  # noqa: BLE001 - missing, unreadable or from another version
+        return None
+
+
 def check_resume_precision(found, precision: str) -> None:
     """Refuse to resume a DeepSpeed checkpoint at another ``train.precision``: its optimizer
     files are the precision's own (bf16 keeps ``bf16_zero_pp_rank_*`` shards, fp16/fp32
     ``zero_pp_rank_*``, and ZeRO-0 bf16 a bf16 optimizer's state), and DeepSpeed would fail
     on a file it expects by name, which reads like a damaged checkpoint. A universal
     checkpoint (``vltrain-ckpt reshard``) holds plain fp32 state and resumes at any."""
-    if found.info.get("universal"):
+    saved_cfg = None if found.info.get("universal") else saved_config(found.path)
+    if saved_cfg is None:      # universal, or no readable config.yaml: DeepSpeed's own load decides
         return
-    try:
-        from vltrain.config import load_config
-        saved = load_config(os.path.join(found.path, "config.yaml")).train.precision
-    except Exception:  # noqa: BLE001 - no readable config.yaml: DeepSpeed's own load decides
-        return
+    saved = saved_cfg.train.precision
     if saved != precision:
         hint = ("start a new run from its weights with train.init_from" if int(found.info.get("zero_stage", 0)) == 0
                 else f"convert it first: vltrain-ckpt reshard {found.path} OUT (a universal checkpoint resumes "
