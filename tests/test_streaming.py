@@ -180,6 +180,35 @@ def test_text_mixing_on_two_emulated_nodes_one_host(s3_bucket, vocab_file, tmp_p
     assert [len(r["cache_dirs"]) for r in res] == [2, 2]
 
 
+def test_small_text_corpus_repeats_get_their_own_masks(tmp_path, vocab_file):
+    """A text corpus smaller than the mix asks for is read more than once an epoch; every read
+    of a text sample gets its own masks (streaming's up-sampling would repeat the sample id)."""
+    caps = write_captions(str(tmp_path / "caps"), 24, size_limit=1 << 12)
+    text = write_text(str(tmp_path / "text"), 5)
+    # 24 image-text samples at text_proportion 0.25 -> 8 text samples: 5 once + 3 again.
+    loader = _single_loader(caps, tmp_path, vocab_file, text_train=text, text_proportion=0.25)
+    for epoch in range(2):
+        visits: dict[int, list] = {}
+        n_caps = 0
+        for batch in loader:
+            for r, sid in enumerate(batch.sample_id.tolist()):
+                if batch.region_mask is not None and bool(batch.region_mask[r].any()):
+                    n_caps += 1
+                else:
+                    visits.setdefault(sid, []).append(_signature(batch, r))
+        assert n_caps == 24 and sum(map(len, visits.values())) == 8, epoch
+        assert sorted(map(len, visits.values())) == [1, 1, 2, 2, 2], epoch   # no sample 3 times
+        for sid, sigs in visits.items():
+            assert all(s[1][0] == 101 and s[1][-1] == 102 for s in sigs)   # [CLS] .. [SEP] text rows
+            if len(sigs) == 2:
+                assert sigs[0][1] != sigs[1][1] or sigs[0][3] != sigs[1][3], (epoch, sid)
+    dirs = sorted(os.listdir(tmp_path / "cache" / "node0" / "debug"))
+    assert [d.rsplit("-", 1)[-1] for d in dirs if "visit" in d] == ["visit1"] and len(dirs) == 3
+    # A mix that would read each text sample more than MAX_TEXT_VISITS times is refused.
+    with pytest.raises(ValueError, match=r"asks for 72 text samples .* holds 5: each would be read 14.4"):
+        _single_loader(caps, tmp_path, vocab_file, text_train=text, text_proportion=0.75, run_name="x")
+
+
 # ------------------------------------------------------------------ corruption (one process)
 
 def _single_loader(remote, tmp_path, vocab_file, **data):

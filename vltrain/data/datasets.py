@@ -393,6 +393,9 @@ def _serialised_if_nodes_share_host():
     dist.barrier()
 
 
+MAX_TEXT_VISITS = 8   # more visits of a text corpus per epoch than this is a misconfigured mix
+
+
 def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]:
     """``[(remote, choose)]`` for ``split``; ``choose`` None = every sample once per epoch.
 
@@ -400,6 +403,11 @@ def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]
     ``K = round(n_image_text * p / (1 - p))`` text-only samples (``p = data.text_proportion``),
     so a fraction ``p`` of the epoch is text and no image-text sample repeats within an epoch
     (a repeat would get the same caption and masks: randomness is keyed on the epoch).
+
+    A text corpus of ``m < K`` samples is visited ``ceil(K / m)`` times per epoch: each visit is
+    a stream of its own (every sample once, the last visit a random ``K mod m`` of them), so
+    repeats get their own stream index and so their own masks (streaming's up-sampling of one
+    stream would repeat the sample id, and with it the masks). At most ``MAX_TEXT_VISITS``.
     """
     d = cfg.data
     if split == "train":
@@ -410,8 +418,18 @@ def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]
                 raise ValueError(f"data.text_train is set, so data.text_proportion must be in (0, 1); "
                                  f"got {d.text_proportion}")
             n = count_samples(d.train, d.download_timeout)
-            k = int(round(n * d.text_proportion / (1.0 - d.text_proportion)))
-            return [(d.train, None), (d.text_train, max(1, k))]
+            k = max(1, int(round(n * d.text_proportion / (1.0 - d.text_proportion))))
+            m = count_samples(d.text_train, d.download_timeout)
+            if m == 0:
+                raise MetaError(f"data.text_train ({d.text_train}) holds no samples")
+            full, rest = divmod(k, m)
+            if full + bool(rest) > MAX_TEXT_VISITS:
+                raise ValueError(
+                    f"data.text_proportion={d.text_proportion} asks for {k} text samples per epoch "
+                    f"(beside {n} image-text samples) but data.text_train ({d.text_train}) holds {m}: "
+                    f"each would be read {k / m:.1f} times an epoch (at most {MAX_TEXT_VISITS}); "
+                    f"use a larger text corpus or a lower data.text_proportion")
+            return [(d.train, None)] + [(d.text_train, None)] * full + ([(d.text_train, rest)] if rest else [])
         return [(d.train, None)]
     remote = getattr(d, split)
     if not remote:
@@ -432,8 +450,10 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
         meta = read_meta(remote, d.download_timeout)
         infos.append(StreamInfo(remote, meta))
         index = _read_text(remote, "index.json", d.download_timeout)
+        visit = sum(i.name == remote for i in infos) - 1      # streaming wants a folder per stream
+        role = split if not visit else f"{split}-visit{visit}"
         streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
-                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, split), choose=choose,
+                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, role), choose=choose,
                               validate_hash=hash_to_validate(d.validate_hash, index, remote)))
     kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
