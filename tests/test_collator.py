@@ -356,6 +356,26 @@ def test_bad_sample_errors_name_dataset_and_sample(tok, breakage, message):
         make(tok, obj=ObjectivesConfig(mrc=True))(samples)
 
 
+def test_metaless_dataset_dims_checked_against_the_model_per_sample(tok):
+    """Without a vltrain_meta.json nothing pins a dataset's feature dim or class count: each
+    sample is checked against the model's, so an odd one is named (and skippable) instead of
+    failing the whole batch or the model's matmul."""
+    samples = caps(4)
+    samples[2]["features"] = samples[2]["features"][:, :6]
+    samples[3]["cls_prob"] = samples[3]["cls_prob"][:, :4]
+    obj = ObjectivesConfig(mrc=True)
+    with pytest.raises(BadSampleError, match=r"sample_id 2: column 'features' has dim 6, but model.region_feat_dim=8"):
+        make(tok, obj=obj, metas=({},), feat_dim=8, num_classes=5)(samples)
+    b = make(tok, DataConfig(skip_bad_samples=True), obj, metas=({},), feat_dim=8, num_classes=5)(samples)
+    assert b.sample_id.tolist() == [0, 1] and len(b.task[SKIPPED_KEY]) == 2
+    assert "sample_id 3: column 'cls_prob' has shape (" in b.task[SKIPPED_KEY][1]
+    # Without the model's dims (a collator built by hand) the batch error names the samples.
+    with pytest.raises(BadSampleError, match=r"feature dims: 6 \(sample_id 2\), 8 \(sample_id 0, 1, 3\)"):
+        make(tok, obj=obj, metas=({},))(samples)
+    with pytest.raises(BadSampleError, match=r"class counts: 4 \(sample_id 3\), 5 \(sample_id 0, 1\)"):
+        make(tok, obj=obj, metas=({},))(samples[:2] + samples[3:])
+
+
 def test_the_float16_finiteness_check_agrees_with_numpy_on_every_bit_pattern():
     """The collator tests float16 arrays through their bits (numpy's float16 math is slow):
     every one of the 65,536 values, alone and inside an otherwise finite array."""

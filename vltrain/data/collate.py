@@ -80,6 +80,14 @@ class _Example:
     cut_regions: bool = False               # more regions than data.max_regions
 
 
+def _ids_by(exs: list[_Example], key) -> str:
+    """``"8 (sample_id 1, 4), 16 (sample_id 7)"``: which samples of a batch have which value."""
+    groups: dict = {}
+    for e in exs:
+        groups.setdefault(key(e), []).append(str(e.sample_id))
+    return ", ".join(f"{k} (sample_id {', '.join(v)})" for k, v in sorted(groups.items()))
+
+
 def random_token_pool(tokenizer) -> np.ndarray:
     """Ids MLM may substitute: the whole vocabulary minus specials and ``[...]`` reserved slots."""
     special = set(tokenizer.special_ids)
@@ -103,13 +111,16 @@ class PretrainCollator:
         vlbert: the model is VL-BERT-style (``model.region_embedding=vlbert``): captions as
             ``[CLS] w1..wT [SEP]`` instead of VLP's ``[CLS] [SEP] w1..wT [STOP]``, and the
             whole-image feature reaches the text (VLP's model does not read it).
-        num_classes: the model's class count (``model.num_region_classes``), used for hard
-            class targets when a dataset's meta does not say it.
+        num_classes: the model's class count (``model.num_region_classes``): the width class
+            distributions must have, and the count for hard class targets.
+        feat_dim: the model's region feature dim (``model.region_feat_dim``); a sample with
+            another is bad (caught here, naming it, rather than as a shape error in the model).
     """
 
     def __init__(self, tokenizer, data, objectives, seed: int,
                  streams: Optional[Sequence[StreamInfo]] = None, require_cls_probs: bool = False,
-                 vlbert: bool = False, num_classes: Optional[int] = None):
+                 vlbert: bool = False, num_classes: Optional[int] = None,
+                 feat_dim: Optional[int] = None):
         self.tok = tokenizer
         self.data = data
         self.obj = objectives
@@ -119,6 +130,7 @@ class PretrainCollator:
         self.require_cls_probs = require_cls_probs
         self.vlbert = bool(vlbert)
         self.num_classes = num_classes
+        self.feat_dim = feat_dim
         # Set in DataLoader workers (PackInWorkers): where the large batch tensors come from.
         self.scratch: Optional[ScratchPool] = None
         self.cls_id, self.sep_id, self.stop_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.stop_id
@@ -216,6 +228,9 @@ class PretrainCollator:
         if meta.get("feature_dim") and d != meta["feature_dim"]:
             raise self._bad(info, sample, f"column 'features' has dim {d}, but the dataset's "
                                           f"vltrain_meta.json says feature_dim={meta['feature_dim']}")
+        if self.feat_dim and d != self.feat_dim:
+            raise self._bad(info, sample, f"column 'features' has dim {d}, but "
+                                          f"model.region_feat_dim={self.feat_dim}")
         boxes = np.asarray(self._get(info, sample, "boxes"), dtype=np.float32)
         if boxes.shape != (n, 4):
             raise self._bad(info, sample, f"column 'boxes' has shape {boxes.shape}, expected ({n}, 4)")
@@ -239,7 +254,9 @@ class PretrainCollator:
     def _classes(self, info, sample, meta: dict, n: int, k: int) -> np.ndarray:
         """The first ``k`` of the sample's ``n`` class distributions: the stored ``cls_prob``, or
         one-hot ``obj_labels`` with ``data.hard_class_targets``; else a bad sample."""
-        num_classes = meta.get("num_classes")
+        # The loader checked a meta's count against the model's (MetaError); a meta-less
+        # dataset's samples are checked here.
+        num_classes = meta.get("num_classes") or self.num_classes
         if meta.get("has_cls_prob") or (not meta and "cls_prob" in sample):
             cls = np.asarray(self._get(info, sample, "cls_prob"))
             if cls.ndim != 2 or cls.shape[0] != n or (num_classes and cls.shape[1] != num_classes):
@@ -252,7 +269,6 @@ class PretrainCollator:
             raise self._bad(info, sample, "missing column 'cls_prob' (detector class distribution), needed for "
                                           "region classification targets / class embedding")
         labels = np.asarray(self._get(info, sample, "obj_labels")).astype(np.int64)
-        num_classes = num_classes or self.num_classes
         if not num_classes:
             raise self._bad(info, sample, "data.hard_class_targets needs the class count "
                                           "(num_classes in vltrain_meta.json or model.num_region_classes)")
@@ -406,9 +422,9 @@ class PretrainCollator:
         if not img:
             return batch                      # text-only batch: a plain BERT input
         D = img[0].feats.shape[1]
-        if any(e.feats.shape[1] != D for e in img):
-            raise BadSampleError("batch mixes feature dims "
-                                 f"{sorted({e.feats.shape[1] for e in img})}: streams disagree")
+        if any(e.feats.shape[1] != D for e in img):   # only without feat_dim (checked per sample)
+            raise BadSampleError(f"batch mixes feature dims: {_ids_by(img, lambda e: e.feats.shape[1])}; "
+                                 "pass feat_dim to reject the odd samples one by one")
         N = self.data.max_regions if self.data.pad_to == "bucket" else max(len(e.feats) for e in img)
         # The two large tensors (~0.7 MB per base-size sample) from the worker's pool.
         zeros = self.scratch.zeros if self.scratch is not None else torch.zeros
@@ -431,9 +447,10 @@ class PretrainCollator:
             boxes[i, :n].copy_(_t(e.boxes))
             rmask[i, :n] = True
             if e.cls is not None:
-                if e.cls.shape[1] != C:
-                    raise BadSampleError(f"batch mixes class counts {C} and {e.cls.shape[1]}: "
-                                         "streams disagree")
+                if e.cls.shape[1] != C:   # only without num_classes (checked per sample)
+                    has = [x for x in img if x.cls is not None]
+                    raise BadSampleError(f"batch mixes class counts: {_ids_by(has, lambda x: x.cls.shape[1])}; "
+                                         "pass num_classes to reject the odd samples one by one")
                 cls[i, :n].copy_(_t(e.cls))
             if e.image_feat is not None:
                 image_feat[i].copy_(_t(e.image_feat))

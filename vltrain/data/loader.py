@@ -258,7 +258,7 @@ def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> P
     try:
         return PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
                                 require_cls_probs=need_cls, vlbert=cfg.model.region_embedding == "vlbert",
-                                num_classes=cfg.model.num_region_classes)
+                                num_classes=cfg.model.num_region_classes, feat_dim=cfg.model.region_feat_dim)
     except ValueError as e:
         if need_cls and "cls_prob" in str(e) and not cfg.objectives.mrc:
             raise MetaError(f"{e}; or set model.use_cls_probs=false") from e

@@ -54,7 +54,7 @@ class TaskCollator(PretrainCollator):
         self.train = bool(train)
         self.task_cfg = cfg.task
         super().__init__(tokenizer, cfg.data, objectives, cfg.train.seed, infos, require_cls_probs=need_cls,
-                         num_classes=cfg.model.num_region_classes)
+                         num_classes=cfg.model.num_region_classes, feat_dim=cfg.model.region_feat_dim)
 
     def _check_stream(self, info: StreamInfo) -> None:
         meta = info.meta
