@@ -153,6 +153,7 @@ def convert(args: argparse.Namespace) -> None:
         raise BadInputError(f"{args.captions}: no captions for split {args.split!r}")
     checker = RegionChecker(skips, args.feature_dim)
     writer = None
+    written = 0                                  # captions of the images written (not skipped)
     with contextlib.ExitStack() as stack:
         for r in iter_image_regions(args, list(caps), skips, "captions"):
             cols = checker.to_columns(r, sizes.get(r.image_id))
@@ -168,9 +169,10 @@ def convert(args: argparse.Namespace) -> None:
                                                          size_limit=args.size_limit,
                                                          overwrite=args.overwrite))
             writer.write({"sample_id": schema.stable_sample_id(r.image_id), **cols, "captions": caps[r.image_id]})
+            written += len(caps[r.image_id])
         if writer is None:
             raise BadInputError("no samples to write: no image with captions had valid features")
-        writer.meta["num_captions"] = sum(len(caps[i]) for i in caps)
+        writer.meta["num_captions"] = written
         writer.meta.update(skips.as_meta())
     summarize(writer, skips)
 

@@ -119,7 +119,10 @@ def collect(args: argparse.Namespace, skips: SkipCounter) -> tuple[dict[str, lis
     by_image: dict[str, list[dict]] = {}
     seen: dict[int, str] = {}
     for k, ref in enumerate(refs):
-        if not isinstance(ref, dict) or ref.get("split") != args.split:
+        if not isinstance(ref, dict):      # of no known split: counted, whichever is converted
+            skips.bad("malformed_ref", f"{args.refs} ref {k}: {ref!r:.80} is not an object")
+            continue
+        if ref.get("split") != args.split:
             continue
         where = f"{args.refs} ref {k} (ref_id {ref.get('ref_id')}, image {ref.get('image_id')})"
         ann = anns.get(int(ref["ann_id"])) if str(ref.get("ann_id", "")).isdigit() else None

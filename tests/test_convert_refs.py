@@ -150,9 +150,11 @@ def test_refs_bad_inputs_are_named(inputs, tmp_path, capsys):
     assert convert_refs.main(_args({**inputs, "refs": write_json(tmp_path / "r9.json", refs)},
                                    out, "--skip-bad")) == 2
     assert "no usable expressions" in capsys.readouterr().err
-    refs = _refs()
+    refs = _refs() + [["not", "a", "ref"]]                              # a non-object entry
+    fails(_args({**inputs, "refs": write_json(tmp_path / "r11.json", refs)}, tmp_path / "o11"),
+          f"r11.json ref {len(refs) - 1}: ['not', 'a', 'ref'] is not an object")
     refs[1]["ann_id"] = 999
     assert convert_refs.main(_args({**inputs, "refs": write_json(tmp_path / "r10.json", refs)},
                                    out, "--skip-bad")) == 0
-    assert read_meta(out)["skipped"] == {"missing_annotation": 1}
+    assert read_meta(out)["skipped"] == {"malformed_ref": 1, "missing_annotation": 1}
     assert sorted(int(s["sample_id"]) for s in read_mds(out)) == [10, 11]

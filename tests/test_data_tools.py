@@ -693,6 +693,7 @@ def test_skip_bad_counts_every_case(tmp_path, capsys):
     assert [s["image_id"] for s in samples] == ["1", "2"] and samples[0]["captions"] == ["one"]
     meta = read_meta(out)
     assert meta["skipped"] == expect and meta["skipped_total"] == sum(expect.values())
+    assert meta["num_captions"] == 2          # of the images written, not of the skipped ones
     # without --skip-bad the same input stops at the first problem: a real process exits non-zero
     r = run_tool("convert_captions", "--captions", kp, "--tsv", tsv, "--out", tmp_path / "strict")
     assert r.returncode != 0 and "error: " in r.stderr and "empty caption" in r.stderr
