@@ -20,8 +20,9 @@ def srun_task_env(**over):
     """What srun gives task 3 of `srun --nodes=3 --ntasks-per-node=2`."""
     env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6", "SLURM_NODEID": "1",
            "SLURM_TASKS_PER_NODE": "2(x3)", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "node[1-3]",
-           "SLURM_JOB_ID": "12345", "PATH": "/usr/bin:/bin"}
+           "SLURM_JOB_ID": "12345", "SLURM_STEP_ID": "0", "PATH": "/usr/bin:/bin"}
     env.update(over)
+    env.setdefault("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])    # an srun task has its step's
     return env
 
 
@@ -50,6 +51,23 @@ def test_uneven_tasks_per_node_are_refused():
     del env["SLURM_NTASKS_PER_NODE"]
     setup_env(env, use_scontrol=False)
     assert env["LOCAL_WORLD_SIZE"] == "2" and env["RANK"] == "4" and env["MASTER_ADDR"] == "gpu07"
+
+
+def test_a_batch_script_or_salloc_shell_is_not_a_rank():
+    """The batch script has SLURM_PROCID=0 and the job's SLURM_NTASKS but no step: mapping them
+    would wait for peers that never start. Refused naming srun; alone in its job, one process."""
+    env = srun_task_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    for k in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        del env[k]
+    with pytest.raises(RuntimeError, match=r"Slurm job 12345 of SLURM_NTASKS=6 tasks but is not one of them.*"
+                                           r"`srun python vltrain/run.py \.\.\.`.*RANK=0 WORLD_SIZE=1"):
+        setup_env(dict(env), use_scontrol=False)
+    for ntasks in ("1", None):
+        one = dict(env, SLURM_NTASKS=ntasks) if ntasks else {k: v for k, v in env.items() if k != "SLURM_NTASKS"}
+        info = setup_env(one, use_scontrol=False)
+        assert (info.rank, info.world, one["MASTER_ADDR"]) == (0, 1, "127.0.0.1")
+    alone = dict(env, RANK="0", WORLD_SIZE="1")                        # the message's way out
+    assert setup_env(alone, use_scontrol=False).world == 1
 
 
 def test_step_variables_win_over_job_variables():
@@ -175,7 +193,7 @@ def test_two_srun_tasks_rendezvous_and_a_hung_peer_times_out():
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
                                                         "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    base.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, SLURM_NTASKS="2",
+    base.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
                 SLURM_TASKS_PER_NODE="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job))
     timeout_s, hang_s = 4.0, 40
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(timeout_s), str(hang_s)], cwd=ROOT,

@@ -2,7 +2,9 @@
 requeue mechanics the sbatch templates rely on work on it: USR1 reaches the batch
 script, `scontrol requeue` puts the job back, and the second run appends to the log."""
 import functools
+import os
 import re
+import sys
 
 import pytest
 from tests.fixtures.slurm import wait_for
@@ -11,6 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 _wait_for = functools.partial(wait_for, poll=0.2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cluster_has_two_idle_nodes(slurm_cluster):
@@ -20,15 +23,22 @@ def test_cluster_has_two_idle_nodes(slurm_cluster):
     assert all(s in {"idle", "mixed", "allocated", "completing"} for s in states.values()), states
 
 
+# vltrain's Slurm mapping on what Slurm really sets: each srun task is a rank of a 2-rank
+# world; the batch script itself (SLURM_PROCID=0, SLURM_NTASKS=2, no step) is refused.
+MAPPING = ("import os; from vltrain.engine.distributed import setup_env; i = setup_env(); "
+           "print('mapped rank', i.rank, 'world', i.world, 'master', os.environ['MASTER_ADDR'])")
 TWO_NODE_JOB = """#!/bin/bash
 echo "batch on $SLURMD_NODENAME job=$SLURM_JOB_ID nodes=$SLURM_JOB_NODELIST ntasks=$SLURM_NTASKS"
 srun bash -c 'echo "task procid=$SLURM_PROCID node=$SLURMD_NODENAME host=$(hostname -s)"'
+cd {root}
+{python} -c "{mapping}" 2>&1 | tail -1
+srun {python} -c "{mapping}"
 """
 
 
 def test_two_node_job_runs_one_task_per_node(slurm_cluster, tmp_path):
     script = tmp_path / "two_nodes.sh"
-    script.write_text(TWO_NODE_JOB)
+    script.write_text(TWO_NODE_JOB.format(python=sys.executable, root=ROOT, mapping=MAPPING))
     log = tmp_path / "two_nodes.out"
     res = slurm_cluster.run(["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1",
                              "--time=2", f"--output={log}", str(script)], cwd=tmp_path, timeout=90)
@@ -40,6 +50,9 @@ def test_two_node_job_runs_one_task_per_node(slurm_cluster, tmp_path):
     assert tasks == {("0", "node1"), ("1", "node2")}, text
     info = slurm_cluster.job(jobid)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert f"RuntimeError: this process runs in Slurm job {jobid} of SLURM_NTASKS=2 tasks but is not one" in text, text
+    assert sorted(re.findall(r"mapped rank (\d) world (\d) master (\S+)", text)) == \
+        [("0", "2", "node1"), ("1", "2", "node1")], text
 
 
 # First run: wait for USR1 (as the templates' training processes do before a preemption),

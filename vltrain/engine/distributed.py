@@ -165,16 +165,29 @@ def _set(env: MutableMapping[str, str], key: str, value) -> None:
 def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use_scontrol: bool = True) -> bool:
     """Map SLURM_* to torch's variables when a launcher has not set them (one srun task per process).
 
-    Only acts when RANK and WORLD_SIZE are both absent and SLURM_PROCID is present; never
-    overrides a variable that is already set. Returns True when it mapped anything.
+    Only acts when RANK and WORLD_SIZE are both absent and this process is an srun task
+    (SLURM_PROCID and SLURM_STEP_NUM_TASKS present); never overrides a variable that is
+    already set. Returns True when it mapped anything.
+
+    The batch script and an salloc shell also have SLURM_PROCID=0 and the job's SLURM_NTASKS,
+    but no step: they are one process, and mapping the job's task count would wait for peers
+    that never start. Alone in a one-task job they run as one process; in a job of more tasks
+    they are refused, naming srun.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env or "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
         return False
-    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+    ntasks = env.get("SLURM_STEP_NUM_TASKS")
     if ntasks is None:
-        raise RuntimeError("SLURM_PROCID is set but neither SLURM_NTASKS nor SLURM_STEP_NUM_TASKS is; "
-                           "launch one task per process with srun")
+        job_tasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or "1"
+        if int(job_tasks) > 1:
+            job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "?"
+            raise RuntimeError(
+                f"this process runs in Slurm job {job} of SLURM_NTASKS={job_tasks} tasks but is not one of "
+                "them (no SLURM_STEP_NUM_TASKS: the batch script or an salloc shell), so its "
+                f"{job_tasks} ranks would never start: launch them with `srun python vltrain/run.py ...` "
+                "(as slurm/*.sbatch do), or set RANK=0 WORLD_SIZE=1 to run this one process alone")
+        return False
     _set(env, "RANK", env["SLURM_PROCID"])
     _set(env, "WORLD_SIZE", ntasks)
     _set(env, "LOCAL_RANK", env.get("SLURM_LOCALID", 0))
