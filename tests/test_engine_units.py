@@ -199,3 +199,40 @@ def test_a_resume_with_other_settings_says_which(tmp_path, caplog):
     assert "train.max_steps 100 -> 40" in caplog.text
     same = load_config("configs/debug.yaml", ["train.max_steps=100", "train.lr=5e-4", "train.resume=auto"])
     assert warn_config_changes(same, str(tmp_path)) == []                     # resume keys are expected to differ
+
+
+def test_zero0_fused_fp16_optimizer_masters_map_back_to_parameter_names(monkeypatch):
+    """On GPU, ZeRO-0 bf16/fp16 with DeepSpeed's FusedAdam goes through its fused FP16_Optimizer,
+    which saves each group's fp32 masters as ONE flat tensor (``fp32_groups_flat``); the CPU
+    runs of test_ckpt_tools take the unfused optimizer (a list per group). The real
+    FP16_Optimizer, built here on the CPU accelerator, gives the flat layout: every master is
+    found under its parameter's name, not the bf16 weight."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from vltrain.ckpt.weights import stage0_masters
+    from vltrain.config import debug_model_config
+    from vltrain.engine.ds_config import no_decay_param_groups
+    torch.manual_seed(0)
+    model = VLModel(debug_model_config()).to(torch.bfloat16)
+    opt = FP16_Optimizer(torch.optim.AdamW(no_decay_param_groups(model, 0.01)), low_precision_dtype=torch.bfloat16,
+                         verbose=False)
+    for flat in opt.fp32_groups_flat:       # masters that the bf16 weights cannot hold exactly
+        flat.data.add_(torch.randn_like(flat) * 1e-4)
+    sd = {"module": model.state_dict(), "buffer_names": [n for n, _ in model.named_buffers()],
+          "optimizer": opt.state_dict()}
+    assert "fp32_groups_flat" in sd["optimizer"] and "fp32_groups" not in sd["optimizer"]
+    masters = stage0_masters(sd)
+    params = dict(model.named_parameters())
+    assert masters.keys() == params.keys()
+    want = {}
+    for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+        offset = 0
+        for p in group:
+            want[next(n for n, q in params.items() if q is p)] = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+    for n, t in masters.items():
+        assert t.dtype == torch.float32 and torch.equal(t, want[n]), n
+    assert sum(not torch.equal(t, params[n].float()) for n, t in masters.items()) == len(masters)
+    # a layout that does not add up is not guessed at
+    sd["optimizer"]["fp32_groups_flat"] = [f[:-1] for f in sd["optimizer"]["fp32_groups_flat"]]
+    assert stage0_masters(sd) == {}

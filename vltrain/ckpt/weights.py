@@ -63,19 +63,30 @@ def stage0_file(found: ckpt.Found) -> dict:
 def stage0_masters(sd: dict) -> dict[str, torch.Tensor]:
     """ZeRO-0 with bf16/fp16: the fp32 master weights by name, or {} where there are none.
 
-    DeepSpeed's unfused FP16/BF16 optimizer saves them as ``optimizer["fp32_groups"]``, one list
-    per parameter group, without names. Our groups are ``no_decay_param_groups``' (decayed,
-    then not, each in ``named_parameters`` order), so the module state's parameters split by
-    the same rule name them; taken only if every shape agrees."""
+    DeepSpeed saves them per parameter group, without names: its unfused FP16/BF16 optimizer
+    (torch's Adam: CPU) as ``optimizer["fp32_groups"]``, a list of tensors per group; its fused
+    one (FusedAdam: GPU) as ``optimizer["fp32_groups_flat"]``, the group's tensors flattened
+    and concatenated. Our groups are ``no_decay_param_groups``' (decayed, then not, each in
+    ``named_parameters`` order), so the module state's parameters split by the same rule name
+    them; taken only if every size and shape agrees."""
     opt = sd.get("optimizer")
-    groups = opt.get("fp32_groups") if isinstance(opt, dict) else None
-    if not groups or not all(isinstance(g, (list, tuple)) for g in groups):
+    if not isinstance(opt, dict):
         return {}
     from vltrain.engine.ds_config import decays
     buffers = set(sd.get("buffer_names") or [])
-    names = [n for n, t in sd["module"].items() if n not in buffers and t.is_floating_point()]
-    ours = [g for g in ([n for n in names if decays(n, sd["module"][n].ndim)],
-                        [n for n in names if not decays(n, sd["module"][n].ndim)]) if g]
+    module = sd["module"]
+    names = [n for n, t in module.items() if n not in buffers and t.is_floating_point()]
+    ours = [g for g in ([n for n in names if decays(n, module[n].ndim)],
+                        [n for n in names if not decays(n, module[n].ndim)]) if g]
+    groups, flat = opt.get("fp32_groups"), opt.get("fp32_groups_flat")
+    if not groups and flat and all(torch.is_tensor(f) for f in flat) and len(flat) == len(ours):
+        sizes = [[module[n].numel() for n in g] for g in ours]
+        if any(f.numel() != sum(s) for f, s in zip(flat, sizes)):
+            return {}
+        groups = [[t.view(module[n].shape) for n, t in zip(g, f.reshape(-1).split(s))]
+                  for g, f, s in zip(ours, flat, sizes)]
+    if not groups or not all(isinstance(g, (list, tuple)) for g in groups):
+        return {}
     if [len(g) for g in ours] != [len(g) for g in groups]:
         return {}
     masters = {n: t for g_names, g in zip(ours, groups) for n, t in zip(g_names, g)}
