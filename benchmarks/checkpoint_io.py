@@ -118,7 +118,7 @@ def worker(out: str, quick: bool, rounds: int, where: str) -> None:
             if info.rank == 0:
                 cold = _drop_caches() and cold
             loads.append(timed(lambda: (engine.load_checkpoint(save_dir, tag=tag),
-                                        ckpt.load_rank_state(os.path.join(save_dir, tag), info.rank, info.world))))
+                                        ckpt.load_rank_state(os.path.join(save_dir, tag), info.rank, info.world, info.world))))
         tag_dir = os.path.join(save_dir, f"step_{rounds:08d}")
         res["stages"][str(stage)] = {"save_s": median(saves), "sync_s": median(sync_times) if sync_times else None,
                                      "load_s": median(loads), "saves": saves,

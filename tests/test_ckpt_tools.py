@@ -34,6 +34,9 @@ from vltrain.config import debug_model_config
 from vltrain.model.transformer import named_pieces
 
 TAG3 = "step_00000003"
+# Skipped-sample counts written into the resharded checkpoints' rank states (the runs had no
+# bad samples): a resume at another world size must carry their sum.
+SKIPPED = {"U2": [5, 7], "U3": [4]}
 
 
 def launch(spec: dict, name: str, world: int, log_dir: str, per_node: int = 0):
@@ -128,6 +131,12 @@ def resharded(ckpts):
         dest = os.path.join(ckpts["runs"], run, "checkpoints", TAG3)
         assert ckpt_main(["reshard", src, dest, "--tag", TAG3, *extra]) == 0
         out[key] = dest
+        for r, n in enumerate(SKIPPED[key]):
+            path = os.path.join(dest, f"vltrain_rank{r:05d}.pt")
+            state = torch.load(path, weights_only=False)
+            state["loader"]["num_skipped"] = n
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)          # a new file: never edit a hard-linked source
     # A copy of z2@3 missing rank 1's optimizer shard (hard links: cheap).
     damaged = os.path.join(ckpts["root"], "damaged", TAG3)
     shutil.copytree(os.path.join(ckpts["z2"], TAG3), damaged, copy_function=os.link)
@@ -207,6 +216,11 @@ def test_reshard_then_resume_on_another_world_size(ckpts, resharded, resumed, sr
     assert max((end_u[n] - end_r[n]).abs().max().item() for n in end_u) <= 1e-5
     rec = json.load(open(os.path.join(ckpts["runs"], dest, "checkpoints", "step_00000006", "vltrain_ckpt.json")))
     assert (rec["world_size"], rec["grad_accum"], rec["global_batch"], rec["step"]) == (world, accum, 16, 6)
+    # data/skipped_samples (the sum over ranks) carried whole: on the new rank 0, none repeated
+    step6 = os.path.join(ckpts["runs"], dest, "checkpoints", "step_00000006")
+    skipped = [torch.load(os.path.join(step6, f"vltrain_rank{r:05d}.pt"), weights_only=False)["loader"]["num_skipped"]
+               for r in range(world)]
+    assert skipped == [sum(SKIPPED["U2" if src == "z2" else "U3"])] + [0] * (world - 1)
 
 
 def test_reshard_from_two_nodes_to_one(ckpts, two_nodes):

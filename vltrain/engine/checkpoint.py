@@ -282,9 +282,19 @@ def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
     return deleted
 
 
-def load_rank_state(tag_dir: str, rank: int, saved_world: int) -> dict:
-    """This rank's saved state; after a world-size change, rank 0's (the loader state is global)."""
-    path = rank_state_file(tag_dir, rank if rank < saved_world else 0)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {tag_dir} is missing {os.path.basename(path)}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_rank_state(tag_dir: str, rank: int, saved_world: int, world: int) -> dict:
+    """This rank's saved state; after a world-size change (``world != saved_world``), rank 0's: the loader position is global. The one per-rank count in it,
+    the loader's skipped samples (summed over ranks when logged), then moves whole to the
+    new rank 0 so the total neither drops nor repeats."""
+    def read(r: int) -> dict:
+        path = rank_state_file(tag_dir, r)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {tag_dir} is missing {os.path.basename(path)}")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    if world == saved_world:
+        return read(rank)
+    state = read(0)
+    state["loader"]["num_skipped"] = (sum(int(read(r)["loader"].get("num_skipped", 0)) for r in range(saved_world))
+                                      if rank == 0 else 0)
+    return state

@@ -109,7 +109,7 @@ class Trainer:
         if found.info.get("universal"):
             repair_universal_zero3_load(self.engine, settings)   # DeepSpeed 0.19.8 ZeRO-3 loader quirks
         schedule.reapply(self.engine.lr_scheduler, base_lrs)
-        state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"])
+        state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"], self.info.world)
         self.loader.load_state_dict(state["loader"])
         if found.info["world_size"] == self.info.world:
             ckpt.set_rng_state(state["rng"])   # per-rank streams only mean something at the same size
