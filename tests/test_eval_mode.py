@@ -13,7 +13,8 @@ The odd sizes (251 / 127 / 63 samples) make streaming pad one rank's share with 
 sample, which the evaluation must drop. The VQA evaluations keep 2 regions of every image (each
 has at least 3), so metrics.json must count every sample as cut exactly once, the repeat too.
 The last 3 multiple-choice samples are bad (NaN features) and skipped (data.skip_bad_samples):
-metrics.json counts them once each, on one rank and on two, apart from num_samples.
+metrics.json counts them once each, on one rank and on two, apart from num_samples. The refs
+split's meta records inputs its converter skipped: metrics.json repeats them.
 """
 import json
 import os
@@ -27,6 +28,7 @@ TRAIN_STEPS = 100
 TASK_OVERRIDES = {"vqa": ["task.vqa_head=vlbert"], "refs": [], "mc": []}
 EVAL_CUT = {"vqa": ["data.max_regions=2"]}
 BAD = {"mc": 3}
+CONVERTER_SKIPPED = {"refs": {"bad_box": 2, "missing_annotation": 1}}
 
 
 def common(root, vocab, nvocab, task):
@@ -41,7 +43,8 @@ def evaluated(tmp_path_factory, synthetic_corpus):
     subsets, runs1, evals = {}, [], {}
     for task, (split, n) in SIZES.items():
         dst = os.path.join(root, "data", f"{task}_{split}{n}")
-        subsets[task] = (dst, write_subset(os.path.join(synthetic_corpus, task, split), dst, n, BAD.get(task, 0)))
+        subsets[task] = (dst, write_subset(os.path.join(synthetic_corpus, task, split), dst, n, BAD.get(task, 0),
+                                           CONVERTER_SKIPPED.get(task)))
         runs1.append({"name": f"train_{task}", "config": f"configs/{task}_debug.yaml", "overrides": [
             f"output_root={root}/train", f"data.train={synthetic_corpus}/{task}/train",
             f"train.max_steps={TRAIN_STEPS}", "train.warmup_steps=5", "train.val_every=0", "data.num_workers=0",
@@ -92,6 +95,7 @@ def test_two_ranks_keep_each_sample_once_and_match_one_rank(evaluated, task):
         assert res["metrics.json"]["step"] == TRAIN_STEPS and res["metrics.json"]["split"] == "test"
         assert res["metrics.json"]["truncated"] == {"text": 0, "regions": len(rows) if task in EVAL_CUT else 0}
         assert res["metrics.json"]["skipped"] == bad
+        assert res["metrics.json"]["converter_skipped"] == CONVERTER_SKIPPED.get(task, {})
     assert one["metrics.json"]["metrics"] == pytest.approx(two["metrics.json"]["metrics"], abs=1e-9)
     for sid in ids:
         a, b = one["predictions.json"][sid], two["predictions.json"][sid]

@@ -3,9 +3,12 @@ by sample id (each sample once across ranks), and the result files of one evalua
 
 Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<NNNNNNNN>/``:
   ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "truncated", "skipped",
-                         "metrics"} (truncated: how many of the samples had their text cut to
-                         data.max_text_len / their regions to data.max_regions; skipped: how many
-                         bad samples data.skip_bad_samples left out, not in num_samples)
+                         "converter_skipped", "metrics"} (truncated: how many of the samples had
+                         their text cut to data.max_text_len / their regions to data.max_regions;
+                         skipped: how many bad samples data.skip_bad_samples left out, not in
+                         num_samples; converter_skipped: the bad inputs data_tools --skip-bad left
+                         out of the split's dataset, by reason, from its vltrain_meta.json: the
+                         official scorers would count those questions/images too)
   ``predictions.json``   {sample_id: prediction record}, sorted by sample id
   + the task's submission file(s) (e.g. VQA's ``vqa_results.json``)
 """
@@ -27,9 +30,9 @@ log = logging.getLogger(__name__)
 def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
     """Run the task module with ``predict=True`` over ``split`` on every rank; return the union
     of ``collect(host_batch, outputs) -> {sample_id: record}`` over all ranks (on every rank),
-    and ``{"text": n, "regions": m, "skipped": k}``: how many of those samples the collator
-    cut, and how many bad samples it skipped (each once, though streaming's padding may give
-    one to two ranks).
+    and ``{"text": n, "regions": m, "skipped": k, "converter_skipped": {reason: n}}``: how many
+    of those samples the collator cut, how many bad samples it skipped (each once, though
+    streaming's padding may give one to two ranks), and what the split's converter skipped.
 
     Every batch is forwarded, repeats included: with ZeRO-3 the forward is a collective, so
     every rank must run the same number of them (streaming gives each rank an equal share,
@@ -53,7 +56,12 @@ def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
             engine.train()
     merged, (text, regions, skipped) = gather_predictions(local, (*cut, set(loader.skipped_in_pass)),
                                                           trainer.info.world)
-    return merged, {"text": len(text), "regions": len(regions), "skipped": len(skipped)}
+    converted: dict = {}
+    for info in loader.collator.streams:
+        for reason, n in (info.meta.get("skipped") or {}).items():
+            converted[reason] = converted.get(reason, 0) + int(n)
+    return merged, {"text": len(text), "regions": len(regions), "skipped": len(skipped),
+                    "converter_skipped": converted}
 
 
 def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
@@ -91,6 +99,11 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
         if counts["skipped"]:
             log.warning("%s evaluation: %d bad samples skipped (data.skip_bad_samples), not scored "
                         "(metrics.json: skipped)", split, counts["skipped"])
+        if counts["converter_skipped"]:
+            log.warning("%s evaluation: the split's dataset was converted with %d bad inputs left out (%s; "
+                        "metrics.json: converter_skipped): the metrics cover the rest", split,
+                        sum(counts["converter_skipped"].values()),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(counts["converter_skipped"].items())))
         os.makedirs(out, exist_ok=True)
         write_json({str(k): predictions[k] for k in sorted(predictions)}, os.path.join(out, "predictions.json"))
         for name, obj in (files or {}).items():
@@ -98,7 +111,7 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
         write_json({"task": trainer.cfg.task.name, "split": split, "step": trainer.step,
                     "init_from": trainer.cfg.train.init_from, "num_samples": len(predictions),
                     "truncated": {k: counts[k] for k in ("text", "regions")}, "skipped": counts["skipped"],
-                    "metrics": metrics}, os.path.join(out, "metrics.json"))
+                    "converter_skipped": counts["converter_skipped"], "metrics": metrics}, os.path.join(out, "metrics.json"))
         log.info("%s evaluation on %s (%d samples) written to %s", trainer.cfg.task.name, split,
                  len(predictions), out)
     return out
