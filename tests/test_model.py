@@ -84,6 +84,27 @@ def test_from_pretrained_overrides_and_grown_token_types(minilm_dir):
         VLModel.from_pretrained(minilm_dir, region_feat_dims=32)
 
 
+def test_vlbert_from_bert_starts_with_zero_visual_terms(minilm_dir):
+    """VL-BERT's pretraining init (visual_scale_*_init 0): the visual LayerNorms' gains are 0,
+    so at the first step no text or region token depends on the features (text rows are BERT's
+    inputs plus nothing); the gains get gradients and the visual terms grow from there."""
+    from vltrain.config import ModelConfig
+    assert ModelConfig().vlbert_visual_scale_init == 0.0 and ModelConfig().vlbert_visual_ln
+    model = VLModel.from_pretrained(minilm_dir, region_embedding="vlbert", type_vocab_size=3, image_token_type=2,
+                                    region_feat_dim=32, vlbert_geometry_dim=64)
+    emb = model.region_embeddings
+    assert all(torch.equal(n.weight, torch.zeros_like(n.weight)) for n in (emb.norm_text, emb.norm_region))
+    inp = random_inputs(model.config)
+    other = dict(inp, region_feats=torch.randn_like(inp["region_feats"]) * 30,
+                 region_boxes=torch.rand_like(inp["region_boxes"]))
+    model.eval()                                               # no dropout: two forwards comparable
+    a, b = model(**inp), model(**other)
+    torch.testing.assert_close(a.text_hidden, b.text_hidden, rtol=0, atol=0)
+    torch.testing.assert_close(a.region_hidden, b.region_hidden, rtol=0, atol=0)
+    a.text_hidden.square().sum().backward()
+    assert emb.norm_text.weight.grad.abs().sum() > 0 and emb.norm_region.weight.grad.abs().sum() > 0
+
+
 def test_from_pretrained_shape_mismatch_names_parameter(minilm_dir):
     with pytest.raises(ValueError, match="embeddings.word.weight"):
         VLModel.from_pretrained(minilm_dir, vocab_size=1000)
@@ -115,7 +136,8 @@ def test_vlbert_geometry_is_the_papers_2048_sincos():
 
 def test_vlbert_text_regions_give_linked_words_their_regions_feature():
     """VL-BERT's VCR link: a token with text_regions = r gets region r's visual feature
-    embedding (appearance + geometry) in place of the whole image's; -1 keeps the image's."""
+    embedding (appearance + geometry, through the text tokens' visual LayerNorm) in place of
+    the whole image's; -1 keeps the image's."""
     model = make_model(region_embedding="vlbert", type_vocab_size=3, image_token_type=2)
     inp = random_inputs(model.config)
     B, T = inp["input_ids"].shape
@@ -134,8 +156,9 @@ def test_vlbert_text_regions_give_linked_words_their_regions_feature():
     diff = text(seen[2]) - text(seen[0])
     m = inp["region_mask"][..., None].float()
     with torch.no_grad():
-        image = model.region_embeddings.image_term((inp["region_feats"] * m).sum(1) / m.sum(1))
-        visual = model.region_embeddings(inp["region_feats"], inp["region_boxes"])
+        emb = model.region_embeddings
+        image = emb.text_term(emb.image_term((inp["region_feats"] * m).sum(1) / m.sum(1)))
+        visual = emb.text_term(emb(inp["region_feats"], inp["region_boxes"]))
     for b, t, r in ((0, 3, 1), (0, 4, 1), (2, 2, 4)):
         torch.testing.assert_close(diff[b, t], visual[b, r] - image[b], rtol=1e-5, atol=1e-5)
     diff[0, 3:5] = 0
@@ -151,16 +174,16 @@ def test_vlbert_geometry_dim_must_be_a_positive_multiple_of_8(dim):
         make_model(region_embedding="vlbert", vlbert_geometry_dim=dim)
 
 
-def save_export(model, folder, drop_geometry_key=False):
+def save_export(model, folder, drop_keys=()):
     """``model`` as a vltrain export folder (config.json + model.safetensors), as ckpt/export.py
-    writes one; ``drop_geometry_key``: its config as written before model.vlbert_geometry_dim existed."""
+    writes one; ``drop_keys``: model keys its config was written without (before they existed)."""
     import json
     from safetensors.torch import save_file
     from vltrain.model.bert_weights import export_config_json
     from vltrain.model.transformer import named_pieces
     config = export_config_json(model.config)
-    if drop_geometry_key:
-        del config["vltrain"]["vlbert_geometry_dim"]
+    for key in drop_keys:
+        del config["vltrain"][key]
     with open(folder / "config.json", "w") as f:
         json.dump(config, f)
     state = to_hf_state_dict(named_pieces(model.state_dict(), model.config))
@@ -184,7 +207,7 @@ def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
     from vltrain.engine.resume import CheckpointError, check_model_matches
     from vltrain.tasks.pretrain import PretrainTask
     old = make_model(region_embedding="vlbert", vlbert_geometry_dim=128)
-    save_export(old, tmp_path, drop_geometry_key=True)
+    save_export(old, tmp_path, drop_keys=("vlbert_geometry_dim",))
     with pytest.raises(ValueError) as e:
         VLModel.from_pretrained(str(tmp_path))
     assert "region_embeddings.proj.weight: checkpoint (64, 192) vs model (64, 2112)" in str(e.value)
@@ -202,6 +225,36 @@ def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
         check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
     assert "model.region_embeddings.proj.weight: checkpoint (64, 192) vs model (64, 2112)" in str(e.value)
     assert "model.vlbert_geometry_dim=128" in str(e.value)
+
+
+def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(tmp_path):
+    """A VL-BERT checkpoint from before the visual LayerNorms (a config without
+    model.vlbert_visual_ln, which then reads as true): fresh LayerNorms would silently switch
+    off (gain 0) or rescale its visual terms, so init_from / from_pretrained and a resume are
+    refused naming model.vlbert_visual_ln=false, which loads it exactly."""
+    from vltrain.config import Config, save_config
+    from vltrain.engine.resume import CheckpointError, check_model_matches
+    from vltrain.tasks.pretrain import PretrainTask
+    old = make_model(region_embedding="vlbert", vlbert_visual_ln=False)
+    assert not any("norm_" in n for n, _ in old.named_parameters())
+    save_export(old, tmp_path, drop_keys=("vlbert_visual_ln", "vlbert_visual_scale_init"))
+    with pytest.raises(ValueError, match=r"has VL-BERT's region projection but not its visual LayerNorms.*"
+                                         r"model.vlbert_visual_ln=false"):
+        VLModel.from_pretrained(str(tmp_path))
+    back = VLModel.from_pretrained(str(tmp_path), vlbert_visual_ln=False).eval()
+    x = random_inputs(old.config, B=2)
+    torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(old, x, "bidirectional").text_hidden,
+                               rtol=0, atol=0)
+
+    cfg = Config(model=debug_model_config(region_embedding="vlbert"))
+    tag = tmp_path / "step_00000006"
+    tag.mkdir()
+    torch.save({"param_shapes": [{n: tuple(p.shape) for n, p in PretrainTask(old, ObjectivesConfig()).named_parameters()}]},
+               tag / "mp_rank_00_model_states.pt")
+    save_config(cfg, str(tag / "config.yaml"))
+    with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*norm_region(.|\n)*"
+                                              r"model.vlbert_visual_ln=false"):
+        check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
 
 
 # --------------------------------------------------------------------------- mask semantics

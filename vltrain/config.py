@@ -43,6 +43,10 @@ class ModelConfig:
     geometry_conf: bool = True               # vlp: append confidence (max non-bg class prob) to G
     vlbert_geometry_dim: int = 2048          # vlbert: width of the sin/cos box embedding (paper: 2048);
                                              # a multiple of 8 (4 coordinates x sin/cos x frequencies)
+    vlbert_visual_ln: bool = True            # vlbert: LayerNorms on the visual terms (VL-BERT's visual_ln);
+                                             # false: checkpoints written before they existed
+    vlbert_visual_scale_init: float = 0.0    # vlbert: their initial gain (VL-BERT's visual_scale_*_init:
+                                             # 0 = the text starts as pretrained BERT's)
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.
@@ -155,10 +159,12 @@ class Config:
 
 
 def debug_model_config(**overrides) -> ModelConfig:
-    """The tiny model every test and the demo use (2 layers, hidden 64)."""
+    """The tiny model every test and the demo use (2 layers, hidden 64). VL-BERT's visual
+    LayerNorms start at gain 1, so that its visual paths carry signal and gradients from the
+    first step in tests (VL-BERT's pretraining init, 0, zeroes them there)."""
     base = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                 max_position_embeddings=128, region_feat_dim=64, num_region_classes=17,
-                hidden_dropout=0.0, attention_dropout=0.0)
+                hidden_dropout=0.0, attention_dropout=0.0, vlbert_visual_scale_init=1.0)
     base.update(overrides)
     return ModelConfig(**base)
 

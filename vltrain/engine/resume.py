@@ -160,8 +160,8 @@ def check_model_matches(tag_dir: str, module) -> None:
             hint = (f"\nThe checkpoint was trained with the model section of {cfg_path}; resume with the "
                     "same model.* settings, or start a new run from its weights with train.init_from=")
         if hasattr(model, "config"):
-            from vltrain.model.embeddings import geometry_dim_hint
-            hint += geometry_dim_hint(diffs, model.config)
+            from vltrain.model.embeddings import vlbert_load_hint
+            hint += vlbert_load_hint(diffs, model.config)
         raise CheckpointError(f"checkpoint {tag_dir} does not fit this model (different shapes):\n  "
                               + "\n  ".join(diffs) + hint)
 

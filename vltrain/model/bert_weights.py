@@ -21,7 +21,7 @@ import re
 import torch
 
 from vltrain.config import ModelConfig, build_section
-from vltrain.model.embeddings import geometry_dim_hint
+from vltrain.model.embeddings import VISUAL_LN_HINT, VISUAL_LN_PARAMS, vlbert_load_hint
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,13 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
         loaded.add(name)
     if errors:
         raise ValueError(f"{source}: parameter shapes do not match the model:\n  " + "\n  ".join(errors)
-                         + geometry_dim_hint(errors, model.config))
+                         + vlbert_load_hint(errors, model.config))
     fresh = [n for n in own if n not in loaded]
+    if "region_embeddings.proj.weight" in loaded and any(n in fresh for n in VISUAL_LN_PARAMS):
+        # fresh LayerNorms (gain model.vlbert_visual_scale_init) would silently rescale or, at
+        # gain 0, switch off the visual terms this checkpoint's projection was trained with
+        raise ValueError(f"{source}: has VL-BERT's region projection but not its visual LayerNorms; "
+                         + VISUAL_LN_HINT)
     if strict_text:
         missing = [n for n in fresh if n.startswith(("embeddings.", "layers."))]
         if missing:

@@ -105,21 +105,29 @@ def sincos_box_embedding(boxes: torch.Tensor, num_freqs: int, wave_len: float = 
 
 
 class VLBertRegionEmbedding(nn.Module):
-    """VL-BERT's visual feature embedding: FC([appearance ; sin/cos geometry]).
+    """VL-BERT's visual feature embedding: FC([appearance ; sin/cos geometry]), then a LayerNorm
+    per kind of token (its ``visual_ln_object`` / ``visual_ln_text``).
 
     The geometry is ``model.vlbert_geometry_dim`` wide: the paper's 2048 by default (its code's
     ``coordinate_embeddings(boxes, 256)``: 4 coordinates x sin/cos x 256 frequencies). The
     paper's text embeds the corners x1,y1,x2,y2, which we keep; its code embeds centre/size.
-    The model adds the [IMG] token embedding to regions; text tokens get this embedding of
-    the whole image (full box [0,0,1,1]) with the whole-image feature, see ``image_term``.
+    ``forward`` is the projection; a region token gets ``norm_region`` of its own plus the [IMG]
+    token embedding (the model adds it), a text token ``text_term`` of the whole image's
+    (full box [0,0,1,1], ``image_term``) or, for VCR's linked words, of its region's. The
+    LayerNorms' gains start at
+    ``model.vlbert_visual_scale_init`` (VL-BERT pretraining: 0, so that at the first step every
+    input is pretrained BERT's; ``vlbert_visual_ln=false`` leaves them out).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_freqs = cfg.vlbert_geometry_dim // 8
         self.proj = nn.Linear(cfg.region_feat_dim + cfg.vlbert_geometry_dim, cfg.hidden_size)
+        ln = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)) if cfg.vlbert_visual_ln else nn.Identity
+        self.norm_region, self.norm_text = ln(), ln()
 
     def forward(self, feats, boxes, cls_probs=None) -> torch.Tensor:
+        """FC([appearance ; geometry]) of (..., D) features at (..., 4) boxes."""
         dtype = self.proj.weight.dtype
         # sin/cos of the float32 boxes: in bf16 a coordinate near 1 is off by ~0.002, i.e.
         # ~0.2 rad at the highest frequency (x100 scale)
@@ -127,20 +135,42 @@ class VLBertRegionEmbedding(nn.Module):
         return self.proj(torch.cat([feats.to(dtype), geo], dim=-1))
 
     def image_term(self, image_feat: torch.Tensor) -> torch.Tensor:
-        """(B, D) whole-image feature -> (B, H) visual embedding added to every text token."""
+        """(B, D) whole-image feature -> (B, H) projection, the text tokens' input to ``text_term``."""
         full_box = image_feat.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(image_feat.shape[0], 4)
         return self.forward(image_feat, full_box)
 
+    def text_term(self, projected: torch.Tensor) -> torch.Tensor:
+        """The visual term of text tokens, from ``image_term`` / ``forward`` outputs."""
+        return self.norm_text(projected)
 
-def geometry_dim_hint(mismatches: list[str], cfg: ModelConfig) -> str:
-    """A line for shape errors naming VL-BERT's region projection: checkpoints written before
-    ``model.vlbert_geometry_dim`` existed hold a 128-d geometry, and their saved configs lack the
-    key (so reusing "the same model settings" would not restore it)."""
-    if cfg.region_embedding != "vlbert" or not any("region_embeddings.proj.weight" in m for m in mismatches):
+    def reset_visual_scale(self, gain: float) -> None:
+        for norm in (self.norm_region, self.norm_text):
+            if isinstance(norm, nn.LayerNorm):
+                nn.init.constant_(norm.weight, gain)
+
+
+VISUAL_LN_PARAMS = ("region_embeddings.norm_region.weight", "region_embeddings.norm_region.bias",
+                    "region_embeddings.norm_text.weight", "region_embeddings.norm_text.bias")
+VISUAL_LN_HINT = ("VL-BERT checkpoints written before vltrain had VL-BERT's visual LayerNorms "
+                  "(region_embeddings.norm_region / norm_text) lack them: load them with model.vlbert_visual_ln=false")
+
+
+def vlbert_load_hint(mismatches: list[str], cfg: ModelConfig) -> str:
+    """Lines for load errors that older VL-BERT checkpoints cause, whose saved configs lack the
+    key that would restore them (so reusing "the same model settings" would not): a 128-d
+    geometry (before ``model.vlbert_geometry_dim``), no visual LayerNorms (before
+    ``model.vlbert_visual_ln``)."""
+    if cfg.region_embedding != "vlbert":
         return ""
-    return (f"\nregion_embeddings.proj reads [appearance (model.region_feat_dim={cfg.region_feat_dim}) ; "
-            f"sin/cos geometry (model.vlbert_geometry_dim={cfg.vlbert_geometry_dim})]; VL-BERT checkpoints "
-            "written before that key existed have a 128-d geometry: load them with model.vlbert_geometry_dim=128")
+    hint = ""
+    if any("region_embeddings.proj.weight" in m for m in mismatches):
+        hint += (f"\nregion_embeddings.proj reads [appearance (model.region_feat_dim={cfg.region_feat_dim}) ; "
+                 f"sin/cos geometry (model.vlbert_geometry_dim={cfg.vlbert_geometry_dim})]; VL-BERT checkpoints "
+                 "written before that key existed have a 128-d geometry: load them with "
+                 "model.vlbert_geometry_dim=128")
+    if any(m.startswith("in the model but not in the checkpoint") and "norm_region" in m for m in mismatches):
+        hint += "\n" + VISUAL_LN_HINT
+    return hint
 
 
 def init_bert_(module: nn.Module, std: float) -> None:

@@ -87,6 +87,8 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
             torch.ones(B, N, dtype=torch.bool, device=input_ids.device)
         valid = torch.cat([valid[:, :1], rmask, valid[:, 1:]], dim=1)
         image_term = model._image_term(region_feats, rmask, image_feat)
+        if image_term is not None:
+            image_term = model._text_visual(image_term, rmask)
     else:
         image_term = None
     dtype = keys[0].dtype

@@ -105,6 +105,8 @@ class VLModel(nn.Module):
         nn.init.zeros_(self.mlm_head.bias)
         for layer in self.layers:
             layer.reset_parameters(std)
+        if self.config.region_embedding == "vlbert":
+            self.region_embeddings.reset_visual_scale(self.config.vlbert_visual_scale_init)
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "VLModel":
@@ -123,24 +125,30 @@ class VLModel(nn.Module):
         visual = x = self.region_embeddings(region_feats, region_boxes, region_cls_probs)
         if cfg.region_embedding == "vlbert":
             img_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long, device=x.device)
-            x = x + self.embeddings.word(img_ids)
+            x = self.region_embeddings.norm_region(x) + self.embeddings.word(img_ids)
         types = torch.full((B, N), cfg.image_token_type, dtype=torch.long, device=x.device)
         return x + self.embeddings.token_type(types) + self.region_position, visual
 
     def _image_term(self, region_feats, region_mask, image_feat):
-        """VL-BERT: whole-image visual embedding for text tokens (B, 1, H); None otherwise.
+        """VL-BERT: whole-image visual projection for text tokens (B, 1, H), before ``_text_visual``;
+        None otherwise.
 
         Uses the dataset's whole-image feature when given, else the mean of the real region
-        features; examples with no real region (text-only rows in a mixed batch) get zero.
+        features.
         """
         if self.config.region_embedding != "vlbert" or region_feats is None:
             return None
-        has = region_mask.any(dim=1, keepdim=True)                                # (B, 1)
         if image_feat is None:
             m = region_mask[..., None].to(region_feats.dtype)
             image_feat = (region_feats * m).sum(1) / m.sum(1).clamp(min=1)
-        term = self.region_embeddings.image_term(image_feat.to(self.region_position.dtype))
-        return (term * has.to(term.dtype))[:, None, :]
+        return self.region_embeddings.image_term(image_feat.to(self.region_position.dtype))[:, None, :]
+
+    def _text_visual(self, projected, region_mask):
+        """VL-BERT's visual term of text tokens from their (B, 1 or T, H) projections; examples
+        with no real region (text-only rows in a mixed batch) get zero."""
+        has = region_mask.any(dim=1)[:, None, None]
+        term = self.region_embeddings.text_term(projected)
+        return term * has.to(term.dtype)
 
     def _region_anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every region-embedding parameter, for a training batch with no
@@ -154,6 +162,8 @@ class VLModel(nn.Module):
         term = self._image_term(feats, mask, None)
         regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes),
                                          mask)
+        if term is not None:
+            term = self._text_visual(term, mask)
         return 0.0 * (regions.sum() + (term.sum() if term is not None else 0.0))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
@@ -208,7 +218,7 @@ class VLModel(nn.Module):
             if self.training and torch.is_grad_enabled():
                 text = text + self._region_anchor(text)
         if image_term is not None:
-            text = text + image_term
+            text = text + self._text_visual(image_term, region_mask)
 
         # Causal targets: seq2seq -> text tokens of segment 1; left-to-right -> all text after [CLS].
         is_s2s = (modes == MODE_SEQ2SEQ)[:, None]
