@@ -447,6 +447,41 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
             assert torch.equal(p.grad, ref[n]), n
 
 
+def test_separate_text_mlm_adds_the_means_of_text_and_image_text_rows():
+    """objectives.separate_text_mlm (VL-BERT): the MLM loss of a micro-batch mixing text-only and
+    image-text rows is the mean over the text rows' masked tokens plus the mean over the
+    image-text rows' (per example first with loss_reduction=example); with one kind only it is
+    the plain loss."""
+    import dataclasses
+    import torch.nn.functional as F
+    model = make_model(region_embedding="vlbert", type_vocab_size=3, image_token_type=2)
+    batch = pretrain_batch(model.config)
+    batch.region_mask = batch.region_mask.clone()
+    batch.region_mask[2:] = False                       # rows 2, 3: text-only rows of a mixed batch
+    T = batch.input_ids.shape[1]
+    with torch.no_grad():
+        hidden = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, region_feats=batch.region_feats,
+                       region_boxes=batch.region_boxes, region_cls_probs=batch.region_cls_probs,
+                       region_mask=batch.region_mask, mode=batch.mode, text_positions=batch.mlm_positions).text_selected
+        per = F.cross_entropy(model.mlm_logits(hidden).float(), batch.mlm_labels, reduction="none")
+    assert (batch.mlm_positions // T).tolist() == [0, 0, 1, 2, 3]    # tokens 0-2 image rows, 3-4 text rows
+
+    def loss(how, separate=True, b=batch):
+        cfg = ObjectivesConfig(loss_reduction=how, separate_text_mlm=separate)
+        with torch.no_grad():
+            return pretrain_losses(model, b, cfg)[1]["loss_mlm"]
+    torch.testing.assert_close(loss("token"), per[:3].mean() + per[3:].mean())
+    torch.testing.assert_close(loss("example"), (per[:2].mean() + per[2]) / 2 + (per[3] + per[4]) / 2)
+    torch.testing.assert_close(loss("token", separate=False), per.mean())      # one mean over all: differs
+    assert not torch.allclose(loss("token"), per.mean())
+    for how in ("token", "example"):
+        image_only = dataclasses.replace(batch, region_mask=pretrain_batch(model.config).region_mask)
+        torch.testing.assert_close(loss(how, b=image_only), loss(how, separate=False, b=image_only))
+        text_only = dataclasses.replace(batch, region_feats=None, region_boxes=None, region_cls_probs=None,
+                                        region_mask=None, mrc_positions=None, mrc_targets=None)
+        torch.testing.assert_close(loss(how, b=text_only), loss(how, separate=False, b=text_only))
+
+
 def test_example_reduction_is_accumulation_invariant():
     model = make_model()
     batch = pretrain_batch(model.config)

@@ -91,6 +91,8 @@ class ObjectivesConfig:
     random_token_prob: float = 0.1
     whole_word_mask: bool = False
     mlm_weight: float = 1.0
+    separate_text_mlm: bool = False          # MLM of text-only rows is its own mean, added to that of
+                                             # image-text rows (VL-BERT's mlm_loss_aux + mlm_loss_wvc)
     mrc: bool = False                        # masked region classification
     mrc_prob: float = 0.15
     mrc_weight: float = 1.0

@@ -1,6 +1,7 @@
 """Pretraining objectives: masked LM (both papers) and masked region classification (VL-BERT)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from vltrain.config import ObjectivesConfig
@@ -8,14 +9,31 @@ from vltrain.data.batch import Batch
 from vltrain.objectives.reduce import reduce_loss
 
 
-def mlm_loss(model, hidden, batch: Batch, T: int, how: str):
+def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool = False):
     """Cross-entropy of the tied MLM head at the masked positions; ``hidden`` (M, H) holds the
-    final states there (``VLModelOutput.text_selected``), T the batch's text length."""
+    final states there (``VLModelOutput.text_selected``), T the batch's text length.
+
+    ``separate_text`` (VL-BERT): the masked tokens of text-only rows and of image-text rows are
+    reduced apart and the two losses added, as VL-BERT's mlm_loss_aux + mlm_loss_wvc (each
+    from its own batch there). A text-only row has ~4x a caption's masked tokens, so one mean
+    over all of them would leave MLM with visual clues a small share of the gradient. A kind
+    absent from the micro-batch adds 0.
+    """
     B = batch.input_ids.shape[0]
     logits = model.mlm_logits(hidden).float()
     per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none")
-    loss = reduce_loss(per_tok, batch.mlm_positions // T, B, how)
+    rows = batch.mlm_positions // T
     acc = (logits.argmax(-1) == batch.mlm_labels).float().mean()
+    if not separate_text:
+        return reduce_loss(per_tok, rows, B, how), acc
+    text_row = (~batch.region_mask.any(1) if batch.region_mask is not None
+                else batch.input_ids.new_ones(B, dtype=torch.bool))
+    loss = per_tok.new_zeros(())
+    for kind in (text_row, ~text_row):
+        # the other kind's tokens weigh 0 and its rows count as absent, with fixed shapes (no
+        # selection by value: a host sync on the GPU)
+        w = kind[rows].to(per_tok.dtype)
+        loss = loss + reduce_loss(per_tok * w, rows, B, how, weights=w, examples=kind)
     return loss, acc
 
 
@@ -59,7 +77,7 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
     metrics = {}
     T = batch.input_ids.shape[1]
     if text_pos.numel():
-        loss, acc = mlm_loss(model, out.text_selected, batch, T, cfg.loss_reduction)
+        loss, acc = mlm_loss(model, out.text_selected, batch, T, cfg.loss_reduction, cfg.separate_text_mlm)
         total = total + cfg.mlm_weight * loss
         metrics.update(loss_mlm=loss.detach(), mlm_acc=acc.detach())
     if out.region_selected is not None and out.region_selected.shape[0]:
