@@ -152,16 +152,19 @@ def download_file(url: str, local_path: str, timeout: float = 120.0) -> None:
     CloudDownloader.direct_download(url, local_path, timeout=timeout)
 
 
-def read_json_location(url: str) -> Any:
-    """Load a JSON file from a local path or a remote URL."""
-    if not is_remote(url):
-        with open(url, encoding="utf-8") as f:
-            return json.load(f)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, os.path.basename(urllib.parse.urlparse(url).path) or "file.json")
-        download_file(url, local)
-        with open(local, encoding="utf-8") as f:
-            return json.load(f)
+def read_text_location(url: str) -> str:
+    """The text of a UTF-8 file at a local path or a remote URL (BadInputError naming it if unreadable)."""
+    try:
+        if not is_remote(url):
+            with open(url, encoding="utf-8") as f:
+                return f.read()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(urllib.parse.urlparse(url).path) or "file")
+            download_file(url, local)
+            with open(local, encoding="utf-8") as f:
+                return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{url}: cannot read it ({type(e).__name__}: {e})") from e
 
 
 def write_json_to(local_dir: str, remote_dir: str | None, name: str, obj: Any) -> str:

@@ -9,10 +9,12 @@ Caption sources (detected from the file):
   * COCO ``captions_*.json``: ``images[]`` (id, width, height) + ``annotations[]``
     (image_id, caption); it has no splits, so ``--split`` must be ``all`` (the default).
   * Conceptual Captions' own TSV (``Train_GCC-training.tsv``, ``Validation_GCC-1.1.0-
-    Validation.tsv``: ``caption<TAB>url`` per line, no header, no ids): the image id is the
-    line's 0-based index, so the feature files must be keyed by it (what downloaders that
-    name images by row, e.g. img2dataset with its default 10,000 samples per shard, give);
-    no splits (``--split all``).
+    Validation.tsv``: ``caption<TAB>url`` per line, no ids): the image id is the data row's
+    0-based index, so the feature files must be keyed by it (what downloaders that name
+    images by row, e.g. img2dataset with its default 10,000 samples per shard, give). A
+    first line ``caption<TAB>url`` (the header img2dataset's CC3M instructions add) is
+    skipped and not counted, as img2dataset counts data rows only: the first data row is
+    image 0 either way. No splits (``--split all``).
 
 Region features: ``--tsv`` (bottom-up-attention TSV, base64 float32) or ``--npz-dir`` (one
 ``<image_id>.npz`` per image); see data_tools/features.py. Each sample holds ALL captions
@@ -42,24 +44,58 @@ from data_tools.common import (BadInputError, SkipCounter, add_output_args, open
 from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 
+def _is_gcc_header(line: str) -> bool:
+    """img2dataset's CC3M recipe prepends ``caption<TAB>url`` (its column names) to the TSV."""
+    return [c.strip().lower() for c in line.split("\t")] == ["caption", "url"]
+
+
 def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
-    """Conceptual Captions' caption<TAB>url lines -> {row index: [caption]}."""
+    """Conceptual Captions' caption<TAB>url lines -> {data row index: [caption]}.
+
+    A ``caption<TAB>url`` header line is skipped and not counted: img2dataset numbers the data
+    rows only, so counting the header would pair every caption with the next row's image."""
     caps: dict[str, list[str]] = {}
+    header = 0
     try:
         with open(path, encoding="utf-8") as f:
-            for row, line in enumerate(f):
-                text, sep, url = line.rstrip("\n").partition("\t")
+            for lineno, line in enumerate(f, start=1):
+                line = line.rstrip("\n")
+                if lineno == 1 and _is_gcc_header(line):
+                    header = 1
+                    continue
+                row = lineno - 1 - header
+                text, sep, url = line.partition("\t")
                 if not sep or not url.strip():
-                    skips.bad("malformed_line", f"{path} line {row + 1}: not 'caption<TAB>url' "
+                    skips.bad("malformed_line", f"{path} line {lineno}: not 'caption<TAB>url' "
                                                 f"(a Conceptual Captions TSV)")
                     continue
                 if not text.strip():
-                    skips.bad("empty_caption", f"{path} line {row + 1} (image {row}): empty caption")
+                    skips.bad("empty_caption", f"{path} line {lineno} (image {row}): empty caption")
                     continue
                 caps[str(row)] = [text.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path}: cannot read captions TSV ({e})") from e
     return caps
+
+
+def _coco_images(path: str, images: list) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """COCO ``images[]`` -> ({image id: position}, {image id: (w, h)} where given)."""
+    order: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for k, im in enumerate(images):
+        # Not skippable: annotations name images by this id, so a broken entry is a broken file.
+        if not isinstance(im, dict) or "id" not in im:
+            raise BadInputError(f"{path} images[{k}]: no 'id' (a COCO captions image needs id, width, "
+                                f"height); is this a COCO captions_*.json?")
+        iid = norm_id(im["id"])
+        order[iid] = k
+        if "width" in im and "height" in im:
+            try:
+                sizes[iid] = (int(im["width"]), int(im["height"]))
+            except (TypeError, ValueError) as e:
+                raise BadInputError(f"{path} images[{k}] (id {iid}): width/height are not integers "
+                                    f"({e})") from e
+    return order, sizes
 
 
 def load_captions(path: str, split: str, include_restval: bool, image_key: str,
@@ -90,12 +126,12 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
         if split != "all":
             raise BadInputError(f"{path} is a COCO captions file, which has no splits; "
                                 f"use --split all (got {split!r})")
-        for im in data["images"]:
-            iid = norm_id(im["id"])
-            if "width" in im and "height" in im:
-                sizes[iid] = (int(im["width"]), int(im["height"]))
-        order = {norm_id(im["id"]): i for i, im in enumerate(data["images"])}
+        order, sizes = _coco_images(path, data["images"])
         for k, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict):
+                skips.bad("malformed_annotation", f"{path} annotation {k}: {ann!r:.80} is not an object "
+                                                  f"with image_id and caption")
+                continue
             iid = norm_id(ann.get("image_id", ""))
             text = str(ann.get("caption") or "").strip()
             if iid not in order:
@@ -182,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", required=True,
                    help="Karpathy split JSON (dataset_coco.json, dataset_cc.json), COCO captions_*.json "
-                        "or Conceptual Captions' caption<TAB>url TSV")
+                        "or Conceptual Captions' caption<TAB>url TSV (image id = 0-based data row; a "
+                        "caption<TAB>url header line is skipped)")
     p.add_argument("--split", default="all",
                    help="Karpathy split to convert: train, val, test, ... or all (default %(default)s)")
     p.add_argument("--include-restval", action="store_true",

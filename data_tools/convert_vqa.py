@@ -8,12 +8,18 @@ samples then have no answers and no targets) and the region features (``--tsv`` 
 
 Answer vocabulary (written beside the shards as ``answer_vocab.json``, a JSON list, index =
 class id): either read with ``--answer-vocab`` (use the train split's for val/test so ids
-match; a local path or s3:// URL) or built from these annotations: the ``--num-answers``
-(default 3129) most frequent answers after the official VQA normalisation
+match; a JSON list of strings or one answer per line, e.g. VL-BERT's answers_vqa.txt; a
+local path or s3:// URL) or built from annotations (``--vocab-annotations``, repeatable,
+default the ``--annotations`` file), counting after the official VQA normalisation
 (vltrain.metrics.vqa.normalize_answer: punctuation, number words -> digits, articles,
-contractions), counting each question's ``multiple_choice_answer`` once
-(``--vocab-count mc``, the common preprocessing of bottom-up-attention VQA / VLP) or every
-annotator answer (``--vocab-count all``). Ties are broken alphabetically.
+contractions) each question's ``multiple_choice_answer`` once (``--vocab-count mc``, the
+common preprocessing of bottom-up-attention VQA / VLP) or every annotator answer
+(``--vocab-count all``). Kept: the answers counted at least ``--min-answer-count`` times,
+at most ``--num-answers`` of them (default 3129 without a minimum count, no limit with
+one), most frequent first, ties broken alphabetically. The standard 3129-answer vocabulary
+(answers given as multiple_choice_answer at least 9 times in train+val):
+``--vocab-annotations v2_mscoco_train2014_annotations.json --vocab-annotations
+v2_mscoco_val2014_annotations.json --min-answer-count 9``.
 
 Targets: ``answer_scores`` (vltrain.metrics.vqa) gives every distinct normalised annotator
 answer the VQA accuracy a prediction of it would get against the normalised annotator answers
@@ -46,7 +52,7 @@ from collections import Counter
 import numpy as np
 
 from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer,
-                               read_json_location, run_main, summarize)
+                               read_text_location, run_main, summarize)
 from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 from vltrain.metrics.vqa import answer_scores, normalize_answer
@@ -66,18 +72,114 @@ def _load_json(path: str, what: str, key: str) -> list:
     return data[key]
 
 
-def build_vocab(annotations: list[dict], num_answers: int, count: str) -> list[str]:
-    """Top-``num_answers`` normalised answers by frequency (ties alphabetical)."""
-    c: Counter[str] = Counter()
-    for ann in annotations:
+def _int_id(value) -> int | None:
+    """A question_id as an int: JSON integers and digit strings; None for anything else
+    (``int()`` would truncate 12.7 and accept True)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def load_answer_vocab(location: str) -> list[str]:
+    """An existing answer vocabulary (index = class id): a JSON list of strings (our
+    answer_vocab.json, LXMERT's trainval_label2ans.json) or plain text with one answer per line
+    (VL-BERT's answers_vqa.txt; blank lines ignored)."""
+    text = read_text_location(location)
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"{location}: not valid JSON ({e}); an answer vocabulary is a JSON list "
+                                f"of strings or a text file with one answer per line") from e
+        if not isinstance(data, list) or not all(isinstance(a, str) for a in data):
+            raise BadInputError(f"{location}: an answer vocabulary must be a JSON list of strings (index = "
+                                f"class id), got {type(data).__name__}" +
+                                (" with non-string entries" if isinstance(data, list) else ""))
+        entries = [(f"entry {i}", a) for i, a in enumerate(data)]
+    else:
+        entries = [(f"line {n}", line.strip()) for n, line in enumerate(text.splitlines(), start=1)
+                   if line.strip()]
+    if not entries:
+        raise BadInputError(f"{location}: the answer vocabulary holds no answers")
+    first: dict[str, str] = {}
+    for where, answer in entries:
+        if answer in first:
+            # Two class ids for one answer: targets would use one and the other never be learned.
+            raise BadInputError(f"{location} {where}: answer {answer!r} is already at {first[answer]}; "
+                                f"an answer vocabulary lists each answer once")
+        first[answer] = where
+    return [a for _, a in entries]
+
+
+def count_answers(path: str, annotations: list, count: str, counts: Counter[str]) -> None:
+    """Add one annotation file's normalised answers to ``counts``: each question's
+    multiple_choice_answer (``count="mc"``) or every annotator answer (``"all"``)."""
+    for k, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise BadInputError(f"{path} annotation {k}: {ann!r:.80} is not an object")
         if count == "mc":
             if ann.get("multiple_choice_answer") is not None:
-                c[normalize_answer(str(ann["multiple_choice_answer"]))] += 1
+                counts[normalize_answer(str(ann["multiple_choice_answer"]))] += 1
         else:
-            c.update(normalize_answer(str(a.get("answer", ""))) for a in ann.get("answers", []))
-    c.pop("", None)
-    ranked = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
+            counts.update(normalize_answer(str(a.get("answer", ""))) for a in ann.get("answers", []))
+
+
+def build_vocab(counts: Counter[str], num_answers: int | None, min_count: int) -> list[str]:
+    """The answers counted at least ``min_count`` times, most frequent first (ties
+    alphabetical, so the class ids are the same on every run), at most ``num_answers``."""
+    ranked = sorted(((a, c) for a, c in counts.items() if a and c >= min_count),
+                    key=lambda kv: (-kv[1], kv[0]))
     return [a for a, _ in ranked[:num_answers]]
+
+
+def vocab_from_args(args: argparse.Namespace, ann_list: list[dict]) -> tuple[list[str], dict]:
+    """(answer vocabulary, how the meta describes its source) from the command line."""
+    if args.answer_vocab:
+        return load_answer_vocab(args.answer_vocab), {"file": os.path.basename(args.answer_vocab)}
+    files = args.vocab_annotations or ([args.annotations] if args.annotations else [])
+    if not files:
+        raise BadInputError("without --annotations the answer vocabulary cannot be built: pass "
+                            "--answer-vocab (the train split's answer_vocab.json) or --vocab-annotations")
+    repeated = sorted({f for f in files if files.count(f) > 1})
+    if repeated:
+        raise BadInputError(f"--vocab-annotations {repeated[0]} given twice: its answers would count double")
+    counts: Counter[str] = Counter()
+    for path in files:
+        anns = ann_list if path == args.annotations else _load_json(path, "annotations", "annotations")
+        count_answers(path, anns, args.vocab_count, counts)
+    min_count = args.min_answer_count or 1
+    # A minimum count alone is the standard recipe (it sets the size); a cap only when asked.
+    cap = args.num_answers or (None if args.min_answer_count else DEFAULT_NUM_ANSWERS)
+    vocab = build_vocab(counts, cap, min_count)
+    if not vocab:
+        raise BadInputError(f"no answer is counted at least {min_count} time(s) in {', '.join(files)}: "
+                            f"the answer vocabulary would be empty")
+    return vocab, {"built_from": [os.path.basename(f) for f in files], "count": args.vocab_count,
+                   "num_answers": cap, "min_answer_count": min_count}
+
+
+def index_annotations(path: str, annotations: list) -> dict[int, dict]:
+    """{question_id: annotation}. An annotation without an integer question_id is an error, not
+    a skip: which question it belongs to cannot be told, so skipping it would lose it unnamed."""
+    out = {}
+    for k, a in enumerate(annotations):
+        qid = _int_id(a.get("question_id")) if isinstance(a, dict) else None
+        if qid is None:
+            got = f"question_id {a['question_id']!r}" if isinstance(a, dict) and "question_id" in a \
+                else "no question_id"
+            raise BadInputError(f"{path} annotation {k}: {got}; every annotation needs the integer "
+                                f"question_id of its question")
+        out[qid] = a
+    return out
 
 
 def targets_for(answers: list[str], vocab_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,37 +200,20 @@ def convert(args: argparse.Namespace) -> None:
     ann_list: list[dict] = []
     if args.annotations:
         ann_list = _load_json(args.annotations, "annotations", "annotations")
-        anns = {}
-        for k, a in enumerate(ann_list):
-            if "question_id" not in a:
-                raise BadInputError(f"{args.annotations} annotation {k}: no question_id")
-            anns[int(a["question_id"])] = a
-    if args.answer_vocab:
-        vocab = read_json_location(args.answer_vocab)
-        if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab):
-            raise BadInputError(f"{args.answer_vocab}: answer vocabulary must be a JSON list of strings")
-        vocab_source = {"file": os.path.basename(args.answer_vocab)}
-    else:
-        if anns is None:
-            raise BadInputError("without --annotations the answer vocabulary cannot be built: "
-                                "pass --answer-vocab (the train split's answer_vocab.json)")
-        vocab = build_vocab(ann_list, args.num_answers, args.vocab_count)
-        vocab_source = {"built_from": os.path.basename(args.annotations), "count": args.vocab_count,
-                        "num_answers": args.num_answers}
+        anns = index_annotations(args.annotations, ann_list)
+    vocab, vocab_source = vocab_from_args(args, ann_list)
     vocab_index = {a: i for i, a in enumerate(vocab)}
-    if len(vocab_index) != len(vocab):
-        raise BadInputError("answer vocabulary has duplicate entries")
 
     # Group the questions by image, keeping file order.
     by_image: dict[str, list[dict]] = {}
     seen_q: set[int] = set()
     for k, q in enumerate(questions):
         where = f"{args.questions} question {k} (question_id {q.get('question_id')}, image {q.get('image_id')})"
-        try:
-            qid, iid = int(q["question_id"]), norm_id(q["image_id"])
-        except (KeyError, TypeError, ValueError):
+        qid = _int_id(q.get("question_id"))
+        if qid is None or q.get("image_id") is None:
             skips.bad("malformed_question", f"{where}: needs integer question_id and an image_id")
             continue
+        iid = norm_id(q["image_id"])
         text = str(q.get("question") or "").strip()
         if not text:
             skips.bad("empty_question", f"{where}: empty question")
@@ -193,10 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", required=True, help="VQA v2 questions JSON")
     p.add_argument("--annotations", help="VQA v2 annotations JSON (leave out for test questions)")
-    p.add_argument("--answer-vocab", help="existing answer_vocab.json (path or s3:// URL) to use "
-                                          "instead of building one (val/test: pass train's)")
-    p.add_argument("--num-answers", type=int, default=DEFAULT_NUM_ANSWERS,
-                   help="vocabulary size when building it (default %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--answer-vocab", help="existing answer vocabulary to use instead of building one "
+                                            "(val/test: pass train's answer_vocab.json): a JSON list of "
+                                            "strings or a text file with one answer per line (VL-BERT's "
+                                            "answers_vqa.txt); a path or s3:// URL")
+    src.add_argument("--vocab-annotations", action="append", metavar="FILE",
+                     help="annotations JSON to count answers in when building the vocabulary; repeat "
+                          "for several files (default: --annotations)")
+    p.add_argument("--num-answers", type=_positive_int, default=None,
+                   help=f"keep at most this many answers, the most frequent (default {DEFAULT_NUM_ANSWERS}; "
+                        f"no limit with --min-answer-count)")
+    p.add_argument("--min-answer-count", type=_positive_int, default=None, metavar="N",
+                   help="keep the answers counted at least N times. The standard 3129-answer VQA v2 "
+                        "vocabulary of bottom-up attention / VLP / VL-BERT: --vocab-annotations "
+                        "train.json --vocab-annotations val.json --min-answer-count 9")
     p.add_argument("--vocab-count", choices=("mc", "all"), default="mc",
                    help="count each question's multiple_choice_answer (mc, default) or every "
                         "annotator answer (all) when ranking answers")

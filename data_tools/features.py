@@ -10,11 +10,20 @@ raw little-endian arrays: ``boxes`` float32 (num_boxes, 4) in pixels x1,y1,x2,y2
 aliases; other fields (``attrs_id``, ``attrs_conf``) are read past. A first row whose cells
 are field names is taken as the header. Python-3 dumps that wrote ``b'...'`` are accepted.
 
-NPZ: one ``<image_id>.npz`` per image (leading zeros in the name are ignored when matching
-ids) with ``features`` (N, D), ``boxes`` (N, 4) pixels, optional ``cls_prob`` (N, C),
-``image_w``, ``image_h``, ``objects_id``/``obj_labels``, ``objects_conf``/``obj_conf``,
-``image_feature`` (D,). Image sizes missing from the file are taken from the caption/question
-source when it has them (COCO ``captions_*.json`` does).
+Image ids match whichever way each side keys an image (:func:`norm_id`): leading zeros are
+ignored, and a COCO file stem (LXMERT's ``COCO_train2014_000000000009``) is the integer id
+(9) that VQA / COCO captions / refs annotations use.
+
+NPZ: one ``<image_id>.npz`` per image (``9.npz``, ``000000000009.npz`` or
+``COCO_train2014_000000000009.npz``) with ``features`` (N, D), ``boxes`` (N, 4) pixels,
+optional ``num_boxes``, ``cls_prob`` (N, C), ``image_w``, ``image_h``,
+``objects_id``/``obj_labels``, ``objects_conf``/``obj_conf``, ``image_feature`` (D,).
+bottom-up-attention.pytorch's (MILVLG) names ``x``, ``bbox``, ``num_bbox`` are accepted for
+features, boxes, num_boxes. Only these arrays are read, never with pickle: MILVLG's ``info``
+(a pickled dict with its objects_id / objects_conf / cls_prob) is ignored, so class
+distributions or labels need a TSV or an npz that stores them as plain arrays. Image sizes
+missing from the file are taken from the caption/question source when it has them (COCO
+``captions_*.json`` does).
 
 Every record is validated before it becomes a sample: NaN/inf, wrong feature dimension,
 zero regions, num_boxes disagreeing with the arrays, corrupt base64, boxes outside the image,
@@ -28,6 +37,7 @@ import base64
 import binascii
 import csv
 import os
+import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -46,9 +56,20 @@ FP16_MAX = float(np.finfo(np.float16).max)
 BOX_TOLERANCE = 0.01          # boxes may poke out of the image by 1% (rounding); more is an error
 
 
+# A COCO image file's stem (``COCO_train2014_000000000009``), how LXMERT's TSVs and extractors
+# that name outputs by image file key COCO images; annotations (VQA, COCO captions, refs) key
+# the same image by its integer id 9.
+COCO_STEM = re.compile(r"COCO_[a-z]+\d{4}_(\d+)")
+
+
 def norm_id(x) -> str:
-    """Canonical image id: decimal ids lose leading zeros (``000009`` == ``9``), others as is."""
+    """Canonical image id, the same whichever way a file keys the image: decimal ids lose
+    leading zeros (``000009`` == ``9``), a COCO file stem becomes its integer id
+    (``COCO_val2014_000000000009`` == ``9``), other ids are kept as they are."""
     s = str(x).strip()
+    m = COCO_STEM.fullmatch(s)
+    if m:
+        s = m.group(1)
     if s.isdigit():
         return str(int(s))
     return s
@@ -231,57 +252,91 @@ def decode_tsv_row(path: str, rowno: int, names: list[str], cells: list[str],
 
 # ---------------------------------------------------------------- NPZ
 
-NPZ_OPTIONAL = {"cls_prob": "cls_prob", "objects_id": "obj_labels", "obj_labels": "obj_labels",
-                "objects_conf": "obj_conf", "obj_conf": "obj_conf", "image_feature": "image_feature"}
+# Each array the reader uses (by its column/field name here), under the names feature extractors
+# give it, the first name preferred. bottom-up-attention.pytorch (MILVLG) writes x, bbox,
+# num_bbox, image_h, image_w and a pickled `info` dict, which is never read (see _read_npz).
+NPZ_ARRAYS = {"features": ("features", "x"), "boxes": ("boxes", "bbox"),
+              "num_boxes": ("num_boxes", "num_bbox"), "image_w": ("image_w",), "image_h": ("image_h",),
+              "cls_prob": ("cls_prob",), "obj_labels": ("objects_id", "obj_labels"),
+              "obj_conf": ("objects_conf", "obj_conf"), "image_feature": ("image_feature",)}
+NPZ_OPTIONAL = ("cls_prob", "obj_labels", "obj_conf", "image_feature")
 
 
 def index_npz_dir(folder: str) -> dict[str, str]:
+    """{canonical image id: path} of the folder's .npz files (``9.npz``, ``000000000009.npz`` and
+    ``COCO_val2014_000000000009.npz`` are all image 9, so two of them is an error)."""
     if not os.path.isdir(folder):
         raise BadInputError(f"--npz-dir {folder} is not a folder")
-    out = {}
+    out: dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".npz"):
-            out[norm_id(name[:-4])] = os.path.join(folder, name)
+            image_id = norm_id(name[:-4])
+            if image_id in out:
+                raise BadInputError(f"--npz-dir {folder}: {os.path.basename(out[image_id])} and {name} are "
+                                    f"both image {image_id}; keep one of them")
+            out[image_id] = os.path.join(folder, name)
     return out
+
+
+def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+    """(arrays of NPZ_ARRAYS found, by our name; the file's name for each; all the file's keys).
+
+    Only these keys are read: np.load reads an npz lazily, key by key, so an array we do not
+    need, such as MILVLG's pickled ``info``, is never unpickled (allow_pickle stays False:
+    unpickling runs code from the file)."""
+    with np.load(path, allow_pickle=False) as z:
+        files = list(z.files)
+        data, names = {}, {}
+        for col, keys in NPZ_ARRAYS.items():
+            key = next((k for k in keys if k in files), None)
+            if key is None:
+                continue
+            try:
+                data[col] = z[key]
+            except ValueError as e:      # e.g. an object array, refused without allow_pickle
+                raise ValueError(f"array '{key}': {e}") from e
+            names[col] = key
+    return data, names, sorted(files)
 
 
 def load_npz(path: str, image_id: str, skips: SkipCounter) -> Regions | None:
     where = f"{path} (image {image_id})"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        data, names, files = _read_npz(path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         skips.bad("corrupt_file", f"{where}: cannot read npz ({type(e).__name__}: {e})")
         return None
     for need in ("features", "boxes"):
         if need not in data:
-            skips.bad("missing_column", f"{where}: missing array '{need}' (has {sorted(data)})")
+            alias = " or ".join(f"'{k}'" for k in NPZ_ARRAYS[need])
+            skips.bad("missing_column", f"{where}: missing array {alias} (has {files})")
             return None
     feats, boxes = data["features"], data["boxes"]
     if feats.ndim != 2:
-        skips.bad("bad_shape", f"{where}: 'features' has shape {feats.shape}, expected (num_boxes, dim)")
+        skips.bad("bad_shape", f"{where}: '{names['features']}' has shape {feats.shape}, "
+                               f"expected (num_boxes, dim)")
         return None
     n = feats.shape[0]
     if n == 0:
         skips.bad("zero_regions", f"{where}: image has zero regions")
         return None
     if boxes.shape != (n, 4):
-        skips.bad("num_boxes_mismatch", f"{where}: 'features' has {n} regions but 'boxes' has shape "
-                                        f"{boxes.shape}")
+        skips.bad("num_boxes_mismatch", f"{where}: '{names['features']}' has {n} regions but "
+                                        f"'{names['boxes']}' has shape {boxes.shape}")
         return None
     if "num_boxes" in data and int(data["num_boxes"]) != n:
-        skips.bad("num_boxes_mismatch", f"{where}: num_boxes={int(data['num_boxes'])} but 'features' "
-                                        f"has {n} rows")
+        skips.bad("num_boxes_mismatch", f"{where}: {names['num_boxes']}={int(data['num_boxes'])} but "
+                                        f"'{names['features']}' has {n} rows")
         return None
     opt = {}
-    for key, col in NPZ_OPTIONAL.items():
-        if key in data and col not in opt:
-            arr = data[key]
-            if col != "image_feature" and arr.shape[0] != n:
-                skips.bad("num_boxes_mismatch", f"{where}: '{key}' has {arr.shape[0]} rows, "
-                                                f"'features' has {n}")
-                return None
-            opt[col] = arr
+    for col in NPZ_OPTIONAL:
+        if col not in data:
+            continue
+        if col != "image_feature" and data[col].shape[0] != n:
+            skips.bad("num_boxes_mismatch", f"{where}: '{names[col]}' has {data[col].shape[0]} rows, "
+                                            f"'{names['features']}' has {n}")
+            return None
+        opt[col] = data[col]
     size = lambda k: int(data[k]) if k in data else None  # noqa: E731
     return Regions(image_id, where, size("image_w"), size("image_h"), feats, boxes, opt)
 

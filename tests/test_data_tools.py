@@ -229,9 +229,90 @@ def test_tsv_header_aliases_and_py3_bytes_literals(tmp_path):
     assert convert_captions.main(["--captions", kp, "--split", "val", "--tsv", tsv, "--out", str(out)]) == 0
     (s,) = read_mds(out)
     check_image_columns(s, img)
-    assert s["image_id"] == "COCO_val2014_000000000042" and s["captions"] == ["a plane"]
+    # Both sides key the image by its COCO file stem, which is image 42: the integer id.
+    assert s["image_id"] == "42" and s["sample_id"] == 42 and s["captions"] == ["a plane"]
     np.testing.assert_array_equal(s["obj_labels"], img["objects_id"])
     assert "cls_prob" not in s and read_meta(out)["has_obj_labels"]
+
+
+def test_conceptual_captions_tsv_header_is_not_an_image(tmp_path, capsys):
+    """img2dataset's CC3M recipe adds a `caption<TAB>url` header and numbers the data rows
+    000000000, ...: the first data row is image 0, not the header."""
+    rng = np.random.default_rng(8)
+    imgs = [make_image(rng, 3, 8) for _ in range(3)]
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(f"{i:09d}", img) for i, img in enumerate(imgs)])
+    gcc = tmp_path / "cc3m.tsv"
+    gcc.write_text("caption\turl\nfirst caption\thttp://x/a.jpg\nsecond caption\thttp://x/b.jpg\n"
+                   "third caption\thttp://x/c.jpg\n")
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", str(gcc), "--tsv", tsv, "--out", str(out)]) == 0
+    got = read_mds(out)
+    assert [(s["image_id"], s["captions"]) for s in got] == [
+        ("0", ["first caption"]), ("1", ["second caption"]), ("2", ["third caption"])]
+    for s in got:
+        check_image_columns(s, imgs[int(s["image_id"])])
+    assert read_meta(out)["skipped_total"] == 0
+
+
+def test_coco_file_stem_ids_match_integer_ids(tmp_path, capsys):
+    """LXMERT keys COCO images by file stem (COCO_train2014_000000000009), as do npz files named
+    by image file; VQA / COCO captions key them by the integer id 9. Both sides meet."""
+    rng = np.random.default_rng(9)
+    imgs = {i: make_image(rng, 3, 8) for i in (9, 25)}
+    head = "img_id\timg_h\timg_w\tnum_boxes\tboxes\tfeatures"
+    tsv = write_tsv(tmp_path / "lx.tsv", [head] + [
+        "\t".join([f"COCO_train2014_{i:012d}", str(img["h"]), str(img["w"]), "3", b64(img["boxes"]),
+                   b64(img["features"])]) for i, img in imgs.items()])
+    qs = write_json(tmp_path / "q.json", {"questions": [{"question_id": 90, "image_id": 9, "question": "what?"},
+                                                        {"question_id": 250, "image_id": 25, "question": "who?"}]})
+    an = write_json(tmp_path / "a.json", {"annotations": [_ann(90, 9, ["cat"] * 10, "cat"),
+                                                          _ann(250, 25, ["dog"] * 10, "dog")]})
+    out = tmp_path / "vqa"
+    assert convert_vqa.main(["--questions", qs, "--annotations", an, "--tsv", tsv, "--out", str(out)]) == 0
+    samples = read_mds(out)
+    assert [(s["image_id"], int(s["question_id"])) for s in samples] == [("9", 90), ("25", 250)]
+    for s in samples:
+        check_image_columns(s, imgs[int(s["image_id"])])
+
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    img = make_image(rng, 4, 8, w=500, h=400)
+    np.savez(npz / "COCO_val2014_000000000042.npz", features=img["features"], boxes=img["boxes"])
+    coco = write_json(tmp_path / "captions_val2014.json", {
+        "images": [{"id": 42, "width": 500, "height": 400}],
+        "annotations": [{"id": 1, "image_id": 42, "caption": "a kite"}]})
+    out = tmp_path / "caps"
+    assert convert_captions.main(["--captions", coco, "--npz-dir", str(npz), "--out", str(out)]) == 0
+    (s,) = read_mds(out)
+    assert s["image_id"] == "42" and s["sample_id"] == 42 and s["captions"] == ["a kite"]
+    check_image_columns(s, img)
+    # Two files for one image: which to use cannot be told.
+    np.savez(npz / "42.npz", features=img["features"], boxes=img["boxes"])
+    assert convert_captions.main(["--captions", coco, "--npz-dir", str(npz), "--out", str(tmp_path / "c2")]) == 2
+    assert "42.npz and COCO_val2014_000000000042.npz are both image 42" in capsys.readouterr().err
+
+
+def test_milvlg_npz_layout(tmp_path):
+    """bottom-up-attention.pytorch (MILVLG) writes x, bbox, num_bbox, image_h, image_w and a pickled
+    `info` dict: read without the pickle (never unpickled), the rest converts."""
+    rng = np.random.default_rng(10)
+    imgs = {i: make_image(rng, n, 8, w=300 + i, h=200 + i, classes=4) for i, n in ((1, 3), (2, 5))}
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    for i, img in imgs.items():
+        info = {"objects_id": img["objects_id"], "objects_conf": img["objects_conf"], "cls_prob": img["cls_prob"]}
+        np.savez_compressed(npz / f"{i}.npz", x=img["features"], bbox=img["boxes"], num_bbox=len(img["boxes"]),
+                            image_h=img["h"], image_w=img["w"], info=info)
+    with np.load(npz / "1.npz", allow_pickle=False) as z, pytest.raises(ValueError, match="allow_pickle"):
+        z["info"]                                  # the file does hold an object array
+    kp = write_json(tmp_path / "k.json", karpathy([(i, "train", [f"c{i}"]) for i in imgs]))
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", kp, "--npz-dir", str(npz), "--out", str(out)]) == 0
+    samples = read_mds(out)
+    assert [s["image_id"] for s in samples] == ["1", "2"]
+    for s in samples:
+        check_image_columns(s, imgs[int(s["image_id"])])
+        assert "cls_prob" not in s and "obj_labels" not in s       # only inside the pickled info
 
 
 # ---------------------------------------------------------------- VQA
@@ -317,6 +398,70 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
     with open(test_out / schema.ANSWER_VOCAB_FILE) as f:
         assert json.load(f) == vocab
     assert read_meta(test_out)["has_answers"] is False
+
+
+def _vqa_inputs(tmp_path, mcs: list[str]) -> tuple[str, str, str]:
+    """(questions, annotations, TSV): one question per multiple_choice_answer, all on image 1."""
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(1, _good(np.random.default_rng(11)))])
+    qs = write_json(tmp_path / "q.json", {"questions": [{"question_id": k, "image_id": 1, "question": "q?"}
+                                                        for k in range(len(mcs))]})
+    an = write_json(tmp_path / "a.json", {"annotations": [_ann(k, 1, [mc] * 10, mc) for k, mc in enumerate(mcs)]})
+    return qs, an, tsv
+
+
+def _vocab_of(tmp_path, name: str, *args: str) -> list[str]:
+    out = tmp_path / name
+    assert convert_vqa.main([*args, "--out", str(out)]) == 0
+    with open(out / schema.ANSWER_VOCAB_FILE) as f:
+        return json.load(f)
+
+
+def test_vqa_vocab_min_count_over_several_files(tmp_path):
+    """The standard recipe: multiple_choice_answers counted over train+val, kept at >= N."""
+    qs, train, tsv = _vqa_inputs(tmp_path, ["yes", "yes", "Yes.", "No", "no", "two", "cat"])
+    val = write_json(tmp_path / "val.json", {"annotations": [
+        _ann(100 + k, 5, [mc] * 10, mc) for k, mc in enumerate(["no", "2", "cat", "dog", "a dog"])]})
+    base = ["--questions", qs, "--annotations", train, "--tsv", tsv]
+    both = ["--vocab-annotations", train, "--vocab-annotations", val]
+    # counts after normalisation: yes 3, no 3, 2 2 ("two", "2"), cat 2, dog 2, ties alphabetical
+    assert _vocab_of(tmp_path, "v2", *base, *both, "--min-answer-count", "2") == ["no", "yes", "2", "cat", "dog"]
+    assert _vocab_of(tmp_path, "v3", *base, *both, "--min-answer-count", "3") == ["no", "yes"]
+    assert _vocab_of(tmp_path, "v2cap", *base, *both, "--min-answer-count", "2", "--num-answers", "4") == \
+        ["no", "yes", "2", "cat"]
+    # default: counted in --annotations only (train: yes 3, no 2, 2 1, cat 1)
+    assert _vocab_of(tmp_path, "train", *base, "--min-answer-count", "2") == ["yes", "no"]
+    meta = read_meta(tmp_path / "v2")["answer_vocab_source"]
+    assert meta == {"built_from": ["a.json", "val.json"], "count": "mc", "num_answers": None,
+                    "min_answer_count": 2}
+
+
+def test_vqa_answer_vocab_files_and_bad_ids(tmp_path, capsys):
+    qs, an, tsv = _vqa_inputs(tmp_path, ["yes", "no", "2"])
+    base = ["--questions", qs, "--annotations", an, "--tsv", tsv]
+    txt = tmp_path / "answers_vqa.txt"                  # VL-BERT's: one answer per line
+    txt.write_text("no\n\nyes\n  2  \n")
+    assert _vocab_of(tmp_path, "txt", *base, "--answer-vocab", str(txt)) == ["no", "yes", "2"]
+    bad = {"missing.json": None, "dict.json": '{"yes": 0}', "broken.json": '["yes", ',
+           "dup.txt": "yes\nno\n\nyes\n", "empty.txt": "\n\n"}
+    expect = {"missing.json": "missing.json: cannot read it (FileNotFoundError",
+              "dict.json": "dict.json: an answer vocabulary must be a JSON list of strings (index = class id), got dict",
+              "broken.json": "broken.json: not valid JSON",
+              "dup.txt": "dup.txt line 4: answer 'yes' is already at line 1",
+              "empty.txt": "empty.txt: the answer vocabulary holds no answers"}
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert convert_vqa.main([*base, "--answer-vocab", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert expect[name] in err, err
+    # an annotation whose question_id is not an integer: named, not a ValueError
+    with open(an) as f:
+        anns = json.load(f)
+    anns["annotations"][1]["question_id"] = "q1"
+    write_json(an, anns)
+    assert convert_vqa.main([*base, "--out", str(tmp_path / "o")]) == 2
+    assert "a.json annotation 1: question_id 'q1'; every annotation needs the integer question_id" in \
+        capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- text
@@ -664,6 +809,15 @@ def test_bad_captions_and_missing_features(tmp_path, capsys):
     assert "5.npz does not exist" in o.err
     assert "skipped 4 bad input(s) (corrupt_file: 1, missing_column: 1, no_features: 1, zero_regions: 1)" in o.out
     assert [s["image_id"] for s in read_mds(out)] == ["1"]
+
+
+def test_coco_captions_image_without_id(tmp_path, capsys):
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(1, _good(np.random.default_rng(12)))])
+    coco = write_json(tmp_path / "captions_train2014.json", {
+        "images": [{"id": 1, "width": 640, "height": 480}, {"file_name": "x.jpg", "width": 640, "height": 480}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "a cat"}]})
+    assert convert_captions.main(["--captions", coco, "--tsv", tsv, "--out", str(tmp_path / "o")]) == 2
+    assert "captions_train2014.json images[1]: no 'id'" in capsys.readouterr().err
 
 
 def test_skip_bad_counts_every_case(tmp_path, capsys):
