@@ -89,7 +89,7 @@ def test_vlbert_from_bert_starts_with_zero_visual_terms(minilm_dir):
     so at the first step no text or region token depends on the features (text rows are BERT's
     inputs plus nothing); the gains get gradients and the visual terms grow from there."""
     from vltrain.config import ModelConfig
-    assert ModelConfig().vlbert_visual_scale_init == 0.0 and ModelConfig().vlbert_visual_ln
+    assert ModelConfig().vlbert_visual_scale_init == 0.0 and ModelConfig().vlbert_visual_embedding == "vlbert"
     model = VLModel.from_pretrained(minilm_dir, region_embedding="vlbert", type_vocab_size=3, image_token_type=2,
                                     region_feat_dim=32, vlbert_geometry_dim=64)
     emb = model.region_embeddings
@@ -125,12 +125,13 @@ def test_vlbert_geometry_is_the_papers_2048_sincos():
                        for box in boxes.double()]).float()
     assert ref.shape == (3, 2048)
     feats = torch.randn(3, model.config.region_feat_dim)
+    relu = torch.nn.functional.relu              # VL-BERT's obj_downsample: FC then ReLU
     with torch.no_grad():
-        torch.testing.assert_close(emb(feats, boxes), emb.proj(torch.cat([feats, ref], -1)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(emb(feats, boxes), relu(emb.proj(torch.cat([feats, ref], -1))), rtol=0, atol=1e-5)
         # bf16 weights: the sin/cos still come from the float32 boxes (a bf16 corner near 1 is
         # off by ~0.002, ~0.2 rad at the highest frequency), rounded to bf16 only afterwards
         emb = emb.to(torch.bfloat16)
-        torch.testing.assert_close(emb(feats, boxes), emb.proj(torch.cat([feats, ref], -1).bfloat16()),
+        torch.testing.assert_close(emb(feats, boxes), relu(emb.proj(torch.cat([feats, ref], -1).bfloat16())),
                                    rtol=0, atol=0)
 
 
@@ -229,19 +230,19 @@ def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
 
 def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(tmp_path):
     """A VL-BERT checkpoint from before the visual LayerNorms (a config without
-    model.vlbert_visual_ln, which then reads as true): fresh LayerNorms would silently switch
-    off (gain 0) or rescale its visual terms, so init_from / from_pretrained and a resume are
-    refused naming model.vlbert_visual_ln=false, which loads it exactly."""
+    model.vlbert_visual_embedding, which then reads as vlbert): fresh LayerNorms would silently
+    switch off (gain 0) or rescale its visual terms, so init_from / from_pretrained and a resume
+    are refused naming model.vlbert_visual_embedding=linear, which loads it exactly."""
     from vltrain.config import Config, save_config
     from vltrain.engine.resume import CheckpointError, check_model_matches
     from vltrain.tasks.pretrain import PretrainTask
-    old = make_model(region_embedding="vlbert", vlbert_visual_ln=False)
+    old = make_model(region_embedding="vlbert", vlbert_visual_embedding="linear")
     assert not any("norm_" in n for n, _ in old.named_parameters())
-    save_export(old, tmp_path, drop_keys=("vlbert_visual_ln", "vlbert_visual_scale_init"))
+    save_export(old, tmp_path, drop_keys=("vlbert_visual_embedding", "vlbert_visual_scale_init"))
     with pytest.raises(ValueError, match=r"has VL-BERT's region projection but not its visual LayerNorms.*"
-                                         r"model.vlbert_visual_ln=false"):
+                                         r"model.vlbert_visual_embedding=linear"):
         VLModel.from_pretrained(str(tmp_path))
-    back = VLModel.from_pretrained(str(tmp_path), vlbert_visual_ln=False).eval()
+    back = VLModel.from_pretrained(str(tmp_path), vlbert_visual_embedding="linear").eval()
     x = random_inputs(old.config, B=2)
     torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(old, x, "bidirectional").text_hidden,
                                rtol=0, atol=0)
@@ -253,7 +254,7 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
                tag / "mp_rank_00_model_states.pt")
     save_config(cfg, str(tag / "config.yaml"))
     with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*norm_region(.|\n)*"
-                                              r"model.vlbert_visual_ln=false"):
+                                              r"model.vlbert_visual_embedding=linear"):
         check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
 
 

@@ -43,10 +43,10 @@ class ModelConfig:
     geometry_conf: bool = True               # vlp: append confidence (max non-bg class prob) to G
     vlbert_geometry_dim: int = 2048          # vlbert: width of the sin/cos box embedding (paper: 2048);
                                              # a multiple of 8 (4 coordinates x sin/cos x frequencies)
-    vlbert_visual_ln: bool = True            # vlbert: LayerNorms on the visual terms (VL-BERT's visual_ln);
-                                             # false: checkpoints written before they existed
-    vlbert_visual_scale_init: float = 0.0    # vlbert: their initial gain (VL-BERT's visual_scale_*_init:
-                                             # 0 = the text starts as pretrained BERT's)
+    vlbert_visual_embedding: str = "vlbert"  # vlbert: VL-BERT's Dropout-FC-ReLU + a LayerNorm per token
+                                             # kind; linear: FC only (checkpoints written before)
+    vlbert_visual_scale_init: float = 0.0    # vlbert: the LayerNorms' initial gain (VL-BERT's
+                                             # visual_scale_*_init: 0 = the text starts as BERT's)
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.

@@ -105,34 +105,39 @@ def sincos_box_embedding(boxes: torch.Tensor, num_freqs: int, wave_len: float = 
 
 
 class VLBertRegionEmbedding(nn.Module):
-    """VL-BERT's visual feature embedding: FC([appearance ; sin/cos geometry]), then a LayerNorm
-    per kind of token (its ``visual_ln_object`` / ``visual_ln_text``).
+    """VL-BERT's visual feature embedding: ReLU(FC(dropout([appearance ; sin/cos geometry]))) (its
+    code's ``obj_downsample``, dropout ``model.hidden_dropout``), then a LayerNorm per kind of
+    token (its ``visual_ln_object`` / ``visual_ln_text``).
 
     The geometry is ``model.vlbert_geometry_dim`` wide: the paper's 2048 by default (its code's
     ``coordinate_embeddings(boxes, 256)``: 4 coordinates x sin/cos x 256 frequencies). The
     paper's text embeds the corners x1,y1,x2,y2, which we keep; its code embeds centre/size.
-    ``forward`` is the projection; a region token gets ``norm_region`` of its own plus the [IMG]
-    token embedding (the model adds it), a text token ``text_term`` of the whole image's
-    (full box [0,0,1,1], ``image_term``) or, for VCR's linked words, of its region's. The
-    LayerNorms' gains start at
-    ``model.vlbert_visual_scale_init`` (VL-BERT pretraining: 0, so that at the first step every
-    input is pretrained BERT's; ``vlbert_visual_ln=false`` leaves them out).
+    ``forward`` is that embedding before the LayerNorms; a region token gets ``norm_region`` of
+    its own plus the [IMG] token embedding (the model adds it), a text token ``text_term`` of
+    the whole image's (full box [0,0,1,1], ``image_term``) or, for VCR's linked words, of its
+    region's. The LayerNorms' gains start at ``model.vlbert_visual_scale_init`` (VL-BERT
+    pretraining: 0, so that at the first step every input is pretrained BERT's).
+    ``model.vlbert_visual_embedding=linear`` is FC only, without dropout, ReLU or LayerNorms:
+    what vltrain's checkpoints written before had.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_freqs = cfg.vlbert_geometry_dim // 8
         self.proj = nn.Linear(cfg.region_feat_dim + cfg.vlbert_geometry_dim, cfg.hidden_size)
-        ln = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)) if cfg.vlbert_visual_ln else nn.Identity
+        self.vlbert = cfg.vlbert_visual_embedding == "vlbert"
+        self.dropout = cfg.hidden_dropout if self.vlbert else 0.0
+        ln = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)) if self.vlbert else nn.Identity
         self.norm_region, self.norm_text = ln(), ln()
 
     def forward(self, feats, boxes, cls_probs=None) -> torch.Tensor:
-        """FC([appearance ; geometry]) of (..., D) features at (..., 4) boxes."""
+        """The visual embedding of (..., D) features at (..., 4) boxes, before the LayerNorms."""
         dtype = self.proj.weight.dtype
         # sin/cos of the float32 boxes: in bf16 a coordinate near 1 is off by ~0.002, i.e.
         # ~0.2 rad at the highest frequency (x100 scale)
         geo = sincos_box_embedding(boxes.float(), self.num_freqs).to(dtype)
-        return self.proj(torch.cat([feats.to(dtype), geo], dim=-1))
+        x = self.proj(F.dropout(torch.cat([feats.to(dtype), geo], dim=-1), self.dropout, self.training))
+        return F.relu(x) if self.vlbert else x
 
     def image_term(self, image_feat: torch.Tensor) -> torch.Tensor:
         """(B, D) whole-image feature -> (B, H) projection, the text tokens' input to ``text_term``."""
@@ -151,15 +156,16 @@ class VLBertRegionEmbedding(nn.Module):
 
 VISUAL_LN_PARAMS = ("region_embeddings.norm_region.weight", "region_embeddings.norm_region.bias",
                     "region_embeddings.norm_text.weight", "region_embeddings.norm_text.bias")
-VISUAL_LN_HINT = ("VL-BERT checkpoints written before vltrain had VL-BERT's visual LayerNorms "
-                  "(region_embeddings.norm_region / norm_text) lack them: load them with model.vlbert_visual_ln=false")
+VISUAL_LN_HINT = ("VL-BERT checkpoints written before vltrain had VL-BERT's visual embedding (ReLU and "
+                  "LayerNorms region_embeddings.norm_region / norm_text) lack the LayerNorms: load them "
+                  "with model.vlbert_visual_embedding=linear")
 
 
 def vlbert_load_hint(mismatches: list[str], cfg: ModelConfig) -> str:
     """Lines for load errors that older VL-BERT checkpoints cause, whose saved configs lack the
     key that would restore them (so reusing "the same model settings" would not): a 128-d
     geometry (before ``model.vlbert_geometry_dim``), no visual LayerNorms (before
-    ``model.vlbert_visual_ln``)."""
+    ``model.vlbert_visual_embedding``)."""
     if cfg.region_embedding != "vlbert":
         return ""
     hint = ""

@@ -47,6 +47,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.vlbert_geometry_dim <= 0 or cfg.vlbert_geometry_dim % 8:
         raise ValueError(f"model.vlbert_geometry_dim={cfg.vlbert_geometry_dim} must be a positive multiple of 8 "
                          "(4 box coordinates x sin/cos x frequencies; VL-BERT uses 2048)")
+    if cfg.vlbert_visual_embedding not in ("vlbert", "linear"):
+        raise ValueError(f"model.vlbert_visual_embedding={cfg.vlbert_visual_embedding!r}; choose 'vlbert' "
+                         "(VL-BERT's) or 'linear' (checkpoints written before vltrain had VL-BERT's)")
     if cfg.region_embedding == "vlp" and cfg.geometry_conf and not cfg.use_cls_probs:
         raise ValueError("model.geometry_conf=true derives confidence from class probabilities; "
                          "set it false when model.use_cls_probs=false")
