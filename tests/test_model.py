@@ -478,6 +478,8 @@ def test_separate_text_mlm_adds_the_means_of_text_and_image_text_rows():
     for how in ("token", "example"):
         image_only = dataclasses.replace(batch, region_mask=pretrain_batch(model.config).region_mask)
         torch.testing.assert_close(loss(how, b=image_only), loss(how, separate=False, b=image_only))
+        no_mask = dataclasses.replace(image_only, region_mask=None)      # regions without a mask: all real
+        torch.testing.assert_close(loss(how, b=no_mask), loss(how, separate=False, b=no_mask))
         text_only = dataclasses.replace(batch, region_feats=None, region_boxes=None, region_cls_probs=None,
                                         region_mask=None, mrc_positions=None, mrc_targets=None)
         torch.testing.assert_close(loss(how, b=text_only), loss(how, separate=False, b=text_only))

@@ -26,8 +26,10 @@ def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool 
     acc = (logits.argmax(-1) == batch.mlm_labels).float().mean()
     if not separate_text:
         return reduce_loss(per_tok, rows, B, how), acc
-    text_row = (~batch.region_mask.any(1) if batch.region_mask is not None
-                else batch.input_ids.new_ones(B, dtype=torch.bool))
+    if batch.region_mask is not None:
+        text_row = ~batch.region_mask.any(1)
+    else:   # no mask: every row has the regions given (the model's default), or none at all
+        text_row = torch.full((B,), batch.region_feats is None, dtype=torch.bool, device=per_tok.device)
     loss = per_tok.new_zeros(())
     for kind in (text_row, ~text_row):
         # the other kind's tokens weigh 0 and its rows count as absent, with fixed shapes (no
