@@ -57,7 +57,7 @@ def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
     caps: dict[str, list[str]] = {}
     header = 0
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:     # -sig: a BOM would hide the header
             for lineno, line in enumerate(f, start=1):
                 line = line.rstrip("\n")
                 if lineno == 1 and _is_gcc_header(line):

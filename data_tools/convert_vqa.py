@@ -16,8 +16,9 @@ contractions) each question's ``multiple_choice_answer`` once (``--vocab-count m
 common preprocessing of bottom-up-attention VQA / VLP) or every annotator answer
 (``--vocab-count all``). Kept: the answers counted at least ``--min-answer-count`` times,
 at most ``--num-answers`` of them (default 3129 without a minimum count, no limit with
-one), most frequent first, ties broken alphabetically. The standard 3129-answer vocabulary
-(answers given as multiple_choice_answer at least 9 times in train+val):
+one), most frequent first, ties broken alphabetically. The recipe of bottom-up attention /
+VLP / VL-BERT (answers given as multiple_choice_answer at least 9 times in train+val, about
+3129; their normalisation differs from the official one in details, so the count may too):
 ``--vocab-annotations v2_mscoco_train2014_annotations.json --vocab-annotations
 v2_mscoco_val2014_annotations.json --min-answer-count 9``.
 
@@ -144,6 +145,9 @@ def build_vocab(counts: Counter[str], num_answers: int | None, min_count: int) -
 def vocab_from_args(args: argparse.Namespace, ann_list: list[dict]) -> tuple[list[str], dict]:
     """(answer vocabulary, how the meta describes its source) from the command line."""
     if args.answer_vocab:
+        if args.num_answers or args.min_answer_count:
+            raise BadInputError("--num-answers / --min-answer-count build a vocabulary; --answer-vocab "
+                                f"{args.answer_vocab} is used as it is: pass one or the other")
         return load_answer_vocab(args.answer_vocab), {"file": os.path.basename(args.answer_vocab)}
     files = args.vocab_annotations or ([args.annotations] if args.annotations else [])
     if not files:
@@ -290,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"keep at most this many answers, the most frequent (default {DEFAULT_NUM_ANSWERS}; "
                         f"no limit with --min-answer-count)")
     p.add_argument("--min-answer-count", type=_positive_int, default=None, metavar="N",
-                   help="keep the answers counted at least N times. The standard 3129-answer VQA v2 "
-                        "vocabulary of bottom-up attention / VLP / VL-BERT: --vocab-annotations "
+                   help="keep the answers counted at least N times. The recipe of bottom-up attention / "
+                        "VLP / VL-BERT's ~3129-answer VQA v2 vocabulary: --vocab-annotations "
                         "train.json --vocab-annotations val.json --min-answer-count 9")
     p.add_argument("--vocab-count", choices=("mc", "all"), default="mc",
                    help="count each question's multiple_choice_answer (mc, default) or every "

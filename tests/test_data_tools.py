@@ -252,6 +252,11 @@ def test_conceptual_captions_tsv_header_is_not_an_image(tmp_path, capsys):
     for s in got:
         check_image_columns(s, imgs[int(s["image_id"])])
     assert read_meta(out)["skipped_total"] == 0
+    # the same file saved with a UTF-8 BOM (spreadsheet tools write one): still a header
+    gcc.write_bytes(b"\xef\xbb\xbf" + gcc.read_bytes())
+    assert convert_captions.main(["--captions", str(gcc), "--tsv", tsv, "--out", str(tmp_path / "bom")]) == 0
+    assert [(s["image_id"], s["captions"]) for s in read_mds(tmp_path / "bom")] == \
+        [(s["image_id"], s["captions"]) for s in got]
 
 
 def test_coco_file_stem_ids_match_integer_ids(tmp_path, capsys):
@@ -454,6 +459,10 @@ def test_vqa_answer_vocab_files_and_bad_ids(tmp_path, capsys):
         assert convert_vqa.main([*base, "--answer-vocab", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert expect[name] in err, err
+    # options that build a vocabulary would be ignored beside a given one: refused
+    assert convert_vqa.main([*base, "--answer-vocab", str(txt), "--min-answer-count", "9",
+                             "--out", str(tmp_path / "o")]) == 2
+    assert "is used as it is: pass one or the other" in capsys.readouterr().err
     # an annotation whose question_id is not an integer: named, not a ValueError
     with open(an) as f:
         anns = json.load(f)

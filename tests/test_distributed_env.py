@@ -53,7 +53,7 @@ def test_uneven_tasks_per_node_are_refused():
     assert env["LOCAL_WORLD_SIZE"] == "2" and env["RANK"] == "4" and env["MASTER_ADDR"] == "gpu07"
 
 
-def test_a_batch_script_or_salloc_shell_is_not_a_rank():
+def test_a_batch_script_is_not_a_rank():
     """The batch script has SLURM_PROCID=0 and the job's SLURM_NTASKS but no step: mapping them
     would wait for peers that never start. Refused naming srun; alone in its job, one process."""
     env = srun_task_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")

@@ -246,6 +246,12 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
     x = random_inputs(old.config, B=2)
     torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(old, x, "bidirectional").text_hidden,
                                rtol=0, atol=0)
+    # and the other way: a checkpoint with the LayerNorms into a linear model would drop them
+    new = tmp_path / "new"
+    new.mkdir()
+    save_export(make_model(region_embedding="vlbert"), new)
+    with pytest.raises(ValueError, match=r"has VL-BERT's visual LayerNorms .* model.vlbert_visual_embedding=linear"):
+        VLModel.from_pretrained(str(new), vlbert_visual_embedding="linear")
 
     cfg = Config(model=debug_model_config(region_embedding="vlbert"))
     tag = tmp_path / "step_00000006"

@@ -169,10 +169,10 @@ def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use
     (SLURM_PROCID and SLURM_STEP_NUM_TASKS present); never overrides a variable that is
     already set. Returns True when it mapped anything.
 
-    The batch script and an salloc shell also have SLURM_PROCID=0 and the job's SLURM_NTASKS,
-    but no step: they are one process, and mapping the job's task count would wait for peers
-    that never start. Alone in a one-task job they run as one process; in a job of more tasks
-    they are refused, naming srun.
+    The batch script also has SLURM_PROCID=0 and the job's SLURM_NTASKS, but no step: it is one
+    process, and mapping the job's task count would wait for peers that never start. Alone in
+    a one-task job it runs as one process; in a job of more tasks it is refused, naming srun.
+    (An salloc shell has no SLURM_PROCID, or is itself a one-task step: one process either way.)
     """
     env = os.environ if environ is None else environ
     if "RANK" in env or "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
@@ -184,7 +184,7 @@ def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use
             job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "?"
             raise RuntimeError(
                 f"this process runs in Slurm job {job} of SLURM_NTASKS={job_tasks} tasks but is not one of "
-                "them (no SLURM_STEP_NUM_TASKS: the batch script or an salloc shell), so its "
+                "them (no SLURM_STEP_NUM_TASKS: the batch script, not an srun task), so its "
                 f"{job_tasks} ranks would never start: launch them with `srun python vltrain/run.py ...` "
                 "(as slurm/*.sbatch do), or set RANK=0 WORLD_SIZE=1 to run this one process alone")
         return False

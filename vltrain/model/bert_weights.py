@@ -164,6 +164,11 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
     ours = from_hf_state_dict(named_pieces(state, model.config))
     own = named_pieces(model.state_dict(), model.config)        # views: copying into them loads
     errors, loaded = [], set()
+    if any(n in ours for n in VISUAL_LN_PARAMS) and not any(n in own for n in VISUAL_LN_PARAMS):
+        # the projection was trained under ReLU + LayerNorms this model would leave out
+        raise ValueError(f"{source}: has VL-BERT's visual LayerNorms (region_embeddings.norm_*) but the model "
+                         f"is built with model.vlbert_visual_embedding={model.config.vlbert_visual_embedding}: "
+                         "leave that key at its default, vlbert")
     for name, t in ours.items():
         if name not in own:
             continue  # e.g. BERT's cls.predictions.decoder.* (tied), position_ids buffers, NSP head

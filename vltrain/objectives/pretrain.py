@@ -16,8 +16,11 @@ def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool 
     ``separate_text`` (VL-BERT): the masked tokens of text-only rows and of image-text rows are
     reduced apart and the two losses added, as VL-BERT's mlm_loss_aux + mlm_loss_wvc (each
     from its own batch there). A text-only row has ~4x a caption's masked tokens, so one mean
-    over all of them would leave MLM with visual clues a small share of the gradient. A kind
-    absent from the micro-batch adds 0.
+    over all of them would leave MLM with visual clues a small share of the gradient. The two
+    means are per micro-batch (VL-BERT's per GPU batch, which always holds both kinds): a
+    kind absent from a micro-batch adds 0, so a small ``data.text_proportion`` x micro-batch
+    weighs the text term below 1 (the VL-BERT recipe's 0.5 x 32 misses a kind with
+    probability 2^-31).
     """
     B = batch.input_ids.shape[0]
     logits = model.mlm_logits(hidden).float()

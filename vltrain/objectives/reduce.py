@@ -14,7 +14,8 @@ def reduce_loss(per_item: torch.Tensor, example_index: torch.Tensor, batch_size:
     so gradient accumulation 2 x (B/2) equals 1 x B exactly (given dropout 0).
 
     ``weights`` (0/1 per item) and ``examples`` (bool per example) restrict both means to a
-    subset: ``per_item`` must already be 0 outside it; an empty subset gives 0.
+    subset: ``per_item`` must already be 0 outside it; an empty subset gives 0. The subset's
+    size varies between micro-batches, so this loses ``example``'s accumulation invariance.
     """
     if how == "token":
         return per_item.mean() if weights is None else per_item.sum() / weights.sum().clamp(min=1)

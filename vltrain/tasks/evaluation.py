@@ -101,7 +101,8 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
                         "(metrics.json: skipped)", split, counts["skipped"])
         if counts["converter_skipped"]:
             log.warning("%s evaluation: the split's dataset was converted with %d bad inputs left out (%s; "
-                        "metrics.json: converter_skipped): the metrics cover the rest", split,
+                        "metrics.json: converter_skipped): where those were whole questions/images, the "
+                        "official scorer would count them and these metrics do not", split,
                         sum(counts["converter_skipped"].values()),
                         ", ".join(f"{k}: {v}" for k, v in sorted(counts["converter_skipped"].items())))
         os.makedirs(out, exist_ok=True)
