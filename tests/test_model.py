@@ -200,13 +200,26 @@ def test_exported_vlbert_model_reloads_with_its_geometry_width(tmp_path):
     torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(model, x, "bidirectional").text_hidden)
 
 
+def resume_into_default_vlbert(tmp_path, old):
+    """check_model_matches of a checkpoint tag holding ``old``'s parameter shapes (its config.yaml:
+    today's default VL-BERT model) against that default model, as a resume runs it."""
+    from vltrain.config import Config, save_config
+    from vltrain.engine.resume import check_model_matches
+    from vltrain.tasks.pretrain import PretrainTask
+    cfg = Config(model=debug_model_config(region_embedding="vlbert"))
+    tag = tmp_path / "step_00000006"
+    tag.mkdir()
+    torch.save({"param_shapes": [{n: tuple(p.shape) for n, p in PretrainTask(old, ObjectivesConfig()).named_parameters()}]},
+               tag / "mp_rank_00_model_states.pt")
+    save_config(cfg, str(tag / "config.yaml"))
+    check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
+
+
 def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
     """A VL-BERT checkpoint from before model.vlbert_geometry_dim (128-d geometry, a config without
     the key, which then reads as 2048): loading it names the parameter, both shapes and the fix,
     for init_from / from_pretrained and for a resume."""
-    from vltrain.config import Config, save_config
-    from vltrain.engine.resume import CheckpointError, check_model_matches
-    from vltrain.tasks.pretrain import PretrainTask
+    from vltrain.engine.resume import CheckpointError
     old = make_model(region_embedding="vlbert", vlbert_geometry_dim=128)
     save_export(old, tmp_path, drop_keys=("vlbert_geometry_dim",))
     with pytest.raises(ValueError) as e:
@@ -215,15 +228,8 @@ def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
     assert "model.vlbert_geometry_dim=128" in str(e.value)
     assert VLModel.from_pretrained(str(tmp_path), vlbert_geometry_dim=128).config == old.config
 
-    cfg = Config(model=debug_model_config(region_embedding="vlbert"))
-    tag = tmp_path / "step_00000006"
-    tag.mkdir()
-    old_task = PretrainTask(old, ObjectivesConfig())
-    torch.save({"param_shapes": [{n: tuple(p.shape) for n, p in old_task.named_parameters()}]},
-               tag / "mp_rank_00_model_states.pt")
-    save_config(cfg, str(tag / "config.yaml"))
     with pytest.raises(CheckpointError) as e:
-        check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
+        resume_into_default_vlbert(tmp_path, old)
     assert "model.region_embeddings.proj.weight: checkpoint (64, 192) vs model (64, 2112)" in str(e.value)
     assert "model.vlbert_geometry_dim=128" in str(e.value)
 
@@ -233,9 +239,7 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
     model.vlbert_visual_embedding, which then reads as vlbert): fresh LayerNorms would silently
     switch off (gain 0) or rescale its visual terms, so init_from / from_pretrained and a resume
     are refused naming model.vlbert_visual_embedding=linear, which loads it exactly."""
-    from vltrain.config import Config, save_config
-    from vltrain.engine.resume import CheckpointError, check_model_matches
-    from vltrain.tasks.pretrain import PretrainTask
+    from vltrain.engine.resume import CheckpointError
     old = make_model(region_embedding="vlbert", vlbert_visual_embedding="linear")
     assert not any("norm_" in n for n, _ in old.named_parameters())
     save_export(old, tmp_path, drop_keys=("vlbert_visual_embedding", "vlbert_visual_scale_init"))
@@ -253,15 +257,9 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
     with pytest.raises(ValueError, match=r"has VL-BERT's visual LayerNorms .* model.vlbert_visual_embedding=linear"):
         VLModel.from_pretrained(str(new), vlbert_visual_embedding="linear")
 
-    cfg = Config(model=debug_model_config(region_embedding="vlbert"))
-    tag = tmp_path / "step_00000006"
-    tag.mkdir()
-    torch.save({"param_shapes": [{n: tuple(p.shape) for n, p in PretrainTask(old, ObjectivesConfig()).named_parameters()}]},
-               tag / "mp_rank_00_model_states.pt")
-    save_config(cfg, str(tag / "config.yaml"))
     with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*norm_region(.|\n)*"
                                               r"model.vlbert_visual_embedding=linear"):
-        check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
+        resume_into_default_vlbert(tmp_path, old)
 
 
 # --------------------------------------------------------------------------- mask semantics

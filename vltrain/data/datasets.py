@@ -446,11 +446,13 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
     d = cfg.data
     shuffle = d.shuffle if shuffle is None else shuffle
     infos, streams = [], []
+    read: dict[str, tuple[dict, str]] = {}      # a text corpus read several times: its files once
     for remote, choose in stream_remotes(cfg, split):
-        meta = read_meta(remote, d.download_timeout)
+        visit = sum(i.name == remote for i in infos)          # streaming wants a folder per stream
+        if remote not in read:
+            read[remote] = read_meta(remote, d.download_timeout), _read_text(remote, "index.json", d.download_timeout)
+        meta, index = read[remote]
         infos.append(StreamInfo(remote, meta))
-        index = _read_text(remote, "index.json", d.download_timeout)
-        visit = sum(i.name == remote for i in infos) - 1      # streaming wants a folder per stream
         role = split if not visit else f"{split}-visit{visit}"
         streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
                               local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, role), choose=choose,

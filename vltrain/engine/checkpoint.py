@@ -283,9 +283,10 @@ def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
 
 
 def load_rank_state(tag_dir: str, rank: int, saved_world: int, world: int) -> dict:
-    """This rank's saved state; after a world-size change (``world != saved_world``), rank 0's: the loader position is global. The one per-rank count in it,
-    the loader's skipped samples (summed over ranks when logged), then moves whole to the
-    new rank 0 so the total neither drops nor repeats."""
+    """This rank's saved state; after a world-size change (``world != saved_world``), rank 0's:
+    the loader position is global. The one per-rank count in it, the loader's skipped samples
+    (summed over ranks when logged), then moves whole to the new rank 0 so the total neither
+    drops nor repeats."""
     def read(r: int) -> dict:
         path = rank_state_file(tag_dir, r)
         if not os.path.isfile(path):
@@ -295,6 +296,7 @@ def load_rank_state(tag_dir: str, rank: int, saved_world: int, world: int) -> di
     if world == saved_world:
         return read(rank)
     state = read(0)
-    state["loader"]["num_skipped"] = (sum(int(read(r)["loader"].get("num_skipped", 0)) for r in range(saved_world))
-                                      if rank == 0 else 0)
+    others = [read(r) for r in range(1, saved_world)] if rank == 0 else None
+    state["loader"]["num_skipped"] = (0 if others is None else
+                                      sum(int(s["loader"].get("num_skipped", 0)) for s in [state, *others]))
     return state

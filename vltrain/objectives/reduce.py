@@ -19,9 +19,9 @@ def reduce_loss(per_item: torch.Tensor, example_index: torch.Tensor, batch_size:
     """
     if how == "token":
         return per_item.mean() if weights is None else per_item.sum() / weights.sum().clamp(min=1)
-    ones = torch.ones_like(per_item) if weights is None else weights
     if how != "example":
         raise ValueError(f"objectives.loss_reduction={how!r}; choose 'token' or 'example'")
+    ones = torch.ones_like(per_item) if weights is None else weights
     sums = per_item.new_zeros(batch_size).index_add_(0, example_index, per_item)
     counts = per_item.new_zeros(batch_size).index_add_(0, example_index, ones)
     # An example without items adds 0 / 1. (Selecting the examples that have items with a

@@ -7,8 +7,8 @@ Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<N
                          their text cut to data.max_text_len / their regions to data.max_regions;
                          skipped: how many bad samples data.skip_bad_samples left out, not in
                          num_samples; converter_skipped: the bad inputs data_tools --skip-bad left
-                         out of the split's dataset, by reason, from its vltrain_meta.json: the
-                         official scorers would count those questions/images too)
+                         out of the split's dataset, by reason, from its vltrain_meta.json: where
+                         those were whole questions/images, the official scorers would count them)
   ``predictions.json``   {sample_id: prediction record}, sorted by sample id
   + the task's submission file(s) (e.g. VQA's ``vqa_results.json``)
 """
