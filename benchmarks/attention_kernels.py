@@ -11,7 +11,10 @@ every variant timed interleaved in one run:
     upper bound for a bias-free formulation at this length;
   - no mask at L rounded down to a multiple of 64 (what tile alignment alone is worth);
   - the ``varlen`` and ``flex`` backends split into their per-forward preparation (varlen
-    plan / BlockMask) and the per-layer attention call.
+    plan / BlockMask) and the per-layer attention call;
+  - FlexAttention's call with no BlockMask (its kernel's own speed at this length) and with our
+    mask in 64-wide blocks and 64-wide kernel tiles (L = 140 in 128-wide tiles computes
+    256 x 256 per head, in 64-wide ones 192 x 192: what tile size alone is worth).
 A variant the device cannot run is listed with the error, not dropped. A diagnosis for the
 throughput table (which backend to build next), not a target of its own.
 """
@@ -59,6 +62,37 @@ def backend_parts(name: str, st: A.AttentionStructure, dtype):
     return prepare, attend
 
 
+def built_once(make, *args):
+    """A closure built on its first call, inside the caller's per-variant error handling."""
+    built = []
+
+    def run(*t):
+        if not built:
+            built.append(make(*args))
+        return built[0](*t)
+    return run
+
+
+def flex_variant(st: A.AttentionStructure, block: int | None):
+    """fwd+bwd closure of a compiled flex_attention call: no BlockMask (block None), or our mask
+    in ``block``-wide blocks with kernel tiles of that width (the backward's in the ratio its
+    kernel requires: BLOCK_N1 % BLOCK_M1 == 0, BLOCK_M2 % BLOCK_N2 == 0)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    bm, opts = None, None
+    if block:
+        B, L = st.key_valid.shape
+        bm = create_block_mask(A.structure_mask_mod(st.key_valid, st.target), B, None, L, L,
+                               device=st.key_valid.device, BLOCK_SIZE=block, _compile=True)
+        opts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_M1": block // 2, "BLOCK_N1": block,
+                "BLOCK_M2": block, "BLOCK_N2": block // 2}
+    call = torch.compile(lambda q, k, v, m: flex_attention(q, k, v, block_mask=m, kernel_options=opts),
+                         dynamic=False, fullgraph=True)
+
+    def run(q, k, v, go):
+        call(q, k, v, bm).backward(go)
+    return run
+
+
 def variants(st: A.AttentionStructure, dtype, device, L: int):
     mask = A.get_backend("sdpa").prepare(st, dtype)
     out = []                                      # (label, L used, closure)
@@ -79,6 +113,10 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
                 continue
             prep, att = backend_parts(name, st, dtype)
             out += [(f"{name}: per-forward preparation only", L, prep), (f"{name}: attention call only", L, att)]
+        if A.flex_available():
+            out += [("flex: attention call only, no BlockMask (full attention)", L, built_once(flex_variant, st, None)),
+                    ("flex: attention call only, our mask, 64-wide blocks and tiles", L,
+                     built_once(flex_variant, st, 64))]
     else:
         for p in (0.0, 0.1):
             out.append((f"sdpa (CPU dispatch), our mask, dropout {p}", L, sdpa_with(None, mask, p)))

@@ -17,7 +17,7 @@
 #            side-stream batch copy
 #   tput     benchmarks/train_throughput.py at micro-batch $TPUT_BATCH (256, the best measured on
 #            an H100): every backend, compile off/on, the full-last-block ablation,
-#            VisualBertForPreTraining; bf16 autocast
+#            VisualBertForPreTraining; bf16 autocast (TPUT_ARGS: more flags, e.g. --backends sdpa)
 #   sweep    the same at micro-batches $SWEEP ("64 128") for sdpa and flex only
 #            (the best-MFU search); ZeRO memory is left out on the GPU: a per-rank byte count
 #            on 2 ranks, measured on CPU
@@ -32,6 +32,7 @@
 #            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
 #            wait) beside the engine alone and the model's own loop on one batch, then the
 #            trainer's own profile (train.profile_steps: phases, kernel classes, GPU idle)
+#            (E2E_ARGS: more flags, e.g. --steps 12)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
 # Each step has a time limit ($STEP_TIMEOUT s, tests and tput twice that); a failing step is recorded
@@ -85,7 +86,7 @@ want tests && step gpu_tests $((2 * STEP_TIMEOUT)) "$PY" -m pytest -q -rs -p no:
   tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py tests/test_packed_batch.py \
   tests/test_profiling.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
-  --batch "$TPUT_BATCH" --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
+  --batch "$TPUT_BATCH" ${TPUT_ARGS:-} --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
 if want sweep; then
   for b in $SWEEP; do
     step "sweep_b$b" "$STEP_TIMEOUT" "$PY" $TT $QUICK --device "$DEVICE" --no-zero --batch "$b" --backends sdpa,flex \
@@ -99,7 +100,7 @@ want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_k
 want levers && step "levers_b$TPUT_BATCH" "$STEP_TIMEOUT" "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
   --batch "$TPUT_BATCH" --engine --h2d ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
 want e2e && step e2e $((2 * STEP_TIMEOUT)) "$PY" benchmarks/trainer_e2e.py $QUICK --device "$DEVICE" \
-  --batch "$TPUT_BATCH" --out "$RES/e2e_b$TPUT_BATCH.md"
+  --batch "$TPUT_BATCH" ${E2E_ARGS:-} --out "$RES/e2e_b$TPUT_BATCH.md"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \
   --out "$RES/decode.md"
 exit $status

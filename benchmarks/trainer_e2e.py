@@ -98,7 +98,9 @@ def main(argv=None) -> int:
     size = dataclasses.replace(base, batch=args.batch or (4 if args.quick else 256 if gpu else 8))
     init_single_process_group(device)
 
-    with tempfile.TemporaryDirectory(prefix="vltrain_e2e_") as root:
+    # ignore_cleanup_errors: after a failed run, loader workers may still be writing there; the
+    # run's own error is what to see
+    with tempfile.TemporaryDirectory(prefix="vltrain_e2e_", ignore_cleanup_errors=True) as root:
         n = size.batch * (args.steps + 2)          # one epoch covers the run: no worker restarts
         m = size.model
         log(f"writing {n} samples ({size.regions} regions x {m.region_feat_dim}, {m.num_region_classes} classes)")

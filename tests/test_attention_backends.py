@@ -93,6 +93,19 @@ def test_flex_refuses_attention_dropout_in_training_and_cpu_backward():
         model(**x, mode="seq2seq")
 
 
+def test_varlen_gpu_kernels_refuse_fp32_by_name():
+    """flash_attn's and torch's varlen kernels take fp16/bf16 only; fp32 (train.precision=fp32 on a
+    GPU) gets the keys to change instead of FlashAttention's own error. The CPU emulation takes any."""
+    from vltrain.model.attention import check_varlen_dtype
+    for kind in ("flash_attn", "torch"):
+        with pytest.raises(ValueError, match=f"{kind} varlen kernel takes fp16/bf16, got float32; "
+                                             "train with train.precision=bf16"):
+            check_varlen_dtype(kind, torch.float32)
+        check_varlen_dtype(kind, torch.bfloat16)
+        check_varlen_dtype(kind, torch.float16)
+    check_varlen_dtype("emulated", torch.float32)
+
+
 # --------------------------------------------------------------------------- flex mask_mod
 
 def structures():

@@ -95,12 +95,16 @@ def test_a_training_step_has_no_host_sync_on_cuda(synthetic_corpus, case, backen
     if backend == "varlen" and varlen_kernel_name("cuda") is None:
         pytest.skip("no varlen kernel (flash_attn or torch.nn.attention.varlen) here")
     module, batch = training_step(synthetic_corpus, case, backend, device="cuda")
-    loss, _ = module(batch)          # first call outside the check: compiling (flex) may sync
+    # varlen's GPU kernels take bf16/fp16 only: that case runs as GPU training does, in bf16
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=backend == "varlen")
+    with amp:
+        loss, _ = module(batch)      # first call outside the check: compiling (flex) may sync
     loss.backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, _ = module(batch)
+        with amp:
+            loss, _ = module(batch)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

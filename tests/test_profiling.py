@@ -216,6 +216,40 @@ def test_cpu_attention_counts_what_it_calls():
     assert s["GEMM"] == pytest.approx(plain_mm / 3e3, rel=1e-6)         # the attention's bmm's are not here
 
 
+class _Recorded:
+    """What summarize() reads of a finished torch.profiler.profile, over a given event list."""
+    def __init__(self, events):
+        self._events = events
+
+    def key_averages(self):
+        return self._events.key_averages()
+
+    def events(self):
+        return self._events
+
+
+def test_cuda_summary_skips_the_ranges_gpu_side_annotations():
+    """On CUDA kineto records each record_function range twice: on the host and as a GPU-side
+    annotation spanning the range's kernels. The CPU reference of the CUDA test below, with
+    torch's own event objects: a phase with two kernels and a gap between them."""
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(i, name, start, end, device=cpu, annotation=False):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start, end_us=end, device_type=device,
+                             is_user_annotation=annotation, use_device="cuda", stack=[])
+    events = EventList([ev(1, "vltrain.forward", 0, 100, annotation=True),
+                        ev(2, "vltrain.forward", 10, 90, cuda, annotation=True),
+                        ev(3, "Optimizer.step#FusedAdam.step", 92, 99, cuda, annotation=True),
+                        ev(4, "sm90_xmma_gemm_bf16", 10, 30, cuda),
+                        ev(5, "triton_poi_fused_gelu", 70, 90, cuda)], use_device="cuda")
+    events._build_tree()
+    s = summarize(_Recorded(events), 1, wall_s=100e-6)
+    assert s.phases == [("forward", 1.0, pytest.approx(0.1))]
+    assert dict(s.classes) == {"GEMM": pytest.approx(0.02), "Triton (compiled)": pytest.approx(0.02)}
+    assert s.idle_ms == pytest.approx(0.06)              # 100 us wall, kernels busy 40 of it
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU reference: the window and summary tests above)")
 def test_cuda_window_reports_kernel_classes_and_idle(tmp_path):
     """On a GPU the summary is device time: GEMM and attention kernels classified, the idle time
@@ -240,3 +274,5 @@ def test_cuda_window_reports_kernel_classes_and_idle(tmp_path):
     assert {"GEMM", "attention", "GPU idle (no kernel or copy running: waiting for the host)"} <= classes, md
     assert "Host waits for the device (`cuda*Synchronize` calls): " in md
     assert md.startswith("# Profile: steps 2-4, rank 0\n\nDevice: ")
+    phase_rows = [line for line in md.splitlines() if line.startswith(("| forward |", "| flags |"))]
+    assert len(phase_rows) == 2, md          # once each: not again as their GPU-side annotations

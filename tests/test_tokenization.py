@@ -36,3 +36,19 @@ def test_missing_vocab_is_named(tmp_path):
 
 def test_builtin_vocab_is_bert_uncased(vocab_file):
     assert open(Tokenizer("bert-base-uncased").vocab_file).read() == open(vocab_file).read()
+
+
+def test_a_vocab_file_not_loaded_whole_is_refused(monkeypatch, tmp_path):
+    """transformers 5 ignores ``vocab_file=`` and builds BERT's 5 special tokens alone (every
+    word [UNK]); whatever the cause, fewer tokens than the file holds stops the run."""
+    import vltrain.tokenization as T
+    specials = tmp_path / "specials.txt"
+    specials.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+
+    class IgnoresTheFile(T.BertTokenizerFast):
+        def __init__(self, vocab_file=None, **kw):
+            super().__init__(vocab_file=str(specials), **kw)
+    monkeypatch.setattr(T, "BertTokenizerFast", IgnoresTheFile)
+    with pytest.raises(RuntimeError, match=r"bert-base-uncased-vocab\.txt: transformers \S+ loaded 5 of its "
+                                           r"30522 tokens"):
+        T.Tokenizer("bert-base-uncased")

@@ -138,6 +138,14 @@ class Summary:
         return f"{self.wall_ms:.1f} ms/step; aten operators: {shares}"
 
 
+def _gpu_annotation(e) -> bool:
+    """A ``record_function`` range's GPU-side copy (kineto's gpu_user_annotation: our phases,
+    the optimizers' ``Optimizer.step#...``). It spans the kernels launched inside the range,
+    gaps included, and is no kernel: counted, it would double the range's kernel time and
+    hide the GPU's idle time inside it."""
+    return bool(getattr(e, "is_user_annotation", False))
+
+
 def summarize(prof, steps: int, wall_s: float) -> Summary:
     """A :class:`Summary` of a finished ``torch.profiler.profile`` over ``steps`` steps that
     took ``wall_s`` seconds (device work included)."""
@@ -156,6 +164,8 @@ def summarize(prof, steps: int, wall_s: float) -> Summary:
             top[key] = top.get(key, 0.0) + ms
 
     for e in averages:
+        if e.device_type == cuda and _gpu_annotation(e):
+            continue
         if e.key.startswith(PHASE_PREFIX):
             phases.append((e.key[len(PHASE_PREFIX):], e.count / steps, e.cpu_time_total / 1e3 / steps))
         elif e.key in SYNC_CALLS:
@@ -168,7 +178,8 @@ def summarize(prof, steps: int, wall_s: float) -> Summary:
     wall_ms = wall_s * 1e3 / steps
     idle = None
     if on_device:
-        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == cuda and not _gpu_annotation(e)]
         busy_ms = union_length(spans) / 1e3 / steps if spans else sum(sums.values())
         idle = max(0.0, wall_ms - busy_ms)
     order = {p: i for i, p in enumerate(PHASES)}

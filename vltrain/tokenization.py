@@ -11,10 +11,13 @@ A vocab.txt without [unusedK] slots gets [IMG]/[END] appended as new tokens (the
 """
 from __future__ import annotations
 
+import inspect
 import os
 from functools import cached_property
 
+import transformers
 from transformers import BertTokenizerFast
+from transformers.models.bert.tokenization_bert import load_vocab
 
 ALIASES = {"[STOP]": "[SEP]", "[IMG]": "[unused0]", "[END]": "[unused1]"}
 
@@ -22,6 +25,22 @@ ALIASES = {"[STOP]": "[SEP]", "[IMG]": "[unused0]", "[END]": "[unused1]"}
 # the vocabulary of bert-base-uncased and of MiniLM (all-MiniLM-L6-v2).
 BUILTIN_VOCABS = {"bert-base-uncased": os.path.join(os.path.dirname(__file__), "assets",
                                                     "bert-base-uncased-vocab.txt")}
+
+
+def _bert_tokenizer(vocab_file: str, lowercase: bool) -> BertTokenizerFast:
+    """BERT's WordPiece tokenizer over ``vocab_file``. transformers 4 reads ``vocab_file=``;
+    transformers 5 takes ``vocab=`` and silently ignores ``vocab_file=`` (a 5-token
+    vocabulary: every word [UNK]), so the keyword is chosen by the constructor's signature
+    and the result is checked against the file."""
+    words = load_vocab(vocab_file)
+    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        hf = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=lowercase)
+    else:
+        hf = BertTokenizerFast(vocab=dict(words), do_lower_case=lowercase)
+    if len(hf.get_vocab()) < len(words):
+        raise RuntimeError(f"tokenizer vocab file {vocab_file}: transformers {transformers.__version__} "
+                           f"loaded {len(hf.get_vocab())} of its {len(words)} tokens")
+    return hf
 
 
 class Tokenizer:
@@ -34,7 +53,7 @@ class Tokenizer:
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"tokenizer vocab file not found: {vocab_file}")
         self.vocab_file = vocab_file
-        self.hf = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=lowercase)
+        self.hf = _bert_tokenizer(vocab_file, lowercase)
         vocab = self.hf.get_vocab()
         extra = [tok for alias, tok in ALIASES.items() if tok not in vocab and alias != "[STOP]"]
         if extra:  # no reserved slots: add the VL tokens under their own names

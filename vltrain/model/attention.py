@@ -328,8 +328,17 @@ def varlen_kernel_name(device_type: str) -> Optional[str]:
     return None
 
 
+def check_varlen_dtype(kind: Optional[str], dtype: torch.dtype) -> None:
+    """The GPU varlen kernels (flash_attn's, torch's FlashAttention) take fp16/bf16 only."""
+    if kind in ("flash_attn", "torch") and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"model.attention_backend=varlen: the {kind} varlen kernel takes fp16/bf16, "
+                         f"got {str(dtype).replace('torch.', '')}; train with train.precision=bf16 "
+                         f"or use model.attention_backend=sdpa")
+
+
 def _varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p):
     kind = varlen_kernel_name(q.device.type)
+    check_varlen_dtype(kind, q.dtype)
     if kind == "emulated":
         return emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p)
     if kind == "flash_attn":
