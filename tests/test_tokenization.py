@@ -52,3 +52,21 @@ def test_a_vocab_file_not_loaded_whole_is_refused(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match=r"bert-base-uncased-vocab\.txt: transformers \S+ loaded 5 of its "
                                            r"30522 tokens"):
         T.Tokenizer("bert-base-uncased")
+
+
+def test_a_constructor_without_vocab_file_gets_the_vocabulary_as_vocab(monkeypatch, tmp_path):
+    """transformers 5's BertTokenizer takes ``vocab=`` (a dict) and has no ``vocab_file=``: the
+    keyword is chosen by the signature. A stand-in with that signature over transformers 4."""
+    import vltrain.tokenization as T
+    given = []
+
+    class TakesVocab(T.BertTokenizerFast):
+        def __init__(self, vocab=None, do_lower_case=True):
+            given.append(vocab)
+            path = tmp_path / "vocab.txt"
+            path.write_text("".join(f"{w}\n" for w in sorted(vocab, key=vocab.get)))
+            super().__init__(vocab_file=str(path), do_lower_case=do_lower_case)
+    monkeypatch.setattr(T, "BertTokenizerFast", TakesVocab)
+    tok = T.Tokenizer("bert-base-uncased")
+    assert isinstance(given[0], dict) and len(given[0]) == 30522 and given[0]["[MASK]"] == 103
+    assert len(tok) == 30522 and tok.encode("a man riding a horse") == [1037, 2158, 5559, 1037, 3586]
