@@ -110,13 +110,16 @@ def ckpts(tmp_path_factory, synthetic_corpus):
     short = ("train.max_steps=2", "train.warmup_steps=1")
     a = launch({"out": dumps, "runs": [run("z2", "zero2", *long), run("z1", "zero1", *short),
                                        run("z3b", "zero3", *short), run("z0", "zero0", *short),
-                                       run("z0bf", "zero0", *short, "train.precision=bf16")]}, "A", 2, logs)
+                                       run("z0bf", "zero0", *short, "train.precision=bf16"),
+                                       run("z0vl", "zero0", *short, "model.region_embedding=vlbert",
+                                           "model.vlbert_visual_embedding=linear", "data.image_feature=regions_mean")]},
+              "A", 2, logs)
     finish(a)   # one job at a time: a starting streaming job clears the host's stale shared memory
     b = launch({"out": dumps, "runs": [run("z3", "zero3", *long, "train.grad_accum=2")]}, "B", 1, logs)
     finish(b)
     res = {"root": root, "dumps": dumps, "runs": runs, "logs": logs, "run": run, "train": train,
            "z2": os.path.join(runs, "z2", "checkpoints"), "z3": os.path.join(runs, "z3", "checkpoints")}
-    for name in ("z1", "z3b", "z0", "z0bf"):
+    for name in ("z1", "z3b", "z0", "z0bf", "z0vl"):
         res[name] = os.path.join(runs, name, "checkpoints")
     return res
 
@@ -344,6 +347,30 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
         h = ours(ids, torch.zeros_like(ids), torch.ones_like(ids), mode="bidirectional").text_hidden
         got = ours.mlm_head(h, ours.embeddings.word)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+def test_old_vlbert_checkpoint_exports_as_what_its_weights_are(ckpts, tmp_path, capsys):
+    """A VL-BERT checkpoint from before the visual LayerNorms: its config.yaml lacks
+    model.vlbert_visual_embedding (read as the default, vlbert) and its weights are the FC-only
+    embedding's. Both exports say linear, with a note, and load as trained without overrides."""
+    import yaml
+    from vltrain.model import VLModel
+    old = tmp_path / "old"
+    shutil.copytree(ckpts["z0vl"], old)
+    tag = old / "step_00000002"
+    saved = yaml.safe_load((tag / "config.yaml").read_text())
+    assert saved["model"].pop("vlbert_visual_embedding") == "linear"
+    (tag / "config.yaml").write_text(yaml.safe_dump(saved))
+    for cmd, out, folder in (("export-hf", tmp_path / "hf", tmp_path / "hf"),
+                             ("consolidate", tmp_path / "c" / "model.safetensors", tmp_path / "c")):
+        code, _, err = cli(capsys, cmd, old, out)
+        assert code == 0, err
+        assert "exported with model.vlbert_visual_embedding=linear" in err
+        assert json.loads((folder / "config.json").read_text())["vltrain"]["vlbert_visual_embedding"] == "linear"
+        model = VLModel.from_pretrained(str(folder))
+        assert model.config.vlbert_visual_embedding == "linear" and model.config.region_embedding == "vlbert"
+    own, live = model.state_dict(), strip(load_dump(ckpts, "z0vl_save2")["fp32"])   # the trained weights
+    assert own.keys() == live.keys() and all(torch.equal(own[k], live[k]) for k in live)
 
 
 def test_init_from_accepts_export_consolidated_and_resharded(ckpts, resharded, tmp_path, capsys):

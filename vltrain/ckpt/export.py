@@ -26,6 +26,24 @@ from vltrain.ckpt.layout import read_config, staged_dir, staged_files
 from vltrain.ckpt.weights import model_state_dict, precision_note
 
 
+def config_and_weights(found: ckpt.Found, verbose: bool = False):
+    """(config, weights, note) of a checkpoint, the config describing the weights. A VL-BERT
+    checkpoint from before the visual LayerNorms has a config.yaml without
+    ``model.vlbert_visual_embedding`` (so it reads as the default, vlbert) and the FC-only
+    embedding's weights: its export says ``linear``, so it loads as trained instead of being
+    refused for the missing LayerNorms."""
+    from vltrain.model.embeddings import VISUAL_LN_PARAMS
+    cfg, state = read_config(found), model_state_dict(found, verbose)
+    notes = [precision_note(found)]
+    m = cfg.model
+    if (m.region_embedding == "vlbert" and m.vlbert_visual_embedding == "vlbert"
+            and "region_embeddings.proj.weight" in state and not any(n in state for n in VISUAL_LN_PARAMS)):
+        m.vlbert_visual_embedding = "linear"
+        notes.append("VL-BERT weights without the visual LayerNorms (a checkpoint from before them): "
+                     "exported with model.vlbert_visual_embedding=linear, which loads them as trained")
+    return cfg, state, "; ".join(n for n in notes if n) or None
+
+
 def _metadata(found: ckpt.Found, cfg) -> dict[str, str]:
     import dataclasses
     return {"format": "pt", "vltrain_step": str(found.info.get("step")), "vltrain_source": found.path,
@@ -46,8 +64,7 @@ def consolidate(found: ckpt.Found, out_file: str, *, overwrite: bool = False, ve
     from safetensors.torch import save_file
     from vltrain.model.bert_weights import export_config_json
 
-    cfg = read_config(found)
-    state = model_state_dict(found, verbose)
+    cfg, state, note = config_and_weights(found, verbose)
     cfg_json, cfg_yaml = sidecar_paths(out_file)
     json_text = json.dumps(export_config_json(cfg.model), indent=2)
     # config.json is shared by every file in the folder: an identical one is left as it is
@@ -60,8 +77,7 @@ def consolidate(found: ckpt.Found, out_file: str, *, overwrite: bool = False, ve
             with open(tmps[2], "w") as f:
                 f.write(json_text)
     return {"file": os.path.abspath(out_file), "config_json": cfg_json, "config_yaml": cfg_yaml,
-            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values())),
-            "note": precision_note(found)}
+            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values())), "note": note}
 
 
 _README = """# {name}
@@ -100,9 +116,9 @@ def export_hf(found: ckpt.Found, out_dir: str, *, overwrite: bool = False, verbo
     from vltrain.model.bert_weights import export_config_json, to_hf_state_dict
     from vltrain.tokenization import Tokenizer
 
-    cfg = read_config(found)
+    cfg, state, note = config_and_weights(found, verbose)
     tok = Tokenizer(cfg.data.vocab)
-    state = to_hf_state_dict(model_state_dict(found, verbose))
+    state = to_hf_state_dict(state)
     out_abs = os.path.abspath(out_dir)
     with staged_dir(out_dir, overwrite) as tmp:
         tok.hf.save_pretrained(tmp)                    # vocab.txt, tokenizer_config.json, tokenizer.json, ...
@@ -118,4 +134,4 @@ def export_hf(found: ckpt.Found, out_dir: str, *, overwrite: bool = False, verbo
             f.write(_README.format(name=os.path.basename(out_abs), source=found.path, step=found.info.get("step"),
                                    kind=m.region_embedding, layers=m.num_layers, hidden=m.hidden_size, out=out_abs))
     return {"dir": out_abs, "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values())),
-            "note": precision_note(found)}
+            "note": note}
