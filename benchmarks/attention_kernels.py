@@ -73,18 +73,20 @@ def built_once(make, *args):
     return run
 
 
-def flex_variant(st: A.AttentionStructure, block: int | None):
+def flex_variant(st: A.AttentionStructure, block: int | None, tiles: bool = True):
     """fwd+bwd closure of a compiled flex_attention call: no BlockMask (block None), or our mask
-    in ``block``-wide blocks with kernel tiles of that width (the backward's in the ratio its
-    kernel requires: BLOCK_N1 % BLOCK_M1 == 0, BLOCK_M2 % BLOCK_N2 == 0)."""
+    in ``block``-wide blocks, with kernel tiles of that width (``tiles``; the backward's in the
+    ratio its kernel requires: BLOCK_N1 % BLOCK_M1 == 0, BLOCK_M2 % BLOCK_N2 == 0) or the
+    kernel's own (newer torch shrinks its default tiles to fit the blocks)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     bm, opts = None, None
     if block:
         B, L = st.key_valid.shape
         bm = create_block_mask(A.structure_mask_mod(st.key_valid, st.target), B, None, L, L,
                                device=st.key_valid.device, BLOCK_SIZE=block, _compile=True)
-        opts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_M1": block // 2, "BLOCK_N1": block,
-                "BLOCK_M2": block, "BLOCK_N2": block // 2}
+        if tiles:
+            opts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_M1": block // 2, "BLOCK_N1": block,
+                    "BLOCK_M2": block, "BLOCK_N2": block // 2}
     call = torch.compile(lambda q, k, v, m: flex_attention(q, k, v, block_mask=m, kernel_options=opts),
                          dynamic=False, fullgraph=True)
 
@@ -116,7 +118,9 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
         if A.flex_available():
             out += [("flex: attention call only, no BlockMask (full attention)", L, built_once(flex_variant, st, None)),
                     ("flex: attention call only, our mask, 64-wide blocks and tiles", L,
-                     built_once(flex_variant, st, 64))]
+                     built_once(flex_variant, st, 64)),
+                    ("flex: attention call only, our mask, 64-wide blocks, the kernel's tiles", L,
+                     built_once(flex_variant, st, 64, False))]
     else:
         for p in (0.0, 0.1):
             out.append((f"sdpa (CPU dispatch), our mask, dropout {p}", L, sdpa_with(None, mask, p)))
