@@ -112,14 +112,16 @@ def ckpts(tmp_path_factory, synthetic_corpus):
                                        run("z3b", "zero3", *short), run("z0", "zero0", *short),
                                        run("z0bf", "zero0", *short, "train.precision=bf16"),
                                        run("z0vl", "zero0", *short, "model.region_embedding=vlbert",
-                                           "model.vlbert_visual_embedding=linear", "data.image_feature=regions_mean")]},
+                                           "model.vlbert_visual_embedding=linear", "data.image_feature=regions_mean"),
+                                       run("z0vn", "zero0", *short, "model.region_embedding=vlbert",
+                                           "model.vlbert_text_only_visual=none", "data.image_feature=regions_mean")]},
               "A", 2, logs)
     finish(a)   # one job at a time: a starting streaming job clears the host's stale shared memory
     b = launch({"out": dumps, "runs": [run("z3", "zero3", *long, "train.grad_accum=2")]}, "B", 1, logs)
     finish(b)
     res = {"root": root, "dumps": dumps, "runs": runs, "logs": logs, "run": run, "train": train,
            "z2": os.path.join(runs, "z2", "checkpoints"), "z3": os.path.join(runs, "z3", "checkpoints")}
-    for name in ("z1", "z3b", "z0", "z0bf", "z0vl"):
+    for name in ("z1", "z3b", "z0", "z0bf", "z0vl", "z0vn"):
         res[name] = os.path.join(runs, name, "checkpoints")
     return res
 
@@ -349,27 +351,30 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
 
-def test_old_vlbert_checkpoint_exports_as_what_its_weights_are(ckpts, tmp_path, capsys):
-    """A VL-BERT checkpoint from before the visual LayerNorms: its config.yaml lacks
-    model.vlbert_visual_embedding (read as the default, vlbert) and its weights are the FC-only
-    embedding's. Both exports say linear, with a note, and load as trained without overrides."""
+@pytest.mark.parametrize("run, key, value", [("z0vl", "vlbert_visual_embedding", "linear"),
+                                             ("z0vn", "vlbert_text_only_visual", "none")])
+def test_old_vlbert_checkpoint_exports_as_what_its_weights_are(ckpts, tmp_path, capsys, run, key, value):
+    """A VL-BERT checkpoint from before the visual LayerNorms (or before the aux term of
+    text-only rows): its config.yaml lacks the key that says so (read as the default) and its
+    weights lack those parameters. Both exports write the key's old value, with a note, and
+    load as trained without overrides."""
     import yaml
     from vltrain.model import VLModel
     old = tmp_path / "old"
-    shutil.copytree(ckpts["z0vl"], old)
+    shutil.copytree(ckpts[run], old)
     tag = old / "step_00000002"
     saved = yaml.safe_load((tag / "config.yaml").read_text())
-    assert saved["model"].pop("vlbert_visual_embedding") == "linear"
+    assert saved["model"].pop(key) == value
     (tag / "config.yaml").write_text(yaml.safe_dump(saved))
     for cmd, out, folder in (("export-hf", tmp_path / "hf", tmp_path / "hf"),
                              ("consolidate", tmp_path / "c" / "model.safetensors", tmp_path / "c")):
         code, _, err = cli(capsys, cmd, old, out)
         assert code == 0, err
-        assert "exported with model.vlbert_visual_embedding=linear" in err
-        assert json.loads((folder / "config.json").read_text())["vltrain"]["vlbert_visual_embedding"] == "linear"
+        assert f"exported with model.{key}={value}" in err
+        assert json.loads((folder / "config.json").read_text())["vltrain"][key] == value
         model = VLModel.from_pretrained(str(folder))
-        assert model.config.vlbert_visual_embedding == "linear" and model.config.region_embedding == "vlbert"
-    own, live = model.state_dict(), strip(load_dump(ckpts, "z0vl_save2")["fp32"])   # the trained weights
+        assert getattr(model.config, key) == value and model.config.region_embedding == "vlbert"
+    own, live = model.state_dict(), strip(load_dump(ckpts, f"{run}_save2")["fp32"])   # the trained weights
     assert own.keys() == live.keys() and all(torch.equal(own[k], live[k]) for k in live)
 
 

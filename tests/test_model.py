@@ -158,8 +158,9 @@ def test_vlbert_text_regions_give_linked_words_their_regions_feature():
     m = inp["region_mask"][..., None].float()
     with torch.no_grad():
         emb = model.region_embeddings
-        image = emb.text_term(emb.image_term((inp["region_feats"] * m).sum(1) / m.sum(1)))
-        visual = emb.text_term(emb(inp["region_feats"], inp["region_boxes"]))
+        has = torch.ones(B, dtype=torch.bool)
+        image = emb.text_term(emb.image_term((inp["region_feats"] * m).sum(1) / m.sum(1)), has, B)   # (B, H)
+        visual = emb.text_term(emb(inp["region_feats"], inp["region_boxes"]), has, B)
     for b, t, r in ((0, 3, 1), (0, 4, 1), (2, 2, 4)):
         torch.testing.assert_close(diff[b, t], visual[b, r] - image[b], rtol=1e-5, atol=1e-5)
     diff[0, 3:5] = 0
@@ -215,6 +216,43 @@ def resume_into_default_vlbert(tmp_path, old):
     check_model_matches(str(tag), PretrainTask(VLModel(cfg.model), ObjectivesConfig()))
 
 
+def test_vlbert_text_only_rows_get_the_aux_visual_term():
+    """VL-BERT's text-only samples add its aux_text_visual_embedding through the text tokens'
+    visual LayerNorm: a row without an image gets the same term in a text-only batch as in a
+    mixed one and in the cached decoder's prefix; with model.vlbert_text_only_visual=none, none."""
+    from vltrain.model.incremental import encode_prefix
+    model = make_model(region_embedding="vlbert")
+    plain = make_model(region_embedding="vlbert", vlbert_text_only_visual="none")
+    missing, _ = plain.load_state_dict(model.state_dict(), strict=False)
+    assert missing == [] and "region_embeddings.aux_text.weight" not in plain.state_dict()
+    inp = random_inputs(model.config)
+    inp["region_mask"][1] = False                                 # row 1: no image, in a mixed batch
+    text_only = {k: inp[k][1:2] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    seen = []
+    hooks = [m.embeddings.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0])) for m in (model, plain)]
+    with torch.no_grad():
+        model(**inp)
+        model(**text_only)
+        plain(**text_only)
+        aux = model.region_embeddings.text_term(None, None, 1)    # (1, 1, H)
+        prefix = encode_prefix(model, **text_only)
+    for h in hooks:
+        h.remove()
+    N = inp["region_feats"].shape[1]
+    mixed = torch.cat([seen[0][1:2, :1], seen[0][1:2, 1 + N:]], 1)
+    torch.testing.assert_close(seen[1], mixed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen[1] - seen[2], aux.expand_as(seen[1]), rtol=0, atol=1e-6)
+    assert aux.abs().max() > 0
+    torch.testing.assert_close(prefix.image_term, aux, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key, value, choices", [("vlbert_visual_embedding", "fc", "'vlbert'"),
+                                                 ("vlbert_text_only_visual", "zero", "'aux'")])
+def test_vlbert_embedding_keys_refuse_unknown_values(key, value, choices):
+    with pytest.raises(ValueError, match=f"model.{key}='{value}'; choose {choices}"):
+        make_model(region_embedding="vlbert", **{key: value})
+
+
 def test_old_128d_vlbert_checkpoint_is_refused_naming_the_projection(tmp_path):
     """A VL-BERT checkpoint from before model.vlbert_geometry_dim (128-d geometry, a config without
     the key, which then reads as 2048): loading it names the parameter, both shapes and the fix,
@@ -259,6 +297,34 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
 
     with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*norm_region(.|\n)*"
                                               r"model.vlbert_visual_embedding=linear"):
+        resume_into_default_vlbert(tmp_path, old)
+
+
+def test_vlbert_checkpoint_without_the_aux_term_is_refused_naming_the_key(tmp_path):
+    """A VL-BERT checkpoint from before the aux term of text-only rows (a config without
+    model.vlbert_text_only_visual, which then reads as aux): a fresh aux embedding through its
+    trained text LayerNorm would give text-only rows a term it never had, so init_from /
+    from_pretrained and a resume are refused naming model.vlbert_text_only_visual=none, which
+    loads it exactly; the other way round, a checkpoint's aux term is not silently dropped."""
+    from vltrain.engine.resume import CheckpointError
+    old = make_model(region_embedding="vlbert", vlbert_text_only_visual="none")
+    save_export(old, tmp_path, drop_keys=("vlbert_text_only_visual",))
+    with pytest.raises(ValueError, match=r"has VL-BERT's visual LayerNorms but not its visual term of text-only "
+                                         r"rows; .*model.vlbert_text_only_visual=none"):
+        VLModel.from_pretrained(str(tmp_path))
+    back = VLModel.from_pretrained(str(tmp_path), vlbert_text_only_visual="none").eval()
+    x = {k: v for k, v in random_inputs(old.config, B=2).items() if not k.startswith("region_")}
+    torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(old, x, "bidirectional").text_hidden,
+                               rtol=0, atol=0)
+    new = tmp_path / "new"
+    new.mkdir()
+    save_export(make_model(region_embedding="vlbert"), new)
+    with pytest.raises(ValueError, match=r"has VL-BERT's visual term of text-only rows .* "
+                                         r"model.vlbert_text_only_visual=none: leave that key at its default, aux"):
+        VLModel.from_pretrained(str(new), vlbert_text_only_visual="none")
+
+    with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*aux_text(.|\n)*"
+                                              r"model.vlbert_text_only_visual=none"):
         resume_into_default_vlbert(tmp_path, old)
 
 
@@ -410,6 +476,9 @@ def test_pretraining_gradients_finite_and_nonzero(kind):
             assert p.grad is not None and torch.isfinite(p.grad).all()
             assert p.grad.abs().sum() > 0, name
             continue
+        if name == "region_embeddings.aux_text.weight":      # rows without an image only: none here
+            assert p.grad is not None and p.grad.abs().max() == 0
+            continue
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), name
         # Zeroed class distributions once made LN(bias) explode (gradient ~1/sqrt(eps)).
@@ -422,7 +491,8 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     """Data-parallel ranks must produce gradients for the same parameters: a text-only
     micro-batch (VL-BERT's <Text, None> mixing) on one rank beside image batches on others
     failed ZeRO-2's first reduction (sizes differ). Its region parameters get exact zeros, and
-    the loss and every other gradient are what they would be without them."""
+    the loss and every other gradient are what they would be without them; VL-BERT's aux term
+    of text-only rows and the text tokens' visual LayerNorm it passes get real gradients."""
     torch.manual_seed(0)
     model = VLModel(debug_model_config(region_embedding=kind)).train()
     image = pretrain_batch(model.config)
@@ -437,7 +507,10 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     assert "loss_mrc" not in metrics
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad <= grads.keys(), sorted(with_grad - grads.keys())
-    region = [n for n in grads if n.startswith(("region_embeddings.", "region_position", "mrc_head."))]
+    aux = {"region_embeddings.aux_text.weight", "region_embeddings.norm_text.weight",
+           "region_embeddings.norm_text.bias"} if kind == "vlbert" else set()
+    assert all(grads[n].abs().max() > 0 for n in aux)
+    region = [n for n in grads if n.startswith(("region_embeddings.", "region_position", "mrc_head.")) and n not in aux]
     assert region and all(grads[n].abs().max() == 0 for n in region)
     # the same forward in eval mode has no anchor: same loss, same text gradients
     ref = {n: g.clone() for n, g in grads.items()}

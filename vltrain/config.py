@@ -47,6 +47,9 @@ class ModelConfig:
                                              # kind; linear: FC only (checkpoints written before)
     vlbert_visual_scale_init: float = 0.0    # vlbert: the LayerNorms' initial gain (VL-BERT's
                                              # visual_scale_*_init: 0 = the text starts as BERT's)
+    vlbert_text_only_visual: str = "aux"     # vlbert: the visual term of rows without an image: aux =
+                                             # VL-BERT's learned aux_text_visual_embedding; none = zero
+                                             # (checkpoints written before)
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.

@@ -30,17 +30,22 @@ def config_and_weights(found: ckpt.Found, verbose: bool = False):
     """(config, weights, note) of a checkpoint, the config describing the weights. A VL-BERT
     checkpoint from before the visual LayerNorms has a config.yaml without
     ``model.vlbert_visual_embedding`` (so it reads as the default, vlbert) and the FC-only
-    embedding's weights: its export says ``linear``, so it loads as trained instead of being
-    refused for the missing LayerNorms."""
-    from vltrain.model.embeddings import VISUAL_LN_PARAMS
+    embedding's weights: its export says ``linear``; one from before the aux term of text-only
+    rows, likewise, ``model.vlbert_text_only_visual: none``. So the export loads as trained
+    instead of being refused for what its weights lack."""
+    from vltrain.model.embeddings import AUX_PARAM, VISUAL_LN_PARAMS
     cfg, state = read_config(found), model_state_dict(found, verbose)
     notes = [precision_note(found)]
     m = cfg.model
-    if (m.region_embedding == "vlbert" and m.vlbert_visual_embedding == "vlbert"
-            and "region_embeddings.proj.weight" in state and not any(n in state for n in VISUAL_LN_PARAMS)):
-        m.vlbert_visual_embedding = "linear"
-        notes.append("VL-BERT weights without the visual LayerNorms (a checkpoint from before them): "
-                     "exported with model.vlbert_visual_embedding=linear, which loads them as trained")
+    if m.region_embedding == "vlbert" and m.vlbert_visual_embedding == "vlbert" and "region_embeddings.proj.weight" in state:
+        if not any(n in state for n in VISUAL_LN_PARAMS):
+            m.vlbert_visual_embedding = "linear"
+            notes.append("VL-BERT weights without the visual LayerNorms (a checkpoint from before them): "
+                         "exported with model.vlbert_visual_embedding=linear, which loads them as trained")
+        elif m.vlbert_text_only_visual == "aux" and AUX_PARAM not in state:
+            m.vlbert_text_only_visual = "none"
+            notes.append("VL-BERT weights without the aux term of text-only rows (a checkpoint from before it): "
+                         "exported with model.vlbert_text_only_visual=none, which loads them as trained")
     return cfg, state, "; ".join(n for n in notes if n) or None
 
 

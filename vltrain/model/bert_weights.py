@@ -21,7 +21,7 @@ import re
 import torch
 
 from vltrain.config import ModelConfig, build_section
-from vltrain.model.embeddings import VISUAL_LN_HINT, VISUAL_LN_PARAMS, vlbert_load_hint
+from vltrain.model.embeddings import AUX_HINT, AUX_PARAM, VISUAL_LN_HINT, VISUAL_LN_PARAMS, vlbert_load_hint
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,9 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
         raise ValueError(f"{source}: has VL-BERT's visual LayerNorms (region_embeddings.norm_*) but the model "
                          f"is built with model.vlbert_visual_embedding={model.config.vlbert_visual_embedding}: "
                          "leave that key at its default, vlbert")
+    if AUX_PARAM in ours and AUX_PARAM not in own and VISUAL_LN_PARAMS[0] in own:
+        raise ValueError(f"{source}: has VL-BERT's visual term of text-only rows ({AUX_PARAM}) but the model is "
+                         "built with model.vlbert_text_only_visual=none: leave that key at its default, aux")
     for name, t in ours.items():
         if name not in own:
             continue  # e.g. BERT's cls.predictions.decoder.* (tied), position_ids buffers, NSP head
@@ -190,6 +193,11 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
         # gain 0, switch off the visual terms this checkpoint's projection was trained with
         raise ValueError(f"{source}: has VL-BERT's region projection but not its visual LayerNorms; "
                          + VISUAL_LN_HINT)
+    if "region_embeddings.proj.weight" in loaded and AUX_PARAM in fresh:
+        # a fresh aux term through the trained text LayerNorm would give text-only rows a
+        # visual term this checkpoint never had
+        raise ValueError(f"{source}: has VL-BERT's visual LayerNorms but not its visual term of text-only rows; "
+                         + AUX_HINT)
     if strict_text:
         missing = [n for n in fresh if n.startswith(("embeddings.", "layers."))]
         if missing:

@@ -6,6 +6,8 @@ alike, so both live in one space.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,6 +131,10 @@ class VLBertRegionEmbedding(nn.Module):
         self.dropout = cfg.hidden_dropout if self.vlbert else 0.0
         ln = (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)) if self.vlbert else nn.Identity
         self.norm_region, self.norm_text = ln(), ln()
+        # VL-BERT's aux_text_visual_embedding: the text tokens' visual input where there is no
+        # image (its text-only corpus); under model.vlbert_visual_embedding=linear there is none
+        self.aux_text = nn.Embedding(1, cfg.hidden_size) \
+            if self.vlbert and cfg.vlbert_text_only_visual == "aux" else None
 
     def forward(self, feats, boxes, cls_probs=None) -> torch.Tensor:
         """The visual embedding of (..., D) features at (..., 4) boxes, before the LayerNorms."""
@@ -144,9 +150,25 @@ class VLBertRegionEmbedding(nn.Module):
         full_box = image_feat.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(image_feat.shape[0], 4)
         return self.forward(image_feat, full_box)
 
-    def text_term(self, projected: torch.Tensor) -> torch.Tensor:
-        """The visual term of text tokens, from ``image_term`` / ``forward`` outputs."""
-        return self.norm_text(projected)
+    def text_term(self, projected: Optional[torch.Tensor], has_image: Optional[torch.Tensor],
+                  batch: int) -> Optional[torch.Tensor]:
+        """The visual term of text tokens, from ``image_term`` / ``forward`` outputs (B, 1 or T, H).
+        Rows without an image (``has_image`` (B,) False; all ``batch`` rows when ``projected`` is
+        None) take the aux embedding through the same LayerNorm, as VL-BERT's text-only samples
+        do; without one (``vlbert_text_only_visual=none``, linear) they get zero, and a batch
+        without images None. The aux embedding is called for image batches too, so that every
+        batch runs the same modules in the same order (ZeRO-3 gathers each one as it runs)."""
+        if projected is not None:
+            has_image = has_image.view(-1, *[1] * (projected.dim() - 1))     # over (B, ..., H)
+        if self.aux_text is None:
+            if projected is None:
+                return None
+            return self.norm_text(projected) * has_image.to(projected.dtype)
+        aux = self.aux_text(torch.zeros(1, dtype=torch.long, device=self.aux_text.weight.device))   # (1, H)
+        if projected is None:
+            return self.norm_text(aux.expand(batch, 1, -1))
+        aux = aux.view(*[1] * (projected.dim() - 1), -1).to(projected.dtype)
+        return self.norm_text(torch.where(has_image, projected, aux))
 
     def reset_visual_scale(self, gain: float) -> None:
         for norm in (self.norm_region, self.norm_text):
@@ -159,6 +181,11 @@ VISUAL_LN_PARAMS = ("region_embeddings.norm_region.weight", "region_embeddings.n
 VISUAL_LN_HINT = ("VL-BERT checkpoints written before vltrain had VL-BERT's visual embedding (ReLU and "
                   "LayerNorms region_embeddings.norm_region / norm_text) lack the LayerNorms: load them "
                   "with model.vlbert_visual_embedding=linear")
+
+
+AUX_PARAM = "region_embeddings.aux_text.weight"
+AUX_HINT = ("vltrain's VL-BERT checkpoints written before it had VL-BERT's visual term of text-only rows "
+            "(region_embeddings.aux_text) lack it: load them with model.vlbert_text_only_visual=none")
 
 
 def vlbert_load_hint(mismatches: list[str], cfg: ModelConfig) -> str:
@@ -174,8 +201,11 @@ def vlbert_load_hint(mismatches: list[str], cfg: ModelConfig) -> str:
                  f"sin/cos geometry (model.vlbert_geometry_dim={cfg.vlbert_geometry_dim})]; VL-BERT checkpoints "
                  "written before that key existed have a 128-d geometry: load them with "
                  "model.vlbert_geometry_dim=128")
-    if any(m.startswith("in the model but not in the checkpoint") and "norm_region" in m for m in mismatches):
+    only_model = [m for m in mismatches if m.startswith("in the model but not in the checkpoint")]
+    if any("norm_region" in m for m in only_model):
         hint += "\n" + VISUAL_LN_HINT
+    elif any("aux_text" in m for m in only_model):
+        hint += "\n" + AUX_HINT
     return hint
 
 

@@ -88,9 +88,9 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
         valid = torch.cat([valid[:, :1], rmask, valid[:, 1:]], dim=1)
         image_term = model._image_term(region_feats, rmask, image_feat)
         if image_term is not None:
-            image_term = model._text_visual(image_term, rmask)
-    else:
-        image_term = None
+            image_term = model._text_visual(image_term, rmask.any(dim=1), B)
+    else:       # VL-BERT: the aux term of a text-only batch, as the model's forward adds it
+        image_term = model._text_visual(None, None, B) if model.config.region_embedding == "vlbert" else None
     dtype = keys[0].dtype
     bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     bias.masked_fill_(~valid, torch.finfo(dtype).min)

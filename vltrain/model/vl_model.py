@@ -50,6 +50,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.vlbert_visual_embedding not in ("vlbert", "linear"):
         raise ValueError(f"model.vlbert_visual_embedding={cfg.vlbert_visual_embedding!r}; choose 'vlbert' "
                          "(VL-BERT's) or 'linear' (checkpoints written before vltrain had VL-BERT's)")
+    if cfg.vlbert_text_only_visual not in ("aux", "none"):
+        raise ValueError(f"model.vlbert_text_only_visual={cfg.vlbert_text_only_visual!r}; choose 'aux' "
+                         "(VL-BERT's learned term) or 'none' (checkpoints written before vltrain had it)")
     if cfg.region_embedding == "vlp" and cfg.geometry_conf and not cfg.use_cls_probs:
         raise ValueError("model.geometry_conf=true derives confidence from class probabilities; "
                          "set it false when model.use_cls_probs=false")
@@ -146,12 +149,12 @@ class VLModel(nn.Module):
             image_feat = (region_feats * m).sum(1) / m.sum(1).clamp(min=1)
         return self.region_embeddings.image_term(image_feat.to(self.region_position.dtype))[:, None, :]
 
-    def _text_visual(self, projected, region_mask):
-        """VL-BERT's visual term of text tokens from their (B, 1 or T, H) projections; examples
-        with no real region (text-only rows in a mixed batch) get zero."""
-        has = region_mask.any(dim=1)[:, None, None]
-        term = self.region_embeddings.text_term(projected)
-        return term * has.to(term.dtype)
+    def _text_visual(self, projected, has_image, batch: int):
+        """VL-BERT's visual term of text tokens (B, 1 or T, H) from their projections; rows
+        without an image (``has_image`` False; every row when ``projected`` is None, a
+        text-only batch) get the learned aux term, or zero (None for a whole text-only batch)
+        with ``model.vlbert_text_only_visual=none``."""
+        return self.region_embeddings.text_term(projected, has_image, batch)
 
     def _region_anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every region-embedding parameter, for a training batch with no
@@ -159,15 +162,18 @@ class VLModel(nn.Module):
         ZeRO's reduce buckets and DDP's all-reduce need the same parameters to get gradients
         on every rank, or the first reduction fails (sizes differ between ranks). Under ZeRO-3
         the modules must also run in the same order as for an image batch (each call gathers
-        its parameters collectively), hence the same two calls as ``forward`` makes."""
+        its parameters collectively), hence the calls ``forward`` makes for an image batch;
+        the text tokens' visual term only where ``forward`` does not compute it for a
+        text-only batch (no aux term)."""
         cfg = self.config
         feats, mask = like.new_zeros(1, 1, cfg.region_feat_dim), torch.ones(1, 1, dtype=torch.bool, device=like.device)
         term = self._image_term(feats, mask, None)
         regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes),
                                          mask)
-        if term is not None:
-            term = self._text_visual(term, mask)
-        return 0.0 * (regions.sum() + (term.sum() if term is not None else 0.0))
+        zero = regions.sum() + (term.sum() if term is not None else 0.0)
+        if term is not None and self.region_embeddings.aux_text is None:
+            zero = zero + self._text_visual(term, mask.any(1), 1).sum()
+        return 0.0 * zero
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 region_feats=None, region_boxes=None, region_cls_probs=None, region_mask=None,
@@ -221,7 +227,11 @@ class VLModel(nn.Module):
             if self.training and torch.is_grad_enabled():
                 text = text + self._region_anchor(text)
         if image_term is not None:
-            text = text + self._text_visual(image_term, region_mask)
+            text = text + self._text_visual(image_term, region_mask.any(dim=1), B)
+        elif self.config.region_embedding == "vlbert":
+            aux = self._text_visual(None, None, B)       # a text-only batch: None without the aux term
+            if aux is not None:
+                text = text + aux
 
         # Causal targets: seq2seq -> text tokens of segment 1; left-to-right -> all text after [CLS].
         is_s2s = (modes == MODE_SEQ2SEQ)[:, None]
