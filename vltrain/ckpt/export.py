@@ -106,7 +106,8 @@ from vltrain.model import VLModel
 model = VLModel.from_pretrained("{out}")            # everything, for fine-tuning / inference
 
 from transformers import BertForMaskedLM, BertModel, BertTokenizerFast
-bert = BertModel.from_pretrained("{out}")           # the text encoder only (text-only inputs)
+bert = BertModel.from_pretrained("{out}")           # the text encoder only (text-only inputs; VL-BERT
+                                                    # adds a learned visual term to those, not in BERT)
 mlm = BertForMaskedLM.from_pretrained("{out}")      # the text encoder and its MLM head
 tok = BertTokenizerFast.from_pretrained("{out}")
 ```

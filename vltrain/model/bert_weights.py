@@ -170,8 +170,10 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
                          f"is built with model.vlbert_visual_embedding={model.config.vlbert_visual_embedding}: "
                          "leave that key at its default, vlbert")
     if AUX_PARAM in ours and AUX_PARAM not in own and VISUAL_LN_PARAMS[0] in own:
-        raise ValueError(f"{source}: has VL-BERT's visual term of text-only rows ({AUX_PARAM}) but the model is "
-                         "built with model.vlbert_text_only_visual=none: leave that key at its default, aux")
+        # image rows are unaffected (VL-BERT's own fine-tuning models drop this embedding)
+        log.warning("%s: has VL-BERT's visual term of text-only rows (%s) but the model is built with "
+                    "model.vlbert_text_only_visual=none: text-only rows get no visual term (the key's "
+                    "default, aux, keeps it)", source, AUX_PARAM)
     for name, t in ours.items():
         if name not in own:
             continue  # e.g. BERT's cls.predictions.decoder.* (tied), position_ids buffers, NSP head

@@ -154,10 +154,12 @@ class VLBertRegionEmbedding(nn.Module):
                   batch: int) -> Optional[torch.Tensor]:
         """The visual term of text tokens, from ``image_term`` / ``forward`` outputs (B, 1 or T, H).
         Rows without an image (``has_image`` (B,) False; all ``batch`` rows when ``projected`` is
-        None) take the aux embedding through the same LayerNorm, as VL-BERT's text-only samples
-        do; without one (``vlbert_text_only_visual=none``, linear) they get zero, and a batch
-        without images None. The aux embedding is called for image batches too, so that every
-        batch runs the same modules in the same order (ZeRO-3 gathers each one as it runs)."""
+        None: then (B, 1, H)) take the aux embedding through the same LayerNorm, as VL-BERT's
+        text-only samples do; without one (``vlbert_text_only_visual=none``, linear) they get
+        zero, and a batch without images None. The aux embedding is called for image batches
+        too, so that every training batch runs the same modules in the same order (ZeRO-3
+        gathers each one as it runs). Both inputs meet in the parameters' dtype, so a row gets
+        the same term in a mixed batch as in a text-only one (under autocast too)."""
         if projected is not None:
             has_image = has_image.view(-1, *[1] * (projected.dim() - 1))     # over (B, ..., H)
         if self.aux_text is None:
@@ -167,8 +169,8 @@ class VLBertRegionEmbedding(nn.Module):
         aux = self.aux_text(torch.zeros(1, dtype=torch.long, device=self.aux_text.weight.device))   # (1, H)
         if projected is None:
             return self.norm_text(aux.expand(batch, 1, -1))
-        aux = aux.view(*[1] * (projected.dim() - 1), -1).to(projected.dtype)
-        return self.norm_text(torch.where(has_image, projected, aux))
+        aux = aux.view(*[1] * (projected.dim() - 1), -1)
+        return self.norm_text(torch.where(has_image, projected.to(aux.dtype), aux))
 
     def reset_visual_scale(self, gain: float) -> None:
         for norm in (self.norm_region, self.norm_text):

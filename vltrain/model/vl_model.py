@@ -3,7 +3,8 @@
 Sequence order inside the model: ``[CLS] r1..rN <input_ids[1:]>`` — regions are spliced in
 right after [CLS], so VLP's ``[CLS] r1..rN [SEP] w1..wT [STOP]`` comes from
 ``input_ids = [CLS] [SEP] w1..wT [STOP]``, and a text-only input is exactly BERT's.
-Text tokens keep positions 0..T-1 whatever the regions (so text-only equals BERT);
+Text tokens keep positions 0..T-1 whatever the regions (so text-only equals BERT, plus, for
+VL-BERT, its learned visual term of text-only rows);
 all regions share one learned position (VL-BERT) and the image segment embedding.
 """
 from __future__ import annotations
