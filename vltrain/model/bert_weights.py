@@ -169,7 +169,7 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
         raise ValueError(f"{source}: has VL-BERT's visual LayerNorms (region_embeddings.norm_*) but the model "
                          f"is built with model.vlbert_visual_embedding={model.config.vlbert_visual_embedding}: "
                          "leave that key at its default, vlbert")
-    if AUX_PARAM in ours and AUX_PARAM not in own and VISUAL_LN_PARAMS[0] in own:
+    if AUX_PARAM in ours and AUX_PARAM not in own:    # (a linear or VLP model was refused above)
         # image rows are unaffected (VL-BERT's own fine-tuning models drop this embedding)
         log.warning("%s: has VL-BERT's visual term of text-only rows (%s) but the model is built with "
                     "model.vlbert_text_only_visual=none: text-only rows get no visual term (the key's "

@@ -90,7 +90,7 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
         if image_term is not None:
             image_term = model._text_visual(image_term, rmask.any(dim=1), B)
     else:       # VL-BERT: the aux term of a text-only batch, as the model's forward adds it
-        image_term = model._text_visual(None, None, B) if model.config.region_embedding == "vlbert" else None
+        image_term = model._text_only_term(B)
     dtype = keys[0].dtype
     bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     bias.masked_fill_(~valid, torch.finfo(dtype).min)

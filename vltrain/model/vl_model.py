@@ -157,6 +157,10 @@ class VLModel(nn.Module):
         with ``model.vlbert_text_only_visual=none``."""
         return self.region_embeddings.text_term(projected, has_image, batch)
 
+    def _text_only_term(self, batch: int):
+        """The visual term (B, 1, H) of a batch without images: VL-BERT's aux term, else None."""
+        return self._text_visual(None, None, batch) if self.config.region_embedding == "vlbert" else None
+
     def _region_anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every region-embedding parameter, for a training batch with no
         regions (VL-BERT's text-only samples). Another data-parallel rank's batch has regions:
@@ -229,10 +233,8 @@ class VLModel(nn.Module):
                 text = text + self._region_anchor(text)
         if image_term is not None:
             text = text + self._text_visual(image_term, region_mask.any(dim=1), B)
-        elif self.config.region_embedding == "vlbert":
-            aux = self._text_visual(None, None, B)       # a text-only batch: None without the aux term
-            if aux is not None:
-                text = text + aux
+        elif (aux := self._text_only_term(B)) is not None:
+            text = text + aux
 
         # Causal targets: seq2seq -> text tokens of segment 1; left-to-right -> all text after [CLS].
         is_s2s = (modes == MODE_SEQ2SEQ)[:, None]
