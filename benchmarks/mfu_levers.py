@@ -14,7 +14,11 @@ Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throu
                                   step (fp16 region inputs, as the loader gives them): on the
                                   compute stream vs a side stream (DeviceCopier) vs a side
                                   stream during the previous forward, as the trainer (--h2d)
-  DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine)
+  DeepSpeed engine                ZeRO-2 on one rank, bf16, as vltrain/run.py trains (--engine);
+                                  beside it the same engine with DeepSpeed's own ZeRO step (which
+                                  reads the gradient norm back), and with that and DeepSpeed's
+                                  default throughput timer (which synchronizes the device twice
+                                  per step): vltrain's engine before it took both out
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
 DeepSpeed's default bf16.check_grad_overflow=true, with overlap_comm on (the default before
@@ -117,7 +121,13 @@ def main(argv=None) -> int:
     if args.engine:
         try:
             init_single_process_group(device)
-            variants = [(2, {}, "")]
+            # What vltrain takes out of DeepSpeed's step: the norm checks it reads back before each
+            # step (vltrain/engine/ds_readbacks.py), and its throughput timer, which synchronizes
+            # the device at every forward and step (off in vltrain's resolved ds_config)
+            timer = {"timers": {"throughput": {"enabled": True, "synchronized": True}}}
+            variants = [(2, {}, ""),
+                        (2, {}, ", DeepSpeed's own step (reads the norm back)", True),
+                        (2, timer, ", DeepSpeed's own step and throughput timer (vltrain before)", True)]
             if args.diagnose:      # which part of the engine costs what
                 variants += [(2, {"bf16": {"check_grad_overflow": True}},     # DeepSpeed's default
                               ", bf16.check_grad_overflow=true"),
@@ -128,9 +138,10 @@ def main(argv=None) -> int:
                               ", no gradient hooks"),
                              (0, {}, "")]
             precision = "bf16" if device.type == "cuda" else "fp32"
-            for stage, keys, tag in variants:
+            for stage, keys, tag, *readbacks in variants:
                 log(f"building: DeepSpeed engine ZeRO-{stage}{tag}")
-                r = build_engine(sizes["1x"], batches["1x"], device, preds["1x"], stage=stage, ds_keys=keys)
+                r = build_engine(sizes["1x"], batches["1x"], device, preds["1x"], stage=stage, ds_keys=keys,
+                                 ds_readbacks=bool(readbacks))
                 r.label, r.batch = f"DeepSpeed engine (ZeRO-{stage}, {precision}{tag})", args.batch
                 runners.append(r)
         except Exception as e:  # noqa: BLE001 — e.g. FusedAdam cannot be built: report, go on

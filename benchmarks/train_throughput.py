@@ -186,15 +186,18 @@ ENGINE_STAGE = 2      # ds_configs/zero2.json, the recipes' default, "auto" keys
 
 
 def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE_STAGE,
-                 ds_keys: dict | None = None) -> Runner:
+                 ds_keys: dict | None = None, ds_readbacks: bool = False) -> Runner:
     """Ours through the DeepSpeed engine, as ``vltrain/run.py`` trains: ZeRO-2 on one rank,
     sdpa, ``model.compile`` on GPU, ``train.precision`` bf16 on GPU (weights in bf16, fp32
     master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch's fused AdamW).
     ``stage`` picks ds_configs/zero<stage>.json; ``ds_keys`` ({section: {key: value}}) are set
-    in the resolved config (the diagnosis rows of benchmarks/mfu_levers.py)."""
+    in the resolved config (the diagnosis rows of benchmarks/mfu_levers.py); ``ds_readbacks``
+    keeps DeepSpeed's own ZeRO step, which waits for the GPU before each step (vltrain's
+    replaces it: vltrain/engine/ds_readbacks.py)."""
     import deepspeed
     from vltrain.config import Config
     from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_readbacks import drop_step_readbacks
     from vltrain.model import VLModel
     from vltrain.model.compile import maybe_compile
     from vltrain.monitor import FlopCounter
@@ -213,6 +216,8 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
     task = PretrainTask(model, cfg.objectives)
     engine, *_ = deepspeed.initialize(model=task, config=ds,
                                       model_parameters=no_decay_param_groups(task, cfg.train.weight_decay))
+    if not ds_readbacks:
+        drop_step_readbacks(engine.optimizer)          # as vltrain/engine/build.py
     b = batch.to(device, float_dtype=torch.bfloat16 if gpu else None)
 
     def step():

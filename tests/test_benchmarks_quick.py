@@ -164,6 +164,8 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "bf16 weights, batch from host memory, copied on a side stream during the previous forward "
                       "(vltrain)",
                       "DeepSpeed engine (ZeRO-2, fp32)",
+                      "DeepSpeed engine (ZeRO-2, fp32, DeepSpeed's own step (reads the norm back))",
+                      "DeepSpeed engine (ZeRO-2, fp32, DeepSpeed's own step and throughput timer (vltrain before))",
                       "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",
                       "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=true)", "DeepSpeed engine (ZeRO-1, fp32)",
                       "DeepSpeed engine (ZeRO-1, fp32, no gradient hooks)",

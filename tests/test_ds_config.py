@@ -118,6 +118,25 @@ def test_bf16_skips_deepspeeds_gradient_overflow_scan_unless_asked():
     assert "check_grad_overflow" not in resolve_ds_config(path, debug_cfg(precision="fp32"), 1, "cuda")["bf16"]
 
 
+def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_asked(caplog):
+    """The device-wide waits it would add are asserted absent from real steps in
+    tests/test_host_syncs.py; here: the resolved key, an explicit choice kept, and a warning
+    when that choice synchronizes."""
+    for path in DS_CONFIGS:
+        assert resolve_ds_config(path, debug_cfg(precision="bf16"), 1, "cuda")["timers"] == \
+            {"throughput": {"enabled": False}}, path
+    assert resolve_ds_config({"timers": {"throughput": {"enabled": "auto"}}}, debug_cfg(), 1,
+                             "cpu")["timers"]["throughput"]["enabled"] is False
+    quiet = {"throughput": {"enabled": True, "synchronized": False}}
+    with caplog.at_level("WARNING", logger="vltrain.engine.ds_config"):
+        assert resolve_ds_config({"timers": quiet}, debug_cfg(), 1, "cuda")["timers"] == quiet
+        assert not caplog.records
+        ds = resolve_ds_config({"timers": {"throughput": {"enabled": True}}}, debug_cfg(), 1, "cuda")
+    assert ds["timers"]["throughput"]["enabled"] is True
+    assert [r.getMessage() for r in caplog.records if "timers.throughput" in r.getMessage()
+            and "synchronized" in r.getMessage()], caplog.text
+
+
 @pytest.mark.parametrize("before, after", [
     ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0a+PTX 10.0f", "9.0+PTX;10.0"), ("8.6;9.0", None), ("", None)])
 def test_arch_specific_cuda_arch_lists_are_made_readable_for_deepspeed(before, after):
@@ -192,6 +211,7 @@ def test_explicit_agreeing_values_and_missing_keys_are_accepted():
     ({"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}, "torch_adam"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs ZeRO stage 3"),
     ({"wall_clock_breakdown": "auto"}, "'wall_clock_breakdown' = \"auto\""),
+    ({"timers": {"throughput": True}}, "'timers.throughput' must be an object"),
 ])
 def test_unusable_sections_are_refused(ds, needle):
     assert needle in _err(ds, debug_cfg())

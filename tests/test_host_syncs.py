@@ -111,6 +111,53 @@ def test_a_training_step_has_no_host_sync_on_cuda(synthetic_corpus, case, backen
     assert torch.isfinite(loss)
 
 
+ENGINE_CUDA_SCRIPT = textwrap.dedent(r"""
+    import json
+    import torch, deepspeed
+    from vltrain.config import Config, debug_model_config
+    from vltrain.engine.distributed import init_distributed
+    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_readbacks import drop_step_readbacks
+    info = init_distributed(timeout_s=60)
+    cfg = Config(model=debug_model_config())
+    cfg.train.micro_batch_size, cfg.train.precision = 4, "bf16"
+    ds = resolve_ds_config("ds_configs/zero2.json", cfg, 1, info.accelerator)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+    eng = deepspeed.initialize(model=m, model_parameters=no_decay_param_groups(m, 0.01), config=ds)[0]
+    applied = drop_step_readbacks(eng.optimizer)
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        loss = eng(x).float().pow(2).mean()
+        eng.backward(loss)
+        eng.step()
+    for _ in range(3):                 # past DeepSpeed's throughput timer's start step (2)
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    error = None
+    try:
+        for _ in range(3):
+            step()
+    except RuntimeError as e:
+        import traceback
+        error = traceback.format_exc()[-3000:]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("RESULTS " + json.dumps({"applied": applied, "error": error}), flush=True)
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU reference: the trainer tests below)")
+def test_the_engine_step_has_no_host_sync_on_cuda():
+    """vltrain's DeepSpeed engine (ZeRO-2, bf16, FusedAdam) steps without waiting for the GPU:
+    no throughput-timer synchronize, no norm read back (vltrain/engine/ds_readbacks.py)."""
+    res = run_one_rank(ENGINE_CUDA_SCRIPT, DS_ACCELERATOR="cuda")
+    assert res["applied"] is True
+    assert res["error"] is None, res["error"]
+
+
 def test_every_task_has_a_case():
     from vltrain.tasks import TASKS
     assert {task for task, _ in CASES.values()} == set(TASKS) <= set(CORPUS_DIR)
@@ -125,7 +172,8 @@ TRAINER_SCRIPT = textwrap.dedent(r"""
     from vltrain.engine.build import build_training
     corpus, out = sys.argv[1], sys.argv[2]
     cfg = load_config("configs/debug.yaml", [f"data.train={corpus}/captions/pretrain", "data.val=",
-                                             "train.max_steps=3", "train.grad_accum=2", "train.warmup_steps=1", "train.log_every=3",
+                                             "train.max_steps=3", "train.grad_accum=2", "train.warmup_steps=1",
+                                             "train.log_every=3", "train.precision=bf16",
                                              "train.save_every_steps=0", f"output_root={out}", "run_name=syncs",
                                              f"data.cache_dir={out}/cache"])
     trainer = build_training(cfg)
@@ -145,13 +193,15 @@ TRAINER_SCRIPT = textwrap.dedent(r"""
 # Where vltrain itself may read back from the device during Trainer.train(), and how often.
 PER_MICRO_STEP = {"vltrain/engine/trainer.py:_flags",          # THE one sync: the agreed flag vector
                   "vltrain/model/vl_model.py:mode_tensor"}     # CPU only (see CPU_ONLY)
-PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_flush", "vltrain/engine/trainer.py:_data_counters",
+PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_flush", "vltrain/monitor.py:<listcomp>",   # (_flush's, Python 3.11)
+                           "vltrain/engine/trainer.py:_data_counters",
                            "vltrain/engine/checkpoint.py:save", "vltrain/data/loader.py:__iter__"}
 
 
 @pytest.fixture(scope="module")
 def trainer_calls(synthetic_corpus, tmp_path_factory):
-    """Trainer.train() as run.py runs it (DeepSpeed ZeRO-2, 3 steps x 2 micro-steps, one rank):
+    """Trainer.train() as run.py runs it (DeepSpeed ZeRO-2, bf16 as on a GPU, 3 steps x 2
+    micro-steps, one rank):
     its read-backs, with markers where the engine's forward and the trainer's fetch begin."""
     res = run_one_rank(TRAINER_SCRIPT, synthetic_corpus, str(tmp_path_factory.mktemp("syncs")))
     assert res["code"] == 0
@@ -160,8 +210,7 @@ def trainer_calls(synthetic_corpus, tmp_path_factory):
 
 def test_the_trainer_syncs_once_per_micro_step(trainer_calls):
     """vltrain's only per-micro-step read-back is the flag vector; logging reads once per
-    interval, saving once per checkpoint. (DeepSpeed's own step reads its gradient norm back to
-    check the clip; listed in the message, not asserted: not ours to change.)"""
+    interval, saving once per checkpoint."""
     sites = collections.Counter(where.rsplit(":", 1)[0] for _, where in trainer_calls if where != "marker")
     ours = {k: n for k, n in sites.items() if k.startswith("vltrain/")}
     deepspeeds = {k: n for k, n in sites.items() if not k.startswith("vltrain/")}
@@ -169,6 +218,26 @@ def test_the_trainer_syncs_once_per_micro_step(trainer_calls):
     assert ours["vltrain/engine/trainer.py:_flags"] == 6, (ours, deepspeeds)
     assert ours.get("vltrain/model/vl_model.py:mode_tensor", 0) == 6, (ours, deepspeeds)
     assert ours.get("vltrain/monitor.py:_flush", 0) <= 2, (ours, deepspeeds)      # one log step: .cpu().tolist()
+
+
+def test_deepspeeds_step_reads_nothing_back(trainer_calls):
+    """DeepSpeed's ZeRO-1/2 step builds a constant on the host and reads the gradient norm back
+    before clipping (four waits per bf16 step, before anything of the step is queued);
+    vltrain/engine/ds_readbacks.py keeps both on the device. What is left of DeepSpeed's: its
+    checkpoint tag check, at the save after the last step."""
+    last_forward = max(i for i, call in enumerate(trainer_calls) if call == ("forward", "marker"))
+    theirs = [(i, where) for i, (_, where) in enumerate(trainer_calls) if where.startswith("deepspeed/")]
+    assert theirs and all(where.startswith("deepspeed/runtime/engine.py:_checkpoint_tag_validation:")
+                          and i > last_forward for i, where in theirs), theirs
+
+
+def test_no_device_wide_wait_in_training_steps(trainer_calls):
+    """DeepSpeed's throughput timer is on by default and synchronizes the whole device at the
+    start of every forward and the end of every step from the third step on: the host could
+    never queue a forward while the GPU still ran the previous step. vltrain's resolved
+    ds_config turns it off (vltrain/engine/ds_config.py); the 3-step run reaches the third."""
+    waits = [where for op, where in trainer_calls if op == "synchronize"]
+    assert waits == [], waits
 
 
 def test_the_next_batch_is_fetched_before_the_first_read_back_after_each_forward(trainer_calls):

@@ -12,6 +12,7 @@ from vltrain.config import Config, config_to_dict
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
+from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
     reconcile_resume, saved_config
 from vltrain.engine.schedule import linear_warmup_decay
@@ -197,6 +198,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,
         lr_scheduler=linear_warmup_decay(cfg))
+    drop_step_readbacks(engine.optimizer)       # ZeRO-1/2: the step's norm checks stay on the device
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)   # dropout streams differ per rank
 
     loader = (build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)[0]

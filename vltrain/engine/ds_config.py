@@ -28,6 +28,9 @@ What is filled (ds_config key <- our key):
     zero_optimization.overlap_comm   <- true with several ranks, false with one
     zero_optimization.stage3_prefetch_bucket_size, stage3_param_persistence_threshold
                                      <- model.hidden_size (0.9*H*H, 10*H, as HF does)
+    timers.throughput.enabled        <- false unless set (vltrain's monitor logs samples/s;
+                                        DeepSpeed's timer synchronizes the device twice per
+                                        micro-step)
 
 There is no DeepSpeed ``scheduler`` section: the LR schedule is ours
 (:func:`vltrain.engine.schedule.linear_warmup_decay`, passed as ``lr_scheduler=``); a
@@ -285,6 +288,24 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
         # (BENCHMARKS.md). Overflow is fp16's problem (bf16 has fp32's exponent range), and the
         # trainer already skips every non-finite loss before backward on all ranks.
         bf16.setdefault("check_grad_overflow", False)
+
+    # --- DeepSpeed's throughput timer. On by default, and "synchronized" by default: from the
+    # third step on it calls torch.cuda.synchronize() at the start of every forward and the end
+    # of every step, so the host can never queue a forward while the GPU still runs the step
+    # before, and everything the host does between steps leaves the GPU idle. Its only output
+    # is a samples/s line every steps_per_print steps; vltrain's monitor logs samples/s and MFU
+    # without waiting for the device.
+    timers = _section(r, "timers")
+    throughput = timers.setdefault("throughput", {})
+    if not isinstance(throughput, dict):
+        raise r.err(f"'timers.throughput' must be an object, got {json.dumps(throughput)}")
+    if throughput.get("enabled", AUTO) == AUTO:
+        throughput["enabled"] = False
+    if throughput["enabled"] and throughput.get("synchronized", True):
+        log.warning("%s: 'timers.throughput' is enabled and synchronized: DeepSpeed will wait for the "
+                    "whole device at every forward and step (GPU idle between steps); set "
+                    "'timers.throughput.synchronized' to false, or leave the timer off (vltrain "
+                    "logs samples/s itself)", source)
 
     # --- ZeRO
     zero = _section(r, "zero_optimization")

@@ -191,8 +191,8 @@ class Trainer:
                 # copy to the device (side stream). Here, before the first read-back of this
                 # micro-step (the flags below), the host's fetch and the copy overlap GPU work
                 # whatever follows: DeepSpeed's backward ends in a device-wide sync with
-                # overlap_comm (ZeRO-2, several ranks) and its step reads the gradient norm
-                # back, each leaving the GPU idle behind a fetch issued after them.
+                # overlap_comm (ZeRO-2, several ranks) and its fp16 step reads the gradient
+                # norm back, each leaving the GPU idle behind a fetch issued after them.
                 with phase("fetch"):
                     self._next = self._fetch(batches)
             with phase("flags"):
