@@ -24,6 +24,7 @@ Sections of the Markdown report:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -223,13 +224,32 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
     def step():
         loss, _ = engine(b)
         engine.backward(loss)
-        engine.step()
+        if ds_readbacks:
+            with deepspeeds_own_norm_mask():
+                engine.step()
+        else:
+            engine.step()
 
     flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
     label = f"DeepSpeed engine, ZeRO-{stage}, sdpa{' +compile' if gpu else ''}"
     optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
     note = f"what vltrain/run.py runs: {optim}; memory includes zero{stage}.json's reduce buckets"
     return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine)
+
+
+@contextlib.contextmanager
+def deepspeeds_own_norm_mask():
+    """DeepSpeed's own ``mask_nan_or_inf_with_val_inplace`` in its ZeRO-1/2 module for a while:
+    vltrain's replacement is a global of that module, so another engine built in this process
+    has set it for every ZeRO-1/2 optimizer (vltrain/engine/ds_readbacks.py)."""
+    from deepspeed.runtime import utils as ds_utils
+    from deepspeed.runtime.zero import stage_1_and_2
+    current = stage_1_and_2.mask_nan_or_inf_with_val_inplace
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = ds_utils.mask_nan_or_inf_with_val_inplace
+    try:
+        yield
+    finally:
+        stage_1_and_2.mask_nan_or_inf_with_val_inplace = current
 
 
 def init_single_process_group(device: torch.device) -> None:

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(r"""
     from vltrain.engine.distributed import init_distributed
     from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
     info = init_distributed(timeout_s=60)
-    NONFINITE_STEP = 2
+    NONFINITE_STEP = 4                  # the last: inf gradients x 0 leave NaN weights (DeepSpeed's as ours)
 
     def engine(stage):
         cfg = Config(model=debug_model_config())
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(r"""
 
     def train(eng):
         g = torch.Generator().manual_seed(1)
-        states, norms = [], []
+        states, norms, finite = [], [], []
         rec = HostSyncRecorder(packages=("deepspeed", "vltrain"))
         for step in range(5):
             x = torch.randint(0, 16, (4, 3), generator=g)
@@ -50,7 +50,9 @@ SCRIPT = textwrap.dedent(r"""
                 h.update(t.detach().float().numpy().tobytes())
             states.append(h.hexdigest())
             norms.append(float(eng.get_global_grad_norm()))
-        return dict(states=states, norms=norms, syncs=sorted({w.rsplit(":", 1)[0] for _, w in rec.calls}))
+            finite.append(all(bool(torch.isfinite(p).all()) for p in eng.module.parameters()))
+        return dict(states=states, norms=norms, finite=finite,
+                    syncs=sorted({w.rsplit(":", 1)[0] for _, w in rec.calls}))
 
     out = {}
     for stage in (1, 2):
@@ -80,8 +82,9 @@ def test_same_bits_as_deepspeeds_step_without_its_waits(runs, stage):
     assert ours["applied"] is True
     assert ours["states"] == theirs["states"]                       # weights and fp32 masters, every step
     assert ours["norms"] == theirs["norms"]
-    assert max(n for n in theirs["norms"] if n != float("inf")) > 1.0, theirs["norms"]   # clipping acted
-    assert theirs["norms"][2] == float("inf")                        # the non-finite step, clipped to zero
+    assert min(theirs["norms"][:4]) > 1.0, theirs["norms"]           # clipping acted at every finite step
+    assert theirs["norms"][4] == float("inf")                        # the non-finite step
+    assert theirs["finite"] == [True] * 4 + [False], theirs["finite"]
     assert len(set(theirs["states"])) == 5                           # every step changed something
     # DeepSpeed's own step waits (host-built constants, the norm read back); ours does not
     assert theirs["syncs"] == ["deepspeed/runtime/utils.py:is_invalid_grad_norm",
@@ -94,6 +97,42 @@ def test_only_zero12_optimizers_are_touched():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     assert ds_readbacks.drop_step_readbacks(opt) is False
     assert "unscale_and_clip_grads" not in vars(opt)
+
+
+def test_the_clip_computes_deepspeeds_values_for_every_norm():
+    """DeepSpeed's unscale_and_clip_grads and ours on the same inputs: finite, zero, negative
+    (DeepSpeed's -1 sentinel), infinite and NaN norms; loss scale 1 and 1024 (fp16); clipping
+    on and off; flat gradients and lists of sub-partitions; no norm (DeepSpeed's
+    compute_grad_norm=false, without clipping; ours hands it to DeepSpeed's method)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    class Optimizer(DeepSpeedZeroOptimizer):     # just the fields the method reads
+        loss_scale = property(lambda self: self._scale)
+
+        def __init__(self, clip, scale):         # no DeepSpeed set-up
+            self.clip_grad, self._scale, self.device = clip, scale, "cpu"
+
+    def grads():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(5, generator=g), [torch.randn(3, generator=g), torch.randn(2, generator=g)]]
+
+    def flat(gs):
+        return torch.cat([t.view(-1) for x in gs for t in (x if isinstance(x, list) else [x])])
+
+    norms = [2.5, 0.3, 0.0, -0.0, -1.0, float("inf"), float("-inf"), float("nan")]
+    seen = set()
+    for scale in (1.0, 1024.0):
+        for clip in (0.0, 1.0):
+            for norm in [torch.tensor(v) for v in norms] + ([None] if clip == 0.0 else []):
+                opt = Optimizer(clip, scale)
+                theirs, ours = grads(), grads()
+                DeepSpeedZeroOptimizer.unscale_and_clip_grads(opt, theirs, norm)
+                ds_readbacks.unscale_and_clip_grads(opt, ours, norm)
+                a, b = flat(theirs), flat(ours)
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), \
+                    (scale, clip, norm, a, b)
+                seen.add("unchanged" if torch.equal(a, flat(grads())) else "zero" if not a.any() else "scaled")
+    assert seen == {"unchanged", "scaled", "zero"}, seen      # zero: an invalid norm clips to nothing
 
 
 def test_the_replacements_compute_deepspeeds_values():

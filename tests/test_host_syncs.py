@@ -69,6 +69,13 @@ def test_the_recorder_sees_what_syncs_on_a_gpu():
     assert [op for op, _ in rec.calls] == ["item", "__bool__", "__getitem__", "nonzero", "tolist", "where", "cpu"]
     assert all(where.startswith("test_host_syncs.py:test_the_recorder_sees_what_syncs_on_a_gpu:")
                for _, where in rec.calls)
+    from deepspeed.accelerator import get_accelerator    # device-wide waits, also in nested recorders
+    with HostSyncRecorder(packages=("tests",)) as outer:
+        with HostSyncRecorder(packages=("tests",)) as inner:
+            get_accelerator().synchronize()
+        get_accelerator().synchronize()
+    assert [op for op, _ in inner.calls] == ["synchronize"] and [op for op, _ in outer.calls] == ["synchronize"] * 2
+    assert "synchronize" not in vars(get_accelerator())   # the accelerator's own method again
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "varlen"])

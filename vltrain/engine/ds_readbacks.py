@@ -1,12 +1,12 @@
-"""DeepSpeed's ZeRO-1/2 step without its per-step host-device syncs.
+"""DeepSpeed's ZeRO-1/2 bf16 step without its per-step host-device syncs.
 
 DeepSpeed 0.19's ``DeepSpeedZeroOptimizer.step`` (ZeRO-1 and -2, vltrain's default engine)
-waits for the GPU four times per step in bf16, each time before anything of the step is
-queued: per parameter group it builds the constant -1 on the host and copies it to the device
+waits for the GPU twice per parameter group in every bf16 step (vltrain has two groups, with
+and without weight decay): it builds the constant -1 on the host and copies it to the device
 to mask a non-finite gradient norm (``mask_nan_or_inf_with_val_inplace``; a copy from pageable
 host memory waits on CUDA), and it reads the norm back to ask whether it is finite before
-clipping (``unscale_and_clip_grads``). The first of them waits for the whole backward, so the
-host can queue neither the optimizer nor the next forward while the GPU runs the backward, and
+clipping (``unscale_and_clip_grads``). The first wait covers the whole backward, so the host
+can queue neither the optimizer nor the next forward while the GPU runs the backward, and
 everything the host does after it leaves the GPU idle.
 
 Both are replaced by the same arithmetic on the device: ``masked_fill_`` with a Python scalar,
@@ -14,11 +14,11 @@ and ``torch.where`` choosing infinity for a non-finite or negative norm (what De
 in its place), so every step gives the same bits as DeepSpeed's own (tested with finite and
 non-finite gradients). The replacement is applied only while DeepSpeed's source of both
 functions is the one this was written against (its hash below): another version keeps its own
-code, and says so in the log.
+code, and the log says so.
 
-fp16 and ``bf16.check_grad_overflow=true`` still read the norm back in ``step`` (they must
-decide on the host whether to skip the step); ZeRO-0 and ZeRO-3 have their own optimizers,
-left as they are.
+fp32, fp16 and ``bf16.check_grad_overflow=true`` still read the norm back once per step in
+``step`` itself: there DeepSpeed decides on the host whether to skip the step. ZeRO-0 and
+ZeRO-3 have their own optimizers, left as they are.
 """
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ KNOWN_SOURCES = {
 
 
 def _source_hash(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+    try:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+    except (OSError, TypeError):       # no source installed: cannot tell, so not the known code
+        return "unknown"
 
 
 def mask_nan_or_inf_with_val_inplace(input, device=None, val=-1.):
@@ -87,9 +90,9 @@ def drop_step_readbacks(optimizer) -> bool:
         changed.append("stage_1_and_2.mask_nan_or_inf_with_val_inplace")
     if changed:
         import deepspeed
-        log.info("DeepSpeed %s has other code in %s than vltrain's sync-free replacement was written "
-                 "for: its ZeRO step keeps its own (it waits for the GPU before each step)",
-                 deepspeed.__version__, ", ".join(changed))
+        log.warning("DeepSpeed %s has other code in %s than vltrain's sync-free replacement was written "
+                    "for: its ZeRO step keeps its own (it may wait for the GPU in every step)",
+                    deepspeed.__version__, ", ".join(changed))
         return False
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
     optimizer.unscale_and_clip_grads = types.MethodType(unscale_and_clip_grads, optimizer)
