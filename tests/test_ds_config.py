@@ -22,6 +22,7 @@ def debug_cfg(**train) -> Config:
     cfg = Config(model=debug_model_config())
     cfg.train.micro_batch_size = 4
     cfg.train.grad_accum = 2
+    cfg.train.precision = "fp32"        # not "auto": the same on a machine with a GPU
     for k, v in train.items():
         setattr(cfg.train, k, v)
     return cfg
@@ -116,6 +117,18 @@ def test_bf16_skips_deepspeeds_gradient_overflow_scan_unless_asked():
     raw["bf16"]["check_grad_overflow"] = True                 # an explicit choice is kept
     assert resolve_ds_config(raw, debug_cfg(precision="bf16"), 1, "cuda")["bf16"]["check_grad_overflow"] is True
     assert "check_grad_overflow" not in resolve_ds_config(path, debug_cfg(precision="fp32"), 1, "cuda")["bf16"]
+
+
+@pytest.mark.parametrize("gpu, capability, want", [(False, None, "fp32"), (True, (9, 0), "bf16"),
+                                                    (True, (8, 0), "bf16"), (True, (7, 0), "fp32")])
+def test_auto_precision_is_bf16_on_gpus_that_compute_it(monkeypatch, gpu, capability, want):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    ds = resolve_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"), debug_cfg(precision="auto"), 1, "cuda")
+    assert precision_of(ds) == want
+    assert precision_of(resolve_ds_config({}, debug_cfg(precision="auto"), 1, "cpu")) == "fp32"
+    assert Config().train.precision == "auto"
 
 
 def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_asked(caplog):

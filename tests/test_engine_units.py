@@ -236,3 +236,30 @@ def test_zero0_fused_fp16_optimizer_masters_map_back_to_parameter_names(monkeypa
     # a layout that does not add up is not guessed at
     sd["optimizer"]["fp32_groups_flat"] = [f[:-1] for f in sd["optimizer"]["fp32_groups_flat"]]
     assert stage0_masters(sd) == {}
+
+
+def test_precision_auto_resolves_per_machine_and_keeps_a_checkpoints(tmp_path, monkeypatch):
+    """train.precision=auto: bf16 on a GPU of compute capability >= 8, fp32 on CPU or older
+    GPUs; a resumed run keeps its checkpoint's, and a config.yaml from before the key existed
+    (which loads as auto) trained fp32."""
+    import types
+    import yaml
+    from vltrain.config import Config, config_to_dict
+    from vltrain.engine.resume import resolve_precision, saved_config, saved_precision
+    assert resolve_precision("fp16", "cuda", None) == "fp16"
+    assert resolve_precision("auto", "cpu", None) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, want in (((9, 0), "bf16"), ((8, 6), "bf16"), ((7, 0), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert resolve_precision("auto", "cuda", None) == want, capability
+    cfg = Config()
+    cfg.train.precision = "fp16"
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    old = config_to_dict(Config())
+    del old["train"]["precision"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert resolve_precision("auto", "cuda", types.SimpleNamespace(path=str(tmp_path / "new"))) == "fp16"
+    assert saved_precision(saved_config(str(tmp_path / "old"))) == "fp32"
+    assert resolve_precision("auto", "cuda", types.SimpleNamespace(path=str(tmp_path / "old"))) == "fp32"

@@ -1,7 +1,7 @@
 """Edges of saving and resuming (one rank, real trainers; tests/workers/resume_edges.py):
 a restart from an earlier step replaces the later steps it reaches and trains at its own
 learning rate, a failed save of `best` keeps the previous `best`, a resume at another
-precision is refused by name, a stop signal with a non-finite loss at the end of an
+precision is refused by name and train.precision=auto keeps the checkpoint's, a stop signal with a non-finite loss at the end of an
 accumulated step still resumes exactly, and one at a validation step checkpoints first."""
 import math
 
@@ -47,6 +47,15 @@ def test_a_resume_at_another_precision_is_refused_by_name(edges):
     assert msg.startswith("CheckpointError"), msg
     for part in ("train.precision=fp32", "train.precision=bf16", "step_00000004", "vltrain-ckpt reshard"):
         assert part in msg, msg
+
+
+def test_auto_precision_resumes_at_the_checkpoints_precision(edges):
+    """train.precision=auto (the default) is fp32 for a new run on CPU, and a run saved in bf16
+    resumes in bf16 (an fp32 resume of it would be refused: the test above)."""
+    auto = edges["auto_precision"]
+    assert auto["new_run"] == "fp32" and auto["codes"] == [0, 0], auto
+    assert auto["resumed"] == "bf16" and auto["saved"] == "bf16", auto
+    assert sorted(auto["losses"]) == ["3"], auto
 
 
 def test_a_stop_on_a_nonfinite_last_micro_batch_waits_for_the_step(edges):

@@ -123,7 +123,9 @@ class TrainConfig:
     keep_last: int = 3
     val_every: int = 0
     max_nonfinite_in_row: int = 10
-    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fills the ds_config's "auto")
+    precision: str = "auto"                  # auto | fp32 | bf16 | fp16 (fills the ds_config's "auto");
+    #                                          auto: bf16 on GPUs of compute capability >= 8, else fp32;
+    #                                          a resumed run keeps its checkpoint's
     peak_tflops: float = 0.0                 # per-device peak for MFU; 0 = from the device name
     dist_timeout_s: float = 600.0            # collective and batch-fetch timeout: a dead rank fails the job by then
     profile_steps: int = 0                   # > 0: torch-profile this many optimizer steps (<run_dir>/profile/)

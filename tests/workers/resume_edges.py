@@ -14,6 +14,7 @@ full disk) during one save. Runs, in order:
   best      on the restart's trainer: save `best`, then a save of `best` that fails midway,
             then one that succeeds
   precision resume of the base run with train.precision=bf16: the error
+  auto_precision  train.precision=auto: the base run's; a bf16 run resumed with it
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
   valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2)
@@ -92,7 +93,7 @@ def main():
 
     code, base_losses, t = train(cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=2"), faults)
     t.close()
-    ckpts = t.save_dir
+    ckpts, base_precision = t.save_dir, t.cfg.train.precision
     res["base"] = {"code": code, "losses": base_losses}
 
     cfg = cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=0", "train.lr=5e-4",
@@ -133,6 +134,15 @@ def main():
         res["precision"] = "no error"
     except Exception as e:  # noqa: BLE001 - the message is the result
         res["precision"] = f"{type(e).__name__}: {e}"
+
+    # train.precision=auto (the default): fp32 for a new run on CPU; a bf16 run resumes in bf16
+    code, _, t = train(cfg_of(corpus, out, "bf16run", "train.max_steps=2", "train.precision=bf16"), faults)
+    t.close()
+    code2, losses, t2 = train(cfg_of(corpus, out, "bf16run", "train.max_steps=3", "train.resume=auto"), faults)
+    t2.close()
+    res["auto_precision"] = {"new_run": base_precision, "codes": [code, code2], "resumed": t2.cfg.train.precision,
+                             "losses": losses,
+                             "saved": load_config(f"{t2.save_dir}/step_00000003/config.yaml").train.precision}
 
     accum = ["train.max_steps=3", "train.grad_accum=2", "train.save_every_steps=0"]
     code, losses, t = train(cfg_of(corpus, out, "accum_ref", *accum), faults, nan_at=4)

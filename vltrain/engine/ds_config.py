@@ -20,7 +20,8 @@ What is filled (ds_config key <- our key):
                                         (DeepSpeed's FusedAdam on GPU, DeepSpeedCPUAdam
                                         when the optimizer is offloaded)
     optimizer.params.fused           <- true with torch_adam (torch's fused AdamW kernel)
-    bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16)
+    bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16; auto: bf16 on GPUs
+                                        of compute capability >= 8, fp32 elsewhere)
     bf16.check_grad_overflow         <- false unless set (the trainer skips non-finite losses)
     zero_optimization.reduce_bucket_size <- ZeRO-3: model.hidden_size**2 (as HF does);
                                         ZeRO-0/1/2: one rank: the model's parameter count;
@@ -51,7 +52,7 @@ from vltrain.config import ConfigError
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")        # what train.precision=auto resolves to, one of these
 
 
 class DSConfigError(ConfigError):
@@ -70,12 +71,26 @@ def _hidden(cfg):
     return getattr(model, "hidden_size", None)
 
 
-def cfg_precision(cfg) -> str:
-    """``train.precision`` (fp32 when the config predates the field)."""
+def cfg_precision(cfg, accelerator_name: str) -> str:
+    """``train.precision`` on this accelerator: ``auto`` resolved by :func:`auto_precision`
+    (fp32 when the config predates the field)."""
     p = getattr(_train(cfg), "precision", "fp32")
+    if p == AUTO:
+        return auto_precision(accelerator_name)
     if p not in PRECISIONS:
-        raise DSConfigError(f"config key 'train.precision': {p!r} is not one of {', '.join(PRECISIONS)}")
+        raise DSConfigError(f"config key 'train.precision': {p!r} is not one of {', '.join(PRECISIONS)} or auto")
     return p
+
+
+def auto_precision(accelerator_name: str) -> str:
+    """``train.precision=auto`` for a new run: bf16 on a GPU that computes it natively (CUDA
+    compute capability 8.0 and newer: A100, H100, ...), as VLP and VL-BERT trained in mixed
+    precision (fp16 with apex then); fp32 elsewhere: on CPUs, and on older GPUs, where fp16
+    would need loss scaling and stays a choice to make explicitly."""
+    if accelerator_name != "cuda":
+        return "fp32"
+    import torch
+    return "bf16" if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8 else "fp32"
 
 
 # DeepSpeed's default ZeRO-1/2 reduce bucket (elements), and the cap of our "auto" one.
@@ -92,7 +107,7 @@ def model_param_count(model_cfg) -> int:
         return sum(p.numel() for p in VLModel(model_cfg).parameters())
 
 
-def _reduce_bucket(cfg, stage: int, world_size: int):
+def _reduce_bucket(cfg, stage: int, world_size: int, precision: str):
     """``zero_optimization.reduce_bucket_size`` for "auto".
 
     ZeRO-3: H*H, as Hugging Face fills it. ZeRO-0/1/2, in gradient elements:
@@ -114,7 +129,7 @@ def _reduce_bucket(cfg, stage: int, world_size: int):
         return model.hidden_size * model.hidden_size
     n = model_param_count(model)
     if world_size > 1:
-        n = min(n, DDP_BUCKET_BYTES // (4 if cfg_precision(cfg) == "fp32" else 2))
+        n = min(n, DDP_BUCKET_BYTES // (4 if precision == "fp32" else 2))
     return min(ZERO12_MAX_BUCKET, n)
 
 
@@ -266,7 +281,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "linear decay); remove the 'scheduler' section")
 
     # --- precision
-    want = cfg_precision(cfg)
+    want = cfg_precision(cfg, accelerator_name)
     if "bfloat16" in ds:                # DeepSpeed's legacy spelling
         if "bf16" in ds:
             raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")
@@ -317,7 +332,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
         # Overlap reductions with the backward where there are any: on one GPU the reduction
         # stream and double buffers only cost (~10% of an H100 engine step, BENCHMARKS.md).
         zero["overlap_comm"] = world_size > 1
-    for key, value_of in (("reduce_bucket_size", lambda: _reduce_bucket(cfg, stage, world_size)),
+    for key, value_of in (("reduce_bucket_size", lambda: _reduce_bucket(cfg, stage, world_size, want)),
                           ("stage3_prefetch_bucket_size", lambda: None if h is None else int(0.9 * h * h)),
                           ("stage3_param_persistence_threshold", lambda: None if h is None else 10 * h)):
         if zero.get(key) == AUTO:

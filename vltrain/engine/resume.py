@@ -198,6 +198,26 @@ def saved_config(tag_dir: str):
         return None
 
 
+def saved_precision(saved_cfg) -> str:
+    """The precision a checkpoint's config.yaml trained at. Runs save their resolved precision;
+    ``auto`` there is a config.yaml from before ``train.precision`` existed, which trained fp32."""
+    p = saved_cfg.train.precision
+    return "fp32" if p == "auto" else p
+
+
+def resolve_precision(precision: str, accelerator_name: str, found) -> str:
+    """``train.precision`` for this run: as given, or for ``auto`` the checkpoint's own when
+    resuming (its optimizer files are that precision's, and the continuation stays exact),
+    else :func:`vltrain.engine.ds_config.auto_precision` of the accelerator."""
+    if precision != "auto":
+        return precision
+    saved_cfg = None if found is None else saved_config(found.path)
+    if saved_cfg is not None:
+        return saved_precision(saved_cfg)
+    from vltrain.engine.ds_config import auto_precision
+    return auto_precision(accelerator_name)
+
+
 def check_resume_precision(found, precision: str) -> None:
     """Refuse to resume a DeepSpeed checkpoint at another ``train.precision``: its optimizer
     files are the precision's own (bf16 keeps ``bf16_zero_pp_rank_*`` shards, fp16/fp32
@@ -207,7 +227,7 @@ def check_resume_precision(found, precision: str) -> None:
     saved_cfg = None if found.info.get("universal") else saved_config(found.path)
     if saved_cfg is None:      # universal, or no readable config.yaml: DeepSpeed's own load decides
         return
-    saved = saved_cfg.train.precision
+    saved = saved_precision(saved_cfg)
     if saved != precision:
         hint = ("start a new run from its weights with train.init_from" if int(found.info.get("zero_stage", 0)) == 0
                 else f"convert it first: vltrain-ckpt reshard {found.path} OUT (a universal checkpoint resumes "
