@@ -129,6 +129,12 @@ def test_auto_precision_is_bf16_on_gpus_that_compute_it(monkeypatch, gpu, capabi
     assert precision_of(ds) == want
     assert precision_of(resolve_ds_config({}, debug_cfg(precision="auto"), 1, "cpu")) == "fp32"
     assert Config().train.precision == "auto"
+    # a ds_config's explicit choice decides under auto (as in HF's Trainer)
+    for section, choice in (({"bf16": {"enabled": False}}, "fp32"), ({"fp16": {"enabled": True}}, "fp16"),
+                            ({"bfloat16": {"enabled": True}}, "bf16")):
+        assert precision_of(resolve_ds_config(section, debug_cfg(precision="auto"), 1, "cuda")) == choice, section
+    msg = _err({"bf16": {"enabled": False}, "fp16": {"enabled": False}}, debug_cfg(precision="bf16"))
+    assert "train.precision = 'bf16'" in msg, msg
 
 
 def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_asked(caplog):

@@ -238,28 +238,41 @@ def test_zero0_fused_fp16_optimizer_masters_map_back_to_parameter_names(monkeypa
     assert stage0_masters(sd) == {}
 
 
-def test_precision_auto_resolves_per_machine_and_keeps_a_checkpoints(tmp_path, monkeypatch):
-    """train.precision=auto: bf16 on a GPU of compute capability >= 8, fp32 on CPU or older
-    GPUs; a resumed run keeps its checkpoint's, and a config.yaml from before the key existed
-    (which loads as auto) trained fp32."""
+def test_precision_auto_follows_a_continued_checkpoint(tmp_path):
+    """train.precision=auto continuing a checkpoint (a resume, or mode=eval of one of ours):
+    the checkpoint's precision; a config.yaml from before the key existed trained fp32, one
+    this version cannot load still says its precision, one that says nothing means fp32.
+    Nothing to continue: left to the ds_config and the machine (test_ds_config)."""
     import types
     import yaml
     from vltrain.config import Config, config_to_dict
-    from vltrain.engine.resume import resolve_precision, saved_config, saved_precision
-    assert resolve_precision("fp16", "cuda", None) == "fp16"
-    assert resolve_precision("auto", "cpu", None) == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for capability, want in (((9, 0), "bf16"), ((8, 6), "bf16"), ((7, 0), "fp32")):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
-        assert resolve_precision("auto", "cuda", None) == want, capability
-    cfg = Config()
-    cfg.train.precision = "fp16"
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-    old = config_to_dict(Config())
-    del old["train"]["precision"]
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(old))
-    assert resolve_precision("auto", "cuda", types.SimpleNamespace(path=str(tmp_path / "new"))) == "fp16"
-    assert saved_precision(saved_config(str(tmp_path / "old"))) == "fp32"
-    assert resolve_precision("auto", "cuda", types.SimpleNamespace(path=str(tmp_path / "old"))) == "fp32"
+    from vltrain.engine.resume import continued_precision, saved_config
+
+    def tag(name, train_precision=None, drop=False, extra=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "vltrain_ckpt.json").write_text('{"step": 1}')
+        cfg = config_to_dict(Config())
+        if drop:
+            del cfg["train"]["precision"]
+        elif train_precision:
+            cfg["train"]["precision"] = train_precision
+        cfg["train"].update(extra or {})
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return types.SimpleNamespace(path=str(d))
+
+    train, ev = Config(), Config(mode="eval")
+    assert continued_precision("fp16", train, tag("given", "bf16")) == ("fp16", "given")
+    assert continued_precision("auto", train, None) == ("auto", "")
+    assert continued_precision("auto", train, tag("fp16", "fp16"))[0] == "fp16"
+    old = tag("old", drop=True)
+    assert saved_config(old.path).train.precision == "fp32"               # what exports and info see too
+    assert continued_precision("auto", train, old)[0] == "fp32"
+    assert continued_precision("auto", train, tag("newer", "bf16", extra={"a_later_key": 1}))[0] == "bf16"
+    silent = tag("silent")
+    os.remove(os.path.join(silent.path, "config.yaml"))
+    assert continued_precision("auto", train, silent) == ("fp32", f"{silent.path} does not say; fp32, the old default")
+    ev.train.init_from = tag("evaluated", "bf16").path
+    assert continued_precision("auto", ev, None)[0] == "bf16"               # evaluated as it validated
+    ev.train.init_from = str(tmp_path)                                        # not a checkpoint: the machine's
+    assert continued_precision("auto", ev, None) == ("auto", "")

@@ -124,8 +124,9 @@ class TrainConfig:
     val_every: int = 0
     max_nonfinite_in_row: int = 10
     precision: str = "auto"                  # auto | fp32 | bf16 | fp16 (fills the ds_config's "auto");
-    #                                          auto: bf16 on GPUs of compute capability >= 8, else fp32;
-    #                                          a resumed run keeps its checkpoint's
+    #                                          auto: a resumed (or evaluated) checkpoint's, else the
+    #                                          ds_config's explicit choice, else bf16 on GPUs of compute
+    #                                          capability >= 8 and fp32 elsewhere
     peak_tflops: float = 0.0                 # per-device peak for MFU; 0 = from the device name
     dist_timeout_s: float = 600.0            # collective and batch-fetch timeout: a dead rank fails the job by then
     profile_steps: int = 0                   # > 0: torch-profile this many optimizer steps (<run_dir>/profile/)
@@ -289,6 +290,18 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
         return config_from_dict(data, overrides)
     except ConfigError as e:       # the file alone is fine: an override's error
         raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
+
+
+def load_run_config(path: str) -> "Config":
+    """A ``config.yaml`` a run saved (its resolved config, e.g. in a checkpoint). One without
+    ``train.precision`` is from before that key existed and trained fp32, the default then
+    (the default is ``auto`` now; runs save what it resolved to)."""
+    cfg = load_config(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if "precision" not in (raw.get("train") or {}):
+        cfg.train.precision = "fp32"
+    return cfg
 
 
 def config_to_dict(cfg) -> dict:

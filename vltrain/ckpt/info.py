@@ -6,7 +6,7 @@ from typing import Optional
 
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.resume import CheckpointError, check_checkpoint_files, saved_config, saved_param_shapes, \
-    saved_precision, workable_world_sizes
+    workable_world_sizes
 from vltrain.ckpt.layout import list_tags
 
 
@@ -54,7 +54,7 @@ def describe(found: ckpt.Found) -> dict:
         with open(cfg_path) as f:
             config_text = f.read()
         saved = saved_config(found.path)      # an old/foreign config is still shown
-        precision = saved_precision(saved) if saved is not None else None
+        precision = saved.train.precision if saved is not None else None
     stage = int(info.get("zero_stage", 0))
     universal = bool(info.get("universal"))
     if universal or stage >= 1:

@@ -86,11 +86,11 @@ def locate(path: str, tag: Optional[str] = None, check_files: bool = True) -> ck
 
 def read_config(found: ckpt.Found):
     """The resolved ``Config`` the checkpoint was trained with (its config.yaml)."""
-    from vltrain.config import load_config
+    from vltrain.config import load_run_config
     path = os.path.join(found.path, "config.yaml")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {found.path} has no config.yaml (the resolved training config)")
-    return load_config(path)
+    return load_run_config(path)
 
 
 @contextlib.contextmanager

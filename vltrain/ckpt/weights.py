@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.resume import CheckpointError, saved_config, saved_param_shapes, saved_precision
+from vltrain.engine.resume import CheckpointError, saved_config, saved_param_shapes
 from vltrain.ckpt.layout import quiet
 
 PREFIX = "model."
@@ -139,7 +139,7 @@ def precision_note(found: ckpt.Found) -> Optional[str]:
     cfg = saved_config(found.path)
     if cfg is None:
         return None
-    p = saved_precision(cfg)
+    p = cfg.train.precision
     if p != "fp32" and not stage0_masters(stage0_file(found)):
         return (f"ZeRO-0 {p} checkpoint without an fp32 master copy that maps onto the model's parameters: "
                 f"the weights come from the {p} module state, cast to fp32")

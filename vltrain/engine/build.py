@@ -14,7 +14,7 @@ from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
-    reconcile_resume, resolve_precision, saved_config
+    continued_precision, reconcile_resume, saved_config
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -162,11 +162,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     run_dir = run_dir_of(cfg)
 
     found = find_resume(cfg, run_dir)
-    if cfg.train.precision == "auto":
-        cfg.train.precision = resolve_precision("auto", acc.device_name(), found)
-        if info.is_main:
-            log.info("train.precision=auto: %s (%s)", cfg.train.precision,
-                     "the checkpoint's" if found is not None else f"on {acc.device_name()}")
+    asked = cfg.train.precision
+    cfg.train.precision, why = continued_precision(asked, cfg, found)   # before the comparisons below
     if found is not None:   # files present; same global batch (grad_accum), world size it can load on
         reconcile_resume(cfg, found, info.world, info.num_nodes)
         if info.is_main:
@@ -174,6 +171,10 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     elif info.is_main and cfg.mode == "train":
         warn_fresh_start_over_checkpoints(run_dir)
     ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
+    if cfg.train.precision == "auto":
+        cfg.train.precision, why = precision_of(ds), f"the ds_config's or this machine's ({acc.device_name()})"
+    if asked == "auto" and info.is_main:
+        log.info("train.precision=auto: %s (%s)", cfg.train.precision, why)
     if found is not None and found.info.get("universal"):
         ds.setdefault("checkpoint", {})["load_universal"] = True
     if found is not None:

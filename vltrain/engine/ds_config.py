@@ -20,8 +20,9 @@ What is filled (ds_config key <- our key):
                                         (DeepSpeed's FusedAdam on GPU, DeepSpeedCPUAdam
                                         when the optimizer is offloaded)
     optimizer.params.fused           <- true with torch_adam (torch's fused AdamW kernel)
-    bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16; auto: bf16 on GPUs
-                                        of compute capability >= 8, fp32 elsewhere)
+    bf16.enabled / fp16.enabled      <- train.precision (fp32 | bf16 | fp16; auto: what the
+                                        ds_config sets explicitly, else bf16 on GPUs of compute
+                                        capability >= 8 and fp32 elsewhere)
     bf16.check_grad_overflow         <- false unless set (the trainer skips non-finite losses)
     zero_optimization.reduce_bucket_size <- ZeRO-3: model.hidden_size**2 (as HF does);
                                         ZeRO-0/1/2: one rank: the model's parameter count;
@@ -71,19 +72,28 @@ def _hidden(cfg):
     return getattr(model, "hidden_size", None)
 
 
-def cfg_precision(cfg, accelerator_name: str) -> str:
-    """``train.precision`` on this accelerator: ``auto`` resolved by :func:`auto_precision`
-    (fp32 when the config predates the field)."""
+def cfg_precision(cfg) -> str:
+    """``train.precision``: auto | fp32 | bf16 | fp16 (fp32 when the config predates the field)."""
     p = getattr(_train(cfg), "precision", "fp32")
-    if p == AUTO:
-        return auto_precision(accelerator_name)
-    if p not in PRECISIONS:
+    if p not in PRECISIONS + (AUTO,):
         raise DSConfigError(f"config key 'train.precision': {p!r} is not one of {', '.join(PRECISIONS)} or auto")
     return p
 
 
+def _ds_choice(ds: dict) -> Optional[str]:
+    """The precision a ds_config sets explicitly (``enabled`` true/false, not "auto"), if any:
+    with ``train.precision=auto`` it decides, as explicit DeepSpeed values do in HF's Trainer."""
+    def enabled(section):
+        return section.get("enabled", AUTO) if isinstance(section, dict) else AUTO
+    bf, fp = enabled(ds.get("bf16", ds.get("bfloat16"))), enabled(ds.get("fp16"))
+    if bf is True or fp is True:
+        return "bf16" if bf is True else "fp16"
+    return "fp32" if bf is False else None
+
+
 def auto_precision(accelerator_name: str) -> str:
-    """``train.precision=auto`` for a new run: bf16 on a GPU that computes it natively (CUDA
+    """``train.precision=auto`` with nothing else to go by (no checkpoint continued, no explicit
+    choice in the ds_config): bf16 on a GPU that computes it natively (CUDA
     compute capability 8.0 and newer: A100, H100, ...), as VLP and VL-BERT trained in mixed
     precision (fp16 with apex then); fp32 elsewhere: on CPUs, and on older GPUs, where fp16
     would need loss scaling and stays a choice to make explicitly."""
@@ -281,15 +291,19 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "linear decay); remove the 'scheduler' section")
 
     # --- precision
-    want = cfg_precision(cfg, accelerator_name)
+    want = cfg_precision(cfg)
+    shown = want
+    if want == AUTO:
+        want = _ds_choice(ds) or auto_precision(accelerator_name)
+        shown = f"auto ({want} here)"
     if "bfloat16" in ds:                # DeepSpeed's legacy spelling
         if "bf16" in ds:
             raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")
         ds["bf16"] = ds.pop("bfloat16")
     bf16 = _section(r, "bf16")
     fp16 = _section(r, "fp16")
-    r.fill(bf16, "enabled", "bf16.enabled", want == "bf16", "train.precision", shown=want)
-    r.fill(fp16, "enabled", "fp16.enabled", want == "fp16", "train.precision", shown=want)
+    r.fill(bf16, "enabled", "bf16.enabled", want == "bf16", "train.precision", shown=shown)
+    r.fill(fp16, "enabled", "fp16.enabled", want == "fp16", "train.precision", shown=shown)
     if bf16["enabled"] and fp16["enabled"]:   # unreachable with fill(); kept for hand-made dicts
         raise r.err("enables both bf16 and fp16")
     if fp16["enabled"] and on_cpu:

@@ -191,31 +191,48 @@ def check_resume_stage(found, ds: dict) -> None:
 def saved_config(tag_dir: str):
     """The resolved ``Config`` a checkpoint was trained with (its ``config.yaml``), or None when
     it has none readable (an old or foreign checkpoint): callers then skip what they compare."""
-    from vltrain.config import load_config
+    from vltrain.config import load_run_config
     try:
-        return load_config(os.path.join(tag_dir, "config.yaml"))
+        return load_run_config(os.path.join(tag_dir, "config.yaml"))
     except Exception:  # noqa: BLE001 - missing, unreadable or from another version
         return None
 
 
-def saved_precision(saved_cfg) -> str:
-    """The precision a checkpoint's config.yaml trained at. Runs save their resolved precision;
-    ``auto`` there is a config.yaml from before ``train.precision`` existed, which trained fp32."""
-    p = saved_cfg.train.precision
-    return "fp32" if p == "auto" else p
-
-
-def resolve_precision(precision: str, accelerator_name: str, found) -> str:
-    """``train.precision`` for this run: as given, or for ``auto`` the checkpoint's own when
-    resuming (its optimizer files are that precision's, and the continuation stays exact),
-    else :func:`vltrain.engine.ds_config.auto_precision` of the accelerator."""
-    if precision != "auto":
-        return precision
-    saved_cfg = None if found is None else saved_config(found.path)
+def checkpoint_precision(tag_dir: str) -> Optional[str]:
+    """The ``train.precision`` a checkpoint trained at: its config.yaml's; for one this version
+    cannot load (another version's keys), the value in the file; None without either."""
+    saved_cfg = saved_config(tag_dir)
     if saved_cfg is not None:
-        return saved_precision(saved_cfg)
-    from vltrain.engine.ds_config import auto_precision
-    return auto_precision(accelerator_name)
+        return saved_cfg.train.precision
+    try:
+        import yaml
+        with open(os.path.join(tag_dir, "config.yaml")) as f:
+            p = ((yaml.safe_load(f) or {}).get("train") or {}).get("precision", "fp32")
+    except Exception:  # noqa: BLE001 - missing or unreadable
+        return None
+    return p if p in ("fp32", "bf16", "fp16") else None
+
+
+def continued_precision(precision: str, cfg, found) -> tuple[str, str]:
+    """(``train.precision``, why) for a run that continues a checkpoint with ``auto``: a resume
+    (``found``) keeps the checkpoint's (its optimizer files are that precision's, and the
+    continuation stays exact); so does an evaluation of one of our checkpoints
+    (``mode=eval``, ``train.init_from``), as its validation ran. A checkpoint whose precision
+    cannot be read resumes at fp32, the default before ``auto``. Anything else is left to the
+    ds_config and the machine (:func:`vltrain.engine.ds_config.resolve_ds_config`)."""
+    if precision != "auto":
+        return precision, "given"
+    tag_dir = found.path if found is not None else None
+    if tag_dir is None and cfg.mode == "eval" and os.path.isdir(cfg.train.init_from or ""):
+        from vltrain.ckpt.layout import locate
+        try:
+            tag_dir = locate(cfg.train.init_from, check_files=False).path
+        except Exception:  # noqa: BLE001 - not one of our checkpoints (an export, a BERT folder)
+            tag_dir = None
+    if tag_dir is None:
+        return "auto", ""
+    p = checkpoint_precision(tag_dir)
+    return (p, f"the checkpoint's, {tag_dir}") if p else ("fp32", f"{tag_dir} does not say; fp32, the old default")
 
 
 def check_resume_precision(found, precision: str) -> None:
@@ -227,7 +244,7 @@ def check_resume_precision(found, precision: str) -> None:
     saved_cfg = None if found.info.get("universal") else saved_config(found.path)
     if saved_cfg is None:      # universal, or no readable config.yaml: DeepSpeed's own load decides
         return
-    saved = saved_precision(saved_cfg)
+    saved = saved_cfg.train.precision
     if saved != precision:
         hint = ("start a new run from its weights with train.init_from" if int(found.info.get("zero_stage", 0)) == 0
                 else f"convert it first: vltrain-ckpt reshard {found.path} OUT (a universal checkpoint resumes "
