@@ -123,12 +123,13 @@ ENGINE_CUDA_SCRIPT = textwrap.dedent(r"""
     import torch, deepspeed
     from vltrain.config import Config, debug_model_config
     from vltrain.engine.distributed import init_distributed
-    from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
+    from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
     from vltrain.engine.ds_readbacks import drop_step_readbacks
     info = init_distributed(timeout_s=60)
     cfg = Config(model=debug_model_config())
     cfg.train.micro_batch_size, cfg.train.precision = 4, "bf16"
     ds = resolve_ds_config("ds_configs/zero2.json", cfg, 1, info.accelerator)
+    check_buildable(ds)                # as vltrain/engine/build.py (FusedAdam's JIT build on this node)
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
     eng = deepspeed.initialize(model=m, model_parameters=no_decay_param_groups(m, 0.01), config=ds)[0]
