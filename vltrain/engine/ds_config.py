@@ -85,7 +85,7 @@ def _ds_choice(ds: dict) -> Optional[str]:
     with ``train.precision=auto`` it decides, as explicit DeepSpeed values do in HF's Trainer."""
     def enabled(section):
         return section.get("enabled", AUTO) if isinstance(section, dict) else AUTO
-    bf, fp = enabled(ds.get("bf16", ds.get("bfloat16"))), enabled(ds.get("fp16"))
+    bf, fp = enabled(ds.get("bf16")), enabled(ds.get("fp16"))
     if bf is True or fp is True:
         return "bf16" if bf is True else "fp16"
     return "fp32" if bf is False else None
@@ -291,15 +291,15 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "linear decay); remove the 'scheduler' section")
 
     # --- precision
+    if "bfloat16" in ds:                # DeepSpeed's legacy spelling
+        if "bf16" in ds:
+            raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")
+        ds["bf16"] = ds.pop("bfloat16")
     want = cfg_precision(cfg)
     shown = want
     if want == AUTO:
         want = _ds_choice(ds) or auto_precision(accelerator_name)
         shown = f"auto ({want} here)"
-    if "bfloat16" in ds:                # DeepSpeed's legacy spelling
-        if "bf16" in ds:
-            raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")
-        ds["bf16"] = ds.pop("bfloat16")
     bf16 = _section(r, "bf16")
     fp16 = _section(r, "fp16")
     r.fill(bf16, "enabled", "bf16.enabled", want == "bf16", "train.precision", shown=shown)

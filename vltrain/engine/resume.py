@@ -199,18 +199,17 @@ def saved_config(tag_dir: str):
 
 
 def checkpoint_precision(tag_dir: str) -> Optional[str]:
-    """The ``train.precision`` a checkpoint trained at: its config.yaml's; for one this version
-    cannot load (another version's keys), the value in the file; None without either."""
-    saved_cfg = saved_config(tag_dir)
-    if saved_cfg is not None:
-        return saved_cfg.train.precision
+    """The ``train.precision`` a checkpoint trained at, read from its config.yaml as written (so
+    also from one another version wrote, which ``saved_config`` cannot load); a file without
+    the key trained fp32 (as ``load_run_config`` reads it); None without a readable file."""
+    import yaml
+    from vltrain.engine.ds_config import PRECISIONS
     try:
-        import yaml
         with open(os.path.join(tag_dir, "config.yaml")) as f:
             p = ((yaml.safe_load(f) or {}).get("train") or {}).get("precision", "fp32")
     except Exception:  # noqa: BLE001 - missing or unreadable
         return None
-    return p if p in ("fp32", "bf16", "fp16") else None
+    return p if p in PRECISIONS else None
 
 
 def continued_precision(precision: str, cfg, found) -> tuple[str, str]:
