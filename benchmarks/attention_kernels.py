@@ -78,12 +78,12 @@ def flex_variant(st: A.AttentionStructure, block: int | None, tiles: bool = True
     in ``block``-wide blocks, with kernel tiles of that width (``tiles``; the backward's in the
     ratio its kernel requires: BLOCK_N1 % BLOCK_M1 == 0, BLOCK_M2 % BLOCK_N2 == 0) or the
     kernel's own (newer torch shrinks its default tiles to fit the blocks)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
     bm, opts = None, None
     if block:
         B, L = st.key_valid.shape
-        bm = create_block_mask(A.structure_mask_mod(st.key_valid, st.target), B, None, L, L,
-                               device=st.key_valid.device, BLOCK_SIZE=block, _compile=True)
+        bm = A.build_block_mask(A.structure_mask_mod(st.key_valid, st.target), B, L,
+                                st.key_valid.device, compiled=True, BLOCK_SIZE=block)
         if tiles:
             opts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_M1": block // 2, "BLOCK_N1": block,
                     "BLOCK_M2": block, "BLOCK_N2": block // 2}

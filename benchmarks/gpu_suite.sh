@@ -26,8 +26,9 @@
 #            varlen's and flex's preparation and call, at micro-batch $TPUT_BATCH
 #   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
 #            vs the DeepSpeed engine (bf16, ZeRO-2), and the bf16 step's kernel-class breakdown;
-#            and the batch's host-to-device copy on the compute stream vs a side stream;
-#            LEVERS_ARGS=--autotune adds the max-autotune row (long compile)
+#            and the batch's host-to-device copy on the compute stream vs a side stream; the
+#            hidden dropouts' RNG (none, Inductor's fallback_random, align_random_eager);
+#            LEVERS_ARGS=--autotune adds the max-autotune row (long compile), --diagnose the what-ifs
 #   e2e      benchmarks/trainer_e2e.py at micro-batch $TPUT_BATCH: the Trainer as run.py trains
 #            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
 #            wait) beside the engine alone and the model's own loop on one batch, then the
@@ -35,7 +36,7 @@
 #            (E2E_ARGS: more flags, e.g. --steps 12)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
-# Each step has a time limit ($STEP_TIMEOUT s, tests and tput twice that); a failing step is recorded
+# Each step has a time limit ($STEP_TIMEOUT s; tests, tput, levers and e2e twice that); a failing step is recorded
 # and the next one runs.
 # DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python runs the same plumbing at the debug size on a CPU.
 set -uo pipefail
@@ -97,8 +98,8 @@ want profile && step profile "$STEP_TIMEOUT" "$PY" benchmarks/gpu_profile.py $QU
   --batch "$TPUT_BATCH" --compile
 want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_kernels.py $QUICK \
   --device "$DEVICE" --batch "$TPUT_BATCH"
-want levers && step "levers_b$TPUT_BATCH" "$STEP_TIMEOUT" "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
-  --batch "$TPUT_BATCH" --engine --h2d ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
+want levers && step "levers_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
+  --batch "$TPUT_BATCH" --engine --h2d --rng ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
 want e2e && step e2e $((2 * STEP_TIMEOUT)) "$PY" benchmarks/trainer_e2e.py $QUICK --device "$DEVICE" \
   --batch "$TPUT_BATCH" ${E2E_ARGS:-} --out "$RES/e2e_b$TPUT_BATCH.md"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \

@@ -20,6 +20,12 @@ Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throu
                                   default throughput timer (which synchronizes the device twice
                                   per step): vltrain's engine before it took both out
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
+  dropout's RNG   (--rng) what the hidden dropouts' random numbers cost inside the compiled
+                  blocks (Inductor draws one Philox call per element where a fused kernel is 2-D,
+                  e.g. dropout + residual + LayerNorm, and keeps 1 of its 4 outputs): the blocks
+                  without hidden dropout (attention dropout kept), and with Inductor's
+                  ``fallback_random`` (ATen's RNG kernels, 4 numbers per call, one more pass over
+                  memory) and ``align_random_eager`` (where the installed torch has it)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
 DeepSpeed's default bf16.check_grad_overflow=true, with overlap_comm on (the default before
 it became "auto": off on one rank); ZeRO-1; ZeRO-1
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--autotune", action="store_true", help="add the max-autotune row (long compile)")
     p.add_argument("--engine", action="store_true", help="add the DeepSpeed engine row (bf16, ZeRO-2)")
     p.add_argument("--diagnose", action="store_true", help="add what-if rows: no compile, no dropout")
+    p.add_argument("--rng", action="store_true",
+                   help="add rows on the hidden dropouts' RNG: none, Inductor's fallback_random, align_random_eager")
     p.add_argument("--h2d", action="store_true",
                    help="add rows whose batch is copied from pinned host memory every step: on the "
                         "compute stream vs on a side stream (DeviceCopier) vs on a side stream during the "
@@ -111,6 +119,15 @@ def main(argv=None) -> int:
                     mk(f"diagnose: {amp}, no dropout", bf16=False, ck=static, hidden_dropout=0.0,
                        attention_dropout=0.0),
                     mk("diagnose: bf16 weights, no dropout", ck=static, hidden_dropout=0.0, attention_dropout=0.0)]
+    if args.rng:            # each option compiles its own graph (Dynamo recompiles for another backend)
+        import torch._inductor.config as inductor_config
+        runners.append(mk(f"diagnose: bf16 weights, no hidden dropout (attention dropout {base.model.attention_dropout} kept)",
+                          ck=static, hidden_dropout=0.0))
+        for opt in ("fallback_random", "align_random_eager"):
+            if hasattr(inductor_config, opt):
+                runners.append(mk(f"bf16 weights, Inductor {opt}=True", ck=dict(dynamic=False, options={opt: True})))
+            else:
+                log(f"row left out: this torch's Inductor has no config.{opt}")
     if args.h2d:            # the batch's host-to-device copy, as the trainer does it and as it did before
         runners += [mk("bf16 weights, batch from host memory, copied on the compute stream",
                        ck=static, host_copy="compute-stream"),

@@ -119,19 +119,13 @@ def upload_file(local_path: str, url: str) -> None:
 
 
 def remote_has_index(url: str) -> bool:
-    """Whether an ``s3://`` prefix already holds an ``index.json`` (other schemes: not checked)."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme != "s3":
-        return False
-    from botocore.exceptions import ClientError
-    key = "/".join([p for p in (parsed.path.strip("/"), "index.json") if p])
-    try:
-        _s3_client().head_object(Bucket=parsed.netloc, Key=key)
-        return True
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
+    """Whether a remote prefix (any scheme streaming writes to: s3://, gs://, oci://, ...)
+    already holds an ``index.json``, listed through streaming's uploader for that scheme."""
+    from streaming.base.storage import CloudUploader
+    key = "/".join([p for p in (urllib.parse.urlparse(url).path.strip("/"), "index.json") if p])
+    with tempfile.TemporaryDirectory() as tmp:
+        names = CloudUploader.get((tmp, url.rstrip("/")), exist_ok=True).list_objects("index.json") or []
+    return any(n.lstrip("/") == key for n in names)
 
 
 def remove_remote_index(url: str) -> None:
@@ -253,7 +247,8 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
     files are written first and ``index.json`` last, so a dataset with an index is complete.
     On an exception nothing is finalised: no index is written and the local partial output is
     removed, so a failed run never leaves a dataset that looks valid (``overwrite`` of an
-    ``s3://`` dataset deletes its old ``index.json`` before writing, for the same reason).
+    ``s3://`` dataset deletes its old ``index.json`` before writing, for the same reason; on
+    other remote storage, which streaming's uploaders cannot delete from, it is refused).
     """
     optional = tuple(optional)
     columns = schema.columns_for(kind, optional)
@@ -261,6 +256,11 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
     if remote and remote_has_index(out):
         if not overwrite:
             raise BadInputError(f"{out} already holds a dataset (index.json); pass --overwrite to replace it")
+        if urllib.parse.urlparse(out).scheme != "s3":
+            raise BadInputError(f"{out} already holds a dataset (index.json), and --overwrite replaces only s3:// "
+                                "datasets in place (their old index.json is deleted first, so a replacement cut "
+                                "short never looks complete): delete the prefix with your storage's tool (e.g. "
+                                f"`gcloud storage rm -r {out}`) and run again")
         # The old index goes first: shards are replaced one by one under the same names, so an
         # overwrite cut short must not leave the old index pointing at a mix of old and new.
         remove_remote_index(out)

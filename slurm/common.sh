@@ -295,11 +295,12 @@ PY
     # srun's own exit code is then the killed ranks' (143), so the ranks' codes are read from
     # exit_dir instead. --gpu-bind=none: every rank sees all GPUs of its node and takes
     # cuda:LOCAL_RANK (a site default binding one GPU per task would break that index and
-    # CUDA peer-to-peer between the ranks of a node).
+    # CUDA peer-to-peer between the ranks of a node). --distribution=block: each node's ranks
+    # consecutive, as streaming assumes (a site's or the job's `-m cyclic` would deal them round-robin).
     local srun_pid rc
     ((got_term)) && vltrain_fail 143 "SIGTERM before the ranks started (job cancelled or preempted): not starting them"
     # shellcheck disable=SC2016  # $1/$@ expand in the task's shell, not here
-    srun --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none \
+    srun --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none --distribution=block \
         --output="$log_dir/%j-%t.log" --open-mode=append \
         bash -c 'source "$1"; shift; vltrain_task "$@"' vltrain-task "$home/slurm/common.sh" "$exit_dir" "${cmd[@]}" &
     srun_pid=$!

@@ -139,6 +139,30 @@ def test_flex_mask_mod_evaluated_densely_equals_dense_mask(i):
     assert torch.equal(mask_mod(b, 0, q, k), st.dense_allowed())        # plain broadcasting too
 
 
+def test_compiled_block_mask_equals_uncompiled_and_compiles_once_per_shape(monkeypatch):
+    """The BlockMask construction compiled as on CUDA (here on CPU, Inductor's C++ backend)
+    gives the uncompiled one's block tables for every structure of one bucket shape, with one
+    graph for all of them, and without torch's deprecated ``_compile`` flag."""
+    import warnings
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(A, "_COMPILED_BLOCK_MASK", [])
+    torch._dynamo.reset()
+    counters.clear()
+    fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    for st in structures():
+        B, L = st.key_valid.shape
+        mask_mod = A.structure_mask_mod(st.key_valid, st.target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            got = A.build_block_mask(mask_mod, B, L, "cpu", compiled=True, BLOCK_SIZE=8)
+        ref = A.build_block_mask(mask_mod, B, L, "cpu", compiled=False, BLOCK_SIZE=8)
+        for f in fields:
+            assert torch.equal(getattr(got, f), getattr(ref, f)), f
+        assert torch.equal(got.to_dense(), ref.to_dense())
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_flex_block_mask_is_built_once_per_forward(monkeypatch):
     calls = []
     real = A._prepare_flex

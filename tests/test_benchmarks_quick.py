@@ -153,12 +153,14 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
     real DeepSpeed engines (one rank, CPU accelerator) built from ds_configs/zero<N>.json."""
     md = tmp_path / "levers.md"
     out = run_script(["benchmarks/mfu_levers.py", "--quick", "--device", "cpu", "--batch", "2", "--engine",
-                      "--diagnose", "--h2d", "--rounds", "1", "--steps-per-round", "1", "--out", str(md)],
+                      "--diagnose", "--rng", "--h2d", "--rounds", "1", "--steps-per-round", "1", "--out", str(md)],
                      env_extra={"DS_ACCELERATOR": "cpu"})
     _, rows = table_rows(out, "configuration")
     labels = [r[0] for r in rows]
     assert labels == ["fp32 weights, no autocast (CPU)", "bf16 weights", "diagnose: bf16 weights, no compile",
                       "diagnose: fp32 weights, no autocast (CPU), no dropout", "diagnose: bf16 weights, no dropout",
+                      "diagnose: bf16 weights, no hidden dropout (attention dropout 0.0 kept)",
+                      "bf16 weights, Inductor fallback_random=True", "bf16 weights, Inductor align_random_eager=True",
                       "bf16 weights, batch from host memory, copied on the compute stream",
                       "bf16 weights, batch from host memory, copied on a side stream",
                       "bf16 weights, batch from host memory, copied on a side stream during the previous forward "

@@ -127,15 +127,25 @@ def test_vlbert_captions_use_vlbert_text_layout(tok):
 
 def test_vlbert_mrc_keeps_the_stored_whole_image_feature_out(tok):
     """A stored whole-image feature was extracted with the masked regions in view: a VL-BERT
-    model with MRC refuses it (naming the key); regions_mean leaves it out of the batch (the
-    model then averages the real regions, masked ones zeroed). VLP's model never reads it."""
+    model with MRC refuses it (naming the key); with regions_mean the batch carries the mean of
+    the real regions left unmasked, as VL-BERT computes it (not of the zeroed inputs, which
+    would shrink it by the masked share). VLP's model never reads it."""
     meta = schema.make_meta("captions", 8, 5, ("cls_prob", "image_feature"))
     samples = caps(4, optional=("cls_prob", "image_feature"))
     mrc = ObjectivesConfig(mrc=True)
     with pytest.raises(ValueError, match=r"s3://bkt/ds0 has a whole-image feature.*data.image_feature=regions_mean"):
         make(tok, obj=mrc, metas=(meta,), vlbert=True)
     b = make(tok, DataConfig(image_feature="regions_mean"), mrc, metas=(meta,), vlbert=True)(samples)
-    assert b.image_feat is None and len(b.mrc_positions) > 0
+    plain = make(tok, DataConfig(image_feature="regions_mean"), metas=(meta,), vlbert=True)(samples)
+    assert plain.image_feat is None and len(b.mrc_positions) > 0       # no MRC: the model averages
+    B, N, D = plain.region_feats.shape
+    keep = plain.region_mask.clone()
+    keep.view(-1)[b.mrc_positions] = False
+    assert keep.sum() < plain.region_mask.sum() and keep.any(1).all()
+    for i in range(B):
+        want = plain.region_feats[i][keep[i]].float().mean(0)
+        assert torch.allclose(b.image_feat[i].float(), want, atol=1e-3), i
+        assert not torch.allclose(want, plain.region_feats[i][plain.region_mask[i]].float().mean(0), atol=1e-3)
     for kw in ({"obj": mrc}, {"vlbert": True}):         # VLP + MRC, or VL-BERT without MRC
         b = make(tok, metas=(meta,), **kw)(samples)
         assert torch.equal(b.image_feat, torch.from_numpy(np.stack([s["image_feature"] for s in samples])))

@@ -147,6 +147,24 @@ def test_bare_python_is_a_one_process_world():
 def test_port_from_job_id():
     assert port_from_job_id("12345") == 22345 and port_from_job_id("30000") == 20000
     assert 10000 <= port_from_job_id("1234_7") < 30000      # array-job style ids still give a port
+    # steps of one allocation running at once (srun twice in one salloc) each get their own;
+    # step 0 and the batch step keep the job's (the templates' default)
+    ports = {port_from_job_id("4242", str(s)) for s in range(200)}
+    assert len(ports) == 200 and port_from_job_id("4242", "0") == port_from_job_id("4242") == 14242
+    assert port_from_job_id("4242", "4294967294") == 14242
+    env = srun_task_env(SLURM_STEP_ID="1")
+    setup_env(env, use_scontrol=False)
+    assert env["MASTER_PORT"] == str(port_from_job_id("12345", "1")) != str(port_from_job_id("12345"))
+
+
+def test_a_cyclic_task_layout_is_refused():
+    """`srun -m cyclic` (or an inherited SLURM_DISTRIBUTION) deals tasks round-robin over the
+    nodes: streaming would take ranks 0-1 for node 0's and put both local leaders on one host.
+    Refused, naming -m block; the block layout of the same task passes."""
+    env = srun_task_env(SLURM_PROCID="3", SLURM_NODEID="0", SLURM_LOCALID="1", SLURM_DISTRIBUTION="cyclic")
+    with pytest.raises(ValueError, match=r"task 3 as task 1 of node 0.*task 1 of node 1.*--distribution=block"):
+        setup_env(env, use_scontrol=False)
+    assert setup_env(srun_task_env(), use_scontrol=False).node_rank == 1
 
 
 # ---------------------------------------------------------------------------- real processes

@@ -26,6 +26,8 @@ from vltrain.engine.checkpoint import COMPLETE_FILE, find_resume_point
 from vltrain.engine.signals import EXIT_PREEMPTED
 
 STEPS = 40
+LOG_EVERY = 7       # no checkpoint step (every 10th, or where the signal lands) is a log step
+LOGGED = [*range(LOG_EVERY, STEPS, LOG_EVERY), STEPS]      # and at the last step
 
 
 def upload_dir(local, bucket, prefix):
@@ -38,7 +40,11 @@ def upload_dir(local, bucket, prefix):
 
 def overrides(out_root, run_name, train, val, cache, **extra):
     kv = {"output_root": out_root, "run_name": run_name, "data.train": train, "data.val": val,
-          "data.cache_dir": cache, "train.max_steps": STEPS, "train.log_every": 1,
+          "data.cache_dir": cache, "train.max_steps": STEPS,
+          # the resumes (at a step-10 checkpoint and where the signal lands) fall inside a
+          # logging interval, which the checkpoint must carry over (rank-reduced) for the
+          # resumed run to log the uninterrupted run's averages
+          "train.log_every": LOG_EVERY,
           "train.save_every_steps": 10, "train.val_every": 20, "train.keep_last": 10,
           "train.dist_timeout_s": 30,
           # dropout on (debug.yaml has none): exact resume must restore the masks' RNG stream too
@@ -90,7 +96,7 @@ def runs(tmp_path_factory, synthetic_corpus, s3_endpoint):
             *overrides(out, "P", local_train, local_val, str(root / "cacheP"),
                        **{"train.profile_steps": STEPS, "train.profile_start": 3, "train.profile_ranks": "[0,1]"})]
     p = Ranks(args, 2, os.path.join(logs, "P"), free_port())
-    p.wait_for(0, "step 5/", 300)
+    p.wait_for(0, f"step {LOG_EVERY}/", 300)
     p.procs[1].send_signal(signal.SIGUSR1)
     res["P_codes"] = p.wait(300)
     res["P_logs"] = [p.log(0), p.log(1)]
@@ -146,7 +152,7 @@ def test_tensorboard_has_every_cpu_tag(runs):
         assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
     for tag in ("data/truncated_text", "data/truncated_regions"):   # the corpus fits debug.yaml's limits
         assert {e.value for e in acc.Scalars(tag)} == {0.0}, tag
-    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    assert [s for s, _ in losses] == LOGGED
     assert losses[-1][1] < losses[0][1]
     assert len(acc.Tensors("_hparams_/experiment") if "_hparams_/experiment" in acc.Tags()["tensors"] else []) \
         or "hparams" in " ".join(acc.Tags()["tensors"])
@@ -201,9 +207,13 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
     _, u = scalars(os.path.join(runs["out"], "U", "tensorboard"), "train/loss")
     _, p = scalars(os.path.join(runs["out"], "P", "tensorboard"), "train/loss")
     steps = [s for s, _ in p]
-    assert steps == list(range(1, STEPS + 1)), steps      # every step exactly once, none twice
+    assert steps == LOGGED, steps      # every interval exactly once, none twice
     for (su, lu), (sp, lp) in zip(u, p):
         assert su == sp and abs(lu - lp) <= 1e-6 * abs(lu), (su, lu, lp)
+    # the samples axis: the same sample counts at the same intervals, none counted twice or lost
+    _, ub = scalars(os.path.join(runs["out"], "U", "tensorboard", "by_samples"), "by_samples/loss")
+    _, pb = scalars(os.path.join(runs["out"], "P", "tensorboard", "by_samples"), "by_samples/loss")
+    assert [s for s, _ in pb] == [s for s, _ in ub] and len(ub) == len(LOGGED), (ub, pb)
     resumed = runs["R_found"].info["step"]
     assert f"at step {resumed}" in runs["R2_log"].split("resumed from", 1)[1]
 

@@ -4,6 +4,7 @@ learning rate, a failed save of `best` keeps the previous `best`, a resume at an
 precision is refused by name and train.precision=auto keeps the checkpoint's, a stop signal with a non-finite loss at the end of an
 accumulated step still resumes exactly, and one at a validation step checkpoints first."""
 import math
+import shutil
 
 import pytest
 
@@ -71,9 +72,43 @@ def test_a_stop_on_a_nonfinite_last_micro_batch_waits_for_the_step(edges):
                                                               rel_tol=1e-6), (resumed, ref)
 
 
-def test_a_stop_signal_checkpoints_before_a_validation_due_at_that_step(edges):
-    """Slurm's grace time (KillWait 30 s, GraceTime) must hold the checkpoint; a full
-    validation pass ran first, and a long one got the rank SIGKILLed without a checkpoint."""
-    stop = edges["valstop"]
+def test_a_stop_signal_checkpoints_before_a_validation_due_at_that_step_which_runs_on_resume(edges):
+    """Slurm's grace time (KillWait 30 s, GraceTime) must hold the checkpoint: a full
+    validation pass ran first, and a long one got the rank SIGKILLed without a checkpoint. The
+    skipped validation runs first in the resumed run, so it validates, keeps `best` and logs
+    as the uninterrupted run: the interval logged at step 3 (log_every=3) averages steps 1-3
+    though the stop came at step 2, and the samples axis counts every sample once."""
+    ref, stop, resumed = edges["valref"], edges["valstop"], edges["valresumed"]
     assert stop["code"] == 75 and stop["latest"] == "step_00000002"
-    assert stop["validated_at"] == [], stop
+    assert stop["validated_at"] == [] and stop["losses"] == {}, stop
+    assert ref["code"] == resumed["code"] == 0
+    assert ref["validated_at"] == resumed["validated_at"] == [2, 4], (ref, resumed)
+    assert resumed["val"] == ref["val"]
+    assert resumed["best_metric"] == ref["best_metric"] and resumed["best_step"] == ref["best_step"]
+    assert sorted(ref["losses"]) == sorted(resumed["losses"]) == ["3", "4"]
+    for k in ("3", "4"):
+        assert math.isclose(resumed["losses"][k], ref["losses"][k], rel_tol=1e-6), (k, ref, resumed)
+    assert resumed["samples_seen"] == ref["samples_seen"] > 0
+
+
+@pytest.mark.skipif(not shutil.which("java"), reason="java not installed (pycocoevalcap's scorers)")
+def test_a_validation_cut_short_by_the_stop_signal_runs_again_on_resume(edges):
+    """USR1 reaches the rank and the caption scorer's JVM (which it ends) while step 2's
+    validation is scored: the run checkpoints with that validation due and exits 75; the
+    resumed run scores it in full, equal to the uninterrupted run's, and keeps `best` by it."""
+    ref, stop, resumed = edges["capref"], edges["capstop"], edges["capresumed"]
+    assert stop["java_signalled"] and stop["code"] == 75 and stop["latest"] == "step_00000002", stop
+    assert stop["val"] == {} and stop["best_step"] is None, stop         # no scores, no best
+    assert ref["code"] == resumed["code"] == 0
+    assert ref["validated_at"] == resumed["validated_at"] == [2]
+    assert "CIDEr" in ref["val"]["2"] and resumed["val"] == ref["val"]
+    assert resumed["best_step"] == ref["best_step"] == 2
+
+
+@pytest.mark.parametrize("part", ["optim_states", "vltrain_rank"])
+def test_a_damaged_checkpoint_file_is_named(edges, part):
+    """DeepSpeed's optimizer states or vltrain's rank state cut in half: the resume fails naming
+    the file (torch's own error names none) and what to do."""
+    res = edges[f"damaged_{part}"]
+    assert res["error"].startswith("CheckpointError"), res
+    assert res["victim"] in res["error"] and "train.resume=" in res["error"], res

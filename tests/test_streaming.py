@@ -504,3 +504,21 @@ def test_cache_folder_is_per_run_and_per_index(tmp_path, vocab_file):
     assert sum(x.batch_size for x in c) == 24
     node = tmp_path / "cache" / "node0"
     assert sorted(os.listdir(node)) == ["a", "b"] and len(os.listdir(node / "a")) == 2
+
+
+def test_default_cache_root_is_per_user_under_the_temp_dir(monkeypatch, tmp_path):
+    """data.cache_dir left empty: one root per user (the first job on a node owns the folders it
+    creates, so a root shared by all users failed the next user's job there), under $TMPDIR."""
+    import tempfile
+    from vltrain.config import DataConfig
+    from vltrain.data.datasets import cache_dir_for, default_cache_root
+    assert DataConfig().cache_dir == ""
+    monkeypatch.setattr(tempfile, "tempdir", None)          # re-read $TMPDIR
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    for user in ("alice", "bob"):
+        monkeypatch.setenv("USER", user)
+        monkeypatch.setenv("LOGNAME", user)
+        assert default_cache_root() == str(tmp_path / f"vltrain_cache-{user}")
+        got = cache_dir_for("", "run", "s3://b/ds", "{}", "train")
+        assert got.startswith(str(tmp_path / f"vltrain_cache-{user}" / "node"))
+    assert cache_dir_for("/scratch/c", "run", "s3://b/ds", "{}").startswith("/scratch/c/node")

@@ -65,7 +65,8 @@ class DataConfig:
     test: str = ""                           # evaluation-only split (mode=eval task.eval_split=test)
     text_train: str = ""                     # text-only MDS stream mixed in (VL-BERT)
     text_proportion: float = 0.0             # fraction of samples drawn from text_train
-    cache_dir: str = "/tmp/vltrain_cache"    # per-node local cache root (node id appended)
+    cache_dir: str = ""                      # per-node local cache root (node id appended); "":
+                                             # <temp dir>/vltrain_cache-<user> (TMPDIR honoured)
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
     max_text_len: int = 40
     max_regions: int = 100

@@ -240,14 +240,29 @@ class Monitor:
     def writer(self):
         return self._writer("")
 
-    def resume_at(self, step: int, samples_seen: int = 0):
+    def resume_at(self, step: int, samples_seen: int = 0, pending: Optional[dict] = None):
         """Continue a run from a checkpoint taken after ``step`` optimizer steps and
         ``samples_seen`` samples: events a crashed run logged after that are purged
-        (TensorBoard hides them), and the samples axis continues. Call before the first log."""
+        (TensorBoard hides them), and the samples axis continues. ``pending``: the
+        checkpoint's ``pending_state()``, so that the first interval logged after the resume
+        averages the same steps as the uninterrupted run's. Call before the first log."""
         if self._writers:
             raise RuntimeError("Monitor.resume_at() must be called before anything is logged")
         self._purge = {"": int(step) + 1, "by_samples": int(samples_seen) + 1}
         self.samples_seen = int(samples_seen)
+        if pending and (self.rank == 0 or not pending.get("reduced")):   # reduced sums: held once
+            self._sums = dict(pending["sums"])
+            self._counts = dict(pending["counts"])
+            self._new_samples = pending["new_samples"]
+
+    def pending_state(self) -> dict:
+        """The logging interval so far: metric sums and counts and the samples not yet on the
+        samples axis, summed over ranks when reducing (collective: every rank calls it, as
+        every rank saves a checkpoint). A checkpoint keeps it for ``resume_at``."""
+        keys, vec, _ = self._reduced([self._new_samples])
+        m = len(keys)
+        return {"sums": dict(zip(keys, vec[:m])), "counts": {k: int(c) for k, c in zip(keys, vec[m:2 * m])},
+                "new_samples": int(round(vec[2 * m])), "reduced": self._reducing()}
 
     # ---- timing
     def _reset_interval(self):
@@ -319,40 +334,46 @@ class Monitor:
             return None
         return self._flush(step)
 
-    def _flush(self, step: int) -> dict:
-        keys = sorted(self._sums)
-        reducing = (self.reduce and self.world > 1 and torch.distributed.is_available()
+    def _reducing(self) -> bool:
+        return bool(self.reduce and self.world > 1 and torch.distributed.is_available()
                     and torch.distributed.is_initialized())
+
+    def _reduced(self, extra: list, timed: bool = False) -> tuple[list, list, int]:
+        """(metric keys, [metric sums..., metric counts..., *extra] summed over ranks when
+        reducing, number of ranks summed). ``timed``: the wall time since the interval's start
+        is appended to ``extra``, taken once the device has finished the interval's work."""
+        keys = sorted(self._sums)
+        reducing = self._reducing()
         if reducing:
             # Ranks may have seen different metrics in the interval (one whose micro-batches were
             # all text-only has no region loss): reduce the union, a missing one as 0 sum / 0 count.
             seen: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(seen, keys)
             keys = sorted(set().union(*seen))
-        dev = next((v.device for v in self._sums.values() if _is_tensor(v)), None)
-        for v in (self._samples, self._tokens, self._new_samples):
-            if dev is None and _is_tensor(v):
-                dev = v.device
+        dev = next((v.device for v in [*self._sums.values(), *extra] if _is_tensor(v)), None)
         dev = dev or torch.device("cpu")
-        # One vector: [metric sums..., metric counts..., samples, tokens, flops, data_time, wall]
-        vals = [self._sums.get(k, 0.0) for k in keys] + [float(self._counts.get(k, 0)) for k in keys]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        now = time.perf_counter()
-        wall = now - self._t_last
-        vals += [self._samples, self._tokens, self._flops, self._data_time, wall, self._new_samples]
+        vals = [self._sums.get(k, 0.0) for k in keys] + [float(self._counts.get(k, 0)) for k in keys] + list(extra)
+        if timed:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            vals.append(time.perf_counter() - self._t_last)
         vec = torch.stack([v.to(dev, torch.float64) if _is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
                            for v in vals])
         n_ranks = 1
         if reducing:
             torch.distributed.all_reduce(vec)
             n_ranks = torch.distributed.get_world_size()
-        vec = vec.cpu().tolist()               # the one host-device sync per interval
+        return keys, vec.cpu().tolist(), n_ranks      # the one host-device sync per interval
+
+    def _flush(self, step: int) -> dict:
+        # One vector: [metric sums..., metric counts..., samples, tokens, flops, data_time, new samples, wall]
+        keys, vec, n_ranks = self._reduced([self._samples, self._tokens, self._flops, self._data_time,
+                                            self._new_samples], timed=True)
         m = len(keys)
         out = {}
         for i, k in enumerate(keys):
             out[k] = vec[i] / max(1.0, vec[m + i])
-        samples, tokens, flops, data_time, wall_sum, new_samples = vec[2 * m:2 * m + 6]
+        samples, tokens, flops, data_time, new_samples, wall_sum = vec[2 * m:2 * m + 6]
         wall = max(wall_sum / n_ranks, 1e-9)   # mean wall time across ranks
         self.samples_seen += int(round(new_samples))
         if self._lr is not None:

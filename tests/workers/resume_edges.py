@@ -17,19 +17,28 @@ full disk) during one save. Runs, in order:
   auto_precision  train.precision=auto: the base run's; a bf16 run resumed with it
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
-  valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2)
+  valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2; log_every=3):
+            uninterrupted (valref), stopped, resumed: the skipped validation runs first, and
+            the interval logged at step 3 averages steps 1-3 as the uninterrupted run's
+  capstop   caption fine-tuning validated at step 2 (Java scorers), uninterrupted (capref) and
+            with SIGUSR1 sent, as Slurm does, to this process and to the scorer's JVM while it
+            runs (the validation is cut short: exit 75), then resumed (needs java)
+  damaged   resume from a copy of a checkpoint with one file cut in half: the error names it
 """
 import json
 import os
+import shutil
 import signal
 import sys
+import threading
+import time
 
 import torch
 
 
-def cfg_of(corpus, out, name, *extra):
+def cfg_of(corpus, out, name, *extra, config="configs/debug.yaml"):
     from vltrain.config import load_config
-    return load_config("configs/debug.yaml", [
+    return load_config(config, [
         f"data.train={corpus}/captions/pretrain", "data.val=", f"output_root={out}", f"run_name={name}",
         f"data.cache_dir={out}/cache", "train.warmup_steps=1", "train.log_every=1", "train.keep_last=3", *extra])
 
@@ -69,13 +78,40 @@ def train(cfg, faults, **fault):
     losses = record_losses(trainer)
     trainer.lr_after_build = trainer.engine.get_lr()
     trainer.validated_at = []                       # the steps validate() ran at (observed only)
+    trainer.val_results = {}
     real_validate = trainer.validate
 
     def validate(*a, **kw):
         trainer.validated_at.append(trainer.step)
-        return real_validate(*a, **kw)
+        trainer.val_results[trainer.step] = real_validate(*a, **kw)
+        return trainer.val_results[trainer.step]
     trainer.validate = validate
     return trainer.train(), losses, trainer
+
+
+def usr1_when_java_runs(found: list, timeout: float = 600) -> None:
+    """Slurm's USR1 reaches every process of the step: this rank, then the scorer's JVM."""
+    import psutil
+    me, end = psutil.Process(), time.time() + timeout
+    while time.time() < end:
+        for c in me.children(recursive=True):
+            try:
+                if "java" in c.name():
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    c.send_signal(signal.SIGUSR1)
+                    found.append(c.pid)
+                    return
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.01)
+
+
+def outcome(code, losses, t) -> dict:
+    best = record(os.path.join(t.save_dir, "best"))
+    return {"code": code, "losses": losses, "validated_at": t.validated_at, "best_metric": t.best_metric,
+            "best_step": best and best["step"], "samples_seen": t.monitor.samples_seen,
+            "val": {str(k): v for k, v in t.val_results.items()},
+            "latest": open(os.path.join(t.save_dir, "latest")).read()}
 
 
 def record(path):
@@ -155,9 +191,43 @@ def main():
     t.close()
     res["accum_resumed"] = {"code": code, "losses": losses}
 
-    code, losses, t = train(cfg_of(corpus, out, "valstop", "train.max_steps=4", "train.save_every_steps=0",
-                                   f"data.val={corpus}/captions/val", "train.val_every=2"), faults, usr1_at=2)
-    t.close()
-    res["valstop"] = {"code": code, "validated_at": t.validated_at, "latest": open(f"{t.save_dir}/latest").read()}
+    vs = ["train.max_steps=4", "train.save_every_steps=0", f"data.val={corpus}/captions/val", "train.val_every=2",
+          "train.log_every=3"]
+    for name, extra, fault in [("valref", [], {}), ("valstop", [], {"usr1_at": 2}),
+                               ("valresumed", ["train.resume=auto"], {})]:
+        code, losses, t = train(cfg_of(corpus, out, "valstop" if name == "valresumed" else name, *vs, *extra),
+                                faults, **fault)
+        t.close()
+        res[name] = outcome(code, losses, t)
+
+    if shutil.which("java"):
+        cap = ["train.max_steps=2", "train.val_every=2", "train.save_every_steps=0", "data.num_workers=0",
+               f"data.train={corpus}/captions/train", f"data.val={corpus}/captions/val"]
+        for name, extra in [("capref", []), ("capstop", []), ("capresumed", ["train.resume=auto"])]:
+            found: list = []
+            killer = threading.Thread(target=usr1_when_java_runs, args=(found,), daemon=True)
+            if name == "capstop":
+                killer.start()
+            code, losses, t = train(cfg_of(corpus, out, "capstop" if name == "capresumed" else name, *cap, *extra,
+                                           config="configs/caption_debug.yaml"), faults)
+            t.close()
+            res[name] = {**outcome(code, losses, t), "java_signalled": bool(found)}
+
+    # a damaged file: the base run's step 4 copied, its optimizer states cut in half
+    damaged = os.path.join(out, "damaged", "checkpoints")
+    shutil.copytree(os.path.join(ckpts, "step_00000004"), os.path.join(damaged, "step_00000004"))
+    for name in ("optim_states", "vltrain_rank"):
+        victim = next(f for f in sorted(os.listdir(os.path.join(damaged, "step_00000004"))) if name in f)
+        path = os.path.join(damaged, "step_00000004", victim)
+        keep = os.path.getsize(path) // 2
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        try:
+            train(cfg_of(corpus, out, "damaged", "train.max_steps=6", f"train.resume={damaged}/step_00000004"), faults)
+            res[f"damaged_{name}"] = {"victim": victim, "error": "no error"}
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            res[f"damaged_{name}"] = {"victim": victim, "error": f"{type(e).__name__}: {e}"}
+        shutil.rmtree(os.path.join(damaged, "step_00000004"))
+        shutil.copytree(os.path.join(ckpts, "step_00000004"), os.path.join(damaged, "step_00000004"))
     print("RESULTS " + json.dumps(res), flush=True)
 

@@ -17,6 +17,8 @@ this order: caption choice, mode, MLM positions, MLM corruption, masked regions)
   * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions; their features
     and class distributions are zeroed in the input (the distribution is the target, so it
     must not leak through the VLP class-embedding term); boxes are kept, as in VL-BERT. A
+    VL-BERT model's whole-image feature is then the mean of the unmasked regions (as VL-BERT
+    computes it), given as ``image_feat``. A
     stored whole-image feature would show the masked regions to a VL-BERT model's text
     (VL-BERT zeroes their pixels before extracting it), so MRC refuses
     ``data.image_feature=stored`` there on a dataset that has one.
@@ -464,9 +466,22 @@ class PretrainCollator:
             # Targets first, then zero the masked regions' inputs (features and, since the
             # class distribution is the target, the VLP class-embedding input too).
             batch.mrc_targets = cls.view(B * N, C)[pos].clone()
+            if self.vlbert and image_feat is None:
+                batch.image_feat = _unmasked_mean(feats, rmask, pos)
             feats.view(B * N, D)[pos] = 0
             cls.view(B * N, C)[pos] = 0
         return batch
+
+
+def _unmasked_mean(feats: torch.Tensor, rmask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(B, D) VL-BERT's whole-image feature from region features under MRC: the mean of the
+    real regions left unmasked (VL-BERT's pretraining data subtracts the masked regions from
+    the sum and divides by the rest; a mean over the zeroed inputs would shrink it by the
+    masked share, ~15%, against fine-tuning's unmasked mean). 0 where every region is masked."""
+    keep = rmask.clone()
+    keep.view(-1)[pos] = False
+    k = keep[..., None].float()
+    return ((feats.float() * k).sum(1) / k.sum(1).clamp(min=1)).to(feats.dtype)
 
 
 def _all_finite(arr: np.ndarray) -> bool:

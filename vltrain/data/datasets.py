@@ -50,8 +50,21 @@ def node_rank() -> int:
     return int(os.environ.get("RANK", 0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def default_cache_root() -> str:
+    """``data.cache_dir`` left empty: ``<temp dir>/vltrain_cache-<user>`` (``$TMPDIR`` honoured).
+    Per user: the first job on a node creates its folders with that user's permissions, so a
+    root shared by every user would fail the next user's job on that node."""
+    try:
+        import getpass
+        user = getpass.getuser()
+    except (KeyError, OSError):              # a container user without a passwd entry or $USER
+        user = str(os.getuid())
+    return os.path.join(tempfile.gettempdir(), f"vltrain_cache-{user}")
+
+
 def cache_dir_for(cache_root: str, run_name: str, remote: str, index_text: str, role: str = "train") -> str:
-    """``<cache_root>/node<N>/<run_name>/<blake2s(remote)[:12]>-<blake2s(index.json)[:12]>-<role>``.
+    """``<cache_root>/node<N>/<run_name>/<blake2s(remote)[:12]>-<blake2s(index.json)[:12]>-<role>``
+    (``cache_root`` "": ``default_cache_root()``).
 
     Per run: streaming refuses two live datasets on one local folder, so two jobs sharing a
     node (a sweep, an eval beside training) each need their own; a requeued job keeps its
@@ -60,7 +73,7 @@ def cache_dir_for(cache_root: str, run_name: str, remote: str, index_text: str, 
     read from the old copy's index and shards."""
     h = hashlib.blake2s(remote.rstrip("/").encode(), digest_size=6).hexdigest()
     ix = hashlib.blake2s(index_text.encode(), digest_size=6).hexdigest()
-    return os.path.join(cache_root, f"node{node_rank()}", run_name, f"{h}-{ix}-{role}")
+    return os.path.join(cache_root or default_cache_root(), f"node{node_rank()}", run_name, f"{h}-{ix}-{role}")
 
 
 def _read_text(remote: str, name: str, timeout: float) -> str:

@@ -291,7 +291,12 @@ def load_rank_state(tag_dir: str, rank: int, saved_world: int, world: int) -> di
         path = rank_state_file(tag_dir, r)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {tag_dir} is missing {os.path.basename(path)}")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a cut or damaged file: name it
+            from vltrain.engine.resume import CheckpointError
+            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e)[:300]}; resume from another "
+                                  "checkpoint with train.resume=<its tag folder>") from e
 
     if world == saved_world:
         return read(rank)

@@ -140,12 +140,17 @@ def first_host(nodelist: str, use_scontrol: bool = True) -> str:
     return hosts[0]
 
 
-def port_from_job_id(job_id: str) -> int:
-    """A per-job rendezvous port in [10000, 30000), so two jobs sharing a node don't collide."""
+def port_from_job_id(job_id: str, step_id: Optional[str] = None) -> int:
+    """A per-job (and per srun step) rendezvous port in [10000, 30000), so two jobs sharing a
+    node don't collide, nor two steps of one allocation running at once (a training run and an
+    eval beside it in one salloc). Step 0, or no step, gives the job's port, as the templates'
+    (which check it is free and export it)."""
     try:
         n = int(job_id)
     except ValueError:
         n = sum(ord(c) * 31 ** i for i, c in enumerate(job_id))
+    if step_id and step_id.isdigit() and int(step_id) < 20000:    # not the batch/extern step
+        n += int(step_id) * 9973        # coprime with 20000: the steps of one job get distinct ports
     return 10000 + n % 20000
 
 
@@ -206,13 +211,22 @@ def setup_env_from_slurm(environ: Optional[MutableMapping[str, str]] = None, use
         local_world = counts[0]
     else:
         local_world = int(ntasks)
+    rank, local_id = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    if (node_id, local_id) != divmod(rank, local_world):
+        # streaming (and the node rank's cache and shared memory) take a node's ranks to be
+        # consecutive: a cyclic layout puts two "local leaders" on one host and none on another
+        raise ValueError(f"srun placed task {rank} as task {local_id} of node {node_id}, where {local_world} tasks "
+                         f"per node in blocks put it at task {rank % local_world} of node {rank // local_world} "
+                         f"(SLURM_DISTRIBUTION={env.get('SLURM_DISTRIBUTION', '?')}): vltrain needs each node's "
+                         "ranks consecutive; launch with srun --distribution=block (-m block)")
     _set(env, "LOCAL_WORLD_SIZE", local_world)
     _set(env, "LOCAL_SIZE", local_world)
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if "MASTER_ADDR" not in env:
         env["MASTER_ADDR"] = first_host(nodelist, use_scontrol) if nodelist else "127.0.0.1"
     job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-    _set(env, "MASTER_PORT", port_from_job_id(job_id) if job_id else DEFAULT_MASTER_PORT)
+    _set(env, "MASTER_PORT", port_from_job_id(job_id, env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID"))
+         if job_id else DEFAULT_MASTER_PORT)
     return True
 
 

@@ -19,6 +19,12 @@ EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+class ValidationInterrupted(RuntimeError):
+    """A validation a stop signal cut short (the caption scorers' Java ended by USR1), raised
+    on every rank alike: the trainer checkpoints with the validation still due, and the
+    resumed run runs it first."""
+
+
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; read at step boundaries."""
 

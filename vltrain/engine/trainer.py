@@ -24,7 +24,8 @@ from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
-from vltrain.engine.signals import EXIT_PREEMPTED, STOP
+from vltrain.engine.resume import CheckpointError, unloadable_message
+from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
 from vltrain.tasks.evaluation import first_seen_counts
@@ -53,6 +54,8 @@ class Trainer:
         self.step = 0                     # optimizer steps done
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self._val_pending = False         # the validation due at self.step was skipped or cut short by a stop
+        self._validated_step: Optional[int] = None
         self._cuts = [0, 0, 0]           # samples trained on since the last log, of them cut texts, regions
         self.best_metric: Optional[float] = None
         self.stop = STOP.install()
@@ -81,9 +84,13 @@ class Trainer:
     def save(self, tag: Optional[str] = None) -> str:
         tag = tag or ckpt.step_tag(self.step)
         loader_state = self.loader.state_dict(held_back=int(self._next is not None))
+        # Everything a resumed run needs to go on as this one would have: counters, the
+        # validation still due, and the monitor's open logging interval (summed over ranks).
         rank_state = {"loader": loader_state,
-                      "best_metric": self.best_metric,
-                      "nonfinite_total": self.nonfinite_total, "samples_seen": self.monitor.samples_seen}
+                      "best_metric": self.best_metric, "val_pending": self._val_pending,
+                      "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+                      "samples_seen": self.monitor.samples_seen, "monitor": self.monitor.pending_state(),
+                      "cuts": list(self._cuts)}
         start = time.time()
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
                          rank_state=rank_state, info=self.checkpoint_info(loader_state), rank=self.info.rank,
@@ -103,7 +110,10 @@ class Trainer:
         from vltrain.engine.resume import optimizer_group_settings, repair_universal_zero3_load
         settings = optimizer_group_settings(self.engine)
         base_lrs = list(self.engine.lr_scheduler.base_lrs)      # this run's config, before the load
-        load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
+        try:
+            load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed's errors name no file: find the one at fault
+            raise CheckpointError(unloadable_message(found.path, e)) from e
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {found.path}")
         if found.info.get("universal"):
@@ -113,12 +123,15 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         if found.info["world_size"] == self.info.world:
             ckpt.set_rng_state(state["rng"])   # per-rank streams only mean something at the same size
+            self._cuts = list(state.get("cuts", self._cuts))
         self.step = int(state["step"])
         if os.path.abspath(found.path) == os.path.abspath(os.path.join(self.save_dir, ckpt.step_tag(self.step))):
             self._saved_step = self.step
         self.best_metric = state.get("best_metric")
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.monitor.resume_at(self.step, int(state.get("samples_seen", 0)))
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self._val_pending = bool(state.get("val_pending", False))
+        self.monitor.resume_at(self.step, int(state.get("samples_seen", 0)), state.get("monitor"))
         if self.info.is_main:
             log.info("resumed from %s at step %d", found.path, self.step)
 
@@ -175,6 +188,10 @@ class Trainer:
         step_metrics: dict[str, torch.Tensor] = {}
         n_micro, tokens, flops = 0, 0, 0.0
         self.profiler.at_step(self.step)
+        if self._val_pending:     # resumed where a stop signal skipped or cut short a validation
+            code = self._validate_due()
+            if code is not None:
+                return code
         while self.step < cfg.max_steps:
             with phase("forward"):
                 batch = (self._next if self._next is not None else self._fetch(batches)).get()
@@ -244,11 +261,13 @@ class Trainer:
                     loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
                     instant=instant)
             step_metrics, n_micro, tokens, flops = {}, 0, 0, 0.0
+            val_due = bool(cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0)
             if stop:    # before a validation due now: the checkpoint must fit in Slurm's grace time
-                return self._preempt()
-            if cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0:
-                with phase("validate"):
-                    self.validate()
+                return self._preempt(val_pending=val_due)
+            if val_due:
+                code = self._validate_due()
+                if code is not None:
+                    return code
             if (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or save_due:
                 self.save()
                 save_due = False
@@ -256,8 +275,11 @@ class Trainer:
             if self.profiler.at_step(self.step):    # a window ended: its export is not a step's time
                 self.monitor.reset_timer()
         self.profiler.close(self.step, "the run's last step")
-        if self.val_loader is not None and cfg.val_every and self.step % cfg.val_every:
-            self.validate()
+        if (self.val_loader is not None and cfg.val_every and self.step % cfg.val_every
+                and self._validated_step != self.step):     # not the resumed run's pending one
+            code = self._validate_due()
+            if code is not None:
+                return code
         if self._saved_step != self.step:
             self.save()
         self.monitor.close()
@@ -277,8 +299,28 @@ class Trainer:
             out.update({"data/truncated_text": text / rows, "data/truncated_regions": regions / rows})
         return out
 
-    def _preempt(self) -> int:
+    def _validate_due(self) -> Optional[int]:
+        """The validation due at this step; None, or the exit code when a stop signal cut it
+        short: then the checkpoint keeps it due, and the resumed run runs it first (a skipped
+        validation would otherwise never run, and ``best/`` could differ from an uninterrupted
+        run's)."""
+        self._val_pending = False
+        try:
+            with self.profiler.phase("validate"):
+                self.validate()
+        except ValidationInterrupted as e:
+            if self.info.is_main:
+                log.warning("validation at step %d cut short by the stop signal (%s): it runs first "
+                            "when the run resumes", self.step, e)
+            return self._preempt(val_pending=True)
+        self._validated_step = self.step
+        return None
+
+    def _preempt(self, val_pending: bool = False) -> int:
+        """Checkpoint and return the requeue exit code; ``val_pending``: the validation due at
+        this step did not run (it is skipped so that the checkpoint fits in Slurm's grace time)."""
         self.profiler.close(self.step, "stop signal")
+        self._val_pending = val_pending
         self.save()
         self.stop.exiting()
         if self.info.is_main:

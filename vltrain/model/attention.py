@@ -141,16 +141,30 @@ def structure_mask_mod(key_valid: torch.Tensor, target: torch.Tensor) -> Callabl
     return mask_mod
 
 
+_COMPILED_BLOCK_MASK: list = []      # torch.compile(create_block_mask), made on first use
+
+
+def build_block_mask(mask_mod: Callable, B: int, L: int, device, compiled: bool, **kw):
+    """``create_block_mask`` for one (B, L) bucket, same mask for every head (H=None): one
+    (B, 1, L/128, L/128) block table. ``compiled`` compiles its construction (once per bucket
+    shape: Dynamo guards on the shapes, not on the mask's tensors); uncompiled, evaluating the
+    mask densely costs more on a GPU than the attention it saves. (torch's own
+    ``_compile=True`` flag did the same and is deprecated.)"""
+    build = create_block_mask
+    if compiled:
+        if not _COMPILED_BLOCK_MASK:
+            _COMPILED_BLOCK_MASK.append(torch.compile(create_block_mask))
+        build = _COMPILED_BLOCK_MASK[0]
+    return build(mask_mod, B, None, L, L, device=device, **kw)
+
+
 def _prepare_flex(structure: AttentionStructure, dtype: torch.dtype):
     if not flex_available():
         raise RuntimeError("model.attention_backend=flex needs torch.nn.attention.flex_attention (torch >= 2.5)")
     B, L = structure.key_valid.shape
     mask_mod = structure_mask_mod(structure.key_valid, structure.target)
-    # Same mask for every head (H=None): one (B, 1, L/128, L/128) block table per forward.
-    # On CUDA its construction is compiled (once per bucket shape): uncompiled, evaluating
-    # the mask densely costs more than the attention it saves.
-    return create_block_mask(mask_mod, B, None, L, L, device=structure.key_valid.device,
-                             _compile=structure.key_valid.is_cuda)
+    return build_block_mask(mask_mod, B, L, structure.key_valid.device,
+                            compiled=structure.key_valid.is_cuda)
 
 
 def _flex_call(q, k, v, block_mask):

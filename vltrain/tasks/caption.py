@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from vltrain.data.batch import Batch
 from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
-from vltrain.engine.signals import STOP
+from vltrain.engine.signals import STOP, ValidationInterrupted
 from vltrain.objectives.reduce import reduce_loss
 from vltrain.tasks.base import TaskSpec, selected_rows_work
 
@@ -234,8 +234,9 @@ def _score_on_main(split: str, refs: dict, cands: dict, final: bool) -> tuple[di
 
     During training, a scoring failure after a stop signal arrived is an interruption: Slurm's
     USR1 reaches every process of the step, the metrics' Java children (PTB tokenizer, METEOR,
-    SPICE) included, which it ends. That validation then has no scores, and the run goes on to
-    its checkpoint and exit 75. (``mode=eval`` ignores USR1, so its children inherit that.)"""
+    SPICE) included, which it ends. That validation then has no scores (``full["interrupted"]``):
+    the run checkpoints with it still due, exits 75, and the resumed run runs it first.
+    (``mode=eval`` ignores USR1, so its children inherit that.)"""
     try:
         _check_references(split, refs)
     except ValueError as e:
@@ -247,7 +248,8 @@ def _score_on_main(split: str, refs: dict, cands: dict, final: bool) -> tuple[di
         if STOP.requested and not final:
             log.warning("caption scoring cut short by the stop signal (%s: %s): this validation has no scores",
                         type(e).__name__, e)
-            return {}, {"status": f"not scored: the stop signal ended the scorer ({type(e).__name__})"}, None
+            return {}, {"status": f"not scored: the stop signal ended the scorer ({type(e).__name__})",
+                        "interrupted": True}, None
         return {}, {}, f"{type(e).__name__}: {e}"
 
 
@@ -295,6 +297,8 @@ def evaluate_caption(trainer, split: str) -> dict:
     numeric, full, err = payload[0]
     if err:
         raise RuntimeError(f"caption scoring failed on rank 0: {err}")
+    if full.get("interrupted"):         # the same on every rank (broadcast)
+        raise ValidationInterrupted(f"data.{split}: {full['status']}")
     metrics = dict(numeric)
     if nlls:
         metrics["loss"] = sum(nlls) / len(nlls)
