@@ -119,12 +119,18 @@ def upload_file(local_path: str, url: str) -> None:
 
 
 def remote_has_index(url: str) -> bool:
-    """Whether a remote prefix (any scheme streaming writes to: s3://, gs://, oci://, ...)
-    already holds an ``index.json``, listed through streaming's uploader for that scheme."""
+    """Whether a remote prefix already holds an ``index.json``, listed through streaming's
+    uploader for its scheme (s3://, gs://, oci://). Storage whose uploader cannot list
+    (azure://, hf://, dbfs:, ...) is not checked: a warning says so, and it counts as empty."""
     from streaming.base.storage import CloudUploader
     key = "/".join([p for p in (urllib.parse.urlparse(url).path.strip("/"), "index.json") if p])
     with tempfile.TemporaryDirectory() as tmp:
-        names = CloudUploader.get((tmp, url.rstrip("/")), exist_ok=True).list_objects("index.json") or []
+        try:
+            names = CloudUploader.get((tmp, url.rstrip("/")), exist_ok=True).list_objects("index.json") or []
+        except NotImplementedError:
+            print(f"warning: cannot tell whether {url} already holds a dataset (streaming cannot list that "
+                  "storage): writing without the check", file=sys.stderr)
+            return False
     return any(n.lstrip("/") == key for n in names)
 
 

@@ -26,7 +26,7 @@ from vltrain.engine.checkpoint import COMPLETE_FILE, find_resume_point
 from vltrain.engine.signals import EXIT_PREEMPTED
 
 STEPS = 40
-LOG_EVERY = 7       # no checkpoint step (every 10th, or where the signal lands) is a log step
+LOG_EVERY = 7       # resumes from the step-10/20/30 checkpoints fall between log steps
 LOGGED = [*range(LOG_EVERY, STEPS, LOG_EVERY), STEPS]      # and at the last step
 
 

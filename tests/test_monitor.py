@@ -229,6 +229,34 @@ def test_reset_timer_keeps_the_interval_losses_and_sample_count(tmp_path):
     assert acc.Scalars("perf/step_time_s")[0].value < 0.25
 
 
+def test_a_resume_inside_a_logging_interval_logs_the_uninterrupted_average():
+    """The checkpoint at step 2 (log_every=3) keeps the interval's sums: the resumed run's
+    line at step 3 averages steps 1-3 and counts their samples, as the uninterrupted run's.
+    The sums are the world's: after a resume on more ranks only rank 0 holds them."""
+    def run(steps, mon):
+        out = None
+        for step in steps:
+            out = mon.step_end(step, {"loss": torch.tensor(float(step))}, samples=8) or out
+        return out
+
+    ref = Monitor(None, rank=0, log_every=3, log_fn=lambda s: None)
+    want = run(range(1, 4), ref)
+    first = Monitor(None, rank=0, log_every=3, log_fn=lambda s: None)
+    run(range(1, 3), first)
+    pending = first.pending_state()
+    assert pending["global"] and pending["counts"] == {"train/loss": 2} and pending["new_samples"] == 16
+    resumed = Monitor(None, rank=0, log_every=3, log_fn=lambda s: None)
+    resumed.resume_at(2, first.samples_seen, pending)
+    got = run([3], resumed)
+    assert got["train/loss"] == want["train/loss"] == 2.0 and resumed.samples_seen == ref.samples_seen == 24
+    lost = Monitor(None, rank=0, log_every=3, log_fn=lambda s: None)       # without the interval
+    lost.resume_at(2, first.samples_seen)
+    assert run([3], lost)["train/loss"] == 3.0 and lost.samples_seen == 8
+    other = Monitor(None, rank=1, world_size=2, log_every=3, log_fn=lambda s: None)
+    other.resume_at(2, 0, pending)
+    assert other._sums == {} and other._new_samples == 0
+
+
 def test_resume_hides_what_the_crashed_run_logged_after_the_checkpoint(tmp_path):
     first = Monitor(str(tmp_path), rank=0, log_every=1, log_fn=lambda s: None)
     for step in range(1, 5):

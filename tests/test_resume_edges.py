@@ -91,6 +91,18 @@ def test_a_stop_signal_checkpoints_before_a_validation_due_at_that_step_which_ru
     assert resumed["samples_seen"] == ref["samples_seen"] > 0
 
 
+def test_a_validation_due_at_the_last_step_runs_on_resume_and_the_last_checkpoint_says_so(edges):
+    """A stop during the last step: the resumed run validates at it, then saves that step again,
+    so the final checkpoint no longer has the validation due and holds the best metric it found.
+    Resumed with validation off (data.val=), the due validation is dropped and the run ends."""
+    stopped, resumed, off, ref = edges["valend_stopped"], edges["valend"], edges["valoff"], edges["valref"]
+    assert stopped["code"] == 75 and stopped["validated_at"] == [2] and stopped["latest"] == "step_00000004"
+    assert resumed["code"] == 0 and resumed["validated_at"] == [4], resumed
+    assert resumed["saved_val_pending"] is False and resumed["saved_best_metric"] == ref["best_metric"]
+    assert resumed["best_step"] == ref["best_step"] == 4
+    assert off["code"] == 0 and off["validated_at"] == [], off
+
+
 @pytest.mark.skipif(not shutil.which("java"), reason="java not installed (pycocoevalcap's scorers)")
 def test_a_validation_cut_short_by_the_stop_signal_runs_again_on_resume(edges):
     """USR1 reaches the rank and the caption scorer's JVM (which it ends) while step 2's

@@ -203,13 +203,18 @@ class Monitor:
                          lr=sched.get_last_lr()[0], grad_norm=engine.get_global_grad_norm())
         mon.log_val(step, {"loss": v, "mlm_acc": a}); mon.close()
 
-    On resume call ``mon.resume_at(step, samples_seen)`` before logging anything.
+    On resume call ``mon.resume_at(step, samples_seen, pending)`` (the checkpoint's
+    ``pending_state()``) before logging anything.
     """
 
     def __init__(self, run_dir: Optional[str], *, rank: int = 0, world_size: int = 1, log_every: int = 10,
                  peak_tflops: Optional[float] = None, reduce: bool = True,
-                 log_fn: Optional[Callable[[str], None]] = None, max_steps: Optional[int] = None):
+                 log_fn: Optional[Callable[[str], None]] = None, max_steps: Optional[int] = None,
+                 device: Optional[torch.device] = None):
         self.rank, self.world = rank, world_size
+        # Where the reductions run: the process group's device (NCCL takes CUDA tensors only;
+        # an interval may hold no tensor to take it from). None: the values' own, else the CPU.
+        self.device = device
         self.log_every = max(1, int(log_every))
         self.peak_tflops = peak_tflops if peak_tflops and peak_tflops > 0 else None
         self.reduce = reduce
@@ -250,7 +255,7 @@ class Monitor:
             raise RuntimeError("Monitor.resume_at() must be called before anything is logged")
         self._purge = {"": int(step) + 1, "by_samples": int(samples_seen) + 1}
         self.samples_seen = int(samples_seen)
-        if pending and (self.rank == 0 or not pending.get("reduced")):   # reduced sums: held once
+        if pending and (self.rank == 0 or not pending.get("global")):   # global sums: held once
             self._sums = dict(pending["sums"])
             self._counts = dict(pending["counts"])
             self._new_samples = pending["new_samples"]
@@ -258,11 +263,13 @@ class Monitor:
     def pending_state(self) -> dict:
         """The logging interval so far: metric sums and counts and the samples not yet on the
         samples axis, summed over ranks when reducing (collective: every rank calls it, as
-        every rank saves a checkpoint). A checkpoint keeps it for ``resume_at``."""
+        every rank saves a checkpoint). A checkpoint keeps it for ``resume_at``; ``global``:
+        the sums are the whole world's (reduced, or one rank), which rank 0 alone takes back,
+        whatever the resumed run's number of ranks."""
         keys, vec, _ = self._reduced([self._new_samples])
         m = len(keys)
         return {"sums": dict(zip(keys, vec[:m])), "counts": {k: int(c) for k, c in zip(keys, vec[m:2 * m])},
-                "new_samples": int(round(vec[2 * m])), "reduced": self._reducing()}
+                "new_samples": int(round(vec[2 * m])), "global": self._reducing() or self.world == 1}
 
     # ---- timing
     def _reset_interval(self):
@@ -350,7 +357,7 @@ class Monitor:
             seen: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(seen, keys)
             keys = sorted(set().union(*seen))
-        dev = next((v.device for v in [*self._sums.values(), *extra] if _is_tensor(v)), None)
+        dev = self.device or next((v.device for v in [*self._sums.values(), *extra] if _is_tensor(v)), None)
         dev = dev or torch.device("cpu")
         vals = [self._sums.get(k, 0.0) for k in keys] + [float(self._counts.get(k, 0)) for k in keys] + list(extra)
         if timed:

@@ -20,6 +20,9 @@ full disk) during one save. Runs, in order:
   valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2; log_every=3):
             uninterrupted (valref), stopped, resumed: the skipped validation runs first, and
             the interval logged at step 3 averages steps 1-3 as the uninterrupted run's
+  valend    the same with SIGUSR1 during the last step (4): the resumed run validates and saves
+            step 4 again (the checkpoint no longer has it due, and keeps the new best); a copy
+            of the stopped run resumed with validation off (data.val=) just finishes
   capstop   caption fine-tuning validated at step 2 (Java scorers), uninterrupted (capref) and
             with SIGUSR1 sent, as Slurm does, to this process and to the scorer's JVM while it
             runs (the validation is cut short: exit 75), then resumed (needs java)
@@ -199,6 +202,19 @@ def main():
                                 faults, **fault)
         t.close()
         res[name] = outcome(code, losses, t)
+
+    code, _, t = train(cfg_of(corpus, out, "valend", *vs), faults, usr1_at=4)
+    t.close()
+    shutil.copytree(os.path.join(out, "valend"), os.path.join(out, "valoff"))
+    res["valend_stopped"] = outcome(code, {}, t)
+    code, _, t = train(cfg_of(corpus, out, "valend", *vs, "train.resume=auto"), faults)
+    t.close()
+    state = torch.load(os.path.join(t.save_dir, "step_00000004", "vltrain_rank00000.pt"), weights_only=False)
+    res["valend"] = {**outcome(code, {}, t), "saved_val_pending": state["val_pending"],
+                     "saved_best_metric": state["best_metric"]}
+    code, _, t = train(cfg_of(corpus, out, "valoff", *vs, "train.resume=auto", "data.val="), faults)
+    t.close()
+    res["valoff"] = outcome(code, {}, t)
 
     if shutil.which("java"):
         cap = ["train.max_steps=2", "train.val_every=2", "train.save_every_steps=0", "data.num_workers=0",

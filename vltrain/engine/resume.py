@@ -79,10 +79,9 @@ def check_checkpoint_files(tag_dir: str, info: dict) -> None:
                 missing(pattern.lstrip("*"), f"rank {r}'s ZeRO optimizer shard: fp32 weights and Adam moments")
 
 
-def unloadable_message(tag_dir: str, error: BaseException) -> str:
-    """What to say when DeepSpeed cannot load a checkpoint: its errors (a torch.load of a cut
-    or damaged file) name no file, so every ``.pt`` file in the tag folder is opened (lazily,
-    mmap) to find the ones that cannot be read."""
+def unreadable_files(tag_dir: str) -> list[str]:
+    """``"<file> (<error>)"`` for each ``.pt`` file of a tag folder that torch cannot open
+    (lazily, mmap: a cut or damaged file), for errors that name no file (DeepSpeed's load)."""
     import torch
 
     bad = []
@@ -91,10 +90,7 @@ def unloadable_message(tag_dir: str, error: BaseException) -> str:
             torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
             bad.append(f"{os.path.relpath(path, tag_dir)} ({type(e).__name__}: {str(e)[:160]})")
-    where = (f"unreadable: {'; '.join(bad)}" if bad else
-             "every .pt file in it opens, so the damage is inside one of them")
-    return (f"cannot load checkpoint {tag_dir}: {type(error).__name__}: {str(error)[:300]}; {where}. Resume from "
-            f"another checkpoint with train.resume=<its tag folder> (`vltrain-ckpt inspect` lists the complete ones)")
+    return bad
 
 
 def saved_param_shapes(tag_dir: str) -> Optional[dict[str, tuple]]:

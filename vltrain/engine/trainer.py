@@ -24,7 +24,7 @@ from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
-from vltrain.engine.resume import CheckpointError, unloadable_message
+from vltrain.engine.resume import CheckpointError, unreadable_files
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
@@ -112,8 +112,15 @@ class Trainer:
         base_lrs = list(self.engine.lr_scheduler.base_lrs)      # this run's config, before the load
         try:
             load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
-        except Exception as e:  # noqa: BLE001 - DeepSpeed's errors name no file: find the one at fault
-            raise CheckpointError(unloadable_message(found.path, e)) from e
+        except Exception as e:
+            # DeepSpeed's errors name no file: name the ones that cannot be read, if any (an
+            # out-of-memory or a collective's timeout is raised as it is)
+            bad = unreadable_files(found.path)
+            if bad:
+                raise CheckpointError(f"cannot load checkpoint {found.path}: unreadable {'; '.join(bad)}. Resume "
+                                      "from another checkpoint with train.resume=<its tag folder> (`vltrain-ckpt "
+                                      "inspect` lists the complete ones)") from e
+            raise
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {found.path}")
         if found.info.get("universal"):
@@ -188,10 +195,11 @@ class Trainer:
         step_metrics: dict[str, torch.Tensor] = {}
         n_micro, tokens, flops = 0, 0, 0.0
         self.profiler.at_step(self.step)
-        if self._val_pending:     # resumed where a stop signal skipped or cut short a validation
-            code = self._validate_due()
+        if self._val_pending and cfg.val_every and self.val_loader is not None:
+            code = self._validate_due()   # resumed where a stop signal skipped or cut short a validation
             if code is not None:
                 return code
+        self._val_pending = False         # (or validation is off in this run)
         while self.step < cfg.max_steps:
             with phase("forward"):
                 batch = (self._next if self._next is not None else self._fetch(batches)).get()
@@ -314,6 +322,8 @@ class Trainer:
                             "when the run resumes", self.step, e)
             return self._preempt(val_pending=True)
         self._validated_step = self.step
+        if self._saved_step == self.step:
+            self._saved_step = None       # the checkpoint of this step still has it due: save again at the end
         return None
 
     def _preempt(self, val_pending: bool = False) -> int:
