@@ -229,9 +229,10 @@ vltrain_main() {
     local run_dir
     run_dir="$(PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$CONFIG" "${ov[@]}" <<'PY'
 import os, sys
-from vltrain.config import ConfigError, load_config
+from vltrain.config import ConfigError, check_placeholders, load_config
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
+    check_placeholders(cfg)
 except ConfigError as e:
     print(f"bad configuration: {e}", file=sys.stderr)
     sys.exit(2)

@@ -68,3 +68,42 @@ def test_missing_and_invalid_files(tmp_path):
 def test_debug_recipe_uses_the_debug_model():
     from vltrain.config import debug_model_config
     assert load_config("configs/debug.yaml").model == debug_model_config()
+
+
+def test_numbers_and_text_are_read_as_meant(tmp_path):
+    """YAML reads 1e-4 (no dot) as text: a float key takes it as the number, in a file as on
+    the command line. A text key given a number or a date keeps it as typed (a job array's
+    RUN_NAME=%a becomes run_name=0), and a yes/no word too when it is an override."""
+    path = write(tmp_path, "train:\n  lr: 5e-5\n  adam_eps: 1e-6\nrun_name: 2024-12-04\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 5e-5 and cfg.train.adam_eps == 1e-6 and cfg.run_name == "2024-12-04"
+    for typed in ("007", "0", "2024-12-04", "on", "1e5"):
+        assert load_config(path, [f"run_name={typed}"]).run_name == typed
+    assert load_config(None, ["data.cache_dir=2024"]).data.cache_dir == "2024"
+    with pytest.raises(ConfigError, match=r"run_name.*expected str, got True"):
+        load_config(write(tmp_path, "run_name: on\n"))             # in a file: quote it
+    with pytest.raises(ConfigError, match=r"train.lr.*expected float, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+
+
+def test_batch_sizes_must_be_positive():
+    for key in ("train.micro_batch_size", "train.grad_accum"):
+        with pytest.raises(ConfigError, match=rf"'{key}': must be at least 1, got 0"):
+            load_config(None, [f"{key}=0"])
+
+
+def test_a_recipes_placeholder_is_refused_where_it_would_be_read():
+    """The cluster recipes name their data s3://CHANGE-ME/...: a run that reads one is refused
+    naming the key; what a mode does not read (eval: the training data) may stay unset."""
+    from vltrain.config import check_placeholders
+    recipe = "configs/vlp_pretrain_cc.yaml"
+    with pytest.raises(ConfigError, match=r"data.train=s3://CHANGE-ME/cc/train is the recipe's placeholder"):
+        check_placeholders(load_config(recipe))
+    ready = ["data.train=s3://b/cc/train", "train.init_from=/w/bert"]
+    with pytest.raises(ConfigError, match=r"data.val=s3://CHANGE-ME/cc/val .*\(or data.val= to train without"):
+        check_placeholders(load_config(recipe, ready))
+    check_placeholders(load_config(recipe, [*ready, "data.val="]))
+    ev = ["mode=eval", "task.eval_split=test", "data.test=s3://b/cc/test"]
+    with pytest.raises(ConfigError, match=r"train.init_from=CHANGE-ME/bert-base-uncased"):
+        check_placeholders(load_config(recipe, ev))
+    check_placeholders(load_config(recipe, [*ev, "train.init_from=/w/ckpt"]))    # data.train/val unread

@@ -366,3 +366,19 @@ def test_zero_stages_agree_in_fp32(engine_results):
     ref = fp32["zero0.json"]
     for name, losses in fp32.items():
         assert losses == pytest.approx(ref, rel=1e-5), name
+
+
+def test_top_level_keys_deepspeed_never_reads_are_named(caplog):
+    """DeepSpeed ignores a top-level key its config parser does not read (its sections are
+    strict): a typo would silently drop the setting. The shipped configs read clean."""
+    from vltrain.engine.ds_config import unread_keys
+    for path in DS_CONFIGS:
+        assert unread_keys(resolve_ds_config(path, debug_cfg(), 2, "cpu")) == [], path
+    with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
+        typo = json.load(f)
+    typo.update(zero_optimisation={"stage": 3}, train_micro_batch_size=4)
+    with caplog.at_level("WARNING", logger="vltrain.engine.ds_config"):
+        resolve_ds_config(typo, debug_cfg(), 2, "cpu")
+    assert ("<dict>: DeepSpeed's config parser never reads 'train_micro_batch_size' (did you mean "
+            "'train_micro_batch_size_per_gpu'?), 'zero_optimisation' (did you mean 'zero_optimization'?): "
+            "ignored") in caplog.text

@@ -8,7 +8,8 @@ Launches (gloo, CPU, debug model, the synthetic corpus's word vocabulary):
            / refs / mc briefly (checkpoints), then evaluates each checkpoint in mode=eval on
            an odd-sized split
   2 ranks  ``python vltrain/run.py ... mode=eval`` (the CLI) for VQA on the same split
-  2 ranks  mode=eval for refs and mc (the worker calls what run.py calls)
+  2 ranks  mode=eval for refs and mc (the worker calls what run.py calls), and for VQA from an
+           ``vltrain-ckpt export-hf`` of its checkpoint (the head comes from the export)
 The odd sizes (251 / 127 / 63 samples) make streaming pad one rank's share with a repeated
 sample, which the evaluation must drop. The VQA evaluations keep 2 regions of every image (each
 has at least 3), so metrics.json must count every sample as cut exactly once, the repeat too.
@@ -52,6 +53,7 @@ def evaluated(tmp_path_factory, synthetic_corpus):
         ckpt = os.path.join(root, "train", f"{task}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
         evals[task] = ["mode=eval", f"train.init_from={ckpt}", "task.eval_split=test", f"data.test={dst}",
                        "data.train=/nonexistent/train/data/is/not/needed", *common(root, vocab, nvocab, task),
+                       "data.val=/nonexistent/val/data/is/not/read/by/an/eval/of/test",
                        *EVAL_CUT.get(task, []), *(["data.skip_bad_samples=true"] if task in BAD else [])]
     for task in SIZES:
         runs1.append({"name": f"eval_{task}", "config": f"configs/{task}_debug.yaml",
@@ -63,8 +65,14 @@ def evaluated(tmp_path_factory, synthetic_corpus):
     codes, cli_logs = run_ranks(cli, 2, os.path.join(root, "logs_cli"))
     assert codes == [0, 0], cli_logs[0][-5000:] + cli_logs[1][-2000:]
 
+    from vltrain.ckpt.__main__ import main as ckpt_main
+    export = os.path.join(root, "vqa-export")
+    ckpt = os.path.join(root, "train", "vqa-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
+    assert ckpt_main(["export-hf", ckpt, export]) == 0
     runs2 = [{"name": f"eval_{t}", "config": f"configs/{t}_debug.yaml", "overrides": [f"output_root={root}/two", *evals[t]]}
              for t in ("refs", "mc")]
+    runs2.append({"name": "eval_vqa_export", "config": "configs/vqa_debug.yaml",
+                  "overrides": [f"output_root={root}/export", *evals["vqa"], f"train.init_from={export}"]})
     codes, logs2 = run_tasks_worker({"out": os.path.join(root, "w2"), "runs": runs2}, 2, os.path.join(root, "logs2"))
     assert codes == [0, 0], logs2[0][-5000:] + logs2[1][-2000:]
 
@@ -76,8 +84,19 @@ def evaluated(tmp_path_factory, synthetic_corpus):
                 out[name] = json.load(f)
         return out
 
-    return {"root": root, "subsets": subsets, "cli_log": cli_logs[0],
+    d = os.path.join(root, "export", "vqa-debug", "eval", "test_step00000000")      # an export has no step
+    exported = {name: json.load(open(os.path.join(d, name))) for name in os.listdir(d)}
+    return {"root": root, "subsets": subsets, "cli_log": cli_logs[0], "exported": exported,
             "res": {(w, t): files(w, t) for w in (1, 2) for t in SIZES}}
+
+
+def test_an_export_of_a_fine_tuned_checkpoint_evaluates_with_its_head(evaluated):
+    """export-hf keeps the VQA head under vltrain's names: train.init_from=<the export> loads
+    it, and the evaluation predicts what the checkpoint's own does."""
+    ref, got = evaluated["res"][(2, "vqa")], evaluated["exported"]
+    assert got["metrics.json"]["metrics"] == pytest.approx(ref["metrics.json"]["metrics"], abs=1e-6)
+    assert {s: p["answer"] for s, p in got["predictions.json"].items()} == \
+        {s: p["answer"] for s, p in ref["predictions.json"].items()}
 
 
 @pytest.mark.parametrize("task", list(SIZES))

@@ -203,6 +203,28 @@ def test_exported_vlbert_model_reloads_with_its_geometry_width(tmp_path):
     torch.testing.assert_close(run(back, x, "bidirectional").text_hidden, run(model, x, "bidirectional").text_hidden)
 
 
+def test_tanh_gelu_is_named_as_transformers_names_it(tmp_path):
+    """model.hidden_act=gelu_tanh is transformers' gelu_pytorch_tanh (it knows no gelu_tanh):
+    an export loads in BertModel with the same activation, and a BERT config.json saying
+    gelu_pytorch_tanh reads as ours."""
+    import json
+    import transformers
+    from vltrain.model.bert_weights import read_model_config
+    model = make_model(hidden_act="gelu_tanh")
+    save_export(model, tmp_path)
+    hf = transformers.BertModel.from_pretrained(str(tmp_path))
+    assert hf.config.hidden_act == "gelu_pytorch_tanh"
+    x = torch.randn(5)
+    torch.testing.assert_close(transformers.activations.ACT2FN[hf.config.hidden_act](x),
+                               torch.nn.functional.gelu(x, approximate="tanh"))
+    assert VLModel.from_pretrained(str(tmp_path)).config.hidden_act == "gelu_tanh"
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_act": "gelu_pytorch_tanh",
+                                                  "hidden_size": 64, "num_attention_heads": 4}))
+    assert read_model_config(str(bert)).hidden_act == "gelu_tanh"
+
+
 def resume_into_default_vlbert(tmp_path, old):
     """check_model_matches of a checkpoint tag holding ``old``'s parameter shapes (its config.yaml:
     today's default VL-BERT model) against that default model, as a resume runs it."""

@@ -25,6 +25,7 @@ def test_a_restart_from_an_earlier_step_trains_at_its_lr_and_replaces_the_steps_
     # not the interrupted run's rate (both groups).
     assert restart["lr_expected"] != pytest.approx(restart["lr_base_run"])
     assert restart["lr_after_build"] == pytest.approx([restart["lr_expected"]] * 2, rel=1e-12)
+    assert restart["clip_after_build"] == 0.5         # its train.grad_clip, not the checkpoint's 1.0
     # Its step 4 replaced the base run's (which the old end-of-run check took as saved).
     assert restart["step4_lr"] == 5e-4 and restart["latest"] == "step_00000004"
     # Step 3's loss is taken on step 2's weights (restored exactly); step 4's, after the new rate's update.
@@ -48,6 +49,16 @@ def test_a_resume_at_another_precision_is_refused_by_name(edges):
     assert msg.startswith("CheckpointError"), msg
     for part in ("train.precision=fp32", "train.precision=bf16", "step_00000004", "vltrain-ckpt reshard"):
         assert part in msg, msg
+
+
+def test_a_universal_checkpoint_resumed_at_another_precision_takes_this_runs_scaler_and_clipping(edges):
+    """An fp16 run's checkpoint (dynamic loss scaler at 2^16) resharded and resumed in bf16:
+    DeepSpeed's load would install the fp16 scaler, which would keep doubling in bf16 (no
+    overflow checks); the run keeps its own static scale 1 and its own train.grad_clip."""
+    uni = edges["uni16"]
+    assert uni["code"] == 0 and uni["precision"] == "bf16", uni
+    assert uni["scaler"] == "LossScaler" and uni["scale"] == 1.0 and uni["dynamic"] is False, uni
+    assert uni["clip"] == uni["clip_after_build"] == 0.25, uni
 
 
 def test_auto_precision_resumes_at_the_checkpoints_precision(edges):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -184,8 +185,20 @@ def _is_dataclass_type(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _check_type(value, tp, key: str):
-    """Return ``value`` coerced to ``tp`` (int->float only), else raise naming ``key``."""
+def _as_float(value) -> Optional[float]:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: a number written that way is meant as one."""
+    if isinstance(value, str) and any(c in value.lower() for c in ".e") and value.strip():
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_type(value, tp, key: str, raw: Optional[str] = None):
+    """Return ``value`` coerced to ``tp`` (int->float, "1e-4"->float; a text key given a number,
+    a date or (as an override) a yes/no word takes it as text: ``raw``, the override as typed,
+    else ``str(value)``), else raise naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -195,7 +208,7 @@ def _check_type(value, tp, key: str):
             if a is type(None):
                 continue
             try:
-                return _check_type(value, a, key)
+                return _check_type(value, a, key, raw)
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}': {value!r} is not of type {tp}")
@@ -206,6 +219,12 @@ def _check_type(value, tp, key: str):
         return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and _as_float(value) is not None:
+        return _as_float(value)
+    if tp is str and raw is not None and isinstance(value, (bool, int, float, datetime.date)):
+        return raw                  # an override as typed: run_name=2024-12-04, =007, =on (RUN_NAME=%a)
+    if tp is str and isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        return str(value)           # the same in a YAML file (a yes/no word stays an error: quote it)
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -215,7 +234,8 @@ def _check_type(value, tp, key: str):
     return value
 
 
-def build_section(cls, data: dict, prefix: str = ""):
+def build_section(cls, data: dict, prefix: str = "", raw: Optional[dict] = None):
+    """``cls`` from ``data``; ``raw``: dotted key -> an override's text as typed."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -234,7 +254,8 @@ def build_section(cls, data: dict, prefix: str = ""):
     kw = {}
     for k, v in data.items():
         tp = hints[k]
-        kw[k] = build_section(tp, v, f"{prefix}{k}.") if _is_dataclass_type(tp) else _check_type(v, tp, prefix + k)
+        kw[k] = (build_section(tp, v, f"{prefix}{k}.", raw) if _is_dataclass_type(tp)
+                 else _check_type(v, tp, prefix + k, (raw or {}).get(prefix + k)))
     return cls(**kw)
 
 
@@ -248,27 +269,23 @@ def _set_dotted(tree: dict, dotted: str, value):
     node[parts[-1]] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b=1e-4`` -> (``a.b``, 1e-4); the value is read as YAML (numbers, bools, lists)."""
+def parse_override(text: str) -> tuple[str, Any, str]:
+    """``a.b=1e-4`` -> (``a.b``, ``"1e-4"``, ``"1e-4"``): the value read as YAML (numbers,
+    bools, lists; a float key takes ``1e-4`` as one) and the text as typed (a text key keeps it)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else ""
-    # YAML reads 1e-4 as a string (no dot); numbers written that way are meant as floats.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
-        except ValueError:
-            pass
-    return key.strip(), value
+    return key.strip(), value, raw
 
 
 def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
     tree = dict(data or {})
+    raw = {}
     for ov in overrides:
-        key, value = parse_override(ov)
+        key, value, raw[key] = parse_override(ov)
         _set_dotted(tree, key, value)
-    return build_section(Config, tree)
+    return build_section(Config, tree, raw=raw)
 
 
 def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -> Config:
@@ -288,9 +305,33 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     try:
-        return config_from_dict(data, overrides)
+        cfg = config_from_dict(data, overrides)
     except ConfigError as e:       # the file alone is fine: an override's error
         raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
+    for key in ("train.micro_batch_size", "train.grad_accum"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"config key '{key}': must be at least 1, got {getattr(getattr(cfg, section), name)}")
+    return cfg
+
+
+PLACEHOLDER = "CHANGE-ME"      # what the cluster recipes name their data and weights with
+
+
+def check_placeholders(cfg: "Config") -> None:
+    """Refuse a run that would read a recipe's placeholder path (``s3://CHANGE-ME/...``), naming
+    the key: the data and weights this mode reads (training: data.train, data.val,
+    data.text_train; eval: data.<task.eval_split>; both: train.init_from, train.resume).
+    Without this the first sign was a storage error (no credentials for bucket CHANGE-ME)."""
+    keys = (["data.train", "data.val", "data.text_train"] if cfg.mode != "eval"
+            else [f"data.{cfg.task.eval_split}"]) + ["train.init_from", "train.resume"]
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, "")
+        if isinstance(value, str) and PLACEHOLDER in value:
+            off = {"data.val": " (or data.val= to train without validation)",
+                   "train.init_from": " (or train.init_from= to start from random weights)"}.get(key, "")
+            raise ConfigError(f"{key}={value} is the recipe's placeholder: set {key} to your own path{off}")
 
 
 def load_run_config(path: str) -> "Config":

@@ -14,6 +14,10 @@ full disk) during one save. Runs, in order:
   best      on the restart's trainer: save `best`, then a save of `best` that fails midway,
             then one that succeeds
   precision resume of the base run with train.precision=bf16: the error
+  uni16     the restart's step 4 resharded to a universal checkpoint made to look fp16-trained (a
+            dynamic loss scaler of 2^16 and train.precision: fp16, as a GPU run writes them; the
+            CPU has no fp16), resumed in bf16 with another train.grad_clip: this run's scaler
+            and clipping, not the checkpoint's
   auto_precision  train.precision=auto: the base run's; a bf16 run resumed with it
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
@@ -80,6 +84,7 @@ def train(cfg, faults, **fault):
     trainer = build_training(cfg)
     losses = record_losses(trainer)
     trainer.lr_after_build = trainer.engine.get_lr()
+    trainer.clip_after_build = getattr(trainer.engine.optimizer, "clip_grad", None)
     trainer.validated_at = []                       # the steps validate() ran at (observed only)
     trainer.val_results = {}
     real_validate = trainer.validate
@@ -136,11 +141,11 @@ def main():
     res["base"] = {"code": code, "losses": base_losses}
 
     cfg = cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=0", "train.lr=5e-4",
-                 f"train.resume={ckpts}/step_00000002")
+                 "train.grad_clip=0.5", f"train.resume={ckpts}/step_00000002")
     code, losses, t = train(cfg, faults)
     from vltrain.engine.schedule import lr_at
     res["restart"] = {"code": code, "losses": losses, "lr_after_build": t.lr_after_build,
-                      "lr_expected": lr_at(cfg, 2), "lr_base_run": lr_at(cfg_of(corpus, out, "x", "train.max_steps=4"), 2),
+                      "lr_expected": lr_at(cfg, 2), "clip_after_build": t.clip_after_build, "lr_base_run": lr_at(cfg_of(corpus, out, "x", "train.max_steps=4"), 2),
                       "step4_lr": load_config(f"{ckpts}/step_00000004/config.yaml").train.lr,
                       "latest": open(f"{ckpts}/latest").read(), "names": sorted(os.listdir(ckpts))}
 
@@ -173,6 +178,30 @@ def main():
         res["precision"] = "no error"
     except Exception as e:  # noqa: BLE001 - the message is the result
         res["precision"] = f"{type(e).__name__}: {e}"
+
+    import yaml
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from vltrain.ckpt.__main__ import main as ckpt_main
+    uni = os.path.join(out, "uni16", "checkpoints", "step_00000004")
+    assert ckpt_main(["reshard", ckpts, uni, "--tag", "step_00000004", "--world-size", "1"]) == 0
+    opt_file = os.path.join(uni, "zero", "optimizer_state.pt")
+    sd = torch.load(opt_file, weights_only=False)
+    sd["loss_scaler"] = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1.0, delayed_shift=2,
+                                          consecutive_hysteresis=False)
+    sd["dynamic_loss_scale"] = True
+    torch.save(sd, opt_file)
+    with open(os.path.join(uni, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    saved["train"]["precision"] = "fp16"
+    with open(os.path.join(uni, "config.yaml"), "w") as f:
+        yaml.safe_dump(saved, f)
+    code, _, t = train(cfg_of(corpus, out, "uni16", "train.max_steps=5", "train.resume=auto", "train.precision=bf16",
+                              "train.grad_clip=0.25"), faults)
+    t.close()
+    scaler = t.engine.optimizer.loss_scaler
+    res["uni16"] = {"code": code, "scaler": type(scaler).__name__, "scale": scaler.cur_scale,
+                    "dynamic": t.engine.optimizer.dynamic_loss_scale, "clip": t.engine.optimizer.clip_grad,
+                    "clip_after_build": t.clip_after_build, "precision": t.cfg.train.precision}
 
     # train.precision=auto (the default): fp32 for a new run on CPU; a bf16 run resumes in bf16
     code, _, t = train(cfg_of(corpus, out, "bf16run", "train.max_steps=2", "train.precision=bf16"), faults)

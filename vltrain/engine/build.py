@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from vltrain.config import Config, config_to_dict
+from vltrain.config import Config, check_placeholders, config_to_dict
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
@@ -36,8 +36,9 @@ def init_weights(model: VLModel, path: str) -> dict:
     """train.init_from: a Hugging Face BERT folder, our export, a consolidated .safetensors,
     or one of our DeepSpeed checkpoints (weights only, any ZeRO stage).
 
-    Returns the checkpoint's task-level tensors (names outside ``model.``, e.g. a fine-tuned
-    VQA head) for ``load_task_weights``; empty for anything but our checkpoints."""
+    Returns what ``load_task_weights`` may take the task's heads from (a fine-tuned VQA head):
+    a checkpoint's tensors outside ``model.``, or the whole file of an export (its heads keep
+    vltrain's names, which ``load_task_weights`` matches; the model's are matched here)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"train.init_from={path} does not exist")
     task_state: dict = {}
@@ -53,7 +54,7 @@ def init_weights(model: VLModel, path: str) -> dict:
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         source = found.path
     else:
-        state = read_state_dict(path)
+        state = task_state = read_state_dict(path)
         source = path
     with torch.no_grad():
         fresh = load_into(model, state, source=source)
@@ -155,6 +156,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     from vltrain.data.loader import build_eval_loader, build_train_loader
     from vltrain.monitor import FlopCounter, Monitor, device_peak_tflops
 
+    check_placeholders(cfg)
     info = init_distributed(cfg.train.dist_timeout_s)
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
@@ -210,7 +212,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     loader = (build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)[0]
               if cfg.mode != "eval" else None)    # eval needs no training data
     val_loader = (build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size, make_collator=spec.make_collator)[0]
-                  if cfg.data.val else None)
+                  if cfg.data.val and cfg.mode != "eval" else None)   # eval builds the split it evaluates
     float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
                       peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),

@@ -361,7 +361,55 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "but 'zero_optimization.stage' = 0")
 
     _check_no_auto(r, ds, "")
+    warn_unread_keys(ds, source)
     return ds
+
+
+class _ReadRecorder(dict):
+    """A ds_config whose top-level reads are recorded (DeepSpeedConfig reads it with get/[]/in)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read: set = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def unread_keys(ds: dict) -> list[str]:
+    """Top-level ds_config keys DeepSpeed's own config parser never reads: it ignores them (a
+    typo such as 'zero_optimisation' or 'train_micro_batch_size' would go unnoticed; its
+    sections are checked by DeepSpeed's strict models). [] when DeepSpeed cannot parse it (its
+    own error comes at deepspeed.initialize)."""
+    import difflib
+    from deepspeed.runtime.config import DeepSpeedConfig
+    rec = _ReadRecorder(copy.deepcopy(ds))
+    rec.pop("train_batch_size", None)      # checked against the world size, which may not be up yet
+    try:
+        DeepSpeedConfig(rec)
+    except Exception:  # noqa: BLE001 - DeepSpeed reports it itself, with its own message
+        return []
+    looked_for = sorted(k for k in rec.read if isinstance(k, str))     # present or not
+    out = []
+    for key in sorted(set(ds) - rec.read):
+        close = difflib.get_close_matches(key, looked_for, n=1)
+        out.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return out
+
+
+def warn_unread_keys(ds: dict, source: str) -> None:
+    unread = unread_keys(ds)
+    if unread:
+        log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source, ", ".join(unread))
 
 
 def _check_no_auto(r: _Resolver, node: Any, prefix: str):

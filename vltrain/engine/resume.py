@@ -79,6 +79,28 @@ def check_checkpoint_files(tag_dir: str, info: dict) -> None:
                 missing(pattern.lstrip("*"), f"rank {r}'s ZeRO optimizer shard: fp32 weights and Adam moments")
 
 
+# What DeepSpeed's optimizer load (_load_global_state) takes from the checkpoint although it is
+# this run's setting: the clipping (train.grad_clip, which a resume may change as it may the
+# lr) and the loss scaler, which belongs to the precision (a universal checkpoint resumes at
+# another one: an fp16 run's dynamic scaler would keep doubling in a bf16 run, an fp32 run's
+# static scale 1 would replace fp16's dynamic scaling).
+_RUN_CLIP = ("clip_grad",)
+_RUN_SCALER = ("loss_scaler", "dynamic_loss_scale")
+
+
+def optimizer_run_settings(optimizer) -> dict:
+    """This run's clipping and loss scaler on DeepSpeed's optimizer, before a checkpoint load."""
+    return {k: getattr(optimizer, k) for k in _RUN_CLIP + _RUN_SCALER if hasattr(optimizer, k)}
+
+
+def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> None:
+    """After the load: this run's clipping always; its loss scaler when the checkpoint trained
+    at another precision (at the same one, the checkpoint's scaler is the exact continuation)."""
+    for k in _RUN_CLIP + (() if same_precision else _RUN_SCALER):
+        if k in kept:
+            setattr(optimizer, k, kept[k])
+
+
 def unreadable_files(tag_dir: str) -> list[str]:
     """``"<file> (<error>)"`` for each ``.pt`` file of a tag folder that torch cannot open
     (lazily, mmap: a cut or damaged file), for errors that name no file (DeepSpeed's load)."""

@@ -107,9 +107,11 @@ class Trainer:
 
     def resume_from(self, found: ckpt.Found) -> None:
         """Full resume: engine (weights, optimizer, schedule), loader position, RNG, counters."""
-        from vltrain.engine.resume import optimizer_group_settings, repair_universal_zero3_load
+        from vltrain.engine.resume import (checkpoint_precision, optimizer_group_settings, optimizer_run_settings,
+                                           repair_universal_zero3_load, restore_run_settings)
         settings = optimizer_group_settings(self.engine)
         base_lrs = list(self.engine.lr_scheduler.base_lrs)      # this run's config, before the load
+        run_settings = optimizer_run_settings(self.engine.optimizer)
         try:
             load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
         except Exception as e:
@@ -126,6 +128,9 @@ class Trainer:
         if found.info.get("universal"):
             repair_universal_zero3_load(self.engine, settings)   # DeepSpeed 0.19.8 ZeRO-3 loader quirks
         schedule.reapply(self.engine.lr_scheduler, base_lrs)
+        saved_precision = checkpoint_precision(found.path)
+        restore_run_settings(self.engine.optimizer, run_settings,
+                             same_precision=saved_precision in (None, self.cfg.train.precision))
         state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"], self.info.world)
         self.loader.load_state_dict(state["loader"])
         if found.info["world_size"] == self.info.world:

@@ -119,6 +119,10 @@ _HF_CONFIG = {
 }
 
 
+# Activation names where transformers' differ from ours (its ACT2FN has no "gelu_tanh").
+_HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh"}
+
+
 def read_model_config(path: str, **overrides) -> ModelConfig:
     """ModelConfig from a folder's config.json (ours or BERT's) plus field overrides."""
     cfg_file = os.path.join(path, "config.json")
@@ -133,6 +137,8 @@ def read_model_config(path: str, **overrides) -> ModelConfig:
         if raw.get("model_type", "bert") != "bert":
             raise ValueError(f"{cfg_file}: model_type={raw.get('model_type')!r}, expected a BERT config")
         data = {ours: raw[hf] for hf, ours in _HF_CONFIG.items() if hf in raw}
+        if "hidden_act" in data:
+            data["hidden_act"] = {hf: ours for ours, hf in _HF_ACT.items()}.get(data["hidden_act"], data["hidden_act"])
     data.update(overrides)
     return build_section(ModelConfig, data, prefix="model.")
 
@@ -224,5 +230,6 @@ def export_config_json(cfg: ModelConfig) -> dict:
     d = dataclasses.asdict(cfg)
     out = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "position_embedding_type": "absolute"}
     out.update({hf: d[ours] for hf, ours in _HF_CONFIG.items()})
+    out["hidden_act"] = _HF_ACT.get(cfg.hidden_act, cfg.hidden_act)
     out["vltrain"] = d
     return out
