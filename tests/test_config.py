@@ -107,3 +107,24 @@ def test_a_recipes_placeholder_is_refused_where_it_would_be_read():
     with pytest.raises(ConfigError, match=r"train.init_from=CHANGE-ME/bert-base-uncased"):
         check_placeholders(load_config(recipe, ev))
     check_placeholders(load_config(recipe, [*ev, "train.init_from=/w/ckpt"]))    # data.train/val unread
+
+
+def test_a_choice_outside_its_values_is_refused_by_the_config():
+    """Keys with a fixed set of values are checked as the config loads, so the sbatch templates'
+    pre-check refuses them before any rank starts; the sets are those the code implements."""
+    import typing
+    from vltrain.config import DataConfig, ModelConfig, TrainConfig
+    from vltrain.engine.ds_config import PRECISIONS
+    from vltrain.model.attention import BACKENDS
+    from vltrain.model.transformer import ACTIVATIONS
+    for ov, choices in (("train.precision=bf32", "auto, fp32, bf16, fp16"), ("mode=evaluate", "train, eval"),
+                        ("model.attention_backend=fast", "eager, sdpa, flex, varlen, auto"),
+                        ("data.pad_to=buckets", "longest, bucket")):
+        key, value = ov.split("=")
+        with pytest.raises(ConfigError, match=rf"'{key}': '{value}' is not one of {choices}$"):
+            load_config(None, [ov])
+    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainConfig),
+             **typing.get_type_hints(DataConfig)}
+    assert set(typing.get_args(hints["hidden_act"])) == set(ACTIVATIONS)
+    assert set(typing.get_args(hints["attention_backend"])) == set(BACKENDS)
+    assert set(typing.get_args(hints["precision"])) == {"auto", *PRECISIONS}

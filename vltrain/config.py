@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -28,7 +28,7 @@ class ModelConfig:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    hidden_act: str = "gelu"                 # gelu (erf, as BERT) | gelu_tanh | relu
+    hidden_act: Literal["gelu", "gelu_tanh", "gelu_new", "relu"] = "gelu"                 # gelu (erf, as BERT) | gelu_tanh | relu
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
@@ -37,24 +37,24 @@ class ModelConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     # Regions.
-    region_embedding: str = "vlp"            # vlp | vlbert
+    region_embedding: Literal["vlp", "vlbert"] = "vlp"            # vlp | vlbert
     region_feat_dim: int = 2048
     num_region_classes: int = 1601           # detector classes incl. background
     use_cls_probs: bool = True               # vlp: the LN(W_c C) class-distribution term
     geometry_conf: bool = True               # vlp: append confidence (max non-bg class prob) to G
     vlbert_geometry_dim: int = 2048          # vlbert: width of the sin/cos box embedding (paper: 2048);
                                              # a multiple of 8 (4 coordinates x sin/cos x frequencies)
-    vlbert_visual_embedding: str = "vlbert"  # vlbert: VL-BERT's Dropout-FC-ReLU + a LayerNorm per token
+    vlbert_visual_embedding: Literal["vlbert", "linear"] = "vlbert"  # vlbert: VL-BERT's Dropout-FC-ReLU + a LayerNorm per token
                                              # kind; linear: FC only (checkpoints written before)
     vlbert_visual_scale_init: float = 0.0    # vlbert: the LayerNorms' initial gain (VL-BERT's
                                              # visual_scale_*_init: 0 = the text starts as BERT's)
-    vlbert_text_only_visual: str = "aux"     # vlbert: the visual term of rows without an image: aux =
+    vlbert_text_only_visual: Literal["aux", "none"] = "aux"     # vlbert: the visual term of rows without an image: aux =
                                              # VL-BERT's learned aux_text_visual_embedding; none = zero
                                              # (checkpoints written before)
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.
-    attention_backend: str = "eager"         # eager (reference) | sdpa | flex | varlen | auto
+    attention_backend: Literal["eager", "sdpa", "flex", "varlen", "auto"] = "eager"         # eager (reference) | sdpa | flex | varlen | auto
     activation_checkpointing: bool = False
     compile: bool = False                    # torch.compile the transformer layer function (compile.py)
 
@@ -71,13 +71,13 @@ class DataConfig:
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
     max_text_len: int = 40
     max_regions: int = 100
-    pad_to: str = "longest"                  # longest | bucket
+    pad_to: Literal["longest", "bucket"] = "longest"                  # longest | bucket
     buckets: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     num_workers: int = 2
     shuffle: bool = True
     skip_bad_samples: bool = False           # count and report bad samples instead of failing
     hard_class_targets: bool = False         # one-hot obj_labels (bottom-up objects_id) when cls_prob is absent
-    image_feature: str = "stored"            # VL-BERT's whole-image feature for text: stored (the
+    image_feature: Literal["stored", "regions_mean"] = "stored"            # VL-BERT's whole-image feature for text: stored (the
                                              # dataset's image_feature, else regions_mean) | regions_mean
     validate_hash: str = "auto"              # auto (xxh64 where the index records it) | "" | xxh64 | sha1 | ...
     download_timeout: float = 60.0           # seconds per shard download
@@ -101,7 +101,7 @@ class ObjectivesConfig:
     mrc: bool = False                        # masked region classification
     mrc_prob: float = 0.15
     mrc_weight: float = 1.0
-    loss_reduction: str = "token"            # token (BERT) | example (accumulation-invariant)
+    loss_reduction: Literal["token", "example"] = "token"            # token (BERT) | example (accumulation-invariant)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class TrainConfig:
     keep_last: int = 3
     val_every: int = 0
     max_nonfinite_in_row: int = 10
-    precision: str = "auto"                  # auto | fp32 | bf16 | fp16 (fills the ds_config's "auto");
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"                  # auto | fp32 | bf16 | fp16 (fills the ds_config's "auto");
     #                                          auto: a resumed (or evaluated) checkpoint's, else the
     #                                          ds_config's explicit choice, else bf16 on GPUs of compute
     #                                          capability >= 8 and fp32 elsewhere
@@ -140,8 +140,8 @@ class TrainConfig:
 class TaskConfig:
     name: str = "pretrain"                   # pretrain | caption | vqa | mc | refs
     num_answers: int = 3129                  # vqa: size of the dataset's answer_vocab.json
-    vqa_head: str = "vlp"                    # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
-    eval_split: str = "val"                  # mode=eval evaluates data.<eval_split>: val | test
+    vqa_head: Literal["vlp", "vlbert"] = "vlp"                    # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
+    eval_split: Literal["val", "test"] = "val"                  # mode=eval evaluates data.<eval_split>: val | test
     # caption: decoding (vltrain/decoding.py) and fine-tuning
     beam_size: int = 5                       # caption, mode=eval: beam width (1 = greedy)
     val_beam_size: int = 1                   # caption, validation during training (VLP: greedy)
@@ -160,7 +160,7 @@ class TaskConfig:
 class Config:
     run_name: str = "debug"
     output_root: str = "runs"
-    mode: str = "train"                      # train | eval
+    mode: Literal["train", "eval"] = "train"                      # train | eval
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
@@ -221,6 +221,11 @@ def _check_type(value, tp, key: str, raw: Optional[str] = None):
         return float(value)
     if tp is float and _as_float(value) is not None:
         return _as_float(value)
+    if origin is Literal:           # a choice: the error lists them (the sbatch pre-check sees it)
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if tp is str and raw is not None and isinstance(value, (bool, int, float, datetime.date)):
         return raw                  # an override as typed: run_name=2024-12-04, =007, =on (RUN_NAME=%a)
     if tp is str and isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):

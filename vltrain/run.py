@@ -63,9 +63,6 @@ def main(argv=None) -> int:
     from vltrain.data.errors import DataError
     from vltrain.engine.ds_config import DSConfigError
 
-    if cfg.mode not in ("train", "eval"):
-        log.error("mode=%r; choose train or eval", cfg.mode)
-        return EXIT_BAD_INPUT
     if cfg.mode == "eval":
         cfg.train.resume = ""        # eval loads train.init_from; it never resumes a run
     trainer = None
