@@ -72,16 +72,20 @@ def test_debug_recipe_uses_the_debug_model():
 
 def test_numbers_and_text_are_read_as_meant(tmp_path):
     """YAML reads 1e-4 (no dot) as text: a float key takes it as the number, in a file as on
-    the command line. A text key given a number or a date keeps it as typed (a job array's
-    RUN_NAME=%a becomes run_name=0), and a yes/no word too when it is an override."""
+    the command line. A text key given a number or a date on the command line keeps it as
+    typed (a job array's RUN_NAME=%a becomes run_name=0); in a file a date reads as written,
+    and a number (007 would be 7) or a yes/no word must be quoted, which the error says."""
     path = write(tmp_path, "train:\n  lr: 5e-5\n  adam_eps: 1e-6\nrun_name: 2024-12-04\n")
     cfg = load_config(path)
     assert cfg.train.lr == 5e-5 and cfg.train.adam_eps == 1e-6 and cfg.run_name == "2024-12-04"
-    for typed in ("007", "0", "2024-12-04", "on", "1e5"):
+    for typed in ("007", "0", "2024-12-04", "1e5"):
         assert load_config(path, [f"run_name={typed}"]).run_name == typed
     assert load_config(None, ["data.cache_dir=2024"]).data.cache_dir == "2024"
-    with pytest.raises(ConfigError, match=r"run_name.*expected str, got True"):
-        load_config(write(tmp_path, "run_name: on\n"))             # in a file: quote it
+    for text in ("run_name: 007", "run_name: on"):
+        with pytest.raises(ConfigError, match=r"run_name.*expected text, got (7|True) \(quote it in a YAML file\)"):
+            load_config(write(tmp_path, text + "\n"))
+    with pytest.raises(ConfigError, match=r"train.resume.*expected text, got False"):
+        load_config(None, ["train.resume=false"])                   # not a checkpoint named "false"
     with pytest.raises(ConfigError, match=r"train.lr.*expected float, got 'fast'"):
         load_config(None, ["train.lr=fast"])
 
@@ -107,6 +111,12 @@ def test_a_recipes_placeholder_is_refused_where_it_would_be_read():
     with pytest.raises(ConfigError, match=r"train.init_from=CHANGE-ME/bert-base-uncased"):
         check_placeholders(load_config(recipe, ev))
     check_placeholders(load_config(recipe, [*ev, "train.init_from=/w/ckpt"]))    # data.train/val unread
+    # a resume reads its checkpoint's weights, not train.init_from (known once it is found)
+    resume = load_config(recipe, ["data.train=s3://b/cc/train", "data.val=", "train.resume=auto"])
+    check_placeholders(resume)
+    check_placeholders(resume, resuming=True)
+    with pytest.raises(ConfigError, match=r"train.init_from=CHANGE-ME"):
+        check_placeholders(resume, resuming=False)                  # resume=auto found nothing
 
 
 def test_a_choice_outside_its_values_is_refused_by_the_config():
@@ -116,7 +126,10 @@ def test_a_choice_outside_its_values_is_refused_by_the_config():
     from vltrain.config import DataConfig, ModelConfig, TrainConfig
     from vltrain.engine.ds_config import PRECISIONS
     from vltrain.model.attention import BACKENDS
+    from vltrain.config import TaskConfig
     from vltrain.model.transformer import ACTIVATIONS
+    from vltrain.model.vl_model import REGION_EMBEDDINGS
+    from vltrain.tasks.vqa import VQA_HEADS
     for ov, choices in (("train.precision=bf32", "auto, fp32, bf16, fp16"), ("mode=evaluate", "train, eval"),
                         ("model.attention_backend=fast", "eager, sdpa, flex, varlen, auto"),
                         ("data.pad_to=buckets", "longest, bucket")):
@@ -128,3 +141,5 @@ def test_a_choice_outside_its_values_is_refused_by_the_config():
     assert set(typing.get_args(hints["hidden_act"])) == set(ACTIVATIONS)
     assert set(typing.get_args(hints["attention_backend"])) == set(BACKENDS)
     assert set(typing.get_args(hints["precision"])) == {"auto", *PRECISIONS}
+    assert set(typing.get_args(hints["region_embedding"])) == set(REGION_EMBEDDINGS)
+    assert set(typing.get_args(typing.get_type_hints(TaskConfig)["vqa_head"])) == set(VQA_HEADS)

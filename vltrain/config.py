@@ -28,7 +28,8 @@ class ModelConfig:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    hidden_act: Literal["gelu", "gelu_tanh", "gelu_new", "relu"] = "gelu"                 # gelu (erf, as BERT) | gelu_tanh | relu
+    # gelu (erf, as BERT) | gelu_tanh (transformers' gelu_pytorch_tanh) | gelu_new | relu
+    hidden_act: Literal["gelu", "gelu_tanh", "gelu_new", "relu"] = "gelu"
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
@@ -37,24 +38,26 @@ class ModelConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     # Regions.
-    region_embedding: Literal["vlp", "vlbert"] = "vlp"            # vlp | vlbert
+    region_embedding: Literal["vlp", "vlbert"] = "vlp"
     region_feat_dim: int = 2048
     num_region_classes: int = 1601           # detector classes incl. background
     use_cls_probs: bool = True               # vlp: the LN(W_c C) class-distribution term
     geometry_conf: bool = True               # vlp: append confidence (max non-bg class prob) to G
     vlbert_geometry_dim: int = 2048          # vlbert: width of the sin/cos box embedding (paper: 2048);
                                              # a multiple of 8 (4 coordinates x sin/cos x frequencies)
-    vlbert_visual_embedding: Literal["vlbert", "linear"] = "vlbert"  # vlbert: VL-BERT's Dropout-FC-ReLU + a LayerNorm per token
-                                             # kind; linear: FC only (checkpoints written before)
+    # vlbert: VL-BERT's Dropout-FC-ReLU + a LayerNorm per token kind; linear: FC only
+    # (checkpoints written before)
+    vlbert_visual_embedding: Literal["vlbert", "linear"] = "vlbert"
     vlbert_visual_scale_init: float = 0.0    # vlbert: the LayerNorms' initial gain (VL-BERT's
                                              # visual_scale_*_init: 0 = the text starts as BERT's)
-    vlbert_text_only_visual: Literal["aux", "none"] = "aux"     # vlbert: the visual term of rows without an image: aux =
-                                             # VL-BERT's learned aux_text_visual_embedding; none = zero
-                                             # (checkpoints written before)
+    # vlbert: the visual term of rows without an image: aux = VL-BERT's learned
+    # aux_text_visual_embedding; none = zero (checkpoints written before)
+    vlbert_text_only_visual: Literal["aux", "none"] = "aux"
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
     # Execution.
-    attention_backend: Literal["eager", "sdpa", "flex", "varlen", "auto"] = "eager"         # eager (reference) | sdpa | flex | varlen | auto
+    # eager is the reference every other backend is tested against; auto picks the fastest
+    attention_backend: Literal["eager", "sdpa", "flex", "varlen", "auto"] = "eager"
     activation_checkpointing: bool = False
     compile: bool = False                    # torch.compile the transformer layer function (compile.py)
 
@@ -71,14 +74,15 @@ class DataConfig:
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
     max_text_len: int = 40
     max_regions: int = 100
-    pad_to: Literal["longest", "bucket"] = "longest"                  # longest | bucket
+    pad_to: Literal["longest", "bucket"] = "longest"
     buckets: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     num_workers: int = 2
     shuffle: bool = True
     skip_bad_samples: bool = False           # count and report bad samples instead of failing
     hard_class_targets: bool = False         # one-hot obj_labels (bottom-up objects_id) when cls_prob is absent
-    image_feature: Literal["stored", "regions_mean"] = "stored"            # VL-BERT's whole-image feature for text: stored (the
-                                             # dataset's image_feature, else regions_mean) | regions_mean
+    # VL-BERT's whole-image feature for text: stored (the dataset's image_feature, else
+    # regions_mean) | regions_mean
+    image_feature: Literal["stored", "regions_mean"] = "stored"
     validate_hash: str = "auto"              # auto (xxh64 where the index records it) | "" | xxh64 | sha1 | ...
     download_timeout: float = 60.0           # seconds per shard download
     cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)
@@ -101,7 +105,7 @@ class ObjectivesConfig:
     mrc: bool = False                        # masked region classification
     mrc_prob: float = 0.15
     mrc_weight: float = 1.0
-    loss_reduction: Literal["token", "example"] = "token"            # token (BERT) | example (accumulation-invariant)
+    loss_reduction: Literal["token", "example"] = "token"   # token (BERT) | example (accumulation-invariant)
 
 
 @dataclass
@@ -125,10 +129,9 @@ class TrainConfig:
     keep_last: int = 3
     val_every: int = 0
     max_nonfinite_in_row: int = 10
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"                  # auto | fp32 | bf16 | fp16 (fills the ds_config's "auto");
-    #                                          auto: a resumed (or evaluated) checkpoint's, else the
-    #                                          ds_config's explicit choice, else bf16 on GPUs of compute
-    #                                          capability >= 8 and fp32 elsewhere
+    # fills the ds_config's "auto"; auto: a resumed (or evaluated) checkpoint's, else the
+    # ds_config's explicit choice, else bf16 on GPUs of compute capability >= 8 and fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     peak_tflops: float = 0.0                 # per-device peak for MFU; 0 = from the device name
     dist_timeout_s: float = 600.0            # collective and batch-fetch timeout: a dead rank fails the job by then
     profile_steps: int = 0                   # > 0: torch-profile this many optimizer steps (<run_dir>/profile/)
@@ -140,8 +143,9 @@ class TrainConfig:
 class TaskConfig:
     name: str = "pretrain"                   # pretrain | caption | vqa | mc | refs
     num_answers: int = 3129                  # vqa: size of the dataset's answer_vocab.json
-    vqa_head: Literal["vlp", "vlbert"] = "vlp"                    # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
-    eval_split: Literal["val", "test"] = "val"                  # mode=eval evaluates data.<eval_split>: val | test
+    # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
+    vqa_head: Literal["vlp", "vlbert"] = "vlp"
+    eval_split: Literal["val", "test"] = "val"   # mode=eval evaluates data.<eval_split>
     # caption: decoding (vltrain/decoding.py) and fine-tuning
     beam_size: int = 5                       # caption, mode=eval: beam width (1 = greedy)
     val_beam_size: int = 1                   # caption, validation during training (VLP: greedy)
@@ -160,7 +164,7 @@ class TaskConfig:
 class Config:
     run_name: str = "debug"
     output_root: str = "runs"
-    mode: Literal["train", "eval"] = "train"                      # train | eval
+    mode: Literal["train", "eval"] = "train"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
@@ -196,9 +200,9 @@ def _as_float(value) -> Optional[float]:
 
 
 def _check_type(value, tp, key: str, raw: Optional[str] = None):
-    """Return ``value`` coerced to ``tp`` (int->float, "1e-4"->float; a text key given a number,
-    a date or (as an override) a yes/no word takes it as text: ``raw``, the override as typed,
-    else ``str(value)``), else raise naming ``key``."""
+    """Return ``value`` coerced to ``tp`` (int->float, "1e-4"->float; a text key given a number
+    or a date as an override takes ``raw``, the text as typed, and a date in a file its
+    YYYY-MM-DD), else raise naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -226,16 +230,20 @@ def _check_type(value, tp, key: str, raw: Optional[str] = None):
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
         return value
-    if tp is str and raw is not None and isinstance(value, (bool, int, float, datetime.date)):
-        return raw                  # an override as typed: run_name=2024-12-04, =007, =on (RUN_NAME=%a)
-    if tp is str and isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
-        return str(value)           # the same in a YAML file (a yes/no word stays an error: quote it)
+    if tp is str and raw is not None and isinstance(value, (int, float, datetime.date)) \
+            and not isinstance(value, bool):
+        return raw                  # an override as typed: run_name=2024-12-04, =007 (RUN_NAME=%a)
+    if tp is str and type(value) is datetime.date:
+        return value.isoformat()    # in a YAML file a date is written YYYY-MM-DD; a number (007 is 7)
+                                    # or a yes/no word there must be quoted, which the error says
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp in (str, float) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}': expected text, got {value!r} (quote it in a YAML file)")
+    if tp is float and not isinstance(value, float):
+        raise ConfigError(f"config key '{key}': expected float, got {value!r}")
     return value
 
 
@@ -323,13 +331,17 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
 PLACEHOLDER = "CHANGE-ME"      # what the cluster recipes name their data and weights with
 
 
-def check_placeholders(cfg: "Config") -> None:
+def check_placeholders(cfg: "Config", resuming: Optional[bool] = None) -> None:
     """Refuse a run that would read a recipe's placeholder path (``s3://CHANGE-ME/...``), naming
     the key: the data and weights this mode reads (training: data.train, data.val,
-    data.text_train; eval: data.<task.eval_split>; both: train.init_from, train.resume).
+    data.text_train; eval: data.<task.eval_split>; both: train.resume, and train.init_from
+    unless the run resumes a checkpoint, ``resuming``; None: unknown yet, so whenever
+    train.resume is set init_from is left to the check once the checkpoint is found).
     Without this the first sign was a storage error (no credentials for bucket CHANGE-ME)."""
+    if resuming is None:
+        resuming = bool(cfg.train.resume)
     keys = (["data.train", "data.val", "data.text_train"] if cfg.mode != "eval"
-            else [f"data.{cfg.task.eval_split}"]) + ["train.init_from", "train.resume"]
+            else [f"data.{cfg.task.eval_split}"]) + ["train.resume"] + ([] if resuming else ["train.init_from"])
     for key in keys:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name, "")

@@ -156,7 +156,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     from vltrain.data.loader import build_eval_loader, build_train_loader
     from vltrain.monitor import FlopCounter, Monitor, device_peak_tflops
 
-    check_placeholders(cfg)
+    check_placeholders(cfg)              # before anything starts; init_from once the resume is known
     info = init_distributed(cfg.train.dist_timeout_s)
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
@@ -164,6 +164,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     run_dir = run_dir_of(cfg)
 
     found = find_resume(cfg, run_dir)
+    check_placeholders(cfg, resuming=found is not None)
     asked = cfg.train.precision
     cfg.train.precision, why = continued_precision(asked, cfg, found)   # before the comparisons below
     if found is not None:   # files present; same global batch (grad_accum), world size it can load on

@@ -365,6 +365,11 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     return ds
 
 
+# Top-level keys DeepSpeed reads outside its config parser (deepspeed.initialize; the latter
+# only once torch.distributed is up).
+_READ_ELSEWHERE = {"data_parallel_size", "sequence_parallel_size"}
+
+
 class _ReadRecorder(dict):
     """A ds_config whose top-level reads are recorded (DeepSpeedConfig reads it with get/[]/in)."""
 
@@ -400,13 +405,17 @@ def unread_keys(ds: dict) -> list[str]:
         return []
     looked_for = sorted(k for k in rec.read if isinstance(k, str))     # present or not
     out = []
-    for key in sorted(set(ds) - rec.read):
+    for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE):
         close = difflib.get_close_matches(key, looked_for, n=1)
         out.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     return out
 
 
 def warn_unread_keys(ds: dict, source: str) -> None:
+    """``unread_keys`` as a warning, from the first rank only (every rank resolves the config)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
     unread = unread_keys(ds)
     if unread:
         log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source, ", ".join(unread))
