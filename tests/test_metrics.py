@@ -352,23 +352,6 @@ def test_caption_task_scoring_without_java(monkeypatch, tmp_path):
         _check_references("test", {7: ["a cat"], 42: []})
 
 
-def _kill_first_java_child(sig, found: list, timeout=60.0):
-    """Background: send ``sig`` to the first java process this process starts."""
-    import time
-    import psutil
-    me, end = psutil.Process(), time.time() + timeout
-    while time.time() < end:
-        for c in me.children(recursive=True):
-            try:
-                if "java" in c.name():
-                    c.send_signal(sig)
-                    found.append(c.pid)
-                    return
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("stop_requested", [True, False], ids=["after_stop_signal", "no_stop_signal"])
 def test_a_scorer_ended_by_the_stop_signal_is_an_interruption_in_training(monkeypatch, stop_requested):
     """Slurm's USR1 reaches every process of the step, the PTB tokenizer's / METEOR's JVM too,
@@ -376,11 +359,12 @@ def test_a_scorer_ended_by_the_stop_signal_is_an_interruption_in_training(monkey
     validation has no scores and the run goes on to checkpoint. Without the flag it is one."""
     import signal
     import threading
+    from tests.fixtures.java import signal_first_java_child
     from vltrain.engine.signals import STOP
     from vltrain.tasks.caption import _score_on_main
     monkeypatch.setattr(STOP, "signum", signal.SIGUSR1 if stop_requested else None)
     found: list = []
-    killer = threading.Thread(target=_kill_first_java_child, args=(signal.SIGUSR1, found))
+    killer = threading.Thread(target=signal_first_java_child, args=(signal.SIGUSR1, found))
     killer.start()
     numeric, full, err = _score_on_main("val", REFS, CANDS, final=False)
     killer.join()

@@ -223,8 +223,8 @@ def _check_type(value, tp, key: str, raw: Optional[str] = None):
         return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and _as_float(value) is not None:
-        return _as_float(value)
+    if tp is float and (number := _as_float(value)) is not None:
+        return number
     if origin is Literal:           # a choice: the error lists them (the sbatch pre-check sees it)
         choices = typing.get_args(tp)
         if value not in choices:
@@ -321,10 +321,9 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
         cfg = config_from_dict(data, overrides)
     except ConfigError as e:       # the file alone is fine: an override's error
         raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
-    for key in ("train.micro_batch_size", "train.grad_accum"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"config key '{key}': must be at least 1, got {getattr(getattr(cfg, section), name)}")
+    for name in ("micro_batch_size", "grad_accum"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
     return cfg
 
 

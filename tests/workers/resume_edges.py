@@ -38,9 +38,10 @@ import shutil
 import signal
 import sys
 import threading
-import time
 
 import torch
+
+from tests.fixtures.java import signal_first_java_child
 
 
 def cfg_of(corpus, out, name, *extra, config="configs/debug.yaml"):
@@ -95,23 +96,6 @@ def train(cfg, faults, **fault):
         return trainer.val_results[trainer.step]
     trainer.validate = validate
     return trainer.train(), losses, trainer
-
-
-def usr1_when_java_runs(found: list, timeout: float = 600) -> None:
-    """Slurm's USR1 reaches every process of the step: this rank, then the scorer's JVM."""
-    import psutil
-    me, end = psutil.Process(), time.time() + timeout
-    while time.time() < end:
-        for c in me.children(recursive=True):
-            try:
-                if "java" in c.name():
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                    c.send_signal(signal.SIGUSR1)
-                    found.append(c.pid)
-                    return
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(0.01)
 
 
 def outcome(code, losses, t) -> dict:
@@ -250,7 +234,9 @@ def main():
                f"data.train={corpus}/captions/train", f"data.val={corpus}/captions/val"]
         for name, extra in [("capref", []), ("capstop", []), ("capresumed", ["train.resume=auto"])]:
             found: list = []
-            killer = threading.Thread(target=usr1_when_java_runs, args=(found,), daemon=True)
+            # Slurm's USR1 reaches every process of the step: this rank and the scorer's JVM
+            killer = threading.Thread(target=signal_first_java_child, args=(signal.SIGUSR1, found),
+                                      kwargs={"timeout": 600, "also_self": True}, daemon=True)
             if name == "capstop":
                 killer.start()
             code, losses, t = train(cfg_of(corpus, out, "capstop" if name == "capresumed" else name, *cap, *extra,
