@@ -14,7 +14,14 @@ every variant timed interleaved in one run:
     plan / BlockMask) and the per-layer attention call;
   - FlexAttention's call with no BlockMask (its kernel's own speed at this length) and with our
     mask in 64-wide blocks and 64-wide kernel tiles (L = 140 in 128-wide tiles computes
-    256 x 256 per head, in 64-wide ones 192 x 192: what tile size alone is worth).
+    256 x 256 per head, in 64-wide ones 192 x 192: what tile size alone is worth);
+  - ``mode split``: our mask without a dense mask where the rule allows it (an experiment, not
+    a backend yet): the batch ordered seq2seq examples first, whose prefix rows attend to the
+    prefix (no mask) and whose target rows attend to every key, causal aligned bottom-right
+    (``causal_lower_right``: flash, no mask); the bidirectional examples in one call with the
+    mask (their padding). Checked against the dense mask at the real rows before it is timed;
+  - the eager reference compiled by Inductor (scores and output on cuBLAS, mask + softmax +
+    dropout fused between them).
 A variant the device cannot run is listed with the error, not dropped. A diagnosis for the
 throughput table (which backend to build next), not a target of its own.
 """
@@ -95,6 +102,71 @@ def flex_variant(st: A.AttentionStructure, block: int | None, tiles: bool = True
     return run
 
 
+def split_plan(st: A.AttentionStructure, dtype):
+    """(seq2seq count, prefix length, bidirectional examples' mask) of ``st`` ordered seq2seq
+    first, and that ordered structure. Needs what VLP's batches have: every seq2seq example's
+    prefix real and of one length, its targets contiguous from there, padding after them."""
+    s2s = st.target.any(1)
+    order = torch.argsort((~s2s).to(torch.int8), stable=True)
+    st = A.AttentionStructure(st.key_valid[order], st.target[order])
+    n_s = int(s2s.sum())
+    if not n_s:
+        return 0, 0, st.additive_mask(dtype), st
+    first = st.target[:n_s].float().argmax(1)
+    P = int(first[0])
+    pos = torch.arange(st.target.shape[1], device=first.device)
+    if (bool((first != P).any()) or not bool(st.key_valid[:n_s, :P].all())
+            or not torch.equal(st.target[:n_s, P:], st.key_valid[:n_s, P:])
+            or bool((st.key_valid[:n_s] & (pos[None] >= P) & ~st.target[:n_s]).any())):
+        raise ValueError("mode split needs one prefix length, a real prefix and contiguous targets")
+    bi = A.AttentionStructure(st.key_valid[n_s:], st.target[n_s:]).additive_mask(dtype)
+    return n_s, P, bi, st
+
+
+def split_attention(q, k, v, n_s: int, P: int, bi_mask, dropout: float):
+    """Our rule with no dense mask for the seq2seq examples (rows ordered seq2seq first)."""
+    from torch.nn.attention.bias import causal_lower_right
+    L, parts = q.shape[2], []
+    if n_s:
+        qs, ks, vs = q[:n_s], k[:n_s], v[:n_s]
+        prefix = F.scaled_dot_product_attention(qs[:, :, :P], ks[:, :, :P], vs[:, :, :P], dropout_p=dropout)
+        targets = F.scaled_dot_product_attention(qs[:, :, P:], ks, vs, attn_mask=causal_lower_right(L - P, L),
+                                                 dropout_p=dropout)
+        parts.append(torch.cat([prefix, targets], 2))
+    if n_s < q.shape[0]:
+        parts.append(F.scaled_dot_product_attention(q[n_s:], k[n_s:], v[n_s:], attn_mask=bi_mask,
+                                                    dropout_p=dropout))
+    return torch.cat(parts, 0)
+
+
+def mode_split_variant(st: A.AttentionStructure, dropout: float):
+    """fwd+bwd closure of ``split_attention``; on its first call (the warm-up) its dropout-free
+    output must equal sdpa with the ordered structure's dense mask at every real query row."""
+    plan = []
+
+    def run(q, k, v, go):
+        if not plan:
+            n_s, P, bi, ordered = split_plan(st, q.dtype)
+            plan.append((n_s, P, bi))
+            with torch.no_grad():
+                ref = F.scaled_dot_product_attention(q, k, v, attn_mask=ordered.additive_mask(q.dtype))
+                err = (split_attention(q, k, v, n_s, P, bi, 0.0) - ref).abs().amax(-1)
+            err = float(err.masked_fill(~ordered.key_valid[:, None], 0).max())
+            if err > (2e-2 if q.dtype == torch.bfloat16 else 1e-5):
+                raise AssertionError(f"mode split differs from the dense mask by {err:.3g}")
+        split_attention(q, k, v, *plan[0], dropout).backward(go)
+    return run
+
+
+def eager_compiled_variant(mask, dropout: float):
+    """fwd+bwd closure of the eager reference through ``torch.compile``."""
+    call = torch.compile(A.eager_attention, dynamic=False)
+
+    def run(q, k, v, go):
+        call(q, k, v, mask, dropout).backward(go)
+    return run
+
+
 def variants(st: A.AttentionStructure, dtype, device, L: int):
     mask = A.get_backend("sdpa").prepare(st, dtype)
     out = []                                      # (label, L used, closure)
@@ -121,10 +193,23 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
                      built_once(flex_variant, st, 64)),
                     ("flex: attention call only, our mask, 64-wide blocks, the kernel's tiles", L,
                      built_once(flex_variant, st, 64, False))]
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        for p in (0.0, 0.1):
+            split = mode_split_variant(st, p)
+
+            def pinned(q, k, v, go, split=split):     # cuDNN first where it runs (the fastest above)
+                with sdpa_kernel(first, set_priority=True):
+                    split(q, k, v, go)
+            out.append((f"mode split: seq2seq with no mask (prefix call + bottom-right causal call), "
+                        f"dropout {p}", L, pinned))
+            out.append((f"eager attention compiled (Inductor), our mask, dropout {p}", L,
+                        built_once(eager_compiled_variant, st.additive_mask(dtype), p)))
     else:
         for p in (0.0, 0.1):
             out.append((f"sdpa (CPU dispatch), our mask, dropout {p}", L, sdpa_with(None, mask, p)))
             out.append((f"sdpa (CPU dispatch), no mask, dropout {p}", L, sdpa_with(None, None, p)))
+            out.append((f"mode split (CPU dispatch), dropout {p}", L, mode_split_variant(st, p)))
         prep, att = backend_parts("varlen", st, dtype)
         out += [("varlen (CPU emulation): per-forward preparation only", L, prep),
                 ("varlen (CPU emulation): attention call only", L, att)]

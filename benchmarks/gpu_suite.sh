@@ -23,7 +23,8 @@
 #            on 2 ranks, measured on CPU
 #   profile  benchmarks/gpu_profile.py: where the step's GPU time goes (ours compiled, peer)
 #   attn     benchmarks/attention_kernels.py: each sdpa kernel with/without our mask and dropout,
-#            varlen's and flex's preparation and call, at micro-batch $TPUT_BATCH
+#            varlen's and flex's preparation and call, the mask-free "mode split" of our mask
+#            and the compiled eager reference, at micro-batch $TPUT_BATCH
 #   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
 #            vs the DeepSpeed engine (bf16, ZeRO-2), and the bf16 step's kernel-class breakdown;
 #            and the batch's host-to-device copy on the compute stream vs a side stream; the
