@@ -13,7 +13,8 @@
 #
 # Steps (STEPS, default all, in this order):
 #   tests    the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16) and
-#            every task's training step under torch.cuda.set_sync_debug_mode("error"), the
+#            every task's training step under torch.cuda.set_sync_debug_mode("error") and, as the
+#            recipes train (bf16 weights, compiled blocks), against the uncompiled step; the
 #            side-stream batch copy
 #   tput     benchmarks/train_throughput.py at micro-batch $TPUT_BATCH (256, the best measured on
 #            an H100): every backend, compile off/on, the full-last-block ablation,

@@ -285,6 +285,39 @@ def test_compiled_blocks_equal_eager_forward_and_backward():
     assert_same(forward_backward(ref, x, MODES["mixed"]), forward_backward(comp, x, MODES["mixed"]))
 
 
+def test_compiled_blocks_graphs_stop_growing_over_recipe_shapes():
+    """model.compile=true is on in every cluster recipe, whose batches are padded to their
+    longest (``data.pad_to=longest``): each batch a new length, region counts vary, an epoch
+    ends in a short batch, and validation runs without grad or dropout. Dynamo specialises the
+    layer function on the first shape and then makes it dynamic; the number of graphs must stop
+    growing after the first epoch, well below Dynamo's recompile limit (past it the blocks
+    would silently run eagerly)."""
+    from torch._dynamo.utils import counters
+    from vltrain.model.compile import compile_blocks
+    torch._dynamo.reset()
+    counters.clear()
+    model = compile_blocks(make_model("sdpa"), backend="eager")      # Dynamo's guards, no codegen
+    cfg = model.config
+
+    def epoch(seed):
+        g = torch.Generator().manual_seed(seed)
+        T, N = (torch.randint(8, 20, (6,), generator=g).tolist(), torch.randint(3, 9, (6,), generator=g).tolist())
+        model.train()
+        for i, B in enumerate((4, 4, 4, 3)):
+            mode = torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, MODE_SEQ2SEQ][:B])
+            forward_backward(model, random_inputs(cfg, B=B, T=T[i], N=N[i], seed=seed * 10 + i), mode)
+        model.eval()
+        for i, B in ((4, 4), (5, 2)):
+            forward_backward(model, random_inputs(cfg, B=B, T=T[i], N=N[i], seed=seed * 10 + i), "seq2seq",
+                             backward=False)
+    epoch(0)
+    after_one = counters["stats"]["unique_graphs"]
+    epoch(1)
+    epoch(2)
+    assert counters["stats"]["unique_graphs"] == after_one <= torch._dynamo.config.recompile_limit // 2, \
+        (after_one, counters["stats"]["unique_graphs"])
+
+
 def test_compile_config_field_and_maybe_compile():
     from vltrain.config import load_config
     from vltrain.model.compile import is_compiled, maybe_compile

@@ -8,7 +8,8 @@ vltrain/engine/trainer.py); the model, the losses and the task heads must add no
 On CPU a recorder stands in for CUDA's sync detector (tests/fixtures/host_sync.py); on a GPU
 the same step runs under ``torch.cuda.set_sync_debug_mode("error")``. Last, the whole
 ``Trainer.train()`` loop: vltrain reads back once per micro-step (the flags), once per log
-interval and once per checkpoint.
+interval and once per checkpoint. On a GPU, also every task's step as the recipes run it
+there: bf16 weights through the compiled blocks, its loss equal to the uncompiled one's.
 """
 import collections
 import textwrap
@@ -37,18 +38,22 @@ CASES = {                                     # name -> (task, config overrides)
 }
 
 
-def training_step(corpus: str, case: str, backend: str, device: str = "cpu"):
-    """(module, batch) of one case's training step on ``device``: the debug model and a batch
-    of 8 training samples, collated as the trainer's loader does."""
+def training_step(corpus: str, case: str, backend: str, device: str = "cpu", *overrides: str,
+                  dtype: torch.dtype = None):
+    """(module, batch) of one case's training step on ``device``: the debug model (built as
+    build.py does: blocks compiled where ``model.compile=true``) and a batch of 8 training
+    samples, collated as the trainer's loader does; with ``dtype``, weights and batch in it
+    (DeepSpeed's bf16 mode)."""
     from vltrain.model import VLModel
+    from vltrain.model.compile import maybe_compile
     from vltrain.tasks import get_task
     task, extra = CASES[case]
-    cfg = task_cfg(corpus, task, f"model.attention_backend={backend}", *extra)
+    cfg = task_cfg(corpus, task, f"model.attention_backend={backend}", *extra, *overrides)
     rows = read_rows(cfg.data.train)[:8]
     batch = collator(cfg, "train", train=True)(rows)
     torch.manual_seed(0)
-    module = get_task(cfg.task.name).build_module(cfg, VLModel(cfg.model)).to(device).train()
-    return module, batch.to(device)
+    module = get_task(cfg.task.name).build_module(cfg, maybe_compile(VLModel(cfg.model))).to(device, dtype).train()
+    return module, batch.to(device, float_dtype=dtype)
 
 
 def test_the_recorder_sees_what_syncs_on_a_gpu():
@@ -116,6 +121,25 @@ def test_a_training_step_has_no_host_sync_on_cuda(synthetic_corpus, case, backen
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (CPU references: the eager step above, the compiled blocks in test_attention_backends)")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_task_steps_compiled_in_bf16_on_cuda(synthetic_corpus, case):
+    """What every cluster recipe runs on a GPU (train.precision=auto -> bf16 weights,
+    model.compile=true): each task's training step through the compiled blocks, then its
+    validation forward, whose loss matches the uncompiled module's (same weights)."""
+    module, batch = training_step(synthetic_corpus, case, "sdpa", "cuda", "model.compile=true", dtype=torch.bfloat16)
+    eager, _ = training_step(synthetic_corpus, case, "sdpa", "cuda", dtype=torch.bfloat16)
+    loss, _ = module(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    eager.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        got, want = module.eval()(batch)[0], eager.eval()(batch)[0]
+    assert torch.allclose(got.float(), want.float(), rtol=3e-2, atol=3e-2), (case, float(got), float(want))
 
 
 ENGINE_CUDA_SCRIPT = textwrap.dedent(r"""
