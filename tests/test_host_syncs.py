@@ -130,6 +130,7 @@ def test_every_task_steps_compiled_in_bf16_on_cuda(synthetic_corpus, case):
     """What every cluster recipe runs on a GPU (train.precision=auto -> bf16 weights,
     model.compile=true): each task's training step through the compiled blocks, then its
     validation forward, whose loss matches the uncompiled module's (same weights)."""
+    torch._dynamo.reset()      # graphs of earlier tests could fill the recompile limit (then: eager)
     module, batch = training_step(synthetic_corpus, case, "sdpa", "cuda", "model.compile=true", dtype=torch.bfloat16)
     eager, _ = training_step(synthetic_corpus, case, "sdpa", "cuda", dtype=torch.bfloat16)
     loss, _ = module(batch)
