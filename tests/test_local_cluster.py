@@ -5,6 +5,7 @@ import functools
 import os
 import re
 import sys
+import time
 
 import pytest
 from tests.fixtures.slurm import wait_for
@@ -92,8 +93,18 @@ def test_usr1_then_requeue_runs_the_job_again(slurm_cluster, tmp_path):
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", jobid])
     _wait_for(lambda: "run=0 requeue rc=0" in read(), 30, f"the requeue\n{read()}")
 
-    # Slurm holds a requeued job back (BeginTime, ~cred_expire = 120 s): start it now.
-    # `scontrol update` is refused until the first run has finished completing.
+    # Slurm holds a requeued job back (BeginTime, ~cred_expire = 120 s): start it sooner, but
+    # a moment past the revocation's second. A node refuses a relaunch whose credential is not
+    # newer than the revoked one ("Killing non-startable batch JobId=2: Job credential
+    # revoked", seen in CI when the update came 0.2 s after the requeue), as
+    # test_slurm_jobs.Job.start_requeued waits too. `scontrol update` is refused until the
+    # first run has finished completing.
+    def requeued():
+        info = slurm_cluster.job(jobid)
+        return info.get("JobState") == "PENDING" and info.get("Restarts") == "1"
+    _wait_for(requeued, 60, "the job to be pending again after its requeue", poll=0.5)
+    time.sleep(2)
+
     def start_now():
         res = slurm_cluster.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], check=False)
         return res.returncode == 0
