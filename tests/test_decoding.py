@@ -322,20 +322,27 @@ def test_sampling_is_differentiable_and_reproducible(ids):
     model = make_model(stop_bias=6.0)
     model.train()
     batch = make_images(B=4)
-    w1, lp1, m1 = sample_captions(model, batch, ids, max_len=6, generator=torch.Generator().manual_seed(3))
-    w2, lp2, m2 = sample_captions(model, batch, ids, max_len=6, generator=torch.Generator().manual_seed(3))
+    w1, lp1, m1 = sample_captions(model, batch, ids, max_len=6, min_len=2, generator=torch.Generator().manual_seed(3))
+    w2, lp2, m2 = sample_captions(model, batch, ids, max_len=6, min_len=2, generator=torch.Generator().manual_seed(3))
     assert torch.equal(w1, w2) and torch.equal(m1, m2)
     assert lp1.requires_grad and (lp1 * m1).sum().isfinite()
     assert torch.all(lp1.detach()[m1 == 0] == 0) and torch.all(lp1.detach()[m1 == 1] <= 0)
     (lp1 * m1).sum().backward()
     assert model.mlm_head.transform.dense.weight.grad.abs().sum() > 0
-    # the sampled log-probabilities are the model's: re-score image 0 with the full forward
+    # the sampled log-probabilities are the sampling policy's: the model's (re-scored with the
+    # full forward) over the tokens the constraints allow (special tokens never; [STOP] not
+    # before min_len), renormalised: REINFORCE's gradient is of that distribution
     model.eval()
     n = int(m1[0].sum())
     words = [w for w in w1[0, :n].tolist()]
-    logp = naive_logp(model, batch, 0, [[x for x in words[:i] if x != ids.pad_id] for i in range(n)])
-    want = [logp[i, w if w != ids.pad_id else ids.stop_id].item() for i, w in enumerate(words)]
-    assert lp1[0, :n].tolist() == pytest.approx(want, abs=1e-4)
+    raw = naive_logp(model, batch, 0, [[x for x in words[:i] if x != ids.pad_id] for i in range(n)])
+    allowed = raw.clone()
+    allowed[:, list(ids.forbidden)] = float("-inf")
+    allowed[:2, ids.stop_id] = float("-inf")
+    chosen = [w if w != ids.pad_id else ids.stop_id for w in words]
+    want = torch.log_softmax(allowed, -1)[torch.arange(n), chosen]
+    assert lp1[0, :n].tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    assert lp1[0, :n].tolist() != pytest.approx(raw[torch.arange(n), chosen].tolist(), abs=1e-4)  # it differs
 
 
 def test_sampler_draws_from_the_softmax_and_never_a_forbidden_token():

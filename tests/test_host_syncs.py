@@ -34,6 +34,7 @@ CASES = {                                     # name -> (task, config overrides)
     "vqa-vlp": ("vqa", []),
     "vqa-vlbert": ("vqa", ["task.vqa_head=vlbert"]),
     "mc": ("mc", []),
+    "mc-sigmoid": ("mc", ["task.mc_loss=sigmoid"]),
     "refs": ("refs", []),
 }
 

@@ -27,7 +27,7 @@ import torch
 
 from tests.fixtures.tasks import (CORPUS_DIR as CORPUS_DIR_OF, collator, largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab,
                                   task_cfg)
-from vltrain.config import Config
+from vltrain.config import Config, ConfigError
 from vltrain.data.errors import BadSampleError
 from vltrain.metrics.vqa import majority_answer_baseline
 
@@ -73,6 +73,35 @@ def test_vqa_collator_layouts_and_soft_targets(synthetic_corpus):
     bad = dict(rows[0], target_ids=np.array([40], np.int32), target_scores=np.array([1.0], np.float32))
     with pytest.raises(BadSampleError, match=r"sample_id 0: target_ids \[40\] outside \[0, 17\)"):
         col([bad])
+
+
+@pytest.mark.parametrize("layout", ["vlp", "vlbert"])
+def test_vqa_question_noise_corrupts_one_question_token_in_training(synthetic_corpus, layout):
+    """task.vqa_question_noise=1 (VLP's VQA recipe: --mask_prob 0 --max_pred 1): in training each
+    question has one token (VLP: a word or [STOP]; VL-BERT layout: a word) corrupted as MLM
+    inputs are, chosen by the sample's own generator (the same in a resumed epoch); evaluation
+    and the default (0) see the clean question."""
+    rows = read_rows(os.path.join(synthetic_corpus, "vqa", "val"))[:40]
+    cfg = task_cfg(synthetic_corpus, "vqa", f"task.vqa_head={layout}", "task.vqa_question_noise=1")
+    clean = collator(cfg, train=False)(rows)
+    noisy = collator(cfg, train=True)(rows)
+    assert torch.equal(noisy.input_ids, collator(cfg, train=True)(rows).input_ids)      # reproducible
+    quiet = collator(task_cfg(synthetic_corpus, "vqa", f"task.vqa_head={layout}"), train=True)(rows)
+    assert torch.equal(quiet.input_ids, clean.input_ids)
+    tok = collator(cfg).tok
+    changed = 0
+    for i in range(len(rows)):
+        diff = (noisy.input_ids[i] != clean.input_ids[i]).nonzero().flatten().tolist()
+        assert len(diff) <= 1
+        if diff:
+            L, q = int(clean.attention_mask[i].sum()), len(tok.encode(rows[i]["question"]))
+            lo, hi = (2, L - 1) if layout == "vlp" else (1, q)
+            assert lo <= diff[0] <= hi, (i, diff, L)
+            changed += 1
+    assert changed >= 0.7 * len(rows)        # ~90% change ([MASK] 80% + random 10%)
+    assert (noisy.input_ids == tok.mask_id).sum() > (clean.input_ids == tok.mask_id).sum()
+    with pytest.raises(ConfigError, match="task.vqa_question_noise"):
+        task_cfg(synthetic_corpus, "vqa", "task.vqa_question_noise=-1")
 
 
 def test_mc_and_refs_collators(synthetic_corpus):
@@ -244,10 +273,30 @@ def test_vlbert_answer_head_starts_as_the_mlm_head(synthetic_corpus):
     assert task.head.transform.dense.weight.data_ptr() != model.mlm_head.transform.dense.weight.data_ptr()
 
 
+def test_grounding_head_starts_from_the_region_class_head(synthetic_corpus):
+    """VL-BERT's RefCOCO+ head: the (pretrained) masked-region head's transform, copied, then a
+    Xavier-initialised Linear(H, 1) with zero bias and no dropout."""
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    cfg = task_cfg(synthetic_corpus, "refs")
+    torch.manual_seed(0)
+    model = VLModel(cfg.model)
+    with torch.no_grad():
+        model.mrc_head.transform.dense.weight.normal_()    # a "pretrained" transform
+    task = get_task("refs").build_module(cfg, model)
+    h = torch.randn(2, 5, cfg.model.hidden_size)
+    torch.testing.assert_close(task.head(h), task.head.score(model.mrc_head.transform(h)).squeeze(-1))
+    assert task.head.transform.dense.weight.data_ptr() != model.mrc_head.transform.dense.weight.data_ptr()
+    w, H = task.head.score.weight, cfg.model.hidden_size
+    bound = (6.0 / (H + 1)) ** 0.5                         # Xavier-uniform's bound for (1, H)
+    assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound and not task.head.score.bias.any()
+    assert not [m for m in task.head.modules() if isinstance(m, torch.nn.Dropout)]
+
+
 @pytest.mark.parametrize("task,extra", [("vqa", ()), ("vqa", ("task.vqa_head=vlbert", "model.region_embedding=vlbert",
                                                                "model.use_cls_probs=false",
                                                                "model.geometry_conf=false")),
-                                        ("mc", ()), ("refs", ())])
+                                        ("mc", ()), ("mc", ("task.mc_loss=sigmoid",)), ("refs", ())])
 def test_task_module_trains_and_predicts(synthetic_corpus, task, extra):
     """Every task parameter gets a finite gradient; predict=True gives per-sample scores."""
     from vltrain.model import VLModel
@@ -274,6 +323,51 @@ def test_task_module_trains_and_predicts(synthetic_corpus, task, extra):
     assert scores.shape[0] == 6 and torch.isfinite(scores.max(1).values).all()
 
 
+def test_mc_sigmoid_loss_is_binary_cross_entropy_over_the_real_choices(synthetic_corpus):
+    """task.mc_loss=sigmoid (VL-BERT's VCR): each real choice of a labelled sample is a binary
+    target (1 for the right one), the loss their mean BCE; padded choices and unlabelled
+    samples take no part."""
+    import torch.nn.functional as F
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    cfg = task_cfg(synthetic_corpus, "mc", "task.mc_loss=sigmoid")
+    torch.manual_seed(0)
+    module = get_task("mc").build_module(cfg, VLModel(cfg.model)).eval()
+    b = collator(cfg, train=True)(read_rows(cfg.data.val)[:4])
+    b.task["label"][0] = -1                       # unlabelled
+    b.task["choice_valid"][1, -1] = False         # a padded choice
+    b.task["label"][1] = 0
+    with torch.no_grad():
+        loss, _ = module(b)
+        scores = module(b, predict=True)["scores"]
+    K = scores.shape[1]
+    want = [F.binary_cross_entropy_with_logits(scores[i, k], torch.tensor(float(k == int(b.task["label"][i]))),
+                                               reduction="sum")
+            for i in range(1, 4) for k in range(K) if b.task["choice_valid"][i, k]]
+    assert len(want) == 3 * K - 1
+    torch.testing.assert_close(loss, torch.stack(want).mean())
+    softmax_cfg = task_cfg(synthetic_corpus, "mc")
+    torch.manual_seed(0)
+    ce = get_task("mc").build_module(softmax_cfg, VLModel(softmax_cfg.model)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(ce(b)[0], loss)     # the other loss, same scores
+
+
+def test_segment_b_from_a_copies_the_token_type_row():
+    from vltrain.config import debug_model_config
+    from vltrain.engine.build import segment_b_from_a
+    from vltrain.model import VLModel
+    torch.manual_seed(0)
+    model = VLModel(debug_model_config(type_vocab_size=3))
+    table = model.embeddings.token_type.weight
+    a, c = table[0].detach().clone(), table[2].detach().clone()
+    assert not torch.equal(table[1], a)
+    segment_b_from_a(model)
+    assert torch.equal(table[1], a) and torch.equal(table[0], a) and torch.equal(table[2], c)
+    with pytest.raises(ValueError, match="type_vocab_size=1 has no segment B"):
+        segment_b_from_a(VLModel(debug_model_config(type_vocab_size=1)))
+
+
 # ----------------------------------------------------------------------------- 2 ranks
 
 @pytest.fixture(scope="module")
@@ -296,7 +390,7 @@ def finetuned(tmp_path_factory, task_corpus):
             f"model.vocab_size={nvocab}", "data.num_workers=0", f"train.max_steps={steps}",
             f"train.val_every={steps}", "train.dist_timeout_s=60"]})
     init = os.path.join(root, "runs", "refs-debug", "checkpoints", f"step_{STEPS['refs']:08d}")
-    runs[-1]["overrides"].append(f"train.init_from={init}")
+    runs[-1]["overrides"] += [f"train.init_from={init}", "train.init_segment_b_from_a=true"]
     codes, logs = run_tasks_worker({"out": root, "runs": runs}, 2, os.path.join(root, "logs"), timeout=900)
     assert codes == [0, 0], logs[0][-4000:] + logs[1][-2000:]
     out = {"root": root, "logs": logs}
@@ -341,6 +435,8 @@ def test_vqa_submission_file_is_the_official_format(finetuned, task_corpus):
 
 
 def test_multiple_choice_finetunes_above_chance(finetuned, task_corpus):
+    # started from the grounding checkpoint, segment B's row from its segment A (VCR's recipe)
+    assert "segment B's token-type embedding starts as segment A's" in finetuned["logs"][0]
     m = finetuned["mc"]["metrics"]
     assert m["num_samples"] == len(read_rows(os.path.join(task_corpus, "mc", "val")))
     assert m["chance"] == pytest.approx(25.0)

@@ -122,6 +122,9 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     init_from: str = ""                      # HF BERT folder, our export, or a checkpoint
+    # with init_from (not on resume): segment B's token-type row starts as segment A's
+    # (VL-BERT's VCR recipe, PARTIAL_PRETRAIN_SEGMB_INIT: its pretraining trains only A)
+    init_segment_b_from_a: bool = False
     resume: str = ""                         # "" | auto | path to a checkpoint folder
     log_every: int = 10
     save_every_steps: int = 0
@@ -145,7 +148,13 @@ class TaskConfig:
     num_answers: int = 3129                  # vqa: size of the dataset's answer_vocab.json
     # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
     vqa_head: Literal["vlp", "vlbert"] = "vlp"
+    # vqa, training: question tokens corrupted as MLM inputs are (80% [MASK], 10% random,
+    # 10% kept; no MLM loss): VLP's --mask_prob 0 --max_pred 1 still corrupts 1 (its recipe)
+    vqa_question_noise: int = 0
     eval_split: Literal["val", "test"] = "val"   # mode=eval evaluates data.<eval_split>
+    # mc: softmax (cross-entropy over the choices) | sigmoid (each choice a binary target,
+    # VL-BERT's VCR recipe: CLASSIFIER_SIGMOID)
+    mc_loss: Literal["softmax", "sigmoid"] = "softmax"
     # caption: decoding (vltrain/decoding.py) and fine-tuning
     beam_size: int = 5                       # caption, mode=eval: beam width (1 = greedy)
     val_beam_size: int = 1                   # caption, validation during training (VLP: greedy)
@@ -324,6 +333,8 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
     for name in ("micro_batch_size", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
+    if cfg.task.vqa_question_noise < 0:
+        raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     return cfg
 
 

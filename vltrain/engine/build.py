@@ -62,6 +62,19 @@ def init_weights(model: VLModel, path: str) -> dict:
     return task_state
 
 
+def segment_b_from_a(model: VLModel) -> None:
+    """``train.init_segment_b_from_a``: segment B's token-type embedding (row 1) starts as
+    segment A's (row 0), as VL-BERT's VCR fine-tuning does (``PARTIAL_PRETRAIN_SEGMB_INIT``):
+    its pretraining feeds text as segment A only, so row B is still BERT's when the answer
+    (segment B) first reads it."""
+    table = model.embeddings.token_type.weight
+    if table.shape[0] < 2:
+        raise ValueError(f"train.init_segment_b_from_a: model.type_vocab_size={table.shape[0]} has no segment B")
+    with torch.no_grad():
+        table[1].copy_(table[0])
+    log.info("train.init_segment_b_from_a: segment B's token-type embedding starts as segment A's")
+
+
 def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, require_heads: bool) -> None:
     """Copy a checkpoint's task-level tensors (heads) into the task module where the names
     match. ``require_heads`` (mode=eval): every task-level parameter must come from the
@@ -193,6 +206,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     task_state: dict = {}
     if cfg.train.init_from and found is None:
         task_state = init_weights(model, cfg.train.init_from)
+        if cfg.train.init_segment_b_from_a:
+            segment_b_from_a(model)
     elif cfg.mode == "eval":
         raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
     from vltrain.model.compile import maybe_compile

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vltrain.data.batch import MODE_BIDIRECTIONAL, Batch
+from vltrain.data import masking
 from vltrain.data.collate import SKIPPED_KEY, PretrainCollator, StreamInfo, _Example
 from vltrain.data.errors import BadSampleError
 
@@ -143,6 +144,7 @@ class VQACollator(TaskCollator):
         super().__init__(cfg, tokenizer, infos, train)
         self.num_answers = int(cfg.task.num_answers)
         self.layout = cfg.task.vqa_head
+        self.question_noise = int(cfg.task.vqa_question_noise)
 
     def example(self, sample):
         s, info = self._stream_of(sample)
@@ -153,11 +155,13 @@ class VQACollator(TaskCollator):
             ids = [self.cls_id, self.sep_id, *words, self.stop_id]
             ttype = [0] * len(ids)
             pos = 1                                               # the [SEP] after the regions
+            noisy = range(2, len(ids))                            # the words and [STOP], as VLP's loader
         else:
             words = question[: L - 4]
             ids = [self.cls_id, *words, self.sep_id, self.mask_id, self.stop_id]
             ttype = [0] * (len(words) + 2) + [1, 1]
             pos = len(words) + 2                                  # the [MASK]
+            noisy = range(1, len(words) + 1)
         tids = np.asarray(self._get(info, sample, "target_ids")).reshape(-1).astype(np.int64)
         tsc = np.asarray(self._get(info, sample, "target_scores")).reshape(-1).astype(np.float32)
         if tids.shape != tsc.shape:
@@ -170,6 +174,11 @@ class VQACollator(TaskCollator):
             raise self._bad(info, sample, f"target_ids {tids.tolist()} outside [0, {self.num_answers}): the "
                                           f"dataset's answer vocabulary is larger than task.num_answers")
         ex = self._image_example(info, sample, ids, ttype, len(words) < len(question))
+        if self.train and self.question_noise and len(noisy):
+            rng = masking.sample_rng(self.seed, self.epoch, ex.sample_id, s)
+            at = rng.choice(np.asarray(noisy), size=min(self.question_noise, len(noisy)), replace=False)
+            masking.apply_mlm(rng, ex.ids, at, self.mask_id, self.random_pool,
+                              self.obj.mask_token_prob, self.obj.random_token_prob)
         extra = {"qid": int(sample.get("question_id", ex.sample_id)), "tids": tids, "tsc": tsc, "pos": pos,
                  "image_id": str(sample.get("image_id", ""))}
         if not self.train:

@@ -58,17 +58,23 @@ class MLMAnswerHead(nn.Module):
 
 
 class RegionScoreHead(nn.Module):
-    """VL-BERT's RefCOCO+ scorer on each region's final state:
-    dropout -> Linear(H, H) -> ReLU -> dropout -> Linear(H, 1)."""
+    """VL-BERT's RefCOCO+ scorer on each region's final state: the masked-region head's
+    transform, then Linear(H, 1).
 
-    def __init__(self, hidden: int, dropout: float, std: float = 0.02):
+    As VL-BERT's RefCOCO+ recipe: its ``final_mlp`` starts from the pretrained masked-RoI head's
+    transform (``mvrc_head.transform -> final_mlp.0``), no dropout (``CLASSIFIER_DROPOUT: 0``),
+    and a Xavier-uniform scoring layer with zero bias. Ours copies ``model.mrc_head.transform``
+    (dense -> act -> LayerNorm; VL-BERT's transform has no LayerNorm)."""
+
+    def __init__(self, model):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Dropout(dropout), nn.Linear(hidden, 1))
-        self.apply(lambda m: init_bert_(m, std))
+        self.transform = copy.deepcopy(model.mrc_head.transform)
+        self.score = nn.Linear(model.config.hidden_size, 1)
+        nn.init.xavier_uniform_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
 
     def forward(self, region_hidden: torch.Tensor) -> torch.Tensor:
-        return self.mlp(region_hidden).squeeze(-1)
+        return self.score(self.transform(region_hidden)).squeeze(-1)
 
 
 def expand_regions(batch, k: int) -> dict:

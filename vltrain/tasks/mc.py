@@ -1,6 +1,8 @@
 """Multiple choice in VL-BERT's VCR format: for each choice, ``[CLS] question [SEP] answer [SEP]``
-with the image; the model's ``cls_head`` (pooled ``[CLS]`` -> one score) scores the pair, and a
-softmax over the choices is trained with cross-entropy. All choices of a sample run as one
+with the image; the model's ``cls_head`` (pooled ``[CLS]`` -> one score) scores the pair, trained
+with cross-entropy of the softmax over the choices (``task.mc_loss=softmax``) or, as VL-BERT's
+VCR recipe does (``CLASSIFIER_SIGMOID``), binary cross-entropy of each choice's score against
+"is the right one", averaged over the choices (``sigmoid``). All choices of a sample run as one
 (B*K)-row forward; the regions are expanded on the device, not copied K times on the host.
 
 Evaluation: accuracy (percent) of the highest-scoring choice; ``predictions.json`` holds each
@@ -23,9 +25,10 @@ class MultipleChoiceTask(nn.Module):
     """forward(batch) -> (loss, metrics); forward(batch, predict=True) -> {"scores": (B, K)}
     with -inf for padded choices."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss: str = "softmax"):
         super().__init__()
         self.model = model
+        self.loss = loss
 
     def forward(self, batch: Batch, predict: bool = False):
         t = batch.task
@@ -39,7 +42,14 @@ class MultipleChoiceTask(nn.Module):
         if predict:
             return {"scores": scores}
         label = t["label"]
-        loss = F.cross_entropy(scores, label, ignore_index=-1)
+        if self.loss == "sigmoid":
+            # masked mean, not boolean indexing: that would read the count back to the host
+            real = t["choice_valid"] & (label >= 0)[:, None]
+            right = F.one_hot(label.clamp(min=0), K).to(scores.dtype)
+            per = F.binary_cross_entropy_with_logits(scores.masked_fill(~real, 0.0), right, reduction="none")
+            loss = (per * real).sum() / real.sum().clamp(min=1)
+        else:
+            loss = F.cross_entropy(scores, label, ignore_index=-1)
         acc = (scores.argmax(1) == label).float().mean()
         return loss, {"loss": loss.detach(), "mc_acc": acc.detach()}
 
@@ -78,6 +88,6 @@ def mc_work(cfg, batch: Batch) -> Work:
     return Work(B * K, T + regions_in(batch), tokens)
 
 
-SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model),
+SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, cfg.task.mc_loss),
                 make_collator=lambda cfg, tok, infos, train: MCCollator(cfg, tok, infos, train),
                 evaluate=evaluate_mc, best_metric="accuracy", higher_is_better=True, work=mc_work)

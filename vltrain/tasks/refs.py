@@ -25,8 +25,7 @@ class GroundingTask(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.head = RegionScoreHead(model.config.hidden_size, model.config.hidden_dropout,
-                                    model.config.initializer_range)
+        self.head = RegionScoreHead(model)
 
     def forward(self, batch: Batch, predict: bool = False):
         out = self.model(batch.input_ids, batch.token_type_ids, batch.attention_mask,

@@ -3,7 +3,9 @@
 Per batch: one caption per image is *sampled* from the model (with gradient, dropout as in
 training), one is decoded *greedily* (no gradient, eval mode) as the baseline; the reward of
 each is its CIDEr-D against the image's references with document frequencies from a fixed
-corpus (the training references, like the reference SCST code's precomputed corpus idf).
+corpus (the training references), the standard self-critical recipe. VLP's own SCST code
+differs: it scores each sample against its one paired training caption, with document
+frequencies from the batch's captions (README, "Where vltrain departs from the reference code").
 Loss = - (r(sample) - r(greedy)) * log p(sample), averaged over the sampled tokens
 (the [STOP] step included), so captions that beat the greedy one become more likely.
 
