@@ -125,6 +125,50 @@ def test_vlbert_captions_use_vlbert_text_layout(tok):
     assert any(len(v[1]) - 1 in v[3] for v in vlp.values())
 
 
+def test_share_budget_is_vlbert_rule():
+    from vltrain.data.collate import share_budget
+    assert share_budget(12, 100, 64) == (12, 52)       # a short caption keeps its words
+    assert share_budget(40, 100, 64) == (32, 32)       # a long one shares evenly
+    assert share_budget(70, 5, 64) == (59, 5)
+    assert share_budget(10, 20, 64) == (10, 20)        # under the budget: nothing cut
+    assert share_budget(10, 10, 4) == (2, 2)           # [CLS] [SEP] and a region always stay
+    assert share_budget(13, 10, 6, min_text=3) == (3, 3)   # VLP's layout: [CLS] [SEP] [STOP] stay
+
+
+def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
+    """data.max_sequence (VL-BERT's seq_len): an image-caption sample's regions are ordered by
+    the detector's confidence (highest class probability first), then text and regions are cut
+    together; the regions it drops are not counted as truncated. 0: stored order, separate caps."""
+    from vltrain.data.collate import share_budget
+    samples = caps(40, regions=(10, 30), words=(2, 25))
+    obj = ObjectivesConfig(mlm=False, mrc=False)
+    budget = DataConfig(max_text_len=40, max_sequence=24)
+    b = make(tok, budget, obj, vlbert=True, require_cls_probs=True)(samples)
+    got = rows(b)
+    cut_regions = set(b.task.get(TRUNCATED_KEY, ((), ()))[1])
+    for i, smp in enumerate(samples):
+        ids = got[smp["sample_id"]][1]
+        r = int(b.region_mask[i].sum())
+        k = len(smp["features"])
+        assert len(ids) + r <= 24 and smp["sample_id"] not in cut_regions
+        full = [len(e) for e in (tok.encode(c)[:38] for c in smp["captions"]) if e[:len(ids) - 2] == ids[1:-1]]
+        assert (len(ids), r) in {share_budget(n + 2, k, 24) for n in full}, (len(ids), r, full, k)
+        order = np.argsort(-smp["cls_prob"].astype(np.float32).max(1), kind="stable")[:r]
+        np.testing.assert_array_equal(b.region_feats[i, :r].float().numpy(),
+                                      smp["features"][order].astype(np.float32))
+    # the order needs the class distribution, not a use of it: read for the order alone
+    alone = make(tok, budget, obj, vlbert=True)(samples)
+    torch.testing.assert_close(alone.region_feats, b.region_feats)
+    assert alone.region_cls_probs is None
+    vlp = rows(make(tok, budget, obj, require_cls_probs=True)(samples))     # [CLS] [SEP] w.. [STOP]
+    assert all(len(v[1]) >= 3 and v[1][:2] == [CLS, SEP] for v in vlp.values())
+    plain = make(tok, DataConfig(max_text_len=40), obj, vlbert=True, require_cls_probs=True)(samples)
+    for i, smp in enumerate(samples):
+        k = len(smp["features"])
+        assert int(plain.region_mask[i].sum()) == k
+        np.testing.assert_array_equal(plain.region_feats[i, :k].float().numpy(), smp["features"].astype(np.float32))
+
+
 def test_vlbert_mrc_keeps_the_stored_whole_image_feature_out(tok):
     """A stored whole-image feature was extracted with the masked regions in view: a VL-BERT
     model with MRC refuses it (naming the key); with regions_mean the batch carries the mean of

@@ -94,6 +94,21 @@ def test_batch_sizes_must_be_positive():
     for key in ("train.micro_batch_size", "train.grad_accum"):
         with pytest.raises(ConfigError, match=rf"'{key}': must be at least 1, got 0"):
             load_config(None, [f"{key}=0"])
+    with pytest.raises(ConfigError, match=r"'data.max_sequence': 0 \(off\) or at least 4"):
+        load_config(None, ["data.max_sequence=3"])
+    assert load_config(None, ["data.max_sequence=0"]).data.max_sequence == 0
+
+
+def test_a_key_of_one_task_set_for_another_is_refused():
+    """A key only one task reads, set for another task, would change nothing: refused, naming it."""
+    for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain"),
+                       (["task.vqa_question_noise=1", "task.name=mc"], "vqa"),
+                       (["task.mc_loss=sigmoid"], "mc")):
+        with pytest.raises(ConfigError, match=rf"is read by task.name={task} only, not by task.name="):
+            load_config(None, over)
+    assert load_config(None, ["task.mc_loss=sigmoid", "task.name=mc"]).task.mc_loss == "sigmoid"
+    with pytest.raises(ConfigError, match="'train.init_segment_b_from_a': needs train.init_from"):
+        load_config(None, ["train.init_segment_b_from_a=true"])
 
 
 def test_a_recipes_placeholder_is_refused_where_it_would_be_read():

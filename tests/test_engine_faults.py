@@ -75,7 +75,7 @@ def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthe
     assert logs[1].count("the previous good batch stands in") == 2, logs[1][-3000:]
     for tag in ("data/truncated_text", "data/truncated_regions"):
         assert [e.value for e in acc.Scalars(tag)] == [1.0] * 20, tag
-    assert "have more text than data.max_text_len allows" in logs[0]
+    assert "have more text than data.max_text_len (or data.max_sequence) allows" in logs[0]
     assert logs[1].count("stands in at zero weight") == 4
 
 

@@ -443,6 +443,37 @@ def test_multiple_choice_finetunes_above_chance(finetuned, task_corpus):
     assert m["accuracy"] >= 25.0 + MARGIN["mc"], m
 
 
+def test_fine_tuned_sources_keep_their_segment_b_and_stale_heads_are_named(finetuned, caplog):
+    """train.init_segment_b_from_a copies segment A's row only from a source not fine-tuned for
+    this task (our checkpoints say which task trained them); a checkpoint tensor under this
+    task's head that matches none of its parameters (an earlier head layout) is named: an error
+    in mode=eval, a warning in training."""
+    from vltrain.ckpt.layout import locate, read_config
+    from vltrain.engine.build import load_task_weights, segment_b_from_a, trained_task
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    ckpt = {t: os.path.join(finetuned[t]["run"], "checkpoints", f"step_{STEPS[t]:08d}") for t in ("mc", "refs")}
+    assert trained_task(ckpt["mc"]) == "mc" and trained_task(ckpt["refs"]) == "refs"
+    cfg = read_config(locate(ckpt["mc"]))
+    model = VLModel(cfg.model)
+    table = model.embeddings.token_type.weight
+    b = table[1].detach().clone()
+    segment_b_from_a(model, ckpt["mc"], "mc")                 # already fine-tuned for mc: kept
+    assert torch.equal(table[1], b)
+    segment_b_from_a(model, ckpt["refs"], "mc")               # from another task: copied
+    assert torch.equal(table[1], table[0])
+
+    refs_cfg = read_config(locate(ckpt["refs"]))
+    task = get_task("refs").build_module(refs_cfg, VLModel(refs_cfg.model))
+    old = {"head.mlp.1.weight": torch.zeros(4, 4), "head.mlp.1.bias": torch.zeros(4)}
+    with pytest.raises(ValueError, match=r"\['head.mlp.1.bias', 'head.mlp.1.weight'\] match no parameter of "
+                                         r"the GroundingTask.*earlier layout"):
+        load_task_weights(task, old, "old-refs", require_heads=True)
+    with caplog.at_level("WARNING", logger="vltrain.engine.build"):
+        load_task_weights(task, old, "old-refs", require_heads=False)
+    assert "that head starts fresh" in caplog.text
+
+
 def test_grounding_finetunes_above_the_largest_region(finetuned, task_corpus):
     val = read_rows(os.path.join(task_corpus, "refs", "val"))
     base = largest_region_baseline(val, 8)

@@ -74,6 +74,10 @@ class DataConfig:
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
     max_text_len: int = 40
     max_regions: int = 100
+    # pretraining, image-caption samples: > 0 = VL-BERT's joint budget (its seq_len): regions
+    # ordered by detector confidence, text + regions cut together to this many positions
+    # (data/collate.share_budget); 0 = max_text_len and max_regions apply separately
+    max_sequence: int = 0
     pad_to: Literal["longest", "bucket"] = "longest"
     buckets: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     num_workers: int = 2
@@ -333,8 +337,21 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
     for name in ("micro_batch_size", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
+    if cfg.data.max_sequence and cfg.data.max_sequence < 4:
+        raise ConfigError(f"config key 'data.max_sequence': 0 (off) or at least 4 (the text's special tokens "
+                          f"and a region), got {cfg.data.max_sequence}")
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
+    # keys one task reads: set for another, they would change nothing without a word
+    for key, value, default, task in (("data.max_sequence", cfg.data.max_sequence, 0, "pretrain"),
+                                      ("task.vqa_question_noise", cfg.task.vqa_question_noise, 0, "vqa"),
+                                      ("task.mc_loss", cfg.task.mc_loss, "softmax", "mc")):
+        if value != default and cfg.task.name != task:
+            raise ConfigError(f"config key '{key}': {value!r} is read by task.name={task} only, not by "
+                              f"task.name={cfg.task.name}")
+    if cfg.train.init_segment_b_from_a and not cfg.train.init_from:
+        raise ConfigError("config key 'train.init_segment_b_from_a': needs train.init_from (the weights whose "
+                          "segment A row it copies)")
     return cfg
 
 

@@ -216,7 +216,7 @@ def sample_captions(model, batch, tok: DecodeTokens, *, max_len: int = 20, min_l
     Runs in the model's current mode (training: dropout on, as SCST samples). Returns
     ``(words (B, L), logprobs (B, L), mask (B, L) float)``: ``logprobs`` are the sampled
     tokens' log-probabilities under the distribution they were drawn from (the model's,
-    renormalised over the tokens the constraints allow; at temperature 1), the [STOP] step
+    renormalised over the tokens the constraints allow, at ``temperature``), the [STOP] step
     included, differentiable; ``mask`` marks
     the steps that belong to the caption (words and its [STOP])."""
     DecodeOptions(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram).check()
@@ -244,9 +244,9 @@ def _run_greedy(model, images, tok, max_len, min_len, no_repeat_ngram, use_cache
         allowed = _forbid(logp, words, tok, min_len, no_repeat_ngram, forbidden)
         if sample:
             nxt = _sample(allowed.detach() / temperature, generator)
-            # log-probability under the policy that drew it (the model over the allowed
-            # tokens): REINFORCE's gradient needs that one, not the unconstrained softmax's
-            lp = F.log_softmax(allowed, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+            # log-probability under the policy that drew it (the model over the allowed tokens,
+            # at the sampling temperature): REINFORCE's gradient needs that one
+            lp = F.log_softmax(allowed / temperature, dim=-1).gather(1, nxt[:, None]).squeeze(1)
         else:
             nxt = allowed.argmax(-1)
             lp = logp.gather(1, nxt[:, None]).squeeze(1)

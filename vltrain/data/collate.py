@@ -82,6 +82,23 @@ class _Example:
     cut_regions: bool = False               # more regions than data.max_regions
 
 
+def share_budget(n_text: int, n_regions: int, budget: int, min_text: int = 2) -> tuple[int, int]:
+    """(text tokens, regions) kept of ``n_text`` + ``n_regions`` under a joint ``budget``, VL-BERT's
+    rule (its pretraining datasets' "truncate seq to max len"): while together they exceed it, drop a
+    region if the regions outnumber the text tokens, else a text token; at least ``min_text``
+    text tokens (the layout's special ones: VL-BERT's [CLS] [SEP], VLP's [CLS] [SEP] [STOP]) and
+    1 region stay. About 50 regions and the caption at VL-BERT's 64. The
+    regions this drops are not counted as cut (``data/truncated_regions``): that is the design;
+    text it drops is (a long caption loses words)."""
+    t, r = n_text, n_regions
+    while t + r > budget and t > 0 and r > 0:
+        if r > t:
+            r -= 1
+        else:
+            t -= 1
+    return max(t, min_text), max(r, 1)
+
+
 def _ids_by(exs: list[_Example], key) -> str:
     """``"8 (sample_id 1, 4), 16 (sample_id 7)"``: which samples of a batch have which value."""
     groups: dict = {}
@@ -218,8 +235,11 @@ class PretrainCollator:
             n_bad = int((~np.isfinite(arr.astype(np.float32))).sum())
             raise self._bad(info, sample, f"column '{col}' has {n_bad} NaN/inf values")
 
-    def _regions(self, info: StreamInfo, sample: dict):
-        """Validated (feats, boxes, cls or None, image_feat or None, cut), cut to max_regions."""
+    def _regions(self, info: StreamInfo, sample: dict, by_confidence: bool = False):
+        """Validated (feats, boxes, cls or None, image_feat or None, cut), cut to max_regions;
+        ``by_confidence``: first ordered by the detector's confidence (the highest class
+        probability, highest first; stored order where the sample has no class distribution),
+        as VL-BERT's pretraining orders them before its joint cut."""
         meta = info.meta
         feats = np.asarray(self._get(info, sample, "features"))
         if feats.ndim != 2:
@@ -237,12 +257,19 @@ class PretrainCollator:
         if boxes.shape != (n, 4):
             raise self._bad(info, sample, f"column 'boxes' has shape {boxes.shape}, expected ({n}, 4)")
         k = min(n, self.data.max_regions)
+        # Class distributions (100 x 1601 fp16: more bytes than the features) are read only for
+        # what uses them: region classification targets and VLP's class-embedding term.
+        has_cls = meta.get("has_cls_prob") or (not meta and "cls_prob" in sample)
+        ordering = by_confidence and (self._needs_classes() or has_cls)
+        cls = self._classes(info, sample, meta, n, n if ordering else k) if self._needs_classes() or ordering else None
+        if ordering:
+            order = np.argsort(-np.asarray(cls, np.float32).max(1), kind="stable")[:k]
+            feats, boxes, cls = feats[order], boxes[order], cls[order]
+            if not self._needs_classes():
+                cls = None                    # read for the order only
         feats, boxes = feats[:k], boxes[:k]
         self._finite(info, sample, "features", feats)
         self._finite(info, sample, "boxes", boxes)
-        # Class distributions (100 x 1601 fp16: more bytes than the features) are read only for
-        # what uses them: region classification targets and VLP's class-embedding term.
-        cls = self._classes(info, sample, meta, n, k) if self._needs_classes() else None
         image_feat = None
         stored = meta.get("has_image_feature") or (not meta and "image_feature" in sample)
         if stored and self.data.image_feature == "stored":
@@ -292,11 +319,18 @@ class PretrainCollator:
             j = int(rng.integers(len(caps)))
             if not text_ids:
                 raise self._bad(info, sample, f"caption {j} is empty after tokenisation: {caps[j]!r}")
+            regions = self._regions(info, sample, by_confidence=bool(self.data.max_sequence))
+            special = 2 if self.vlbert else 3
+            words = text_ids[: self.data.max_text_len - special]
+            if self.data.max_sequence:
+                n_text, n_regions = share_budget(len(words) + special, len(regions[0]), self.data.max_sequence,
+                                                 min_text=special)
+                words = words[: n_text - special]
+                regions = (regions[0][:n_regions], regions[1][:n_regions],
+                           None if regions[2] is None else regions[2][:n_regions], *regions[3:])
             if self.vlbert:
-                words = text_ids[: self.data.max_text_len - 2]
                 ids = np.array([self.cls_id, *words, self.sep_id], np.int64)
             else:
-                words = text_ids[: self.data.max_text_len - 3]
                 ids = np.array([self.cls_id, self.sep_id, *words, self.stop_id], np.int64)
             first = len(ids) - len(words) - 1                        # the caption's first token
             mode = MODE_SEQ2SEQ if rng.random() < obj.seq2seq_prob else MODE_BIDIRECTIONAL
@@ -333,7 +367,7 @@ class PretrainCollator:
             masking.apply_mlm(rng, ids, pos, self.mask_id, self.random_pool,
                               obj.mask_token_prob, obj.random_token_prob)
         if kind == "captions":
-            ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = self._regions(info, sample)
+            ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = regions
             if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
                 ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob)
         return ex

@@ -189,8 +189,9 @@ class VLDataLoader(StreamingDataLoader):
         text, regions = map(len, batch.task.get(TRUNCATED_KEY, ((), ())))
         if text and not self._warned_cuts[0]:
             self._warned_cuts[0] = True
-            log.warning("%d of %d samples of a micro-batch have more text than data.max_text_len allows: "
-                        "cut (the share per log interval is data/truncated_text)", text, batch.batch_size)
+            log.warning("%d of %d samples of a micro-batch have more text than data.max_text_len (or "
+                        "data.max_sequence) allows: cut (the share per log interval is data/truncated_text)",
+                        text, batch.batch_size)
         if regions and not self._warned_cuts[1]:
             self._warned_cuts[1] = True
             log.warning("%d of %d samples of a micro-batch have more regions than data.max_regions: the "

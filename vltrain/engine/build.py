@@ -62,11 +62,32 @@ def init_weights(model: VLModel, path: str) -> dict:
     return task_state
 
 
-def segment_b_from_a(model: VLModel) -> None:
+def trained_task(path: str) -> Optional[str]:
+    """The task a train.init_from source was trained for, where vltrain wrote it down: one of our
+    checkpoints (its config.yaml), an export-hf folder (vltrain_config.yaml) or a consolidated
+    file (<stem>.yaml beside it); None for other weights (a BERT folder)."""
+    from vltrain.config import load_run_config
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "vltrain_config.yaml")):
+            return load_run_config(os.path.join(path, "vltrain_config.yaml")).task.name
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            from vltrain.ckpt.layout import locate, read_config
+            return read_config(locate(path)).task.name
+        return None
+    beside = os.path.splitext(path)[0] + ".yaml"
+    return load_run_config(beside).task.name if os.path.isfile(beside) else None
+
+
+def segment_b_from_a(model: VLModel, source: str = "", task: str = "") -> None:
     """``train.init_segment_b_from_a``: segment B's token-type embedding (row 1) starts as
     segment A's (row 0), as VL-BERT's VCR fine-tuning does (``PARTIAL_PRETRAIN_SEGMB_INIT``):
     its pretraining feeds text as segment A only, so row B is still BERT's when the answer
-    (segment B) first reads it."""
+    (segment B) first reads it. Not from one of our checkpoints of the same task (training
+    continued from a fine-tuned model keeps its row B); ``mode=eval`` never comes here."""
+    if source and task and trained_task(source) == task:
+        log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment B row "
+                    "is kept", source, task)
+        return
     table = model.embeddings.token_type.weight
     if table.shape[0] < 2:
         raise ValueError(f"train.init_segment_b_from_a: model.type_vocab_size={table.shape[0]} has no segment B")
@@ -90,6 +111,18 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
                                  f"{type(task).__name__} expects {tuple(own[name].shape)}")
             own[name].copy_(t.to(own[name].dtype))
             loaded.append(name)
+    # A task tensor of the checkpoint under one of this module's heads but with no parameter to
+    # go to: the head's layout changed since it was written (RefCOCO's, for one). Say so
+    # rather than start that head fresh in silence.
+    heads = {n.split(".")[0] + "." for n in own}
+    stale = sorted(n for n in task_state if n not in own and n.startswith(tuple(heads)))
+    if stale:
+        msg = (f"train.init_from={source}: {stale[:6]} match no parameter of the {type(task).__name__}, "
+               f"whose head has other parameters ({sorted(set(own) - set(loaded))[:6]}): written by "
+               f"an earlier layout of this task's head")
+        if require_heads:
+            raise ValueError(msg + "; evaluate it with the vltrain version that trained it")
+        log.warning("%s; that head starts fresh", msg)
     missing = sorted(set(own) - set(loaded))
     if require_heads and missing:
         raise ValueError(f"train.init_from={source or '(empty)'} has no weights for {missing[:6]}: mode=eval "
@@ -206,8 +239,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     task_state: dict = {}
     if cfg.train.init_from and found is None:
         task_state = init_weights(model, cfg.train.init_from)
-        if cfg.train.init_segment_b_from_a:
-            segment_b_from_a(model)
+        if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
+            segment_b_from_a(model, cfg.train.init_from, cfg.task.name)
     elif cfg.mode == "eval":
         raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
     from vltrain.model.compile import maybe_compile
