@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.fixtures.mds import make_caption_samples, make_text_samples
-from vltrain.config import DataConfig, ObjectivesConfig
+from vltrain.config import ConfigError, DataConfig, ObjectivesConfig, load_config
 from vltrain.data import schema
 from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ
 from vltrain.data.collate import SKIPPED_KEY, TRUNCATED_KEY, PretrainCollator, StreamInfo
@@ -184,7 +184,8 @@ def test_vlbert_mrc_keeps_the_stored_whole_image_feature_out(tok):
     assert plain.image_feat is None and len(b.mrc_positions) > 0       # no MRC: the model averages
     B, N, D = plain.region_feats.shape
     keep = plain.region_mask.clone()
-    keep.view(-1)[b.mrc_positions] = False
+    flat = b.region_feats.view(B * N, D)
+    keep.view(-1)[b.mrc_positions[(flat[b.mrc_positions] == 0).all(1)]] = False   # the zeroed ones
     assert keep.sum() < plain.region_mask.sum() and keep.any(1).all()
     for i in range(B):
         want = plain.region_feats[i][keep[i]].float().mean(0)
@@ -299,7 +300,7 @@ def test_whole_word_masking_masks_whole_words(tok):
 
 
 def test_masked_regions_zeroed_exactly_where_targets_exist(tok):
-    obj = ObjectivesConfig(mrc=True, mrc_prob=0.15)
+    obj = ObjectivesConfig(mrc=True, mrc_prob=0.15, mrc_zero_prob=1.0)
     samples = caps(60, regions=(1, 30)) + texts(5)
     b = make(tok, obj=obj)(samples)
     by_id = {s["sample_id"]: s for s in samples}
@@ -330,6 +331,33 @@ def test_masked_regions_zeroed_exactly_where_targets_exist(tok):
         if n > 0:   # unmasked feature rows are non-zero, so zeros really mark the masked ones
             assert (orig[~rm].abs().sum(1) > 0).all()
     assert k == len(b.mrc_targets) and b.mrc_targets.dtype == torch.float16  # as stored
+
+
+def test_mrc_zeroes_ninety_percent_of_the_predicted_regions(tok):
+    """objectives.mrc_zero_prob (VL-BERT: 0.9): of the regions predicted, that share have their
+    features and class distributions zeroed; the rest keep their inputs, and every one of them
+    is a target with its stored distribution."""
+    samples = caps(400, regions=(10, 30))
+    b = make(tok, obj=ObjectivesConfig(mrc=True, mrc_prob=0.15))(samples)
+    B, N, D = b.region_feats.shape
+    by_row = {i: s for i, s in enumerate(samples)}
+    zeroed = kept = 0
+    for j, p in enumerate(b.mrc_positions.tolist()):
+        r, n = divmod(p, N)
+        s = by_row[r]
+        orig = torch.from_numpy(s["features"][n].astype(np.float32))
+        cls = torch.from_numpy(s["cls_prob"][n].astype(np.float32))
+        assert torch.equal(b.mrc_targets[j].float(), cls)
+        if (b.region_feats[r, n] == 0).all():
+            assert (b.region_cls_probs[r, n] == 0).all()
+            zeroed += 1
+        else:
+            assert torch.equal(b.region_feats[r, n].float(), orig) and torch.equal(b.region_cls_probs[r, n].float(), cls)
+            kept += 1
+    assert 0.85 <= zeroed / (zeroed + kept) <= 0.95, (zeroed, kept)
+    assert zeroed + kept == len(b.mrc_positions) > 500
+    with pytest.raises(ConfigError, match="objectives.mrc_zero_prob"):
+        load_config(None, ["objectives.mrc_zero_prob=1.5"])
 
 
 # ---------------------------------------------------------------------------- determinism

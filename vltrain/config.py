@@ -108,6 +108,9 @@ class ObjectivesConfig:
                                              # image-text rows (VL-BERT's mlm_loss_aux + mlm_loss_wvc)
     mrc: bool = False                        # masked region classification
     mrc_prob: float = 0.15
+    # of the regions chosen for MRC, the share whose inputs are zeroed; the rest keep them and
+    # are still predicted (VL-BERT's 90% / 10%, as BERT keeps 10% of its masked tokens)
+    mrc_zero_prob: float = 0.9
     mrc_weight: float = 1.0
     loss_reduction: Literal["token", "example"] = "token"   # token (BERT) | example (accumulation-invariant)
 
@@ -340,6 +343,8 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
     if cfg.data.max_sequence and cfg.data.max_sequence < 4:
         raise ConfigError(f"config key 'data.max_sequence': 0 (off) or at least 4 (the text's special tokens "
                           f"and a region), got {cfg.data.max_sequence}")
+    if not 0.0 <= cfg.objectives.mrc_zero_prob <= 1.0:
+        raise ConfigError(f"config key 'objectives.mrc_zero_prob': a share in [0, 1], got {cfg.objectives.mrc_zero_prob}")
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     # keys one task reads: set for another, they would change nothing without a word

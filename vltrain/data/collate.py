@@ -14,11 +14,12 @@ this order: caption choice, mode, MLM positions, MLM corruption, masked regions)
     number of word-pieces of the (truncated) caption/text, *not* counting specials. Candidates
     are those word-pieces plus, for VLP-layout captions, the [STOP] token (as VLP/UniLM: the
     model must learn to predict the end). Chosen tokens: 80% [MASK], 10% random non-special token, 10% kept.
-  * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions; their features
-    and class distributions are zeroed in the input (the distribution is the target, so it
-    must not leak through the VLP class-embedding term); boxes are kept, as in VL-BERT. A
-    VL-BERT model's whole-image feature is then the mean of the unmasked regions (as VL-BERT
-    computes it), given as ``image_feat``. A
+  * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions are predicted;
+    of them a share ``mrc_zero_prob`` (VL-BERT: 90%) have their features and class
+    distributions zeroed in the input (the distribution is the target, so it must not leak
+    through the VLP class-embedding term), the rest are left as they are (VL-BERT's 10%);
+    boxes are kept, as in VL-BERT. A VL-BERT model's whole-image feature is then the mean of
+    the regions not zeroed (as VL-BERT computes it), given as ``image_feat``. A
     stored whole-image feature would show the masked regions to a VL-BERT model's text
     (VL-BERT zeroes their pixels before extracting it), so MRC refuses
     ``data.image_feature=stored`` there on a dataset that has one.
@@ -76,7 +77,8 @@ class _Example:
     feats: Optional[np.ndarray] = None      # (n, D) as stored (may be read-only)
     boxes: Optional[np.ndarray] = None      # (n, 4) float32
     cls: Optional[np.ndarray] = None        # (n, C) as stored, or one-hot float32
-    mrc_pos: Optional[np.ndarray] = None    # region indices to mask
+    mrc_pos: Optional[np.ndarray] = None    # region indices to predict
+    mrc_zero: Optional[np.ndarray] = None   # (len(mrc_pos),) bool: its input zeroed
     image_feat: Optional[np.ndarray] = None
     cut_text: bool = False                  # text longer than data.max_text_len allows
     cut_regions: bool = False               # more regions than data.max_regions
@@ -370,6 +372,7 @@ class PretrainCollator:
             ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = regions
             if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
                 ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob)
+                ex.mrc_zero = rng.random(len(ex.mrc_pos)) < obj.mrc_zero_prob
         return ex
 
     def _text_of(self, sample: dict) -> str:
@@ -474,7 +477,7 @@ class PretrainCollator:
         cls = zeros((B, N, C), dtype=cls_dtype) if C is not None else None
         has_if = any(e.image_feat is not None for e in img)
         image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
-        mrc_pos = []
+        mrc_pos, zero_pos = [], []
         for i, e in enumerate(exs):
             if e.feats is None:
                 continue
@@ -492,24 +495,26 @@ class PretrainCollator:
                 image_feat[i].copy_(_t(e.image_feat))
             if e.mrc_pos is not None:
                 mrc_pos.append(e.mrc_pos + i * N)
+                zero_pos.append(e.mrc_pos[e.mrc_zero] + i * N)
         batch.region_feats, batch.region_boxes, batch.region_mask = feats, boxes, rmask
         batch.region_cls_probs, batch.image_feat = cls, image_feat
         if self.obj.mrc:
             pos = torch.from_numpy(np.concatenate(mrc_pos)) if mrc_pos else torch.zeros(0, dtype=torch.long)
             batch.mrc_positions = pos
-            # Targets first, then zero the masked regions' inputs (features and, since the
-            # class distribution is the target, the VLP class-embedding input too).
+            # Targets first, then zero the inputs of the regions chosen for it (features and,
+            # since the class distribution is the target, the VLP class-embedding input too).
             batch.mrc_targets = cls.view(B * N, C)[pos].clone()
+            zero = torch.from_numpy(np.concatenate(zero_pos)) if zero_pos else torch.zeros(0, dtype=torch.long)
             if self.vlbert and image_feat is None:
-                batch.image_feat = _unmasked_mean(feats, rmask, pos)
-            feats.view(B * N, D)[pos] = 0
-            cls.view(B * N, C)[pos] = 0
+                batch.image_feat = _unmasked_mean(feats, rmask, zero)
+            feats.view(B * N, D)[zero] = 0
+            cls.view(B * N, C)[zero] = 0
         return batch
 
 
 def _unmasked_mean(feats: torch.Tensor, rmask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(B, D) VL-BERT's whole-image feature from region features under MRC: the mean of the
-    real regions left unmasked (VL-BERT's pretraining data subtracts the masked regions from
+    real regions whose inputs are not zeroed (``pos``; VL-BERT's pretraining data subtracts them from
     the sum and divides by the rest; a mean over the zeroed inputs would shrink it by the
     masked share, ~15%, against fine-tuning's unmasked mean). 0 where every region is masked."""
     keep = rmask.clone()
