@@ -443,24 +443,32 @@ def test_multiple_choice_finetunes_above_chance(finetuned, task_corpus):
     assert m["accuracy"] >= 25.0 + MARGIN["mc"], m
 
 
-def test_fine_tuned_sources_keep_their_segment_b_and_stale_heads_are_named(finetuned, caplog):
-    """train.init_segment_b_from_a copies segment A's row only from a source not fine-tuned for
-    this task (our checkpoints say which task trained them); a checkpoint tensor under this
-    task's head that matches none of its parameters (an earlier head layout) is named: an error
-    in mode=eval, a warning in training."""
+def test_fine_tuned_sources_keep_their_segment_b_and_stale_heads_are_named(finetuned, caplog, tmp_path):
+    """Which task trained a train.init_from source, as our checkpoints and exports record it (read
+    as plain YAML: another version's config need not load as ours); build_training copies segment
+    A's row into B only from a source of another task. A head tensor of a source of the same task
+    that fits none of the head's parameters (an earlier head layout) is named: an error in
+    mode=eval, a warning in training; from another task's source, the usual missing-heads error."""
     from vltrain.ckpt.layout import locate, read_config
     from vltrain.engine.build import load_task_weights, segment_b_from_a, trained_task
     from vltrain.model import VLModel
     from vltrain.tasks import get_task
     ckpt = {t: os.path.join(finetuned[t]["run"], "checkpoints", f"step_{STEPS[t]:08d}") for t in ("mc", "refs")}
     assert trained_task(ckpt["mc"]) == "mc" and trained_task(ckpt["refs"]) == "refs"
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "vltrain_config.yaml").write_text("task: {name: vqa}\nsome_future_key: 1\n")
+    assert trained_task(str(export)) == "vqa" and trained_task(str(export / "model.safetensors")) == "vqa"
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text("{}")
+    assert trained_task(str(tmp_path / "bert")) is None
+    assert "segment B's token-type embedding starts as segment A's" in finetuned["logs"][0]   # refs -> mc
+
     cfg = read_config(locate(ckpt["mc"]))
     model = VLModel(cfg.model)
     table = model.embeddings.token_type.weight
-    b = table[1].detach().clone()
-    segment_b_from_a(model, ckpt["mc"], "mc")                 # already fine-tuned for mc: kept
-    assert torch.equal(table[1], b)
-    segment_b_from_a(model, ckpt["refs"], "mc")               # from another task: copied
+    segment_b_from_a(model)
     assert torch.equal(table[1], table[0])
 
     refs_cfg = read_config(locate(ckpt["refs"]))
@@ -468,9 +476,11 @@ def test_fine_tuned_sources_keep_their_segment_b_and_stale_heads_are_named(finet
     old = {"head.mlp.1.weight": torch.zeros(4, 4), "head.mlp.1.bias": torch.zeros(4)}
     with pytest.raises(ValueError, match=r"\['head.mlp.1.bias', 'head.mlp.1.weight'\] match no parameter of "
                                          r"the GroundingTask.*earlier layout"):
-        load_task_weights(task, old, "old-refs", require_heads=True)
+        load_task_weights(task, old, "old-refs", require_heads=True, same_task=True)
+    with pytest.raises(ValueError, match=r"needs a checkpoint fine-tuned for this task"):
+        load_task_weights(task, old, "a-vqa-model", require_heads=True, same_task=False)
     with caplog.at_level("WARNING", logger="vltrain.engine.build"):
-        load_task_weights(task, old, "old-refs", require_heads=False)
+        load_task_weights(task, old, "old-refs", require_heads=False, same_task=True)
     assert "that head starts fresh" in caplog.text
 
 

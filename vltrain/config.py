@@ -109,7 +109,8 @@ class ObjectivesConfig:
     mrc: bool = False                        # masked region classification
     mrc_prob: float = 0.15
     # of the regions chosen for MRC, the share whose inputs are zeroed; the rest keep them and
-    # are still predicted (VL-BERT's 90% / 10%, as BERT keeps 10% of its masked tokens)
+    # are still predicted (VL-BERT's 90% / 10%, as BERT keeps 10% of its masked tokens; VLP
+    # has no MRC in its recipes: set 1.0 to zero every one)
     mrc_zero_prob: float = 0.9
     mrc_weight: float = 1.0
     loss_reduction: Literal["token", "example"] = "token"   # token (BERT) | example (accumulation-invariant)
@@ -317,8 +318,10 @@ def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
     return build_section(Config, tree, raw=raw)
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -> Config:
-    """Config from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *, task_keys: bool = True) -> Config:
+    """Config from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
+    ``task_keys``: refuse keys set for a task that does not read them (``check_task_keys``);
+    off for a config a run saved, which is read as it was."""
     data = {}
     if path:
         try:
@@ -340,14 +343,20 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
     for name in ("micro_batch_size", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
-    if cfg.data.max_sequence and cfg.data.max_sequence < 4:
-        raise ConfigError(f"config key 'data.max_sequence': 0 (off) or at least 4 (the text's special tokens "
-                          f"and a region), got {cfg.data.max_sequence}")
+    if cfg.data.max_sequence and cfg.data.max_sequence < 8:
+        raise ConfigError(f"config key 'data.max_sequence': 0 (off) or at least 8 (room for the text's special "
+                          f"tokens, a word and a region beside them), got {cfg.data.max_sequence}")
     if not 0.0 <= cfg.objectives.mrc_zero_prob <= 1.0:
         raise ConfigError(f"config key 'objectives.mrc_zero_prob': a share in [0, 1], got {cfg.objectives.mrc_zero_prob}")
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
-    # keys one task reads: set for another, they would change nothing without a word
+    if task_keys:
+        check_task_keys(cfg)
+    return cfg
+
+
+def check_task_keys(cfg: Config) -> None:
+    """Keys one task reads, set for another, would change nothing without a word: refused."""
     for key, value, default, task in (("data.max_sequence", cfg.data.max_sequence, 0, "pretrain"),
                                       ("task.vqa_question_noise", cfg.task.vqa_question_noise, 0, "vqa"),
                                       ("task.mc_loss", cfg.task.mc_loss, "softmax", "mc")):
@@ -357,7 +366,6 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = ()) -
     if cfg.train.init_segment_b_from_a and not cfg.train.init_from:
         raise ConfigError("config key 'train.init_segment_b_from_a': needs train.init_from (the weights whose "
                           "segment A row it copies)")
-    return cfg
 
 
 PLACEHOLDER = "CHANGE-ME"      # what the cluster recipes name their data and weights with
@@ -384,14 +392,17 @@ def check_placeholders(cfg: "Config", resuming: Optional[bool] = None) -> None:
 
 
 def load_run_config(path: str) -> "Config":
-    """A ``config.yaml`` a run saved (its resolved config, e.g. in a checkpoint). One without
-    ``train.precision`` is from before that key existed and trained fp32, the default then
-    (the default is ``auto`` now; runs save what it resolved to)."""
-    cfg = load_config(path)
+    """A ``config.yaml`` a run saved (its resolved config, e.g. in a checkpoint), as it was
+    (no task-key check). Keys newer than the file take the value the run had then: one without
+    ``train.precision`` trained fp32 (the default is ``auto`` now; runs save what it resolved
+    to), one without ``objectives.mrc_zero_prob`` zeroed every predicted region (1.0)."""
+    cfg = load_config(path, task_keys=False)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if "precision" not in (raw.get("train") or {}):
         cfg.train.precision = "fp32"
+    if "mrc_zero_prob" not in (raw.get("objectives") or {}):
+        cfg.objectives.mrc_zero_prob = 1.0
     return cfg
 
 

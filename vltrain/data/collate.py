@@ -261,14 +261,21 @@ class PretrainCollator:
         k = min(n, self.data.max_regions)
         # Class distributions (100 x 1601 fp16: more bytes than the features) are read only for
         # what uses them: region classification targets and VLP's class-embedding term.
-        has_cls = meta.get("has_cls_prob") or (not meta and "cls_prob" in sample)
-        ordering = by_confidence and (self._needs_classes() or has_cls)
-        cls = self._classes(info, sample, meta, n, n if ordering else k) if self._needs_classes() or ordering else None
-        if ordering:
-            order = np.argsort(-np.asarray(cls, np.float32).max(1), kind="stable")[:k]
-            feats, boxes, cls = feats[order], boxes[order], cls[order]
-            if not self._needs_classes():
-                cls = None                    # read for the order only
+        needed = self._needs_classes()
+        cls = self._classes(info, sample, meta, n, n if by_confidence else k) if needed else None
+        conf = None
+        if by_confidence and needed:
+            conf = np.asarray(cls, np.float32).max(1)
+        elif by_confidence and (meta.get("has_cls_prob") or (not meta and "cls_prob" in sample)):
+            probs = np.asarray(self._get(info, sample, "cls_prob"))   # for the order only: rows and values
+            if probs.ndim != 2 or probs.shape[0] != n:
+                raise self._bad(info, sample, f"column 'cls_prob' has shape {probs.shape}, expected ({n}, C)")
+            self._finite(info, sample, "cls_prob", probs)
+            conf = probs.astype(np.float32).max(1)
+        if conf is not None:
+            order = np.argsort(-conf, kind="stable")[:k]
+            feats, boxes = feats[order], boxes[order]
+            cls = cls[order] if cls is not None else None
         feats, boxes = feats[:k], boxes[:k]
         self._finite(info, sample, "features", feats)
         self._finite(info, sample, "boxes", boxes)

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import torch
+import yaml
 
 from vltrain.config import Config, check_placeholders, config_to_dict
 from vltrain.engine import checkpoint as ckpt
@@ -64,30 +65,44 @@ def init_weights(model: VLModel, path: str) -> dict:
 
 def trained_task(path: str) -> Optional[str]:
     """The task a train.init_from source was trained for, where vltrain wrote it down: one of our
-    checkpoints (its config.yaml), an export-hf folder (vltrain_config.yaml) or a consolidated
-    file (<stem>.yaml beside it); None for other weights (a BERT folder)."""
-    from vltrain.config import load_run_config
+    checkpoints (its config.yaml), an export-hf folder or a file in one (vltrain_config.yaml), a
+    consolidated file or its folder (<stem>.yaml beside the weights); None for other weights (a
+    BERT folder) or a config that cannot be read (warned). Read as plain YAML: a config of
+    another vltrain version need not load as ours to say its task."""
+    from vltrain.ckpt.export import sidecar_paths
+    path = os.path.abspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    candidates = [os.path.join(folder, "vltrain_config.yaml")]
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "vltrain_config.yaml")):
-            return load_run_config(os.path.join(path, "vltrain_config.yaml")).task.name
         if not os.path.isfile(os.path.join(path, "config.json")):
-            from vltrain.ckpt.layout import locate, read_config
-            return read_config(locate(path)).task.name
-        return None
-    beside = os.path.splitext(path)[0] + ".yaml"
-    return load_run_config(beside).task.name if os.path.isfile(beside) else None
+            from vltrain.ckpt.layout import locate
+            try:
+                candidates = [os.path.join(locate(path).path, "config.yaml")]
+            except Exception as e:  # noqa: BLE001 — init_weights reports an unusable folder
+                log.warning("train.init_from=%s: cannot tell which task trained it (%s)", path, e)
+                return None
+        else:
+            candidates += [sidecar_paths(os.path.join(path, f))[1] for f in sorted(os.listdir(path))
+                           if f.endswith((".safetensors", ".pt"))]
+    else:
+        candidates.insert(0, sidecar_paths(path)[1])
+    for yml in candidates:
+        if os.path.isfile(yml):
+            try:
+                with open(yml) as f:
+                    return str(((yaml.safe_load(f) or {}).get("task") or {}).get("name", "pretrain"))
+            except (OSError, yaml.YAMLError, AttributeError) as e:
+                log.warning("train.init_from=%s: cannot read %s for its task (%s)", path, yml, e)
+                return None
+    return None
 
 
-def segment_b_from_a(model: VLModel, source: str = "", task: str = "") -> None:
+def segment_b_from_a(model: VLModel) -> None:
     """``train.init_segment_b_from_a``: segment B's token-type embedding (row 1) starts as
     segment A's (row 0), as VL-BERT's VCR fine-tuning does (``PARTIAL_PRETRAIN_SEGMB_INIT``):
     its pretraining feeds text as segment A only, so row B is still BERT's when the answer
-    (segment B) first reads it. Not from one of our checkpoints of the same task (training
-    continued from a fine-tuned model keeps its row B); ``mode=eval`` never comes here."""
-    if source and task and trained_task(source) == task:
-        log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment B row "
-                    "is kept", source, task)
-        return
+    (segment B) first reads it. ``build_training`` calls it in training only, and not from a
+    source already fine-tuned for the task (training continued from it keeps its row B)."""
     table = model.embeddings.token_type.weight
     if table.shape[0] < 2:
         raise ValueError(f"train.init_segment_b_from_a: model.type_vocab_size={table.shape[0]} has no segment B")
@@ -96,10 +111,13 @@ def segment_b_from_a(model: VLModel, source: str = "", task: str = "") -> None:
     log.info("train.init_segment_b_from_a: segment B's token-type embedding starts as segment A's")
 
 
-def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, require_heads: bool) -> None:
+def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, require_heads: bool,
+                      same_task: bool = False) -> None:
     """Copy a checkpoint's task-level tensors (heads) into the task module where the names
     match. ``require_heads`` (mode=eval): every task-level parameter must come from the
-    checkpoint, so a checkpoint of another task is an error rather than random predictions."""
+    checkpoint, so a checkpoint of another task is an error rather than random predictions.
+    ``same_task``: the source was trained for this task (``trained_task``), so a head tensor
+    of it that fits no parameter is an earlier layout of this head, named as such."""
     own = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
     loaded = []
     with torch.no_grad():
@@ -116,7 +134,7 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
     # rather than start that head fresh in silence.
     heads = {n.split(".")[0] + "." for n in own}
     stale = sorted(n for n in task_state if n not in own and n.startswith(tuple(heads)))
-    if stale:
+    if stale and same_task:
         msg = (f"train.init_from={source}: {stale[:6]} match no parameter of the {type(task).__name__}, "
                f"whose head has other parameters ({sorted(set(own) - set(loaded))[:6]}): written by "
                f"an earlier layout of this task's head")
@@ -237,10 +255,16 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
     model = VLModel(cfg.model)
     task_state: dict = {}
+    source_task = None
     if cfg.train.init_from and found is None:
         task_state = init_weights(model, cfg.train.init_from)
+        source_task = trained_task(cfg.train.init_from)
         if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
-            segment_b_from_a(model, cfg.train.init_from, cfg.task.name)
+            if source_task == cfg.task.name:
+                log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
+                            "B row is kept", cfg.train.init_from, source_task)
+            else:
+                segment_b_from_a(model)
     elif cfg.mode == "eval":
         raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
     from vltrain.model.compile import maybe_compile
@@ -248,7 +272,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     spec = get_task(cfg.task.name)
     task = spec.build_module(cfg, model)
     if cfg.mode == "eval" or task_state:
-        load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval")
+        load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
+                          same_task=source_task == cfg.task.name)
     if found is not None:
         check_model_matches(found.path, task)   # names the mismatched parameters and shapes
 
