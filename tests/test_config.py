@@ -126,6 +126,9 @@ def test_a_saved_config_reads_as_the_run_had_it(tmp_path):
     assert text != path.read_text()
     path.write_text(text)
     assert load_run_config(str(path)).objectives.mrc_zero_prob == 1.0     # older than the key
+    from vltrain.engine.build import warn_config_changes                  # a resume of it says so
+    now = load_config(None, ["task.name=vqa"])
+    assert "objectives.mrc_zero_prob 1.0 -> 0.9" in warn_config_changes(now, str(tmp_path))
 
 
 def test_a_recipes_placeholder_is_refused_where_it_would_be_read():
