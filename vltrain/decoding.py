@@ -243,10 +243,11 @@ def _run_greedy(model, images, tok, max_len, min_len, no_repeat_ngram, use_cache
         logp = F.log_softmax(stepper.logits(words).float(), dim=-1)
         allowed = _forbid(logp, words, tok, min_len, no_repeat_ngram, forbidden)
         if sample:
-            nxt = _sample(allowed.detach() / temperature, generator)
+            policy = allowed / temperature
+            nxt = _sample(policy.detach(), generator)
             # log-probability under the policy that drew it (the model over the allowed tokens,
             # at the sampling temperature): REINFORCE's gradient needs that one
-            lp = F.log_softmax(allowed / temperature, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+            lp = F.log_softmax(policy, dim=-1).gather(1, nxt[:, None]).squeeze(1)
         else:
             nxt = allowed.argmax(-1)
             lp = logp.gather(1, nxt[:, None]).squeeze(1)

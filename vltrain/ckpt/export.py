@@ -56,6 +56,9 @@ def _metadata(found: ckpt.Found, cfg) -> dict[str, str]:
             "vltrain_tied": "mlm decoder = embeddings.word.weight (stored once)"}
 
 
+EXPORT_CONFIG = "vltrain_config.yaml"     # an export-hf folder's complete training config
+
+
 def sidecar_paths(out_file: str) -> tuple[str, str]:
     """(config.json, <stem>.yaml) written beside a consolidated file."""
     folder = os.path.dirname(os.path.abspath(out_file))
@@ -134,7 +137,7 @@ def export_hf(found: ckpt.Found, out_dir: str, *, overwrite: bool = False, verbo
         config["vltrain_step"] = found.info.get("step")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        save_config(cfg, os.path.join(tmp, "vltrain_config.yaml"))
+        save_config(cfg, os.path.join(tmp, EXPORT_CONFIG))
         m = cfg.model
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(_README.format(name=os.path.basename(out_abs), source=found.path, step=found.info.get("step"),

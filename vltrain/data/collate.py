@@ -101,6 +101,11 @@ def share_budget(n_text: int, n_regions: int, budget: int, min_text: int = 2) ->
     return max(t, min_text), max(r, 1)
 
 
+def _has_cls_prob(meta: dict, sample: dict) -> bool:
+    """The dataset stores detector class distributions (its meta says so; a meta-less one: the sample has them)."""
+    return bool(meta.get("has_cls_prob") or (not meta and "cls_prob" in sample))
+
+
 def _ids_by(exs: list[_Example], key) -> str:
     """``"8 (sample_id 1, 4), 16 (sample_id 7)"``: which samples of a batch have which value."""
     groups: dict = {}
@@ -262,20 +267,13 @@ class PretrainCollator:
         # Class distributions (100 x 1601 fp16: more bytes than the features) are read only for
         # what uses them: region classification targets and VLP's class-embedding term.
         needed = self._needs_classes()
-        cls = self._classes(info, sample, meta, n, n if by_confidence else k) if needed else None
-        conf = None
-        if by_confidence and needed:
-            conf = np.asarray(cls, np.float32).max(1)
-        elif by_confidence and (meta.get("has_cls_prob") or (not meta and "cls_prob" in sample)):
-            probs = np.asarray(self._get(info, sample, "cls_prob"))   # for the order only: rows and values
-            if probs.ndim != 2 or probs.shape[0] != n:
-                raise self._bad(info, sample, f"column 'cls_prob' has shape {probs.shape}, expected ({n}, C)")
-            self._finite(info, sample, "cls_prob", probs)
-            conf = probs.astype(np.float32).max(1)
-        if conf is not None:
-            order = np.argsort(-conf, kind="stable")[:k]
-            feats, boxes = feats[order], boxes[order]
-            cls = cls[order] if cls is not None else None
+        # the order reads the stored distribution even where nothing else uses it (any width then)
+        ordered = by_confidence and (needed or _has_cls_prob(meta, sample))
+        cls = (self._classes(info, sample, meta, n, n if ordered else k, any_width=not needed)
+               if needed or ordered else None)
+        if ordered:
+            order = np.argsort(-np.asarray(cls, np.float32).max(1), kind="stable")[:k]
+            feats, boxes, cls = feats[order], boxes[order], cls[order] if needed else None
         feats, boxes = feats[:k], boxes[:k]
         self._finite(info, sample, "features", feats)
         self._finite(info, sample, "boxes", boxes)
@@ -289,13 +287,14 @@ class PretrainCollator:
             self._finite(info, sample, "image_feature", image_feat)
         return feats, boxes, cls, image_feat, k < n
 
-    def _classes(self, info, sample, meta: dict, n: int, k: int) -> np.ndarray:
+    def _classes(self, info, sample, meta: dict, n: int, k: int, any_width: bool = False) -> np.ndarray:
         """The first ``k`` of the sample's ``n`` class distributions: the stored ``cls_prob``, or
-        one-hot ``obj_labels`` with ``data.hard_class_targets``; else a bad sample."""
+        one-hot ``obj_labels`` with ``data.hard_class_targets``; else a bad sample. ``any_width``:
+        the class count is not checked (read only to order the regions by confidence)."""
         # The loader checked a meta's count against the model's (MetaError); a meta-less
         # dataset's samples are checked here.
-        num_classes = meta.get("num_classes") or self.num_classes
-        if meta.get("has_cls_prob") or (not meta and "cls_prob" in sample):
+        num_classes = None if any_width else meta.get("num_classes") or self.num_classes
+        if _has_cls_prob(meta, sample):
             cls = np.asarray(self._get(info, sample, "cls_prob"))
             if cls.ndim != 2 or cls.shape[0] != n or (num_classes and cls.shape[1] != num_classes):
                 want = f"({n}, {num_classes or 'C'})"

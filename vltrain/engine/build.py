@@ -15,7 +15,7 @@ from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
-    continued_precision, reconcile_resume, saved_config
+    continued_precision, reconcile_resume, saved_config, written_setting
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -69,10 +69,10 @@ def trained_task(path: str) -> Optional[str]:
     consolidated file or its folder (<stem>.yaml beside the weights); None for other weights (a
     BERT folder) or a config that cannot be read (warned). Read as plain YAML: a config of
     another vltrain version need not load as ours to say its task."""
-    from vltrain.ckpt.export import sidecar_paths
+    from vltrain.ckpt.export import EXPORT_CONFIG, sidecar_paths
     path = os.path.abspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    candidates = [os.path.join(folder, "vltrain_config.yaml")]
+    candidates = [os.path.join(folder, EXPORT_CONFIG)]
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             from vltrain.ckpt.layout import locate
@@ -89,8 +89,7 @@ def trained_task(path: str) -> Optional[str]:
     for yml in candidates:
         if os.path.isfile(yml):
             try:
-                with open(yml) as f:
-                    return str(((yaml.safe_load(f) or {}).get("task") or {}).get("name", "pretrain"))
+                return str(written_setting(yml, "task", "name", "pretrain"))
             except (OSError, yaml.YAMLError, AttributeError) as e:
                 log.warning("train.init_from=%s: cannot read %s for its task (%s)", path, yml, e)
                 return None

@@ -234,15 +234,22 @@ def saved_config(tag_dir: str):
         return None
 
 
-def checkpoint_precision(tag_dir: str) -> Optional[str]:
-    """The ``train.precision`` a checkpoint trained at, read from its config.yaml as written (so
-    also from one another version wrote, which ``saved_config`` cannot load); a file without
-    the key trained fp32 (as ``load_run_config`` reads it); None without a readable file."""
+def written_setting(path: str, section: str, key: str, default):
+    """``section.key`` of a saved config file as written (plain YAML: also from a file another
+    version wrote, which ``load_run_config`` cannot load); ``default`` where it lacks the key.
+    Raises what reading or parsing raises (OSError, yaml.YAMLError, AttributeError)."""
     import yaml
+    with open(path) as f:
+        return ((yaml.safe_load(f) or {}).get(section) or {}).get(key, default)
+
+
+def checkpoint_precision(tag_dir: str) -> Optional[str]:
+    """The ``train.precision`` a checkpoint trained at, read from its config.yaml as written; a
+    file without the key trained fp32 (as ``load_run_config`` reads it); None without a
+    readable file."""
     from vltrain.engine.ds_config import PRECISIONS
     try:
-        with open(os.path.join(tag_dir, "config.yaml")) as f:
-            p = ((yaml.safe_load(f) or {}).get("train") or {}).get("precision", "fp32")
+        p = written_setting(os.path.join(tag_dir, "config.yaml"), "train", "precision", "fp32")
     except Exception:  # noqa: BLE001 - missing or unreadable
         return None
     return p if p in PRECISIONS else None
