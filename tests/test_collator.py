@@ -360,6 +360,25 @@ def test_mrc_zeroes_ninety_percent_of_the_predicted_regions(tok):
         load_config(None, ["objectives.mrc_zero_prob=1.5"])
 
 
+def test_vlbert_zeroed_regions_get_the_mask_word(tok):
+    """VL-BERT under MRC: a region whose input was zeroed gets [MASK]'s word embedding
+    (region_ids), every other region, the 10% kept as they are included, [IMG]'s; VLP's
+    regions have no word embedding (no region_ids)."""
+    samples = caps(200, regions=(10, 30))
+    obj = ObjectivesConfig(mrc=True, mrc_prob=0.15)
+    b = make(tok, obj=obj, vlbert=True)(samples)
+    B, N, D = b.region_feats.shape
+    zeroed = torch.zeros(B * N, dtype=torch.bool)
+    pos = b.mrc_positions
+    zeroed[pos[(b.region_feats.view(B * N, D)[pos] == 0).all(1)]] = True
+    assert 0 < int(zeroed.sum()) < len(pos)                       # some zeroed, some kept
+    ids = b.region_ids.view(-1)
+    assert b.region_ids.shape == (B, N) and b.region_ids.dtype == torch.long
+    assert (ids[zeroed] == tok.mask_id).all() and (ids[~zeroed] == tok.img_id).all()
+    assert make(tok, obj=obj)(samples).region_ids is None
+    assert make(tok, vlbert=True)(samples).region_ids is None     # no MRC: the model's [IMG]
+
+
 # ---------------------------------------------------------------------------- determinism
 
 def test_same_sample_same_masks_in_any_batch(tok):

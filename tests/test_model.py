@@ -1,4 +1,5 @@
 """The unified model: BERT parity, attention-mask semantics, backends, gradients."""
+import dataclasses
 import logging
 
 import pytest
@@ -170,6 +171,37 @@ def test_vlbert_text_regions_give_linked_words_their_regions_feature():
     assert diff.abs().max() == 0                                  # every other token as before
     with pytest.raises(ValueError, match="text_regions .* needs model.region_embedding=vlbert"):
         make_model()(**inp, text_regions=links)
+
+
+def test_vlbert_region_ids_swap_only_those_regions_word_embedding():
+    """region_ids (VL-BERT's masked regions, [MASK] where MRC zeroed the input): the region's
+    input before the embedding LayerNorm changes by exactly word([MASK]) - word([IMG]); every
+    other position is unchanged, and all-[IMG] ids equal the default."""
+    model = make_model(region_embedding="vlbert", type_vocab_size=3, image_token_type=2)
+    inp = random_inputs(model.config)
+    B, N = inp["region_feats"].shape[:2]
+    cfg = model.config
+    ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long)
+    seen = []
+    hook = model.embeddings.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        base = model(**inp)
+        same = model(**inp, region_ids=ids)
+        ids[1, 2] = ids[3, 0] = 103
+        masked = model(**inp, region_ids=ids)
+    hook.remove()
+    torch.testing.assert_close(same.region_hidden, base.region_hidden, rtol=0, atol=0)
+    assert not torch.allclose(masked.region_hidden, base.region_hidden)
+    word = model.embeddings.word.weight.detach()
+    diff = seen[2] - seen[0]
+    for b, r in ((1, 2), (3, 0)):
+        torch.testing.assert_close(diff[b, 1 + r], word[103] - word[cfg.img_token_id], rtol=1e-6, atol=1e-6)
+        diff[b, 1 + r] = 0
+    assert diff.abs().max() == 0
+    with pytest.raises(ValueError, match=r"region_ids has shape \(4, 2\)"):
+        model(**inp, region_ids=ids[:, :2])
+    with pytest.raises(ValueError, match="region_ids .* needs model.region_embedding=vlbert"):
+        make_model()(**inp, region_ids=ids)
 
 
 @pytest.mark.parametrize("dim", [0, -8, 100])
@@ -483,12 +515,16 @@ def pretrain_batch(cfg, seed=0):
     probs = x["region_cls_probs"].clone().view(B * N, -1)
     targets = probs[mrc_pos].clone()
     probs[mrc_pos] = 0  # as the collator does: the target must not leak through the class term
+    region_ids = None
+    if cfg.region_embedding == "vlbert":   # as the collator: the zeroed regions get [MASK]'s word
+        region_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long)
+        region_ids.view(-1)[mrc_pos] = 103
     return Batch(sample_id=torch.arange(B), input_ids=x["input_ids"], token_type_ids=x["token_type_ids"],
                  attention_mask=x["attention_mask"], mode=torch.tensor([1, 0, 1, 0]),
                  region_feats=feats.view(B, N, -1), region_boxes=x["region_boxes"],
                  region_cls_probs=probs.view(B, N, -1), region_mask=x["region_mask"],
                  mlm_positions=mlm_pos, mlm_labels=torch.randint(1000, 2000, (5,)),
-                 mrc_positions=mrc_pos, mrc_targets=targets)
+                 mrc_positions=mrc_pos, mrc_targets=targets, region_ids=region_ids)
 
 
 @pytest.mark.parametrize("kind", ["vlp", "vlbert"])
@@ -500,6 +536,13 @@ def test_pretraining_gradients_finite_and_nonzero(kind):
     loss, metrics = pretrain_losses(model, batch, ObjectivesConfig(mrc=True))
     loss.backward()
     assert torch.isfinite(loss) and {"loss_mlm", "loss_mrc", "mlm_acc", "mrc_acc"} <= metrics.keys()
+    if kind == "vlbert":   # the masked regions' [MASK] word reaches the model
+        with torch.no_grad():
+            model.eval()
+            plain = dataclasses.replace(batch, region_ids=None)
+            assert pretrain_losses(model, batch, ObjectivesConfig(mrc=True))[0] != \
+                pretrain_losses(model, plain, ObjectivesConfig(mrc=True))[0]
+            model.train()
     unused = ("cls_head.",)  # the [CLS] scoring head serves fine-tuning tasks, not these objectives
     for name, p in model.named_parameters():
         if name.startswith(unused):
@@ -562,7 +605,6 @@ def test_separate_text_mlm_adds_the_means_of_text_and_image_text_rows():
     image-text rows is the mean over the text rows' masked tokens plus the mean over the
     image-text rows' (per example first with loss_reduction=example); with one kind only it is
     the plain loss."""
-    import dataclasses
     import torch.nn.functional as F
     model = make_model(region_embedding="vlbert", type_vocab_size=3, image_token_type=2)
     batch = pretrain_batch(model.config)

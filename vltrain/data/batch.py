@@ -35,6 +35,9 @@ class Batch:
     region_cls_probs: Optional[torch.Tensor] = None  # (B, N, C) as stored (float16); cast on device
     region_mask: Optional[torch.Tensor] = None    # (B, N) bool, real vs padded regions
     image_feat: Optional[torch.Tensor] = None     # (B, D) whole-image feature (VL-BERT), optional
+    # VL-BERT under MRC: the word id whose embedding each region gets, [IMG] or, where its
+    # input was zeroed, [MASK] (VL-BERT's mask word embedding); None = [IMG] everywhere.
+    region_ids: Optional[torch.Tensor] = None     # (B, N) int64
     # MLM: flat indices into the (B*T) text positions, and the original ids there.
     mlm_positions: Optional[torch.Tensor] = None  # (M,) int64
     mlm_labels: Optional[torch.Tensor] = None     # (M,) int64

@@ -123,16 +123,18 @@ class VLModel(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
 
-    def _embed_regions(self, region_feats, region_boxes, region_cls_probs, region_mask):
-        """(region inputs (B, N, H), their visual feature embeddings (B, N, H))."""
+    def _embed_regions(self, region_feats, region_boxes, region_cls_probs, region_ids=None):
+        """(region inputs (B, N, H), their visual feature embeddings (B, N, H)). VL-BERT adds
+        each region's word embedding: ``region_ids`` (B, N), else ``[IMG]``'s."""
         cfg = self.config
         B, N, _ = region_feats.shape
         if region_boxes is None:
             raise ValueError("region_boxes is required when region_feats is given")
         visual = x = self.region_embeddings(region_feats, region_boxes, region_cls_probs)
         if cfg.region_embedding == "vlbert":
-            img_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long, device=x.device)
-            x = self.region_embeddings.norm_region(x) + self.embeddings.word(img_ids)
+            if region_ids is None:
+                region_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long, device=x.device)
+            x = self.region_embeddings.norm_region(x) + self.embeddings.word(region_ids)
         types = torch.full((B, N), cfg.image_token_type, dtype=torch.long, device=x.device)
         return x + self.embeddings.token_type(types) + self.region_position, visual
 
@@ -173,8 +175,7 @@ class VLModel(nn.Module):
         cfg = self.config
         feats, mask = like.new_zeros(1, 1, cfg.region_feat_dim), torch.ones(1, 1, dtype=torch.bool, device=like.device)
         term = self._image_term(feats, mask, None)
-        regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes),
-                                         mask)
+        regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes))
         zero = regions.sum() + (term.sum() if term is not None else 0.0)
         if term is not None and self.region_embeddings.aux_text is None:
             zero = zero + self._text_visual(term, mask.any(1), 1).sum()
@@ -185,7 +186,8 @@ class VLModel(nn.Module):
                 mode: Union[str, int, torch.Tensor] = "bidirectional", image_feat=None,
                 record_kv: Optional[list] = None, text_positions: Optional[torch.Tensor] = None,
                 region_positions: Optional[torch.Tensor] = None,
-                text_regions: Optional[torch.Tensor] = None) -> VLModelOutput:
+                text_regions: Optional[torch.Tensor] = None,
+                region_ids: Optional[torch.Tensor] = None) -> VLModelOutput:
         """``record_kv``: a list to which every layer's attention keys and values (B, h, L, d)
         are appended, for the decoding KV cache; the blocks then run eagerly (the compiled
         function is traced for training's backends only).
@@ -198,12 +200,18 @@ class VLModel(nn.Module):
 
         ``text_regions`` (B, T), VL-BERT only: for each text token the region whose visual
         feature embedding it gets instead of the whole image's (-1: the whole image), as
-        VL-BERT links VCR's object references to their regions."""
+        VL-BERT links VCR's object references to their regions.
+
+        ``region_ids`` (B, N), VL-BERT only: the word id whose embedding each region gets
+        (default ``[IMG]``; masked region classification gives its zeroed regions ``[MASK]``)."""
         B, T = input_ids.shape
         dev = input_ids.device
         if text_regions is not None and self.config.region_embedding != "vlbert":
             raise ValueError("text_regions (object references linked to regions) needs "
                              "model.region_embedding=vlbert: VLP's text tokens have no visual feature")
+        if region_ids is not None and self.config.region_embedding != "vlbert":
+            raise ValueError("region_ids (a word embedding per region) needs model.region_embedding=vlbert: "
+                             "VLP's regions have no word embedding")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
@@ -222,7 +230,9 @@ class VLModel(nn.Module):
                 region_mask = torch.ones(B, N, dtype=torch.bool, device=dev)
             region_mask = region_mask.bool()
             image_term = self._image_term(region_feats, region_mask, image_feat)
-            regions, visual = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_mask)
+            if region_ids is not None and region_ids.shape != (B, N):
+                raise ValueError(f"region_ids has shape {tuple(region_ids.shape)}, the regions ({B}, {N})")
+            regions, visual = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_ids)
             if image_term is not None and text_regions is not None:
                 linked = text_regions >= 0
                 idx = text_regions.clamp(0, N - 1)[..., None].expand(B, T, visual.shape[-1])

@@ -74,7 +74,7 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
     out = model(batch.input_ids, batch.token_type_ids, batch.attention_mask,
                 region_feats=batch.region_feats, region_boxes=batch.region_boxes,
                 region_cls_probs=batch.region_cls_probs, region_mask=batch.region_mask,
-                mode=batch.mode, image_feat=batch.image_feat,
+                mode=batch.mode, image_feat=batch.image_feat, region_ids=batch.region_ids,
                 text_positions=text_pos, region_positions=region_pos)
     # Zero that stays in the graph: a micro-batch with nothing masked still runs backward
     # through every block, so every rank joins the same gradient collectives.
