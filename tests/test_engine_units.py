@@ -10,7 +10,7 @@ import torch
 
 from vltrain.config import load_config
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.build import check_tokenizer
+from vltrain.engine.build import check_positions, check_tokenizer
 from vltrain.model import VLModel
 from vltrain.tokenization import Tokenizer
 
@@ -22,6 +22,24 @@ def test_every_recipe_builds_its_model(recipe):
         model = VLModel(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
     check_tokenizer(cfg, Tokenizer(cfg.data.vocab))   # its token ids are its vocabulary's
+    check_positions(cfg)                               # its text fits the position table
+
+
+def test_text_longer_than_the_position_table_is_refused_naming_the_key():
+    """A caption decoded at positions 2 .. max_len + 1 (after [CLS] [SEP]) needs max_len + 2
+    rows; one more fails at the first validation with an index error, hours in."""
+    cfg = load_config("configs/caption_debug.yaml")
+    P = cfg.model.max_position_embeddings
+    cfg.task.max_len = P - 2
+    check_positions(cfg)
+    cfg.task.max_len = P - 1
+    with pytest.raises(ValueError, match=f"task.max_len={P - 1}: .* set task.max_len <= {P - 2}"):
+        check_positions(cfg)
+    cfg.task.name = "vqa"                              # not decoded
+    check_positions(cfg)
+    cfg.data.max_text_len = P + 1
+    with pytest.raises(ValueError, match=f"data.max_text_len={P + 1} exceeds model.max_position_embeddings={P}"):
+        check_positions(cfg)
 
 
 def test_img_token_id_must_be_the_tokenizers(tmp_path):

@@ -459,3 +459,17 @@ def test_vcr_leaderboard_csv_from_five_evaluations(tmp_path, capsys):
     (tmp_path / "test.jsonl").write_text(json.dumps({"annot_id": "test-9"}) + "\n")
     assert vcr_main([*args, *evals]) == 2
     assert "annot_id test-9 (sample id 9) is not in the Q->A evaluation" in capsys.readouterr().err
+
+
+def test_scst_references_json_needs_a_list_per_image(tmp_path):
+    """task.scst_references as JSON: each image maps to a list of captions. A bare string
+    would have been read as one-character captions (silently wrong CIDEr-D rewards)."""
+    from vltrain.data.errors import MetaError
+    from vltrain.tasks.scst import read_caption_references
+    good = tmp_path / "refs.json"
+    good.write_text(json.dumps({"1": ["a dog runs", "a dog"], "2": ["a cat"]}))
+    assert read_caption_references(str(good)) == {"1": ["a dog runs", "a dog"], "2": ["a cat"]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": ["a dog"], "2": "a cat sits"}))
+    with pytest.raises(MetaError, match="bad.json: image 2: expected a list of captions, got str"):
+        read_caption_references(str(bad))

@@ -214,6 +214,19 @@ def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
                          f"model.img_token_id={cfg.model.img_token_id}; set model.img_token_id={tokenizer.img_id}")
 
 
+def check_positions(cfg: Config) -> None:
+    """Text positions fit the model's position table: found here, not by an index error on the
+    device at the first long batch (or, for decoding, at the first validation, hours in)."""
+    P = cfg.model.max_position_embeddings
+    if cfg.data.max_text_len > P:
+        raise ValueError(f"data.max_text_len={cfg.data.max_text_len} exceeds model.max_position_embeddings={P}: "
+                         "text positions past the table have no embedding")
+    if cfg.task.name == "caption" and cfg.task.max_len + 2 > P:
+        raise ValueError(f"task.max_len={cfg.task.max_len}: decoded captions follow [CLS] [SEP] and need "
+                         f"{cfg.task.max_len + 2} positions, model.max_position_embeddings={P}; "
+                         f"set task.max_len <= {P - 2}")
+
+
 def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer:
     import deepspeed
     from vltrain.data.loader import build_eval_loader, build_train_loader
@@ -251,6 +264,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
 
     tokenizer = Tokenizer(cfg.data.vocab)
     check_tokenizer(cfg, tokenizer)
+    check_positions(cfg)
     torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
     model = VLModel(cfg.model)
     task_state: dict = {}

@@ -78,6 +78,10 @@ def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, l
             refs = json.load(f)
         if not isinstance(refs, dict) or not refs:
             raise MetaError(f"{location}: expected a JSON object image_id -> [captions]")
+        bad = next((k for k, v in refs.items() if not isinstance(v, list)), None)
+        if bad is not None:   # a bare string would be read as a list of one-character captions
+            raise MetaError(f"{location}: image {bad}: expected a list of captions, "
+                            f"got {type(refs[bad]).__name__}")
         return {str(k): [str(c) for c in v] for k, v in refs.items()}
     refs: dict[str, list[str]] = {}
     for s in iter_mds_samples(location, timeout):
