@@ -42,14 +42,23 @@ class SkipCounter:
     the final report can say how many of each kind were skipped.
     """
 
-    def __init__(self, skip_bad: bool = False, stream=None):
+    def __init__(self, skip_bad: bool = False, stream=None, skip: frozenset = frozenset()):
         self.skip_bad = skip_bad
+        self.skip = skip              # categories counted and skipped even without skip_bad
         self.counts: Counter[str] = Counter()
         self.stream = stream
 
+    @classmethod
+    def from_args(cls, args) -> "SkipCounter":
+        """``--skip-bad`` skips every kind of bad input; ``--skip-missing-features`` only images
+        without features (Conceptual Captions: the URLs that no longer download), so that NaN,
+        corrupt or mis-shaped features still stop the tool."""
+        missing = getattr(args, "skip_missing_features", False)
+        return cls(args.skip_bad, skip=frozenset({"no_features"}) if missing else frozenset())
+
     def bad(self, category: str, message: str) -> None:
         """Report one bad input. Raises unless skipping; returns when the caller should skip."""
-        if not self.skip_bad:
+        if not (self.skip_bad or category in self.skip):
             raise BadInputError(message)
         self.counts[category] += 1
         out = self.stream or sys.stderr

@@ -182,7 +182,7 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
 
 
 def convert(args: argparse.Namespace) -> None:
-    skips = SkipCounter(args.skip_bad)
+    skips = SkipCounter.from_args(args)
     caps, sizes, fmt = load_captions(args.captions, args.split, args.include_restval,
                                      args.image_key, skips)
     if not caps:

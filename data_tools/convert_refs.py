@@ -162,7 +162,7 @@ def collect(args: argparse.Namespace, skips: SkipCounter) -> tuple[dict[str, lis
 
 
 def convert(args: argparse.Namespace) -> None:
-    skips = SkipCounter(args.skip_bad)
+    skips = SkipCounter.from_args(args)
     by_image, sizes = collect(args, skips)
     checker = RegionChecker(skips, args.feature_dim)
     writer = None

@@ -73,7 +73,7 @@ def chunk_words(text: str, max_words: int | None) -> list[str]:
 def convert(args: argparse.Namespace) -> None:
     if args.max_words is not None and args.max_words <= 0:
         raise BadInputError("--max-words must be positive")
-    skips = SkipCounter(args.skip_bad)
+    skips = SkipCounter.from_args(args)
     meta = schema.make_meta("text", None, None, (),
                             source={"tool": "convert_text",
                                     "inputs": [os.path.basename(p) for p in args.input],

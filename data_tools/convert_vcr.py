@@ -40,9 +40,11 @@ of object i is
                        the region boxes are by the feature file's size); below 0.5 -> -1.
                        A metadata file whose box count differs from the line's objects is a
                        bad line (bad_metadata);
-  without              i itself: the features are taken to be extracted on VCR's own boxes in
-                       ``objects`` order (as VL-BERT's and R2C's are); an image with fewer
-                       regions than a line's objects is a bad line (too_few_regions).
+  without              i itself: the features must be extracted on VCR's own boxes, one row per
+                       object in ``objects`` order, so an image's region count must equal a
+                       line's object count (else a bad line, region_count: features from another
+                       detector, capped, or with a whole-image box first, as VL-BERT's and R2C's
+                       loaders add, would link words to the wrong regions; use --metadata-dir).
 The meta records refs ("metadata_iou", "object_order", or null with --no-refs), refs_total
 and refs_unmatched (triples with region -1).
 
@@ -325,13 +327,15 @@ def load_metadata(meta_dir: str, metadata_fn) -> Metadata:
 
 def object_regions(a: dict, region_boxes: np.ndarray, meta: Metadata | None) -> list[int]:
     """Region (row of ``features``, or -1) of each of the line's objects. ``meta`` None: the
-    features are on VCR's own boxes, region i = object i; else the best IoU with the metadata box."""
+    features are on VCR's own boxes, region i = object i (so as many regions as objects); else
+    the best IoU with the metadata box."""
     n, m = len(region_boxes), a["num_objects"]
     if meta is None:
-        if m > n:
-            raise _BadLine("too_few_regions", f"image {a['image_id']} has {n} regions, fewer than the line's {m} "
-                                              f"objects (without --metadata-dir region i must be object i's box, "
-                                              f"features extracted on VCR's boxes as VL-BERT/R2C do)")
+        if m != n:
+            raise _BadLine("region_count", f"image {a['image_id']} has {n} regions but the line has {m} objects: "
+                                           f"without --metadata-dir region i is object i's box, so the features "
+                                           f"must be extracted on VCR's boxes, one per object (pass --metadata-dir "
+                                           f"to link each object to the region of best box IoU)")
         return list(range(m))
     if meta.boxes is None:
         raise _BadLine("bad_metadata", f"{meta.path} gives no object boxes ({meta.boxes_error})")
@@ -348,7 +352,7 @@ def object_regions(a: dict, region_boxes: np.ndarray, meta: Metadata | None) -> 
 def convert(args: argparse.Namespace) -> None:
     if args.given_answer is not None and args.task != "qar":
         raise BadInputError("--given-answer goes with --task qar (the answer given before the rationales)")
-    skips = SkipCounter(args.skip_bad)
+    skips = SkipCounter.from_args(args)
     by_image = read_annotations(args, skips)
     checker = RegionChecker(skips, args.feature_dim)
     refs = None if args.no_refs else "metadata_iou" if args.metadata_dir else "object_order"
@@ -433,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-dir", metavar="DIR",
                    help="vcr1images folder: <DIR>/<metadata_fn> gives the object boxes (each reference -> the "
                         "region of best IoU >= 0.5) and the image size where the features lack it; without it "
-                        "region i is taken to be object i's box")
+                        "region i is taken to be object i's box (features on VCR's boxes, one per object)")
     p.add_argument("--no-refs", action="store_true",
                    help="write no question_refs/choice_refs columns (text only)")
     add_feature_args(p)

@@ -198,7 +198,7 @@ def targets_for(answers: list[str], vocab_index: dict[str, int]) -> tuple[np.nda
 
 
 def convert(args: argparse.Namespace) -> None:
-    skips = SkipCounter(args.skip_bad)
+    skips = SkipCounter.from_args(args)
     questions = _load_json(args.questions, "questions", "questions")
     anns: dict[int, dict] | None = None
     ann_list: list[dict] = []

@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -106,6 +107,10 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
                         "in file order where present")
     g.add_argument("--feature-dim", type=int, default=None,
                    help="expected region feature dimension (default: the first image's)")
+    g.add_argument("--skip-missing-features", action="store_true",
+                   help="leave out images that have no features (counted as no_features, reported and "
+                        "stored in the meta) and stop only on other bad input; without it, or --skip-bad, a "
+                        "missing image stops the tool (with --tsv only once every row has been read)")
 
 
 # ---------------------------------------------------------------- TSV
@@ -275,7 +280,28 @@ def index_npz_dir(folder: str) -> dict[str, str]:
                 raise BadInputError(f"--npz-dir {folder}: {os.path.basename(out[image_id])} and {name} are "
                                     f"both image {image_id}; keep one of them")
             out[image_id] = os.path.join(folder, name)
+    if not out:
+        raise BadInputError(f"--npz-dir {folder} holds no .npz file{_other_formats(folder)}")
     return out
+
+
+# Feature layouts of the reference code that --npz-dir does not read, by file extension.
+OTHER_FEATURE_FORMATS = {
+    ".npy": "VLP's per-image <id>.npy / <id>_cls_prob.npy (their boxes are in a separate h5)",
+    ".h5": "VLP's chunked h5 files", ".hdf5": "h5 files",
+    ".json": "VL-BERT's per-image JSON (base64 boxes/features/classes)",
+}
+
+
+def _other_formats(folder: str) -> str:
+    """What the folder holds instead of .npz files, and what to do about it ('' if nothing known)."""
+    counts = Counter(os.path.splitext(n)[1].lower() for n in os.listdir(folder))
+    found = [f"{counts[ext]} {ext} ({what})" for ext, what in OTHER_FEATURE_FORMATS.items() if counts[ext]]
+    if not found:
+        return ""
+    return (f"; it has {', '.join(found)}, which are not read: write one <image_id>.npz per image with "
+            f"arrays features (N, D), boxes (N, 4, pixels), image_w, image_h (and cls_prob where the "
+            f"model uses it), or a bottom-up-attention TSV")
 
 
 def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
@@ -462,7 +488,8 @@ def iter_image_regions(args: argparse.Namespace, wanted: list[str], skips: SkipC
             path = index.get(image_id)
             if path is None:
                 skips.bad("no_features", f"image {image_id} has {what} but no features: "
-                                         f"{os.path.join(args.npz_dir, image_id + '.npz')} does not exist")
+                                         f"{os.path.join(args.npz_dir, image_id + '.npz')} does not exist "
+                                         f"(--skip-missing-features leaves such images out, counted)")
                 continue
             r = load_npz(path, image_id, skips)
             if r is not None:
@@ -486,6 +513,12 @@ def iter_image_regions(args: argparse.Namespace, wanted: list[str], skips: SkipC
         if r is not None:
             yield r
     missing = [i for i in wanted if i not in seen]
-    for image_id in missing:
-        skips.bad("no_features", f"image {image_id} has {what} but no row in the feature TSV(s) "
-                                 f"{', '.join(args.tsv)}")
+    for k, image_id in enumerate(missing):
+        msg = f"image {image_id} has {what} but no row in the feature TSV(s) {', '.join(args.tsv)}"
+        if k == 0:   # the whole file is read by now: say how many, and how to go on without them
+            more = missing[1:6]
+            if more:
+                msg += (f" (nor have {len(missing) - 1} more: {', '.join(more)}"
+                        f"{', ...' if len(missing) > 6 else ''})")
+            msg += "; --skip-missing-features leaves such images out, counted"
+        skips.bad("no_features", msg)

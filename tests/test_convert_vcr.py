@@ -86,8 +86,8 @@ def write_lines(path, lines) -> str:
 @pytest.fixture
 def images():
     rng = np.random.default_rng(3)
-    # At least len(OBJECTS) = 17 regions: without --metadata-dir region i is object i's.
-    return {ID_A: make_image(rng, 18, 8, w=1000, h=560), ID_B: make_image(rng, 17, 8, w=640, h=360)}
+    # len(OBJECTS) = 17 regions: without --metadata-dir region i is object i's.
+    return {ID_A: make_image(rng, 17, 8, w=1000, h=560), ID_B: make_image(rng, 17, 8, w=640, h=360)}
 
 
 @pytest.fixture
@@ -318,22 +318,25 @@ def test_refs_metadata_iou(tmp_path, capsys):
     assert meta["skipped"] == {"bad_metadata": 1}
 
 
-def test_too_few_regions_and_no_refs(tmp_path, images, capsys):
-    """Without --metadata-dir an image needs a region per object; --no-refs writes text only."""
-    few = {ID_A: images[ID_A], ID_B: make_image(np.random.default_rng(6), 5, 8, w=640, h=360)}
+@pytest.mark.parametrize("n_regions", [5, 18])   # too few; one more (a whole-image box first)
+def test_region_count_other_than_objects_and_no_refs(tmp_path, images, capsys, n_regions):
+    """Without --metadata-dir an image needs exactly a region per object (features on VCR's
+    boxes): fewer, or more (another detector's boxes, or a whole-image box first, which would
+    shift every reference by one row), is a bad line; --no-refs writes text only."""
+    few = {ID_A: images[ID_A], ID_B: make_image(np.random.default_rng(6), n_regions, 8, w=640, h=360)}
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, few[i]) for i in (ID_B, ID_A)])
     ann = write_lines(tmp_path / "train.jsonl", TRAIN)
     base = ["--annotations", ann, "--tsv", tsv]
     assert convert_vcr.main([*base, "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err
-    assert f"{ann} line 3 (annot_id train-7)" in err and f"image {ID_B} has 5 regions" in err, err
-    assert "17 objects" in err
+    assert f"{ann} line 3 (annot_id train-7)" in err and f"image {ID_B} has {n_regions} regions" in err, err
+    assert "the line has 17 objects" in err and "--metadata-dir" in err
 
     out = tmp_path / "o2"
     assert convert_vcr.main([*base, "--skip-bad", "--out", str(out)]) == 0
     assert [int(s["sample_id"]) for s in read_rows(out)] == [0, 1]
     meta = read_meta(out)
-    assert meta["skipped"] == {"too_few_regions": 1} and meta["num_images"] == 1 and meta["num_samples"] == 2
+    assert meta["skipped"] == {"region_count": 1} and meta["num_images"] == 1 and meta["num_samples"] == 2
 
     out = tmp_path / "o3"
     assert convert_vcr.main([*base, "--no-refs", "--out", str(out)]) == 0
@@ -401,7 +404,7 @@ def test_through_mc_collator(tmp_path):
     from vltrain.tokenization import Tokenizer
     rng = np.random.default_rng(4)
     # configs/mc_debug.yaml: 64-dim features, 17 detector classes (cls_prob for VLP's class term).
-    imgs = {i: make_image(rng, n, 64, classes=17) for i, n in ((ID_A, 18), (ID_B, 17))}
+    imgs = {i: make_image(rng, 17, 64, classes=17) for i in (ID_A, ID_B)}
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, imgs[i], full=True) for i in (ID_B, ID_A)])
     ann = write_lines(tmp_path / "train.jsonl", TRAIN)
     out = str(tmp_path / "qa")
@@ -423,7 +426,7 @@ def test_through_mc_collator(tmp_path):
     # (object order here: region k = object k), through the converter's character spans.
     cfg = load_config(os.path.join(ROOT, "configs", "mc_debug.yaml"),
                       [f"data.train={out}", f"data.val={out}", "model.region_embedding=vlbert",
-                       "model.type_vocab_size=3", "model.image_token_type=2", "data.max_regions=18"])
+                       "model.type_vocab_size=3", "model.image_token_type=2", "data.max_regions=17"])
     batch = collator(cfg, "val")(read_rows(out))
     ids, regions = batch.task["choice_ids"][1, 2].tolist(), batch.task["choice_regions"][1, 2].tolist()
     words = tok.hf.convert_ids_to_tokens(ids)

@@ -320,6 +320,23 @@ def test_milvlg_npz_layout(tmp_path):
         assert "cls_prob" not in s and "obj_labels" not in s       # only inside the pickled info
 
 
+def test_npz_dir_of_another_format_says_which(tmp_path, capsys):
+    """A folder of VLP's per-image .npy files or VL-BERT's JSON files (formats --npz-dir does not
+    read) fails up front saying what it holds and what to write, not "1.npz does not exist"."""
+    kp = write_json(tmp_path / "k.json", karpathy([(i, "train", [f"c{i}"]) for i in (1, 2)]))
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for i in (1, 2):
+        np.save(feats / f"{i}.npy", np.zeros((3, 8), np.float32))
+        np.save(feats / f"{i}_cls_prob.npy", np.zeros((3, 5), np.float32))
+    (feats / "3.json").write_text("{}")
+    assert convert_captions.main(["--captions", kp, "--npz-dir", str(feats), "--skip-bad",
+                                  "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--npz-dir {feats} holds no .npz file; it has 4 .npy (VLP's" in err
+    assert "1 .json (VL-BERT's" in err and "one <image_id>.npz per image with arrays features" in err
+
+
 # ---------------------------------------------------------------- VQA
 
 def _ann(qid, iid, answers, mc):
@@ -703,6 +720,31 @@ def test_inspect_corrupt_and_truncated_shard(synthetic, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- bad input
+
+def test_skip_missing_features_leaves_out_only_images_without_features(tmp_path, capsys):
+    """Conceptual Captions: many URLs no longer download, so their lines get no features.
+    Without a flag the whole TSV is read, then the tool stops naming how many are missing and
+    the flag; --skip-missing-features drops and counts them (only them: a NaN still stops)."""
+    rng = np.random.default_rng(8)
+    imgs = {i: make_image(rng, 3, 8) for i in (0, 2, 4)}
+    gcc = tmp_path / "Train_GCC-training.tsv"
+    gcc.write_text("".join(f"caption {i}\thttp://x/{i}.jpg\n" for i in range(6)))
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, img) for i, img in imgs.items()])
+    base = ["--captions", str(gcc), "--tsv", tsv]
+    assert convert_captions.main([*base, "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert "image 1 has captions but no row in the feature TSV(s)" in err and "(nor have 2 more: 3, 5)" in err
+    assert "--skip-missing-features" in err and not (tmp_path / "strict" / "index.json").exists()
+    out = tmp_path / "out"
+    assert convert_captions.main([*base, "--skip-missing-features", "--out", str(out)]) == 0
+    assert [s["image_id"] for s in read_mds(out)] == ["0", "2", "4"]
+    meta = read_meta(out)
+    assert meta["skipped"] == {"no_features": 3} and meta["num_captions"] == 3
+    bad = write_tsv(tmp_path / "bad.tsv", [tsv_row(0, imgs[0]), tsv_row(2, _nan(imgs[2]))])
+    assert convert_captions.main(["--captions", str(gcc), "--tsv", bad, "--skip-missing-features",
+                                  "--out", str(tmp_path / "nan")]) == 2
+    assert "bad.tsv row 2 (image 2)" in capsys.readouterr().err
+
 
 def _caption_inputs(tmp_path, rows: list[str], n_images: int = 3, **extra_caps) -> tuple[str, str]:
     images = [(i, "train", [f"caption {i}"]) for i in range(1, n_images + 1)]
