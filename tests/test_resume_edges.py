@@ -26,6 +26,9 @@ def test_a_restart_from_an_earlier_step_trains_at_its_lr_and_replaces_the_steps_
     assert restart["lr_expected"] != pytest.approx(restart["lr_base_run"])
     assert restart["lr_after_build"] == pytest.approx([restart["lr_expected"]] * 2, rel=1e-12)
     assert restart["clip_after_build"] == 0.5         # its train.grad_clip, not the checkpoint's 1.0
+    # and its Adam settings (the checkpoint's: decay 0.01, eps 1e-6, betas 0.9/0.999); biases
+    # and LayerNorms stay undecayed
+    assert restart["groups_after_build"] == [[0.05, 1e-8, [0.8, 0.99]], [0.0, 1e-8, [0.8, 0.99]]]
     # Its step 4 replaced the base run's (which the old end-of-run check took as saved).
     assert restart["step4_lr"] == 5e-4 and restart["latest"] == "step_00000004"
     # Step 3's loss is taken on step 2's weights (restored exactly); step 4's, after the new rate's update.
@@ -59,6 +62,8 @@ def test_a_universal_checkpoint_resumed_at_another_precision_takes_this_runs_sca
     assert uni["code"] == 0 and uni["precision"] == "bf16", uni
     assert uni["scaler"] == "LossScaler" and uni["scale"] == 1.0 and uni["dynamic"] is False, uni
     assert uni["clip"] == uni["clip_after_build"] == 0.25, uni
+    # the restart's checkpoint had decay 0.05, eps 1e-8, betas 0.8/0.99: this run's defaults
+    assert uni["groups_after_build"] == [[0.01, 1e-6, [0.9, 0.999]], [0.0, 1e-6, [0.9, 0.999]]], uni
 
 
 def test_auto_precision_resumes_at_the_checkpoints_precision(edges):
@@ -135,3 +140,12 @@ def test_a_damaged_checkpoint_file_is_named(edges, part):
     res = edges[f"damaged_{part}"]
     assert res["error"].startswith("CheckpointError"), res
     assert res["victim"] in res["error"] and "train.resume=" in res["error"], res
+
+
+def test_a_zero0_checkpoint_of_the_fused_gpu_optimizer_resumed_on_cpu_says_why(edges):
+    """ZeRO-0 bf16 on a GPU saves DeepSpeed's fused optimizer state (flat per group), which the
+    unfused optimizer of a CPU run cannot read; DeepSpeed's own error names neither."""
+    msg = edges["zero0_layout"]
+    assert msg.startswith("CheckpointError: cannot load checkpoint ") and "z0gpu/checkpoints/step_00000001" in msg
+    assert "saved by DeepSpeed's fused bf16/fp16 optimizer (FusedAdam, a GPU run)" in msg, msg
+    assert "this run has the unfused one" in msg and "train.init_from=" in msg, msg

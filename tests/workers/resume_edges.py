@@ -9,15 +9,16 @@ from inside a chosen forward (as Slurm's would arrive), and a ``torch.save`` tha
 full disk) during one save. Runs, in order:
 
   base      max_steps=4, saves at 2 and 4
-  restart   the base run restarted from its step 2 with another train.lr: the lr right after
-            the resume, and whether step 4 (the base run's) is replaced by this run's
+  restart   the base run restarted from its step 2 with another train.lr, grad_clip and Adam
+            settings: those right after the resume, and whether step 4 (the base run's) is
+            replaced by this run's
   best      on the restart's trainer: save `best`, then a save of `best` that fails midway,
             then one that succeeds
   precision resume of the base run with train.precision=bf16: the error
   uni16     the restart's step 4 resharded to a universal checkpoint made to look fp16-trained (a
             dynamic loss scaler of 2^16 and train.precision: fp16, as a GPU run writes them; the
             CPU has no fp16), resumed in bf16 with another train.grad_clip: this run's scaler
-            and clipping, not the checkpoint's
+            and clipping, not the checkpoint's (and Adam settings: the restart's were others)
   auto_precision  train.precision=auto: the base run's; a bf16 run resumed with it
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
@@ -75,17 +76,19 @@ class Faults:
         self.calls, self.nan_at, self.usr1_at = 0, nan_at, usr1_at
 
 
-def train(cfg, faults, **fault):
+def train(cfg, faults, ds_config=None, **fault):
     """Build (resuming as run.py does), train; returns (code, {step: loss}, trainer)."""
     from tests.workers import record_losses
     from vltrain.engine.build import build_training
     from vltrain.engine.signals import STOP
     STOP.signum = None                    # a previous run in this process stopped on a signal
     faults.set(**fault)
-    trainer = build_training(cfg)
+    trainer = build_training(cfg, ds_config)
     losses = record_losses(trainer)
     trainer.lr_after_build = trainer.engine.get_lr()
     trainer.clip_after_build = getattr(trainer.engine.optimizer, "clip_grad", None)
+    inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+    trainer.groups_after_build = [[g["weight_decay"], g["eps"], list(g["betas"])] for g in inner.param_groups]
     trainer.validated_at = []                       # the steps validate() ran at (observed only)
     trainer.val_results = {}
     real_validate = trainer.validate
@@ -125,11 +128,13 @@ def main():
     res["base"] = {"code": code, "losses": base_losses}
 
     cfg = cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=0", "train.lr=5e-4",
-                 "train.grad_clip=0.5", f"train.resume={ckpts}/step_00000002")
+                 "train.grad_clip=0.5", "train.weight_decay=0.05", "train.adam_eps=1e-8", "train.adam_betas=[0.8,0.99]",
+                 f"train.resume={ckpts}/step_00000002")
     code, losses, t = train(cfg, faults)
     from vltrain.engine.schedule import lr_at
     res["restart"] = {"code": code, "losses": losses, "lr_after_build": t.lr_after_build,
-                      "lr_expected": lr_at(cfg, 2), "clip_after_build": t.clip_after_build, "lr_base_run": lr_at(cfg_of(corpus, out, "x", "train.max_steps=4"), 2),
+                      "lr_expected": lr_at(cfg, 2), "clip_after_build": t.clip_after_build,
+                      "groups_after_build": t.groups_after_build, "lr_base_run": lr_at(cfg_of(corpus, out, "x", "train.max_steps=4"), 2),
                       "step4_lr": load_config(f"{ckpts}/step_00000004/config.yaml").train.lr,
                       "latest": open(f"{ckpts}/latest").read(), "names": sorted(os.listdir(ckpts))}
 
@@ -185,7 +190,8 @@ def main():
     scaler = t.engine.optimizer.loss_scaler
     res["uni16"] = {"code": code, "scaler": type(scaler).__name__, "scale": scaler.cur_scale,
                     "dynamic": t.engine.optimizer.dynamic_loss_scale, "clip": t.engine.optimizer.clip_grad,
-                    "clip_after_build": t.clip_after_build, "precision": t.cfg.train.precision}
+                    "clip_after_build": t.clip_after_build, "precision": t.cfg.train.precision,
+                    "groups_after_build": t.groups_after_build}
 
     # train.precision=auto (the default): fp32 for a new run on CPU; a bf16 run resumes in bf16
     code, _, t = train(cfg_of(corpus, out, "bf16run", "train.max_steps=2", "train.precision=bf16"), faults)
@@ -260,5 +266,32 @@ def main():
             res[f"damaged_{name}"] = {"victim": victim, "error": f"{type(e).__name__}: {e}"}
         shutil.rmtree(os.path.join(damaged, "step_00000004"))
         shutil.copytree(os.path.join(ckpts, "step_00000004"), os.path.join(damaged, "step_00000004"))
+
+    # a ZeRO-0 bf16 checkpoint as a GPU run writes it (DeepSpeed's fused optimizer: fp32 masters
+    # and Adam moments flat per group, no loss scaler in bf16), resumed on this CPU (unfused)
+    z0 = ["train.max_steps=1", "train.precision=bf16"]
+    code, _, t = train(cfg_of(corpus, out, "z0gpu", *z0), faults, ds_config="ds_configs/zero0.json")
+    t.close()
+    path = os.path.join(t.save_dir, "step_00000001", "mp_rank_00_model_states.pt")
+    sd = torch.load(path, weights_only=False)
+    opt = sd["optimizer"]
+    opt["fp32_groups_flat"] = [torch.cat([p.reshape(-1) for p in g]) for g in opt.pop("fp32_groups")]
+    for k in ("dynamic_loss_scale", "cur_scale", "cur_iter"):
+        opt.pop(k, None)
+    inner = opt["optimizer_state_dict"]
+    flat = {}
+    for gi, group in enumerate(inner["param_groups"]):
+        states = [inner["state"][i] for i in group["params"]]
+        flat[gi] = {k: (torch.cat([st[k].reshape(-1) for st in states]) if k != "step" else states[0][k])
+                    for k in states[0]}
+        group["params"] = [gi]
+    inner["state"] = flat
+    torch.save(sd, path)
+    try:
+        train(cfg_of(corpus, out, "z0gpu", "train.max_steps=2", "train.precision=bf16", "train.resume=auto"),
+              faults, ds_config="ds_configs/zero0.json")
+        res["zero0_layout"] = "no error"
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        res["zero0_layout"] = f"{type(e).__name__}: {e}"
     print("RESULTS " + json.dumps(res), flush=True)
 

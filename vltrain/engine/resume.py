@@ -88,6 +88,33 @@ _RUN_CLIP = ("clip_grad",)
 _RUN_SCALER = ("loss_scaler", "dynamic_loss_scale")
 
 
+# DeepSpeed's ZeRO-0 bf16/fp16 optimizers save their fp32 masters differently: the fused one
+# (FusedAdam: GPU runs) flat per group, the unfused one (torch's Adam: CPU runs, or
+# optimizer.params.torch_adam=true) per parameter; neither loads the other's state.
+_ZERO0_LAYOUTS = {"fp32_groups_flat": "DeepSpeed's fused bf16/fp16 optimizer (FusedAdam, a GPU run)",
+                  "fp32_groups": "the unfused one (torch's Adam: a CPU run, or optimizer.params.torch_adam=true)"}
+
+
+def zero0_layout_mismatch(tag_dir: str, optimizer) -> Optional[str]:
+    """Why ``tag_dir``'s ZeRO-0 optimizer state cannot load into ``optimizer`` (DeepSpeed's
+    wrapper of this run), or None. Read only after a failed load: the file holds the whole state."""
+    import torch
+
+    ours = next((k for k in _ZERO0_LAYOUTS if hasattr(optimizer, k)), None)
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if ours is None or not os.path.isfile(path):
+        return None
+    saved_opt = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("optimizer")
+    saved = next((k for k in _ZERO0_LAYOUTS if isinstance(saved_opt, dict) and k in saved_opt), None)
+    if saved is None or saved == ours:
+        return None
+    fix = ("resume it on GPUs with optimizer.params.torch_adam=true in the DeepSpeed config" if saved == "fp32_groups"
+           else "resume it on GPUs with the DeepSpeed config it trained with")
+    return (f"its ZeRO-0 optimizer state was saved by {_ZERO0_LAYOUTS[saved]}, this run has "
+            f"{_ZERO0_LAYOUTS[ours]}, which cannot read it: {fix}, or start a new run from its weights "
+            f"with train.init_from={tag_dir} (fresh optimizer state)")
+
+
 def optimizer_run_settings(optimizer) -> dict:
     """This run's clipping and loss scaler on DeepSpeed's optimizer, before a checkpoint load."""
     return {k: getattr(optimizer, k) for k in _RUN_CLIP + _RUN_SCALER if hasattr(optimizer, k)}
@@ -386,36 +413,48 @@ def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
     return notes
 
 
+# Adam's per-group hyperparameters. DeepSpeed's load puts the checkpoint's into the groups,
+# so a resume with another train.weight_decay / adam_eps / adam_betas (which it warns of as
+# this run's settings) would silently keep the old ones; its ZeRO-3 universal loader even
+# copies group 0's into every group, giving the no-decay group (biases, LayerNorm) decay.
+_GROUP_SETTINGS = ("weight_decay", "eps", "betas")
+
+
+def _inner_optimizer(engine):
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
 def optimizer_group_settings(engine) -> list[dict]:
-    """Per-group optimizer settings (weight decay) as built, before a checkpoint is loaded."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return [{"weight_decay": g.get("weight_decay")} for g in getattr(inner, "param_groups", [])]
+    """This run's per-group Adam settings as built, before a checkpoint is loaded."""
+    return [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in getattr(_inner_optimizer(engine), "param_groups", [])]
 
 
-def repair_universal_zero3_load(engine, settings: list[dict]) -> bool:
-    """Undo two side effects of DeepSpeed 0.19.8's ZeRO-3 universal loader
+def restore_group_settings(engine, settings: list[dict]) -> None:
+    """After the load: each group gets this run's settings back (the learning rate is the
+    schedule's, ``schedule.reapply``)."""
+    groups = getattr(_inner_optimizer(engine), "param_groups", [])
+    if len(groups) != len(settings):
+        raise RuntimeError(f"the loaded optimizer has {len(groups)} parameter groups, this run built {len(settings)}")
+    for group, saved in zip(groups, settings):
+        group.update(saved)
+
+
+def repair_universal_zero3_load(engine) -> bool:
+    """Undo a side effect of DeepSpeed 0.19.8's ZeRO-3 universal loader
     (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) with more than one param group:
-
-      * it gives every sub-group's Adam state the SAME ``step`` tensor, which torch's Adam
-        increments in place once per sub-group, so the step count (bias correction) then
-        advances by the number of groups per optimizer step;
-      * it copies param group 0's settings into every group, so our no-decay group (biases,
-        LayerNorm) would get weight decay.
-
-    Each state gets its own ``step`` copy (same value) and each group its own settings back.
-    Returns whether anything was repaired. No-op for other optimizers."""
+    it gives every sub-group's Adam state the SAME ``step`` tensor, which torch's Adam
+    increments in place once per sub-group, so the step count (bias correction) would advance
+    by the number of groups per optimizer step. Each state gets its own ``step`` copy (same
+    value). Returns whether anything was repaired. No-op for other optimizers."""
     import torch
 
     opt = engine.optimizer
     flats = getattr(opt, "fp32_partitioned_groups_flat", None)
     if not flats:
         return False
-    inner = getattr(opt, "optimizer", opt)
+    inner = _inner_optimizer(engine)
     for p in flats:
         state = inner.state.get(p)
         if state and torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    for group, saved in zip(inner.param_groups, settings):
-        if saved.get("weight_decay") is not None:
-            group["weight_decay"] = saved["weight_decay"]
     return True

@@ -108,7 +108,8 @@ class Trainer:
     def resume_from(self, found: ckpt.Found) -> None:
         """Full resume: engine (weights, optimizer, schedule), loader position, RNG, counters."""
         from vltrain.engine.resume import (checkpoint_precision, optimizer_group_settings, optimizer_run_settings,
-                                           repair_universal_zero3_load, restore_run_settings)
+                                           repair_universal_zero3_load, restore_group_settings,
+                                           restore_run_settings, zero0_layout_mismatch)
         settings = optimizer_group_settings(self.engine)
         base_lrs = list(self.engine.lr_scheduler.base_lrs)      # this run's config, before the load
         run_settings = optimizer_run_settings(self.engine.optimizer)
@@ -122,11 +123,15 @@ class Trainer:
                 raise CheckpointError(f"cannot load checkpoint {found.path}: unreadable {'; '.join(bad)}. Resume "
                                       "from another checkpoint with train.resume=<its tag folder> (`vltrain-ckpt "
                                       "inspect` lists the complete ones)") from e
+            why = zero0_layout_mismatch(found.path, self.engine.optimizer)
+            if why:
+                raise CheckpointError(f"cannot load checkpoint {found.path}: {why}") from e
             raise
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {found.path}")
         if found.info.get("universal"):
-            repair_universal_zero3_load(self.engine, settings)   # DeepSpeed 0.19.8 ZeRO-3 loader quirks
+            repair_universal_zero3_load(self.engine)   # DeepSpeed 0.19.8 ZeRO-3 loader quirk
+        restore_group_settings(self.engine, settings)
         schedule.reapply(self.engine.lr_scheduler, base_lrs)
         saved_precision = checkpoint_precision(found.path)
         restore_run_settings(self.engine.optimizer, run_settings,
