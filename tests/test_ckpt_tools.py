@@ -500,7 +500,8 @@ def test_reshard_refusals(ckpts, resharded, tmp_path, capsys):
 
 def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     """The arithmetic behind `train.resume=` on another world size: the README's 64 -> 8 GPUs.
-    (A folder laid out like a universal checkpoint of 64 ranks; only the record is read.)"""
+    (A folder laid out like a universal checkpoint of 64 ranks; only the record and the model
+    states' parameter list are read.)"""
     from vltrain.config import load_config
     from vltrain.engine.checkpoint import resolve_checkpoint
     from vltrain.engine.resume import CheckpointError, batch_plan, canonical_nodes_ok, reconcile_resume
@@ -510,8 +511,11 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     assert canonical_nodes_ok(8, 1) and canonical_nodes_ok(8, 16) and not canonical_nodes_ok(8, 3)
 
     tag = tmp_path / "universal"
-    os.makedirs(tag / "zero")
-    for name in ["config.yaml", "mp_rank_00_model_states.pt"] + [f"vltrain_rank{r:05d}.pt" for r in range(64)]:
+    os.makedirs(tag / "zero" / "model.w")
+    torch.save({"param_shapes": [{"model.w": (2,)}]}, tag / "mp_rank_00_model_states.pt")   # its parameter list
+    for name in (["config.yaml", "zero/optimizer_state.pt"]
+                 + [f"zero/model.w/{k}.pt" for k in ("fp32", "exp_avg", "exp_avg_sq")]
+                 + [f"vltrain_rank{r:05d}.pt" for r in range(64)]):
         (tag / name).write_bytes(b"")
     record = {"world_size": 64, "zero_stage": 3, "micro_batch_size": 8, "grad_accum": 8, "global_batch": 4096,
               "num_canonical_nodes": 8, "step": 1000, "universal": True}
@@ -526,3 +530,104 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     with pytest.raises(CheckpointError, match="vltrain_rank00063.pt is missing"):
         os.remove(tag / "vltrain_rank00063.pt")
         reconcile_resume(load_config("configs/debug.yaml"), found, world=8, nodes=1)
+
+
+def linked_copy(src, dest):
+    """A copy of a tag folder made of hard links (cheap); change its files with `rewrite` only."""
+    shutil.copytree(src, dest, copy_function=os.link)
+    return dest
+
+
+def rewrite(path, data: bytes):
+    """Give ``path`` new contents as a new file: never edit a hard-linked source."""
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data)
+    os.replace(f"{path}.tmp", path)
+
+
+def test_cut_short_file_is_named(ckpts, resharded, tmp_path, capsys):
+    """A shard cut short (a copy or save that stopped): inspect reports the checkpoint as damaged,
+    the other tools refuse it with exit 2; each names the file."""
+    cut = linked_copy(os.path.join(ckpts["z2"], TAG3), tmp_path / "z2" / TAG3)
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    rewrite(cut / name, (cut / name).read_bytes()[:4096])
+    code, out, err = cli(capsys, "inspect", cut)
+    assert code == 2 and "status          DAMAGED" in out and name in err and "PytorchStreamReader" in err, out + err
+    assert json.loads(cli(capsys, "inspect", cut, "--json")[1])["status"] == "damaged"
+    for argv, outs in ((["reshard", cut, tmp_path / "u"], [tmp_path / "u"]),
+                       (["consolidate", cut, tmp_path / "w.safetensors"],
+                        [tmp_path / "w.safetensors", tmp_path / "config.json", tmp_path / "w.yaml"]),
+                       (["export-hf", cut, tmp_path / "hf"], [tmp_path / "hf"])):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and f"is damaged: 1 file(s) cannot be read: {name}" in err, err
+        assert_nothing_written(*outs)
+    # a universal checkpoint's per-parameter file
+    cut = linked_copy(resharded["U2"], tmp_path / "U2")
+    param = cut / "zero" / "model.mlm_head.bias" / "fp32.pt"
+    rewrite(param, param.read_bytes()[:-100])
+    code, _, err = cli(capsys, "consolidate", cut, tmp_path / "w.safetensors")
+    assert code == 2 and "zero/model.mlm_head.bias/fp32.pt (" in err, err
+    # whole: inspect says so
+    code, out, _ = cli(capsys, "inspect", resharded["U2"])
+    assert code == 0 and "complete (every file present and opens)" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_reshard_world_size_must_be_a_positive_count(ckpts, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        ckpt_main(["reshard", ckpts["z2"], str(tmp_path / "u"), "--world-size", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--world-size" in err, err
+    assert ("whole number of ranks" if value == "two" else f"at least 1 rank, got {value}") in err
+    assert_nothing_written(tmp_path / "u")
+
+
+def test_universal_checkpoint_missing_per_parameter_files(ckpts, resharded, tmp_path, capsys):
+    """DeepSpeed's universal loaders read fp32.pt, exp_avg.pt, exp_avg_sq.pt (and from a ZeRO-1/2
+    source step.pt) of every parameter: one missing makes the checkpoint incomplete."""
+    u2 = linked_copy(resharded["U2"], tmp_path / "U2")
+    params = sorted(n for n in os.listdir(u2 / "zero") if (u2 / "zero" / n).is_dir())
+    assert "model.mlm_head.bias" in params
+    assert {"fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "step.pt"} <= set(os.listdir(u2 / "zero" / params[0]))
+    os.remove(u2 / "zero" / "model.mlm_head.bias" / "exp_avg.pt")
+    code, out, err = cli(capsys, "inspect", u2)
+    assert code == 2 and "status          INCOMPLETE" in out and "zero/model.mlm_head.bias/exp_avg.pt" in err, err
+    for p in params[:5]:
+        os.remove(u2 / "zero" / p / "step.pt")
+    code, _, err = cli(capsys, "consolidate", u2, tmp_path / "w.safetensors")
+    assert code == 2 and "6 per-parameter file(s) of DeepSpeed's universal format are missing" in err, err
+    assert "(+2 more)" in err and "/step.pt" in err
+    # a ZeRO-3 source has no step.pt (its loader takes the step from optimizer_state.pt): complete
+    assert "step.pt" not in os.listdir(os.path.join(resharded["U3"], "zero", params[0]))
+    assert cli(capsys, "inspect", resharded["U3"])[0] == 0
+    u3 = linked_copy(resharded["U3"], tmp_path / "U3")
+    os.remove(u3 / "zero" / "optimizer_state.pt")
+    code, _, err = cli(capsys, "inspect", u3)
+    assert code == 2 and "zero/optimizer_state.pt is missing" in err, err
+
+
+def test_corrupt_completion_record_is_named(ckpts, tmp_path, capsys):
+    tag = linked_copy(os.path.join(ckpts["z2"], TAG3), tmp_path / "checkpoints" / TAG3)
+    rewrite(tag / "vltrain_ckpt.json", b'{"world_size": 2, "zero')
+    for argv in (["inspect", tag], ["inspect", tmp_path / "checkpoints", "--tag", TAG3],
+                 ["inspect", tmp_path / "checkpoints"], ["consolidate", tag, tmp_path / "w.safetensors"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and f"has a corrupt completion record {tag}/vltrain_ckpt.json (JSONDecodeError: " in err, err
+        assert "did not finish" not in err
+    assert_nothing_written(tmp_path / "w.safetensors")
+
+
+def test_reshard_into_a_run_folder_only_as_a_tag_resume_auto_finds(ckpts, tmp_path, capsys):
+    """train.resume=auto takes a run's checkpoints/latest, else its newest step_<8 digits> tag: a
+    universal checkpoint written there under another name would be passed over (a fresh start)."""
+    for name in ("universal", "step_00000006", "step_3"):
+        out = tmp_path / "new" / "checkpoints" / name
+        code, _, err = cli(capsys, "reshard", ckpts["z2"], out, "--tag", TAG3)
+        assert code == 2 and f"name it {tmp_path}/new/checkpoints/{TAG3}" in err and "outside checkpoints/" in err, err
+        assert_nothing_written(out)
+    old = tmp_path / "old" / "checkpoints"
+    os.makedirs(old)
+    (old / "latest").write_text("step_00000040")
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], old / TAG3, "--tag", TAG3)
+    assert code == 2 and "resumes its latest, step_00000040" in err, err
+    assert_nothing_written(old / TAG3)

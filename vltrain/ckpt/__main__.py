@@ -31,6 +31,17 @@ if __package__ in (None, ""):  # `python vltrain/ckpt/__main__.py`
 EXIT_BAD_INPUT = 2
 
 
+def _rank_count(text: str) -> int:
+    """--world-size: a whole number of ranks, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of ranks, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a world size is at least 1 rank, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vltrain-ckpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s = add("reshard", "ZeRO 1/2/3 checkpoint saved on N ranks -> a universal checkpoint that "
                        "`train.resume=OUT_DIR` resumes on any number of ranks", out="output folder (new)")
-    s.add_argument("--world-size", type=int, action="append", default=[], metavar="M",
+    s.add_argument("--world-size", type=_rank_count, action="append", default=[], metavar="M",
                    help="check up front that M ranks keep the global batch (repeatable)")
     s.add_argument("--workers", type=int, default=2, help="processes for DeepSpeed's conversion (default 2)")
     add("consolidate", "full fp32 weights in one safetensors file (+ config.json and the resolved "
@@ -78,7 +89,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from vltrain.config import ConfigError
     from vltrain.engine.resume import CheckpointError
-    from vltrain.ckpt.layout import locate
+    from vltrain.ckpt.layout import check_readable, locate
 
     try:
         if args.cmd == "inspect":
@@ -91,6 +102,7 @@ def main(argv=None) -> int:
                 return EXIT_BAD_INPUT
             return 0
         found = locate(args.ckpt, args.tag)
+        check_readable(found)
         if args.cmd == "reshard":
             from vltrain.ckpt.reshard import reshard
             rec = reshard(found, args.out, world_sizes=args.world_size, workers=args.workers,

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.resume import CheckpointError, check_checkpoint_files, saved_config, saved_param_shapes, \
     workable_world_sizes
-from vltrain.ckpt.layout import list_tags
+from vltrain.ckpt.layout import check_readable, list_tags
 
 
 def _size(path: str) -> int:
@@ -32,16 +31,22 @@ def human(n: float) -> str:
 def describe(found: ckpt.Found) -> dict:
     """Everything ``inspect`` reports, as a dict (``--json`` prints it as is)."""
     info = found.info
-    problem: Optional[str] = None
+    status, problem = "complete", None
     try:
-        check_checkpoint_files(found.path, info)
+        check_readable(found)      # first: the file check of a universal checkpoint reads its model states
     except CheckpointError as e:
-        problem = str(e)
+        status, problem = "damaged", str(e)
+    else:
+        try:
+            check_checkpoint_files(found.path, info)
+        except CheckpointError as e:
+            status, problem = "incomplete", str(e)
     shapes = {}
     try:
         shapes = saved_param_shapes(found.path) or {}
     except CheckpointError as e:
-        problem = problem or str(e)
+        if problem is None:
+            status, problem = "damaged", str(e)
     n_params = 0
     for s in shapes.values():
         k = 1
@@ -61,7 +66,7 @@ def describe(found: ckpt.Found) -> dict:
         dtype = f"{precision or '?'} training; fp32 master weights and Adam moments"
     else:
         from vltrain.ckpt.weights import stage0_file, stage0_masters
-        masters = precision not in (None, "fp32") and bool(stage0_masters(stage0_file(found)))
+        masters = problem is None and precision not in (None, "fp32") and bool(stage0_masters(stage0_file(found)))
         dtype = (f"{precision or '?'} (ZeRO-0: module weights in the training dtype"
                  + ("; fp32 master weights in the optimizer state)" if masters else ")"))
     complete, incomplete = list_tags(found.save_dir)
@@ -78,7 +83,7 @@ def describe(found: ckpt.Found) -> dict:
         "world_size": info.get("world_size"), "micro_batch_size": mb, "grad_accum": info.get("grad_accum"),
         "global_batch": gb, "num_canonical_nodes": info.get("num_canonical_nodes"),
         "resharded_from": info.get("resharded_from"), "parameters": n_params, "tensors": len(shapes),
-        "dtype": dtype, "size_bytes": _size(found.path), "resumes_on": where, "problem": problem,
+        "dtype": dtype, "size_bytes": _size(found.path), "resumes_on": where, "status": status, "problem": problem,
         "config": config_text,
     }
 
@@ -98,7 +103,8 @@ def format_report(d: dict) -> str:
         f"dtype           {d['dtype']}",
         f"size on disk    {human(d['size_bytes'])}",
         f"resumes on      {d['resumes_on']}",
-        f"status          {'INCOMPLETE: ' + d['problem'] if d['problem'] else 'complete (every file present)'}",
+        "status          " + (f"{d['status'].upper()}: {d['problem']}" if d["problem"] else
+                                  "complete (every file present and opens)"),
     ]
     if d["config"]:
         lines += ["", "config it was trained with (config.yaml):", *("  " + l for l in d["config"].rstrip().splitlines())]

@@ -15,7 +15,7 @@ import tempfile
 from typing import Iterator, Optional
 
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.resume import CheckpointError, check_checkpoint_files
+from vltrain.engine.resume import CheckpointError, check_checkpoint_files, unreadable_files
 
 
 def list_tags(save_dir: str) -> tuple[list[str], list[str]]:
@@ -67,14 +67,13 @@ def locate(path: str, tag: Optional[str] = None, check_files: bool = True) -> ck
         if tag is None:
             found = ckpt.find_resume_point(save_dir)
             if found is None:
-                raise CheckpointError(f"{save_dir} holds no complete checkpoint"
-                                      + (f" (incomplete: {', '.join(incomplete)}; their save did not finish)"
-                                         if incomplete else ""))
+                raise CheckpointError(f"{save_dir} holds no complete checkpoint" + "".join(
+                    f"; {ckpt.record_problem(os.path.join(save_dir, t))}" for t in incomplete))
         else:
             tag_dir = os.path.join(save_dir, tag)
             if tag in incomplete or (os.path.isdir(tag_dir) and tag not in complete):
-                raise CheckpointError(f"tag {tag} in {save_dir} is incomplete (no {ckpt.COMPLETE_FILE}: its save "
-                                      f"did not finish); complete tags: {', '.join(complete) or 'none'}")
+                raise CheckpointError(f"{ckpt.record_problem(tag_dir)}; complete tags there: "
+                                      f"{', '.join(complete) or 'none'}")
             if tag not in complete:
                 raise CheckpointError(f"no tag {tag!r} in {save_dir}; tags there: {', '.join(complete) or 'none'}"
                                       + (f" (incomplete: {', '.join(incomplete)})" if incomplete else ""))
@@ -82,6 +81,19 @@ def locate(path: str, tag: Optional[str] = None, check_files: bool = True) -> ck
     if check_files:
         check_checkpoint_files(found.path, found.info)
     return found
+
+
+def check_readable(found: ckpt.Found) -> None:
+    """Refuse a checkpoint with files torch cannot open, naming them (a few, then a count).
+
+    ``unreadable_files`` opens each file lazily: its zip index and pickle, not its tensor data,
+    so this stays fast on files of many GB and finds what a copy or a save cut short leaves (a
+    zip's index is at its end); damage inside the tensor data is not looked for."""
+    bad = unreadable_files(found.path)
+    if bad:
+        raise CheckpointError(f"checkpoint {found.path} is damaged: {len(bad)} file(s) cannot be read: "
+                              + "; ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+                              + ". Copy them again from where the checkpoint was written, or use another tag")
 
 
 def read_config(found: ckpt.Found):

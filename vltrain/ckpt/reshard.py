@@ -32,6 +32,33 @@ def stage0_message(found: ckpt.Found) -> str:
             "not carried over): `vltrain-ckpt consolidate CKPT OUT.safetensors`, then train.init_from=OUT.safetensors.")
 
 
+def check_destination(found: ckpt.Found, out_dir: str) -> None:
+    """Refuse an OUT_DIR in a run's ``checkpoints/`` folder that ``train.resume=auto`` would not
+    resume: it takes the folder's ``latest``, else its newest ``step_<8 digits>`` tag, and the
+    trainer names (and rotates) its saves the same way, so the tag must be the checkpoint's own
+    step's. Elsewhere any name will do (``train.resume=OUT_DIR``)."""
+    out = os.path.abspath(out_dir)
+    folder, name = os.path.split(out)
+    if os.path.basename(folder) != "checkpoints":     # the trainer's save folder: <run>/checkpoints
+        return
+    tag = ckpt.step_tag(int(found.info["step"]))
+    if name != tag:
+        raise CheckpointError(
+            f"{out} is in a run's checkpoints/ folder, where train.resume=auto only finds tags named after their "
+            f"step: name it {os.path.join(folder, tag)} (this checkpoint is at step {found.info['step']}), or "
+            f"write it outside checkpoints/ and resume with train.resume=<that folder>")
+    try:
+        with open(os.path.join(folder, ckpt.LATEST_FILE)) as f:
+            latest = f.read().strip()
+    except FileNotFoundError:
+        return
+    if latest != name:
+        raise CheckpointError(
+            f"{folder} already holds checkpoints of a run, and train.resume=auto there resumes its latest, "
+            f"{latest}, not {name}: reshard into the checkpoints/ folder of a new run, or write it elsewhere and "
+            f"resume with train.resume=<that folder>")
+
+
 def reshard(found: ckpt.Found, out_dir: str, *, world_sizes: Optional[list[int]] = None, workers: int = 2,
             overwrite: bool = False, verbose: bool = False) -> dict:
     """Write the universal form of ``found`` to ``out_dir``; returns its completion record.
@@ -47,6 +74,7 @@ def reshard(found: ckpt.Found, out_dir: str, *, world_sizes: Optional[list[int]]
         raise CheckpointError(stage0_message(found))
     for m in world_sizes or []:
         batch_plan(int(info["global_batch"]), int(info["micro_batch_size"]), m)
+    check_destination(found, out_dir)
 
     from deepspeed.checkpoint import ds_to_universal
 

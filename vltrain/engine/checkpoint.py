@@ -62,14 +62,32 @@ def rank_state_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"vltrain_rank{rank:05d}.pt")
 
 
-def read_ckpt_info(tag_dir: str) -> Optional[dict]:
-    """The completion record of a tag, or None if the tag is incomplete/unreadable."""
+def _read_record(tag_dir: str) -> tuple[Optional[dict], str]:
+    """(completion record, "") or (None, what is wrong with it, worded for record_problem)."""
     path = os.path.join(tag_dir, COMPLETE_FILE)
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+            info = json.load(f)
+    except FileNotFoundError:
+        return None, f"is incomplete (no {COMPLETE_FILE}: its save did not finish)"
+    except (OSError, ValueError) as e:      # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"has a corrupt completion record {path} ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(info, dict):
+        return None, f"has a corrupt completion record {path} (a JSON {type(info).__name__}, not an object)"
+    return info, ""
+
+
+def read_ckpt_info(tag_dir: str) -> Optional[dict]:
+    """The completion record of a tag, or None if the tag is incomplete or its record corrupt
+    (:func:`record_problem` says which)."""
+    return _read_record(tag_dir)[0]
+
+
+def record_problem(tag_dir: str) -> str:
+    """Why ``tag_dir`` has no usable completion record, as "checkpoint <tag_dir> is/has ...". The
+    record is written atomically (see the module docstring), so a corrupt one was damaged after
+    its save: a disk fault, a copy cut short, an edit."""
+    return f"checkpoint {tag_dir} {_read_record(tag_dir)[1]}"
 
 
 @dataclass
@@ -112,8 +130,7 @@ def find_resume_point(save_dir: str) -> Optional[Found]:
         info = read_ckpt_info(os.path.join(save_dir, tag))
         if info is not None:
             if latest and tag != latest:
-                log.warning("checkpoint %s is incomplete (no %s); resuming from %s instead",
-                            os.path.join(save_dir, latest), COMPLETE_FILE, tag)
+                log.warning("%s; resuming from %s instead", record_problem(os.path.join(save_dir, latest)), tag)
             cut = sorted(n for n in os.listdir(save_dir) if (m := _STEP_LEFTOVER.fullmatch(n))
                          and m.group(2) == PARTIAL and int(m.group(1)) > int(info.get("step", 0)))
             if cut:
@@ -121,7 +138,7 @@ def find_resume_point(save_dir: str) -> Optional[Found]:
                             "checkpoint is %s", ", ".join(cut), tag)
             return Found(save_dir, tag, info)
         if os.path.isdir(os.path.join(save_dir, tag)):
-            log.warning("skipping incomplete checkpoint %s (no %s)", os.path.join(save_dir, tag), COMPLETE_FILE)
+            log.warning("%s; skipping it", record_problem(os.path.join(save_dir, tag)))
     return None
 
 
@@ -135,14 +152,13 @@ def interrupted_replace(path: str) -> str:
 
 
 def is_incomplete_tag(path: str) -> bool:
-    """A tag folder holding a save's files but no completion record."""
+    """A tag folder holding a save's files but no usable completion record."""
     return read_ckpt_info(path) is None and os.path.isdir(path) and any(
         n.endswith("model_states.pt") or n.startswith("vltrain_rank") for n in os.listdir(path))
 
 
 def incomplete_message(path: str) -> str:
-    return (f"checkpoint {path} is incomplete (no {COMPLETE_FILE}: its save did not finish); "
-            f"use another tag of its folder")
+    return f"{record_problem(path)}; use another tag of its folder"
 
 
 def resolve_checkpoint(path: str) -> Found:

@@ -46,7 +46,9 @@ def _first_model_states(tag_dir: str) -> Optional[str]:
 
 def check_checkpoint_files(tag_dir: str, info: dict) -> None:
     """Every file the completion record ``info`` promises is in ``tag_dir``; else name the first
-    missing one (and what it is)."""
+    missing one (and what it is), or for a universal checkpoint's per-parameter files, the
+    missing ones. By name: no file is opened, but a universal checkpoint's model states, lazily
+    (mmap), for its parameter names."""
     from vltrain.engine.checkpoint import rank_state_file
 
     world = int(info.get("world_size", 1))
@@ -64,10 +66,25 @@ def check_checkpoint_files(tag_dir: str, info: dict) -> None:
         if not os.path.isfile(path):
             missing(os.path.basename(path), f"rank {r}'s dataloader and RNG state")
     if info.get("universal"):
-        if not os.path.isdir(os.path.join(tag_dir, "zero")):
+        zero = os.path.join(tag_dir, "zero")
+        if not os.path.isdir(zero):
             missing("zero/", "the universal checkpoint's per-parameter fp32 weights and optimizer state")
         if _first_model_states(tag_dir) is None:
             missing("mp_rank_00_model_states.pt", "DeepSpeed's model states")
+        if not os.path.isfile(os.path.join(zero, "optimizer_state.pt")):
+            missing("zero/optimizer_state.pt", "DeepSpeed's optimizer settings and loss scaler")
+        # What DeepSpeed's universal loaders open for every parameter: fp32.pt, exp_avg.pt and
+        # exp_avg_sq.pt; from a ZeRO-1/2 source also step.pt, Adam's step (deepspeed/checkpoint/
+        # universal_checkpoint.py; the ZeRO-3 one, runtime/zero/stage3.py, takes the step from
+        # optimizer_state.pt). Checked by name only: the files are not opened here.
+        per_param = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt") + (("step.pt",) if stage in (1, 2) else ())
+        absent = [f"zero/{name}/{f}" for name in saved_param_shapes(tag_dir) or {} for f in per_param
+                  if not os.path.isfile(os.path.join(zero, name, f))]
+        if absent:
+            raise CheckpointError(
+                f"{where} is incomplete: {len(absent)} per-parameter file(s) of DeepSpeed's universal format are "
+                f"missing: {', '.join(absent[:4])}" + (f" (+{len(absent) - 4} more)" if len(absent) > 4 else "")
+                + "; copy them back from where the checkpoint was written, or reshard its source again")
         return
     for name in model_states_files(tag_dir, stage, world):
         if not os.path.isfile(os.path.join(tag_dir, name)):
@@ -134,11 +151,12 @@ def unreadable_files(tag_dir: str) -> list[str]:
     import torch
 
     bad = []
-    for path in sorted(glob.glob(os.path.join(tag_dir, "**", "*.pt"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(glob.escape(tag_dir), "**", "*.pt"), recursive=True)):
         try:
             torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-            bad.append(f"{os.path.relpath(path, tag_dir)} ({type(e).__name__}: {str(e)[:160]})")
+            first = str(e).split(". ", 1)[0][:160]     # torch's zip errors go on with advice for its developers
+            bad.append(f"{os.path.relpath(path, tag_dir)} ({type(e).__name__}: {first})")
     return bad
 
 
