@@ -134,6 +134,26 @@ vltrain_has_checkpoint() {
     compgen -G "$1/checkpoints/*/vltrain_ckpt.json" >/dev/null
 }
 
+# This job for scontrol: an array task as <array job>_<task>. The bare SLURM_JOB_ID of the
+# array's first task is also the array's id, and `scontrol requeue` of it requeues every
+# task of the array (running ones killed, finished ones run again).
+vltrain_job_ref() {
+    if [[ -n "${SLURM_ARRAY_TASK_ID:-}" && -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "$SLURM_JOB_ID"
+    fi
+}
+
+# One rank per GPU: more tasks on a node than GPUs there leaves ranks without a GPU (an
+# error about device indices from the ranks); fewer is allowed (some GPUs stay idle).
+vltrain_check_gpus_per_node() {   # vltrain_check_gpus_per_node TASKS_PER_NODE
+    local gpus="${SLURM_GPUS_ON_NODE:-0}"
+    [[ "$gpus" =~ ^[0-9]+$ ]] || return 0
+    ((gpus == 0 || $1 <= gpus)) \
+        || vltrain_fail 2 "$1 tasks per node but $gpus GPUs per node: one rank per GPU; submit with --ntasks-per-node=$gpus (the templates' default is 8)"
+}
+
 # Uneven layouts ("8(x3),4") are refused: streaming partitions the data by world / ranks per
 # node, so ranks on nodes of different sizes would disagree on it (run.py refuses them too).
 vltrain_check_even_tasks() {
@@ -188,6 +208,9 @@ vltrain_main() {
     trap 'vltrain_log "USR1 before the ranks started: nothing to checkpoint yet, ignored"' USR1
     trap 'got_term=1' TERM
     [[ -n "${SLURM_JOB_ID:-}" ]] || vltrain_fail 2 "not inside a Slurm job: submit with sbatch"
+    # srun without --het-group runs on the first component only: the others would sit idle
+    [[ -z "${SLURM_HET_SIZE:-}" ]] \
+        || vltrain_fail 2 "heterogeneous job ($SLURM_HET_SIZE components): not supported; submit one homogeneous job"
     local home="${VLTRAIN_HOME:?}"
     local restart="${SLURM_RESTART_COUNT:-0}"
     local python="${PYTHON:-python}"
@@ -251,7 +274,7 @@ PY
     rm -f "$exit_dir"/* 2>/dev/null
     # The batch log itself (#SBATCH --output) stays where sbatch put it; link it beside the ranks' logs.
     local batch_log
-    batch_log="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | head -n1 | cut -d= -f2-)"
+    batch_log="$(scontrol show job -o "$(vltrain_job_ref)" 2>/dev/null | grep -o 'StdOut=[^ ]*' | head -n1 | cut -d= -f2-)"
     [[ -n "$batch_log" && -f "$batch_log" ]] && ln -sfn "$batch_log" "$log_dir/$SLURM_JOB_ID-batch.out" 2>/dev/null
 
     # ---- distributed environment shared by all ranks (per-rank variables are mapped in run.py).
@@ -271,6 +294,7 @@ PY
     local tpn cpt
     vltrain_check_even_tasks
     tpn="$(vltrain_tasks_per_node)"
+    vltrain_check_gpus_per_node "$tpn"
     cpt="${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}"
     if [[ -z "$cpt" ]]; then
         cpt=$(( $(vltrain_min_cpus_per_node) / (tpn > 0 ? tpn : 1) ))
@@ -298,10 +322,12 @@ PY
     # cuda:LOCAL_RANK (a site default binding one GPU per task would break that index and
     # CUDA peer-to-peer between the ranks of a node). --distribution=block: each node's ranks
     # consecutive, as streaming assumes (a site's or the job's `-m cyclic` would deal them round-robin).
+    # --export=ALL: the ranks need what this script exported (MASTER_*, OMP_NUM_THREADS, NCCL_*);
+    # after `sbatch --export=A,B` srun would pass only A and B (it reads SLURM_EXPORT_ENV).
     local srun_pid rc
     ((got_term)) && vltrain_fail 143 "SIGTERM before the ranks started (job cancelled or preempted): not starting them"
     # shellcheck disable=SC2016  # $1/$@ expand in the task's shell, not here
-    srun --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none --distribution=block \
+    srun --export=ALL --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none --distribution=block \
         --output="$log_dir/%j-%t.log" --open-mode=append \
         bash -c 'source "$1"; shift; vltrain_task "$@"' vltrain-task "$home/slurm/common.sh" "$exit_dir" "${cmd[@]}" &
     srun_pid=$!
@@ -345,10 +371,10 @@ PY
             exit "$VLTRAIN_EXIT_PREEMPTED"
         fi
         vltrain_log "checkpointed on signal: requeueing (requeue $((restart + 1)) of at most $max); the next run resumes from latest"
-        if scontrol requeue "$SLURM_JOB_ID"; then
+        if scontrol requeue "$(vltrain_job_ref)"; then
             return 0
         fi
-        vltrain_fail "$VLTRAIN_EXIT_PREEMPTED" "scontrol requeue $SLURM_JOB_ID failed; resubmit to resume"
+        vltrain_fail "$VLTRAIN_EXIT_PREEMPTED" "scontrol requeue $(vltrain_job_ref) failed; resubmit to resume"
     fi
     code="${failed_code:-$rc}"
     ((code != 0)) || code=1

@@ -291,6 +291,30 @@ def test_sbatch_job_array_tasks_get_their_own_run_folder():
     assert p.returncode == 0 and p.stdout.strip() == "RUN_NAME=plain"
 
 
+def test_sbatch_array_task_requeues_itself_not_the_array():
+    """The first task of an array has SLURM_JOB_ID == SLURM_ARRAY_JOB_ID, and `scontrol requeue`
+    of that id requeues every task of the array: the task is named <array>_<task>."""
+    p = _common_sh("vltrain_job_ref", SLURM_JOB_ID="36", SLURM_ARRAY_JOB_ID="36", SLURM_ARRAY_TASK_ID="1")
+    assert p.stdout.strip() == "36_1", (p.stdout, p.stderr)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    p = subprocess.run(["bash", "-c", "source slurm/common.sh; vltrain_job_ref"], capture_output=True, text=True,
+                       env={**env, "SLURM_JOB_ID": "41"}, timeout=60)
+    assert p.stdout.strip() == "41", (p.stdout, p.stderr)
+
+
+def test_sbatch_refuses_more_ranks_per_node_than_gpus_and_heterogeneous_jobs():
+    """--gpus-per-node=4 with the templates' default 8 tasks per node left ranks 4-7 without a
+    GPU (an error about device indices from them); a heterogeneous job would train on its first
+    component only. Both are refused before srun, naming the fix."""
+    p = _common_sh("vltrain_check_gpus_per_node 8", SLURM_GPUS_ON_NODE="4")
+    assert p.returncode == 2 and "8 tasks per node but 4 GPUs per node" in p.stderr, p.stderr
+    assert "--ntasks-per-node=4" in p.stderr
+    for gpus, tasks in (("4", "4"), ("8", "4"), ("0", "2")):     # fewer ranks than GPUs, or CPU nodes: fine
+        assert _common_sh(f"vltrain_check_gpus_per_node {tasks}", SLURM_GPUS_ON_NODE=gpus).returncode == 0
+    p = _common_sh("vltrain_main", SLURM_JOB_ID="7", SLURM_HET_SIZE="2")
+    assert p.returncode == 2 and "heterogeneous job (2 components): not supported" in p.stderr, p.stderr
+
+
 def test_sbatch_wait_keeps_the_childs_exit_code_when_a_signal_comes_as_it_ends():
     """The batch shell and each task wait for their child with USR1/TERM trapped. A signal that
     arrived as the child ended cut a blocking `wait` short and lost the child's status in bash
