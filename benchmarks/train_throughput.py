@@ -159,7 +159,7 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = FlopCounter(model, cfg).batch(size.batch, size.seq_len, flops_pred)
+    flops = FlopCounter.of(model, cfg).batch(size.batch, size.seq_len, flops_pred, regions=size.regions)
     label = FULL_LAST if full_last else f"{backend}{' +compile' if compiled else ''}"
     if full_last:
         note = "ablation: last block at every position"
@@ -230,7 +230,7 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
         else:
             engine.step()
 
-    flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
+    flops = FlopCounter.of(model, cfg.model).batch(size.batch, size.seq_len, flops_pred, regions=size.regions)
     label = f"DeepSpeed engine, ZeRO-{stage}, sdpa{' +compile' if gpu else ''}"
     optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
     note = f"what vltrain/run.py runs: {optim}; memory includes zero{stage}.json's reduce buckets"
@@ -269,8 +269,9 @@ def flops_run_fraction(size: Size, n_pred: int) -> float:
     from vltrain.model import VLModel
     from vltrain.monitor import FlopCounter
     with torch.device("meta"):
-        fc = FlopCounter(VLModel(size.model), size.model)
-    return fc.batch(size.batch, size.seq_len, n_pred, last_rows=n_pred) / fc.batch(size.batch, size.seq_len, n_pred)
+        fc = FlopCounter.of(VLModel(size.model), size.model)
+    return (fc.batch(size.batch, size.seq_len, n_pred, last_rows=n_pred, regions=size.regions)
+            / fc.batch(size.batch, size.seq_len, n_pred, regions=size.regions))
 
 
 def full_last_speedup(runners, cpu: bool) -> str:
@@ -299,8 +300,11 @@ def build_peer(size: Size, batch, device, flops_pred: int) -> Runner:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = FlopCounter(non_embedding_params(peer), peer_flop_cfg(size.model)).batch(
-        size.batch, size.seq_len, flops_pred)
+    # the same count as ours: its encoder at every row, its region projection at the regions
+    vb = peer.visual_bert
+    flops = FlopCounter(non_embedding_params(vb.encoder), peer_flop_cfg(size.model),
+                        non_embedding_params(vb.embeddings.visual_projection)).batch(
+        size.batch, size.seq_len, flops_pred, regions=size.regions)
     return Runner("peer", PEER, "eager (its own)", False, step, peer, opt, flops,
                   note="full-vocab MLM logits at every position (its design)")
 

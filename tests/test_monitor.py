@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vltrain.config import Config, config_to_dict, debug_model_config
-from vltrain.monitor import (FlopCounter, Monitor, device_peak_tflops, flops_per_sample, non_embedding_params,
+from vltrain.monitor import (FlopCounter, MicroBatches, Monitor, device_peak_tflops, flops_per_sample, non_embedding_params,
                              peak_memory_gb, peak_tflops_for, scrub_hparams)
 
 
@@ -41,19 +41,33 @@ def test_non_embedding_params_by_hand():
 
 
 def test_flops_per_sample_formula():
+    """6 FLOPs per parameter per row it runs at: the blocks at every row, the region embedding
+    at the region rows, the MLM head's transform and tied decoder at the predicted rows; and
+    attention's 12·L·H·S per token."""
     cfg = debug_model_config(vocab_size=50, hidden_size=8, num_layers=1)
-    m = TinyBert()
-    n, L, H, V, T, P = 690, 1, 8, 50, 10, 3
-    want = T * (6 * n + 12 * L * H * T) + P * 6 * H * V
-    assert flops_per_sample(m, cfg, seq_len=T, n_mlm_pred=P) == want == 58200
-    assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P) == want
-    fc = FlopCounter(m, cfg)
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12) == 4 * want
+    n, r, L, H, V, T, R, P = 600, 56, 1, 8, 50, 10, 4, 3
+    want = T * (6 * n + 12 * L * H * T) + R * 6 * r + P * 6 * H * (V + H)
+    assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P, regions=R, n_region=r) == want == 55296
+    fc = FlopCounter(n, cfg, n_region=r)
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, regions=R) == 4 * want
     # The last block at 5 of the 40 rows only: 35 rows skip its attention output + FFN
     # (6 * (H^2 + 2 H I) each, I = intermediate); its attention runs at every row.
     skipped = 35 * 6 * (H * H + 2 * H * cfg.intermediate_size)
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5) == 4 * want - skipped
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40) == 4 * want
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5, regions=R) == 4 * want - skipped
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40, regions=R) == 4 * want
+
+
+def test_flop_counter_of_a_model_counts_its_blocks_and_region_embedding():
+    """Heads that run at a few rows (MLM transform aside) and embedding tables are not in N:
+    counting them at every token made MFU ~4.5% too high at base size."""
+    from vltrain.model import VLModel
+    for kind in ("vlp", "vlbert"):
+        cfg = debug_model_config(region_embedding=kind)
+        m = VLModel(cfg)
+        fc = FlopCounter.of(m, cfg)
+        assert fc.n == sum(p.numel() for p in m.layers.parameters())
+        assert fc.n_region == non_embedding_params(m.region_embeddings) > 0
+        assert fc.n + fc.n_region < non_embedding_params(m)         # the heads are left out
 
 
 @pytest.mark.parametrize("mlm, mrc", [(True, True), (True, False), (False, True)])
@@ -113,6 +127,8 @@ def test_peak_table():
     assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989
     assert peak_tflops_for("NVIDIA H100 PCIe") == 756
     assert peak_tflops_for("NVIDIA H200") == 989
+    assert peak_tflops_for("NVIDIA H200 NVL") == 835          # not the SXM part's 989
+    assert peak_tflops_for("NVIDIA H800 PCIe") == 756
     assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312
     assert peak_tflops_for("NVIDIA A100 80GB PCIe", "fp16") == 312
     assert peak_tflops_for("NVIDIA H100 80GB HBM3", "fp32") is None
@@ -313,3 +329,29 @@ def test_ranks_with_different_metrics_reduce_their_union(tmp_path):
         logged = json.load(open(tmp_path / f"rank{rank}.json"))
         assert logged["train/loss"] == pytest.approx(1.5)              # (1 + 1 + 2 + 2) / 4
         assert logged["train/loss_mrc"] == pytest.approx(4.5)          # (3 + 6) / 2, rank 0's only
+
+
+def test_a_steps_micro_batches_average_each_metric_over_those_that_gave_it():
+    """grad_accum=2 with one text-only micro-batch (no region loss): loss_mrc is that of the
+    other micro-batch, not half of it; samples are the micro-batches' own sizes (a batch
+    thinned by skip_bad_samples is smaller); uncounted work adds no tokens."""
+    mb = MicroBatches()
+    mb.add({"loss": torch.tensor(2.0), "loss_mrc": torch.tensor(3.0)}, 30, torch.tensor(400), 1e9)
+    mb.add({"loss": torch.tensor(4.0)}, 32, torch.tensor(300), 2e9)
+    means = mb.means()
+    assert float(means["loss"]) == 3.0 and float(means["loss_mrc"]) == 3.0
+    assert mb.samples == 62 and int(mb.tokens) == 700 and mb.flops == 3e9
+    scst = MicroBatches()
+    scst.add({"loss": 1.0}, 4)
+    assert scst.tokens is None and scst.flops == 0.0
+
+
+def test_an_fp16_step_skipped_on_overflow_leaves_the_grad_norm_mean_finite(tmp_path):
+    """DeepSpeed reports the norm of a step skipped on overflow as inf: left out of the
+    interval's mean, not turning it into inf."""
+    mon = Monitor(str(tmp_path), rank=0, log_every=3, log_fn=lambda s: None)
+    mon.step_end(1, {"loss": 1.0}, samples=4, grad_norm=float("inf"))
+    mon.step_end(2, {"loss": 1.0}, samples=4, grad_norm=2.0)
+    out = mon.step_end(3, {"loss": 1.0}, samples=4, grad_norm=torch.tensor(4.0))
+    mon.close()
+    assert out["train/grad_norm"] == pytest.approx(3.0)

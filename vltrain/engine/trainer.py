@@ -26,6 +26,7 @@ from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.resume import CheckpointError, unreadable_files
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
+from vltrain.monitor import MicroBatches
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
 from vltrain.tasks.evaluation import first_seen_counts
@@ -202,8 +203,7 @@ class Trainer:
         self.monitor.reset_timer()
         batches = self._batches()
         save_due = False
-        step_metrics: dict[str, torch.Tensor] = {}
-        n_micro, tokens, flops = 0, 0, 0.0
+        micro = MicroBatches()
         self.profiler.at_step(self.step)
         if self._val_pending and cfg.val_every and self.val_loader is not None:
             code = self._validate_due()   # resumed where a stop signal skipped or cut short a validation
@@ -258,13 +258,12 @@ class Trainer:
             if not stand_in:
                 cut = batch.task.get(TRUNCATED_KEY, ((), ()))
                 self._cuts = [a + b for a, b in zip(self._cuts, (batch.batch_size, *map(len, cut)))]
-                for k, v in metrics.items():
-                    step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
-                n_micro += 1
                 work = batch_work(self.spec, batch, self.cfg)
-                if work is not None:           # None: not countable (self-critical training)
-                    tokens = tokens + work.tokens
-                    flops += self.flops.batch(work.sequences, work.seq_len, work.mlm_rows, work.last_rows)
+                if work is None:               # not countable (self-critical training)
+                    micro.add(metrics, batch.batch_size)
+                else:
+                    micro.add(metrics, batch.batch_size, work.tokens, self.flops.batch(
+                        work.sequences, work.seq_len, work.mlm_rows, work.last_rows, work.regions))
             if not boundary:
                 continue
             self.step += 1
@@ -273,12 +272,11 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     instant = self._data_counters()
                 self.monitor.step_end(
-                    self.step, {k: v / max(n_micro, 1) for k, v in step_metrics.items()},
-                    samples=n_micro * batch.batch_size, tokens=tokens, flops=flops,
+                    self.step, micro.means(), samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
                     lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
                     loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
                     instant=instant)
-            step_metrics, n_micro, tokens, flops = {}, 0, 0, 0.0
+            micro = MicroBatches()
             val_due = bool(cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0)
             if stop:    # before a validation due now: the checkpoint must fit in Slurm's grace time
                 return self._preempt(val_pending=val_due)

@@ -313,10 +313,3 @@ class VLModel(nn.Module):
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for gathered (M, H) hidden states (masked positions only)."""
         return self.mlm_head(hidden, self.embeddings.word)
-
-    def num_non_embedding_params(self) -> int:
-        """Parameters that take part in the 6N FLOPs term (embedding tables excluded)."""
-        emb = {id(p) for p in self.embeddings.word.parameters()}
-        emb |= {id(p) for p in self.embeddings.position.parameters()}
-        emb |= {id(p) for p in self.embeddings.token_type.parameters()}
-        return sum(p.numel() for p in self.parameters() if id(p) not in emb)
