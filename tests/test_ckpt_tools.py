@@ -326,6 +326,8 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask               # for sharing: not mkdtemp's 0700
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json", "README.md"} <= set(os.listdir(out))
+    for name in os.listdir(out):      # safetensors writes its file 0600: readable by others too
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~umask, name
     cfg = load_config(os.path.join(ckpts["z2"], "step_00000006", "config.yaml"))
     assert (out / "vocab.txt").read_bytes() == open(Tokenizer(cfg.data.vocab).vocab_file, "rb").read()
     config = json.loads((out / "config.json").read_text())

@@ -116,6 +116,9 @@ def staged_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp made it 0700: outputs are for sharing
+        for root, _, files in os.walk(tmp):   # and so are files a library wrote 0600 (safetensors)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~_umask())
         ckpt.sync_tree(tmp)                   # durable before it takes the name (engine/checkpoint.py)
         if os.path.lexists(out_dir):
             shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
