@@ -159,7 +159,7 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = FlopCounter.of(model, cfg).batch(size.batch, size.seq_len, flops_pred, regions=size.regions)
+    flops = FlopCounter(model, cfg).batch(size.batch, size.seq_len, flops_pred)
     label = FULL_LAST if full_last else f"{backend}{' +compile' if compiled else ''}"
     if full_last:
         note = "ablation: last block at every position"
@@ -230,7 +230,7 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
         else:
             engine.step()
 
-    flops = FlopCounter.of(model, cfg.model).batch(size.batch, size.seq_len, flops_pred, regions=size.regions)
+    flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
     label = f"DeepSpeed engine, ZeRO-{stage}, sdpa{' +compile' if gpu else ''}"
     optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
     note = f"what vltrain/run.py runs: {optim}; memory includes zero{stage}.json's reduce buckets"
@@ -269,9 +269,8 @@ def flops_run_fraction(size: Size, n_pred: int) -> float:
     from vltrain.model import VLModel
     from vltrain.monitor import FlopCounter
     with torch.device("meta"):
-        fc = FlopCounter.of(VLModel(size.model), size.model)
-    return (fc.batch(size.batch, size.seq_len, n_pred, last_rows=n_pred, regions=size.regions)
-            / fc.batch(size.batch, size.seq_len, n_pred, regions=size.regions))
+        fc = FlopCounter(VLModel(size.model), size.model)
+    return fc.batch(size.batch, size.seq_len, n_pred, last_rows=n_pred) / fc.batch(size.batch, size.seq_len, n_pred)
 
 
 def full_last_speedup(runners, cpu: bool) -> str:
@@ -300,11 +299,8 @@ def build_peer(size: Size, batch, device, flops_pred: int) -> Runner:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # the same count as ours: its encoder at every row, its region projection at the regions
-    vb = peer.visual_bert
-    flops = FlopCounter(non_embedding_params(vb.encoder), peer_flop_cfg(size.model),
-                        non_embedding_params(vb.embeddings.visual_projection)).batch(
-        size.batch, size.seq_len, flops_pred, regions=size.regions)
+    flops = FlopCounter(non_embedding_params(peer), peer_flop_cfg(size.model)).batch(
+        size.batch, size.seq_len, flops_pred)
     return Runner("peer", PEER, "eager (its own)", False, step, peer, opt, flops,
                   note="full-vocab MLM logits at every position (its design)")
 
@@ -392,7 +388,7 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
              f"{peer.flops_per_step / 1e9:,.1f} GFLOP (vltrain.monitor: 6·N_non-emb + 12·layers·hidden·seq per "
              f"token + 6·hidden·vocab per masked token; the peer is credited with the same useful work, not "
              f"with its full-vocabulary logits). Ours is credited with the formula's full count although "
-             f"its last block runs only at the masked positions; the trainer's monitor counts only what runs "
+             f"its last block runs only at the masked positions; the trainer's monitor counts the last block only where it runs "
              f"({flops_run_fraction(size, n_pred):.1%} of it here). {peak_note}.",
              f"- Peak memory = parameters + optimizer state + the step's peak transient allocation "
              f"({'CUDA allocator peak' if not cpu else 'torch profiler allocation events'}).",

@@ -631,5 +631,13 @@ def test_reshard_into_a_run_folder_only_as_a_tag_resume_auto_finds(ckpts, tmp_pa
     os.makedirs(old)
     (old / "latest").write_text("step_00000040")
     code, _, err = cli(capsys, "reshard", ckpts["z2"], old / TAG3, "--tag", TAG3)
-    assert code == 2 and "resumes its latest, step_00000040" in err, err
+    assert code == 2 and "resumes step_00000040, not step_00000003" in err, err
     assert_nothing_written(old / TAG3)
+    # no `latest`: resume=auto takes the complete tag of the highest step (an incomplete one is skipped)
+    later = tmp_path / "later" / "checkpoints"
+    os.makedirs(later / "step_00000009")
+    os.makedirs(later / "step_00000012")                          # no completion record
+    (later / "step_00000009" / "vltrain_ckpt.json").write_text("{}")
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], later / TAG3, "--tag", TAG3)
+    assert code == 2 and "resumes step_00000009, not step_00000003" in err, err
+    assert_nothing_written(later / TAG3)

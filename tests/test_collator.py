@@ -377,6 +377,8 @@ def test_vlbert_zeroed_regions_get_the_mask_word(tok):
     assert (ids[zeroed] == tok.mask_id).all() and (ids[~zeroed] == tok.img_id).all()
     assert make(tok, obj=obj)(samples).region_ids is None
     assert make(tok, vlbert=True)(samples).region_ids is None     # no MRC: the model's [IMG]
+    old = ObjectivesConfig(mrc=True, mrc_prob=0.15, mrc_mask_word=False)    # runs trained before the key
+    assert make(tok, obj=old, vlbert=True)(samples).region_ids is None
 
 
 # ---------------------------------------------------------------------------- determinism

@@ -41,33 +41,19 @@ def test_non_embedding_params_by_hand():
 
 
 def test_flops_per_sample_formula():
-    """6 FLOPs per parameter per row it runs at: the blocks at every row, the region embedding
-    at the region rows, the MLM head's transform and tied decoder at the predicted rows; and
-    attention's 12·L·H·S per token."""
     cfg = debug_model_config(vocab_size=50, hidden_size=8, num_layers=1)
-    n, r, L, H, V, T, R, P = 600, 56, 1, 8, 50, 10, 4, 3
-    want = T * (6 * n + 12 * L * H * T) + R * 6 * r + P * 6 * H * (V + H)
-    assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P, regions=R, n_region=r) == want == 55296
-    fc = FlopCounter(n, cfg, n_region=r)
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, regions=R) == 4 * want
+    m = TinyBert()
+    n, L, H, V, T, P = 690, 1, 8, 50, 10, 3
+    want = T * (6 * n + 12 * L * H * T) + P * 6 * H * V
+    assert flops_per_sample(m, cfg, seq_len=T, n_mlm_pred=P) == want == 58200
+    assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P) == want
+    fc = FlopCounter(m, cfg)
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12) == 4 * want
     # The last block at 5 of the 40 rows only: 35 rows skip its attention output + FFN
     # (6 * (H^2 + 2 H I) each, I = intermediate); its attention runs at every row.
     skipped = 35 * 6 * (H * H + 2 * H * cfg.intermediate_size)
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5, regions=R) == 4 * want - skipped
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40, regions=R) == 4 * want
-
-
-def test_flop_counter_of_a_model_counts_its_blocks_and_region_embedding():
-    """Heads that run at a few rows (MLM transform aside) and embedding tables are not in N:
-    counting them at every token made MFU ~4.5% too high at base size."""
-    from vltrain.model import VLModel
-    for kind in ("vlp", "vlbert"):
-        cfg = debug_model_config(region_embedding=kind)
-        m = VLModel(cfg)
-        fc = FlopCounter.of(m, cfg)
-        assert fc.n == sum(p.numel() for p in m.layers.parameters())
-        assert fc.n_region == non_embedding_params(m.region_embeddings) > 0
-        assert fc.n + fc.n_region < non_embedding_params(m)         # the heads are left out
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5) == 4 * want - skipped
+    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40) == 4 * want
 
 
 @pytest.mark.parametrize("mlm, mrc", [(True, True), (True, False), (False, True)])

@@ -112,6 +112,9 @@ class ObjectivesConfig:
     # are still predicted (VL-BERT's 90% / 10%, as BERT keeps 10% of its masked tokens; VLP
     # has no MRC in its recipes: set 1.0 to zero every one)
     mrc_zero_prob: float = 0.9
+    # VL-BERT models: a zeroed region adds [MASK]'s word embedding instead of [IMG]'s (VL-BERT's
+    # code marks them with a mask word embedding); false: [IMG] (runs trained before the key)
+    mrc_mask_word: bool = True
     mrc_weight: float = 1.0
     loss_reduction: Literal["token", "example"] = "token"   # token (BERT) | example (accumulation-invariant)
 
@@ -395,7 +398,8 @@ def load_run_config(path: str) -> "Config":
     """A ``config.yaml`` a run saved (its resolved config, e.g. in a checkpoint), as it was
     (no task-key check). Keys newer than the file take the value the run had then: one without
     ``train.precision`` trained fp32 (the default is ``auto`` now; runs save what it resolved
-    to), one without ``objectives.mrc_zero_prob`` zeroed every predicted region (1.0)."""
+    to), one without ``objectives.mrc_zero_prob`` zeroed every predicted region (1.0), one
+    without ``objectives.mrc_mask_word`` gave zeroed regions ``[IMG]`` (false)."""
     cfg = load_config(path, task_keys=False)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
@@ -403,6 +407,8 @@ def load_run_config(path: str) -> "Config":
         cfg.train.precision = "fp32"
     if "mrc_zero_prob" not in (raw.get("objectives") or {}):
         cfg.objectives.mrc_zero_prob = 1.0
+    if "mrc_mask_word" not in (raw.get("objectives") or {}):
+        cfg.objectives.mrc_mask_word = False
     return cfg
 
 

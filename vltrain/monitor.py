@@ -99,46 +99,43 @@ def non_embedding_params(model: nn.Module,
     return n
 
 
-def flops_per_sample(n_blocks: int, model_cfg, seq_len: int, n_mlm_pred: float = 0.0,
-                     regions: int = 0, n_region: int = 0) -> float:
-    """Model FLOPs (forward + backward) of one sample of ``seq_len`` tokens (``regions`` of
-    them image regions): the matmul parameters count 6 FLOPs per parameter per row they run
-    at, attention 12·L·H·S per token (PaLM's convention, no recomputation counted).
+def flops_per_sample(model_or_n: Union[nn.Module, int], model_cfg, seq_len: int, n_mlm_pred: float = 0.0) -> float:
+    """Model FLOPs (forward + backward) of one sample of ``seq_len`` tokens (regions included):
+    DESIGN.md's count, 6·N + 12·L·H·S per token (PaLM's convention) + 6·H·V per predicted MLM
+    token. N is every non-embedding parameter, charged at every token although the heads and
+    the region embedding run at fewer rows (at base size, 100 regions + 40 text: 4.5% of the
+    count is work not done; the benchmarks' and the issue's MFU figures are on this count).
 
-    ``n_blocks``: the transformer blocks' parameters (every row); ``n_region``: the region
-    embedding's (the region rows); ``n_mlm_pred``: predicted MLM tokens (may be a batch
-    average), where the MLM head's transform (H x H) and tied decoder (H x V) run. Heads that
-    run at one row per sample or a few regions (VQA, [CLS] scores, masked regions' classes)
-    are not counted, nor the embedding tables: MFU errs low, by < 1% at base size.
-    ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``vocab_size``."""
+    ``model_or_n``: the nn.Module (N counted with :func:`non_embedding_params`) or N itself;
+    ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``vocab_size``;
+    ``n_mlm_pred``: predicted MLM tokens in the sample (may be a batch average).
+    """
+    n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
     L, H, V = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.vocab_size
-    return (seq_len * (6.0 * n_blocks + 12.0 * L * H * seq_len) + regions * 6.0 * n_region
-            + n_mlm_pred * 6.0 * H * (V + H))
+    return seq_len * (6.0 * n + 12.0 * L * H * seq_len) + n_mlm_pred * 6.0 * H * V
 
 
 class FlopCounter:
-    """``batch(batch_size, seq_len, n_pred_total, last_rows, regions)`` -> FLOPs of one micro-batch.
+    """Caches N; ``batch(batch_size, seq_len, n_pred_total)`` -> FLOPs of one micro-batch.
 
-    Shapes are host-side ints (``tensor.shape``), so this never synchronises."""
+    N is counted at construction, before or after ``deepspeed.initialize`` (any ZeRO stage:
+    :func:`non_embedding_params` reads ZeRO-3's full sizes). Shapes are host-side ints
+    (``tensor.shape``), so this never synchronises."""
 
-    def __init__(self, n_blocks: int, model_cfg, n_region: int = 0):
-        self.n, self.n_region, self.cfg = n_blocks, n_region, model_cfg
+    def __init__(self, model_or_n: Union[nn.Module, int], model_cfg):
+        self.n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
+        self.cfg = model_cfg
 
-    @classmethod
-    def of(cls, model: nn.Module, model_cfg) -> "FlopCounter":
-        """For a ``VLModel`` (before or after ``deepspeed.initialize``, any ZeRO stage)."""
-        return cls(non_embedding_params(model.layers), model_cfg, non_embedding_params(model.region_embeddings))
-
-    def per_sample(self, seq_len: int, n_mlm_pred: float = 0.0, regions: int = 0) -> float:
-        return flops_per_sample(self.n, self.cfg, seq_len, n_mlm_pred, regions, self.n_region)
+    def per_sample(self, seq_len: int, n_mlm_pred: float = 0.0) -> float:
+        return flops_per_sample(self.n, self.cfg, seq_len, n_mlm_pred)
 
     def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0,
-              last_rows: Optional[int] = None, regions: int = 0) -> float:
+              last_rows: Optional[int] = None) -> float:
         """``last_rows``: rows the last block computes when a loss asks the model for a few
         positions only (``VLModel(text_positions=...)``); the others skip its attention
         output projection and FFN (not its attention), which are not counted."""
-        total = batch_size * self.per_sample(seq_len, 0.0, regions) + n_pred_total * 6.0 * self.cfg.hidden_size * (
-            self.cfg.vocab_size + self.cfg.hidden_size)
+        total = batch_size * flops_per_sample(self.n, self.cfg, seq_len, 0.0) + \
+            n_pred_total * 6.0 * self.cfg.hidden_size * self.cfg.vocab_size
         if last_rows is not None:
             H, inter = self.cfg.hidden_size, self.cfg.intermediate_size
             skipped = max(0, batch_size * seq_len - last_rows)
@@ -227,7 +224,7 @@ class Monitor:
     Every rank must call :meth:`step_end` for every step (with ``reduce=True`` the averages
     are all-reduced across ranks at logging steps, a collective). Usage::
 
-        fc = FlopCounter.of(model, cfg.model)
+        fc = FlopCounter(model, cfg.model)
         mon = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
                       peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
                       max_steps=cfg.train.max_steps)

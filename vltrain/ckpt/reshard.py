@@ -49,13 +49,15 @@ def check_destination(found: ckpt.Found, out_dir: str) -> None:
             f"write it outside checkpoints/ and resume with train.resume=<that folder>")
     try:
         with open(os.path.join(folder, ckpt.LATEST_FILE)) as f:
-            latest = f.read().strip()
-    except FileNotFoundError:
-        return
-    if latest != name:
+            other = f.read().strip()          # resume=auto takes `latest` first
+    except FileNotFoundError:                 # else the complete step tag of the highest step
+        step = int(found.info["step"])
+        other = next((t for s, t in ckpt.steps_newest_first(folder)
+                      if s > step and ckpt.read_ckpt_info(os.path.join(folder, t)) is not None), name)
+    if other != name:
         raise CheckpointError(
-            f"{folder} already holds checkpoints of a run, and train.resume=auto there resumes its latest, "
-            f"{latest}, not {name}: reshard into the checkpoints/ folder of a new run, or write it elsewhere and "
+            f"{folder} already holds checkpoints of a run, and train.resume=auto there resumes "
+            f"{other}, not {name}: reshard into the checkpoints/ folder of a new run, or write it elsewhere and "
             f"resume with train.resume=<that folder>")
 
 

@@ -19,8 +19,9 @@ this order: caption choice, mode, MLM positions, MLM corruption, masked regions)
     distributions zeroed in the input (the distribution is the target, so it must not leak
     through the VLP class-embedding term), the rest are left as they are (VL-BERT's 10%);
     boxes are kept, as in VL-BERT. For a VL-BERT model a zeroed region's word embedding is
-    ``[MASK]``'s instead of ``[IMG]``'s (``region_ids``; VL-BERT's code gives it a learned
-    mask word embedding), so the model is told which regions it must reconstruct. A VL-BERT model's whole-image feature is then the mean of
+    ``[MASK]``'s instead of ``[IMG]``'s (``region_ids``, ``objectives.mrc_mask_word``; VL-BERT's
+    code gives it a learned mask word embedding), so the model is told which regions it must
+    reconstruct. A VL-BERT model's whole-image feature is then the mean of
     the regions not zeroed (as VL-BERT computes it), given as ``image_feat``. A
     stored whole-image feature would show the masked regions to a VL-BERT model's text
     (VL-BERT zeroes their pixels before extracting it), so MRC refuses
@@ -517,7 +518,7 @@ class PretrainCollator:
                 batch.image_feat = _unmasked_mean(feats, rmask, zero)
             feats.view(B * N, D)[zero] = 0
             cls.view(B * N, C)[zero] = 0
-            if self.vlbert:
+            if self.vlbert and self.obj.mrc_mask_word:
                 batch.region_ids = torch.full((B, N), self.tok.img_id, dtype=torch.long)
                 batch.region_ids.view(-1)[zero] = self.mask_id
         return batch

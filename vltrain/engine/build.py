@@ -304,7 +304,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
                       peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
                       max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info, device=device)
-    trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter.of(model, cfg.model), run_dir,
+    trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter(model, cfg.model), run_dir,
                       device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
     if found is not None:
         trainer.resume_from(found)

@@ -101,7 +101,7 @@ class Found:
         return os.path.join(self.save_dir, self.tag)
 
 
-def _steps_newest_first(save_dir: str) -> list[tuple[int, str]]:
+def steps_newest_first(save_dir: str) -> list[tuple[int, str]]:
     """(step, tag) of every ``step_*`` folder, highest step first."""
     try:
         names = os.listdir(save_dir)
@@ -111,7 +111,7 @@ def _steps_newest_first(save_dir: str) -> list[tuple[int, str]]:
 
 
 def _tags_newest_first(save_dir: str) -> list[str]:
-    return [n for _, n in _steps_newest_first(save_dir)]
+    return [n for _, n in steps_newest_first(save_dir)]
 
 
 def find_resume_point(save_dir: str) -> Optional[Found]:
@@ -282,7 +282,7 @@ def rotate(save_dir: str, step: int, keep_last: int) -> list[str]:
     number deleted the new saves, leaving ``latest`` pointing at a deleted tag; counting an
     incomplete tag could delete every complete one."""
     kept, deleted = 0, []
-    for tag_step, tag in _steps_newest_first(save_dir):
+    for tag_step, tag in steps_newest_first(save_dir):
         if tag_step > step:
             continue
         if kept < max(keep_last, 1) and read_ckpt_info(os.path.join(save_dir, tag)) is not None:

@@ -263,7 +263,7 @@ class Trainer:
                     micro.add(metrics, batch.batch_size)
                 else:
                     micro.add(metrics, batch.batch_size, work.tokens, self.flops.batch(
-                        work.sequences, work.seq_len, work.mlm_rows, work.last_rows, work.regions))
+                        work.sequences, work.seq_len, work.mlm_rows, work.last_rows))
             if not boundary:
                 continue
             self.step += 1

@@ -39,7 +39,6 @@ class Work(NamedTuple):
     last_rows: Optional[int] = None   # rows the last block computes (None: all; losses that
                                       # read only masked positions ask the model for those)
     mlm_rows: int = 0                 # rows whose vocabulary logits the MLM head computes
-    regions: int = 0                  # region slots per sequence (of seq_len): the region embedding's rows
 
 
 def regions_in(batch) -> int:
@@ -52,7 +51,7 @@ def batch_work(spec: Optional[TaskSpec], batch, cfg=None) -> Optional[Work]:
     tokens = batch.attention_mask.sum()
     if batch.region_mask is not None:
         tokens = tokens + batch.region_mask.sum()
-    return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens, regions=regions_in(batch))
+    return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens)
 
 
 def selected_rows_work(batch, text_positions, region_positions=None) -> Work:

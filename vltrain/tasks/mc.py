@@ -85,7 +85,7 @@ def mc_work(cfg, batch: Batch) -> Work:
     tokens = batch.task["choice_mask"].sum()
     if batch.region_mask is not None:
         tokens = tokens + batch.region_mask.sum() * K
-    return Work(B * K, T + regions_in(batch), tokens, regions=regions_in(batch))
+    return Work(B * K, T + regions_in(batch), tokens)
 
 
 SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, cfg.task.mc_loss),
