@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 import urllib.parse
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -326,12 +327,16 @@ def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True) -> None:
 def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
     """Parse ``argv``, run ``fn``; bad input -> message on stderr and exit code 2."""
+    from vltrain.redact import redact
     args = parser.parse_args(argv)
     try:
         fn(args)
     except BadInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 2
+    except Exception:   # noqa: BLE001 - its traceback, minus credentials a URL in it may hold
+        print(redact(traceback.format_exc()), file=sys.stderr)
+        return 1
     return 0
 
 

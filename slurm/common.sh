@@ -134,6 +134,12 @@ vltrain_has_checkpoint() {
     compgen -G "$1/checkpoints/*/vltrain_ckpt.json" >/dev/null
 }
 
+# $1 with a URL's user:password@ replaced by ***@ (vltrain/redact.py's rule for the usual
+# case): the overrides echoed to the batch log may carry one.
+vltrain_redact() {
+    sed -E 's#([A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]*:[^[:space:]]*@#\1***@#g' <<<"$1"
+}
+
 # This job for scontrol: an array task as <array job>_<task>. The bare SLURM_JOB_ID of the
 # array's first task is also the array's id, and `scontrol requeue` of it requeues every
 # task of the array (running ones killed, finished ones run again).
@@ -314,7 +320,7 @@ PY
     local -a cmd=("$python" "$home/vltrain/run.py" --config "$CONFIG" --deepspeed_config "$ds_config" "${ov[@]}")
     vltrain_log "nodes=$SLURM_JOB_NODELIST ntasks=${SLURM_NTASKS:-?} tasks_per_node=$tpn cpus_per_task=$cpt master=$MASTER_ADDR:$MASTER_PORT"
     vltrain_log "run dir $run_dir; rank logs $log_dir/$SLURM_JOB_ID-<rank>.log"
-    vltrain_log "command: ${cmd[*]}"
+    vltrain_log "command: $(vltrain_redact "${cmd[*]}")"
 
     # ---- one task per GPU. --kill-on-bad-exit: one rank failing ends the others at once.
     # srun's own exit code is then the killed ranks' (143), so the ranks' codes are read from

@@ -417,6 +417,8 @@ def config_to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str) -> None:
-    """Write the resolved config as YAML (the file ``load_config`` reads back identically)."""
+    """Write the resolved config as YAML (the file ``load_config`` reads back identically, but
+    for credentials in URLs, which are redacted: keys come from the environment)."""
+    from vltrain.redact import redact_tree
     with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(redact_tree(config_to_dict(cfg)), f, sort_keys=False)

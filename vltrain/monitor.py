@@ -38,6 +38,8 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from vltrain.redact import redact
+
 Number = Union[int, float, torch.Tensor]
 
 # Spec dense (non-sparse) peak TFLOP/s per device for bf16/fp16 tensor-core math.
@@ -181,8 +183,7 @@ def peak_memory_gb(device: Optional[torch.device] = None) -> float:
 
 # ------------------------------------------------------------------------------ hparams
 
-_SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|api_key|auth|private)", re.I)
-_URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+_SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|api_key|auth|private|token|session)", re.I)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
@@ -203,9 +204,9 @@ def scrub_hparams(d: Mapping) -> dict:
         if _SECRET_KEY.search(k.split(".")[-1]):
             continue
         if isinstance(v, str):
-            v = _URL_USERINFO.sub(r"\1***@", v)
+            v = redact(v)
         elif isinstance(v, (list, tuple)):
-            v = _URL_USERINFO.sub(r"\1***@", str(list(v)))
+            v = redact(str(list(v)))
         elif v is None:
             v = "None"
         out[k] = v

@@ -39,7 +39,11 @@ def setup_logging() -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     job = os.environ.get("SLURM_JOB_ID", "-")
     fmt = f"%(asctime)s job={job} rank={rank} %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, format=fmt, force=True)
+    from vltrain.redact import RedactingFormatter, install_excepthook
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter(fmt))      # a URL's user:password@ never reaches a log
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, handlers=[handler], force=True)
+    install_excepthook()
     for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Every rank listed in train.profile_ranks says where its profile is and what it found.

@@ -20,6 +20,7 @@ from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
 from vltrain.model.bert_weights import load_into, read_state_dict
+from vltrain.redact import redact_tree
 from vltrain.tasks import get_task
 from vltrain.tokenization import Tokenizer
 
@@ -177,7 +178,7 @@ def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
     if saved_cfg is None:      # an old or foreign config: nothing to compare
         return []
     saved = _flat(config_to_dict(saved_cfg))
-    now = _flat(config_to_dict(cfg))
+    now = _flat(redact_tree(config_to_dict(cfg)))    # as save_config wrote the checkpoint's
     diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
              if k in saved and now[k] != saved[k] and k not in _RESUME_KEYS]
     if diffs:

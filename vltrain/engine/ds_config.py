@@ -237,6 +237,10 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     on_cpu = accelerator_name == "cpu"
     if world_size < 1:
         raise r.err(f"world_size must be >= 1, got {world_size}")
+    # DeepSpeed stores the whole config in every checkpoint: no secret may be in it.
+    if isinstance(ds.get("comet"), dict) and ds["comet"].get("api_key"):
+        raise r.err("'comet.api_key' would be stored in every checkpoint (DeepSpeed saves its config there): "
+                    "remove it and set COMET_API_KEY in the environment, which comet_ml reads")
 
     # --- batch sizes
     r.fill(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu",

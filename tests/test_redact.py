@@ -1,0 +1,94 @@
+"""Credentials typed into a URL (user:password@) never reach what vltrain writes or prints:
+config.yaml (run folder, checkpoints, exports), TensorBoard hparams, log lines and tracebacks,
+the converters' errors, the Slurm batch log; a ds_config secret is refused (DeepSpeed stores
+its config in every checkpoint)."""
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vltrain.redact import RedactingFormatter, redact
+
+AWS = "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@bucket/x"
+SECRET = "wJalrXUtnFEMI"
+
+
+@pytest.mark.parametrize("text, want", [
+    (AWS, "s3://***@bucket/x"),                                           # a secret with '/'
+    ("s3://K:p@ss@b/p", "s3://***@b/p"),                                  # and with '@'
+    ("see http://u:p@h/x and s3://K:S@b/y", "see http://***@h/x and s3://***@b/y"),
+    ("http://minio@127.0.0.1:9000/b", "http://***@127.0.0.1:9000/b"),    # a bare user
+    ("s3://bucket/vcr/3036_IN_TIME@0.npz", "s3://bucket/vcr/3036_IN_TIME@0.npz"),   # '@' in a path: kept
+    ("s3://bucket/x", "s3://bucket/x"),
+])
+def test_redact_rule(text, want):
+    assert redact(text) == want
+
+
+def test_saved_config_and_resume_diff_hold_no_credentials(tmp_path):
+    from vltrain.config import load_config, save_config
+    from vltrain.engine.build import warn_config_changes
+    over = [f"data.train={AWS}", "train.init_from=http://user:pass@host/w"]
+    cfg = load_config("configs/debug.yaml", over)
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    text = (tmp_path / "config.yaml").read_text()
+    assert SECRET not in text and "pass@" not in text and "s3://***@bucket/x" in text
+    # a resume with the same command line sees no difference (the saved file is redacted)
+    assert warn_config_changes(load_config("configs/debug.yaml", over), str(tmp_path)) == []
+
+
+def test_hparams_drop_token_keys_and_redact_urls():
+    from vltrain.monitor import scrub_hparams
+    out = scrub_hparams({"data": {"train": AWS, "list": [AWS]}, "x": {"session_token": "T", "AWS_SESSION_TOKEN": "T"}})
+    assert out["data.train"] == "s3://***@bucket/x" and SECRET not in out["data.list"]
+    assert not any("token" in k.lower() for k in out)
+
+
+def test_log_lines_and_tracebacks_are_redacted():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("test_redact")
+    log.addHandler(handler)
+    try:
+        try:
+            raise ValueError(f"cannot read {AWS}/vltrain_meta.json")
+        except ValueError:
+            log.exception("dataset %s", AWS)
+    finally:
+        log.removeHandler(handler)
+    assert SECRET not in stream.getvalue() and "s3://***@bucket/x" in stream.getvalue()
+    p = subprocess.run([sys.executable, "-c", "from vltrain.redact import install_excepthook; install_excepthook(); "
+                        f"raise RuntimeError('endpoint {AWS}')"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "RuntimeError: endpoint s3://***@bucket/x" in p.stderr and SECRET not in p.stderr
+
+
+def test_converter_errors_are_redacted(capsys):
+    """A converter's unexpected error (botocore's "Could not connect to the endpoint URL: ..."
+    with S3_ENDPOINT_URL's user:password@) prints its traceback without them, exit 1."""
+    import argparse
+    from data_tools.common import run_main
+
+    def fail(args):
+        raise ConnectionError('Could not connect to the endpoint URL: "http://minio:SuperSecretPw@127.0.0.1:1/b"')
+    assert run_main(fail, argparse.ArgumentParser(), []) == 1
+    err = capsys.readouterr().err
+    assert "SuperSecretPw" not in err and "http://***@127.0.0.1:1/b" in err
+
+
+def test_a_ds_config_secret_is_refused():
+    from vltrain.config import Config, debug_model_config
+    from vltrain.engine.ds_config import DSConfigError, resolve_ds_config
+    ds = {"train_micro_batch_size_per_gpu": "auto", "comet": {"enabled": True, "api_key": "COMET_SECRET"}}
+    with pytest.raises(DSConfigError, match="'comet.api_key' would be stored in every checkpoint.*COMET_API_KEY"):
+        resolve_ds_config(ds, Config(model=debug_model_config()), 1, "cpu")
+
+
+def test_the_slurm_batch_log_echoes_the_command_redacted():
+    env = {**os.environ}
+    p = subprocess.run(["bash", "-c", f'source slurm/common.sh; vltrain_redact "run.py data.train={AWS} '
+                        'data.val=s3://bucket/img@0"'], capture_output=True, text=True, env=env, timeout=60)
+    assert p.stdout.strip() == "run.py data.train=s3://***@bucket/x data.val=s3://bucket/img@0", p.stdout
