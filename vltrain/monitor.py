@@ -145,6 +145,12 @@ class FlopCounter:
         return total
 
 
+def _accumulate(sums: dict, counts: dict, key: str, value: Number) -> None:
+    """Add ``value`` to ``sums[key]`` and one to ``counts[key]``: a mean over those that gave it."""
+    sums[key] = sums[key] + value if key in sums else value
+    counts[key] = counts.get(key, 0) + 1
+
+
 class MicroBatches:
     """One optimizer step's micro-batches, for :meth:`Monitor.step_end`: each metric's sum and
     how many micro-batches gave it (a text-only micro-batch has no region loss: its absence
@@ -159,8 +165,7 @@ class MicroBatches:
             flops: float = 0.0) -> None:
         """``tokens`` None: this micro-batch's work is not counted (self-critical training)."""
         for k, v in metrics.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + 1
+            _accumulate(self.sums, self.counts, k, v)
         self.samples += samples
         if tokens is not None:
             self.tokens = tokens if self.tokens is None else self.tokens + tokens
@@ -350,8 +355,7 @@ class Monitor:
             return
         if _is_tensor(value):
             value = value.detach().float().reshape(())
-        self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._counts[key] = self._counts.get(key, 0) + 1
+        _accumulate(self._sums, self._counts, key, value)
 
     def step_end(self, step: int, metrics: Optional[Mapping[str, Number]] = None, *, samples: Number,
                  tokens: Optional[Number] = None, flops: float = 0.0, lr: Optional[float] = None,

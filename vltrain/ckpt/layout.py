@@ -15,7 +15,7 @@ import tempfile
 from typing import Iterator, Optional
 
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.resume import CheckpointError, check_checkpoint_files, unreadable_files
+from vltrain.engine.resume import CheckpointError, check_checkpoint_files, unreadable_message
 
 
 def list_tags(save_dir: str) -> tuple[list[str], list[str]]:
@@ -89,11 +89,10 @@ def check_readable(found: ckpt.Found) -> None:
     ``unreadable_files`` opens each file lazily: its zip index and pickle, not its tensor data,
     so this stays fast on files of many GB and finds what a copy or a save cut short leaves (a
     zip's index is at its end); damage inside the tensor data is not looked for."""
-    bad = unreadable_files(found.path)
+    bad = unreadable_message(found.path)
     if bad:
-        raise CheckpointError(f"checkpoint {found.path} is damaged: {len(bad)} file(s) cannot be read: "
-                              + "; ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
-                              + ". Copy them again from where the checkpoint was written, or use another tag")
+        raise CheckpointError(f"checkpoint {found.path} is damaged: {bad}. Copy them again from where the "
+                              "checkpoint was written, or use another tag")
 
 
 def read_config(found: ckpt.Found):

@@ -47,10 +47,8 @@ def check_destination(found: ckpt.Found, out_dir: str) -> None:
             f"{out} is in a run's checkpoints/ folder, where train.resume=auto only finds tags named after their "
             f"step: name it {os.path.join(folder, tag)} (this checkpoint is at step {found.info['step']}), or "
             f"write it outside checkpoints/ and resume with train.resume=<that folder>")
-    try:
-        with open(os.path.join(folder, ckpt.LATEST_FILE)) as f:
-            other = f.read().strip()          # resume=auto takes `latest` first
-    except FileNotFoundError:                 # else the complete step tag of the highest step
+    other = ckpt.read_latest(folder)          # resume=auto takes `latest` first,
+    if other is None:                         # else the complete step tag of the highest step
         step = int(found.info["step"])
         other = next((t for s, t in ckpt.steps_newest_first(folder)
                       if s > step and ckpt.read_ckpt_info(os.path.join(folder, t)) is not None), name)

@@ -114,14 +114,18 @@ def _tags_newest_first(save_dir: str) -> list[str]:
     return [n for _, n in steps_newest_first(save_dir)]
 
 
-def find_resume_point(save_dir: str) -> Optional[Found]:
-    """``latest`` if complete; else the newest complete tag (incomplete ones are reported)."""
-    latest = None
+def read_latest(save_dir: str) -> Optional[str]:
+    """The tag ``latest`` names, or None (no such file, or an empty one)."""
     try:
         with open(os.path.join(save_dir, LATEST_FILE)) as f:
-            latest = f.read().strip()
+            return f.read().strip() or None
     except FileNotFoundError:
-        pass
+        return None
+
+
+def find_resume_point(save_dir: str) -> Optional[Found]:
+    """``latest`` if complete; else the newest complete tag (incomplete ones are reported)."""
+    latest = read_latest(save_dir)
     if latest and not os.path.isdir(os.path.join(save_dir, latest)):
         log.warning("checkpoint %s (latest) is missing%s", os.path.join(save_dir, latest),
                     interrupted_replace(os.path.join(save_dir, latest)))

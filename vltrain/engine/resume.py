@@ -145,6 +145,15 @@ def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> None:
             setattr(optimizer, k, kept[k])
 
 
+def unreadable_message(tag_dir: str) -> Optional[str]:
+    """"N file(s) cannot be read: <a few, then a count>" of ``tag_dir``, or None if all open."""
+    bad = unreadable_files(tag_dir)
+    if not bad:
+        return None
+    return (f"{len(bad)} file(s) cannot be read: " + "; ".join(bad[:4])
+            + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
+
+
 def unreadable_files(tag_dir: str) -> list[str]:
     """``"<file> (<error>)"`` for each ``.pt`` file of a tag folder that torch cannot open
     (lazily, mmap: a cut or damaged file), for errors that name no file (DeepSpeed's load)."""

@@ -24,7 +24,7 @@ from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
-from vltrain.engine.resume import CheckpointError, unreadable_files
+from vltrain.engine.resume import CheckpointError, unreadable_message
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
 from vltrain.monitor import MicroBatches
 from vltrain.profiling import StepProfiler
@@ -119,9 +119,9 @@ class Trainer:
         except Exception as e:
             # DeepSpeed's errors name no file: name the ones that cannot be read, if any (an
             # out-of-memory or a collective's timeout is raised as it is)
-            bad = unreadable_files(found.path)
+            bad = unreadable_message(found.path)
             if bad:
-                raise CheckpointError(f"cannot load checkpoint {found.path}: unreadable {'; '.join(bad)}. Resume "
+                raise CheckpointError(f"cannot load checkpoint {found.path}: {bad}. Resume "
                                       "from another checkpoint with train.resume=<its tag folder> (`vltrain-ckpt "
                                       "inspect` lists the complete ones)") from e
             why = zero0_layout_mismatch(found.path, self.engine.optimizer)
