@@ -38,7 +38,9 @@
 #            (E2E_ARGS: more flags, e.g. --steps 12)
 #   decode   benchmarks/decode.py in fp32 (cached vs uncached greedy / beam 5; fp32 so that
 #            "identical tokens" is a real check: in bf16 the two paths round differently)
-# Each step has a time limit ($STEP_TIMEOUT s; tests, tput, levers and e2e twice that); a failing step is recorded
+# Each step has a time limit ($STEP_TIMEOUT s; tput, levers and e2e twice that, tests three times: the
+# compiled-bf16 task tests and FusedAdam's JIT build were added after the last GPU run, whose tests
+# took 1.8 min on an H100); a failing step is recorded
 # and the next one runs.
 # DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python runs the same plumbing at the debug size on a CPU.
 set -uo pipefail
@@ -85,7 +87,8 @@ PYEOF
 pack
 
 TT=benchmarks/train_throughput.py
-want tests && step gpu_tests $((2 * STEP_TIMEOUT)) "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
+# -v: one line per test as it ends, so a step cut off at its limit still says which passed
+want tests && step gpu_tests $((3 * STEP_TIMEOUT)) "$PY" -m pytest -v -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
   tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py tests/test_packed_batch.py \
   tests/test_profiling.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \

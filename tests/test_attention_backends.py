@@ -285,15 +285,18 @@ def test_compiled_blocks_equal_eager_forward_and_backward():
     assert_same(forward_backward(ref, x, MODES["mixed"]), forward_backward(comp, x, MODES["mixed"]))
 
 
-def test_compiled_blocks_graphs_stop_growing_over_recipe_shapes():
+@pytest.mark.parametrize("aligned", [False, True], ids=["cpu-mask", "cuda-aligned-mask"])
+def test_compiled_blocks_graphs_stop_growing_over_recipe_shapes(aligned, monkeypatch):
     """model.compile=true is on in every cluster recipe, whose batches are padded to their
     longest (``data.pad_to=longest``): each batch a new length, region counts vary, an epoch
     ends in a short batch, and validation runs without grad or dropout. Dynamo specialises the
     layer function on the first shape and then makes it dynamic; the number of graphs must stop
     growing after the first epoch, well below Dynamo's recompile limit (past it the blocks
-    would silently run eagerly)."""
+    would silently run eagerly). ``aligned``: sdpa's mask as CUDA gets it, a view of a
+    row-aligned buffer (padded only where L % 16, it recompiled on every switch: 5 graphs, 6)."""
     from torch._dynamo.utils import counters
     from vltrain.model.compile import compile_blocks
+    monkeypatch.setattr(A, "pads_mask_rows", lambda mask: aligned)
     torch._dynamo.reset()
     counters.clear()
     model = compile_blocks(make_model("sdpa"), backend="eager")      # Dynamo's guards, no codegen
@@ -316,6 +319,13 @@ def test_compiled_blocks_graphs_stop_growing_over_recipe_shapes():
     epoch(2)
     assert counters["stats"]["unique_graphs"] == after_one <= torch._dynamo.config.recompile_limit // 2, \
         (after_one, counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("L", [7, 16, 140])
+def test_the_aligned_mask_is_the_same_mask_in_16_aligned_rows_whatever_the_length(L):
+    mask = torch.randn(3, 1, L, L)
+    view = A.aligned_rows(mask)
+    assert torch.equal(view, mask) and view.stride(-2) % 16 == 0 and view.stride(-2) > L
 
 
 def test_compile_config_field_and_maybe_compile():

@@ -7,6 +7,7 @@ import os
 import textwrap
 
 import pytest
+import torch
 
 from tests.fixtures.corpus import run_one_rank
 from vltrain.config import Config, ConfigError, debug_model_config
@@ -251,6 +252,40 @@ def test_resolving_does_not_modify_the_input():
 def test_cpu_adam_status_reports():
     ok, msg = cpu_adam_status()
     assert isinstance(ok, bool) and "CPU Adam" in msg
+
+
+def test_fused_adam_status_names_what_its_build_lacks(monkeypatch):
+    """FusedAdam (the GPU optimizer) is compiled at the first start: each missing piece is named."""
+    from deepspeed.ops.op_builder import builder
+    from torch.utils import cpp_extension
+    from vltrain.engine import ds_config
+
+    def no_cuda(name=""):
+        raise builder.MissingCUDAException("CUDA_HOME does not exist, unable to compile CUDA op(s)")
+    monkeypatch.setattr(builder, "installed_cuda_version", no_cuda)
+    ok, msg = ds_config.fused_adam_status()
+    assert not ok and "nvcc" in msg and "CUDA_HOME does not exist" in msg
+    monkeypatch.setattr(builder, "installed_cuda_version", lambda name="": (11, 8))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    ok, msg = ds_config.fused_adam_status()
+    assert not ok and "CUDA 11.8" in msg and "13.0" in msg
+    monkeypatch.setattr(builder, "installed_cuda_version", lambda name="": (13, 1))
+    assert ds_config.fused_adam_status()[0]
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    ok, msg = ds_config.fused_adam_status()
+    assert not ok and "ninja" in msg
+
+
+def test_a_gpu_config_whose_fused_adam_cannot_be_built_fails_before_deepspeed_naming_torch_adam(monkeypatch):
+    from vltrain.engine import ds_config
+    calls = []
+    monkeypatch.setattr(ds_config, "fused_adam_status", lambda: calls.append(1) or (False, "no nvcc here"))
+    gpu = resolve_ds_config({}, debug_cfg(), 1, "cuda")          # auto on a GPU: FusedAdam
+    assert "torch_adam" not in gpu["optimizer"]["params"]
+    with pytest.raises(DSConfigError, match=r"no nvcc here.*\"torch_adam\": true"):
+        ds_config.check_buildable(gpu)
+    ds_config.check_buildable(resolve_ds_config({}, debug_cfg(), 1, "cpu"))     # torch's AdamW: no build
+    assert calls == [1]
 
 
 def test_no_decay_groups():

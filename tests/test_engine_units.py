@@ -10,7 +10,7 @@ import torch
 
 from vltrain.config import load_config
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.build import check_positions, check_tokenizer
+from vltrain.engine.build import check_positions, check_tokenizer, warn_flex_shapes
 from vltrain.model import VLModel
 from vltrain.tokenization import Tokenizer
 
@@ -40,6 +40,15 @@ def test_text_longer_than_the_position_table_is_refused_naming_the_key():
     cfg.data.max_text_len = P + 1
     with pytest.raises(ValueError, match=f"data.max_text_len={P + 1} exceeds model.max_position_embeddings={P}"):
         check_positions(cfg)
+
+
+def test_flex_compiling_per_batch_length_is_warned_naming_the_keys(caplog):
+    cfg = load_config("configs/debug.yaml", ["model.attention_backend=flex", "model.compile=false",
+                                             "data.pad_to=longest"])
+    assert warn_flex_shapes(cfg) and "data.pad_to=bucket" in caplog.text
+    for fix in ("data.pad_to=bucket", "model.compile=true", "model.attention_backend=sdpa"):
+        assert not warn_flex_shapes(load_config("configs/debug.yaml", ["model.attention_backend=flex",
+                                                                       "model.compile=false", fix])), fix
 
 
 def test_img_token_id_must_be_the_tokenizers(tmp_path):

@@ -28,6 +28,8 @@ CPU_ONLY = {"model/vl_model.py:mode_tensor", "model/attention.py:plan_varlen", "
 
 CASES = {                                     # name -> (task, config overrides)
     "pretrain": ("pretrain", []),
+    "pretrain-vlbert": ("pretrain", ["model.region_embedding=vlbert", "objectives.mrc=true",
+                                    "data.image_feature=regions_mean"]),          # the VL-BERT recipe
     "pretrain-example-reduction": ("pretrain", ["objectives.loss_reduction=example"]),
     "caption": ("caption", []),
     "caption-example-reduction": ("caption", ["objectives.loss_reduction=example"]),
@@ -72,7 +74,9 @@ def test_the_recorder_sees_what_syncs_on_a_gpu():
         x.tolist()
         torch.where(x > 2)
         x.cpu()
-    assert [op for op, _ in rec.calls] == ["item", "__bool__", "__getitem__", "nonzero", "tolist", "where", "cpu"]
+        x.new_tensor([0.0, 1.0])
+    assert [op for op, _ in rec.calls] == ["item", "__bool__", "__getitem__", "nonzero", "tolist", "where", "cpu",
+                                           "new_tensor"]
     assert all(where.startswith("test_host_syncs.py:test_the_recorder_sees_what_syncs_on_a_gpu:")
                for _, where in rec.calls)
     from deepspeed.accelerator import get_accelerator    # device-wide waits, also in nested recorders

@@ -228,6 +228,19 @@ def check_positions(cfg: Config) -> None:
                          f"set task.max_len <= {P - 2}")
 
 
+def warn_flex_shapes(cfg: Config) -> bool:
+    """flex outside compiled blocks compiles its kernel once per batch shape (attention.py);
+    batches padded to their longest make nearly every new length a compile (tens of seconds on
+    a GPU). Warned, not refused: it still trains. True if warned."""
+    m = cfg.model
+    if m.attention_backend != "flex" or m.compile or cfg.data.pad_to != "longest":
+        return False
+    log.warning("model.attention_backend=flex with model.compile=false and data.pad_to=longest: FlexAttention "
+                "compiles once per batch length, so most batches will compile; set data.pad_to=bucket "
+                "(data.buckets) or model.compile=true")
+    return True
+
+
 def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer:
     import deepspeed
     from vltrain.data.loader import build_eval_loader, build_train_loader
@@ -266,6 +279,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     tokenizer = Tokenizer(cfg.data.vocab)
     check_tokenizer(cfg, tokenizer)
     check_positions(cfg)
+    warn_flex_shapes(cfg)
     torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
     model = VLModel(cfg.model)
     task_state: dict = {}

@@ -457,6 +457,34 @@ def cpu_adam_status() -> tuple[bool, str]:
         return False, f"DeepSpeed's CPU Adam op cannot be built here: {e}"
 
 
+def fused_adam_status() -> tuple[bool, str]:
+    """Can DeepSpeed load FusedAdam, its GPU optimizer (``optimizer.params.torch_adam`` false or
+    auto on a GPU)? Returns (ok, message). Prebuilt when DeepSpeed was installed with
+    DS_BUILD_FUSED_ADAM=1, else compiled just in time at the first start, which needs ninja and
+    a CUDA toolkit (nvcc under CUDA_HOME) of torch's CUDA major version. Cheap: compiles nothing."""
+    import torch
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from deepspeed.ops.op_builder.builder import MissingCUDAException, installed_cuda_version
+        from torch.utils.cpp_extension import is_ninja_available
+    except Exception as e:  # pragma: no cover - depends on the install
+        return False, f"DeepSpeed's op builder cannot be imported: {e}"
+    if installed_ops.get("fused_adam", False) or torch.version.hip:
+        return True, "DeepSpeed's FusedAdam is prebuilt (or ROCm builds its own)"
+    if not is_ninja_available():
+        return False, "it is built just in time at the first start, which needs ninja (pip install ninja)"
+    try:
+        major, minor = installed_cuda_version()
+    except MissingCUDAException as e:
+        return False, (f"it is built just in time at the first start, which needs a CUDA toolkit with nvcc "
+                       f"(found none: {e}; set CUDA_HOME or load the cluster's CUDA module)")
+    torch_major = (torch.version.cuda or "").split(".")[0]
+    if str(major) != torch_major:
+        return False, (f"it is built just in time at the first start with nvcc, which is CUDA {major}.{minor} here "
+                       f"while torch was built for CUDA {torch.version.cuda} (the major versions must agree)")
+    return True, f"DeepSpeed's FusedAdam can be built just in time (ninja, nvcc CUDA {major}.{minor})"
+
+
 _ARCH_SPECIFIC = re.compile(r"^(\d+\.\d+)[af]((?:\+PTX)?)$")
 
 
@@ -488,10 +516,19 @@ def check_buildable(ds: dict) -> None:
         log.warning("TORCH_CUDA_ARCH_LIST=%r has arch-specific entries DeepSpeed's op builder cannot parse; "
                     "using %r", old, os.environ["TORCH_CUDA_ARCH_LIST"])
     params = (ds.get("optimizer") or {}).get("params") or {}
-    if offloads_optimizer(ds) and not params.get("torch_adam", False):
+    if params.get("torch_adam", False):
+        return
+    if offloads_optimizer(ds):
         ok, msg = cpu_adam_status()
         if not ok:
             raise DSConfigError(f"ZeRO optimizer offload uses DeepSpeedCPUAdam, but {msg}")
+        return
+    ok, msg = fused_adam_status()
+    if not ok:
+        raise DSConfigError(
+            f"the GPU optimizer is DeepSpeed's FusedAdam ('optimizer.params.torch_adam' auto or false), but {msg}. "
+            f"Or set \"torch_adam\": true under \"optimizer\": {{\"params\": ...}} in the ds_config: torch's "
+            f"fused AdamW, nothing to build; keep one choice for a whole run)")
 
 
 def decays(name: str, ndim: int) -> bool:

@@ -103,14 +103,24 @@ def _prepare_sdpa(structure: AttentionStructure, dtype: torch.dtype):
     if structure.key_valid.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")    # what autocast would cast it to, every layer
     mask = structure.additive_mask(dtype)
+    return aligned_rows(mask) if pads_mask_rows(mask) else mask
+
+
+def pads_mask_rows(mask: torch.Tensor) -> bool:
+    """Whether ``_prepare_sdpa`` hands the kernels a row-aligned view (CUDA; tests force it on CPU)."""
+    return mask.is_cuda
+
+
+def aligned_rows(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a view of a buffer whose rows are 16 elements longer, rounded down to a
+    multiple of 16. The memory-efficient kernel wants the mask's row stride 16-aligned, else
+    it pads a copy on every call (every layer): padded once here instead. Always a strided
+    view, whatever the length: a mask that is contiguous for some batch lengths (a multiple
+    of 16) and a view for others makes the compiled blocks recompile on each switch."""
     L = mask.shape[-1]
-    if mask.is_cuda and L % 16:
-        # The memory-efficient kernel wants the mask's row stride 16-aligned; otherwise it
-        # pads a copy on every call (every layer). Pad once here and hand it a view.
-        padded = mask.new_zeros(*mask.shape[:-1], (L + 15) // 16 * 16)
-        padded[..., :L] = mask
-        mask = padded[..., :L]
-    return mask
+    padded = mask.new_zeros(*mask.shape[:-1], (L + 16) // 16 * 16)
+    padded[..., :L] = mask
+    return padded[..., :L]
 
 
 def sdpa_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:

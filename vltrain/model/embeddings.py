@@ -147,7 +147,10 @@ class VLBertRegionEmbedding(nn.Module):
 
     def image_term(self, image_feat: torch.Tensor) -> torch.Tensor:
         """(B, D) whole-image feature -> (B, H) projection, the text tokens' input to ``text_term``."""
-        full_box = image_feat.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(image_feat.shape[0], 4)
+        # built on the device: new_tensor([0, 0, 1, 1]) would copy from pageable host memory,
+        # which on CUDA waits for the GPU at the start of every forward
+        full_box = image_feat.new_zeros(image_feat.shape[0], 4)
+        full_box[:, 2:] = 1.0
         return self.forward(image_feat, full_box)
 
     def text_term(self, projected: Optional[torch.Tensor], has_image: Optional[torch.Tensor],
