@@ -327,14 +327,25 @@ def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True) -> None:
 def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
     """Parse ``argv``, run ``fn``; bad input -> message on stderr and exit code 2."""
-    from vltrain.redact import redact
+    from vltrain.redact import credentials_errors, redact
     args = parser.parse_args(argv)
+    names = {a.dest: (a.option_strings or [a.dest])[-1] for a in parser._actions}
+    problems = credentials_errors((names.get(k, k), v) for k, v in vars(args).items())
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
     try:
         fn(args)
     except BadInputError as e:
         print(redact(f"error: {e}"), file=sys.stderr)
         return 2
-    except Exception:   # noqa: BLE001 - its traceback, minus credentials a URL in it may hold
+    except Exception as e:   # noqa: BLE001
+        if type(e).__module__.startswith(("botocore", "boto3")):     # a missing bucket, wrong keys
+            print(redact(f"error: the object store answered {type(e).__name__}: {e} (does the bucket exist, "
+                         f"and do AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / S3_ENDPOINT_URL point at it?)"),
+                  file=sys.stderr)
+            return 2
+        # anything else: its traceback, minus credentials a URL in it may hold
         print(redact(traceback.format_exc()), file=sys.stderr)
         return 1
     return 0

@@ -274,7 +274,10 @@ def convert(args: argparse.Namespace) -> None:
         writer.meta["questions_without_target"] = no_target
         writer.meta.update(skips.as_meta())
     summarize(writer, skips)
-    print(f"answer vocabulary: {len(vocab)} answers; {no_target} question(s) without an in-vocabulary answer")
+    if anns is None:      # a test split: nothing to score against
+        print(f"answer vocabulary: {len(vocab)} answers; no annotations given: questions without answers")
+    else:
+        print(f"answer vocabulary: {len(vocab)} answers; {no_target} question(s) without an in-vocabulary answer")
 
 
 def build_parser() -> argparse.ArgumentParser:

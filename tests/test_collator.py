@@ -412,8 +412,11 @@ def test_missing_cls_prob_names_the_column(tok):
     obj = ObjectivesConfig(mrc=True)
     with pytest.raises(ValueError, match=r"s3://bkt/ds0 has no 'cls_prob' column.*hard_class_targets"):
         make(tok, obj=obj, metas=(meta,))
-    with pytest.raises(ValueError, match=r"s3://bkt/ds0 has no 'cls_prob' column"):
+    with pytest.raises(ValueError, match=r"s3://bkt/ds0 has no 'cls_prob' column") as e:
         make(tok, metas=(meta,), require_cls_probs=True)
+    # every task's collator says both ways on: the keys that train without the class term, or
+    # how to convert with class distributions
+    assert "model.use_cls_probs=false model.geometry_conf=false" in str(e.value) and "--tsv-fields" in str(e.value)
     # Opt-in hard targets: one-hot of obj_labels, for both targets and the class input. The
     # labels are bottom-up's objects_id (no background), so label k is class column k + 1;
     # the class count comes from the meta or, where the meta has none, from the model.

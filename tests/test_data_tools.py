@@ -685,6 +685,16 @@ def test_a_failed_shard_upload_leaves_no_index(s3_bucket, tmp_path, monkeypatch,
     assert remote_has_index(url) and len(read_mds(tmp_path / "cache", remote=url)) == 12
 
 
+def test_a_missing_bucket_is_an_error_not_a_traceback(s3_endpoint, tmp_path, capsys):
+    from tests.fixtures.s3 import S3_SECRET_SENTINEL
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a document\n")
+    assert convert_text.main(["--input", str(corpus), "--out", "s3://vlt-no-such-bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the object store answered ClientError") and "HeadBucket" in err
+    assert "does the bucket exist" in err and "Traceback" not in err and S3_SECRET_SENTINEL not in err
+
+
 def test_inspect_local_counts(synthetic, capsys):
     assert dt_inspect.main([str(synthetic / "captions/train")]) == 0
     out = capsys.readouterr().out

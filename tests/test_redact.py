@@ -28,14 +28,34 @@ def test_redact_rule(text, want):
     assert redact(text) == want
 
 
+def test_an_object_store_url_with_credentials_is_refused_naming_the_key_or_argument(monkeypatch, capsys):
+    """botocore takes "KEY:SECRET@bucket" for a bucket name and quotes it in its errors, where
+    no URL rule can find it: refused where it enters, redacted in the refusal."""
+    from data_tools import convert_text
+    from vltrain.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"config key 'data.train': s3://\*\*\*@bucket/x has credentials") as e:
+        load_config("configs/debug.yaml", [f"data.train={AWS}"])
+    assert SECRET not in str(e.value) and "AWS_SECRET_ACCESS_KEY" in str(e.value)
+    assert convert_text.main(["--input", "x.txt", "--out", AWS]) == 2
+    err = capsys.readouterr().err
+    assert "--out: s3://***@bucket/x has credentials" in err and SECRET not in err
+    load_config("configs/debug.yaml", ["data.train=s3://bucket/img@0"])       # an @ in a path is fine
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://minio:SuperSecretPw@127.0.0.1:9000")
+    with pytest.raises(ConfigError, match=r"S3_ENDPOINT_URL=http://\*\*\*@127.0.0.1:9000 has credentials"):
+        load_config("configs/debug.yaml")
+    assert convert_text.main(["--input", "x.txt", "--out", "s3://bucket/x"]) == 2
+    assert "SuperSecretPw" not in capsys.readouterr().err
+
+
 def test_saved_config_and_resume_diff_hold_no_credentials(tmp_path):
+    """URLs whose user:password@ is read (streaming's sftp://) or not ours to refuse."""
     from vltrain.config import load_config, save_config
     from vltrain.engine.build import warn_config_changes
-    over = [f"data.train={AWS}", "train.init_from=http://user:pass@host/w"]
+    over = [f"data.train=sftp://user:{SECRET}@host/x", "train.init_from=http://user:pass@host/w"]
     cfg = load_config("configs/debug.yaml", over)
     save_config(cfg, str(tmp_path / "config.yaml"))
     text = (tmp_path / "config.yaml").read_text()
-    assert SECRET not in text and "pass@" not in text and "s3://***@bucket/x" in text
+    assert SECRET not in text and "pass@" not in text and "sftp://***@host/x" in text
     # a resume with the same command line sees no difference (the saved file is redacted)
     assert warn_config_changes(load_config("configs/debug.yaml", over), str(tmp_path)) == []
 

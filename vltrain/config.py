@@ -355,7 +355,24 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     if task_keys:
         check_task_keys(cfg)
+        check_url_credentials(cfg)
     return cfg
+
+
+def check_url_credentials(cfg: Config) -> None:
+    """An object-store URL with user:password@ in any key (or in S3_ENDPOINT_URL) is refused,
+    naming the key, redacted (vltrain/redact.py)."""
+    from vltrain.redact import credentials_errors
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"config key '{prefix}{k}'", v
+    problems = credentials_errors(flat(config_to_dict(cfg)))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_task_keys(cfg: Config) -> None:

@@ -1,9 +1,10 @@
 """Credentials out of everything vltrain prints or writes.
 
-Keys come from the environment only (README, "Object storage"), but a URL typed with its
-``user:password@`` (``s3://KEY:SECRET@bucket/x``, ``S3_ENDPOINT_URL=http://user:pw@host``)
-would otherwise reach config.yaml, checkpoints, TensorBoard, logs and error messages. One
-rule for all of them: in ``scheme://<info>@...`` the ``<info>`` (up to the last ``@`` before
+Keys come from the environment only (README, "Object storage"): an object-store URL or
+``S3_ENDPOINT_URL`` typed with its ``user:password@`` is refused where it enters (config
+keys, converter arguments; ``credentials_errors``). Any other URL with one (``sftp://``, a
+saved config's) would otherwise reach config.yaml, checkpoints, TensorBoard, logs and error
+messages. One rule for all of them: in ``scheme://<info>@...`` the ``<info>`` (up to the last ``@`` before
 whitespace) becomes ``***`` when it holds a ``:`` (user:password; AWS secrets may hold ``/``
 and ``@``) or no ``/`` (a bare user). An ``@`` inside a path (``s3://bucket/img@0.npz``, VCR's
 file names) is kept.
@@ -11,9 +12,11 @@ file names) is kept.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import traceback
+from typing import Optional
 
 _USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)(\S*)@")
 
@@ -48,3 +51,47 @@ def install_excepthook() -> None:
     def hook(kind, value, tb):
         sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
     sys.excepthook = hook
+
+
+# Object stores whose clients take credentials from the environment only. The user:password@
+# of such a URL is never read: botocore takes "KEY:SECRET@bucket" for the bucket's name and
+# quotes it, secret and all, in its errors (which no URL pattern can redact). Refused up front.
+# (sftp:// is left alone: streaming reads its user and password from the URL.)
+_ENV_CREDENTIAL_SCHEMES = ("s3", "gs", "oci", "azure", "azure-dl", "dbfs", "hf")
+_HOW = ("give credentials in the environment (for s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+        "AWS_PROFILE); a URL's user:password@ is not read, and the S3 client would print it in its errors")
+
+
+def _has_userinfo(url: str) -> bool:
+    m = _USERINFO.match(url.strip())
+    return bool(m) and redact(m.group(0)) != m.group(0) and m.group(2) != "***"   # *** = redacted before
+
+
+def url_credentials_error(where: str, value: str) -> Optional[str]:
+    """A message naming ``where`` if ``value`` is an object-store URL with credentials in it."""
+    scheme = value.strip().split("://", 1)[0].lower() if "://" in value else ""
+    if scheme in _ENV_CREDENTIAL_SCHEMES and _has_userinfo(value):
+        return f"{where}: {redact(value)} has credentials in the URL; {_HOW}"
+    return None
+
+
+def endpoint_credentials_error(environ=os.environ) -> Optional[str]:
+    """A message if ``S3_ENDPOINT_URL`` has credentials in it (the client signs with the keys
+    from the environment; the endpoint's user:password@ would only reach its errors)."""
+    url = environ.get("S3_ENDPOINT_URL") or ""
+    if _has_userinfo(url):
+        return f"S3_ENDPOINT_URL={redact(url)} has credentials in the URL; {_HOW}"
+    return None
+
+
+def credentials_errors(named) -> list[str]:
+    """Messages for every (name, value) pair whose value (a string, or a list of them) is an
+    object-store URL with credentials, then for ``S3_ENDPOINT_URL``."""
+    out = []
+    for where, value in named:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            msg = url_credentials_error(where, v) if isinstance(v, str) else None
+            if msg:
+                out.append(msg)
+    msg = endpoint_credentials_error()
+    return out + ([msg] if msg else [])

@@ -206,6 +206,10 @@ class PretrainCollator:
                 return
             hint = ("; the dataset has obj_labels: set data.hard_class_targets=true to use them as "
                     "one-hot targets" if meta.get("has_obj_labels") else "")
+            if not self.obj.mrc:        # a feature file without them (bottom-up TSVs by default)
+                hint += ("; convert with them (--tsv-fields ...,cls_prob, or a cls_prob array in each "
+                         ".npz), or train without the term: model.use_cls_probs=false "
+                         "model.geometry_conf=false (its detector-confidence input comes from them too)")
             raise ValueError(f"dataset {info.name} has no 'cls_prob' column (detector class "
                              f"distribution), which {why} needs{hint}")
 

@@ -256,14 +256,9 @@ def _check_meta_vs_model(cfg, infos: list[StreamInfo]) -> None:
 def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> PretrainCollator:
     """The pretraining task's collator (the default ``make_collator``)."""
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
-    try:
-        return PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
-                                require_cls_probs=need_cls, vlbert=cfg.model.region_embedding == "vlbert",
-                                num_classes=cfg.model.num_region_classes, feat_dim=cfg.model.region_feat_dim)
-    except ValueError as e:
-        if need_cls and "cls_prob" in str(e) and not cfg.objectives.mrc:
-            raise MetaError(f"{e}; or set model.use_cls_probs=false") from e
-        raise
+    return PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
+                            require_cls_probs=need_cls, vlbert=cfg.model.region_embedding == "vlbert",
+                            num_classes=cfg.model.num_region_classes, feat_dim=cfg.model.region_feat_dim)
 
 
 def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
 from vltrain.data.collate import TRUNCATED_KEY
+from vltrain.data.errors import DataError
 from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine import schedule
@@ -182,8 +183,8 @@ class Trainer:
                 yield batch
             empty = 0 if n else empty + 1
             if empty >= 2:
-                raise RuntimeError(f"data.train={self.cfg.data.train} yields no batch for this rank: the "
-                                   "dataset is smaller than world_size x train.micro_batch_size")
+                raise DataError(f"data.train={self.cfg.data.train} yields no batch for this rank: the "
+                                "dataset is smaller than world_size x train.micro_batch_size")
 
     def train(self) -> int:
         """Run to ``train.max_steps`` or a stop signal; returns the process exit code."""
@@ -342,8 +343,8 @@ class Trainer:
         self.save()
         self.stop.exiting()
         if self.info.is_main:
-            log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (requeue)",
-                        self.step, EXIT_PREEMPTED)
+            log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (resumable: the Slurm "
+                        "templates requeue the job unless it is being cancelled)", self.step, EXIT_PREEMPTED)
         self.monitor.close()
         if dist.is_initialized():
             # srun --kill-on-bad-exit ends every task once the first exits 75: wait until every

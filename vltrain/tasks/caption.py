@@ -74,16 +74,10 @@ class CaptionCollator(PretrainCollator):
 
 
 def make_caption_collator(cfg, tokenizer, infos, train: bool) -> CaptionCollator:
-    from vltrain.data.errors import MetaError
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
-    try:
-        return CaptionCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
-                               require_cls_probs=need_cls, num_classes=cfg.model.num_region_classes,
-                               feat_dim=cfg.model.region_feat_dim)
-    except ValueError as e:
-        if need_cls and "cls_prob" in str(e):
-            raise MetaError(f"{e}; or set model.use_cls_probs=false") from e
-        raise
+    return CaptionCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
+                           require_cls_probs=need_cls, num_classes=cfg.model.num_region_classes,
+                           feat_dim=cfg.model.region_feat_dim)
 
 
 # ------------------------------------------------------------------------------ module
