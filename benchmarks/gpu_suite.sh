@@ -8,6 +8,9 @@
 # From a session with the device tool (10-minute calls; pick steps per call). On an H100 all
 # steps took ~9 minutes (tests 1.8, tput 2.9, one sweep batch 1.7, profile 1, attn 0.5, decode 0.5):
 #   run(command="STEPS='tests tput sweep decode' SWEEP=128 bash benchmarks/gpu_suite.sh", carry=[".wheels"])
+# With 15 minutes of device time in all (machine start included), measure first, test second:
+#   run(command="STEPS='attn levers e2e' bash benchmarks/gpu_suite.sh", carry=[".wheels"], timeout_s=600)
+#   run(command="STEPS=tests bash benchmarks/gpu_suite.sh", carry=[".wheels"])   # if time is left
 # Where $OUT is set (the device tool), the results folder is packed into $OUT/gpu_results.tgz
 # after every step, so a call cut off at its limit still returns what finished.
 #

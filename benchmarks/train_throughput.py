@@ -463,7 +463,7 @@ def render_zero(res: dict, size: Size) -> str:
     for stage, c in res["compile"].items():
         lines.append(f"- `model.compile=true` under ZeRO-{stage} (debug model, 2 ranks, {len(c['eager'])} steps): "
                      f"losses equal eager's within {c['max_rel_diff']:.1e} relative, "
-                     f"{c['graphs']} Dynamo graph(s) compiled so far "
+                     f"{c['graphs']} Dynamo graph(s) compiled for this stage's run "
                      f"({'ok' if c['max_rel_diff'] < 1e-4 and c['graphs'] > 0 else 'MISMATCH'}).")
     return "\n".join(lines)
 
@@ -564,10 +564,14 @@ def compile_under_zero(info, size: Size, steps: int = 3) -> dict:
     from vltrain.model.compile import maybe_compile
     from vltrain.tasks.pretrain import PretrainTask
 
+    from torch._dynamo.utils import counters
     out = {}
     for stage in (1, 2, 3):
         losses = {}
         for compiled in (False, True):
+            if compiled:    # compile afresh: graphs cached from another stage would count nothing here
+                torch._dynamo.reset()
+                counters.clear()
             cfg = Config(model=dataclasses.replace(size.model, compile=compiled, attention_backend="sdpa"))
             cfg.train.micro_batch_size = size.batch
             ds = resolve_ds_config({"zero_optimization": {"stage": stage}}, cfg, info.world, "cpu")
@@ -586,7 +590,6 @@ def compile_under_zero(info, size: Size, steps: int = 3) -> dict:
                 seen.append(float(t) / info.world)
             losses[compiled] = seen
             engine.destroy()
-        from torch._dynamo.utils import counters
         out[str(stage)] = dict(eager=losses[False], compiled=losses[True],
                                graphs=int(counters["stats"]["unique_graphs"]),
                                max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True])))

@@ -235,7 +235,8 @@ def test_varlen_two_call_scheme_equals_eager_on_unpadded_tensors(i):
         res.append((out * rows, q.grad, k.grad, v.grad))
     for a, b in zip(*res):
         assert (a - b).abs().max() < 1e-5
-    assert torch.all(res[1][0][~st.key_valid[:, None, :, None].expand_as(res[1][0])] == 0)
+    # varlen's own output (not masked above) is zero at padding rows, as its docstring says
+    assert torch.all(out.detach()[~rows.expand_as(out)] == 0) and not torch.all(out.detach() == 0)
 
 
 def test_emulated_varlen_causal_is_bottom_right_aligned():

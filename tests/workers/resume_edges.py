@@ -240,13 +240,17 @@ def main():
                f"data.train={corpus}/captions/train", f"data.val={corpus}/captions/val"]
         for name, extra in [("capref", []), ("capstop", []), ("capresumed", ["train.resume=auto"])]:
             found: list = []
+            done = threading.Event()
             # Slurm's USR1 reaches every process of the step: this rank and the scorer's JVM
             killer = threading.Thread(target=signal_first_java_child, args=(signal.SIGUSR1, found),
-                                      kwargs={"timeout": 600, "also_self": True}, daemon=True)
+                                      kwargs={"timeout": 600, "also_self": True, "done": done}, daemon=True)
             if name == "capstop":
                 killer.start()
             code, losses, t = train(cfg_of(corpus, out, "capstop" if name == "capresumed" else name, *cap, *extra,
                                            config="configs/caption_debug.yaml"), faults)
+            done.set()
+            if killer.is_alive():
+                killer.join()
             t.close()
             res[name] = {**outcome(code, losses, t), "java_signalled": bool(found)}
 
