@@ -99,6 +99,17 @@ def test_batch_sizes_must_be_positive():
     assert load_config(None, ["data.max_sequence=0"]).data.max_sequence == 0
 
 
+def test_run_name_worker_count_and_override_yaml_are_checked_naming_them():
+    for bad in ("", "..", "../elsewhere", "a/b"):          # the run folder is output_root/run_name
+        with pytest.raises(ConfigError, match=r"'run_name': a folder name under output_root"):
+            load_config(None, [f"run_name={bad}"])
+    with pytest.raises(ConfigError, match=r"'data.num_workers': 0 .* or more, got -1"):
+        load_config(None, ["data.num_workers=-1"])
+    with pytest.raises(ConfigError, match=r"override 'data.buckets=\[32,64': the value is not valid YAML"):
+        load_config(None, ["data.buckets=[32,64"])
+    assert load_config(None, ["data.buckets=[32, 64]", "run_name=a.b-1"]).data.buckets == [32, 64]
+
+
 def test_a_key_of_one_task_set_for_another_is_refused():
     """A key only one task reads, set for another task, would change nothing: refused, naming it."""
     for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain"),

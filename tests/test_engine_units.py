@@ -51,6 +51,38 @@ def test_flex_compiling_per_batch_length_is_warned_naming_the_keys(caplog):
                                                                        "model.compile=false", fix])), fix
 
 
+def test_start_up_mistakes_are_named(tmp_path, caplog):
+    """A weights file that is none, an output_root that cannot hold the run folder, an option
+    between overrides, an error from a loader worker: each says what it is about."""
+    from vltrain.engine.build import make_run_dir
+    from vltrain.model.bert_weights import read_state_dict
+    from vltrain.run import error_text, parse_args
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    for name in ("notes.txt", "notes.safetensors"):
+        (tmp_path / name).write_text("not weights\n")
+        with pytest.raises(ValueError, match=rf"{name} is not a weights file vltrain can read"):
+            read_state_dict(str(tmp_path / name))
+    cfg = load_config("configs/debug.yaml", [f"output_root={text}"])
+    with pytest.raises(ValueError, match=rf"output_root='{text}', run_name='debug': cannot create the run folder"):
+        make_run_dir(cfg, os.path.join(cfg.output_root, cfg.run_name))
+    args = parse_args(["--config", "c.yaml", "a.b=1", "--ds_config", "z.json", "run_name=x"])
+    assert args.overrides == ["a.b=1", "run_name=x"] and args.ds_config == "z.json"
+    from torch.utils.data import DataLoader
+    from vltrain.data.errors import ShardError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise ShardError("dataset d: shard shard.00000.mds could not be downloaded")
+    with pytest.raises(ShardError) as e:
+        list(DataLoader(Broken(), num_workers=1))
+    assert "Traceback" in str(e.value)                 # torch's re-raise carries the worker's traceback
+    assert error_text(e.value) == "(in a data loader worker) dataset d: shard shard.00000.mds could not be downloaded"
+
+
 def test_img_token_id_must_be_the_tokenizers(tmp_path):
     """A vocab.txt without [unusedK] slots puts [IMG] after its last token, not at BERT's id 1:
     a VL-BERT model built with the default model.img_token_id is refused, naming the fix."""

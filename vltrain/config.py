@@ -308,7 +308,12 @@ def parse_override(text: str) -> tuple[str, Any, str]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({first}); quote a string, "
+                          f"write a list as [a, b]") from None
     return key.strip(), value, raw
 
 
@@ -351,6 +356,13 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
                           f"tokens, a word and a region beside them), got {cfg.data.max_sequence}")
     if not 0.0 <= cfg.objectives.mrc_zero_prob <= 1.0:
         raise ConfigError(f"config key 'objectives.mrc_zero_prob': a share in [0, 1], got {cfg.objectives.mrc_zero_prob}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers': 0 (load in the training process) or more, "
+                          f"got {cfg.data.num_workers}")
+    name = str(cfg.run_name)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"config key 'run_name': a folder name under output_root (no '/', not empty, "
+                          f"not '.' or '..'), got {name!r}")
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     if task_keys:

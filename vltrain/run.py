@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; LOCAL_RANK is used instead")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)      # options may come between the overrides
 
 
 def setup_logging() -> None:
@@ -77,11 +78,22 @@ def main(argv=None) -> int:
             return trainer.run_eval(cfg.task.eval_split)
         return trainer.train()
     except (ConfigError, DSConfigError, DataError, FileNotFoundError, ValueError) as e:
-        log.error("%s: %s", type(e).__name__, e)
+        log.error("%s: %s", type(e).__name__, error_text(e))
         log.debug("%s", traceback.format_exc())
         return EXIT_BAD_INPUT
     finally:
         _shutdown()
+
+
+def error_text(e: BaseException) -> str:
+    """``e``'s own message. An error raised in a DataLoader worker comes back with the worker's
+    whole traceback in front of it (torch's re-raise): then the message after it, marked."""
+    text = str(e)
+    if "Original Traceback (most recent call last):" in text:
+        parts = re.split(rf"\n(?:[\w.]+\.)?{re.escape(type(e).__name__)}: ", text)
+        if len(parts) > 1:
+            return f"(in a data loader worker) {parts[-1].strip()}"
+    return text
 
 
 def _shutdown() -> None:

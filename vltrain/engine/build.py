@@ -228,6 +228,16 @@ def check_positions(cfg: Config) -> None:
                          f"set task.max_len <= {P - 2}")
 
 
+def make_run_dir(cfg: Config, run_dir: str) -> None:
+    """Create the run folder now, before the model is built and the data opened: an
+    output_root that cannot hold it is named at start, not minutes later."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output_root={cfg.output_root!r}, run_name={cfg.run_name!r}: cannot create the run "
+                         f"folder {run_dir} ({e.strerror or e}); set output_root to a writable folder") from None
+
+
 def warn_flex_shapes(cfg: Config) -> bool:
     """flex outside compiled blocks compiles its kernel once per batch shape (attention.py);
     batches padded to their longest make nearly every new length a compile (tens of seconds on
@@ -262,7 +272,10 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         if info.is_main:
             warn_config_changes(cfg, found.path)
     elif info.is_main and cfg.mode == "train":
+        if cfg.train.resume == "auto":      # a mistyped run_name would otherwise go unnoticed
+            log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
         warn_fresh_start_over_checkpoints(run_dir)
+    make_run_dir(cfg, run_dir)
     ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
     if cfg.train.precision == "auto":
         cfg.train.precision, why = precision_of(ds), f"the ds_config's or this machine's ({acc.device_name()})"

@@ -151,10 +151,19 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         files = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
     for f in files:
         if os.path.isfile(f):
-            if f.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                return load_file(f)
-            return torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                if f.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+                    state = load_file(f)
+                else:
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:   # noqa: BLE001 - torch/safetensors raise KeyError, RuntimeError, ...
+                raise ValueError(f"{f} is not a weights file vltrain can read (a safetensors file, a "
+                                 f"PyTorch state dict, a Hugging Face BERT folder or a vltrain checkpoint "
+                                 f"folder): {type(e).__name__}: {e}") from None
+            if not isinstance(state, dict):
+                raise ValueError(f"{f} holds a {type(state).__name__}, not a state dict of tensors")
+            return state
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
