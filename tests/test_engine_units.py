@@ -147,6 +147,11 @@ def test_incomplete_latest_is_reported_and_skipped(tmp_path, caplog):
     found = ckpt.find_resume_point(save)
     assert found.tag == ckpt.step_tag(20) and found.info["step"] == 20
     assert "step_00000030" in caplog.text and "incomplete" in caplog.text
+    caplog.clear()
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(40))            # names no folder at all
+    assert ckpt.find_resume_point(save).tag == ckpt.step_tag(20)
+    assert "step_00000040 (latest) is missing" in caplog.text and "step_00000040 is incomplete" not in caplog.text
+    assert "step_00000040 (latest); resuming from step_00000020 instead" in caplog.text
 
 
 def test_cut_short_saves_are_named_and_cleaned_up(tmp_path, caplog):

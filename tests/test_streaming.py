@@ -522,3 +522,50 @@ def test_default_cache_root_is_per_user_under_the_temp_dir(monkeypatch, tmp_path
         got = cache_dir_for("", "run", "s3://b/ds", "{}", "train")
         assert got.startswith(str(tmp_path / f"vltrain_cache-{user}" / "node"))
     assert cache_dir_for("/scratch/c", "run", "s3://b/ds", "{}").startswith("/scratch/c/node")
+
+
+def test_ranks_agree_on_the_shared_memory_prefix_beside_another_job():
+    """mosaicml/streaming#901: each rank scans /dev/shm for the prefix on its own; a job that
+    registers one between the leader's scan and a follower's makes them disagree, and streaming's
+    follower dies ("was not registered by local leader"). Ours looks the leader's registration
+    up by its local directories; a leader whose prefix was taken meanwhile scans again. The
+    interleavings are played in one process (no barriers without torch.distributed)."""
+    import types
+    import uuid
+    import streaming.base.dataset as sd
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as sp
+    from vltrain.data import shm_prefix
+    assert shm_prefix.install() and sd.get_shm_prefix is shm_prefix.get_shm_prefix   # streaming 0.13.0
+    leader, follower = (types.SimpleNamespace(is_local_leader=b) for b in (True, False))
+    mine, other = ([f"/tmp/vltrain-shm-test-{uuid.uuid4().hex}/{x}"] for x in ("mine", "other"))
+    held = []
+    try:
+        p, shm = shm_prefix.get_shm_prefix(mine, [None], leader)
+        held.append(shm)
+        # the follower scans after the leader registered: it sees p taken and computes another
+        with pytest.raises(RuntimeError, match="was not registered by local leader"):
+            sp.get_shm_prefix(mine, [None], follower, retry=0)         # streaming's own
+        q, shm_f = shm_prefix.get_shm_prefix(mine, [None], follower, retry=2)
+        assert q == p and sp._unpack_locals(bytes(shm_f.buf)) == (mine, p)
+        # another job took the prefix the leader's scan found: it scans again
+        from streaming.base.constant import SHM_TO_CLEAN
+        calls, real = [], sp._check_and_find_retrying
+
+        def racing(*a, **k):           # the first scan, every name of it, still sees p free
+            calls.append(1)
+            return p if len(calls) <= len(SHM_TO_CLEAN) else real(*a, **k)
+        sp._check_and_find_retrying = racing
+        try:
+            r, shm_o = shm_prefix.get_shm_prefix(other, [None], leader, retry=3)
+        finally:
+            sp._check_and_find_retrying = real
+        held.append(shm_o)
+        assert len(calls) == 2 * len(SHM_TO_CLEAN)             # it scanned again after FileExistsError
+        assert r != p and sp._unpack_locals(bytes(SharedMemory(sp._get_path(r, LOCALS), False).buf)) == (other, r)
+        with pytest.raises(RuntimeError, match="no shared-memory registration .* holds the local directories"):
+            shm_prefix.find_leaders_prefix([f"/tmp/vltrain-shm-test-{uuid.uuid4().hex}"], p, retry=0)
+    finally:
+        for s in held:
+            s.cleanup()

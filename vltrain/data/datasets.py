@@ -28,7 +28,7 @@ from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.storage import CloudDownloader
 
-from vltrain.data import schema
+from vltrain.data import schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data.errors import MetaError, ShardError
 
@@ -149,10 +149,13 @@ class VLStreamingDataset(StreamingDataset):
     * a shard that fails to download, decompress or pass its hash check raises ``ShardError``
       naming the shard file and the dataset (streaming 0.13 only logs background-thread
       failures and ends the epoch early); the bad local copy is deleted so a retry re-downloads;
-    * a shard whose local size disagrees with ``index.json`` (truncated) raises ``ShardError``.
+    * a shard whose local size disagrees with ``index.json`` (truncated) raises ``ShardError``;
+    * its ranks agree on their shared-memory prefix beside other jobs on the host
+      (``vltrain/data/shm_prefix.py``).
     """
 
     def __init__(self, *args, **kwargs):
+        shm_prefix.install()
         super().__init__(*args, **kwargs)
         self._size_checked: set[int] = set()
         self._bg_error: Optional[BaseException] = None

@@ -134,7 +134,9 @@ def find_resume_point(save_dir: str) -> Optional[Found]:
         info = read_ckpt_info(os.path.join(save_dir, tag))
         if info is not None:
             if latest and tag != latest:
-                log.warning("%s; resuming from %s instead", record_problem(os.path.join(save_dir, latest)), tag)
+                latest_path = os.path.join(save_dir, latest)
+                problem = record_problem(latest_path) if os.path.isdir(latest_path) else f"{latest_path} (latest)"
+                log.warning("%s; resuming from %s instead", problem, tag)
             cut = sorted(n for n in os.listdir(save_dir) if (m := _STEP_LEFTOVER.fullmatch(n))
                          and m.group(2) == PARTIAL and int(m.group(1)) > int(info.get("step", 0)))
             if cut:
