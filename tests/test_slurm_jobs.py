@@ -354,11 +354,11 @@ def test_real_failures_end_failed_and_are_not_requeued(slurm_cluster, s3_corpus,
     assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, no_data.logs())
     for rank in (0, 1):
         assert f"job={no_data.id} rank={rank} local_rank=0" in no_data.rank_log(rank)
-    assert re.search(rf"job={no_data.id} rank=\d ERROR vltrain\.run: MetaError: dataset {re.escape(missing)}",
+    assert re.search(rf"job={no_data.id} rank=\d ERROR vltrain\.run: MetaError: data\.train: dataset {re.escape(missing)}",
                      no_data.rank_log(0) + no_data.rank_log(1)), no_data.logs()
     batch = no_data.batch_log
     assert "training failed (exit 2); not requeued" in batch, batch
-    assert f"MetaError: dataset {missing}" in batch, batch        # the ranks' error, copied up
+    assert f"MetaError: data.train: dataset {missing}" in batch, batch    # the ranks' error, copied up
     time.sleep(3)                                                  # and it stays that way
     for job in (bad_key, no_data):
         info = slurm_cluster.job(job.id)

@@ -280,6 +280,13 @@ def test_missing_meta_is_a_clear_error(tmp_path, vocab_file, s3_bucket):
         read_meta(ds)
     with pytest.raises(MetaError, match=rf"s3://{s3_bucket}/nothing: cannot read vltrain_meta.json"):
         read_meta(f"s3://{s3_bucket}/nothing")
+    # through the loaders, the config key that named the folder comes first
+    from vltrain.config import load_config
+    from vltrain.data.loader import build_eval_loader
+    from vltrain.tokenization import Tokenizer
+    cfg = load_config("configs/debug.yaml", [f"data.val={ds}", f"data.vocab={vocab_file}"])
+    with pytest.raises(MetaError, match=r"^data.val: dataset .*ds: no vltrain_meta.json"):
+        build_eval_loader(cfg, Tokenizer(vocab_file), 2)
 
 
 def test_bad_samples_fail_or_are_skipped_and_counted(tmp_path, vocab_file):

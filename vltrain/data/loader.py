@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from vltrain.data.collate import SKIPPED_KEY, TRUNCATED_KEY, PretrainCollator, StreamInfo
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
 from vltrain.data.batch import Batch
-from vltrain.data.errors import BadSampleError, MetaError
+from vltrain.data.errors import BadSampleError, DataError, MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
 from vltrain.data.worker_signals import forking_workers, ignore_foreign_sigterm
@@ -264,9 +264,16 @@ def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> P
 def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
             make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
     prepare_streaming_once()
-    ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
-    _check_meta_vs_model(cfg, infos)
-    collator = (make_collator or pretrain_collator)(cfg, tokenizer, infos, train)
+    try:
+        ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
+        _check_meta_vs_model(cfg, infos)
+        collator = (make_collator or pretrain_collator)(cfg, tokenizer, infos, train)
+    except DataError as e:          # the message names the dataset folder; this, the key that chose it
+        raise type(e)(f"data.{split}: {e}") from None
+    except ValueError as e:
+        if type(e) is not ValueError:
+            raise
+        raise ValueError(f"data.{split}: {e}") from None
     workers = int(cfg.data.num_workers)
     loader = VLDataLoader(ds, collator=collator, batch_size=batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), drop_last=train,
