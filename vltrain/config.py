@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
@@ -371,18 +371,22 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
     return cfg
 
 
+def flatten(d: Mapping, prefix: str = "") -> dict:
+    """A nested mapping as one level of dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_url_credentials(cfg: Config) -> None:
     """An object-store URL with user:password@ in any key (or in S3_ENDPOINT_URL) is refused,
     naming the key, redacted (vltrain/redact.py)."""
     from vltrain.redact import credentials_errors
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"config key '{prefix}{k}'", v
-    problems = credentials_errors(flat(config_to_dict(cfg)))
+    problems = credentials_errors((f"config key '{k}'", v) for k, v in flatten(config_to_dict(cfg)).items())
     if problems:
         raise ConfigError("; ".join(problems))
 

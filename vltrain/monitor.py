@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from vltrain.config import flatten
 from vltrain.redact import redact
 
 Number = Union[int, float, torch.Tensor]
@@ -191,21 +192,10 @@ def peak_memory_gb(device: Optional[torch.device] = None) -> float:
 _SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|api_key|auth|private|token|session)", re.I)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def scrub_hparams(d: Mapping) -> dict:
     """Flatten to dotted keys; drop secret-looking keys and strip user:password@ from URLs."""
     out = {}
-    for k, v in _flatten(d).items():
+    for k, v in flatten(d).items():
         if _SECRET_KEY.search(k.split(".")[-1]):
             continue
         if isinstance(v, str):

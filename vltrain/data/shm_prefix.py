@@ -16,11 +16,12 @@ while streaming's ``get_shm_prefix`` is the source this was written against (has
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
+import functools
 import logging
 import os
 from time import sleep
+
+from vltrain.upstream import source_hash
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ KNOWN_SOURCE = "df1d1d0a0cbbac9167f5a5684131c37d06ac673f44d343a27691c7e30ffa7cc3
 SHM_DIR = "/dev/shm"
 
 
-def _registered(streams_local: list[str], hint: int) -> list[int]:
+def _registered(hint: int) -> list[int]:
     """Prefixes to try for the leader's registration: ``hint`` first, then every LOCALS
     segment on the host (Linux lists them under /dev/shm), else the 64 after ``hint``."""
     from streaming.base.constant import LOCALS
@@ -51,7 +52,7 @@ def find_leaders_prefix(streams_local: list[str], hint: int, retry: int):
     from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _get_path, _unpack_locals
     for _ in range(1 + retry):
-        for prefix in _registered(streams_local, hint):
+        for prefix in _registered(hint):
             try:
                 shm = SharedMemory(_get_path(prefix, LOCALS), False)
             except (FileNotFoundError, PermissionError):
@@ -101,24 +102,22 @@ def get_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
     return prefix_int, shm
 
 
-def _source_hash(fn) -> str:
-    try:
-        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
-    except (OSError, TypeError):
-        return "unknown"
+@functools.cache
+def _known_version() -> bool:
+    """streaming's ``get_shm_prefix`` is the source this was written against (logged once if not)."""
+    from streaming.base.shared import prefix as sp
+    if source_hash(sp.get_shm_prefix) == KNOWN_SOURCE:
+        return True
+    log.info("streaming's get_shm_prefix is not the version vltrain's fix was written against; "
+             "keeping streaming's own (a job starting beside another on this host may hit "
+             "mosaicml/streaming#901)")
+    return False
 
 
 def install() -> bool:
     """Use ``get_shm_prefix`` in streaming's dataset constructor; True if applied. Another
-    streaming version keeps its own (logged once)."""
+    streaming version keeps its own."""
     import streaming.base.dataset as sd
-    from streaming.base.shared import prefix as sp
-    if sd.get_shm_prefix is get_shm_prefix:
-        return True
-    if _source_hash(sp.get_shm_prefix) != KNOWN_SOURCE:
-        log.info("streaming's get_shm_prefix is not the version vltrain's fix was written against; "
-                 "keeping streaming's own (a job starting beside another on this host may hit "
-                 "mosaicml/streaming#901)")
-        return False
-    sd.get_shm_prefix = get_shm_prefix
-    return True
+    if sd.get_shm_prefix is not get_shm_prefix and _known_version():
+        sd.get_shm_prefix = get_shm_prefix
+    return sd.get_shm_prefix is get_shm_prefix

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import yaml
 
-from vltrain.config import Config, check_placeholders, config_to_dict
+from vltrain.config import Config, check_placeholders, config_to_dict, flatten
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
@@ -163,13 +163,6 @@ _RESUME_KEYS = {"train.resume", "train.init_from", "train.grad_accum", "data.num
                 "output_root", "train.dist_timeout_s", "train.log_every", "data.num_workers"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
     """Settings of this resume that differ from the checkpoint's ``config.yaml``, logged: a
     resume with the overrides of the first command left out (another max_steps, lr...) runs
@@ -177,8 +170,8 @@ def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
     saved_cfg = saved_config(tag_dir)
     if saved_cfg is None:      # an old or foreign config: nothing to compare
         return []
-    saved = _flat(config_to_dict(saved_cfg))
-    now = _flat(redact_tree(config_to_dict(cfg)))    # as save_config wrote the checkpoint's
+    saved = flatten(config_to_dict(saved_cfg))
+    now = flatten(redact_tree(config_to_dict(cfg)))    # as save_config wrote the checkpoint's
     diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
              if k in saved and now[k] != saved[k] and k not in _RESUME_KEYS]
     if diffs:

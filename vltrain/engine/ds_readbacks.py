@@ -22,12 +22,12 @@ ZeRO-3 have their own optimizers, left as they are.
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import types
 
 import torch
+
+from vltrain.upstream import source_hash
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,6 @@ KNOWN_SOURCES = {
     "mask_nan_or_inf_with_val_inplace": "9728853d4df6cd692cc5bc0aa2bfa4b54d85b0b06f30129a424cbdf93cd4ce3c",
     "unscale_and_clip_grads": "6bf2ce6f97eafcc24c08a0355e7c180992c8e86da5b7f02026eef6fbd68efa74",
 }
-
-
-def _source_hash(fn) -> str:
-    try:
-        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
-    except (OSError, TypeError):       # no source installed: cannot tell, so not the known code
-        return "unknown"
 
 
 def mask_nan_or_inf_with_val_inplace(input, device=None, val=-1.):
@@ -84,7 +77,7 @@ def drop_step_readbacks(optimizer) -> bool:
         return False
     theirs = {"mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
               "unscale_and_clip_grads": stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads}
-    changed = [name for name, fn in theirs.items() if _source_hash(fn) != KNOWN_SOURCES[name]]
+    changed = [name for name, fn in theirs.items() if source_hash(fn) != KNOWN_SOURCES[name]]
     if stage_1_and_2.mask_nan_or_inf_with_val_inplace not in (ds_utils.mask_nan_or_inf_with_val_inplace,
                                                                mask_nan_or_inf_with_val_inplace):
         changed.append("stage_1_and_2.mask_nan_or_inf_with_val_inplace")

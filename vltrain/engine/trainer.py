@@ -197,8 +197,7 @@ class Trainer:
     def _train(self) -> int:
         cfg = self.cfg.train
         phase = self.profiler.phase
-        if self.info.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
+        if self.info.is_main:         # the run folder: made by build_training (make_run_dir)
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
         self.monitor.log_hparams(config_to_dict(self.cfg), self.ds_config)
         self.monitor.reset_timer()
