@@ -156,6 +156,15 @@ def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
         order = np.argsort(-smp["cls_prob"].astype(np.float32).max(1), kind="stable")[:r]
         np.testing.assert_array_equal(b.region_feats[i, :r].float().numpy(),
                                       smp["features"][order].astype(np.float32))
+    # VL-BERT's whole-image region (model.vlbert_image_box) is one of the budget's positions
+    boxed = make(tok, budget, obj, vlbert=True, require_cls_probs=True, image_box=True)(samples)
+    got_boxed = rows(boxed)
+    for i, smp in enumerate(samples):
+        ids, r = got_boxed[smp["sample_id"]][1], int(boxed.region_mask[i].sum())
+        full = [len(e) for e in (tok.encode(c)[:38] for c in smp["captions"]) if e[:len(ids) - 2] == ids[1:-1]]
+        assert len(ids) + r + 1 <= 24
+        assert (len(ids), r + 1) in {share_budget(n + 2, len(smp["features"]) + 1, 24) for n in full}
+    assert sum(int(boxed.region_mask[i].sum()) < int(b.region_mask[i].sum()) for i in range(len(samples))) > 0
     # the order needs the class distribution, not a use of it: read for the order alone
     alone = make(tok, budget, obj, vlbert=True)(samples)
     torch.testing.assert_close(alone.region_feats, b.region_feats)

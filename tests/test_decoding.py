@@ -131,10 +131,12 @@ def repeated_ngram(words, n) -> bool:
 
 # ------------------------------------------------------------------------------ incremental forward
 
-@pytest.mark.parametrize("embedding", ["vlp", "vlbert"])
+@pytest.mark.parametrize("embedding", ["vlp", "vlbert", "vlbert-slots"])
 def test_incremental_forward_equals_full_forward(embedding):
-    model = make_model(region_embedding=embedding)
+    slots = embedding == "vlbert-slots"      # VL-BERT's whole-image region and [END]: two more prefix keys
+    model = make_model(region_embedding=embedding.split("-")[0], vlbert_image_box=slots, vlbert_end_token=slots)
     batch = make_images(B=4)
+    batch.region_mask[1] = False                                            # an image-less row
     words = torch.randint(1000, 3000, (4, 5))
     words[:, -1] = 103                                                      # a trailing [MASK]
     ids = torch.cat([torch.tensor([[101, 102]] * 4), words], 1)
@@ -146,7 +148,7 @@ def test_incremental_forward_equals_full_forward(embedding):
     with torch.no_grad():
         full = model(ids, types, None, mode="seq2seq", **imgs).text_hidden[:, 2:]
         prefix = encode_prefix(model, ids[:, :2], **imgs)
-        assert prefix.keys[0].shape[2] == 2 + batch.region_feats.shape[1]
+        assert prefix.keys[0].shape[2] == 2 + batch.region_feats.shape[1] + 2 * slots
         # in pieces of 1, 2 and 2 new positions, committing all but the final [MASK]
         gen = GenCache.empty(prefix, 4)
         h1, gen = extend(model, prefix, gen, words[:, :1], commit=1)

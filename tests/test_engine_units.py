@@ -98,6 +98,13 @@ def test_img_token_id_must_be_the_tokenizers(tmp_path):
         check_tokenizer(cfg, tok)
     cfg.model.img_token_id = 7
     check_tokenizer(cfg, tok)
+    # [END] after the regions (model.vlbert_end_token) is looked up the same way: appended at 8
+    cfg.model.vlbert_end_token = True
+    msg = f"data.vocab={vocab} has [END] at id 8 but model.end_token_id=2; set model.end_token_id=8"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        check_tokenizer(cfg, tok)
+    cfg.model.end_token_id = 8
+    check_tokenizer(cfg, tok)
     # VLP's region embedding has no [IMG] token: any id is fine there.
     cfg.model.region_embedding, cfg.model.img_token_id = "vlp", 1
     check_tokenizer(cfg, tok)

@@ -35,7 +35,8 @@ def cpu_only(op: str, where: str) -> bool:
 CASES = {                                     # name -> (task, config overrides)
     "pretrain": ("pretrain", []),
     "pretrain-vlbert": ("pretrain", ["model.region_embedding=vlbert", "objectives.mrc=true",
-                                    "data.image_feature=regions_mean"]),          # the VL-BERT recipe
+                                    "data.image_feature=regions_mean", "model.vlbert_image_box=true",
+                                    "model.vlbert_end_token=true"]),          # the VL-BERT recipe
     "pretrain-example-reduction": ("pretrain", ["objectives.loss_reduction=example"]),
     "caption": ("caption", []),
     "caption-example-reduction": ("caption", ["objectives.loss_reduction=example"]),

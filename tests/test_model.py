@@ -43,6 +43,11 @@ def make_model(backend="eager", seed=0, **kw):
     return VLModel(debug_model_config(attention_backend=backend, **kw)).eval()
 
 
+# the region embeddings, and VL-BERT with its code's sequence (whole-image region, [END])
+KINDS = {"vlp": dict(region_embedding="vlp"), "vlbert": dict(region_embedding="vlbert"),
+         "vlbert-slots": dict(region_embedding="vlbert", vlbert_image_box=True, vlbert_end_token=True)}
+
+
 # --------------------------------------------------------------------------- BERT parity
 
 @pytest.fixture(scope="module")
@@ -202,6 +207,58 @@ def test_vlbert_region_ids_swap_only_those_regions_word_embedding():
         model(**inp, region_ids=ids[:, :2])
     with pytest.raises(ValueError, match="region_ids .* needs model.region_embedding=vlbert"):
         make_model()(**inp, region_ids=ids)
+
+
+def test_vlbert_slots_are_the_whole_image_region_and_end():
+    """model.vlbert_image_box / vlbert_end_token: VL-BERT's code's sequence. The whole image is a
+    region before the others (its feature and full box, as text tokens see it, with the [IMG]
+    word), [END] follows them (its word embedding, no visual term); both only in rows with an
+    image, never in the outputs; the MFU counter's sequence is the one the blocks run."""
+    from vltrain.config import Config
+    from vltrain.tasks.base import batch_work
+    slots = make_model(**KINDS["vlbert-slots"])
+    plain = make_model(region_embedding="vlbert")
+    plain.load_state_dict(slots.state_dict())                    # the slots add no parameter
+    cfg = slots.config
+    inp = random_inputs(cfg, B=3)
+    inp["region_mask"][2] = False                                 # row 2: no image, in a mixed batch
+    B, T = inp["input_ids"].shape
+    N = inp["region_feats"].shape[1]
+    image_feat = torch.randn(B, cfg.region_feat_dim)
+    seen = []
+    hooks = [m.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[:2])) for m in (slots, plain)]
+    with torch.no_grad():
+        out = slots(**inp, image_feat=image_feat)
+        plain(**inp, image_feat=image_feat)
+        # the plain model given the whole image as its first region
+        box = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(B, 1, 4)
+        first = dict(inp, region_feats=torch.cat([image_feat[:, None], inp["region_feats"]], 1),
+                     region_boxes=torch.cat([box, inp["region_boxes"]], 1),
+                     region_cls_probs=torch.cat([inp["region_cls_probs"][:, :1], inp["region_cls_probs"]], 1),
+                     region_mask=torch.cat([inp["region_mask"].any(1, keepdim=True), inp["region_mask"]], 1))
+        plain(**first, image_feat=image_feat)
+        end = slots.embeddings.norm(slots.embeddings.word.weight[cfg.end_token_id] + slots.region_position +
+                                    slots.embeddings.token_type.weight[cfg.image_token_type])
+    for h in hooks:
+        h.remove()
+    (x, mask), (x0, _), (x1, _) = seen
+    assert x.shape[1] == x0.shape[1] + 2 == 1 + 1 + N + 1 + (T - 1)
+    torch.testing.assert_close(x[:, :1], x0[:, :1], rtol=0, atol=0)                 # [CLS]
+    torch.testing.assert_close(x[:, 1:2 + N], x1[:, 1:2 + N], rtol=0, atol=1e-5)    # whole image, regions
+    torch.testing.assert_close(x[:, 2 + N], end.expand(B, -1), rtol=0, atol=1e-6)   # [END]
+    torch.testing.assert_close(x[:, 3 + N:], x0[:, 1 + N:], rtol=0, atol=0)         # the text
+    keys = mask[:, 0, 0] == 0                                    # what [CLS] sees (bidirectional)
+    assert keys[:2, [1, 2 + N]].all() and not keys[2, [1, 2 + N]].any()
+    assert out.region_hidden.shape == (B, N, cfg.hidden_size) and out.text_hidden.shape == (B, T, cfg.hidden_size)
+    batch = Batch(sample_id=torch.arange(B), input_ids=inp["input_ids"], token_type_ids=inp["token_type_ids"],
+                  attention_mask=inp["attention_mask"], mode=torch.zeros(B, dtype=torch.long),
+                  region_feats=inp["region_feats"], region_boxes=inp["region_boxes"],
+                  region_cls_probs=inp["region_cls_probs"], region_mask=inp["region_mask"])
+    work = batch_work(None, batch, Config(model=cfg))
+    assert work.seq_len == x.shape[1] and int(work.tokens) == int(keys.sum())
+    with pytest.raises(ValueError, match="model.vlbert_end_token=true is VL-BERT's sequence; it needs "
+                                         "model.region_embedding=vlbert"):
+        make_model(vlbert_end_token=True)
 
 
 @pytest.mark.parametrize("dim", [0, -8, 100])
@@ -399,9 +456,9 @@ def run(model, inputs, mode):
         return model(**inputs, mode=mode)
 
 
-@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_seq2seq_mask_semantics(kind):
-    model = make_model(region_embedding=kind)
+    model = make_model(**KINDS[kind])
     x = random_inputs(model.config, B=2, pad=False)
     base = run(model, x, "seq2seq")
     # Change a target token (position 6 of 12; targets are positions >= 2).
@@ -440,9 +497,9 @@ def test_left_to_right_is_causal_over_text():
     assert torch.allclose(out.region_hidden, base.region_hidden, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_mixed_modes_equal_each_example_alone(kind):
-    model = make_model(region_embedding=kind)
+    model = make_model(**KINDS[kind])
     x = random_inputs(model.config, B=4)
     modes = torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, MODE_BIDIRECTIONAL])
     mixed = run(model, x, modes)
@@ -454,8 +511,9 @@ def test_mixed_modes_equal_each_example_alone(kind):
         assert (mixed.region_hidden[b][rv] - alone.region_hidden[0][rv]).abs().max() < 1e-5
 
 
-def test_padding_does_not_change_real_positions():
-    model = make_model()
+@pytest.mark.parametrize("kind", ["vlp", "vlbert-slots"])
+def test_padding_does_not_change_real_positions(kind):
+    model = make_model(**KINDS[kind])
     x = random_inputs(model.config, B=1, pad=False)
     base = run(model, x, "seq2seq")
     padded = dict(x)
@@ -527,16 +585,16 @@ def pretrain_batch(cfg, seed=0):
                  mrc_positions=mrc_pos, mrc_targets=targets, region_ids=region_ids)
 
 
-@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pretraining_gradients_finite_and_nonzero(kind):
     torch.manual_seed(0)
-    model = VLModel(debug_model_config(region_embedding=kind, hidden_dropout=0.1, attention_dropout=0.1))
+    model = VLModel(debug_model_config(**KINDS[kind], hidden_dropout=0.1, attention_dropout=0.1))
     model.train()
     batch = pretrain_batch(model.config)
     loss, metrics = pretrain_losses(model, batch, ObjectivesConfig(mrc=True))
     loss.backward()
     assert torch.isfinite(loss) and {"loss_mlm", "loss_mrc", "mlm_acc", "mrc_acc"} <= metrics.keys()
-    if kind == "vlbert":   # the masked regions' [MASK] word reaches the model
+    if kind != "vlp":   # the masked regions' [MASK] word reaches the model
         with torch.no_grad():
             model.eval()
             plain = dataclasses.replace(batch, region_ids=None)
@@ -561,7 +619,7 @@ def test_pretraining_gradients_finite_and_nonzero(kind):
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     """Data-parallel ranks must produce gradients for the same parameters: a text-only
     micro-batch (VL-BERT's <Text, None> mixing) on one rank beside image batches on others
@@ -569,7 +627,7 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     the loss and every other gradient are what they would be without them; VL-BERT's aux term
     of text-only rows and the text tokens' visual LayerNorm it passes get real gradients."""
     torch.manual_seed(0)
-    model = VLModel(debug_model_config(region_embedding=kind)).train()
+    model = VLModel(debug_model_config(**KINDS[kind])).train()
     image = pretrain_batch(model.config)
     pretrain_losses(model, image, ObjectivesConfig(mrc=True))[0].backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -583,7 +641,7 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad <= grads.keys(), sorted(with_grad - grads.keys())
     aux = {"region_embeddings.aux_text.weight", "region_embeddings.norm_text.weight",
-           "region_embeddings.norm_text.bias"} if kind == "vlbert" else set()
+           "region_embeddings.norm_text.bias"} if kind != "vlp" else set()
     assert all(grads[n].abs().max() > 0 for n in aux)
     region = [n for n in grads if n.startswith(("region_embeddings.", "region_position", "mrc_head.")) and n not in aux]
     assert region and all(grads[n].abs().max() == 0 for n in region)
@@ -689,12 +747,12 @@ def test_meta_device_base_model_builds():
 
 @pytest.mark.parametrize("backend,checkpointing", [("eager", False), ("sdpa", False), ("varlen", False),
                                                    ("eager", True)])
-@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_selected_positions_equal_the_full_forward(backend, checkpointing, kind):
     """text_positions / region_positions: the last block only at those rows gives the full
     forward's states there, and the same parameter gradients, in every mode with padding."""
-    ref = make_model("eager", region_embedding=kind)
-    sel = make_model(backend, region_embedding=kind, activation_checkpointing=checkpointing)
+    ref = make_model("eager", **KINDS[kind])
+    sel = make_model(backend, **KINDS[kind], activation_checkpointing=checkpointing)
     sel.load_state_dict(ref.state_dict())
     if checkpointing:
         ref.train(), sel.train()                    # checkpointing applies in training; dropout is 0

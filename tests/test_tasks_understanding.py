@@ -18,6 +18,7 @@ on, too few for a from-scratch model to generalise within a test's step budget, 
 validate on, too few to call a margin. Its word vocabulary replaces BERT's (see
 ``tests.fixtures.tasks.synthetic_vocab``) so that steps are ~2x cheaper.
 """
+import dataclasses
 import json
 import os
 
@@ -27,7 +28,7 @@ import torch
 
 from tests.fixtures.tasks import (CORPUS_DIR as CORPUS_DIR_OF, collator, largest_region_baseline, read_rows, run_tasks_worker, synthetic_vocab,
                                   task_cfg)
-from vltrain.config import Config, ConfigError
+from vltrain.config import Config, ConfigError, ModelConfig
 from vltrain.data.errors import BadSampleError
 from vltrain.metrics.vqa import majority_answer_baseline
 
@@ -142,6 +143,11 @@ def test_mc_and_refs_collators(synthetic_corpus):
     work = batch_work(get_task("refs"), b, Config())     # the default: one sequence per sample
     assert (work.sequences, work.seq_len) == (8, b.input_ids.shape[1] + b.region_feats.shape[1])
     assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum())
+    # VL-BERT's whole-image region and [END] are two more positions of every sequence with an image
+    slots = Config(model=ModelConfig(region_embedding="vlbert", vlbert_image_box=True, vlbert_end_token=True))
+    work = batch_work(get_task("refs"), b, slots)
+    assert work.seq_len == b.input_ids.shape[1] + b.region_feats.shape[1] + 2
+    assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum()) + 2 * 8
 
 
 @pytest.mark.parametrize("task", ["vqa", "mc", "refs"])
@@ -211,15 +217,16 @@ def test_mc_collator_links_object_references_to_regions(synthetic_corpus):
     # the task's forward feeds them to the model: the scores change when the links are dropped
     from vltrain.model import VLModel
     from vltrain.tasks.mc import MultipleChoiceTask
-    cfg = task_cfg(synthetic_corpus, "mc", "model.region_embedding=vlbert", "model.type_vocab_size=3",
-                   "model.image_token_type=2")
-    torch.manual_seed(0)
-    task = MultipleChoiceTask(VLModel(cfg.model)).eval()
-    with torch.no_grad():
-        linked = task(b, predict=True)["scores"]
-        b.task.pop("choice_regions")
-        plain = task(b, predict=True)["scores"]
-    assert torch.isfinite(linked).all() and not torch.allclose(linked, plain)
+    links = b.task.pop("choice_regions")
+    for slots in ([], ["model.vlbert_image_box=true", "model.vlbert_end_token=true"]):   # + VL-BERT's sequence
+        cfg = task_cfg(synthetic_corpus, "mc", "model.region_embedding=vlbert", "model.type_vocab_size=3",
+                       "model.image_token_type=2", *slots)
+        torch.manual_seed(0)
+        task = MultipleChoiceTask(VLModel(cfg.model)).eval()
+        with torch.no_grad():
+            linked = task(dataclasses.replace(b, task=dict(b.task, choice_regions=links)), predict=True)["scores"]
+            plain = task(b, predict=True)["scores"]
+        assert torch.isfinite(linked).all() and not torch.allclose(linked, plain)
     # a VLP model has no per-token visual feature: no choice_regions
     vlp = get_task("mc").make_collator(task_cfg(synthetic_corpus, "mc"), tok, [StreamInfo("mem", meta)], False)
     assert "choice_regions" not in vlp([row]).task
@@ -296,7 +303,10 @@ def test_grounding_head_starts_from_the_region_class_head(synthetic_corpus):
 @pytest.mark.parametrize("task,extra", [("vqa", ()), ("vqa", ("task.vqa_head=vlbert", "model.region_embedding=vlbert",
                                                                "model.use_cls_probs=false",
                                                                "model.geometry_conf=false")),
-                                        ("mc", ()), ("mc", ("task.mc_loss=sigmoid",)), ("refs", ())])
+                                        ("mc", ()), ("mc", ("task.mc_loss=sigmoid",)), ("refs", ()),
+                                        ("refs", ("model.region_embedding=vlbert", "model.use_cls_probs=false",
+                                                  "model.geometry_conf=false", "model.vlbert_image_box=true",
+                                                  "model.vlbert_end_token=true"))])
 def test_task_module_trains_and_predicts(synthetic_corpus, task, extra):
     """Every task parameter gets a finite gradient; predict=True gives per-sample scores."""
     from vltrain.model import VLModel
@@ -321,6 +331,8 @@ def test_task_module_trains_and_predicts(synthetic_corpus, task, extra):
         out = module.eval()(b, predict=True)
     (key, scores), = out.items()
     assert scores.shape[0] == 6 and torch.isfinite(scores.max(1).values).all()
+    if task == "refs":                    # one score per region of the batch, whatever the slots
+        assert scores.shape[1] == b.region_feats.shape[1]
 
 
 def test_mc_sigmoid_loss_is_binary_cross_entropy_over_the_real_choices(synthetic_corpus):

@@ -55,6 +55,12 @@ class ModelConfig:
     vlbert_text_only_visual: Literal["aux", "none"] = "aux"
     image_token_type: int = 0                # segment id of regions (vlbert recipes use 2 = "C")
     img_token_id: int = 1                    # [IMG] = [unused0] in BERT's vocab (vlbert)
+    # vlbert: VL-BERT's code's sequence around the regions: the whole image as a region before
+    # them (its ADD_IMAGE_AS_A_BOX) and an [END] token after them (false: checkpoints written
+    # before; the VL-BERT recipes set both)
+    vlbert_image_box: bool = False
+    vlbert_end_token: bool = False
+    end_token_id: int = 2                    # [END] = [unused1] in BERT's vocab (vlbert_end_token)
     # Execution.
     # eager is the reference every other backend is tested against; auto picks the fastest
     attention_backend: Literal["eager", "sdpa", "flex", "varlen", "auto"] = "eager"

@@ -52,13 +52,15 @@ def main(out: str, steps: int):
                 plain.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
             decoded["plain"] = greedy_decode(plain.eval(), images, ids, max_len=6, min_len=2).tokens
 
-    # VL-BERT: rank 1's micro-batches alternate text-only / image, rank 0's are all images.
+    # VL-BERT (its recipes' sequence, whole-image region and [END]): rank 1's micro-batches
+    # alternate text-only / image, rank 0's are all images.
     vlbert = ["model.region_embedding=vlbert", "model.type_vocab_size=3", "model.image_token_type=2",
               "model.use_cls_probs=false", "model.geometry_conf=false", "model.vlbert_geometry_dim=64",
-              "objectives.seq2seq_prob=0"]
+              "model.vlbert_image_box=true", "model.vlbert_end_token=true", "objectives.seq2seq_prob=0"]
     vcfg = load_config("configs/debug.yaml", vlbert)
     vcoll = PretrainCollator(tok, vcfg.data, vcfg.objectives, vcfg.train.seed,
-                             [StreamInfo("mem", meta), StreamInfo("text", make_meta("text", None, None))], vlbert=True)
+                             [StreamInfo("mem", meta), StreamInfo("text", make_meta("text", None, None))], vlbert=True,
+                             image_box=True)
     texts = [dict(t, _stream=1) for t in make_text_samples(8 * steps, start_id=10 ** 6)]
 
     def vlbert_batch(step, micro, i):

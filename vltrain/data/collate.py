@@ -149,7 +149,7 @@ class PretrainCollator:
     def __init__(self, tokenizer, data, objectives, seed: int,
                  streams: Optional[Sequence[StreamInfo]] = None, require_cls_probs: bool = False,
                  vlbert: bool = False, num_classes: Optional[int] = None,
-                 feat_dim: Optional[int] = None):
+                 feat_dim: Optional[int] = None, image_box: bool = False):
         self.tok = tokenizer
         self.data = data
         self.obj = objectives
@@ -158,6 +158,9 @@ class PretrainCollator:
         self.streams = list(streams) if streams else [StreamInfo("<unnamed dataset>", {})]
         self.require_cls_probs = require_cls_probs
         self.vlbert = bool(vlbert)
+        # the model's whole-image region (model.vlbert_image_box) takes one of data.max_sequence's
+        # positions, as VL-BERT's code counts it among the boxes
+        self.image_box = int(image_box)
         self.num_classes = num_classes
         self.feat_dim = feat_dim
         # Set in DataLoader workers (PackInWorkers): where the large batch tensors come from.
@@ -338,8 +341,9 @@ class PretrainCollator:
             special = 2 if self.vlbert else 3
             words = text_ids[: self.data.max_text_len - special]
             if self.data.max_sequence:
-                n_text, n_regions = share_budget(len(words) + special, len(regions[0]), self.data.max_sequence,
-                                                 min_text=special)
+                n_text, n_slots = share_budget(len(words) + special, len(regions[0]) + self.image_box,
+                                               self.data.max_sequence, min_text=special)
+                n_regions = max(n_slots - self.image_box, 1)
                 words = words[: n_text - special]
                 regions = (regions[0][:n_regions], regions[1][:n_regions],
                            None if regions[2] is None else regions[2][:n_regions], *regions[3:])

@@ -258,7 +258,8 @@ def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> P
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
     return PretrainCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
                             require_cls_probs=need_cls, vlbert=cfg.model.region_embedding == "vlbert",
-                            num_classes=cfg.model.num_region_classes, feat_dim=cfg.model.region_feat_dim)
+                            num_classes=cfg.model.num_region_classes, feat_dim=cfg.model.region_feat_dim,
+                            image_box=cfg.model.vlbert_image_box)
 
 
 def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,

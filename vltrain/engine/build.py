@@ -206,6 +206,9 @@ def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
     if cfg.model.region_embedding == "vlbert" and tokenizer.img_id != cfg.model.img_token_id:
         raise ValueError(f"data.vocab={cfg.data.vocab} has [IMG] at id {tokenizer.img_id} but "
                          f"model.img_token_id={cfg.model.img_token_id}; set model.img_token_id={tokenizer.img_id}")
+    if cfg.model.vlbert_end_token and tokenizer.end_id != cfg.model.end_token_id:
+        raise ValueError(f"data.vocab={cfg.data.vocab} has [END] at id {tokenizer.end_id} but "
+                         f"model.end_token_id={cfg.model.end_token_id}; set model.end_token_id={tokenizer.end_id}")
 
 
 def check_positions(cfg: Config) -> None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vltrain.data.batch import MODE_SEQ2SEQ
+from vltrain.model.vl_model import region_key_valid
 
 
 @dataclass
@@ -85,7 +86,7 @@ def encode_prefix(model, input_ids, token_type_ids=None, attention_mask=None, re
         N = region_feats.shape[1]
         rmask = region_mask.bool() if region_mask is not None else \
             torch.ones(B, N, dtype=torch.bool, device=input_ids.device)
-        valid = torch.cat([valid[:, :1], rmask, valid[:, 1:]], dim=1)
+        valid = torch.cat([valid[:, :1], region_key_valid(model.config, rmask), valid[:, 1:]], dim=1)
         image_term = model._image_term(region_feats, rmask, image_feat)
         if image_term is not None:
             image_term = model._text_visual(image_term, rmask.any(dim=1), B)

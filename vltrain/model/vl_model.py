@@ -6,6 +6,10 @@ right after [CLS], so VLP's ``[CLS] r1..rN [SEP] w1..wT [STOP]`` comes from
 Text tokens keep positions 0..T-1 whatever the regions (so text-only equals BERT, plus, for
 VL-BERT, its learned visual term of text-only rows);
 all regions share one learned position (VL-BERT) and the image segment embedding.
+VL-BERT's code adds two slots around the regions of a row with an image (``region_slots``):
+the whole image as a region before them (``model.vlbert_image_box``) and ``[END]`` after them
+(``model.vlbert_end_token``): ``[CLS] img r1..rN [END] <input_ids[1:]>``. Outputs never show
+them: ``region_hidden`` and ``region_positions`` keep indexing r1..rN.
 """
 from __future__ import annotations
 
@@ -54,10 +58,28 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.vlbert_text_only_visual not in ("aux", "none"):
         raise ValueError(f"model.vlbert_text_only_visual={cfg.vlbert_text_only_visual!r}; choose 'aux' "
                          "(VL-BERT's learned term) or 'none' (checkpoints written before vltrain had it)")
+    for key in ("vlbert_image_box", "vlbert_end_token"):
+        if getattr(cfg, key) and cfg.region_embedding != "vlbert":
+            raise ValueError(f"model.{key}=true is VL-BERT's sequence; it needs model.region_embedding=vlbert")
     if cfg.region_embedding == "vlp" and cfg.geometry_conf and not cfg.use_cls_probs:
         raise ValueError("model.geometry_conf=true derives confidence from class probabilities; "
                          "set it false when model.use_cls_probs=false")
     get_backend(cfg.attention_backend)
+
+
+def region_slots(cfg: ModelConfig) -> tuple[int, int]:
+    """(before, after) the regions of a row with an image: VL-BERT's whole-image region, its [END]."""
+    return int(cfg.vlbert_image_box), int(cfg.vlbert_end_token)
+
+
+def region_key_valid(cfg: ModelConfig, region_mask: torch.Tensor) -> torch.Tensor:
+    """(B, before + N + after): which region slots are keys. The whole-image region and [END]
+    exist in rows with an image only (a text-only row of a mixed batch has neither)."""
+    before, after = region_slots(cfg)
+    if not before + after:
+        return region_mask
+    has_image = region_mask.any(dim=1, keepdim=True)
+    return torch.cat([has_image] * before + [region_mask] + [has_image] * after, dim=1)
 
 
 def mode_tensor(mode: Union[str, int, torch.Tensor], batch: int, device) -> torch.Tensor:
@@ -123,19 +145,32 @@ class VLModel(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
 
-    def _embed_regions(self, region_feats, region_boxes, region_cls_probs, region_ids=None):
-        """(region inputs (B, N, H), their visual feature embeddings (B, N, H)). VL-BERT adds
-        each region's word embedding: ``region_ids`` (B, N), else ``[IMG]``'s."""
+    def _embed_regions(self, region_feats, region_boxes, region_cls_probs, region_ids=None, image_proj=None):
+        """(region slot inputs (B, before + N + after, H), the regions' visual feature embeddings
+        (B, N, H)). VL-BERT adds each region's word embedding: ``region_ids`` (B, N), else
+        ``[IMG]``'s; and, with ``region_slots``, the whole-image region (``image_proj`` (B, 1, H),
+        ``_image_term``'s projection: the feature and box text tokens see, an ``[IMG]`` word) and
+        ``[END]`` (its word embedding alone, as VL-BERT's code gives it no visual term). The
+        slots reuse the calls a plain region block makes, one each, so that ZeRO-3 gathers the
+        same modules in the same order either way."""
         cfg = self.config
         B, N, _ = region_feats.shape
         if region_boxes is None:
             raise ValueError("region_boxes is required when region_feats is given")
         visual = x = self.region_embeddings(region_feats, region_boxes, region_cls_probs)
+        before, after = region_slots(cfg)
         if cfg.region_embedding == "vlbert":
             if region_ids is None:
                 region_ids = torch.full((B, N), cfg.img_token_id, dtype=torch.long, device=x.device)
-            x = self.region_embeddings.norm_region(x) + self.embeddings.word(region_ids)
-        types = torch.full((B, N), cfg.image_token_type, dtype=torch.long, device=x.device)
+            if before:
+                x = torch.cat([image_proj.to(x.dtype).expand(B, 1, -1), x], dim=1)
+                region_ids = torch.cat([torch.full_like(region_ids[:, :1], cfg.img_token_id), region_ids], dim=1)
+            x = self.region_embeddings.norm_region(x)
+            if after:
+                x = torch.cat([x, x.new_zeros(B, 1, x.shape[-1])], dim=1)
+                region_ids = torch.cat([region_ids, torch.full_like(region_ids[:, :1], cfg.end_token_id)], dim=1)
+            x = x + self.embeddings.word(region_ids)
+        types = torch.full(x.shape[:2], cfg.image_token_type, dtype=torch.long, device=x.device)
         return x + self.embeddings.token_type(types) + self.region_position, visual
 
     def _image_term(self, region_feats, region_mask, image_feat):
@@ -175,7 +210,8 @@ class VLModel(nn.Module):
         cfg = self.config
         feats, mask = like.new_zeros(1, 1, cfg.region_feat_dim), torch.ones(1, 1, dtype=torch.bool, device=like.device)
         term = self._image_term(feats, mask, None)
-        regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes))
+        regions, _ = self._embed_regions(feats, like.new_zeros(1, 1, 4), like.new_zeros(1, 1, cfg.num_region_classes),
+                                         image_proj=term)
         zero = regions.sum() + (term.sum() if term is not None else 0.0)
         if term is not None and self.region_embeddings.aux_text is None:
             zero = zero + self._text_visual(term, mask.any(1), 1).sum()
@@ -232,7 +268,7 @@ class VLModel(nn.Module):
             image_term = self._image_term(region_feats, region_mask, image_feat)
             if region_ids is not None and region_ids.shape != (B, N):
                 raise ValueError(f"region_ids has shape {tuple(region_ids.shape)}, the regions ({B}, {N})")
-            regions, visual = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_ids)
+            regions, visual = self._embed_regions(region_feats, region_boxes, region_cls_probs, region_ids, image_term)
             if image_term is not None and text_regions is not None:
                 linked = text_regions >= 0
                 idx = text_regions.clamp(0, N - 1)[..., None].expand(B, T, visual.shape[-1])
@@ -253,9 +289,10 @@ class VLModel(nn.Module):
         text_target = text_valid & ((is_s2s & (token_type_ids == 1)) | (is_l2r & after_cls))
 
         if N:
+            slots = region_key_valid(self.config, region_mask)
             x = torch.cat([text[:, :1], regions, text[:, 1:]], dim=1)
-            key_valid = torch.cat([text_valid[:, :1], region_mask, text_valid[:, 1:]], dim=1)
-            target = torch.cat([text_target[:, :1], torch.zeros_like(region_mask), text_target[:, 1:]], dim=1)
+            key_valid = torch.cat([text_valid[:, :1], slots, text_valid[:, 1:]], dim=1)
+            target = torch.cat([text_target[:, :1], torch.zeros_like(slots), text_target[:, 1:]], dim=1)
         else:
             x, key_valid, target = text, text_valid, text_target
         x = F.dropout(self.embeddings.norm(x), self.config.hidden_dropout, self.training)
@@ -284,24 +321,25 @@ class VLModel(nn.Module):
                                  region_selected=y[n_text:] if N else None)
 
         if N:
-            text_hidden = torch.cat([x[:, :1], x[:, 1 + N:]], dim=1)
-            region_hidden = x[:, 1:1 + N]
+            before = 1 + region_slots(self.config)[0]        # [CLS] and the whole-image region
+            text_hidden = torch.cat([x[:, :1], x[:, 1 + regions.shape[1]:]], dim=1)
+            region_hidden = x[:, before:before + N]
         else:
             text_hidden, region_hidden = x, None
         return VLModelOutput(text_hidden=text_hidden, region_hidden=region_hidden)
 
-    @staticmethod
-    def _joint_rows(T: int, N: int, text_positions, region_positions, dev):
-        """(example, position in [CLS] r1..rN <text[1:]>) of the selected text then region
-        positions, and how many of them are text."""
+    def _joint_rows(self, T: int, N: int, text_positions, region_positions, dev):
+        """(example, position in [CLS] <slots> r1..rN <slots> <text[1:]>) of the selected text
+        then region positions, and how many of them are text."""
+        before, after = region_slots(self.config) if N else (0, 0)
         b, q = [], []
         if text_positions is not None:
             t = text_positions % T
             b.append(text_positions // T)
-            q.append(torch.where(t == 0, t, t + N))
+            q.append(torch.where(t == 0, t, t + before + N + after))
         if region_positions is not None and N:
             b.append(region_positions // N)
-            q.append(1 + region_positions % N)
+            q.append(1 + before + region_positions % N)
         n_text = 0 if text_positions is None else text_positions.numel()
         if not b:
             empty = torch.zeros(0, dtype=torch.long, device=dev)

@@ -7,7 +7,7 @@ from vltrain.tasks import caption as _caption
 
 TASKS: dict[str, TaskSpec] = {
     "pretrain": TaskSpec("pretrain", build_module=lambda cfg, model: PretrainTask(model, cfg.objectives),
-                         work=lambda cfg, batch: selected_rows_work(batch, *loss_positions(batch, cfg.objectives))),
+                         work=lambda cfg, batch: selected_rows_work(cfg, batch, *loss_positions(batch, cfg.objectives))),
     "vqa": _vqa.SPEC,
     "mc": _mc.SPEC,
     "refs": _refs.SPEC,

@@ -10,6 +10,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch.nn as nn
 
+from vltrain.model.vl_model import region_slots
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -34,33 +36,42 @@ class TaskSpec:
 class Work(NamedTuple):
     """What the model computes for one batch (host ints, except ``tokens``: a device scalar)."""
     sequences: int                # sequences run (multiple choice: K per sample)
-    seq_len: int                  # their padded length (text + region slots)
+    seq_len: int                  # their padded length (text + regions + VL-BERT's slots around them)
     tokens: object                # real (non-padding) tokens in them
     last_rows: Optional[int] = None   # rows the last block computes (None: all; losses that
                                       # read only masked positions ask the model for those)
     mlm_rows: int = 0                 # rows whose vocabulary logits the MLM head computes
 
 
-def regions_in(batch) -> int:
-    return batch.region_feats.shape[1] if batch.region_feats is not None else 0
+def regions_in(cfg, batch) -> int:
+    """Region positions of one sequence: the batch's regions and the model's slots around them."""
+    if batch.region_feats is None or batch.region_feats.shape[1] == 0:
+        return 0
+    return batch.region_feats.shape[1] + sum(region_slots(cfg.model))
 
 
-def batch_work(spec: Optional[TaskSpec], batch, cfg=None) -> Optional[Work]:
+def region_tokens(cfg, batch):
+    """Real region positions in the batch (a device scalar, or 0): regions and the slots of rows
+    with an image."""
+    if batch.region_mask is None or batch.region_mask.shape[1] == 0:
+        return 0
+    return batch.region_mask.sum() + sum(region_slots(cfg.model)) * batch.region_mask.any(dim=1).sum()
+
+
+def batch_work(spec: Optional[TaskSpec], batch, cfg) -> Optional[Work]:
     if spec is not None and spec.work is not None:
         return spec.work(cfg, batch)
-    tokens = batch.attention_mask.sum()
-    if batch.region_mask is not None:
-        tokens = tokens + batch.region_mask.sum()
-    return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(batch), tokens)
+    tokens = batch.attention_mask.sum() + region_tokens(cfg, batch)
+    return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(cfg, batch), tokens)
 
 
-def selected_rows_work(batch, text_positions, region_positions=None) -> Work:
+def selected_rows_work(cfg, batch, text_positions, region_positions=None) -> Work:
     """Losses that read a few positions (pretraining, caption fine-tuning): the last block
     runs only at the positions they pass to the model, the MLM head at the text ones. Give it
     the very positions the loss passes (``objectives.pretrain.loss_positions``)."""
     text = 0 if text_positions is None else text_positions.numel()
     regions = 0 if region_positions is None else region_positions.numel()
-    return batch_work(None, batch)._replace(last_rows=text + regions, mlm_rows=text)
+    return batch_work(None, batch, cfg)._replace(last_rows=text + regions, mlm_rows=text)
 
 
 def check_task_name(name: str, registry: dict) -> TaskSpec:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.data.batch import Batch
-from vltrain.tasks.base import TaskSpec, Work, regions_in
+from vltrain.tasks.base import TaskSpec, Work, region_tokens, regions_in
 from vltrain.tasks.collate_tasks import MCCollator
 from vltrain.tasks.evaluation import predict_split, write_results
 from vltrain.tasks.heads import expand_regions
@@ -82,10 +82,8 @@ def evaluate_mc(trainer, split: str) -> dict:
 def mc_work(cfg, batch: Batch) -> Work:
     """K sequences per sample (every choice, padded ones included: they are computed too)."""
     B, K, T = batch.task["choice_ids"].shape
-    tokens = batch.task["choice_mask"].sum()
-    if batch.region_mask is not None:
-        tokens = tokens + batch.region_mask.sum() * K
-    return Work(B * K, T + regions_in(batch), tokens)
+    tokens = batch.task["choice_mask"].sum() + region_tokens(cfg, batch) * K
+    return Work(B * K, T + regions_in(cfg, batch), tokens)
 
 
 SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, cfg.task.mc_loss),
