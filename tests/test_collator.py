@@ -156,6 +156,12 @@ def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
         order = np.argsort(-smp["cls_prob"].astype(np.float32).max(1), kind="stable")[:r]
         np.testing.assert_array_equal(b.region_feats[i, :r].float().numpy(),
                                       smp["features"][order].astype(np.float32))
+    # VL-BERT's whole-image feature (data.image_feature=regions_mean) averages every region,
+    # those the budget leaves out too, as VL-BERT's code averages its boxes before the cut
+    assert sum(int(b.region_mask[i].sum()) < len(smp["features"]) for i, smp in enumerate(samples)) > 10
+    for i, smp in enumerate(samples):
+        np.testing.assert_allclose(b.image_feat[i].float().numpy(), smp["features"].astype(np.float32).mean(0),
+                                   rtol=1e-2, atol=2e-3)
     # VL-BERT's whole-image region (model.vlbert_image_box) is one of the budget's positions
     boxed = make(tok, budget, obj, vlbert=True, require_cls_probs=True, image_box=True)(samples)
     got_boxed = rows(boxed)
@@ -165,6 +171,16 @@ def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
         assert len(ids) + r + 1 <= 24
         assert (len(ids), r + 1) in {share_budget(n + 2, len(smp["features"]) + 1, 24) for n in full}
     assert sum(int(boxed.region_mask[i].sum()) < int(b.region_mask[i].sum()) for i in range(len(samples))) > 0
+    # the training loader's collator takes the setting from the model's key
+    from vltrain.config import load_config
+    from vltrain.data.loader import pretrain_collator
+    cfg = load_config("configs/debug.yaml", ["model.region_embedding=vlbert", "model.vlbert_image_box=true",
+                                             "model.use_cls_probs=false", "model.geometry_conf=false",
+                                             "data.max_text_len=40", "data.max_regions=100", "data.max_sequence=24",
+                                             "objectives.mlm=false", "train.seed=3",
+                                             "objectives.mrc=false", "model.region_feat_dim=8", "model.num_region_classes=5"])
+    built = pretrain_collator(cfg, tok, [StreamInfo("s3://bkt/ds0", CAPS_META)], train=True)(samples)
+    torch.testing.assert_close(built.region_mask, boxed.region_mask)
     # the order needs the class distribution, not a use of it: read for the order alone
     alone = make(tok, budget, obj, vlbert=True)(samples)
     torch.testing.assert_close(alone.region_feats, b.region_feats)
@@ -200,6 +216,18 @@ def test_vlbert_mrc_keeps_the_stored_whole_image_feature_out(tok):
         want = plain.region_feats[i][keep[i]].float().mean(0)
         assert torch.allclose(b.image_feat[i].float(), want, atol=1e-3), i
         assert not torch.allclose(want, plain.region_feats[i][plain.region_mask[i]].float().mean(0), atol=1e-3)
+    # with the joint budget: the regions it leaves out count in the mean, the zeroed ones do not
+    cut = make(tok, DataConfig(image_feature="regions_mean", max_sequence=10), mrc, metas=(meta,),
+               vlbert=True, require_cls_probs=True)(samples)
+    B, N, D = cut.region_feats.shape
+    zeroed = cut.mrc_positions[(cut.region_feats.view(B * N, D)[cut.mrc_positions] == 0).all(1)]
+    assert len(zeroed) and any(int(cut.region_mask[i].sum()) < len(smp["features"]) for i, smp in enumerate(samples))
+    for i, smp in enumerate(samples):
+        order = np.argsort(-smp["cls_prob"].astype(np.float32).max(1), kind="stable")
+        feats = smp["features"][order].astype(np.float32)
+        gone = [int(p) % N for p in zeroed if int(p) // N == i]
+        want = (feats.sum(0) - feats[gone].sum(0)) / (len(feats) - len(gone))
+        np.testing.assert_allclose(cut.image_feat[i].float().numpy(), want, rtol=1e-2, atol=2e-3)
     for kw in ({"obj": mrc}, {"vlbert": True}):         # VLP + MRC, or VL-BERT without MRC
         b = make(tok, metas=(meta,), **kw)(samples)
         assert torch.equal(b.image_feat, torch.from_numpy(np.stack([s["image_feature"] for s in samples])))

@@ -98,12 +98,14 @@ def test_img_token_id_must_be_the_tokenizers(tmp_path):
         check_tokenizer(cfg, tok)
     cfg.model.img_token_id = 7
     check_tokenizer(cfg, tok)
-    # [END] after the regions (model.vlbert_end_token) is looked up the same way: appended at 8
-    cfg.model.vlbert_end_token = True
-    msg = f"data.vocab={vocab} has [END] at id 8 but model.end_token_id=2; set model.end_token_id=8"
+    # [END] after the regions (model.vlbert_end_token) is looked up the same way: appended at 8;
+    # both wrong are named at once
+    cfg.model.vlbert_end_token, cfg.model.img_token_id = True, 1
+    msg = (f"data.vocab={vocab} has [IMG] at id 7 but model.img_token_id=1, [END] at id 8 but model.end_token_id=2; "
+           "set model.img_token_id=7 model.end_token_id=8")
     with pytest.raises(ValueError, match=re.escape(msg)):
         check_tokenizer(cfg, tok)
-    cfg.model.end_token_id = 8
+    cfg.model.img_token_id, cfg.model.end_token_id = 7, 8
     check_tokenizer(cfg, tok)
     # VLP's region embedding has no [IMG] token: any id is fine there.
     cfg.model.region_embedding, cfg.model.img_token_id = "vlp", 1
@@ -111,6 +113,57 @@ def test_img_token_id_must_be_the_tokenizers(tmp_path):
     cfg.model.vocab_size = 8
     with pytest.raises(ValueError, match="the tokenizer has 9 tokens but model.vocab_size=8"):
         check_tokenizer(cfg, tok)
+
+
+def test_init_from_source_trained_with_another_vlbert_sequence(tmp_path, caplog):
+    """model.vlbert_image_box / vlbert_end_token add no parameter, so only the source's config
+    tells which sequence it was trained with: mode=eval refuses another, naming the settings to
+    use; training warns; the same settings, a VLP model or a BERT folder say nothing."""
+    import logging
+    from vltrain.config import save_config
+    from vltrain.engine.build import check_source_sequence
+    src = tmp_path / "export"                                   # an export-hf folder
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    save_config(load_config("configs/debug.yaml", ["model.region_embedding=vlbert", "model.vlbert_end_token=true"]),
+                str(src / "vltrain_config.yaml"))
+    over = ["model.region_embedding=vlbert", f"train.init_from={src}"]
+    run = load_config("configs/debug.yaml", [*over, "model.vlbert_image_box=true", "model.vlbert_end_token=true"])
+    run.mode = "eval"
+    with pytest.raises(ValueError, match=re.escape(
+            f"train.init_from={src} was trained with model.vlbert_image_box=false ({src}/vltrain_config.yaml), "
+            "this run has model.vlbert_image_box=true: VL-BERT's sequence around the regions differs; evaluate "
+            "with the source's settings: model.vlbert_image_box=false")):
+        check_source_sequence(run)
+    run.mode = "train"
+    with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
+        check_source_sequence(run)
+    assert "fine-tuning starts from weights that never saw it (set model.vlbert_image_box=false" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
+        same = load_config("configs/debug.yaml", [*over, "model.vlbert_end_token=true", "mode=eval"])
+        check_source_sequence(same)
+        check_source_sequence(load_config("configs/debug.yaml", [f"train.init_from={src}", "mode=eval"]))
+        (tmp_path / "bert").mkdir()
+        (tmp_path / "bert" / "config.json").write_text("{}")
+        check_source_sequence(load_config("configs/debug.yaml", [*over[:1], f"train.init_from={tmp_path / 'bert'}",
+                                                                 "model.vlbert_image_box=true", "mode=eval"]))
+    assert caplog.text == ""
+
+
+def test_written_step_of_exported_weights(tmp_path):
+    """mode=eval names its results by the evaluated weights' step: consolidated and exported
+    safetensors carry it in their metadata (an export-hf folder: its model.safetensors)."""
+    from safetensors.torch import save_file
+    from vltrain.ckpt.export import written_step
+    (tmp_path / "export").mkdir()
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "export" / "model.safetensors"), metadata={"vltrain_step": "1200"})
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "nostep.safetensors"), metadata={"vltrain_step": "None"})
+    torch.save({"w": torch.zeros(1)}, str(tmp_path / "w.pt"))
+    assert written_step(str(tmp_path / "export")) == 1200
+    assert written_step(str(tmp_path / "export" / "model.safetensors")) == 1200
+    for other in ("nostep.safetensors", "w.pt", "missing.safetensors", ""):
+        assert written_step(str(tmp_path / other)) is None, other
 
 
 def _tag(save_dir, step, complete=True):

@@ -84,7 +84,7 @@ def evaluated(tmp_path_factory, synthetic_corpus):
                 out[name] = json.load(f)
         return out
 
-    d = os.path.join(root, "export", "vqa-debug", "eval", "test_step00000000")      # an export has no step
+    d = os.path.join(root, "export", "vqa-debug", "eval", f"test_step{TRAIN_STEPS:08d}")      # the export's step
     exported = {name: json.load(open(os.path.join(d, name))) for name in os.listdir(d)}
     return {"root": root, "subsets": subsets, "cli_log": cli_logs[0], "exported": exported,
             "res": {(w, t): files(w, t) for w in (1, 2) for t in SIZES}}

@@ -224,27 +224,30 @@ def test_vlbert_slots_are_the_whole_image_region_and_end():
     inp["region_mask"][2] = False                                 # row 2: no image, in a mixed batch
     B, T = inp["input_ids"].shape
     N = inp["region_feats"].shape[1]
-    image_feat = torch.randn(B, cfg.region_feat_dim)
-    seen = []
-    hooks = [m.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[:2])) for m in (slots, plain)]
-    with torch.no_grad():
-        out = slots(**inp, image_feat=image_feat)
-        plain(**inp, image_feat=image_feat)
-        # the plain model given the whole image as its first region
-        box = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(B, 1, 4)
-        first = dict(inp, region_feats=torch.cat([image_feat[:, None], inp["region_feats"]], 1),
-                     region_boxes=torch.cat([box, inp["region_boxes"]], 1),
-                     region_cls_probs=torch.cat([inp["region_cls_probs"][:, :1], inp["region_cls_probs"]], 1),
-                     region_mask=torch.cat([inp["region_mask"].any(1, keepdim=True), inp["region_mask"]], 1))
-        plain(**first, image_feat=image_feat)
-        end = slots.embeddings.norm(slots.embeddings.word.weight[cfg.end_token_id] + slots.region_position +
-                                    slots.embeddings.token_type.weight[cfg.image_token_type])
-    for h in hooks:
-        h.remove()
-    (x, mask), (x0, _), (x1, _) = seen
+    m = inp["region_mask"][..., None].float()
+    mean = (inp["region_feats"] * m).sum(1) / m.sum(1).clamp(min=1)      # the model's own whole-image feature
+    for image_feat in (torch.randn(B, cfg.region_feat_dim), None):
+        seen = []
+        hooks = [m.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[:2])) for m in (slots, plain)]
+        with torch.no_grad():
+            out = slots(**inp, image_feat=image_feat)
+            plain(**inp, image_feat=image_feat)
+            # the plain model given the whole image as its first region
+            box = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(B, 1, 4)
+            whole = mean if image_feat is None else image_feat
+            first = dict(inp, region_feats=torch.cat([whole[:, None], inp["region_feats"]], 1),
+                         region_boxes=torch.cat([box, inp["region_boxes"]], 1),
+                         region_cls_probs=torch.cat([inp["region_cls_probs"][:, :1], inp["region_cls_probs"]], 1),
+                         region_mask=torch.cat([inp["region_mask"].any(1, keepdim=True), inp["region_mask"]], 1))
+            plain(**first, image_feat=whole)
+            end = slots.embeddings.norm(slots.embeddings.word.weight[cfg.end_token_id] + slots.region_position +
+                                        slots.embeddings.token_type.weight[cfg.image_token_type])
+        for h in hooks:
+            h.remove()
+        (x, mask), (x0, _), (x1, _) = seen
+        torch.testing.assert_close(x[:, 1:2 + N], x1[:, 1:2 + N], rtol=0, atol=1e-5)    # whole image, regions
     assert x.shape[1] == x0.shape[1] + 2 == 1 + 1 + N + 1 + (T - 1)
     torch.testing.assert_close(x[:, :1], x0[:, :1], rtol=0, atol=0)                 # [CLS]
-    torch.testing.assert_close(x[:, 1:2 + N], x1[:, 1:2 + N], rtol=0, atol=1e-5)    # whole image, regions
     torch.testing.assert_close(x[:, 2 + N], end.expand(B, -1), rtol=0, atol=1e-6)   # [END]
     torch.testing.assert_close(x[:, 3 + N:], x0[:, 1 + N:], rtol=0, atol=0)         # the text
     keys = mask[:, 0, 0] == 0                                    # what [CLS] sees (bidirectional)
@@ -256,6 +259,15 @@ def test_vlbert_slots_are_the_whole_image_region_and_end():
                   region_cls_probs=inp["region_cls_probs"], region_mask=inp["region_mask"])
     work = batch_work(None, batch, Config(model=cfg))
     assert work.seq_len == x.shape[1] and int(work.tokens) == int(keys.sum())
+    # in training, the whole-image region and the text share one projection (one dropout draw,
+    # as the code's obj_reps[:, 0]): the visual embedding runs twice per forward, as without slots
+    calls = []
+    for model in (slots, plain):
+        hook = model.region_embeddings.proj.register_forward_hook(lambda *a: calls.append(1))
+        model.train()(**inp)
+        hook.remove()
+        model.eval()
+    assert len(calls) == 4
     with pytest.raises(ValueError, match="model.vlbert_end_token=true is VL-BERT's sequence; it needs "
                                          "model.region_embedding=vlbert"):
         make_model(vlbert_end_token=True)
@@ -413,6 +425,10 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
     save_export(make_model(region_embedding="vlbert"), new)
     with pytest.raises(ValueError, match=r"has VL-BERT's visual LayerNorms .* model.vlbert_visual_embedding=linear"):
         VLModel.from_pretrained(str(new), vlbert_visual_embedding="linear")
+    # into a VLP model (a debug recipe's): the key to set is the region embedding
+    with pytest.raises(ValueError, match=r"is a VL-BERT model \(region_embeddings.norm_\*\) but the model is built "
+                                         r"with model.region_embedding=vlp: set model.region_embedding=vlbert"):
+        VLModel.from_pretrained(str(new), region_embedding="vlp")
 
     with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*norm_region(.|\n)*"
                                               r"model.vlbert_visual_embedding=linear"):

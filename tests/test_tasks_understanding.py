@@ -127,6 +127,10 @@ def test_mc_and_refs_collators(synthetic_corpus):
     assert (work.sequences, work.seq_len) == (16, b.task["choice_ids"].shape[2] + b.region_feats.shape[1])
     assert int(work.tokens) == int(b.task["choice_mask"].sum()) + 4 * int(b.region_mask.sum())
     assert work.last_rows is None
+    slots = Config(model=ModelConfig(region_embedding="vlbert", vlbert_image_box=True, vlbert_end_token=True))
+    work = batch_work(get_task("mc"), b, slots)          # + VL-BERT's whole-image region and [END]
+    assert work.seq_len == b.task["choice_ids"].shape[2] + b.region_feats.shape[1] + 2
+    assert int(work.tokens) == int(b.task["choice_mask"].sum()) + 4 * (int(b.region_mask.sum()) + 2 * 4)
 
     from vltrain.metrics.accuracy import box_iou
     rows = read_rows(os.path.join(synthetic_corpus, "refs", "val"))[:8]

@@ -49,6 +49,22 @@ def config_and_weights(found: ckpt.Found, verbose: bool = False):
     return cfg, state, "; ".join(n for n in notes if n) or None
 
 
+def written_step(path: str):
+    """The training step a consolidated or exported safetensors file was written from (its
+    ``vltrain_step`` metadata; an export-hf folder: its model.safetensors); None for other
+    weights (a BERT folder, a .pt file) or where it is not written."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return int((f.metadata() or {}).get("vltrain_step"))
+    except (OSError, TypeError, ValueError):   # unreadable here (load_into reports it), no step, "None"
+        return None
+
+
 def _metadata(found: ckpt.Found, cfg) -> dict[str, str]:
     import dataclasses
     return {"format": "pt", "vltrain_step": str(found.info.get("step")), "vltrain_source": found.path,

@@ -22,7 +22,9 @@ this order: caption choice, mode, MLM positions, MLM corruption, masked regions)
     ``[MASK]``'s instead of ``[IMG]``'s (``region_ids``, ``objectives.mrc_mask_word``; VL-BERT's
     code gives it a learned mask word embedding), so the model is told which regions it must
     reconstruct. A VL-BERT model's whole-image feature is then the mean of
-    the regions not zeroed (as VL-BERT computes it), given as ``image_feat``. A
+    the regions not zeroed (as VL-BERT computes it), given as ``image_feat``; regions that
+    ``data.max_sequence`` leaves out count in that mean too (VL-BERT averages every box before
+    its ``seq_len`` cut), with or without MRC. A
     stored whole-image feature would show the masked regions to a VL-BERT model's text
     (VL-BERT zeroes their pixels before extracting it), so MRC refuses
     ``data.image_feature=stored`` there on a dataset that has one.
@@ -83,6 +85,10 @@ class _Example:
     mrc_pos: Optional[np.ndarray] = None    # region indices to predict
     mrc_zero: Optional[np.ndarray] = None   # (len(mrc_pos),) bool: its input zeroed
     image_feat: Optional[np.ndarray] = None
+    # the regions data.max_sequence left out: their feature sum (D,) float32 and count, which
+    # VL-BERT's whole-image mean includes
+    rest_sum: Optional[np.ndarray] = None
+    rest_n: int = 0
     cut_text: bool = False                  # text longer than data.max_text_len allows
     cut_regions: bool = False               # more regions than data.max_regions
 
@@ -338,6 +344,7 @@ class PretrainCollator:
             if not text_ids:
                 raise self._bad(info, sample, f"caption {j} is empty after tokenisation: {caps[j]!r}")
             regions = self._regions(info, sample, by_confidence=bool(self.data.max_sequence))
+            rest = regions[0][:0]                                    # regions the budget leaves out
             special = 2 if self.vlbert else 3
             words = text_ids[: self.data.max_text_len - special]
             if self.data.max_sequence:
@@ -345,6 +352,7 @@ class PretrainCollator:
                                                self.data.max_sequence, min_text=special)
                 n_regions = max(n_slots - self.image_box, 1)
                 words = words[: n_text - special]
+                rest = regions[0][n_regions:]
                 regions = (regions[0][:n_regions], regions[1][:n_regions],
                            None if regions[2] is None else regions[2][:n_regions], *regions[3:])
             if self.vlbert:
@@ -387,6 +395,8 @@ class PretrainCollator:
                               obj.mask_token_prob, obj.random_token_prob)
         if kind == "captions":
             ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = regions
+            if self.vlbert and ex.image_feat is None and len(rest):
+                ex.rest_sum, ex.rest_n = rest.astype(np.float32).sum(0), len(rest)
             if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
                 ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob)
                 ex.mrc_zero = rng.random(len(ex.mrc_pos)) < obj.mrc_zero_prob
@@ -494,6 +504,7 @@ class PretrainCollator:
         cls = zeros((B, N, C), dtype=cls_dtype) if C is not None else None
         has_if = any(e.image_feat is not None for e in img)
         image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
+        rest_sum, rest_n = torch.zeros((B, D)), torch.zeros(B)
         mrc_pos, zero_pos = [], []
         for i, e in enumerate(exs):
             if e.feats is None:
@@ -513,17 +524,20 @@ class PretrainCollator:
             if e.mrc_pos is not None:
                 mrc_pos.append(e.mrc_pos + i * N)
                 zero_pos.append(e.mrc_pos[e.mrc_zero] + i * N)
+            if e.rest_n:
+                rest_sum[i], rest_n[i] = torch.from_numpy(e.rest_sum), e.rest_n
         batch.region_feats, batch.region_boxes, batch.region_mask = feats, boxes, rmask
         batch.region_cls_probs, batch.image_feat = cls, image_feat
+        zero = torch.from_numpy(np.concatenate(zero_pos)) if zero_pos else torch.zeros(0, dtype=torch.long)
+        # VL-BERT's whole-image mean where the model's own (of the regions in the batch) is not it
+        if self.vlbert and image_feat is None and (self.obj.mrc or bool(rest_n.any())):
+            batch.image_feat = _unmasked_mean(feats, rmask, zero, rest_sum, rest_n)
         if self.obj.mrc:
             pos = torch.from_numpy(np.concatenate(mrc_pos)) if mrc_pos else torch.zeros(0, dtype=torch.long)
             batch.mrc_positions = pos
             # Targets first, then zero the inputs of the regions chosen for it (features and,
             # since the class distribution is the target, the VLP class-embedding input too).
             batch.mrc_targets = cls.view(B * N, C)[pos].clone()
-            zero = torch.from_numpy(np.concatenate(zero_pos)) if zero_pos else torch.zeros(0, dtype=torch.long)
-            if self.vlbert and image_feat is None:
-                batch.image_feat = _unmasked_mean(feats, rmask, zero)
             feats.view(B * N, D)[zero] = 0
             cls.view(B * N, C)[zero] = 0
             if self.vlbert and self.obj.mrc_mask_word:
@@ -532,15 +546,18 @@ class PretrainCollator:
         return batch
 
 
-def _unmasked_mean(feats: torch.Tensor, rmask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """(B, D) VL-BERT's whole-image feature from region features under MRC: the mean of the
-    real regions whose inputs are not zeroed (``pos``; VL-BERT's pretraining data subtracts them from
-    the sum and divides by the rest; a mean over the zeroed inputs would shrink it by the
-    masked share, ~15%, against fine-tuning's unmasked mean). 0 where every region is masked."""
+def _unmasked_mean(feats: torch.Tensor, rmask: torch.Tensor, pos: torch.Tensor,
+                   rest_sum: torch.Tensor, rest_n: torch.Tensor) -> torch.Tensor:
+    """(B, D) VL-BERT's whole-image feature from region features: the mean of the real regions
+    whose inputs MRC does not zero (``pos``; VL-BERT's pretraining data subtracts them from the
+    sum and divides by the rest; a mean over the zeroed inputs would shrink it by the masked
+    share, ~15%, against fine-tuning's unmasked mean) and of those data.max_sequence left out
+    (``rest_sum`` (B, D), ``rest_n`` (B,)). 0 where every region is masked."""
     keep = rmask.clone()
     keep.view(-1)[pos] = False
     k = keep[..., None].float()
-    return ((feats.float() * k).sum(1) / k.sum(1).clamp(min=1)).to(feats.dtype)
+    total = (feats.float() * k).sum(1) + rest_sum
+    return (total / (k.sum(1) + rest_n[:, None]).clamp(min=1)).to(feats.dtype)
 
 
 def _all_finite(arr: np.ndarray) -> bool:

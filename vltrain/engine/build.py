@@ -64,12 +64,11 @@ def init_weights(model: VLModel, path: str) -> dict:
     return task_state
 
 
-def trained_task(path: str) -> Optional[str]:
-    """The task a train.init_from source was trained for, where vltrain wrote it down: one of our
-    checkpoints (its config.yaml), an export-hf folder or a file in one (vltrain_config.yaml), a
-    consolidated file or its folder (<stem>.yaml beside the weights); None for other weights (a
-    BERT folder) or a config that cannot be read (warned). Read as plain YAML: a config of
-    another vltrain version need not load as ours to say its task."""
+def source_config(path: str) -> Optional[str]:
+    """The config vltrain wrote for a train.init_from source: one of our checkpoints (its
+    config.yaml), an export-hf folder or a file in one (vltrain_config.yaml), a consolidated
+    file or its folder (<stem>.yaml beside the weights); None for other weights (a BERT
+    folder) or a checkpoint folder that cannot be located (warned)."""
     from vltrain.ckpt.export import EXPORT_CONFIG, sidecar_paths
     path = os.path.abspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -87,14 +86,54 @@ def trained_task(path: str) -> Optional[str]:
                            if f.endswith((".safetensors", ".pt"))]
     else:
         candidates.insert(0, sidecar_paths(path)[1])
-    for yml in candidates:
-        if os.path.isfile(yml):
-            try:
-                return str(written_setting(yml, "task", "name", "pretrain"))
-            except (OSError, yaml.YAMLError, AttributeError) as e:
-                log.warning("train.init_from=%s: cannot read %s for its task (%s)", path, yml, e)
-                return None
-    return None
+    return next((yml for yml in candidates if os.path.isfile(yml)), None)
+
+
+def trained_task(path: str) -> Optional[str]:
+    """The task a train.init_from source was trained for, where vltrain wrote it down
+    (``source_config``); None for other weights or a config that cannot be read (warned). Read
+    as plain YAML: a config of another vltrain version need not load as ours to say its task."""
+    yml = source_config(path)
+    if yml is None:
+        return None
+    try:
+        return str(written_setting(yml, "task", "name", "pretrain"))
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        log.warning("train.init_from=%s: cannot read %s for its task (%s)", path, yml, e)
+        return None
+
+
+SEQUENCE_KEYS = ("vlbert_image_box", "vlbert_end_token")
+
+
+def check_source_sequence(cfg: Config) -> None:
+    """VL-BERT's whole-image region and [END] (``SEQUENCE_KEYS``) add no parameter, so the
+    weights cannot tell which sequence a train.init_from source was trained with: its config
+    can. Another sequence than the source's is refused in mode=eval (the scores would be of
+    inputs the model never saw) and warned in training (fine-tuning may adapt to it, as from an
+    earlier checkpoint without them). Sources without a vltrain config (BERT) are not checked."""
+    if cfg.model.region_embedding != "vlbert":
+        return
+    yml = source_config(cfg.train.init_from)
+    if yml is None:
+        return
+    try:
+        theirs = {k: bool(written_setting(yml, "model", k, False)) for k in SEQUENCE_KEYS}
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        log.warning("train.init_from=%s: cannot read %s for its sequence (%s)", cfg.train.init_from, yml, e)
+        return
+    differ = [k for k in SEQUENCE_KEYS if theirs[k] != getattr(cfg.model, k)]
+    if not differ:
+        return
+    msg = (f"train.init_from={cfg.train.init_from} was trained with "
+           + ", ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ) + f" ({yml}), this run has "
+           + ", ".join(f"model.{k}={str(getattr(cfg.model, k)).lower()}" for k in differ)
+           + ": VL-BERT's sequence around the regions differs")
+    if cfg.mode == "eval":
+        raise ValueError(msg + "; evaluate with the source's settings: "
+                         + " ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ))
+    log.warning("%s; fine-tuning starts from weights that never saw it (set %s to keep the source's)", msg,
+                " ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ))
 
 
 def segment_b_from_a(model: VLModel) -> None:
@@ -147,6 +186,8 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
                          f"needs a checkpoint fine-tuned for this task ({type(task).__name__})")
     if loaded:
         log.info("task weights from %s: %s", source, ", ".join(sorted({n.split('.')[0] for n in loaded})))
+    if missing:     # in training (eval refused above): the task's head starts fresh, say which
+        log.info("task weights not in %s, fresh: %s", source, ", ".join(sorted({n.split('.')[0] for n in missing})))
 
 
 def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
@@ -203,12 +244,13 @@ def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
     # VL-BERT adds the [IMG] embedding (by model.img_token_id) to every region; a vocab.txt
     # without [unusedK] slots gets [IMG] appended elsewhere, and a stale id would silently
     # give every region another token's embedding.
-    if cfg.model.region_embedding == "vlbert" and tokenizer.img_id != cfg.model.img_token_id:
-        raise ValueError(f"data.vocab={cfg.data.vocab} has [IMG] at id {tokenizer.img_id} but "
-                         f"model.img_token_id={cfg.model.img_token_id}; set model.img_token_id={tokenizer.img_id}")
-    if cfg.model.vlbert_end_token and tokenizer.end_id != cfg.model.end_token_id:
-        raise ValueError(f"data.vocab={cfg.data.vocab} has [END] at id {tokenizer.end_id} but "
-                         f"model.end_token_id={cfg.model.end_token_id}; set model.end_token_id={tokenizer.end_id}")
+    ids = [("[IMG]", "img_token_id", tokenizer.img_id, cfg.model.region_embedding == "vlbert"),
+           ("[END]", "end_token_id", tokenizer.end_id, cfg.model.vlbert_end_token)]
+    wrong = [(tok, key, i) for tok, key, i, used in ids if used and i != getattr(cfg.model, key)]
+    if wrong:       # all at once: a vocab without [unusedK] slots moves both
+        raise ValueError(f"data.vocab={cfg.data.vocab} has "
+                         + ", ".join(f"{tok} at id {i} but model.{key}={getattr(cfg.model, key)}" for tok, key, i in wrong)
+                         + "; set " + " ".join(f"model.{key}={i}" for _, key, i in wrong))
 
 
 def check_positions(cfg: Config) -> None:
@@ -296,6 +338,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     if cfg.train.init_from and found is None:
         task_state = init_weights(model, cfg.train.init_from)
         source_task = trained_task(cfg.train.init_from)
+        check_source_sequence(cfg)
         if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
             if source_task == cfg.task.name:
                 log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
@@ -308,7 +351,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     maybe_compile(model)     # model.compile: the layer function compiled, state-dict names unchanged
     spec = get_task(cfg.task.name)
     task = spec.build_module(cfg, model)
-    if cfg.mode == "eval" or task_state:
+    if cfg.mode == "eval" or (cfg.train.init_from and found is None):
         load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
                           same_task=source_task == cfg.task.name)
     if found is not None:

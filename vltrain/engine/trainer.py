@@ -402,10 +402,13 @@ class Trainer:
         is ignored from here on (the scorers' Java children inherit that), SIGTERM ends it."""
         STOP.not_preemptible()
         if self.step == 0 and self.cfg.train.init_from:
-            try:   # name the results by the evaluated checkpoint's step (0 for an export / HF folder)
+            # name the results by the evaluated weights' step: a checkpoint's, an export's or a
+            # consolidated file's (0 for other weights, a BERT folder)
+            try:
                 self.step = int(ckpt.resolve_checkpoint(self.cfg.train.init_from).info.get("step", 0))
             except (FileNotFoundError, OSError):
-                pass
+                from vltrain.ckpt.export import written_step
+                self.step = written_step(self.cfg.train.init_from) or 0
         if self.spec is not None and self.spec.evaluate is not None:
             result = self.spec.evaluate(self, split)
         else:
