@@ -77,10 +77,12 @@ def _print_result(kind: str, res: dict) -> None:
     if res.get("note"):
         print(f"note: {res['note']}", file=sys.stderr)
     if kind == "consolidate":
-        print(f"wrote {res['file']} ({res['parameters']:,} parameters in {res['tensors']} tensors, fp32)\n"
+        print(f"wrote {res['file']} ({res['parameters']:,} parameters in {res['tensors']} tensors under vltrain's "
+              "names, fp32)\n"
               f"      {res['config_json']} (model config)\n      {res['config_yaml']} (training config)")
     elif kind == "export-hf":
-        print(f"wrote {res['dir']} ({res['parameters']:,} parameters in {res['tensors']} tensors, fp32)")
+        print(f"wrote {res['dir']} ({res['parameters']:,} parameters in {res['tensors']} tensors, fp32: BERT's "
+              "names, each block's query/key/value apart)")
 
 
 def main(argv=None) -> int:

@@ -99,7 +99,8 @@ def format_report(d: dict) -> str:
         f"global batch    {d['global_batch']} = micro {d['micro_batch_size']} x accum {d['grad_accum']} x "
         f"{d['world_size']} ranks",
         f"canonical nodes {d['num_canonical_nodes']}   (streaming's data order; fixed across world sizes)",
-        f"parameters      {d['parameters']:,} in {d['tensors']} tensors",
+        f"parameters      {d['parameters']:,} in {d['tensors']} tensors (as the checkpoint holds them: "
+        "vltrain's blocks keep their weights in two flat tensors each)",
         f"dtype           {d['dtype']}",
         f"size on disk    {human(d['size_bytes'])}",
         f"resumes on      {d['resumes_on']}",
