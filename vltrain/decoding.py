@@ -392,8 +392,3 @@ def decode(model, batch, tok: DecodeTokens, opts: DecodeOptions, early_exit: boo
                        min_len=opts.min_len, length_penalty=opts.length_penalty,
                        no_repeat_ngram=opts.no_repeat_ngram, use_cache=opts.use_cache,
                        early_exit=early_exit)
-
-
-def captions_text(result: DecodeResult, tokenizer) -> list[str]:
-    """Detokenised captions (WordPieces joined, specials dropped)."""
-    return [tokenizer.decode(t) for t in result.tokens]

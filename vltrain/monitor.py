@@ -129,9 +129,6 @@ class FlopCounter:
         self.n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
         self.cfg = model_cfg
 
-    def per_sample(self, seq_len: int, n_mlm_pred: float = 0.0) -> float:
-        return flops_per_sample(self.n, self.cfg, seq_len, n_mlm_pred)
-
     def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0,
               last_rows: Optional[int] = None) -> float:
         """``last_rows``: rows the last block computes when a loss asks the model for a few

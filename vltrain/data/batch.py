@@ -82,10 +82,3 @@ class Batch:
     @property
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
-
-    def num_tokens(self) -> int:
-        """Real (non-padding) text tokens plus real regions: the tokens the model processes."""
-        n = int(self.attention_mask.sum())
-        if self.region_mask is not None:
-            n += int(self.region_mask.sum())
-        return n
