@@ -58,6 +58,23 @@ def test_every_recipe_resolves():
         load_config(r)
 
 
+def test_fine_tuning_recipes_build_their_pretraining_recipes_model():
+    """A fine-tuning recipe starts from its pretraining recipe's checkpoint (train.init_from):
+    the same model keys, or the load fails (shapes) or, for keys without parameters (VL-BERT's
+    whole-image region and [END], the whole-image feature), runs another model than the one
+    pretrained. Execution keys (backend, compile, checkpointing) may differ."""
+    import dataclasses
+    execution = {"attention_backend", "compile", "activation_checkpointing"}
+    for pre, fine in (("vlbert_pretrain", ("vcr_vlbert", "refcoco_vlbert", "vqa_vlbert")),
+                      ("vlp_pretrain_cc", ("caption_coco", "vqa_vlp"))):
+        want = load_config(f"configs/{pre}.yaml")
+        for r in fine:
+            got = load_config(f"configs/{r}.yaml")
+            a, b = dataclasses.asdict(want.model), dataclasses.asdict(got.model)
+            assert {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in execution} == {}, r
+            assert got.data.image_feature == want.data.image_feature, r
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "nope.yaml"))
