@@ -149,6 +149,18 @@ def test_init_from_source_trained_with_another_vlbert_sequence(tmp_path, caplog)
         check_source_sequence(load_config("configs/debug.yaml", [*over[:1], f"train.init_from={tmp_path / 'bert'}",
                                                                  "model.vlbert_image_box=true", "mode=eval"]))
     assert caplog.text == ""
+    # a folder of consolidated files (config.json shared): the sidecar of the file loaded from a
+    # folder, model.safetensors, not another's beside it
+    from vltrain.engine.build import source_config
+    folder = tmp_path / "consolidated"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for stem, box in (("best", "false"), ("model", "true")):
+        save_config(load_config("configs/debug.yaml", ["model.region_embedding=vlbert", f"model.vlbert_image_box={box}"]),
+                    str(folder / f"{stem}.yaml"))
+        (folder / f"{stem}.safetensors").write_bytes(b"")
+    assert source_config(str(folder)) == str(folder / "model.yaml")
+    assert source_config(str(folder / "best.safetensors")) == str(folder / "best.yaml")
 
 
 def test_written_step_of_exported_weights(tmp_path):

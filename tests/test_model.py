@@ -425,10 +425,16 @@ def test_vlbert_checkpoint_without_visual_layernorms_is_refused_naming_the_key(t
     save_export(make_model(region_embedding="vlbert"), new)
     with pytest.raises(ValueError, match=r"has VL-BERT's visual LayerNorms .* model.vlbert_visual_embedding=linear"):
         VLModel.from_pretrained(str(new), vlbert_visual_embedding="linear")
-    # into a VLP model (a debug recipe's): the key to set is the region embedding
-    with pytest.raises(ValueError, match=r"is a VL-BERT model \(region_embeddings.norm_\*\) but the model is built "
-                                         r"with model.region_embedding=vlp: set model.region_embedding=vlbert"):
-        VLModel.from_pretrained(str(new), region_embedding="vlp")
+    # into a VLP model (a debug recipe's), with or without the LayerNorms, and a VLP checkpoint
+    # into a VL-BERT model: the key to set is the region embedding
+    for src, kind, want in ((new, "vlp", "VL-BERT"), (tmp_path, "vlp", "VL-BERT"), (None, "vlbert", "VLP")):
+        if src is None:
+            src = tmp_path / "vlp"
+            src.mkdir()
+            save_export(make_model(), src)
+        with pytest.raises(ValueError, match=rf"is a {want} model \(its region embedding\) but the model is built "
+                                             rf"with model.region_embedding={kind}: set model.region_embedding="):
+            VLModel.from_pretrained(str(src), region_embedding=kind)
 
     with pytest.raises(CheckpointError, match=r"in the model but not in the checkpoint: .*norm_region(.|\n)*"
                                               r"model.vlbert_visual_embedding=linear"):

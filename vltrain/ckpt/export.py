@@ -57,11 +57,11 @@ def written_step(path: str):
         path = os.path.join(path, "model.safetensors")
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, "pt") as f:
             return int((f.metadata() or {}).get("vltrain_step"))
-    except (OSError, TypeError, ValueError):   # unreadable here (load_into reports it), no step, "None"
+    except (OSError, SafetensorError, TypeError, ValueError):   # unreadable, no step, "None"
         return None
 
 

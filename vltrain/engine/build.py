@@ -81,9 +81,8 @@ def source_config(path: str) -> Optional[str]:
             except Exception as e:  # noqa: BLE001 — init_weights reports an unusable folder
                 log.warning("train.init_from=%s: cannot tell which task trained it (%s)", path, e)
                 return None
-        else:
-            candidates += [sidecar_paths(os.path.join(path, f))[1] for f in sorted(os.listdir(path))
-                           if f.endswith((".safetensors", ".pt"))]
+        else:   # the file read_state_dict loads from a folder, not another consolidated beside it
+            candidates += [sidecar_paths(os.path.join(path, f))[1] for f in ("model.safetensors", "pytorch_model.bin")]
     else:
         candidates.insert(0, sidecar_paths(path)[1])
     return next((yml for yml in candidates if os.path.isfile(yml)), None)

@@ -179,12 +179,17 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
     ours = from_hf_state_dict(named_pieces(state, model.config))
     own = named_pieces(model.state_dict(), model.config)        # views: copying into them loads
     errors, loaded = [], set()
-    if any(n in ours for n in VISUAL_LN_PARAMS) and model.config.region_embedding != "vlbert":
-        # a VL-BERT checkpoint (e.g. into a debug recipe, whose model is VLP's)
-        raise ValueError(f"{source}: is a VL-BERT model (region_embeddings.norm_*) but the model is built with "
-                         f"model.region_embedding={model.config.region_embedding}: set model.region_embedding="
-                         "vlbert and the rest of the model keys it was trained with (the VL-BERT recipes: "
-                         "configs/*vlbert*.yaml, or the source's saved config)")
+    # Which region embedding the source was trained with (VLP's has W_r, region_embeddings.feat;
+    # VL-BERT's one projection of [appearance ; geometry]); a BERT checkpoint has none. Another
+    # than the model's (a VL-BERT checkpoint into a debug recipe, whose model is VLP's) would
+    # fail on a shape or, worse, leave the region embedding fresh: name the key instead.
+    kind = ("vlp" if "region_embeddings.feat.weight" in ours else
+            "vlbert" if "region_embeddings.proj.weight" in ours else None)
+    if kind is not None and kind != model.config.region_embedding:
+        raise ValueError(f"{source}: is a {'VL-BERT' if kind == 'vlbert' else 'VLP'} model (its region "
+                         f"embedding) but the model is built with model.region_embedding="
+                         f"{model.config.region_embedding}: set model.region_embedding={kind} and the rest of the "
+                         f"model keys it was trained with (its recipe under configs/, or the source's saved config)")
     if any(n in ours for n in VISUAL_LN_PARAMS) and not any(n in own for n in VISUAL_LN_PARAMS):
         # the projection was trained under ReLU + LayerNorms this model would leave out
         raise ValueError(f"{source}: has VL-BERT's visual LayerNorms (region_embeddings.norm_*) but the model "

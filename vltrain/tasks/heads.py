@@ -31,10 +31,10 @@ class MLMAnswerHead(nn.Module):
     MLM transform (dense -> act -> LayerNorm) -> dropout -> Linear(H, A).
 
     Initialised from the model's (pretrained) MLM head: the transform is a copy of
-    ``mlm_head.transform`` (VL-BERT's ``CLASSIFIER_TYPE: mlm``), and — going one step further
-    than VL-BERT, which starts the last layer fresh — row ``a`` of the decoder is the mean tied
-    word embedding of answer ``a``'s word pieces and its bias their mean MLM bias, so at step 0
-    the logit of a one-piece answer is exactly the MLM logit of that word at the ``[MASK]``.
+    ``mlm_head.transform`` (VL-BERT's ``CLASSIFIER_TYPE: mlm``), and row ``a`` of the decoder is
+    the mean tied word embedding of answer ``a``'s word pieces (VL-BERT's
+    ``CLASSIFIER_PRETRAINED``); its bias is their mean MLM bias where VL-BERT's starts at 0, so
+    at step 0 the logit of a one-piece answer is exactly the MLM logit of that word at the ``[MASK]``.
     """
 
     def __init__(self, model, answer_piece_ids: Sequence[Sequence[int]], dropout: float):
