@@ -79,7 +79,7 @@ def source_config(path: str) -> Optional[str]:
             try:
                 candidates = [os.path.join(locate(path).path, "config.yaml")]
             except Exception as e:  # noqa: BLE001 — init_weights reports an unusable folder
-                log.warning("train.init_from=%s: cannot tell which task trained it (%s)", path, e)
+                log.warning("train.init_from=%s: cannot find the config it was trained with (%s)", path, e)
                 return None
         else:   # the file read_state_dict loads from a folder, not another consolidated beside it
             candidates += [sidecar_paths(os.path.join(path, f))[1] for f in ("model.safetensors", "pytorch_model.bin")]
