@@ -185,8 +185,9 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
                          f"needs a checkpoint fine-tuned for this task ({type(task).__name__})")
     if loaded:
         log.info("task weights from %s: %s", source, ", ".join(sorted({n.split('.')[0] for n in loaded})))
-    if missing:     # in training (eval refused above): the task's head starts fresh, say which
-        log.info("task weights not in %s, fresh: %s", source, ", ".join(sorted({n.split('.')[0] for n in missing})))
+    if missing:     # in training (eval refused above): say which head starts as the task builds it
+        log.info("task weights not in %s, as the task initialises them (fresh or from the model's heads): %s",
+                 source, ", ".join(sorted({n.split('.')[0] for n in missing})))
 
 
 def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
