@@ -121,7 +121,10 @@ def test_init_from_source_trained_with_another_vlbert_sequence(tmp_path, caplog)
     use; training warns; the same settings, a VLP model or a BERT folder say nothing."""
     import logging
     from vltrain.config import save_config
-    from vltrain.engine.build import check_source_sequence
+    from vltrain.engine.build import check_source_sequence, source_config
+
+    def check(c):                     # as build_training calls it
+        check_source_sequence(c, source_config(c.train.init_from))
     src = tmp_path / "export"                                   # an export-hf folder
     src.mkdir()
     (src / "config.json").write_text("{}")
@@ -134,24 +137,23 @@ def test_init_from_source_trained_with_another_vlbert_sequence(tmp_path, caplog)
             f"train.init_from={src} was trained with model.vlbert_image_box=false ({src}/vltrain_config.yaml), "
             "this run has model.vlbert_image_box=true: VL-BERT's sequence around the regions differs; evaluate "
             "with the source's settings: model.vlbert_image_box=false")):
-        check_source_sequence(run)
+        check(run)
     run.mode = "train"
     with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
-        check_source_sequence(run)
+        check(run)
     assert "fine-tuning starts from weights that never saw it (set model.vlbert_image_box=false" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
         same = load_config("configs/debug.yaml", [*over, "model.vlbert_end_token=true", "mode=eval"])
-        check_source_sequence(same)
-        check_source_sequence(load_config("configs/debug.yaml", [f"train.init_from={src}", "mode=eval"]))
+        check(same)
+        check(load_config("configs/debug.yaml", [f"train.init_from={src}", "mode=eval"]))
         (tmp_path / "bert").mkdir()
         (tmp_path / "bert" / "config.json").write_text("{}")
-        check_source_sequence(load_config("configs/debug.yaml", [*over[:1], f"train.init_from={tmp_path / 'bert'}",
-                                                                 "model.vlbert_image_box=true", "mode=eval"]))
+        check(load_config("configs/debug.yaml", [*over[:1], f"train.init_from={tmp_path / 'bert'}",
+                                                 "model.vlbert_image_box=true", "mode=eval"]))
     assert caplog.text == ""
     # a folder of consolidated files (config.json shared): the sidecar of the file loaded from a
     # folder, model.safetensors, not another's beside it
-    from vltrain.engine.build import source_config
     folder = tmp_path / "consolidated"
     folder.mkdir()
     (folder / "config.json").write_text("{}")

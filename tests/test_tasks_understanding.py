@@ -466,19 +466,20 @@ def test_fine_tuned_sources_keep_their_segment_b_and_stale_heads_are_named(finet
     that fits none of the head's parameters (an earlier head layout) is named: an error in
     mode=eval, a warning in training; from another task's source, the usual missing-heads error."""
     from vltrain.ckpt.layout import locate, read_config
-    from vltrain.engine.build import load_task_weights, segment_b_from_a, trained_task
+    from vltrain.engine.build import load_task_weights, segment_b_from_a, source_config, trained_task
     from vltrain.model import VLModel
     from vltrain.tasks import get_task
     ckpt = {t: os.path.join(finetuned[t]["run"], "checkpoints", f"step_{STEPS[t]:08d}") for t in ("mc", "refs")}
-    assert trained_task(ckpt["mc"]) == "mc" and trained_task(ckpt["refs"]) == "refs"
+    assert trained_task(source_config(ckpt["mc"])) == "mc" and trained_task(source_config(ckpt["refs"])) == "refs"
     export = tmp_path / "export"
     export.mkdir()
     (export / "config.json").write_text("{}")
     (export / "vltrain_config.yaml").write_text("task: {name: vqa}\nsome_future_key: 1\n")
-    assert trained_task(str(export)) == "vqa" and trained_task(str(export / "model.safetensors")) == "vqa"
+    assert trained_task(source_config(str(export))) == "vqa"
+    assert trained_task(source_config(str(export / "model.safetensors"))) == "vqa"
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text("{}")
-    assert trained_task(str(tmp_path / "bert")) is None
+    assert source_config(str(tmp_path / "bert")) is None and trained_task(None) is None
     assert "segment B's token-type embedding starts as segment A's" in finetuned["logs"][0]   # refs -> mc
 
     cfg = read_config(locate(ckpt["mc"]))

@@ -504,7 +504,6 @@ class PretrainCollator:
         cls = zeros((B, N, C), dtype=cls_dtype) if C is not None else None
         has_if = any(e.image_feat is not None for e in img)
         image_feat = torch.zeros((B, D), dtype=feats.dtype) if has_if else None
-        rest_sum, rest_n = torch.zeros((B, D)), torch.zeros(B)
         mrc_pos, zero_pos = [], []
         for i, e in enumerate(exs):
             if e.feats is None:
@@ -524,13 +523,15 @@ class PretrainCollator:
             if e.mrc_pos is not None:
                 mrc_pos.append(e.mrc_pos + i * N)
                 zero_pos.append(e.mrc_pos[e.mrc_zero] + i * N)
-            if e.rest_n:
-                rest_sum[i], rest_n[i] = torch.from_numpy(e.rest_sum), e.rest_n
         batch.region_feats, batch.region_boxes, batch.region_mask = feats, boxes, rmask
         batch.region_cls_probs, batch.image_feat = cls, image_feat
         zero = torch.from_numpy(np.concatenate(zero_pos)) if zero_pos else torch.zeros(0, dtype=torch.long)
         # VL-BERT's whole-image mean where the model's own (of the regions in the batch) is not it
-        if self.vlbert and image_feat is None and (self.obj.mrc or bool(rest_n.any())):
+        left_out = [(i, e) for i, e in enumerate(exs) if e.rest_n]
+        if self.vlbert and image_feat is None and (self.obj.mrc or left_out):
+            rest_sum, rest_n = torch.zeros((B, D)), torch.zeros(B)
+            for i, e in left_out:
+                rest_sum[i], rest_n[i] = torch.from_numpy(e.rest_sum), e.rest_n
             batch.image_feat = _unmasked_mean(feats, rmask, zero, rest_sum, rest_n)
         if self.obj.mrc:
             pos = torch.from_numpy(np.concatenate(mrc_pos)) if mrc_pos else torch.zeros(0, dtype=torch.long)

@@ -15,11 +15,12 @@ from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
-    continued_precision, reconcile_resume, saved_config, written_setting
+    continued_precision, reconcile_resume, saved_config, written_section, written_setting
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
-from vltrain.model.bert_weights import load_into, read_state_dict
+from vltrain.model.bert_weights import WEIGHTS_FILES, load_into, read_state_dict
+from vltrain.model.vl_model import SEQUENCE_KEYS
 from vltrain.redact import redact_tree
 from vltrain.tasks import get_task
 from vltrain.tokenization import Tokenizer
@@ -82,42 +83,37 @@ def source_config(path: str) -> Optional[str]:
                 log.warning("train.init_from=%s: cannot find the config it was trained with (%s)", path, e)
                 return None
         else:   # the file read_state_dict loads from a folder, not another consolidated beside it
-            candidates += [sidecar_paths(os.path.join(path, f))[1] for f in ("model.safetensors", "pytorch_model.bin")]
+            candidates += [sidecar_paths(os.path.join(path, f))[1] for f in WEIGHTS_FILES]
     else:
         candidates.insert(0, sidecar_paths(path)[1])
     return next((yml for yml in candidates if os.path.isfile(yml)), None)
 
 
-def trained_task(path: str) -> Optional[str]:
-    """The task a train.init_from source was trained for, where vltrain wrote it down
-    (``source_config``); None for other weights or a config that cannot be read (warned). Read
-    as plain YAML: a config of another vltrain version need not load as ours to say its task."""
-    yml = source_config(path)
+def trained_task(yml: Optional[str]) -> Optional[str]:
+    """The task a train.init_from source was trained for, from its saved config
+    (``source_config``; None: other weights, None); a config that cannot be read is warned.
+    Read as plain YAML: a config of another vltrain version need not load as ours to say its task."""
     if yml is None:
         return None
     try:
         return str(written_setting(yml, "task", "name", "pretrain"))
     except (OSError, yaml.YAMLError, AttributeError) as e:
-        log.warning("train.init_from=%s: cannot read %s for its task (%s)", path, yml, e)
+        log.warning("cannot read %s for the task train.init_from was trained for (%s)", yml, e)
         return None
 
 
-SEQUENCE_KEYS = ("vlbert_image_box", "vlbert_end_token")
-
-
-def check_source_sequence(cfg: Config) -> None:
+def check_source_sequence(cfg: Config, yml: Optional[str]) -> None:
     """VL-BERT's whole-image region and [END] (``SEQUENCE_KEYS``) add no parameter, so the
-    weights cannot tell which sequence a train.init_from source was trained with: its config
-    can. Another sequence than the source's is refused in mode=eval (the scores would be of
-    inputs the model never saw) and warned in training (fine-tuning may adapt to it, as from an
-    earlier checkpoint without them). Sources without a vltrain config (BERT) are not checked."""
-    if cfg.model.region_embedding != "vlbert":
-        return
-    yml = source_config(cfg.train.init_from)
-    if yml is None:
+    weights cannot tell which sequence a train.init_from source was trained with: its saved
+    config (``yml``, ``source_config``'s) can. Another sequence than the source's is refused in
+    mode=eval (the scores would be of inputs the model never saw) and warned in training
+    (fine-tuning may adapt to it, as from an earlier checkpoint without them). Sources without
+    a vltrain config (BERT) are not checked."""
+    if cfg.model.region_embedding != "vlbert" or yml is None:
         return
     try:
-        theirs = {k: bool(written_setting(yml, "model", k, False)) for k in SEQUENCE_KEYS}
+        model = written_section(yml, "model")
+        theirs = {k: bool(model.get(k, False)) for k in SEQUENCE_KEYS}
     except (OSError, yaml.YAMLError, AttributeError) as e:
         log.warning("train.init_from=%s: cannot read %s for its sequence (%s)", cfg.train.init_from, yml, e)
         return
@@ -337,8 +333,9 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     source_task = None
     if cfg.train.init_from and found is None:
         task_state = init_weights(model, cfg.train.init_from)
-        source_task = trained_task(cfg.train.init_from)
-        check_source_sequence(cfg)
+        saved = source_config(cfg.train.init_from)
+        source_task = trained_task(saved)
+        check_source_sequence(cfg, saved)
         if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
             if source_task == cfg.task.name:
                 log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "

@@ -288,13 +288,19 @@ def saved_config(tag_dir: str):
         return None
 
 
-def written_setting(path: str, section: str, key: str, default):
-    """``section.key`` of a saved config file as written (plain YAML: also from a file another
-    version wrote, which ``load_run_config`` cannot load); ``default`` where it lacks the key.
-    Raises what reading or parsing raises (OSError, yaml.YAMLError, AttributeError)."""
+def written_section(path: str, section: str) -> dict:
+    """``section`` of a saved config file as written (plain YAML: also from a file another
+    version wrote, which ``load_run_config`` cannot load); {} where it lacks it. Raises what
+    reading or parsing raises (OSError, yaml.YAMLError, AttributeError)."""
     import yaml
     with open(path) as f:
-        return ((yaml.safe_load(f) or {}).get(section) or {}).get(key, default)
+        return (yaml.safe_load(f) or {}).get(section) or {}
+
+
+def written_setting(path: str, section: str, key: str, default):
+    """``section.key`` of a saved config file as written (``written_section``); ``default``
+    where it lacks the key."""
+    return written_section(path, section).get(key, default)
 
 
 def checkpoint_precision(tag_dir: str) -> Optional[str]:

@@ -143,12 +143,15 @@ def read_model_config(path: str, **overrides) -> ModelConfig:
     return build_section(ModelConfig, data, prefix="model.")
 
 
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")    # what a weights folder is read from, in order
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Weights from ``model.safetensors`` or ``pytorch_model.bin`` in ``path`` (or a file path)."""
     if os.path.isfile(path):
         files = [path]
     else:
-        files = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+        files = [os.path.join(path, n) for n in WEIGHTS_FILES]
     for f in files:
         if os.path.isfile(f):
             try:

@@ -29,6 +29,8 @@ from vltrain.model.heads import ClsScoreHead, MLMHead, RegionClassHead
 from vltrain.model.transformer import Block
 
 REGION_EMBEDDINGS = {"vlp": VLPRegionEmbedding, "vlbert": VLBertRegionEmbedding}
+# VL-BERT's code's sequence around the regions (region_slots): no parameter of their own
+SEQUENCE_KEYS = ("vlbert_image_box", "vlbert_end_token")
 
 
 @dataclass
@@ -58,7 +60,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.vlbert_text_only_visual not in ("aux", "none"):
         raise ValueError(f"model.vlbert_text_only_visual={cfg.vlbert_text_only_visual!r}; choose 'aux' "
                          "(VL-BERT's learned term) or 'none' (checkpoints written before vltrain had it)")
-    for key in ("vlbert_image_box", "vlbert_end_token"):
+    for key in SEQUENCE_KEYS:
         if getattr(cfg, key) and cfg.region_embedding != "vlbert":
             raise ValueError(f"model.{key}=true is VL-BERT's sequence; it needs model.region_embedding=vlbert")
     if cfg.region_embedding == "vlp" and cfg.geometry_conf and not cfg.use_cls_probs:
