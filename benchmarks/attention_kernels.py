@@ -21,7 +21,10 @@ every variant timed interleaved in one run:
     (``causal_lower_right``: flash, no mask); the bidirectional examples in one call with the
     mask (their padding). Checked against the dense mask at the real rows before it is timed;
   - the eager reference compiled by Inductor (scores and output on cuBLAS, mask + softmax +
-    dropout fused between them).
+    dropout fused between them);
+  - the ``triton`` backend (vltrain's kernels: the mask computed in the tile, no dense mask) in
+    32- and 64-wide blocks, checked against the dense mask before it is timed. On CPU its rows
+    appear only in Triton's interpreter (``TRITON_INTERPRET=1``: plumbing, not speed).
 A variant the device cannot run is listed with the error, not dropped. A diagnosis for the
 throughput table (which backend to build next), not a target of its own.
 """
@@ -167,6 +170,36 @@ def eager_compiled_variant(mask, dropout: float):
     return run
 
 
+def triton_variant(st: A.AttentionStructure, block: int, dropout: float):
+    """fwd+bwd closure of the ``triton`` backend in ``block``-wide blocks (with dropout, the
+    keep mask's draw included, as the backend trains); on its first call its dropout-free
+    output must equal sdpa with the dense mask at every real query row."""
+    T = A.triton_attention
+    prepared = T.prepare(st.key_valid, st.target)
+    checked = []
+
+    def run(q, k, v, go):
+        T.BLOCK = block
+        if not checked:
+            with torch.no_grad():
+                ref = F.scaled_dot_product_attention(q, k, v, attn_mask=st.additive_mask(q.dtype))
+                err = (T.triton_attention(q, k, v, prepared, 0.0) - ref).abs().amax(-1)
+            err = float(err.masked_fill(~st.key_valid[:, None], 0).max())
+            if err > (2e-2 if q.dtype == torch.bfloat16 else 1e-5):
+                raise AssertionError(f"triton attention differs from the dense mask by {err:.3g}")
+            checked.append(True)
+        T.triton_attention(q, k, v, prepared, dropout).backward(go)
+    return run
+
+
+def triton_rows(st: A.AttentionStructure, L: int):
+    """The ``triton`` backend at each block width and dropout (CUDA, or Triton's interpreter)."""
+    if not A.triton_attention.available():
+        return []
+    return [(f"triton (vltrain's kernels), {b}-wide blocks, our mask, dropout {p}", L, triton_variant(st, b, p))
+            for b in (32, 64) for p in (0.0, 0.1)]
+
+
 def variants(st: A.AttentionStructure, dtype, device, L: int):
     mask = A.get_backend("sdpa").prepare(st, dtype)
     out = []                                      # (label, L used, closure)
@@ -205,6 +238,7 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
                         f"dropout {p}", L, pinned))
             out.append((f"eager attention compiled (Inductor), our mask, dropout {p}", L,
                         built_once(eager_compiled_variant, st.additive_mask(dtype), p)))
+        out += triton_rows(st, L)
     else:
         for p in (0.0, 0.1):
             out.append((f"sdpa (CPU dispatch), our mask, dropout {p}", L, sdpa_with(None, mask, p)))
@@ -213,6 +247,8 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
         prep, att = backend_parts("varlen", st, dtype)
         out += [("varlen (CPU emulation): per-forward preparation only", L, prep),
                 ("varlen (CPU emulation): attention call only", L, att)]
+        if A.triton_attention.interpreting():       # the rows' plumbing, in Triton's interpreter
+            out += triton_rows(st, L)
     return out
 
 

@@ -15,7 +15,7 @@
 # after every step, so a call cut off at its limit still returns what finished.
 #
 # Steps (STEPS, default all, in this order):
-#   tests    the attention backends' GPU tests (flex / varlen / pinned sdpa vs eager, bf16) and
+#   tests    the attention backends' GPU tests (flex / varlen / triton / pinned sdpa vs eager, bf16) and
 #            every task's training step under torch.cuda.set_sync_debug_mode("error") and, as the
 #            recipes train (bf16 weights, compiled blocks), against the uncompiled step; the
 #            side-stream batch copy
@@ -27,10 +27,12 @@
 #            on 2 ranks, measured on CPU
 #   profile  benchmarks/gpu_profile.py: where the step's GPU time goes (ours compiled, peer)
 #   attn     benchmarks/attention_kernels.py: each sdpa kernel with/without our mask and dropout,
-#            varlen's and flex's preparation and call, the mask-free "mode split" of our mask
-#            and the compiled eager reference, at micro-batch $TPUT_BATCH
+#            varlen's and flex's preparation and call, the mask-free "mode split" of our mask,
+#            the compiled eager reference and vltrain's triton kernels (32/64-wide blocks), at
+#            micro-batch $TPUT_BATCH
 #   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
-#            vs the DeepSpeed engine (bf16, ZeRO-2), and the bf16 step's kernel-class breakdown;
+#            vs bf16 weights with the triton attention backend (32/64-wide blocks) vs the
+#            DeepSpeed engine (bf16, ZeRO-2), and the bf16 steps' kernel-class breakdowns;
 #            and the batch's host-to-device copy on the compute stream vs a side stream; the
 #            hidden dropouts' RNG (none, Inductor's fallback_random, align_random_eager);
 #            LEVERS_ARGS=--autotune adds the max-autotune row (long compile), --diagnose the what-ifs

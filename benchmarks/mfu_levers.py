@@ -2,12 +2,15 @@
 
     python benchmarks/mfu_levers.py --batch 256 [--autotune] [--engine] [--quick] [--out F.md]
 
-Rows, all ours with sdpa and compiled blocks (the best of benchmarks/train_throughput.py):
+Rows, all ours with compiled blocks and sdpa unless a row says otherwise (the best of benchmarks/train_throughput.py):
   autocast        fp32 weights, bf16 autocast, torch's fused AdamW (the throughput table's row;
                   on CPU, the --quick plumbing check, fp32 without autocast)
   bf16 weights    weights, gradients and AdamW state in bf16, no autocast (an upper bound of
                   DeepSpeed's bf16 mode, which adds an fp32 master copy and its update)
   bf16 weights, 2x batch          the same at twice the micro-batch
+  bf16 weights, triton attention  the same with vltrain's Triton attention kernels (the mask
+                                  computed in the tile), 32- and 64-wide blocks (CUDA; on CPU
+                                  only in Triton's interpreter, TRITON_INTERPRET=1)
   bf16 weights, max-autotune      ``mode="max-autotune-no-cudagraphs"``: Inductor may fuse bias
                                   and GELU into Triton GEMM templates (--autotune; compiles long)
   batch from host memory          bf16 weights, the batch copied from pinned host memory every
@@ -97,12 +100,21 @@ def main(argv=None) -> int:
     batches = {k: make_batch(s, seed=0) for k, s in sizes.items()}
     preds = {k: int(b.mlm_positions.numel()) for k, b in batches.items()}
 
-    def mk(label, key="1x", bf16=True, ck=None, **over):
+    def mk(label, key="1x", bf16=True, ck=None, backend="sdpa", **over):
         log(f"building: {label}")
-        r = build_ours(sizes[key], "sdpa", ck is not False, batches[key], device, preds[key], bf16_weights=bf16,
+        r = build_ours(sizes[key], backend, ck is not False, batches[key], device, preds[key], bf16_weights=bf16,
                        compile_kwargs=ck or None, **over)
         r.label = label
         r.batch = sizes[key].batch
+        return r
+
+    def mk_triton(block):
+        """bf16 weights with the ``triton`` attention backend in ``block``-wide blocks (a module
+        setting: each step sets it; Dynamo keeps one graph per value)."""
+        from vltrain.model import triton_attention as T
+        r = mk(f"bf16 weights, triton attention ({block}-wide blocks)", ck=static, backend="triton")
+        step = r.step
+        r.step = lambda: (setattr(T, "BLOCK", block), step())[1]
         return r
 
     # Every row of ours compiles with dynamic=False and the 2x-batch row comes last: the blocks
@@ -112,6 +124,11 @@ def main(argv=None) -> int:
     static = dict(dynamic=False)
     amp = "fp32 weights, " + ("bf16 autocast" if device.type == "cuda" else "no autocast (CPU)")
     runners = [mk(amp, bf16=False, ck=static), mk("bf16 weights", ck=static)]
+    from vltrain.model import triton_attention
+    triton_rows = []
+    if triton_attention.available() and (device.type == "cuda" or triton_attention.interpreting()):
+        triton_rows = [mk_triton(b) for b in (32, 64)]
+        runners += triton_rows
     if args.autotune:
         runners.append(mk("bf16 weights, max-autotune", ck=dict(mode="max-autotune-no-cudagraphs", dynamic=False)))
     if args.diagnose:       # what-if rows: not configurations to train with
@@ -191,11 +208,11 @@ def main(argv=None) -> int:
         rows.append([r.label, r.batch, r.batch / t, t * 1e3, tflops, 100 * tflops / peak if peak else float("nan"),
                      (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
     md = [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
-          f"text tokens, sdpa, compiled blocks; {args.rounds} rounds of {args.steps_per_round} steps, interleaved.",
+          f"text tokens, sdpa unless a row says otherwise, compiled blocks; {args.rounds} rounds of {args.steps_per_round} steps, interleaved.",
           "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
                               "× first row", "× peer"], rows)]
     engines = [r for r in runners if r.engine is not None][:1]
-    for r in runners[:2] + engines:
+    for r in runners[:2] + triton_rows[-1:] + engines:
         log(f"profiling: {r.label}")
         table = kernel_breakdown(r, device)
         what = "Kernel" if device.type == "cuda" else "Operator"

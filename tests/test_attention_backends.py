@@ -1,11 +1,12 @@
 """Attention backends against the eager reference (issue 8).
 
 CPU: sdpa, varlen (SDPA emulation of its two kernel calls), auto and flex (forward; no
-CPU backward) equal eager through the whole model, forward and backward; the flex
+CPU backward) equal eager through the whole model, forward and backward; triton's kernels
+equal eager in Triton's interpreter (a subprocess: tests/triton_attention_check.py); the flex
 mask_mod evaluated densely equals ``AttentionStructure.dense_allowed()``; the varlen
 packing and its bottom-right causal call equal eager on raw q, k, v; per-shape flex
 compilation never recompiles a shape; ``auto`` logs its choice; compiled blocks equal
-eager. GPU tests run the real FlexAttention / varlen kernels and skip without CUDA.
+eager. GPU tests run the real FlexAttention / varlen / triton kernels and skip without CUDA.
 """
 import logging
 
@@ -17,7 +18,7 @@ from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2
 from vltrain.model import attention as A
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: FlexAttention/varlen kernels are GPU-only")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the FlexAttention, varlen and triton kernels are GPU-only")
 
 MODES = {"bidirectional": "bidirectional", "seq2seq": "seq2seq", "left_to_right": "left_to_right",
          "mixed": torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2SEQ])}
@@ -91,6 +92,67 @@ def test_flex_refuses_attention_dropout_in_training_and_cpu_backward():
         assert torch.isfinite(model(**x, mode="seq2seq").text_hidden).all()
     with pytest.raises(RuntimeError, match="no backward on CPU"):
         model(**x, mode="seq2seq")
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the GPU tests below run the kernels themselves")
+def test_triton_kernels_equal_eager_in_the_triton_interpreter():
+    """The ``triton`` backend's kernels, run by Triton's CPU interpreter (its own process:
+    Triton reads TRITON_INTERPRET at import), against eager (tests/triton_attention_check.py):
+    raw q/k/v over every mode and padding, head dims 16 and 24, 16- and 32-wide blocks across
+    L = 23, dropout with eager given the same keep mask; the whole model (every mode, VL-BERT's
+    slots, the last block at selected rows, compiled blocks); dropout in training only."""
+    import os
+    import subprocess
+    import sys
+    from tests.fixtures.corpus import REPO
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "tests.triton_attention_check"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "triton attention: all 22 checks passed" in p.stdout
+
+
+def kernel_signature(fn, dtype: str, dropout: bool) -> dict:
+    """Triton's compile-time signature of one of triton_attention's kernels."""
+    import inspect
+    pointers = {**dict.fromkeys("Q K V O DO DQ DK DV".split(), f"*{dtype}"), "VALID": "*i8", "TARGET": "*i8",
+                "KEEP": "*i1" if dropout else "*i8", "LSE": "*fp32", "DELTA": "*fp32"}
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in ("DROPOUT", "BLOCK", "BLOCK_D", "PREC"):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = pointers.get(name, "fp32" if name.endswith("scale") else "i32")
+    return sig
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the GPU tests below compile and run the kernels")
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90-H100-H200", "sm80-A100"])
+def test_triton_kernels_compile_for_the_gpus_we_train_on(arch):
+    """The interpreter runs the kernels' Python; this compiles them as a GPU would (Triton's
+    own compiler down to a cubin, ptxas included, no device needed): bf16 as training runs them
+    (32/64-wide, with and without dropout) and fp32 (tests, 32-wide), within the arch's shared
+    memory (H100/H200 227 KB, A100 163 KB per block)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from vltrain.model import triton_attention as T
+    smem = {90: 227 * 1024, 80: 163 * 1024}[arch]
+    cases = [("bf16", True, 64), ("bf16", False, 64), ("bf16", True, 32), ("fp32", True, 32)]
+    for fn in (T._attention_fwd_kernel, T._attention_bwd_kernel):
+        for dtype, dropout, block in cases[:2 if arch == 80 else None]:
+            src = ASTSource(fn=fn, signature=kernel_signature(fn, dtype, dropout),
+                            constexprs={"DROPOUT": dropout, "BLOCK": block, "BLOCK_D": 64,
+                                        "PREC": "ieee" if dtype == "fp32" else "tf32"})
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+            assert kernel.asm["cubin"] and kernel.metadata.shared <= smem, (fn.fn.__name__, dtype, block)
+
+
+def test_triton_backend_refuses_cpu_tensors_naming_the_setting():
+    model = make_model("triton")
+    with pytest.raises(RuntimeError, match="attention_backend=triton runs Triton GPU kernels.*use "
+                                           "model.attention_backend=sdpa"):
+        model(**random_inputs(model.config, B=2), mode="seq2seq")
 
 
 def test_varlen_gpu_kernels_refuse_fp32_by_name():
@@ -347,10 +409,11 @@ def cuda_inputs(cfg, mode):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["sdpa", "flex", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton", "auto"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_gpu_backend_equals_eager_fp32(backend, mode):
-    """The real kernels (pinned efficient/cuDNN SDPA, compiled FlexAttention) in fp32."""
+    """The real kernels (pinned efficient/cuDNN SDPA, compiled FlexAttention, vltrain's Triton
+    kernels with fp32 products) in fp32."""
     ref, other = pair(backend)
     ref, other = ref.cuda(), other.cuda()
     x, m = cuda_inputs(ref.config, mode)
@@ -358,13 +421,15 @@ def test_gpu_backend_equals_eager_fp32(backend, mode):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend", ["varlen", "triton"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_gpu_varlen_equals_eager_bf16(mode):
-    """Varlen kernels are fp16/bf16 only: varlen under bf16 autocast must be as close to the
-    fp32 eager reference as eager itself is under the same autocast."""
-    if A.varlen_kernel_name("cuda") is None:
+def test_gpu_bf16_backend_as_close_to_fp32_eager_as_eager(backend, mode):
+    """Under bf16 autocast (varlen kernels are fp16/bf16 only; the recipes train triton so) a
+    backend must be as close to the fp32 eager reference as eager itself is under the same
+    autocast."""
+    if backend == "varlen" and A.varlen_kernel_name("cuda") is None:
         pytest.skip("no flash_attn and no torch.nn.attention.varlen")
-    ref, var = pair("varlen")
+    ref, var = pair(backend)
     ref, var = ref.cuda(), var.cuda()
     x, m = cuda_inputs(ref.config, mode)
     o32, g32 = forward_backward(ref, x, m)
@@ -376,6 +441,31 @@ def test_gpu_varlen_equals_eager_bf16(mode):
     for n in g32:
         e, v = (g_e[n].float() - g32[n]).abs().max(), (g_v[n].float() - g32[n]).abs().max()
         assert v <= 2 * e + 1e-3 * float(g32[n].abs().max()) + 1e-6, (n, float(v), float(e))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_dropout_equals_eager_with_the_same_keep_mask(dtype):
+    """The kernels' dropout on a GPU: output and q/k/v gradients of eager given the same mask."""
+    from vltrain.model import triton_attention as T
+    st = next(structures())
+    valid, target = st.key_valid.cuda(), st.target.cuda()
+    B, L = valid.shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, L, 3, 4, 64, device="cuda", generator=g).to(dtype).requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    keep = torch.rand(B, 4, L, L, device="cuda", generator=g) >= 0.25
+    out = T.triton_attention(q, k, v, T.prepare(valid, target), 0.25, keep=keep)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    probs = torch.softmax(q32 @ k32.transpose(-1, -2) * 64 ** -0.5
+                          + A.AttentionStructure(valid, target).additive_mask(torch.float32), -1)
+    ref = (probs * keep / 0.75) @ v32
+    w = torch.randn(ref.shape, device="cuda", generator=g)
+    (gq,) = torch.autograd.grad((out.float() * w).sum(), qkv)
+    (gr,) = torch.autograd.grad((ref * w).sum(), qkv)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert float((out.float() - ref).abs().max()) < tol * max(1.0, float(ref.abs().max()))
+    assert float((gq.float() - gr.float()).abs().max()) < tol * float(gr.float().abs().max())
 
 
 @needs_cuda

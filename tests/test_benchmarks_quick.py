@@ -150,6 +150,34 @@ def test_attention_kernels_quick_times_every_variant():
     assert all(finite(r[1]) and float(r[1]) > 0 and r[3] == "-" for r in rows), rows
 
 
+def test_triton_rows_run_in_the_triton_interpreter():
+    """The ``triton`` backend's rows of the GPU suite, run here in Triton's CPU interpreter
+    (plumbing, not speed): a throughput row and its attention micro-benchmark row matching
+    eager, the kernel table's rows checked against the dense mask, the levers' rows."""
+    interp = {"TRITON_INTERPRET": "1"}
+    md = run_script(["benchmarks/train_throughput.py", "--quick", "--threads", "1", "--no-zero", "--no-compile",
+                     "--backends", "triton", "--no-ablation", "--no-engine", "--steps-per-round", "1",
+                     "--batch", "2"], env_extra=interp)
+    _, rows = table_rows(md, "model")
+    assert ("ours (vltrain)", "triton", "off") in {(r[0], r[1], r[2]) for r in rows}
+    _, arows = table_rows(md, "backend")
+    tri = [r for r in arows if r[0] == "triton"]
+    assert len(tri) == 1 and "32-wide blocks" in tri[0][1] and float(tri[0][4]) < 1e-4, arows
+
+    out = run_script(["benchmarks/attention_kernels.py", "--quick", "--device", "cpu"], env_extra=interp)
+    _, rows = table_rows(out, "variant")
+    tri = [r for r in rows if r[0].startswith("triton")]
+    assert len(tri) == 4 and all(finite(r[1]) and r[3] == "-" for r in tri), rows    # "-": equal to the mask
+
+    out = run_script(["benchmarks/mfu_levers.py", "--quick", "--device", "cpu", "--batch", "2", "--rounds", "1",
+                      "--steps-per-round", "1"], env_extra=interp)
+    _, rows = table_rows(out, "configuration")
+    tri = [r for r in rows if "triton attention" in r[0]]
+    assert [r[0] for r in tri] == ["bf16 weights, triton attention (32-wide blocks)",
+                                   "bf16 weights, triton attention (64-wide blocks)"]
+    assert all(finite(c) for r in tri for c in r[2:5]), tri
+
+
 def test_mfu_levers_quick_has_every_row(tmp_path):
     """Every lever, what-if and engine-variant row, with finite numbers; the engine rows are
     real DeepSpeed engines (one rank, CPU accelerator) built from ds_configs/zero<N>.json."""

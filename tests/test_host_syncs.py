@@ -127,9 +127,10 @@ def test_a_training_step_has_no_host_sync(synthetic_corpus, case, backend):
     assert not syncs, f"{case} ({backend}): host syncs in the step: {syncs}"
 
 
-# Every case with sdpa (the backend `auto` picks on GPUs); flex and varlen (their per-forward
-# BlockMask / unpadding plans) on pretraining only: each case would compile flex anew.
-CUDA_CASES = [(case, "sdpa") for case in sorted(CASES)] + [("pretrain", "flex"), ("pretrain", "varlen")]
+# Every case with sdpa (the backend `auto` picks on GPUs); flex, varlen and triton (their
+# per-forward BlockMask / unpadding plans / keep-mask draws) on pretraining only: each case
+# would compile flex anew.
+CUDA_CASES = [(case, "sdpa") for case in sorted(CASES)] + [("pretrain", b) for b in ("flex", "varlen", "triton")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU reference: the test above)")

@@ -63,7 +63,7 @@ class ModelConfig:
     end_token_id: int = 2                    # [END] = [unused1] in BERT's vocab (vlbert_end_token)
     # Execution.
     # eager is the reference every other backend is tested against; auto picks the fastest
-    attention_backend: Literal["eager", "sdpa", "flex", "varlen", "auto"] = "eager"
+    attention_backend: Literal["eager", "sdpa", "flex", "varlen", "triton", "auto"] = "eager"
     activation_checkpointing: bool = False
     compile: bool = False                    # torch.compile the transformer layer function (compile.py)
 

@@ -30,6 +30,10 @@ Backends (``model.attention_backend``):
             which is exactly the rule above (targets see the whole prefix and the earlier
             targets). Bidirectional examples have no target rows. On CPU an SDPA emulation
             of the same two calls runs instead (reference for the tests; slow).
+    triton  vltrain's own Triton kernels for short sequences (``triton_attention.py``): the
+            rule computed in the tile from the two (B, L) vectors, no dense mask; attention
+            dropout from a keep mask drawn by torch. CUDA only; CPU tests run the kernels in
+            Triton's interpreter.
     auto    the fastest correct backend for the device and the recipe, as measured
             (BENCHMARKS.md): sdpa on CPU and on CUDA (an H100 at our lengths: flex and
             varlen train slower, see ``resolve_auto``). The choice is logged.
@@ -45,6 +49,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from vltrain.model import triton_attention
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -400,6 +406,16 @@ def varlen_attention(q, k, v, plan: VarlenPlan, dropout_p: float) -> torch.Tenso
     return out.view(B, L, h, d).transpose(1, 2)
 
 
+# ------------------------------------------------------------------------------ triton
+
+def _prepare_triton(structure: AttentionStructure, dtype: torch.dtype):
+    return triton_attention.prepare(structure.key_valid, structure.target)
+
+
+def triton_backend(q, k, v, prepared, dropout_p: float) -> torch.Tensor:
+    return triton_attention.triton_attention(q, k, v, prepared, dropout_p)
+
+
 # ------------------------------------------------------------------------------ registry
 
 @dataclass(frozen=True)
@@ -414,6 +430,7 @@ BACKENDS = {
     "sdpa": Backend("sdpa", _prepare_sdpa, sdpa_attention),
     "flex": Backend("flex", _prepare_flex, flex_attention_backend),
     "varlen": Backend("varlen", _prepare_varlen, varlen_attention),
+    "triton": Backend("triton", _prepare_triton, triton_backend),
 }
 
 

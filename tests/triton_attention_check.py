@@ -1,0 +1,112 @@
+"""The ``triton`` attention backend's kernels against ``eager``, on CPU, in Triton's interpreter.
+
+    TRITON_INTERPRET=1 python -m tests.triton_attention_check
+
+Triton reads TRITON_INTERPRET when it is imported, so this runs as its own process
+(tests/test_attention_backends.py starts it). Every check raises on failure; the last line
+says how many passed. fp32, so "equal" is 1e-5 as for the other backends.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def kernel_cases():
+    """(structure, head dim, dropout p) over every mode and padding of the flex/varlen tests,
+    a head dim that is not a power of two, and lengths across several blocks."""
+    from tests.test_attention_backends import structures
+    for i, st in enumerate(structures()):
+        for d, p in ((16, 0.0), (24, 0.25)):
+            yield f"structure {i}, head dim {d}, p {p}", st, d, p
+
+
+def check_kernels_against_eager_with_the_same_keep_mask() -> int:
+    from vltrain.model import triton_attention as T
+    n = 0
+    for block in (16, 32):
+        T.BLOCK = block                       # L = 23: two blocks of 16, one of 32
+        for name, st, d, p in kernel_cases():
+            g = torch.Generator().manual_seed(n)
+            B, L = st.key_valid.shape
+            h = 3
+            qkv = torch.randn(B, L, 3, h, d, generator=g).requires_grad_()
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))       # the block's strided views
+            keep = torch.rand(B, h, L, L, generator=g) >= p if p else None
+            out = T.triton_attention(q, k, v, T.prepare(st.key_valid, st.target), p, keep=keep)
+            probs = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + st.additive_mask(torch.float32), -1)
+            if p:
+                probs = probs * keep / (1 - p)
+            ref = probs @ v
+            w = torch.randn(ref.shape, generator=g)
+            (got_g,) = torch.autograd.grad((out * w).sum(), qkv)
+            (ref_g,) = torch.autograd.grad((ref * w).sum(), qkv)
+            err, gerr = float((out - ref).detach().abs().max()), float((got_g - ref_g).abs().max() / ref_g.abs().max())
+            assert err < 1e-5 and gerr < 1e-5, f"block {block}, {name}: output {err:.2e}, grad {gerr:.2e}"
+            n += 1
+    T.BLOCK = 64
+    return n
+
+
+def check_model_against_eager() -> int:
+    """The whole model (every mode, padding, VL-BERT's slots), forward and backward; the last
+    block at selected rows; and the blocks compiled by torch.compile (the op inside the graph)."""
+    from tests.test_attention_backends import MODES, assert_same, forward_backward, inputs_for, pair
+    from tests.test_model import KINDS, random_inputs, test_selected_positions_equal_the_full_forward
+    n = 0
+    for mode in [*MODES, "targets_inside"]:
+        ref, tri = pair("triton")
+        x = inputs_for(ref.config, mode)
+        m = "seq2seq" if mode == "targets_inside" else MODES[mode]
+        assert_same(forward_backward(ref, x, m), forward_backward(tri, x, m))
+        n += 1
+    ref, tri = pair("triton", **KINDS["vlbert-slots"])
+    x = random_inputs(ref.config, B=4)
+    assert_same(forward_backward(ref, x, MODES["mixed"]), forward_backward(tri, x, MODES["mixed"]))
+    n += 1
+    for kind in ("vlp", "vlbert-slots"):
+        test_selected_positions_equal_the_full_forward("triton", False, kind)
+        n += 1
+
+    from vltrain.model.compile import compile_blocks
+    ref, tri = pair("triton")
+    compile_blocks(tri)
+    x = random_inputs(ref.config, B=4)
+    assert_same(forward_backward(ref, x, MODES["mixed"]), forward_backward(tri, x, MODES["mixed"]))
+    return n + 1
+
+
+def check_dropout_in_training_only() -> int:
+    """Training draws a keep mask (same seed, same result; another seed, another); eval none."""
+    from tests.test_attention_backends import MODES, forward_backward, pair
+    from tests.test_model import random_inputs
+    ref, tri = pair("triton", attention_dropout=0.3)
+    x = random_inputs(ref.config, B=4)
+    tri.train()
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(forward_backward(tri, x, MODES["mixed"])[0])
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    tri.eval()
+    e, t = forward_backward(ref, x, MODES["mixed"], backward=False), forward_backward(tri, x, MODES["mixed"], False)
+    assert (e[0] - t[0]).abs().max() < 1e-5 and not torch.allclose(outs[0], t[0])
+    return 1
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1 (the kernels run in Triton's CPU interpreter)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    n = check_kernels_against_eager_with_the_same_keep_mask()
+    n += check_model_against_eager()
+    n += check_dropout_in_training_only()
+    print(f"triton attention: all {n} checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

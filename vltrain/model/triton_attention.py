@@ -1,0 +1,318 @@
+"""``model.attention_backend=triton``: vltrain's own fused attention for short sequences.
+
+Why: at our lengths (100 regions + ~40 text, L = 140, head dim 64) the library kernels are
+far from their bounds. On an H200 cuDNN took 1.34 ms per layer (forward + backward, our
+mask, dropout 0.1) for ~5e10 FLOPs (~35 TFLOP/s), 13.8 ms of a 61 ms step, for 2% of the
+step's FLOPs (BENCHMARKS.md): their 128-wide tiles cover 140 with 256 (30% of the tile is
+work), and our mask reaches them as a dense (B, 1, L, L) bias. These kernels instead
+  * compute the mask from two (B, L) vectors (``AttentionStructure``'s ``key_valid`` and
+    ``target``: the rule in ``attention.py``'s docstring) inside the tile: no dense mask;
+  * tile L with ``BLOCK``-wide blocks (64: 140 -> 192; 32: 140 -> 160);
+  * take attention dropout as a keep mask drawn once per call by torch (one (B, h, L, L)
+    bool tensor, ~60 MB per layer at micro-batch 256, kept for the backward), so that the
+    backward reuses exactly the forward's draw and a test can give eager the same mask.
+FlashAttention-2's algorithm: the forward keeps a running max and sum per query row (one
+pass over the key blocks, the log-sum-exp saved), the backward recomputes the
+probabilities; program i computes dK/dV of key block i, then dQ of query block i (no
+atomics, one launch). The scores and softmax stay in fp32 (eager rounds the scores to the input dtype
+before its fp32 softmax, so bf16 results differ from eager by bf16 rounding, not more).
+
+CUDA only (Triton GPU kernels); CPU tests run the same kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``, tests/triton_attention_check.py) against ``eager``. ``auto`` does
+not pick it until a GPU measurement says it is faster than ``sdpa``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:          # torch without Triton (CPU-only wheels on some platforms)
+    triton = tl = None
+
+# Query/key block width. What benchmarks/attention_kernels.py varies (32, 64); the default
+# is the one a GPU measured fastest at L = 140 (until then, 64: FlashAttention's width for
+# head dim 64).
+BLOCK = 64
+
+CPU_MESSAGE = ("model.attention_backend=triton runs Triton GPU kernels: it needs a CUDA device "
+               "(on CPU use model.attention_backend=sdpa or auto)")
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (tests): the kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_for(L: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The block width for length ``L``: ``BLOCK``, smaller for sequences shorter than it, and
+    at most 32 in fp32 (its tiles take twice the shared memory: the dK/dV kernel at 64 needs
+    132 KB, more than GPUs outside the data-centre parts have)."""
+    return max(16, min(BLOCK if dtype != torch.float32 else min(BLOCK, 32), triton.next_power_of_2(L)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _allowed(offs_m, offs_n, m_in, n_in, tq, tk, valid):
+        """(M, N) mask of the rule: valid(k) and (not target(k) or (target(q) and k <= q))."""
+        causal = offs_n[None, :] <= offs_m[:, None]
+        return (m_in[:, None] & n_in[None, :] & (valid[None, :] != 0)
+                & ((tk[None, :] == 0) | ((tq[:, None] != 0) & causal)))
+
+    @triton.jit
+    def _tile(PTR, b, h, sb, sh, sl, offs, rows_in, offs_d, d_in):
+        """Rows ``offs`` of head ``h`` of example ``b`` of a (B, h, L, d) tensor; zero outside."""
+        return tl.load(PTR + b * sb + h * sh + offs[:, None] * sl + offs_d[None, :],
+                       mask=rows_in[:, None] & d_in[None, :], other=0.0)
+
+    @triton.jit
+    def _store_tile(PTR, x, b, h, sb, sh, sl, offs, rows_in, offs_d, d_in):
+        tl.store(PTR + b * sb + h * sh + offs[:, None] * sl + offs_d[None, :], x.to(PTR.dtype.element_ty),
+                 mask=rows_in[:, None] & d_in[None, :])
+
+    @triton.jit
+    def _keep_scale(KEEP, bh, L, offs_m, offs_n, m_in, n_in, keep_scale):
+        """(M, N) dropout factor: 1 / (1 - p) where the keep mask keeps, else 0."""
+        keep = tl.load(KEEP + (bh * L + offs_m[:, None]) * L + offs_n[None, :],
+                       mask=m_in[:, None] & n_in[None, :], other=0)
+        return tl.where(keep != 0, keep_scale, 0.0)
+
+    @triton.jit
+    def _recompute(q, k, v, do, lse, delta, allowed, KEEP, bh, L, offs_m, offs_n, m_in, n_in,
+                   qk_scale, keep_scale, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+        """The backward's (M, N) tiles: the dropped-out probabilities (what multiplied V) and
+        dS, the scores' gradient (natural-log units: the caller applies the softmax scale)."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        pz = p
+        if DROPOUT:                  # one return for both: Triton inlines this function
+            z = _keep_scale(KEEP, bh, L, offs_m, offs_n, m_in, n_in, keep_scale)
+            pz = p * z
+            dp = dp * z
+        return pz, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start, L, offs_d, d_in,
+                   offs_q, q_in, t_q, BLOCK: tl.constexpr):
+        """Key block ``start``: K and V tiles, and which of its keys each query row may see."""
+        offs_n = start + tl.arange(0, BLOCK)
+        n_in = offs_n < L
+        k = _tile(K, b, h, skb, skh, skl, offs_n, n_in, offs_d, d_in)
+        v = _tile(V, b, h, svb, svh, svl, offs_n, n_in, offs_d, d_in)
+        allowed = _allowed(offs_q, offs_n, q_in, n_in, t_q, tl.load(TARGET + b * L + offs_n, mask=n_in, other=0),
+                           tl.load(VALID + b * L + offs_n, mask=n_in, other=0))
+        return offs_n, n_in, k, v, allowed
+
+    @triton.jit
+    def _attention_fwd_kernel(Q, K, V, VALID, TARGET, KEEP, O, LSE,
+                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                              H, L, D, qk_scale, keep_scale,
+                              DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                              PREC: tl.constexpr):
+        """Output rows of query block ``program_id(0)``: one pass over the key blocks."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_in = offs_m < L
+        d_in = offs_d < D
+        q = _tile(Q, b, h, sqb, sqh, sql, offs_m, m_in, offs_d, d_in)
+        tq = tl.load(TARGET + b * L + offs_m, mask=m_in, other=0)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for start in range(0, L, BLOCK):
+            offs_n, n_in, k, v, allowed = _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start,
+                                                     L, offs_d, d_in, offs_m, m_in, tq, BLOCK)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale      # log2 units
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)       # the softmax's sum: before dropout
+            if DROPOUT:
+                p = p * _keep_scale(KEEP, bh, L, offs_m, offs_n, m_in, n_in, keep_scale)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)                  # rows past L only
+        _store_tile(O, acc / l_safe[:, None], b, h, sob, soh, sol, offs_m, m_in, offs_d, d_in)
+        tl.store(LSE + bh * L + offs_m, m_i + tl.log2(l_safe), mask=m_in)
+
+    @triton.jit
+    def _attention_bwd_kernel(Q, K, V, DO, LSE, DELTA, VALID, TARGET, KEEP, DQ, DK, DV,
+                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sgb, sgh, sgl,
+                              H, L, D, sm_scale, qk_scale, keep_scale,
+                              DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                              PREC: tl.constexpr):
+        """Program i: dK, dV of key block i over every query block, then dQ of query block i
+        over every key block (FlashAttention-2's backward without atomics; one launch)."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        i_in = offs_i < L
+        d_in = offs_d < D
+        t_i = tl.load(TARGET + b * L + offs_i, mask=i_in, other=0)
+
+        k = _tile(K, b, h, skb, skh, skl, offs_i, i_in, offs_d, d_in)
+        v = _tile(V, b, h, svb, svh, svl, offs_i, i_in, offs_d, d_in)
+        valid = tl.load(VALID + b * L + offs_i, mask=i_in, other=0)
+        dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for start in range(0, L, BLOCK):
+            offs_m = start + tl.arange(0, BLOCK)
+            m_in = offs_m < L
+            q = _tile(Q, b, h, sqb, sqh, sql, offs_m, m_in, offs_d, d_in)
+            do = _tile(DO, b, h, sdob, sdoh, sdol, offs_m, m_in, offs_d, d_in)
+            allowed = _allowed(offs_m, offs_i, m_in, i_in, tl.load(TARGET + b * L + offs_m, mask=m_in, other=0),
+                               t_i, valid)
+            pz, ds = _recompute(q, k, v, do, tl.load(LSE + bh * L + offs_m, mask=m_in, other=0.0),
+                                tl.load(DELTA + bh * L + offs_m, mask=m_in, other=0.0), allowed, KEEP, bh, L,
+                                offs_m, offs_i, m_in, i_in, qk_scale, keep_scale, DROPOUT, PREC)
+            dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        _store_tile(DK, dk * sm_scale, b, h, sgb, sgh, sgl, offs_i, i_in, offs_d, d_in)
+        _store_tile(DV, dv, b, h, sgb, sgh, sgl, offs_i, i_in, offs_d, d_in)
+
+        q = _tile(Q, b, h, sqb, sqh, sql, offs_i, i_in, offs_d, d_in)
+        do = _tile(DO, b, h, sdob, sdoh, sdol, offs_i, i_in, offs_d, d_in)
+        lse = tl.load(LSE + bh * L + offs_i, mask=i_in, other=0.0)
+        delta = tl.load(DELTA + bh * L + offs_i, mask=i_in, other=0.0)
+        dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for start in range(0, L, BLOCK):
+            offs_n, n_in, k, v, allowed = _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start,
+                                                     L, offs_d, d_in, offs_i, i_in, t_i, BLOCK)
+            _, ds = _recompute(q, k, v, do, lse, delta, allowed, KEEP, bh, L, offs_i, offs_n, i_in, n_in,
+                               qk_scale, keep_scale, DROPOUT, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        _store_tile(DQ, dq * sm_scale, b, h, sgb, sgh, sgl, offs_i, i_in, offs_d, d_in)
+
+
+LOG2E = 1.4426950408889634
+
+
+def _meta(q: torch.Tensor, p: float, dropout: bool, block: int) -> dict:
+    d = q.shape[-1]
+    return dict(DROPOUT=dropout, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                # fp32 tests want fp32 products (Triton's default on CUDA is TF32); ignored for bf16
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    """(batch, head, position) strides of a (B, h, L, d) tensor whose last dim is contiguous."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _blhd(like: torch.Tensor) -> torch.Tensor:
+    """An empty (B, L, h, d) tensor: attention's outputs and gradients in the layout the block
+    reads (``transpose(1, 2).reshape(B, L, H)`` of its (B, h, L, d) view is then free)."""
+    B, h, L, d = like.shape
+    return torch.empty((B, L, h, d), dtype=like.dtype, device=like.device)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward_impl(q, k, v, valid, target, keep: Optional[torch.Tensor], p: float, block: int):
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    B, h, L, d = q.shape
+    o = _blhd(q)
+    ov = o.transpose(1, 2)
+    lse = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
+    dropout = keep is not None
+    _attention_fwd_kernel[(triton.cdiv(L, block), B * h)](
+        q, k, v, valid, target, keep if dropout else valid, ov, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(ov),
+        h, L, d, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0, **_meta(q, p, dropout, block))
+    return o, lse
+
+
+def _backward_impl(do, q, k, v, o, lse, valid, target, keep: Optional[torch.Tensor], p: float, block: int):
+    """(dq, dk, dv), each (B, L, h, d); ``do`` and ``o`` are (B, L, h, d)."""
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    B, h, L, d = q.shape
+    dov = _unit_last(do).transpose(1, 2)
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()       # (B, h, L)
+    dq, dk, dv = _blhd(q), _blhd(q), _blhd(q)
+    dqv, dkv, dvv = (t.transpose(1, 2) for t in (dq, dk, dv))
+    dropout = keep is not None
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv),
+              h, L, d, d ** -0.5, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0)
+    meta = _meta(q, p, dropout, block)
+    keep_arg = keep if dropout else valid
+    _attention_bwd_kernel[(triton.cdiv(L, block), B * h)](q, k, v, dov, lse, delta, valid, target, keep_arg,
+                                                           dqv, dkv, dvv, *common, **meta)
+    return dq, dk, dv
+
+
+if triton is not None:
+    # Custom ops: opaque to torch.compile (the compiled blocks call them as one node each,
+    # their autograd registered below), so Dynamo never traces into the launches.
+    @torch.library.custom_op("vltrain::short_attention", mutates_args=())
+    def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                        target: torch.Tensor, keep: Optional[torch.Tensor], p: float,
+                        block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward_impl(q, k, v, valid, target, keep, p, block)
+
+    @short_attention.register_fake
+    def _(q, k, v, valid, target, keep, p, block):
+        B, h, L, _ = q.shape
+        return _blhd(q), q.new_empty((B, h, L), dtype=torch.float32)
+
+    @torch.library.custom_op("vltrain::short_attention_backward", mutates_args=())
+    def short_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 o: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+                                 keep: Optional[torch.Tensor], p: float,
+                                 block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward_impl(do, q, k, v, o, lse, valid, target, keep, p, block)
+
+    @short_attention_backward.register_fake
+    def _(do, q, k, v, o, lse, valid, target, keep, p, block):
+        return _blhd(q), _blhd(q), _blhd(q)
+
+    def _setup(ctx, inputs, output):
+        q, k, v, valid, target, keep, p, block = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, valid, target, keep)
+        ctx.p, ctx.block = p, block
+
+    def _backward(ctx, do, dlse):
+        q, k, v, o, lse, valid, target, keep = ctx.saved_tensors
+        dq, dk, dv = short_attention_backward(do, q, k, v, o, lse, valid, target, keep, ctx.p, ctx.block)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
+
+    short_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def prepare(key_valid: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two (B, L) int8 vectors the kernels read, once per forward."""
+    return key_valid.to(torch.int8).contiguous(), target.to(torch.int8).contiguous()
+
+
+def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, h, L, d) -> (B, h, L, d) by the rule of ``attention.py``. ``keep`` (B, h, L, L) bool
+    replaces the dropout draw (tests give eager the same one)."""
+    if not available():
+        raise RuntimeError("model.attention_backend=triton needs the triton package")
+    if not q.is_cuda and not interpreting():
+        raise RuntimeError(CPU_MESSAGE)
+    valid, target = prepared
+    B, h, L, _ = q.shape
+    if keep is None and dropout_p > 0:
+        keep = torch.empty((B, h, L, L), dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+    o, _ = short_attention(q, k, v, valid, target, keep, float(dropout_p), block_for(L, q.dtype))
+    return o.transpose(1, 2)
