@@ -208,7 +208,8 @@ def main(argv=None) -> int:
         rows.append([r.label, r.batch, r.batch / t, t * 1e3, tflops, 100 * tflops / peak if peak else float("nan"),
                      (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
     md = [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
-          f"text tokens, sdpa unless a row says otherwise, compiled blocks; {args.rounds} rounds of {args.steps_per_round} steps, interleaved.",
+          f"text tokens, sdpa unless a row says otherwise, compiled blocks; {args.rounds} rounds of "
+          f"{args.steps_per_round} steps, interleaved.",
           "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
                               "× first row", "× peer"], rows)]
     engines = [r for r in runners if r.engine is not None][:1]

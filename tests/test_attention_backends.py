@@ -18,7 +18,8 @@ from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2
 from vltrain.model import attention as A
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the FlexAttention, varlen and triton kernels are GPU-only")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the FlexAttention, varlen and triton kernels "
+                                                  "are GPU-only")
 
 MODES = {"bidirectional": "bidirectional", "seq2seq": "seq2seq", "left_to_right": "left_to_right",
          "mixed": torch.tensor([MODE_SEQ2SEQ, MODE_BIDIRECTIONAL, MODE_LEFT_TO_RIGHT, MODE_SEQ2SEQ])}

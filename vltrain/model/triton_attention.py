@@ -13,9 +13,9 @@ work), and our mask reaches them as a dense (B, 1, L, L) bias. These kernels ins
     backward reuses exactly the forward's draw and a test can give eager the same mask.
 FlashAttention-2's algorithm: the forward keeps a running max and sum per query row (one
 pass over the key blocks, the log-sum-exp saved), the backward recomputes the
-probabilities; program i computes dK/dV of key block i, then dQ of query block i (no
-atomics, one launch). The scores and softmax stay in fp32 (eager rounds the scores to the input dtype
-before its fp32 softmax, so bf16 results differ from eager by bf16 rounding, not more).
+probabilities; its program i computes dK/dV of key block i, then dQ of query block i (no
+atomics, one launch). Scores and softmax stay in fp32 (eager rounds the scores to the input
+dtype before its fp32 softmax, so bf16 results differ from eager by bf16 rounding, no more).
 
 CUDA only (Triton GPU kernels); CPU tests run the same kernels in Triton's interpreter
 (``TRITON_INTERPRET=1``, tests/triton_attention_check.py) against ``eager``. ``auto`` does
@@ -102,6 +102,15 @@ if triton is not None:
         return pz, p * (dp - delta[:, None])
 
     @triton.jit
+    def _program(L, BLOCK: tl.constexpr):
+        """(example x head, block) of this program. One grid axis, the blocks of one (example,
+        head) consecutive: they run close in time and re-read its K/V from L2 (the grid's
+        other axes stop at 65535); int64: B*h*L*L (the keep mask's offsets) can pass 2^31."""
+        nb = tl.cdiv(L, BLOCK)
+        pid = tl.program_id(0)
+        return (pid // nb).to(tl.int64), pid % nb
+
+    @triton.jit
     def _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start, L, offs_d, d_in,
                    offs_q, q_in, t_q, BLOCK: tl.constexpr):
         """Key block ``start``: K and V tiles, and which of its keys each query row may see."""
@@ -119,11 +128,11 @@ if triton is not None:
                               H, L, D, qk_scale, keep_scale,
                               DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                               PREC: tl.constexpr):
-        """Output rows of query block ``program_id(0)``: one pass over the key blocks."""
-        bh = tl.program_id(1)
+        """Output rows of one query block: one pass over the key blocks."""
+        bh, blk = _program(L, BLOCK)
         b = bh // H
         h = bh % H
-        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_m = blk * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
         m_in = offs_m < L
         d_in = offs_d < D
@@ -158,10 +167,10 @@ if triton is not None:
                               PREC: tl.constexpr):
         """Program i: dK, dV of key block i over every query block, then dQ of query block i
         over every key block (FlashAttention-2's backward without atomics; one launch)."""
-        bh = tl.program_id(1)
+        bh, blk = _program(L, BLOCK)
         b = bh // H
         h = bh % H
-        offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_i = blk * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
         i_in = offs_i < L
         d_in = offs_d < D
@@ -204,7 +213,7 @@ if triton is not None:
 LOG2E = 1.4426950408889634
 
 
-def _meta(q: torch.Tensor, p: float, dropout: bool, block: int) -> dict:
+def _meta(q: torch.Tensor, dropout: bool, block: int) -> dict:
     d = q.shape[-1]
     return dict(DROPOUT=dropout, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 # fp32 tests want fp32 products (Triton's default on CUDA is TF32); ignored for bf16
@@ -234,10 +243,10 @@ def _forward_impl(q, k, v, valid, target, keep: Optional[torch.Tensor], p: float
     ov = o.transpose(1, 2)
     lse = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
     dropout = keep is not None
-    _attention_fwd_kernel[(triton.cdiv(L, block), B * h)](
+    _attention_fwd_kernel[(B * h * triton.cdiv(L, block),)](
         q, k, v, valid, target, keep if dropout else valid, ov, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(ov),
-        h, L, d, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0, **_meta(q, p, dropout, block))
+        h, L, d, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0, **_meta(q, dropout, block))
     return o, lse
 
 
@@ -252,9 +261,9 @@ def _backward_impl(do, q, k, v, o, lse, valid, target, keep: Optional[torch.Tens
     dropout = keep is not None
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv),
               h, L, d, d ** -0.5, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0)
-    meta = _meta(q, p, dropout, block)
+    meta = _meta(q, dropout, block)
     keep_arg = keep if dropout else valid
-    _attention_bwd_kernel[(triton.cdiv(L, block), B * h)](q, k, v, dov, lse, delta, valid, target, keep_arg,
+    _attention_bwd_kernel[(B * h * triton.cdiv(L, block),)](q, k, v, dov, lse, delta, valid, target, keep_arg,
                                                            dqv, dkv, dvv, *common, **meta)
     return dq, dk, dv
 
