@@ -96,6 +96,26 @@ def check_dropout_in_training_only() -> int:
     return 1
 
 
+def check_activation_checkpointing_redraws_the_same_keep_mask() -> int:
+    """With model.activation_checkpointing the blocks' forward runs again in the backward and
+    draws its keep mask again: torch's checkpoint restores the RNG state, so the gradients
+    equal those of the run that kept its activations (same seed)."""
+    from tests.test_attention_backends import MODES, forward_backward
+    from tests.test_model import make_model, random_inputs
+    plain = make_model("triton", attention_dropout=0.3).train()
+    ckpt = make_model("triton", attention_dropout=0.3, activation_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = random_inputs(plain.config, B=4)
+    torch.manual_seed(3)
+    o0, g0 = forward_backward(plain, x, MODES["mixed"])
+    torch.manual_seed(3)
+    o1, g1 = forward_backward(ckpt, x, MODES["mixed"])
+    assert torch.equal(o0, o1) and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-6, atol=1e-7) for n in g0), \
+        [n for n in g0 if not torch.allclose(g0[n], g1[n], rtol=1e-6, atol=1e-7)]
+    return 1
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1 (the kernels run in Triton's CPU interpreter)", file=sys.stderr)
@@ -104,6 +124,7 @@ def main() -> int:
     n = check_kernels_against_eager_with_the_same_keep_mask()
     n += check_model_against_eager()
     n += check_dropout_in_training_only()
+    n += check_activation_checkpointing_redraws_the_same_keep_mask()
     print(f"triton attention: all {n} checks passed")
     return 0
 
