@@ -121,6 +121,14 @@ def runs(tmp_path_factory, synthetic_corpus, s3_endpoint):
         r2 = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     res["R2_code"] = r2.returncode
     res["R2_log"] = open(os.path.join(logs, "R2.log")).read()
+
+    # R3: the finished run started again (a resubmitted job): nothing to train, a clean exit
+    env = launcher_env()
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
+    with open(os.path.join(logs, "R3.log"), "w") as f:
+        r3 = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    res["R3_code"] = r3.returncode
+    res["R3_log"] = open(os.path.join(logs, "R3.log")).read()
     return res
 
 
@@ -216,6 +224,14 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
     assert [s for s, _ in pb] == [s for s, _ in ub] and len(ub) == len(LOGGED), (ub, pb)
     resumed = runs["R_found"].info["step"]
     assert f"at step {resumed}" in runs["R2_log"].split("resumed from", 1)[1]
+
+
+def test_a_finished_run_resumed_again_exits_cleanly(runs):
+    """Streaming's per-node loader-state segment is unlinked when the local rank that created it
+    exits; with nothing left to train, that rank used to exit before the other attached
+    (FileNotFoundError '/<prefix>_resume', 2 of 5 tries): the ranks now wait for each other."""
+    assert runs["R3_code"] == 0, runs["R3_log"][-3000:]
+    assert f"step {STEPS} is train.max_steps={STEPS}: nothing left to train" in runs["R3_log"], runs["R3_log"][-3000:]
 
 
 def test_secret_is_written_nowhere(runs):

@@ -140,6 +140,12 @@ class Trainer:
                              same_precision=saved_precision in (None, self.cfg.train.precision))
         state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"], self.info.world)
         self.loader.load_state_dict(state["loader"])
+        if dist.is_initialized():
+            # streaming keeps the loader state in a segment per node that the first local rank
+            # to load it creates and unlinks when it exits: a resumed run with nothing left to
+            # train ended before a slower rank attached ("No such file or directory:
+            # '/<prefix>_resume'", in 2 of 5 tries on 2 ranks)
+            dist.barrier()
         if found.info["world_size"] == self.info.world:
             ckpt.set_rng_state(state["rng"])   # per-rank streams only mean something at the same size
             self._cuts = list(state.get("cuts", self._cuts))
@@ -153,6 +159,9 @@ class Trainer:
         self.monitor.resume_at(self.step, int(state.get("samples_seen", 0)), state.get("monitor"))
         if self.info.is_main:
             log.info("resumed from %s at step %d", found.path, self.step)
+            if self.step >= self.cfg.train.max_steps:      # a finished run started again
+                log.info("step %d is train.max_steps=%d: nothing left to train (raise train.max_steps to go on)",
+                         self.step, self.cfg.train.max_steps)
 
     # ------------------------------------------------------------------ loop
 
