@@ -423,6 +423,11 @@ def test_console_script_and_module_entry_point(ckpts, resharded):
     p = subprocess.run([exe, "inspect", resharded["U3"]], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert "universal: resumes on any world size" in p.stdout
+    # `vltrain-ckpt inspect ... | head`: a reader gone before the report is written is no error
+    p = subprocess.Popen([exe, "inspect", resharded["U3"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    p.stdout.close()                       # long before the tool has imported torch
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
     p = subprocess.run([sys.executable, "-m", "vltrain.ckpt", "reshard", ckpts["z2"], os.path.join(ckpts["root"], "x"),
                         "--tag", "nope"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 2 and "no tag 'nope'" in p.stderr
@@ -450,6 +455,8 @@ def test_missing_optimizer_shard_is_named(ckpts, resharded, resumed, tmp_path, c
         assert_nothing_written(*outs)
     code, out, err = cli(capsys, "inspect", damaged)
     assert code == 2 and "INCOMPLETE" in out and name in err
+    d = json.loads(cli(capsys, "inspect", damaged, "--json")[1])  # listed as what it now is, not as written
+    assert d["tag"] in d["incomplete_tags"] and d["tag"] not in d["tags_in_folder"], d
     r = resumed["missing_file"]                                      # train.resume= through run.py
     assert r["code"] == 2 and name in r["errors"][0]
 

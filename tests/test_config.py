@@ -83,8 +83,11 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 def test_debug_recipe_uses_the_debug_model():
+    """The tests' model, at BERT-base's weight scale for its width: the recipe a user pretrains
+    and then fine-tunes from (the tests' fixed-weight comparisons keep BERT's 0.02)."""
     from vltrain.config import debug_model_config
-    assert load_config("configs/debug.yaml").model == debug_model_config()
+    assert load_config("configs/debug.yaml").model == debug_model_config(initializer_range=0.07)
+    assert load_config("configs/caption_debug.yaml").model.initializer_range == 0.07
 
 
 def test_numbers_and_text_are_read_as_meant(tmp_path):

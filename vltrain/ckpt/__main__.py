@@ -85,6 +85,14 @@ def _print_result(kind: str, res: dict) -> None:
               "names, each block's query/key/value apart)")
 
 
+def emit(text: str) -> None:
+    """Print ``text``; a reader that stops early (``| head``) is not an error of ours."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:       # keep Python's exit-time flush from failing on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")      # the tools never need a GPU
@@ -98,7 +106,7 @@ def main(argv=None) -> int:
             from vltrain.ckpt.info import describe, format_report
             found = locate(args.ckpt, args.tag, check_files=False)
             d = describe(found)
-            print(json.dumps(d, indent=1) if args.json else format_report(d))
+            emit(json.dumps(d, indent=1) if args.json else format_report(d))
             if d["problem"]:
                 print(f"error: {d['problem']}", file=sys.stderr)
                 return EXIT_BAD_INPUT

@@ -69,7 +69,19 @@ def describe(found: ckpt.Found) -> dict:
         masters = problem is None and precision not in (None, "fp32") and bool(stage0_masters(stage0_file(found)))
         dtype = (f"{precision or '?'} (ZeRO-0: module weights in the training dtype"
                  + ("; fp32 master weights in the optimizer state)" if masters else ")"))
-    complete, incomplete = list_tags(found.save_dir)
+    marked, incomplete = list_tags(found.save_dir)
+    complete = []
+    for tag in marked:            # marked complete when written: are its files still all there?
+        if tag == found.tag:
+            whole = status == "complete"
+        else:
+            path = os.path.join(found.save_dir, tag)
+            try:
+                check_checkpoint_files(path, ckpt.read_ckpt_info(path) or {})
+                whole = True
+            except CheckpointError:
+                whole = False
+        (complete if whole else incomplete).append(tag)
     gb, mb = info.get("global_batch"), info.get("micro_batch_size")
     if universal or stage == 0:
         where = (f"any world size that keeps the global batch of {gb} with micro batch {mb}: "

@@ -61,7 +61,8 @@ def init_weights(model: VLModel, path: str) -> dict:
         source = path
     with torch.no_grad():
         fresh = load_into(model, state, source=source)
-    log.info("initialised from %s (%d tensors fresh)", source, len(fresh))
+    # the model's tensors only: the task's heads are loaded (or not) after, and logged there
+    log.info("model weights from %s (%d of the model's tensors not in it start as initialised)", source, len(fresh))
     return task_state
 
 
