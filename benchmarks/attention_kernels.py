@@ -23,8 +23,9 @@ every variant timed interleaved in one run:
   - the eager reference compiled by Inductor (scores and output on cuBLAS, mask + softmax +
     dropout fused between them);
   - the ``triton`` backend (vltrain's kernels: the mask computed in the tile, no dense mask) in
-    32- and 64-wide blocks, checked against the dense mask before it is timed. On CPU its rows
-    appear only in Triton's interpreter (``TRITON_INTERPRET=1``: plumbing, not speed).
+    32- and 64-wide blocks, with 4 or 8 warps and 1-3 pipeline stages, checked against the
+    dense mask before it is timed. On CPU its rows appear only in Triton's interpreter
+    (``TRITON_INTERPRET=1``: plumbing, not speed).
 A variant the device cannot run is listed with the error, not dropped. A diagnosis for the
 throughput table (which backend to build next), not a target of its own.
 """
@@ -170,16 +171,17 @@ def eager_compiled_variant(mask, dropout: float):
     return run
 
 
-def triton_variant(st: A.AttentionStructure, block: int, dropout: float):
-    """fwd+bwd closure of the ``triton`` backend in ``block``-wide blocks (with dropout, the
-    keep mask's draw included, as the backend trains); on its first call its dropout-free
-    output must equal sdpa with the dense mask at every real query row."""
+def triton_variant(st: A.AttentionStructure, block: int, dropout: float, warps: int = 4, stages: int = 3):
+    """fwd+bwd closure of the ``triton`` backend in ``block``-wide blocks with ``warps`` warps
+    and ``stages`` pipeline stages (with dropout, the keep mask's draw included, as the backend
+    trains); on its first call its dropout-free output must equal sdpa with the dense mask at
+    every real query row."""
     T = A.triton_attention
     prepared = T.prepare(st.key_valid, st.target)
     checked = []
 
     def run(q, k, v, go):
-        T.BLOCK = block
+        T.BLOCK, T.NUM_WARPS, T.NUM_STAGES = block, warps, stages
         if not checked:
             with torch.no_grad():
                 ref = F.scaled_dot_product_attention(q, k, v, attn_mask=st.additive_mask(q.dtype))
@@ -192,12 +194,17 @@ def triton_variant(st: A.AttentionStructure, block: int, dropout: float):
     return run
 
 
+# (block, warps, stages, dropout): the training setting (64, 4, 3, 0.1) and what to try beside it
+TRITON_SETTINGS = [(64, 4, 3, 0.0), (64, 4, 3, 0.1), (32, 4, 3, 0.1), (64, 8, 3, 0.1), (64, 4, 2, 0.1),
+                   (64, 8, 1, 0.1)]
+
+
 def triton_rows(st: A.AttentionStructure, L: int):
-    """The ``triton`` backend at each block width and dropout (CUDA, or Triton's interpreter)."""
+    """The ``triton`` backend at each launch setting (CUDA, or Triton's interpreter)."""
     if not A.triton_attention.available():
         return []
-    return [(f"triton (vltrain's kernels), {b}-wide blocks, our mask, dropout {p}", L, triton_variant(st, b, p))
-            for b in (32, 64) for p in (0.0, 0.1)]
+    return [(f"triton (vltrain's kernels), {b}-wide blocks, {w} warps, {n} stages, our mask, dropout {p}", L,
+             triton_variant(st, b, p, w, n)) for b, w, n, p in TRITON_SETTINGS]
 
 
 def variants(st: A.AttentionStructure, dtype, device, L: int):

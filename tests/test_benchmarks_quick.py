@@ -153,7 +153,8 @@ def test_attention_kernels_quick_times_every_variant():
 def test_triton_rows_run_in_the_triton_interpreter():
     """The ``triton`` backend's rows of the GPU suite, run here in Triton's CPU interpreter
     (plumbing, not speed): a throughput row and its attention micro-benchmark row matching
-    eager, the kernel table's rows checked against the dense mask, the levers' rows."""
+    eager, the kernel table's rows checked against the dense mask, the levers' rows (bf16: the
+    interpreter's bf16 products are wrong, so only their plumbing is checked, not their values)."""
     interp = {"TRITON_INTERPRET": "1"}
     md = run_script(["benchmarks/train_throughput.py", "--quick", "--threads", "1", "--no-zero", "--no-compile",
                      "--backends", "triton", "--no-ablation", "--no-engine", "--steps-per-round", "1",
@@ -167,7 +168,7 @@ def test_triton_rows_run_in_the_triton_interpreter():
     out = run_script(["benchmarks/attention_kernels.py", "--quick", "--device", "cpu"], env_extra=interp)
     _, rows = table_rows(out, "variant")
     tri = [r for r in rows if r[0].startswith("triton")]
-    assert len(tri) == 4 and all(finite(r[1]) and r[3] == "-" for r in tri), rows    # "-": equal to the mask
+    assert len(tri) == 6 and all(finite(r[1]) and r[3] == "-" for r in tri), rows    # "-": equal to the mask
 
     out = run_script(["benchmarks/mfu_levers.py", "--quick", "--device", "cpu", "--batch", "2", "--rounds", "1",
                       "--steps-per-round", "1"], env_extra=interp)

@@ -158,14 +158,16 @@ def test_a_training_step_has_no_host_sync_on_cuda(synthetic_corpus, case, backen
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs CUDA (CPU references: the eager step above, the compiled blocks in test_attention_backends)")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_every_task_steps_compiled_in_bf16_on_cuda(synthetic_corpus, case):
+@pytest.mark.parametrize("case, backend", [(case, "sdpa") for case in sorted(CASES)] + [("pretrain", "triton")])
+def test_every_task_steps_compiled_in_bf16_on_cuda(synthetic_corpus, case, backend):
     """What every cluster recipe runs on a GPU (train.precision=auto -> bf16 weights,
     model.compile=true): each task's training step through the compiled blocks, then its
-    validation forward, whose loss matches the uncompiled module's (same weights)."""
+    validation forward, whose loss matches the uncompiled module's (same weights). triton:
+    its custom ops inside the compiled blocks, the keep mask drawn by Inductor's RNG."""
     torch._dynamo.reset()      # graphs of earlier tests could fill the recompile limit (then: eager)
-    module, batch = training_step(synthetic_corpus, case, "sdpa", "cuda", "model.compile=true", dtype=torch.bfloat16)
-    eager, _ = training_step(synthetic_corpus, case, "sdpa", "cuda", dtype=torch.bfloat16)
+    module, batch = training_step(synthetic_corpus, case, backend, "cuda", "model.compile=true",
+                                  dtype=torch.bfloat16)
+    eager, _ = training_step(synthetic_corpus, case, backend, "cuda", dtype=torch.bfloat16)
     loss, _ = module(batch)
     loss.backward()
     assert torch.isfinite(loss)

@@ -9,12 +9,13 @@ work), and our mask reaches them as a dense (B, 1, L, L) bias. These kernels ins
     ``target``: the rule in ``attention.py``'s docstring) inside the tile: no dense mask;
   * tile L with ``BLOCK``-wide blocks (64: 140 -> 192; 32: 140 -> 160);
   * take attention dropout as a keep mask drawn once per call by torch (one (B, h, L, L)
-    bool tensor, ~60 MB per layer at micro-batch 256, kept for the backward), so that the
-    backward reuses exactly the forward's draw and a test can give eager the same mask.
+    bool tensor, rows padded to 16 bytes, ~64 MB per layer at micro-batch 256, kept for the
+    backward), so that the backward reuses exactly the forward's draw and a test can give
+    eager the same mask.
 FlashAttention-2's algorithm: the forward keeps a running max and sum per query row (one
 pass over the key blocks, the log-sum-exp saved), the backward recomputes the
-probabilities; its program i computes dK/dV of key block i, then dQ of query block i (no
-atomics, one launch). Scores and softmax stay in fp32 (eager rounds the scores to the input
+probabilities (after one pass for rowsum(dO * O)); its program i computes dK/dV of key
+block i, then dQ of query block i (no atomics). Scores and softmax stay in fp32 (eager rounds the scores to the input
 dtype before its fp32 softmax, so bf16 results differ from eager by bf16 rounding, no more).
 
 CUDA only (Triton GPU kernels); CPU tests run the same kernels in Triton's interpreter
@@ -34,10 +35,13 @@ try:
 except ImportError:          # torch without Triton (CPU-only wheels on some platforms)
     triton = tl = None
 
-# Query/key block width. What benchmarks/attention_kernels.py varies (32, 64); the default
-# is the one a GPU measured fastest at L = 140 (until then, 64: FlashAttention's width for
-# head dim 64).
+# Launch settings, what benchmarks/attention_kernels.py varies: the query/key block width
+# (32 or 64; Hopper's wgmma needs 64 rows per warp group, 32 falls back to mma), warps and
+# pipeline stages. The defaults: FlashAttention's width for head dim 64 and Triton's own
+# warps/stages, until a GPU measures the fastest at L = 140.
 BLOCK = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 CPU_MESSAGE = ("model.attention_backend=triton runs Triton GPU kernels: it needs a CUDA device "
                "(on CPU use model.attention_backend=sdpa or auto)")
@@ -80,14 +84,14 @@ if triton is not None:
                  mask=rows_in[:, None] & d_in[None, :])
 
     @triton.jit
-    def _keep_scale(KEEP, bh, L, offs_m, offs_n, m_in, n_in, keep_scale):
+    def _keep_scale(KEEP, b, h, skb, skh, skl, offs_m, offs_n, m_in, n_in, keep_scale):
         """(M, N) dropout factor: 1 / (1 - p) where the keep mask keeps, else 0."""
-        keep = tl.load(KEEP + (bh * L + offs_m[:, None]) * L + offs_n[None, :],
+        keep = tl.load(KEEP + b * skb + h * skh + offs_m[:, None] * skl + offs_n[None, :],
                        mask=m_in[:, None] & n_in[None, :], other=0)
         return tl.where(keep != 0, keep_scale, 0.0)
 
     @triton.jit
-    def _recompute(q, k, v, do, lse, delta, allowed, KEEP, bh, L, offs_m, offs_n, m_in, n_in,
+    def _recompute(q, k, v, do, lse, delta, allowed, KEEP, b, h, skb, skh, skl, offs_m, offs_n, m_in, n_in,
                    qk_scale, keep_scale, DROPOUT: tl.constexpr, PREC: tl.constexpr):
         """The backward's (M, N) tiles: the dropped-out probabilities (what multiplied V) and
         dS, the scores' gradient (natural-log units: the caller applies the softmax scale)."""
@@ -96,7 +100,7 @@ if triton is not None:
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         pz = p
         if DROPOUT:                  # one return for both: Triton inlines this function
-            z = _keep_scale(KEEP, bh, L, offs_m, offs_n, m_in, n_in, keep_scale)
+            z = _keep_scale(KEEP, b, h, skb, skh, skl, offs_m, offs_n, m_in, n_in, keep_scale)
             pz = p * z
             dp = dp * z
         return pz, p * (dp - delta[:, None])
@@ -124,7 +128,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_fwd_kernel(Q, K, V, VALID, TARGET, KEEP, O, LSE,
-                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, spb, sph, spl,
                               H, L, D, qk_scale, keep_scale,
                               DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                               PREC: tl.constexpr):
@@ -152,7 +156,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)       # the softmax's sum: before dropout
             if DROPOUT:
-                p = p * _keep_scale(KEEP, bh, L, offs_m, offs_n, m_in, n_in, keep_scale)
+                p = p * _keep_scale(KEEP, b, h, spb, sph, spl, offs_m, offs_n, m_in, n_in, keep_scale)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)                  # rows past L only
@@ -162,7 +166,7 @@ if triton is not None:
     @triton.jit
     def _attention_bwd_kernel(Q, K, V, DO, LSE, DELTA, VALID, TARGET, KEEP, DQ, DK, DV,
                               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sgb, sgh, sgl,
-                              H, L, D, sm_scale, qk_scale, keep_scale,
+                              spb, sph, spl, H, L, D, sm_scale, qk_scale, keep_scale,
                               DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                               PREC: tl.constexpr):
         """Program i: dK, dV of key block i over every query block, then dQ of query block i
@@ -189,8 +193,8 @@ if triton is not None:
             allowed = _allowed(offs_m, offs_i, m_in, i_in, tl.load(TARGET + b * L + offs_m, mask=m_in, other=0),
                                t_i, valid)
             pz, ds = _recompute(q, k, v, do, tl.load(LSE + bh * L + offs_m, mask=m_in, other=0.0),
-                                tl.load(DELTA + bh * L + offs_m, mask=m_in, other=0.0), allowed, KEEP, bh, L,
-                                offs_m, offs_i, m_in, i_in, qk_scale, keep_scale, DROPOUT, PREC)
+                                tl.load(DELTA + bh * L + offs_m, mask=m_in, other=0.0), allowed, KEEP, b, h,
+                                spb, sph, spl, offs_m, offs_i, m_in, i_in, qk_scale, keep_scale, DROPOUT, PREC)
             dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         _store_tile(DK, dk * sm_scale, b, h, sgb, sgh, sgl, offs_i, i_in, offs_d, d_in)
@@ -204,10 +208,27 @@ if triton is not None:
         for start in range(0, L, BLOCK):
             offs_n, n_in, k, v, allowed = _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start,
                                                      L, offs_d, d_in, offs_i, i_in, t_i, BLOCK)
-            _, ds = _recompute(q, k, v, do, lse, delta, allowed, KEEP, bh, L, offs_i, offs_n, i_in, n_in,
-                               qk_scale, keep_scale, DROPOUT, PREC)
+            _, ds = _recompute(q, k, v, do, lse, delta, allowed, KEEP, b, h, spb, sph, spl, offs_i, offs_n,
+                               i_in, n_in, qk_scale, keep_scale, DROPOUT, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         _store_tile(DQ, dq * sm_scale, b, h, sgb, sgh, sgl, offs_i, i_in, offs_d, d_in)
+
+
+    @triton.jit
+    def _attention_bwd_delta_kernel(O, DO, DELTA, sob, soh, sol, sdob, sdoh, sdol, H, L, D,
+                                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """rowsum(dO * O) of one query block, fp32: the backward's softmax correction (one read
+        of O and dO; in torch it took ~5 kernels and ~770 MB of traffic per layer)."""
+        bh, blk = _program(L, BLOCK)
+        b = bh // H
+        h = bh % H
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows_in = offs < L
+        d_in = offs_d < D
+        o = _tile(O, b, h, sob, soh, sol, offs, rows_in, offs_d, d_in).to(tl.float32)
+        do = _tile(DO, b, h, sdob, sdoh, sdol, offs, rows_in, offs_d, d_in).to(tl.float32)
+        tl.store(DELTA + bh * L + offs, tl.sum(o * do, 1), mask=rows_in)
 
 
 LOG2E = 1.4426950408889634
@@ -217,7 +238,12 @@ def _meta(q: torch.Tensor, dropout: bool, block: int) -> dict:
     d = q.shape[-1]
     return dict(DROPOUT=dropout, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 # fp32 tests want fp32 products (Triton's default on CUDA is TF32); ignored for bf16
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _keep_strides(keep: Optional[torch.Tensor]) -> tuple:
+    """(batch, head, row) strides of the keep mask; zeros without dropout (never read)."""
+    return (0, 0, 0) if keep is None else (keep.stride(0), keep.stride(1), keep.stride(2))
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -245,7 +271,7 @@ def _forward_impl(q, k, v, valid, target, keep: Optional[torch.Tensor], p: float
     dropout = keep is not None
     _attention_fwd_kernel[(B * h * triton.cdiv(L, block),)](
         q, k, v, valid, target, keep if dropout else valid, ov, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(ov),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *_keep_strides(keep),
         h, L, d, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0, **_meta(q, dropout, block))
     return o, lse
 
@@ -255,16 +281,18 @@ def _backward_impl(do, q, k, v, o, lse, valid, target, keep: Optional[torch.Tens
     q, k, v = (_unit_last(t) for t in (q, k, v))
     B, h, L, d = q.shape
     dov = _unit_last(do).transpose(1, 2)
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()       # (B, h, L)
+    ov = o.transpose(1, 2)
+    grid = (B * h * triton.cdiv(L, block),)
+    meta = _meta(q, keep is not None, block)
+    delta = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
+    _attention_bwd_delta_kernel[grid](ov, dov, delta, *_strides(ov), *_strides(dov), h, L, d, BLOCK=block,
+                                      BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS)
     dq, dk, dv = _blhd(q), _blhd(q), _blhd(q)
     dqv, dkv, dvv = (t.transpose(1, 2) for t in (dq, dk, dv))
-    dropout = keep is not None
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv),
-              h, L, d, d ** -0.5, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0)
-    meta = _meta(q, dropout, block)
-    keep_arg = keep if dropout else valid
-    _attention_bwd_kernel[(B * h * triton.cdiv(L, block),)](q, k, v, dov, lse, delta, valid, target, keep_arg,
-                                                           dqv, dkv, dvv, *common, **meta)
+    _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, keep if keep is not None else valid,
+                                dqv, dkv, dvv, *_strides(q), *_strides(k), *_strides(v), *_strides(dov),
+                                *_strides(dqv), *_keep_strides(keep), h, L, d, d ** -0.5, d ** -0.5 * LOG2E,
+                                1.0 / (1.0 - p) if keep is not None else 1.0, **meta)
     return dq, dk, dv
 
 
@@ -322,6 +350,10 @@ def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.T
     valid, target = prepared
     B, h, L, _ = q.shape
     if keep is None and dropout_p > 0:
-        keep = torch.empty((B, h, L, L), dtype=torch.bool, device=q.device).bernoulli_(1.0 - dropout_p)
+        # rows 16-byte aligned (L = 140 is not): the kernels load a tile's row in wide loads
+        keep = torch.empty((B, h, L, (L + 15) // 16 * 16), dtype=torch.bool, device=q.device)[..., :L]
+        keep.bernoulli_(1.0 - dropout_p)
+    elif keep is not None:
+        keep = _unit_last(keep)
     o, _ = short_attention(q, k, v, valid, target, keep, float(dropout_p), block_for(L, q.dtype))
     return o.transpose(1, 2)
