@@ -106,13 +106,17 @@ if triton is not None:
         return pz, p * (dp - delta[:, None])
 
     @triton.jit
-    def _program(L, BLOCK: tl.constexpr):
-        """(example x head, block) of this program. One grid axis, the blocks of one (example,
-        head) consecutive: they run close in time and re-read its K/V from L2 (the grid's
-        other axes stop at 65535); int64: B*h*L*L (the keep mask's offsets) can pass 2^31."""
+    def _program(H, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's (example x head, example, head, its block's rows, which are < L, the
+        head-dim offsets, which are < D). One grid axis, the blocks of one (example, head)
+        consecutive: they run close in time and re-read its K/V from L2 (the grid's other axes
+        stop at 65535); int64: B*h*L*L (the keep mask's offsets) can pass 2^31."""
         nb = tl.cdiv(L, BLOCK)
         pid = tl.program_id(0)
-        return (pid // nb).to(tl.int64), pid % nb
+        bh = (pid // nb).to(tl.int64)
+        offs = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        return bh, bh // H, bh % H, offs, offs < L, offs_d, offs_d < D
 
     @triton.jit
     def _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start, L, offs_d, d_in,
@@ -133,13 +137,7 @@ if triton is not None:
                               DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                               PREC: tl.constexpr):
         """Output rows of one query block: one pass over the key blocks."""
-        bh, blk = _program(L, BLOCK)
-        b = bh // H
-        h = bh % H
-        offs_m = blk * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_in = offs_m < L
-        d_in = offs_d < D
+        bh, b, h, offs_m, m_in, offs_d, d_in = _program(H, L, D, BLOCK, BLOCK_D)
         q = _tile(Q, b, h, sqb, sqh, sql, offs_m, m_in, offs_d, d_in)
         tq = tl.load(TARGET + b * L + offs_m, mask=m_in, other=0)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -171,13 +169,7 @@ if triton is not None:
                               PREC: tl.constexpr):
         """Program i: dK, dV of key block i over every query block, then dQ of query block i
         over every key block (FlashAttention-2's backward without atomics; one launch)."""
-        bh, blk = _program(L, BLOCK)
-        b = bh // H
-        h = bh % H
-        offs_i = blk * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        i_in = offs_i < L
-        d_in = offs_d < D
+        bh, b, h, offs_i, i_in, offs_d, d_in = _program(H, L, D, BLOCK, BLOCK_D)
         t_i = tl.load(TARGET + b * L + offs_i, mask=i_in, other=0)
 
         k = _tile(K, b, h, skb, skh, skl, offs_i, i_in, offs_d, d_in)
@@ -219,13 +211,7 @@ if triton is not None:
                                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
         """rowsum(dO * O) of one query block, fp32: the backward's softmax correction (one read
         of O and dO; in torch it took ~5 kernels and ~770 MB of traffic per layer)."""
-        bh, blk = _program(L, BLOCK)
-        b = bh // H
-        h = bh % H
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        rows_in = offs < L
-        d_in = offs_d < D
+        bh, b, h, offs, rows_in, offs_d, d_in = _program(H, L, D, BLOCK, BLOCK_D)
         o = _tile(O, b, h, sob, soh, sol, offs, rows_in, offs_d, d_in).to(tl.float32)
         do = _tile(DO, b, h, sdob, sdoh, sdol, offs, rows_in, offs_d, d_in).to(tl.float32)
         tl.store(DELTA + bh * L + offs, tl.sum(o * do, 1), mask=rows_in)
