@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -223,6 +223,18 @@ class Runner:
     peak_bytes: int = 0
     note: str = ""
     engine: object = None          # the DeepSpeed engine, for the engine row
+
+
+def runs_here(runner: Runner, device: torch.device) -> Optional[str]:
+    """One step of ``runner`` (it compiles or builds its kernels there); the error, or None. For
+    rows whose kernels have not run on this kind of device yet: a failure costs the row, not
+    the run (the benchmark reports the error instead)."""
+    try:
+        runner.step()
+        sync(device)
+    except Exception as e:  # noqa: BLE001 — reported in the table
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
 
 
 def time_interleaved(runners: Sequence[Runner], device: torch.device, warmup: int, rounds: int,

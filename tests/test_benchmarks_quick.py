@@ -179,6 +179,21 @@ def test_triton_rows_run_in_the_triton_interpreter():
     assert all(finite(c) for r in tri for c in r[2:5]), tri
 
 
+def test_a_row_whose_kernels_fail_is_reported_not_fatal():
+    """Rows whose kernels have not run on that kind of GPU (triton's) are tried once first: an
+    error there costs the row and is reported, instead of ending the device call's step."""
+    import torch
+    from benchmarks.common import runs_here
+
+    class Row:
+        @staticmethod
+        def step():
+            raise RuntimeError("no kernel image is available for execution on the device\nmore")
+    err = runs_here(Row(), torch.device("cpu"))
+    assert err == "RuntimeError: no kernel image is available for execution on the device"
+    assert runs_here(type("Ok", (), {"step": staticmethod(lambda: None)})(), torch.device("cpu")) is None
+
+
 def test_mfu_levers_quick_has_every_row(tmp_path):
     """Every lever, what-if and engine-variant row, with finite numbers; the engine rows are
     real DeepSpeed engines (one rank, CPU accelerator) built from ds_configs/zero<N>.json."""
