@@ -457,6 +457,37 @@ def test_stale_shm_sweep_keeps_live_and_young_segments(tmp_path):
                 pass
 
 
+def test_lock_files_of_prefixes_nobody_uses_are_removed():
+    """Streaming leaves <tmp>/NNNNNN_{barrier,cache}_filelock behind and its prefix scan skips
+    every prefix that has one (each run on a long-lived node started further up). The sweep
+    removes those of prefixes with no segment left, and keeps a live prefix's and a young one."""
+    import tempfile
+    import time
+
+    from vltrain.data.datasets import SHM_DIR, _clean_host_filelocks
+    tmp, old = tempfile.gettempdir(), time.time() - 3600
+    orphan, orphan2, live, young = ("999980_barrier_filelock", "999980_cache_filelock", "999981_barrier_filelock",
+                                    "999982_cache_filelock")
+    segment = os.path.join(SHM_DIR, "999981_locals")              # a running job's prefix
+    try:
+        with open(segment, "wb") as f:
+            f.write(b"\0" * 8)
+        for name in (orphan, orphan2, live, young):
+            open(os.path.join(tmp, name), "w").close()
+            if name != young:
+                os.utime(os.path.join(tmp, name), (old, old))
+        removed = _clean_host_filelocks()
+        assert {orphan, orphan2} <= set(removed) and live not in removed and young not in removed
+        assert [os.path.exists(os.path.join(tmp, n)) for n in (orphan, orphan2, live, young)] == \
+            [False, False, True, True]
+    finally:
+        for path in [segment] + [os.path.join(tmp, n) for n in (orphan, orphan2, live, young)]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
 @pytest.mark.parametrize("workers", [1, 0])
 def test_rank_gone_at_epoch_start_fails_the_peer_instead_of_hanging(tmp_path, vocab_file, workers):
     """Rank 1 builds its loader and dies before starting the epoch: rank 0's loader waits in

@@ -316,8 +316,39 @@ def _clean_host_shm() -> list[str]:
     return removed
 
 
+def _clean_host_filelocks() -> list[str]:
+    """Remove streaming's barrier/cache lock files (``<tmp>/NNNNNN_barrier_filelock`` ...) of
+    prefixes with no streaming segment left on the host (finished or crashed runs'); returns
+    their names. Streaming never removes them and its prefix scan skips every prefix that has
+    one: on a long-lived node each run left ~4 files and started its prefixes above all of them
+    (past 9,000 after ~4,000 runs on one machine). A live run's prefix keeps its segments, so
+    its lock files stay; files younger than a minute (a starting job's) stay too."""
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+    if not os.path.isdir(SHM_DIR):
+        return []
+    lock = re.compile(r"^(\d{6})_(%s|%s)$" % (re.escape(BARRIER_FILELOCK), re.escape(CACHE_FILELOCK)))
+    live = {n[:6] for n in os.listdir(SHM_DIR) if re.match(r"^\d{6}_", n)}
+    tmp, now, removed = tempfile.gettempdir(), time.time(), []
+    for name in os.listdir(tmp):
+        m = lock.match(name)
+        if not m or m.group(1) in live:
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if now - os.stat(path).st_mtime < SHM_MIN_AGE_S:
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except OSError:          # vanished, or another user's
+            continue
+    if removed:
+        log.info("removed %d stale streaming lock files under %s (%s ...)", len(removed), tmp, removed[0])
+    return removed
+
+
 def clean_stale_shared_memory() -> None:
-    """Remove streaming shared memory leaked by crashed runs (see ``_clean_host_shm``).
+    """Remove streaming shared memory leaked by crashed runs (see ``_clean_host_shm``) and
+    the lock files of prefixes nobody uses any more (``_clean_host_filelocks``).
 
     One process per *host* sweeps, then every rank meets at a barrier (so no rank builds a
     dataset while the sweep runs). Every rank must call it when torch.distributed is on.
@@ -328,9 +359,11 @@ def clean_stale_shared_memory() -> None:
         dist.all_gather_object(hosts, socket.gethostname())
         if hosts.index(socket.gethostname()) == dist.get_rank():
             _clean_host_shm()
+            _clean_host_filelocks()
         dist.barrier()
     else:
         _clean_host_shm()
+        _clean_host_filelocks()
 
 
 class _NodeDist:

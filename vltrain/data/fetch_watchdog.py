@@ -68,10 +68,12 @@ class FetchWatchdog:
     def _fire(self) -> None:
         rank = os.environ.get("RANK", "0")
         log.error("rank %s: no batch from %s for %.0f s (train.dist_timeout_s): exiting so that the job "
-                  "fails instead of hanging. Likely cause: another rank on this node died while the "
-                  "data loaders started an epoch, which leaves mosaicml-streaming's shared barrier "
-                  "waiting for it forever; otherwise the storage is this slow (raise "
-                  "train.dist_timeout_s).", rank, self.what, self.timeout_s)
+                  "fails instead of hanging. Likely causes: a rank on this node died, or one of its "
+                  "DataLoader workers hung as it was forked (rarely, a fork from a process with threads "
+                  "deadlocks), while the data loaders started an epoch, which leaves "
+                  "mosaicml-streaming's shared barrier waiting for it forever; or the storage is this "
+                  "slow (raise train.dist_timeout_s). The checkpoints are intact: resume with "
+                  "train.resume=auto.", rank, self.what, self.timeout_s)
         children = multiprocessing.active_children()     # DataLoader workers stuck in the barrier
         for child in children:
             child.terminate()
