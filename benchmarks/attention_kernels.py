@@ -200,9 +200,7 @@ TRITON_SETTINGS = [(64, 4, 3, 0.0), (64, 4, 3, 0.1), (32, 4, 3, 0.1), (64, 8, 3,
 
 
 def triton_rows(st: A.AttentionStructure, L: int):
-    """The ``triton`` backend at each launch setting (CUDA, or Triton's interpreter)."""
-    if not A.triton_attention.available():
-        return []
+    """The ``triton`` backend at each launch setting."""
     return [(f"triton (vltrain's kernels), {b}-wide blocks, {w} warps, {n} stages, our mask, dropout {p}", L,
              triton_variant(st, b, p, w, n)) for b, w, n, p in TRITON_SETTINGS]
 
@@ -245,7 +243,6 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
                         f"dropout {p}", L, pinned))
             out.append((f"eager attention compiled (Inductor), our mask, dropout {p}", L,
                         built_once(eager_compiled_variant, st.additive_mask(dtype), p)))
-        out += triton_rows(st, L)
     else:
         for p in (0.0, 0.1):
             out.append((f"sdpa (CPU dispatch), our mask, dropout {p}", L, sdpa_with(None, mask, p)))
@@ -254,8 +251,8 @@ def variants(st: A.AttentionStructure, dtype, device, L: int):
         prep, att = backend_parts("varlen", st, dtype)
         out += [("varlen (CPU emulation): per-forward preparation only", L, prep),
                 ("varlen (CPU emulation): attention call only", L, att)]
-        if A.triton_attention.interpreting():       # the rows' plumbing, in Triton's interpreter
-            out += triton_rows(st, L)
+    if A.triton_attention.runs_on(device.type):   # on CPU: Triton's interpreter (the rows' plumbing)
+        out += triton_rows(st, L)
     return out
 
 

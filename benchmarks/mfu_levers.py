@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     runners = [mk(amp, bf16=False, ck=static), mk("bf16 weights", ck=static)]
     from vltrain.model import triton_attention
     triton_rows = []
-    if triton_attention.available() and (device.type == "cuda" or triton_attention.interpreting()):
+    if triton_attention.runs_on(device.type):
         triton_rows = [r for r in (mk_triton(b) for b in (32, 64)) if r is not None]
         runners += triton_rows
     if args.autotune:

@@ -79,7 +79,7 @@ def backends_for(device: torch.device) -> tuple[list[str], dict[str, str]]:
         skipped["flex"] = "FlexAttention has no backward on CPU (fused kernels are GPU-only)"
         skipped["varlen"] = ("no varlen kernel on CPU (only the SDPA emulation the tests use; "
                              "it is timed in the attention micro-benchmark)")
-    if A.triton_attention.available() and (device.type == "cuda" or A.triton_attention.interpreting()):
+    if A.triton_attention.runs_on(device.type):
         names.append("triton")
     else:
         skipped["triton"] = ("Triton GPU kernels (on CPU they run only in Triton's interpreter, "
@@ -628,7 +628,7 @@ def attention_section(size: Size, device: torch.device, args) -> tuple[str, dict
     else:
         names.append("varlen")
         skipped["flex"] = "no FlexAttention backward on CPU"
-    if A.triton_attention.available() and (device.type == "cuda" or A.triton_attention.interpreting()):
+    if A.triton_attention.runs_on(device.type):
         names.append("triton")
     kernels = {"varlen": A.varlen_kernel_name(device.type), "sdpa": "efficient/cuDNN (pinned)" if device.type == "cuda"
                else "torch CPU dispatch", "eager": "matmul + softmax", "flex": "compiled flex (Triton)",

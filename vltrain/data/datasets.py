@@ -284,6 +284,22 @@ def _mapped_shm_names() -> set:
     return names
 
 
+def _remove_old(folder: str, names: list[str]) -> list[str]:
+    """Unlink the files ``names`` of ``folder`` older than ``SHM_MIN_AGE_S`` (younger ones may be
+    a starting job's); returns those removed. One that vanished or is another user's stays."""
+    now, removed = time.time(), []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if now - os.stat(path).st_mtime < SHM_MIN_AGE_S:
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            continue
+    return removed
+
+
 def _clean_host_shm() -> list[str]:
     """Unlink streaming's shared-memory segments that no live process maps (leaked by crashed
     or killed runs); returns their names.
@@ -300,17 +316,7 @@ def _clean_host_shm() -> list[str]:
     if not candidates:
         return []
     in_use = _mapped_shm_names()
-    now = time.time()
-    removed = []
-    for name in candidates:
-        path = os.path.join(SHM_DIR, name)
-        try:
-            if name in in_use or now - os.stat(path).st_mtime < SHM_MIN_AGE_S:
-                continue
-            os.unlink(path)
-            removed.append(name)
-        except OSError:          # vanished, or another user's segment
-            continue
+    removed = _remove_old(SHM_DIR, [n for n in candidates if n not in in_use])
     if removed:
         log.info("removed %d stale streaming shared-memory segments (%s ...)", len(removed), removed[0])
     return removed
@@ -328,19 +334,8 @@ def _clean_host_filelocks() -> list[str]:
         return []
     lock = re.compile(r"^(\d{6})_(%s|%s)$" % (re.escape(BARRIER_FILELOCK), re.escape(CACHE_FILELOCK)))
     live = {n[:6] for n in os.listdir(SHM_DIR) if re.match(r"^\d{6}_", n)}
-    tmp, now, removed = tempfile.gettempdir(), time.time(), []
-    for name in os.listdir(tmp):
-        m = lock.match(name)
-        if not m or m.group(1) in live:
-            continue
-        path = os.path.join(tmp, name)
-        try:
-            if now - os.stat(path).st_mtime < SHM_MIN_AGE_S:
-                continue
-            os.unlink(path)
-            removed.append(name)
-        except OSError:          # vanished, or another user's
-            continue
+    tmp = tempfile.gettempdir()
+    removed = _remove_old(tmp, [n for n in os.listdir(tmp) if (m := lock.match(n)) and m.group(1) not in live])
     if removed:
         log.info("removed %d stale streaming lock files under %s (%s ...)", len(removed), tmp, removed[0])
     return removed
@@ -354,16 +349,15 @@ def clean_stale_shared_memory() -> None:
     dataset while the sweep runs). Every rank must call it when torch.distributed is on.
     """
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ranks:
         hosts = [None] * dist.get_world_size()
         dist.all_gather_object(hosts, socket.gethostname())
-        if hosts.index(socket.gethostname()) == dist.get_rank():
-            _clean_host_shm()
-            _clean_host_filelocks()
-        dist.barrier()
-    else:
+    if not ranks or hosts.index(socket.gethostname()) == dist.get_rank():
         _clean_host_shm()
         _clean_host_filelocks()
+    if ranks:
+        dist.barrier()
 
 
 class _NodeDist:

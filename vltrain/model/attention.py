@@ -412,10 +412,6 @@ def _prepare_triton(structure: AttentionStructure, dtype: torch.dtype):
     return triton_attention.prepare(structure.key_valid, structure.target)
 
 
-def triton_backend(q, k, v, prepared, dropout_p: float) -> torch.Tensor:
-    return triton_attention.triton_attention(q, k, v, prepared, dropout_p)
-
-
 # ------------------------------------------------------------------------------ registry
 
 @dataclass(frozen=True)
@@ -430,7 +426,7 @@ BACKENDS = {
     "sdpa": Backend("sdpa", _prepare_sdpa, sdpa_attention),
     "flex": Backend("flex", _prepare_flex, flex_attention_backend),
     "varlen": Backend("varlen", _prepare_varlen, varlen_attention),
-    "triton": Backend("triton", _prepare_triton, triton_backend),
+    "triton": Backend("triton", _prepare_triton, triton_attention.triton_attention),
 }
 
 

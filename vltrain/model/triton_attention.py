@@ -56,6 +56,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def runs_on(device_type: str) -> bool:
+    """The kernels can run on tensors of ``device_type``: CUDA, or any in Triton's interpreter."""
+    return available() and (device_type == "cuda" or interpreting())
+
+
 def block_for(L: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """The block width for length ``L``: ``BLOCK``, smaller for sequences shorter than it, and
     at most 32 in fp32 (its tiles take twice the shared memory: the dK/dV kernel at 64 needs
@@ -227,9 +232,12 @@ def _meta(q: torch.Tensor, dropout: bool, block: int) -> dict:
                 PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _keep_strides(keep: Optional[torch.Tensor]) -> tuple:
-    """(batch, head, row) strides of the keep mask; zeros without dropout (never read)."""
-    return (0, 0, 0) if keep is None else (keep.stride(0), keep.stride(1), keep.stride(2))
+def _keep_args(keep: Optional[torch.Tensor], p: float, valid: torch.Tensor) -> tuple:
+    """The kernels' keep-mask arguments: (pointer, its batch/head/row strides, 1 / (1 - p)).
+    Without dropout: any pointer (``valid``), zero strides and 1, never read (``DROPOUT``)."""
+    if keep is None:
+        return valid, (0, 0, 0), 1.0
+    return keep, (keep.stride(0), keep.stride(1), keep.stride(2)), 1.0 / (1.0 - p)
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -254,11 +262,10 @@ def _forward_impl(q, k, v, valid, target, keep: Optional[torch.Tensor], p: float
     o = _blhd(q)
     ov = o.transpose(1, 2)
     lse = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
-    dropout = keep is not None
+    kp, ks, kscale = _keep_args(keep, p, valid)
     _attention_fwd_kernel[(B * h * triton.cdiv(L, block),)](
-        q, k, v, valid, target, keep if dropout else valid, ov, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *_keep_strides(keep),
-        h, L, d, d ** -0.5 * LOG2E, 1.0 / (1.0 - p) if dropout else 1.0, **_meta(q, dropout, block))
+        q, k, v, valid, target, kp, ov, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *ks,
+        h, L, d, d ** -0.5 * LOG2E, kscale, **_meta(q, keep is not None, block))
     return o, lse
 
 
@@ -275,10 +282,10 @@ def _backward_impl(do, q, k, v, o, lse, valid, target, keep: Optional[torch.Tens
                                       BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS)
     dq, dk, dv = _blhd(q), _blhd(q), _blhd(q)
     dqv, dkv, dvv = (t.transpose(1, 2) for t in (dq, dk, dv))
-    _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, keep if keep is not None else valid,
-                                dqv, dkv, dvv, *_strides(q), *_strides(k), *_strides(v), *_strides(dov),
-                                *_strides(dqv), *_keep_strides(keep), h, L, d, d ** -0.5, d ** -0.5 * LOG2E,
-                                1.0 / (1.0 - p) if keep is not None else 1.0, **meta)
+    kp, ks, kscale = _keep_args(keep, p, valid)
+    _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, kp, dqv, dkv, dvv,
+                                *_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv), *ks,
+                                h, L, d, d ** -0.5, d ** -0.5 * LOG2E, kscale, **meta)
     return dq, dk, dv
 
 
@@ -331,7 +338,7 @@ def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.T
     replaces the dropout draw (tests give eager the same one)."""
     if not available():
         raise RuntimeError("model.attention_backend=triton needs the triton package")
-    if not q.is_cuda and not interpreting():
+    if not runs_on(q.device.type):
         raise RuntimeError(CPU_MESSAGE)
     valid, target = prepared
     B, h, L, _ = q.shape
