@@ -270,6 +270,19 @@ def test_loader_benchmark_reports_every_table(tmp_path):
     assert out.strip().endswith(md.read_text().strip())          # --out: the tables as printed
 
 
+def test_worker_start_quick_has_every_row(tmp_path):
+    """benchmarks/worker_start.py --quick: fork and forkserver for each rank size and worker
+    count, finite positive times and rates, and the pickled sizes."""
+    md = tmp_path / "ws.md"
+    out = run_script(["benchmarks/worker_start.py", "--quick", "--workers", "1", "--out", str(md)])
+    _, rows = table_rows(out, "workers started by")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(how, gb, "1") for gb in ("0", "0.05") for how in
+                                                  ("fork from the rank (torch's default)", "forkserver (vltrain)")]
+    assert all(finite(c) and float(c.replace(",", "")) > 0 for r in rows for c in r[3:]), rows
+    assert "Pickled for each forkserver worker: the dataset" in out and "The forkserver's start" in out
+    assert md.read_text().strip() == out[out.index("| workers started by"):].strip()
+
+
 def test_engine_overhead_quick_has_every_row(tmp_path):
     """The model's own loop and real DeepSpeed engines (ZeRO-0/1/2, one rank, CPU accelerator),
     each with a finite step time; the parameter-tensor count is the flat-block layout's."""

@@ -1,75 +1,37 @@
-"""DataLoader workers and SIGTERM (vltrain/data/worker_signals.py), in a real DataLoader run
-by a child process standing in for a rank:
+"""DataLoader workers: how they start and SIGTERM (vltrain/data/worker_signals.py), in a real
+DataLoader run by a child process standing in for a rank (tests/worker_rank.py):
 
-  foreign   SIGTERM to the worker from another process (Slurm signalling every process of a
-            job): with our worker_init_fn the rank reads every sample; with torch's default
-            the rank fails with "DataLoader worker ... killed by signal: Terminated"
-  early     the same SIGTERM while the worker is still setting up, before its init function
-            has run (a new epoch's workers starting as the job is preempted): survived only
-            because the rank forks its workers with SIGTERM blocked
-  shutdown  a worker stuck in a sample while its rank drops the loader: torch's shutdown
-            ends it with SIGTERM from the rank, which must still work
+  foreign      SIGTERM to the worker from another process (Slurm signalling every process of
+               a job): with our start the rank reads every sample; with torch's default the
+               rank fails with "DataLoader worker ... killed by signal: Terminated"
+  early        the same SIGTERM while the worker is still setting up, before its init function
+               has run (a new epoch's workers starting as the job is preempted): survived
+               because the forkserver forks workers with SIGTERM blocked
+  shutdown     a worker stuck in a sample while its rank drops the loader: torch's shutdown
+               ends it with SIGTERM from the rank, which must still work
+  epochs       workers come from a single-threaded forkserver, not the multi-threaded rank; the
+               forkserver outlives a SIGTERM; the next epoch's workers see the rank's
+               environment and temporary directory as they are at that iter()
+  rank_killed  the rank dies (SIGKILL): its workers end on their own
 """
 import os
+import signal
 import subprocess
 import sys
-import textwrap
+import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-RANK = textwrap.dedent("""
-    import os, subprocess, sys, time
-    from torch.utils.data import DataLoader, Dataset
-    from vltrain.data.worker_signals import forking_workers, ignore_foreign_sigterm
-    mode, init = sys.argv[1], sys.argv[2]
-
-    def slow_start(worker_id):        # the worker's set-up before our init function, made long
-        print("WORKER UP", flush=True)
-        time.sleep(1.5)
-        ignore_foreign_sigterm(worker_id)
-
-    class Slow(Dataset):
-        def __len__(self):
-            return 6
-        def __getitem__(self, i):
-            if mode == "shutdown" and i >= 2:
-                time.sleep(1000)      # stuck: only a signal ends this worker
-            time.sleep(0.2)
-            return i
-
-    init_fn = {"ours": ignore_foreign_sigterm, "torch_default": None, "slow_start": slow_start}[init]
-    loader = DataLoader(Slow(), batch_size=1, num_workers=1, worker_init_fn=init_fn)
-    if mode == "early":
-        with forking_workers():
-            it = iter(loader)
-        worker = it._workers[0]
-        time.sleep(0.7)               # inside slow_start
-        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
-        got = [int(b) for b in it]
-        print("GOT", got, "worker exit", worker.exitcode, flush=True)
-        sys.exit(0)
-    it = iter(loader)
-    got = [int(next(it))]
-    worker = it._workers[0]
-    if mode == "foreign":
-        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)   # sender: `kill`, not the rank
-        got += [int(b) for b in it]
-        print("GOT", got, "worker exit", worker.exitcode, flush=True)
-    else:
-        got.append(int(next(it)))
-        time.sleep(0.5)               # the worker is now inside the stuck sample
-        t0 = time.time()
-        del it                        # torch's shutdown: join, then terminate() from this rank
-        print("GOT", got, "worker alive", worker.is_alive(), "exit", worker.exitcode,
-              "within", time.time() - t0 < 20, flush=True)
-""")
+SCRIPT = os.path.join(REPO, "tests", "worker_rank.py")
 
 
-def _rank(mode, init):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", RANK, mode, init], cwd=REPO, env=env,
+def _env():
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def _rank(mode, init, *extra, env=None):
+    return subprocess.run([sys.executable, SCRIPT, mode, init, *extra], cwd=REPO, env=env or _env(),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -94,3 +56,65 @@ def test_the_ranks_own_shutdown_still_ends_a_stuck_worker():
     p = _rank("shutdown", "ours")
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip() == "GOT [0, 1] worker alive False exit 0 within True", p.stdout + p.stderr
+
+
+def test_workers_come_from_a_forkserver_that_outlives_sigterm_and_follows_the_rank(tmp_path):
+    env = _env()
+    del env["OMP_NUM_THREADS"]       # a rank as srun starts it: BLAS/OpenMP pools of one thread per core
+    p = _rank("epochs", "ours", str(tmp_path), env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines() if line.startswith(("RANK", "EPOCH2")))
+    rank = lines["RANK"].split()
+    assert rank[3] == "SERVER" and rank[0] != rank[4], p.stdout          # not forked by the rank
+    assert int(rank[2]) > 1 and rank[5] == "threads" and rank[6] == "1", p.stdout   # the rank has threads; it has one
+    assert lines["EPOCH2"] == f"[0, 1, 2, 3, 4, 5] env {{'2'}} tmp {{'{tmp_path}'}} server True", p.stdout
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\\tZ" not in next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+
+
+def test_the_workers_of_a_killed_rank_end():
+    rank = subprocess.Popen([sys.executable, SCRIPT, "rank_killed", "ours"], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = rank.stdout.readline().split()
+        assert line[0] == "WORKER" and line[2] == "SERVER", line
+        worker, server = int(line[1]), int(line[3])
+        assert _alive(worker) and _alive(server)
+    finally:
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+    deadline = time.time() + 30                 # torch's worker watchdog looks every 5 s
+    while (_alive(worker) or _alive(server)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(server), "the forkserver outlived its rank"
+    assert not _alive(worker), "the worker outlived its rank"
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_rank_liveness_with_and_without_pidfds(pidfd, monkeypatch):
+    from vltrain.data.worker_signals import _rank_alive
+    if not pidfd:                                  # kernels before Linux 5.3
+        monkeypatch.delattr(os, "pidfd_open")
+    child = subprocess.Popen(["sleep", "60"])
+    alive = _rank_alive(child.pid)
+    assert alive()
+    child.kill()
+    child.wait()
+    assert not alive() and not _rank_alive(child.pid)()
+
+
+def test_run_py_lets_the_forkserver_import_vltrain(tmp_path):
+    """`python /path/to/vltrain/run.py` from elsewhere, vltrain neither installed nor on
+    PYTHONPATH: the forkserver (a new interpreter) must still import its preload module."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import os, runpy; runpy.run_path(os.environ['RUN_PY'], run_name='as_script'); "
+            "print(os.environ['PYTHONPATH'])")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(env, RUN_PY=os.path.join(REPO, "vltrain", "run.py")), timeout=60)
+    assert p.returncode == 0 and p.stdout.strip().split(os.pathsep)[0] == REPO, p.stdout + p.stderr

@@ -20,7 +20,12 @@ import sys
 import traceback
 
 if __package__ in (None, ""):  # `python vltrain/run.py` / `deepspeed vltrain/run.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, _ROOT)
+    # and for the DataLoader workers' forkserver, a new interpreter that must import vltrain
+    # (vltrain/data/worker_signals.py) without this script; set now, before any thread runs.
+    if _ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 EXIT_BAD_INPUT = 2
 

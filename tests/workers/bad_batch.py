@@ -9,25 +9,30 @@ last does. Usage: python tests/workers/bad_batch.py OUT_ROOT TRAIN CACHE
 import os
 import sys
 
+import numpy as np
+
+from vltrain.data.collate import PretrainCollator
+
+_real_call = PretrainCollator.__call__
+_calls = {"n": 0}
+
+
+def _call(self, samples):
+    _calls["n"] += 1                       # in a DataLoader worker: its batches in order
+    if int(os.environ["RANK"]) == 1 and _calls["n"] in (1, 2):
+        for s in samples:
+            s["features"] = np.array(s["features"], dtype=np.float32)
+            s["features"][0, 0] = np.nan
+    return _real_call(self, samples)
+
+
+# At import, not in main(): the DataLoader workers (started by a forkserver, not forked from
+# this rank) import this script as ``__mp_main__``, which patches the collator in them.
+PretrainCollator.__call__ = _call
+
 
 def main(out_root, train, cache):
-    import numpy as np
     from vltrain import run
-    from vltrain.data.collate import PretrainCollator
-
-    real_call = PretrainCollator.__call__
-    rank = int(os.environ["RANK"])
-    calls = {"n": 0}
-
-    def call(self, samples):
-        calls["n"] += 1                       # in the (forked) DataLoader worker: its batches in order
-        if rank == 1 and calls["n"] in (1, 2):
-            for s in samples:
-                s["features"] = np.array(s["features"], dtype=np.float32)
-                s["features"][0, 0] = np.nan
-        return real_call(self, samples)
-
-    PretrainCollator.__call__ = call
     code = run.main(["--config", "configs/debug.yaml", "--deepspeed_config", "ds_configs/zero2.json",
                      f"output_root={out_root}", "run_name=bad_batch", f"data.train={train}", "data.val=",
                      f"data.cache_dir={cache}", "train.max_steps=20", "train.log_every=1",

@@ -68,9 +68,8 @@ class FetchWatchdog:
     def _fire(self) -> None:
         rank = os.environ.get("RANK", "0")
         log.error("rank %s: no batch from %s for %.0f s (train.dist_timeout_s): exiting so that the job "
-                  "fails instead of hanging. Likely causes: a rank on this node died, or one of its "
-                  "DataLoader workers hung as it was forked (rarely, a fork from a process with threads "
-                  "deadlocks), while the data loaders started an epoch, which leaves "
+                  "fails instead of hanging. Likely causes: a rank on this node died (or one of its "
+                  "DataLoader workers did) while the data loaders started an epoch, which leaves "
                   "mosaicml-streaming's shared barrier waiting for it forever; or the storage is this "
                   "slow (raise train.dist_timeout_s). The checkpoints are intact: resume with "
                   "train.resume=auto.", rank, self.what, self.timeout_s)

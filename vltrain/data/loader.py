@@ -32,7 +32,7 @@ from vltrain.data.batch import Batch
 from vltrain.data.errors import BadSampleError, DataError, MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
-from vltrain.data.worker_signals import forking_workers, ignore_foreign_sigterm
+from vltrain.data.worker_signals import WorkerStart, worker_context
 
 STAND_IN_KEY = "stand_in"   # Batch.task flag: a repeated batch standing in for an all-bad one
 
@@ -95,8 +95,9 @@ class VLDataLoader(StreamingDataLoader):
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
                  fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
                  **kwargs):
-        super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator),
-                         worker_init_fn=ignore_foreign_sigterm, **kwargs)
+        if kwargs.get("num_workers", 0) > 0 and "multiprocessing_context" not in kwargs:
+            kwargs["multiprocessing_context"] = worker_context()    # why: vltrain/data/worker_signals.py
+        super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
         self.collator = collator
         self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
         self.fixed_epoch = fixed_epoch
@@ -127,8 +128,8 @@ class VLDataLoader(StreamingDataLoader):
         self.num_samples_yielded = 0
         self.skipped_in_pass: list[str] = []     # this pass's skip messages (an evaluation counts them)
         self._yielded.clear()
-        with forking_workers():
-            it = DataLoader.__iter__(self)   # workers are created (and the collator pickled) here
+        self.worker_init_fn = WorkerStart() if self.num_workers > 0 else None
+        it = DataLoader.__iter__(self)   # workers are created (dataset and collator pickled) here
         # All-bad micro-batches met before any good batch (a start, a resume): the next good
         # batch stands in for each, yielded first in their place.
         waiting: list[list[str]] = []

@@ -1,50 +1,104 @@
-"""DataLoader workers outlive a SIGTERM that is meant for their rank.
+"""How DataLoader workers start, and why they outlive a SIGTERM meant for their rank.
 
-Slurm ends a job (preemption with ``GraceTime``, the time limit, ``scancel``) by sending
-SIGTERM to every process of it, the ranks' DataLoader workers too. torch's worker handler
-exits quietly only when the signal comes from its own rank; from anyone else it dies, its rank
-then raises "DataLoader worker ... is killed by signal: Terminated" in the middle of a step,
-and the checkpoint the rank was about to write on that same SIGTERM is lost.
+Forked by a forkserver. A rank has threads (gloo/NCCL, streaming's downloads, pin memory, our
+watchdogs), and a fork copies only the thread that forks: a lock another thread held at that
+moment stays held in the child for good. A stress test of the trainer saw it (3 of 454
+validations hung, the new worker stuck in ``os.fork`` on such a lock, until the fetch
+watchdog ended the job). So workers are forked by multiprocessing's forkserver, one
+single-threaded process per rank that imports torch, streaming and our data code once
+(``vltrain.data.forkserver_preload``); Python 3.14 made it Linux's default for this reason. A
+worker gets the dataset and collate function pickled (streaming's dataset is built for it),
+the rank's working directory and ``sys.path`` (multiprocessing's own), and from
+``WorkerStart`` the rank's environment and temporary directory at ``iter()`` time, as a fork
+would have given it.
 
-So workers are forked with SIGTERM blocked (``forking_workers``: no window between the fork
-and the worker's own set-up in which the signal could end it, e.g. a new epoch's workers
-starting just as the job is preempted), and a thread in each takes it with ``sigwaitinfo``,
-which tells who sent it: its rank (shutting the loader down) -> exit at once, as torch's
-handler does; anyone else -> ignored, because the rank got the same signal and stops at the
-next step boundary, shutting its workers down itself (vltrain/engine/signals.py). A worker
-whose rank dies is still ended by torch's watchdog, and SIGKILL (Slurm's after KillWait /
-GraceTime) by nothing else.
+SIGTERM. Slurm ends a job (preemption with ``GraceTime``, the time limit, ``scancel``) by
+sending SIGTERM to every process of it, the workers and the forkserver too. torch's worker
+handler exits quietly only when the signal comes from its own rank; from anyone else it dies,
+its rank then raises "DataLoader worker ... is killed by signal: Terminated" in the middle of
+a step, and the checkpoint the rank was about to write on that same SIGTERM is lost. So the
+forkserver blocks SIGTERM before anything else (it lives on, and its forks start with it
+blocked: no window before the worker's own set-up in which the signal could end it, e.g. a
+new epoch's workers starting just as the job is preempted), and a thread in each worker takes
+it with ``sigtimedwait``, which tells who sent it: its rank (shutting the loader down) -> exit
+at once, as torch's handler does; anyone else -> ignored, because the rank got the same
+signal and stops at the next step boundary, shutting its workers down itself
+(vltrain/engine/signals.py). The same thread ends the worker when its rank has died: torch's
+watchdog looks at the worker's parent, the forkserver, which multiprocessing keeps alive as
+long as any of its workers lives. SIGKILL (Slurm's after KillWait / GraceTime) ends a worker
+as always.
 """
 from __future__ import annotations
 
-import contextlib
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import select
 import signal
+import tempfile
 import threading
 
+PRELOAD = "vltrain.data.forkserver_preload"
 
-@contextlib.contextmanager
-def forking_workers():
-    """Around ``DataLoader.__iter__`` (where workers are forked): the forks inherit SIGTERM
-    blocked. This process gets a SIGTERM that arrived meanwhile once the block ends."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The ``multiprocessing_context`` of our DataLoaders (``num_workers > 0``)."""
+    ctx = multiprocessing.get_context("forkserver")
+    # One forkserver per process, started by its first user: preloads set later do not reach it.
+    preload = list(getattr(multiprocessing.forkserver._forkserver, "_preload_modules", []))
+    if PRELOAD not in preload:
+        ctx.set_forkserver_preload(preload + [PRELOAD])
+    # Started now, its imports (seconds) overlap what the rank does before its first iter().
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def _rank_alive(rank: int):
+    """``() -> bool``: whether ``rank`` still runs. A pidfd where the kernel has them (Linux
+    5.3+; immune to the pid's reuse), else a signal-0 probe."""
     try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        fd = os.pidfd_open(rank)
+    except ProcessLookupError:
+        return lambda: False
+    except (AttributeError, OSError):
+        def probe():
+            try:
+                os.kill(rank, 0)
+                return True
+            except ProcessLookupError:
+                return False
+        return probe
+    return lambda: not select.select([fd], [], [], 0)[0]     # readable once it has exited
 
 
-def _take_sigterm(parent: int) -> None:
+def _watch(rank: int) -> None:
+    """SIGTERM from the rank, or the rank gone -> exit; SIGTERM from anyone else -> ignored.
+    Every 5 s, as torch's worker watchdog (which looks at the parent: here the forkserver,
+    which lives as long as any worker does)."""
+    alive = _rank_alive(rank)
     while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent:
+        info = signal.sigtimedwait({signal.SIGTERM}, 5.0)
+        if (info is None and not alive()) or (info is not None and info.si_pid == rank):
             os._exit(0)
 
 
-def ignore_foreign_sigterm(worker_id: int) -> None:
-    """``worker_init_fn``. Runs in the worker before it loads anything: threads started
-    later (OpenMP, streaming's downloads) inherit the blocked mask, so none of them can take
-    the signal with the default action."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_take_sigterm, args=(os.getppid(),), daemon=True,
-                     name=f"sigterm-worker{worker_id}").start()
+class WorkerStart:
+    """``worker_init_fn``, made by the rank at ``iter()``. Runs in the worker before it loads
+    anything: threads started later (OpenMP, streaming's downloads) inherit the blocked mask,
+    so none of them can take SIGTERM with the default action."""
+
+    def __init__(self):
+        self.rank = os.getpid()
+        self.environ = dict(os.environ)
+        self.tempdir = tempfile.gettempdir()
+
+    def __repr__(self) -> str:     # never the environment (S3 keys)
+        return f"WorkerStart(rank={self.rank})"
+
+    def __call__(self, worker_id: int) -> None:
+        # Blocked already when the forkserver is ours; again for one started without our preload.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_watch, args=(self.rank,), daemon=True, name=f"rank-watch-worker{worker_id}").start()
+        os.environ.clear()
+        os.environ.update(self.environ)
+        tempfile.tempdir = self.tempdir

@@ -289,6 +289,7 @@ def warn_flex_shapes(cfg: Config) -> bool:
 def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer:
     import deepspeed
     from vltrain.data.loader import build_eval_loader, build_train_loader
+    from vltrain.data.worker_signals import worker_context
     from vltrain.monitor import FlopCounter, Monitor, device_peak_tflops
 
     check_placeholders(cfg)              # before anything starts; init_from once the resume is known
@@ -311,6 +312,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
             log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
         warn_fresh_start_over_checkpoints(run_dir)
     make_run_dir(cfg, run_dir)
+    if cfg.data.num_workers > 0:
+        worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
     ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
     if cfg.train.precision == "auto":
         cfg.train.precision, why = precision_of(ds), f"the ds_config's or this machine's ({acc.device_name()})"
