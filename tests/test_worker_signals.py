@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -118,3 +119,31 @@ def test_run_py_lets_the_forkserver_import_vltrain(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(env, RUN_PY=os.path.join(REPO, "vltrain", "run.py")), timeout=60)
     assert p.returncode == 0 and p.stdout.strip().split(os.pathsep)[0] == REPO, p.stdout + p.stderr
+
+
+def test_a_forked_process_and_a_dead_forkserver_get_a_new_one():
+    """Ranks forked from a process that had started a forkserver (pytest here, a fork-based
+    launcher elsewhere) inherit multiprocessing's record of it, which is not their child; and a
+    forkserver that died (killed) must be replaced, not fail every later loader."""
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        from multiprocessing import forkserver
+        from vltrain.data.worker_signals import worker_context
+        def run():
+            p = worker_context().Process(target=sys.exit, args=(7,))
+            p.start(); p.join()
+            return p.exitcode
+        assert run() == 7
+        first = forkserver._forkserver._forkserver_pid
+        child = os.fork()
+        if child == 0:
+            code = run() == 7 and forkserver._forkserver._forkserver_pid not in (None, first)
+            os._exit(0 if code else 3)
+        assert os.waitpid(child, 0)[1] == 0, "the forked process could not start a worker"
+        os.kill(first, signal.SIGKILL)
+        time.sleep(0.5)
+        assert run() == 7 and forkserver._forkserver._forkserver_pid != first
+        print("OK", flush=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout + p.stderr

@@ -48,9 +48,27 @@ def worker_context() -> multiprocessing.context.BaseContext:
     preload = list(getattr(multiprocessing.forkserver._forkserver, "_preload_modules", []))
     if PRELOAD not in preload:
         ctx.set_forkserver_preload(preload + [PRELOAD])
+    _forget_unusable_forkserver(multiprocessing.forkserver._forkserver)
     # Started now, its imports (seconds) overlap what the rank does before its first iter().
     multiprocessing.forkserver.ensure_running()
     return ctx
+
+
+def _forget_unusable_forkserver(server) -> None:
+    """multiprocessing checks its forkserver with ``waitpid``, which fails (ChildProcessError)
+    in a process forked from the one that started it (ranks forked from a process that had
+    loaders, as a test harness or a fork-based launcher does): the state is the parent's. Drop
+    it there, and after the forkserver died; ``ensure_running`` then starts a new one."""
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    try:
+        gone = os.waitpid(pid, os.WNOHANG)[0] != 0          # ours, and it has exited (now reaped)
+    except ChildProcessError:
+        gone = True                                         # the parent's
+    if gone:
+        os.close(server._forkserver_alive_fd)     # our copy: it must not keep the parent's one alive
+        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
 
 
 def _rank_alive(rank: int):
