@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import emit_report  # noqa: E402
+from vltrain.data.collate import PretrainCollator  # noqa: E402
 
 GPU_SAMPLES_PER_S = 4000            # the engine issue's per-H100 goal at 45% MFU
 
@@ -141,12 +142,15 @@ def receive_cost(loader, step_s):
     return float(np.median(cpu)) * 1e3, float(np.median(wall)) * 1e3, len(cpu)
 
 
-def make_fresh_collator(base):
+class FreshCollator(PretrainCollator):
     """The collator as before vltrain recycled its large tensors in workers: ``scratch``
-    stays None whatever ``PackInWorkers`` sets (the peer of the recycling rows)."""
-    class Fresh(type(base)):
-        scratch = property(lambda self: None, lambda self, value: None)
-    fresh = object.__new__(Fresh)
+    stays None whatever ``PackInWorkers`` sets (the peer of the recycling rows). At module
+    level: workers unpickle it (they import this script as ``__mp_main__``)."""
+    scratch = property(lambda self: None, lambda self, value: None)
+
+
+def make_fresh_collator(base: PretrainCollator) -> FreshCollator:
+    fresh = object.__new__(FreshCollator)
     fresh.__dict__.update({k: v for k, v in vars(base).items() if k != "scratch"})
     return fresh
 

@@ -1,9 +1,10 @@
 """DataLoader workers: how they start and SIGTERM (vltrain/data/worker_signals.py), in a real
 DataLoader run by a child process standing in for a rank (tests/worker_rank.py):
 
-  foreign      SIGTERM to the worker from another process (Slurm signalling every process of
-               a job): with our start the rank reads every sample; with torch's default the
-               rank fails with "DataLoader worker ... killed by signal: Terminated"
+  foreign      SIGTERM and SIGUSR1 to the worker from another process (Slurm signalling every
+               process of a job): with our start the rank reads every sample; with torch's
+               default SIGTERM fails the rank with "DataLoader worker ... killed by signal:
+               Terminated"
   early        the same SIGTERM while the worker is still setting up, before its init function
                has run (a new epoch's workers starting as the job is preempted): survived
                because the forkserver forks workers with SIGTERM blocked
@@ -38,7 +39,9 @@ def _rank(mode, init, *extra, env=None):
 
 @pytest.mark.parametrize("init", ["ours", "torch_default"])
 def test_a_foreign_sigterm_leaves_the_worker_running(init):
-    p = _rank("foreign", init)
+    # ours: Slurm's SIGTERM and SIGUSR1 (--signal=USR1@T and `scancel --signal=USR1` reach every
+    # process of the step), both to the worker
+    p = _rank("foreign", init, *(["TERM", "USR1"] if init == "ours" else ["TERM"]))
     if init == "ours":
         # every sample read; the worker ended normally once the epoch was done
         assert p.returncode == 0 and p.stdout.strip() == "GOT [0, 1, 2, 3, 4, 5] worker exit 0", p.stdout + p.stderr

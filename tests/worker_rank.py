@@ -3,7 +3,7 @@ workers (vltrain/data/worker_signals.py) or as torch does by default; run by
 tests/test_worker_signals.py. A file, not ``-c`` code: forkserver workers import the rank's
 main module (as ``__mp_main__``) to find ``Slow`` and ``slow_start``.
 
-    python tests/worker_rank.py MODE INIT
+    python tests/worker_rank.py MODE INIT [SIGNALS... | TMPDIR]
 
 MODE: foreign | early | shutdown | epochs | rank_killed; INIT: ours | torch_default | slow_start.
 """
@@ -76,7 +76,8 @@ def main(mode, init):
     first = next(it)
     got = [first["i"]]
     if mode == "foreign":
-        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)   # sender: `kill`, not the rank
+        for sig in sys.argv[3:] or ["TERM"]:          # sender: `kill`, not the rank
+            subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
         got += [b["i"] for b in it]
         print("GOT", got, "worker exit", worker.exitcode, flush=True)
     elif mode == "shutdown":

@@ -23,7 +23,8 @@ new epoch's workers starting just as the job is preempted), and a thread in each
 it with ``sigtimedwait``, which tells who sent it: its rank (shutting the loader down) -> exit
 at once, as torch's handler does; anyone else -> ignored, because the rank got the same
 signal and stops at the next step boundary, shutting its workers down itself
-(vltrain/engine/signals.py). The same thread ends the worker when its rank has died: torch's
+(vltrain/engine/signals.py). SIGUSR1, the ranks' other stop signal, is ignored in workers
+and forkserver alike. The same thread ends the worker when its rank has died: torch's
 watchdog looks at the worker's parent, the forkserver, which multiprocessing keeps alive as
 long as any of its workers lives. SIGKILL (Slurm's after KillWait / GraceTime) ends a worker
 as always.
@@ -86,7 +87,9 @@ def _rank_alive(rank: int):
             except ProcessLookupError:
                 return False
         return probe
-    return lambda: not select.select([fd], [], [], 0)[0]     # readable once it has exited
+    poller = select.poll()               # not select(): fds above 1023 in a process with many open
+    poller.register(fd, select.POLLIN)
+    return lambda: not poller.poll(0)    # readable once it has exited
 
 
 def _watch(rank: int) -> None:
@@ -114,8 +117,12 @@ class WorkerStart:
         return f"WorkerStart(rank={self.rank})"
 
     def __call__(self, worker_id: int) -> None:
-        # Blocked already when the forkserver is ours; again for one started without our preload.
+        # Blocked / ignored already when the forkserver is ours; again for one started without
+        # our preload. SIGUSR1 (Slurm's --signal=USR1@T, `scancel --signal=USR1`, sent to every
+        # process of the step) asks the ranks to checkpoint: its default action would end the
+        # worker, and the rank with it (a forked worker inherited the rank's handler).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         threading.Thread(target=_watch, args=(self.rank,), daemon=True, name=f"rank-watch-worker{worker_id}").start()
         os.environ.clear()
         os.environ.update(self.environ)
