@@ -1,7 +1,7 @@
 """A process standing in for a rank, with a real DataLoader started as VLDataLoader starts its
 workers (vltrain/data/worker_signals.py) or as torch does by default; run by
 tests/test_worker_signals.py. A file, not ``-c`` code: forkserver workers import the rank's
-main module (as ``__mp_main__``) to find ``Slow`` and ``slow_start``.
+main module (as ``__mp_main__``) to find ``Slow`` and ``SlowStart``.
 
     python tests/worker_rank.py MODE INIT [SIGNALS... | TMPDIR]
 

@@ -2,19 +2,18 @@
 
 SIGTERM is blocked and SIGUSR1 ignored first, before the imports take their seconds: the
 forkserver must outlive the signals Slurm sends every process of a job, and its forks start
-with them blocked / ignored. One
-thread for OpenMP/BLAS: their libraries start their thread pools as they load (one per core
-without this), and the forkserver is there to fork from a process with no other threads; a
-worker runs one thread anyway (torch sets it), and gets the rank's environment back as it
-starts. The imports make each worker start without importing anything itself: the
+with them blocked / ignored. One thread for OpenMP/BLAS: their libraries start their thread
+pools as they load (one per core without this), and the forkserver is there to fork from a
+process with no other threads; a worker runs one thread anyway (torch sets it), and gets the
+rank's environment back as it starts. The imports make each worker start without importing anything itself: the
 pretraining collator's modules and every task's.
 """
 import importlib
 import os
-import signal
 
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-signal.signal(signal.SIGUSR1, signal.SIG_IGN)     # the ranks' checkpoint request (see WorkerStart)
+from vltrain.data.worker_signals import shield_signals     # light: multiprocessing and the stdlib
+
+shield_signals()
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 # torch, streaming, tokenizers and the pretraining collator; the task collators

@@ -72,6 +72,16 @@ def _forget_unusable_forkserver(server) -> None:
         server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
 
 
+def shield_signals() -> None:
+    """SIGTERM blocked (taken by ``_watch``), SIGUSR1 ignored: in the forkserver, before its
+    imports, so its forks start that way; and again in each worker, for a forkserver started
+    without our preload. SIGUSR1 (Slurm's --signal=USR1@T, `scancel --signal=USR1`, sent to
+    every process of the step) asks the ranks to checkpoint: its default action would end the
+    worker, and the rank with it (a forked worker inherited the rank's handler)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _rank_alive(rank: int):
     """``() -> bool``: whether ``rank`` still runs. A pidfd where the kernel has them (Linux
     5.3+; immune to the pid's reuse), else a signal-0 probe."""
@@ -117,12 +127,7 @@ class WorkerStart:
         return f"WorkerStart(rank={self.rank})"
 
     def __call__(self, worker_id: int) -> None:
-        # Blocked / ignored already when the forkserver is ours; again for one started without
-        # our preload. SIGUSR1 (Slurm's --signal=USR1@T, `scancel --signal=USR1`, sent to every
-        # process of the step) asks the ranks to checkpoint: its default action would end the
-        # worker, and the rank with it (a forked worker inherited the rank's handler).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        shield_signals()
         threading.Thread(target=_watch, args=(self.rank,), daemon=True, name=f"rank-watch-worker{worker_id}").start()
         os.environ.clear()
         os.environ.update(self.environ)
