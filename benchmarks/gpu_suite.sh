@@ -18,7 +18,7 @@
 #   tests    the attention backends' GPU tests (flex / varlen / triton / pinned sdpa vs eager, bf16) and
 #            every task's training step under torch.cuda.set_sync_debug_mode("error") and, as the
 #            recipes train (bf16 weights, compiled blocks), against the uncompiled step; the
-#            side-stream batch copy
+#            side-stream batch copy; the packed hidden-dropout masks' kernel (rate, compiled = eager)
 #   tput     benchmarks/train_throughput.py at micro-batch $TPUT_BATCH (256, the best measured on
 #            an H100): every backend, compile off/on, the full-last-block ablation,
 #            VisualBertForPreTraining; bf16 autocast (TPUT_ARGS: more flags, e.g. --backends sdpa)
@@ -34,7 +34,8 @@
 #            vs bf16 weights with the triton attention backend (32/64-wide blocks) vs the
 #            DeepSpeed engine (bf16, ZeRO-2), and the bf16 steps' kernel-class breakdowns;
 #            and the batch's host-to-device copy on the compute stream vs a side stream; the
-#            hidden dropouts' RNG (none, Inductor's fallback_random, align_random_eager);
+#            hidden dropouts' RNG (none, Inductor's fallback_random, align_random_eager, vltrain's
+#            packed masks: model.hidden_dropout_masks=packed);
 #            LEVERS_ARGS=--autotune adds the max-autotune row (long compile), --diagnose the what-ifs
 #   e2e      benchmarks/trainer_e2e.py at micro-batch $TPUT_BATCH: the Trainer as run.py trains
 #            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
@@ -95,7 +96,7 @@ TT=benchmarks/train_throughput.py
 # -v: one line per test as it ends, so a step cut off at its limit still says which passed
 want tests && step gpu_tests $((3 * STEP_TIMEOUT)) "$PY" -m pytest -v -rs -p no:cacheprovider ${PYTEST_ARGS:-} \
   tests/test_attention_backends.py tests/test_host_syncs.py tests/test_device_copy.py tests/test_packed_batch.py \
-  tests/test_profiling.py
+  tests/test_profiling.py tests/test_packed_dropout.py
 want tput && step "throughput_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" $TT $QUICK --device "$DEVICE" --no-zero \
   --batch "$TPUT_BATCH" ${TPUT_ARGS:-} --out "$RES/throughput_b$TPUT_BATCH.md" --json "$RES/throughput_b$TPUT_BATCH.json"
 if want sweep; then

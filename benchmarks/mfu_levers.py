@@ -28,7 +28,9 @@ Rows, all ours with compiled blocks and sdpa unless a row says otherwise (the be
                   e.g. dropout + residual + LayerNorm, and keeps 1 of its 4 outputs): the blocks
                   without hidden dropout (attention dropout kept), and with Inductor's
                   ``fallback_random`` (ATen's RNG kernels, 4 numbers per call, one more pass over
-                  memory) and ``align_random_eager`` (where the installed torch has it)
+                  memory) and ``align_random_eager`` (where the installed torch has it), and with
+                  ``model.hidden_dropout_masks=packed`` (vltrain's bit-packed masks, 8 elements per
+                  Philox call: vltrain/model/packed_dropout.py)
 With --diagnose, what-if rows (no compile; no dropout) and engine variants (ZeRO-2 with
 DeepSpeed's default bf16.check_grad_overflow=true, with overlap_comm on (the default before
 it became "auto": off on one rank); ZeRO-1; ZeRO-1
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", action="store_true", help="add the DeepSpeed engine row (bf16, ZeRO-2)")
     p.add_argument("--diagnose", action="store_true", help="add what-if rows: no compile, no dropout")
     p.add_argument("--rng", action="store_true",
-                   help="add rows on the hidden dropouts' RNG: none, Inductor's fallback_random, align_random_eager")
+                   help="add rows on the hidden dropouts' RNG: none, Inductor's fallback_random, align_random_eager, "
+                        "vltrain's packed masks")
     p.add_argument("--h2d", action="store_true",
                    help="add rows whose batch is copied from pinned host memory every step: on the "
                         "compute stream vs on a side stream (DeviceCopier) vs on a side stream during the "
@@ -145,6 +148,8 @@ def main(argv=None) -> int:
         import torch._inductor.config as inductor_config
         runners.append(mk(f"diagnose: bf16 weights, no hidden dropout (attention dropout {base.model.attention_dropout} kept)",
                           ck=static, hidden_dropout=0.0))
+        runners.append(mk("bf16 weights, packed hidden-dropout masks (model.hidden_dropout_masks=packed)",
+                          ck=static, hidden_dropout_masks="packed"))
         for opt in ("fallback_random", "align_random_eager"):
             if not hasattr(inductor_config, opt):
                 log(f"row left out: this torch's Inductor has no config.{opt}")

@@ -206,6 +206,7 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
     assert labels == ["fp32 weights, no autocast (CPU)", "bf16 weights", "diagnose: bf16 weights, no compile",
                       "diagnose: fp32 weights, no autocast (CPU), no dropout", "diagnose: bf16 weights, no dropout",
                       "diagnose: bf16 weights, no hidden dropout (attention dropout 0.0 kept)",
+                      "bf16 weights, packed hidden-dropout masks (model.hidden_dropout_masks=packed)",
                       "bf16 weights, Inductor fallback_random=True", "bf16 weights, Inductor align_random_eager=True",
                       "bf16 weights, batch from host memory, copied on the compute stream",
                       "bf16 weights, batch from host memory, copied on a side stream",

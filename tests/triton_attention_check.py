@@ -1,4 +1,5 @@
-"""The ``triton`` attention backend's kernels against ``eager``, on CPU, in Triton's interpreter.
+"""The ``triton`` attention backend's kernels against ``eager``, on CPU, in Triton's interpreter
+(and the keep-bit kernel of ``model.hidden_dropout_masks=packed``).
 
     TRITON_INTERPRET=1 python -m tests.triton_attention_check
 
@@ -132,6 +133,41 @@ def check_activation_checkpointing_redraws_the_same_keep_mask() -> int:
     return 1
 
 
+def check_packed_dropout_kernel() -> int:
+    """``model.hidden_dropout_masks=packed``'s Triton kernel: byte j holds the keep bits of
+    Philox counter j's four 32-bit outputs, low half then high half (bit 2k: output k's low 16
+    bits, bit 2k + 1: its high 16), each kept where >= round(p * 65536); the seed is drawn from
+    torch's generator; a partial last byte; every bit position keeps 1 - p."""
+    import triton
+    import triton.language as tl
+    from vltrain.model import packed_dropout as P
+
+    @triton.jit
+    def philox_outputs(SEED, OUT, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), offs)
+        m = offs < n
+        tl.store(OUT + offs * 4, r0.to(tl.int64), mask=m)
+        tl.store(OUT + offs * 4 + 1, r1.to(tl.int64), mask=m)
+        tl.store(OUT + offs * 4 + 2, r2.to(tl.int64), mask=m)
+        tl.store(OUT + offs * 4 + 3, r3.to(tl.int64), mask=m)
+
+    n, p = 8 * 4000 + 5, 0.1
+    torch.manual_seed(3)
+    bits = P.keep_bits(n, p, torch.device("cpu"))
+    torch.manual_seed(3)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+    nb = (n + 7) // 8
+    raw = torch.empty(nb * 4, dtype=torch.int64)
+    philox_outputs[(triton.cdiv(nb, 1024),)](seed, raw, nb, BLOCK=1024)
+    halves = torch.stack([raw.view(nb, 4) & 0xFFFF, raw.view(nb, 4) >> 16], -1).view(nb, 8)
+    expected = ((halves >= P.threshold(p)).long() << torch.arange(8)).sum(-1).to(torch.uint8)
+    assert bits.shape == (nb,) and torch.equal(bits, expected)
+    per_bit = P.unpack(bits, torch.empty(8 * nb)).view(nb, 8).mean(0)
+    assert ((per_bit - (1 - P.threshold(p) / 65536)).abs() < 5 * (p * (1 - p) / nb) ** 0.5).all(), per_bit
+    return 1
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1 (the kernels run in Triton's CPU interpreter)", file=sys.stderr)
@@ -142,6 +178,7 @@ def main() -> int:
     n += check_dropout_in_training_only()
     n += check_the_backends_own_draw_keeps_1_minus_p()
     n += check_activation_checkpointing_redraws_the_same_keep_mask()
+    n += check_packed_dropout_kernel()
     print(f"triton attention: all {n} checks passed")
     return 0
 

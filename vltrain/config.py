@@ -35,6 +35,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    # how the blocks' hidden dropouts draw their masks: torch = F.dropout (in compiled blocks,
+    # Inductor's RNG); packed = 16-bit numbers, 8 per Philox call, kept as bits (packed_dropout.py)
+    hidden_dropout_masks: Literal["torch", "packed"] = "torch"
     initializer_range: float = 0.02
     pad_token_id: int = 0
     # Regions.

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.config import ModelConfig
+from vltrain.model.packed_dropout import packed_dropout
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                       # erf GELU, as BERT
@@ -98,15 +99,20 @@ def named_pieces(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
+def _torch_dropout(y: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(y, p, p > 0)
+
+
 def layer_forward(w: Weights, x: torch.Tensor, mask, backend, rows, num_heads: int, act,
-                  eps: float, p_attn: float, p_hidden: float) -> torch.Tensor:
+                  eps: float, p_attn: float, p_hidden: float, packed_masks: bool = False) -> torch.Tensor:
     """x = LN(x + Attn(x)); x = LN(x + FFN(x)), BERT's semantics. ``rows`` = (b_idx, q_idx):
     the output (M, H) at those rows only: attention runs at every position (the same backend
     and mask, one kernel call) and only the rows' attention output, residual, norms and FFN —
     about three quarters of the block's FLOPs at BERT's shapes — are computed (the last block
     of a loss that reads a few positions, MLM/MRC). Attending for the M rows alone would need
     each row's keys/values gathered per row (M x L x H copies), which cost more on a GPU than
-    the attention they save (H100 profile, BENCHMARKS.md)."""
+    the attention they save (H100 profile, BENCHMARKS.md). ``packed_masks``: the hidden
+    dropouts draw bit-packed keep masks (``model.hidden_dropout_masks=packed``, packed_dropout.py)."""
     B, L, H = x.shape
     # unbind on the (B, L, 3, h, d) view, then transpose: backward stacks dq, dk, dv straight
     # into the fused layout (one copy), where a permute-first split needs two.
@@ -115,11 +121,11 @@ def layer_forward(w: Weights, x: torch.Tensor, mask, backend, rows, num_heads: i
     a = backend.attend(q, k, v, mask, p_attn).transpose(1, 2).reshape(B, L, H)
     if rows is not None:
         x, a = x[rows], a[rows]
-    training = p_hidden > 0
-    x = F.layer_norm(x + F.dropout(F.linear(a, w.attn_out_weight, w.attn_out_bias), p_hidden, training),
+    drop = packed_dropout if packed_masks else _torch_dropout
+    x = F.layer_norm(x + drop(F.linear(a, w.attn_out_weight, w.attn_out_bias), p_hidden),
                      (H,), w.attn_norm_weight, w.attn_norm_bias, eps)
     f = F.linear(act(F.linear(x, w.ffn_in_weight, w.ffn_in_bias)), w.ffn_out_weight, w.ffn_out_bias)
-    return F.layer_norm(x + F.dropout(f, p_hidden, training), (H,), w.ffn_norm_weight, w.ffn_norm_bias, eps)
+    return F.layer_norm(x + drop(f, p_hidden), (H,), w.ffn_norm_weight, w.ffn_norm_bias, eps)
 
 
 class Block(nn.Module):
@@ -141,6 +147,7 @@ class Block(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.hidden_dropout = cfg.hidden_dropout
         self.attention_dropout = cfg.attention_dropout
+        self.packed_masks = cfg.hidden_dropout_masks == "packed"
         self.run = layer_forward            # model.compile swaps in the compiled function (compile.py)
         self.reset_parameters(cfg.initializer_range)
 
@@ -170,4 +177,5 @@ class Block(nn.Module):
         eagerly too, as it was measured on the H100: its row count changes every batch."""
         fn = self.run if rows is None and not eager else layer_forward
         return fn(self.weights(), x, mask, backend, rows, self.num_heads, self.act, self.cfg.layer_norm_eps,
-                  self.attention_dropout if self.training else 0.0, self.hidden_dropout if self.training else 0.0)
+                  self.attention_dropout if self.training else 0.0, self.hidden_dropout if self.training else 0.0,
+                  self.packed_masks)
