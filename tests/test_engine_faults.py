@@ -101,3 +101,5 @@ def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, c
     for r in range(2):
         assert message in ranks.log(r), ranks.log(r)[-3000:]
     assert "step 1/" not in ranks.log(0)
+    # the run folder, made before the data and the ds_config were read, is not left behind empty
+    assert not (tmp_path / "debug").exists(), os.listdir(tmp_path / "debug")

@@ -53,7 +53,8 @@ def test_flex_compiling_per_batch_length_is_warned_naming_the_keys(caplog):
 
 def test_start_up_mistakes_are_named(tmp_path, caplog):
     """A weights file that is none, an output_root that cannot hold the run folder, an option
-    between overrides, an error from a loader worker: each says what it is about."""
+    between overrides, an error from a loader worker: each says what it is about; a failed
+    start removes the run folder it made if nothing was written there."""
     from vltrain.engine.build import make_run_dir
     from vltrain.model.bert_weights import read_state_dict
     from vltrain.run import error_text, parse_args
@@ -66,6 +67,19 @@ def test_start_up_mistakes_are_named(tmp_path, caplog):
     cfg = load_config("configs/debug.yaml", [f"output_root={text}"])
     with pytest.raises(ValueError, match=rf"output_root='{text}', run_name='debug': cannot create the run folder"):
         make_run_dir(cfg, os.path.join(cfg.output_root, cfg.run_name))
+    from vltrain.engine.build import removed_if_left_empty
+    for created, files, kept in ((True, [], False), (True, ["train.log"], True), (False, [], True)):
+        run = tmp_path / f"run_{created}_{len(files)}"
+        run.mkdir()
+        for f in files:
+            (run / f).write_text("x")
+        with pytest.raises(RuntimeError, match="start failed"):
+            with removed_if_left_empty(str(run), created):
+                raise RuntimeError("start failed")
+        assert run.is_dir() == kept, (created, files)
+    with removed_if_left_empty(str(run), True):          # no failure: nothing removed
+        pass
+    assert run.is_dir()
     args = parse_args(["--config", "c.yaml", "a.b=1", "--ds_config", "z.json", "run_name=x"])
     assert args.overrides == ["a.b=1", "run_name=x"] and args.ds_config == "z.json"
     from torch.utils.data import DataLoader

@@ -2,6 +2,7 @@
 monitor, and resume. Every rank runs this; errors are raised before training starts."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional
@@ -273,6 +274,22 @@ def make_run_dir(cfg: Config, run_dir: str) -> None:
                          f"folder {run_dir} ({e.strerror or e}); set output_root to a writable folder") from None
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(run_dir: str, created: bool):
+    """A start that fails after ``make_run_dir`` (a data path, a ds_config, the model's
+    shape...) leaves no empty run folder behind: the one this job created (``created``), still
+    empty, is removed. Anything written there (a rank's files, the user's) keeps it."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            try:
+                os.rmdir(run_dir)            # only an empty folder; atomic
+            except OSError:
+                pass
+        raise
+
+
 def warn_flex_shapes(cfg: Config) -> bool:
     """flex outside compiled blocks compiles its kernel once per batch shape (attention.py);
     batches padded to their longest make nearly every new length a compile (tens of seconds on
@@ -293,11 +310,14 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     from vltrain.monitor import FlopCounter, Monitor, device_peak_tflops
 
     check_placeholders(cfg)              # before anything starts; init_from once the resume is known
+    run_dir = run_dir_of(cfg)
+    # Before the ranks meet, so before any rank can have made it (the main rank's answer counts:
+    # another rank removing the folder could pull it from under a rank that goes on)
+    existed = os.path.isdir(run_dir)
     info = init_distributed(cfg.train.dist_timeout_s)
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     device = torch.device(acc.device_name(), info.local_rank) if acc.device_name() != "cpu" else torch.device("cpu")
-    run_dir = run_dir_of(cfg)
 
     found = find_resume(cfg, run_dir)
     check_placeholders(cfg, resuming=found is not None)
@@ -312,68 +332,69 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
             log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
         warn_fresh_start_over_checkpoints(run_dir)
     make_run_dir(cfg, run_dir)
-    if cfg.data.num_workers > 0:
-        worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
-    ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
-    if cfg.train.precision == "auto":
-        cfg.train.precision, why = precision_of(ds), f"the ds_config's or this machine's ({acc.device_name()})"
-    if asked == "auto" and info.is_main:
-        log.info("train.precision=auto: %s (%s)", cfg.train.precision, why)
-    if found is not None and found.info.get("universal"):
-        ds.setdefault("checkpoint", {})["load_universal"] = True
-    if found is not None:
-        check_resume_stage(found, ds)           # a stage its files can be loaded under
-        check_resume_precision(found, cfg.train.precision)
-    check_buildable(ds)
-    precision = precision_of(ds)
+    with removed_if_left_empty(run_dir, info.is_main and not existed):
+        if cfg.data.num_workers > 0:
+            worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
+        ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
+        if cfg.train.precision == "auto":
+            cfg.train.precision, why = precision_of(ds), f"the ds_config's or this machine's ({acc.device_name()})"
+        if asked == "auto" and info.is_main:
+            log.info("train.precision=auto: %s (%s)", cfg.train.precision, why)
+        if found is not None and found.info.get("universal"):
+            ds.setdefault("checkpoint", {})["load_universal"] = True
+        if found is not None:
+            check_resume_stage(found, ds)           # a stage its files can be loaded under
+            check_resume_precision(found, cfg.train.precision)
+        check_buildable(ds)
+        precision = precision_of(ds)
 
-    tokenizer = Tokenizer(cfg.data.vocab)
-    check_tokenizer(cfg, tokenizer)
-    check_positions(cfg)
-    warn_flex_shapes(cfg)
-    torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
-    model = VLModel(cfg.model)
-    task_state: dict = {}
-    source_task = None
-    if cfg.train.init_from and found is None:
-        task_state = init_weights(model, cfg.train.init_from)
-        saved = source_config(cfg.train.init_from)
-        source_task = trained_task(saved)
-        check_source_sequence(cfg, saved)
-        if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
-            if source_task == cfg.task.name:
-                log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
-                            "B row is kept", cfg.train.init_from, source_task)
-            else:
-                segment_b_from_a(model)
-    elif cfg.mode == "eval":
-        raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
-    from vltrain.model.compile import maybe_compile
-    maybe_compile(model)     # model.compile: the layer function compiled, state-dict names unchanged
-    spec = get_task(cfg.task.name)
-    task = spec.build_module(cfg, model)
-    if cfg.mode == "eval" or (cfg.train.init_from and found is None):
-        load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
-                          same_task=source_task == cfg.task.name)
-    if found is not None:
-        check_model_matches(found.path, task)   # names the mismatched parameters and shapes
+        tokenizer = Tokenizer(cfg.data.vocab)
+        check_tokenizer(cfg, tokenizer)
+        check_positions(cfg)
+        warn_flex_shapes(cfg)
+        torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
+        model = VLModel(cfg.model)
+        task_state: dict = {}
+        source_task = None
+        if cfg.train.init_from and found is None:
+            task_state = init_weights(model, cfg.train.init_from)
+            saved = source_config(cfg.train.init_from)
+            source_task = trained_task(saved)
+            check_source_sequence(cfg, saved)
+            if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
+                if source_task == cfg.task.name:
+                    log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
+                                "B row is kept", cfg.train.init_from, source_task)
+                else:
+                    segment_b_from_a(model)
+        elif cfg.mode == "eval":
+            raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
+        from vltrain.model.compile import maybe_compile
+        maybe_compile(model)     # model.compile: the layer function compiled, state-dict names unchanged
+        spec = get_task(cfg.task.name)
+        task = spec.build_module(cfg, model)
+        if cfg.mode == "eval" or (cfg.train.init_from and found is None):
+            load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
+                              same_task=source_task == cfg.task.name)
+        if found is not None:
+            check_model_matches(found.path, task)   # names the mismatched parameters and shapes
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,
-        lr_scheduler=linear_warmup_decay(cfg))
-    drop_step_readbacks(engine.optimizer)       # ZeRO-1/2: the step's norm checks stay on the device
-    torch.manual_seed(cfg.train.seed + 1000 * info.rank)   # dropout streams differ per rank
+        engine, _, _, _ = deepspeed.initialize(
+            model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,
+            lr_scheduler=linear_warmup_decay(cfg))
+        drop_step_readbacks(engine.optimizer)       # ZeRO-1/2: the step's norm checks stay on the device
+        torch.manual_seed(cfg.train.seed + 1000 * info.rank)   # dropout streams differ per rank
 
-    loader = (build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)[0]
-              if cfg.mode != "eval" else None)    # eval needs no training data
-    val_loader = (build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size, make_collator=spec.make_collator)[0]
-                  if cfg.data.val and cfg.mode != "eval" else None)   # eval builds the split it evaluates
-    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
-                      peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
-                      max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info, device=device)
-    trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter(model, cfg.model), run_dir,
-                      device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
-    if found is not None:
-        trainer.resume_from(found)
+        loader = (build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)[0]
+                  if cfg.mode != "eval" else None)    # eval needs no training data
+        val_loader = (build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size, make_collator=spec.make_collator)[0]
+                      if cfg.data.val and cfg.mode != "eval" else None)   # eval builds the split it evaluates
+        float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
+                          peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
+                          max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info, device=device)
+        trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter(model, cfg.model), run_dir,
+                          device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
+        if found is not None:
+            trainer.resume_from(found)
     return trainer
