@@ -119,7 +119,7 @@ def kernel_signature(fn, dtype: str, dropout: bool) -> dict:
     """Triton's compile-time signature of one of triton_attention's kernels."""
     import inspect
     pointers = {**dict.fromkeys("Q K V O DO DQ DK DV".split(), f"*{dtype}"), "VALID": "*i8", "TARGET": "*i8",
-                "KEEP": "*i1" if dropout else "*i8", "LSE": "*fp32", "DELTA": "*fp32"}
+                "KEEP": "*u8" if dropout else "*i8", "LSE": "*fp32", "DELTA": "*fp32"}
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in ("DROPOUT", "BLOCK", "BLOCK_D", "PREC"):

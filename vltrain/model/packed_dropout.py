@@ -35,9 +35,14 @@ def threshold(p: float) -> int:
     return round(p * LEVELS)
 
 
+def drawn_p(p: float) -> float:
+    """The drop probability a draw at ``p`` has: ``p`` to a multiple of 1/65536."""
+    return threshold(p) / LEVELS
+
+
 def scale(p: float) -> float:
     """What the kept elements are multiplied by: 1 / (1 - the drop probability actually used)."""
-    return LEVELS / (LEVELS - threshold(p))
+    return 1.0 / (1.0 - drawn_p(p))
 
 
 if triton is not None:
@@ -65,9 +70,14 @@ def _draw_triton(n_bytes: int, p: float, device: torch.device) -> torch.Tensor:
     return out
 
 
+def pack(keep: torch.Tensor) -> torch.Tensor:
+    """Bool (..., 8 k) -> uint8 (..., k): bit ``i`` of byte ``j`` is element ``8 j + i`` of the last dim."""
+    k = keep.reshape(*keep.shape[:-1], -1, 8).to(torch.int32)
+    return (k << torch.arange(8, dtype=torch.int32, device=keep.device)).sum(-1).to(torch.uint8)
+
+
 def _draw_torch(n_bytes: int, p: float, device: torch.device) -> torch.Tensor:
-    keep = torch.randint(0, LEVELS, (n_bytes, 8), dtype=torch.int32, device=device) >= threshold(p)
-    return (keep.to(torch.int32) << torch.arange(8, dtype=torch.int32, device=device)).sum(-1).to(torch.uint8)
+    return pack(torch.randint(0, LEVELS, (n_bytes, 8), dtype=torch.int32, device=device) >= threshold(p))
 
 
 # Opaque to torch.compile: one node in the compiled blocks. Tagged random, else the compiler

@@ -8,10 +8,11 @@ work), and our mask reaches them as a dense (B, 1, L, L) bias. These kernels ins
   * compute the mask from two (B, L) vectors (``AttentionStructure``'s ``key_valid`` and
     ``target``: the rule in ``attention.py``'s docstring) inside the tile: no dense mask;
   * tile L with ``BLOCK``-wide blocks (64: 140 -> 192; 32: 140 -> 160);
-  * take attention dropout as a keep mask drawn once per call by torch (one (B, h, L, L)
-    bool tensor, rows padded to 16 bytes, ~64 MB per layer at micro-batch 256, kept for the
-    backward), so that the backward reuses exactly the forward's draw and a test can give
-    eager the same mask.
+  * take attention dropout as a keep mask drawn once per call, one bit per score
+    (packed_dropout.py's draw and format: 8 scores per Philox call; each (B, h) row of L
+    scores in 16-byte-aligned bytes, ~14 MB per layer at micro-batch 256 where a bool mask
+    took 64 MB, kept for the backward), so that the backward reuses exactly the forward's
+    draw and a test can give eager the same mask.
 FlashAttention-2's algorithm: the forward keeps a running max and sum per query row (one
 pass over the key blocks, the log-sum-exp saved), the backward recomputes the
 probabilities (after one pass for rowsum(dO * O)); its program i computes dK/dV of key
@@ -90,10 +91,11 @@ if triton is not None:
 
     @triton.jit
     def _keep_scale(KEEP, b, h, skb, skh, skl, offs_m, offs_n, m_in, n_in, keep_scale):
-        """(M, N) dropout factor: 1 / (1 - p) where the keep mask keeps, else 0."""
-        keep = tl.load(KEEP + b * skb + h * skh + offs_m[:, None] * skl + offs_n[None, :],
+        """(M, N) dropout factor: 1 / (1 - p) where the keep bits keep, else 0 (score n's bit
+        is bit n % 8 of its row's byte n // 8: 8 neighbouring columns read one byte)."""
+        byte = tl.load(KEEP + b * skb + h * skh + offs_m[:, None] * skl + (offs_n[None, :] >> 3),
                        mask=m_in[:, None] & n_in[None, :], other=0)
-        return tl.where(keep != 0, keep_scale, 0.0)
+        return tl.where(((byte.to(tl.int32) >> (offs_n[None, :] & 7)) & 1) != 0, keep_scale, 0.0)
 
     @triton.jit
     def _recompute(q, k, v, do, lse, delta, allowed, KEEP, b, h, skb, skh, skl, offs_m, offs_n, m_in, n_in,
@@ -233,7 +235,7 @@ def _meta(q: torch.Tensor, dropout: bool, block: int) -> dict:
 
 
 def _keep_args(keep: Optional[torch.Tensor], p: float, valid: torch.Tensor) -> tuple:
-    """The kernels' keep-mask arguments: (pointer, its batch/head/row strides, 1 / (1 - p)).
+    """The kernels' keep-bit arguments: (pointer, its batch/head/row strides, 1 / (1 - p)).
     Without dropout: any pointer (``valid``), zero strides and 1, never read (``DROPOUT``)."""
     if keep is None:
         return valid, (0, 0, 0), 1.0
@@ -333,20 +335,34 @@ def prepare(key_valid: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     return key_valid.to(torch.int8).contiguous(), target.to(torch.int8).contiguous()
 
 
+def keep_bits_for(keep: torch.Tensor) -> torch.Tensor:
+    """A (B, h, L, L) bool keep mask in the kernels' format: (B, h, L, row bytes) uint8."""
+    from vltrain.model.packed_dropout import pack
+    L = keep.shape[-1]
+    return pack(torch.nn.functional.pad(keep, (0, _row_bytes(L) * 8 - L)))
+
+
+def _row_bytes(L: int) -> int:
+    """Bytes per row of keep bits: L bits, 16-byte aligned (the kernels' loads of a row)."""
+    return (L + 127) // 128 * 16
+
+
 def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, h, L, d) -> (B, h, L, d) by the rule of ``attention.py``. ``keep`` (B, h, L, L) bool
-    replaces the dropout draw (tests give eager the same one)."""
+    replaces the dropout draw (tests give eager the same one, scaled by 1 / (1 - dropout_p))."""
     if not available():
         raise RuntimeError("model.attention_backend=triton needs the triton package")
     if not runs_on(q.device.type):
         raise RuntimeError(CPU_MESSAGE)
     valid, target = prepared
     B, h, L, _ = q.shape
-    if keep is None and dropout_p > 0:
-        # rows 16-byte aligned (L = 140 is not): the kernels load a tile's row in wide loads
-        keep = torch.empty((B, h, L, (L + 15) // 16 * 16), dtype=torch.bool, device=q.device)[..., :L]
-        keep.bernoulli_(1.0 - dropout_p)
-    elif keep is not None:
-        keep = _unit_last(keep)
-    o, _ = short_attention(q, k, v, valid, target, keep, float(dropout_p), block_for(L, q.dtype))
+    p = float(dropout_p)
+    if keep is None and p > 0:
+        from vltrain.model import packed_dropout
+        rb = _row_bytes(L)
+        bits = packed_dropout.keep_bits(B * h * L * rb * 8, p, q.device).view(B, h, L, rb)
+        p = packed_dropout.drawn_p(p)          # the draw's own probability: its scale
+    else:
+        bits = keep_bits_for(keep) if keep is not None else None
+    o, _ = short_attention(q, k, v, valid, target, bits, p, block_for(L, q.dtype))
     return o.transpose(1, 2)
