@@ -103,7 +103,8 @@ def test_triton_kernels_equal_eager_in_the_triton_interpreter():
     L = 23, dropout with eager given the same keep mask; the whole model (every mode, VL-BERT's
     slots, the last block at selected rows, compiled blocks); dropout in training only, the
     backend's own draw keeping 1 - p, and the same draw again where activation checkpointing
-    recomputes the blocks; and model.hidden_dropout_masks=packed's keep-bit kernel."""
+    recomputes the blocks; bounds that fall on block edges, and blocks no row sees left unread;
+    and model.hidden_dropout_masks=packed's keep-bit kernel."""
     import os
     import subprocess
     import sys
@@ -112,13 +113,13 @@ def test_triton_kernels_equal_eager_in_the_triton_interpreter():
     p = subprocess.run([sys.executable, "-m", "tests.triton_attention_check"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    assert "triton attention: all 25 checks passed" in p.stdout
+    assert "triton attention: all 30 checks passed" in p.stdout
 
 
 def kernel_signature(fn, dtype: str, dropout: bool) -> dict:
     """Triton's compile-time signature of one of triton_attention's kernels."""
     import inspect
-    pointers = {**dict.fromkeys("Q K V O DO DQ DK DV".split(), f"*{dtype}"), "VALID": "*i8", "TARGET": "*i8",
+    pointers = {**dict.fromkeys("Q K V O DO DQ DK DV".split(), f"*{dtype}"), "VALID": "*i8", "TARGET": "*i8", "ENDS": "*i32",
                 "KEEP": "*u8" if dropout else "*i8", "LSE": "*fp32", "DELTA": "*fp32"}
     sig = {}
     for name in inspect.signature(fn.fn).parameters:

@@ -14,12 +14,32 @@ import sys
 
 import torch
 
+from vltrain.model import attention as A
+
+
+def block_edges():
+    """Examples whose bounds fall on the 16-wide blocks' edges (L = 40: blocks at 0, 16, 32), so
+    that a bound one position short or one block off leaves out keys a row sees: the last
+    target row is the first of a block; a non-target key (after targets) is the first of a
+    block; a block's first valid key is a target at its first position; a block with no valid
+    key; the same at 32; and a bidirectional example."""
+    B, L = 6, 40
+    valid = torch.ones(B, L, dtype=torch.bool)
+    target = torch.zeros(B, L, dtype=torch.bool)
+    valid[0, 17:], target[0, 10:17] = False, True
+    valid[1, 17:], target[1, 3:8] = False, True
+    target[2, 16:] = True
+    valid[3, 16:32], target[3, 32:] = False, True
+    valid[4, 33:], target[4, 20:33] = False, True
+    return A.AttentionStructure(valid, target)
+
 
 def kernel_cases():
     """(structure, head dim, dropout p) over every mode and padding of the flex/varlen tests,
-    a head dim that is not a power of two, and lengths across several blocks."""
+    the block edges above, a head dim that is not a power of two, and lengths across several
+    blocks."""
     from tests.test_attention_backends import structures
-    for i, st in enumerate(structures()):
+    for i, st in enumerate([*structures(), block_edges()]):
         for d, p in ((16, 0.0), (24, 0.25)):
             yield f"structure {i}, head dim {d}, p {p}", st, d, p
 
@@ -133,6 +153,36 @@ def check_activation_checkpointing_redraws_the_same_keep_mask() -> int:
     return 1
 
 
+def check_fully_masked_blocks_are_not_read() -> int:
+    """The bounds skip, not just mask: a seq2seq example, prefix 0-31 and caption 32-47 in
+    16-wide blocks. NaN keys/values in the caption reach no prefix row (forward, and the dQ
+    pass: masked probabilities are 0, and 0 * NaN would be NaN had the blocks been read); NaN
+    output gradients of the prefix rows reach no caption key (the dK/dV pass starts at the
+    caption's block)."""
+    from vltrain.model import triton_attention as T
+    T.BLOCK = 16
+    L, h, d = 48, 2, 16
+    target = torch.zeros(1, L, dtype=torch.bool)
+    target[0, 32:] = True
+    prepared = T.prepare(torch.ones(1, L, dtype=torch.bool), target)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, d, generator=g) for _ in range(3))
+    k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
+    q.requires_grad_()
+    out = T.triton_attention(q, k, v, prepared, 0.0)
+    (dq,) = torch.autograd.grad(out, q, torch.ones_like(out))
+    assert out[:, :, :32].isfinite().all() and out[:, :, 32:].isnan().all()
+    assert dq[:, :, :32].isfinite().all()
+    q, k, v = (torch.randn(1, h, L, d, generator=g).requires_grad_() for _ in range(3))
+    out = T.triton_attention(q, k, v, prepared, 0.0)
+    do = torch.randn(out.shape, generator=g)
+    do[:, :, :32] = float("nan")
+    dk, dv = torch.autograd.grad(out, (k, v), do)
+    assert dk[:, :, 32:].isfinite().all() and dv[:, :, 32:].isfinite().all() and dv[:, :, :32].isnan().all()
+    T.BLOCK = 64
+    return 1
+
+
 def check_packed_dropout_kernel() -> int:
     """``model.hidden_dropout_masks=packed``'s Triton kernel: byte j holds the keep bits of
     Philox counter j's four 32-bit outputs, low half then high half (bit 2k: output k's low 16
@@ -178,6 +228,7 @@ def main() -> int:
     n += check_dropout_in_training_only()
     n += check_the_backends_own_draw_keeps_1_minus_p()
     n += check_activation_checkpointing_redraws_the_same_keep_mask()
+    n += check_fully_masked_blocks_are_not_read()
     n += check_packed_dropout_kernel()
     print(f"triton attention: all {n} checks passed")
     return 0

@@ -13,6 +13,11 @@ work), and our mask reaches them as a dense (B, 1, L, L) bias. These kernels ins
     scores in 16-byte-aligned bytes, ~14 MB per layer at micro-batch 256 where a bool mask
     took 64 MB, kept for the backward), so that the backward reuses exactly the forward's
     draw and a test can give eager the same mask.
+Blocks no row of a tile may see are not computed: per example, the end of its last valid
+non-target key and of its last valid key (``prepare``) bound each query block's key blocks
+(a block of prefix rows stops before the caption's blocks; trailing padding is never read),
+and a key block of caption keys is visited only by query blocks at or past its first one, so
+a seq2seq example at L = 140 in 64-wide blocks computes 7 of its 9 tile pairs.
 FlashAttention-2's algorithm: the forward keeps a running max and sum per query row (one
 pass over the key blocks, the log-sum-exp saved), the backward recomputes the
 probabilities (after one pass for rowsum(dO * O)); its program i computes dK/dV of key
@@ -126,6 +131,23 @@ if triton is not None:
         return bh, bh // H, bh % H, offs, offs < L, offs_d, offs_d < D
 
     @triton.jit
+    def _key_end(ENDS, b, offs_q, q_in, t_q):
+        """Where the keys that query rows ``offs_q`` may see end: past every valid non-target
+        key, and past the valid target keys up to the block's last target row."""
+        last_t = tl.max(tl.where(q_in & (t_q != 0), offs_q, -1), 0)
+        return tl.maximum(tl.load(ENDS + 2 * b), tl.minimum(last_t + 1, tl.load(ENDS + 2 * b + 1)))
+
+    @triton.jit
+    def _query_start(offs_k, k_in, t_k, valid, L, BLOCK: tl.constexpr):
+        """The first query block that may see a key of block ``offs_k``: 0 if it holds a valid
+        non-target key (every row sees those), the block of its first valid target key if it
+        holds only targets (only target rows at or past it see them), none (L) if no valid key."""
+        v = k_in & (valid != 0)
+        has_non_target = tl.max((v & (t_k == 0)).to(tl.int32), 0) > 0
+        first = tl.min(tl.where(v, offs_k, L), 0)
+        return tl.where(has_non_target, 0, tl.where(first < L, first // BLOCK * BLOCK, L))
+
+    @triton.jit
     def _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start, L, offs_d, d_in,
                    offs_q, q_in, t_q, BLOCK: tl.constexpr):
         """Key block ``start``: K and V tiles, and which of its keys each query row may see."""
@@ -138,7 +160,7 @@ if triton is not None:
         return offs_n, n_in, k, v, allowed
 
     @triton.jit
-    def _attention_fwd_kernel(Q, K, V, VALID, TARGET, KEEP, O, LSE,
+    def _attention_fwd_kernel(Q, K, V, VALID, TARGET, ENDS, KEEP, O, LSE,
                               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, spb, sph, spl,
                               H, L, D, qk_scale, keep_scale,
                               DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -150,7 +172,7 @@ if triton is not None:
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for start in range(0, L, BLOCK):
+        for start in range(0, _key_end(ENDS, b, offs_m, m_in, tq), BLOCK):
             offs_n, n_in, k, v, allowed = _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start,
                                                      L, offs_d, d_in, offs_m, m_in, tq, BLOCK)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale      # log2 units
@@ -169,7 +191,7 @@ if triton is not None:
         tl.store(LSE + bh * L + offs_m, m_i + tl.log2(l_safe), mask=m_in)
 
     @triton.jit
-    def _attention_bwd_kernel(Q, K, V, DO, LSE, DELTA, VALID, TARGET, KEEP, DQ, DK, DV,
+    def _attention_bwd_kernel(Q, K, V, DO, LSE, DELTA, VALID, TARGET, ENDS, KEEP, DQ, DK, DV,
                               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sgb, sgh, sgl,
                               spb, sph, spl, H, L, D, sm_scale, qk_scale, keep_scale,
                               DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -184,7 +206,7 @@ if triton is not None:
         valid = tl.load(VALID + b * L + offs_i, mask=i_in, other=0)
         dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for start in range(0, L, BLOCK):
+        for start in range(_query_start(offs_i, i_in, t_i, valid, L, BLOCK), L, BLOCK):
             offs_m = start + tl.arange(0, BLOCK)
             m_in = offs_m < L
             q = _tile(Q, b, h, sqb, sqh, sql, offs_m, m_in, offs_d, d_in)
@@ -204,7 +226,7 @@ if triton is not None:
         lse = tl.load(LSE + bh * L + offs_i, mask=i_in, other=0.0)
         delta = tl.load(DELTA + bh * L + offs_i, mask=i_in, other=0.0)
         dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for start in range(0, L, BLOCK):
+        for start in range(0, _key_end(ENDS, b, offs_i, i_in, t_i), BLOCK):
             offs_n, n_in, k, v, allowed = _key_block(K, V, VALID, TARGET, b, h, skb, skh, skl, svb, svh, svl, start,
                                                      L, offs_d, d_in, offs_i, i_in, t_i, BLOCK)
             _, ds = _recompute(q, k, v, do, lse, delta, allowed, KEEP, b, h, spb, sph, spl, offs_i, offs_n,
@@ -258,7 +280,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward_impl(q, k, v, valid, target, keep: Optional[torch.Tensor], p: float, block: int):
+def _forward_impl(q, k, v, valid, target, ends, keep: Optional[torch.Tensor], p: float, block: int):
     q, k, v = (_unit_last(t) for t in (q, k, v))
     B, h, L, d = q.shape
     o = _blhd(q)
@@ -266,12 +288,13 @@ def _forward_impl(q, k, v, valid, target, keep: Optional[torch.Tensor], p: float
     lse = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
     kp, ks, kscale = _keep_args(keep, p, valid)
     _attention_fwd_kernel[(B * h * triton.cdiv(L, block),)](
-        q, k, v, valid, target, kp, ov, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *ks,
+        q, k, v, valid, target, ends, kp, ov, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *ks,
         h, L, d, d ** -0.5 * LOG2E, kscale, **_meta(q, keep is not None, block))
     return o, lse
 
 
-def _backward_impl(do, q, k, v, o, lse, valid, target, keep: Optional[torch.Tensor], p: float, block: int):
+def _backward_impl(do, q, k, v, o, lse, valid, target, ends, keep: Optional[torch.Tensor], p: float,
+                   block: int):
     """(dq, dk, dv), each (B, L, h, d); ``do`` and ``o`` are (B, L, h, d)."""
     q, k, v = (_unit_last(t) for t in (q, k, v))
     B, h, L, d = q.shape
@@ -285,7 +308,7 @@ def _backward_impl(do, q, k, v, o, lse, valid, target, keep: Optional[torch.Tens
     dq, dk, dv = _blhd(q), _blhd(q), _blhd(q)
     dqv, dkv, dvv = (t.transpose(1, 2) for t in (dq, dk, dv))
     kp, ks, kscale = _keep_args(keep, p, valid)
-    _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, kp, dqv, dkv, dvv,
+    _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, ends, kp, dqv, dkv, dvv,
                                 *_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv), *ks,
                                 h, L, d, d ** -0.5, d ** -0.5 * LOG2E, kscale, **meta)
     return dq, dk, dv
@@ -296,43 +319,47 @@ if triton is not None:
     # their autograd registered below), so Dynamo never traces into the launches.
     @torch.library.custom_op("vltrain::short_attention", mutates_args=())
     def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                        target: torch.Tensor, keep: Optional[torch.Tensor], p: float,
+                        target: torch.Tensor, ends: torch.Tensor, keep: Optional[torch.Tensor], p: float,
                         block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward_impl(q, k, v, valid, target, keep, p, block)
+        return _forward_impl(q, k, v, valid, target, ends, keep, p, block)
 
     @short_attention.register_fake
-    def _(q, k, v, valid, target, keep, p, block):
+    def _(q, k, v, valid, target, ends, keep, p, block):
         B, h, L, _ = q.shape
         return _blhd(q), q.new_empty((B, h, L), dtype=torch.float32)
 
     @torch.library.custom_op("vltrain::short_attention_backward", mutates_args=())
     def short_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  o: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
-                                 keep: Optional[torch.Tensor], p: float,
+                                 ends: torch.Tensor, keep: Optional[torch.Tensor], p: float,
                                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _backward_impl(do, q, k, v, o, lse, valid, target, keep, p, block)
+        return _backward_impl(do, q, k, v, o, lse, valid, target, ends, keep, p, block)
 
     @short_attention_backward.register_fake
-    def _(do, q, k, v, o, lse, valid, target, keep, p, block):
+    def _(do, q, k, v, o, lse, valid, target, ends, keep, p, block):
         return _blhd(q), _blhd(q), _blhd(q)
 
     def _setup(ctx, inputs, output):
-        q, k, v, valid, target, keep, p, block = inputs
+        q, k, v, valid, target, ends, keep, p, block = inputs
         o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse, valid, target, keep)
+        ctx.save_for_backward(q, k, v, o, lse, valid, target, ends, keep)
         ctx.p, ctx.block = p, block
 
     def _backward(ctx, do, dlse):
-        q, k, v, o, lse, valid, target, keep = ctx.saved_tensors
-        dq, dk, dv = short_attention_backward(do, q, k, v, o, lse, valid, target, keep, ctx.p, ctx.block)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
+        q, k, v, o, lse, valid, target, ends, keep = ctx.saved_tensors
+        dq, dk, dv = short_attention_backward(do, q, k, v, o, lse, valid, target, ends, keep, ctx.p, ctx.block)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None, None
 
     short_attention.register_autograd(_backward, setup_context=_setup)
 
 
-def prepare(key_valid: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two (B, L) int8 vectors the kernels read, once per forward."""
-    return key_valid.to(torch.int8).contiguous(), target.to(torch.int8).contiguous()
+def prepare(key_valid: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the kernels read, once per forward: the two (B, L) int8 vectors, and per example
+    (B, 2) int32 the end of its last valid non-target key and of its last valid key (0: none)."""
+    pos = torch.arange(1, key_valid.shape[1] + 1, device=key_valid.device)
+    valid = key_valid.bool()
+    ends = torch.stack([torch.where(valid & ~target.bool(), pos, 0).amax(1), torch.where(valid, pos, 0).amax(1)], 1)
+    return valid.to(torch.int8).contiguous(), target.to(torch.int8).contiguous(), ends.to(torch.int32).contiguous()
 
 
 def keep_bits_for(keep: torch.Tensor) -> torch.Tensor:
@@ -354,7 +381,7 @@ def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.T
         raise RuntimeError("model.attention_backend=triton needs the triton package")
     if not runs_on(q.device.type):
         raise RuntimeError(CPU_MESSAGE)
-    valid, target = prepared
+    valid, target, ends = prepared
     B, h, L, _ = q.shape
     p = float(dropout_p)
     if keep is None and p > 0:
@@ -364,5 +391,5 @@ def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.T
         p = packed_dropout.drawn_p(p)          # the draw's own probability: its scale
     else:
         bits = keep_bits_for(keep) if keep is not None else None
-    o, _ = short_attention(q, k, v, valid, target, bits, p, block_for(L, q.dtype))
+    o, _ = short_attention(q, k, v, valid, target, ends, bits, p, block_for(L, q.dtype))
     return o.transpose(1, 2)
