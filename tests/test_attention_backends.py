@@ -449,6 +449,16 @@ def test_gpu_bf16_backend_as_close_to_fp32_eager_as_eager(backend, mode):
 
 
 @needs_cuda
+def test_gpu_triton_own_draw_and_unread_blocks():
+    """What training runs and the tests above do not: the backend's own keep-bit draw (the
+    packed kernel, viewed as rows of bits) keeps 1 - p; blocks no row sees are not read (NaN
+    there reaches no output), in bf16 with 64-wide blocks (tests/triton_attention_check.py)."""
+    from tests import triton_attention_check as C
+    assert C.check_the_backends_own_draw_keeps_1_minus_p("cuda", torch.bfloat16) == 1
+    assert C.check_fully_masked_blocks_are_not_read("cuda", torch.bfloat16, block=64) == 1
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_triton_dropout_equals_eager_with_the_same_keep_mask(dtype):
     """The kernels' dropout on a GPU: output and q/k/v gradients of eager given the same mask."""

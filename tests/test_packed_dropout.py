@@ -30,6 +30,14 @@ def test_drop_probability_and_scale_are_16_bit():
     assert P.threshold(0.1) == 6554 and P.scale(0.1) == 65536 / (65536 - 6554)
     assert P.threshold(0.5) == 32768 and P.scale(0.5) == 2.0
     assert P.threshold(0.0) == 0 and P.scale(0.0) == 1.0
+    # probabilities the 16-bit draw cannot take are named at model build
+    for p, key, backend, masks in ((1.0, "model.hidden_dropout", "sdpa", "packed"),
+                                   (1e-6, "model.hidden_dropout", "sdpa", "packed"),
+                                   (1.0, "model.attention_dropout", "triton", "torch")):
+        with pytest.raises(ValueError, match=rf"{key}={p}: vltrain's keep bits draw .* in steps of 1/65536"):
+            make_model(backend, hidden_dropout_masks=masks, **{key.split(".")[1]: p})
+    make_model(hidden_dropout=1.0)                    # torch's F.dropout takes it (zeros)
+    make_model(hidden_dropout_masks="packed", hidden_dropout=0.0)
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU draw; the CUDA test checks the Triton kernel")

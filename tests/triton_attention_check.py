@@ -117,19 +117,21 @@ def check_dropout_in_training_only() -> int:
     return 1
 
 
-def check_the_backends_own_draw_keeps_1_minus_p() -> int:
+def check_the_backends_own_draw_keeps_1_minus_p(device: str = "cpu", dtype=torch.float32) -> int:
     """The draw itself (the other checks give the kernels their keep mask): with V = 1 each output
     is sum_k P_k keep_k / (1 - p), mean 1 at any p (keeping a share p instead gives p / (1 - p)).
-    Over B x h x L = 768 rows of 48 keys its standard deviation is < 0.01."""
+    Over B x h x L = 768 rows of 48 keys its standard deviation is < 0.01. (Also run on a GPU by
+    tests/test_attention_backends.py, in bf16.)"""
     from vltrain.model import triton_attention as T
     g = torch.Generator().manual_seed(0)
     B, h, L, d = 4, 4, 48, 16
     valid, target = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
-    q, k = (0.1 * torch.randn(B, h, L, d, generator=g) for _ in range(2))
+    q, k = (0.1 * torch.randn(B, h, L, d, generator=g).to(device, dtype) for _ in range(2))
     for p in (0.1, 0.3):
         torch.manual_seed(1)
-        out = T.triton_attention(q, k, torch.ones(B, h, L, d), T.prepare(valid, target), p)
-        assert abs(float(out.mean()) - 1.0) < 0.05, (p, float(out.mean()))
+        out = T.triton_attention(q, k, torch.ones(B, h, L, d, device=device, dtype=dtype),
+                                 T.prepare(valid.to(device), target.to(device)), p)
+        assert abs(float(out.float().mean()) - 1.0) < 0.05, (p, float(out.float().mean()))
     return 1
 
 
@@ -153,33 +155,43 @@ def check_activation_checkpointing_redraws_the_same_keep_mask() -> int:
     return 1
 
 
-def check_fully_masked_blocks_are_not_read() -> int:
+def check_fully_masked_blocks_are_not_read(device: str = "cpu", dtype=torch.float32, block: int = 16) -> int:
     """The bounds skip, not just mask: a seq2seq example, prefix 0-31 and caption 32-47 in
     16-wide blocks. NaN keys/values in the caption reach no prefix row (forward, and the dQ
     pass: masked probabilities are 0, and 0 * NaN would be NaN had the blocks been read); NaN
     output gradients of the prefix rows reach no caption key (the dK/dV pass starts at the
-    caption's block)."""
+    caption's block). ``block``-wide blocks, the prefix two of them, the caption one and a
+    padding block after it (never read: NaN there too). (Also run on a GPU, in bf16 at 64.)"""
     from vltrain.model import triton_attention as T
-    T.BLOCK = 16
-    L, h, d = 48, 2, 16
-    target = torch.zeros(1, L, dtype=torch.bool)
-    target[0, 32:] = True
-    prepared = T.prepare(torch.ones(1, L, dtype=torch.bool), target)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, L, d, generator=g) for _ in range(3))
-    k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
-    q.requires_grad_()
-    out = T.triton_attention(q, k, v, prepared, 0.0)
-    (dq,) = torch.autograd.grad(out, q, torch.ones_like(out))
-    assert out[:, :, :32].isfinite().all() and out[:, :, 32:].isnan().all()
-    assert dq[:, :, :32].isfinite().all()
-    q, k, v = (torch.randn(1, h, L, d, generator=g).requires_grad_() for _ in range(3))
-    out = T.triton_attention(q, k, v, prepared, 0.0)
-    do = torch.randn(out.shape, generator=g)
-    do[:, :, :32] = float("nan")
-    dk, dv = torch.autograd.grad(out, (k, v), do)
-    assert dk[:, :, 32:].isfinite().all() and dv[:, :, 32:].isfinite().all() and dv[:, :, :32].isnan().all()
-    T.BLOCK = 64
+    T.BLOCK, saved = block, T.BLOCK
+    try:
+        cap, L, h, d = 2 * block, 4 * block, 2, 16
+        target = torch.zeros(1, L, dtype=torch.bool, device=device)
+        target[0, cap:] = True
+        valid = torch.ones(1, L, dtype=torch.bool, device=device)
+        valid[0, 3 * block:] = False
+        prepared = T.prepare(valid, target)
+        g = torch.Generator().manual_seed(0)
+
+        def rand(requires_grad=False):
+            return torch.randn(1, h, L, d, generator=g).to(device, dtype).requires_grad_(requires_grad)
+        q, k, v = rand(True), rand(), rand()
+        k[:, :, cap:], v[:, :, cap:] = float("nan"), float("nan")
+        out = T.triton_attention(q, k, v, prepared, 0.0)
+        (dq,) = torch.autograd.grad(out, q, torch.ones_like(out))
+        assert out[:, :, :cap].isfinite().all() and out[:, :, cap:3 * block].isnan().all()
+        assert dq[:, :, :cap].isfinite().all()
+        q, k, v = rand(True), rand(True), rand(True)
+        k.data[:, :, 3 * block:], v.data[:, :, 3 * block:] = float("nan"), float("nan")
+        out = T.triton_attention(q, k, v, prepared, 0.0)
+        assert out.isfinite().all()                       # the padding block is never read as keys
+        do = torch.randn(out.shape, generator=g).to(device, dtype)
+        do[:, :, :cap] = float("nan")
+        dk, dv = torch.autograd.grad(out, (k, v), do)
+        assert dk[:, :, cap:3 * block].isfinite().all() and dv[:, :, cap:3 * block].isfinite().all()
+        assert dv[:, :, :cap].isnan().all()
+    finally:
+        T.BLOCK = saved
     return 1
 
 

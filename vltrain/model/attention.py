@@ -31,8 +31,9 @@ Backends (``model.attention_backend``):
             targets). Bidirectional examples have no target rows. On CPU an SDPA emulation
             of the same two calls runs instead (reference for the tests; slow).
     triton  vltrain's own Triton kernels for short sequences (``triton_attention.py``): the
-            rule computed in the tile from the two (B, L) vectors, no dense mask; attention
-            dropout from a keep mask drawn by torch. CUDA only; CPU tests run the kernels in
+            rule computed in the tile from the two (B, L) vectors, no dense mask, blocks no
+            row sees skipped; attention dropout from keep bits drawn once per call (the
+            packed hidden-dropout masks' kernel). CUDA only; CPU tests run the kernels in
             Triton's interpreter.
     auto    the fastest correct backend for the device and the recipe, as measured
             (BENCHMARKS.md): sdpa on CPU and on CUDA (an H100 at our lengths: flex and

@@ -35,6 +35,14 @@ def threshold(p: float) -> int:
     return round(p * LEVELS)
 
 
+def check_p(p: float, key: str) -> None:
+    """``p`` is one the 16-bit draw can take (0, or one that rounds to 1..65535 / 65536):
+    named at model build, not a division by zero (p = 1) or no dropout at all (p < 2^-17)."""
+    if p and not 0 < threshold(p) < LEVELS:
+        raise ValueError(f"{key}={p}: vltrain's keep bits draw the drop probability in steps of 1/{LEVELS}, "
+                         f"so it must be 0 or within [{0.5 / LEVELS:.3g}, {1 - 0.5 / LEVELS:.8f})")
+
+
 def drawn_p(p: float) -> float:
     """The drop probability a draw at ``p`` has: ``p`` to a multiple of 1/65536."""
     return threshold(p) / LEVELS
@@ -77,7 +85,7 @@ def pack(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_torch(n_bytes: int, p: float, device: torch.device) -> torch.Tensor:
-    return pack(torch.randint(0, LEVELS, (n_bytes, 8), dtype=torch.int32, device=device) >= threshold(p))
+    return pack(torch.randint(0, LEVELS, (n_bytes * 8,), dtype=torch.int32, device=device) >= threshold(p))
 
 
 # Opaque to torch.compile: one node in the compiled blocks. Tagged random, else the compiler

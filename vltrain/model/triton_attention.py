@@ -9,13 +9,14 @@ work), and our mask reaches them as a dense (B, 1, L, L) bias. These kernels ins
     ``target``: the rule in ``attention.py``'s docstring) inside the tile: no dense mask;
   * tile L with ``BLOCK``-wide blocks (64: 140 -> 192; 32: 140 -> 160);
   * take attention dropout as a keep mask drawn once per call, one bit per score
-    (packed_dropout.py's draw and format: 8 scores per Philox call; each (B, h) row of L
-    scores in 16-byte-aligned bytes, ~14 MB per layer at micro-batch 256 where a bool mask
-    took 64 MB, kept for the backward), so that the backward reuses exactly the forward's
-    draw and a test can give eager the same mask.
+    (packed_dropout.py's draw and format: 8 bits per Philox call; each query row's L scores
+    in ceil(L / 8) bytes, ~7.7 MB per layer at micro-batch 256 where a bool mask took 64 MB,
+    kept for the backward), so that the backward reuses exactly the forward's draw and a
+    test can give eager the same mask.
 Blocks no row of a tile may see are not computed: per example, the end of its last valid
 non-target key and of its last valid key (``prepare``) bound each query block's key blocks
-(a block of prefix rows stops before the caption's blocks; trailing padding is never read),
+(a block of prefix rows stops before the caption's blocks; trailing padding is never read
+as keys and values),
 and a key block of caption keys is visited only by query blocks at or past its first one, so
 a seq2seq example at L = 140 in 64-wide blocks computes 7 of its 9 tile pairs.
 FlashAttention-2's algorithm: the forward keeps a running max and sum per query row (one
@@ -370,8 +371,8 @@ def keep_bits_for(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _row_bytes(L: int) -> int:
-    """Bytes per row of keep bits: L bits, 16-byte aligned (the kernels' loads of a row)."""
-    return (L + 127) // 128 * 16
+    """Bytes per row of keep bits (the kernels load single bytes: no alignment to keep)."""
+    return (L + 7) // 8
 
 
 def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
