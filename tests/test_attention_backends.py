@@ -119,8 +119,8 @@ def test_triton_kernels_equal_eager_in_the_triton_interpreter():
 def kernel_signature(fn, dtype: str, dropout: bool) -> dict:
     """Triton's compile-time signature of one of triton_attention's kernels."""
     import inspect
-    pointers = {**dict.fromkeys("Q K V O DO DQ DK DV".split(), f"*{dtype}"), "VALID": "*i8", "TARGET": "*i8", "ENDS": "*i32",
-                "KEEP": "*u8" if dropout else "*i8", "LSE": "*fp32", "DELTA": "*fp32"}
+    pointers = {**dict.fromkeys("Q K V O DO DQ DK DV".split(), f"*{dtype}"), "VALID": "*i8", "TARGET": "*i8",
+                "ENDS": "*i32", "KEEP": "*u8" if dropout else "*i8", "LSE": "*fp32", "DELTA": "*fp32"}
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in ("DROPOUT", "BLOCK", "BLOCK_D", "PREC"):
