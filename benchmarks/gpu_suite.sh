@@ -32,11 +32,12 @@
 #            micro-batch $TPUT_BATCH
 #   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
 #            vs bf16 weights with the triton attention backend (32/64-wide blocks) vs the
-#            DeepSpeed engine (bf16, ZeRO-2), and the bf16 steps' kernel-class breakdowns;
-#            and the batch's host-to-device copy on the compute stream vs a side stream; the
+#            DeepSpeed engine (bf16, ZeRO-2), and the bf16 steps' kernel-class breakdowns; the
 #            hidden dropouts' RNG (none, Inductor's fallback_random, align_random_eager, vltrain's
-#            packed masks: model.hidden_dropout_masks=packed);
-#            LEVERS_ARGS=--autotune adds the max-autotune row (long compile), --diagnose the what-ifs
+#            packed masks: model.hidden_dropout_masks=packed); each distinct graph compiles
+#            once, so rows cost the step's time limit: LEVERS_ARGS=--h2d adds the batch's
+#            host-to-device copy rows (measured on the H200: the side stream stays), --autotune
+#            the max-autotune row (long compile), --diagnose the what-ifs
 #   e2e      benchmarks/trainer_e2e.py at micro-batch $TPUT_BATCH: the Trainer as run.py trains
 #            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
 #            wait) beside the engine alone and the model's own loop on one batch, then the
@@ -110,7 +111,7 @@ want profile && step profile "$STEP_TIMEOUT" "$PY" benchmarks/gpu_profile.py $QU
 want attn && step attention_kernels "$STEP_TIMEOUT" "$PY" benchmarks/attention_kernels.py $QUICK \
   --device "$DEVICE" --batch "$TPUT_BATCH"
 want levers && step "levers_b$TPUT_BATCH" $((2 * STEP_TIMEOUT)) "$PY" benchmarks/mfu_levers.py $QUICK --device "$DEVICE" \
-  --batch "$TPUT_BATCH" --engine --h2d --rng ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
+  --batch "$TPUT_BATCH" --engine --rng ${LEVERS_ARGS:-} --out "$RES/levers_b$TPUT_BATCH.md"
 want e2e && step e2e $((2 * STEP_TIMEOUT)) "$PY" benchmarks/trainer_e2e.py $QUICK --device "$DEVICE" \
   --batch "$TPUT_BATCH" ${E2E_ARGS:-} --out "$RES/e2e_b$TPUT_BATCH.md"
 want decode && step decode "$STEP_TIMEOUT" "$PY" benchmarks/decode.py $QUICK --device "$DEVICE" --dtype fp32 --batch 8 \

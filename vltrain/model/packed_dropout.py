@@ -73,8 +73,9 @@ if triton is not None:
 def _draw_triton(n_bytes: int, p: float, device: torch.device) -> torch.Tensor:
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
     out = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    _keep_bits_kernel[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](seed, out, n_bytes, threshold(p),
-                                                                   BLOCK=BYTES_PER_PROGRAM)
+    with triton_attention.on_device(device):
+        _keep_bits_kernel[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](seed, out, n_bytes, threshold(p),
+                                                                       BLOCK=BYTES_PER_PROGRAM)
     return out
 
 

@@ -31,6 +31,7 @@ not pick it until a GPU measurement says it is faster than ``sdpa``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -281,6 +282,12 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def on_device(device: torch.device):
+    """Launch context: Triton launches on the current CUDA device and its stream, so make it the
+    tensors' (a process that has not called ``set_device``, or holds tensors on another GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward_impl(q, k, v, valid, target, ends, keep: Optional[torch.Tensor], p: float, block: int):
     q, k, v = (_unit_last(t) for t in (q, k, v))
     B, h, L, d = q.shape
@@ -288,9 +295,10 @@ def _forward_impl(q, k, v, valid, target, ends, keep: Optional[torch.Tensor], p:
     ov = o.transpose(1, 2)
     lse = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
     kp, ks, kscale = _keep_args(keep, p, valid)
-    _attention_fwd_kernel[(B * h * triton.cdiv(L, block),)](
-        q, k, v, valid, target, ends, kp, ov, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *ks,
-        h, L, d, d ** -0.5 * LOG2E, kscale, **_meta(q, keep is not None, block))
+    with on_device(q.device):
+        _attention_fwd_kernel[(B * h * triton.cdiv(L, block),)](
+            q, k, v, valid, target, ends, kp, ov, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(ov), *ks,
+            h, L, d, d ** -0.5 * LOG2E, kscale, **_meta(q, keep is not None, block))
     return o, lse
 
 
@@ -304,14 +312,15 @@ def _backward_impl(do, q, k, v, o, lse, valid, target, ends, keep: Optional[torc
     grid = (B * h * triton.cdiv(L, block),)
     meta = _meta(q, keep is not None, block)
     delta = torch.empty((B, h, L), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[grid](ov, dov, delta, *_strides(ov), *_strides(dov), h, L, d, BLOCK=block,
-                                      BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS)
     dq, dk, dv = _blhd(q), _blhd(q), _blhd(q)
     dqv, dkv, dvv = (t.transpose(1, 2) for t in (dq, dk, dv))
     kp, ks, kscale = _keep_args(keep, p, valid)
-    _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, ends, kp, dqv, dkv, dvv,
-                                *_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv), *ks,
-                                h, L, d, d ** -0.5, d ** -0.5 * LOG2E, kscale, **meta)
+    with on_device(q.device):
+        _attention_bwd_delta_kernel[grid](ov, dov, delta, *_strides(ov), *_strides(dov), h, L, d, BLOCK=block,
+                                          BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS)
+        _attention_bwd_kernel[grid](q, k, v, dov, lse, delta, valid, target, ends, kp, dqv, dkv, dvv,
+                                    *_strides(q), *_strides(k), *_strides(v), *_strides(dov), *_strides(dqv), *ks,
+                                    h, L, d, d ** -0.5, d ** -0.5 * LOG2E, kscale, **meta)
     return dq, dk, dv
 
 
