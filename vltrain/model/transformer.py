@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.config import ModelConfig
-from vltrain.model.packed_dropout import check_p, packed_dropout
+from vltrain.model.packed_dropout import packed_dropout
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                       # erf GELU, as BERT
@@ -148,10 +148,6 @@ class Block(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
         self.attention_dropout = cfg.attention_dropout
         self.packed_masks = cfg.hidden_dropout_masks == "packed"
-        if self.packed_masks:
-            check_p(cfg.hidden_dropout, "model.hidden_dropout")
-        if cfg.attention_backend == "triton":       # its keep bits are drawn the same way
-            check_p(cfg.attention_dropout, "model.attention_dropout")
         self.run = layer_forward            # model.compile swaps in the compiled function (compile.py)
         self.reset_parameters(cfg.initializer_range)
 

@@ -26,6 +26,7 @@ from vltrain.data.batch import MODE_LEFT_TO_RIGHT, MODE_NAMES, MODE_SEQ2SEQ
 from vltrain.model.attention import AttentionStructure, get_backend
 from vltrain.model.embeddings import TextEmbeddings, VLBertRegionEmbedding, VLPRegionEmbedding, init_bert_
 from vltrain.model.heads import ClsScoreHead, MLMHead, RegionClassHead
+from vltrain.model.packed_dropout import check_p
 from vltrain.model.transformer import Block
 
 REGION_EMBEDDINGS = {"vlp": VLPRegionEmbedding, "vlbert": VLBertRegionEmbedding}
@@ -67,6 +68,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError("model.geometry_conf=true derives confidence from class probabilities; "
                          "set it false when model.use_cls_probs=false")
     get_backend(cfg.attention_backend)
+    if cfg.hidden_dropout_masks == "packed":
+        check_p(cfg.hidden_dropout, "model.hidden_dropout")
+    if cfg.attention_backend == "triton":       # its keep bits are drawn the same way
+        check_p(cfg.attention_dropout, "model.attention_dropout")
 
 
 def region_slots(cfg: ModelConfig) -> tuple[int, int]:
