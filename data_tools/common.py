@@ -341,9 +341,11 @@ def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.Argument
         return 2
     except Exception as e:   # noqa: BLE001
         if type(e).__module__.startswith(("botocore", "boto3")):     # a missing bucket, wrong keys
-            print(redact(f"error: the object store answered {type(e).__name__}: {e} (does the bucket exist, "
-                         f"and do AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / S3_ENDPOINT_URL point at it?)"),
-                  file=sys.stderr)
+            urls = ", ".join(f"{names.get(k, k)} {v}" for k, v in vars(args).items() if isinstance(v, str)
+                             and "://" in v)
+            print(redact(f"error: the object store answered {type(e).__name__}: {e} ({urls + ': ' if urls else ''}"
+                         "does the bucket exist, and do AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                         "S3_ENDPOINT_URL point at it?)"), file=sys.stderr)
             return 2
         # anything else: its traceback, minus credentials a URL in it may hold
         print(redact(traceback.format_exc()), file=sys.stderr)

@@ -34,6 +34,7 @@ import numpy as np
 
 from data_tools.common import BadInputError, download_file, is_remote, join_location, run_main
 from vltrain.data import schema
+from vltrain.data.datasets import remote_hint
 
 TEXT_FIELDS = {"captions": "captions", "vqa": "question", "mc": "question", "refs": "expression",
                "text": "text"}
@@ -53,7 +54,7 @@ def _fetch(dataset: str, name: str, tmp: str, required: bool = True) -> str | No
         download_file(src, dst)
     except Exception as e:  # noqa: BLE001 - any downloader error (missing key, auth, network)
         if required:
-            raise BadInputError(f"cannot download {src}: {type(e).__name__}: {e}") from e
+            raise BadInputError(f"cannot download {src}: {type(e).__name__}: {e}; {remote_hint(e, name)}") from e
         return None
     return dst
 

@@ -90,7 +90,9 @@ vltrain_tasks_per_node() {
 # forwarding) by at most a second; the final `wait` returns the status bash kept.
 vltrain_wait() {
     while kill -0 "$1" 2>/dev/null; do
-        sleep 1
+        # sleep with USR1/TERM ignored: Slurm signals every process of the step, and bash
+        # reports a killed sleep ("User defined signal 1"), which reads like a crash in the log
+        (trap '' USR1 TERM; exec sleep 1)
     done
     wait "$1"
     vltrain_rc=$?
@@ -162,11 +164,58 @@ vltrain_check_gpus_per_node() {   # vltrain_check_gpus_per_node TASKS_PER_NODE
 
 # Uneven layouts ("8(x3),4") are refused: streaming partitions the data by world / ranks per
 # node, so ranks on nodes of different sizes would disagree on it (run.py refuses them too).
+# A task count that does not fill the nodes evenly (--nodes=2 --ntasks=3 --ntasks-per-node=2)
+# leaves SLURM_TASKS_PER_NODE even ("2(x2)"): srun ignores --ntasks-per-node then and starts
+# 2 + 1, so SLURM_NTASKS is checked against it too.
 vltrain_check_even_tasks() {
-    local tpn="${SLURM_TASKS_PER_NODE:-1}" counts
+    local tpn="${SLURM_TASKS_PER_NODE:-1}" counts total
     counts="$(tr ',' '\n' <<<"$tpn" | sed 's/(.*//' | sort -u)"
     [[ "$(wc -l <<<"$counts")" -eq 1 ]] \
         || vltrain_fail 2 "tasks per node are uneven ($tpn): vltrain needs the same number of ranks on every node; submit with --ntasks-per-node=N"
+    total="$(tr ',' '\n' <<<"$tpn" | awk -F'[(x)]' '{n += $1 * ($3 == "" ? 1 : $3)} END {print n}')"
+    [[ -z "${SLURM_NTASKS:-}" || "$SLURM_NTASKS" -eq "$total" ]] \
+        || vltrain_fail 2 "--ntasks=$SLURM_NTASKS does not fill the job's nodes evenly (tasks per node: $tpn, $total in all): srun would start the ranks unevenly; submit with --nodes=N --ntasks-per-node=M and no --ntasks"
+}
+
+# The error lines of the ranks' last run in LOG_DIR/JOB-<rank>.log (appended to across
+# requeues), at most 10. An uncaught exception has no ERROR line: its traceback's last line.
+vltrain_rank_errors() {
+    local f
+    for f in "$1/$2"-*.log; do
+        [[ -f "$f" ]] && awk '/: starting vltrain\/run.py$/ {buf = ""; last = ""}
+            / ERROR / {buf = buf $0 "\n"}
+            /^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)/ {last = $0}
+            END {printf "%s", (buf != "" ? buf : (last != "" ? last "\n" : ""))}' "$f"
+    done | sort -u | head -n 10
+}
+
+# Seconds of a Slurm time as squeue's %l prints it ([D-]HH:MM:SS or MM:SS); nothing for
+# UNLIMITED, NOT_SET and the like.
+vltrain_seconds() {
+    local t=$1 d=0 h=0 m=0 sec=0
+    local -a p
+    if [[ "$t" =~ ^([0-9]+)-(.+)$ ]]; then
+        d=${BASH_REMATCH[1]}
+        t=${BASH_REMATCH[2]}
+    fi
+    [[ "$t" =~ ^[0-9]+(:[0-9]+){1,2}$ ]] || return 0
+    IFS=: read -r -a p <<<"$t"
+    if ((${#p[@]} == 3)); then
+        h=${p[0]} m=${p[1]} sec=${p[2]}
+    else
+        m=${p[0]} sec=${p[1]}
+    fi
+    echo $(((((d * 24 + 10#$h) * 60) + 10#$m) * 60 + 10#$sec))
+}
+
+# A time limit within the USR1 lead (the templates' --signal=USR1@300; VLTRAIN_SIGNAL_LEAD_S if
+# you changed it): Slurm sends USR1 right after the start, so every run would checkpoint and
+# requeue after its first steps, MAX_REQUEUES times, training nothing. $1: squeue's %l.
+vltrain_check_time_limit() {
+    local limit lead="${VLTRAIN_SIGNAL_LEAD_S:-300}"
+    limit="$(vltrain_seconds "$1")"
+    [[ -z "$limit" ]] || ((limit > lead)) \
+        || vltrain_fail 2 "the job's time limit ($1) is not above the USR1 lead (${lead} s: #SBATCH --signal=USR1@${lead}): every run would checkpoint and requeue right after its start; submit with a longer --time, or a shorter lead (--signal=USR1@60 with VLTRAIN_SIGNAL_LEAD_S=60)"
 }
 
 # ------------------------------------------------------------------------------ per task
@@ -230,6 +279,8 @@ vltrain_main() {
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE NODE_RANK GROUP_RANK CROSS_RANK CROSS_SIZE
 
     vltrain_array_run_name
+    [[ "${VLTRAIN_MODE:-train}" == train ]] \
+        && vltrain_check_time_limit "$(squeue -h -j "$(vltrain_job_ref)" -o %l 2>/dev/null | head -n1)"
     # ---- overrides, lowest priority first (the config loader applies them in order).
     local -a ov=() extra=()
     [[ -n "${VLTRAIN_MODE:-}" && "${VLTRAIN_MODE}" != train ]] && ov+=("mode=$VLTRAIN_MODE")
@@ -257,7 +308,13 @@ vltrain_main() {
     # ---- the run folder, exactly as run.py will compute it (and the config checked early).
     local run_dir
     run_dir="$(PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$CONFIG" "${ov[@]}" <<'PY'
-import os, sys
+import importlib.util, os, sys
+missing = [m for m in ("torch", "deepspeed", "streaming", "yaml") if importlib.util.find_spec(m) is None]
+if missing:
+    print(f"{sys.executable} cannot import {', '.join(missing)}: activate vltrain's venv before sbatch or set "
+          "PYTHON=/path/to/venv/bin/python; with sbatch --export=..., include ALL (--export=ALL,CONFIG=...), "
+          "else the job has neither your PATH nor your AWS_* variables", file=sys.stderr)
+    sys.exit(2)
 from vltrain.config import ConfigError, check_placeholders, load_config
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
@@ -384,9 +441,6 @@ PY
     fi
     code="${failed_code:-$rc}"
     ((code != 0)) || code=1
-    # The ranks' error lines of this run (the logs are appended to across requeues).
-    for f in "$log_dir/$SLURM_JOB_ID"-*.log; do
-        [[ -f "$f" ]] && awk '/: starting vltrain\/run.py$/ {buf = ""} / ERROR / {buf = buf $0 "\n"} END {printf "%s", buf}' "$f"
-    done | sort -u | head -n 10 >&2
+    vltrain_rank_errors "$log_dir" "$SLURM_JOB_ID" >&2
     vltrain_fail "$code" "training failed (exit $code); not requeued. See $log_dir/$SLURM_JOB_ID-<rank>.log"
 }

@@ -309,6 +309,13 @@ def test_consolidated_file_round_trips_with_tied_decoder(ckpts, tmp_path, capsys
         moved = model.mlm_head(h, model.embeddings.word)
         expect = torch.nn.functional.linear(model.mlm_head.transform(h), model.embeddings.word.weight) + model.mlm_head.bias
     assert torch.allclose(moved, expect, atol=1e-5) and not torch.allclose(moved[:, 7], logits[:, 7])
+    # a folder has one config.json: a second file of the same model shares it, another model's is refused
+    assert cli(capsys, "consolidate", ckpts["z2"], tmp_path / "again.safetensors")[0] == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "initializer_range": 0.07}))   # another model's
+    code, _, err = cli(capsys, "consolidate", ckpts["z2"], tmp_path / "other.safetensors")
+    assert code == 2 and "config.json describes another model" in err and "a folder of its own" in err, err
+    assert not (tmp_path / "other.safetensors").exists() and not (tmp_path / "other.yaml").exists()
 
 
 # ------------------------------------------------------------------ export-hf

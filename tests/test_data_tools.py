@@ -692,7 +692,16 @@ def test_a_missing_bucket_is_an_error_not_a_traceback(s3_endpoint, tmp_path, cap
     assert convert_text.main(["--input", str(corpus), "--out", "s3://vlt-no-such-bucket/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the object store answered ClientError") and "HeadBucket" in err
-    assert "does the bucket exist" in err and "Traceback" not in err and S3_SECRET_SENTINEL not in err
+    assert "(--out s3://vlt-no-such-bucket/x: does the bucket exist" in err, err
+    assert "Traceback" not in err and S3_SECRET_SENTINEL not in err
+    with pytest.MonkeyPatch.context() as mp:       # inspect started without the keys: says which are missing
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(key, raising=False)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        mp.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        assert dt_inspect.main(["s3://vlt-no-such-bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert "NoCredentialsError" in err and "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err, err
 
 
 def test_inspect_local_counts(synthetic, capsys):

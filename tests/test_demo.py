@@ -13,6 +13,8 @@ def test_demo_runs_end_to_end(tmp_path):
                         "--images", "64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[3/3] done" in r.stdout
+    # no multiprocessing resource-tracker report of streaming's shared memory (~15 lines per run)
+    assert "resource_tracker" not in r.stdout + r.stderr, r.stderr[-3000:]
     run = tmp_path / "demo" / "runs" / "demo"
     assert (run / "checkpoints" / "step_00000006" / "vltrain_ckpt.json").is_file()
     assert f"tensorboard --logdir {run / 'tensorboard'}" in r.stdout

@@ -249,6 +249,12 @@ def test_sbatch_helpers_refuse_uneven_layouts_and_see_checkpoints(tmp_path):
     p = _common_sh("vltrain_check_even_tasks", SLURM_TASKS_PER_NODE="4(x2),2")
     assert p.returncode == 2 and "uneven (4(x2),2)" in p.stderr and "--ntasks-per-node" in p.stderr
     assert _common_sh("vltrain_check_even_tasks", SLURM_TASKS_PER_NODE="4(x3)").returncode == 0
+    # --nodes=2 --ntasks=3 --ntasks-per-node=2: Slurm says "2(x2)", srun would start 2 + 1
+    p = _common_sh("vltrain_check_even_tasks", SLURM_TASKS_PER_NODE="2(x2)", SLURM_NTASKS="3")
+    assert p.returncode == 2 and "--ntasks=3 does not fill the job's nodes evenly" in p.stderr, p.stderr
+    assert "(tasks per node: 2(x2), 4 in all)" in p.stderr, p.stderr
+    for tpn, n in (("2(x2)", "4"), ("8", "8"), ("3(x2),3", "9")):
+        assert _common_sh("vltrain_check_even_tasks", SLURM_TASKS_PER_NODE=tpn, SLURM_NTASKS=n).returncode == 0
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000010.partial-x").mkdir(parents=True)   # being written: not complete
     assert _common_sh(f"vltrain_has_checkpoint {run}").returncode == 1
@@ -323,6 +329,56 @@ def test_sbatch_wait_keeps_the_childs_exit_code_when_a_signal_comes_as_it_ends()
               'vltrain_wait $!; echo "rc=$vltrain_rc"; done')
     p = _common_sh(script)
     assert p.returncode == 0 and p.stdout.split() == ["rc=75"] * 12, (p.stdout, p.stderr)
+
+
+def test_sbatch_wait_does_not_report_its_sleep_killed_by_the_steps_signal():
+    """Slurm signals every process of the step, the wait loop's sleep too: bash printed "User
+    defined signal 1" for it, which reads like a crash in the rank's log."""
+    script = ("trap 'true' USR1 TERM; (trap '' USR1 TERM; sleep 3; exit 4) & c=$!; "  # the child takes them
+              "(trap '' USR1 TERM; sleep 0.5; kill -USR1 -- -$$; sleep 0.5; kill -TERM -- -$$) & "
+              'vltrain_wait $c; echo "rc=$vltrain_rc"')
+    p = subprocess.run(["setsid", "bash", "-c", f"source slurm/common.sh; {script}"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.stdout.split() == ["rc=4"] and "signal" not in p.stderr and "Terminated" not in p.stderr, p
+
+
+def test_a_batch_script_whose_python_lacks_the_stack_stops_before_srun(tmp_path):
+    """`sbatch --export=CONFIG=...` without ALL: the job has no PATH to the venv, so `python` is
+    the system's. Named before srun, with the fix; the ranks used to die on `import torch`."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\nexec {shutil.which('python3') or '/usr/bin/python3'} -S \"$@\"\n")
+    fake.chmod(0o755)
+    p = _common_sh("vltrain_main", SLURM_JOB_ID="7", PYTHON=str(fake), CONFIG="configs/debug.yaml",
+                   VLTRAIN_HOME=os.getcwd())
+    assert p.returncode == 2 and "cannot import torch, deepspeed, streaming, yaml" in p.stderr, p.stderr
+    assert "--export=ALL,CONFIG=" in p.stderr, p.stderr
+
+
+def test_sbatch_refuses_a_time_limit_within_the_usr1_lead():
+    """--time=3 with the templates' USR1@300: Slurm signals at once, and every requeued run
+    checkpointed after its first step, 20 times over, with nothing in the logs saying why."""
+    seconds = {"3:00": "180", "05:00": "300", "48:00:00": "172800", "1-00:00:00": "86400", "2-03:04:05": "183845",
+               "UNLIMITED": "", "NOT_SET": ""}
+    for text, want in seconds.items():
+        assert _common_sh(f"vltrain_seconds '{text}'").stdout.strip() == want, text
+    p = _common_sh("vltrain_check_time_limit 3:00", SLURM_JOB_ID="7")
+    assert p.returncode == 2 and "time limit (3:00) is not above the USR1 lead (300 s" in p.stderr, p.stderr
+    assert "--time" in p.stderr
+    for limit, env in (("5:01", {}), ("UNLIMITED", {}), ("3:00", {"VLTRAIN_SIGNAL_LEAD_S": "60"})):
+        assert _common_sh(f"vltrain_check_time_limit {limit}", **env).returncode == 0, (limit, env)
+
+
+def test_the_batch_log_quotes_each_ranks_error_of_its_last_run(tmp_path):
+    """Logged errors, else an uncaught exception's last traceback line (it has no ERROR line:
+    the batch log said only "training failed"); a requeued run's earlier errors are left out."""
+    start = "2026-12-06 10:00:00 job=9 rank=0 node=n1: starting vltrain/run.py\n"
+    uncaught = 'Traceback (most recent call last):\n  File "run.py"\nModuleNotFoundError: No module named \'torch\'\n'
+    (tmp_path / "9-0.log").write_text(start + "x ERROR old\n" + start + uncaught)
+    (tmp_path / "9-1.log").write_text(start + "2026 job=9 rank=1 ERROR vltrain.run: DataError: data.train: gone\n"
+                                      "ValueError: not this one\n")
+    p = _common_sh(f"vltrain_rank_errors {tmp_path} 9")
+    assert p.stdout.splitlines() == ["2026 job=9 rank=1 ERROR vltrain.run: DataError: data.train: gone",
+                                     "ModuleNotFoundError: No module named 'torch'"], p.stdout
 
 
 def test_a_rank_that_sees_fewer_gpus_than_its_local_rank_is_told_why():

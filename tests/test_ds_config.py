@@ -436,3 +436,24 @@ def test_top_level_keys_deepspeed_never_reads_are_named(caplog):
     assert ("<dict>: DeepSpeed's config parser never reads 'train_micro_batch_size' (did you mean "
             "'train_micro_batch_size_per_gpu'?), 'zero_optimisation' (did you mean 'zero_optimization'?): "
             "ignored") in caplog.text
+
+
+@pytest.mark.parametrize("section, bad, message", [
+    ("zero_optimization", {"stag": 2}, "unknown key 'zero_optimization.stag' (did you mean 'stage'?)"),
+    ("zero_optimization", {"offload_optimizer": {"devic": "cpu"}},
+     "unknown key 'zero_optimization.offload_optimizer.devic' (did you mean 'device'?)"),
+    ("bf16", {"check_grad_overflw": False},
+     "unknown key 'bf16.check_grad_overflw' (did you mean 'check_grad_overflow'"),
+    ("zero_optimization", {"reduce_bucket_size": "big"}, "'zero_optimization.reduce_bucket_size': "),
+], ids=["key", "nested", "bf16", "type"])
+def test_a_bad_key_inside_a_section_is_named_with_its_file(tmp_path, section, bad, message):
+    """DeepSpeed's section models refuse it at deepspeed.initialize with pydantic's text alone
+    ("DeepSpeedZeroConfig / stag / Extra inputs are not permitted"): no file, no section."""
+    with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
+        ds = json.load(f)
+    ds.setdefault(section, {}).update(bad)
+    path = tmp_path / "my_ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(DSConfigError) as e:
+        resolve_ds_config(str(path), debug_cfg(), 2, "cpu")
+    assert str(e.value).startswith(f"ds_config {path}: ") and message in str(e.value), str(e.value)

@@ -174,3 +174,24 @@ def test_eval_needs_the_tasks_own_weights(evaluated, synthetic_corpus):
     refs_state = init_weights(other.model, ckpt["refs"])
     with pytest.raises(ValueError, match=r"has no weights for \['head.decoder.bias'.*fine-tuned for this task"):
         load_task_weights(other, refs_state, ckpt["refs"], require_heads=True)
+
+
+@pytest.mark.parametrize("task", ["vqa", "mc"])
+def test_eval_of_a_split_that_cannot_be_opened_names_it_and_leaves_no_run_folder(evaluated, synthetic_corpus,
+                                                                                tmp_path, task):
+    """The evaluated split is opened after the start (VQA reads its answer vocabulary while
+    building the head, the others in the evaluation itself): its error names the key, and the
+    run folder made for the evaluation is not left behind empty."""
+    from tests.fixtures.corpus import Ranks
+    from vltrain.engine.distributed import free_port
+    root = evaluated["root"]
+    vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
+    split = SIZES[task][0]
+    ckpt = os.path.join(root, "train", f"{task}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
+    args = ["--config", f"configs/{task}_debug.yaml", "mode=eval", f"task.eval_split={split}",
+            f"train.init_from={ckpt}", f"output_root={tmp_path}", "run_name=ev",
+            *common(root, vocab, nvocab, task), f"data.{split}={tmp_path / 'nowhere'}"]
+    ranks = Ranks(args, 1, str(tmp_path / "logs"), free_port())
+    assert ranks.wait(300) == [2], ranks.log(0)[-3000:]
+    assert f"data.{split}: dataset {tmp_path / 'nowhere'}: folder does not exist" in ranks.log(0), ranks.log(0)
+    assert not (tmp_path / "ev").exists(), os.listdir(tmp_path / "ev")

@@ -213,6 +213,10 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     k = int(re.search(r"stopped on signal at step (\d+); checkpoint saved; exiting with 75", log0).group(1))
     assert 5 <= k < steps, log0
     assert "received SIGUSR1" in log0
+    # the signal reached every process of the step; only the ranks took it (vltrain/engine/signals.py):
+    # no helper died of it, and no task shell reported its sleep killed
+    logs = log0 + job.rank_log(1)
+    assert "resource_tracker" not in logs and "User defined signal" not in logs, logs[-3000:]
     assert re.search(r"restart=0: srun exited with \d+; ranks:.*=75", batch), batch
     assert "restart=0: checkpointed on signal: requeueing" in batch, batch
     assert "restart=1: srun exited with 0; ranks: rank0=0 rank1=0" in batch and "restart=1: finished" in batch, batch

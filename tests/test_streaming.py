@@ -278,8 +278,17 @@ def test_missing_meta_is_a_clear_error(tmp_path, vocab_file, s3_bucket):
     os.remove(os.path.join(ds, "vltrain_meta.json"))
     with pytest.raises(MetaError, match=r"ds: no vltrain_meta.json"):
         read_meta(ds)
-    with pytest.raises(MetaError, match=rf"s3://{s3_bucket}/nothing: cannot read vltrain_meta.json"):
+    with pytest.raises(MetaError, match=rf"s3://{s3_bucket}/nothing: cannot read vltrain_meta.json .*; check "
+                                        r"the bucket and the prefix \(a dataset's root holds vltrain_meta.json"):
         read_meta(f"s3://{s3_bucket}/nothing")
+    with pytest.MonkeyPatch.context() as mp:       # a job started without the keys (sbatch --export=X)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(key, raising=False)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        mp.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        with pytest.raises(MetaError, match=r"NoCredentialsError.*; no credentials in this process's environment: "
+                                            r"export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+            read_meta(f"s3://{s3_bucket}/nothing")
     # through the loaders, the config key that named the folder comes first
     from vltrain.config import load_config
     from vltrain.data.loader import build_eval_loader

@@ -243,7 +243,12 @@ def test_wrong_dataset_kind_and_answer_count_are_named(synthetic_corpus):
     from vltrain.model import VLModel
     from vltrain.tasks import get_task
     cfg = task_cfg(synthetic_corpus, "vqa", "task.num_answers=3129")
-    with pytest.raises(ValueError, match="has 17 answers but task.num_answers=3129; set task.num_answers=17"):
+    with pytest.raises(ValueError, match="data.train has 17 answers but task.num_answers=3129; set task.num_answ"):
+        get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    # the answer vocabulary is read before any loader: its errors name the key as the loader's do
+    from vltrain.data.errors import MetaError
+    cfg = task_cfg(synthetic_corpus, "vqa", f"data.train={synthetic_corpus}/vqa/trian")
+    with pytest.raises(MetaError, match=r"^data.train: dataset .*/vqa/trian: "):
         get_task("vqa").build_module(cfg, VLModel(cfg.model))
 
 

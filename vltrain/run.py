@@ -50,7 +50,8 @@ def setup_logging() -> None:
     handler.setFormatter(RedactingFormatter(fmt))      # a URL's user:password@ never reaches a log
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, handlers=[handler], force=True)
     install_excepthook()
-    for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed"):
+    # (botocore: "Found credentials in environment variables" once per S3 client)
+    for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Every rank listed in train.profile_ranks says where its profile is and what it found.
     logging.getLogger("vltrain.profiling").setLevel(logging.INFO)
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from vltrain.engine.signals import STOP
     STOP.install()   # before the slow start-up: a preemption signal then is kept, not fatal
+    STOP.shield_children()   # and taken by this rank alone, not by the helpers it starts
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     setup_logging()
@@ -77,10 +79,11 @@ def main(argv=None) -> int:
         cfg.train.resume = ""        # eval loads train.init_from; it never resumes a run
     trainer = None
     try:
-        from vltrain.engine.build import build_training
+        from vltrain.engine.build import build_training, removed_if_left_empty
         trainer = build_training(cfg, args.ds_config)
         if cfg.mode == "eval":
-            return trainer.run_eval(cfg.task.eval_split)
+            with removed_if_left_empty(trainer.run_dir, trainer.created_run_dir):   # its data path is opened now
+                return trainer.run_eval(cfg.task.eval_split)
         return trainer.train()
     except (ConfigError, DSConfigError, DataError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, error_text(e))
@@ -102,8 +105,8 @@ def error_text(e: BaseException) -> str:
 
 
 def _shutdown() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")     # never imported (torch missing): nothing to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # a peer already died; nothing left to tidy

@@ -115,7 +115,10 @@ def record(path):
 
 
 def main():
+    from vltrain.engine.signals import STOP
     from vltrain.run import setup_logging
+    STOP.install()
+    STOP.shield_children()        # as run.py: capstop's Java must still end on USR1
     setup_logging()
     corpus, out = sys.argv[1:3]
     from vltrain.config import load_config

@@ -22,7 +22,7 @@ import shutil
 
 from vltrain.config import save_config
 from vltrain.engine import checkpoint as ckpt
-from vltrain.ckpt.layout import read_config, staged_dir, staged_files
+from vltrain.ckpt.layout import CheckpointError, read_config, staged_dir, staged_files
 from vltrain.ckpt.weights import model_state_dict, precision_note
 
 
@@ -93,6 +93,11 @@ def consolidate(found: ckpt.Found, out_file: str, *, overwrite: bool = False, ve
     json_text = json.dumps(export_config_json(cfg.model), indent=2)
     # config.json is shared by every file in the folder: an identical one is left as it is
     same_json = os.path.isfile(cfg_json) and open(cfg_json).read() == json_text
+    if os.path.lexists(cfg_json) and not same_json and not overwrite:
+        raise CheckpointError(
+            f"{cfg_json} describes another model (its config differs from this checkpoint's), and a folder "
+            f"has one config.json for all its weight files: write {os.path.basename(out_file)} to a folder of "
+            "its own, or pass --overwrite to replace that config.json")
     paths = [out_file, cfg_yaml] + ([] if same_json else [cfg_json])
     with staged_files(paths, overwrite) as tmps:
         save_file(state, tmps[0], metadata=_metadata(found, cfg))

@@ -87,13 +87,35 @@ def _read_text(remote: str, name: str, timeout: float) -> str:
                     return f.read()
             except Exception as e:  # noqa: BLE001 - every backend raises its own type
                 raise MetaError(f"dataset {remote}: cannot read {name} ({type(e).__name__}: "
-                                f"{e}); is this a dataset written by data_tools?") from e
+                                f"{e}); {remote_hint(e, name)}") from e
     path = os.path.join(remote, name)
     if not os.path.isfile(path):
         what = "folder does not exist" if not os.path.isdir(remote) else f"no {name}"
         raise MetaError(f"dataset {remote}: {what}; is this a dataset written by data_tools?")
     with open(path) as f:
         return f.read()
+
+
+# What to check, by the object-store client's exception (botocore's names; other backends
+# fall through to the last line).
+_REMOTE_HINTS = {
+    "NoCredentialsError": "no credentials in this process's environment: export AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) where the job starts (Slurm: before sbatch, or "
+                          "sbatch --export=ALL,...)",
+    "PartialCredentialsError": "incomplete credentials: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    "EndpointConnectionError": "the object store cannot be reached from this node: check S3_ENDPOINT_URL (for a "
+                               "store other than AWS) and the network",
+    "ConnectTimeoutError": "the object store does not answer: check S3_ENDPOINT_URL and the network",
+    "ClientError": "check the bucket and the prefix (a dataset's root holds {name}, written by data_tools) "
+                   "and that these credentials may read it",
+}
+
+
+def remote_hint(e: Exception, name: str) -> str:
+    for cls in type(e).__mro__:
+        if cls.__name__ in _REMOTE_HINTS:
+            return _REMOTE_HINTS[cls.__name__].format(name=name)
+    return "is this a dataset written by data_tools?"
 
 
 def hash_to_validate(setting: str, index_text: str, remote: str) -> Optional[str]:

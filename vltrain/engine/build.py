@@ -395,6 +395,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                           max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info, device=device)
         trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter(model, cfg.model), run_dir,
                           device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
+        trainer.created_run_dir = info.is_main and not existed
         if found is not None:
             trainer.resume_from(found)
     return trainer

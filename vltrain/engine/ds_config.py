@@ -365,8 +365,69 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "but 'zero_optimization.stage' = 0")
 
     _check_no_auto(r, ds, "")
+    check_sections(r, ds)
     warn_unread_keys(ds, source)
     return ds
+
+
+def check_sections(r: _Resolver, ds: dict) -> None:
+    """DeepSpeed's strict section models (zero_optimization, bf16, ...) refuse an unknown or
+    ill-typed key at deepspeed.initialize with pydantic's bare text ("DeepSpeedZeroConfig /
+    stag / Extra inputs are not permitted"), naming neither the file nor the section: parsed
+    here, such an error names both, and a close known key."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+    trial = copy.deepcopy(ds)
+    trial.pop("train_batch_size", None)    # checked against the world size, which may not be up yet
+    try:
+        DeepSpeedConfig(trial)
+    except pydantic.ValidationError as e:
+        raise r.err("; ".join(_section_error(ds, e.title, err) for err in e.errors())) from None
+    except Exception:  # noqa: BLE001 - anything else DeepSpeed reports itself at deepspeed.initialize
+        pass
+
+
+def _section_error(ds: dict, title: str, err: dict) -> str:
+    import difflib
+    loc = [str(p) for p in err.get("loc", ())]
+    where = next(iter(_paths_ending(ds, loc)), ".".join(loc) or title)
+    if err.get("type") != "extra_forbidden":
+        return f"'{where}': {err.get('msg')} (got {err.get('input')!r})"
+    known = _model_keys(title, loc[:-1])
+    close = difflib.get_close_matches(loc[-1], known, n=1) if loc else []
+    return f"unknown key '{where}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def _paths_ending(node, loc: list[str], prefix: str = ""):
+    """Dotted paths in ``node`` whose last parts are ``loc``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            if loc and path.split(".")[-len(loc):] == loc:
+                yield path
+            yield from _paths_ending(v, loc, path + ".")
+
+
+def _model_keys(title: str, inner: list[str]) -> list[str]:
+    """The keys (field names and aliases) of DeepSpeed's config model ``title``, or of the model
+    nested in it at ``inner``; [] if not found."""
+    import typing
+
+    import pydantic
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    todo, cls = [DeepSpeedConfigModel], None
+    while todo and cls is None:
+        c = todo.pop()
+        cls = c if c.__name__ == title else None
+        todo.extend(c.__subclasses__())
+    for part in inner:
+        field = (cls.model_fields.get(part) if cls is not None else None)
+        ann = getattr(field, "annotation", None)
+        cls = next((c for c in (ann, *typing.get_args(ann))       # Optional[Model] too
+                    if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+    if cls is None:
+        return []
+    return sorted({*cls.model_fields, *(f.alias for f in cls.model_fields.values() if f.alias)})
 
 
 # Top-level keys DeepSpeed reads outside its config parser (deepspeed.initialize; the latter

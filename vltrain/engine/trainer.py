@@ -53,6 +53,7 @@ class Trainer:
         self.ds_config = ds_config
         self.spec, self.tokenizer = spec, tokenizer
         self.save_dir = os.path.join(run_dir, "checkpoints")
+        self.created_run_dir = False      # by this job (build.py): mode=eval removes it if left empty
         self.step = 0                     # optimizer steps done
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
@@ -351,8 +352,9 @@ class Trainer:
         self.save()
         self.stop.exiting()
         if self.info.is_main:
-            log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (resumable: the Slurm "
-                        "templates requeue the job unless it is being cancelled)", self.step, EXIT_PREEMPTED)
+            log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (to continue: the same "
+                        "command with train.resume=auto; the Slurm templates requeue the job themselves unless it "
+                        "is being cancelled)", self.step, EXIT_PREEMPTED)
         self.monitor.close()
         if dist.is_initialized():
             # srun --kill-on-bad-exit ends every task once the first exits 75: wait until every

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from vltrain.data.batch import Batch
 from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
-from vltrain.engine.signals import STOP, ValidationInterrupted
+from vltrain.engine.signals import STOP, ValidationInterrupted, children_take_stop_signals
 from vltrain.objectives.reduce import reduce_loss
 from vltrain.tasks.base import TaskSpec, selected_rows_work
 
@@ -196,7 +196,8 @@ def score_captions(references: dict, candidates: dict, final: bool) -> tuple[dic
     CIDEr) is not updated from it."""
     from vltrain.metrics.caption import CiderD, JavaNotFoundError, caption_scores
     try:
-        full = caption_scores(references, candidates, spice=None if final else False)
+        with children_take_stop_signals():      # USR1 ends the Java scorers (_score_on_main)
+            full = caption_scores(references, candidates, spice=None if final else False)
     except JavaNotFoundError as e:
         if final:
             raise

@@ -49,14 +49,16 @@ def read_answer_vocab(remote: str, timeout: float = 60.0) -> list[str]:
     return vocab
 
 
-def task_dataset(cfg) -> str:
-    """The dataset whose answer vocabulary defines the head: data.train, or in eval mode the
-    split being evaluated."""
-    split = "train" if cfg.mode == "train" else cfg.task.eval_split
+def split_vocab(cfg, split: str) -> list[str]:
+    """``read_answer_vocab`` of ``data.<split>``, its errors naming that key (as the loader's)."""
+    from vltrain.data.errors import DataError
     path = getattr(cfg.data, split, "")
     if not path:
         raise ValueError(f"task.name=vqa reads its answer vocabulary from data.{split}, which is empty")
-    return path
+    try:
+        return read_answer_vocab(path, cfg.data.download_timeout)
+    except DataError as e:
+        raise type(e)(f"data.{split}: {e}") from None
 
 
 class VQATask(nn.Module):
@@ -94,9 +96,11 @@ class VQATask(nn.Module):
 
 
 def build_vqa(cfg, model) -> VQATask:
-    vocab = read_answer_vocab(task_dataset(cfg), cfg.data.download_timeout)
+    # the head's vocabulary: data.train's, or in eval mode the evaluated split's
+    split = "train" if cfg.mode == "train" else cfg.task.eval_split
+    vocab = split_vocab(cfg, split)
     if len(vocab) != cfg.task.num_answers:
-        raise ValueError(f"the answer vocabulary of {task_dataset(cfg)} has {len(vocab)} answers but "
+        raise ValueError(f"the answer vocabulary of data.{split} has {len(vocab)} answers but "
                          f"task.num_answers={cfg.task.num_answers}; set task.num_answers={len(vocab)}")
     tok = None
     if cfg.task.vqa_head == "vlbert":
@@ -119,7 +123,7 @@ def evaluate_vqa(trainer, split: str) -> dict:
     ranks."""
     module = trainer.engine.module
     remote = getattr(trainer.cfg.data, split)
-    vocab = read_answer_vocab(remote, trainer.cfg.data.download_timeout)
+    vocab = split_vocab(trainer.cfg, split)
     if vocab != module.answers:
         raise ValueError(f"dataset {remote}: answer_vocab.json differs from the one the VQA head was built "
                          "with; convert every split with --answer-vocab <train split's answer_vocab.json>")

@@ -1,0 +1,93 @@
+"""A rank's stop signals are the rank's alone (vltrain/engine/signals.py: shield_children).
+
+Slurm sends USR1 and TERM to every process of a step, so the helpers a rank starts get them
+too. Real ones here, in a process of its own session signalled as a whole as Slurm does it:
+multiprocessing's resource tracker, Inductor's compile-worker sidecar (with its worker pool),
+and a plain child (as Triton's ptxas or DeepSpeed's op build would be) survive both signals
+and the pool still compiles; a child started inside ``children_take_stop_signals`` (the
+caption scorers' Java) ends on USR1 as before. Without the shield the helpers die: the test
+can fail.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.fixtures.corpus import REPO
+
+SCRIPT = textwrap.dedent(r"""
+    import json, os, signal, subprocess, sys, time
+    from multiprocessing import resource_tracker
+    from vltrain.engine.signals import STOP, children_take_stop_signals
+    STOP.install()
+    if sys.argv[1] == "shielded":
+        STOP.shield_children()
+    from torch._inductor import config
+    from torch._inductor.async_compile import AsyncCompile
+    config.compile_threads = 2                       # a sidecar even on a 1-core runner
+    resource_tracker.ensure_running()
+    pool = AsyncCompile.process_pool()
+    tool = subprocess.Popen(["sleep", "120"])        # stands for ptxas / ninja
+    with children_take_stop_signals():
+        scorer = subprocess.Popen(["sleep", "120"])  # stands for the scorers' Java
+
+    def alive(pid):
+        try:
+            return os.waitpid(pid, os.WNOHANG)[0] == 0
+        except ChildProcessError:
+            return False
+
+    out = {}
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        STOP.signum = None
+        os.killpg(0, sig)                            # every process of the session, as Slurm
+        time.sleep(1.5)
+        out[sig.name] = {"flag": STOP.signum == sig, "tracker": alive(resource_tracker._resource_tracker._pid),
+                         "sidecar": pool.process.poll() is None, "tool": tool.poll() is None,
+                         "scorer": scorer.poll()}
+    try:
+        out["compiles"] = pool.submit(sum, [1, 2]).result(timeout=120) == 3
+    except Exception as e:
+        out["compiles"] = f"{type(e).__name__}: {e}"
+    for p in (tool, scorer):
+        p.kill()
+    print("RESULTS " + json.dumps(out), flush=True)
+    os._exit(0)                                      # the sidecar may be dead: no shutdown wait
+""")
+
+
+def run(mode: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    p = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300, start_new_session=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line, (p.returncode, p.stdout[-2000:], p.stderr[-4000:])
+    return json.loads(line[len("RESULTS "):]) | {"stderr": p.stderr}
+
+
+@pytest.fixture(scope="module")
+def shielded():
+    return run("shielded")
+
+
+def test_the_rank_takes_usr1_and_term_and_its_helpers_live_on(shielded):
+    for sig in ("SIGUSR1", "SIGTERM"):
+        got = shielded[sig]
+        assert got["flag"] and got["tracker"] and got["sidecar"] and got["tool"], (sig, shielded)
+    assert shielded["compiles"] is True, shielded
+    assert "resource_tracker: process died" not in shielded["stderr"], shielded["stderr"][-3000:]
+
+
+def test_children_started_to_take_the_signals_still_do(shielded):
+    """The scorers' Java ends on USR1 (the validation is then repeated after the resume)."""
+    assert shielded["SIGUSR1"]["scorer"] == -10, shielded
+
+
+def test_without_the_shield_the_helpers_die():
+    got = run("unshielded")
+    usr1 = got["SIGUSR1"]
+    assert usr1["flag"] and not usr1["tracker"] and not usr1["sidecar"] and not usr1["tool"], got
+    assert got["compiles"] is not True, got
