@@ -317,7 +317,8 @@ def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True) -> None:
                    help="shard size limit before compression (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (a non-empty local folder is emptied first; on s3:// "
-                        "the new index.json replaces the old one)")
+                        "the old index.json is deleted first and the new one written last, so a replacement "
+                        "cut short never looks complete)")
     if skip_bad:
         p.add_argument("--skip-bad", action="store_true",
                        help="skip bad inputs (counted, reported at the end and stored in the meta) "

@@ -4,7 +4,8 @@ Input: one or more UTF-8 text files; documents are separated by one or more blan
 (the BooksCorpus / Wikipedia dumps' usual layout). Each document becomes one sample whose
 ``text`` keeps its lines (joined by newlines, each stripped). With ``--max-words N`` a long
 document is cut into consecutive chunks of at most N whitespace-separated words (each chunk
-one sample), so no sample is longer than the model's text budget. ``--min-words`` drops
+one sample, its words joined by single spaces: WordPiece reads any whitespace alike), so no
+sample is longer than the model's text budget. ``--min-words`` drops
 shorter documents/chunks (counted in the meta). ``sample_id`` is the running sample number.
 
 Example:
@@ -48,7 +49,7 @@ def iter_documents(path: str, skips: SkipCounter) -> Iterator[tuple[int, str]]:
                 if not lines and not broken:
                     start = lineno
                 skips.bad("invalid_utf8", f"{path} line {lineno}: not valid UTF-8 ({e.reason} at byte "
-                                          f"{e.start}); the document starting at line {start} is skipped")
+                                          f"{e.start}), in the document starting at line {start}")
                 broken = True
                 continue
             if not line:

@@ -195,3 +195,26 @@ def test_eval_of_a_split_that_cannot_be_opened_names_it_and_leaves_no_run_folder
     assert ranks.wait(300) == [2], ranks.log(0)[-3000:]
     assert f"data.{split}: dataset {tmp_path / 'nowhere'}: folder does not exist" in ranks.log(0), ranks.log(0)
     assert not (tmp_path / "ev").exists(), os.listdir(tmp_path / "ev")
+
+
+def test_eval_refuses_a_split_converted_with_another_answer_vocabulary(evaluated, synthetic_corpus, tmp_path):
+    """The same answers in another order (a split converted without the training split's
+    --answer-vocab): the head's class ids would name other answers. The checkpoint's config
+    records the vocabulary it was trained on (task.answer_vocab_sha256); mode=eval used to build
+    the head from the evaluated split itself and score it silently (accuracy 30 vs 47.5)."""
+    import shutil
+    from tests.fixtures.corpus import Ranks
+    from vltrain.engine.distributed import free_port
+    from vltrain.tasks.vqa import read_answer_vocab
+    root = evaluated["root"]
+    vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
+    ckpt = os.path.join(root, "train", "vqa-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
+    other = tmp_path / "val_other_vocab"
+    shutil.copytree(f"{synthetic_corpus}/vqa/val", other)
+    (other / "answer_vocab.json").write_text(json.dumps(read_answer_vocab(str(other))[::-1]))
+    args = ["--config", "configs/vqa_debug.yaml", "mode=eval", "task.eval_split=val", f"train.init_from={ckpt}",
+            f"output_root={tmp_path}", "run_name=ev", *common(root, vocab, nvocab, "vqa"), f"data.val={other}"]
+    ranks = Ranks(args, 1, str(tmp_path / "logs"), free_port())
+    assert ranks.wait(300) == [2], ranks.log(0)[-3000:]
+    assert ("data.val: its answer_vocab.json differs from the one the head was trained on" in ranks.log(0)
+            ), ranks.log(0)[-3000:]

@@ -252,6 +252,34 @@ def test_wrong_dataset_kind_and_answer_count_are_named(synthetic_corpus):
         get_task("vqa").build_module(cfg, VLModel(cfg.model))
 
 
+def test_every_vqa_split_must_share_the_heads_answer_vocabulary(synthetic_corpus, tmp_path):
+    """A split converted without the training split's --answer-vocab (same answers, other order)
+    would score class ids as other answers: refused when training starts (it used to fail at
+    the first validation, thousands of steps in, and mode=eval never noticed)."""
+    import json
+    import shutil
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    from vltrain.tasks.vqa import read_answer_vocab, vocab_sha256
+    train = f"{synthetic_corpus}/vqa/train"
+    shuffled = tmp_path / "val_other_vocab"
+    shutil.copytree(f"{synthetic_corpus}/vqa/val", shuffled)
+    vocab = read_answer_vocab(train)
+    (shuffled / "answer_vocab.json").write_text(json.dumps(vocab[::-1]))
+    cfg = task_cfg(synthetic_corpus, "vqa", f"data.val={synthetic_corpus}/vqa/val")
+    get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    assert cfg.task.answer_vocab_sha256 == vocab_sha256(vocab)          # saved with the run's config
+    cfg = task_cfg(synthetic_corpus, "vqa", f"data.val={shuffled}")
+    with pytest.raises(ValueError, match=r"^data.val: its answer_vocab.json differs from data.train's"):
+        get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    # mode=eval: the vocabulary the head was trained on (build_training takes it from the
+    # train.init_from source's saved config) against the evaluated split's
+    cfg = task_cfg(synthetic_corpus, "vqa", "mode=eval", f"data.val={shuffled}",
+                   f"task.answer_vocab_sha256={vocab_sha256(vocab)}")
+    with pytest.raises(ValueError, match=r"^data.val: its answer_vocab.json differs from the one the head was "):
+        get_task("vqa").build_module(cfg, VLModel(cfg.model))
+
+
 def test_vqa_evaluation_scores_officially_and_normalised():
     """evaluate_vqa scores each answer with ``score_answer``: ``accuracy`` (the best metric) is
     the official vqaEval.py score, which compares the annotators' answers as given;

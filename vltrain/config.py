@@ -166,6 +166,9 @@ class TrainConfig:
 class TaskConfig:
     name: str = "pretrain"                   # pretrain | caption | vqa | mc | refs
     num_answers: int = 3129                  # vqa: size of the dataset's answer_vocab.json
+    # vqa: sha256 of the answer vocabulary the head was trained on, filled from data.train at
+    # the start of training and saved with the config: mode=eval refuses another split's
+    answer_vocab_sha256: str = ""
     # vqa: vlp ([CLS]*[SEP] MLP) | vlbert ([MASK] + MLM-initialised head)
     vqa_head: Literal["vlp", "vlbert"] = "vlp"
     # vqa, training: question tokens corrupted as MLM inputs are (80% [MASK], 10% random,

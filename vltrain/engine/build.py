@@ -133,6 +133,14 @@ def check_source_sequence(cfg: Config, yml: Optional[str]) -> None:
                 " ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ))
 
 
+def recorded_answer_vocab(yml: Optional[str]) -> str:
+    """``task.answer_vocab_sha256`` of a saved config ("" without one, or a config older than it)."""
+    try:
+        return str(written_setting(yml, "task", "answer_vocab_sha256", "")) if yml else ""
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+
+
 def segment_b_from_a(model: VLModel) -> None:
     """``train.init_segment_b_from_a``: segment B's token-type embedding (row 1) starts as
     segment A's (row 0), as VL-BERT's VCR fine-tuning does (``PARTIAL_PRETRAIN_SEGMB_INIT``):
@@ -199,7 +207,8 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
 
 # Keys a resume is expected to change (or that change nothing about the training itself).
 _RESUME_KEYS = {"train.resume", "train.init_from", "train.grad_accum", "data.num_canonical_nodes", "data.cache_dir",
-                "output_root", "train.dist_timeout_s", "train.log_every", "data.num_workers"}
+                "output_root", "train.dist_timeout_s", "train.log_every", "data.num_workers",
+                "task.answer_vocab_sha256"}    # filled by the VQA task later in the build: checked there
 
 
 def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
@@ -361,6 +370,13 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
             saved = source_config(cfg.train.init_from)
             source_task = trained_task(saved)
             check_source_sequence(cfg, saved)
+            if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
+                # the vocabulary the head was trained on: build_vqa refuses a split converted with another
+                cfg.task.answer_vocab_sha256 = recorded_answer_vocab(saved)
+                if not cfg.task.answer_vocab_sha256:
+                    log.warning("train.init_from=%s records no answer vocabulary (a config older than "
+                                "task.answer_vocab_sha256): data.%s's cannot be checked against the head's",
+                                cfg.train.init_from, cfg.task.eval_split)
             if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
                 if source_task == cfg.task.name:
                     log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
@@ -378,6 +394,10 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                               same_task=source_task == cfg.task.name)
         if found is not None:
             check_model_matches(found.path, task)   # names the mismatched parameters and shapes
+            recorded = recorded_answer_vocab(os.path.join(found.path, "config.yaml"))
+            if cfg.task.name == "vqa" and recorded and recorded != cfg.task.answer_vocab_sha256:
+                raise ValueError(f"data.train: its answer_vocab.json differs from the one {found.path} was trained "
+                                 "with, so the head's class ids would name other answers; resume with that dataset")
 
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,

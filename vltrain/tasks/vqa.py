@@ -18,6 +18,7 @@ Files: ``predictions.json`` (by sample id) and the submission ``vqa_results.json
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -31,6 +32,8 @@ from vltrain.tasks.evaluation import predict_split, write_results
 from vltrain.tasks.heads import MLMAnswerHead, VLPAnswerHead
 
 VQA_HEADS = ("vlp", "vlbert")
+_VOCAB_DIFFERS = ("{split}: its answer_vocab.json differs from {theirs}, so class ids would name other answers; "
+                  "convert every split with --answer-vocab <the training split's answer_vocab.json>")
 SUBMISSION_FILE = "vqa_results.json"
 
 
@@ -95,6 +98,10 @@ class VQATask(nn.Module):
         return loss, {"loss": loss.detach(), "vqa_score": score.detach()}
 
 
+def vocab_sha256(vocab: list[str]) -> str:
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
 def build_vqa(cfg, model) -> VQATask:
     # the head's vocabulary: data.train's, or in eval mode the evaluated split's
     split = "train" if cfg.mode == "train" else cfg.task.eval_split
@@ -102,6 +109,16 @@ def build_vqa(cfg, model) -> VQATask:
     if len(vocab) != cfg.task.num_answers:
         raise ValueError(f"the answer vocabulary of data.{split} has {len(vocab)} answers but "
                          f"task.num_answers={cfg.task.num_answers}; set task.num_answers={len(vocab)}")
+    sha = vocab_sha256(vocab)
+    if cfg.mode == "train":
+        # class ids must mean the same answers in the validation split: checked now, not at the
+        # first validation thousands of steps in (data.test is checked by its mode=eval, below)
+        if cfg.data.val and split_vocab(cfg, "val") != vocab:
+            raise ValueError(_VOCAB_DIFFERS.format(split="data.val", theirs="data.train's"))
+        cfg.task.answer_vocab_sha256 = sha           # saved with every checkpoint's config
+    elif cfg.task.answer_vocab_sha256 and cfg.task.answer_vocab_sha256 != sha:
+        raise ValueError(_VOCAB_DIFFERS.format(split=f"data.{split}", theirs="the one the head was trained on "
+                                               "(task.answer_vocab_sha256 of train.init_from's config)"))
     tok = None
     if cfg.task.vqa_head == "vlbert":
         from vltrain.tokenization import Tokenizer
@@ -122,11 +139,6 @@ def evaluate_vqa(trainer, split: str) -> dict:
     """VQA accuracies (percent, see ``score_answer``) over ``split``, each question once across
     ranks."""
     module = trainer.engine.module
-    remote = getattr(trainer.cfg.data, split)
-    vocab = split_vocab(trainer.cfg, split)
-    if vocab != module.answers:
-        raise ValueError(f"dataset {remote}: answer_vocab.json differs from the one the VQA head was built "
-                         "with; convert every split with --answer-vocab <train split's answer_vocab.json>")
 
     def collect(batch, out):
         pred = out["logits"].argmax(1).tolist()
