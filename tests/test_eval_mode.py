@@ -163,7 +163,7 @@ def test_eval_needs_the_tasks_own_weights(evaluated, synthetic_corpus):
     vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
     ckpt = {t: os.path.join(root, "train", f"{t}-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}") for t in SIZES}
     cfg = load_config("configs/vqa_debug.yaml", [f"data.train={synthetic_corpus}/vqa/train", f"data.vocab={vocab}",
-                                                 f"model.vocab_size={nvocab}", *TASK_OVERRIDES["vqa"]])
+                                                 f"model.vocab_size={nvocab}", "data.val=", *TASK_OVERRIDES["vqa"]])
     task = get_task("vqa").build_module(cfg, VLModel(cfg.model))
     state = init_weights(task.model, ckpt["vqa"])
     assert sorted(state) == sorted(n for n, _ in task.named_parameters() if n.startswith("head."))

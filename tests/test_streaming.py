@@ -10,6 +10,7 @@ import atexit
 import json
 import multiprocessing as mp
 import os
+import time
 
 import numpy as np
 import pytest
@@ -68,7 +69,14 @@ def _rank_main(rank, world, local_world, spec, out):
             import logging
             logging.getLogger().addHandler(logging.FileHandler(f"{spec['log']}.rank{rank}"))
         if spec.get("gone_before_epoch") == rank:
-            return                  # a rank that dies before its loader starts the epoch
+            # a rank that never starts the epoch. It leaves (freeing its shared memory) once
+            # rank 0's watchdog has given up on it: freed at once, the barrier segment could be
+            # gone before rank 0's worker attached to it (seen once in CI, under load)
+            deadline = time.time() + 60
+            while time.time() < deadline and not (os.path.exists(f"{spec['log']}.rank0") and "no batch from"
+                                                  in open(f"{spec['log']}.rank0").read()):
+                time.sleep(0.2)
+            return
         if spec.get("state"):
             loader.load_state_dict(spec["state"])
         res = {"epochs": [], "sigs": {}, "kinds": {}}
@@ -502,7 +510,6 @@ def test_rank_gone_at_epoch_start_fails_the_peer_instead_of_hanging(tmp_path, vo
     """Rank 1 builds its loader and dies before starting the epoch: rank 0's loader waits in
     streaming's shared barrier for it (forever, left alone). The fetch watchdog ends rank 0
     with exit 1 after train.dist_timeout_s, saying why, and takes its DataLoader worker with it."""
-    import time
     ds = write_captions(str(tmp_path / "ds"), N_CAPS, size_limit=1 << 12)
     log = str(tmp_path / "wd")
     spec = {"train": ds, "cache": str(tmp_path / "cache"), "vocab": vocab_file, "workers": workers,
