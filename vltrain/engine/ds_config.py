@@ -365,26 +365,33 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "but 'zero_optimization.stage' = 0")
 
     _check_no_auto(r, ds, "")
-    check_sections(r, ds)
-    warn_unread_keys(ds, source)
+    warn_unread_keys(ds, source, parsed=check_sections(r, ds))
     return ds
 
 
-def check_sections(r: _Resolver, ds: dict) -> None:
+def _parsed(ds: dict) -> _ReadRecorder:
+    """``ds`` read by DeepSpeed's own config parser (its top-level reads recorded); raises what
+    the parser raises."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    rec = _ReadRecorder(copy.deepcopy(ds))
+    rec.pop("train_batch_size", None)      # checked against the world size, which may not be up yet
+    DeepSpeedConfig(rec)
+    return rec
+
+
+def check_sections(r: _Resolver, ds: dict) -> Optional[_ReadRecorder]:
     """DeepSpeed's strict section models (zero_optimization, bf16, ...) refuse an unknown or
     ill-typed key at deepspeed.initialize with pydantic's bare text ("DeepSpeedZeroConfig /
     stag / Extra inputs are not permitted"), naming neither the file nor the section: parsed
-    here, such an error names both, and a close known key."""
+    here, such an error names both, and a close known key. Returns the parse (``_parsed``), or
+    None where DeepSpeed fails otherwise (it reports that itself at deepspeed.initialize)."""
     import pydantic
-    from deepspeed.runtime.config import DeepSpeedConfig
-    trial = copy.deepcopy(ds)
-    trial.pop("train_batch_size", None)    # checked against the world size, which may not be up yet
     try:
-        DeepSpeedConfig(trial)
+        return _parsed(ds)
     except pydantic.ValidationError as e:
         raise r.err("; ".join(_section_error(ds, e.title, err) for err in e.errors())) from None
     except Exception:  # noqa: BLE001 - anything else DeepSpeed reports itself at deepspeed.initialize
-        pass
+        return None
 
 
 def _section_error(ds: dict, title: str, err: dict) -> str:
@@ -455,19 +462,19 @@ class _ReadRecorder(dict):
         return super().__contains__(key)
 
 
-def unread_keys(ds: dict) -> list[str]:
+def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[str]:
     """Top-level ds_config keys DeepSpeed's own config parser never reads: it ignores them (a
     typo such as 'zero_optimisation' or 'train_micro_batch_size' would go unnoticed; its
-    sections are checked by DeepSpeed's strict models). [] when DeepSpeed cannot parse it (its
-    own error comes at deepspeed.initialize)."""
+    sections are checked by DeepSpeed's strict models, ``check_sections``). ``parsed``: ``ds``'s
+    ``_parsed``, made here if not given. [] when DeepSpeed cannot parse it (its own error comes
+    at deepspeed.initialize)."""
     import difflib
-    from deepspeed.runtime.config import DeepSpeedConfig
-    rec = _ReadRecorder(copy.deepcopy(ds))
-    rec.pop("train_batch_size", None)      # checked against the world size, which may not be up yet
-    try:
-        DeepSpeedConfig(rec)
-    except Exception:  # noqa: BLE001 - DeepSpeed reports it itself, with its own message
-        return []
+    rec = parsed
+    if rec is None:
+        try:
+            rec = _parsed(ds)
+        except Exception:  # noqa: BLE001 - DeepSpeed reports it itself, with its own message
+            return []
     looked_for = sorted(k for k in rec.read if isinstance(k, str))     # present or not
     out = []
     for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE):
@@ -476,12 +483,13 @@ def unread_keys(ds: dict) -> list[str]:
     return out
 
 
-def warn_unread_keys(ds: dict, source: str) -> None:
-    """``unread_keys`` as a warning, from the first rank only (every rank resolves the config)."""
+def warn_unread_keys(ds: dict, source: str, parsed: Optional[_ReadRecorder]) -> None:
+    """``unread_keys`` as a warning, from the first rank only (every rank resolves the config);
+    nothing where DeepSpeed could not parse it (``parsed`` None)."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if parsed is None or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
         return
-    unread = unread_keys(ds)
+    unread = unread_keys(ds, parsed)
     if unread:
         log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source, ", ".join(unread))
 
