@@ -24,6 +24,8 @@ import time
 
 import pytest
 
+from tests.fixtures.procs import alive
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "worker_rank.py")
 
@@ -76,14 +78,6 @@ def test_workers_come_from_a_forkserver_that_outlives_sigterm_and_follows_the_ra
     assert lines["EPOCH2"] == f"[0, 1, 2, 3, 4, 5] env {{'2'}} tmp {{'{tmp_path}'}} server True", p.stdout
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\\tZ" not in next(line for line in f if line.startswith("State:"))
-    except FileNotFoundError:
-        return False
-
-
 def test_the_workers_of_a_killed_rank_end():
     rank = subprocess.Popen([sys.executable, SCRIPT, "rank_killed", "ours"], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, text=True)
@@ -91,15 +85,15 @@ def test_the_workers_of_a_killed_rank_end():
         line = rank.stdout.readline().split()
         assert line[0] == "WORKER" and line[2] == "SERVER", line
         worker, server = int(line[1]), int(line[3])
-        assert _alive(worker) and _alive(server)
+        assert alive(worker) and alive(server)
     finally:
         rank.send_signal(signal.SIGKILL)
         rank.wait()
     deadline = time.time() + 30                 # torch's worker watchdog looks every 5 s
-    while (_alive(worker) or _alive(server)) and time.time() < deadline:
+    while (alive(worker) or alive(server)) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _alive(server), "the forkserver outlived its rank"
-    assert not _alive(worker), "the worker outlived its rank"
+    assert not alive(server), "the forkserver outlived its rank"
+    assert not alive(worker), "the worker outlived its rank"
 
 
 @pytest.mark.parametrize("pidfd", [True, False])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import threading
 import time
 from multiprocessing import resource_tracker
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 # sysexits.h ("temporary failure, try again"). The sbatch templates requeue on it.
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
 
 
 class ValidationInterrupted(RuntimeError):
@@ -61,12 +59,6 @@ class StopFlag:
         if self._receiver is not None:
             return
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        # The tracker unlinks what processes left registered at exit, with a warning for each:
-        # streaming leaves its shared memory to it (and unlinks some itself first: "No such file"),
-        # ~15 lines at the end of every run that read like a fault. It still cleans up; only its
-        # report is off (a separate interpreter: the filter reaches it as a -W flag).
-        if _TRACKER_QUIET not in sys.warnoptions:
-            sys.warnoptions.append(_TRACKER_QUIET)
         # Started now, shielded: CPython's tracker start unblocks SIGINT/SIGTERM in the calling
         # thread when done (whatever the mask was), hence blocking again after it. Started later,
         # by the first user of shared memory, it would unblock TERM in that thread.
