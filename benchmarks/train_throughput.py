@@ -269,15 +269,6 @@ def init_single_process_group(device: torch.device) -> None:
     init_distributed(300)
 
 
-def flops_run_fraction(size: Size, n_pred: int) -> float:
-    """FLOPs our step runs (last block at the masked rows) over the formula's full count."""
-    from vltrain.model import VLModel
-    from vltrain.monitor import FlopCounter
-    with torch.device("meta"):
-        fc = FlopCounter(VLModel(size.model), size.model)
-    return fc.batch(size.batch, size.seq_len, n_pred, last_rows=n_pred) / fc.batch(size.batch, size.seq_len, n_pred)
-
-
 def full_last_speedup(runners, cpu: bool) -> str:
     """Step time of the ablation row over the plain eager row's (median; CPU time too)."""
     r = {x.label: x for x in runners}
@@ -398,9 +389,8 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
              f"- FLOPs per step: ours {runners[0].flops_per_step / 1e9:,.1f} GFLOP, peer "
              f"{peer.flops_per_step / 1e9:,.1f} GFLOP (vltrain.monitor: 6·N_non-emb + 12·layers·hidden·seq per "
              f"token + 6·hidden·vocab per masked token; the peer is credited with the same useful work, not "
-             f"with its full-vocabulary logits). Ours is credited with the formula's full count although "
-             f"its last block runs only at the masked positions; the trainer's monitor counts the last block only where it runs "
-             f"({flops_run_fraction(size, n_pred):.1%} of it here). {peak_note}.",
+             f"with its full-vocabulary logits), the count the trainer's `perf/mfu` uses; ours is credited with "
+             f"it although its last block runs only at the masked positions. {peak_note}.",
              f"- Peak memory = parameters + optimizer state + the step's peak transient allocation "
              f"({'CUDA allocator peak' if not cpu else 'torch profiler allocation events'}).",
              f"- Best of ours: {best['label']} at {best['samples_per_s']:.3g} samples/s = "

@@ -213,7 +213,7 @@ def test_vlbert_slots_are_the_whole_image_region_and_end():
     """model.vlbert_image_box / vlbert_end_token: VL-BERT's code's sequence. The whole image is a
     region before the others (its feature and full box, as text tokens see it, with the [IMG]
     word), [END] follows them (its word embedding, no visual term); both only in rows with an
-    image, never in the outputs; the MFU counter's sequence is the one the blocks run."""
+    image, never in the outputs; the MFU counter's tokens are the keys the blocks see."""
     from vltrain.config import Config
     from vltrain.tasks.base import batch_work
     slots = make_model(**KINDS["vlbert-slots"])
@@ -258,7 +258,7 @@ def test_vlbert_slots_are_the_whole_image_region_and_end():
                   region_feats=inp["region_feats"], region_boxes=inp["region_boxes"],
                   region_cls_probs=inp["region_cls_probs"], region_mask=inp["region_mask"])
     work = batch_work(None, batch, Config(model=cfg))
-    assert work.seq_len == x.shape[1] and int(work.tokens) == int(keys.sum())
+    assert int(work.tokens) == int(keys.sum()) and int(work.tokens_sq) == int((keys.sum(1) ** 2).sum())
     # in training, the whole-image region and the text share one projection (one dropout draw,
     # as the code's obj_reps[:, 0]): the visual embedding runs twice per forward, as without slots
     calls = []

@@ -49,17 +49,18 @@ def test_flops_per_sample_formula():
     assert flops_per_sample(n, cfg, seq_len=T, n_mlm_pred=P) == want
     fc = FlopCounter(m, cfg)
     assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12) == 4 * want
-    # The last block at 5 of the 40 rows only: 35 rows skip its attention output + FFN
-    # (6 * (H^2 + 2 H I) each, I = intermediate); its attention runs at every row.
-    skipped = 35 * 6 * (H * H + 2 * H * cfg.intermediate_size)
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=5) == 4 * want - skipped
-    assert fc.batch(batch_size=4, seq_len=T, n_pred_total=12, last_rows=40) == 4 * want
+    # a padded batch: rows of 10 and 4 real tokens (padded to 10) count as those two samples,
+    # device scalars in, a device scalar out
+    from vltrain.tasks.base import work_of
+    work = work_of(torch.tensor([10, 4]), mlm_rows=3)
+    got = fc.count(work.tokens, work.tokens_sq, work.mlm_rows)
+    assert torch.is_tensor(got) and float(got) == want + flops_per_sample(n, cfg, seq_len=4) < fc.batch(2, T, 3)
 
 
 @pytest.mark.parametrize("mlm, mrc", [(True, True), (True, False), (False, True)])
 def test_pretraining_work_counts_the_rows_the_model_is_asked_for(mlm, mrc):
-    """The MFU counter's rows (last block, MLM logits) are the positions the loss passes to
-    the model, whatever the objectives flags: one decision, read by both."""
+    """The MFU counter's MLM rows are the text positions the loss passes to the model, whatever
+    the objectives flags: one decision, read by both."""
     import dataclasses
     from benchmarks.common import Size, make_batch
     from vltrain.config import ObjectivesConfig
@@ -79,8 +80,7 @@ def test_pretraining_work_counts_the_rows_the_model_is_asked_for(mlm, mrc):
     text, regions = seen["text_positions"], seen["region_positions"]
     work = batch_work(spec, batch, cfg)
     assert work.mlm_rows == text.numel() == (batch.mlm_positions.numel() if mlm else 0)
-    assert work.last_rows == text.numel() + (0 if regions is None else regions.numel())
-    assert work.last_rows == (batch.mlm_positions.numel() if mlm else 0) + (3 if mrc else 0)
+    assert (regions is not None) == mrc
 
 
 def test_self_critical_work_is_not_counted(tmp_path):

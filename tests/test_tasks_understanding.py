@@ -120,17 +120,18 @@ def test_mc_and_refs_collators(synthetic_corpus):
             assert b.task["choice_type"][i, k, :L].tolist() == [0] * (len(q) + 2) + [1] * (len(a) + 1)
         assert int(b.task["label"][i]) == r["label"] and b.task["choice_valid"][i].all()
         assert torch.equal(b.input_ids[i], b.task["choice_ids"][i, 0, :b.input_ids.shape[1]])
-    # throughput/MFU counters: every choice is a sequence the model runs
+    # throughput/MFU counters: every real choice is a sequence of its text and the sample's regions
     from vltrain.tasks import get_task
     from vltrain.tasks.base import batch_work
+    lengths = b.task["choice_mask"].sum(2) + b.region_mask.sum(1, keepdim=True)      # (B, K)
     work = batch_work(get_task("mc"), b, Config())
-    assert (work.sequences, work.seq_len) == (16, b.task["choice_ids"].shape[2] + b.region_feats.shape[1])
-    assert int(work.tokens) == int(b.task["choice_mask"].sum()) + 4 * int(b.region_mask.sum())
-    assert work.last_rows is None
+    assert (int(work.tokens), int(work.tokens_sq), work.mlm_rows) == (int(lengths.sum()), int((lengths ** 2).sum()), 0)
     slots = Config(model=ModelConfig(region_embedding="vlbert", vlbert_image_box=True, vlbert_end_token=True))
     work = batch_work(get_task("mc"), b, slots)          # + VL-BERT's whole-image region and [END]
-    assert work.seq_len == b.task["choice_ids"].shape[2] + b.region_feats.shape[1] + 2
-    assert int(work.tokens) == int(b.task["choice_mask"].sum()) + 4 * (int(b.region_mask.sum()) + 2 * 4)
+    assert int(work.tokens) == int(lengths.sum()) + 2 * 16
+    b.task["choice_valid"][0, 3] = False                 # a choice padding sample 0: not work
+    work = batch_work(get_task("mc"), b, Config())
+    assert int(work.tokens) == int(lengths.sum() - lengths[0, 3])
 
     from vltrain.metrics.accuracy import box_iou
     rows = read_rows(os.path.join(synthetic_corpus, "refs", "val"))[:8]
@@ -145,13 +146,12 @@ def test_mc_and_refs_collators(synthetic_corpus):
         assert b.input_ids[i, :int(b.attention_mask[i].sum())].tolist() == \
             [tok.cls_id, *tok.encode(r["expression"]), tok.sep_id]
     work = batch_work(get_task("refs"), b, Config())     # the default: one sequence per sample
-    assert (work.sequences, work.seq_len) == (8, b.input_ids.shape[1] + b.region_feats.shape[1])
-    assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum())
+    lengths = b.attention_mask.sum(1) + b.region_mask.sum(1)
+    assert (int(work.tokens), int(work.tokens_sq)) == (int(lengths.sum()), int((lengths ** 2).sum()))
     # VL-BERT's whole-image region and [END] are two more positions of every sequence with an image
     slots = Config(model=ModelConfig(region_embedding="vlbert", vlbert_image_box=True, vlbert_end_token=True))
     work = batch_work(get_task("refs"), b, slots)
-    assert work.seq_len == b.input_ids.shape[1] + b.region_feats.shape[1] + 2
-    assert int(work.tokens) == int(b.attention_mask.sum()) + int(b.region_mask.sum()) + 2 * 8
+    assert (int(work.tokens), int(work.tokens_sq)) == (int(lengths.sum()) + 2 * 8, int(((lengths + 2) ** 2).sum()))
 
 
 @pytest.mark.parametrize("task", ["vqa", "mc", "refs"])

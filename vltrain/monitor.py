@@ -6,6 +6,10 @@ FLOP count (one documented formula, also used by the benchmarks):
     per predicted token 6 * hidden * vocab           (the MLM decoder, only where gathered)
     per sample          seq_len * (per token) + n_mlm_pred * 6 * hidden * vocab
 
+seq_len is the sequence's real length (text, regions, VL-BERT's slots; not its padding): a
+batch counts 6 * N * (its real tokens) + 12 * layers * hidden * (the sum of their squared
+lengths), PaLM's tokens trained on.
+
 N = non-embedding parameters: every parameter except embedding *tables* (word, position,
 token-type: the ``nn.Embedding`` modules). The region projection, attention, FFN and head
 layers are matrix products and count. MFU = achieved FLOP/s / (peak FLOP/s per device x
@@ -102,45 +106,48 @@ def non_embedding_params(model: nn.Module,
     return n
 
 
+def model_flops(n: int, model_cfg, tokens, tokens_sq, mlm_rows=0):
+    """The formula above for sequences holding ``tokens`` real tokens whose squared lengths sum
+    to ``tokens_sq``, ``mlm_rows`` of them predicted by the MLM decoder. Host numbers or device
+    scalars (then a device scalar: no sync)."""
+    L, H, V = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.vocab_size
+    return 6.0 * n * tokens + 12.0 * L * H * tokens_sq + 6.0 * H * V * mlm_rows
+
+
 def flops_per_sample(model_or_n: Union[nn.Module, int], model_cfg, seq_len: int, n_mlm_pred: float = 0.0) -> float:
     """Model FLOPs (forward + backward) of one sample of ``seq_len`` tokens (regions included):
     DESIGN.md's count, 6·N + 12·L·H·S per token (PaLM's convention) + 6·H·V per predicted MLM
-    token. N is every non-embedding parameter, charged at every token although the heads and
-    the region embedding run at fewer rows (at base size, 100 regions + 40 text: 4.5% of the
-    count is work not done; the benchmarks' and the issue's MFU figures are on this count).
+    token. N is every non-embedding parameter, charged at every token although the heads, the
+    region embedding and (pretraining, caption fine-tuning) the last block's attention output
+    and FFN run at fewer rows (at base size, 100 regions + 40 text, 9.8% of the count is work
+    not done; the benchmarks' and the issue's MFU figures are on this count).
 
     ``model_or_n``: the nn.Module (N counted with :func:`non_embedding_params`) or N itself;
     ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``vocab_size``;
     ``n_mlm_pred``: predicted MLM tokens in the sample (may be a batch average).
     """
     n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
-    L, H, V = model_cfg.num_layers, model_cfg.hidden_size, model_cfg.vocab_size
-    return seq_len * (6.0 * n + 12.0 * L * H * seq_len) + n_mlm_pred * 6.0 * H * V
+    return model_flops(n, model_cfg, seq_len, seq_len * seq_len, n_mlm_pred)
 
 
 class FlopCounter:
-    """Caches N; ``batch(batch_size, seq_len, n_pred_total)`` -> FLOPs of one micro-batch.
+    """Caches N; FLOPs of one micro-batch by :func:`model_flops`.
 
     N is counted at construction, before or after ``deepspeed.initialize`` (any ZeRO stage:
-    :func:`non_embedding_params` reads ZeRO-3's full sizes). Shapes are host-side ints
-    (``tensor.shape``), so this never synchronises."""
+    :func:`non_embedding_params` reads ZeRO-3's full sizes)."""
 
     def __init__(self, model_or_n: Union[nn.Module, int], model_cfg):
         self.n = model_or_n if isinstance(model_or_n, int) else non_embedding_params(model_or_n)
         self.cfg = model_cfg
 
-    def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0,
-              last_rows: Optional[int] = None) -> float:
-        """``last_rows``: rows the last block computes when a loss asks the model for a few
-        positions only (``VLModel(text_positions=...)``); the others skip its attention
-        output projection and FFN (not its attention), which are not counted."""
-        total = batch_size * flops_per_sample(self.n, self.cfg, seq_len, 0.0) + \
-            n_pred_total * 6.0 * self.cfg.hidden_size * self.cfg.vocab_size
-        if last_rows is not None:
-            H, inter = self.cfg.hidden_size, self.cfg.intermediate_size
-            skipped = max(0, batch_size * seq_len - last_rows)
-            total -= skipped * 6.0 * (H * H + 2 * H * inter)
-        return total
+    def count(self, tokens, tokens_sq, mlm_rows=0):
+        """A batch's real tokens, their squared lengths' sum (``vltrain.tasks.base.Work``: device
+        scalars, summed without a sync) and its MLM-predicted rows."""
+        return model_flops(self.n, self.cfg, tokens, tokens_sq, mlm_rows)
+
+    def batch(self, batch_size: int, seq_len: int, n_pred_total: int = 0) -> float:
+        """``batch_size`` sequences of ``seq_len`` real tokens each (the benchmarks' batches)."""
+        return self.count(batch_size * seq_len, batch_size * seq_len * seq_len, n_pred_total)
 
 
 def _accumulate(sums: dict, counts: dict, key: str, value: Number) -> None:
@@ -160,7 +167,7 @@ class MicroBatches:
         self.samples, self.tokens, self.flops = 0, None, 0.0
 
     def add(self, metrics: Mapping[str, Number], samples: int, tokens: Optional[Number] = None,
-            flops: float = 0.0) -> None:
+            flops: Number = 0.0) -> None:
         """``tokens`` None: this micro-batch's work is not counted (self-critical training)."""
         for k, v in metrics.items():
             _accumulate(self.sums, self.counts, k, v)
@@ -345,7 +352,7 @@ class Monitor:
         _accumulate(self._sums, self._counts, key, value)
 
     def step_end(self, step: int, metrics: Optional[Mapping[str, Number]] = None, *, samples: Number,
-                 tokens: Optional[Number] = None, flops: float = 0.0, lr: Optional[float] = None,
+                 tokens: Optional[Number] = None, flops: Number = 0.0, lr: Optional[float] = None,
                  grad_norm: Optional[Number] = None, loss_scale: Optional[float] = None,
                  instant: Optional[Mapping[str, float]] = None, force: bool = False) -> Optional[dict]:
         """Record one optimizer step (``step`` = steps done, the x value); log every ``log_every``.
@@ -364,7 +371,7 @@ class Monitor:
         self._new_samples = self._new_samples + samples
         if tokens is not None:
             self._tokens = self._tokens + tokens
-        self._flops += float(flops)
+        self._flops = self._flops + flops
         self._steps += 1
         self._lr, self._loss_scale, self._instant = lr, loss_scale, instant
         if not force and step % self.log_every != 0 and not (self.max_steps and step >= self.max_steps):

@@ -272,8 +272,8 @@ class Trainer:
                 if work is None:               # not countable (self-critical training)
                     micro.add(metrics, batch.batch_size)
                 else:
-                    micro.add(metrics, batch.batch_size, work.tokens, self.flops.batch(
-                        work.sequences, work.seq_len, work.mlm_rows, work.last_rows))
+                    micro.add(metrics, batch.batch_size, work.tokens,
+                              self.flops.count(work.tokens, work.tokens_sq, work.mlm_rows))
             if not boundary:
                 continue
             self.step += 1

@@ -1,13 +1,13 @@
 """Tasks: what a batch means and how it is scored. ``get_task(name)`` -> ``TaskSpec``."""
 from vltrain.objectives.pretrain import loss_positions
-from vltrain.tasks.base import TaskSpec, check_task_name, selected_rows_work
+from vltrain.tasks.base import TaskSpec, check_task_name, mlm_work
 from vltrain.tasks.pretrain import PretrainTask
 from vltrain.tasks import mc as _mc, refs as _refs, vqa as _vqa
 from vltrain.tasks import caption as _caption
 
 TASKS: dict[str, TaskSpec] = {
     "pretrain": TaskSpec("pretrain", build_module=lambda cfg, model: PretrainTask(model, cfg.objectives),
-                         work=lambda cfg, batch: selected_rows_work(cfg, batch, *loss_positions(batch, cfg.objectives))),
+                         work=lambda cfg, batch: mlm_work(cfg, batch, loss_positions(batch, cfg.objectives)[0])),
     "vqa": _vqa.SPEC,
     "mc": _mc.SPEC,
     "refs": _refs.SPEC,

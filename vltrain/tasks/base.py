@@ -29,49 +29,44 @@ class TaskSpec:
     # (cfg, batch) -> Work: what the throughput and MFU counters see, or None where that
     # depends on what the step computes (self-critical training decodes captions of
     # data-dependent length): then no tokens/s and no MFU are reported. Unset = one sequence
-    # per sample (text + region slots), every block at every position, no MLM logits.
+    # per sample (text + region slots), no MLM logits.
     work: Optional[Callable] = None
 
 
 class Work(NamedTuple):
-    """What the model computes for one batch (host ints, except ``tokens``: a device scalar)."""
-    sequences: int                # sequences run (multiple choice: K per sample)
-    seq_len: int                  # their padded length (text + regions + VL-BERT's slots around them)
-    tokens: object                # real (non-padding) tokens in them
-    last_rows: Optional[int] = None   # rows the last block computes (None: all; losses that
-                                      # read only masked positions ask the model for those)
-    mlm_rows: int = 0                 # rows whose vocabulary logits the MLM head computes
+    """The real (non-padding) tokens of one batch, as the throughput and MFU counters see them:
+    device scalars, summed without a host sync. Padding is not work the model needs (MFU counts
+    the model FLOPs of the tokens trained on, PaLM's definition; a text-only row padded to an
+    image row's length would otherwise count ~2x)."""
+    tokens: object                # real tokens of all sequences: text, regions, VL-BERT's slots
+    tokens_sq: object             # the sum over sequences of their real length squared (attention)
+    mlm_rows: int = 0             # rows whose vocabulary logits the MLM head computes
 
 
-def regions_in(cfg, batch) -> int:
-    """Region positions of one sequence: the batch's regions and the model's slots around them."""
-    if batch.region_feats is None or batch.region_feats.shape[1] == 0:
-        return 0
-    return batch.region_feats.shape[1] + sum(region_slots(cfg.model))
-
-
-def region_tokens(cfg, batch):
-    """Real region positions in the batch (a device scalar, or 0): regions and the slots of rows
-    with an image."""
+def row_regions(cfg, batch):
+    """(B,) real region positions of each row: its regions and, in a row with an image, the
+    model's slots around them (VL-BERT's whole-image region and [END]); 0 without regions."""
     if batch.region_mask is None or batch.region_mask.shape[1] == 0:
         return 0
-    return batch.region_mask.sum() + sum(region_slots(cfg.model)) * batch.region_mask.any(dim=1).sum()
+    return batch.region_mask.sum(dim=1) + sum(region_slots(cfg.model)) * batch.region_mask.any(dim=1)
+
+
+def work_of(lengths, mlm_rows: int = 0) -> Work:
+    """``Work`` of sequences with real ``lengths`` (a device tensor, any shape)."""
+    lengths = lengths.double()
+    return Work(lengths.sum(), (lengths * lengths).sum(), mlm_rows)
 
 
 def batch_work(spec: Optional[TaskSpec], batch, cfg) -> Optional[Work]:
     if spec is not None and spec.work is not None:
         return spec.work(cfg, batch)
-    tokens = batch.attention_mask.sum() + region_tokens(cfg, batch)
-    return Work(batch.batch_size, batch.input_ids.shape[1] + regions_in(cfg, batch), tokens)
+    return work_of(batch.attention_mask.sum(dim=1) + row_regions(cfg, batch))
 
 
-def selected_rows_work(cfg, batch, text_positions, region_positions=None) -> Work:
-    """Losses that read a few positions (pretraining, caption fine-tuning): the last block
-    runs only at the positions they pass to the model, the MLM head at the text ones. Give it
-    the very positions the loss passes (``objectives.pretrain.loss_positions``)."""
-    text = 0 if text_positions is None else text_positions.numel()
-    regions = 0 if region_positions is None else region_positions.numel()
-    return batch_work(None, batch, cfg)._replace(last_rows=text + regions, mlm_rows=text)
+def mlm_work(cfg, batch, text_positions) -> Work:
+    """Losses that read vocabulary logits at a few text positions (pretraining's MLM, caption
+    fine-tuning): give the very positions the loss passes (``objectives.pretrain.loss_positions``)."""
+    return batch_work(None, batch, cfg)._replace(mlm_rows=0 if text_positions is None else text_positions.numel())
 
 
 def check_task_name(name: str, registry: dict) -> TaskSpec:

@@ -33,7 +33,7 @@ from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
 from vltrain.engine.signals import STOP, ValidationInterrupted, children_take_stop_signals
 from vltrain.objectives.reduce import reduce_loss
-from vltrain.tasks.base import TaskSpec, selected_rows_work
+from vltrain.tasks.base import TaskSpec, mlm_work
 
 log = logging.getLogger(__name__)
 
@@ -307,5 +307,5 @@ def evaluate_caption(trainer, split: str) -> dict:
 
 
 SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator,
-                work=lambda cfg, batch: None if cfg.task.scst else selected_rows_work(cfg, batch, caption_positions(batch)),
+                work=lambda cfg, batch: None if cfg.task.scst else mlm_work(cfg, batch, caption_positions(batch)),
                 evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True)

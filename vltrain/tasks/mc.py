@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.data.batch import Batch
-from vltrain.tasks.base import TaskSpec, Work, region_tokens, regions_in
+from vltrain.tasks.base import TaskSpec, Work, row_regions, work_of
 from vltrain.tasks.collate_tasks import MCCollator
 from vltrain.tasks.evaluation import predict_split, write_results
 from vltrain.tasks.heads import expand_regions
@@ -80,10 +80,12 @@ def evaluate_mc(trainer, split: str) -> dict:
 
 
 def mc_work(cfg, batch: Batch) -> Work:
-    """K sequences per sample (every choice, padded ones included: they are computed too)."""
-    B, K, T = batch.task["choice_ids"].shape
-    tokens = batch.task["choice_mask"].sum() + region_tokens(cfg, batch) * K
-    return Work(B * K, T + regions_in(cfg, batch), tokens)
+    """K sequences per sample, each with the sample's regions; the choices that pad a sample
+    to the batch's K are computed but are not work (``choice_valid``)."""
+    text = batch.task["choice_mask"].sum(dim=2)                          # (B, K)
+    regions = row_regions(cfg, batch)
+    lengths = text + (regions.unsqueeze(1) if torch.is_tensor(regions) else regions)
+    return work_of(lengths * batch.task["choice_valid"])
 
 
 SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, cfg.task.mc_loss),
