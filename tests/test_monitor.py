@@ -81,6 +81,10 @@ def test_pretraining_work_counts_the_rows_the_model_is_asked_for(mlm, mrc):
     work = batch_work(spec, batch, cfg)
     assert work.mlm_rows == text.numel() == (batch.mlm_positions.numel() if mlm else 0)
     assert (regions is not None) == mrc
+    # the benchmark's batch has no padding: the count is its uniform one, with or without a mask
+    for b in (batch, dataclasses.replace(batch, region_mask=None)):
+        work = batch_work(spec, b, cfg)
+        assert (int(work.tokens), int(work.tokens_sq)) == (3 * size.seq_len, 3 * size.seq_len ** 2)
 
 
 def test_self_critical_work_is_not_counted(tmp_path):

@@ -45,10 +45,14 @@ class Work(NamedTuple):
 
 def row_regions(cfg, batch):
     """(B,) real region positions of each row: its regions and, in a row with an image, the
-    model's slots around them (VL-BERT's whole-image region and [END]); 0 without regions."""
-    if batch.region_mask is None or batch.region_mask.shape[1] == 0:
+    model's slots around them (VL-BERT's whole-image region and [END]); 0 without regions.
+    No ``region_mask``: every row has all the regions given (the model's default)."""
+    if batch.region_feats is None or batch.region_feats.shape[1] == 0:
         return 0
-    return batch.region_mask.sum(dim=1) + sum(region_slots(cfg.model)) * batch.region_mask.any(dim=1)
+    slots = sum(region_slots(cfg.model))
+    if batch.region_mask is None:
+        return batch.region_feats.shape[1] + slots
+    return batch.region_mask.sum(dim=1) + slots * batch.region_mask.any(dim=1)
 
 
 def work_of(lengths, mlm_rows: int = 0) -> Work:
