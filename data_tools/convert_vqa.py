@@ -4,7 +4,9 @@ Inputs: ``--questions`` (``questions[]``: question_id, image_id, question), opti
 ``--annotations`` (``annotations[]``: question_id, image_id, answers[{answer}],
 multiple_choice_answer, answer_type; leave it out for test-dev/test questions, whose
 samples then have no answers and no targets) and the region features (``--tsv`` or
-``--npz-dir``, see data_tools/features.py). One sample per question.
+``--npz-dir``, see data_tools/features.py). One sample per question; its ``answer_type`` column
+holds the annotation's official answer type ("yes/no", "number", "other"; "" without one or
+without annotations), which evaluation reports per-type accuracies by.
 
 Answer vocabulary (written beside the shards as ``answer_vocab.json``, a JSON list, index =
 class id): either read with ``--answer-vocab`` (use the train split's for val/test so ids
@@ -226,6 +228,7 @@ def convert(args: argparse.Namespace) -> None:
             skips.bad("duplicate_question", f"{where}: question_id {qid} appears twice")
             continue
         answers: list[str] = []
+        answer_type = ""
         if anns is not None:
             a = anns.get(qid)
             if a is None:
@@ -238,8 +241,10 @@ def convert(args: argparse.Namespace) -> None:
             if not answers:
                 skips.bad("no_answers", f"{where}: annotation has no answers")
                 continue
+            answer_type = str(a.get("answer_type") or "").strip()
         seen_q.add(qid)
-        by_image.setdefault(iid, []).append({"question_id": qid, "question": text, "answers": answers})
+        by_image.setdefault(iid, []).append({"question_id": qid, "question": text, "answers": answers,
+                                             "answer_type": answer_type})
     if not by_image:
         raise BadInputError(f"{args.questions}: no usable questions")
 
@@ -252,14 +257,15 @@ def convert(args: argparse.Namespace) -> None:
             if cols is None:
                 continue
             if writer is None:
+                optional = tuple(checker.optional) + ("answer_type",)   # always written, "" if unknown
                 meta = schema.make_meta(
-                    "vqa", checker.feature_dim, checker.num_classes, checker.optional,
+                    "vqa", checker.feature_dim, checker.num_classes, optional,
                     source={"tool": "convert_vqa", "questions": os.path.basename(args.questions),
                             "annotations": os.path.basename(args.annotations) if args.annotations else None,
                             "features": feature_source(args)},
                     answer_vocab_file=schema.ANSWER_VOCAB_FILE, answer_vocab_size=len(vocab),
                     answer_vocab_source=vocab_source, has_answers=anns is not None)
-                writer = stack.enter_context(open_writer(args.out, "vqa", checker.optional, meta,
+                writer = stack.enter_context(open_writer(args.out, "vqa", optional, meta,
                                                          size_limit=args.size_limit,
                                                          overwrite=args.overwrite))
                 writer.add_json(schema.ANSWER_VOCAB_FILE, vocab)
@@ -267,7 +273,7 @@ def convert(args: argparse.Namespace) -> None:
                 ids, scores = targets_for(q["answers"], vocab_index)
                 no_target += int(scores.max() == 0)
                 writer.write({"sample_id": q["question_id"], **cols, "question_id": q["question_id"],
-                              "question": q["question"], "answers": q["answers"],
+                              "question": q["question"], "answers": q["answers"], "answer_type": q["answer_type"],
                               "target_ids": ids, "target_scores": scores})
         if writer is None:
             raise BadInputError("no samples to write: no image with questions had valid features")

@@ -21,7 +21,8 @@ Text, from templates, all consistent with the scene:
   captions  5 per image ("a small red circle left of a blue square", "there is a large green cross")
   vqa       --questions-per-image questions ("what color is the circle?", "how many squares are
             there?", "is there a red triangle?", "what shape is left of the blue square?") with
-            10 annotator answers: ~--answer-noise of them wrong, and surface variants ("two"/"2",
+            10 annotator answers (and the official answer type: yes/no, number, other for colour /
+            shape / size): ~--answer-noise of them wrong, and surface variants ("two"/"2",
             "Yes"/"yes.", "a circle"/"circle") that the training targets' normalisation
             (normalize_answer) merges; the official accuracy compares annotator answers as given
             (only punctuation is stripped, and only when they disagree), so it counts most
@@ -80,6 +81,7 @@ TEXT_CODE = 9
 FEATURE_NET_SEED = 1234                            # the "detector": fixed, independent of --seed
 CHUNK = 128                                        # images per conv batch
 OPTIONAL = ("cls_prob", "obj_labels", "obj_conf", "image_feature")
+KIND_OPTIONAL = {"vqa": ("answer_type",)}       # the optional task columns written, by kind
 
 
 def class_index(shape: str, colour: str) -> int:
@@ -283,6 +285,8 @@ def _answer_variant(rng: np.random.Generator, ans: str) -> str:
 
 ANSWER_TYPES = {"color": list(COLOURS), "shape": list(SHAPES), "number": ["0", "1", "2", "3", "4"],
                 "yes/no": ["yes", "no"], "size": list(SIZES)}
+# Our question types as VQA v2's official answer types (which have no colour / shape / size).
+OFFICIAL_ANSWER_TYPE = {"yes/no": "yes/no", "number": "number", "color": "other", "shape": "other", "size": "other"}
 
 
 def vqa_candidates(rng: np.random.Generator, s: Scene) -> list[tuple[str, str, str]]:
@@ -313,7 +317,8 @@ def vqa_candidates(rng: np.random.Generator, s: Scene) -> list[tuple[str, str, s
     return out
 
 
-def make_vqa(rng: np.random.Generator, s: Scene, k: int, noise: float) -> list[tuple[str, list[str]]]:
+def make_vqa(rng: np.random.Generator, s: Scene, k: int, noise: float) -> list[tuple[str, list[str], str]]:
+    """``k`` (question, 10 annotator answers, official answer type) items about the scene."""
     cands = vqa_candidates(rng, s)
     pick = sorted(rng.permutation(len(cands))[:k])
     items = []
@@ -326,7 +331,7 @@ def make_vqa(rng: np.random.Generator, s: Scene, k: int, noise: float) -> list[t
                 wrong = [x for x in ANSWER_TYPES[typ] if x != ans]
                 a = wrong[int(rng.integers(0, len(wrong)))]
             answers.append(_answer_variant(rng, a))
-        items.append((q, answers))
+        items.append((q, answers, OFFICIAL_ANSWER_TYPE[typ]))
     return items
 
 
@@ -430,10 +435,11 @@ def write_split(args: argparse.Namespace, split: str, n_images: int, net: Featur
     with contextlib.ExitStack() as stack:
         writers = {}
         for kind in ("captions", "vqa", "refs", "mc"):
-            meta = schema.make_meta(kind, args.feature_dim, NUM_CLASSES, OPTIONAL, **extra)
+            optional = OPTIONAL + KIND_OPTIONAL.get(kind, ())
+            meta = schema.make_meta(kind, args.feature_dim, NUM_CLASSES, optional, **extra)
             if kind == "vqa":
                 meta.update(answer_vocab_file=schema.ANSWER_VOCAB_FILE, answer_vocab_size=len(ANSWER_VOCAB))
-            w = stack.enter_context(open_writer(join_location(args.out, kind, split), kind, OPTIONAL, meta,
+            w = stack.enter_context(open_writer(join_location(args.out, kind, split), kind, optional, meta,
                                                 size_limit=args.size_limit, overwrite=args.overwrite))
             if kind == "vqa":
                 w.add_json(schema.ANSWER_VOCAB_FILE, ANSWER_VOCAB)
@@ -459,10 +465,11 @@ def write_split(args: argparse.Namespace, split: str, n_images: int, net: Featur
                 w = writers["captions"]
                 w.write({"sample_id": w.count, **image, "captions": make_captions(rng, s)})
                 w = writers["vqa"]
-                for q, answers in make_vqa(rng, s, args.questions_per_image, args.answer_noise):
+                for q, answers, answer_type in make_vqa(rng, s, args.questions_per_image, args.answer_noise):
                     sc = sorted((vocab_index[a], v) for a, v in answer_scores(answers).items())
                     w.write({"sample_id": w.count, **image, "question_id": w.count, "question": q,
-                             "answers": answers, "target_ids": np.array([t[0] for t in sc], np.int32),
+                             "answers": answers, "answer_type": answer_type,
+                             "target_ids": np.array([t[0] for t in sc], np.int32),
                              "target_scores": np.array([t[1] for t in sc], np.float32)})
                 w = writers["refs"]
                 for expr, region, box in make_refs(rng, s, args.refs_per_image, size):

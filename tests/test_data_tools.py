@@ -339,9 +339,11 @@ def test_npz_dir_of_another_format_says_which(tmp_path, capsys):
 
 # ---------------------------------------------------------------- VQA
 
-def _ann(qid, iid, answers, mc):
-    return {"question_id": qid, "image_id": iid, "answer_type": "other", "multiple_choice_answer": mc,
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]}
+def _ann(qid, iid, answers, mc, answer_type="other"):
+    """An official-format annotation; ``answer_type=None`` leaves the field out."""
+    ann = {"question_id": qid, "image_id": iid, "multiple_choice_answer": mc,
+           "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]}
+    return ann if answer_type is None else {**ann, "answer_type": answer_type}
 
 
 def test_convert_vqa_scores_vocab_and_splits(tmp_path):
@@ -356,9 +358,11 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
         (14, 3, "How many?", ["two"] * 10, "Two"),
         (15, 3, "Color?", ["blue"] * 5 + ["Red"] * 5, "blue"),
     ]
+    answer_types = {10: "number", 11: "other", 12: "yes/no", 13: "other", 14: "number"}   # 15: none
     qs = write_json(tmp_path / "q.json", {"questions": [{"question_id": q, "image_id": i, "question": t}
                                                         for q, i, t, _, _ in qa]})
-    an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, a, mc) for q, i, _, a, mc in qa]})
+    an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, a, mc, answer_types.get(q))
+                                                          for q, i, _, a, mc in qa]})
     out = tmp_path / "train"
     r = run_tool("convert_vqa", "--questions", qs, "--annotations", an, "--tsv", tsv,
                  "--num-answers", "3", "--out", out)
@@ -387,11 +391,13 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
     assert samples[12]["target_ids"].tolist() == [0] and samples[12]["target_scores"].tolist() == [0.0]
     assert samples[10]["answers"] == ["Two", "2", "two"] + ["3"] * 7
     assert samples[11]["question"] == "What animal is it?"
+    # the official answer type, kept for per-type accuracies; "" for an annotation without one
+    assert {q: s["answer_type"] for q, s in samples.items()} == {**answer_types, 15: ""}
     for s in samples.values():
         check_image_columns(s, imgs[int(s["image_id"])])
         assert s["sample_id"] == s["question_id"]
     meta = read_meta(out)
-    assert meta["kind"] == "vqa" and meta["answer_vocab_size"] == 3
+    assert meta["kind"] == "vqa" and meta["answer_vocab_size"] == 3 and "answer_type" in meta["optional_columns"]
     assert meta["questions_without_target"] == 2             # 12 and 15 (blue/red not in vocab)
 
     # The full vocabulary (default K) reproduces the 0.6 / 0.3 scores of the hand example.
@@ -417,6 +423,7 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
                              str(out / schema.ANSWER_VOCAB_FILE), "--out", str(test_out)]) == 0
     (t,) = read_mds(test_out)
     assert t["answers"] == [] and t["target_ids"].tolist() == [0] and t["target_scores"].tolist() == [0.0]
+    assert t["answer_type"] == ""                            # no annotations: no type
     with open(test_out / schema.ANSWER_VOCAB_FILE) as f:
         assert json.load(f) == vocab
     assert read_meta(test_out)["has_answers"] is False
@@ -565,7 +572,7 @@ def test_make_synthetic_deterministic_and_disjoint(synthetic, tmp_path):
 
 
 def test_make_synthetic_content(synthetic):
-    from vltrain.metrics.vqa import answer_scores
+    from vltrain.metrics.vqa import answer_scores, normalize_answer
     meta = read_meta(synthetic / "vqa/train")
     assert meta["num_classes"] == 17 and meta["feature_dim"] == 64 and meta["has_cls_prob"]
     with open(synthetic / "vqa/train" / schema.ANSWER_VOCAB_FILE) as f:
@@ -583,6 +590,9 @@ def test_make_synthetic_content(synthetic):
         want = {vocab.index(a): v for a, v in answer_scores(s["answers"]).items()}
         assert dict(zip(s["target_ids"].tolist(), s["target_scores"].tolist())) == pytest.approx(want)
         assert s["question"].endswith("?")
+        normed = {normalize_answer(a) for a in s["answers"]}        # the official answer type
+        assert s["answer_type"] == ("yes/no" if normed <= {"yes", "no"} else
+                                    "number" if all(a.isdigit() for a in normed) else "other"), s
     for s in read_mds(synthetic / "refs/train"):
         b, t = s["boxes"][s["target_region"]], s["target_box"]
         inter = max(0, min(b[2], t[2]) - max(b[0], t[0])) * max(0, min(b[3], t[3]) - max(b[1], t[1]))

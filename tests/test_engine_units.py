@@ -324,6 +324,25 @@ def test_validation_counts_each_sample_once_across_ranks(n, ranks, batch):
     assert first_seen_counts([[[1, 1, 2]], [[2, 3]]]) == [[2], [1]]     # a repeat inside a batch too
 
 
+def test_validation_accuracy_over_masked_tokens_weighs_tokens():
+    """val/mlm_acc as BERT's masked_lm_accuracy: correct / masked over the split (10/10 and
+    45/90 read 55%, not 75%), the loss a mean over samples; a batch holding repeats of samples
+    another batch counted weighs only its share of samples seen first."""
+    from vltrain.monitor import accuracy
+    from vltrain.tasks.evaluation import metric_sums
+    ones, half = torch.ones(10), torch.tensor([1.0] * 45 + [0.0] * 45)
+    batches = [([0, 1, 2, 3], {"mlm_acc": accuracy(ones, torch.ones(10)), "loss": torch.tensor(1.0)}),
+               ([4, 5, 6, 7], {"mlm_acc": accuracy(half, torch.ones(90)), "loss": torch.tensor(3.0)})]
+    keys = ["loss", "mlm_acc"]
+
+    def means(weights):
+        sums = metric_sums(batches, weights, keys, "cpu").tolist()
+        return {k: sums[i] / sums[len(keys) + i] for i, k in enumerate(keys)}
+    assert means([4, 4]) == pytest.approx({"loss": 2.0, "mlm_acc": 55 / 100})
+    # the second batch's samples half counted before (streaming's padding): half its tokens
+    assert means([4, 2]) == pytest.approx({"loss": (4 + 6) / 6, "mlm_acc": (10 + 22.5) / (10 + 45)})
+
+
 def test_a_fresh_run_over_a_runs_checkpoints_says_so(tmp_path, caplog):
     from vltrain.engine.build import warn_fresh_start_over_checkpoints
     assert warn_fresh_start_over_checkpoints(str(tmp_path)) is None                 # nothing there

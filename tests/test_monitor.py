@@ -336,6 +336,35 @@ def test_a_steps_micro_batches_average_each_metric_over_those_that_gave_it():
     assert scst.tokens is None and scst.flops == 0.0
 
 
+def test_accuracy_over_masked_tokens_weighs_every_token_once():
+    """BERT's masked_lm_accuracy: correct / masked over the interval, whatever micro-batch,
+    step or checkpoint they fell in. Micro-batches of 10/10 and 45/90 correct read 55%, not
+    the 75% of a mean over micro-batches; a resume inside the interval keeps the counts."""
+    from vltrain.monitor import Ratio, accuracy
+    first = accuracy(torch.ones(10), torch.ones(10))
+    second = accuracy(torch.tensor([1.0] * 45 + [0.0] * 45), torch.ones(90))
+    assert (float(first.num), float(first.den), float(second.num), float(second.den)) == (10, 10, 45, 90)
+    mb = MicroBatches()
+    mb.add({"mlm_acc": first, "loss": torch.tensor(1.0)}, 8)
+    mb.add({"mlm_acc": second, "loss": torch.tensor(3.0)}, 8)
+    step1 = mb.means()
+    assert isinstance(step1["mlm_acc"], Ratio) and float(step1["loss"]) == 2.0
+
+    def run(mon, steps):
+        out = None
+        for step, metrics in steps:
+            out = mon.step_end(step, metrics, samples=16) or out
+        return out
+    steps = [(1, step1), (2, {"mlm_acc": accuracy(torch.zeros(100), torch.ones(100))})]
+    whole = run(Monitor(None, rank=0, log_every=2, log_fn=lambda s: None), steps)
+    assert whole["train/mlm_acc"] == pytest.approx(55 / 200) and whole["train/loss"] == 2.0
+    half = Monitor(None, rank=0, log_every=2, log_fn=lambda s: None)
+    run(half, steps[:1])
+    resumed = Monitor(None, rank=0, log_every=2, log_fn=lambda s: None)
+    resumed.resume_at(1, half.samples_seen, half.pending_state())
+    assert run(resumed, steps[1:])["train/mlm_acc"] == pytest.approx(55 / 200)
+
+
 def test_an_fp16_step_skipped_on_overflow_leaves_the_grad_norm_mean_finite(tmp_path):
     """DeepSpeed reports the norm of a step skipped on overflow as inf: left out of the
     interval's mean, not turning it into inf."""

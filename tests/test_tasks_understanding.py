@@ -58,6 +58,7 @@ def test_vqa_collator_layouts_and_soft_targets(synthetic_corpus):
         dense[np.asarray(r["target_ids"])] = np.asarray(r["target_scores"])
         assert np.allclose(b.task["vqa_targets"][i].numpy(), dense)
         assert b.task["answers"][i] == list(r["answers"]) and int(b.task["question_id"][i]) == r["question_id"]
+        assert b.task["answer_type"][i] == r["answer_type"] in ("yes/no", "number", "other")
         assert int(b.region_mask[i].sum()) == min(len(r["features"]), cfg.data.max_regions)
 
     vb = collator(task_cfg(synthetic_corpus, "vqa", "task.vqa_head=vlbert"))(rows)
@@ -297,6 +298,59 @@ def test_vqa_evaluation_scores_officially_and_normalised():
     assert get_task("vqa").best_metric == "accuracy"
 
 
+def test_vqa_answer_type_metrics_are_vqa_evals_per_answer_type():
+    """answer_type_metrics is vqaEval.py's perAnswerType (vqa_eval's) over the scored records with
+    a type; a type outside the official three gets its own key; untyped or unscored records count
+    in none."""
+    from vltrain.metrics.vqa import vqa_eval
+    from vltrain.tasks.vqa import answer_type_metrics, score_answer
+    items = {  # question_id: (prediction, annotator answers, answer type)
+        1: ("yes", ["yes"] * 10, "yes/no"),
+        2: ("no", ["yes"] * 8 + ["no"] * 2, "yes/no"),
+        3: ("2", ["2"] * 3 + ["3"] * 7, "number"),
+        4: ("3", ["3"] * 10, "number"),
+        5: ("red", ["blue"] * 10, "other"),
+        6: ("cat", ["cat"] * 2 + ["dog"] * 8, "free form"),
+        7: ("dog", ["dog"] * 10, ""),                    # no type
+    }
+    records = [{"answer": p, "answer_type": t, **score_answer(p, gt)} for p, gt, t in items.values()]
+    records.append({"answer": "no", "answer_type": "yes/no"})       # unlabeled (test-dev): not scored
+    typed = {q: v for q, v in items.items() if v[2]}
+    want = vqa_eval({q: p for q, (p, _, _) in typed.items()}, {q: gt for q, (_, gt, _) in typed.items()},
+                    answer_types={q: t for q, (_, _, t) in typed.items()})["per_answer_type"]
+    assert want == pytest.approx({"yes/no": 80.0, "number": 95.0, "other": 0.0, "free form": 60.0})
+    assert answer_type_metrics(records) == pytest.approx({
+        "accuracy_yes_no": want["yes/no"], "accuracy_number": want["number"], "accuracy_other": want["other"],
+        "accuracy_free_form": want["free form"]})
+    assert answer_type_metrics([{**r, "answer_type": ""} for r in records]) == {}
+
+
+def test_a_vqa_dataset_converted_before_answer_types_still_reads(synthetic_corpus, tmp_path):
+    """The same questions written without the answer_type column (converted before it existed):
+    they collate as before, with "" types, which answer_type_metrics leaves out (no per-type
+    keys; the end-to-end VQA test checks the keys on typed data)."""
+    from data_tools.common import open_writer
+    from vltrain.data import schema
+    new = os.path.join(synthetic_corpus, "vqa", "val")
+    rows = read_rows(new)[:16]
+    with open(os.path.join(new, schema.META_FILE)) as f:
+        meta = json.load(f)
+    optional = tuple(c for c in meta["optional_columns"] if c != "answer_type")
+    old = str(tmp_path / "old_val")
+    with open_writer(old, "vqa", optional, schema.make_meta("vqa", meta["feature_dim"], meta["num_classes"],
+                                                            optional)) as w:
+        for r in rows:
+            w.write({k: v for k, v in r.items() if k in w.columns})
+    old_rows = read_rows(old)
+    assert "answer_type" not in old_rows[0]
+    typed = collator(task_cfg(synthetic_corpus, "vqa", f"data.val={new}"))(rows)
+    untyped = collator(task_cfg(synthetic_corpus, "vqa", f"data.val={new}"))(old_rows)
+    assert untyped.task["answer_type"] == [""] * len(rows) and "" not in typed.task["answer_type"]
+    for k in ("question_id", "vqa_targets"):
+        assert torch.equal(untyped.task[k], typed.task[k])
+    assert untyped.task["answers"] == typed.task["answers"]
+
+
 def test_vlbert_answer_head_starts_as_the_mlm_head(synthetic_corpus):
     """VL-BERT's VQA head at step 0 = the model's MLM head restricted to the answers' words."""
     from vltrain.model import VLModel
@@ -469,6 +523,12 @@ def test_vqa_finetunes_above_the_majority_answer(finetuned, task_corpus):
     gt = {r["question_id"]: r["answers"] for r in val}
     assert vqa_eval(answers, gt)["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
     assert vqa_eval(answers, gt, normalize_gt=True)["accuracy"] == pytest.approx(m["accuracy_normalized"], abs=1e-9)
+    # make_synthetic's questions have answer types: vqaEval.py's per-answer-type accuracies too
+    per_type = vqa_eval(answers, gt, answer_types={r["question_id"]: r["answer_type"] for r in val})
+    assert set(per_type["per_answer_type"]) == {"yes/no", "number", "other"}
+    assert {k: v for k, v in m.items() if k.startswith("accuracy_") and k != "accuracy_normalized"} == pytest.approx(
+        {f"accuracy_{t.replace('/', '_')}": v for t, v in per_type["per_answer_type"].items()}, abs=1e-9)
+    assert all(preds[str(r["sample_id"])]["answer_type"] == r["answer_type"] for r in val)
 
 
 def test_vqa_submission_file_is_the_official_format(finetuned, task_corpus):

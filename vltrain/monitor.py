@@ -37,7 +37,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -150,10 +150,27 @@ class FlopCounter:
         return self.count(batch_size * seq_len, batch_size * seq_len * seq_len, n_pred_total)
 
 
-def _accumulate(sums: dict, counts: dict, key: str, value: Number) -> None:
-    """Add ``value`` to ``sums[key]`` and one to ``counts[key]``: a mean over those that gave it."""
-    sums[key] = sums[key] + value if key in sums else value
-    counts[key] = counts.get(key, 0) + 1
+class Ratio(NamedTuple):
+    """A metric averaged over items, not micro-batches: ``num`` and ``den`` are summed over
+    micro-batches, steps and ranks (and a validation's batches), then divided. Accuracy over
+    masked tokens is BERT's ``masked_lm_accuracy``, correct / masked over the whole interval:
+    a micro-batch with 90 masked tokens weighs 9x one with 10 (as a plain metric, 10/10 and
+    45/90 would read 75% instead of 55%)."""
+    num: Number
+    den: Number
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> Ratio:
+    """Correct predictions over all of them, as a :class:`Ratio` of device scalars."""
+    return Ratio((pred == target).sum().float().detach(), torch.tensor(float(target.numel()), device=target.device))
+
+
+def _accumulate(sums: dict, counts: dict, key: str, value: Union[Number, Ratio]) -> None:
+    """Add ``value`` to ``sums[key]`` and one to ``counts[key]``: a mean over those that gave
+    it; a :class:`Ratio` adds its numerator and its denominator."""
+    num, den = value if isinstance(value, Ratio) else (value, 1)
+    sums[key] = sums[key] + num if key in sums else num
+    counts[key] = counts[key] + den if key in counts else den
 
 
 class MicroBatches:
@@ -163,21 +180,26 @@ class MicroBatches:
 
     def __init__(self):
         self.sums: dict[str, Number] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, Number] = {}
+        self.ratios: set[str] = set()
         self.samples, self.tokens, self.flops = 0, None, 0.0
 
-    def add(self, metrics: Mapping[str, Number], samples: int, tokens: Optional[Number] = None,
+    def add(self, metrics: Mapping[str, Union[Number, Ratio]], samples: int, tokens: Optional[Number] = None,
             flops: Number = 0.0) -> None:
         """``tokens`` None: this micro-batch's work is not counted (self-critical training)."""
         for k, v in metrics.items():
             _accumulate(self.sums, self.counts, k, v)
+            if isinstance(v, Ratio):
+                self.ratios.add(k)
         self.samples += samples
         if tokens is not None:
             self.tokens = tokens if self.tokens is None else self.tokens + tokens
         self.flops += flops
 
-    def means(self) -> dict[str, Number]:
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
+    def means(self) -> dict[str, Union[Number, Ratio]]:
+        """Each metric's mean over the micro-batches that gave it; a ratio's sums, still to be
+        summed over the interval."""
+        return {k: Ratio(v, self.counts[k]) if k in self.ratios else v / self.counts[k] for k, v in self.sums.items()}
 
 
 # ------------------------------------------------------------------------------ memory
@@ -309,7 +331,7 @@ class Monitor:
     # ---- timing
     def _reset_interval(self):
         self._sums: dict[str, Number] = {}
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, Number] = {}     # micro-batch means given, or a Ratio's denominators
         self._new_samples: Number = 0      # for the samples-seen axis (survives reset_timer)
         self._reset_throughput()
 
@@ -344,14 +366,14 @@ class Monitor:
             self.data_end()
 
     # ---- per step
-    def _add(self, key: str, value: Optional[Number]):
+    def _add(self, key: str, value: Union[None, Number, Ratio]):
         if value is None:
             return
-        if _is_tensor(value):
-            value = value.detach().float().reshape(())
+        scalar = lambda v: v.detach().float().reshape(()) if _is_tensor(v) else v     # noqa: E731
+        value = Ratio(*map(scalar, value)) if isinstance(value, Ratio) else scalar(value)
         _accumulate(self._sums, self._counts, key, value)
 
-    def step_end(self, step: int, metrics: Optional[Mapping[str, Number]] = None, *, samples: Number,
+    def step_end(self, step: int, metrics: Optional[Mapping[str, Union[Number, Ratio]]] = None, *, samples: Number,
                  tokens: Optional[Number] = None, flops: Number = 0.0, lr: Optional[float] = None,
                  grad_norm: Optional[Number] = None, loss_scale: Optional[float] = None,
                  instant: Optional[Mapping[str, float]] = None, force: bool = False) -> Optional[dict]:
@@ -396,7 +418,7 @@ class Monitor:
             keys = sorted(set().union(*seen))
         dev = self.device or next((v.device for v in [*self._sums.values(), *extra] if _is_tensor(v)), None)
         dev = dev or torch.device("cpu")
-        vals = [self._sums.get(k, 0.0) for k in keys] + [float(self._counts.get(k, 0)) for k in keys] + list(extra)
+        vals = [self._sums.get(k, 0.0) for k in keys] + [self._counts.get(k, 0.0) for k in keys] + list(extra)
         if timed:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)

@@ -63,6 +63,10 @@ OPTIONAL_KIND_COLUMNS = {
     # triples; text[char_start:char_end] names the object, region indexes the sample's
     # features rows (-1: no region matched). One list for the question, one per choice.
     "mc": {"question_refs": "json", "choice_refs": "json"},
+    # The official VQA answer type ("yes/no", "number", "other"; "" when not annotated), for
+    # vqaEval.py's per-type accuracies. Optional so that datasets converted before it existed
+    # still read: they simply have no per-type scores.
+    "vqa": {"answer_type": "str"},
 }
 
 # Answer vocabulary of a VQA dataset: a JSON list of answers, index = class id.

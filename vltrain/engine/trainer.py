@@ -27,10 +27,10 @@ from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.resume import CheckpointError, unreadable_message
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
-from vltrain.monitor import MicroBatches
+from vltrain.monitor import MicroBatches, Ratio
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
-from vltrain.tasks.evaluation import first_seen_counts
+from vltrain.tasks.evaluation import first_seen_counts, metric_sums
 
 log = logging.getLogger(__name__)
 
@@ -435,15 +435,17 @@ class Trainer:
     def mean_metrics(self, loader) -> dict:
         """Mean of the module's metrics over a loader, each sample once across all ranks (a
         batch's metrics weigh as many samples as it holds that no earlier batch, on this rank
-        or a lower one, held). A metric is averaged over the batches that report it."""
+        or a lower one, held). A metric is averaged over the batches that report it; a
+        ``Ratio`` (accuracy over masked tokens) is its numerators' sum over its denominators'."""
         self.engine.eval()
-        batches: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+        batches: list[tuple[list[int], dict]] = []
         for batch in loader:
             ids = batch.sample_id.tolist()
             # Every batch runs forward, repeats included: under ZeRO-3 the forward gathers
             # parameters collectively, so every rank must run the same batches.
             _, metrics = self.engine(self.to_device(batch))
-            batches.append((ids, {k: v.detach().float() for k, v in metrics.items()}))
+            batches.append((ids, {k: Ratio(*(x.detach().float() for x in v)) if isinstance(v, Ratio)
+                                  else v.detach().float() for k, v in metrics.items()}))
         self.engine.train()
         mine = ([ids for ids, _ in batches], sorted({k for _, m in batches for k in m}))
         everyone = [mine]
@@ -452,12 +454,8 @@ class Trainer:
             dist.all_gather_object(everyone, mine)
         weights = first_seen_counts([ids for ids, _ in everyone])[self.info.rank]
         keys = sorted({k for _, ks in everyone for k in ks})
-        sums = torch.zeros(2 * len(keys), device=self.device)   # weighted sums, then weights
-        for (_, metrics), w in zip(batches, weights):
-            for i, k in enumerate(keys):
-                if k in metrics:
-                    sums[i] += metrics[k] * w
-                    sums[len(keys) + i] += w
+        sums = metric_sums(batches, weights, keys, self.device)
         if dist.is_initialized():
             dist.all_reduce(sums)
-        return {k: float(sums[i]) / max(float(sums[len(keys) + i]), 1.0) for i, k in enumerate(keys)}
+        sums = sums.tolist()
+        return {k: sums[i] / sums[len(keys) + i] if sums[len(keys) + i] > 0 else 0.0 for i, k in enumerate(keys)}

@@ -32,6 +32,7 @@ __all__ = [
     "process_digit_article",
     "vqa_accuracy",
     "answer_scores",
+    "per_type_accuracy",
     "vqa_eval",
 ]
 
@@ -163,6 +164,19 @@ def answer_scores(gt_answers: Sequence[str]) -> dict[str, float]:
     return {a: vqa_accuracy(a, normed) for a in Counter(normed)}
 
 
+def per_type_accuracy(per_question: Mapping[Hashable, float], types: Mapping[Hashable, str],
+                      what: str = "per_answer_type") -> dict[str, float]:
+    """vqaEval.py's ``perAnswerType`` / ``perQuestionType`` (percent): for each type, the mean
+    of the per-question accuracies (0..1) of its questions. Every question needs a type
+    (``what`` names the grouping in the error)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for q, acc in per_question.items():
+        if q not in types:
+            raise ValueError(f"{what}: question {q!r} has no type")
+        groups[types[q]].append(acc)
+    return {t: 100.0 * sum(v) / len(v) for t, v in groups.items()}
+
+
 def vqa_eval(
     predictions: Mapping[Hashable, str],
     gt: Mapping[Hashable, Sequence[str]],
@@ -197,14 +211,8 @@ def vqa_eval(
         "per_question": per_q,
     }
     for key, types in (("per_answer_type", answer_types), ("per_question_type", question_types)):
-        if types is None:
-            continue
-        groups: dict[str, list[float]] = defaultdict(list)
-        for q, acc in per_q.items():
-            if q not in types:
-                raise ValueError(f"{key}: question {q!r} has no type")
-            groups[types[q]].append(acc)
-        out[key] = {t: 100.0 * sum(v) / len(v) for t, v in groups.items()}
+        if types is not None:
+            out[key] = per_type_accuracy(per_q, types, key)
     return out
 
 

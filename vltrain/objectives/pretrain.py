@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from vltrain.config import ObjectivesConfig
 from vltrain.data.batch import Batch
+from vltrain.monitor import accuracy
 from vltrain.objectives.reduce import reduce_loss
 
 
@@ -26,7 +27,7 @@ def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool 
     logits = model.mlm_logits(hidden).float()
     per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none")
     rows = batch.mlm_positions // T
-    acc = (logits.argmax(-1) == batch.mlm_labels).float().mean()
+    acc = accuracy(logits.argmax(-1), batch.mlm_labels)
     if not separate_text:
         return reduce_loss(per_tok, rows, B, how), acc
     if batch.region_mask is not None:
@@ -50,7 +51,7 @@ def mrc_loss(model, hidden, batch: Batch, N: int, how: str):
     target = batch.mrc_targets.float()
     per_region = -(target * logp).sum(-1)
     loss = reduce_loss(per_region, batch.mrc_positions // N, B, how)
-    acc = (logp.argmax(-1) == target.argmax(-1)).float().mean()
+    acc = accuracy(logp.argmax(-1), target.argmax(-1))
     return loss, acc
 
 
@@ -84,12 +85,12 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
     if text_pos.numel():
         loss, acc = mlm_loss(model, out.text_selected, batch, T, cfg.loss_reduction, cfg.separate_text_mlm)
         total = total + cfg.mlm_weight * loss
-        metrics.update(loss_mlm=loss.detach(), mlm_acc=acc.detach())
+        metrics.update(loss_mlm=loss.detach(), mlm_acc=acc)
     if out.region_selected is not None and out.region_selected.shape[0]:
         N = batch.region_feats.shape[1]
         loss, acc = mrc_loss(model, out.region_selected, batch, N, cfg.loss_reduction)
         total = total + cfg.mrc_weight * loss
-        metrics.update(loss_mrc=loss.detach(), mrc_acc=acc.detach())
+        metrics.update(loss_mrc=loss.detach(), mrc_acc=acc)
     elif cfg.mrc:
         # No region to classify here (a text-only micro-batch), but other ranks have some:
         # the head gets zero gradients, so every rank reduces the same ones (see _region_anchor).

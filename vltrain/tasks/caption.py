@@ -32,6 +32,7 @@ from vltrain.data.batch import Batch
 from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
 from vltrain.engine.signals import STOP, ValidationInterrupted, children_take_stop_signals
+from vltrain.monitor import accuracy
 from vltrain.objectives.reduce import reduce_loss
 from vltrain.tasks.base import TaskSpec, mlm_work
 
@@ -130,8 +131,7 @@ class CaptionTask(nn.Module):
             rows = positions // T
             loss = reduce_loss(per_tok, rows, B, self.objectives.loss_reduction)
             total = total + loss
-            acc = (logits.argmax(-1) == batch.mlm_labels).float()
-            metrics.update(loss_mlm=loss.detach(), mlm_acc=acc.mean().detach())
+            metrics.update(loss_mlm=loss.detach(), mlm_acc=accuracy(logits.argmax(-1), batch.mlm_labels))
             if per_example:
                 nll = F.cross_entropy(logits.detach(), batch.mlm_labels, reduction="none")
                 sums = nll.new_zeros(B).index_add_(0, rows, nll)

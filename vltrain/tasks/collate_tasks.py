@@ -15,7 +15,8 @@ Text layouts (regions are spliced in by the model right after ``[CLS]``):
 
 Batch fields (``Batch.task``):
   vqa   ``vqa_targets`` (B, A) soft scores, ``answer_pos`` (B,) text index the head reads,
-        ``question_id`` (B,); eval collators also ``answers`` (list of raw annotator answers)
+        ``question_id`` (B,); eval collators also ``answers`` (list of raw annotator answers) and
+        ``answer_type`` (list of str, the official answer type; "" where the dataset has none)
   mc    ``choice_ids``/``choice_type``/``choice_mask`` (B, K, T), ``choice_valid`` (B, K),
         ``label`` (B,) (-1 = unlabeled), ``choice_regions`` (B, K, T) when a VL-BERT model reads
         a dataset with object references (the region each token's reference names, -1 none);
@@ -184,6 +185,8 @@ class VQACollator(TaskCollator):
         if not self.train:
             answers = sample.get("answers") or []
             extra["answers"] = [str(a) for a in answers]
+            # optional column: datasets converted before it existed have none
+            extra["answer_type"] = str(sample.get("answer_type") or "")
         return ex, extra
 
     def finish(self, batch, extras):
@@ -196,6 +199,7 @@ class VQACollator(TaskCollator):
         batch.task["question_id"] = torch.tensor([x["qid"] for x in extras], dtype=torch.long)
         if not self.train:
             batch.task["answers"] = [x["answers"] for x in extras]
+            batch.task["answer_type"] = [x["answer_type"] for x in extras]
 
 
 class MCCollator(TaskCollator):

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from vltrain.data.collate import TRUNCATED_KEY
+from vltrain.monitor import Ratio
 from vltrain.tasks.base import gather_predictions, write_json
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,25 @@ def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
             counts.append(len(new))
         out.append(counts)
     return out
+
+
+def metric_sums(batches: list, weights: list[int], keys: list[str], device) -> torch.Tensor:
+    """[numerator sum of each of ``keys``..., denominator sum of each...] over one rank's
+    validation ``batches`` (``(sample ids, {key: tensor or monitor.Ratio})``) weighted by
+    ``weights`` (its ``first_seen_counts``): a plain metric weighs its batch's samples seen
+    first; a ``Ratio`` (accuracy over masked tokens) its own denominator, in the share of the
+    batch's samples seen first. Summed over ranks, numerator / denominator is the metric."""
+    sums = torch.zeros(2 * len(keys), device=device)
+    for (ids, metrics), w in zip(batches, weights):
+        for i, k in enumerate(keys):
+            m = metrics.get(k)
+            if m is None:
+                continue
+            num, den = (m.num * w / max(len(ids), 1), m.den * w / max(len(ids), 1)) if isinstance(m, Ratio) \
+                else (m * w, w)
+            sums[i] += num
+            sums[len(keys) + i] += den
+    return sums
 
 
 def eval_dir(trainer, split: str) -> str:

@@ -13,6 +13,9 @@ answers and averaged over questions (VLP's ``BCE-mean x num_answers``).
 Evaluation: argmax answer per question, scored twice (see ``score_answer``): ``accuracy``, the
 official vqaEval.py metric (the one reported as best), and ``accuracy_normalized``, the
 LXMERT / VL-BERT code's val score; unlabeled questions (test-dev/test) get predictions only.
+Where the dataset has answer types (``answer_type`` column), also vqaEval.py's per-answer-type
+official accuracies (``answer_type_metrics``: ``accuracy_yes_no``, ``accuracy_number``,
+``accuracy_other``); datasets converted before that column existed have none.
 Files: ``predictions.json`` (by sample id) and the submission ``vqa_results.json`` =
 ``[{"question_id", "answer"}]``.
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -135,6 +140,18 @@ def score_answer(answer: str, gt: list[str]) -> dict[str, float]:
             "accuracy_normalized": vqa_accuracy(answer, gt, normalize_gt=True)}
 
 
+def answer_type_metrics(records: Iterable[dict]) -> dict[str, float]:
+    """``accuracy_<answer type>`` (percent; non-alphanumerics of the type as ``_``: ``yes/no`` ->
+    ``accuracy_yes_no``) over the scored prediction records that have an answer type: vqaEval.py's
+    ``perAnswerType``, the mean official accuracy of the type's questions. Empty when no record
+    has a type (a test split, or a dataset converted before the ``answer_type`` column)."""
+    from vltrain.metrics.vqa import per_type_accuracy
+    typed = [r for r in records if "accuracy" in r and r.get("answer_type")]
+    per_type = per_type_accuracy(dict(enumerate(r["accuracy"] for r in typed)),
+                                 dict(enumerate(r["answer_type"] for r in typed)))
+    return {"accuracy_" + re.sub(r"[^0-9A-Za-z]", "_", t): acc for t, acc in sorted(per_type.items())}
+
+
 def evaluate_vqa(trainer, split: str) -> dict:
     """VQA accuracies (percent, see ``score_answer``) over ``split``, each question once across
     ranks."""
@@ -146,7 +163,8 @@ def evaluate_vqa(trainer, split: str) -> dict:
         recs = {}
         for i, sid in enumerate(batch.sample_id.tolist()):
             answer = module.answers[pred[i]]
-            rec = {"question_id": qids[i], "image_id": batch.task["image_id"][i], "answer": answer}
+            rec = {"question_id": qids[i], "image_id": batch.task["image_id"][i], "answer": answer,
+                   "answer_type": batch.task["answer_type"][i]}
             gt = batch.task["answers"][i]
             if gt:
                 rec.update(score_answer(answer, gt))
@@ -160,6 +178,7 @@ def evaluate_vqa(trainer, split: str) -> dict:
         for key in ("accuracy", "accuracy_normalized"):
             metrics[key] = 100.0 * sum(r[key] for r in scored) / len(scored)
         metrics["num_scored"] = float(len(scored))
+        metrics.update(answer_type_metrics(scored))
     submission = sorted(({"question_id": r["question_id"], "answer": r["answer"]} for r in preds.values()),
                         key=lambda r: r["question_id"])
     write_results(trainer, split, metrics, preds, counts, {SUBMISSION_FILE: submission})
