@@ -161,8 +161,10 @@ class Ratio(NamedTuple):
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> Ratio:
-    """Correct predictions over all of them, as a :class:`Ratio` of device scalars."""
-    return Ratio((pred == target).sum().float().detach(), torch.tensor(float(target.numel()), device=target.device))
+    """Correct predictions over all of them, as a :class:`Ratio` of device scalars (the count
+    filled on the device: a host value copied there would synchronise on a GPU)."""
+    correct = (pred == target).sum().float().detach()
+    return Ratio(correct, correct.new_full((), float(target.numel())))
 
 
 def _accumulate(sums: dict, counts: dict, key: str, value: Union[Number, Ratio]) -> None:
