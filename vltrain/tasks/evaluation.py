@@ -94,8 +94,8 @@ def metric_sums(batches: list, weights: list[int], keys: list[str], device) -> t
             m = metrics.get(k)
             if m is None:
                 continue
-            num, den = (m.num * w / max(len(ids), 1), m.den * w / max(len(ids), 1)) if isinstance(m, Ratio) \
-                else (m * w, w)
+            share = w / max(len(ids), 1)       # the batch's share of samples seen first
+            num, den = (m.num * share, m.den * share) if isinstance(m, Ratio) else (m * w, w)
             sums[i] += num
             sums[len(keys) + i] += den
     return sums
