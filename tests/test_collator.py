@@ -336,6 +336,51 @@ def test_whole_word_masking_masks_whole_words(tok):
     assert saw_long
 
 
+def test_bernoulli_sampling_is_vl_berts_rule(tok):
+    """objectives.mask_sampling=bernoulli (VL-BERT's random_word_wwm / random_mask_region):
+    each word and each region is a target with probability 0.15 on its own (no cap, some
+    captions and images have none), and a word's pieces are corrupted alike, 80/10/10 per word.
+    The same sample gets the same masks in another batch."""
+    obj = ObjectivesConfig(mask_sampling="bernoulli", whole_word_mask=True, mrc=True, max_pred=1)
+    samples = caps(1500, words=(2, 14), regions=(1, 30), captions=(1, 1))
+    col = make(tok, DataConfig(max_text_len=40), obj, vlbert=True)
+    got = rows(col(samples))
+    n_words = n_picked = n_all_mask = n_more_than_cap = no_target = 0
+    n_regions = n_mrc = no_region = 0
+    for s in samples:
+        _, ids, _, pos, lab, mrc = got[s["sample_id"]]
+        orig = list(ids)
+        for p, t in zip(pos, lab):
+            orig[p] = t
+        assert orig[1:-1] == tok.encode(s["captions"][0])          # nothing cut at 40
+        starts = tok.word_starts(orig[1:-1])
+        words = np.split(np.arange(1, len(orig) - 1), np.flatnonzero(starts)[1:])
+        for w in words:
+            hit = [int(p) in pos for p in w]
+            assert all(hit) or not any(hit), (w, pos)              # whole words
+            if all(hit):
+                masked = [ids[p] == MASK for p in w]
+                assert all(masked) or not any(masked), (w, ids)    # one choice per word
+                n_all_mask += all(masked)
+        n_words += len(words)
+        n_picked += sum(int(w[0]) in pos for w in words)
+        no_target += not pos
+        n_more_than_cap += len(pos) > 1
+        n_regions += len(s["features"])
+        n_mrc += len(mrc)
+        no_region += not mrc
+    assert _binom_ok(n_picked, n_words, 0.15) and _binom_ok(n_all_mask, n_picked, 0.8)
+    assert _binom_ok(n_mrc, n_regions, 0.15)
+    assert no_target > 100 and no_region > 100 and n_more_than_cap > 100     # max_pred unused
+    # Batch-independent, as the count rule: a different split of the same samples.
+    other = {}
+    for chunk in np.array_split(np.arange(200), [7, 50, 51]):
+        other.update(rows(col([samples[i] for i in chunk])))
+    assert all(other[k] == got[k] for k in other)
+    with pytest.raises(ConfigError, match="objectives.mask_sampling"):
+        load_config(None, ["objectives.mask_sampling=per_word"])
+
+
 def test_masked_regions_zeroed_exactly_where_targets_exist(tok):
     obj = ObjectivesConfig(mrc=True, mrc_prob=0.15, mrc_zero_prob=1.0)
     samples = caps(60, regions=(1, 30)) + texts(5)

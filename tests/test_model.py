@@ -641,6 +641,18 @@ def test_pretraining_gradients_finite_and_nonzero(kind):
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+def trained_on_an_image_batch(kind):
+    """(model in train mode with its gradients cleared, the image batch, the names of the
+    parameters that batch's pretraining losses gave gradients)."""
+    torch.manual_seed(0)
+    model = VLModel(debug_model_config(**KINDS[kind])).train()
+    image = pretrain_batch(model.config)
+    pretrain_losses(model, image, ObjectivesConfig(mrc=True))[0].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return model, image, with_grad
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     """Data-parallel ranks must produce gradients for the same parameters: a text-only
@@ -648,12 +660,7 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     failed ZeRO-2's first reduction (sizes differ). Its region parameters get exact zeros, and
     the loss and every other gradient are what they would be without them; VL-BERT's aux term
     of text-only rows and the text tokens' visual LayerNorm it passes get real gradients."""
-    torch.manual_seed(0)
-    model = VLModel(debug_model_config(**KINDS[kind])).train()
-    image = pretrain_batch(model.config)
-    pretrain_losses(model, image, ObjectivesConfig(mrc=True))[0].backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
+    model, image, with_grad = trained_on_an_image_batch(kind)
     text = Batch(sample_id=image.sample_id, input_ids=image.input_ids, token_type_ids=torch.zeros_like(image.input_ids),
                  attention_mask=image.attention_mask, mode=torch.zeros(4, dtype=torch.long),
                  mlm_positions=image.mlm_positions, mlm_labels=image.mlm_labels)
@@ -678,6 +685,23 @@ def test_text_only_batch_gives_the_image_batch_parameters_zero_gradients(kind):
     for n, p in model.named_parameters():
         if p.grad is not None and n not in region:
             assert torch.equal(p.grad, ref[n]), n
+
+
+@pytest.mark.parametrize("kind", ["vlp", "vlbert"])
+def test_a_micro_batch_without_targets_gives_every_head_zero_gradients(kind):
+    """objectives.mask_sampling=bernoulli can leave a micro-batch with no masked token and no
+    masked region while other ranks have some: the loss is 0 and the MLM and MRC heads still
+    get gradients (exact zeros), so that every rank reduces the same ones under ZeRO."""
+    model, image, want = trained_on_an_image_batch(kind)
+    empty = dataclasses.replace(image, mlm_positions=image.mlm_positions[:0], mlm_labels=image.mlm_labels[:0],
+                                mrc_positions=image.mrc_positions[:0], mrc_targets=image.mrc_targets[:0],
+                                region_ids=None)
+    loss, metrics = pretrain_losses(model, empty, ObjectivesConfig(mrc=True))
+    loss.backward()
+    assert loss == 0 and metrics.keys() == {"loss"}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert want <= grads.keys(), sorted(want - grads.keys())
+    assert all(g.abs().max() == 0 for g in grads.values())
 
 
 def test_separate_text_mlm_adds_the_means_of_text_and_image_text_rows():

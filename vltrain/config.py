@@ -109,6 +109,10 @@ class ObjectivesConfig:
     mlm: bool = True
     mlm_prob: float = 0.15
     max_pred: int = 20
+    # How MLM and MRC choose their targets: "count", VLP's rule (round(prob * n), at least one,
+    # at most max_pred tokens); "bernoulli", VL-BERT's code (each word / region on its own with
+    # the prob, no cap, possibly none, a word's pieces corrupted alike)
+    mask_sampling: Literal["count", "bernoulli"] = "count"
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
     whole_word_mask: bool = False

@@ -7,6 +7,7 @@ Every configuration trains the debug model on identical per-rank batches made by
 collator from in-memory samples, with the same seed; rank 0 writes per-step losses as JSON.
 Usage: python tests/workers/zero_parity.py OUT.json STEPS
 """
+import dataclasses
 import json
 import sys
 
@@ -53,19 +54,23 @@ def main(out: str, steps: int):
             decoded["plain"] = greedy_decode(plain.eval(), images, ids, max_len=6, min_len=2).tokens
 
     # VL-BERT (its recipes' sequence, whole-image region and [END]): rank 1's micro-batches
-    # alternate text-only / image, rank 0's are all images.
+    # alternate text-only / image, rank 0's are images, every third without a masked token or
+    # region (what objectives.mask_sampling=bernoulli can draw for a small micro-batch).
     vlbert = ["model.region_embedding=vlbert", "model.type_vocab_size=3", "model.image_token_type=2",
               "model.use_cls_probs=false", "model.geometry_conf=false", "model.vlbert_geometry_dim=64",
               "model.vlbert_image_box=true", "model.vlbert_end_token=true", "objectives.seq2seq_prob=0"]
     vcfg = load_config("configs/debug.yaml", vlbert)
-    vcoll = PretrainCollator(tok, vcfg.data, vcfg.objectives, vcfg.train.seed,
-                             [StreamInfo("mem", meta), StreamInfo("text", make_meta("text", None, None))], vlbert=True,
-                             image_box=True)
+    streams = [StreamInfo("mem", meta), StreamInfo("text", make_meta("text", None, None))]
+    vcoll = PretrainCollator(tok, vcfg.data, vcfg.objectives, vcfg.train.seed, streams, vlbert=True, image_box=True)
+    nothing = dataclasses.replace(vcfg.objectives, mask_sampling="bernoulli", mlm_prob=0.0, mrc_prob=0.0)
+    untargeted = PretrainCollator(tok, vcfg.data, nothing, vcfg.train.seed, streams, vlbert=True, image_box=True)
     texts = [dict(t, _stream=1) for t in make_text_samples(8 * steps, start_id=10 ** 6)]
 
     def vlbert_batch(step, micro, i):
         if info.rank == 1 and step % 2 == 0:
             return vcoll(texts[i:i + micro])
+        if info.rank == 0 and step % 3 == 1:
+            return untargeted(mine[i:i + micro])
         return vcoll(mine[i:i + micro])
 
     def run(stage: int, micro: int, accum: int, extra=(), make=None):

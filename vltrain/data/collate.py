@@ -14,7 +14,11 @@ this order: caption choice, mode, MLM positions, MLM corruption, masked regions)
     number of word-pieces of the (truncated) caption/text, *not* counting specials. Candidates
     are those word-pieces plus, for VLP-layout captions, the [STOP] token (as VLP/UniLM: the
     model must learn to predict the end). Chosen tokens: 80% [MASK], 10% random non-special token, 10% kept.
-  * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions are predicted;
+    ``objectives.mask_sampling=bernoulli`` (VL-BERT's code): each word (``whole_word_mask``) or
+    piece is chosen with probability ``mlm_prob``, no ``max_pred`` and possibly none, and the
+    80/10/10 choice is made once per word.
+  * MRC (``objectives.mrc``): ``max(1, round(mrc_prob * n_regions))`` regions are predicted
+    (``bernoulli``: each with probability ``mrc_prob``, possibly none);
     of them a share ``mrc_zero_prob`` (VL-BERT: 90%) have their features and class
     distributions zeroed in the input (the distribution is the target, so it must not leak
     through the VLP class-embedding term), the rest are left as they are (VL-BERT's 10%);
@@ -383,22 +387,25 @@ class PretrainCollator:
         ex = _Example(sid, ids, ttype, mode, np.zeros(0, np.int64), np.zeros(0, np.int64),
                       cut_text=len(words) < len(text_ids))
         if obj.mlm:
-            n_mask = masking.num_to_mask(len(words), obj.mlm_prob, obj.max_pred)
             ws = None
             if obj.whole_word_mask:
                 ws = np.array(self.tok.word_starts([int(i) for i in ids[cand]]), bool)
                 if kind == "captions" and not self.vlbert:
                     ws[-1] = True                                    # [STOP] is its own word
-            pos = masking.choose_mlm_positions(rng, cand, n_mask, ws)
+            if obj.mask_sampling == "bernoulli":
+                pos, words_of = masking.bernoulli_mlm_positions(rng, cand, obj.mlm_prob, ws)
+            else:
+                n_mask = masking.num_to_mask(len(words), obj.mlm_prob, obj.max_pred)
+                pos, words_of = masking.choose_mlm_positions(rng, cand, n_mask, ws), None
             ex.mlm_pos, ex.mlm_lab = pos, ids[pos].copy()
             masking.apply_mlm(rng, ids, pos, self.mask_id, self.random_pool,
-                              obj.mask_token_prob, obj.random_token_prob)
+                              obj.mask_token_prob, obj.random_token_prob, groups=words_of)
         if kind == "captions":
             ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = regions
             if self.vlbert and ex.image_feat is None and len(rest):
                 ex.rest_sum, ex.rest_n = rest.astype(np.float32).sum(0), len(rest)
             if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
-                ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob)
+                ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob, obj.mask_sampling)
                 ex.mrc_zero = rng.random(len(ex.mrc_pos)) < obj.mrc_zero_prob
         return ex
 

@@ -65,12 +65,37 @@ def choose_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, n_mas
     return np.sort(np.concatenate(chosen))
 
 
+def bernoulli_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, prob: float,
+                            word_start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """VL-BERT's rule (its ``random_word_wwm``): each word (``word_start`` given, as in
+    ``choose_mlm_positions``) or else each piece is picked with probability ``prob``, on its
+    own: no cap, and possibly none. Returns the sorted positions and, per position, the index
+    of its word, so that ``apply_mlm`` corrupts a word's pieces alike, as that code does."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if word_start is None:
+        word = np.arange(len(candidates), dtype=np.int64)
+    else:
+        starts = np.asarray(word_start, bool).copy()
+        starts[:1] = True                                # the first piece opens a word
+        word = np.cumsum(starts) - 1
+    picked = rng.random(int(word[-1]) + 1 if len(word) else 0) < prob
+    keep = picked[word]
+    return candidates[keep], word[keep]
+
+
 def apply_mlm(rng: np.random.Generator, ids: np.ndarray, positions: np.ndarray, mask_id: int,
-              random_pool: np.ndarray, mask_prob: float = 0.8, random_prob: float = 0.1) -> None:
-    """BERT corruption in place: each position -> [MASK] (p=0.8), random token (0.1), kept (0.1)."""
+              random_pool: np.ndarray, mask_prob: float = 0.8, random_prob: float = 0.1,
+              groups: np.ndarray | None = None) -> None:
+    """BERT corruption in place: each position -> [MASK] (p=0.8), random token (0.1), kept (0.1).
+    ``groups`` (a group index per position): the choice is drawn once per group and applies
+    to all its positions (VL-BERT's words); each random position still gets its own token."""
     if len(positions) == 0:
         return
-    u = rng.random(len(positions))
+    if groups is None:
+        u = rng.random(len(positions))
+    else:
+        _, group = np.unique(groups, return_inverse=True)
+        u = rng.random(int(group.max()) + 1)[group]
     rand_tok = random_pool[rng.integers(0, len(random_pool), size=len(positions))]
     to_mask = u < mask_prob
     to_rand = (u >= mask_prob) & (u < mask_prob + random_prob)
@@ -78,9 +103,13 @@ def apply_mlm(rng: np.random.Generator, ids: np.ndarray, positions: np.ndarray, 
     ids[positions[to_rand]] = rand_tok[to_rand]
 
 
-def choose_regions(rng: np.random.Generator, n_regions: int, prob: float) -> np.ndarray:
-    """Sorted region indices to mask: ``round(prob * n)`` of them, at least one if any exist."""
+def choose_regions(rng: np.random.Generator, n_regions: int, prob: float, sampling: str = "count") -> np.ndarray:
+    """Sorted region indices to mask: ``round(prob * n)`` of them, at least one if any exist
+    (``count``); or each with probability ``prob``, possibly none (``bernoulli``, VL-BERT's
+    ``random_mask_region``)."""
     if n_regions <= 0:
         return np.zeros(0, np.int64)
+    if sampling == "bernoulli":
+        return np.flatnonzero(rng.random(n_regions) < prob).astype(np.int64)
     k = min(n_regions, max(1, int(round(prob * n_regions))))
     return np.sort(rng.choice(n_regions, size=k, replace=False)).astype(np.int64)

@@ -86,6 +86,10 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
         loss, acc = mlm_loss(model, out.text_selected, batch, T, cfg.loss_reduction, cfg.separate_text_mlm)
         total = total + cfg.mlm_weight * loss
         metrics.update(loss_mlm=loss.detach(), mlm_acc=acc)
+    elif cfg.mlm:
+        # Nothing masked here (objectives.mask_sampling=bernoulli can pick no token in a small
+        # micro-batch) while other ranks have targets: the MLM head gets zero gradients too.
+        total = total + model.mlm_logits(out.text_selected[:0]).sum()
     if out.region_selected is not None and out.region_selected.shape[0]:
         N = batch.region_feats.shape[1]
         loss, acc = mrc_loss(model, out.region_selected, batch, N, cfg.loss_reduction)
