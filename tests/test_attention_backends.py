@@ -105,12 +105,10 @@ def test_triton_kernels_equal_eager_in_the_triton_interpreter():
     backend's own draw keeping 1 - p, and the same draw again where activation checkpointing
     recomputes the blocks; bounds that fall on block edges, and blocks no row sees left unread;
     and model.hidden_dropout_masks=packed's keep-bit kernel."""
-    import os
     import subprocess
     import sys
-    from tests.fixtures.corpus import REPO
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    p = subprocess.run([sys.executable, "-m", "tests.triton_attention_check"], cwd=REPO, env=env,
+    from tests.fixtures.corpus import REPO, script_env
+    p = subprocess.run([sys.executable, "-m", "tests.triton_attention_check"], cwd=REPO, env=script_env(TRITON_INTERPRET=1),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "triton attention: all 30 checks passed" in p.stdout

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.fixtures.corpus import REPO
+from tests.fixtures.corpus import REPO, script_env
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +17,8 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     md, js = d / "report.md", d / "raw.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     p = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--quick", "--threads", "1",
-                        "--out", str(md), "--json", str(js)], cwd=REPO, env=env, capture_output=True,
+                        "--out", str(md), "--json", str(js)], cwd=REPO, env=script_env(), capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p.stdout, md.read_text(), json.loads(js.read_text())
@@ -81,9 +80,8 @@ def test_pretrain_helps_quick_runs_every_fine_tuning_on_both_inits(tmp_path):
     """`benchmarks/pretrain_helps.py --quick`: pretraining then 2 tasks x 1 budget x 2 inits,
     all through the real engine on 2 ranks; the table has every row with finite scores."""
     out = tmp_path / "ph"
-    env = dict(os.environ, PYTHONPATH=REPO)
     p = subprocess.run([sys.executable, "benchmarks/pretrain_helps.py", "--quick", "--out", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                       cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     _, rows = table_rows(p.stdout, "task")
     assert [(r[0], r[2]) for r in rows] == [("caption", "4"), ("caption", "baseline"),
@@ -112,8 +110,8 @@ def test_pretrain_helps_quick_runs_every_fine_tuning_on_both_inits(tmp_path):
 
 
 def run_script(args, timeout=600, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env_extra or {}))
-    p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable] + args, cwd=REPO, env=script_env(**(env_extra or {})), capture_output=True,
+                       text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p.stdout
 

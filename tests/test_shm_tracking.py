@@ -16,6 +16,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import pytest
 
+from tests.fixtures.corpus import script_env
 from tests.fixtures.procs import alive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +40,7 @@ def test_a_ranks_workers_leave_the_leaders_shared_memory_alone(mode):
     leader = shared_memory.SharedMemory(name, create=True, size=16)
     leader.buf[:3] = bytes([7, 8, 9])
     try:
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-        p = subprocess.run([sys.executable, RANK, name, mode], cwd=REPO, env=env, capture_output=True,
+        p = subprocess.run([sys.executable, RANK, name, mode], cwd=REPO, env=script_env(), capture_output=True,
                            text=True, timeout=180)
         assert p.returncode == 0, p.stdout + p.stderr
         words = p.stdout.split()

@@ -9,14 +9,13 @@ caption scorers' Java) ends on USR1 as before. Without the shield the helpers di
 can fail.
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tests.fixtures.corpus import REPO
+from tests.fixtures.corpus import REPO, script_env
 
 SCRIPT = textwrap.dedent(r"""
     import json, os, signal, subprocess, sys, time
@@ -60,8 +59,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def run(mode: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    p = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=REPO, env=env, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=REPO, env=script_env(), capture_output=True, text=True,
                        timeout=300, start_new_session=True)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line, (p.returncode, p.stdout[-2000:], p.stderr[-4000:])

@@ -32,6 +32,7 @@ def _cfg(spec):
     cfg.model.region_feat_dim, cfg.model.num_region_classes = 8, 5
     cfg.objectives.mrc = True
     cfg.train.seed = 7
+    cfg.train.grad_accum = spec.get("grad_accum", 1)
     cfg.train.dist_timeout_s = spec.get("dist_timeout_s", 600.0)
     return cfg
 
@@ -165,6 +166,32 @@ def test_two_ranks_from_s3_partition_and_exact_resume(s3_caps, vocab_file, tmp_p
     solo = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c_solo"), state=state), world=1, local_world=1)
     seen = part[0]["epochs"][0]["ids"] + part[1]["epochs"][0]["ids"] + solo[0]["epochs"][0]["ids"]
     assert sorted(seen) == sorted(f"c{i}@0" for i in range(N_CAPS))
+
+
+def test_epochs_end_at_the_global_batch_on_any_world_size(vocab_file, tmp_path):
+    """44 samples, global batch 8: 2 ranks x 4 and 1 rank x 4 x grad_accum 2 both read 5
+    global batches an epoch, the same samples in each, also after a move from 2 ranks to 1 in
+    mid-epoch. (Left to each rank's drop_last, 2 ranks read 2 x 5 batches and 1 rank 11: its
+    6th step would mix two epochs and every step after it would differ from the 2-rank run's.)"""
+    caps = write_captions(str(tmp_path / "caps"), 44, size_limit=1 << 12)
+    base = {"train": caps, "vocab": vocab_file, "epochs": 2}
+
+    def steps(res, accum):
+        """The sample sets of the optimizer steps, as the trainer forms them: each rank's
+        micro-batches in order, across epochs, ``accum`` at a time."""
+        micro = [[ids[i:i + BATCH] for e in r["epochs"] for ids in [e["ids"]] for i in range(0, len(ids), BATCH)]
+                 for r in res]
+        return [sorted(sum((m[k] for m in micro for k in range(s * accum, (s + 1) * accum)), []))
+                for s in range(len(micro[0]) // accum)]
+    two = steps(run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c2"))), 1)
+    one = steps(run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c1"), grad_accum=2), world=1, local_world=1), 2)
+    assert len(two) == 10 and one == two
+    assert all(len({k.split("@")[1] for k in step}) == 1 for step in two)     # one epoch per step
+    part = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c3"), stop_after=2, epochs=1))
+    assert part[0]["state"]["sample_in_epoch"] == 16
+    moved = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c3"), grad_accum=2, state=part[0]["state"]),
+                      world=1, local_world=1)
+    assert steps(moved, 2) == two[2:]
 
 
 def test_text_mixing_on_two_emulated_nodes_one_host(s3_bucket, vocab_file, tmp_path):

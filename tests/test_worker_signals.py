@@ -24,18 +24,15 @@ import time
 
 import pytest
 
+from tests.fixtures.corpus import script_env
 from tests.fixtures.procs import alive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "worker_rank.py")
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-
-
 def _rank(mode, init, *extra, env=None):
-    return subprocess.run([sys.executable, SCRIPT, mode, init, *extra], cwd=REPO, env=env or _env(),
+    return subprocess.run([sys.executable, SCRIPT, mode, init, *extra], cwd=REPO, env=env or script_env(),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -67,7 +64,7 @@ def test_the_ranks_own_shutdown_still_ends_a_stuck_worker():
 
 
 def test_workers_come_from_a_forkserver_that_outlives_sigterm_and_follows_the_rank(tmp_path):
-    env = _env()
+    env = script_env()
     del env["OMP_NUM_THREADS"]       # a rank as srun starts it: BLAS/OpenMP pools of one thread per core
     p = _rank("epochs", "ours", str(tmp_path), env=env)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -79,7 +76,7 @@ def test_workers_come_from_a_forkserver_that_outlives_sigterm_and_follows_the_ra
 
 
 def test_the_workers_of_a_killed_rank_end():
-    rank = subprocess.Popen([sys.executable, SCRIPT, "rank_killed", "ours"], cwd=REPO, env=_env(),
+    rank = subprocess.Popen([sys.executable, SCRIPT, "rank_killed", "ours"], cwd=REPO, env=script_env(),
                             stdout=subprocess.PIPE, text=True)
     try:
         line = rank.stdout.readline().split()
@@ -144,5 +141,5 @@ def test_a_forked_process_and_a_dead_forkserver_get_a_new_one():
         assert run() == 7 and forkserver._forkserver._forkserver_pid != first
         print("OK", flush=True)
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout + p.stderr

@@ -90,17 +90,25 @@ class VLDataLoader(StreamingDataLoader):
 
     A batch's ``task[TRUNCATED_KEY]`` (samples whose text / regions the collator cut) stays in
     it for the trainer to count as it trains on the batch; the loader warns the first time.
+
+    ``global_batch`` (training: micro batch x world size x grad_accum): an epoch ends after its
+    last whole global batch, ``epoch_size // global_batch`` optimizer steps. The samples a rank
+    would still yield (each rank's share is padded, and ``drop_last`` keeps what fills its micro
+    batches) depend on the world size; ending at the global batch keeps every epoch's samples
+    and steps the same after a checkpoint moves to another world size, and no optimizer step
+    spans two epochs. 0: the whole pass (evaluation).
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
                  fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
-                 **kwargs):
+                 global_batch: int = 0, **kwargs):
         if kwargs.get("num_workers", 0) > 0 and "multiprocessing_context" not in kwargs:
             kwargs["multiprocessing_context"] = worker_context()    # why: vltrain/data/worker_signals.py
         super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
         self.collator = collator
         self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
         self.fixed_epoch = fixed_epoch
+        self.global_batch = int(global_batch)
         self.epoch = 0
         self.num_skipped = 0
         self.num_stand_ins = 0
@@ -134,6 +142,10 @@ class VLDataLoader(StreamingDataLoader):
         # batch stands in for each, yielded first in their place.
         waiting: list[list[str]] = []
         while True:
+            if self.global_batch and self.num_samples_yielded and self._in_epoch(self.num_samples_yielded) >= \
+                    self._epoch_end():
+                self._epoch_done = True    # the epoch's last whole global batch is out
+                return
             try:
                 with self.watchdog.waiting():
                     batch = next(it)
@@ -213,6 +225,17 @@ class VLDataLoader(StreamingDataLoader):
             return self._state(sum(n for n, _ in back), sum(k for _, k in back))
         return self._state(0, 0)
 
+    def _in_epoch(self, yielded: int) -> int:
+        """Samples of the current epoch consumed by all ranks once this rank has yielded ``yielded``."""
+        from streaming.base.world import World
+        n = yielded * World.detect().num_ranks
+        return self._offset + (n // self.dataset.replication if self.dataset.replication else n)
+
+    def _epoch_end(self) -> int:
+        """Where the epoch ends, in samples: after its last whole global batch (``global_batch``)."""
+        size = int(self.dataset.epoch_size)
+        return size // self.global_batch * self.global_batch if self.global_batch else size
+
     def _state(self, unyielded: int, unskipped: int) -> dict[str, Any]:
         if not self._started:
             if self._resume is not None:
@@ -221,13 +244,12 @@ class VLDataLoader(StreamingDataLoader):
             st = self.dataset.state_dict(0, False)
             st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped)
             return st
-        from streaming.base.world import World
-        n = (self.num_samples_yielded - unyielded) * World.detect().num_ranks
-        if self.dataset.replication:
-            n //= self.dataset.replication
-        st = self.dataset.state_dict(n, False)  # fills num_canonical_nodes, shuffle_seed, ...
-        done = max(self._offset + n, int(self.dataset.epoch_size)) if self._epoch_done else self._offset + n
-        st.update(epoch=self.epoch, sample_in_epoch=done)
+        at = self._in_epoch(self.num_samples_yielded - unyielded)
+        st = self.dataset.state_dict(at - self._offset, False)  # fills num_canonical_nodes, shuffle_seed, ...
+        # a finished epoch (its last global batch out: the next iter() yields nothing of it)
+        # resumes at the next one
+        done = self._epoch_done or at >= self._epoch_end()
+        st.update(epoch=self.epoch, sample_in_epoch=max(at, int(self.dataset.epoch_size)) if done else at)
         st["num_skipped"] = self.num_skipped - unskipped
         return st
 
@@ -235,6 +257,8 @@ class VLDataLoader(StreamingDataLoader):
         """Continue from ``obj`` at the next ``iter()`` (call on every rank, before iterating)."""
         obj = dict(obj)
         self.num_skipped = int(obj.pop("num_skipped", 0))
+        if obj.get("sample_in_epoch", 0) >= self._epoch_end():    # saved by an older version at the end
+            obj["sample_in_epoch"] = max(int(obj["sample_in_epoch"]), int(self.dataset.epoch_size))
         self._resume = obj
         self.dataset.load_state_dict(obj)
 
@@ -265,6 +289,7 @@ def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> P
 
 def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
             make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
+    from streaming.base.world import World
     prepare_streaming_once()
     try:
         ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
@@ -287,12 +312,14 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
                           generator=torch.Generator().manual_seed(cfg.train.seed),
                           # the bound a rank waits for its peers, also for a batch
                           wait_timeout_s=cfg.train.dist_timeout_s,
+                          global_batch=batch_size * World.detect().num_ranks * cfg.train.grad_accum if train else 0,
                           what=f"data.{split}={getattr(cfg.data, split)}")
     return loader, collator
 
 
 def build_train_loader(cfg, tokenizer, batch_size: int, make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
-    """Pretraining loader over ``data.train`` (+ ``data.text_train``), shuffled, ``drop_last``.
+    """Pretraining loader over ``data.train`` (+ ``data.text_train``), shuffled, epochs of whole
+    global batches (``batch_size`` x world size x ``train.grad_accum``).
 
     ``batch_size`` is the per-rank micro batch. Every rank must call it (collective when
     torch.distributed is initialised).

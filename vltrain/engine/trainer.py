@@ -193,8 +193,9 @@ class Trainer:
                 yield batch
             empty = 0 if n else empty + 1
             if empty >= 2:
-                raise DataError(f"data.train={self.cfg.data.train} yields no batch for this rank: the "
-                                "dataset is smaller than world_size x train.micro_batch_size")
+                raise DataError(f"data.train={self.cfg.data.train} yields no batch for this rank: an epoch "
+                                f"of it is smaller than one global batch ({self.loader.global_batch} samples: "
+                                "world size x train.micro_batch_size x train.grad_accum)")
 
     def train(self) -> int:
         """Run to ``train.max_steps`` or a stop signal; returns the process exit code."""
