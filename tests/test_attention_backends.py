@@ -108,8 +108,8 @@ def test_triton_kernels_equal_eager_in_the_triton_interpreter():
     import subprocess
     import sys
     from tests.fixtures.corpus import REPO, script_env
-    p = subprocess.run([sys.executable, "-m", "tests.triton_attention_check"], cwd=REPO, env=script_env(TRITON_INTERPRET=1),
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "tests.triton_attention_check"], cwd=REPO,
+                       env=script_env(TRITON_INTERPRET=1), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "triton attention: all 30 checks passed" in p.stdout
 

@@ -62,9 +62,14 @@ def test_saved_config_and_resume_diff_hold_no_credentials(tmp_path):
 
 def test_hparams_drop_token_keys_and_redact_urls():
     from vltrain.monitor import scrub_hparams
-    out = scrub_hparams({"data": {"train": AWS, "list": [AWS]}, "x": {"session_token": "T", "AWS_SESSION_TOKEN": "T"}})
+    out = scrub_hparams({"data": {"train": AWS, "list": [AWS]},
+                         "x": {"session_token": "T", "AWS_SESSION_TOKEN": "T", "tokens": ["T"]},
+                         "model": {"pad_token_id": 0, "vlbert_end_token": True, "mask_token_prob": 0.8}})
     assert out["data.train"] == "s3://***@bucket/x" and SECRET not in out["data.list"]
-    assert not any("token" in k.lower() for k in out)
+    assert not any(k.startswith("x.") for k in out)          # text under a secret-looking key
+    # a number or a flag is no secret: the model's token ids and switches stay in the record
+    assert {k: v for k, v in out.items() if k.startswith("model.")} == {
+        "model.pad_token_id": 0, "model.vlbert_end_token": True, "model.mask_token_prob": 0.8}
 
 
 def test_log_lines_and_tracebacks_are_redacted():

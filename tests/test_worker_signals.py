@@ -141,5 +141,6 @@ def test_a_forked_process_and_a_dead_forkserver_get_a_new_one():
         assert run() == 7 and forkserver._forkserver._forkserver_pid != first
         print("OK", flush=True)
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                       timeout=180)
     assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout + p.stderr

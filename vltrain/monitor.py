@@ -221,10 +221,12 @@ _SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|api_key|auth|priv
 
 
 def scrub_hparams(d: Mapping) -> dict:
-    """Flatten to dotted keys; drop secret-looking keys and strip user:password@ from URLs."""
+    """Flatten to dotted keys; drop text under secret-looking keys (a flag or a number there is
+    no secret: ``model.pad_token_id``, ``objectives.mask_token_prob``) and strip user:password@
+    from URLs."""
     out = {}
     for k, v in flatten(d).items():
-        if _SECRET_KEY.search(k.split(".")[-1]):
+        if isinstance(v, (str, list, tuple)) and _SECRET_KEY.search(k.split(".")[-1]):
             continue
         if isinstance(v, str):
             v = redact(v)
@@ -303,6 +305,15 @@ class Monitor:
     @property
     def writer(self):
         return self._writer("")
+
+    def start_over(self):
+        """A training run starting at step 0 where an earlier one may have logged (the same
+        run_name without resuming, or a crash before its first checkpoint): its events are
+        purged, as its checkpoints are replaced, so that no curve shows two runs. Call before
+        the first log."""
+        if self._writers:
+            raise RuntimeError("Monitor.start_over() must be called before anything is logged")
+        self._purge = {"": 0, "by_samples": 0}
 
     def resume_at(self, step: int, samples_seen: int = 0, pending: Optional[dict] = None):
         """Continue a run from a checkpoint taken after ``step`` optimizer steps and
@@ -523,21 +534,25 @@ class Monitor:
             w.flush()
 
     def log_hparams(self, config: Mapping, ds_config: Optional[Mapping] = None,
-                    metric_tags: Iterable[str] = ("train/loss", "val/loss")):
-        """The run's hyper-parameters: the HParams dashboard and a text table (no env variables)."""
+                    metric_tags: Iterable[str] = ("train/loss", "val/loss"), step: int = 0):
+        """The run's hyper-parameters (no env variables): at step 0 the HParams dashboard's
+        record, with ``metric_tags`` as its columns, and a text table; at a resume (``step`` >
+        0) the table only, at that step (the run keeps its one HParams record; the table
+        shows the settings it continued with)."""
         w = self.writer
         if w is None:
             return
         hp = scrub_hparams(config)
         if ds_config is not None:
             hp.update(scrub_hparams({"ds": ds_config}))
-        from torch.utils.tensorboard.summary import hparams
-        exp, ssi, sei = hparams(hp, {t: 0.0 for t in metric_tags})   # values unused: names only
-        fw = w._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
+        if step == 0:
+            from torch.utils.tensorboard.summary import hparams
+            exp, ssi, sei = hparams(hp, {t: 0.0 for t in metric_tags})   # values unused: names only
+            fw = w._get_file_writer()
+            for s in (exp, ssi, sei):
+                fw.add_summary(s)
         table = "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in hp.items())
-        w.add_text("hparams", table, 0)
+        w.add_text("hparams", table, step)
         w.flush()
 
     def close(self):

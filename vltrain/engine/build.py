@@ -231,14 +231,14 @@ def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
 
 def warn_fresh_start_over_checkpoints(run_dir: str) -> Optional[str]:
     """A run that does not resume, in a folder that already holds one's checkpoints: say so
-    (its checkpoints will overwrite theirs and its TensorBoard events join theirs)."""
+    (its checkpoints will overwrite theirs, and its TensorBoard events hide theirs)."""
     save_dir = os.path.join(run_dir, "checkpoints")
     prev = ckpt.find_resume_point(save_dir) if os.path.isdir(save_dir) else None
     if prev is None:
         return None
     msg = (f"{run_dir} already holds a run's checkpoints (up to step {prev.info.get('step')}, {prev.path}); "
-           "this run starts from step 0 and its checkpoints will replace them. To continue that run "
-           "instead, add train.resume=auto; to keep both, use another run_name")
+           "this run starts from step 0 and its checkpoints and TensorBoard curves will replace them. To continue "
+           "that run instead, add train.resume=auto; to keep both, use another run_name")
     log.warning("%s", msg)
     return msg
 
@@ -418,4 +418,6 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         trainer.created_run_dir = info.is_main and not existed
         if found is not None:
             trainer.resume_from(found)
+        elif cfg.mode == "train":
+            monitor.start_over()
     return trainer

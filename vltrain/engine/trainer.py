@@ -103,7 +103,8 @@ class Trainer:
             self._saved_step = self.step
         # What a stop signal's save must fit in: Slurm's GraceTime / KillWait (README).
         took = self._last_save_time - start
-        self.monitor.log_scalar("perf/checkpoint_save_s", took, self.step)
+        self.monitor.log_scalar("perf/best_save_s" if tag == ckpt.BEST_TAG else "perf/checkpoint_save_s", took,
+                                self.step)
         if self.info.is_main:
             log.info("saved checkpoint %s (step %d) in %.1f s", path, self.step, took)
         return path
@@ -210,8 +211,9 @@ class Trainer:
         phase = self.profiler.phase
         if self.info.is_main:         # the run folder: made by build_training (make_run_dir)
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.monitor.log_hparams(config_to_dict(self.cfg), self.ds_config)
-        self.monitor.reset_timer()
+        best = self.spec.best_metric if self.spec is not None else "loss"
+        self.monitor.log_hparams(config_to_dict(self.cfg), self.ds_config,
+                                 metric_tags=dict.fromkeys(("train/loss", "val/loss", f"val/{best}")), step=self.step)
         batches = self._batches()
         save_due = False
         micro = MicroBatches()
@@ -221,6 +223,11 @@ class Trainer:
             if code is not None:
                 return code
         self._val_pending = False         # (or validation is off in this run)
+        if self.step < cfg.max_steps and self._next is None:
+            # The first batch (the workers' start-up, seconds) before the clock starts: else the
+            # first interval of every start and requeue reads as a data-bound one.
+            self._next = self._fetch(batches)
+        self.monitor.reset_timer()
         while self.step < cfg.max_steps:
             with phase("forward"):
                 batch = (self._next if self._next is not None else self._fetch(batches)).get()
@@ -264,6 +271,8 @@ class Trainer:
             self.nonfinite_in_row = 0
             with phase("backward"):
                 self.engine.backward(loss)
+            if boundary:
+                lr = self.engine.get_lr()[0]     # this update's (engine.step advances the schedule)
             with phase("step"):
                 self.engine.step()
             if not stand_in:
@@ -284,7 +293,7 @@ class Trainer:
                     instant = self._data_counters()
                 self.monitor.step_end(
                     self.step, micro.means(), samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
-                    lr=self.engine.get_lr()[0], grad_norm=self.engine.get_global_grad_norm(),
+                    lr=lr, grad_norm=self.engine.get_global_grad_norm(),
                     loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
                     instant=instant)
             micro = MicroBatches()
@@ -384,7 +393,6 @@ class Trainer:
         else:
             result = self.mean_metrics(self.val_loader)
         self.monitor.log_val(self.step, result)
-        self.monitor.reset_timer()
         name = self.spec.best_metric if self.spec is not None else "loss"
         higher = self.spec.higher_is_better if self.spec is not None else False
         metric = result.get(name)
@@ -393,6 +401,7 @@ class Trainer:
             if better:
                 self.best_metric = metric
                 self.save(ckpt.BEST_TAG)
+        self.monitor.reset_timer()      # neither the pass nor a best/ save is training time
         return result
 
     def eval_loader(self, split: str):
