@@ -236,13 +236,24 @@ def _index_last_writer():
         leaves an index that names a missing shard, a dataset that looks complete. Here every
         shard upload has finished, and none failed, before the index is written."""
 
+        def _upload_failed(self) -> RuntimeError:
+            return RuntimeError(f"uploading a shard to {self.remote} failed (see the error above); "
+                                "index.json not written, so the dataset is not marked complete")
+
+        def write(self, sample) -> None:
+            # An upload that fails while samples are still being written (a slow writer, a
+            # quick failure): streaming's own check says only "One of the threads failed".
+            if self.remote and self.event.is_set():
+                self.cancel_future_jobs()
+                raise self._upload_failed()
+            super().write(sample)
+
         def _write_index(self) -> None:
             if self.remote:
                 from concurrent.futures import ThreadPoolExecutor
                 self.executor.shutdown(wait=True)
                 if self.event.is_set():
-                    raise RuntimeError(f"uploading a shard to {self.remote} failed (see the error above); "
-                                       "index.json not written, so the dataset is not marked complete")
+                    raise self._upload_failed()
                 self.executor = ThreadPoolExecutor(max_workers=1)     # for the index itself
             super()._write_index()
     return IndexLastWriter

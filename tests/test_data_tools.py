@@ -669,10 +669,13 @@ def test_synthetic_to_s3_and_inspect(s3_bucket, tmp_path, capsys):
     assert S3_SECRET_SENTINEL not in r.stdout + r.stderr
 
 
-def test_a_failed_shard_upload_leaves_no_index(s3_bucket, tmp_path, monkeypatch, capsys):
-    """Every shard upload but the first fails after a second (a dropped connection): the
-    converter fails and the prefix has no index.json. streaming's own writer uploaded the index
-    as soon as the last shard's upload had started, so the index named shards never written."""
+@pytest.mark.parametrize("delay,docs", [(1.0, 12), (0.0, 200)], ids=["after_writing", "while_writing"])
+def test_a_failed_shard_upload_leaves_no_index(s3_bucket, tmp_path, monkeypatch, capsys, delay, docs):
+    """Every shard upload but the first fails (a dropped connection), after a second (noticed
+    once the samples are written, on a quiet machine) or at once (noticed while they are still
+    being written): the converter fails, saying so, and the prefix has no index.json.
+    streaming's own writer uploaded the index as soon as the last shard's upload had started,
+    so the index named shards never written."""
     import time
     from streaming.base.storage.upload import S3Uploader
     from data_tools.common import remote_has_index
@@ -680,19 +683,19 @@ def test_a_failed_shard_upload_leaves_no_index(s3_bucket, tmp_path, monkeypatch,
 
     def flaky(self, filename):
         if filename.startswith("shard.") and not filename.startswith("shard.00000."):
-            time.sleep(1.0)
+            time.sleep(delay)
             raise ConnectionResetError(f"upload of {filename} cut")
         return real(self, filename)
     monkeypatch.setattr(S3Uploader, "upload_file", flaky)
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(f"document number {i} " + "word " * 40 for i in range(12)) + "\n")
+    corpus.write_text("\n\n".join(f"document number {i} " + "word " * 40 for i in range(docs)) + "\n")
     url = f"s3://{s3_bucket}/flaky"
     assert convert_text.main(["--input", str(corpus), "--out", url, "--size-limit", "600"]) == 1
     assert not remote_has_index(url)
     assert "index.json not written" in capsys.readouterr().err      # the traceback, on stderr
     monkeypatch.setattr(S3Uploader, "upload_file", real)         # the same run, uploads working
     assert convert_text.main(["--input", str(corpus), "--out", url, "--size-limit", "600"]) == 0
-    assert remote_has_index(url) and len(read_mds(tmp_path / "cache", remote=url)) == 12
+    assert remote_has_index(url) and len(read_mds(tmp_path / "cache", remote=url)) == docs
 
 
 def test_a_missing_bucket_is_an_error_not_a_traceback(s3_endpoint, tmp_path, capsys):
