@@ -293,6 +293,35 @@ def test_validate_hash_auto_checks_what_the_index_records(tmp_path):
     assert hash_to_validate("sha1", index["n"], without) == "sha1"          # explicit: required as given
 
 
+def test_a_storage_blip_is_retried(s3_bucket, tmp_path, vocab_file, monkeypatch):
+    """Two failed downloads of a shard in a row (a connection reset by the storage): with the
+    default data.download_retry the shard is fetched on the third attempt and the epoch is
+    whole; with data.download_retry=1 (streaming's default lost jobs so) the run stops naming
+    the shard."""
+    from streaming.base.storage.download import S3Downloader
+    from vltrain.config import Config, ConfigError, load_config
+    from vltrain.data.errors import ShardError
+    assert Config().data.download_retry == 6
+    with pytest.raises(ConfigError, match="data.download_retry"):
+        load_config(None, ["data.download_retry=-1"])
+    remote = write_captions(f"s3://{s3_bucket}/blip", 8, size_limit=1 << 12)
+    real = S3Downloader._download_file_impl
+    failed = []
+
+    def blip(self, url, local, timeout):
+        if ".mds" in url and len(failed) < 2:
+            failed.append(url)
+            raise ConnectionResetError(f"{url}: connection reset by peer")
+        return real(self, url, local, timeout)
+    monkeypatch.setattr(S3Downloader, "_download_file_impl", blip)
+    assert sum(b.batch_size for b in _single_loader(remote, tmp_path, vocab_file, run_name="r6")) == 8
+    assert len(failed) == 2 and failed[0] == failed[1]
+    failed.clear()
+    with pytest.raises(ShardError, match=r"shard\.0000.*could not be downloaded"):
+        for _ in _single_loader(remote, tmp_path, vocab_file, run_name="r1", download_retry=1):
+            pass
+
+
 def test_truncated_shard_names_the_shard(tmp_path, vocab_file):
     from vltrain.data.errors import ShardError
     ds = write_captions(str(tmp_path / "ds"), 24, size_limit=1 << 12)

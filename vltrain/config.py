@@ -98,6 +98,9 @@ class DataConfig:
     image_feature: Literal["stored", "regions_mean"] = "stored"
     validate_hash: str = "auto"              # auto (xxh64 where the index records it) | "" | xxh64 | sha1 | ...
     download_timeout: float = 60.0           # seconds per shard download
+    # re-attempts of a failed shard download, after 1, 2, 4, ... s (streaming's backoff): 6 rides
+    # out ~30 s of storage outage, where streaming's 2 lost the job to a 2-second one
+    download_retry: int = 6
     cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)
     num_canonical_nodes: int = 0             # streaming's shuffle/partition unit; 0 = #nodes of
                                              # the first run (keep it fixed to resume elsewhere)
@@ -372,6 +375,8 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
                           f"tokens, a word and a region beside them), got {cfg.data.max_sequence}")
     if not 0.0 <= cfg.objectives.mrc_zero_prob <= 1.0:
         raise ConfigError(f"config key 'objectives.mrc_zero_prob': a share in [0, 1], got {cfg.objectives.mrc_zero_prob}")
+    if cfg.data.download_retry < 0:
+        raise ConfigError(f"config key 'data.download_retry': 0 (no retry) or more, got {cfg.data.download_retry}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers': 0 (load in the training process) or more, "
                           f"got {cfg.data.num_workers}")

@@ -524,7 +524,7 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
                               validate_hash=hash_to_validate(d.validate_hash, index, remote)))
     kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
-              download_timeout=float(d.download_timeout))
+              download_timeout=float(d.download_timeout), download_retry=int(d.download_retry))
     if d.cache_limit:
         kw["cache_limit"] = d.cache_limit
     if d.num_canonical_nodes > 0:
