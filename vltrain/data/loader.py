@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 from typing import Any, Optional
 
@@ -225,10 +226,15 @@ class VLDataLoader(StreamingDataLoader):
             return self._state(sum(n for n, _ in back), sum(k for _, k in back))
         return self._state(0, 0)
 
+    @functools.cached_property
+    def _num_ranks(self) -> int:
+        """Read once: ``_in_epoch`` runs for every batch."""
+        from streaming.base.world import World
+        return World.detect().num_ranks
+
     def _in_epoch(self, yielded: int) -> int:
         """Samples of the current epoch consumed by all ranks once this rank has yielded ``yielded``."""
-        from streaming.base.world import World
-        n = yielded * World.detect().num_ranks
+        n = yielded * self._num_ranks
         return self._offset + (n // self.dataset.replication if self.dataset.replication else n)
 
     def _epoch_end(self) -> int:
