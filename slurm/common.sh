@@ -17,6 +17,8 @@
 #        75 (and no real error)   -> the ranks checkpointed on SIGUSR1: `scontrol requeue`
 #                                    (at most MAX_REQUEUES times, counted by SLURM_RESTART_COUNT);
 #                                    the requeued job resumes from `latest` (train.resume=auto)
+#        69 (beside 0/1/75/killed) -> the object store did not answer: requeued the same way, at
+#                                    most STORAGE_REQUEUES times in a row without a new checkpoint
 #        anything else            -> a real failure: exit with that code (FAILED, not requeued)
 #
 # Variables (export them before sbatch, or `sbatch --export=ALL,CONFIG=...`):
@@ -31,6 +33,7 @@
 #   INIT_FROM       -> train.init_from
 #   EXTRA           more key=value overrides, space-separated (positional args come last and win)
 #   MAX_REQUEUES    requeue cap (default 20)
+#   STORAGE_REQUEUES  requeues after storage failures in a row, no checkpoint between (default 3)
 #   PYTHON          interpreter of the shared venv (default: `python` on PATH)
 #   CPUS_PER_TASK   CPUs per rank (default: sbatch --cpus-per-task, else the smallest node's
 #                   CPUs / tasks per node)
@@ -60,6 +63,7 @@
 
 VLTRAIN_EXIT_PREEMPTED=75   # vltrain/engine/signals.py EXIT_PREEMPTED
 VLTRAIN_EXIT_BAD_INPUT=2
+VLTRAIN_EXIT_STORAGE=69     # vltrain/run.py EXIT_STORAGE
 
 vltrain_log() {
     echo "[vltrain-slurm $(date '+%F %T')] job=${SLURM_JOB_ID:--} restart=${SLURM_RESTART_COUNT:-0}: $*"
@@ -254,6 +258,35 @@ vltrain_task() {
     exit "$rc"
 }
 
+# The object store did not answer (a rank exited 69; a peer that lost it may exit 1). A store
+# that is down now may be up in minutes: requeue as for a preemption, but at most
+# STORAGE_REQUEUES times in a row without a new checkpoint between (counted in the run's
+# logs folder, per job), so a store that stays down, or an endpoint typed wrong, fails the
+# job. Slurm starts a requeued job no sooner than about 2 min later (its credential delay):
+# the pause between tries. $1 run dir, $2 log dir, $3 restart count, $4 1 if Slurm sent TERM.
+# Returns only after a requeue.
+vltrain_requeue_on_storage() {
+    local max="${STORAGE_REQUEUES:-3}" state="$2/.storage_requeues.$SLURM_JOB_ID"
+    local latest count=0 seen=""
+    latest="$(cat "$1/checkpoints/latest" 2>/dev/null)"
+    latest="${latest:--}"
+    [[ -f "$state" ]] && read -r count seen <"$state"
+    [[ "$seen" == "$latest" ]] || count=0      # a checkpoint since the last try: count afresh
+    count=$((count + 1))
+    vltrain_rank_errors "$2" "$SLURM_JOB_ID" >&2
+    if (($4)); then
+        vltrain_fail "$VLTRAIN_EXIT_STORAGE" "the object store did not answer, and Slurm is ending the job (cancel / time limit): not requeueing; resubmit to resume"
+    fi
+    if ((count > max)) || (($3 >= ${MAX_REQUEUES:-20})); then
+        rm -f "$state"
+        vltrain_fail "$VLTRAIN_EXIT_STORAGE" "the object store did not answer in $count runs in a row without a new checkpoint (STORAGE_REQUEUES=$max, MAX_REQUEUES=${MAX_REQUEUES:-20}, requeued $3 times): not requeueing; check the store and S3_ENDPOINT_URL, then resubmit to resume"
+    fi
+    echo "$count $latest" >"$state"
+    vltrain_log "the object store did not answer (exit $VLTRAIN_EXIT_STORAGE): requeueing (storage try $count of at most $max in a row); the next run resumes from latest"
+    scontrol requeue "$(vltrain_job_ref)" \
+        || vltrain_fail "$VLTRAIN_EXIT_STORAGE" "scontrol requeue $(vltrain_job_ref) failed; resubmit to resume"
+}
+
 # ------------------------------------------------------------------------------ batch script
 vltrain_main() {
     # USR1 to this shell (--signal=B:USR1@T) before the ranks exist would end the job (bash's
@@ -403,13 +436,17 @@ PY
     rc=$vltrain_rc
     trap - USR1 TERM
 
-    local f code codes="" preempted=0 failed_code=""
+    local f code codes="" preempted=0 storage=0 ones=0 failed_code=""
     for f in "$exit_dir"/*; do
         [[ -f "$f" ]] || continue
         code="$(tr -dc '0-9' <"$f")"
         codes+=" rank${f##*/}=$code"
         if [[ "$code" == "$VLTRAIN_EXIT_PREEMPTED" ]]; then
             preempted=1
+        elif [[ "$code" == "$VLTRAIN_EXIT_STORAGE" ]]; then
+            storage=1
+        elif [[ "$code" == 1 ]]; then
+            ones=1      # an error, or a rank that lost its peer (after a 69: collateral)
         elif [[ -n "$code" && "$code" -ne 0 && "$code" -lt 128 && -z "$failed_code" ]]; then
             failed_code=$code   # a real error (killed-by-signal codes >=128 are srun's collateral)
         fi
@@ -419,9 +456,15 @@ PY
     vltrain_log "srun exited with $rc; ranks:${codes:- none reported}"
 
     if ((rc == 0)); then
+        rm -f "$log_dir/.storage_requeues.$SLURM_JOB_ID"
         vltrain_log "finished"
         return 0
     fi
+    if ((storage)) && [[ -z "$failed_code" ]]; then
+        vltrain_requeue_on_storage "$run_dir" "$log_dir" "$restart" "$got_term"
+        return 0
+    fi
+    ((ones)) && [[ -z "$failed_code" ]] && failed_code=1
     if ((preempted)) && [[ -z "$failed_code" ]]; then
         # 75 means every rank passed the checkpoint commit, whatever srun then did to the others.
         if ((got_term)); then

@@ -12,6 +12,9 @@
   failures  a bad config key (caught before the ranks start) and a missing dataset (inside the
             ranks, through srun --kill-on-bad-exit): FAILED with the message in the log, never
             requeued
+  storage   the object store down at the start (connection refused): the ranks exit 69 and the
+            job is requeued; back up, the requeued run completes; down for good, the job fails
+            after STORAGE_REQUEUES requeues in a row
 
 The ranks choose DeepSpeed's CPU accelerator by themselves (no DS_ACCELERATOR in the job's
 environment, no nvidia-smi on the nodes).
@@ -27,7 +30,7 @@ import time
 import pytest
 
 from tests.fixtures.corpus import REPO
-from tests.fixtures.s3 import S3_SECRET_SENTINEL
+from tests.fixtures.s3 import S3_SECRET_SENTINEL, moto_server
 from tests.fixtures.slurm import wait_for
 from vltrain.engine.distributed import free_port
 
@@ -121,9 +124,9 @@ def _assert_no_secret(*roots):
     assert not hits, f"the S3 secret was written to {hits}"
 
 
-def _upload(local, bucket, prefix):
+def _upload(local, bucket, prefix, endpoint=None):
     import boto3
-    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    s3 = boto3.client("s3", endpoint_url=endpoint or os.environ["S3_ENDPOINT_URL"])
     for path in glob.glob(os.path.join(local, "**", "*"), recursive=True):
         if os.path.isfile(path):
             s3.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local)}")
@@ -367,4 +370,46 @@ def test_real_failures_end_failed_and_are_not_requeued(slurm_cluster, s3_corpus,
     for job in (bad_key, no_data):
         info = slurm_cluster.job(job.id)
         assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    _assert_no_secret(str(tmp_path))
+
+
+def test_a_storage_outage_is_requeued_a_bounded_number_of_times(slurm_cluster, s3_endpoint, synthetic_corpus,
+                                                                 tmp_path):
+    base = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0"]
+    steps = 6
+    overrides = [f"train.max_steps={steps}", "data.val=", "train.dist_timeout_s=60", "data.download_retry=1"]
+    data = "s3://vlt-outage/captions/pretrain"
+    later, never = free_port(), free_port()      # nothing listens on either yet
+    back = Job(slurm_cluster, tmp_path, "back", base, overrides,
+               {"S3_ENDPOINT_URL": f"http://127.0.0.1:{later}", "DATA_REMOTE": data})
+    down = Job(slurm_cluster, tmp_path, "down", base, overrides,
+               {"S3_ENDPOINT_URL": f"http://127.0.0.1:{never}", "DATA_REMOTE": data, "STORAGE_REQUEUES": "1"})
+    for job in (back, down):
+        try:
+            _wait_for(lambda: "requeueing" in job.batch_log, JOB_TIMEOUT, "the batch script to requeue the job")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{job.logs()}") from None
+        assert re.search(r"restart=0: srun exited with \d+; ranks: rank0=69", job.batch_log), job.logs()
+        assert "the object store did not answer (exit 69): requeueing (storage try 1 of at most " \
+               f"{1 if job is down else 3} in a row)" in job.batch_log, job.logs()
+        port = later if job is back else never
+        assert re.search(rf"rank=0 ERROR vltrain\.run: StorageUnavailable: data\.train: dataset {data}: cannot read "
+                         rf"vltrain_meta\.json: S3 endpoint http://127\.0\.0\.1:{port} did not answer",
+                         job.rank_log(0)), job.logs()
+    with moto_server(later) as endpoint:          # the store is back, with the dataset
+        import boto3
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="vlt-outage")
+        _upload(os.path.join(synthetic_corpus, "captions", "pretrain"), "vlt-outage", "captions/pretrain", endpoint)
+        for job in (back, down):
+            job.start_requeued()
+        info = back.wait({"COMPLETED"})
+        assert info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, back.logs())
+    assert f"step {steps}/{steps}" in back.rank_log(0) and "restart=1: finished" in back.batch_log, back.logs()
+    assert not glob.glob(os.path.join(back.run_dir, "logs", ".storage_requeues.*"))
+
+    info = down.wait({"FAILED"})                 # its store never came back: once requeued, then failed
+    assert info["ExitCode"] == "69:0" and info["Restarts"] == "1", (info, down.logs())
+    assert "the object store did not answer in 2 runs in a row without a new checkpoint (STORAGE_REQUEUES=1" \
+           in down.batch_log, down.logs()
+    assert f"StorageUnavailable: data.train: dataset {data}" in down.batch_log     # the ranks' error, copied up
     _assert_no_secret(str(tmp_path))

@@ -7,9 +7,11 @@ streaming's shared-memory coordination and the real loader + collator with a Dat
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 
 import numpy as np
@@ -263,6 +265,12 @@ def _shards(folder):
     return sorted(f for f in os.listdir(folder) if f.startswith("shard."))
 
 
+def _shards_of(remote):
+    """The shard files an index lists (a folder's or an s3:// prefix's)."""
+    from vltrain.data.datasets import _read_text
+    return [s["raw_data"]["basename"] for s in json.loads(_read_text(remote, "index.json", 30))["shards"]]
+
+
 def test_hash_mismatch_names_the_shard(tmp_path, vocab_file):
     from vltrain.data.errors import ShardError
     ds = write_captions(str(tmp_path / "ds"), 24, hashes=["xxh64"], size_limit=1 << 12)
@@ -300,26 +308,84 @@ def test_a_storage_blip_is_retried(s3_bucket, tmp_path, vocab_file, monkeypatch)
     the shard."""
     from streaming.base.storage.download import S3Downloader
     from vltrain.config import Config, ConfigError, load_config
-    from vltrain.data.errors import ShardError
+    from vltrain.data.errors import ShardError, StorageUnavailable
     assert Config().data.download_retry == 6
     with pytest.raises(ConfigError, match="data.download_retry"):
         load_config(None, ["data.download_retry=-1"])
     remote = write_captions(f"s3://{s3_bucket}/blip", 8, size_limit=1 << 12)
     real = S3Downloader._download_file_impl
-    failed = []
+    failed = collections.Counter()
 
-    def blip(self, url, local, timeout):
-        if ".mds" in url and len(failed) < 2:
-            failed.append(url)
+    def blip(self, url, local, timeout):    # every shard's first two downloads are reset
+        if ".mds" in url and failed[url] < 2:
+            failed[url] += 1
             raise ConnectionResetError(f"{url}: connection reset by peer")
         return real(self, url, local, timeout)
     monkeypatch.setattr(S3Downloader, "_download_file_impl", blip)
     assert sum(b.batch_size for b in _single_loader(remote, tmp_path, vocab_file, run_name="r6")) == 8
-    assert len(failed) == 2 and failed[0] == failed[1]
+    assert len(failed) == len(_shards_of(remote)) > 1 and set(failed.values()) == {2}, failed
     failed.clear()
-    with pytest.raises(ShardError, match=r"shard\.0000.*could not be downloaded"):
+    # A store that does not answer is its own error (run.py exits 69; the Slurm templates
+    # requeue), naming the shard, the endpoint and the tries.
+    endpoint = os.environ["S3_ENDPOINT_URL"]
+    with pytest.raises(StorageUnavailable, match=rf"shard\.0000.* could not be downloaded: S3 endpoint "
+                                                 rf"{re.escape(endpoint)} did not answer in 1 tries"):
         for _ in _single_loader(remote, tmp_path, vocab_file, run_name="r1", download_retry=1):
             pass
+    assert not issubclass(StorageUnavailable, ShardError)     # not a shard's fault
+
+
+def test_refused_credentials_mid_run_are_named(s3_bucket, tmp_path, vocab_file, monkeypatch):
+    """A 403 on a shard (a session token that expired mid-run): streaming words it "not found";
+    the error says the credentials were refused, and it is no outage (not requeued)."""
+    from botocore.awsrequest import AWSResponse
+    from streaming.base.storage.download import S3Downloader
+    from vltrain.data.errors import ShardError, StorageUnavailable
+    remote = write_captions(f"s3://{s3_bucket}/denied", 8, size_limit=1 << 12)
+    real = S3Downloader._create_s3_client
+
+    class Body:
+        def __init__(self, method):
+            self.text = b"" if method == "HEAD" else b"<Error><Code>AccessDenied</Code></Error>"
+
+        def stream(self, **kw):
+            yield self.text
+
+    def refused(request, **kw):       # S3's answer to every shard request from now on
+        return AWSResponse(request.url, 403, {}, Body(request.method)) if ".mds" in request.url else None
+
+    def client_with_expired_token(self, *a, **kw):
+        real(self, *a, **kw)
+        self._s3_client.meta.events.register_first("before-send.s3", refused)
+    monkeypatch.setattr(S3Downloader, "_create_s3_client", client_with_expired_token)
+    with pytest.raises(ShardError) as e:
+        for _ in _single_loader(remote, tmp_path, vocab_file, download_retry=1):
+            pass
+    assert not isinstance(e.value, StorageUnavailable)
+    assert re.search(r"shard\.0000.*not found.*; the store refused these credentials \(HTTP 403", str(e.value)), e.value
+
+
+def test_an_unreadable_cached_shard_is_dropped(tmp_path, vocab_file):
+    """A shard of the right size that cannot be read (corrupt, no hash to catch it at download):
+    the error names it and the cached copy goes, so the next run on this cache reads the
+    repaired source instead of failing the same way forever."""
+    from vltrain.data.errors import ShardError
+    ds = write_captions(str(tmp_path / "ds"), 24, size_limit=1 << 12)
+    bad = _shards(ds)[1]
+    path = tmp_path / "ds" / bad
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[8:12] = data[12:16]                          # the second sample's start = its end: empty
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"shard {bad}: cannot read sample \d+ .*its cached copy was removed, "
+                                         r"so a rerun downloads it again"):
+        for _ in _single_loader(ds, tmp_path, vocab_file, validate_hash="", shuffle=False):
+            pass
+    (cache,) = (tmp_path / "cache" / "node0" / "debug").iterdir()
+    assert bad not in os.listdir(cache) and _shards(ds)[0] in os.listdir(cache)
+    path.write_bytes(good)                            # the source repaired; the same cache folder
+    loader = _single_loader(ds, tmp_path, vocab_file, validate_hash="", shuffle=False)
+    assert sum(b.batch_size for b in loader) == 24
 
 
 def test_truncated_shard_names_the_shard(tmp_path, vocab_file):

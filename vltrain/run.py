@@ -8,6 +8,7 @@
         train.init_from=runs/vqa/checkpoints/best [task.eval_split=test]
 
 Exit codes: 0 done; 75 stopped on SIGUSR1/SIGTERM after checkpointing (requeue me);
+69 the object store did not answer (requeue me later, a bounded number of times);
 2 bad configuration or input; 1 any other failure.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ if __package__ in (None, ""):  # `python vltrain/run.py` / `deepspeed vltrain/ru
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 69      # sysexits' EX_UNAVAILABLE; slurm/common.sh requeues it
 
 
 def parse_args(argv=None):
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
-    from vltrain.data.errors import DataError
+    from vltrain.data.errors import DataError, StorageUnavailable
     from vltrain.engine.ds_config import DSConfigError
 
     if cfg.mode == "eval":
@@ -85,6 +87,11 @@ def main(argv=None) -> int:
             with removed_if_left_empty(trainer.run_dir, trainer.created_run_dir):   # its data path is opened now
                 return trainer.run_eval(cfg.task.eval_split)
         return trainer.train()
+    except StorageUnavailable as e:
+        log.error("%s: %s", type(e).__name__, error_text(e))
+        log.error("exiting with %d (storage unavailable): the checkpoints are intact; the Slurm templates "
+                  "requeue the job, elsewhere rerun it with train.resume=auto", EXIT_STORAGE)
+        return EXIT_STORAGE
     except (ConfigError, DSConfigError, DataError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, error_text(e))
         log.debug("%s", traceback.format_exc())

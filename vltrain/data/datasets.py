@@ -30,7 +30,8 @@ from streaming.base.storage import CloudDownloader
 
 from vltrain.data import schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
-from vltrain.data.errors import MetaError, ShardError
+from vltrain.data import storage_faults
+from vltrain.data.errors import DataError, MetaError, ShardError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def _read_text(remote: str, name: str, timeout: float) -> str:
                 with open(local) as f:
                     return f.read()
             except Exception as e:  # noqa: BLE001 - every backend raises its own type
+                if storage_faults.is_transient(e):
+                    raise StorageUnavailable(f"dataset {remote}: cannot read {name}: {storage_faults.store_of(remote)} "
+                                             f"did not answer ({type(e).__name__}: {e}); "
+                                             f"{remote_hint(e, name)}") from e
                 raise MetaError(f"dataset {remote}: cannot read {name} ({type(e).__name__}: "
                                 f"{e}); {remote_hint(e, name)}") from e
     path = os.path.join(remote, name)
@@ -112,6 +117,8 @@ _REMOTE_HINTS = {
 
 
 def remote_hint(e: Exception, name: str) -> str:
+    if storage_faults.is_denied(e):
+        return storage_faults.DENIED_HINT
     for cls in type(e).__mro__:
         if cls.__name__ in _REMOTE_HINTS:
             return _REMOTE_HINTS[cls.__name__].format(name=name)
@@ -171,7 +178,9 @@ class VLStreamingDataset(StreamingDataset):
     * a shard that fails to download, decompress or pass its hash check raises ``ShardError``
       naming the shard file and the dataset (streaming 0.13 only logs background-thread
       failures and ends the epoch early); the bad local copy is deleted so a retry re-downloads;
-    * a shard whose local size disagrees with ``index.json`` (truncated) raises ``ShardError``;
+      a store that did not answer raises ``StorageUnavailable`` instead (worth a requeue);
+    * a shard whose local size disagrees with ``index.json`` (truncated), or that cannot be read,
+      raises ``ShardError``, and its cached copy is deleted;
     * its ranks agree on their shared-memory prefix beside other jobs on the host
       (``vltrain/data/shm_prefix.py``).
     """
@@ -202,8 +211,30 @@ class VLStreamingDataset(StreamingDataset):
                 size = os.path.getsize(path)
                 if size != raw.bytes:
                     raise ShardError(f"{self._describe(shard_id)} is truncated or corrupt: local copy "
-                                     f"{path} has {size} bytes, index.json says {raw.bytes}")
+                                     f"{path} has {size} bytes, index.json says {raw.bytes}"
+                                     f"{self._drop_cached(shard_id)}")
         self._size_checked.add(shard_id)
+
+    def _remove_local(self, shard_id: int) -> bool:
+        """Delete the shard's files from the cache: a later run must not trust them. Never
+        where a stream reads its dataset in place (no remote): they are the dataset itself."""
+        removed = False
+        for stream, path, _, zpath in self._shard_files(shard_id):
+            if stream.remote in (None, stream.local):
+                return False
+            for p in (path, zpath):
+                if p and os.path.isfile(p):
+                    try:
+                        os.remove(p)
+                        removed = True
+                    except OSError:
+                        pass
+        return removed
+
+    def _drop_cached(self, shard_id: int) -> str:
+        """For a shard that is there but unreadable: without this, every later run on this
+        cache would fail the same way. The text says so, for the error message."""
+        return "; its cached copy was removed, so a rerun downloads it again" if self._remove_local(shard_id) else ""
 
     # -- overrides
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
@@ -217,18 +248,19 @@ class VLStreamingDataset(StreamingDataset):
                     self._shard_states[shard_id] = _ShardState.REMOTE
             except Exception:  # noqa: BLE001
                 pass
-            for _, path, _, zpath in self._shard_files(shard_id):
-                for p in (path, zpath):
-                    if p and os.path.isfile(p):
-                        try:
-                            os.remove(p)
-                        except OSError:
-                            pass
-            if isinstance(e, ShardError):
+            self._remove_local(shard_id)
+            if isinstance(e, DataError):
                 raise
+            if storage_faults.is_transient(e):
+                stream = self.streams[int(self.stream_per_shard[shard_id])]
+                raise StorageUnavailable(
+                    f"{self._describe(shard_id)} could not be downloaded: {storage_faults.store_of(stream.remote)} "
+                    f"did not answer in {stream.download_retry} tries (data.download_retry) "
+                    f"({type(e).__name__}: {e})") from e
             what = "failed its hash check (corrupt shard or download)" if "Checksum failure" in str(e) \
                 else "could not be downloaded or decompressed"
-            raise ShardError(f"{self._describe(shard_id)} {what} ({type(e).__name__}: {e})") from e
+            hint = f"; {storage_faults.DENIED_HINT}" if storage_faults.is_denied(e) else ""
+            raise ShardError(f"{self._describe(shard_id)} {what} ({type(e).__name__}: {e}){hint}") from e
 
     def get_item(self, sample_id: int, retry: int = 7):
         if self._bg_error is not None:
@@ -236,14 +268,16 @@ class VLStreamingDataset(StreamingDataset):
         shard_id, _ = self.spanner[sample_id]
         try:
             sample = super().get_item(sample_id, retry)
-        except ShardError:
+        except DataError:
             raise
         except Exception as e:  # noqa: BLE001
             if self._bg_error is not None:
                 raise self._bg_error from e
             self._check_size(shard_id)
+            # Right size, unreadable (corrupt after decompression, hash check off): drop the
+            # cached copy, or every later run on this cache fails the same way.
             raise ShardError(f"{self._describe(shard_id)}: cannot read sample {sample_id} "
-                             f"({type(e).__name__}: {e})") from e
+                             f"({type(e).__name__}: {e}){self._drop_cached(shard_id)}") from e
         if shard_id not in self._size_checked:
             self._check_size(shard_id)
         sample[STREAM_KEY] = int(self.stream_per_shard[shard_id])
@@ -256,7 +290,7 @@ class VLStreamingDataset(StreamingDataset):
         if exc is None:
             return
         if self._bg_error is None:
-            self._bg_error = exc if isinstance(exc, ShardError) else \
+            self._bg_error = exc if isinstance(exc, DataError) else \
                 ShardError(f"dataset background download failed: {type(exc).__name__}: {exc}")
         self._event.set()
 

@@ -16,3 +16,10 @@ class ShardError(DataError):
 
 class MetaError(DataError):
     """``vltrain_meta.json`` is missing, unreadable, or disagrees with what the run needs."""
+
+
+class StorageUnavailable(DataError):
+    """The object store did not answer (connection refused, reset or timed out; a 5xx or
+    throttling reply) for a shard or a dataset's metadata, after ``data.download_retry``
+    tries. Transient by nature: ``run.py`` exits with ``EXIT_STORAGE`` and the Slurm
+    templates requeue the job (a bounded number of times)."""

@@ -30,9 +30,10 @@ EXIT_CODE = 1
 
 
 class FetchWatchdog:
-    def __init__(self, timeout_s: float, what: str):
+    def __init__(self, timeout_s: float, what: str, store: str = ""):
         self.timeout_s = float(timeout_s)
         self.what = what                       # e.g. "data.train=s3://bucket/pretrain"
+        self.store = store or "the storage"    # e.g. "S3 endpoint http://10.0.0.5:9000"
         self._deadline = None
         self._lock = threading.Lock()
         self._thread = None
@@ -67,12 +68,15 @@ class FetchWatchdog:
 
     def _fire(self) -> None:
         rank = os.environ.get("RANK", "0")
+        # A store that does not answer at all fails sooner, as StorageUnavailable (exit 69),
+        # after data.download_retry tries of data.download_timeout each; here it answers slowly.
         log.error("rank %s: no batch from %s for %.0f s (train.dist_timeout_s): exiting so that the job "
-                  "fails instead of hanging. Likely causes: a rank on this node died (or one of its "
-                  "DataLoader workers did) while the data loaders started an epoch, which leaves "
-                  "mosaicml-streaming's shared barrier waiting for it forever; or the storage is this "
-                  "slow (raise train.dist_timeout_s). The checkpoints are intact: resume with "
-                  "train.resume=auto.", rank, self.what, self.timeout_s)
+                  "fails instead of hanging. Either %s serves the data this slowly (each download "
+                  "within data.download_timeout; raise train.dist_timeout_s), or a rank on this node "
+                  "died (or one of its DataLoader workers did) while the data loaders started an "
+                  "epoch, which leaves mosaicml-streaming's shared barrier waiting for it forever "
+                  "(its log has the cause). The checkpoints are intact: resume with "
+                  "train.resume=auto.", rank, self.what, self.timeout_s, self.store)
         children = multiprocessing.active_children()     # DataLoader workers stuck in the barrier
         for child in children:
             child.terminate()

@@ -28,11 +28,12 @@ from streaming import StreamingDataLoader
 from torch.utils.data import DataLoader
 
 from vltrain.data.collate import SKIPPED_KEY, TRUNCATED_KEY, PretrainCollator, StreamInfo
-from vltrain.data.datasets import build_dataset, clean_stale_shared_memory
+from vltrain.data.datasets import build_dataset, clean_stale_shared_memory, is_remote
 from vltrain.data.batch import Batch
 from vltrain.data.errors import BadSampleError, DataError, MetaError
 from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
+from vltrain.data.storage_faults import store_of
 from vltrain.data.worker_signals import WorkerStart, worker_context
 
 STAND_IN_KEY = "stand_in"   # Batch.task flag: a repeated batch standing in for an all-bad one
@@ -101,13 +102,13 @@ class VLDataLoader(StreamingDataLoader):
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
-                 fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data",
+                 fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data", store: str = "",
                  global_batch: int = 0, **kwargs):
         if kwargs.get("num_workers", 0) > 0 and "multiprocessing_context" not in kwargs:
             kwargs["multiprocessing_context"] = worker_context()    # why: vltrain/data/worker_signals.py
         super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
         self.collator = collator
-        self.watchdog = FetchWatchdog(wait_timeout_s, what)   # 0: unbounded
+        self.watchdog = FetchWatchdog(wait_timeout_s, what, store)   # 0: unbounded
         self.fixed_epoch = fixed_epoch
         self.global_batch = int(global_batch)
         self.epoch = 0
@@ -319,7 +320,8 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
                           # the bound a rank waits for its peers, also for a batch
                           wait_timeout_s=cfg.train.dist_timeout_s,
                           global_batch=batch_size * World.detect().num_ranks * cfg.train.grad_accum if train else 0,
-                          what=f"data.{split}={getattr(cfg.data, split)}")
+                          what=f"data.{split}={getattr(cfg.data, split)}",
+                          store=", ".join(sorted({store_of(i.name) for i in infos if is_remote(i.name)})))
     return loader, collator
 
 
