@@ -333,6 +333,25 @@ def test_grounding_accuracy_threshold():
         grounding_accuracy(pred[:3], gt)
 
 
+def test_pixel_inclusive_iou_is_vlbert_cacluate_iou():
+    """VL-BERT's test code adds one pixel to every side (boxes in pixels): the README's case,
+    a 40 x 40 prediction inside a 40 x 81 target, is a miss continuously and a hit there."""
+    gt = np.array([[10.0, 10.0, 50.0, 91.0]])
+    pred = np.array([[10.0, 10.0, 50.0, 50.0]])
+    assert paired_box_iou(pred, gt)[0] == pytest.approx(1600 / 3240)
+    assert paired_box_iou(pred, gt, pixel_inclusive=True)[0] == pytest.approx(41 * 41 / (41 * 82))
+    assert grounding_accuracy(pred, gt) == 0.0 and grounding_accuracy(pred, gt, pixel_inclusive=True) == 1.0
+    # their formula, written out, on random pixel boxes (disjoint ones included)
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (200, 2, 2))
+    a, b = np.concatenate([xy[:, 0], xy[:, 0] + rng.uniform(0, 60, (200, 2))], 1), \
+        np.concatenate([xy[:, 1], xy[:, 1] + rng.uniform(0, 60, (200, 2))], 1)
+    inter = (np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1).clip(0) * \
+        (np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1).clip(0)
+    area = lambda x: (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1)  # noqa: E731
+    np.testing.assert_allclose(paired_box_iou(a, b, pixel_inclusive=True), inter / (area(a) + area(b) - inter))
+
+
 def test_caption_task_scoring_without_java(monkeypatch, tmp_path):
     """mode=eval needs the COCO protocol: no Java is an error. Validation during training goes
     on with CIDEr-D on the pure-Python tokenizer, under its own name (the best checkpoint is

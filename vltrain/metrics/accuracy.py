@@ -65,17 +65,18 @@ def _as_boxes(x: Any, name: str) -> np.ndarray:
     return b
 
 
-def _area(b: np.ndarray) -> np.ndarray:
-    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+def _area(b: np.ndarray, extra: float = 0.0) -> np.ndarray:
+    return np.clip(b[:, 2] - b[:, 0] + extra, 0, None) * np.clip(b[:, 3] - b[:, 1] + extra, 0, None)
 
 
-def _iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU; boxes with x2 < x1 or y2 < y1 have zero area; 0/0 counts as 0."""
+def _iou_np(a: np.ndarray, b: np.ndarray, extra: float = 0.0) -> np.ndarray:
+    """(N, M) IoU; boxes with x2 < x1 or y2 < y1 have zero area; 0/0 counts as 0. ``extra=1``:
+    pixel-inclusive boxes in pixels (x2 - x1 + 1 wide), VL-BERT's ``cacluate_iou``."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
+    wh = np.clip(rb - lt + extra, 0, None)
     inter = wh[..., 0] * wh[..., 1]
-    union = _area(a)[:, None] + _area(b)[None, :] - inter
+    union = _area(a, extra)[:, None] + _area(b, extra)[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
@@ -99,22 +100,25 @@ def box_iou(a: Any, b: Any):
     return _like(iou, a, b)
 
 
-def paired_box_iou(a: Any, b: Any):
-    """IoU of ``a[i]`` with ``b[i]``: (N,)."""
+def paired_box_iou(a: Any, b: Any, pixel_inclusive: bool = False):
+    """IoU of ``a[i]`` with ``b[i]``: (N,). ``pixel_inclusive``: boxes in pixels, each side
+    one pixel longer (VL-BERT's test code)."""
     pa, pb = _as_boxes(a, "a"), _as_boxes(b, "b")
     if pa.shape[0] != pb.shape[0]:
         raise ValueError(f"{pa.shape[0]} boxes vs {pb.shape[0]} boxes")
-    iou = np.array([_iou_np(pa[i:i + 1], pb[i:i + 1])[0, 0] for i in range(pa.shape[0])])
+    extra = 1.0 if pixel_inclusive else 0.0
+    iou = np.array([_iou_np(pa[i:i + 1], pb[i:i + 1], extra)[0, 0] for i in range(pa.shape[0])])
     return _like(iou, a, b)
 
 
-def grounding_accuracy(pred_boxes: Any, gt_boxes: Any, thresh: float = 0.5) -> float:
+def grounding_accuracy(pred_boxes: Any, gt_boxes: Any, thresh: float = 0.5, pixel_inclusive: bool = False) -> float:
     """Fraction of expressions whose predicted box has IoU >= ``thresh`` with the ground
-    truth (VL-BERT's RefCOCO+ accuracy)."""
+    truth (VL-BERT's RefCOCO+ accuracy; ``pixel_inclusive`` as its code computes IoU, on
+    boxes in pixels)."""
     pa, pb = _as_boxes(pred_boxes, "pred_boxes"), _as_boxes(gt_boxes, "gt_boxes")
     if pa.shape[0] != pb.shape[0]:
         raise ValueError(f"{pa.shape[0]} predicted boxes vs {pb.shape[0]} ground-truth boxes")
     if pa.shape[0] == 0:
         raise ValueError("grounding_accuracy of an empty batch")
-    iou = _np(paired_box_iou(pa, pb))
+    iou = _np(paired_box_iou(pa, pb, pixel_inclusive))
     return float((iou >= thresh).mean())
