@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from tests.fixtures.assets import bert_text_diff
-from tests.fixtures.corpus import REPO, rank_env
+from tests.fixtures.corpus import REPO, Ranks, rank_env
 from vltrain.engine.distributed import free_port
 from vltrain.ckpt.__main__ import main as ckpt_main
 from vltrain.config import debug_model_config
@@ -586,6 +586,24 @@ def test_cut_short_file_is_named(ckpts, resharded, tmp_path, capsys):
     # whole: inspect says so
     code, out, _ = cli(capsys, "inspect", resharded["U2"])
     assert code == 0 and "complete (every file present and opens)" in out
+
+
+def test_a_cut_short_file_of_one_rank_stops_every_rank_on_resume(ckpts, tmp_path):
+    """Rank 1's optimizer shard cut short: DeepSpeed's load fails on rank 1 only, and rank 0
+    used to load its own and die in the next collective with gloo's "Connection closed by
+    peer". Both ranks now stop before the load with the same message naming the file."""
+    cut = linked_copy(os.path.join(ckpts["z2"], TAG3), tmp_path / "z2" / TAG3)
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    rewrite(cut / name, (cut / name).read_bytes()[:4096])
+    overrides = ckpts["run"]("cut", "zero2", "train.max_steps=6", f"train.resume={cut}")["overrides"]
+    overrides = [o.replace(ckpts["runs"], str(tmp_path / "runs")) for o in overrides]
+    ranks = Ranks(["--config", "configs/debug.yaml", "--deepspeed_config", "ds_configs/zero2.json", *overrides],
+                  2, str(tmp_path / "logs"), free_port())
+    assert ranks.wait(300) == [2, 2], ranks.log(0)[-3000:] + ranks.log(1)[-3000:]
+    for r in range(2):
+        log = ranks.log(r)
+        assert f"CheckpointError: cannot load checkpoint {cut}: 1 file(s) cannot be read: {name}" in log, log[-3000:]
+        assert "Connection closed by peer" not in log and "Traceback" not in log, log[-3000:]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
