@@ -499,6 +499,11 @@ def test_missing_cls_prob_names_the_column(tok):
     # every task's collator says both ways on: the keys that train without the class term, or
     # how to convert with class distributions
     assert "model.use_cls_probs=false model.geometry_conf=false" in str(e.value) and "--tsv-fields" in str(e.value)
+    # both terms on (the VLP recipes): one message with every key to turn off, not one per try
+    with pytest.raises(ValueError, match=r"which objectives.mrc=true and the model's class-embedding term need; "
+                                         r".*--tsv-fields.*train without them: objectives.mrc=false "
+                                         r"model.use_cls_probs=false model.geometry_conf=false"):
+        make(tok, obj=obj, metas=(schema.make_meta("captions", 8, 5, ()),), require_cls_probs=True)
     # Opt-in hard targets: one-hot of obj_labels, for both targets and the class input. The
     # labels are bottom-up's objects_id (no background), so label k is class column k + 1;
     # the class count comes from the meta or, where the meta has none, from the model.

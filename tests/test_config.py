@@ -104,8 +104,10 @@ def test_numbers_and_text_are_read_as_meant(tmp_path):
     for text in ("run_name: 007", "run_name: on"):
         with pytest.raises(ConfigError, match=r"run_name.*expected text, got (7|True) \(quote it in a YAML file\)"):
             load_config(write(tmp_path, text + "\n"))
-    with pytest.raises(ConfigError, match=r"train.resume.*expected text, got False"):
+    with pytest.raises(ConfigError, match=r"train.resume.*expected text, got False \('false' reads as yes/no; "
+                                          r"for the text, quote it: train.resume='\"false\"'\)"):
         load_config(None, ["train.resume=false"])                   # not a checkpoint named "false"
+    assert load_config(None, ['run_name="on"']).run_name == "on"     # as that message says
     with pytest.raises(ConfigError, match=r"train.lr.*expected float, got 'fast'"):
         load_config(None, ["train.lr=fast"])
 
@@ -117,6 +119,12 @@ def test_batch_sizes_must_be_positive():
     with pytest.raises(ConfigError, match=r"'data.max_sequence': 0 \(off\) or at least 8"):
         load_config(None, ["data.max_sequence=7"])
     assert load_config(None, ["data.max_sequence=0"]).data.max_sequence == 0
+    with pytest.raises(ConfigError, match=r"'train.log_every': must be at least 1, got 0"):
+        load_config(None, ["train.log_every=0"])
+    for key in ("train.lr", "train.val_every", "train.keep_last", "train.save_every_minutes"):
+        with pytest.raises(ConfigError, match=rf"'{key}': 0 or more, got -1"):
+            load_config(None, [f"{key}=-1"])
+        assert load_config(None, [f"{key}=0"])                  # 0: off (or an lr of 0)
 
 
 def test_run_name_worker_count_and_override_yaml_are_checked_naming_them():

@@ -199,6 +199,9 @@ def _err(ds, cfg, world=1, accel="cpu") -> str:
     ({"gradient_clipping": 0.0}, {"grad_clip": 1.0}, ["'gradient_clipping' = 0.0", "train.grad_clip = 1.0"]),
     ({"bf16": {"enabled": True}}, {"precision": "fp32"}, ["'bf16.enabled' = true", "train.precision = 'fp32'"]),
     ({"bf16": {"enabled": False}}, {"precision": "bf16"}, ["'bf16.enabled' = false", "train.precision = 'bf16'"]),
+    # equal but quoted: a type error, not a contradiction of 1.0 with 1.0
+    ({"gradient_clipping": "1.0"}, {"grad_clip": 1.0},
+     ["'gradient_clipping' = \"1.0\" is text; DeepSpeed reads a float there", "(train.grad_clip = 1.0)"]),
 ])
 def test_contradictions_name_both_keys_and_values(ds, ours, needles):
     msg = _err(ds, debug_cfg(**ours))
@@ -308,7 +311,8 @@ def test_schedule_values():
     assert warmup_steps_of(ratio) == 100
     no_warm = debug_cfg(lr=1.0, warmup_steps=0, max_steps=4)
     assert [lr_at(no_warm, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match=r"longer than train.max_steps \(10\): set train.warmup_steps=1 \(10%\) "
+                                         r"or anything up to 10"):
         linear_warmup_decay(debug_cfg(warmup_steps=20, max_steps=10))
 
 

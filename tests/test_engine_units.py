@@ -51,7 +51,7 @@ def test_flex_compiling_per_batch_length_is_warned_naming_the_keys(caplog):
                                                                        "model.compile=false", fix])), fix
 
 
-def test_start_up_mistakes_are_named(tmp_path, caplog):
+def test_start_up_mistakes_are_named(tmp_path, caplog, capsys):
     """A weights file that is none, an output_root that cannot hold the run folder, an option
     between overrides, an error from a loader worker: each says what it is about; a failed
     start removes the run folder it made if nothing was written there."""
@@ -62,8 +62,9 @@ def test_start_up_mistakes_are_named(tmp_path, caplog):
     text.write_text("not weights\n")
     for name in ("notes.txt", "notes.safetensors"):
         (tmp_path / name).write_text("not weights\n")
-        with pytest.raises(ValueError, match=rf"{name} is not a weights file vltrain can read"):
+        with pytest.raises(ValueError, match=rf"{name} is not a weights file vltrain can read") as e:
             read_state_dict(str(tmp_path / name))
+        assert "weights_only" not in str(e.value)     # torch's advice to its callers stays out
     cfg = load_config("configs/debug.yaml", [f"output_root={text}"])
     with pytest.raises(ValueError, match=rf"output_root='{text}', run_name='debug': cannot create the run folder"):
         make_run_dir(cfg, os.path.join(cfg.output_root, cfg.run_name))
@@ -82,6 +83,12 @@ def test_start_up_mistakes_are_named(tmp_path, caplog):
     assert run.is_dir()
     args = parse_args(["--config", "c.yaml", "a.b=1", "--ds_config", "z.json", "run_name=x"])
     assert args.overrides == ["a.b=1", "run_name=x"] and args.ds_config == "z.json"
+    for twice in (["--config", "a.yaml", "--config", "b.yaml"], ["--config", "c.yaml", "--ds_config", "y.json",
+                                                               "--deepspeed_config", "z.json"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(twice)
+        assert exit_.value.code == 2
+    assert "given twice (a.yaml and b.yaml)" in capsys.readouterr().err
     from torch.utils.data import DataLoader
     from vltrain.data.errors import ShardError
 
@@ -343,17 +350,23 @@ def test_validation_accuracy_over_masked_tokens_weighs_tokens():
     assert means([4, 2]) == pytest.approx({"loss": (4 + 6) / 6, "mlm_acc": (10 + 22.5) / (10 + 45)})
 
 
-def test_a_fresh_run_over_a_runs_checkpoints_says_so(tmp_path, caplog):
-    from vltrain.engine.build import warn_fresh_start_over_checkpoints
-    assert warn_fresh_start_over_checkpoints(str(tmp_path)) is None                 # nothing there
+def test_a_fresh_run_over_a_runs_checkpoints_sets_them_aside(tmp_path, caplog):
+    """Starting over (no resume) where a run's checkpoints are: they move to
+    checkpoints.replaced-<time>/, whole, so the two runs' tags never mix."""
+    from vltrain.engine.build import set_aside_previous_run
+    assert set_aside_previous_run(str(tmp_path)) is None                 # nothing there
     tag = tmp_path / "checkpoints" / "step_00000040"
     tag.mkdir(parents=True)
-    assert warn_fresh_start_over_checkpoints(str(tmp_path)) is None                 # incomplete: not a run's
+    assert set_aside_previous_run(str(tmp_path)) is None                 # incomplete: not a run's
+    assert tag.is_dir()
     (tag / "vltrain_ckpt.json").write_text(json.dumps({"step": 40}))
     (tmp_path / "checkpoints" / "latest").write_text("step_00000040")
     with caplog.at_level("WARNING"):
-        msg = warn_fresh_start_over_checkpoints(str(tmp_path))
-    assert "up to step 40" in msg and "train.resume=auto" in msg and msg in caplog.text
+        msg = set_aside_previous_run(str(tmp_path))
+    (aside,) = tmp_path.glob("checkpoints.replaced-*")
+    assert not (tmp_path / "checkpoints").exists()
+    assert (aside / "step_00000040" / "vltrain_ckpt.json").is_file() and (aside / "latest").read_text() == "step_00000040"
+    assert "up to step 40" in msg and str(aside) in msg and "train.resume=auto" in msg and msg in caplog.text
 
 
 def test_a_resume_with_other_settings_says_which(tmp_path, caplog):

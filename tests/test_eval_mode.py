@@ -211,10 +211,12 @@ def test_eval_refuses_a_split_converted_with_another_answer_vocabulary(evaluated
     ckpt = os.path.join(root, "train", "vqa-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
     other = tmp_path / "val_other_vocab"
     shutil.copytree(f"{synthetic_corpus}/vqa/val", other)
-    (other / "answer_vocab.json").write_text(json.dumps(read_answer_vocab(str(other))[::-1]))
+    # another order, one answer fewer: the vocabulary is named, not its size (task.num_answers)
+    (other / "answer_vocab.json").write_text(json.dumps(read_answer_vocab(str(other))[::-1][:-1]))
     args = ["--config", "configs/vqa_debug.yaml", "mode=eval", "task.eval_split=val", f"train.init_from={ckpt}",
             f"output_root={tmp_path}", "run_name=ev", *common(root, vocab, nvocab, "vqa"), f"data.val={other}"]
     ranks = Ranks(args, 1, str(tmp_path / "logs"), free_port())
     assert ranks.wait(300) == [2], ranks.log(0)[-3000:]
     assert ("data.val: its answer_vocab.json differs from the one the head was trained on" in ranks.log(0)
             ), ranks.log(0)[-3000:]
+    assert "task.num_answers" not in ranks.log(0), ranks.log(0)[-3000:]

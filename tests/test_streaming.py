@@ -408,6 +408,8 @@ def test_missing_meta_is_a_clear_error(tmp_path, vocab_file, s3_bucket):
     os.remove(os.path.join(ds, "vltrain_meta.json"))
     with pytest.raises(MetaError, match=r"ds: no vltrain_meta.json"):
         read_meta(ds)
+    with pytest.raises(MetaError, match=rf"ds/index.json: a file; give the dataset's folder .* e.g. {ds}$"):
+        read_meta(os.path.join(ds, "index.json"))
     with pytest.raises(MetaError, match=rf"s3://{s3_bucket}/nothing: cannot read vltrain_meta.json .*; check "
                                         r"the bucket and the prefix \(a dataset's root holds vltrain_meta.json"):
         read_meta(f"s3://{s3_bucket}/nothing")

@@ -259,6 +259,7 @@ def test_every_vqa_split_must_share_the_heads_answer_vocabulary(synthetic_corpus
     the first validation, thousands of steps in, and mode=eval never noticed)."""
     import json
     import shutil
+    from vltrain.data.errors import MetaError
     from vltrain.model import VLModel
     from vltrain.tasks import get_task
     from vltrain.tasks.vqa import read_answer_vocab, vocab_sha256
@@ -278,6 +279,11 @@ def test_every_vqa_split_must_share_the_heads_answer_vocabulary(synthetic_corpus
     cfg = task_cfg(synthetic_corpus, "vqa", "mode=eval", f"data.val={shuffled}",
                    f"task.answer_vocab_sha256={vocab_sha256(vocab)}")
     with pytest.raises(ValueError, match=r"^data.val: its answer_vocab.json differs from the one the head was "):
+        get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    # a captions dataset where a VQA split belongs: its kind is named, not a missing file
+    cfg = task_cfg(synthetic_corpus, "vqa", "mode=eval", f"data.val={synthetic_corpus}/captions/val")
+    with pytest.raises(MetaError, match=r"^data.val: dataset .*captions/val has kind 'captions', but task.name=vqa "
+                                        r"needs a 'vqa' dataset"):
         get_task("vqa").build_module(cfg, VLModel(cfg.model))
 
 

@@ -280,7 +280,9 @@ def _check_type(value, tp, key: str, raw: Optional[str] = None):
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is str and not isinstance(value, str):
-        raise ConfigError(f"config key '{key}': expected text, got {value!r} (quote it in a YAML file)")
+        how = (f"{raw!r} reads as yes/no; for the text, quote it: {key}='\"{raw}\"'" if raw is not None
+               else "quote it in a YAML file")    # (numbers and dates typed on the command line are kept above)
+        raise ConfigError(f"config key '{key}': expected text, got {value!r} ({how})")
     if tp is float and not isinstance(value, float):
         raise ConfigError(f"config key '{key}': expected float, got {value!r}")
     return value
@@ -367,9 +369,14 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
         cfg = config_from_dict(data, overrides)
     except ConfigError as e:       # the file alone is fine: an override's error
         raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
-    for name in ("micro_batch_size", "grad_accum"):
+    for name in ("micro_batch_size", "grad_accum", "log_every"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
+    # (0 turns the saves, validations and clipping off; torch would name no key for a negative lr)
+    for name in ("lr", "weight_decay", "grad_clip", "save_every_steps", "save_every_minutes", "keep_last",
+                 "val_every"):
+        if getattr(cfg.train, name) < 0:
+            raise ConfigError(f"config key 'train.{name}': 0 or more, got {getattr(cfg.train, name)}")
     if cfg.data.max_sequence and cfg.data.max_sequence < 8:
         raise ConfigError(f"config key 'data.max_sequence': 0 (off) or at least 8 (room for the text's special "
                           f"tokens, a word and a region beside them), got {cfg.data.max_sequence}")

@@ -32,10 +32,21 @@ EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 69      # sysexits' EX_UNAVAILABLE; slurm/common.sh requeues it
 
 
+class _Once(argparse.Action):
+    """A file option given twice is refused: argparse would keep the last one silently, and a
+    user layering two recipes would train on one of them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): "
+                         "one file; change single keys with key=value overrides")
+        setattr(namespace, self.dest, values)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
-    p.add_argument("--deepspeed_config", "--ds_config", dest="ds_config", default=None,
+    p.add_argument("--config", required=True, action=_Once, help="recipe YAML (configs/*.yaml)")
+    p.add_argument("--deepspeed_config", "--ds_config", dest="ds_config", default=None, action=_Once,
                    help="DeepSpeed JSON (ds_configs/*.json); default ds_configs/zero2.json")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; LOCAL_RANK is used instead")

@@ -211,7 +211,10 @@ class PretrainCollator:
                 "(VL-BERT zeroes their pixels before extracting it). Set data.image_feature=regions_mean "
                 "(the mean of the real region features, masked ones zeroed; use it for fine-tuning too)")
         if self._needs_classes() and not meta.get("has_cls_prob"):
-            why = "objectives.mrc=true" if self.obj.mrc else "the model's class-embedding term"
+            needs = (["objectives.mrc=true"] if self.obj.mrc else []) + \
+                (["the model's class-embedding term"] if self.require_cls_probs else [])
+            off = (["objectives.mrc=false"] if self.obj.mrc else []) + \
+                (["model.use_cls_probs=false model.geometry_conf=false"] if self.require_cls_probs else [])
             if self.data.hard_class_targets and meta.get("has_obj_labels"):
                 if not (meta.get("num_classes") or self.num_classes):
                     raise ValueError(f"dataset {info.name}: data.hard_class_targets needs the class "
@@ -219,12 +222,12 @@ class PretrainCollator:
                 return
             hint = ("; the dataset has obj_labels: set data.hard_class_targets=true to use them as "
                     "one-hot targets" if meta.get("has_obj_labels") else "")
-            if not self.obj.mrc:        # a feature file without them (bottom-up TSVs by default)
-                hint += ("; convert with them (--tsv-fields ...,cls_prob, or a cls_prob array in each "
-                         ".npz), or train without the term: model.use_cls_probs=false "
-                         "model.geometry_conf=false (its detector-confidence input comes from them too)")
+            # a feature file without them (bottom-up TSVs by default): every way out at once
+            hint += ("; convert with them (--tsv-fields ...,cls_prob, or a cls_prob array in each .npz), or "
+                     f"train without them: {' '.join(off)}"
+                     + (" (the detector-confidence input comes from them too)" if self.require_cls_probs else ""))
             raise ValueError(f"dataset {info.name} has no 'cls_prob' column (detector class "
-                             f"distribution), which {why} needs{hint}")
+                             f"distribution), which {' and '.join(needs)} need{'s' if len(needs) == 1 else ''}{hint}")
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch keys all randomness; set it before creating the epoch's iterator."""

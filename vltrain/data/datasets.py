@@ -94,6 +94,9 @@ def _read_text(remote: str, name: str, timeout: float) -> str:
                 raise MetaError(f"dataset {remote}: cannot read {name} ({type(e).__name__}: "
                                 f"{e}); {remote_hint(e, name)}") from e
     path = os.path.join(remote, name)
+    if os.path.isfile(remote):
+        raise MetaError(f"dataset {remote}: a file; give the dataset's folder (the one holding index.json and "
+                        f"{schema.META_FILE}), e.g. {os.path.dirname(remote) or '.'}")
     if not os.path.isfile(path):
         what = "folder does not exist" if not os.path.isdir(remote) else f"no {name}"
         raise MetaError(f"dataset {remote}: {what}; is this a dataset written by data_tools?")

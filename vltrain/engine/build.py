@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Optional
 
 import torch
@@ -229,16 +230,22 @@ def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
     return diffs
 
 
-def warn_fresh_start_over_checkpoints(run_dir: str) -> Optional[str]:
-    """A run that does not resume, in a folder that already holds one's checkpoints: say so
-    (its checkpoints will overwrite theirs, and its TensorBoard events hide theirs)."""
+def set_aside_previous_run(run_dir: str) -> Optional[str]:
+    """A run that does not resume, in a folder that already holds a run's checkpoints: move
+    them to ``checkpoints.replaced-<UTC time>/`` (kept, never deleted) and say so. Left in
+    place, the two runs' tags would mix: a crash before this run's first save would resume
+    that run (``train.resume=auto``, a Slurm requeue), and its tags past this run's last step
+    would stay listed beside this run's. Called once the build has succeeded (a start that
+    fails on bad input moves nothing), on the main rank. Returns the message, or None."""
     save_dir = os.path.join(run_dir, "checkpoints")
     prev = ckpt.find_resume_point(save_dir) if os.path.isdir(save_dir) else None
     if prev is None:
         return None
-    msg = (f"{run_dir} already holds a run's checkpoints (up to step {prev.info.get('step')}, {prev.path}); "
-           "this run starts from step 0 and its checkpoints and TensorBoard curves will replace them. To continue "
-           "that run instead, add train.resume=auto; to keep both, use another run_name")
+    aside = f"{save_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    os.rename(save_dir, aside)
+    msg = (f"{run_dir} already held a run's checkpoints (up to step {prev.info.get('step')}); this run starts "
+           f"from step 0, so they were moved to {aside} (delete it to reclaim the space; to continue that run "
+           "instead, move it back to checkpoints/ and add train.resume=auto). Its TensorBoard curves are replaced")
     log.warning("%s", msg)
     return msg
 
@@ -339,7 +346,6 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     elif info.is_main and cfg.mode == "train":
         if cfg.train.resume == "auto":      # a mistyped run_name would otherwise go unnoticed
             log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
-        warn_fresh_start_over_checkpoints(run_dir)
     make_run_dir(cfg, run_dir)
     with removed_if_left_empty(run_dir, info.is_main and not existed):
         if cfg.data.num_workers > 0:
@@ -373,7 +379,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
             if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
                 # the vocabulary the head was trained on: build_vqa refuses a split converted with another
                 cfg.task.answer_vocab_sha256 = recorded_answer_vocab(saved)
-                if not cfg.task.answer_vocab_sha256:
+                # (weights of another task have no VQA head: load_task_weights says so below)
+                if not cfg.task.answer_vocab_sha256 and source_task in (None, "vqa"):
                     log.warning("train.init_from=%s records no answer vocabulary (a config older than "
                                 "task.answer_vocab_sha256): data.%s's cannot be checked against the head's",
                                 cfg.train.init_from, cfg.task.eval_split)
@@ -419,5 +426,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         if found is not None:
             trainer.resume_from(found)
         elif cfg.mode == "train":
+            if info.is_main:
+                set_aside_previous_run(run_dir)
             monitor.start_over()
     return trainer

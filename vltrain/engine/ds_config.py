@@ -171,6 +171,9 @@ class _Resolver:
         theirs = node[key]
         if theirs == AUTO:
             node[key] = copy.deepcopy(ours)
+        elif isinstance(theirs, str) and not isinstance(ours, str):
+            raise self.err(f"'{dotted}' = {json.dumps(theirs)} is text; DeepSpeed reads a "
+                           f"{type(ours).__name__} there: write it unquoted, or \"auto\" ({our_key} = {ours!r})")
         elif not _same(theirs, ours):
             shown = ours if shown is None else shown
             raise self.err(f"'{dotted}' = {json.dumps(theirs)} contradicts {our_key} = {shown!r}; "

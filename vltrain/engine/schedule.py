@@ -40,8 +40,9 @@ def lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
     if max_steps <= 0:
         raise ValueError(f"config key 'train.max_steps': {max_steps} must be > 0")
     if warmup_steps > max_steps:
-        raise ValueError(f"warm-up ({warmup_steps} steps) is longer than train.max_steps ({max_steps}): lower "
-                         f"train.warmup_steps (or train.warmup_ratio, used when train.warmup_steps < 0)")
+        raise ValueError(f"warm-up ({warmup_steps} steps) is longer than train.max_steps ({max_steps}): set "
+                         f"train.warmup_steps={max_steps // 10} (10%) or anything up to {max_steps} (or "
+                         f"train.warmup_ratio, used when train.warmup_steps < 0, at most 1)")
 
     def fn(step: int) -> float:
         if step < warmup_steps:

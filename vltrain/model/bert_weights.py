@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import re
 
 import torch
@@ -163,11 +164,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             except Exception as e:   # noqa: BLE001 - torch/safetensors raise KeyError, RuntimeError, ...
                 raise ValueError(f"{f} is not a weights file vltrain can read (a safetensors file, a "
                                  f"PyTorch state dict, a Hugging Face BERT folder or a vltrain checkpoint "
-                                 f"folder): {type(e).__name__}: {e}") from None
+                                 f"folder): {_why_unreadable(e)}") from None
             if not isinstance(state, dict):
                 raise ValueError(f"{f} holds a {type(state).__name__}, not a state dict of tensors")
             return state
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _why_unreadable(e: Exception) -> str:
+    # torch's unpickling error goes on with advice for code that calls torch.load, not for us
+    if isinstance(e, pickle.UnpicklingError):
+        return "it does not unpickle as a PyTorch file (UnpicklingError)"
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: bool = True) -> list[str]:

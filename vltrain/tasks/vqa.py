@@ -44,10 +44,17 @@ SUBMISSION_FILE = "vqa_results.json"
 
 def read_answer_vocab(remote: str, timeout: float = 60.0) -> list[str]:
     """``answer_vocab.json`` of a VQA dataset (local folder or remote prefix)."""
-    from vltrain.data.datasets import _read_text
+    from vltrain.data.datasets import _read_text, read_meta
     from vltrain.data.errors import MetaError
     from vltrain.data.schema import ANSWER_VOCAB_FILE
-    text = _read_text(remote, ANSWER_VOCAB_FILE, timeout)
+    try:
+        text = _read_text(remote, ANSWER_VOCAB_FILE, timeout)
+    except MetaError:
+        kind = read_meta(remote, timeout).get("kind")    # another kind of dataset: say that instead
+        if kind != "vqa":
+            raise MetaError(f"dataset {remote} has kind {kind!r}, but task.name=vqa needs a 'vqa' dataset "
+                            "(data_tools/convert_vqa.py)") from None
+        raise
     try:
         vocab = json.loads(text)
     except json.JSONDecodeError as e:
@@ -111,19 +118,21 @@ def build_vqa(cfg, model) -> VQATask:
     # the head's vocabulary: data.train's, or in eval mode the evaluated split's
     split = "train" if cfg.mode == "train" else cfg.task.eval_split
     vocab = split_vocab(cfg, split)
+    sha = vocab_sha256(vocab)
+    # Evaluation: another vocabulary than the head's is the cause to name first; its size
+    # (below) would only send the user to task.num_answers and then here.
+    if cfg.mode != "train" and cfg.task.answer_vocab_sha256 and cfg.task.answer_vocab_sha256 != sha:
+        raise ValueError(_VOCAB_DIFFERS.format(split=f"data.{split}", theirs="the one the head was trained on "
+                                               "(task.answer_vocab_sha256 of train.init_from's config)"))
     if len(vocab) != cfg.task.num_answers:
         raise ValueError(f"the answer vocabulary of data.{split} has {len(vocab)} answers but "
                          f"task.num_answers={cfg.task.num_answers}; set task.num_answers={len(vocab)}")
-    sha = vocab_sha256(vocab)
     if cfg.mode == "train":
         # class ids must mean the same answers in the validation split: checked now, not at the
-        # first validation thousands of steps in (data.test is checked by its mode=eval, below)
+        # first validation thousands of steps in (data.test is checked by its mode=eval, above)
         if cfg.data.val and split_vocab(cfg, "val") != vocab:
             raise ValueError(_VOCAB_DIFFERS.format(split="data.val", theirs="data.train's"))
         cfg.task.answer_vocab_sha256 = sha           # saved with every checkpoint's config
-    elif cfg.task.answer_vocab_sha256 and cfg.task.answer_vocab_sha256 != sha:
-        raise ValueError(_VOCAB_DIFFERS.format(split=f"data.{split}", theirs="the one the head was trained on "
-                                               "(task.answer_vocab_sha256 of train.init_from's config)"))
     tok = None
     if cfg.task.vqa_head == "vlbert":
         from vltrain.tokenization import Tokenizer
