@@ -89,3 +89,34 @@ def test_without_the_shield_the_helpers_die():
     usr1 = got["SIGUSR1"]
     assert usr1["flag"] and not usr1["tracker"] and not usr1["sidecar"] and not usr1["tool"], got
     assert got["compiles"] is not True, got
+
+
+def test_ctrl_c_stops_a_run_with_one_line_not_tracebacks(synthetic_corpus, tmp_path):
+    """A terminal's Ctrl-C: SIGINT to the whole process group (the rank and its DataLoader
+    workers) mid-training. The rank exits 130 saying it saved nothing and how to go on; no
+    traceback from it or its workers."""
+    import os
+    import signal
+    import time
+    from tests.fixtures.corpus import rank_env
+    from vltrain.engine.distributed import free_port
+    log = tmp_path / "rank0.log"
+    args = ["--config", "configs/debug.yaml", f"output_root={tmp_path}", "data.val=", "train.log_every=1",
+            f"data.train={synthetic_corpus}/captions/pretrain", f"data.cache_dir={tmp_path / 'cache'}",
+            "train.max_steps=100000", "data.num_workers=1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "vltrain/run.py", *args], cwd=REPO, env=rank_env(0, 1, free_port()),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "step 2/" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "interrupted (SIGINT, Ctrl-C): stopped without a checkpoint" in text, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]

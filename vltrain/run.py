@@ -9,7 +9,7 @@
 
 Exit codes: 0 done; 75 stopped on SIGUSR1/SIGTERM after checkpointing (requeue me);
 69 the object store did not answer (requeue me later, a bounded number of times);
-2 bad configuration or input; 1 any other failure.
+2 bad configuration or input; 130 Ctrl-C (SIGINT: no checkpoint); 1 any other failure.
 """
 from __future__ import annotations
 
@@ -131,5 +131,16 @@ def _shutdown() -> None:
             pass
 
 
+EXIT_INTERRUPTED = 130   # the shell's code for a SIGINT death, kept
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C (SIGINT to the terminal's whole process group): nothing to report but that;
+        # a traceback per rank (and per launcher) only hid it.
+        logging.getLogger("vltrain.run").warning(
+            "interrupted (SIGINT, Ctrl-C): stopped without a checkpoint; continue from the last one with "
+            "train.resume=auto (kill -USR1 <rank pid> stops with one)")
+        sys.exit(EXIT_INTERRUPTED)
