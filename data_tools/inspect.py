@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: import `data_tools` as a packa
     _sys.path.insert(0, _os.path.dirname(_here))
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -47,7 +48,11 @@ def _fetch(dataset: str, name: str, tmp: str, required: bool = True) -> str | No
         if os.path.exists(src):
             return src
         if required:
-            raise BadInputError(f"{src} does not exist")
+            below = sorted(os.path.relpath(os.path.dirname(p), dataset)
+                           for p in glob.glob(os.path.join(glob.escape(dataset), "**", name), recursive=True))
+            raise BadInputError(f"{src} does not exist" + (f"; datasets below {dataset}: {', '.join(below[:12])}"
+                                                           + (f" and {len(below) - 12} more" if len(below) > 12 else "")
+                                                           if below else ""))
         return None
     dst = os.path.join(tmp, name)
     try:

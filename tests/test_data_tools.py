@@ -728,6 +728,10 @@ def test_inspect_local_counts(synthetic, capsys):
     assert rep["sample"]["image_id"] == repr(caps[2]["image_id"]) and rep["feature_dim"] == 64
     rep = dt_inspect.inspect_dataset(str(synthetic / "text/train"))
     assert rep["num_samples"] == 8 and rep["kind"] == "text" and "feature_dim" not in rep
+    # the corpus root (the tour's data/synthetic): the datasets below it are listed
+    assert dt_inspect.main([str(synthetic)]) == 2
+    err = capsys.readouterr().err
+    assert f"{synthetic}/index.json does not exist; datasets below {synthetic}: captions/pretrain, " in err, err
 
 
 def test_inspect_corrupt_and_truncated_shard(synthetic, tmp_path, capsys):

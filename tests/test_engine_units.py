@@ -275,8 +275,8 @@ def test_no_checkpoint_and_explicit_paths(tmp_path):
     d = _tag(str(tmp_path), 40)
     assert ckpt.resolve_checkpoint(d).tag == "step_00000040"          # a tag folder
     assert ckpt.resolve_checkpoint(str(tmp_path)).tag == "step_00000040"  # a save dir
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ckpt.resolve_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=rf"missing does not exist; {tmp_path} holds step_00000040$"):
+        ckpt.resolve_checkpoint(str(tmp_path / "missing"))                # the README's step_00000100, say
     run = tmp_path / "run"                                               # a run folder
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("")

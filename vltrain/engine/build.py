@@ -45,7 +45,7 @@ def init_weights(model: VLModel, path: str) -> dict:
     a checkpoint's tensors outside ``model.``, or the whole file of an export (its heads keep
     vltrain's names, which ``load_task_weights`` matches; the model's are matched here)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"train.init_from={path} does not exist")
+        raise FileNotFoundError(f"train.init_from={path} does not exist{ckpt.tags_beside(path)}")
     task_state: dict = {}
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         from vltrain.ckpt.layout import locate, read_config

@@ -157,6 +157,15 @@ def interrupted_replace(path: str) -> str:
             f"{' and '.join(left)} (the first is the newer): rename one to {os.path.basename(path)}")
 
 
+def tags_beside(path: str) -> str:
+    """For a missing tag folder: the complete tags its folder does hold (newest first), or ""."""
+    parent = os.path.dirname(os.path.abspath(path))
+    tags = [t for t in _tags_newest_first(parent) + [BEST_TAG] if read_ckpt_info(os.path.join(parent, t)) is not None]
+    if not tags:
+        return ""
+    return f"; {parent} holds " + ", ".join(tags[:6]) + (f" and {len(tags) - 6} more" if len(tags) > 6 else "")
+
+
 def is_incomplete_tag(path: str) -> bool:
     """A tag folder holding a save's files but no usable completion record."""
     return read_ckpt_info(path) is None and os.path.isdir(path) and any(
@@ -174,7 +183,8 @@ def resolve_checkpoint(path: str) -> Found:
     if info is not None:
         return Found(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)), info)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist" + interrupted_replace(os.path.abspath(path)))
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (interrupted_replace(os.path.abspath(path))
+                                                                         or tags_beside(path)))
     found = find_resume_point(path)
     if found is None and os.path.isdir(os.path.join(path, "checkpoints")):     # a run folder
         found = find_resume_point(os.path.join(path, "checkpoints"))
