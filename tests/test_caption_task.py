@@ -150,9 +150,12 @@ def test_validation_captions_are_greedy_decodes_of_the_checkpoint(finetuned):
 
 
 def test_self_critical_training_raises_the_mean_cider_reward(finetuned):
-    """15 SCST steps (``task.scst=true``: 16 images x 5 samples against the greedy baseline,
-    single process, fixed seed) from the fine-tuned checkpoint: the mean CIDEr-D reward of the
-    model's sampled captions over all training images goes up."""
+    """30 SCST steps (``task.scst=true``: 32 images x 5 samples against the greedy baseline,
+    single process, fixed seed, Adam at 5e-4) from the fine-tuned checkpoint: the mean CIDEr-D
+    reward of the model's sampled captions over all training images goes up. (15 steps of 16
+    images at 1e-3 gained -0.05 to +0.36 with the batch order's seed, so a machine whose
+    fine-tuned model came out a little different could fail; this setting gained 0.33-0.40
+    over four seeds.)"""
     from vltrain.config import load_config
     from vltrain.decoding import sample_captions
     from vltrain.tasks.caption import build_caption
@@ -184,11 +187,11 @@ def test_self_critical_training_raises_the_mean_cider_reward(finetuned):
     before = mean_reward()
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
-    opt = torch.optim.Adam(task.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(task.parameters(), lr=5e-4)
     rewards = []
-    for step in range(15):
+    for step in range(30):
         col.set_epoch(step)
-        batch = col([samples[i] for i in rng.choice(len(samples), 16, replace=False)])
+        batch = col([samples[i] for i in rng.choice(len(samples), 32, replace=False)])
         task.train()
         loss, metrics = task(batch)
         assert torch.isfinite(loss)
@@ -197,4 +200,4 @@ def test_self_critical_training_raises_the_mean_cider_reward(finetuned):
         opt.step()
         rewards.append(float(metrics["reward_sample"]))
     after = mean_reward()
-    assert after > before + 0.1, (before, after, rewards)
+    assert after > before + 0.15, (before, after, rewards)
