@@ -365,7 +365,8 @@ def test_a_fresh_run_over_a_runs_checkpoints_sets_them_aside(tmp_path, caplog):
         msg = set_aside_previous_run(str(tmp_path))
     (aside,) = tmp_path.glob("checkpoints.replaced-*")
     assert not (tmp_path / "checkpoints").exists()
-    assert (aside / "step_00000040" / "vltrain_ckpt.json").is_file() and (aside / "latest").read_text() == "step_00000040"
+    assert (aside / "step_00000040" / "vltrain_ckpt.json").is_file()
+    assert (aside / "latest").read_text() == "step_00000040"
     assert "up to step 40" in msg and str(aside) in msg and "train.resume=auto" in msg and msg in caplog.text
 
 
