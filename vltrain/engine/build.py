@@ -16,7 +16,7 @@ from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
-from vltrain.engine.resume import check_model_matches, check_resume_precision, check_resume_stage, \
+from vltrain.engine.resume import check_files_open, check_model_matches, check_resume_precision, check_resume_stage, \
     continued_precision, reconcile_resume, saved_config, written_section, written_setting
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
@@ -341,6 +341,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     cfg.train.precision, why = continued_precision(asked, cfg, found)   # before the comparisons below
     if found is not None:   # files present; same global batch (grad_accum), world size it can load on
         reconcile_resume(cfg, found, info.world, info.num_nodes)
+        check_files_open(found, info.rank)      # before the minutes of building what it would load into
         if info.is_main:
             warn_config_changes(cfg, found.path)
     elif info.is_main and cfg.mode == "train":

@@ -154,6 +154,23 @@ def unreadable_message(tag_dir: str) -> Optional[str]:
             + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
 
 
+def check_files_open(found, rank: int) -> None:
+    """Refuse a resume from a checkpoint with a file torch cannot open, on every rank alike.
+
+    A damaged file fails only the rank that reads it, inside DeepSpeed's load (whose errors
+    name no file); the others would load theirs and die at the next collective with gloo's
+    "Connection closed by peer". Rank 0 opens every file (lazily, a second or so) before the
+    engine is built, and the verdict is broadcast: all ranks stop on the same message."""
+    import torch.distributed as dist
+
+    bad = [unreadable_message(found.path) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(bad, src=0)
+    if bad[0]:
+        raise CheckpointError(f"cannot load checkpoint {found.path}: {bad[0]}. Resume from another checkpoint "
+                              "with train.resume=<its tag folder> (`vltrain-ckpt inspect` lists the complete ones)")
+
+
 def unreadable_files(tag_dir: str) -> list[str]:
     """``"<file> (<error>)"`` for each ``.pt`` file of a tag folder that torch cannot open
     (lazily, mmap: a cut or damaged file), for errors that name no file (DeepSpeed's load)."""

@@ -25,7 +25,7 @@ from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
-from vltrain.engine.resume import CheckpointError, unreadable_message
+from vltrain.engine.resume import CheckpointError
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
 from vltrain.monitor import MicroBatches, Ratio
 from vltrain.profiling import StepProfiler
@@ -117,22 +117,11 @@ class Trainer:
         settings = optimizer_group_settings(self.engine)
         base_lrs = list(self.engine.lr_scheduler.base_lrs)      # this run's config, before the load
         run_settings = optimizer_run_settings(self.engine.optimizer)
-        # A damaged file fails only the rank that reads it, inside DeepSpeed's load (whose
-        # errors name no file); the others would load theirs and die at the next collective
-        # with gloo's "Connection closed by peer". Rank 0 opens every file first (lazily, a
-        # second or so) and all ranks stop on the same message.
-        bad = [unreadable_message(found.path) if self.info.rank == 0 else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(bad, src=0)
-        if bad[0]:
-            raise CheckpointError(f"cannot load checkpoint {found.path}: {bad[0]}. Resume from another "
-                                  "checkpoint with train.resume=<its tag folder> (`vltrain-ckpt inspect` lists "
-                                  "the complete ones)")
         try:
             load_path, _ = self.engine.load_checkpoint(found.save_dir, tag=found.tag)
         except Exception as e:
-            # DeepSpeed's errors name no file; an out-of-memory or a collective's timeout is
-            # raised as it is
+            # DeepSpeed's errors name no file (unreadable files were refused by the build:
+            # check_files_open); an out-of-memory or a collective's timeout is raised as it is
             why = zero0_layout_mismatch(found.path, self.engine.optimizer)
             if why:
                 raise CheckpointError(f"cannot load checkpoint {found.path}: {why}") from e
