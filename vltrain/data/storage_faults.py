@@ -56,7 +56,8 @@ def store_of(remote: str) -> str:
     if remote.startswith("s3://"):
         url = os.environ.get("S3_ENDPOINT_URL")
         return f"S3 endpoint {redact(url)}" if url else "AWS S3 (S3_ENDPOINT_URL unset)"
-    return redact(remote.split("://", 1)[0] + "://" + remote.split("://", 1)[-1].split("/", 1)[0])
+    scheme, _, rest = remote.partition("://")
+    return redact(f"{scheme}://{rest.split('/', 1)[0]}")
 
 
 DENIED_HINT = ("the store refused these credentials (HTTP 403: an expired AWS_SESSION_TOKEN, rotated keys, or a "
