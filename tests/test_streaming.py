@@ -34,6 +34,7 @@ def _cfg(spec):
     cfg.model.region_feat_dim, cfg.model.num_region_classes = 8, 5
     cfg.objectives.mrc = True
     cfg.train.seed = 7
+    cfg.train.micro_batch_size = BATCH
     cfg.train.grad_accum = spec.get("grad_accum", 1)
     cfg.train.dist_timeout_s = spec.get("dist_timeout_s", 600.0)
     return cfg
@@ -67,7 +68,7 @@ def _rank_main(rank, world, local_world, spec, out):
     try:
         from vltrain.data.loader import build_train_loader
         from vltrain.tokenization import Tokenizer
-        loader, _ = build_train_loader(_cfg(spec), Tokenizer(spec["vocab"]), BATCH)
+        loader, _ = build_train_loader(_cfg(spec), Tokenizer(spec["vocab"]))
         if spec.get("log"):
             import logging
             logging.getLogger().addHandler(logging.FileHandler(f"{spec['log']}.rank{rank}"))
@@ -258,7 +259,7 @@ def _single_loader(remote, tmp_path, vocab_file, **data):
     for k, v in data.items():
         setattr(cfg.data, k, v)
     L._SHM_CLEANED = True   # leave other processes' streaming shared memory alone
-    return L.build_train_loader(cfg, Tokenizer(vocab_file), BATCH)[0]
+    return L.build_train_loader(cfg, Tokenizer(vocab_file))[0]
 
 
 def _shards(folder):

@@ -168,6 +168,10 @@ class TrainConfig:
     profile_start: int = 10                  # ... those after this step (past compile and warm-up)
     profile_ranks: list[int] = field(default_factory=lambda: [0])   # the ranks that profile
 
+    def global_batch(self, world: int) -> int:
+        """Samples per optimizer step on ``world`` ranks (DeepSpeed's train_batch_size)."""
+        return self.micro_batch_size * self.grad_accum * world
+
 
 @dataclass
 class TaskConfig:

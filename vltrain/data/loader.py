@@ -319,20 +319,19 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
                           generator=torch.Generator().manual_seed(cfg.train.seed),
                           # the bound a rank waits for its peers, also for a batch
                           wait_timeout_s=cfg.train.dist_timeout_s,
-                          global_batch=batch_size * World.detect().num_ranks * cfg.train.grad_accum if train else 0,
+                          global_batch=cfg.train.global_batch(World.detect().num_ranks) if train else 0,
                           what=f"data.{split}={getattr(cfg.data, split)}",
                           store=", ".join(sorted({store_of(i.name) for i in infos if is_remote(i.name)})))
     return loader, collator
 
 
-def build_train_loader(cfg, tokenizer, batch_size: int, make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
-    """Pretraining loader over ``data.train`` (+ ``data.text_train``), shuffled, epochs of whole
-    global batches (``batch_size`` x world size x ``train.grad_accum``).
-
-    ``batch_size`` is the per-rank micro batch. Every rank must call it (collective when
-    torch.distributed is initialised).
+def build_train_loader(cfg, tokenizer, make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
+    """Training loader over ``data.train`` (+ ``data.text_train``), shuffled, batches of
+    ``train.micro_batch_size`` per rank, epochs of whole global batches
+    (``TrainConfig.global_batch``). Every rank must call it (collective when torch.distributed
+    is initialised).
     """
-    return _loader(cfg, tokenizer, batch_size, "train", train=True, make_collator=make_collator)
+    return _loader(cfg, tokenizer, cfg.train.micro_batch_size, "train", train=True, make_collator=make_collator)
 
 
 def build_eval_loader(cfg, tokenizer, batch_size: int, split: str = "val",

@@ -413,7 +413,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         drop_step_readbacks(engine.optimizer)       # ZeRO-1/2: the step's norm checks stay on the device
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)   # dropout streams differ per rank
 
-        loader = (build_train_loader(cfg, tokenizer, cfg.train.micro_batch_size, spec.make_collator)[0]
+        loader = (build_train_loader(cfg, tokenizer, spec.make_collator)[0]
                   if cfg.mode != "eval" else None)    # eval needs no training data
         val_loader = (build_eval_loader(cfg, tokenizer, cfg.train.micro_batch_size, make_collator=spec.make_collator)[0]
                       if cfg.data.val and cfg.mode != "eval" else None)   # eval builds the split it evaluates
