@@ -4,9 +4,9 @@ Trained once per module, by the real ``build_training`` (tests/workers/ckpt_trai
 also reads the LIVE engine's full fp32 weights and Adam moments at every save and right
 after every resume:
 
-  A  2 ranks: z2 (ZeRO-2, 6 steps, saves at 3 and 6), z1 / z3b / z0 (ZeRO-1/3/0, 2 steps),
-     z0bf (ZeRO-0 in bf16, 2 steps)
-  B  1 rank:  z3 (ZeRO-3, grad_accum 2 = the same global batch of 16, 6 steps, saves at 3, 6)
+  A  2 ranks: z2 (ZeRO-2, train.global_batch 16 = grad_accum 1, 6 steps, saves at 3 and 6),
+     z1 / z3b / z0 (ZeRO-1/3/0, 2 steps), z0bf (ZeRO-0 in bf16, 2 steps)
+  B  1 rank:  z3 (ZeRO-3, the same train.global_batch of 16 = grad_accum 2, 6 steps, saves at 3, 6)
      -> `reshard` z2@3 -> U2 and z3@3 -> U3
   C  1 rank:  resume U2 (grad_accum becomes 2), then bad inputs through run.py's main()
   D  2 ranks: resume U3 (grad_accum becomes 1)
@@ -106,7 +106,7 @@ def ckpts(tmp_path_factory, synthetic_corpus):
             f"data.cache_dir={root}/cache/{name}", "train.log_every=1", "objectives.loss_reduction=example",
             "train.dist_timeout_s=300", "train.keep_last=5", *extra]}
 
-    long = ("train.max_steps=6", "train.save_every_steps=3")
+    long = ("train.max_steps=6", "train.save_every_steps=3", "train.global_batch=16")
     short = ("train.max_steps=2", "train.warmup_steps=1")
     a = launch({"out": dumps, "runs": [run("z2", "zero2", *long), run("z1", "zero1", *short),
                                        run("z3b", "zero3", *short), run("z0", "zero0", *short),
@@ -117,7 +117,7 @@ def ckpts(tmp_path_factory, synthetic_corpus):
                                            "model.vlbert_text_only_visual=none", "data.image_feature=regions_mean")]},
               "A", 2, logs)
     finish(a)   # one job at a time: a starting streaming job clears the host's stale shared memory
-    b = launch({"out": dumps, "runs": [run("z3", "zero3", *long, "train.grad_accum=2")]}, "B", 1, logs)
+    b = launch({"out": dumps, "runs": [run("z3", "zero3", *long)]}, "B", 1, logs)
     finish(b)
     res = {"root": root, "dumps": dumps, "runs": runs, "logs": logs, "run": run, "train": train,
            "z2": os.path.join(runs, "z2", "checkpoints"), "z3": os.path.join(runs, "z3", "checkpoints")}
@@ -161,6 +161,10 @@ def resumed(ckpts, resharded):
         {"name": "shape_init", "argv": base + ["run_name=b2", f"train.init_from={z2_3}", "model.hidden_size=32"]},
         {"name": "not_resharded", "argv": base + ["run_name=b3", f"train.resume={z2_3}"]},
         {"name": "batch", "argv": base + ["run_name=b4", f"train.resume={u2}", "train.micro_batch_size=3"]},
+        {"name": "other_global_batch", "argv": base + ["run_name=b8", f"train.resume={u2}", "train.global_batch=32"]},
+        {"name": "global_batch_unfit", "argv": base + ["run_name=b9", "train.global_batch=12"]},
+        {"name": "global_batch_vs_accum", "argv": base + ["run_name=b10", "train.global_batch=16",
+                                                          "train.grad_accum=3"]},
         {"name": "missing_file", "argv": base + ["run_name=b5", f"train.resume={resharded['damaged']}"]},
         {"name": "stage", "argv": base[:2] + ["--deepspeed_config", "ds_configs/zero3.json"] + base[2:]
          + ["run_name=b6", f"train.resume={u2}"]},
@@ -171,7 +175,8 @@ def resumed(ckpts, resharded):
                                                     "train.resume=auto")], "bad": bad}, "C", 1, ckpts["logs"])
     finish(c)   # one job at a time (see above)
     d = launch({"out": ckpts["dumps"], "runs": [run("r3to2", "zero3", "train.max_steps=6", "train.save_every_steps=3",
-                                                    "train.resume=auto")]}, "D", 2, ckpts["logs"])
+                                                    "train.resume=auto", "train.global_batch=16")]},
+               "D", 2, ckpts["logs"])
     finish(d)
     with open(os.path.join(ckpts["dumps"], "bad_inputs.json")) as f:
         return json.load(f)
@@ -484,6 +489,27 @@ def test_world_size_that_cannot_keep_the_global_batch(ckpts, resumed, tmp_path, 
     assert_nothing_written(tmp_path / "u")
     r = resumed["batch"]                               # resume on 1 rank with micro batch 3
     assert r["code"] == 2 and "train.micro_batch_size in 1, 2, 4, 8, 16" in r["errors"][0]
+
+
+def test_train_global_batch_fits_grad_accum_to_the_job(ckpts, resumed):
+    """The same train.global_batch=16 at micro batch 8: accumulation 1 on 2 ranks, 2 on 1 rank,
+    said in the log; refused where it cannot be kept or contradicts what was asked."""
+    for name, world, accum in (("z2", 2, 1), ("z3", 1, 2)):
+        with open(os.path.join(ckpts[name], "step_00000006", "vltrain_ckpt.json")) as f:
+            rec = json.load(f)
+        assert (rec["world_size"], rec["grad_accum"], rec["global_batch"]) == (world, accum, 16), rec
+    log = open(os.path.join(ckpts["logs"], "B.rank0.log")).read()
+    assert "global batch 16 samples per step = micro batch 8 x grad_accum 2 x 1 rank(s)" in log
+    r = resumed["global_batch_unfit"]                  # a start: 12 on 1 rank of micro batch 8
+    assert r["code"] == 2 and ("cannot keep train.global_batch of 12 samples per step on 1 rank(s)" in r["errors"][0]
+                               and "use train.micro_batch_size in 1, 2, 3, 4, 6, 12" in r["errors"][0]), r
+    r = resumed["global_batch_vs_accum"]
+    assert r["code"] == 2 and "train.grad_accum=3 contradicts train.global_batch=16" in r["errors"][0], r
+    r = resumed["other_global_batch"]                  # a resume keeps the checkpoint's
+    assert r["code"] == 2 and ("train.global_batch=32, but checkpoint" in r["errors"][0]
+                               and "trained with 16 samples per step" in r["errors"][0]), r
+    for name in ("b9", "b10"):                         # refused before the run folder is made
+        assert not os.path.exists(os.path.join(ckpts["runs"], name))
 
 
 def test_different_model_shape_is_refused_naming_parameters(resumed):

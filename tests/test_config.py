@@ -121,7 +121,7 @@ def test_batch_sizes_must_be_positive():
     assert load_config(None, ["data.max_sequence=0"]).data.max_sequence == 0
     with pytest.raises(ConfigError, match=r"'train.log_every': must be at least 1, got 0"):
         load_config(None, ["train.log_every=0"])
-    for key in ("train.lr", "train.val_every", "train.keep_last", "train.save_every_minutes"):
+    for key in ("train.lr", "train.val_every", "train.keep_last", "train.save_every_minutes", "train.global_batch"):
         with pytest.raises(ConfigError, match=rf"'{key}': 0 or more, got -1"):
             load_config(None, [f"{key}=-1"])
         assert load_config(None, [f"{key}=0"])                  # 0: off (or an lr of 0)

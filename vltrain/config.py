@@ -140,6 +140,10 @@ class TrainConfig:
     seed: int = 42
     micro_batch_size: int = 8
     grad_accum: int = 1
+    # > 0: the samples per optimizer step on any number of ranks (a paper's batch): grad_accum
+    # is derived, global_batch / (micro_batch_size x ranks), and a start where that is not a whole
+    # number is refused. 0: micro_batch_size x grad_accum x ranks, whatever the job's size.
+    global_batch: int = 0
     max_steps: int = 1000
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -168,8 +172,8 @@ class TrainConfig:
     profile_start: int = 10                  # ... those after this step (past compile and warm-up)
     profile_ranks: list[int] = field(default_factory=lambda: [0])   # the ranks that profile
 
-    def global_batch(self, world: int) -> int:
-        """Samples per optimizer step on ``world`` ranks (DeepSpeed's train_batch_size)."""
+    def samples_per_step(self, world: int) -> int:
+        """The global batch on ``world`` ranks (DeepSpeed's train_batch_size), grad_accum fitted."""
         return self.micro_batch_size * self.grad_accum * world
 
 
@@ -378,7 +382,7 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
             raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
     # (0 turns the saves, validations and clipping off; torch would name no key for a negative lr)
     for name in ("lr", "weight_decay", "grad_clip", "save_every_steps", "save_every_minutes", "keep_last",
-                 "val_every"):
+                 "val_every", "global_batch"):
         if getattr(cfg.train, name) < 0:
             raise ConfigError(f"config key 'train.{name}': 0 or more, got {getattr(cfg.train, name)}")
     if cfg.data.max_sequence and cfg.data.max_sequence < 8:

@@ -319,7 +319,7 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
                           generator=torch.Generator().manual_seed(cfg.train.seed),
                           # the bound a rank waits for its peers, also for a batch
                           wait_timeout_s=cfg.train.dist_timeout_s,
-                          global_batch=cfg.train.global_batch(World.detect().num_ranks) if train else 0,
+                          global_batch=cfg.train.samples_per_step(World.detect().num_ranks) if train else 0,
                           what=f"data.{split}={getattr(cfg.data, split)}",
                           store=", ".join(sorted({store_of(i.name) for i in infos if is_remote(i.name)})))
     return loader, collator

@@ -17,7 +17,7 @@ from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import check_files_open, check_model_matches, check_resume_precision, check_resume_stage, \
-    continued_precision, reconcile_resume, saved_config, written_section, written_setting
+    continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, written_setting
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -344,9 +344,14 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         check_files_open(found, info.rank)      # before the minutes of building what it would load into
         if info.is_main:
             warn_config_changes(cfg, found.path)
-    elif info.is_main and cfg.mode == "train":
-        if cfg.train.resume == "auto":      # a mistyped run_name would otherwise go unnoticed
+    elif cfg.mode == "train":
+        fit_global_batch(cfg, info.world)     # train.global_batch: grad_accum for this job's ranks
+        if cfg.train.resume == "auto" and info.is_main:   # a mistyped run_name would otherwise go unnoticed
             log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
+    if cfg.mode == "train" and info.is_main:   # a recipe's batch assumes a job size: say what this one gives
+        t = cfg.train
+        log.info("global batch %d samples per step = micro batch %d x grad_accum %d x %d rank(s)",
+                 t.samples_per_step(info.world), t.micro_batch_size, t.grad_accum, info.world)
     make_run_dir(cfg, run_dir)
     with removed_if_left_empty(run_dir, info.is_main and not existed):
         if cfg.data.num_workers > 0:

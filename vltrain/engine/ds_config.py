@@ -249,7 +249,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     r.fill(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu",
            t.micro_batch_size, "train.micro_batch_size")
     r.fill(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
-    r.fill(ds, "train_batch_size", "train_batch_size", t.global_batch(world_size),
+    r.fill(ds, "train_batch_size", "train_batch_size", t.samples_per_step(world_size),
            f"train.micro_batch_size * train.grad_accum * world_size "
            f"({t.micro_batch_size} * {t.grad_accum} * {world_size})")
 

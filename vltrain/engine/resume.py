@@ -23,6 +23,8 @@ import logging
 import os
 from typing import Iterable, Optional
 
+from vltrain.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -391,21 +393,37 @@ def _fmt(values: Iterable[int], limit: int = 16) -> str:
     return text + (f", ... ({len(values)} in all)" if len(values) > limit else "") if values else "none"
 
 
-def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
+def batch_plan(global_batch: int, micro_batch: int, world: int, what: str = "the global batch",
+               error: type = CheckpointError) -> int:
     """``grad_accum`` that keeps ``global_batch`` on ``world`` ranks of ``micro_batch``; raises
-    naming the world sizes (and micro batch sizes) that would work."""
+    ``error`` naming ``what`` asked for it and the world sizes (and micro batch sizes) that work."""
     per_step = micro_batch * world
     if per_step > 0 and global_batch % per_step == 0:
         return global_batch // per_step
     sizes = workable_world_sizes(global_batch, micro_batch)
     micros = divisors(global_batch // world) if global_batch % world == 0 else []
-    msg = (f"cannot keep the global batch of {global_batch} samples per step on {world} rank(s) with "
+    msg = (f"cannot keep {what} of {global_batch} samples per step on {world} rank(s) with "
            f"train.micro_batch_size={micro_batch} ({global_batch} is not a multiple of "
            f"{micro_batch} x {world}). World sizes that keep it with micro batch {micro_batch}: "
            f"{_fmt(sizes)}")
     if micros:
         msg += f"; on {world} rank(s) use train.micro_batch_size in {_fmt(micros)}"
-    raise CheckpointError(msg)
+    raise error(msg)
+
+
+def fit_global_batch(cfg, world: int) -> None:
+    """A start (not a resume) with ``train.global_batch`` set: derive ``train.grad_accum`` from it
+    on ``world`` ranks, or refuse. A grad_accum set to another value than 1 must agree with it:
+    which of two explicit settings the user meant is not ours to pick."""
+    t = cfg.train
+    if not t.global_batch:
+        return
+    accum = batch_plan(t.global_batch, t.micro_batch_size, world, "train.global_batch", ConfigError)
+    if t.grad_accum not in (1, accum):
+        raise ConfigError(f"train.grad_accum={t.grad_accum} contradicts train.global_batch={t.global_batch}, "
+                          f"which needs grad_accum {accum} ({t.micro_batch_size} x {accum} x {world} ranks): "
+                          "leave train.grad_accum out, or set train.global_batch=0 to use it")
+    t.grad_accum = accum
 
 
 def canonical_nodes_ok(num_canonical_nodes: Optional[int], nodes: int) -> bool:
@@ -438,6 +456,12 @@ def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
 
     t = cfg.train
     global_batch = int(info.get("global_batch") or 0)
+    if global_batch and t.global_batch not in (0, global_batch):
+        raise CheckpointError(
+            f"train.global_batch={t.global_batch}, but checkpoint {path} trained with {global_batch} samples per "
+            f"step: a resume keeps its global batch (its LR schedule and data position count those steps). "
+            f"Resume with train.global_batch={global_batch} (or 0), or start a new run from its weights "
+            f"with train.init_from={path}")
     if global_batch:
         accum = batch_plan(global_batch, int(t.micro_batch_size), world)
         if accum != t.grad_accum:

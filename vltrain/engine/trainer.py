@@ -80,7 +80,7 @@ class Trainer:
         t = self.cfg.train
         return {"world_size": self.info.world, "zero_stage": zero,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
-                "global_batch": t.global_batch(self.info.world),
+                "global_batch": t.samples_per_step(self.info.world),
                 "num_canonical_nodes": loader_state.get("num_canonical_nodes"),
                 "best_metric": self.best_metric, "nonfinite_total": self.nonfinite_total}
 
