@@ -8,7 +8,7 @@
 #   1. builds the run.py command line from the variables below (+ EXTRA and "$@");
 #   2. resolves the run folder OUTPUT_ROOT/RUN_NAME with vltrain's own config loader, so a
 #      bad config fails here in a second (exit 2, job FAILED, not requeued);
-#   3. exports the rendezvous (MASTER_ADDR = first node of the job, MASTER_PORT from the job
+#   3. exports the rendezvous (MASTER_ADDR = the job's first node's NodeAddr, MASTER_PORT from the job
 #      id), NCCL defaults, and starts ONE srun TASK PER GPU running `python vltrain/run.py`
 #      (each task maps SLURM_PROCID/LOCALID/NTASKS/NODEID to RANK/LOCAL_RANK/WORLD_SIZE/
 #      NODE_RANK itself: vltrain/engine/distributed.py);
@@ -25,7 +25,8 @@
 #   CONFIG          recipe YAML (default: the template's)
 #   DS_CONFIG       DeepSpeed JSON (default ds_configs/zero2.json)
 #   RUN_NAME        -> run_name     (default: the recipe's run_name; in a job array it must hold
-#                   %a, replaced by the array task id, so each task has its own run folder)
+#                   %a, replaced by the array task id, so each task has its own run folder;
+#                   %a and %A, the array's job id, are replaced in every override too)
 #   OUTPUT_ROOT     -> output_root  (default: the recipe's output_root, relative to the submit dir)
 #   DATA_REMOTE     -> data.train   (an s3://bucket/prefix or a shared folder of MDS shards)
 #   DATA_VAL_REMOTE -> data.val
@@ -41,6 +42,8 @@
 #                   on the job's first node)
 #   VLTRAIN_HOME    the vltrain checkout (default: the folder above the submitted template,
 #                   found by the template itself; else the submit dir)
+#   VLTRAIN_SIGNAL_LEAD_S  the USR1 lead of --signal=USR1@N, for the time-limit check (default 300)
+#   VLTRAIN_SHARED_WAIT_S  how long a rank looks for the run folder the batch node made (90)
 # Secrets (AWS_* for S3) travel in the environment: this file never prints the environment.
 #
 # Resources (Slurm 22.05): an sbatch command-line option beats the same SBATCH_* variable,
@@ -76,14 +79,13 @@ vltrain_fail() {   # vltrain_fail CODE MESSAGE...
     exit "$code"
 }
 
-# Tasks per node of this job (SLURM_TASKS_PER_NODE looks like "8(x4)" or "8(x3),4").
+# Tasks per node of this job as started (SLURM_TASKS_PER_NODE looks like "8(x4)"; uneven
+# layouts are refused before this is read), not as asked (SLURM_NTASKS_PER_NODE: the
+# template's 8 even under `sbatch --ntasks=4`, which starts 4).
 vltrain_tasks_per_node() {
-    local tpn="${SLURM_NTASKS_PER_NODE:-}"
-    if [[ -z "$tpn" ]]; then
-        tpn="${SLURM_TASKS_PER_NODE:-1}"
-        tpn="${tpn%%,*}"
-        tpn="${tpn%%(*}"
-    fi
+    local tpn="${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}"
+    tpn="${tpn%%,*}"
+    tpn="${tpn%%(*}"
     echo "${tpn:-1}"
 }
 
@@ -116,7 +118,17 @@ vltrain_array_run_name() {
     [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]] || return 0
     [[ "${RUN_NAME:-}" == *%a* ]] \
         || vltrain_fail 2 "job array task $SLURM_ARRAY_TASK_ID: every task would train in the same run folder; set RUN_NAME with %a (e.g. RUN_NAME=sweep_%a), which becomes the task id"
-    RUN_NAME="${RUN_NAME//%a/$SLURM_ARRAY_TASK_ID}"
+}
+
+# In a job array task, "%a" in $1 becomes the task id and "%A" the array's job id (sbatch
+# --output's letters), so RUN_NAME=sweep_%A_%a and overrides like train.seed=%a vary per task.
+vltrain_array_fields() {
+    local v=$1
+    if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+        v="${v//%a/$SLURM_ARRAY_TASK_ID}"
+        v="${v//%A/${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}"
+    fi
+    printf '%s' "$v"
 }
 
 # The first TCP port from $2 (wrapping within 10000-29999) that $1 (python) can bind on this host.
@@ -137,7 +149,17 @@ PY
 
 # Whether run folder $1 holds a complete checkpoint (a tag with its completion record).
 vltrain_has_checkpoint() {
-    compgen -G "$1/checkpoints/*/vltrain_ckpt.json" >/dev/null
+    local f    # "$1" quoted: [ ] * ? in a run folder's name are characters, not a pattern
+    for f in "$1"/checkpoints/*/vltrain_ckpt.json; do
+        [[ -e "$f" ]] && return 0
+    done
+    return 1
+}
+
+# The value of field $1 in a line of `scontrol show ... -o` on stdin: up to the next " Key="
+# (a path may hold spaces, where grep -o 'StdOut=[^ ]*' cut it short).
+vltrain_job_field() {
+    sed -n -E "s/^(.* )?$1=//p" | sed -E 's/ [A-Za-z][A-Za-z0-9_:/]*=.*//'
 }
 
 # $1 with a URL's user:password@ replaced by ***@ (vltrain/redact.py's rule for the usual
@@ -233,7 +255,18 @@ vltrain_check_time_limit() {
 vltrain_task() {
     local exit_dir=$1
     shift
-    local rank="${SLURM_PROCID:-0}"
+    local rank="${SLURM_PROCID:-0}" waited=0
+    # The batch node made the run folder. A node that does not see it writes checkpoints no
+    # other node reads (a node-local OUTPUT_ROOT): refuse. NFS may hide a new folder for up to
+    # its attribute-cache time (acdirmax, 60 s by default), so look for a while first.
+    while [[ ! -d "$exit_dir" ]] && ((waited < ${VLTRAIN_SHARED_WAIT_S:-90})); do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    if [[ ! -d "$exit_dir" ]]; then
+        echo "rank $rank on $(hostname -s): the run folder ${exit_dir%/logs/*} is not there: OUTPUT_ROOT must be on a filesystem every node sees (not /tmp or node-local scratch)" >&2
+        exit "$VLTRAIN_EXIT_BAD_INPUT"
+    fi
     # No GPU on this node: DeepSpeed's CPU accelerator + gloo. A node where Slurm allocated GPUs
     # is left to DeepSpeed's own detection even without nvidia-smi (containers, ROCm).
     if [[ -z "${DS_ACCELERATOR:-}" ]] && ((${SLURM_GPUS_ON_NODE:-0} == 0)) && [[ -z "${SLURM_STEP_GPUS:-}${SLURM_JOB_GPUS:-}" ]] \
@@ -333,9 +366,11 @@ vltrain_main() {
     read -r -a extra <<<"${EXTRA:-}"
     ov+=("${extra[@]}" "$@")
     ((resume)) && ((restart > 0)) && ov+=("train.resume=auto")
-    local kv
-    for kv in "${ov[@]}"; do
+    local kv i
+    for i in "${!ov[@]}"; do
+        kv="$(vltrain_array_fields "${ov[$i]}")"
         [[ "$kv" == *=* ]] || vltrain_fail 2 "argument '$kv' is not a key=value config override"
+        ov[i]=$kv
     done
 
     # ---- the run folder, exactly as run.py will compute it (and the config checked early).
@@ -366,15 +401,23 @@ PY
 
     local log_dir="$run_dir/logs"
     local exit_dir="$log_dir/.exit/$SLURM_JOB_ID.$restart"
+    # srun --output expands %-letters anywhere in its path (%% is a %), and a backslash turns
+    # every expansion off: all ranks would write one file named "%j-%t.log"
+    [[ "$log_dir" != *\\* ]] || vltrain_fail 2 "the run folder $run_dir has a backslash, which stops srun from naming each rank's log; choose another OUTPUT_ROOT / RUN_NAME"
     mkdir -p "$log_dir" "$exit_dir" || vltrain_fail 1 "cannot create $log_dir (OUTPUT_ROOT must be on a filesystem every node sees)"
     rm -f "$exit_dir"/* 2>/dev/null
     # The batch log itself (#SBATCH --output) stays where sbatch put it; link it beside the ranks' logs.
     local batch_log
-    batch_log="$(scontrol show job -o "$(vltrain_job_ref)" 2>/dev/null | grep -o 'StdOut=[^ ]*' | head -n1 | cut -d= -f2-)"
+    batch_log="$(scontrol show job -o "$(vltrain_job_ref)" 2>/dev/null | head -n1 | vltrain_job_field StdOut)"
     [[ -n "$batch_log" && -f "$batch_log" ]] && ln -sfn "$batch_log" "$log_dir/$SLURM_JOB_ID-batch.out" 2>/dev/null
 
     # ---- distributed environment shared by all ranks (per-rank variables are mapped in run.py).
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    # The first node's NodeAddr: the address Slurm itself reaches it at. Its NodeName (what
+    # `scontrol show hostnames` gives) need not resolve on the other nodes (cloud clusters).
+    local first
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    MASTER_ADDR="$(scontrol show node -o "$first" 2>/dev/null | head -n1 | vltrain_job_field NodeAddr)"
+    MASTER_ADDR="${MASTER_ADDR:-$first}"
     # Port from the job id (= vltrain.engine.distributed.port_from_job_id): two jobs sharing a
     # node differ; if it is taken on this node (the job's first: rank 0 listens here) by a
     # service or a job whose id differs by a multiple of 20000, the next free one. Every rank
@@ -401,11 +444,18 @@ PY
     # NCCL (ignored on CPU nodes). Async error handling turns a dead peer into an error on
     # every rank (with --kill-on-bad-exit the job then ends) instead of a hang.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    # A job submitted from inside another allocation (salloc, a Jupyter kernel on a compute
+    # node) inherits its SLURM_MEM_PER_CPU / _PER_GPU; beside this job's SLURM_MEM_PER_NODE
+    # (--mem=0) srun stops with "mutually exclusive"
+    [[ -n "${SLURM_MEM_PER_NODE:-}" ]] && unset SLURM_MEM_PER_CPU SLURM_MEM_PER_GPU
     # Cluster-specific, set them before sbatch when needed:
     #   NCCL_SOCKET_IFNAME=ib0 (or ^lo,docker0)  the interface for NCCL's bootstrap/socket traffic
     #   NCCL_IB_HCA=mlx5_0,mlx5_1                 the InfiniBand HCAs to use (=^mlx5_4 excludes one)
     #   NCCL_DEBUG=INFO                           topology and transport choices in the rank logs
     #   NCCL_NET_GDR_LEVEL, NCCL_IB_GID_INDEX     GPUDirect RDMA / RoCE settings from your admins
+    #   GLOO_SOCKET_IFNAME=eth0                   CPU nodes (gloo): ONE interface name (no ^ lists);
+    #                                             without it gloo binds what the hostname resolves
+    #                                             to, loopback where /etc/hosts maps it to 127.0.1.1
 
     local -a cmd=("$python" "$home/vltrain/run.py" --config "$CONFIG" --deepspeed_config "$ds_config" "${ov[@]}")
     vltrain_log "nodes=$SLURM_JOB_NODELIST ntasks=${SLURM_NTASKS:-?} tasks_per_node=$tpn cpus_per_task=$cpt master=$MASTER_ADDR:$MASTER_PORT"
@@ -416,15 +466,17 @@ PY
     # srun's own exit code is then the killed ranks' (143), so the ranks' codes are read from
     # exit_dir instead. --gpu-bind=none: every rank sees all GPUs of its node and takes
     # cuda:LOCAL_RANK (a site default binding one GPU per task would break that index and
-    # CUDA peer-to-peer between the ranks of a node). --distribution=block: each node's ranks
-    # consecutive, as streaming assumes (a site's or the job's `-m cyclic` would deal them round-robin).
+    # CUDA peer-to-peer between the ranks of a node). --distribution=block:block: each node's ranks
+    # consecutive, as streaming assumes (a site's or the job's `-m cyclic` would deal them
+    # round-robin), and their CPUs socket by socket (Slurm's default second level, cyclic, puts
+    # ranks 0, 2, 4, ... on socket 0: half of them far from their GPU on DGX-like nodes).
     # --export=ALL: the ranks need what this script exported (MASTER_*, OMP_NUM_THREADS, NCCL_*);
     # after `sbatch --export=A,B` srun would pass only A and B (it reads SLURM_EXPORT_ENV).
     local srun_pid rc
     ((got_term)) && vltrain_fail 143 "SIGTERM before the ranks started (job cancelled or preempted): not starting them"
     # shellcheck disable=SC2016  # $1/$@ expand in the task's shell, not here
-    srun --export=ALL --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none --distribution=block \
-        --output="$log_dir/%j-%t.log" --open-mode=append \
+    srun --export=ALL --kill-on-bad-exit=1 --cpus-per-task="$cpt" --gpu-bind=none --distribution=block:block \
+        --output="${log_dir//%/%%}/%j-%t.log" --open-mode=append \
         bash -c 'source "$1"; shift; vltrain_task "$@"' vltrain-task "$home/slurm/common.sh" "$exit_dir" "${cmd[@]}" &
     srun_pid=$!
     # USR1 to this shell (`--signal=B:USR1@T`, `scancel --batch --signal=USR1`): pass it on
@@ -454,6 +506,10 @@ PY
     rm -rf "$exit_dir"
     rmdir "$log_dir/.exit" 2>/dev/null
     vltrain_log "srun exited with $rc; ranks:${codes:- none reported}"
+    local reported
+    reported="$(wc -w <<<"$codes")"
+    ((rc == 0 || reported >= ${SLURM_NTASKS:-1})) \
+        || vltrain_log "$reported of ${SLURM_NTASKS:-?} ranks reported an exit code: the others could not reach $log_dir (OUTPUT_ROOT must be on a filesystem every node sees: not /tmp or node-local scratch), or were killed first"
 
     if ((rc == 0)); then
         rm -f "$log_dir/.storage_requeues.$SLURM_JOB_ID"

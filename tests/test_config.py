@@ -1,4 +1,6 @@
 """Config tree: strict keys, dotted overrides, YAML round trip."""
+import re
+
 import pytest
 
 from vltrain.config import Config, ConfigError, load_config, save_config
@@ -125,6 +127,16 @@ def test_batch_sizes_must_be_positive():
         with pytest.raises(ConfigError, match=rf"'{key}': 0 or more, got -1"):
             load_config(None, [f"{key}=-1"])
         assert load_config(None, [f"{key}=0"])                  # 0: off (or an lr of 0)
+
+
+def test_a_run_path_deepspeed_would_read_as_a_pattern_is_refused(tmp_path):
+    """DeepSpeed globs <checkpoint dir>/<tag>/*model_states.pt: a run named 'vqa[lr5e-5]' saved
+    its checkpoints and then failed every resume with a bare AssertionError."""
+    for override, key in (("run_name=vqa[lr5e-5]", "run_name"), (f"output_root={tmp_path}/a*b", "output_root"),
+                          (f"train.resume={tmp_path}/run?/checkpoints", "train.resume")):
+        with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': .* DeepSpeed reads as a file pattern"):
+            load_config(None, [override])
+    assert load_config(None, ["run_name=sweep 50% lr=5e-5]", "train.resume=auto"]).run_name == "sweep 50% lr=5e-5]"
 
 
 def test_run_name_worker_count_and_override_yaml_are_checked_naming_them():

@@ -261,6 +261,49 @@ def test_sbatch_helpers_refuse_uneven_layouts_and_see_checkpoints(tmp_path):
     (run / "checkpoints" / "step_00000005").mkdir()
     (run / "checkpoints" / "step_00000005" / "vltrain_ckpt.json").write_text("{}")
     assert _common_sh(f"vltrain_has_checkpoint {run}").returncode == 0
+    # [ ] * ? in the run folder's path are characters, not a pattern (the config refuses them in
+    # run_name and output_root, for DeepSpeed's sake; the shell does not rely on that)
+    odd = tmp_path / "vqa[lr5e-5] *"
+    shutil.copytree(run, odd)
+    assert _common_sh(f"vltrain_has_checkpoint '{odd}'").returncode == 0
+    assert _common_sh(f"vltrain_has_checkpoint '{tmp_path}/vqa[lr5e-6] *'").returncode == 1
+
+
+def test_sbatch_helpers_read_the_job_as_slurm_started_it(tmp_path):
+    """Tasks per node as started, not as asked (`sbatch --ntasks=4` of the 8-per-node template
+    split the CPUs 8 ways); scontrol fields whose value holds spaces (a checkout or a job name
+    with one: grep -o 'StdOut=[^ ]*' cut them short); %a / %A in an array task's overrides."""
+    p = _common_sh("vltrain_tasks_per_node", SLURM_TASKS_PER_NODE="4", SLURM_NTASKS_PER_NODE="8")
+    assert p.stdout.strip() == "4", (p.stdout, p.stderr)
+    line = ("JobId=5 JobName=my run Command=/shared/my code/vltrain/slurm/pretrain.sbatch WorkDir=/shared/my code "
+            "StdIn=/dev/null StdOut=/shared/out dir/my run-5.out Power= CPUs/Task=4")
+    for field, want in (("Command", "/shared/my code/vltrain/slurm/pretrain.sbatch"),
+                        ("StdOut", "/shared/out dir/my run-5.out")):
+        p = _common_sh(f"vltrain_job_field {field} <<<'{line}'")
+        assert p.stdout == want + "\n", (field, p.stdout)
+    p = _common_sh("vltrain_job_field NodeAddr <<<'NodeName=gpu001 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=gpu001'")
+    assert p.stdout.strip() == "10.1.2.3"
+    script = "vltrain_array_fields 'run_name=sweep_%A_%a'; echo; vltrain_array_fields train.seed=%a"
+    p = _common_sh(script, SLURM_JOB_ID="124", SLURM_ARRAY_JOB_ID="120", SLURM_ARRAY_TASK_ID="4")
+    assert p.stdout.split() == ["run_name=sweep_120_4", "train.seed=4"], p.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    p = subprocess.run(["bash", "-c", "source slurm/common.sh; vltrain_array_fields train.seed=%a"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.stdout == "train.seed=%a"                                    # not an array: as typed
+
+
+def test_a_rank_that_does_not_see_the_run_folder_stops(tmp_path):
+    """A node-local OUTPUT_ROOT (/tmp on the submit node): the batch node made the run folder,
+    the other nodes' ranks would write checkpoints nobody reads. Their task refuses to start
+    (after waiting out an NFS cache, VLTRAIN_SHARED_WAIT_S), naming the folder."""
+    missing = tmp_path / "runs" / "r" / "logs" / ".exit" / "7.0"
+    p = _common_sh(f"vltrain_task '{missing}' echo should-not-run", VLTRAIN_SHARED_WAIT_S="1", SLURM_PROCID="3")
+    assert p.returncode == 2 and "should-not-run" not in p.stdout, (p.stdout, p.stderr)
+    assert f"rank 3 on {socket.gethostname().split('.')[0]}: the run folder {tmp_path / 'runs' / 'r'} is not there" \
+        in p.stderr and "every node sees" in p.stderr, p.stderr
+    missing.mkdir(parents=True)
+    p = _common_sh(f"vltrain_task '{missing}' echo ran", SLURM_PROCID="3")
+    assert p.returncode == 0 and "ran" in p.stdout and (missing / "3").read_text().strip() == "0"
 
 
 def test_sbatch_cpus_per_task_fit_the_smallest_node():
@@ -287,8 +330,9 @@ def test_sbatch_rendezvous_port_moves_past_a_taken_one():
 def test_sbatch_job_array_tasks_get_their_own_run_folder():
     """A job array's tasks shared RUN_NAME's folder (checkpoints overwritten, resumed across
     tasks): %a becomes the task id, and an array without it is refused before anything runs."""
-    p = _common_sh('vltrain_array_run_name; echo "RUN_NAME=$RUN_NAME"', SLURM_ARRAY_TASK_ID="3", RUN_NAME="sweep_%a")
-    assert p.returncode == 0 and p.stdout.strip() == "RUN_NAME=sweep_3", (p.stdout, p.stderr)
+    p = _common_sh('vltrain_array_run_name && vltrain_array_fields "run_name=$RUN_NAME"', SLURM_ARRAY_TASK_ID="3",
+                   RUN_NAME="sweep_%a")
+    assert p.returncode == 0 and p.stdout.strip() == "run_name=sweep_3", (p.stdout, p.stderr)
     p = _common_sh("vltrain_array_run_name", SLURM_ARRAY_TASK_ID="3", RUN_NAME="sweep")
     assert p.returncode == 2 and "set RUN_NAME with %a" in p.stderr, (p.stdout, p.stderr)
     env = {k: v for k, v in os.environ.items() if k != "SLURM_ARRAY_TASK_ID"}

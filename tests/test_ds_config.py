@@ -461,3 +461,24 @@ def test_a_bad_key_inside_a_section_is_named_with_its_file(tmp_path, section, ba
     with pytest.raises(DSConfigError) as e:
         resolve_ds_config(str(path), debug_cfg(), 2, "cpu")
     assert str(e.value).startswith(f"ds_config {path}: ") and message in str(e.value), str(e.value)
+
+
+def test_a_stale_jit_build_lock_is_refused_naming_it(tmp_path, monkeypatch):
+    """A lock left by a job killed while torch compiled DeepSpeed's Adam would hang every later
+    start (torch waits for it without a timeout): refused naming the file; a fresh one (a build
+    under way) is waited for as torch does."""
+    import time
+    from torch.utils.cpp_extension import _get_build_directory
+    from vltrain.engine.ds_config import STALE_LOCK_S, build_lock_path, check_build_lock
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # the folder torch's JIT build would use (its private helper, which makes it)
+    assert build_lock_path("fused_adam") == os.path.join(_get_build_directory("fused_adam", False), "lock")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lock = tmp_path / "ext" / "fused_adam" / "lock"
+    check_build_lock("fused_adam")                                   # no lock
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    check_build_lock("fused_adam")                                   # a build under way
+    with pytest.raises(DSConfigError, match=rf"{lock} is 16 minutes old.*DS_BUILD_FUSED_ADAM=1"):
+        check_build_lock("fused_adam", now=time.time() + STALE_LOCK_S + 60)

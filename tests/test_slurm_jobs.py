@@ -160,7 +160,8 @@ def test_two_node_pretraining_from_s3(slurm_cluster, s3_corpus, tmp_path):
     assert f"job={job.id} rank=0 INFO vltrain.train: step {steps}/{steps}" in job.rank_log(0), job.logs()
     batch = job.batch_log
     port = 10000 + int(job.id) % 20000
-    assert f"master=node1:{port}\n" in batch or f"port {port} is taken on this node: rendezvous on" in batch, batch
+    # MASTER_ADDR is node1's NodeAddr (the local cluster's 127.0.0.1), not its NodeName
+    assert f"master=127.0.0.1:{port}\n" in batch or f"port {port} is taken on this node: rendezvous on" in batch, batch
     assert "ranks: rank0=0 rank1=0" in batch and "finished" in batch, batch
     assert "requeu" not in batch.split("srun exited", 1)[1], batch
     assert os.path.realpath(os.path.join(job.run_dir, "logs", f"{job.id}-batch.out")) == \
@@ -192,7 +193,8 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     steps = 60
     # The GPU request is dropped by an SBATCH_* variable this time; the command line is the
     # plain one from the README.
-    job = Job(slurm_cluster, tmp_path, "preempt", ["--nodes=2", "--ntasks-per-node=1"],
+    # a run folder named with a space and % (a field to srun --output, which put the logs elsewhere)
+    job = Job(slurm_cluster, tmp_path, "preempt 50%", ["--nodes=2", "--ntasks-per-node=1"],
               [f"train.max_steps={steps}", "train.log_every=1", "data.val=", "train.dist_timeout_s=60"],
               {"SBATCH_GPUS_PER_NODE": "0",
                "DATA_REMOTE": os.path.join(synthetic_corpus, "captions", "pretrain")})
@@ -223,7 +225,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     assert re.search(r"restart=0: srun exited with \d+; ranks:.*=75", batch), batch
     assert "restart=0: checkpointed on signal: requeueing" in batch, batch
     assert "restart=1: srun exited with 0; ranks: rank0=0 rank1=0" in batch and "restart=1: finished" in batch, batch
-    resumed = re.findall(r"resumed from (\S+) at step (\d+)", log0)
+    resumed = re.findall(r"resumed from (.+) at step (\d+)", log0)
     assert resumed == [(os.path.join(job.run_dir, "checkpoints", f"step_{k:08d}"), str(k))], log0
     headers = sorted(_rank_headers(job.rank_log(0) + job.rank_log(1), job.id))
     assert headers == [("0", "node1", "0", "cpu"), ("0", "node1", "1", "cpu"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -399,6 +400,13 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"config key 'run_name': a folder name under output_root (no '/', not empty, "
                           f"not '.' or '..'), got {name!r}")
+    for key, path in (("run_name", name), ("output_root", os.path.abspath(str(cfg.output_root))),
+                      ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):
+        odd = sorted(set(path) & set("*?["))
+        if odd:   # DeepSpeed finds a checkpoint's files with glob.glob(<its path>/...)
+            raise ConfigError(f"config key '{key}': {path!r} holds {' '.join(odd)}, which DeepSpeed reads as a "
+                              "file pattern when it loads or converts a checkpoint there: the run could never "
+                              "resume; choose a path without * ? [")
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     if task_keys:

@@ -593,6 +593,7 @@ def check_buildable(ds: dict) -> None:
         ok, msg = cpu_adam_status()
         if not ok:
             raise DSConfigError(f"ZeRO optimizer offload uses DeepSpeedCPUAdam, but {msg}")
+        check_build_lock("cpu_adam")
         return
     ok, msg = fused_adam_status()
     if not ok:
@@ -600,6 +601,43 @@ def check_buildable(ds: dict) -> None:
             f"the GPU optimizer is DeepSpeed's FusedAdam ('optimizer.params.torch_adam' auto or false), but {msg}. "
             f"Or set \"torch_adam\": true under \"optimizer\": {{\"params\": ...}} in the ds_config: torch's "
             f"fused AdamW, nothing to build; keep one choice for a whole run)")
+    check_build_lock("fused_adam")
+
+
+STALE_LOCK_S = 15 * 60      # a JIT build of DeepSpeed's Adam takes a minute or two
+
+
+def build_lock_path(op: str) -> str:
+    """Where torch's JIT build of DeepSpeed op ``op`` keeps its lock file (torch's
+    ``_get_build_directory`` naming, without making the folder)."""
+    import sys
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
+               else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{py}_{acc}")
+    return os.path.join(root, op, "lock")
+
+
+def check_build_lock(op: str, now: Optional[float] = None) -> None:
+    """Refuse to start on a build lock left by a job killed while compiling ``op`` (preempted,
+    cancelled, timed out: every rank of every job on the shared home builds it at its first
+    start). torch waits for a lock without a timeout, so every later job would hang there
+    until its time limit, before training and before any checkpoint."""
+    import time
+    path = build_lock_path(op)
+    try:
+        age = (now if now is not None else time.time()) - os.path.getmtime(path)
+    except OSError:
+        return      # no lock: nothing building, or prebuilt
+    if age > STALE_LOCK_S:
+        raise DSConfigError(
+            f"{path} is {age / 60:.0f} minutes old: a job killed while compiling DeepSpeed's {op} left it, and "
+            f"torch waits for it to go without a timeout. Delete it (no build takes that long), or install "
+            f"DeepSpeed with DS_BUILD_{op.upper()}=1 once (prebuilt: nothing to compile, no lock)")
 
 
 def decays(name: str, ndim: int) -> bool:
