@@ -29,7 +29,8 @@ from vltrain.data import schema
 COMPRESSION = "zstd"
 HASHES = ["xxh64"]           # streaming verifies these at read time (validate_hash="xxh64")
 DEFAULT_SIZE_LIMIT = "64mb"
-MAX_SKIP_MESSAGES = 20       # skip warnings printed one by one; the rest only counted
+MAX_SKIP_MESSAGES = 20       # skip warnings printed one by one, per kind; the rest counted (and listed in SKIPPED_FILE)
+SKIPPED_FILE = "vltrain_skipped.json"   # every skipped input beside the shards: [{"reason", "input"}]
 
 
 class BadInputError(Exception):
@@ -40,7 +41,10 @@ class SkipCounter:
     """Either raises :class:`BadInputError` on bad input or (``skip_bad``) counts and reports it.
 
     ``category`` is a short stable key ("nan_features", "empty_caption", ...) so the meta and
-    the final report can say how many of each kind were skipped.
+    the final report can say how many of each kind were skipped. A skipped input may be one
+    sample or many (an image without features drops all its questions): ``read``, which the
+    tool counts in the unit its split is scored in (questions, expressions, lines, images),
+    against the samples written says how many the dataset lacks.
     """
 
     def __init__(self, skip_bad: bool = False, stream=None, skip: frozenset = frozenset()):
@@ -48,6 +52,8 @@ class SkipCounter:
         self.skip = skip              # categories counted and skipped even without skip_bad
         self.counts: Counter[str] = Counter()
         self.stream = stream
+        self.skipped: list[dict] = []     # every skip, for SKIPPED_FILE
+        self.read = 0                     # input samples read (see above)
 
     @classmethod
     def from_args(cls, args) -> "SkipCounter":
@@ -62,13 +68,14 @@ class SkipCounter:
         if not (self.skip_bad or category in self.skip):
             raise BadInputError(message)
         self.counts[category] += 1
+        self.skipped.append({"reason": category, "input": message})
         out = self.stream or sys.stderr
-        total = sum(self.counts.values())
-        if total <= MAX_SKIP_MESSAGES:
+        n = self.counts[category]       # per kind: 30 dead links must not hide the one NaN file
+        if n <= MAX_SKIP_MESSAGES:
             print(f"skipping: {message}", file=out)
-        elif total == MAX_SKIP_MESSAGES + 1:
-            print("skipping: (further skip messages suppressed; counts are reported at the end)",
-                  file=out)
+        elif n == MAX_SKIP_MESSAGES + 1:
+            print(f"skipping: (further {category} messages suppressed; counted at the end, every one listed "
+                  f"in the output's {SKIPPED_FILE})", file=out)
 
     @property
     def total(self) -> int:
@@ -77,15 +84,22 @@ class SkipCounter:
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
-    def as_meta(self) -> dict:
-        """The counts as every tool records them in ``vltrain_meta.json``."""
-        return {"skipped": self.as_dict(), "skipped_total": self.total}
+    def finish(self, writer: "DatasetWriter", unit: str | None) -> None:
+        """Into ``writer``'s ``vltrain_meta.json``: the skip counts, and how many of the input's
+        ``unit``s (``read``) the dataset lacks (None: its samples are not the input's, as text
+        chunks); every skipped input into its SKIPPED_FILE."""
+        writer.meta.update(skipped=self.as_dict(), skipped_total=self.total)
+        if unit:
+            writer.meta.update(input_unit=unit, input_samples=self.read,
+                               samples_left_out=max(self.read - writer.count, 0))
+        if self.skipped:
+            writer.add_json(SKIPPED_FILE, self.skipped)
 
     def report(self, stream=None) -> None:
         out = stream or sys.stdout
         if self.total:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
-            print(f"skipped {self.total} bad input(s) ({detail})", file=out)
+            print(f"skipped {self.total} bad input(s) ({detail}; each in the output's {SKIPPED_FILE})", file=out)
         else:
             print("skipped 0 bad inputs", file=out)
 
@@ -368,3 +382,7 @@ def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.Argument
 def summarize(writer: DatasetWriter, skips: SkipCounter) -> None:
     print(f"wrote {writer.count} {writer.kind} samples in {writer.shard_count} shard(s) to {writer.out}")
     skips.report()
+    left, unit = writer.meta.get("samples_left_out"), writer.meta.get("input_unit")
+    if left:
+        print(f"left out {left} of the input's {skips.read} {unit} ({100 * left / skips.read:.1f}%): "
+              f"an official scorer counts them")

@@ -64,6 +64,7 @@ def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
                     header = 1
                     continue
                 row = lineno - 1 - header
+                skips.read += 1                      # one image per line
                 text, sep, url = line.partition("\t")
                 if not sep or not url.strip():
                     skips.bad("malformed_line", f"{path} line {lineno}: not 'caption<TAB>url' "
@@ -127,6 +128,7 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
             raise BadInputError(f"{path} is a COCO captions file, which has no splits; "
                                 f"use --split all (got {split!r})")
         order, sizes = _coco_images(path, data["images"])
+        skips.read = len(order)
         for k, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict):
                 skips.bad("malformed_annotation", f"{path} annotation {k}: {ann!r:.80} is not an object "
@@ -147,12 +149,18 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
         return caps, sizes, fmt
     fmt = "karpathy"
     keep = {split} | ({"restval"} if include_restval and split == "train" else set())
+    first: dict[str, int] = {}                      # image id -> its entry's index
     present = sorted({str(im.get("split")) for im in data["images"]})
     if split != "all" and not keep & set(present):
         raise BadInputError(f"{path}: no image has split {split!r} (the file's splits: {present})")
+    if split == "train" and not include_restval and "restval" in present:
+        restval = sum(im.get("split") == "restval" for im in data["images"])
+        print(f"note: {path} also has {restval} 'restval' images, which --split train leaves out (VLP's "
+              f"caption recipe trains on train + restval: --include-restval)")
     for k, im in enumerate(data["images"]):
         if split != "all" and im.get("split") not in keep:
             continue
+        skips.read += 1
         if image_key == "auto":
             key = "cocoid" if "cocoid" in im else "filename"
         else:
@@ -175,9 +183,11 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
             skips.bad("no_captions", f"{path} image {k} ({im.get('filename', iid)}, id {iid}): no captions")
             continue
         if iid in caps:
-            skips.bad("duplicate_image", f"{path} image {k}: image id {iid} appears twice")
+            skips.bad("duplicate_image", f"{path} image {k}: image id {iid} appears again (first as image "
+                                         f"{first[iid]})")
             continue
         caps[iid] = texts
+        first[iid] = k
     return caps, sizes, fmt
 
 
@@ -209,7 +219,7 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with captions had valid features")
         writer.meta["num_captions"] = written
-        writer.meta.update(skips.as_meta())
+        skips.finish(writer, "images")
     summarize(writer, skips)
 
 

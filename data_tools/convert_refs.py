@@ -125,6 +125,8 @@ def collect(args: argparse.Namespace, skips: SkipCounter) -> tuple[dict[str, lis
         if ref.get("split") != args.split:
             continue
         where = f"{args.refs} ref {k} (ref_id {ref.get('ref_id')}, image {ref.get('image_id')})"
+        sents = ref.get("sentences")
+        skips.read += len(sents) if isinstance(sents, list) and sents else 1    # each expression is scored
         ann = anns.get(int(ref["ann_id"])) if str(ref.get("ann_id", "")).isdigit() else None
         if ann is None:
             skips.bad("missing_annotation", f"{where}: ann_id {ref.get('ann_id')!r} is not in {args.instances}")
@@ -141,7 +143,6 @@ def collect(args: argparse.Namespace, skips: SkipCounter) -> tuple[dict[str, lis
             skips.bad("bad_box", f"{where}: annotation {ref['ann_id']} bbox {ann[1]!r} is not an "
                                  f"[x, y, w, h] box inside the {sizes[image_id][0]}x{sizes[image_id][1]} image")
             continue
-        sents = ref.get("sentences")
         if not isinstance(sents, list) or not sents:
             skips.bad("no_sentences", f"{where}: no sentences")
             continue
@@ -195,7 +196,7 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with expressions had valid features")
         writer.meta["reachable"] = reachable
-        writer.meta.update(skips.as_meta())
+        skips.finish(writer, "expressions")
     summarize(writer, skips)
     print(f"{reachable} of {writer.count} expressions ({100 * reachable / writer.count:.1f}%) have a region "
           f"with IoU >= {IOU_REACHABLE} with their referent: the best accuracy these regions allow")

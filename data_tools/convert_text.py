@@ -44,7 +44,8 @@ def iter_documents(path: str, skips: SkipCounter) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").strip()
+                # utf-8-sig on the first line: a byte-order mark would start the first document
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
             except UnicodeDecodeError as e:
                 if not lines and not broken:
                     start = lineno
@@ -95,7 +96,7 @@ def convert(args: argparse.Namespace) -> None:
             raise BadInputError(f"no documents in {', '.join(args.input)}")
         writer.meta["num_documents"] = docs
         writer.meta["dropped_short"] = short
-        writer.meta.update(skips.as_meta())
+        skips.finish(writer, None)
     summarize(writer, skips)
     if short:
         print(f"dropped {short} document(s)/chunk(s) shorter than --min-words {args.min_words}")

@@ -17,9 +17,9 @@ the evaluations with ``python -m vltrain.metrics.vcr`` (val scores, or the leade
 from qa + the four --given-answer evaluations of the test split).
 
 Text: questions and choices are token lists whose tokens are words or lists of indices into
-``objects``. As in R2C's and VL-BERT's VCR loaders, an index of a "person" object becomes the
-gender-neutral name GENDER_NEUTRAL_NAMES[index % 15] (Casey, Riley, Jessie, ...), any other
-object its class name ("tie"); several indices in one token are joined with " and ". Tokens
+``objects``. As in VL-BERT's VCR loader, a "person" object becomes a gender-neutral name by its
+place among the line's persons (the first Casey, the second Riley, ...; see ``object_name``),
+any other object its class name ("tie"); several indices in one token are joined with " and ". Tokens
 are joined with single spaces, except that no space goes before a token made only of
 punctuation (other than opening brackets/quotes) or an English clitic ('s, n't, 're, ...) nor
 after an opening bracket/quote (a straight quote counts as closing): ["What", "is", [0],
@@ -91,9 +91,10 @@ from vltrain.data import schema
 from vltrain.metrics.accuracy import box_iou
 from vltrain.metrics.vcr import sample_id_of
 
-# R2C's list (dataloaders/vcr.py), Peyton twice included: the same index gives the same name.
+# VL-BERT's list (vcr/data/datasets/vcr.py): 13 names, none twice. R2C's has 15 with Peyton
+# twice, which gave two people of one image the same name.
 GENDER_NEUTRAL_NAMES = ['Casey', 'Riley', 'Jessie', 'Jackie', 'Avery', 'Jaime', 'Peyton', 'Kerry', 'Jody',
-                        'Kendall', 'Peyton', 'Skyler', 'Frankie', 'Pat', 'Quinn']
+                        'Kendall', 'Frankie', 'Pat', 'Quinn']
 CLITICS = {"'s", "'re", "'ve", "'ll", "'d", "'m", "n't"}
 OPENING = {"Ps", "Pi"}          # Unicode categories of opening brackets and quotes
 REQUIRED = ("annot_id", "objects", "img_fn", "question", "answer_choices")
@@ -115,6 +116,16 @@ def _is_punct(word: str, opening: bool) -> bool:
     return all(c.startswith("P") and (c in OPENING) == opening for c in cats)
 
 
+def object_name(objects: list[str], i: int) -> str:
+    """The words for object ``i``: a person's name by its place among the line's persons (the
+    14th is Casey again), else the class name. VL-BERT names persons in that order too, but its
+    counter runs on from the sample it read before, so the same line could read differently from
+    one epoch to the next; here a line always reads the same, and its first 13 people differ."""
+    if objects[i] != "person":
+        return objects[i]
+    return GENDER_NEUTRAL_NAMES[objects[:i].count("person") % len(GENDER_NEUTRAL_NAMES)]
+
+
 def object_words(ref: list, objects: list[str], what: str) -> tuple[str, list[list[int]]]:
     """The text of one object reference token and its [start, end, object index] spans."""
     if not ref or not all(type(i) is int for i in ref):   # bool is an int subclass: refused
@@ -124,7 +135,7 @@ def object_words(ref: list, objects: list[str], what: str) -> tuple[str, list[li
         if not 0 <= i < len(objects):
             raise _BadLine("bad_object_ref", f"{what}: object index {i} outside the line's "
                                              f"{len(objects)} objects {objects}")
-        name = GENDER_NEUTRAL_NAMES[i % len(GENDER_NEUTRAL_NAMES)] if objects[i] == "person" else objects[i]
+        name = object_name(objects, i)
         if text:
             text += " and "
         spans.append([len(text), len(text) + len(name), i])
@@ -249,6 +260,7 @@ def read_annotations(args: argparse.Namespace, skips: SkipCounter) -> dict[str, 
     labelled: tuple[bool, int] | None = None       # (lines have labels, first such line)
     for lineno, raw, line in _read_lines(args.annotations):
         where = f"{args.annotations} line {lineno} (annot_id {_annot_id(line, raw)})"
+        skips.read += 1                                  # one question per line
         try:
             if isinstance(line, Exception):
                 raise _BadLine("malformed_line", f"invalid JSON ({line})")
@@ -417,8 +429,8 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with annotations had valid features")
         writer.meta.update(num_choices=num_choices, has_labels=unlabeled == 0, num_images=images,
-                           num_unlabeled=unlabeled, refs_total=refs_total, refs_unmatched=refs_unmatched,
-                           **skips.as_meta())
+                           num_unlabeled=unlabeled, refs_total=refs_total, refs_unmatched=refs_unmatched)
+        skips.finish(writer, "questions")
     summarize(writer, skips)
     print(f"task {args.task}: {images} image(s), {unlabeled} unlabeled sample(s), up to {num_choices} choices")
     if refs is not None:

@@ -150,7 +150,16 @@ def vocab_from_args(args: argparse.Namespace, ann_list: list[dict]) -> tuple[lis
         if args.num_answers or args.min_answer_count:
             raise BadInputError("--num-answers / --min-answer-count build a vocabulary; --answer-vocab "
                                 f"{args.answer_vocab} is used as it is: pass one or the other")
-        return load_answer_vocab(args.answer_vocab), {"file": os.path.basename(args.answer_vocab)}
+        vocab = load_answer_vocab(args.answer_vocab)
+        # targets come from normalised annotator answers: an entry in another form ('t-shirt',
+        # Pythia's '<unk>') is a class no question can have as its target
+        odd = [a for a in vocab if normalize_answer(a) != a]
+        if odd:
+            print(f"warning: {len(odd)} of the {len(vocab)} answers in --answer-vocab {args.answer_vocab} are "
+                  f"not in the normalised form the targets are matched in, so no question can have them as "
+                  f"a target: " + ", ".join(f"{a!r} (reads {normalize_answer(a)!r})" for a in odd[:5])
+                  + (", ..." if len(odd) > 5 else ""), file=sys.stderr)
+        return vocab, {"file": os.path.basename(args.answer_vocab)}
     files = args.vocab_annotations or ([args.annotations] if args.annotations else [])
     if not files:
         raise BadInputError("without --annotations the answer vocabulary cannot be built: pass "
@@ -202,6 +211,7 @@ def targets_for(answers: list[str], vocab_index: dict[str, int]) -> tuple[np.nda
 def convert(args: argparse.Namespace) -> None:
     skips = SkipCounter.from_args(args)
     questions = _load_json(args.questions, "questions", "questions")
+    skips.read = len(questions)              # VQA's scorer counts every question
     anns: dict[int, dict] | None = None
     ann_list: list[dict] = []
     if args.annotations:
@@ -278,7 +288,7 @@ def convert(args: argparse.Namespace) -> None:
         if writer is None:
             raise BadInputError("no samples to write: no image with questions had valid features")
         writer.meta["questions_without_target"] = no_target
-        writer.meta.update(skips.as_meta())
+        skips.finish(writer, "questions")
     summarize(writer, skips)
     if anns is None:      # a test split: nothing to score against
         print(f"answer vocabulary: {len(vocab)} answers; no annotations given: questions without answers")

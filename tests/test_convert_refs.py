@@ -156,5 +156,8 @@ def test_refs_bad_inputs_are_named(inputs, tmp_path, capsys):
     refs[1]["ann_id"] = 999
     assert convert_refs.main(_args({**inputs, "refs": write_json(tmp_path / "r10.json", refs)},
                                    out, "--skip-bad")) == 0
-    assert read_meta(out)["skipped"] == {"malformed_ref": 1, "missing_annotation": 1}
+    meta = read_meta(out)
+    assert meta["skipped"] == {"malformed_ref": 1, "missing_annotation": 1}
     assert sorted(int(s["sample_id"]) for s in read_mds(out)) == [10, 11]
+    # the split's 3 expressions, as RefCOCO+'s scorer counts them (the non-object entry has no split)
+    assert (meta["input_unit"], meta["input_samples"], meta["samples_left_out"]) == ("expressions", 3, 1)

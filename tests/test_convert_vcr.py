@@ -15,7 +15,7 @@ from tests.fixtures.tasks import collator, read_rows
 from tests.test_data_tools import (ROOT, TSV_FIELDS_FULL, check_image_columns, make_image, read_mds, read_meta,
                                    run_tool, tsv_row, write_tsv)
 
-# Indices 0, 1 and 4..16 are persons: 15 -> Casey again, 16 -> Riley again (index % 15).
+# Indices 0, 1 and 4..16 are persons, the 1st to 15th: 15 (the 14th) -> Casey again, 16 -> Riley again.
 OBJECTS = ["person", "person", "tie", "chair"] + ["person"] * 13
 FN_A = "lsmdc_3036_IN_TIME/3036_IN_TIME_00.37.33.594-00.37.54.485@0.jpg"
 FN_B = "movieclips_A_Walk_in_the_Clouds/abc_walk@3.jpg"
@@ -60,7 +60,18 @@ RAW = {int(json.loads(line)["annot_id"].split("-")[1]): json.loads(line) for lin
 
 
 def name_of(i: int, objects=OBJECTS) -> str:
-    return convert_vcr.GENDER_NEUTRAL_NAMES[i % 15] if objects[i] == "person" else objects[i]
+    return convert_vcr.object_name(objects, i)
+
+
+def test_the_people_of_one_line_get_different_names():
+    """R2C's name list has Peyton twice, so objects 6 and 10 were both "Peyton"; and naming by
+    object index skipped names for the non-person objects. Persons are named in order now."""
+    objects = ["tie"] + ["person"] * 13 + ["person"]
+    names = [convert_vcr.object_name(objects, i) for i in range(len(objects))]
+    assert names[0] == "tie" and names[1:3] == ["Casey", "Riley"]
+    assert len(set(names[1:14])) == 13 and names[14] == "Casey"          # the 14th person: the list again
+    text, spans = convert_vcr.render(["Is", [7], "talking", "to", [11], "?"], objects, "question")
+    assert text == "Is Peyton talking to Frankie?" and spans == [[3, 9, 7], [21, 28, 11]]
 
 
 def object_indices(tokens) -> list[int]:

@@ -470,6 +470,14 @@ def test_vqa_answer_vocab_files_and_bad_ids(tmp_path, capsys):
     txt = tmp_path / "answers_vqa.txt"                  # VL-BERT's: one answer per line
     txt.write_text("no\n\nyes\n  2  \n")
     assert _vocab_of(tmp_path, "txt", *base, "--answer-vocab", str(txt)) == ["no", "yes", "2"]
+    assert "warning" not in capsys.readouterr().err
+    # entries the normalised annotator answers can never equal: kept (class ids stay), but named
+    odd = tmp_path / "odd.txt"
+    odd.write_text("yes\nt-shirt\n<unk>\ntwo\n")
+    assert _vocab_of(tmp_path, "odd", *base, "--answer-vocab", str(odd)) == ["yes", "t-shirt", "<unk>", "two"]
+    err = capsys.readouterr().err
+    assert "warning: 3 of the 4 answers in --answer-vocab" in err and "'t-shirt' (reads 't shirt')" in err, err
+    assert "'two' (reads '2')" in err
     bad = {"missing.json": None, "dict.json": '{"yes": 0}', "broken.json": '["yes", ',
            "dup.txt": "yes\nno\n\nyes\n", "empty.txt": "\n\n"}
     expect = {"missing.json": "missing.json: cannot read it (FileNotFoundError",
@@ -781,6 +789,43 @@ def test_skip_missing_features_leaves_out_only_images_without_features(tmp_path,
     assert "bad.tsv row 2 (image 2)" in capsys.readouterr().err
 
 
+def test_every_kind_of_skip_is_named_and_every_skip_listed(tmp_path, capsys):
+    """30 Conceptual Captions lines whose images did not download used up the 20 skip messages,
+    so the NaN file after them was only counted: the messages are per kind now, and every skip
+    is listed in the dataset's vltrain_skipped.json."""
+    rng = np.random.default_rng(9)
+    gcc = tmp_path / "cc.tsv"
+    gcc.write_text("".join(f"caption {i}\thttp://x/{i}.jpg\n" for i in range(32)))
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    for i in (30, 31):
+        img = make_image(rng, 3, 8) if i == 30 else _nan(make_image(rng, 3, 8))
+        np.savez(npz / f"{i}.npz", features=img["features"], boxes=img["boxes"], image_w=640, image_h=480)
+    out = tmp_path / "out"
+    assert convert_captions.main(["--captions", str(gcc), "--npz-dir", str(npz), "--skip-bad", "--out", str(out)]) == 0
+    o = capsys.readouterr()
+    assert o.err.count("skipping: image ") == 20 and "further no_features messages suppressed" in o.err
+    assert "31.npz (image 31): 'features' contains NaN values" in o.err
+    meta = read_meta(out)
+    assert meta["skipped"] == {"no_features": 30, "nonfinite": 1}
+    assert (meta["input_unit"], meta["input_samples"], meta["samples_left_out"]) == ("images", 32, 31)
+    with open(out / "vltrain_skipped.json") as f:
+        listed = json.load(f)
+    assert len(listed) == 31 and listed[-1]["reason"] == "nonfinite" and "31.npz" in listed[-1]["input"]
+    assert "image 29 has captions but no features" in listed[29]["input"]
+
+
+def test_karpathy_duplicates_name_both_entries_and_restval_is_mentioned(tmp_path, capsys):
+    rng = np.random.default_rng(10)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, _good(rng)) for i in (1, 2)])
+    kp = write_json(tmp_path / "k.json", karpathy([(1, "train", ["a"]), (2, "restval", ["b"]), (1, "train", ["c"])]))
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--split", "train", "--out", str(tmp_path / "o")]) == 2
+    o = capsys.readouterr()
+    assert "k.json image 2: image id 1 appears again (first as image 0)" in o.err, o.err
+    # VLP trains on train + restval: a --split train without it says what it leaves out
+    assert "also has 1 'restval' images, which --split train leaves out" in o.out and "--include-restval" in o.out
+
+
 def _caption_inputs(tmp_path, rows: list[str], n_images: int = 3, **extra_caps) -> tuple[str, str]:
     images = [(i, "train", [f"caption {i}"]) for i in range(1, n_images + 1)]
     for i, caps in extra_caps.items():
@@ -893,7 +938,7 @@ def test_bad_captions_and_missing_features(tmp_path, capsys):
     o = capsys.readouterr()
     assert "3.npz (image 3): cannot read npz" in o.err and "4.npz (image 4): image has zero regions" in o.err
     assert "5.npz does not exist" in o.err
-    assert "skipped 4 bad input(s) (corrupt_file: 1, missing_column: 1, no_features: 1, zero_regions: 1)" in o.out
+    assert "skipped 4 bad input(s) (corrupt_file: 1, missing_column: 1, no_features: 1, zero_regions: 1;" in o.out
     assert [s["image_id"] for s in read_mds(out)] == ["1"]
 
 
@@ -947,8 +992,10 @@ def test_bad_vqa_and_text_inputs(tmp_path, capsys):
     qs = write_json(tmp_path / "q.json", {"questions": [
         {"question_id": 1, "image_id": 1, "question": "what?"},
         {"question_id": 2, "image_id": 1, "question": "  "},
-        {"question_id": 3, "image_id": 7, "question": "where?"}]})
-    an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, ["x"] * 10, "x") for q, i in ((1, 1), (2, 1), (3, 7))]})
+        {"question_id": 3, "image_id": 7, "question": "where?"},
+        {"question_id": 4, "image_id": 7, "question": "who?"}]})
+    an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, ["x"] * 10, "x")
+                                                          for q, i in ((1, 1), (2, 1), (3, 7), (4, 7))]})
     assert convert_vqa.main(["--questions", qs, "--annotations", an, "--tsv", tsv, "--out", str(tmp_path / "v")]) == 2
     assert "question 1 (question_id 2, image 1): empty question" in capsys.readouterr().err
     out = tmp_path / "v2"
@@ -956,13 +1003,20 @@ def test_bad_vqa_and_text_inputs(tmp_path, capsys):
                              "--out", str(out)]) == 0
     o = capsys.readouterr()
     assert "image 7 has questions but no row in the feature TSV(s)" in o.err
-    assert read_meta(out)["skipped"] == {"empty_question": 1, "no_features": 1}
+    meta = read_meta(out)
+    assert meta["skipped"] == {"empty_question": 1, "no_features": 1}
+    # the image without features held two questions: 3 of the 4 the scorer counts are missing
+    assert (meta["input_unit"], meta["input_samples"], meta["samples_left_out"]) == ("questions", 4, 3)
+    assert "left out 3 of the input's 4 questions (75.0%)" in o.out
+    with open(out / "vltrain_skipped.json") as f:
+        listed = json.load(f)
+    assert [e["reason"] for e in listed] == ["empty_question", "no_features"] and "question_id 2" in listed[0]["input"]
     # test questions need a vocabulary from somewhere
     assert convert_vqa.main(["--questions", qs, "--tsv", tsv, "--out", str(tmp_path / "v3")]) == 2
     assert "--answer-vocab" in capsys.readouterr().err
     # text: invalid UTF-8 names file and line
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"good doc\n\nbroken \xff\xfe line\nmore\n\nlast doc\n")
+    bad.write_bytes("\ufeff".encode() + b"good doc\n\nbroken \xff\xfe line\nmore\n\nlast doc\n")   # a BOM first
     assert convert_text.main(["--input", str(bad), "--out", str(tmp_path / "t")]) == 2
     assert "bad.txt line 3: not valid UTF-8" in capsys.readouterr().err
     out = tmp_path / "t2"

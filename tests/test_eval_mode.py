@@ -30,6 +30,10 @@ TASK_OVERRIDES = {"vqa": ["task.vqa_head=vlbert"], "refs": [], "mc": []}
 EVAL_CUT = {"vqa": ["data.max_regions=2"]}
 BAD = {"mc": 3}
 CONVERTER_SKIPPED = {"refs": {"bad_box": 2, "missing_annotation": 1}}
+# what convert_refs records beside them: the 3 bad refs held 7 of the input's expressions, which
+# the official scorer would count
+CONVERTER_LEFT_OUT = {"refs": {"samples_left_out": 7, "input_samples": SIZES["refs"][1] + 7,
+                               "input_unit": "expressions"}}
 
 
 def common(root, vocab, nvocab, task):
@@ -44,8 +48,11 @@ def evaluated(tmp_path_factory, synthetic_corpus):
     subsets, runs1, evals = {}, [], {}
     for task, (split, n) in SIZES.items():
         dst = os.path.join(root, "data", f"{task}_{split}{n}")
+        skipped = CONVERTER_SKIPPED.get(task)
+        converter = {"skipped": skipped, "skipped_total": sum(skipped.values()), **CONVERTER_LEFT_OUT[task]} \
+            if skipped else None
         subsets[task] = (dst, write_subset(os.path.join(synthetic_corpus, task, split), dst, n, BAD.get(task, 0),
-                                           CONVERTER_SKIPPED.get(task)))
+                                           converter))
         runs1.append({"name": f"train_{task}", "config": f"configs/{task}_debug.yaml", "overrides": [
             f"output_root={root}/train", f"data.train={synthetic_corpus}/{task}/train",
             f"train.max_steps={TRAIN_STEPS}", "train.warmup_steps=5", "train.val_every=0", "data.num_workers=0",
@@ -115,6 +122,8 @@ def test_two_ranks_keep_each_sample_once_and_match_one_rank(evaluated, task):
         assert res["metrics.json"]["truncated"] == {"text": 0, "regions": len(rows) if task in EVAL_CUT else 0}
         assert res["metrics.json"]["skipped"] == bad
         assert res["metrics.json"]["converter_skipped"] == CONVERTER_SKIPPED.get(task, {})
+        assert res["metrics.json"]["converter_left_out"] == CONVERTER_LEFT_OUT.get(
+            task, {"samples_left_out": 0, "input_samples": 0, "input_unit": ""})
     assert one["metrics.json"]["metrics"] == pytest.approx(two["metrics.json"]["metrics"], abs=1e-9)
     for sid in ids:
         a, b = one["predictions.json"][sid], two["predictions.json"][sid]

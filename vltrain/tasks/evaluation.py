@@ -3,12 +3,14 @@ by sample id (each sample once across ranks), and the result files of one evalua
 
 Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<NNNNNNNN>/``:
   ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "truncated", "skipped",
-                         "converter_skipped", "metrics"} (truncated: how many of the samples had
+                         "converter_skipped", "converter_left_out", "metrics"} (truncated: how many of the samples had
                          their text cut to data.max_text_len / their regions to data.max_regions;
                          skipped: how many bad samples data.skip_bad_samples left out, not in
                          num_samples; converter_skipped: the bad inputs data_tools --skip-bad left
                          out of the split's dataset, by reason, from its vltrain_meta.json: where
-                         those were whole questions/images, the official scorers would count them)
+                         those were whole questions/images, the official scorers would count them;
+                         converter_left_out: {"samples_left_out", "input_samples", "input_unit"},
+                         how many of the input's questions / expressions / images that makes)
   ``predictions.json``   {sample_id: prediction record}, sorted by sample id
   + the task's submission file(s) (e.g. VQA's ``vqa_results.json``)
 """
@@ -58,11 +60,15 @@ def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
     merged, (text, regions, skipped) = gather_predictions(local, (*cut, set(loader.skipped_in_pass)),
                                                           trainer.info.world)
     converted: dict = {}
+    left_out = {"samples_left_out": 0, "input_samples": 0, "input_unit": ""}
     for info in loader.collator.streams:
         for reason, n in (info.meta.get("skipped") or {}).items():
             converted[reason] = converted.get(reason, 0) + int(n)
+        for key in ("samples_left_out", "input_samples"):      # datasets converted before them lack them
+            left_out[key] += int(info.meta.get(key) or 0)
+        left_out["input_unit"] = info.meta.get("input_unit") or left_out["input_unit"]
     return merged, {"text": len(text), "regions": len(regions), "skipped": len(skipped),
-                    "converter_skipped": converted}
+                    "converter_skipped": converted, "converter_left_out": left_out}
 
 
 def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
@@ -119,7 +125,16 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
         if counts["skipped"]:
             log.warning("%s evaluation: %d bad samples skipped (data.skip_bad_samples), not scored "
                         "(metrics.json: skipped)", split, counts["skipped"])
-        if counts["converter_skipped"]:
+        left = counts["converter_left_out"]
+        if left["samples_left_out"]:
+            log.warning("%s evaluation: the split's converter left out %d of its input's %d %s (%.1f%%; %s; "
+                        "metrics.json: converter_left_out, each input in the dataset's %s): the official scorer "
+                        "counts them and these metrics do not", split, left["samples_left_out"],
+                        left["input_samples"], left["input_unit"],
+                        100 * left["samples_left_out"] / max(left["input_samples"], 1),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(counts["converter_skipped"].items())),
+                        "vltrain_skipped.json")
+        elif counts["converter_skipped"]:
             log.warning("%s evaluation: the split's dataset was converted with %d bad inputs left out (%s; "
                         "metrics.json: converter_skipped): where those were whole questions/images, the "
                         "official scorer would count them and these metrics do not", split,
@@ -132,7 +147,8 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
         write_json({"task": trainer.cfg.task.name, "split": split, "step": trainer.step,
                     "init_from": trainer.cfg.train.init_from, "num_samples": len(predictions),
                     "truncated": {k: counts[k] for k in ("text", "regions")}, "skipped": counts["skipped"],
-                    "converter_skipped": counts["converter_skipped"], "metrics": metrics}, os.path.join(out, "metrics.json"))
+                    "converter_skipped": counts["converter_skipped"],
+                    "converter_left_out": counts["converter_left_out"], "metrics": metrics}, os.path.join(out, "metrics.json"))
         log.info("%s evaluation on %s (%d samples) written to %s", trainer.cfg.task.name, split,
                  len(predictions), out)
     return out
