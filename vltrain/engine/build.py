@@ -208,6 +208,7 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
 
 # Keys a resume is expected to change (or that change nothing about the training itself).
 _RESUME_KEYS = {"train.resume", "train.init_from", "train.grad_accum", "data.num_canonical_nodes", "data.cache_dir",
+                "train.global_batch",         # reconcile_resume refuses one other than the checkpoint's
                 "output_root", "train.dist_timeout_s", "train.log_every", "data.num_workers",
                 "task.answer_vocab_sha256"}    # filled by the VQA task later in the build: checked there
 
