@@ -67,7 +67,13 @@ def load_refs(path: str) -> list:
             if head in (b"[", b"{") or path.endswith(".json"):
                 data = json.load(f)
             else:   # refer's pickles were written by Python 2: its str are bytes, UTF-8 text
-                data = _DataOnlyUnpickler(f, encoding="utf-8").load()
+                try:
+                    data = _DataOnlyUnpickler(f, encoding="utf-8").load()
+                except UnicodeDecodeError as e:     # one Latin-1 byte would refuse the whole file
+                    f.seek(0)
+                    data = _DataOnlyUnpickler(f, encoding="latin1").load()
+                    print(f"warning: {path} holds text that is not UTF-8 ({e.reason} at byte {e.start} of a "
+                          f"string): read as Latin-1", file=sys.stderr)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path}: cannot read the refs file ({type(e).__name__}: {e})") from e
     if not isinstance(data, list):

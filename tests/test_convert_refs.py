@@ -91,7 +91,7 @@ def test_refs_round_trip_and_the_grounding_collator(inputs, tmp_path):
             [col.tok.cls_id, *col.tok.encode(row["expression"]), col.tok.sep_id]
 
 
-def test_refs_json_other_split_and_python2_pickles(inputs, tmp_path):
+def test_refs_json_other_split_and_python2_pickles(inputs, tmp_path, capsys):
     js = write_json(tmp_path / "refs.json", _refs())
     out = tmp_path / "testA"
     assert convert_refs.main(_args({**inputs, "refs": js}, out, split="testA")) == 0
@@ -104,6 +104,11 @@ def test_refs_json_other_split_and_python2_pickles(inputs, tmp_path):
     py2 = tmp_path / "py2.p"
     py2.write_bytes(b"\x80\x02]}U\x04sentU\x05caf\xc3\xa9sa.")
     assert convert_refs.load_refs(str(py2)) == [{"sent": "café"}]
+    # one Latin-1 string refused the whole file (a UnicodeDecodeError): read as Latin-1, said
+    latin = tmp_path / "latin1.p"
+    latin.write_bytes(b"\x80\x02]}U\x04sentU\x04caf\xe9sa.")
+    assert convert_refs.load_refs(str(latin)) == [{"sent": "café"}]
+    assert "latin1.p holds text that is not UTF-8" in capsys.readouterr().err
 
 
 def test_refs_bad_inputs_are_named(inputs, tmp_path, capsys):
