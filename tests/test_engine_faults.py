@@ -45,7 +45,8 @@ def test_nonfinite_losses_skip_on_every_rank_and_abort_when_persistent(tmp_path,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(os.path.join(out, "transient", "tensorboard"))
     acc.Reload()
-    assert [e.value for e in acc.Scalars("train/nonfinite_skipped")] == [1.0, 2.0]
+    # at the steps the skipped micro-batches belonged to: the 3rd and 7th, in steps 3 and 6
+    assert [(e.step, e.value) for e in acc.Scalars("train/nonfinite_skipped")] == [(3, 1.0), (6, 2.0)]
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
 
     assert codes_p[0] != 0 and codes_p[1] != 0, logs_p[0][-3000:]

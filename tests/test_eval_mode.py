@@ -151,7 +151,9 @@ def test_vqa_submission_file_holds_every_question_once(evaluated):
 def test_eval_results_are_in_tensorboard_and_printed(evaluated):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     m = evaluated["res"][(2, "vqa")]["metrics.json"]["metrics"]
-    acc = EventAccumulator(os.path.join(evaluated["root"], "two", "vqa-debug", "tensorboard"),
+    # a TensorBoard run of its own (tensorboard/eval): mode=eval of the val split in the training
+    # run's folder put a second val/ point beside the training's at the same step
+    acc = EventAccumulator(os.path.join(evaluated["root"], "two", "vqa-debug", "tensorboard", "eval"),
                            size_guidance={"scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("test/accuracy")] == [(TRAIN_STEPS, pytest.approx(m["accuracy"]))]

@@ -40,6 +40,29 @@ def test_non_embedding_params_by_hand():
     assert non_embedding_params(m, lambda name, mod: isinstance(mod, nn.Embedding) or name == "region") == hand - 56
 
 
+@pytest.mark.parametrize("task_name,heads", [("refs", ()), ("mc", ("cls_head",)), ("caption", ("mlm_head",)),
+                                             ("pretrain", ("mlm_head", "mrc_head", "cls_head"))])
+def test_a_tasks_n_holds_its_own_heads_not_the_models_unused_ones(task_name, heads):
+    """A fine-tune's MFU counted N over the model, pretraining heads included, task head not:
+    N is now the task module's, less the model's heads the task never runs."""
+    from vltrain.model import VLModel
+    from vltrain.monitor import flop_params
+    from vltrain.tasks import get_task
+    cfg = Config()
+    cfg.model = debug_model_config()
+    cfg.task.name = task_name
+    model = VLModel(cfg.model)
+    spec = get_task(task_name)
+    task = spec.build_module(cfg, model)
+    own = sum(p.numel() for n, p in task.named_parameters() if not n.startswith("model."))
+    run_heads = sum(p.numel() for h in heads for p in getattr(model, h).parameters())
+    all_heads = sum(p.numel() for h in ("mlm_head", "mrc_head", "cls_head") for p in getattr(model, h).parameters())
+    want = non_embedding_params(model) - all_heads + run_heads + own
+    assert spec.model_heads == (None if task_name == "pretrain" else heads)
+    assert flop_params(task, model, spec.model_heads) == want
+    assert task_name == "pretrain" or want != non_embedding_params(model)     # the old count was another
+
+
 def test_flops_per_sample_formula():
     cfg = debug_model_config(vocab_size=50, hidden_size=8, num_layers=1)
     m = TinyBert()
@@ -293,32 +316,60 @@ def _read_all(tb_dir):
 
 
 def _monitor_rank(rank: int, port: int, out: str):
-    """One gloo rank: rank 1's micro-steps had no region loss (text-only batches)."""
+    """One gloo rank: rank 1's micro-steps had no region loss (text-only batches), and its
+    loader is slow; then a step 3 the checkpoint's pending interval holds."""
     import json
+    import time
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     mon = Monitor(None, rank=rank, world_size=2, log_every=2, log_fn=lambda s: None)
     for step in (1, 2):
+        with mon.data_wait():
+            time.sleep(0.3 * rank)
         metrics = {"loss": torch.tensor(1.0 + rank)}
         if rank == 0:
             metrics["loss_mrc"] = torch.tensor(3.0 * step)
         logged = mon.step_end(step, metrics, samples=4)
+    mon.step_end(3, {"loss": torch.tensor(1.0 + rank)}, samples=4)
+    pending = mon.pending_state()
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(logged, f)
+        json.dump({"logged": logged, "pending": pending}, f)
     torch.distributed.destroy_process_group()
 
 
-def test_ranks_with_different_metrics_reduce_their_union(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What two gloo ranks of _monitor_rank logged and saved (one launch for the tests below)."""
+    import torch.multiprocessing as mp
+    from vltrain.engine.distributed import free_port
+    out = tmp_path_factory.mktemp("monitor2")
+    mp.spawn(_monitor_rank, args=(free_port(), str(out)), nprocs=2)
+    return out
+
+
+def test_ranks_with_different_metrics_reduce_their_union(two_ranks):
     """A rank whose interval lacks a metric (no region loss on text-only batches) joins the
     reduction all the same: the metric is averaged over the micro-steps that had it."""
     import json
-    import torch.multiprocessing as mp
-    from vltrain.engine.distributed import free_port
-    mp.spawn(_monitor_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
-        logged = json.load(open(tmp_path / f"rank{rank}.json"))
+        logged = json.load(open(two_ranks / f"rank{rank}.json"))["logged"]
         assert logged["train/loss"] == pytest.approx(1.5)              # (1 + 1 + 2 + 2) / 4
         assert logged["train/loss_mrc"] == pytest.approx(4.5)          # (3 + 6) / 2, rank 0's only
+        # rank 1 waited for data most of the interval, rank 0 not at all: the slowest rank's
+        # share, which holds the job (their mean read about half of it)
+        assert logged["perf/data_wait_frac"] > 0.7, logged
+
+
+def test_a_resume_on_fewer_ranks_weighs_the_saved_steps_as_its_own(two_ranks):
+    """A checkpoint's interval held each rank's step mean at weight 1, so after a resume from 2
+    ranks to 1 the saved step weighed twice the new one: (1 + 2 + 4) / 3 instead of the steps'
+    mean (1.5 + 4) / 2."""
+    import json
+    pending = json.load(open(two_ranks / "rank0.json"))["pending"]
+    mon = Monitor(None, rank=0, world_size=1, log_every=2, log_fn=lambda s: None)
+    mon.resume_at(3, 12, pending)
+    logged = mon.step_end(4, {"loss": torch.tensor(4.0)}, samples=8)
+    assert logged["train/loss"] == pytest.approx((1.5 + 4.0) / 2)
 
 
 def test_a_steps_micro_batches_average_each_metric_over_those_that_gave_it():

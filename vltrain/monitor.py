@@ -130,6 +130,18 @@ def flops_per_sample(model_or_n: Union[nn.Module, int], model_cfg, seq_len: int,
     return model_flops(n, model_cfg, seq_len, seq_len * seq_len, n_mlm_pred)
 
 
+MODEL_HEADS = ("mlm_head", "mrc_head", "cls_head")
+
+
+def flop_params(task: nn.Module, model: nn.Module, heads: Optional[tuple[str, ...]]) -> int:
+    """N of a task module wrapping ``model``: its non-embedding parameters (the task's own heads
+    included) less those of the model's heads the task never runs (``heads``: those it runs;
+    None: all of them). A VQA fine-tune's N held the MLM and region heads but not its answer
+    head, 3% and 6.5% of N at base size."""
+    unused = [getattr(model, h) for h in MODEL_HEADS if heads is not None and h not in heads]
+    return non_embedding_params(task) - sum(non_embedding_params(m) for m in unused)
+
+
 class FlopCounter:
     """Caches N; FLOPs of one micro-batch by :func:`model_flops`.
 
@@ -292,7 +304,7 @@ class Monitor:
 
     # ---- writers
     def _writer(self, sub: str = ""):
-        """Rank 0's SummaryWriter for ``tensorboard/`` ("") or ``tensorboard/by_samples``; else None."""
+        """Rank 0's SummaryWriter for ``tensorboard/`` ("") or a run below it (``by_samples``, ``eval``); else None."""
         if self.rank != 0 or not self.tb_dir or self._closed:
             return None
         if sub not in self._writers:
@@ -338,7 +350,7 @@ class Monitor:
         whatever the resumed run's number of ranks."""
         keys, vec, _ = self._reduced([self._new_samples])
         m = len(keys)
-        return {"sums": dict(zip(keys, vec[:m])), "counts": {k: int(c) for k, c in zip(keys, vec[m:2 * m])},
+        return {"sums": dict(zip(keys, vec[:m])), "counts": dict(zip(keys, vec[m:2 * m])),
                 "new_samples": int(round(vec[2 * m])), "global": self._reducing() or self.world == 1}
 
     # ---- timing
@@ -383,7 +395,14 @@ class Monitor:
         if value is None:
             return
         scalar = lambda v: v.detach().float().reshape(()) if _is_tensor(v) else v     # noqa: E731
-        value = Ratio(*map(scalar, value)) if isinstance(value, Ratio) else scalar(value)
+        if isinstance(value, Ratio):
+            value = Ratio(*map(scalar, value))
+        else:
+            # A rank's step mean weighs 1/world: a step's ranks then count 1 together, so the
+            # interval's sums held in a checkpoint weigh the same after a resume on another
+            # number of ranks (a count per rank made its steps weigh old/new world as much).
+            share = self.world if self._reducing() else 1
+            value = Ratio(scalar(value) / share, 1.0 / share)
         _accumulate(self._sums, self._counts, key, value)
 
     def step_end(self, step: int, metrics: Optional[Mapping[str, Union[Number, Ratio]]] = None, *, samples: Number,
@@ -432,27 +451,36 @@ class Monitor:
         dev = self.device or next((v.device for v in [*self._sums.values(), *extra] if _is_tensor(v)), None)
         dev = dev or torch.device("cpu")
         vals = [self._sums.get(k, 0.0) for k in keys] + [self._counts.get(k, 0.0) for k in keys] + list(extra)
+        slowest = None
         if timed:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            vals.append(time.perf_counter() - self._t_last)
+            wall = time.perf_counter() - self._t_last
+            vals.append(wall)
+            # this rank's share of the interval spent waiting for data, maxed over the ranks:
+            # the slowest loader holds every rank back, which a mean over 64 ranks would hide
+            slowest = torch.tensor([self._data_time / max(wall, 1e-9)], dtype=torch.float64, device=dev)
         vec = torch.stack([v.to(dev, torch.float64) if _is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
                            for v in vals])
         n_ranks = 1
         if reducing:
             torch.distributed.all_reduce(vec)
+            if slowest is not None:
+                torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
             n_ranks = torch.distributed.get_world_size()
+        if slowest is not None:
+            vec = torch.cat([vec, slowest])
         return keys, vec.cpu().tolist(), n_ranks      # the one host-device sync per interval
 
     def _flush(self, step: int) -> dict:
-        # One vector: [metric sums..., metric counts..., samples, tokens, flops, data_time, new samples, wall]
-        keys, vec, n_ranks = self._reduced([self._samples, self._tokens, self._flops, self._data_time,
+        # One vector: [metric sums..., metric counts..., samples, tokens, flops, new samples, wall, data wait share]
+        keys, vec, n_ranks = self._reduced([self._samples, self._tokens, self._flops,
                                             self._new_samples], timed=True)
         m = len(keys)
         out = {}
         for i, k in enumerate(keys):
-            out[k] = vec[i] / max(1.0, vec[m + i])
-        samples, tokens, flops, data_time, new_samples, wall_sum = vec[2 * m:2 * m + 6]
+            out[k] = vec[i] / vec[m + i] if vec[m + i] > 0 else 0.0
+        samples, tokens, flops, new_samples, wall_sum, data_frac = vec[2 * m:2 * m + 6]
         wall = max(wall_sum / n_ranks, 1e-9)   # mean wall time across ranks
         self.samples_seen += int(round(new_samples))
         if self._lr is not None:
@@ -464,7 +492,7 @@ class Monitor:
             out["perf/tokens_per_s"] = tokens / wall
         if self._steps:
             out["perf/step_time_s"] = wall / self._steps
-        out["perf/data_wait_frac"] = min(1.0, (data_time / n_ranks) / wall)
+        out["perf/data_wait_frac"] = min(1.0, data_frac)     # the slowest rank's
         out["perf/peak_mem_gb"] = peak_memory_gb()
         if self.peak_tflops and flops > 0:
             # flops holds the counts of n_ranks ranks (all of them when reduced, else this one)
@@ -521,8 +549,9 @@ class Monitor:
             self.log_fn(f"val step {step} | " + " | ".join(f"{k[4:]} {v:.4g}" for k, v in out.items()))
         return out
 
-    def log_scalar(self, tag: str, value: float, step: int):
-        w = self.writer
+    def log_scalar(self, tag: str, value: float, step: int, run: str = ""):
+        """``run``: a TensorBoard run of its own under tensorboard/ (mode=eval's ``eval``)."""
+        w = self._writer(run)
         if w is not None:
             w.add_scalar(tag, float(value), step)
 

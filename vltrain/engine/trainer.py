@@ -72,6 +72,10 @@ class Trainer:
         self._next: Optional[InFlight] = None
         self.profiler = StepProfiler(cfg.train, run_dir, info.rank, info.world, device)   # train.profile_*
         self.profiler.on_report = lambda md, step: self.monitor.log_text("profile", md, step)
+        # DeepSpeed keeps the gradient norm its optimizers compute (ZeRO, fp16/bf16), but the
+        # one it clips fp32 ZeRO-0 gradients with is dropped: there it is computed here
+        self._own_grad_norm = (engine is not None and not engine.zero_optimization()
+                               and float_dtype in (None, torch.float32))
 
     # ------------------------------------------------------------------ state
 
@@ -250,7 +254,9 @@ class Trainer:
                 # Every rank skips this micro-batch before backward: no gradient, no update.
                 self.nonfinite_total += 1
                 self.nonfinite_in_row += 1
-                self.monitor.log_scalar("train/nonfinite_skipped", self.nonfinite_total, self.step)
+                # at the step it belongs to: logged at the steps done, a resume (which purges
+                # from its step + 1) kept the old point beside the new one
+                self.monitor.log_scalar("train/nonfinite_skipped", self.nonfinite_total, self.step + 1)
                 log.warning("non-finite loss at step %d: micro-batch skipped on every rank (%d in a row, "
                             "%d in total)", self.step, self.nonfinite_in_row, self.nonfinite_total)
                 if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
@@ -268,6 +274,10 @@ class Trainer:
                 self.engine.backward(loss)
             if boundary:
                 lr = self.engine.get_lr()[0]     # this update's (engine.step advances the schedule)
+                # before the step clips them; on the device, read back at the next log
+                grad_norm = (torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters()
+                                                            if p.grad is not None])
+                             if self._own_grad_norm else None)
             with phase("step"):
                 self.engine.step()
             if not stand_in:
@@ -288,8 +298,10 @@ class Trainer:
                     instant = self._data_counters()
                 self.monitor.step_end(
                     self.step, micro.means(), samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
-                    lr=lr, grad_norm=self.engine.get_global_grad_norm(),
-                    loss_scale=getattr(self.engine.optimizer, "cur_scale", None) if self.float_dtype == torch.float16 else None,
+                    lr=lr, grad_norm=grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm(),
+                    # every fp16 optimizer of DeepSpeed's has loss_scale (ZeRO-0's no cur_scale)
+                    loss_scale=getattr(self.engine.optimizer, "loss_scale", None)
+                    if self.float_dtype == torch.float16 else None,
                     instant=instant)
             micro = MicroBatches()
             val_due = bool(cfg.val_every and self.val_loader is not None and self.step % cfg.val_every == 0)
@@ -429,8 +441,8 @@ class Trainer:
             result = self.spec.evaluate(self, split)
         else:
             result = self.mean_metrics(self.eval_loader(split))
-        for k, v in result.items():
-            self.monitor.log_scalar(f"{split}/{k}", v, self.step)
+        for k, v in result.items():    # a run of its own: a val/ point beside training's would be a second one
+            self.monitor.log_scalar(f"{split}/{k}", v, self.step, run="eval")
         if self.info.is_main:
             log.info("eval %s step %d | %s", split, self.step, " | ".join(f"{k} {v:.4g}" for k, v in result.items()))
         self.monitor.close()

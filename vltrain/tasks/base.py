@@ -31,6 +31,10 @@ class TaskSpec:
     # data-dependent length): then no tokens/s and no MFU are reported. Unset = one sequence
     # per sample (text + region slots), no MLM logits.
     work: Optional[Callable] = None
+    # The model's heads (VLModel's mlm_head, mrc_head, cls_head) the task runs; the others are
+    # left out of the MFU's N, and the task's own heads are in it (flop_params). None: all three,
+    # pretraining's count (as the benchmarks count it).
+    model_heads: Optional[tuple[str, ...]] = None
 
 
 class Work(NamedTuple):
