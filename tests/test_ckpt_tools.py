@@ -20,8 +20,10 @@ A and B run side by side, then C and D: four launches in all.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -163,6 +165,8 @@ def resumed(ckpts, resharded):
         {"name": "batch", "argv": base + ["run_name=b4", f"train.resume={u2}", "train.micro_batch_size=3"]},
         {"name": "other_global_batch", "argv": base + ["run_name=b8", f"train.resume={u2}", "train.global_batch=32"]},
         {"name": "global_batch_unfit", "argv": base + ["run_name=b9", "train.global_batch=12"]},
+        {"name": "run_dir_is_a_checkpoint", "argv": base + [f"output_root={os.path.dirname(u2)}",
+                                                            f"run_name={os.path.basename(u2)}"]},
         {"name": "global_batch_vs_accum", "argv": base + ["run_name=b10", "train.global_batch=16",
                                                           "train.grad_accum=3"]},
         {"name": "missing_file", "argv": base + ["run_name=b5", f"train.resume={resharded['damaged']}"]},
@@ -486,9 +490,23 @@ def test_wrong_tag_is_named_with_the_tags_that_exist(ckpts, tmp_path, capsys):
 def test_world_size_that_cannot_keep_the_global_batch(ckpts, resumed, tmp_path, capsys):
     code, _, err = cli(capsys, "reshard", ckpts["z2"], tmp_path / "u", "--tag", TAG3, "--world-size", "3")
     assert code == 2 and "global batch of 16" in err and "World sizes that keep it with micro batch 8: 1, 2" in err
+    assert "--world-size is a check only" in err and "drop it to write it anyway" in err
     assert_nothing_written(tmp_path / "u")
     r = resumed["batch"]                               # resume on 1 rank with micro batch 3
     assert r["code"] == 2 and "train.micro_batch_size in 1, 2, 4, 8, 16" in r["errors"][0]
+
+
+def test_zero0_fp32_logs_the_gradient_norm_zero2_logs(ckpts):
+    """DeepSpeed clips fp32 ZeRO-0 gradients but keeps no norm: train/grad_norm was missing
+    there. Both runs' first step has the same gradients (same seed, data, ranks, batch)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    first = {}
+    for name in ("z0", "z2"):
+        acc = EventAccumulator(os.path.join(ckpts["runs"], name, "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        first[name] = [e.value for e in acc.Scalars("train/grad_norm") if e.step == 1]
+    assert len(first["z0"]) == 1 and first["z0"][0] > 0, first
+    assert first["z0"][0] == pytest.approx(first["z2"][0], rel=1e-4), first
 
 
 def test_train_global_batch_fits_grad_accum_to_the_job(ckpts, resumed):
@@ -519,6 +537,12 @@ def test_different_model_shape_is_refused_naming_parameters(resumed):
     assert r["code"] == 2 and "layers.0.qkv.weight: checkpoint (192, 64) vs model (96, 32)" in r["errors"][0]
     r = resumed["shape_resume_zero0"]       # ZeRO-0 keeps no shape record: read from the module state
     assert r["code"] == 2 and "model.embeddings.word.weight: checkpoint (30522, 64) vs model (30522, 32)" in r["errors"][0]
+
+
+def test_a_run_folder_that_is_a_checkpoint_is_refused(resumed):
+    r = resumed["run_dir_is_a_checkpoint"]     # run_name = a tag folder: resume=auto would not see it
+    assert r["code"] == 2 and "is a checkpoint itself, where run_name=step_00000003 keeps its folder" \
+        in r["errors"][0], r
 
 
 def test_resume_refusals_say_what_to_do(resumed):
@@ -675,6 +699,69 @@ def test_corrupt_completion_record_is_named(ckpts, tmp_path, capsys):
         assert code == 2 and f"has a corrupt completion record {tag}/vltrain_ckpt.json (JSONDecodeError: " in err, err
         assert "did not finish" not in err
     assert_nothing_written(tmp_path / "w.safetensors")
+
+
+def test_reshard_into_a_folder_of_tags_or_a_run_folder_is_refused(ckpts, tmp_path, capsys):
+    """Written as <run>/checkpoints itself (or as a run folder), a universal checkpoint was
+    missed by the run's resume=auto, which started over on top of it; a run whose folder (or
+    folder of tags) is a checkpoint is refused too."""
+    run = tmp_path / "new"
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], run / "checkpoints", "--tag", TAG3)
+    assert code == 2 and f"write the checkpoint as a tag inside the checkpoints/ folder, {run}/checkpoints/{TAG3}" \
+        in err, err
+    assert_nothing_written(run / "checkpoints")
+    os.makedirs(tmp_path / "oldrun")
+    (tmp_path / "oldrun" / "config.yaml").write_text("run_name: oldrun\n")
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], tmp_path / "oldrun", "--tag", TAG3, "--overwrite")
+    assert code == 2 and "a run folder" in err and os.listdir(tmp_path / "oldrun") == ["config.yaml"], err
+
+
+def test_paths_deepspeed_would_glob_are_refused(ckpts, tmp_path, capsys):
+    """DeepSpeed globs the checkpoint's path: from a folder named with [ the conversions blamed
+    files that were there; to one, a checkpoint no run could resume was written."""
+    odd = tmp_path / "br[1]"
+    shutil.copytree(ckpts["z2"], odd, copy_function=os.link)
+    code, _, err = cli(capsys, "consolidate", odd, tmp_path / "w.safetensors")
+    assert code == 2 and f"CKPT: '{odd}' holds [" in err and "file pattern" in err, err
+    code, _, err = cli(capsys, "reshard", ckpts["z2"], tmp_path / "out?" / "u", "--tag", TAG3)
+    assert code == 2 and "OUT: " in err and "holds ?" in err, err
+    assert_nothing_written(tmp_path / "w.safetensors", tmp_path / "out?" / "u")
+    code, _, err = cli(capsys, "consolidate", ckpts["z2"], tmp_path / "c" / "")      # a folder, not a file
+    assert code == 2 and "is not a .safetensors file name" in err and not (tmp_path / "c").exists(), err
+
+
+def test_a_tag_removed_while_converting_is_named_as_such(ckpts, tmp_path, capsys, monkeypatch):
+    """A running job's keep_last rotation deletes the tag a conversion reads: the errors that
+    followed (no config.yaml, "copy the files again", DeepSpeed's can't find) sent users astray.
+    (The deletion is injected between locating the tag and reading it.)"""
+    from vltrain.ckpt import layout
+    tag = tmp_path / "run" / "checkpoints" / TAG3
+    shutil.copytree(os.path.join(ckpts["z2"], TAG3), tag, copy_function=os.link)
+    real = layout.check_readable
+
+    def rotated_away(found):
+        shutil.rmtree(found.path)
+        return real(found)
+    monkeypatch.setattr(layout, "check_readable", rotated_away)
+    code, _, err = cli(capsys, "export-hf", tag, tmp_path / "hf")
+    assert code == 2 and f"{tag} was deleted while this command read it" in err and "keep_last" in err, err
+    assert_nothing_written(tmp_path / "hf")
+
+
+def test_sigterm_leaves_no_partial_output(ckpts, tmp_path):
+    """Slurm's time limit and scancel send SIGTERM: reshard's staged folder beside the
+    destination stayed (checkpoint-sized, never cleaned); it goes as on an error now."""
+    out = tmp_path / "u"
+    p = subprocess.Popen([sys.executable, "-m", "vltrain.ckpt", "reshard", ckpts["z2"], str(out), "--tag", TAG3],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not [n for n in os.listdir(tmp_path) if ".partial-" in n] and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, ("finished before a signal could be sent", p.communicate())
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert_nothing_written(out)
 
 
 def test_reshard_into_a_run_folder_only_as_a_tag_resume_auto_finds(ckpts, tmp_path, capsys):

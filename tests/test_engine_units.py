@@ -246,7 +246,7 @@ def test_incomplete_latest_is_reported_and_skipped(tmp_path, caplog):
     (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(40))            # names no folder at all
     assert ckpt.find_resume_point(save).tag == ckpt.step_tag(20)
     assert "step_00000040 (latest) is missing" in caplog.text and "step_00000040 is incomplete" not in caplog.text
-    assert "step_00000040 (latest); resuming from step_00000020 instead" in caplog.text
+    assert "step_00000040 (latest); taking step_00000020 instead, the newest complete checkpoint" in caplog.text
 
 
 def test_cut_short_saves_are_named_and_cleaned_up(tmp_path, caplog):

@@ -402,17 +402,23 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
                           f"not '.' or '..'), got {name!r}")
     for key, path in (("run_name", name), ("output_root", os.path.abspath(str(cfg.output_root))),
                       ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):
-        odd = sorted(set(path) & set("*?["))
-        if odd:   # DeepSpeed finds a checkpoint's files with glob.glob(<its path>/...)
-            raise ConfigError(f"config key '{key}': {path!r} holds {' '.join(odd)}, which DeepSpeed reads as a "
-                              "file pattern when it loads or converts a checkpoint there: the run could never "
-                              "resume; choose a path without * ? [")
+        check_no_pattern(f"config key '{key}'", path)
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     if task_keys:
         check_task_keys(cfg)
         check_url_credentials(cfg)
     return cfg
+
+
+def check_no_pattern(what: str, path: str) -> None:
+    """Refuse a checkpoint path holding * ? [: DeepSpeed finds a checkpoint's files with
+    glob.glob(<its path>/...), unescaped, so one there never loads (nor converts)."""
+    odd = sorted(set(path) & set("*?["))
+    if odd:
+        raise ConfigError(f"{what}: {path!r} holds {' '.join(odd)}, which DeepSpeed reads as a file pattern when "
+                          "it loads or converts a checkpoint there: it could never be resumed; choose a path "
+                          "without * ? [")
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict:

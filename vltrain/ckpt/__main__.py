@@ -23,7 +23,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 if __package__ in (None, ""):  # `python vltrain/ckpt/__main__.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -93,15 +95,26 @@ def emit(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _ended_by_signal(signum, frame):
+    """SIGTERM (Slurm's time limit, scancel, kill): unwind as an error does, so the staged
+    output beside the destination is removed (signal's default left it there)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")      # the tools never need a GPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from vltrain.config import ConfigError
+    from vltrain.config import ConfigError, check_no_pattern
     from vltrain.engine.resume import CheckpointError
     from vltrain.ckpt.layout import check_readable, locate
 
+    handler = signal.signal(signal.SIGTERM, _ended_by_signal) \
+        if threading.current_thread() is threading.main_thread() else None
+    found = None
     try:
+        for what, path in (("CKPT", args.ckpt), ("OUT", getattr(args, "out", ""))):
+            check_no_pattern(what, os.path.abspath(path) if path else "")
         if args.cmd == "inspect":
             from vltrain.ckpt.info import describe, format_report
             found = locate(args.ckpt, args.tag, check_files=False)
@@ -122,6 +135,9 @@ def main(argv=None) -> int:
                   f"{rec['world_size']} ranks, global batch {rec['global_batch']})\n"
                   f"resume it on any number of ranks with: train.resume={out}")
         elif args.cmd == "consolidate":
+            if not args.out.endswith(".safetensors"):    # "out/" wrote a file named out, configs beside it
+                raise CheckpointError(f"OUT {args.out} is not a .safetensors file name: consolidate writes one file "
+                                      f"(and config.json beside it), e.g. {os.path.join(args.out, 'model.safetensors')}")
             from vltrain.ckpt.export import consolidate
             _print_result("consolidate", consolidate(found, args.out, overwrite=args.overwrite, verbose=args.verbose))
         elif args.cmd == "export-hf":
@@ -129,8 +145,16 @@ def main(argv=None) -> int:
             _print_result("export-hf", export_hf(found, args.out, overwrite=args.overwrite, verbose=args.verbose))
         return 0
     except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        if found is not None and not os.path.isdir(found.path):
+            # a running job's keep_last rotation removed the tag under us: its errors (no
+            # config.yaml, an unreadable file, DeepSpeed's "can't find" ...) would mislead
+            e = f"{found.path} was deleted while this command read it (a running job's train.keep_last " \
+                f"rotation?): convert a tag the run keeps (--tag best), or once the run has stopped"
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if handler is not None:           # an in-process caller's own handler back
+            signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

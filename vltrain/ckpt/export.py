@@ -163,5 +163,9 @@ def export_hf(found: ckpt.Found, out_dir: str, *, overwrite: bool = False, verbo
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(_README.format(name=os.path.basename(out_abs), source=found.path, step=found.info.get("step"),
                                    kind=m.region_embedding, layers=m.num_layers, hidden=m.hidden_size, out=out_abs))
+    if m.region_embedding == "vlbert" and m.vlbert_text_only_visual != "none":
+        # BertModel loads it without a word: say here what the export's README says
+        note = "; ".join(n for n in (note, "a VL-BERT model adds a learned visual term to text-only rows, which "
+                                     "BertModel lacks: its hidden states differ from vltrain's (README.md)") if n)
     return {"dir": out_abs, "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values())),
             "note": note}

@@ -39,6 +39,12 @@ def check_destination(found: ckpt.Found, out_dir: str) -> None:
     step's. Elsewhere any name will do (``train.resume=OUT_DIR``)."""
     out = os.path.abspath(out_dir)
     folder, name = os.path.split(out)
+    if name == "checkpoints" or os.path.isfile(os.path.join(out, "config.yaml")):
+        # as the folder of tags itself (or a run folder) a run would not find it there, and
+        # start over on top of it
+        raise CheckpointError(
+            f"{out} is a run's checkpoints/ folder or a run folder: write the checkpoint as a tag inside the "
+            f"checkpoints/ folder, {os.path.join(out if name == 'checkpoints' else os.path.join(out, 'checkpoints'), ckpt.step_tag(int(found.info['step'])))}")
     if os.path.basename(folder) != "checkpoints":     # the trainer's save folder: <run>/checkpoints
         return
     tag = ckpt.step_tag(int(found.info["step"]))
@@ -73,7 +79,12 @@ def reshard(found: ckpt.Found, out_dir: str, *, world_sizes: Optional[list[int]]
     if stage == 0:
         raise CheckpointError(stage0_message(found))
     for m in world_sizes or []:
-        batch_plan(int(info["global_batch"]), int(info["micro_batch_size"]), m)
+        try:
+            batch_plan(int(info["global_batch"]), int(info["micro_batch_size"]), m)
+        except CheckpointError as e:
+            raise CheckpointError(f"--world-size {m}: {e}. --world-size is a check only: the universal checkpoint "
+                                  f"resumes on any number of ranks whose train.micro_batch_size fits; drop it to "
+                                  f"write it anyway") from None
     check_destination(found, out_dir)
 
     from deepspeed.checkpoint import ds_to_universal

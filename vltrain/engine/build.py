@@ -16,7 +16,7 @@ from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
-from vltrain.engine.resume import check_files_open, check_model_matches, check_resume_precision, check_resume_stage, \
+from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, check_resume_stage, \
     continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, written_setting
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
@@ -198,6 +198,16 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
 
 
 def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
+    for where in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if os.path.isfile(os.path.join(where, ckpt.COMPLETE_FILE)):
+            # a checkpoint resharded or copied to where the run's folder (or its folder of tags)
+            # goes: resume=auto would not see it, and the run would start over on top of it
+            step = (ckpt.read_ckpt_info(where) or {}).get("step")
+            tag = ckpt.step_tag(int(step)) if step is not None else "step_<its step, 8 digits>"
+            raise CheckpointError(f"{where} is a checkpoint itself, where run_name={cfg.run_name} keeps its "
+                                  f"{'folder' if where == run_dir else 'folder of tags'}: move it to "
+                                  f"{os.path.join(run_dir, 'checkpoints', tag)} (train.resume=auto resumes that), "
+                                  f"or resume it with train.resume={where} under another run_name")
     r = cfg.train.resume
     if not r:
         return None
@@ -324,7 +334,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     import deepspeed
     from vltrain.data.loader import build_eval_loader, build_train_loader
     from vltrain.data.worker_signals import worker_context
-    from vltrain.monitor import FlopCounter, Monitor, device_peak_tflops
+    from vltrain.monitor import FlopCounter, Monitor, device_peak_tflops, flop_params
 
     check_placeholders(cfg)              # before anything starts; init_from once the resume is known
     run_dir = run_dir_of(cfg)
@@ -427,7 +437,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
                           peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
                           max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info, device=device)
-        trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, FlopCounter(model, cfg.model), run_dir,
+        flops = FlopCounter(flop_params(task, model, spec.model_heads), cfg.model)
+        trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, flops, run_dir,
                           device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
         trainer.created_run_dir = info.is_main and not existed
         if found is not None:

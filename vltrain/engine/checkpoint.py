@@ -136,7 +136,7 @@ def find_resume_point(save_dir: str) -> Optional[Found]:
             if latest and tag != latest:
                 latest_path = os.path.join(save_dir, latest)
                 problem = record_problem(latest_path) if os.path.isdir(latest_path) else f"{latest_path} (latest)"
-                log.warning("%s; resuming from %s instead", problem, tag)
+                log.warning("%s; taking %s instead, the newest complete checkpoint", problem, tag)
             cut = sorted(n for n in os.listdir(save_dir) if (m := _STEP_LEFTOVER.fullmatch(n))
                          and m.group(2) == PARTIAL and int(m.group(1)) > int(info.get("step", 0)))
             if cut:
