@@ -819,7 +819,8 @@ def test_karpathy_duplicates_name_both_entries_and_restval_is_mentioned(tmp_path
     rng = np.random.default_rng(10)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_row(i, _good(rng)) for i in (1, 2)])
     kp = write_json(tmp_path / "k.json", karpathy([(1, "train", ["a"]), (2, "restval", ["b"]), (1, "train", ["c"])]))
-    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--split", "train", "--out", str(tmp_path / "o")]) == 2
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--split", "train",
+                                  "--out", str(tmp_path / "o")]) == 2
     o = capsys.readouterr()
     assert "k.json image 2: image id 1 appears again (first as image 0)" in o.err, o.err
     # VLP trains on train + restval: a --split train without it says what it leaves out

@@ -136,8 +136,9 @@ def main(argv=None) -> int:
                   f"resume it on any number of ranks with: train.resume={out}")
         elif args.cmd == "consolidate":
             if not args.out.endswith(".safetensors"):    # "out/" wrote a file named out, configs beside it
-                raise CheckpointError(f"OUT {args.out} is not a .safetensors file name: consolidate writes one file "
-                                      f"(and config.json beside it), e.g. {os.path.join(args.out, 'model.safetensors')}")
+                raise CheckpointError(f"OUT {args.out} is not a .safetensors file name: consolidate writes one "
+                                      f"file (and config.json beside it), e.g. "
+                                      f"{os.path.join(args.out, 'model.safetensors')}")
             from vltrain.ckpt.export import consolidate
             _print_result("consolidate", consolidate(found, args.out, overwrite=args.overwrite, verbose=args.verbose))
         elif args.cmd == "export-hf":

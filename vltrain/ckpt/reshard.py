@@ -39,15 +39,15 @@ def check_destination(found: ckpt.Found, out_dir: str) -> None:
     step's. Elsewhere any name will do (``train.resume=OUT_DIR``)."""
     out = os.path.abspath(out_dir)
     folder, name = os.path.split(out)
+    tag = ckpt.step_tag(int(found.info["step"]))
     if name == "checkpoints" or os.path.isfile(os.path.join(out, "config.yaml")):
         # as the folder of tags itself (or a run folder) a run would not find it there, and
         # start over on top of it
-        raise CheckpointError(
-            f"{out} is a run's checkpoints/ folder or a run folder: write the checkpoint as a tag inside the "
-            f"checkpoints/ folder, {os.path.join(out if name == 'checkpoints' else os.path.join(out, 'checkpoints'), ckpt.step_tag(int(found.info['step'])))}")
+        tags = out if name == "checkpoints" else os.path.join(out, "checkpoints")
+        raise CheckpointError(f"{out} is a run's checkpoints/ folder or a run folder: write the checkpoint as a "
+                              f"tag inside the checkpoints/ folder, {os.path.join(tags, tag)}")
     if os.path.basename(folder) != "checkpoints":     # the trainer's save folder: <run>/checkpoints
         return
-    tag = ckpt.step_tag(int(found.info["step"]))
     if name != tag:
         raise CheckpointError(
             f"{out} is in a run's checkpoints/ folder, where train.resume=auto only finds tags named after their "

@@ -16,8 +16,9 @@ from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
-from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, check_resume_stage, \
-    continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, written_setting
+from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, \
+    check_resume_stage, continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, \
+    written_setting
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
