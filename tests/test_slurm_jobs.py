@@ -193,8 +193,9 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_corpus, 
     steps = 60
     # The GPU request is dropped by an SBATCH_* variable this time; the command line is the
     # plain one from the README.
-    # a run folder named with a space and % (a field to srun --output, which put the logs elsewhere)
-    job = Job(slurm_cluster, tmp_path, "preempt 50%", ["--nodes=2", "--ntasks-per-node=1"],
+    # a run folder named with a space and %j (a field to srun --output, which put the ranks' logs
+    # in a folder named after the job id instead)
+    job = Job(slurm_cluster, tmp_path, "preempt %j 50%", ["--nodes=2", "--ntasks-per-node=1"],
               [f"train.max_steps={steps}", "train.log_every=1", "data.val=", "train.dist_timeout_s=60"],
               {"SBATCH_GPUS_PER_NODE": "0",
                "DATA_REMOTE": os.path.join(synthetic_corpus, "captions", "pretrain")})

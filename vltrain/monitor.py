@@ -451,25 +451,22 @@ class Monitor:
         dev = self.device or next((v.device for v in [*self._sums.values(), *extra] if _is_tensor(v)), None)
         dev = dev or torch.device("cpu")
         vals = [self._sums.get(k, 0.0) for k in keys] + [self._counts.get(k, 0.0) for k in keys] + list(extra)
-        slowest = None
         if timed:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             wall = time.perf_counter() - self._t_last
-            vals.append(wall)
-            # this rank's share of the interval spent waiting for data, maxed over the ranks:
-            # the slowest loader holds every rank back, which a mean over 64 ranks would hide
-            slowest = torch.tensor([self._data_time / max(wall, 1e-9)], dtype=torch.float64, device=dev)
+            # the wall time, summed; then this rank's share of it spent waiting for data, maxed
+            # over the ranks: the slowest loader holds every rank back (a mean hides it)
+            vals += [wall, self._data_time / max(wall, 1e-9)]
         vec = torch.stack([v.to(dev, torch.float64) if _is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
                            for v in vals])
         n_ranks = 1
         if reducing:
-            torch.distributed.all_reduce(vec)
-            if slowest is not None:
-                torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            summed, maxed = (vec[:-1], vec[-1:]) if timed else (vec, None)    # views: reduced in place
+            torch.distributed.all_reduce(summed)
+            if maxed is not None:
+                torch.distributed.all_reduce(maxed, op=torch.distributed.ReduceOp.MAX)
             n_ranks = torch.distributed.get_world_size()
-        if slowest is not None:
-            vec = torch.cat([vec, slowest])
         return keys, vec.cpu().tolist(), n_ranks      # the one host-device sync per interval
 
     def _flush(self, step: int) -> dict:
