@@ -357,6 +357,9 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
 
     bert = BertModel.from_pretrained(str(out)).eval()
     assert bert_text_diff(ours, bert, seed=0, length=17) <= 1e-5
+    from transformers import AutoTokenizer      # truncation stops at the model's 128 positions
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.model_max_length == 128 and len(tok("word " * 300, truncation=True)["input_ids"]) == 128
     # with its MLM head: every weight found, text-only logits equal ours
     mlm, info = BertForMaskedLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info

@@ -151,6 +151,8 @@ def export_hf(found: ckpt.Found, out_dir: str, *, overwrite: bool = False, verbo
     state = to_hf_state_dict(state)
     out_abs = os.path.abspath(out_dir)
     with staged_dir(out_dir, overwrite) as tmp:
+        # truncation=True in transformers then stops at the model's positions (unset: ~1e30, no cap)
+        tok.hf.model_max_length = cfg.model.max_position_embeddings
         tok.hf.save_pretrained(tmp)                    # vocab.txt, tokenizer_config.json, tokenizer.json, ...
         shutil.copyfile(tok.vocab_file, os.path.join(tmp, "vocab.txt"))   # byte-identical to training's
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata=_metadata(found, cfg))

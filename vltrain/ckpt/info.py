@@ -87,7 +87,8 @@ def describe(found: ckpt.Found) -> dict:
         where = (f"any world size that keeps the global batch of {gb} with micro batch {mb}: "
                  f"{', '.join(map(str, workable_world_sizes(int(gb), int(mb))[:16]))}") if gb and mb else "any"
     else:
-        where = (f"{info.get('world_size')} ranks only (run `vltrain-ckpt reshard` to resume on another "
+        n = info.get("world_size")
+        where = (f"{n} rank{'' if n == 1 else 's'} only (run `vltrain-ckpt reshard` to resume on another "
                  "world size)")
     return {
         "path": found.path, "tag": found.tag, "tags_in_folder": complete, "incomplete_tags": incomplete,
