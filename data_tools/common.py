@@ -30,7 +30,7 @@ COMPRESSION = "zstd"
 HASHES = ["xxh64"]           # streaming verifies these at read time (validate_hash="xxh64")
 DEFAULT_SIZE_LIMIT = "64mb"
 MAX_SKIP_MESSAGES = 20       # skip warnings printed one by one, per kind; the rest counted (and listed in SKIPPED_FILE)
-SKIPPED_FILE = "vltrain_skipped.json"   # every skipped input beside the shards: [{"reason", "input"}]
+SKIPPED_FILE = schema.SKIPPED_FILE
 
 
 class BadInputError(Exception):

@@ -358,8 +358,10 @@ def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
 
 def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *, task_keys: bool = True) -> Config:
     """Config from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
-    ``task_keys``: refuse keys set for a task that does not read them (``check_task_keys``);
-    off for a config a run saved, which is read as it was."""
+    ``task_keys``: refuse keys set for a task that does not read them (``check_task_keys``),
+    and run paths DeepSpeed would read as a pattern (``check_no_pattern``); off for a config a
+    run saved, which is read as it was (its relative output_root against whatever folder the
+    reader is in)."""
     data = {}
     if path:
         try:
@@ -400,14 +402,14 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"config key 'run_name': a folder name under output_root (no '/', not empty, "
                           f"not '.' or '..'), got {name!r}")
-    for key, path in (("run_name", name), ("output_root", os.path.abspath(str(cfg.output_root))),
-                      ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):
-        check_no_pattern(f"config key '{key}'", path)
     if cfg.task.vqa_question_noise < 0:
         raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
     if task_keys:
         check_task_keys(cfg)
         check_url_credentials(cfg)
+        for key, path in (("run_name", name), ("output_root", os.path.abspath(str(cfg.output_root))),
+                          ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):
+            check_no_pattern(f"config key '{key}'", path)
     return cfg
 
 

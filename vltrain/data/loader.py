@@ -328,7 +328,7 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
 def build_train_loader(cfg, tokenizer, make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
     """Training loader over ``data.train`` (+ ``data.text_train``), shuffled, batches of
     ``train.micro_batch_size`` per rank, epochs of whole global batches
-    (``TrainConfig.global_batch``). Every rank must call it (collective when torch.distributed
+    (``TrainConfig.samples_per_step``). Every rank must call it (collective when torch.distributed
     is initialised).
     """
     return _loader(cfg, tokenizer, cfg.train.micro_batch_size, "train", train=True, make_collator=make_collator)

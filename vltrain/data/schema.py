@@ -71,6 +71,8 @@ OPTIONAL_KIND_COLUMNS = {
 
 # Answer vocabulary of a VQA dataset: a JSON list of answers, index = class id.
 ANSWER_VOCAB_FILE = "answer_vocab.json"
+# every input a converter's --skip-bad left out, beside the shards: [{"reason", "input"}]
+SKIPPED_FILE = "vltrain_skipped.json"
 
 
 def columns_for(kind: str, optional: tuple[str, ...] = ()) -> dict[str, str]:

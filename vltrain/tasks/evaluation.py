@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from vltrain.data import schema
 from vltrain.data.collate import TRUNCATED_KEY
 from vltrain.monitor import Ratio
 from vltrain.tasks.base import gather_predictions, write_json
@@ -133,7 +134,7 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
                         left["input_samples"], left["input_unit"],
                         100 * left["samples_left_out"] / max(left["input_samples"], 1),
                         ", ".join(f"{k}: {v}" for k, v in sorted(counts["converter_skipped"].items())),
-                        "vltrain_skipped.json")
+                        schema.SKIPPED_FILE)
         elif counts["converter_skipped"]:
             log.warning("%s evaluation: the split's dataset was converted with %d bad inputs left out (%s; "
                         "metrics.json: converter_skipped): where those were whole questions/images, the "
