@@ -572,7 +572,7 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     (A folder laid out like a universal checkpoint of 64 ranks; only the record and the model
     states' parameter list are read.)"""
     from vltrain.config import load_config
-    from vltrain.engine.checkpoint import resolve_checkpoint
+    from vltrain.ckpt.layout import locate
     from vltrain.engine.resume import CheckpointError, batch_plan, canonical_nodes_ok, reconcile_resume
     assert batch_plan(4096, 8, 8) == 64 and batch_plan(4096, 8, 64) == 8
     with pytest.raises(CheckpointError, match=r"World sizes that keep it with micro batch 8: 1, 2\b"):
@@ -589,7 +589,7 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     record = {"world_size": 64, "zero_stage": 3, "micro_batch_size": 8, "grad_accum": 8, "global_batch": 4096,
               "num_canonical_nodes": 8, "step": 1000, "universal": True}
     (tag / "vltrain_ckpt.json").write_text(json.dumps(record))
-    found = resolve_checkpoint(str(tag))
+    found = locate(str(tag), check_files=False)
     cfg = load_config("configs/debug.yaml")                       # micro batch 8, grad_accum 1
     notes = reconcile_resume(cfg, found, world=8, nodes=1)
     assert cfg.train.grad_accum == 64 and cfg.data.num_canonical_nodes == 8

@@ -90,7 +90,7 @@ def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, c
         "ds_contradiction": (["--deepspeed_config", str(tmp_path / "ds.json")],
                              "'train_micro_batch_size_per_gpu' = 4 contradicts train.micro_batch_size = 8"),
         "missing_data": ([f"data.train={tmp_path / 'nowhere'}"], f"{tmp_path / 'nowhere'}"),
-        "bad_checkpoint": ([f"train.resume={tmp_path / 'ckpt'}"], f"{tmp_path / 'ckpt'}: no complete checkpoint"),
+        "bad_checkpoint": ([f"train.resume={tmp_path / 'ckpt'}"], f"{tmp_path / 'ckpt'} holds no complete checkpoint"),
     }
     (tmp_path / "ds.json").write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1}}')
     (tmp_path / "ckpt" / "step_00000005").mkdir(parents=True)

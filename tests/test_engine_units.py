@@ -8,9 +8,11 @@ import re
 import pytest
 import torch
 
+from vltrain.ckpt.layout import locate
 from vltrain.config import load_config
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.build import check_positions, check_tokenizer, warn_flex_shapes
+from vltrain.engine.resume import CheckpointError
 from vltrain.model import VLModel
 from vltrain.tokenization import Tokenizer
 
@@ -265,27 +267,27 @@ def test_cut_short_saves_are_named_and_cleaned_up(tmp_path, caplog):
         os.makedirs(os.path.join(save, name))
         with open(os.path.join(save, name, ckpt.COMPLETE_FILE), "w") as f:
             json.dump({"step": 14 if name == "best.partial" else 10, "world_size": 2}, f)
-    with pytest.raises(FileNotFoundError, match=r"best does not exist; a save that replaced it was cut short "
+    with pytest.raises(CheckpointError, match=r"best does not exist; a save that replaced it was cut short "
                                                 r"between two renames.*best.partial and .*best.old"):
-        ckpt.resolve_checkpoint(os.path.join(save, "best"))
+        locate(os.path.join(save, "best"), check_files=False)
 
 
 def test_no_checkpoint_and_explicit_paths(tmp_path):
     assert ckpt.find_resume_point(str(tmp_path / "none")) is None
     d = _tag(str(tmp_path), 40)
-    assert ckpt.resolve_checkpoint(d).tag == "step_00000040"          # a tag folder
-    assert ckpt.resolve_checkpoint(str(tmp_path)).tag == "step_00000040"  # a save dir
-    with pytest.raises(FileNotFoundError, match=rf"missing does not exist; {tmp_path} holds step_00000040$"):
-        ckpt.resolve_checkpoint(str(tmp_path / "missing"))                # the README's step_00000100, say
+    assert locate(d, check_files=False).tag == "step_00000040"          # a tag folder
+    assert locate(str(tmp_path), check_files=False).tag == "step_00000040"  # a save dir
+    with pytest.raises(CheckpointError, match=rf"missing does not exist; {tmp_path} holds step_00000040$"):
+        locate(str(tmp_path / "missing"), check_files=False)                # the README's step_00000100, say
     run = tmp_path / "run"                                               # a run folder
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("")
     _tag(str(run / "checkpoints"), 50)
-    assert ckpt.resolve_checkpoint(str(run)).path == str(run / "checkpoints" / "step_00000050")
+    assert locate(str(run), check_files=False).path == str(run / "checkpoints" / "step_00000050")
     cut = _tag(str(tmp_path), 60, complete=False)
     open(os.path.join(cut, "mp_rank_00_model_states.pt"), "w").close()
-    with pytest.raises(FileNotFoundError, match="step_00000060 is incomplete .*its save did not finish"):
-        ckpt.resolve_checkpoint(cut)
+    with pytest.raises(CheckpointError, match="step_00000060 is incomplete .*its save did not finish"):
+        locate(cut, check_files=False)
 
 
 def test_activation_checkpointing_gives_the_same_losses_and_grads():

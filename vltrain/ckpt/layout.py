@@ -50,7 +50,8 @@ def locate(path: str, tag: Optional[str] = None, check_files: bool = True) -> ck
     tags that exist, or the missing file."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist"
+                              + (ckpt.interrupted_replace(path) or ckpt.tags_beside(path)))
     info = ckpt.read_ckpt_info(path)
     if info is not None and (tag is None or tag == os.path.basename(path)):
         found = ckpt.Found(os.path.dirname(path), os.path.basename(path), info)

@@ -214,7 +214,8 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
         return None
     if r == "auto":
         return ckpt.find_resume_point(os.path.join(run_dir, "checkpoints"))
-    return ckpt.resolve_checkpoint(r)
+    from vltrain.ckpt.layout import locate
+    return locate(r, check_files=False)    # its files: reconcile_resume, for the world it resumes on
 
 
 # Keys a resume is expected to change (or that change nothing about the training itself).

@@ -176,26 +176,6 @@ def incomplete_message(path: str) -> str:
     return f"{record_problem(path)}; use another tag of its folder"
 
 
-def resolve_checkpoint(path: str) -> Found:
-    """A user-given checkpoint: a tag folder, a save dir (its latest complete tag), or a run
-    folder (its ``checkpoints/``)."""
-    info = read_ckpt_info(path)
-    if info is not None:
-        return Found(os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)), info)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist" + (interrupted_replace(os.path.abspath(path))
-                                                                         or tags_beside(path)))
-    found = find_resume_point(path)
-    if found is None and os.path.isdir(os.path.join(path, "checkpoints")):     # a run folder
-        found = find_resume_point(os.path.join(path, "checkpoints"))
-    if found is None:
-        if is_incomplete_tag(path):
-            raise FileNotFoundError(incomplete_message(path))
-        raise FileNotFoundError(f"{path}: no complete checkpoint (a tag folder holding {COMPLETE_FILE}, "
-                                f"a folder of such tags, or a run folder holding checkpoints/)")
-    return found
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -433,8 +433,9 @@ class Trainer:
             # name the results by the evaluated weights' step: a checkpoint's, an export's or a
             # consolidated file's (0 for other weights, a BERT folder)
             try:
-                self.step = int(ckpt.resolve_checkpoint(self.cfg.train.init_from).info.get("step", 0))
-            except (FileNotFoundError, OSError):
+                from vltrain.ckpt.layout import locate
+                self.step = int(locate(self.cfg.train.init_from, check_files=False).info.get("step", 0))
+            except (CheckpointError, OSError):
                 from vltrain.ckpt.export import written_step
                 self.step = written_step(self.cfg.train.init_from) or 0
         if self.spec is not None and self.spec.evaluate is not None:
