@@ -281,6 +281,19 @@ def test_exact_mlm_counts_positions_and_labels(tok):
     assert capped > 0
 
 
+def test_special_token_strings_in_text_are_plain_words(tok):
+    """A scraped caption holding "[SEP]" or "[MASK]": the strings are word-pieces, not the
+    tokens (a [SEP] would end a VLP caption early, [CLS]/[PAD]/[MASK] would be MLM targets)."""
+    s = caps(1)[0]
+    s["captions"] = ["a dog [SEP] sits on the [CLS] grass [PAD] [MASK] now"]
+    clean = make(tok, DataConfig(), ObjectivesConfig(mlm=False))([s])
+    words = clean.input_ids[0, 2:int(clean.attention_mask[0].sum()) - 1].tolist()   # between [SEP] and [STOP]
+    assert tok.encode("[")[0] in words and not {CLS, SEP, MASK, PAD} & set(words), words
+    labels = make(tok, DataConfig(), ObjectivesConfig(max_pred=30, mlm_prob=1.0))([s]).mlm_labels.tolist()
+    assert not {CLS, MASK, PAD} & set(labels) and labels.count(SEP) == 1       # VLP's [STOP], the one [SEP]
+    assert tok.encode("a [SEP] b") == tok.encode("a [ sep ] b")
+
+
 def _binom_ok(k, n, p, sigmas=5.0):
     return abs(k - n * p) <= sigmas * np.sqrt(n * p * (1 - p))
 

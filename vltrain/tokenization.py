@@ -94,9 +94,16 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         return frozenset(self.hf.all_special_ids) | {self.img_id, self.end_id}
 
+    def text(self, text, **kwargs):
+        """The tokenizer's encoding of ``text`` (a str or a list of them) as plain words: no
+        special tokens added and none read from it. A scraped caption holding the string
+        "[SEP]" gets ``[ sep ]``: read as the token, it would end a VLP caption early ([STOP] is
+        [SEP]) and make [CLS]/[PAD]/[MASK] masked-LM targets."""
+        return self.hf(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+
     def encode(self, text: str) -> list[int]:
-        """WordPiece ids of ``text`` without any special tokens."""
-        return self.hf.encode(text, add_special_tokens=False)
+        """WordPiece ids of ``text`` without any special tokens (see :meth:`text`)."""
+        return self.text(text)["input_ids"]
 
     def word_starts(self, ids: list[int]) -> list[bool]:
         """True where a token starts a word (not a ``##`` continuation): for whole-word masking."""

@@ -448,8 +448,7 @@ class PretrainCollator:
                 skipped.append(str(e))
         # One batched tokeniser call (the Rust tokenizer parallelises nothing here, but the
         # per-call overhead dominates for short captions).
-        enc = self.tok.hf(texts, add_special_tokens=False, truncation=True,
-                          max_length=self.data.max_text_len)["input_ids"] if texts else []
+        enc = self.tok.text(texts, truncation=True, max_length=self.data.max_text_len)["input_ids"] if texts else []
         for smp, ids in zip(keep, enc):
             try:
                 examples.append(self._example(smp, ids))

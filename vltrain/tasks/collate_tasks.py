@@ -81,7 +81,7 @@ class TaskCollator(PretrainCollator):
             ids = self.tok.encode(text)
             regions = [-1] * len(ids)
         else:
-            enc = self.tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = self.tok.text(text, return_offsets_mapping=True)
             ids, regions = enc["input_ids"], [-1] * len(enc["input_ids"])
             for ref in refs:
                 if not (isinstance(ref, list) and len(ref) == 3 and all(type(v) is int for v in ref)
