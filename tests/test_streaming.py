@@ -173,7 +173,7 @@ def test_two_ranks_from_s3_partition_and_exact_resume(s3_caps, vocab_file, tmp_p
 
 def test_epochs_end_at_the_global_batch_on_any_world_size(vocab_file, tmp_path):
     """44 samples, global batch 8: 2 ranks x 4 and 1 rank x 4 x grad_accum 2 both read 5
-    global batches an epoch, the same samples in each, also after a move from 2 ranks to 1 in
+    global batches an epoch, the same samples in each, also after a move from 2 nodes to 1 in
     mid-epoch. (Left to each rank's drop_last, 2 ranks read 2 x 5 batches and 1 rank 11: its
     6th step would mix two epochs and every step after it would differ from the 2-rank run's.)"""
     caps = write_captions(str(tmp_path / "caps"), 44, size_limit=1 << 12)
@@ -190,11 +190,14 @@ def test_epochs_end_at_the_global_batch_on_any_world_size(vocab_file, tmp_path):
     one = steps(run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c1"), grad_accum=2), world=1, local_world=1), 2)
     assert len(two) == 10 and one == two
     assert all(len({k.split("@")[1] for k in step}) == 1 for step in two)     # one epoch per step
-    part = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c3"), stop_after=2, epochs=1))
-    assert part[0]["state"]["sample_in_epoch"] == 16
+    # 2 nodes (1 rank each) -> 1: the saved data order (num_canonical_nodes 2) holds in the
+    # resumed epoch and in the next, whose workers are made from the main process's dataset
+    nodes = steps(run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c4")), local_world=1), 1)
+    part = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c3"), stop_after=2, epochs=1), local_world=1)
+    assert part[0]["state"]["sample_in_epoch"] == 16 and part[0]["state"]["num_canonical_nodes"] == 2
     moved = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c3"), grad_accum=2, state=part[0]["state"]),
                       world=1, local_world=1)
-    assert steps(moved, 2) == two[2:]
+    assert steps(moved, 2) == nodes[2:]
 
 
 def test_text_mixing_on_two_emulated_nodes_one_host(s3_bucket, vocab_file, tmp_path):

@@ -268,6 +268,12 @@ class VLDataLoader(StreamingDataLoader):
             obj["sample_in_epoch"] = max(int(obj["sample_in_epoch"]), int(self.dataset.epoch_size))
         self._resume = obj
         self.dataset.load_state_dict(obj)
+        # Streaming applies the saved data order only in the workers that read the resumed
+        # epoch; a later epoch's workers are copies of this process's dataset, which would take
+        # the new node count (a 2-node run moved to 1 node reshuffled its next epochs)
+        for key in ("num_canonical_nodes", "initial_physical_nodes"):
+            if obj.get(key):
+                setattr(self.dataset, key, int(obj[key]))
 
 
 def _check_meta_vs_model(cfg, infos: list[StreamInfo]) -> None:
