@@ -100,7 +100,9 @@ def named_pieces(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def _torch_dropout(y: torch.Tensor, p: float) -> torch.Tensor:
-    return F.dropout(y, p, p > 0)
+    # a branch, not F.dropout(y, p, p > 0): once train (0.1) and eval (0.0) have both run, Dynamo
+    # makes p symbolic, and F.dropout refuses the symbolic bool: a graph break in every block
+    return F.dropout(y, p, True) if p > 0 else y
 
 
 def layer_forward(w: Weights, x: torch.Tensor, mask, backend, rows, num_heads: int, act,
