@@ -258,6 +258,12 @@ def convert(args: argparse.Namespace) -> None:
     if not by_image:
         raise BadInputError(f"{args.questions}: no usable questions")
 
+    odd = [(q["question_id"], len(q["answers"])) for qs in by_image.values() for q in qs
+           if anns is not None and len(q["answers"]) != 10]
+    if odd:   # the targets' formula (VQA accuracy) assumes VQA's 10 annotators
+        print(f"warning: {len(odd)} question(s) have other than 10 annotator answers (e.g. question_id {odd[0][0]} "
+              f"has {odd[0][1]}): their targets are VQA accuracy's mean over leaving one answer out, made for 10; "
+              "a question with a single answer gets none", file=sys.stderr)
     checker = RegionChecker(skips, args.feature_dim)
     writer = None
     no_target = 0

@@ -357,8 +357,9 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
         (13, 2, "What animal?", ["cat"] * 10, "cat"),
         (14, 3, "How many?", ["two"] * 10, "Two"),
         (15, 3, "Color?", ["blue"] * 5 + ["Red"] * 5, "blue"),
+        (16, 3, "What is it?", ["cat"], "cat"),            # not VQA's 10 answers: warned, no target
     ]
-    answer_types = {10: "number", 11: "other", 12: "yes/no", 13: "other", 14: "number"}   # 15: none
+    answer_types = {10: "number", 11: "other", 12: "yes/no", 13: "other", 14: "number", 16: "other"}  # 15: none
     qs = write_json(tmp_path / "q.json", {"questions": [{"question_id": q, "image_id": i, "question": t}
                                                         for q, i, t, _, _ in qa]})
     an = write_json(tmp_path / "a.json", {"annotations": [_ann(q, i, a, mc, answer_types.get(q))
@@ -367,13 +368,14 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
     r = run_tool("convert_vqa", "--questions", qs, "--annotations", an, "--tsv", tsv,
                  "--num-answers", "3", "--out", out)
     assert r.returncode == 0, r.stderr
-    # multiple_choice_answer counts after normalisation: cat 2, 3 1, no 1, 2 1 ("Two"), blue 1;
+    assert "1 question(s) have other than 10 annotator answers (e.g. question_id 16 has 1)" in r.stderr
+    # multiple_choice_answer counts after normalisation: cat 3, 3 1, no 1, 2 1 ("Two"), blue 1;
     # top-3 by frequency, ties alphabetical: cat, then "2" < "3".
     with open(out / schema.ANSWER_VOCAB_FILE) as f:
         vocab = json.load(f)
     assert vocab == ["cat", "2", "3"]
     samples = {int(s["question_id"]): s for s in read_mds(out)}
-    assert sorted(samples) == [10, 11, 12, 13, 14, 15]
+    assert sorted(samples) == [10, 11, 12, 13, 14, 15, 16]
 
     def targets(q):
         s = samples[q]
@@ -385,7 +387,7 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
     # "a dog." and "dog" both normalise to "dog" (2 matches): (2*1/3 + 8*2/3)/10 = 0.6, but "dog" is
     # not in the top-3 vocabulary so only cat (8 matches) -> 1.0 remains.
     assert targets(11) == pytest.approx({"cat": 1.0})
-    assert targets(13) == {"cat": 1.0}
+    assert targets(13) == {"cat": 1.0} and targets(16) == {}     # one answer: leave-one-out leaves none
     assert targets(14) == {"2": 1.0}                         # "two" x10 -> "2"
     # yes (1 match -> 9*(1/3)/10 = 0.3) and no are out of vocabulary: placeholder (0, 0.0).
     assert samples[12]["target_ids"].tolist() == [0] and samples[12]["target_scores"].tolist() == [0.0]
@@ -398,7 +400,7 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
         assert s["sample_id"] == s["question_id"]
     meta = read_meta(out)
     assert meta["kind"] == "vqa" and meta["answer_vocab_size"] == 3 and "answer_type" in meta["optional_columns"]
-    assert meta["questions_without_target"] == 2             # 12 and 15 (blue/red not in vocab)
+    assert meta["questions_without_target"] == 3             # 12 and 15 (blue/red not in vocab), 16
 
     # The full vocabulary (default K) reproduces the 0.6 / 0.3 scores of the hand example.
     full = tmp_path / "full"
@@ -406,7 +408,7 @@ def test_convert_vqa_scores_vocab_and_splits(tmp_path):
                              "--vocab-count", "all"]) == 0
     with open(full / schema.ANSWER_VOCAB_FILE) as f:
         vocab_all = json.load(f)
-    # all-answers counts: 3: 7, 2: 13 (3 + 10), cat 18, no 9, dog 2, yes 1, blue 5, red 5
+    # all-answers counts: 3: 7, 2: 13 (3 + 10), cat 19, no 9, dog 2, yes 1, blue 5, red 5
     assert vocab_all == ["cat", "2", "no", "3", "blue", "red", "dog", "yes"]
     by_q = {int(s["question_id"]): s for s in read_mds(full)}
     sc = {vocab_all[i]: float(v) for i, v in zip(by_q[11]["target_ids"], by_q[11]["target_scores"])}

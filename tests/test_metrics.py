@@ -492,3 +492,15 @@ def test_scst_references_json_needs_a_list_per_image(tmp_path):
     bad.write_text(json.dumps({"1": ["a dog"], "2": "a cat sits"}))
     with pytest.raises(MetaError, match="bad.json: image 2: expected a list of captions, got str"):
         read_caption_references(str(bad))
+    # references of other images than data.train's (COCO's integer ids against file names, or
+    # another split): the first batch names the key, not a bare KeyError repeated per sample
+    from vltrain.decoding import DecodeOptions
+    from vltrain.tasks.scst import SelfCritical
+    from vltrain.tokenization import Tokenizer
+    tok = Tokenizer("bert-base-uncased")
+    scst = SelfCritical(read_caption_references(str(good)), tok, DecodeOptions(), source=f"task.scst_references={good}")
+    caps = [tok.encode("a dog")] * 3
+    assert scst.rewards(["1", "2", "1"], caps).shape == (3,)
+    with pytest.raises(ValueError, match=r"task.scst_references=.*refs.json has no reference captions for 1 "
+                                         r"image\(s\) of this batch, e.g. \['COCO_7'\]: its image ids must be data.train"):
+        scst.rewards(["1", "COCO_7", "COCO_7"], caps)

@@ -364,6 +364,10 @@ class CiderD:
         self._cooked = {k: cook_refs(v, n) for k, v in toks.items()}
         self._scorer_cls = _corpus_scorer_cls()
 
+    def unknown(self, image_ids: Iterable[Hashable]) -> list:
+        """The ids (sorted, once each) that have no references here."""
+        return sorted({i for i in image_ids if i not in self._cooked}, key=str)
+
     def __call__(self, candidates: Iterable[tuple[Hashable, str]]) -> np.ndarray:
         """CIDEr-D (x10 scale as pycocoevalcap) of each (image_id, caption), in order."""
         from pycocoevalcap.cider.cider_scorer import cook_test
@@ -371,9 +375,9 @@ class CiderD:
         cands = list(candidates)
         if not cands:
             return np.zeros(0, dtype=np.float64)
-        unknown = [i for i, _ in cands if i not in self._cooked]
+        unknown = self.unknown(i for i, _ in cands)
         if unknown:
-            raise KeyError(f"{len(unknown)} candidate(s) for images without references, "
+            raise KeyError(f"{len(unknown)} image(s) without references, "
                            f"e.g. {unknown[:5]}")
         keyed = {j: [c] for j, (_, c) in enumerate(cands)}
         toks = _tokenize_many(keyed, self.tokenize)

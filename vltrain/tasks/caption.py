@@ -170,7 +170,8 @@ def build_caption(cfg, model) -> CaptionTask:
         source = t.scst_references or cfg.data.train
         refs = read_caption_references(source, cfg.data.download_timeout)
         log.info("self-critical training: CIDEr-D document frequencies from %d images of %s", len(refs), source)
-        scst = SelfCritical(refs, tok, decode_options(t, 1), samples=t.scst_samples)
+        scst = SelfCritical(refs, tok, decode_options(t, 1), samples=t.scst_samples,
+                            source=f"task.scst_references={source}" if t.scst_references else f"data.train={source}")
     return CaptionTask(model, cfg.objectives, DecodeTokens.from_tokenizer(tok), t.label_smoothing, scst)
 
 

@@ -112,11 +112,12 @@ class SelfCritical:
     caption (the baseline), which lowers the variance of the gradient for the same images."""
 
     def __init__(self, references: dict, tokenizer, opts: DecodeOptions, samples: int = 1,
-                 sync_steps: bool = False):
+                 sync_steps: bool = False, source: str = "the references"):
         from vltrain.metrics.caption import CiderD
         if samples < 1:
             raise ValueError(f"task.scst_samples must be >= 1, got {samples}")
         self.cider = CiderD(references, tokenize="simple")
+        self.source = source             # names the references in the error below
         self.tokenizer = tokenizer
         self.tokens = DecodeTokens.from_tokenizer(tokenizer)
         self.opts = opts
@@ -126,6 +127,11 @@ class SelfCritical:
 
     def rewards(self, image_ids, token_lists) -> torch.Tensor:
         """CIDEr-D of each caption (word ids) against its image's references."""
+        missing = self.cider.unknown(image_ids)
+        if missing:    # known only per batch: reading data.train's ids up front is a pass over the dataset
+            raise ValueError(f"self-critical training: {self.source} has no reference captions for {len(missing)} "
+                             f"image(s) of this batch, e.g. {missing[:5]}: its image ids must be data.train's "
+                             "image_id column")
         caps = [self.tokenizer.decode(t) for t in token_lists]
         return torch.from_numpy(self.cider(list(zip(image_ids, caps)))).float()
 
