@@ -531,3 +531,18 @@ def test_gpu_sdpa_never_falls_back_to_math():
     ref = A.eager_attention(q.float(), k.float(), v.float(), st.additive_mask(torch.float32), 0.0)
     rows = st.key_valid[:, None, :, None]
     assert ((out.float() - ref) * rows).abs().max() < 2e-2
+
+
+def test_unusable_names_what_a_backend_needs_on_the_device():
+    """The build's check (tests/test_resume_edges.py runs it in a trainer): every refusal the
+    forward would raise at the first step, said before it."""
+    from vltrain.model import triton_attention
+    assert A.unusable("flex", "cpu", 0.0, training=True) == A.FLEX_CPU_MESSAGE
+    assert A.unusable("flex", "cpu", 0.0, training=False) == ""           # eval: the CPU reference runs
+    assert A.unusable("flex", "cuda", 0.1, training=True) == A.FLEX_DROPOUT_MESSAGE.format(p=0.1)
+    assert A.unusable("flex", "cuda", 0.1, training=False) == ""
+    assert A.unusable("triton", "cpu", 0.0, training=True) in (
+        triton_attention.CPU_MESSAGE if not triton_attention.interpreting() else "",
+        "model.attention_backend=triton needs the triton package")
+    for name in ("eager", "sdpa", "varlen", "auto"):
+        assert A.unusable(name, "cpu", 0.1, training=True) == ""

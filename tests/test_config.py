@@ -30,7 +30,7 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
 
 
 def test_nested_override_and_types(tmp_path):
-    path = write(tmp_path, "model:\n  hidden_size: 64\ntrain:\n  lr: 0.001\n")
+    path = write(tmp_path, "model:\n  hidden_size: 64\n  num_heads: 4\ntrain:\n  lr: 0.001\n")
     cfg = load_config(path, ["train.lr=3e-4", "model.num_layers=4", "data.buckets=[8,16]",
                              "objectives.mrc=true", "run_name=abc"])
     assert cfg.model.hidden_size == 64 and cfg.model.num_layers == 4
@@ -143,7 +143,7 @@ def test_run_name_worker_count_and_override_yaml_are_checked_naming_them():
     for bad in ("", "..", "../elsewhere", "a/b"):          # the run folder is output_root/run_name
         with pytest.raises(ConfigError, match=r"'run_name': a folder name under output_root"):
             load_config(None, [f"run_name={bad}"])
-    with pytest.raises(ConfigError, match=r"'data.num_workers': 0 .* or more, got -1"):
+    with pytest.raises(ConfigError, match=r"'data.num_workers': 0 or more, got -1"):
         load_config(None, ["data.num_workers=-1"])
     with pytest.raises(ConfigError, match=r"override 'data.buckets=\[32,64': the value is not valid YAML"):
         load_config(None, ["data.buckets=[32,64"])
@@ -220,7 +220,7 @@ def test_a_choice_outside_its_values_is_refused_by_the_config():
     from vltrain.tasks.vqa import VQA_HEADS
     for ov, choices in (("train.precision=bf32", "auto, fp32, bf16, fp16"), ("mode=evaluate", "train, eval"),
                         ("model.attention_backend=fast", "eager, sdpa, flex, varlen, triton, auto"),
-                        ("data.pad_to=buckets", "longest, bucket")):
+                        ("data.pad_to=buckets", "longest, bucket"), ("data.validate_hash=md55", 'auto, "", blake2b, .*, xxh64')):
         key, value = ov.split("=")
         with pytest.raises(ConfigError, match=rf"'{key}': '{value}' is not one of {choices}$"):
             load_config(None, [ov])
@@ -231,3 +231,58 @@ def test_a_choice_outside_its_values_is_refused_by_the_config():
     assert set(typing.get_args(hints["precision"])) == {"auto", *PRECISIONS}
     assert set(typing.get_args(hints["region_embedding"])) == set(REGION_EMBEDDINGS)
     assert set(typing.get_args(typing.get_type_hints(TaskConfig)["vqa_head"])) == set(VQA_HEADS)
+    from vltrain.tasks import TASKS
+    assert set(typing.get_args(typing.get_type_hints(TaskConfig)["name"])) == set(TASKS)
+    from streaming.base.hashing import get_hashes
+    assert set(typing.get_args(hints["validate_hash"])) == {"auto", "", *get_hashes()}
+
+
+def test_yaml_duplicates_and_non_mappings_are_named(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section dropped the first."""
+    with pytest.raises(ConfigError, match=r"key 'train' given twice \(lines 1 and 3\)"):
+        load_config(write(tmp_path, "train:\n  lr: 1e-3\ntrain:\n  max_steps: 5\n"))
+    with pytest.raises(ConfigError, match=r"key 'lr' given twice"):
+        load_config(write(tmp_path, "train:\n  lr: 1e-3\n  lr: 2e-3\n"))
+    with pytest.raises(ConfigError, match=r"expected a mapping of sections .* got a list"):
+        load_config(write(tmp_path, "- train\n"))
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(tmp_path))} cannot be read as YAML text"):
+        load_config(str(tmp_path))
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ConfigError, match=r"bin.yaml cannot be read as YAML text"):
+        load_config(str(tmp_path / "bin.yaml"))
+    assert load_config(write(tmp_path, "")).train.lr == Config().train.lr           # empty: the defaults
+
+
+def test_a_section_override_merges_and_home_is_expanded(tmp_path, monkeypatch):
+    cfg = load_config("configs/debug.yaml", ["model={hidden_size: 32, num_heads: 2}"])
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_layers) == (32, 2, 2)   # num_layers: the file's
+    assert load_config("configs/debug.yaml", ["train={lr: 5.0e-4}"]).train.max_steps == \
+        load_config("configs/debug.yaml").train.max_steps
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["output_root=~/runs", "data.train=~/data/train", "train.resume=auto"])
+    assert cfg.output_root == str(tmp_path / "runs") and cfg.data.train == str(tmp_path / "data/train")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.name=vqaa", r"'task.name': 'vqaa' is not one of pretrain, caption, vqa, mc, refs"),
+    ("model.num_heads=5", r"'model.num_heads': 5 does not divide model.hidden_size=64"),
+    ("model.num_heads=0", r"'model.num_heads': must be at least 1, got 0"),
+    ("model.hidden_dropout=1.5", r"'model.hidden_dropout': a probability in \[0, 1\), got 1.5"),
+    ("train.adam_betas=[0.9]", r"'train.adam_betas': two numbers in \[0, 1\)"),
+    ("objectives.mlm_prob=2", r"'objectives.mlm_prob': a share in \[0, 1\], got 2.0"),
+    ("objectives.mask_token_prob=0.9", r"objectives.random_token_prob = 1.1 is more than 1"),
+    ("task.val_beam_size=0", r"'task.val_beam_size': must be at least 1, got 0"),
+    ("train.grad_clip=.nan", r"'train.grad_clip': nan is not a finite number"),
+    ("data.text_proportion=0.3", r"'data.text_proportion': 0.3 mixes in text-only samples from data.text_train, "
+                                 r"which is empty"),
+    ("objectives.max_pred=0", r"'objectives.max_pred': 0 predicts no token"),
+    ("data.max_regions=0", r"'data.max_regions': must be at least 1, got 0"),
+])
+def test_values_no_run_can_mean_are_refused_naming_the_key(override, message):
+    """They trained before (exit 0) with the value taken silently, or failed at the first
+    validation hours in (task.val_beam_size), or with a traceback naming no key."""
+    overrides = [override] + (["objectives.random_token_prob=0.2"] if "mask_token" in override else [])
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/debug.yaml", overrides)
+    if not override.startswith("task.name"):                      # (a choice: refused in any config)
+        load_config("configs/debug.yaml", overrides, to_run=False)   # a saved config is read as it ran

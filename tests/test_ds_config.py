@@ -235,14 +235,22 @@ def test_explicit_agreeing_values_and_missing_keys_are_accepted():
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs ZeRO stage 3"),
     ({"wall_clock_breakdown": "auto"}, "'wall_clock_breakdown' = \"auto\""),
     ({"timers": {"throughput": True}}, "'timers.throughput' must be an object"),
+    # DeepSpeed would autocast while the run's record, resume checks and MFU peak said fp32
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "enables 'torch_autocast'; the precision is "
+                                                                  "train.precision"),
 ])
 def test_unusable_sections_are_refused(ds, needle):
     assert needle in _err(ds, debug_cfg())
 
 
-def test_bad_file_and_bad_precision():
+def test_bad_file_and_bad_precision(tmp_path):
     assert "not found" in _err("/nonexistent/ds.json", debug_cfg())
     assert "train.precision" in _err({}, debug_cfg(precision="fp8"))
+    twice = tmp_path / "twice.json"           # json.load keeps the last: ZeRO-1 would run
+    twice.write_text('{"zero_optimization": {"stage": 3}, "zero_optimization": {"stage": 1}}')
+    assert f"ds_config {twice}: key 'zero_optimization' given twice" in _err(str(twice), debug_cfg())
+    assert "'bf16.enabled' = \"true\" is text; DeepSpeed reads a bool there: write it unquoted, or \"auto\" " \
+           "(train.precision = 'fp32')" in _err({"bf16": {"enabled": "true"}}, debug_cfg())
 
 
 def test_resolving_does_not_modify_the_input():

@@ -54,6 +54,13 @@ def test_a_resume_at_another_precision_is_refused_by_name(edges):
         assert part in msg, msg
 
 
+def test_a_backend_the_device_cannot_train_with_is_refused_before_the_first_step(edges):
+    """flex on CPU has no backward: refused as the run builds (it failed at step 1, after the
+    run folder, its config.yaml and TensorBoard files were written)."""
+    from vltrain.model.attention import FLEX_CPU_MESSAGE
+    assert edges["backend"]["error"] == f"ValueError: {FLEX_CPU_MESSAGE}", edges["backend"]
+
+
 def test_a_universal_checkpoint_resumed_at_another_precision_takes_this_runs_scaler_and_clipping(edges):
     """An fp16 run's checkpoint (dynamic loss scaler at 2^16) resharded and resumed in bf16:
     DeepSpeed's load would install the fp16 scaler, which would keep doubling in bf16 (no

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -97,7 +98,11 @@ class DataConfig:
     # VL-BERT's whole-image feature for text: stored (the dataset's image_feature, else
     # regions_mean) | regions_mean
     image_feature: Literal["stored", "regions_mean"] = "stored"
-    validate_hash: str = "auto"              # auto (xxh64 where the index records it) | "" | xxh64 | sha1 | ...
+    # auto (xxh64 where the index records it) | "" (none) | a hash the index must record
+    # (streaming's algorithms: checked as the config loads)
+    validate_hash: Literal["auto", "", "blake2b", "blake2s", "md5", "sha1", "sha224", "sha256", "sha384", "sha3_224",
+                           "sha3_256", "sha3_384", "sha3_512", "sha512", "xxh128", "xxh32", "xxh3_128", "xxh3_64",
+                           "xxh64"] = "auto"
     download_timeout: float = 60.0           # seconds per shard download
     # re-attempts of a failed shard download, after 1, 2, 4, ... s (streaming's backoff): 6 rides
     # out ~30 s of storage outage, where streaming's 2 lost the job to a 2-second one
@@ -180,7 +185,7 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "pretrain"                   # pretrain | caption | vqa | mc | refs
+    name: Literal["pretrain", "caption", "vqa", "mc", "refs"] = "pretrain"   # vltrain.tasks.TASKS
     num_answers: int = 3129                  # vqa: size of the dataset's answer_vocab.json
     # vqa: sha256 of the answer vocabulary the head was trained on, filled from data.train at
     # the start of training and saved with the config: mode=eval refuses another split's
@@ -276,7 +281,8 @@ def _check_type(value, tp, key: str, raw: Optional[str] = None):
     if origin is Literal:           # a choice: the error lists them (the sbatch pre-check sees it)
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+            shown = ", ".join(str(c) if c != "" else '""' for c in choices)
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {shown}")
         return value
     if tp is str and raw is not None and isinstance(value, (int, float, datetime.date)) \
             and not isinstance(value, bool):
@@ -289,7 +295,9 @@ def _check_type(value, tp, key: str, raw: Optional[str] = None):
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is str and not isinstance(value, str):
-        how = (f"{raw!r} reads as yes/no; for the text, quote it: {key}='\"{raw}\"'" if raw is not None
+        reads = {bool: "reads as yes/no", type(None): "reads as null", dict: "reads as a mapping",
+                 list: "reads as a list"}.get(type(value), "is not text")
+        how = (f"{raw!r} {reads}; for the text, quote it: {key}='\"{raw}\"'" if raw is not None
                else "quote it in a YAML file")    # (numbers and dates typed on the command line are kept above)
         raise ConfigError(f"config key '{key}': expected text, got {value!r} ({how})")
     if tp is float and not isinstance(value, float):
@@ -329,6 +337,10 @@ def _set_dotted(tree: dict, dotted: str, value):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for k, v in value.items():     # train={lr: 1e-4}: into the file's section, not replacing it
+            _set_dotted(node[parts[-1]], k, v)
+        return
     node[parts[-1]] = value
 
 
@@ -348,7 +360,7 @@ def parse_override(text: str) -> tuple[str, Any, str]:
 
 
 def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
-    tree = dict(data or {})
+    tree = copy.deepcopy(dict(data or {}))     # overrides go into nested sections
     raw = {}
     for ov in overrides:
         key, value, raw[key] = parse_override(ov)
@@ -356,21 +368,48 @@ def config_from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
     return build_section(Config, tree, raw=raw)
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *, task_keys: bool = True) -> Config:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word (a second ``train:`` section
+    drops the whole first one): refused, naming both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "YAML would keep the last one silently", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str) -> dict:
+    """A config file as a mapping ({} when empty); a ConfigError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise ConfigError(f"config file {path} cannot be read as YAML text: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections (model:, data:, train:, ...) at the "
+                          f"top level, got a {type(data).__name__}")
+    return data or {}
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *, to_run: bool = True) -> Config:
     """Config from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
-    ``task_keys``: refuse keys set for a task that does not read them (``check_task_keys``),
-    and run paths DeepSpeed would read as a pattern (``check_no_pattern``); off for a config a
-    run saved, which is read as it was (its relative output_root against whatever folder the
-    reader is in)."""
-    data = {}
-    if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    ``to_run``: a config about to run: ``~`` expanded in its paths, its values checked
+    (``check_values``), keys set for a task that does not read them refused, and run paths
+    DeepSpeed would read as a pattern refused; off for a config a run saved, which is read as
+    it was (checked when it ran; its relative output_root against the reader's folder)."""
+    data = read_yaml(path) if path else {}
     if path:
         try:
             config_from_dict(data, ())
@@ -380,37 +419,92 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
         cfg = config_from_dict(data, overrides)
     except ConfigError as e:       # the file alone is fine: an override's error
         raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
-    for name in ("micro_batch_size", "grad_accum", "log_every"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"config key 'train.{name}': must be at least 1, got {getattr(cfg.train, name)}")
-    # (0 turns the saves, validations and clipping off; torch would name no key for a negative lr)
-    for name in ("lr", "weight_decay", "grad_clip", "save_every_steps", "save_every_minutes", "keep_last",
-                 "val_every", "global_batch"):
-        if getattr(cfg.train, name) < 0:
-            raise ConfigError(f"config key 'train.{name}': 0 or more, got {getattr(cfg.train, name)}")
-    if cfg.data.max_sequence and cfg.data.max_sequence < 8:
-        raise ConfigError(f"config key 'data.max_sequence': 0 (off) or at least 8 (room for the text's special "
-                          f"tokens, a word and a region beside them), got {cfg.data.max_sequence}")
-    if not 0.0 <= cfg.objectives.mrc_zero_prob <= 1.0:
-        raise ConfigError(f"config key 'objectives.mrc_zero_prob': a share in [0, 1], got {cfg.objectives.mrc_zero_prob}")
-    if cfg.data.download_retry < 0:
-        raise ConfigError(f"config key 'data.download_retry': 0 (no retry) or more, got {cfg.data.download_retry}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers': 0 (load in the training process) or more, "
-                          f"got {cfg.data.num_workers}")
-    name = str(cfg.run_name)
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"config key 'run_name': a folder name under output_root (no '/', not empty, "
-                          f"not '.' or '..'), got {name!r}")
-    if cfg.task.vqa_question_noise < 0:
-        raise ConfigError(f"config key 'task.vqa_question_noise': must be at least 0, got {cfg.task.vqa_question_noise}")
-    if task_keys:
+    if to_run:
+        expand_user_paths(cfg)
+        check_values(cfg)
         check_task_keys(cfg)
         check_url_credentials(cfg)
-        for key, path in (("run_name", name), ("output_root", os.path.abspath(str(cfg.output_root))),
-                          ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):
-            check_no_pattern(f"config key '{key}'", path)
+        for key, where in (("run_name", str(cfg.run_name)), ("output_root", os.path.abspath(str(cfg.output_root))),
+                           ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):
+            check_no_pattern(f"config key '{key}'", where)
     return cfg
+
+
+PATH_KEYS = ("output_root", "data.train", "data.val", "data.test", "data.text_train", "data.cache_dir", "data.vocab",
+             "train.init_from", "train.resume", "task.scst_references")
+
+
+def expand_user_paths(cfg: Config) -> None:
+    """``~/...`` in a path key is the home folder, as in a shell (which leaves ``data.train=~/x``
+    alone: not a variable name): else a folder named ``~`` is made in the working directory."""
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        if str(getattr(owner, name)).startswith("~"):
+            setattr(owner, name, os.path.expanduser(getattr(owner, name)))
+
+
+def check_values(cfg: Config) -> None:
+    """Values no run can mean, refused as the config loads (so the sbatch pre-check sees them),
+    naming the key: what the model, data and engine would take silently or fail on later."""
+    import math
+
+    def refuse(key, msg):
+        raise ConfigError(f"config key '{key}': {msg}")
+    for key, value in flatten(config_to_dict(cfg)).items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            refuse(key, f"{value} is not a finite number")
+    m, d, o, t, k = cfg.model, cfg.data, cfg.objectives, cfg.train, cfg.task
+    at_least_1 = {"model.hidden_size": m.hidden_size, "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+                  "model.intermediate_size": m.intermediate_size, "model.vocab_size": m.vocab_size,
+                  "model.max_position_embeddings": m.max_position_embeddings, "data.max_text_len": d.max_text_len,
+                  "data.max_regions": d.max_regions, "train.micro_batch_size": t.micro_batch_size,
+                  "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "task.beam_size": k.beam_size,
+                  "task.val_beam_size": k.val_beam_size, "task.max_len": k.max_len, "task.scst_samples": k.scst_samples}
+    # (0 turns saves, validations, clipping, retries off; torch would name no key for a negative lr)
+    at_least_0 = {f"train.{n}": getattr(t, n) for n in ("lr", "weight_decay", "grad_clip", "save_every_steps",
+                                                         "save_every_minutes", "keep_last", "val_every",
+                                                         "global_batch")}
+    at_least_0.update({"data.download_retry": d.download_retry, "data.num_workers": d.num_workers,
+                       "task.vqa_question_noise": k.vqa_question_noise, "task.min_len": k.min_len})
+    for low, group in ((1, at_least_1), (0, at_least_0)):
+        for key, value in group.items():
+            if value < low:
+                refuse(key, f"must be at least 1, got {value}" if low else f"0 or more, got {value}")
+    if m.hidden_size % m.num_heads:
+        refuse("model.num_heads", f"{m.num_heads} does not divide model.hidden_size={m.hidden_size}")
+    for key, value in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout),
+                       ("task.label_smoothing", k.label_smoothing)):
+        if not 0.0 <= value < 1.0:
+            refuse(key, f"a probability in [0, 1), got {value}")
+    for key, value in (("objectives.seq2seq_prob", o.seq2seq_prob), ("objectives.mlm_prob", o.mlm_prob),
+                       ("objectives.mrc_prob", o.mrc_prob), ("objectives.mrc_zero_prob", o.mrc_zero_prob),
+                       ("objectives.mask_token_prob", o.mask_token_prob),
+                       ("objectives.random_token_prob", o.random_token_prob),
+                       ("data.text_proportion", d.text_proportion), ("train.warmup_ratio", t.warmup_ratio)):
+        if not 0.0 <= value <= 1.0:
+            refuse(key, f"a share in [0, 1], got {value}")
+    if o.mask_token_prob + o.random_token_prob > 1.0:
+        refuse("objectives.random_token_prob", f"objectives.mask_token_prob + objectives.random_token_prob = "
+               f"{o.mask_token_prob + o.random_token_prob:g} is more than 1 (the rest is the share kept unchanged)")
+    if o.mlm and o.mask_sampling == "count" and o.max_pred < 1:
+        refuse("objectives.max_pred", f"{o.max_pred} predicts no token (objectives.mlm=true, mask_sampling=count): "
+               "at least 1, or objectives.mlm=false")
+    if k.min_len > k.max_len:
+        refuse("task.min_len", f"{k.min_len} is more than task.max_len={k.max_len}")
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        refuse("train.adam_betas", f"two numbers in [0, 1) (Adam's beta1, beta2), got {t.adam_betas}")
+    if t.adam_eps <= 0:
+        refuse("train.adam_eps", f"must be more than 0, got {t.adam_eps}")
+    if d.text_proportion and not d.text_train:
+        refuse("data.text_proportion", f"{d.text_proportion} mixes in text-only samples from data.text_train, "
+               "which is empty: set data.text_train, or data.text_proportion=0")
+    if d.max_sequence and d.max_sequence < 8:
+        refuse("data.max_sequence", f"0 (off) or at least 8 (room for the text's special tokens, a word and a "
+               f"region beside them), got {d.max_sequence}")
+    name = str(cfg.run_name)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        refuse("run_name", f"a folder name under output_root (no '/', not empty, not '.' or '..'), got {name!r}")
 
 
 def check_no_pattern(what: str, path: str) -> None:
@@ -485,7 +579,7 @@ def load_run_config(path: str) -> "Config":
     ``train.precision`` trained fp32 (the default is ``auto`` now; runs save what it resolved
     to), one without ``objectives.mrc_zero_prob`` zeroed every predicted region (1.0), one
     without ``objectives.mrc_mask_word`` gave zeroed regions ``[IMG]`` (false)."""
-    cfg = load_config(path, task_keys=False)
+    cfg = load_config(path, to_run=False)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if "precision" not in (raw.get("train") or {}):

@@ -1,4 +1,4 @@
-"""Entry point: parse config -> build -> train (or eval) -> clean exit.
+r"""Entry point: parse config -> build -> train (or eval) -> clean exit.
 
     deepspeed --num_gpus 8 vltrain/run.py --config configs/vlp_pretrain_cc.yaml \
         --deepspeed_config ds_configs/zero2.json train.lr=1e-4 run_name=cc-base

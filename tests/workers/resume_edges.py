@@ -171,6 +171,12 @@ def main():
     except Exception as e:  # noqa: BLE001 - the message is the result
         res["precision"] = f"{type(e).__name__}: {e}"
 
+    try:       # a backend the device cannot train with: refused at build, not at the first step
+        train(cfg_of(corpus, out, "flexcpu", "train.max_steps=2", "model.attention_backend=flex"), faults)
+        res["backend"] = {"error": "no error"}
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        res["backend"] = {"error": f"{type(e).__name__}: {e}", "names": sorted(os.listdir(out))}
+
     import yaml
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from vltrain.ckpt.__main__ import main as ckpt_main

@@ -22,6 +22,7 @@ from vltrain.engine.resume import CheckpointError, check_files_open, check_model
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
+from vltrain.model.attention import unusable
 from vltrain.model.bert_weights import WEIGHTS_FILES, load_into, read_state_dict
 from vltrain.model.vl_model import SEQUENCE_KEYS
 from vltrain.redact import redact_tree
@@ -385,6 +386,9 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         tokenizer = Tokenizer(cfg.data.vocab)
         check_tokenizer(cfg, tokenizer)
         check_positions(cfg)
+        problem = unusable(cfg.model.attention_backend, device.type, cfg.model.attention_dropout, cfg.mode == "train")
+        if problem:      # before the first step would fail, leaving the run folder behind
+            raise ValueError(problem)
         warn_flex_shapes(cfg)
         torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
         model = VLModel(cfg.model)

@@ -173,11 +173,23 @@ class _Resolver:
             node[key] = copy.deepcopy(ours)
         elif isinstance(theirs, str) and not isinstance(ours, str):
             raise self.err(f"'{dotted}' = {json.dumps(theirs)} is text; DeepSpeed reads a "
-                           f"{type(ours).__name__} there: write it unquoted, or \"auto\" ({our_key} = {ours!r})")
+                           f"{type(ours).__name__} there: write it unquoted, or \"auto\" "
+                           f"({our_key} = {ours if shown is None else shown!r})")
         elif not _same(theirs, ours):
             shown = ours if shown is None else shown
             raise self.err(f"'{dotted}' = {json.dumps(theirs)} contradicts {our_key} = {shown!r}; "
                            f"set '{dotted}' to \"auto\" (filled from our config) or make the two agree")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json.load's object hook: a key given twice is refused (JSON keeps the last silently:
+    a second "zero_optimization" would set the stage)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DSConfigError(f"key '{k}' given twice in one object; JSON would keep the last one silently")
+        out[k] = v
+    return out
 
 
 def _load(path_or_dict) -> tuple[dict, str]:
@@ -186,7 +198,9 @@ def _load(path_or_dict) -> tuple[dict, str]:
     path = os.fspath(path_or_dict)
     try:
         with open(path) as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_unique_keys)
+    except DSConfigError as e:
+        raise DSConfigError(f"ds_config {path}: {e}") from None
     except FileNotFoundError:
         raise DSConfigError(f"ds_config file not found: {path}") from None
     except json.JSONDecodeError as e:
@@ -297,6 +311,11 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
                     "linear decay); remove the 'scheduler' section")
 
     # --- precision
+    if _enabled(ds.get("torch_autocast") or {}):
+        # DeepSpeed would autocast the forward while the config, the checkpoint's record, the
+        # resume checks and the MFU peak all said fp32 (or another precision)
+        raise r.err("enables 'torch_autocast'; the precision is train.precision (bf16 / fp16 sections filled from "
+                    "it): set train.precision=bf16 (or fp16) and remove 'torch_autocast'")
     if "bfloat16" in ds:                # DeepSpeed's legacy spelling
         if "bf16" in ds:
             raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")

@@ -254,7 +254,7 @@ def check_model_matches(tag_dir: str, module) -> None:
             # name the blocks' pieces (layers.0.qkv.weight), each side split by its own config
             from vltrain.config import load_config
             try:
-                saved_pieces = _piece_shapes(saved, load_config(cfg_path, task_keys=False).model)
+                saved_pieces = _piece_shapes(saved, load_config(cfg_path, to_run=False).model)
             except ValueError:        # the config does not describe these shapes: flat names then
                 saved_pieces = None
             if saved_pieces is not None:

@@ -147,6 +147,11 @@ FLEX_DROPOUT_MESSAGE = (
     "or use model.attention_backend=sdpa (or auto, which picks sdpa when dropout is on).")
 
 
+FLEX_MISSING_MESSAGE = "model.attention_backend=flex needs torch.nn.attention.flex_attention (torch >= 2.5)"
+FLEX_CPU_MESSAGE = ("model.attention_backend=flex: FlexAttention has no backward on CPU (its fused kernel is "
+                    "GPU-only); use sdpa on CPU for training")
+
+
 def flex_available() -> bool:
     return flex_attention is not None
 
@@ -177,7 +182,7 @@ def build_block_mask(mask_mod: Callable, B: int, L: int, device, compiled: bool,
 
 def _prepare_flex(structure: AttentionStructure, dtype: torch.dtype):
     if not flex_available():
-        raise RuntimeError("model.attention_backend=flex needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        raise RuntimeError(FLEX_MISSING_MESSAGE)
     B, L = structure.key_valid.shape
     mask_mod = structure_mask_mod(structure.key_valid, structure.target)
     return build_block_mask(mask_mod, B, L, structure.key_valid.device,
@@ -216,8 +221,7 @@ def flex_attention_backend(q, k, v, block_mask, dropout_p: float) -> torch.Tenso
         raise ValueError(FLEX_DROPOUT_MESSAGE.format(p=dropout_p))
     if not q.is_cuda:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            raise RuntimeError("model.attention_backend=flex: FlexAttention has no backward on CPU "
-                               "(its fused kernel is GPU-only); use sdpa on CPU for training")
+            raise RuntimeError(FLEX_CPU_MESSAGE)
         # CPU: PyTorch's unfused reference (tests, inference); no compile, quiet about it.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -432,6 +436,25 @@ BACKENDS = {
 
 
 # ------------------------------------------------------------------------------ auto
+
+def unusable(backend: str, device_type: str, dropout_p: float, training: bool) -> str:
+    """Why ``backend`` cannot run on ``device_type`` ("" if it can): the build checks it before
+    any step, where the forward would fail at the first one (the checks there stay, for direct
+    use of the model)."""
+    if backend == "flex":
+        if not flex_available():
+            return FLEX_MISSING_MESSAGE
+        if training and dropout_p > 0:
+            return FLEX_DROPOUT_MESSAGE.format(p=dropout_p)
+        if training and device_type != "cuda":
+            return FLEX_CPU_MESSAGE
+    if backend == "triton":
+        if not triton_attention.available():
+            return "model.attention_backend=triton needs the triton package"
+        if not triton_attention.runs_on(device_type):
+            return triton_attention.CPU_MESSAGE
+    return ""
+
 
 def resolve_auto(device_type: str, dropout_p: float) -> tuple[str, str]:
     """(backend name, reason) that ``auto`` uses for a device and an attention dropout."""

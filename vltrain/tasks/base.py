@@ -77,12 +77,6 @@ def mlm_work(cfg, batch, text_positions) -> Work:
     return batch_work(None, batch, cfg)._replace(mlm_rows=0 if text_positions is None else text_positions.numel())
 
 
-def check_task_name(name: str, registry: dict) -> TaskSpec:
-    if name not in registry:
-        raise ValueError(f"task.name={name!r}; choose one of {sorted(registry)}")
-    return registry[name]
-
-
 def gather_predictions(local: dict, cut: tuple[set, set], world: int) -> tuple[dict, tuple[set, set]]:
     """Union of every rank's ``{sample_id: prediction}``, each sample kept once, and of its
     ``cut`` (sample ids whose text / regions the collator cut), in one gather.
