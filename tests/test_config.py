@@ -220,7 +220,8 @@ def test_a_choice_outside_its_values_is_refused_by_the_config():
     from vltrain.tasks.vqa import VQA_HEADS
     for ov, choices in (("train.precision=bf32", "auto, fp32, bf16, fp16"), ("mode=evaluate", "train, eval"),
                         ("model.attention_backend=fast", "eager, sdpa, flex, varlen, triton, auto"),
-                        ("data.pad_to=buckets", "longest, bucket"), ("data.validate_hash=md55", 'auto, "", blake2b, .*, xxh64')):
+                        ("data.pad_to=buckets", "longest, bucket"),
+                        ("data.validate_hash=md55", 'auto, "", blake2b, .*, xxh64')):
         key, value = ov.split("=")
         with pytest.raises(ConfigError, match=rf"'{key}': '{value}' is not one of {choices}$"):
             load_config(None, [ov])
