@@ -246,6 +246,8 @@ def test_unusable_sections_are_refused(ds, needle):
 def test_bad_file_and_bad_precision(tmp_path):
     assert "not found" in _err("/nonexistent/ds.json", debug_cfg())
     assert "train.precision" in _err({}, debug_cfg(precision="fp8"))
+    assert "'zero_optimization.stage' = true must be 0, 1, 2 or 3" in _err({"zero_optimization": {"stage": True}},
+                                                                          debug_cfg())
     twice = tmp_path / "twice.json"           # json.load keeps the last: ZeRO-1 would run
     twice.write_text('{"zero_optimization": {"stage": 3}, "zero_optimization": {"stage": 1}}')
     assert f"ds_config {twice}: key 'zero_optimization' given twice" in _err(str(twice), debug_cfg())

@@ -303,6 +303,12 @@ def test_validate_hash_auto_checks_what_the_index_records(tmp_path):
     assert hash_to_validate("auto", index["n"], without) is None            # nothing to check against
     assert hash_to_validate("", index["h"], with_hash) is None
     assert hash_to_validate("sha1", index["n"], without) == "sha1"          # explicit: required as given
+    from vltrain.config import ConfigError
+    from vltrain.data.datasets import build_dataset
+    cfg = _cfg({"train": without, "cache": str(tmp_path / "c")})
+    cfg.data.cache_limit = "10gib"            # streaming's own error named data.train's stream
+    with pytest.raises(ConfigError, match=r"config key 'data.cache_limit': Unsupported value/suffix 10gib"):
+        build_dataset(cfg, BATCH)
 
 
 def test_a_storage_blip_is_retried(s3_bucket, tmp_path, vocab_file, monkeypatch):

@@ -28,6 +28,7 @@ from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.storage import CloudDownloader
 
+from vltrain.config import ConfigError
 from vltrain.data import schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data import storage_faults
@@ -563,6 +564,11 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
               download_timeout=float(d.download_timeout), download_retry=int(d.download_retry))
     if d.cache_limit:
+        from streaming.base.util import bytes_to_int
+        try:
+            bytes_to_int(d.cache_limit)       # else streaming's error names data.train's stream
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.cache_limit': {e}") from None
         kw["cache_limit"] = d.cache_limit
     if d.num_canonical_nodes > 0:
         kw["num_canonical_nodes"] = d.num_canonical_nodes

@@ -364,7 +364,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     # --- ZeRO
     zero = _section(r, "zero_optimization")
     stage = zero.setdefault("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):     # (true == 1 in Python)
         raise r.err(f"'zero_optimization.stage' = {json.dumps(stage)} must be 0, 1, 2 or 3")
     h = _hidden(cfg)
     if zero.get("overlap_comm") == AUTO:
