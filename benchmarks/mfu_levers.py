@@ -22,7 +22,8 @@ Rows, all ours with compiled blocks and sdpa unless a row says otherwise (the be
                                   reads the gradient norm back), and with that and DeepSpeed's
                                   default throughput timer (which synchronizes the device twice
                                   per step): vltrain's engine before it took both out
-  peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table)
+  peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table;
+                  the "× peer" column's reference), and with bf16 weights (as ours' bf16-weights rows)
   dropout's RNG   (--rng) what the hidden dropouts' random numbers cost inside the compiled
                   blocks (Inductor draws one Philox call per element where a fused kernel is 2-D,
                   e.g. dropout + residual + LayerNorm, and keeps 1 of its 4 outputs): the blocks
@@ -203,6 +204,9 @@ def main(argv=None) -> int:
     amp_name = "bf16 autocast" if device.type == "cuda" else "fp32"
     peer.label, peer.batch = f"peer: VisualBertForPreTraining ({amp_name}, eager)", args.batch
     runners.append(peer)
+    peer16 = build_peer(sizes["1x"], batches["1x"], device, preds["1x"], bf16_weights=True)
+    peer16.label, peer16.batch = "peer: VisualBertForPreTraining (bf16 weights, eager)", args.batch
+    runners.append(peer16)
     runners.append(mk(f"bf16 weights, micro-batch {2 * args.batch}", key="2x", ck=static))
     time_interleaved(runners, device, warmup=3, rounds=args.rounds, log=log,
                      steps_per_round=args.steps_per_round)

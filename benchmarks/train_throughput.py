@@ -281,15 +281,18 @@ def full_last_speedup(runners, cpu: bool) -> str:
     return text
 
 
-def build_peer(size: Size, batch, device, flops_pred: int) -> Runner:
+def build_peer(size: Size, batch, device, flops_pred: int, bf16_weights: bool = False) -> Runner:
     from vltrain.monitor import FlopCounter, non_embedding_params
     torch.manual_seed(0)
     peer = peer_model(size.model).to(device).train()
-    opt = make_optimizer(peer.parameters(), device)
     inputs = to_device(peer_inputs(batch), device)
+    if bf16_weights:        # as ours' "bf16 weights" rows: weights, grads, AdamW state in bf16, no autocast
+        peer.to(torch.bfloat16)
+        inputs["visual_embeds"] = inputs["visual_embeds"].to(torch.bfloat16)
+    opt = make_optimizer(peer.parameters(), device)
 
     def step():
-        with autocast_ctx(device):
+        with (nullcontext() if bf16_weights else autocast_ctx(device)):
             loss = peer(**inputs).loss
         loss.backward()
         opt.step()
@@ -351,8 +354,9 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
         peak = device_peak_tflops("bf16")
         peak_note = f"spec dense bf16 peak of this GPU: {peak} TFLOP/s" if peak else "GPU not in PEAK_TFLOPS"
     else:
-        peak = measured_gemm_tflops(device, torch.float32, n=1024 if args.quick else 2048)
-        peak_note = (f"CPU has no spec peak: MFU is relative to the fp32 2048^3 matmul rate measured in this "
+        gemm_n = 1024 if args.quick else 2048
+        peak = measured_gemm_tflops(device, torch.float32, n=gemm_n)
+        peak_note = (f"CPU has no spec peak: MFU is relative to the fp32 {gemm_n}^3 matmul rate measured in this "
                      f"run, {peak * 1e3:.1f} GFLOP/s")
     # Wall-clock median over interleaved rounds: every configuration sees the same mix of the
     # machine's load. On a CPU shared with other jobs, process CPU time (all threads) is a
@@ -384,19 +388,20 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     lines = [markdown_table(header, rows), "",
              f"- Same batch for both models: {size.batch} samples × ({size.regions} regions + {size.text} text "
-             f"tokens) = {size.seq_len} positions, {n_pred} masked tokens; {args.rounds} timed steps per "
-             f"configuration after {args.warmup} warm-up step(s), interleaved round-robin.",
-             f"- FLOPs per step: ours {runners[0].flops_per_step / 1e9:,.1f} GFLOP, peer "
-             f"{peer.flops_per_step / 1e9:,.1f} GFLOP (vltrain.monitor: 6·N_non-emb + 12·layers·hidden·seq per "
+             f"tokens) = {size.seq_len} positions, {n_pred} masked tokens; {args.rounds} timed rounds of "
+             f"{args.steps_per_round} step(s) per configuration (median of the rounds) after {args.warmup} "
+             f"warm-up step(s), interleaved round-robin.",
+             f"- FLOPs per step: ours {runners[0].flops_per_step / 1e9:,.4g} GFLOP, peer "
+             f"{peer.flops_per_step / 1e9:,.4g} GFLOP (vltrain.monitor: 6·N_non-emb + 12·layers·hidden·seq per "
              f"token + 6·hidden·vocab per masked token; the peer is credited with the same useful work, not "
              f"with its full-vocabulary logits), the count the trainer's `perf/mfu` uses; ours is credited with "
              f"it although its last block runs only at the masked positions. {peak_note}.",
              f"- Peak memory = parameters + optimizer state + the step's peak transient allocation "
              f"({'CUDA allocator peak' if not cpu else 'torch profiler allocation events'}).",
              f"- Best of ours: {best['label']} at {best['samples_per_s']:.3g} samples/s = "
-             f"{best['vs_peer']:.2f}× the peer ({best['vs_peer_cpu_time']:.2f}× by CPU time); without compile: "
-             f"{best_plain['label']} = {best_plain['vs_peer']:.2f}× ({best_plain['vs_peer_cpu_time']:.2f}× by "
-             f"CPU time).",
+             f"{best['vs_peer']:.2f}× the peer" + (f" ({best['vs_peer_cpu_time']:.2f}× by CPU time)" if cpu else "")
+             + f"; without compile: {best_plain['label']} = {best_plain['vs_peer']:.2f}×"
+             + (f" ({best_plain['vs_peer_cpu_time']:.2f}× by CPU time)" if cpu else "") + ".",
              f"- The last block only at the masked positions (`eager`) vs the same model computing it at "
              f"every position (`{FULL_LAST}`), same run: {full_last_speedup(runners, cpu)}."]
     if args.steps_per_round > 1:

@@ -217,9 +217,9 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=true)", "DeepSpeed engine (ZeRO-1, fp32)",
                       "DeepSpeed engine (ZeRO-1, fp32, no gradient hooks)",
                       "DeepSpeed engine (ZeRO-0, fp32)", "peer: VisualBertForPreTraining (fp32, eager)",
-                      "bf16 weights, micro-batch 4"]
+                      "peer: VisualBertForPreTraining (bf16 weights, eager)", "bf16 weights, micro-batch 4"]
     assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows     # samples/s
-    assert rows[0][6] == "1" and rows[-2][7] == "1"                    # × first row, × peer
+    assert rows[0][6] == "1" and rows[-3][7] == "1"                    # × first row, × (autocast) peer
     # the profiler's breakdown (vltrain.profiling) of the first two rows and the engine's
     breakdowns = [line for line in out.splitlines() if line.startswith("Operator time per step, ")]
     assert len(breakdowns) == 3, breakdowns

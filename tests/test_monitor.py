@@ -145,6 +145,8 @@ def test_peak_table():
     assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312
     assert peak_tflops_for("NVIDIA A100 80GB PCIe", "fp16") == 312
     assert peak_tflops_for("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert [peak_tflops_for(f"Tesla {n}", "fp16") for n in ("V100-SXM2-32GB", "V100-PCIE-16GB", "V100S-PCIE-32GB")] \
+        == [125, 112, 130]
     assert peak_tflops_for("Some CPU") is None
     assert device_peak_tflops("bf16", override=123.0) == 123.0
     if not torch.cuda.is_available():
