@@ -154,7 +154,8 @@ def test_a_key_of_one_task_set_for_another_is_refused():
     """A key only one task reads, set for another task, would change nothing: refused, naming it."""
     for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain"),
                        (["task.vqa_question_noise=1", "task.name=mc"], "vqa"),
-                       (["task.mc_loss=sigmoid"], "mc")):
+                       (["task.mc_loss=sigmoid"], "mc"),
+                       (["data.text_train=/t", "data.text_proportion=0.3", "task.name=vqa"], "pretrain")):
         with pytest.raises(ConfigError, match=rf"is read by task.name={task} only, not by task.name="):
             load_config(None, over)
     assert load_config(None, ["task.mc_loss=sigmoid", "task.name=mc"]).task.mc_loss == "sigmoid"
@@ -278,6 +279,7 @@ def test_a_section_override_merges_and_home_is_expanded(tmp_path, monkeypatch):
                                  r"which is empty"),
     ("objectives.max_pred=0", r"'objectives.max_pred': 0 predicts no token"),
     ("data.max_regions=0", r"'data.max_regions': must be at least 1, got 0"),
+    ("data.text_train=/x", r"'data.text_proportion': data.text_train is set, so the share .* got 0.0"),
 ])
 def test_values_no_run_can_mean_are_refused_naming_the_key(override, message):
     """They trained before (exit 0) with the value taken silently, or failed at the first

@@ -499,6 +499,9 @@ def check_values(cfg: Config) -> None:
     if d.text_proportion and not d.text_train:
         refuse("data.text_proportion", f"{d.text_proportion} mixes in text-only samples from data.text_train, "
                "which is empty: set data.text_train, or data.text_proportion=0")
+    if d.text_train and not 0.0 < d.text_proportion < 1.0:
+        refuse("data.text_proportion", f"data.text_train is set, so the share of text-only samples must be in "
+               f"(0, 1); got {d.text_proportion}")
     if d.max_sequence and d.max_sequence < 8:
         refuse("data.max_sequence", f"0 (off) or at least 8 (room for the text's special tokens, a word and a "
                f"region beside them), got {d.max_sequence}")
@@ -540,6 +543,7 @@ def check_url_credentials(cfg: Config) -> None:
 def check_task_keys(cfg: Config) -> None:
     """Keys one task reads, set for another, would change nothing without a word: refused."""
     for key, value, default, task in (("data.max_sequence", cfg.data.max_sequence, 0, "pretrain"),
+                                      ("data.text_train", cfg.data.text_train, "", "pretrain"),
                                       ("task.vqa_question_noise", cfg.task.vqa_question_noise, 0, "vqa"),
                                       ("task.mc_loss", cfg.task.mc_loss, "softmax", "mc")):
         if value != default and cfg.task.name != task:

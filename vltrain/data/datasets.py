@@ -516,10 +516,7 @@ def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]
     if split == "train":
         if not d.train:
             raise MetaError("data.train is empty: set it to an MDS folder or s3:// prefix")
-        if d.text_train:
-            if not 0.0 < d.text_proportion < 1.0:
-                raise ValueError(f"data.text_train is set, so data.text_proportion must be in (0, 1); "
-                                 f"got {d.text_proportion}")
+        if d.text_train:               # (text_proportion in (0, 1): config.check_values)
             n = count_samples(d.train, d.download_timeout)
             k = max(1, int(round(n * d.text_proportion / (1.0 - d.text_proportion))))
             m = count_samples(d.text_train, d.download_timeout)
