@@ -104,7 +104,7 @@ class DataConfig:
                            "sha3_256", "sha3_384", "sha3_512", "sha512", "xxh128", "xxh32", "xxh3_128", "xxh3_64",
                            "xxh64"] = "auto"
     download_timeout: float = 60.0           # seconds per shard download
-    # re-attempts of a failed shard download, after 1, 2, 4, ... s (streaming's backoff): 6 rides
+    # attempts in all at a failed shard download, retried after 1, 2, 4, ... s (streaming's backoff): 6 rides
     # out ~30 s of storage outage, where streaming's 2 lost the job to a 2-second one
     download_retry: int = 6
     cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)
