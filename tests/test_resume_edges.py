@@ -45,6 +45,9 @@ def test_a_failed_save_of_best_keeps_the_previous_best(edges):
     assert "best.partial" in best["kept"]["names"]                  # the cut-short save, left aside
     assert best["after"]["step"] == 5                              # the next save replaced it
     assert not [n for n in best["names"] if n.startswith("best.")], best["names"]
+    # best/ is no resume point: its saves leave a due train.save_every_minutes checkpoint due
+    # (a validation improving more often than the interval kept every timed save away)
+    assert best["timed_due_after_best"] is True
 
 
 def test_a_resume_at_another_precision_is_refused_by_name(edges):

@@ -12,8 +12,8 @@ full disk) during one save. Runs, in order:
   restart   the base run restarted from its step 2 with another train.lr, grad_clip and Adam
             settings: those right after the resume, and whether step 4 (the base run's) is
             replaced by this run's
-  best      on the restart's trainer: save `best`, then a save of `best` that fails midway,
-            then one that succeeds
+  best      on the restart's trainer: save `best` while a timed checkpoint is due (still due
+            after it), then a save of `best` that fails midway, then one that succeeds
   precision resume of the base run with train.precision=bf16: the error
   uni16     the restart's step 4 resharded to a universal checkpoint made to look fp16-trained (a
             dynamic loss scaler of 2^16 and train.precision: fp16, as a GPU run writes them; the
@@ -142,6 +142,10 @@ def main():
                       "latest": open(f"{ckpts}/latest").read(), "names": sorted(os.listdir(ckpts))}
 
     best = os.path.join(ckpts, "best")
+    import time
+    from vltrain.engine.trainer import FLAG_SAVE
+    t.cfg.train.save_every_minutes = 1.0
+    t._last_save_time = time.time() - 61              # a timed checkpoint is due
     t.save("best")
     first = record(best)
     mtime = os.stat(os.path.join(best, "vltrain_ckpt.json")).st_mtime_ns
@@ -157,11 +161,13 @@ def main():
         failed = str(e)
     finally:
         torch.save = real_save
+    timed_due_after_best = t._flags(torch.tensor(1.0))[FLAG_SAVE]     # best/ is no resume point
     kept = {"record": record(best), "mtime_same": os.stat(os.path.join(best, "vltrain_ckpt.json")).st_mtime_ns == mtime,
             "names": sorted(os.listdir(ckpts))}
     t.step = 5          # the number the next save records, to tell it from the first
     t.save("best")
     res["best"] = {"first": first, "failed": failed, "kept": kept, "after": record(best),
+                   "timed_due_after_best": timed_due_after_best,
                    "names": sorted(os.listdir(ckpts))}
     t.close()
 

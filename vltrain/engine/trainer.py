@@ -102,11 +102,13 @@ class Trainer:
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
                          rank_state=rank_state, info=self.checkpoint_info(loader_state), rank=self.info.rank,
                          local_rank=self.info.local_rank, keep_last=self.cfg.train.keep_last)
-        self._last_save_time = time.time()
+        now = time.time()
         if tag != ckpt.BEST_TAG:
-            self._saved_step = self.step
+            # best/ is no resume point: it must not put off the next save_every_minutes checkpoint
+            # (a validation improving more often than that interval kept every timed save away)
+            self._saved_step, self._last_save_time = self.step, now
         # What a stop signal's save must fit in: Slurm's GraceTime / KillWait (README).
-        took = self._last_save_time - start
+        took = now - start
         self.monitor.log_scalar("perf/best_save_s" if tag == ckpt.BEST_TAG else "perf/checkpoint_save_s", took,
                                 self.step)
         if self.info.is_main:
@@ -227,6 +229,7 @@ class Trainer:
             # first interval of every start and requeue reads as a data-bound one.
             self._next = self._fetch(batches)
         self.monitor.reset_timer()
+        self._last_save_time = time.time()    # save_every_minutes counts training, not the start-up
         while self.step < cfg.max_steps:
             with phase("forward"):
                 batch = (self._next if self._next is not None else self._fetch(batches)).get()
