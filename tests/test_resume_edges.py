@@ -64,6 +64,17 @@ def test_a_backend_the_device_cannot_train_with_is_refused_before_the_first_step
     assert edges["backend"]["error"] == f"ValueError: {FLEX_CPU_MESSAGE}", edges["backend"]
 
 
+def test_steps_skipped_on_a_gradient_overflow_are_counted(edges):
+    """Infinite gradients with a finite loss at step 2 (bf16 with DeepSpeed's overflow check, as
+    fp16 meets them): DeepSpeed skips the update and its schedule step; train/overflow_skipped
+    counts it, and the lr logged at step 3 is still step 2's (the schedule lags by one)."""
+    ovf = edges["overflow"]
+    assert ovf["code"] == 0 and ovf["step"] == 4 and ovf["skipped"] == 1, ovf
+    assert ovf["tag"] == [[1, 0.0], [2, 1.0], [3, 1.0], [4, 1.0]], ovf
+    lr = dict(ovf["lr"])
+    assert lr[2] == lr[3] > lr[4] > 0, ovf
+
+
 def test_a_universal_checkpoint_resumed_at_another_precision_takes_this_runs_scaler_and_clipping(edges):
     """An fp16 run's checkpoint (dynamic loss scaler at 2^16) resharded and resumed in bf16:
     DeepSpeed's load would install the fp16 scaler, which would keep doubling in bf16 (no

@@ -20,6 +20,8 @@ full disk) during one save. Runs, in order:
             CPU has no fp16), resumed in bf16 with another train.grad_clip: this run's scaler
             and clipping, not the checkpoint's (and Adam settings: the restart's were others)
   auto_precision  train.precision=auto: the base run's; a bf16 run resumed with it
+  overflow  bf16 with DeepSpeed's check_grad_overflow, infinite gradients (a finite loss) at
+            step 2: the step skipped, train/overflow_skipped and the logged lr
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
   valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2; log_every=3):
@@ -52,8 +54,21 @@ def cfg_of(corpus, out, name, *extra, config="configs/debug.yaml"):
         f"data.cache_dir={out}/cache", "train.warmup_steps=1", "train.log_every=1", "train.keep_last=3", *extra])
 
 
+class InfGrad(torch.autograd.Function):
+    """The loss as it is, its gradient infinite: a gradient overflow with a finite loss (what
+    fp16 meets past its range), which DeepSpeed's overflow check skips."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
 class Faults:
-    """Per run: NaN loss at micro-batch ``nan_at`` (1-based, training forwards), SIGUSR1 at ``usr1_at``."""
+    """Per run: NaN loss at micro-batch ``nan_at`` (1-based, training forwards), SIGUSR1 at
+    ``usr1_at``, infinite gradients (a finite loss) at ``inf_grad_at``."""
 
     def __init__(self):
         from vltrain.tasks.pretrain import PretrainTask
@@ -69,11 +84,13 @@ class Faults:
                     os.kill(os.getpid(), signal.SIGUSR1)
                 if faults.calls == faults.nan_at:
                     loss = loss * float("nan")
+                if faults.calls == faults.inf_grad_at:
+                    loss = InfGrad.apply(loss)
             return loss, metrics
         PretrainTask.forward = forward
 
-    def set(self, nan_at=0, usr1_at=0):
-        self.calls, self.nan_at, self.usr1_at = 0, nan_at, usr1_at
+    def set(self, nan_at=0, usr1_at=0, inf_grad_at=0):
+        self.calls, self.nan_at, self.usr1_at, self.inf_grad_at = 0, nan_at, usr1_at, inf_grad_at
 
 
 def train(cfg, faults, ds_config=None, **fault):
@@ -216,6 +233,19 @@ def main():
     res["auto_precision"] = {"new_run": base_precision, "codes": [code, code2], "resumed": t2.cfg.train.precision,
                              "losses": losses,
                              "saved": load_config(f"{t2.save_dir}/step_00000003/config.yaml").train.precision}
+
+    # bf16 with DeepSpeed's overflow check, infinite gradients at step 2: skipped and counted
+    ds = json.load(open("ds_configs/zero2.json"))
+    ds.setdefault("bf16", {})["check_grad_overflow"] = True
+    code, losses, t = train(cfg_of(corpus, out, "overflow", "train.max_steps=4", "train.precision=bf16",
+                                   "train.save_every_steps=0"), faults, ds_config=ds, inf_grad_at=2)
+    t.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(out, "overflow", "tensorboard"))
+    acc.Reload()
+    res["overflow"] = {"code": code, "skipped": t.engine.skipped_steps, "step": t.step,
+                       "tag": [[e.step, e.value] for e in acc.Scalars("train/overflow_skipped")],
+                       "lr": [[e.step, e.value] for e in acc.Scalars("train/lr")]}
 
     accum = ["train.max_steps=3", "train.grad_accum=2", "train.save_every_steps=0"]
     code, losses, t = train(cfg_of(corpus, out, "accum_ref", *accum), faults, nan_at=4)

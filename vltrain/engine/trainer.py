@@ -76,6 +76,11 @@ class Trainer:
         # one it clips fp32 ZeRO-0 gradients with is dropped: there it is computed here
         self._own_grad_norm = (engine is not None and not engine.zero_optimization()
                                and float_dtype in (None, torch.float32))
+        # Steps DeepSpeed skips on a gradient overflow (fp16's loss scaling, or bf16 with
+        # check_grad_overflow): counted in train/overflow_skipped. They advance self.step but not
+        # the LR schedule, which then lags by as many steps.
+        self._overflow_checked = float_dtype == torch.float16 or (
+            float_dtype == torch.bfloat16 and bool((ds_config.get("bf16") or {}).get("check_grad_overflow")))
 
     # ------------------------------------------------------------------ state
 
@@ -299,6 +304,8 @@ class Trainer:
             with phase("log"):
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     instant = self._data_counters()
+                    if self._overflow_checked:        # the same on every rank (DeepSpeed agrees it)
+                        instant["train/overflow_skipped"] = float(self.engine.skipped_steps)
                 self.monitor.step_end(
                     self.step, micro.means(), samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
                     lr=lr, grad_norm=grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm(),
