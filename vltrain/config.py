@@ -421,8 +421,8 @@ def load_config(path: Optional[str] = None, overrides: list[str] | tuple = (), *
         raise ConfigError(f"command-line override: {e}" if path and overrides else str(e)) from None
     if to_run:
         expand_user_paths(cfg)
+        check_task_keys(cfg)          # first: a key of another task is the cause to name
         check_values(cfg)
-        check_task_keys(cfg)
         check_url_credentials(cfg)
         for key, where in (("run_name", str(cfg.run_name)), ("output_root", os.path.abspath(str(cfg.output_root))),
                            ("train.resume", "" if cfg.train.resume == "auto" else str(cfg.train.resume))):

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import yaml
 
+from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import Config, check_placeholders, config_to_dict, flatten
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
@@ -50,7 +51,6 @@ def init_weights(model: VLModel, path: str) -> dict:
         raise FileNotFoundError(f"train.init_from={path} does not exist{ckpt.tags_beside(path)}")
     task_state: dict = {}
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        from vltrain.ckpt.layout import locate, read_config
         from vltrain.ckpt.weights import fp32_state_dict
         from vltrain.model.transformer import named_pieces
         found = locate(path)                     # any ZeRO stage, or a resharded (universal) one
@@ -81,7 +81,6 @@ def source_config(path: str) -> Optional[str]:
     candidates = [os.path.join(folder, EXPORT_CONFIG)]
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            from vltrain.ckpt.layout import locate
             try:
                 candidates = [os.path.join(locate(path).path, "config.yaml")]
             except Exception as e:  # noqa: BLE001 — init_weights reports an unusable folder
@@ -215,7 +214,6 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
         return None
     if r == "auto":
         return ckpt.find_resume_point(os.path.join(run_dir, "checkpoints"))
-    from vltrain.ckpt.layout import locate
     return locate(r, check_files=False)    # its files: reconcile_resume, for the world it resumes on
 
 

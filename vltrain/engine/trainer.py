@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from vltrain.ckpt.layout import locate
 from vltrain.config import Config, config_to_dict, save_config
 from vltrain.data.batch import Batch
 from vltrain.data.collate import TRUNCATED_KEY
@@ -443,7 +444,6 @@ class Trainer:
             # name the results by the evaluated weights' step: a checkpoint's, an export's or a
             # consolidated file's (0 for other weights, a BERT folder)
             try:
-                from vltrain.ckpt.layout import locate
                 self.step = int(locate(self.cfg.train.init_from, check_files=False).info.get("step", 0))
             except (CheckpointError, OSError):
                 from vltrain.ckpt.export import written_step
