@@ -502,5 +502,6 @@ def test_scst_references_json_needs_a_list_per_image(tmp_path):
     caps = [tok.encode("a dog")] * 3
     assert scst.rewards(["1", "2", "1"], caps).shape == (3,)
     with pytest.raises(ValueError, match=r"task.scst_references=.*refs.json has no reference captions for 1 "
-                                         r"image\(s\) of this batch, e.g. \['COCO_7'\]: its image ids must be data.train"):
+                                         r"image\(s\) of this batch, e.g. \['COCO_7'\]: its image ids must be "
+                                         r"data.train"):
         scst.rewards(["1", "COCO_7", "COCO_7"], caps)
