@@ -450,7 +450,7 @@ def unusable(backend: str, device_type: str, dropout_p: float, training: bool) -
             return FLEX_CPU_MESSAGE
     if backend == "triton":
         if not triton_attention.available():
-            return "model.attention_backend=triton needs the triton package"
+            return triton_attention.MISSING_MESSAGE
         if not triton_attention.runs_on(device_type):
             return triton_attention.CPU_MESSAGE
     return ""

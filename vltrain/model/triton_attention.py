@@ -51,6 +51,7 @@ BLOCK = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 
+MISSING_MESSAGE = "model.attention_backend=triton needs the triton package"
 CPU_MESSAGE = ("model.attention_backend=triton runs Triton GPU kernels: it needs a CUDA device "
                "(on CPU use model.attention_backend=sdpa or auto)")
 
@@ -388,7 +389,7 @@ def triton_attention(q, k, v, prepared, dropout_p: float, keep: Optional[torch.T
     """(B, h, L, d) -> (B, h, L, d) by the rule of ``attention.py``. ``keep`` (B, h, L, L) bool
     replaces the dropout draw (tests give eager the same one, scaled by 1 / (1 - dropout_p))."""
     if not available():
-        raise RuntimeError("model.attention_backend=triton needs the triton package")
+        raise RuntimeError(MISSING_MESSAGE)
     if not runs_on(q.device.type):
         raise RuntimeError(CPU_MESSAGE)
     valid, target, ends = prepared
