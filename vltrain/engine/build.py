@@ -364,7 +364,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         t = cfg.train
         log.info("global batch %d samples per step = micro batch %d x grad_accum %d x %d rank(s)",
                  t.samples_per_step(info.world), t.micro_batch_size, t.grad_accum, info.world)
-    make_run_dir(cfg, run_dir)
+    if info.is_main:     # only the rank that removes it on a failed start: a slower rank making it after
+        make_run_dir(cfg, run_dir)   # that removal left it behind (the others write there after the engine)
     with removed_if_left_empty(run_dir, info.is_main and not existed):
         if cfg.data.num_workers > 0:
             worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
