@@ -216,6 +216,27 @@ def test_cpu_attention_counts_what_it_calls():
     assert s["GEMM"] == pytest.approx(plain_mm / 3e3, rel=1e-6)         # the attention's bmm's are not here
 
 
+def test_cpu_communication_counts_gloo_collectives(tmp_path):
+    """A gloo collective is a ``c10d::`` operator on the calling thread and a ``gloo:`` range on
+    gloo's own thread (no aten operator: an aten-only count showed no communication at all)."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(1 << 16)
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(3):
+                dist.all_reduce(x)
+    finally:
+        dist.destroy_process_group()
+    events = p.events()
+    calls = sum(e.self_cpu_time_total for e in events if e.key.startswith("c10d::"))
+    transfers = sum(e.cpu_time_total for e in events if e.key.startswith("gloo:"))
+    assert calls > 0 and transfers > 0
+    s = dict(summarize(p, 3, wall_s=1.0).classes)
+    assert s["communication"] == pytest.approx((calls + transfers) / 3e3, rel=1e-6)
+
+
 class _Recorded:
     """What summarize() reads of a finished torch.profiler.profile, over a given event list."""
     def __init__(self, events):

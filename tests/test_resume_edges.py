@@ -35,6 +35,8 @@ def test_a_restart_from_an_earlier_step_trains_at_its_lr_and_replaces_the_steps_
     assert sorted(restart["losses"]) == ["3", "4"] and restart["losses"]["3"] == base["losses"]["3"]
     assert restart["losses"]["4"] != base["losses"]["4"]
     assert [n for n in restart["names"] if n.startswith("step_")] == ["step_00000002", "step_00000004"]
+    # the base run profiled step 2: its checkpoint save is in the window, as a phase of its own
+    assert "| save | 1 |" in base["profile"] and "| forward | 1 |" in base["profile"], base["profile"]
 
 
 def test_a_failed_save_of_best_keeps_the_previous_best(edges):
@@ -126,6 +128,11 @@ def test_a_stop_signal_checkpoints_before_a_validation_due_at_that_step_which_ru
     for k in ("3", "4"):
         assert math.isclose(resumed["losses"][k], ref["losses"][k], rel_tol=1e-6), (k, ref, resumed)
     assert resumed["samples_seen"] == ref["samples_seen"] > 0
+    # the resumed run profiled step 3, which starts where the job does: the window begins after
+    # the start-up (the pending validation, the first batch), so it holds step 3's work only
+    md = resumed["profile"]
+    assert md.startswith("# Profile: steps 3-3, rank 0\n") and "| forward | 1 |" in md, md
+    assert "| validate |" not in md, md
 
 
 def test_a_validation_due_at_the_last_step_runs_on_resume_and_the_last_checkpoint_says_so(edges):

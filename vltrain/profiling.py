@@ -36,7 +36,7 @@ from vltrain.config import ConfigError, TrainConfig
 log = logging.getLogger(__name__)
 
 # The trainer's phases, in loop order; each is a ``record_function`` range while profiling.
-PHASES = ("forward", "fetch", "flags", "backward", "step", "log", "validate")
+PHASES = ("forward", "fetch", "flags", "backward", "step", "log", "validate", "save")
 PHASE_PREFIX = "vltrain."
 
 # Device kernels by name, first match wins: cuDNN's attention kernels have "sm90" in their
@@ -191,24 +191,30 @@ def summarize(prof, steps: int, wall_s: float) -> Summary:
 
 
 def _cpu_operator_time(events) -> dict[str, tuple[str, float]]:
-    """aten operator -> (class, CPU us): attention operators with what they call, the others'
-    self time (none counted twice)."""
+    """aten operator or collective -> (class, CPU us): attention operators and gloo's collective
+    ranges with what they call, the others' self time (none counted twice). A collective is a
+    ``c10d::`` operator on the calling thread (the enqueue) and a ``gloo:`` range on gloo's own
+    thread (the transfer and the wait for the peers): both count as communication."""
     attention = dict(CPU_OP_CLASSES)["attention"]
 
-    def inside_attention(e) -> bool:
+    def whole(key: str) -> bool:                    # counted with what it calls
+        return key.startswith("gloo:") or bool(attention.search(key))
+
+    def inside_whole(e) -> bool:
         p = e.cpu_parent
         while p is not None:
-            if attention.search(p.key):
+            if whole(p.key):
                 return True
             p = p.cpu_parent
         return False
 
     out: dict[str, tuple[str, float]] = {}
     for e in events:
-        if e.device_type != torch.autograd.DeviceType.CPU or not e.key.startswith("aten::") or inside_attention(e):
+        if (e.device_type != torch.autograd.DeviceType.CPU or not e.key.startswith(("aten::", "c10d::", "gloo:"))
+                or inside_whole(e)):
             continue
         cls = classify(e.key, CPU_OP_CLASSES, CPU_OTHER)
-        us = e.cpu_time_total if cls == "attention" else e.self_cpu_time_total
+        us = e.cpu_time_total if whole(e.key) else e.self_cpu_time_total
         out[e.key] = (cls, out.get(e.key, (cls, 0.0))[1] + us)
     return out
 
@@ -330,7 +336,8 @@ class StepProfiler:
         done = max(step - (self.first - 1), 0)
         head = (f"# Profile: steps {self.steps_done(step)}, rank {self.rank}{cut}\n\n"
                 f"Device: {where}. {done} optimizer step(s), {s.wall_ms:.2f} ms per step (wall, device "
-                "work included). Phases are host time, each including the ones it calls; a phase that "
+                "work included, and any validation or checkpoint save in the window: the `validate` "
+                "and `save` phases). Phases are host time, each including the ones it calls; a phase that "
                 "waits for the device (`flags` reads the agreed flag vector back, DeepSpeed's `step` "
                 "its gradient norm) includes that wait.\n\n")
         return head + s.phase_table() + "\n\n" + s.class_table() + "\n"

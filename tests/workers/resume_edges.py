@@ -8,7 +8,7 @@ never our code's behaviour: a NaN loss at a chosen micro-batch, SIGUSR1 sent to 
 from inside a chosen forward (as Slurm's would arrive), and a ``torch.save`` that fails (a
 full disk) during one save. Runs, in order:
 
-  base      max_steps=4, saves at 2 and 4
+  base      max_steps=4, saves at 2 and 4; step 2 profiled (its save in the window)
   restart   the base run restarted from its step 2 with another train.lr, grad_clip and Adam
             settings: those right after the resume, and whether step 4 (the base run's) is
             replaced by this run's
@@ -25,8 +25,8 @@ full disk) during one save. Runs, in order:
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
   valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2; log_every=3):
-            uninterrupted (valref), stopped, resumed: the skipped validation runs first, and
-            the interval logged at step 3 averages steps 1-3 as the uninterrupted run's
+            uninterrupted (valref), stopped, resumed: the skipped validation runs first (before
+            the resumed run's profiled window, step 3), and the interval logged at step 3 averages steps 1-3 as the uninterrupted run's
   valend    the same with SIGUSR1 during the last step (4): the resumed run validates and saves
             step 4 again (the checkpoint no longer has it due, and keeps the new best); a copy
             of the stopped run resumed with validation off (data.val=) just finishes
@@ -126,6 +126,12 @@ def outcome(code, losses, t) -> dict:
             "latest": open(os.path.join(t.save_dir, "latest")).read()}
 
 
+def profile_of(t, step):
+    """The summary of a train.profile_steps=1 window over ``step``, or None."""
+    path = os.path.join(t.run_dir, "profile", f"steps_{step}-{step}", "rank0.md")
+    return open(path).read() if os.path.exists(path) else None
+
+
 def record(path):
     from vltrain.engine.checkpoint import read_ckpt_info
     return read_ckpt_info(path)
@@ -142,10 +148,11 @@ def main():
     res = {}
     faults = Faults()
 
-    code, base_losses, t = train(cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=2"), faults)
+    code, base_losses, t = train(cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=2",
+                                        "train.profile_start=1", "train.profile_steps=1"), faults)
     t.close()
     ckpts, base_precision = t.save_dir, t.cfg.train.precision
-    res["base"] = {"code": code, "losses": base_losses}
+    res["base"] = {"code": code, "losses": base_losses, "profile": profile_of(t, 2)}
 
     cfg = cfg_of(corpus, out, "base", "train.max_steps=4", "train.save_every_steps=0", "train.lr=5e-4",
                  "train.grad_clip=0.5", "train.weight_decay=0.05", "train.adam_eps=1e-8", "train.adam_betas=[0.8,0.99]",
@@ -261,11 +268,12 @@ def main():
     vs = ["train.max_steps=4", "train.save_every_steps=0", f"data.val={corpus}/captions/val", "train.val_every=2",
           "train.log_every=3"]
     for name, extra, fault in [("valref", [], {}), ("valstop", [], {"usr1_at": 2}),
-                               ("valresumed", ["train.resume=auto"], {})]:
+                               ("valresumed", ["train.resume=auto", "train.profile_start=2",
+                                               "train.profile_steps=1"], {})]:
         code, losses, t = train(cfg_of(corpus, out, "valstop" if name == "valresumed" else name, *vs, *extra),
                                 faults, **fault)
         t.close()
-        res[name] = outcome(code, losses, t)
+        res[name] = {**outcome(code, losses, t), "profile": profile_of(t, 3)}
 
     code, _, t = train(cfg_of(corpus, out, "valend", *vs), faults, usr1_at=4)
     t.close()

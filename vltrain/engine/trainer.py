@@ -224,7 +224,6 @@ class Trainer:
         batches = self._batches()
         save_due = False
         micro = MicroBatches()
-        self.profiler.at_step(self.step)
         if self._val_pending and cfg.val_every and self.val_loader is not None:
             code = self._validate_due()   # resumed where a stop signal skipped or cut short a validation
             if code is not None:
@@ -236,6 +235,7 @@ class Trainer:
             self._next = self._fetch(batches)
         self.monitor.reset_timer()
         self._last_save_time = time.time()    # save_every_minutes counts training, not the start-up
+        self.profiler.at_step(self.step)      # a window starting here: after the start-up, as the clock
         while self.step < cfg.max_steps:
             with phase("forward"):
                 batch = (self._next if self._next is not None else self._fetch(batches)).get()
@@ -323,7 +323,8 @@ class Trainer:
                 if code is not None:
                     return code
             if (cfg.save_every_steps and self.step % cfg.save_every_steps == 0) or save_due:
-                self.save()
+                with phase("save"):
+                    self.save()
                 save_due = False
                 self.monitor.reset_timer()
             if self.profiler.at_step(self.step):    # a window ended: its export is not a step's time
