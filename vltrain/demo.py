@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +31,9 @@ def minilm_dir() -> str:
 
 def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str], dict]:
     """``deepspeed --num_gpus N --master_port P script`` and its environment: N GPUs when
-    there are N, else N CPU processes (one thread each) over gloo."""
+    there are N, else N CPU processes (one thread each) over gloo. The launcher is this
+    interpreter's (``python -m deepspeed.launcher.runner``): a ``deepspeed`` found first on PATH
+    (conda's, ~/.local's) would run another Python."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     gpus = 0
     try:
@@ -42,12 +43,12 @@ def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str],
         pass
     if gpus < nproc:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     # A free port, not the launcher's default 29500: another job on this machine may hold it.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(port), script], env
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
+            script], env
 
 
 def main(argv=None) -> int:
@@ -74,8 +75,10 @@ def main(argv=None) -> int:
     cmd += ["--config", "configs/demo.yaml", "--deepspeed_config", "ds_configs/zero2.json",
             f"output_root={runs}", f"data.train={corpus}/captions/pretrain", f"data.val={corpus}/captions/val",
             f"data.cache_dir={out}/cache", f"train.init_from={minilm_dir()}", f"train.max_steps={args.steps}",
+            f"train.warmup_steps={min(4, args.steps)}",   # the recipe's 4, or all of a shorter demo
             "train.resume=auto"]    # a second demo with more --steps continues this run
-    print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:6]) + " --config configs/demo.yaml ...",
+    print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:cmd.index("vltrain/run.py") + 1])
+          + " --config configs/demo.yaml ...",
           flush=True)
     rc = subprocess.call(cmd, cwd=REPO, env=env)
     if rc:
