@@ -162,10 +162,15 @@ vltrain_job_field() {
     sed -n -E "s/^(.* )?$1=//p" | sed -E 's/ [A-Za-z][A-Za-z0-9_:/]*=.*//'
 }
 
-# $1 with a URL's user:password@ replaced by ***@ (vltrain/redact.py's rule for the usual
-# case): the overrides echoed to the batch log may carry one.
+# $1 with credentials masked by vltrain/redact.py's rules (tests/test_redact.py holds the two
+# to the same cases): a URL's user:password@ or bare user@ (up to the token's last @, kept
+# when it holds a / and no :), a presigned URL's signature parameters, a secret's assignment.
+# The overrides echoed to the batch log may carry one.
 vltrain_redact() {
-    sed -E 's#([A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]*:[^[:space:]]*@#\1***@#g' <<<"$1"
+    sed -E -e 's#([A-Za-z][A-Za-z0-9_+.-]*://)[^[:space:]]*:[^[:space:]]*@#\1***@#g' \
+        -e 's#([A-Za-z][A-Za-z0-9_+.-]*://)[^[:space:]/:]*@([^[:space:]@]*)([[:space:]]|$)#\1***@\2\3#g' \
+        -e 's~([?&](x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|signature|sig|awsaccesskeyid)=)[^&#[:space:]]+~\1***~gI' \
+        -e 's~\b((AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN)=)[^[:space:]]+~\1***~g' <<<"$1"
 }
 
 # This job for scontrol: an array task as <array job>_<task>. The bare SLURM_JOB_ID of the
@@ -383,6 +388,8 @@ if missing:
           "PYTHON=/path/to/venv/bin/python; with sbatch --export=..., include ALL (--export=ALL,CONFIG=...), "
           "else the job has neither your PATH nor your AWS_* variables", file=sys.stderr)
     sys.exit(2)
+from vltrain.redact import install_excepthook
+install_excepthook()          # a traceback quoting an override holds no credential
 from vltrain.config import ConfigError, check_placeholders, load_config
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])

@@ -16,16 +16,36 @@ AWS = "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@bucket
 SECRET = "wJalrXUtnFEMI"
 
 
-@pytest.mark.parametrize("text, want", [
+RULES = [
     (AWS, "s3://***@bucket/x"),                                           # a secret with '/'
     ("s3://K:p@ss@b/p", "s3://***@b/p"),                                  # and with '@'
     ("see http://u:p@h/x and s3://K:S@b/y", "see http://***@h/x and s3://***@b/y"),
     ("http://minio@127.0.0.1:9000/b", "http://***@127.0.0.1:9000/b"),    # a bare user
+    ("x=https://ghp_TOKEN@github.com/x y", "x=https://***@github.com/x y"),   # a bare token
+    ("ftp://bare@h", "ftp://***@h"),
     ("s3://bucket/vcr/3036_IN_TIME@0.npz", "s3://bucket/vcr/3036_IN_TIME@0.npz"),   # '@' in a path: kept
+    ("https://tok@github.com/x@y", "https://tok@github.com/x@y"),        # the last '@' in a path: kept
     ("s3://bucket/x", "s3://bucket/x"),
-])
+    ("https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12 next",
+     "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Credential=***&X-Amz-Signature=*** next"),
+    ("u?x-amz-security-token=FQo&sig=zz#f", "u?x-amz-security-token=***&sig=***#f"),
+    ("env AWS_SECRET_ACCESS_KEY=wJal/r AWS_SESSION_TOKEN=FQo HF_TOKEN=hf_x AWS_REGION=us-east-1",
+     "env AWS_SECRET_ACCESS_KEY=*** AWS_SESSION_TOKEN=*** HF_TOKEN=*** AWS_REGION=us-east-1"),
+    ("SignatureDoesNotMatch: the signature", "SignatureDoesNotMatch: the signature"),
+]
+
+
+@pytest.mark.parametrize("text, want", RULES)
 def test_redact_rule(text, want):
     assert redact(text) == want
+
+
+def test_the_slurm_templates_redact_by_the_same_rules():
+    """slurm/common.sh's vltrain_redact (sed, for the batch log) against the same cases."""
+    lines = "\n".join(text for text, _ in RULES)
+    p = subprocess.run(["bash", "-c", 'source slurm/common.sh; vltrain_redact "$1"', "_", lines],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.rstrip("\n").split("\n") == [want for _, want in RULES], p.stdout + p.stderr
 
 
 def test_an_object_store_url_with_credentials_is_refused_naming_the_key_or_argument(monkeypatch, capsys):
@@ -117,3 +137,13 @@ def test_the_slurm_batch_log_echoes_the_command_redacted():
     p = subprocess.run(["bash", "-c", f'source slurm/common.sh; vltrain_redact "run.py data.train={AWS} '
                         'data.val=s3://bucket/img@0"'], capture_output=True, text=True, env=env, timeout=60)
     assert p.stdout.strip() == "run.py data.train=s3://***@bucket/x data.val=s3://bucket/img@0", p.stdout
+
+
+@pytest.mark.parametrize("override", [f"data.train=[{AWS}]", f"train.max_steps={AWS}", f"data={{train: {AWS}"])
+def test_config_errors_quote_values_redacted(override):
+    """A ConfigError's message may be printed where no redacting log is (the Slurm templates'
+    config check prints it to the batch log): the value it quotes is masked."""
+    from vltrain.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/debug.yaml", [override])
+    assert SECRET not in str(e.value) and "s3://***@bucket/x" in str(e.value), str(e.value)

@@ -17,9 +17,16 @@ from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
+from vltrain.redact import redact
+
 
 class ConfigError(ValueError):
-    """A config problem; the message names the offending key."""
+    """A config problem; the message names the offending key. Credentials in a value it quotes
+    are masked here, as the message may be printed where no redacting log is (the Slurm
+    templates' config check)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 @dataclass

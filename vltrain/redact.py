@@ -7,7 +7,10 @@ saved config's) would otherwise reach config.yaml, checkpoints, TensorBoard, log
 messages. One rule for all of them: in ``scheme://<info>@...`` the ``<info>`` (up to the last ``@`` before
 whitespace) becomes ``***`` when it holds a ``:`` (user:password; AWS secrets may hold ``/``
 and ``@``) or no ``/`` (a bare user). An ``@`` inside a path (``s3://bucket/img@0.npz``, VCR's
-file names) is kept.
+file names) is kept. Also masked, wherever they appear: a presigned URL's signature and
+credential parameters (``X-Amz-Signature=...``) and an environment assignment of a secret
+(``AWS_SECRET_ACCESS_KEY=...``). slurm/common.sh's ``vltrain_redact`` applies the same rules
+(tests/test_redact.py holds them to these).
 """
 from __future__ import annotations
 
@@ -19,13 +22,17 @@ import traceback
 from typing import Optional
 
 _USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)(\S*)@")
+_QUERY_SECRET = re.compile(r"([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+                           r"|signature|sig|awsaccesskeyid)=)[^&#\s]+", re.I)
+_ENV_SECRET = re.compile(r"\b((?:AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN)=)\S+")
 
 
 def redact(text: str) -> str:
     def sub(m: re.Match) -> str:
         info = m.group(2)
         return m.group(1) + "***@" if ":" in info or "/" not in info else m.group(0)
-    return _USERINFO.sub(sub, text)
+    text = _USERINFO.sub(sub, text)
+    return _ENV_SECRET.sub(r"\1***", _QUERY_SECRET.sub(r"\1***", text))
 
 
 def redact_tree(obj):
