@@ -2,7 +2,10 @@
 validation (greedy decoding, COCO metrics, result files) and a short self-critical run.
 
 One 2-rank launch trains ``configs/caption_debug.yaml`` from scratch and validates at the
-end; the other tests read its files and its checkpoint.
+end; the other tests read its files and its checkpoint. Its Java is slow (each start waits
+SLOW_JAVA_S): rank 0 scores for ~71 s, longer than train.dist_timeout_s (60 s), which rank 1
+waits through, as ranks wait for SPICE on a COCO-size split (the wait in the default group
+timed out).
 """
 import json
 import os
@@ -17,6 +20,7 @@ from tests.fixtures.corpus import Ranks
 from vltrain.engine.distributed import free_port
 
 STEPS = 300
+DIST_TIMEOUT_S, SLOW_JAVA_S = 60, 35
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java not installed (pycocoevalcap)")
 
 
@@ -27,10 +31,17 @@ def finetuned(tmp_path_factory, synthetic_corpus):
     caps = os.path.join(synthetic_corpus, "captions")
     kv = {"output_root": out, "run_name": "cap", "data.train": os.path.join(caps, "train"),
           "data.val": os.path.join(caps, "val"), "data.cache_dir": str(root / "cache"),
-          "train.max_steps": STEPS, "train.val_every": STEPS, "train.dist_timeout_s": 60}
+          "train.max_steps": STEPS, "train.val_every": STEPS, "train.dist_timeout_s": DIST_TIMEOUT_S}
     args = ["--config", "configs/caption_debug.yaml", "--deepspeed_config", "ds_configs/zero2.json",
             *[f"{k}={v}" for k, v in kv.items()]]
-    ranks = Ranks(args, 2, str(root / "logs"), free_port())
+    env = {}
+    if shutil.which("java"):
+        slow = root / "slow_java"
+        slow.mkdir()
+        (slow / "java").write_text(f"#!/bin/sh\nsleep {SLOW_JAVA_S}\nexec {shutil.which('java')} \"$@\"\n")
+        (slow / "java").chmod(0o755)
+        env["PATH"] = f"{slow}{os.pathsep}{os.environ['PATH']}"
+    ranks = Ranks(args, 2, str(root / "logs"), free_port(), env_extra=env)
     codes = ranks.wait(900)
     run = os.path.join(out, "cap")
     return {"codes": codes, "logs": [ranks.log(0), ranks.log(1)], "run": run, "caps": caps,

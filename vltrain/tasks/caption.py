@@ -22,6 +22,7 @@ it can run). Files (``vltrain.tasks.evaluation.write_results``): ``predictions.j
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 
 import torch
@@ -39,6 +40,9 @@ from vltrain.tasks.base import TaskSpec, mlm_work
 log = logging.getLogger(__name__)
 
 SUBMISSION_FILE = "captions_results.json"
+# How long the other ranks wait for rank 0's scores: SPICE (mode=eval) on a COCO-size split
+# runs for minutes to an hour on one core, past train.dist_timeout_s, the default group's bound.
+SCORING_WAIT_S = 4 * 3600
 SCORED = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
@@ -284,12 +288,19 @@ def evaluate_caption(trainer, split: str) -> dict:
     nlls = [r["nll"] for r in preds.values() if "nll" in r]
 
     # Scored on rank 0 only (Java, METEOR's JVM); every rank gets the same numbers, so the
-    # `best` checkpoint decision agrees everywhere.
+    # `best` checkpoint decision agrees everywhere. The others wait for them in a group of
+    # their own (gloo, SCORING_WAIT_S): the default group's wait is train.dist_timeout_s.
     payload = [None]
+    group = None
+    if trainer.info.world > 1 and dist.is_initialized():
+        if trainer.scoring_group is None:        # collective: every rank makes it, at its first validation
+            trainer.scoring_group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=max(SCORING_WAIT_S, cfg.train.dist_timeout_s)))
+        group = trainer.scoring_group
     if trainer.info.is_main:
         payload = [_score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval")]
-    if trainer.info.world > 1 and dist.is_initialized():
-        dist.broadcast_object_list(payload, src=0)
+    if group is not None:
+        dist.broadcast_object_list(payload, src=0, group=group)
     numeric, full, err = payload[0]
     if err:
         raise RuntimeError(f"caption scoring failed on rank 0: {err}")
