@@ -316,9 +316,14 @@ cmd_stop() {
         fi
         rm -f "$f"
     done
-    for pid in $(our_stepds); do
+    local stepds
+    stepds="$(our_stepds)"
+    for pid in $stepds; do
         log "killing leftover slurmstepd $pid"
         kill -KILL "$pid" 2>/dev/null || true
+    done
+    for pid in $stepds; do      # gone before we say stopped: a caller checks for survivors at once
+        wait_gone "$pid" slurmstepd
     done
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     log "stopped (state dir $DIR)"

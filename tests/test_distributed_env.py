@@ -454,3 +454,14 @@ def test_half_a_launcher_environment_is_refused(leftover):
     env = srun_task_env(**leftover)
     with pytest.raises(ValueError, match="is set but (WORLD_SIZE|RANK) is not: set both"):
         setup_env(env, use_scontrol=False)
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_distinct():
+    """A port handed to a process that binds it seconds later must not be one the kernel may
+    give an outgoing connection meanwhile (its ephemeral range), nor one given before."""
+    from vltrain.engine.distributed import _ephemeral_start, free_port
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(15000 <= p < _ephemeral_start() for p in ports), ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))

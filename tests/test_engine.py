@@ -102,10 +102,11 @@ def runs(tmp_path_factory, synthetic_corpus, s3_endpoint):
     res["P_logs"] = [p.log(0), p.log(1)]
     res["P_found"] = find_resume_point(os.path.join(out, "P", "checkpoints"))
 
-    # R: resume, then SIGKILL rank 1 after the step-20 checkpoint.
+    # R: resume, then SIGKILL rank 1 after the step-20 checkpoint, as soon as step 21 is logged
+    # (a fixed sleep could let a fast run finish first)
     r = Ranks(args + ["train.resume=auto"], 2, os.path.join(logs, "R"), free_port())
     r.wait_for(0, "step_00000020 (step 20)", 300)
-    time.sleep(1.0)
+    r.wait_for(0, f"step {3 * LOG_EVERY}/", 120)
     t0 = time.time()
     r.procs[1].kill()
     res["R_codes"] = r.wait(120)

@@ -23,7 +23,13 @@ def launch(script_args, tmp, name):
 
 
 def finish(procs, logs, timeout=600):
-    codes = [p.wait(timeout) for p in procs]
+    try:
+        codes = [p.wait(timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:            # not left running under the next tests
+            p.kill()
+            p.wait()
+        raise AssertionError("ranks hung:\n" + "\n".join(open(l).read()[-3000:] for l in logs)) from None
     return codes, [open(l).read() for l in logs]
 
 

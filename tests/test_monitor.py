@@ -177,9 +177,9 @@ def _train(mon, steps, data_sleep=0.0, step_sleep=0.0, flops=0.0):
                      grad_norm=torch.tensor(1.5), loss_scale=None)
 
 
-def test_monitor_writes_expected_tags_and_only_rank0(tmp_path):
+def test_monitor_writes_expected_tags_and_only_rank0(tmp_path, monkeypatch):
     logs = []
-    os.environ["VLTRAIN_TEST_SENTINEL_SECRET"] = "S3NT1NEL-ENV"
+    monkeypatch.setenv("VLTRAIN_TEST_SENTINEL_SECRET", "S3NT1NEL-ENV")
     mon = Monitor(str(tmp_path / "run"), rank=0, world_size=1, log_every=2, peak_tflops=1e-6,
                   log_fn=logs.append, max_steps=6)
     cfg = config_to_dict(Config())

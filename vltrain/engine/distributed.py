@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import shutil
 import socket
@@ -154,8 +155,35 @@ def port_from_job_id(job_id: str, step_id: Optional[str] = None) -> int:
     return 10000 + n % 20000
 
 
+_GIVEN_PORTS: set[int] = set()
+_PORT_DRAW = random.SystemRandom()     # not the global generator, which a run may have seeded
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free now, for a process that binds it later: drawn below the kernel's
+    ephemeral range, from which the OS hands out ports to any outgoing connection meanwhile
+    (gloo's pairs, an S3 client's), and never one this process has given before."""
+    top = _ephemeral_start()
+    for _ in range(100):
+        port = _PORT_DRAW.randrange(15000, max(top, 15001))
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    with socket.socket() as s:              # that range is full: any port the OS gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
