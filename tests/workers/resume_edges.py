@@ -26,7 +26,8 @@ full disk) during one save. Runs, in order:
             SIGUSR1 at that micro-batch (exit 75) and a resume
   valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2; log_every=3):
             uninterrupted (valref), stopped, resumed: the skipped validation runs first (before
-            the resumed run's profiled window, step 3), and the interval logged at step 3 averages steps 1-3 as the uninterrupted run's
+            the resumed run's profiled window, step 3), and the interval logged at step 3
+            averages steps 1-3 as the uninterrupted run's
   valend    the same with SIGUSR1 during the last step (4): the resumed run validates and saves
             step 4 again (the checkpoint no longer has it due, and keeps the new best); a copy
             of the stopped run resumed with validation off (data.val=) just finishes
