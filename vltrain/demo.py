@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -43,10 +42,9 @@ def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str],
         pass
     if gpus < nproc:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    from vltrain.engine.distributed import free_port
     # A free port, not the launcher's default 29500: another job on this machine may hold it.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
             script], env
 
