@@ -338,6 +338,8 @@ vltrain_main() {
     [[ -z "${SLURM_HET_SIZE:-}" ]] \
         || vltrain_fail 2 "heterogeneous job ($SLURM_HET_SIZE components): not supported; submit one homogeneous job"
     local home="${VLTRAIN_HOME:?}"
+    [[ -f "$home/vltrain/run.py" && -d "$home/configs" ]] \
+        || vltrain_fail 2 "VLTRAIN_HOME=$home is not vltrain's git checkout (no vltrain/run.py, configs/): the templates run from a checkout installed with pip install -e ."
     local restart="${SLURM_RESTART_COUNT:-0}"
     local python="${PYTHON:-python}"
     command -v "$python" >/dev/null 2>&1 \

@@ -289,3 +289,21 @@ def test_values_no_run_can_mean_are_refused_naming_the_key(override, message):
         load_config("configs/debug.yaml", overrides)
     if not override.startswith("task.name"):                      # (a choice: refused in any config)
         load_config("configs/debug.yaml", overrides, to_run=False)   # a saved config is read as it ran
+
+
+def test_a_missing_config_file_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A relative path is the working directory's: the error names that folder."""
+    from vltrain.engine.ds_config import DSConfigError, resolve_ds_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"config file not found: configs/x.yaml \(relative to the working "
+                                          rf"directory {tmp_path}\)$"):
+        load_config("configs/x.yaml")
+    with pytest.raises(DSConfigError, match=rf"ds_config file not found: z.json \(relative to the working directory "
+                                            rf"{tmp_path}\)$"):
+        resolve_ds_config("z.json", Config(), 1, "cpu")
+    # vltrain installed without its checkout (the package's parent holds no configs/): said so
+    import vltrain.config
+    monkeypatch.setattr(vltrain.config, "CHECKOUT", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"recipes \(configs/, ds_configs/\) .* files of its git checkout, which "
+                                          r"this installed package lacks: clone it and `pip install -e .` there$"):
+        load_config("configs/x.yaml")

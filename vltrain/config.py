@@ -393,13 +393,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def missing_file_hint(path: str) -> str:
+    """What to add to "file not found": where a relative path was looked for, and that the
+    recipes are files of vltrain's git checkout, which a package installed without it lacks."""
+    hint = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+    if not os.path.isdir(os.path.join(CHECKOUT, "configs")):
+        hint += ("; vltrain's recipes (configs/, ds_configs/) and Slurm templates are files of its git checkout, "
+                 "which this installed package lacks: clone it and `pip install -e .` there")
+    return hint
+
+
 def read_yaml(path: str) -> dict:
     """A config file as a mapping ({} when empty); a ConfigError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}{missing_file_hint(path)}") from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
         raise ConfigError(f"config file {path} cannot be read as YAML text: {e}") from None
     except yaml.YAMLError as e:

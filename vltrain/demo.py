@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vltrain.config import CHECKOUT
 
 
 def minilm_dir() -> str:
@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--images", type=int, default=512, help="pretraining images to render")
     args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(CHECKOUT, "configs", "demo.yaml")):
+        sys.exit(f"the demo runs vltrain/run.py with configs/demo.yaml of vltrain's git checkout, and {CHECKOUT} "
+                 "is not one (vltrain installed without it): clone it and run `make demo` there")
     out = os.path.abspath(args.out)
     corpus = os.path.join(out, "synthetic")
 
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     print("[2/3] pretraining with 2 DeepSpeed processes:\n      " + " ".join(cmd[:cmd.index("vltrain/run.py") + 1])
           + " --config configs/demo.yaml ...",
           flush=True)
-    rc = subprocess.call(cmd, cwd=REPO, env=env)
+    rc = subprocess.call(cmd, cwd=CHECKOUT, env=env)
     if rc:
         print(f"training failed with exit code {rc}", file=sys.stderr)
         return rc

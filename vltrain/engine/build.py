@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from vltrain.ckpt.layout import locate, read_config
-from vltrain.config import Config, check_placeholders, config_to_dict, flatten
+from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
@@ -32,7 +32,7 @@ from vltrain.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero2.json")
+DEFAULT_DS_CONFIG = os.path.join(CHECKOUT, "ds_configs", "zero2.json")
 
 
 def run_dir_of(cfg: Config) -> str:
@@ -389,6 +389,12 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         if problem:      # before the first step would fail, leaving the run folder behind
             raise ValueError(problem)
         warn_flex_shapes(cfg)
+        if cfg.mode == "eval" and cfg.task.name == "caption" and info.is_main:   # rank 0 scores
+            from vltrain.metrics.caption import JavaNotFoundError, require_java
+            try:                 # now, not after the whole split is decoded
+                require_java()
+            except JavaNotFoundError as e:
+                raise ValueError(f"mode=eval, task.name=caption scores by the COCO protocol on rank 0: {e}") from None
         torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
         model = VLModel(cfg.model)
         task_state: dict = {}

@@ -48,7 +48,7 @@ import os
 import re
 from typing import Any, MutableMapping, Optional, Union
 
-from vltrain.config import ConfigError
+from vltrain.config import ConfigError, missing_file_hint
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _load(path_or_dict) -> tuple[dict, str]:
     except DSConfigError as e:
         raise DSConfigError(f"ds_config {path}: {e}") from None
     except FileNotFoundError:
-        raise DSConfigError(f"ds_config file not found: {path}") from None
+        raise DSConfigError(f"ds_config file not found: {path}{missing_file_hint(path)}") from None
     except json.JSONDecodeError as e:
         raise DSConfigError(f"ds_config {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
