@@ -4,7 +4,6 @@ the converters' errors, the Slurm batch log; a ds_config secret is refused (Deep
 its config in every checkpoint)."""
 import io
 import logging
-import os
 import subprocess
 import sys
 
