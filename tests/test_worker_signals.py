@@ -144,3 +144,33 @@ def test_a_forked_process_and_a_dead_forkserver_get_a_new_one():
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
                        timeout=180)
     assert p.returncode == 0 and p.stdout.strip() == "OK", p.stdout + p.stderr
+
+
+FROZEN = textwrap.dedent("""
+    import gc, torch
+    from vltrain.data.worker_signals import worker_context
+
+    class Frozen(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return gc.get_freeze_count()
+
+    if __name__ == "__main__":
+        loader = torch.utils.data.DataLoader(Frozen(), num_workers=1, multiprocessing_context=worker_context())
+        print("FROZEN", min(int(x) for x in loader))
+""")
+
+
+def test_workers_inherit_the_forkservers_imports_frozen(tmp_path):
+    """What the forkserver imported is out of the workers' garbage collector (gc.freeze): a full
+    collection in a worker (after ~300 forks, every worker's start) touched all of it, copying
+    ~100 MB of shared pages per worker and taking 0.25 s."""
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN)
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                       timeout=300)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FROZEN ")]
+    assert r.returncode == 0 and lines, r.stdout[-2000:] + r.stderr[-3000:]
+    assert int(lines[0].split()[1]) > 100_000, lines       # torch alone is ~10^5 objects

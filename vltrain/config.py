@@ -114,7 +114,7 @@ class DataConfig:
     # attempts in all at a failed shard download, retried after 1, 2, 4, ... s (streaming's backoff): 6 rides
     # out ~30 s of storage outage, where streaming's 2 lost the job to a 2-second one
     download_retry: int = 6
-    cache_limit: str = ""                    # e.g. "50gb": evict old shards past this ("" = keep all)
+    cache_limit: str = ""                    # e.g. "50gb": evict old shards past this, per dataset ("" = keep all)
     num_canonical_nodes: int = 0             # streaming's shuffle/partition unit; 0 = #nodes of
                                              # the first run (keep it fixed to resume elsewhere)
 
