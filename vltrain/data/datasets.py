@@ -28,6 +28,7 @@ from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.storage import CloudDownloader
 
+from vltrain.config import ConfigError
 from vltrain.data import schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data import storage_faults
@@ -561,7 +562,6 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
               download_timeout=float(d.download_timeout), download_retry=int(d.download_retry))
     if d.cache_limit:
         from streaming.base.util import bytes_to_int
-        from vltrain.config import ConfigError
         try:
             bytes_to_int(d.cache_limit)       # else streaming's error names data.train's stream
         except ValueError as e:
