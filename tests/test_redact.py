@@ -19,7 +19,8 @@ RULES = [
     (AWS, "s3://***@bucket/x"),                                           # a secret with '/'
     ("s3://K:p@ss@b/p", "s3://***@b/p"),                                  # and with '@'
     ("see http://u:p@h/x and s3://K:S@b/y", "see http://***@h/x and s3://***@b/y"),
-    (f"run.py data.train={AWS} data.val=s3://bucket/img@0", "run.py data.train=s3://***@bucket/x data.val=s3://bucket/img@0"),
+    (f"run.py data.train={AWS} data.val=s3://bucket/img@0",
+     "run.py data.train=s3://***@bucket/x data.val=s3://bucket/img@0"),
     ("http://minio@127.0.0.1:9000/b", "http://***@127.0.0.1:9000/b"),    # a bare user
     ("x=https://ghp_TOKEN@github.com/x y", "x=https://***@github.com/x y"),   # a bare token
     ("ftp://bare@h", "ftp://***@h"),
