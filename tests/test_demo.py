@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.fixtures.corpus import REPO
 
 
@@ -24,3 +26,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (run / "checkpoints" / "step_00000003" / "vltrain_ckpt.json").is_file()
     assert f"tensorboard --logdir {run / 'tensorboard'}" in r.stdout
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_demo_outside_its_checkout_says_so(tmp_path, monkeypatch):
+    """Installed without its checkout (`pip install .`), the demo has no recipe to run: it says
+    so before rendering anything (the same test as the config loader's hint)."""
+    import vltrain.config
+    from vltrain.demo import main
+    monkeypatch.setattr(vltrain.config, "CHECKOUT", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"configs/demo.yaml of vltrain's git checkout, and .* is not one"):
+        main(["--out", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo").exists()

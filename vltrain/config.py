@@ -396,11 +396,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def in_checkout() -> bool:
+    """Whether vltrain runs from its git checkout, which holds the recipes (configs/, ds_configs/)
+    and Slurm templates; a package installed without it (`pip install .`) has none of them."""
+    return os.path.isdir(os.path.join(CHECKOUT, "configs"))
+
+
 def missing_file_hint(path: str) -> str:
     """What to add to "file not found": where a relative path was looked for, and that the
     recipes are files of vltrain's git checkout, which a package installed without it lacks."""
     hint = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
-    if not os.path.isdir(os.path.join(CHECKOUT, "configs")):
+    if not in_checkout():
         hint += ("; vltrain's recipes (configs/, ds_configs/) and Slurm templates are files of its git checkout, "
                  "which this installed package lacks: clone it and `pip install -e .` there")
     return hint

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-from vltrain.config import CHECKOUT
+from vltrain.config import CHECKOUT, in_checkout
 
 
 def minilm_dir() -> str:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--images", type=int, default=512, help="pretraining images to render")
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(CHECKOUT, "configs", "demo.yaml")):
+    if not in_checkout():
         sys.exit(f"the demo runs vltrain/run.py with configs/demo.yaml of vltrain's git checkout, and {CHECKOUT} "
                  "is not one (vltrain installed without it): clone it and run `make demo` there")
     out = os.path.abspath(args.out)
