@@ -50,7 +50,7 @@ def worker(spec_path: str) -> int:
 
     from vltrain.config import load_config
     from vltrain.engine.build import build_training, run_dir_of
-    from vltrain.run import setup_logging
+    from vltrain.redact import setup_logging
     with open(spec_path) as f:
         spec = json.load(f)
     setup_logging()

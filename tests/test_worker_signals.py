@@ -174,3 +174,37 @@ def test_workers_inherit_the_forkservers_imports_frozen(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FROZEN ")]
     assert r.returncode == 0 and lines, r.stdout[-2000:] + r.stderr[-3000:]
     assert int(lines[0].split()[1]) > 100_000, lines       # torch alone is ~10^5 objects
+
+
+LOGS = textwrap.dedent("""
+    import logging, torch
+    from vltrain.data.worker_signals import WorkerStart, worker_context
+
+    class Logs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            logging.getLogger("streaming").warning("retrying sftp://ann:hunter2@host/shard.00000.mds")
+            return i
+
+    if __name__ == "__main__":
+        from vltrain.redact import setup_logging
+        setup_logging()
+        loader = torch.utils.data.DataLoader(Logs(), num_workers=1, multiprocessing_context=worker_context(),
+                                             worker_init_fn=WorkerStart())
+        print("READ", list(loader))
+""")
+
+
+def test_workers_log_as_their_rank_does_redacted(tmp_path):
+    """A worker's log lines (streaming's retries, ours) carry the job, rank and worker and are
+    redacted, as the rank's are; before, a worker printed them bare through Python's
+    last-resort handler, credentials and all."""
+    script = tmp_path / "logs.py"
+    script.write_text(LOGS)
+    env = dict(script_env(), RANK="3", SLURM_JOB_ID="77")
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "READ [tensor([0])]" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "hunter2" not in r.stderr, r.stderr
+    assert " job=77 rank=3 worker=0 WARNING streaming: retrying sftp://***@host/shard.00000.mds" in r.stderr, r.stderr

@@ -53,6 +53,24 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+def setup_logging(worker: Optional[int] = None) -> None:
+    """A rank's logging (or, with ``worker``, one of its DataLoader workers', which would
+    otherwise print through Python's last-resort handler: bare, unredacted): every line says
+    which job and rank (and worker) wrote it, with credentials redacted."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    job = os.environ.get("SLURM_JOB_ID", "-")
+    where = f"rank={rank}" if worker is None else f"rank={rank} worker={worker}"
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s job={job} {where} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, handlers=[handler], force=True)
+    install_excepthook()
+    # (botocore: "Found credentials in environment variables" once per S3 client)
+    for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Every rank listed in train.profile_ranks says where its profile is and what it found.
+    logging.getLogger("vltrain.profiling").setLevel(logging.INFO)
+
+
 def install_excepthook() -> None:
     """An uncaught exception's traceback, printed redacted (its message may hold a URL)."""
     def hook(kind, value, tb):

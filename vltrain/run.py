@@ -54,22 +54,6 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)      # options may come between the overrides
 
 
-def setup_logging() -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    job = os.environ.get("SLURM_JOB_ID", "-")
-    fmt = f"%(asctime)s job={job} rank={rank} %(levelname)s %(name)s: %(message)s"
-    from vltrain.redact import RedactingFormatter, install_excepthook
-    handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter(fmt))      # a URL's user:password@ never reaches a log
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, handlers=[handler], force=True)
-    install_excepthook()
-    # (botocore: "Found credentials in environment variables" once per S3 client)
-    for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed", "botocore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Every rank listed in train.profile_ranks says where its profile is and what it found.
-    logging.getLogger("vltrain.profiling").setLevel(logging.INFO)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vltrain.engine.signals import STOP
@@ -77,6 +61,7 @@ def main(argv=None) -> int:
     STOP.shield_children()   # and taken by this rank alone, not by the helpers it starts
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from vltrain.redact import setup_logging
     setup_logging()
     log = logging.getLogger("vltrain.run")
     from vltrain.config import ConfigError, load_config

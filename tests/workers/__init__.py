@@ -9,7 +9,7 @@ def run_spec(spec_path: str, run_one) -> dict:
     barrier and tear the process group down. Returns the spec."""
     with open(spec_path) as f:
         spec = json.load(f)
-    from vltrain.run import setup_logging
+    from vltrain.redact import setup_logging
     setup_logging()
     rank = int(os.environ.get("RANK", "0"))
     for run in spec["runs"]:

@@ -140,7 +140,7 @@ def record(path):
 
 def main():
     from vltrain.engine.signals import STOP
-    from vltrain.run import setup_logging
+    from vltrain.redact import setup_logging
     STOP.install()
     STOP.shield_children()        # as run.py: capstop's Java must still end on USR1
     setup_logging()

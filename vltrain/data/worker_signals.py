@@ -132,3 +132,5 @@ class WorkerStart:
         os.environ.clear()
         os.environ.update(self.environ)
         tempfile.tempdir = self.tempdir
+        from vltrain.redact import setup_logging   # the rank's (its RANK, SLURM_JOB_ID are back)
+        setup_logging(worker=worker_id)
