@@ -1,6 +1,7 @@
 """What the engine does with bad runs: non-finite losses on one rank, and bad inputs that
 must stop every rank before training, without hanging (2 ranks, gloo)."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -86,7 +87,12 @@ def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthe
     assert logs[1].count("stands in at zero weight") == 4
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "ds_contradiction", "missing_data", "bad_checkpoint"])
+HOLD = ("import os, sys, time; from vltrain.engine.run_lock import hold_run_lock; os.makedirs(sys.argv[1]); "
+        "hold_run_lock(sys.argv[1], 'debug'); print('held', flush=True); time.sleep(600)")
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "ds_contradiction", "missing_data", "bad_checkpoint",
+                                  "run_folder_in_use"])
 def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, case):
     train = os.path.join(synthetic_corpus, "captions", "pretrain")
     base = ["--config", "configs/debug.yaml", f"output_root={tmp_path}", f"data.train={train}", "data.val=",
@@ -101,12 +107,27 @@ def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, c
     (tmp_path / "ds.json").write_text('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1}}')
     (tmp_path / "ckpt" / "step_00000005").mkdir(parents=True)
     (tmp_path / "ckpt" / "step_00000005" / "mp_rank_00_model_states.pt").write_text("garbage")
+    holder = None
+    if case == "run_folder_in_use":    # another live job in run_name=debug's folder (a second sbatch of one job)
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "debug")], cwd=REPO,
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+        expect[case] = ([], f"run_name=debug: its folder {tmp_path / 'debug'} is in use by another job (host "
+                            f"{socket.gethostname()}, pid {holder.pid}, since ")
     extra, message = expect[case]
-    ranks = Ranks(base + extra, 2, str(tmp_path / "logs"), free_port())
-    codes = ranks.wait(240)
+    try:
+        ranks = Ranks(base + extra, 2, str(tmp_path / "logs"), free_port())
+        codes = ranks.wait(240)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
     assert codes == [2, 2], ranks.log(0)[-3000:]
     for r in range(2):
         assert message in ranks.log(r), ranks.log(r)[-3000:]
     assert "step 1/" not in ranks.log(0)
+    if holder is not None:     # the other job's folder: nothing written there, nothing removed
+        assert os.listdir(tmp_path / "debug") == [".vltrain.lock"]
+        return
     # the run folder, made before the data and the ds_config were read, is not left behind empty
     assert not (tmp_path / "debug").exists(), os.listdir(tmp_path / "debug")

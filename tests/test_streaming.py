@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.fixtures.corpus import REPO
 from tests.fixtures.mds import make_caption_samples, write_captions, write_mds, write_text
 from vltrain.engine.distributed import free_port
 
@@ -606,6 +607,74 @@ def test_stale_shm_sweep_keeps_live_and_young_segments(tmp_path):
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
                 pass
+
+
+def test_stale_shm_sweep_keeps_a_prefix_whose_registration_a_live_rank_holds():
+    """A job in another PID namespace sharing /dev/shm (Docker's --ipc=host) maps its
+    segments where the sweep cannot see it: its ranks' shared lock on the prefix's LOCALS
+    file keeps the whole prefix; once the holder is gone (SIGKILL), the prefix goes."""
+    import subprocess
+    import sys
+    import time
+
+    from vltrain.data.datasets import SHM_DIR, _clean_host_shm
+    names = ["999993_locals", "999993_barrier", "999993_shard_states"]
+    old = time.time() - 3600
+    for n in names:
+        with open(os.path.join(SHM_DIR, n), "wb") as f:
+            f.write(b"\0" * 8)
+        os.utime(os.path.join(SHM_DIR, n), (old, old))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom vltrain.data.shm_prefix import hold_registration\nhold_registration(999993)\n"
+        "print('ready', flush=True)\ntime.sleep(600)\n")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert not set(names) & set(_clean_host_shm())
+        assert all(os.path.exists(os.path.join(SHM_DIR, n)) for n in names)
+        holder.kill()
+        holder.wait()
+        assert set(names) <= set(_clean_host_shm())
+    finally:
+        holder.kill()
+        holder.wait()
+        for n in names:
+            try:
+                os.unlink(os.path.join(SHM_DIR, n))
+            except FileNotFoundError:
+                pass
+
+
+def test_a_run_restarted_right_after_a_sigkill_starts(tmp_path, synthetic_corpus):
+    """SIGKILL of a whole run (the OOM killer, `kill -9`, Slurm past its grace time) leaves its
+    datasets' shared-memory registrations; the validation set's, never read, has no lock file,
+    so streaming's scan refuses the restart's same local folder ("Reused local directory")
+    until the sweep removes it. The restart, seconds later, starts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.fixtures.corpus import rank_env
+    args = ["vltrain/run.py", "--config", "configs/debug.yaml", f"output_root={tmp_path}", "train.log_every=1",
+            f"data.train={synthetic_corpus}/captions/pretrain", f"data.val={synthetic_corpus}/captions/val",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.val_every=1000", "data.num_workers=1"]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args, "train.max_steps=100000"], cwd=REPO,
+                                env=rank_env(0, 1, free_port()), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "step 2/" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    r = subprocess.run([sys.executable, *args, "train.max_steps=5"], cwd=REPO, env=rank_env(0, 1, free_port()),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Reused local directory" not in r.stderr
 
 
 def test_lock_files_of_prefixes_nobody_uses_are_removed():

@@ -323,7 +323,11 @@ class VLStreamingDataset(StreamingDataset):
 # ---------------------------------------------------------------------------- building
 
 SHM_DIR = "/dev/shm"
-SHM_MIN_AGE_S = 60.0      # younger segments may be half-created by a starting job: never touched
+# Younger segments may be a starting job's, created but not yet mapped (microseconds) or its
+# registration not yet locked (shm_prefix.hold_registration): never touched. Short, because a
+# job restarted right after a SIGKILL meets its own leaked registration, which streaming
+# refuses ("Reused local directory") until this sweep removes it.
+SHM_MIN_AGE_S = 5.0
 
 
 def _mapped_shm_names() -> set:
@@ -367,7 +371,9 @@ def _clean_host_shm() -> list[str]:
     Streaming's own ``clean_stale_shared_memory`` unlinks *every* streaming segment on the
     host, including those of another job running there (on a shared node that breaks the
     other job's next epoch or dataloader worker), and stops at the first unused prefix, so
-    leaks above a gap stay. This sweep keeps anything mapped or younger than a minute."""
+    leaks above a gap stay. This sweep keeps anything a process we can see maps, every
+    segment of a prefix whose registration a live rank holds (``shm_prefix.registration_held``:
+    also a job in another PID namespace), and anything younger than ``SHM_MIN_AGE_S``."""
     from streaming.base.constant import SHM_TO_CLEAN
     if not os.path.isdir(SHM_DIR) or not os.path.isdir("/proc"):
         return []                # not Linux: leave streaming's segments alone
@@ -376,7 +382,8 @@ def _clean_host_shm() -> list[str]:
     if not candidates:
         return []
     in_use = _mapped_shm_names()
-    removed = _remove_old(SHM_DIR, [n for n in candidates if n not in in_use])
+    held = {p for p in {n[:6] for n in candidates} if shm_prefix.registration_held(int(p))}
+    removed = _remove_old(SHM_DIR, [n for n in candidates if n not in in_use and n[:6] not in held])
     if removed:
         log.info("removed %d stale streaming shared-memory segments (%s ...)", len(removed), removed[0])
     return removed

@@ -10,12 +10,17 @@ leader waits in a barrier (mosaicml/streaming#901; seen here when a job started 
 Here the other ranks look the leader's registration up by what it holds, their own local
 directories (unique per run and node: ``node<N>/<run_name>/...``), retrying while it is not yet
 visible; and the leader, if another job registered its prefix between the scan and the
-registration, scans again. Everything else is streaming's: the same scan (with its check that
+registration, scans again. Every rank then holds a shared ``flock`` on its registration (the
+LOCALS segment's file) for as long as it lives: the start-up sweep of leaked segments
+(``datasets._clean_host_shm``) tells a live prefix by it even where it cannot see the
+processes that map it (a job in another PID namespace sharing /dev/shm: Docker's
+``--ipc=host``), and the kernel drops it when the rank dies, SIGKILL included. Everything else is streaming's: the same scan (with its check that
 no other live dataset uses our local directories), the same names and layout. Applied only
 while streaming's ``get_shm_prefix`` is the source this was written against (hash below).
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -28,6 +33,50 @@ log = logging.getLogger(__name__)
 # sha256 of mosaicml-streaming 0.13.0's streaming.base.shared.prefix.get_shm_prefix source.
 KNOWN_SOURCE = "df1d1d0a0cbbac9167f5a5684131c37d06ac673f44d343a27691c7e30ffa7cc3"
 SHM_DIR = "/dev/shm"
+
+
+_HELD: dict[int, int] = {}      # prefix -> fd of its LOCALS file, share-locked while this process lives
+
+
+def _locals_file(prefix: int) -> str:
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared.prefix import _get_path
+    return os.path.join(SHM_DIR, _get_path(prefix, LOCALS))
+
+
+def hold_registration(prefix: int) -> None:
+    """A shared lock on ``prefix``'s LOCALS file for this process's life (a prefix used again
+    replaces the fd of its earlier, unlinked file). No lock where /dev/shm has no such file."""
+    try:
+        fd = os.open(_locals_file(prefix), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return
+    old = _HELD.pop(prefix, None)
+    if old is not None:
+        os.close(old)
+    _HELD[prefix] = fd
+
+
+def registration_held(prefix: int) -> bool:
+    """Whether a live process (ours, or one we cannot see) holds ``prefix``'s registration."""
+    try:
+        fd = os.open(_locals_file(prefix), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _registered(hint: int) -> list[int]:
@@ -95,10 +144,12 @@ def get_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
                 sleep(TICK)
                 prefix_int = scan()
         shm.buf[:len(data)] = data
+        hold_registration(prefix_int)
     if sp.dist.is_available() and sp.dist.is_initialized():
         sp.dist.barrier()
     if not world.is_local_leader:
         prefix_int, shm = find_leaders_prefix(streams_local, prefix_int, retry)
+        hold_registration(prefix_int)
     return prefix_int, shm
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
+from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
@@ -20,6 +21,7 @@ from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, \
     check_resume_stage, continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, \
     written_setting
+from vltrain.engine.run_lock import LOCK_FILE, hold_run_lock
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
 from vltrain.model import VLModel
@@ -302,6 +304,25 @@ def make_run_dir(cfg: Config, run_dir: str) -> None:
                          f"folder {run_dir} ({e.strerror or e}); set output_root to a writable folder") from None
 
 
+def claim_run_dir(cfg: Config, run_dir: str, is_main: bool) -> None:
+    """The main rank makes the run folder and locks it for this job (``run_lock``); every rank
+    gets its verdict, so all stop on the same message. Only the main rank makes the folder:
+    it removes it on a failed start, and a slower rank making it after that removal left it
+    behind (the others write there after the engine is built)."""
+    import torch.distributed as dist
+    verdict: list = [None]
+    if is_main:
+        try:
+            make_run_dir(cfg, run_dir)
+            hold_run_lock(run_dir, cfg.run_name)
+        except (ValueError, StorageUnavailable) as e:
+            verdict = [e]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise verdict[0]
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(run_dir: str, created: bool):
     """A start that fails after ``make_run_dir`` (a data path, a ds_config, the model's
@@ -311,6 +332,10 @@ def removed_if_left_empty(run_dir: str, created: bool):
         yield
     except BaseException:
         if created:
+            try:
+                os.unlink(os.path.join(run_dir, LOCK_FILE))    # ours: this job made the folder
+            except OSError:
+                pass
             try:
                 os.rmdir(run_dir)            # only an empty folder; atomic
             except OSError:
@@ -364,8 +389,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         t = cfg.train
         log.info("global batch %d samples per step = micro batch %d x grad_accum %d x %d rank(s)",
                  t.samples_per_step(info.world), t.micro_batch_size, t.grad_accum, info.world)
-    if info.is_main:     # only the rank that removes it on a failed start: a slower rank making it after
-        make_run_dir(cfg, run_dir)   # that removal left it behind (the others write there after the engine)
+    claim_run_dir(cfg, run_dir, info.is_main)
     with removed_if_left_empty(run_dir, info.is_main and not existed):
         if cfg.data.num_workers > 0:
             worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
