@@ -593,7 +593,15 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     cfg = load_config("configs/debug.yaml")                       # micro batch 8, grad_accum 1
     notes = reconcile_resume(cfg, found, world=8, nodes=1)
     assert cfg.train.grad_accum == 64 and cfg.data.num_canonical_nodes == 8
-    assert "train.grad_accum 1 -> 64" in notes[0]
+    assert notes[0] == ("the checkpoint's global batch of 4096 is kept as 8 x 64 x 8 ranks (micro batch x "
+                        "train.grad_accum x ranks; saved as 8 x 8 x 64)")
+    # a requeue on the job size it was saved on, the recipe's train.global_batch filling grad_accum:
+    # nothing changed, nothing said (every Slurm requeue said "train.grad_accum 1 -> 8")
+    same = load_config("configs/debug.yaml", ["train.global_batch=4096"])
+    assert reconcile_resume(same, found, world=64, nodes=8) == [] and same.train.grad_accum == 8
+    # the first run's train.grad_accum=8 left out of the resume's command: put back, and said
+    assert reconcile_resume(load_config("configs/debug.yaml"), found, world=64, nodes=8) == [
+        "train.grad_accum 1 -> 8: keeps the checkpoint's global batch of 4096"]
     with pytest.raises(CheckpointError, match="Node counts that work: 1, 2, 4, 8, 16"):
         reconcile_resume(load_config("configs/debug.yaml"), found, world=16, nodes=6)
     with pytest.raises(CheckpointError, match="vltrain_rank00063.pt is missing"):

@@ -464,11 +464,15 @@ def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
             f"with train.init_from={path}")
     if global_batch:
         accum = batch_plan(global_batch, int(t.micro_batch_size), world)
-        if accum != t.grad_accum:
+        saved_split = (info.get("micro_batch_size"), info.get("grad_accum"), saved_world)
+        if (int(t.micro_batch_size), accum, world) != saved_split:     # a requeue on the same job size: nothing
+            notes.append(f"the checkpoint's global batch of {global_batch} is kept as {t.micro_batch_size} x "
+                         f"{accum} x {world} ranks (micro batch x train.grad_accum x ranks; saved as "
+                         f"{saved_split[0]} x {saved_split[1]} x {saved_world})")
+        elif not t.global_batch and accum != t.grad_accum:    # the first run's train.grad_accum, left out
             notes.append(f"train.grad_accum {t.grad_accum} -> {accum}: keeps the checkpoint's global batch of "
-                         f"{global_batch} ({t.micro_batch_size} x {accum} x {world} ranks; saved as "
-                         f"{info.get('micro_batch_size')} x {info.get('grad_accum')} x {saved_world})")
-            t.grad_accum = accum
+                         f"{global_batch}")
+        t.grad_accum = accum
 
     ncn = info.get("num_canonical_nodes")
     if ncn:
