@@ -260,6 +260,7 @@ def _single_loader(remote, tmp_path, vocab_file, **data):
     spec = {"train": remote, "cache": str(tmp_path / "cache"), "workers": 0}
     cfg = _cfg(spec)
     cfg.run_name = data.pop("run_name", cfg.run_name)
+    cfg.train.seed = data.pop("seed", cfg.train.seed)
     for k, v in data.items():
         setattr(cfg.data, k, v)
     L._SHM_CLEANED = True   # leave other processes' streaming shared memory alone
@@ -534,6 +535,48 @@ def test_state_at_epoch_end_resumes_with_the_next_epoch(tmp_path, vocab_file):
     assert list(resumed) == [] and resumed.epoch == 0                 # epoch 0 was complete
     assert [(b.sample_id.tolist(), _signature(b, 0)) for b in resumed] == nxt
     assert resumed.epoch == 1
+
+
+def test_a_resume_keeps_the_checkpoints_shuffle_seed_in_every_epoch(tmp_path, vocab_file):
+    """A resume with another train.seed keeps the saved data order in every later epoch, as it
+    keeps the saved node count: the epochs after the resumed one are read by copies of the
+    rank's dataset, which took the new seed (the order then depended on data.num_workers)."""
+    ds = write_captions(str(tmp_path / "ds"), 18, size_limit=1 << 12)
+
+    def ids(batches):
+        return [b.sample_id.tolist() for b in batches]
+
+    loader = _single_loader(ds, tmp_path / "a", vocab_file, num_workers=1)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    rest = ids(it) + ids(loader) + ids(loader)                      # epochs 0 (the rest), 1 and 2
+    resumed = _single_loader(ds, tmp_path / "b", vocab_file, num_workers=1, seed=8)
+    resumed.load_state_dict(state)
+    assert ids(resumed) + ids(resumed) + ids(resumed) == rest
+
+
+def test_a_resume_on_other_data_mid_epoch_says_it_is_not_exact(tmp_path, vocab_file):
+    """The saved position counts samples of the data it was reading: on data rewritten since
+    (more samples, other shards) it cannot be exact, and the resume says so; on a copy of the
+    same data elsewhere (re-staged to another bucket), or at an epoch boundary, it is exact."""
+    import shutil
+    ds = write_captions(str(tmp_path / "ds"), 18, size_limit=1 << 12)
+    loader = _single_loader(ds, tmp_path / "a", vocab_file)
+    it = iter(loader)
+    next(it)
+    mid = loader.state_dict()
+    assert [d["samples"] for d in mid["datasets"]] == [18]
+    shutil.copytree(ds, tmp_path / "moved")
+    assert _single_loader(str(tmp_path / "moved"), tmp_path / "b", vocab_file).load_state_dict(mid) is None
+    grown = write_captions(str(tmp_path / "grown"), 26, size_limit=1 << 12)
+    note = _single_loader(grown, tmp_path / "c", vocab_file).load_state_dict(mid)
+    assert note.startswith(f"the training data differs from the data the checkpoint was reading (then {ds} (18 "
+                           f"samples, index ") and f"now {grown} (26 samples, index " in note, note
+    assert "sample 4 of epoch 0, does not carry over to it, so the rest of epoch 0 repeats some samples" in note
+    list(it)
+    end = loader.state_dict()                                       # epoch 0 done: epoch 1 starts whole
+    assert _single_loader(grown, tmp_path / "d", vocab_file).load_state_dict(end) is None
 
 
 def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file):

@@ -578,4 +578,9 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
         kw["num_canonical_nodes"] = d.num_canonical_nodes
     with _serialised_if_nodes_share_host():
         ds = VLStreamingDataset(**kw)
+    # What the data order is made of, for a resume's check (loader.load_state_dict): each
+    # stream's index.json (its shards' sizes) and share; not its path (a moved copy is the same).
+    ds.identity = [{"dataset": remote, "index": hashlib.blake2s(read[remote][1].encode(), digest_size=6).hexdigest(),
+                    "samples": int(n), "choose": choose}
+                   for (remote, choose), n in zip(stream_remotes(cfg, split), ds.samples_per_stream)]
     return ds, infos

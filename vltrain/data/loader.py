@@ -246,10 +246,11 @@ class VLDataLoader(StreamingDataLoader):
     def _state(self, unyielded: int, unskipped: int) -> dict[str, Any]:
         if not self._started:
             if self._resume is not None:
-                return dict(self._resume, num_skipped=self.num_skipped)
+                return dict(self._resume, num_skipped=self.num_skipped, datasets=self.dataset.identity)
             epoch, offset = self._upcoming_epoch()
             st = self.dataset.state_dict(0, False)
-            st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped)
+            st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped,
+                      datasets=self.dataset.identity)
             return st
         at = self._in_epoch(self.num_samples_yielded - unyielded)
         st = self.dataset.state_dict(at - self._offset, False)  # fills num_canonical_nodes, shuffle_seed, ...
@@ -258,22 +259,44 @@ class VLDataLoader(StreamingDataLoader):
         done = self._epoch_done or at >= self._epoch_end()
         st.update(epoch=self.epoch, sample_in_epoch=max(at, int(self.dataset.epoch_size)) if done else at)
         st["num_skipped"] = self.num_skipped - unskipped
+        st["datasets"] = self.dataset.identity
         return st
 
-    def load_state_dict(self, obj: dict[str, Any]) -> None:
-        """Continue from ``obj`` at the next ``iter()`` (call on every rank, before iterating)."""
+    def load_state_dict(self, obj: dict[str, Any]) -> Optional[str]:
+        """Continue from ``obj`` at the next ``iter()`` (call on every rank, before iterating).
+        Returns what makes the continuation inexact, if anything (for the main rank to log)."""
         obj = dict(obj)
         self.num_skipped = int(obj.pop("num_skipped", 0))
+        problem = self._changed_data(obj.pop("datasets", None), int(obj.get("epoch", 0)),
+                                     int(obj.get("sample_in_epoch", 0)))
         if obj.get("sample_in_epoch", 0) >= self._epoch_end():    # saved by an older version at the end
             obj["sample_in_epoch"] = max(int(obj["sample_in_epoch"]), int(self.dataset.epoch_size))
         self._resume = obj
         self.dataset.load_state_dict(obj)
         # Streaming applies the saved data order only in the workers that read the resumed
         # epoch; a later epoch's workers are copies of this process's dataset, which would take
-        # the new node count (a 2-node run moved to 1 node reshuffled its next epochs)
-        for key in ("num_canonical_nodes", "initial_physical_nodes"):
-            if obj.get(key):
+        # the new node count (a 2-node run moved to 1 node reshuffled its next epochs) and the
+        # new train.seed (with workers; without, streaming kept the saved one)
+        for key in ("num_canonical_nodes", "initial_physical_nodes", "shuffle_seed"):
+            if obj.get(key) is not None:
                 setattr(self.dataset, key, int(obj[key]))
+        return problem
+
+    def _changed_data(self, saved: Optional[list], epoch: int, at: int) -> Optional[str]:
+        """The streams that differ from those the saved position counts in, when it is inside an
+        epoch (at an epoch's start any data continues exactly). A checkpoint older than this
+        record (``saved`` None) is not checked."""
+        now = self.dataset.identity
+        if saved is None or at <= 0 or at >= sum(d["choose"] or d["samples"] for d in saved):   # its epoch's end
+            return None
+        if [(d["index"], d["choose"]) for d in saved] == [(d["index"], d["choose"]) for d in now]:
+            return None
+        was = ", ".join(f"{d['dataset']} ({d['samples']} samples, index {d['index']})" for d in saved)
+        new = ", ".join(f"{d['dataset']} ({d['samples']} samples, index {d['index']})" for d in now)
+        return (f"the training data differs from the data the checkpoint was reading (then {was}; now {new}): its "
+                f"position, sample {at} of epoch {epoch}, does not carry over to it, so the rest of epoch {epoch} "
+                "repeats some samples and leaves out others; later epochs are whole. Resume with the same data for "
+                "an exact continuation")
 
 
 def _check_meta_vs_model(cfg, infos: list[StreamInfo]) -> None:

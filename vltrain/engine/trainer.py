@@ -149,7 +149,9 @@ class Trainer:
         restore_run_settings(self.engine.optimizer, run_settings,
                              same_precision=saved_precision in (None, self.cfg.train.precision))
         state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"], self.info.world)
-        self.loader.load_state_dict(state["loader"])
+        inexact = self.loader.load_state_dict(state["loader"])
+        if inexact and self.info.is_main:
+            log.warning("resume: %s", inexact)
         if dist.is_initialized():
             # streaming keeps the loader state in a segment per node that the first local rank
             # to load it creates and unlinks when it exits: a resumed run with nothing left to
