@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from functools import cached_property
 
 import transformers
@@ -111,6 +112,29 @@ class Tokenizer:
         return [not t.startswith("##") for t in toks]
 
     def decode(self, ids) -> str:
-        """Text of ``ids`` with special tokens dropped and WordPieces joined."""
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
-                              clean_up_tokenization_spaces=True)
+        """Text of ``ids`` with special tokens dropped, WordPieces joined and BERT's split at
+        punctuation undone (``rejoin``): the caption that is scored."""
+        return rejoin(self.hf.decode([int(i) for i in ids], skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False))
+
+
+# BERT's tokenizer splits every word at punctuation ("t-shirt" -> t - shirt); joined only by its
+# WordPieces, a caption keeps the split, and the COCO scorer's PTB tokenizer then reads "t shirt"
+# where the references have one token "t-shirt": a model that predicts a reference's exact
+# pieces lost its n-grams. transformers' clean-up does not undo it, and turns "dogs ' toys"
+# into "dogs'toys" (one word that no reference has). (tokenizers' decoder already attaches
+# . , ? ! to the word before.)
+_REJOIN = [
+    (re.compile(r"(?<=\w) ([-/]) (?=\w)"), r"\1"),                   # t-shirt, black-and-white, and/or, 7/11
+    (re.compile(r"(?<=\d)\. (?=\d)"), "."),                           # 2.5 (decoded "2. 5")
+    (re.compile(r"(?<=\d) : (?=\d)"), ":"),                           # 3:30 ("3 : 30")
+    (re.compile(r"(?<=\b\w)\. (?=\w\.)"), "."),                       # u.s. ("u. s.")
+    (re.compile(r" ' (s|t|m|d|re|ve|ll)\b"), r"'\1"),                 # man's, isn't, it's, they're
+]
+
+
+def rejoin(text: str) -> str:
+    """Undo BERT's split at punctuation inside words, numbers and clitics (see ``_REJOIN``)."""
+    for pattern, repl in _REJOIN:
+        text = pattern.sub(repl, text)
+    return text
