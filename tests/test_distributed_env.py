@@ -465,3 +465,25 @@ def test_free_ports_are_outside_the_ephemeral_range_and_distinct():
     assert all(15000 <= p < _ephemeral_start() for p in ports), ports
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))
+
+
+def test_a_taken_master_port_is_named_with_the_fix(tmp_path):
+    """Two jobs on one machine started with the launcher's default port: the second's rank 0
+    cannot listen there. It stops with a message naming the port and how to pick another
+    (torch's own was a DistNetworkError traceback), before making anything."""
+    from tests.fixtures.corpus import rank_env
+    from vltrain.engine.distributed import free_port
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        r = subprocess.run([sys.executable, "vltrain/run.py", "--config", "configs/debug.yaml",
+                            f"output_root={tmp_path}"], cwd=ROOT, env=rank_env(0, 1, port),
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        taken.close()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"ValueError: MASTER_PORT={port} on 127.0.0.1 is taken (another job on this machine, launched with "
+            "the same default port?): start this one on another port (deepspeed --master_port N") in r.stderr
+    assert "Traceback" not in r.stderr and not os.listdir(tmp_path)

@@ -343,6 +343,15 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
         import torch
         check_visible_gpus(info.local_rank, torch.cuda.device_count(), os.environ)
         torch.cuda.set_device(info.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=float(timeout_s)),
-                               auto_mpi_discovery=False, verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=float(timeout_s)),
+                                   auto_mpi_discovery=False, verbose=False)
+    except RuntimeError as e:     # torch's DistNetworkError: rank 0 could not listen on MASTER_PORT
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        port = os.environ.get("MASTER_PORT", "?")
+        raise ValueError(f"MASTER_PORT={port} on {os.environ.get('MASTER_ADDR', '?')} is taken (another job on "
+                         "this machine, launched with the same default port?): start this one on another port "
+                         f"(deepspeed --master_port N, torchrun --master_port N, or MASTER_PORT=N; a free one now: "
+                         f"{free_port()})") from None
     return dataclasses.replace(info, accelerator=accel, backend=backend)
