@@ -15,7 +15,8 @@ from vltrain.engine import run_lock
 from vltrain.engine.run_lock import RunFolderInUse, hold_run_lock
 
 HOLD = ("import os, sys, time; from vltrain.engine.run_lock import hold_run_lock; "
-        "os.makedirs(sys.argv[1], exist_ok=True); hold_run_lock(sys.argv[1], 'r'); print('held', flush=True); time.sleep(float(sys.argv[2]))")
+        "os.makedirs(sys.argv[1], exist_ok=True); hold_run_lock(sys.argv[1], 'r'); print('held', flush=True); "
+        "time.sleep(float(sys.argv[2]))")
 
 
 def _holder(run_dir, seconds=600, job=""):

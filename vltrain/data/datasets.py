@@ -33,6 +33,7 @@ from vltrain.data import schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data import storage_faults
 from vltrain.data.errors import DataError, MetaError, ShardError, StorageUnavailable
+from vltrain.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -580,7 +581,8 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
         ds = VLStreamingDataset(**kw)
     # What the data order is made of, for a resume's check (loader.load_state_dict): each
     # stream's index.json (its shards' sizes) and share; not its path (a moved copy is the same).
-    ds.identity = [{"dataset": remote, "index": hashlib.blake2s(read[remote][1].encode(), digest_size=6).hexdigest(),
-                    "samples": int(n), "choose": choose}
+    # (Saved in checkpoints: an sftp:// password never.)
+    ds.identity = [{"dataset": redact(remote), "samples": int(n), "choose": choose,
+                    "index": hashlib.blake2s(read[remote][1].encode(), digest_size=6).hexdigest()}
                    for (remote, choose), n in zip(stream_remotes(cfg, split), ds.samples_per_stream)]
     return ds, infos

@@ -14,9 +14,10 @@ registration, scans again. Every rank then holds a shared ``flock`` on its regis
 LOCALS segment's file) for as long as it lives: the start-up sweep of leaked segments
 (``datasets._clean_host_shm``) tells a live prefix by it even where it cannot see the
 processes that map it (a job in another PID namespace sharing /dev/shm: Docker's
-``--ipc=host``), and the kernel drops it when the rank dies, SIGKILL included. Everything else is streaming's: the same scan (with its check that
-no other live dataset uses our local directories), the same names and layout. Applied only
-while streaming's ``get_shm_prefix`` is the source this was written against (hash below).
+``--ipc=host``), and the kernel drops it when the rank dies, SIGKILL included. Everything
+else is streaming's: the same scan (with its check that no other live dataset uses our local
+directories), the same names and layout. Applied only while streaming's ``get_shm_prefix``
+is the source this was written against (hash below).
 """
 from __future__ import annotations
 
