@@ -78,3 +78,13 @@ def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeyp
     hold_run_lock(str(tmp_path), "r")
     assert "this filesystem has no file locks (Function not implemented): a second job with run_name=r would " \
            "not be noticed" in caplog.text
+
+
+def test_a_folder_it_cannot_write_in_is_named(tmp_path):
+    """A run folder that exists but is not writable (another user's, a read-only mount)."""
+    target = "/proc/self"                # root writes anywhere on a normal filesystem: not in /proc
+    if os.geteuid() != 0:
+        target = str(tmp_path / "ro")
+        os.mkdir(target, mode=0o555)
+    with pytest.raises(RunFolderInUse, match=rf"run_name=r: cannot write in its folder {target} \("):
+        hold_run_lock(target, "r")

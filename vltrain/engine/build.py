@@ -315,7 +315,7 @@ def claim_run_dir(cfg: Config, run_dir: str, is_main: bool) -> None:
         try:
             make_run_dir(cfg, run_dir)
             hold_run_lock(run_dir, cfg.run_name)
-        except (ValueError, StorageUnavailable) as e:
+        except (ValueError, StorageUnavailable, OSError) as e:    # any: the other ranks must not wait for it
             verdict = [e]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(verdict, src=0)

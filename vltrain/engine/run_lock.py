@@ -36,7 +36,7 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class RunFolderInUse(ValueError):
-    """Another live job holds the run folder."""
+    """Another live job holds the run folder (or this job cannot write there)."""
 
 
 def _holder(fd: int) -> dict:
@@ -71,7 +71,11 @@ def hold_run_lock(run_dir: str, run_name: str) -> None:
     if key in _HELD:
         return
     path = os.path.join(run_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFolderInUse(f"run_name={run_name}: cannot write in its folder {run_dir} ({e.strerror or e}); "
+                             "set output_root to a writable folder") from None
     try:
         locked = _try_lock(fd)
     except OSError as e:
