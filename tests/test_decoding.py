@@ -347,6 +347,31 @@ def test_sampling_is_differentiable_and_reproducible(ids):
     assert lp1[0, :n].tolist() != pytest.approx(raw[torch.arange(n), chosen].tolist(), abs=1e-4)  # it differs
 
 
+def test_samples_of_an_image_share_its_prefix_and_equal_those_of_repeated_images(ids):
+    """SCST's n samples per image (``samples=n``) encode the image's prefix once, not n times
+    (the batch repeated n-fold did), and are the same draws, log-probabilities and gradients
+    (without dropout, which would otherwise differ per copy of the prefix)."""
+    import dataclasses
+    model = make_model(stop_bias=2.0)
+    batch = make_images(B=3)
+    fields = ("region_feats", "region_boxes", "region_cls_probs", "region_mask", "image_feat")
+    repeated = dataclasses.replace(batch, **{f: getattr(batch, f).repeat_interleave(4, dim=0) for f in fields})
+    rows = []
+    hook = model.embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    got = []
+    for b, n in ((batch, 4), (repeated, 1)):
+        model.zero_grad()
+        rows.clear()
+        w, lp, m = sample_captions(model, b, ids, samples=n, max_len=6, generator=torch.Generator().manual_seed(5))
+        (lp * m).sum().backward()
+        got.append((w, lp.detach(), m, model.mlm_head.transform.dense.weight.grad.clone(), rows[0]))
+    hook.remove()
+    (w1, lp1, m1, g1, prefix1), (w2, lp2, m2, g2, prefix2) = got
+    assert (prefix1, prefix2) == (3, 12)                     # the prefix pass: 3 images, not 12 rows
+    assert torch.equal(w1, w2) and torch.equal(m1, m2) and w1.shape[0] == 12
+    assert torch.allclose(lp1, lp2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-4)
+
+
 def test_sampler_draws_from_the_softmax_and_never_a_forbidden_token():
     from vltrain.decoding import _sample
     logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), 0.5, float("-inf")]]).expand(40000, 6)

@@ -208,37 +208,39 @@ def greedy_decode(model, batch, tok: DecodeTokens, *, max_len: int = 20, min_len
     return _result(words, logps, stopped, tok)
 
 
-def sample_captions(model, batch, tok: DecodeTokens, *, max_len: int = 20, min_len: int = 0,
+def sample_captions(model, batch, tok: DecodeTokens, *, samples: int = 1, max_len: int = 20, min_len: int = 0,
                     no_repeat_ngram: int = 0, temperature: float = 1.0,
                     generator: Optional[torch.Generator] = None, early_exit: bool = True):
-    """Sample one caption per image with the cache, *with* gradient (self-critical training).
+    """Sample ``samples`` captions per image with the cache, *with* gradient (self-critical
+    training). The images' prefix (regions, [CLS] [SEP]) is encoded once and shared by their
+    samples, as beam search shares it by its hypotheses (most of a short caption's compute).
 
     Runs in the model's current mode (training: dropout on, as SCST samples). Returns
-    ``(words (B, L), logprobs (B, L), mask (B, L) float)``: ``logprobs`` are the sampled
-    tokens' log-probabilities under the distribution they were drawn from (the model's,
-    renormalised over the tokens the constraints allow, at ``temperature``), the [STOP] step
-    included, differentiable; ``mask`` marks
-    the steps that belong to the caption (words and its [STOP])."""
+    ``(words (B·samples, L), logprobs, mask float)``, rows image-major: ``logprobs`` are the
+    sampled tokens' log-probabilities under the distribution they were drawn from (the
+    model's, renormalised over the tokens the constraints allow, at ``temperature``), the
+    [STOP] step included, differentiable; ``mask`` marks the steps that belong to the caption
+    (words and its [STOP])."""
     DecodeOptions(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram).check()
     words, logps, mask, _ = _run_greedy(model, _images(batch), tok, max_len, min_len, no_repeat_ngram,
                                         True, early_exit, sample=True, temperature=temperature,
-                                        generator=generator)
+                                        generator=generator, rows_per_image=samples)
     return words, logps, mask.float()
 
 
 def _run_greedy(model, images, tok, max_len, min_len, no_repeat_ngram, use_cache, early_exit,
-                sample: bool, temperature: float = 1.0, generator=None):
-    """(words (B, L) with [PAD] after [STOP], chosen tokens' log-probs (B, L), steps that
-    belong to each caption (B, L) bool, stopped (B,) bool)."""
-    stepper = _Stepper(model, images, tok, beam=1, use_cache=use_cache)
-    B = _num_images(images)
+                sample: bool, temperature: float = 1.0, generator=None, rows_per_image: int = 1):
+    """(words (M, L) with [PAD] after [STOP], chosen tokens' log-probs (M, L), steps that
+    belong to each caption (M, L) bool, stopped (M,) bool); M = images x ``rows_per_image``."""
+    stepper = _Stepper(model, images, tok, beam=rows_per_image, use_cache=use_cache)
+    M = _num_images(images) * rows_per_image
     dev = images["region_feats"].device
     forbidden = _forbidden_index(tok, dev)
-    words = torch.zeros(B, 0, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+    words = torch.zeros(M, 0, dtype=torch.long, device=dev)
+    done = torch.zeros(M, dtype=torch.bool, device=dev)
+    stopped = torch.zeros(M, dtype=torch.bool, device=dev)
     step_logps, alive = [], []
-    pad = torch.full((B,), tok.pad_id, dtype=torch.long, device=dev)
+    pad = torch.full((M,), tok.pad_id, dtype=torch.long, device=dev)
     for t in range(max_len):
         logp = F.log_softmax(stepper.logits(words).float(), dim=-1)
         allowed = _forbid(logp, words, tok, min_len, no_repeat_ngram, forbidden)

@@ -14,7 +14,6 @@ evaluation still uses the PTB tokenizer through ``vltrain.metrics.caption``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -140,13 +139,9 @@ class SelfCritical:
         image_ids = [str(i) for i in batch.task["image_id"]]
         greedy = greedy_decode(model, batch, self.tokens, max_len=o.max_len, min_len=o.min_len,
                                no_repeat_ngram=o.no_repeat_ngram, early_exit=not self.sync_steps)
-        many = batch if n == 1 else dataclasses.replace(batch, **{
-            f: getattr(batch, f).repeat_interleave(n, dim=0)
-            for f in ("region_feats", "region_boxes", "region_cls_probs", "region_mask", "image_feat")
-            if getattr(batch, f) is not None})
-        words, logps, mask = sample_captions(model, many, self.tokens, max_len=o.max_len, min_len=o.min_len,
-                                             no_repeat_ngram=o.no_repeat_ngram, generator=generator,
-                                             early_exit=not self.sync_steps)
+        words, logps, mask = sample_captions(model, batch, self.tokens, samples=n, max_len=o.max_len,
+                                             min_len=o.min_len, no_repeat_ngram=o.no_repeat_ngram,
+                                             generator=generator, early_exit=not self.sync_steps)
         sample_ids = [i for i in image_ids for _ in range(n)]
         r_sample = self.rewards(sample_ids, sampled_captions(words, mask, self.tokens.pad_id)).to(logps.device)
         r_greedy = self.rewards(image_ids, greedy.tokens).to(logps.device)
