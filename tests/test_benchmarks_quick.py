@@ -318,3 +318,14 @@ def test_checkpoint_io_quick_has_every_row(tmp_path):
     assert busiest[4] == total[4], rows
     assert md.read_text().strip() == out.strip()
     assert os.listdir(tmp_path) == ["ckpt.md"]          # the checkpoints are removed
+
+
+def test_scst_samples_quick_times_both_ways_on_the_same_captions(tmp_path):
+    """Shared prefix and the images repeated n-fold, each with a finite time; the run checks
+    that both drew the same captions (exit 0)."""
+    out = run_script(["benchmarks/scst_samples.py", "--quick", "--rounds", "1", "--max-len", "6",
+                      "--out", str(tmp_path / "scst.md")])
+    _, rows = table_rows(out, "sampling")
+    assert [r[0] for r in rows] == ["shared prefix (vltrain)", "images repeated n-fold (before)"]
+    assert all(finite(c.rstrip("x")) and float(c.rstrip("x")) > 0 for r in rows for c in r[1:]), rows
+    assert "Same captions drawn both ways: yes." in out
