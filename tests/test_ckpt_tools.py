@@ -602,6 +602,10 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
     # the first run's train.grad_accum=8 left out of the resume's command: put back, and said
     assert reconcile_resume(load_config("configs/debug.yaml"), found, world=64, nodes=8) == [
         "train.grad_accum 1 -> 8: keeps the checkpoint's global batch of 4096"]
+    # one given beside train.global_batch that the checkpoint overrides: said too
+    assert reconcile_resume(load_config("configs/debug.yaml", ["train.global_batch=4096", "train.grad_accum=4"]),
+                            found, world=64, nodes=8) == [
+        "train.grad_accum 4 -> 8: keeps the checkpoint's global batch of 4096"]
     with pytest.raises(CheckpointError, match="Node counts that work: 1, 2, 4, 8, 16"):
         reconcile_resume(load_config("configs/debug.yaml"), found, world=16, nodes=6)
     with pytest.raises(CheckpointError, match="vltrain_rank00063.pt is missing"):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.fixtures.corpus import REPO, Ranks, rank_env
+from tests.fixtures.procs import run_folder_holder
 from vltrain.engine.distributed import free_port
 
 
@@ -87,10 +88,6 @@ def test_an_all_bad_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path, synthe
     assert logs[1].count("stands in at zero weight") == 4
 
 
-HOLD = ("import os, sys, time; from vltrain.engine.run_lock import hold_run_lock; os.makedirs(sys.argv[1]); "
-        "hold_run_lock(sys.argv[1], 'debug'); print('held', flush=True); time.sleep(600)")
-
-
 @pytest.mark.parametrize("case", ["unknown_key", "ds_contradiction", "missing_data", "bad_checkpoint",
                                   "run_folder_in_use"])
 def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, case):
@@ -109,9 +106,7 @@ def test_bad_input_stops_every_rank_with_a_message(tmp_path, synthetic_corpus, c
     (tmp_path / "ckpt" / "step_00000005" / "mp_rank_00_model_states.pt").write_text("garbage")
     holder = None
     if case == "run_folder_in_use":    # another live job in run_name=debug's folder (a second sbatch of one job)
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "debug")], cwd=REPO,
-                                  stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline() == "held\n"
+        holder = run_folder_holder(tmp_path / "debug")
         expect[case] = ([], f"run_name=debug: its folder {tmp_path / 'debug'} is in use by another job (host "
                             f"{socket.gethostname()}, pid {holder.pid}, since ")
     extra, message = expect[case]

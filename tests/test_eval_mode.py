@@ -22,6 +22,7 @@ import os
 
 import pytest
 
+from tests.fixtures.procs import run_folder_holder
 from tests.fixtures.tasks import run_ranks, run_tasks_worker, synthetic_vocab, write_subset
 
 SIZES = {"vqa": ("test", 251), "refs": ("val", 127), "mc": ("val", 63)}
@@ -69,7 +70,13 @@ def evaluated(tmp_path_factory, synthetic_corpus):
     assert codes == [0], logs[0][-5000:]
 
     cli = ["vltrain/run.py", "--config", "configs/vqa_debug.yaml", f"output_root={root}/two", *evals["vqa"]]
-    codes, cli_logs = run_ranks(cli, 2, os.path.join(root, "logs_cli"))
+    # a training of the same run_name holds its folder meanwhile: an evaluation runs beside it
+    holder = run_folder_holder(os.path.join(root, "two", "vqa-debug"))
+    try:
+        codes, cli_logs = run_ranks(cli, 2, os.path.join(root, "logs_cli"))
+    finally:
+        holder.kill()
+        holder.wait()
     assert codes == [0, 0], cli_logs[0][-5000:] + cli_logs[1][-2000:]
 
     from vltrain.ckpt.__main__ import main as ckpt_main

@@ -74,7 +74,8 @@ def test_a_constructor_without_vocab_file_gets_the_vocabulary_as_vocab(monkeypat
 
 REFS = ["a man in a t-shirt holding a hot-dog.", "a close-up of a double-decker bus",
         "a black-and-white photo of a two-story house", "the dogs' toys on a couch", "a 2.5 inch screw at 7/11",
-        "the man's hat isn't red, is it?", "a u.s. flag at 3:30 pm", "they're here and we'll go; i'd say"]
+        "the man's hat isn't red, is it?", "a u.s. flag at 3:30 pm", "they're here and we'll go; i'd say",
+        "a clock that reads 10 o'clock", "1,000 birds", "the letter 't' on a sign"]
 
 
 def test_decoded_captions_read_as_their_references(vocab_file):

@@ -129,7 +129,9 @@ _REJOIN = [
     (re.compile(r"(?<=\d)\. (?=\d)"), "."),                           # 2.5 (decoded "2. 5")
     (re.compile(r"(?<=\d) : (?=\d)"), ":"),                           # 3:30 ("3 : 30")
     (re.compile(r"(?<=\b\w)\. (?=\w\.)"), "."),                       # u.s. ("u. s.")
-    (re.compile(r" ' (s|t|m|d|re|ve|ll)\b"), r"'\1"),                 # man's, isn't, it's, they're
+    (re.compile(r"(?<=\d), (?=\d{3}\b)"), ","),                       # 1,000 ("1, 000")
+    (re.compile(r"(?<=\w) ' (s|m|d|re|ve|ll|clock)\b"), r"'\1"),      # man's, it's, they're, o'clock
+    (re.compile(r"(?<=\wn) ' t\b"), "'t"),                            # isn't, don't (not the letter 't')
 ]
 
 

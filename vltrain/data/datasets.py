@@ -396,7 +396,7 @@ def _clean_host_filelocks() -> list[str]:
     their names. Streaming never removes them and its prefix scan skips every prefix that has
     one: on a long-lived node each run left ~4 files and started its prefixes above all of them
     (past 9,000 after ~4,000 runs on one machine). A live run's prefix keeps its segments, so
-    its lock files stay; files younger than a minute (a starting job's) stay too."""
+    its lock files stay; files younger than ``SHM_MIN_AGE_S`` (a starting job's) stay too."""
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     if not os.path.isdir(SHM_DIR):
         return []

@@ -305,7 +305,7 @@ def make_run_dir(cfg: Config, run_dir: str) -> None:
 
 
 def claim_run_dir(cfg: Config, run_dir: str, is_main: bool) -> None:
-    """The main rank makes the run folder and locks it for this job (``run_lock``); every rank
+    """The main rank makes the run folder and, to train, locks it for this job (``run_lock``); every rank
     gets its verdict, so all stop on the same message. Only the main rank makes the folder:
     it removes it on a failed start, and a slower rank making it after that removal left it
     behind (the others write there after the engine is built)."""
@@ -314,7 +314,8 @@ def claim_run_dir(cfg: Config, run_dir: str, is_main: bool) -> None:
     if is_main:
         try:
             make_run_dir(cfg, run_dir)
-            hold_run_lock(run_dir, cfg.run_name)
+            if cfg.mode == "train":     # an evaluation writes no checkpoints: it may run beside the training
+                hold_run_lock(run_dir, cfg.run_name)
         except (ValueError, StorageUnavailable, OSError) as e:    # any: the other ranks must not wait for it
             verdict = [e]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -372,25 +373,25 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
     acc = get_accelerator()
     device = torch.device(acc.device_name(), info.local_rank) if acc.device_name() != "cpu" else torch.device("cpu")
 
-    found = find_resume(cfg, run_dir)
-    check_placeholders(cfg, resuming=found is not None)
-    asked = cfg.train.precision
-    cfg.train.precision, why = continued_precision(asked, cfg, found)   # before the comparisons below
-    if found is not None:   # files present; same global batch (grad_accum), world size it can load on
-        reconcile_resume(cfg, found, info.world, info.num_nodes)
-        check_files_open(found, info.rank)      # before the minutes of building what it would load into
-        if info.is_main:
-            warn_config_changes(cfg, found.path)
-    elif cfg.mode == "train":
-        fit_global_batch(cfg, info.world)     # train.global_batch: grad_accum for this job's ranks
-        if cfg.train.resume == "auto" and info.is_main:   # a mistyped run_name would otherwise go unnoticed
-            log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
-    if cfg.mode == "train" and info.is_main:   # a recipe's batch assumes a job size: say what this one gives
-        t = cfg.train
-        log.info("global batch %d samples per step = micro batch %d x grad_accum %d x %d rank(s)",
-                 t.samples_per_step(info.world), t.micro_batch_size, t.grad_accum, info.world)
-    claim_run_dir(cfg, run_dir, info.is_main)
+    claim_run_dir(cfg, run_dir, info.is_main)    # before anything of the folder is read
     with removed_if_left_empty(run_dir, info.is_main and not existed):
+        found = find_resume(cfg, run_dir)
+        check_placeholders(cfg, resuming=found is not None)
+        asked = cfg.train.precision
+        cfg.train.precision, why = continued_precision(asked, cfg, found)   # before the comparisons below
+        if found is not None:   # files present; same global batch (grad_accum), world size it can load on
+            reconcile_resume(cfg, found, info.world, info.num_nodes)
+            check_files_open(found, info.rank)      # before the minutes of building what it would load into
+            if info.is_main:
+                warn_config_changes(cfg, found.path)
+        elif cfg.mode == "train":
+            fit_global_batch(cfg, info.world)     # train.global_batch: grad_accum for this job's ranks
+            if cfg.train.resume == "auto" and info.is_main:   # a mistyped run_name would otherwise go unnoticed
+                log.info("train.resume=auto: no checkpoint under %s; starting at step 0", run_dir)
+        if cfg.mode == "train" and info.is_main:   # a recipe's batch assumes a job size: say what this one gives
+            t = cfg.train
+            log.info("global batch %d samples per step = micro batch %d x grad_accum %d x %d rank(s)",
+                     t.samples_per_step(info.world), t.micro_batch_size, t.grad_accum, info.world)
         if cfg.data.num_workers > 0:
             worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
         ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())

@@ -469,7 +469,8 @@ def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
             notes.append(f"the checkpoint's global batch of {global_batch} is kept as {t.micro_batch_size} x "
                          f"{accum} x {world} ranks (micro batch x train.grad_accum x ranks; saved as "
                          f"{saved_split[0]} x {saved_split[1]} x {saved_world})")
-        elif not t.global_batch and accum != t.grad_accum:    # the first run's train.grad_accum, left out
+        elif accum != t.grad_accum and (t.grad_accum != 1 or not t.global_batch):
+            # the first run's train.grad_accum left out, or one given that the checkpoint overrides
             notes.append(f"train.grad_accum {t.grad_accum} -> {accum}: keeps the checkpoint's global batch of "
                          f"{global_batch}")
         t.grad_accum = accum

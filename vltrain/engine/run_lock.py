@@ -11,9 +11,11 @@ who holds it (host, pid, Slurm job, since when), for the message that refuses th
 Across nodes it holds where the shared filesystem's locks do (NFSv4, GPFS, Lustre mounted with
 ``flock``); where they are per node (BeeGFS's default, Lustre's ``localflock``) only a second
 job on the same node is seen, and where there are none (Lustre without ``flock``) the run
-says so and goes on unguarded. A requeued job whose previous run still holds the lock (its
-node lost to the network: NFS frees the lock when its lease ends, ~90 s) waits for it, up to
-``SAME_JOB_WAIT_S``, then exits to be requeued again.
+says so and goes on unguarded. A requeued job whose run before the requeue still holds the
+lock (its node lost to the network: NFS frees the lock when its lease ends, ~90 s) waits for
+it, up to ``SAME_JOB_WAIT_S``, then exits to be requeued again; another step of the same
+allocation (a second ``srun`` in one ``salloc``) is another job. Training only: an evaluation
+writes no checkpoints, and one of a training run's ``best/`` beside the run must not stop it.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".vltrain.lock"
 SAME_JOB_WAIT_S = 300.0
-_HELD: dict[str, int] = {}      # run folder -> fd: held until the process ends (a later Trainer reuses it)
+_HELD: dict[tuple, int] = {}    # (st_dev, st_ino) of a run folder -> fd (a later Trainer of the process reuses it)
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -49,7 +51,8 @@ def _holder(fd: int) -> dict:
 def _describe(h: dict) -> str:
     parts = [f"host {h.get('host', '?')}", f"pid {h.get('pid', '?')}"]
     if h.get("slurm_job"):
-        parts.append(f"Slurm job {h['slurm_job']}")
+        parts.append(f"Slurm job {h['slurm_job']}" + (f" (run {h['slurm_restart'] + 1})" if h.get("slurm_restart")
+                                                     else ""))
     if h.get("since"):
         parts.append(time.strftime("since %Y-%m-%d %H:%M:%S UTC", time.gmtime(h["since"])))
     return ", ".join(parts)
@@ -63,11 +66,22 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def _earlier_run_of_this_job(holder: dict, job: str, restart: int) -> bool:
+    """The holder is this Slurm job before a requeue (``SLURM_RESTART_COUNT`` counts them), not
+    another step of the same allocation running now (a second ``srun`` in one ``salloc``)."""
+    return bool(job) and holder.get("slurm_job") == job and int(holder.get("slurm_restart", 0)) < restart
+
+
 def hold_run_lock(run_dir: str, run_name: str) -> None:
-    """Lock ``run_dir`` for this process (the main rank) until it exits, or raise
-    ``RunFolderInUse`` naming the job that holds it (``StorageUnavailable`` for a previous
-    run of this same Slurm job that still holds it after ``SAME_JOB_WAIT_S``)."""
-    key = os.path.realpath(run_dir)
+    """Lock ``run_dir`` for this process (the main rank) until ``release_run_lock`` or its end,
+    or raise ``RunFolderInUse`` naming the job that holds it (``StorageUnavailable`` for an
+    earlier run of this Slurm job, before its requeue, that still holds it after
+    ``SAME_JOB_WAIT_S``)."""
+    try:
+        st = os.stat(run_dir)
+    except OSError as e:
+        raise RunFolderInUse(f"run_name={run_name}: cannot use its folder {run_dir} ({e.strerror or e})") from None
+    key = (st.st_dev, st.st_ino)          # a folder deleted and made again is a new one: locked again
     if key in _HELD:
         return
     path = os.path.join(run_dir, LOCK_FILE)
@@ -86,25 +100,38 @@ def hold_run_lock(run_dir: str, run_name: str) -> None:
                     "noticed", path, e.strerror, run_name)
         os.close(fd)
         return
-    job = os.environ.get("SLURM_JOB_ID", "")
+    job, restart = os.environ.get("SLURM_JOB_ID", ""), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     deadline, waited = time.monotonic() + SAME_JOB_WAIT_S, False
-    while not locked and job and _holder(fd).get("slurm_job") == job and time.monotonic() < deadline:
+    while not locked and _earlier_run_of_this_job(_holder(fd), job, restart) and time.monotonic() < deadline:
         if not waited:
-            log.warning("%s is held by a previous run of this Slurm job (%s): waiting up to %.0f s for it to end",
-                        run_dir, _describe(_holder(fd)), SAME_JOB_WAIT_S)
+            log.warning("%s is held by this Slurm job's run before its requeue (%s): waiting up to %.0f s for it "
+                        "to end", run_dir, _describe(_holder(fd)), SAME_JOB_WAIT_S)
             waited = True
         time.sleep(2.0)
         locked = _try_lock(fd)
     if not locked:
         holder = _holder(fd)
         os.close(fd)
-        if job and holder.get("slurm_job") == job:
-            raise StorageUnavailable(f"{run_dir} is still held by a previous run of this Slurm job "
+        if _earlier_run_of_this_job(holder, job, restart):
+            raise StorageUnavailable(f"{run_dir} is still held by this Slurm job's run before its requeue "
                                      f"({_describe(holder)}) after {SAME_JOB_WAIT_S:.0f} s")
         raise RunFolderInUse(f"run_name={run_name}: its folder {run_dir} is in use by another job "
                              f"({_describe(holder)}); two jobs in one run folder overwrite each other's "
                              "checkpoints. Stop that job first, or give this one another run_name")
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job, "since": time.time()}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job, "slurm_restart": restart,
+          "since": time.time()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     _HELD[key] = fd
+
+
+def release_run_lock(run_dir: str) -> None:
+    """Let another job have ``run_dir`` (this process's training in it has ended: a notebook or
+    a harness that trained once lives on)."""
+    try:
+        st = os.stat(run_dir)
+    except OSError:
+        return
+    fd = _HELD.pop((st.st_dev, st.st_ino), None)
+    if fd is not None:
+        os.close(fd)               # closing the only fd of the open file drops its flock

@@ -27,6 +27,7 @@ from vltrain.engine import checkpoint as ckpt
 from vltrain.engine import schedule
 from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.resume import CheckpointError
+from vltrain.engine.run_lock import release_run_lock
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
 from vltrain.monitor import MicroBatches, Ratio
 from vltrain.profiling import StepProfiler
@@ -215,6 +216,8 @@ class Trainer:
         except BaseException as e:
             self.profiler.close(self.step, f"{type(e).__name__}")     # what the window saw, then raise
             raise
+        finally:
+            release_run_lock(self.run_dir)    # the main rank's (build.claim_run_dir): this process trains no more
 
     def _train(self) -> int:
         cfg = self.cfg.train
