@@ -123,7 +123,8 @@ class Tokenizer:
 # where the references have one token "t-shirt": a model that predicts a reference's exact
 # pieces lost its n-grams. transformers' clean-up does not undo it, and turns "dogs ' toys"
 # into "dogs'toys" (one word that no reference has). (tokenizers' decoder already attaches
-# . , ? ! to the word before.)
+# . , ? ! to the word before.) The ids cannot tell "t-shirt" from a dash between words
+# ("rain - some"): joined, as compounds are far more common in captions.
 _REJOIN = [
     (re.compile(r"(?<=\w) ([-/]) (?=\w)"), r"\1"),                   # t-shirt, black-and-white, and/or, 7/11
     (re.compile(r"(?<=\d)\. (?=\d)"), "."),                           # 2.5 (decoded "2. 5")
