@@ -27,10 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import emit_report, machine_description, markdown_table, median  # noqa: E402
 from benchmarks.decode import make_images  # noqa: E402
 from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
-from vltrain.decoding import DecodeTokens, sample_captions  # noqa: E402
+from vltrain.decoding import DecodeTokens, _images, _repeat, sample_captions  # noqa: E402
 
 SECTION = "## SCST samples"
-FIELDS = ("region_feats", "region_boxes", "region_cls_probs", "region_mask", "image_feat")
 
 
 def run(args) -> dict:
@@ -44,8 +43,7 @@ def run(args) -> dict:
     model = VLModel(cfg).train()
     tok = DecodeTokens.from_tokenizer(Tokenizer("bert-base-uncased"))
     images = make_images(cfg, args.images, args.regions, torch.device("cpu"), torch.float32)
-    repeated = dataclasses.replace(images, **{f: getattr(images, f).repeat_interleave(args.samples, dim=0)
-                                              for f in FIELDS if getattr(images, f) is not None})
+    repeated = dataclasses.replace(images, **_repeat(_images(images), args.samples))   # the decoder's own copy
     ways = {"shared prefix (vltrain)": (images, args.samples), "images repeated n-fold (before)": (repeated, 1)}
     times: dict = {k: [] for k in ways}
     words = {}

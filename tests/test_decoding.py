@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vltrain.config import debug_model_config
 from vltrain.data.batch import Batch
-from vltrain.decoding import (DecodeOptions, DecodeTokens, beam_search, decode, greedy_decode,
+from vltrain.decoding import (DecodeOptions, DecodeTokens, _images, _repeat, beam_search, decode, greedy_decode,
                               length_penalty, sample_captions)
 from vltrain.model import VLModel
 from vltrain.model.incremental import GenCache, encode_prefix, extend
@@ -354,8 +354,7 @@ def test_samples_of_an_image_share_its_prefix_and_equal_those_of_repeated_images
     import dataclasses
     model = make_model(stop_bias=2.0)
     batch = make_images(B=3)
-    fields = ("region_feats", "region_boxes", "region_cls_probs", "region_mask", "image_feat")
-    repeated = dataclasses.replace(batch, **{f: getattr(batch, f).repeat_interleave(4, dim=0) for f in fields})
+    repeated = dataclasses.replace(batch, **_repeat(_images(batch), 4))
     rows = []
     hook = model.embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     got = []

@@ -75,8 +75,13 @@ def cache_dir_for(cache_root: str, run_name: str, remote: str, index_text: str, 
     instead of the remote one, so a dataset rewritten at the same path would otherwise be
     read from the old copy's index and shards."""
     h = hashlib.blake2s(remote.rstrip("/").encode(), digest_size=6).hexdigest()
-    ix = hashlib.blake2s(index_text.encode(), digest_size=6).hexdigest()
-    return os.path.join(cache_root or default_cache_root(), f"node{node_rank()}", run_name, f"{h}-{ix}-{role}")
+    return os.path.join(cache_root or default_cache_root(), f"node{node_rank()}", run_name,
+                        f"{h}-{index_digest(index_text)}-{role}")
+
+
+def index_digest(index_text: str) -> str:
+    """A dataset's identity by its ``index.json`` (its shards and their sizes), not its path."""
+    return hashlib.blake2s(index_text.encode(), digest_size=6).hexdigest()
 
 
 def _read_text(remote: str, name: str, timeout: float) -> str:
@@ -553,7 +558,7 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
     """
     d = cfg.data
     shuffle = d.shuffle if shuffle is None else shuffle
-    infos, streams = [], []
+    infos, streams, identity = [], [], []
     read: dict[str, tuple[dict, str]] = {}      # a text corpus read several times: its files once
     for remote, choose in stream_remotes(cfg, split):
         visit = sum(i.name == remote for i in infos)          # streaming wants a folder per stream
@@ -565,6 +570,8 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
         streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
                               local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, role), choose=choose,
                               validate_hash=hash_to_validate(d.validate_hash, index, remote)))
+        # (saved in checkpoints: an sftp:// password never)
+        identity.append({"dataset": redact(remote), "choose": choose, "index": index_digest(index)})
     kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
               download_timeout=float(d.download_timeout), download_retry=int(d.download_retry))
@@ -581,8 +588,5 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
         ds = VLStreamingDataset(**kw)
     # What the data order is made of, for a resume's check (loader.load_state_dict): each
     # stream's index.json (its shards' sizes) and share; not its path (a moved copy is the same).
-    # (Saved in checkpoints: an sftp:// password never.)
-    ds.identity = [{"dataset": redact(remote), "samples": int(n), "choose": choose,
-                    "index": hashlib.blake2s(read[remote][1].encode(), digest_size=6).hexdigest()}
-                   for (remote, choose), n in zip(stream_remotes(cfg, split), ds.samples_per_stream)]
+    ds.identity = [dict(s, samples=int(n)) for s, n in zip(identity, ds.samples_per_stream)]
     return ds, infos

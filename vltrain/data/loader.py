@@ -224,8 +224,11 @@ class VLDataLoader(StreamingDataLoader):
                 raise ValueError(f"state_dict(held_back={held_back}): only {len(self._yielded)} batches of "
                                  f"this epoch were yielded")
             back = list(self._yielded)[-held_back:]
-            return self._state(sum(n for n, _ in back), sum(k for _, k in back))
-        return self._state(0, 0)
+            st = self._state(sum(n for n, _ in back), sum(k for _, k in back))
+        else:
+            st = self._state(0, 0)
+        st["datasets"] = self.dataset.identity       # what the position counts in (load_state_dict checks it)
+        return st
 
     @functools.cached_property
     def _num_ranks(self) -> int:
@@ -246,11 +249,10 @@ class VLDataLoader(StreamingDataLoader):
     def _state(self, unyielded: int, unskipped: int) -> dict[str, Any]:
         if not self._started:
             if self._resume is not None:
-                return dict(self._resume, num_skipped=self.num_skipped, datasets=self.dataset.identity)
+                return dict(self._resume, num_skipped=self.num_skipped)
             epoch, offset = self._upcoming_epoch()
             st = self.dataset.state_dict(0, False)
-            st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped,
-                      datasets=self.dataset.identity)
+            st.update(epoch=epoch, sample_in_epoch=offset, num_skipped=self.num_skipped)
             return st
         at = self._in_epoch(self.num_samples_yielded - unyielded)
         st = self.dataset.state_dict(at - self._offset, False)  # fills num_canonical_nodes, shuffle_seed, ...
@@ -259,7 +261,6 @@ class VLDataLoader(StreamingDataLoader):
         done = self._epoch_done or at >= self._epoch_end()
         st.update(epoch=self.epoch, sample_in_epoch=max(at, int(self.dataset.epoch_size)) if done else at)
         st["num_skipped"] = self.num_skipped - unskipped
-        st["datasets"] = self.dataset.identity
         return st
 
     def load_state_dict(self, obj: dict[str, Any]) -> Optional[str]:
@@ -291,9 +292,10 @@ class VLDataLoader(StreamingDataLoader):
             return None
         if [(d["index"], d["choose"]) for d in saved] == [(d["index"], d["choose"]) for d in now]:
             return None
-        was = ", ".join(f"{d['dataset']} ({d['samples']} samples, index {d['index']})" for d in saved)
-        new = ", ".join(f"{d['dataset']} ({d['samples']} samples, index {d['index']})" for d in now)
-        return (f"the training data differs from the data the checkpoint was reading (then {was}; now {new}): its "
+        def listed(streams):
+            return ", ".join(f"{d['dataset']} ({d['samples']} samples, index {d['index']})" for d in streams)
+        return (f"the training data differs from the data the checkpoint was reading (then {listed(saved)}; now "
+                f"{listed(now)}): its "
                 f"position, sample {at} of epoch {epoch}, does not carry over to it, so the rest of epoch {epoch} "
                 "repeats some samples and leaves out others; later epochs are whole. Resume with the same data for "
                 "an exact continuation")
