@@ -105,7 +105,7 @@ def ckpts(tmp_path_factory, synthetic_corpus):
     def run(name, ds, *extra):
         return {"name": name, "ds_config": f"ds_configs/{ds}.json", "overrides": [
             f"output_root={runs}", f"run_name={name}", f"data.train={train}", "data.val=",
-            f"data.cache_dir={root}/cache/{name}", "train.log_every=1", "objectives.loss_reduction=example",
+            f"data.cache_dir={root}/cache/{name}", "train.log_every=1",
             "train.dist_timeout_s=300", "train.keep_last=5", *extra]}
 
     long = ("train.max_steps=6", "train.save_every_steps=3", "train.global_batch=16")
@@ -156,7 +156,7 @@ def resharded(ckpts):
 def resumed(ckpts, resharded):
     run, runs = ckpts["run"], ckpts["runs"]
     base = ["--config", "configs/debug.yaml", f"output_root={runs}", f"data.train={ckpts['train']}", "data.val=",
-            f"data.cache_dir={ckpts['root']}/cache/bad", "train.max_steps=6", "objectives.loss_reduction=example"]
+            f"data.cache_dir={ckpts['root']}/cache/bad", "train.max_steps=6"]
     u2, z2_3 = resharded["U2"], os.path.join(ckpts["z2"], TAG3)
     bad = [
         {"name": "shape_resume", "argv": base + ["run_name=b1", f"train.resume={u2}", "model.hidden_size=32"]},

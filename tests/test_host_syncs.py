@@ -246,13 +246,14 @@ TRAINER_SCRIPT = textwrap.dedent(r"""
                                              f"data.cache_dir={out}/cache"])
     trainer = build_training(cfg)
     rec = HostSyncRecorder(packages=("vltrain", "deepspeed"))
-    forward, fetch = trainer.engine.forward, trainer._fetch        # markers in the same timeline
+    from vltrain.engine.step_feed import StepFeed
+    forward, fetch = trainer.engine.forward, StepFeed.fetch        # markers in the same timeline
     def marked(name, fn):
         def call(*a, **k):
             rec.calls.append((name, "marker"))
             return fn(*a, **k)
         return call
-    trainer.engine.forward, trainer._fetch = marked("forward", forward), marked("fetch", fetch)
+    trainer.engine.forward, StepFeed.fetch = marked("forward", forward), marked("fetch", fetch)
     with rec:
         code = trainer.train()
     print("RESULTS " + json.dumps({"code": code, "calls": rec.calls}), flush=True)
@@ -261,6 +262,8 @@ TRAINER_SCRIPT = textwrap.dedent(r"""
 # Where vltrain itself may read back from the device during Trainer.train(), and how often.
 PER_MICRO_STEP = {"vltrain/engine/trainer.py:_flags",          # THE one sync: the agreed flag vector
                   "vltrain/model/vl_model.py:mode_tensor"}     # CPU only (see CPU_ONLY)
+# Reads of the host batch before its copy (a step's token counts, step_feed.py): no device there.
+PER_STEP_ON_THE_HOST = {"vltrain/objectives/reduce.py:token_counts"}
 PER_LOG_INTERVAL_OR_RUN = {"vltrain/monitor.py:_reduced", "vltrain/monitor.py:<listcomp>",  # (_reduced's, Python 3.11)
                            "vltrain/engine/trainer.py:_data_counters",
                            "vltrain/engine/checkpoint.py:save", "vltrain/data/loader.py:__iter__"}
@@ -282,7 +285,9 @@ def test_the_trainer_syncs_once_per_micro_step(trainer_calls):
     sites = collections.Counter(where.rsplit(":", 1)[0] for _, where in trainer_calls if where != "marker")
     ours = {k: n for k, n in sites.items() if k.startswith("vltrain/")}
     deepspeeds = {k: n for k, n in sites.items() if not k.startswith("vltrain/")}
-    assert set(ours) <= PER_MICRO_STEP | PER_LOG_INTERVAL_OR_RUN, (ours, deepspeeds)
+    assert set(ours) <= PER_MICRO_STEP | PER_LOG_INTERVAL_OR_RUN | PER_STEP_ON_THE_HOST, (ours, deepspeeds)
+    # each step's micro-batches counted once, before the step: 2 host batches per step
+    assert ours["vltrain/objectives/reduce.py:token_counts"] == 6, (ours, deepspeeds)
     assert ours["vltrain/engine/trainer.py:_flags"] == 6, (ours, deepspeeds)
     assert ours.get("vltrain/model/vl_model.py:mode_tensor", 0) == 6, (ours, deepspeeds)
     # one log step and the checkpoint's copy of the logging interval: .cpu().tolist() each

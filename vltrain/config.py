@@ -145,7 +145,9 @@ class ObjectivesConfig:
     # code marks them with a mask word embedding); false: [IMG] (runs trained before the key)
     mrc_mask_word: bool = True
     mrc_weight: float = 1.0
-    loss_reduction: Literal["token", "example"] = "token"   # token (BERT) | example (accumulation-invariant)
+    # token: BERT's mean over the masked tokens of the optimizer step (all micro-batches and
+    # ranks: vltrain/engine/step_feed.py) | example: mean over each micro-batch's examples
+    loss_reduction: Literal["token", "example"] = "token"
 
 
 @dataclass

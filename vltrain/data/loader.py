@@ -93,6 +93,9 @@ class VLDataLoader(StreamingDataLoader):
     A batch's ``task[TRUNCATED_KEY]`` (samples whose text / regions the collator cut) stays in
     it for the trainer to count as it trains on the batch; the loader warns the first time.
 
+    ``held_back``: the most batches the trainer holds un-trained (``state_dict(held_back)``): a
+    step's micro-batches (vltrain/engine/step_feed.py).
+
     ``global_batch`` (training: micro batch x world size x grad_accum): an epoch ends after its
     last whole global batch, ``epoch_size // global_batch`` optimizer steps. The samples a rank
     would still yield (each rank's share is padded, and ``drop_last`` keeps what fills its micro
@@ -103,7 +106,7 @@ class VLDataLoader(StreamingDataLoader):
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
                  fixed_epoch: Optional[int] = None, wait_timeout_s: float = 0.0, what: str = "data", store: str = "",
-                 global_batch: int = 0, **kwargs):
+                 global_batch: int = 0, held_back: int = 1, **kwargs):
         if kwargs.get("num_workers", 0) > 0 and "multiprocessing_context" not in kwargs:
             kwargs["multiprocessing_context"] = worker_context()    # why: vltrain/data/worker_signals.py
         super().__init__(dataset, batch_size=batch_size, collate_fn=PackInWorkers(collator), **kwargs)
@@ -122,7 +125,7 @@ class VLDataLoader(StreamingDataLoader):
         self._started = False
         self._epoch_done = False
         # (samples consumed, skipped) of the last batches yielded this epoch, for state_dict(held_back)
-        self._yielded: collections.deque = collections.deque(maxlen=8)
+        self._yielded: collections.deque = collections.deque(maxlen=held_back + 1)
 
     def _upcoming_epoch(self) -> tuple[int, int]:
         nxt = int(self.dataset.next_epoch)
@@ -340,10 +343,13 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
             raise
         raise ValueError(f"data.{split}: {e}") from None
     workers = int(cfg.data.num_workers)
+    # Training holds a step's micro-batches before it trains them (step_feed.py): the workers'
+    # queue must hold a step's too, or the GPU waits at each step start for its remaining ones.
+    ahead = cfg.train.grad_accum if train else 1
     loader = VLDataLoader(ds, collator=collator, batch_size=batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), drop_last=train,
                           persistent_workers=False, fixed_epoch=None if train else 0,
-                          prefetch_factor=2 if workers > 0 else None,
+                          prefetch_factor=max(2, -(-ahead // workers)) if workers > 0 else None, held_back=ahead,
                           # Each iter() draws the workers' base seed from this generator, not from
                           # torch's global RNG, which a resumed run restores from its checkpoint:
                           # drawn there, it shifted every dropout mask after a resume.

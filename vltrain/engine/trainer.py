@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from vltrain.ckpt.layout import locate
 from vltrain.config import Config, config_to_dict, save_config
-from vltrain.data.batch import Batch
 from vltrain.data.collate import TRUNCATED_KEY
 from vltrain.data.errors import DataError
 from vltrain.data.loader import STAND_IN_KEY
@@ -29,6 +28,7 @@ from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.resume import CheckpointError
 from vltrain.engine.run_lock import release_run_lock
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
+from vltrain.engine.step_feed import EPOCH_END, StepFeed
 from vltrain.monitor import MicroBatches, Ratio
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
@@ -73,6 +73,7 @@ class Trainer:
         # forward (see train()); a checkpoint's loader state leaves it out, so a resumed run
         # starts with it.
         self._next: Optional[InFlight] = None
+        self._feed: Optional[StepFeed] = None     # the step's micro-batches, counted ahead (made by train())
         self.profiler = StepProfiler(cfg.train, run_dir, info.rank, info.world, device)   # train.profile_*
         self.profiler.on_report = lambda md, step: self.monitor.log_text("profile", md, step)
         # DeepSpeed keeps the gradient norm its optimizers compute (ZeRO, fp16/bf16), but the
@@ -98,7 +99,9 @@ class Trainer:
 
     def save(self, tag: Optional[str] = None) -> str:
         tag = tag or ckpt.step_tag(self.step)
-        loader_state = self.loader.state_dict(held_back=int(self._next is not None))
+        # pulled from the loader and not trained yet: the batch fetched ahead, the step's others
+        held = int(self._next is not None) + (self._feed.held if self._feed is not None else 0)
+        loader_state = self.loader.state_dict(held_back=held)
         # Everything a resumed run needs to go on as this one would have: counters, the
         # validation still due, and the monitor's open logging interval (summed over ranks).
         rank_state = {"loader": loader_state,
@@ -189,20 +192,17 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [bool(v) for v in flags.tolist()]
 
-    def _fetch(self, batches) -> InFlight:
-        with self.monitor.data_wait():
-            batch: Batch = next(batches)
-        return self.to_device.start(batch)
-
     def _batches(self):
-        """Endless batches across epochs (the loader keeps the epoch). A resumed, finished
-        epoch yields nothing once; two empty epochs in a row mean the data is too small."""
+        """Endless batches across epochs (the loader keeps the epoch), ``EPOCH_END`` after each.
+        A resumed, finished epoch yields nothing once; two empty epochs in a row mean the data
+        is too small."""
         empty = 0
         while True:
             n = 0
             for batch in self.loader:
                 n += 1
                 yield batch
+            yield EPOCH_END
             empty = 0 if n else empty + 1
             if empty >= 2:
                 raise DataError(f"data.train={self.cfg.data.train} yields no batch for this rank: an epoch "
@@ -227,7 +227,9 @@ class Trainer:
         best = self.spec.best_metric if self.spec is not None else "loss"
         self.monitor.log_hparams(config_to_dict(self.cfg), self.ds_config,
                                  metric_tags=dict.fromkeys(("train/loss", "val/loss", f"val/{best}")), step=self.step)
-        batches = self._batches()
+        self._feed = StepFeed(self._batches(), self.to_device, self.engine.gradient_accumulation_steps(),
+                              self.info.world, self.spec is not None and self.spec.token_mean(self.cfg),
+                              self.monitor.data_wait)
         save_due = False
         micro = MicroBatches()
         if self._val_pending and cfg.val_every and self.val_loader is not None:
@@ -238,13 +240,13 @@ class Trainer:
         if self.step < cfg.max_steps and self._next is None:
             # The first batch (the workers' start-up, seconds) before the clock starts: else the
             # first interval of every start and requeue reads as a data-bound one.
-            self._next = self._fetch(batches)
+            self._next = self._feed.fetch()
         self.monitor.reset_timer()
         self._last_save_time = time.time()    # save_every_minutes counts training, not the start-up
         self.profiler.at_step(self.step)      # a window starting here: after the start-up, as the clock
         while self.step < cfg.max_steps:
             with phase("forward"):
-                batch = (self._next if self._next is not None else self._fetch(batches)).get()
+                batch = self._feed.take(self._next if self._next is not None else self._feed.fetch())
                 self._next = None
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 loss, metrics = self.engine(batch)
@@ -261,7 +263,7 @@ class Trainer:
                 # overlap_comm (ZeRO-2, several ranks) and its fp16 step reads the gradient
                 # norm back, each leaving the GPU idle behind a fetch issued after them.
                 with phase("fetch"):
-                    self._next = self._fetch(batches)
+                    self._next = self._feed.fetch()
             with phase("flags"):
                 nonfinite, stop, save_now = self._flags(loss)
             save_due = save_due or save_now
@@ -283,6 +285,7 @@ class Trainer:
                     return self._preempt()
                 # With gradient accumulation the step's earlier micro-batches are in the
                 # gradients, which a checkpoint does not hold: stop after the step completes.
+                self._feed.extend(prefetched=self._next is not None)
                 continue
             self.nonfinite_in_row = 0
             with phase("backward"):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from vltrain.config import ObjectivesConfig
 from vltrain.data.batch import Batch
 from vltrain.monitor import accuracy
-from vltrain.objectives.reduce import reduce_loss
+from vltrain.objectives.reduce import IMAGE_ROW_TOKENS, REGIONS, TEXT_ROW_TOKENS, reduce_loss, text_only_rows
 
 
 def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool = False):
@@ -17,29 +17,28 @@ def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool 
     ``separate_text`` (VL-BERT): the masked tokens of text-only rows and of image-text rows are
     reduced apart and the two losses added, as VL-BERT's mlm_loss_aux + mlm_loss_wvc (each
     from its own batch there). A text-only row has ~4x a caption's masked tokens, so one mean
-    over all of them would leave MLM with visual clues a small share of the gradient. The two
-    means are per micro-batch (VL-BERT's per GPU batch, which always holds both kinds): a
-    kind absent from a micro-batch adds 0, so a small ``data.text_proportion`` x micro-batch
-    weighs the text term below 1 (the VL-BERT recipe's 0.5 x 32 misses a kind with
-    probability 2^-31).
+    over all of them would leave MLM with visual clues a small share of the gradient. With
+    ``Batch.token_divisors`` (training, ``token``) each mean is over the optimizer step's
+    tokens of its kind, so a micro-batch without one kind still weighs both terms right;
+    without (evaluation, ``example``), per micro-batch: a kind absent from it adds 0.
     """
     B = batch.input_ids.shape[0]
     logits = model.mlm_logits(hidden).float()
     per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none")
     rows = batch.mlm_positions // T
     acc = accuracy(logits.argmax(-1), batch.mlm_labels)
+    d = batch.token_divisors
     if not separate_text:
-        return reduce_loss(per_tok, rows, B, how), acc
-    if batch.region_mask is not None:
-        text_row = ~batch.region_mask.any(1)
-    else:   # no mask: every row has the regions given (the model's default), or none at all
-        text_row = torch.full((B,), batch.region_feats is None, dtype=torch.bool, device=per_tok.device)
+        divisor = None if d is None else d[TEXT_ROW_TOKENS] + d[IMAGE_ROW_TOKENS]
+        return reduce_loss(per_tok, rows, B, how, divisor=divisor), acc
+    text_row = text_only_rows(batch)
     loss = per_tok.new_zeros(())
-    for kind in (text_row, ~text_row):
+    for kind, which in ((text_row, TEXT_ROW_TOKENS), (~text_row, IMAGE_ROW_TOKENS)):
         # the other kind's tokens weigh 0 and its rows count as absent, with fixed shapes (no
         # selection by value: a host sync on the GPU)
         w = kind[rows].to(per_tok.dtype)
-        loss = loss + reduce_loss(per_tok * w, rows, B, how, weights=w, examples=kind)
+        loss = loss + reduce_loss(per_tok * w, rows, B, how, weights=w, examples=kind,
+                                  divisor=None if d is None else d[which])
     return loss, acc
 
 
@@ -50,7 +49,8 @@ def mrc_loss(model, hidden, batch: Batch, N: int, how: str):
     logp = F.log_softmax(model.mrc_head(hidden).float(), dim=-1)
     target = batch.mrc_targets.float()
     per_region = -(target * logp).sum(-1)
-    loss = reduce_loss(per_region, batch.mrc_positions // N, B, how)
+    divisor = None if batch.token_divisors is None else batch.token_divisors[REGIONS]
+    loss = reduce_loss(per_region, batch.mrc_positions // N, B, how, divisor=divisor)
     acc = accuracy(logp.argmax(-1), target.argmax(-1))
     return loss, acc
 
@@ -81,6 +81,9 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
     # through every block, so every rank joins the same gradient collectives.
     total = out.text_selected.sum() * 0.0
     metrics = {}
+    # A share of the step's token mean (Batch.token_divisors): a micro-batch without targets
+    # adds 0 to it, so it reports 0, not nothing (which the monitor's mean would leave out).
+    step_mean = batch.token_divisors is not None and cfg.loss_reduction == "token"
     T = batch.input_ids.shape[1]
     if text_pos.numel():
         loss, acc = mlm_loss(model, out.text_selected, batch, T, cfg.loss_reduction, cfg.separate_text_mlm)
@@ -90,6 +93,8 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
         # Nothing masked here (objectives.mask_sampling=bernoulli can pick no token in a small
         # micro-batch) while other ranks have targets: the MLM head gets zero gradients too.
         total = total + model.mlm_logits(out.text_selected[:0]).sum()
+        if step_mean:
+            metrics["loss_mlm"] = torch.zeros((), device=total.device)
     if out.region_selected is not None and out.region_selected.shape[0]:
         N = batch.region_feats.shape[1]
         loss, acc = mrc_loss(model, out.region_selected, batch, N, cfg.loss_reduction)
@@ -99,5 +104,7 @@ def pretrain_losses(model, batch: Batch, cfg: ObjectivesConfig):
         # No region to classify here (a text-only micro-batch), but other ranks have some:
         # the head gets zero gradients, so every rank reduces the same ones (see _region_anchor).
         total = total + model.mrc_head(out.text_selected[:0]).sum()
+        if step_mean:
+            metrics["loss_mrc"] = torch.zeros((), device=total.device)
     metrics["loss"] = total.detach()
     return total, metrics

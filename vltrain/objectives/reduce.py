@@ -1,14 +1,47 @@
-"""Loss reduction over gathered positions: per token (BERT) or per example."""
+"""Loss reduction over gathered positions: per token (BERT) or per example.
+
+Token means divide by the optimizer step's count when the trainer gives it
+(``Batch.token_divisors``, vltrain/engine/step_feed.py): the loss of a global batch is then
+the same however it is split into micro-batches and ranks."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+# Batch.token_divisors: masked text tokens in text-only rows, in rows with an image; masked regions
+TEXT_ROW_TOKENS, IMAGE_ROW_TOKENS, REGIONS = range(3)
+
+
+def text_only_rows(batch) -> torch.Tensor:
+    """(B,) bool: rows without any region (VL-BERT's text-only samples), on the batch's device."""
+    if batch.region_mask is not None:
+        return ~batch.region_mask.any(1)
+    # no mask: every row has the regions given (the model's default), or none at all
+    return torch.full((batch.batch_size,), batch.region_feats is None, dtype=torch.bool,
+                      device=batch.input_ids.device)
+
+
+def token_counts(batch) -> list[float]:
+    """What each token mean of ``batch`` divides by on its own, in ``token_divisors`` order; from
+    the host batch (the collator's positions), so a step's counts cost no device work."""
+    text = 0.0
+    masked = 0 if batch.mlm_positions is None else batch.mlm_positions.numel()
+    if masked:
+        rows = batch.mlm_positions // batch.input_ids.shape[1]
+        text = float(text_only_rows(batch)[rows].sum())
+    regions = 0 if batch.mrc_positions is None else batch.mrc_positions.numel()
+    return [text, masked - text, float(regions)]
+
 
 def reduce_loss(per_item: torch.Tensor, example_index: torch.Tensor, batch_size: int, how: str,
-                weights: Optional[torch.Tensor] = None, examples: Optional[torch.Tensor] = None) -> torch.Tensor:
+                weights: Optional[torch.Tensor] = None, examples: Optional[torch.Tensor] = None,
+                divisor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over items (``token``), or the mean over examples of each example's mean (``example``).
+
+    ``token`` with ``divisor`` (the step's item count per micro-batch and rank, from
+    ``Batch.token_divisors``): the sum over items divided by it, so every item of the step
+    weighs the same, as in one batch of the global size. Without: this micro-batch's mean.
 
     ``example`` makes the loss independent of how a global batch is split into micro-batches,
     so gradient accumulation 2 x (B/2) equals 1 x B exactly (given dropout 0).
@@ -18,6 +51,8 @@ def reduce_loss(per_item: torch.Tensor, example_index: torch.Tensor, batch_size:
     size varies between micro-batches, so this loses ``example``'s accumulation invariance.
     """
     if how == "token":
+        if divisor is not None:
+            return per_item.sum() / divisor
         return per_item.mean() if weights is None else per_item.sum() / weights.sum().clamp(min=1)
     if how != "example":
         raise ValueError(f"objectives.loss_reduction={how!r}; choose 'token' or 'example'")

@@ -7,7 +7,8 @@ from vltrain.tasks import caption as _caption
 
 TASKS: dict[str, TaskSpec] = {
     "pretrain": TaskSpec("pretrain", build_module=lambda cfg, model: PretrainTask(model, cfg.objectives),
-                         work=lambda cfg, batch: mlm_work(cfg, batch, loss_positions(batch, cfg.objectives)[0])),
+                         work=lambda cfg, batch: mlm_work(cfg, batch, loss_positions(batch, cfg.objectives)[0]),
+                         token_mean=lambda cfg: cfg.objectives.loss_reduction == "token"),
     "vqa": _vqa.SPEC,
     "mc": _mc.SPEC,
     "refs": _refs.SPEC,

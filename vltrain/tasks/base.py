@@ -35,6 +35,10 @@ class TaskSpec:
     # left out of the MFU's N, and the task's own heads are in it (flop_params). None: all three,
     # pretraining's count (as the benchmarks count it).
     model_heads: Optional[tuple[str, ...]] = None
+    # (cfg) -> whether the training loss holds means over masked tokens (reduce_loss ``token``
+    # at batch.mlm_positions / mrc_positions): the trainer then counts each optimizer step's
+    # tokens before it trains (Batch.token_divisors, vltrain/engine/step_feed.py).
+    token_mean: Callable = lambda cfg: False
 
 
 class Work(NamedTuple):

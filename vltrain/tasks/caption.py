@@ -34,7 +34,7 @@ from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
 from vltrain.engine.signals import STOP, ValidationInterrupted, children_take_stop_signals
 from vltrain.monitor import accuracy
-from vltrain.objectives.reduce import reduce_loss
+from vltrain.objectives.reduce import IMAGE_ROW_TOKENS, TEXT_ROW_TOKENS, reduce_loss
 from vltrain.tasks.base import TaskSpec, mlm_work
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,9 @@ class CaptionTask(nn.Module):
             per_tok = F.cross_entropy(logits, batch.mlm_labels, reduction="none",
                                       label_smoothing=self.label_smoothing)
             rows = positions // T
-            loss = reduce_loss(per_tok, rows, B, self.objectives.loss_reduction)
+            d = batch.token_divisors
+            loss = reduce_loss(per_tok, rows, B, self.objectives.loss_reduction,
+                               divisor=None if d is None else d[TEXT_ROW_TOKENS] + d[IMAGE_ROW_TOKENS])
             total = total + loss
             metrics.update(loss_mlm=loss.detach(), mlm_acc=accuracy(logits.argmax(-1), batch.mlm_labels))
             if per_example:
@@ -142,6 +144,8 @@ class CaptionTask(nn.Module):
                 cnt = nll.new_zeros(B).index_add_(0, rows, torch.ones_like(nll))
                 metrics["nll"] = sums / cnt.clamp(min=1)
                 metrics["nll_count"] = cnt
+        elif batch.token_divisors is not None and self.objectives.loss_reduction == "token":
+            metrics["loss_mlm"] = torch.zeros((), device=total.device)   # its share of the step's token mean
         metrics["loss"] = total.detach()
         return total, metrics
 
@@ -320,4 +324,5 @@ def evaluate_caption(trainer, split: str) -> dict:
 
 SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator,
                 work=lambda cfg, batch: None if cfg.task.scst else mlm_work(cfg, batch, caption_positions(batch)),
-                evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True, model_heads=("mlm_head",))
+                evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True, model_heads=("mlm_head",),
+                token_mean=lambda cfg: cfg.objectives.loss_reduction == "token" and not cfg.task.scst)
