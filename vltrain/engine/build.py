@@ -15,7 +15,7 @@ from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
 from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.distributed import init_distributed
+from vltrain.engine.distributed import init_distributed, raise_on_every_rank
 from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, \
@@ -309,19 +309,15 @@ def claim_run_dir(cfg: Config, run_dir: str, is_main: bool) -> None:
     gets its verdict, so all stop on the same message. Only the main rank makes the folder:
     it removes it on a failed start, and a slower rank making it after that removal left it
     behind (the others write there after the engine is built)."""
-    import torch.distributed as dist
-    verdict: list = [None]
-    if is_main:
+    def claim() -> Optional[BaseException]:
         try:
             make_run_dir(cfg, run_dir)
             if cfg.mode == "train":     # an evaluation writes no checkpoints: it may run beside the training
                 hold_run_lock(run_dir, cfg.run_name)
         except (ValueError, StorageUnavailable, OSError) as e:    # any: the other ranks must not wait for it
-            verdict = [e]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise verdict[0]
+            return e
+        return None
+    raise_on_every_rank(claim, is_main)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import MutableMapping, Optional
+from typing import Callable, MutableMapping, Optional
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MASTER_PORT = 29500
@@ -355,3 +355,17 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
                          f"(deepspeed --master_port N, torchrun --master_port N, or MASTER_PORT=N; a free one now: "
                          f"{free_port()})") from None
     return dataclasses.replace(info, accelerator=accel, backend=backend)
+
+
+def raise_on_every_rank(decide: Callable[[], Optional[BaseException]], is_main: bool) -> None:
+    """``decide()`` runs on the main rank only; the error it returns is raised on every rank.
+
+    Why: a check of the main rank's (the run folder, a checkpoint's files) failing there
+    alone leaves the other ranks waiting at their next collective until its timeout, or dying
+    there with gloo's "Connection closed by peer"; broadcast, all stop on the same message."""
+    import torch.distributed as dist
+    verdict = [decide() if is_main else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise verdict[0]
