@@ -2,7 +2,8 @@
 a restart from an earlier step replaces the later steps it reaches and trains at its own
 learning rate, a failed save of `best` keeps the previous `best`, a resume at another
 precision is refused by name and train.precision=auto keeps the checkpoint's, a stop signal with a non-finite loss at the end of an
-accumulated step still resumes exactly, and one at a validation step checkpoints first."""
+accumulated step still resumes exactly, so does a step that an epoch's end cuts, and a stop at a
+validation step checkpoints first."""
 import math
 import shutil
 
@@ -109,6 +110,18 @@ def test_a_stop_on_a_nonfinite_last_micro_batch_waits_for_the_step(edges):
     assert stopped["losses"] == {k: ref["losses"][k] for k in ("1", "2")}
     assert sorted(resumed["losses"]) == ["3"] and math.isclose(resumed["losses"]["3"], ref["losses"]["3"],
                                                               rel_tol=1e-6), (resumed, ref)
+
+
+def test_a_step_across_an_epochs_end_resumes_exactly(edges):
+    """After a skipped micro-batch an epoch can end inside a step: the step's micro-batches are
+    counted per epoch (a token mean's divisor), and the checkpoint before it holds the epoch's
+    last micro-batch back (pulled, not trained). Resumed there, the next steps equal the
+    uninterrupted run's."""
+    ref, resumed = edges["epochcut_ref"], edges["epochcut_resumed"]
+    assert ref["code"] == resumed["code"] == 0
+    assert sorted(resumed["losses"], key=int) == ["16", "17", "18"]
+    for s in ("16", "17", "18"):
+        assert math.isclose(resumed["losses"][s], ref["losses"][s], rel_tol=1e-6), (s, resumed, ref)
 
 
 def test_a_stop_signal_checkpoints_before_a_validation_due_at_that_step_which_runs_on_resume(edges):

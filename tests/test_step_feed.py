@@ -15,7 +15,7 @@ from vltrain.data.collate import PretrainCollator, StreamInfo
 from vltrain.data.loader import STAND_IN_KEY
 from vltrain.data.schema import make_meta
 from vltrain.engine.device_copy import DeviceCopier
-from vltrain.engine.step_feed import COUNTS_KEY, EPOCH_END, STEP_KEY, StepFeed
+from vltrain.engine.step_feed import COUNTS_KEY, EPOCH_END, STEP_KEY, StepFeed, stand_in_shares
 from vltrain.model import VLModel
 from vltrain.objectives.pretrain import pretrain_losses
 from vltrain.objectives.reduce import token_counts
@@ -99,6 +99,25 @@ def test_the_step_mean_of_the_micro_batches_metrics_is_the_batchs_loss(mixed):
         torch.testing.assert_close(sum(p[k] for p in parts) / 4, whole[k])
 
 
+def test_a_stand_in_micro_batch_logs_its_share_of_the_step_mean(mixed):
+    """A stand-in (weight 0, counted 0 tokens) beside a real micro-batch: the step's logged
+    losses, the monitor's mean over the step's micro-batches, are the real one's own means."""
+    from vltrain.monitor import MicroBatches
+    cfg, model, batch = mixed
+    objectives = dataclasses.replace(cfg.objectives, mrc=True)
+    step = torch.tensor(token_counts(batch)).clamp(min=1) / 2
+    with torch.no_grad():
+        own = pretrain_losses(model, batch, objectives)[1]
+        real = pretrain_losses(model, dataclasses.replace(batch, token_divisors=step), objectives)[1]
+    micro = MicroBatches()
+    micro.add(real, batch.batch_size)
+    micro.add(stand_in_shares(real), 0)
+    assert "mlm_acc" not in stand_in_shares(real)      # accuracies count the tokens seen only
+    means = micro.means()
+    for k in ("loss", "loss_mlm", "loss_mrc"):
+        torch.testing.assert_close(means[k], own[k])
+
+
 def test_one_batch_divides_by_its_own_counts(mixed):
     """A step of one micro-batch: the step's divisors are the batch's own (evaluation's loss)."""
     cfg, model, batch = mixed
@@ -130,8 +149,11 @@ def run_feed(stream, accum, script, counting=True):
     skipped (non-finite). Returns [(batch i, count, divisors)] in training order."""
     feed = StepFeed(iter(stream), DeviceCopier(torch.device("cpu")), accum, 1, counting, contextlib.nullcontext)
     out, ahead = [], feed.fetch()
+    feed.carried = []                         # the batches that carried their count's counts
     for skipped in script:
         batch = feed.take(ahead)
+        if COUNTS_KEY in batch.task:
+            feed.carried.append(batch.task["i"])
         ahead = feed.fetch()                  # fetched while the forward runs
         if skipped:
             feed.extend(prefetched=True)
@@ -141,19 +163,27 @@ def run_feed(stream, accum, script, counting=True):
 
 
 def test_the_feed_counts_each_step_before_it_trains():
-    stream = [host_batch(i, masked=i + 1) for i in range(5)] + [EPOCH_END] + [host_batch(i, 2) for i in range(5, 12)]
-    out, feed = run_feed(stream, 3, [False] * 8)
-    # steps of 3 micro-batches; epoch 0's last step has 2 (its end cuts the count), epoch 1 starts its own
-    assert [(i, c) for i, c, _ in out] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3), (7, 3)]
+    stream = [host_batch(i, masked=i + 1) for i in range(6)] + [EPOCH_END] + [host_batch(i, 2) for i in range(6, 12)]
+    out, feed = run_feed(stream, 3, [False] * 6)
+    assert [(i, c) for i, c, _ in out] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
     # the step's masked tokens / its micro-batches; a kind it lacks (text-only rows) divides by 1
     assert out[0][2] == pytest.approx([1 / 3, (1 + 2 + 3) / 3, 3])
-    assert out[3][2] == pytest.approx([1 / 2, (4 + 5) / 2, 3])
-    # held back at the save after step 3 (batch 8 is the one fetched ahead): the rest of its count
-    assert feed.held == 2
-    tags = {}
-    for b in list(feed._pending):
-        tags[b.task["i"]] = (b.task[STEP_KEY], b.task[COUNTS_KEY].tolist())
-    assert tags == {9: ((4, 3), [0.0, 6.0, 9.0]), 10: ((4, 3), [0.0, 6.0, 9.0])}
+    assert out[3][2] == pytest.approx([1 / 3, (4 + 5 + 6) / 3, 3])
+    # at the save after step 2, batch 6 fetched ahead: the rest of its step, pulled and counted
+    assert feed.held == 2 and feed._tags[STEP_KEY] == (3, 3)
+    assert sorted(b.task["i"] for b in feed._pending) == [7, 8]
+    assert feed.carried == [0, 3]             # the counts travel with each count's first batch only
+
+
+def test_a_count_stops_at_the_epochs_end():
+    """An epoch ending inside a step (after a skipped micro-batch moved the steps by one):
+    its batches are counted apart from the next epoch's, so those held back at a save are of
+    one epoch; the next step is counted whole again."""
+    stream = [host_batch(i, masked=i + 1) for i in range(5)] + [EPOCH_END] + [host_batch(i, 2) for i in range(5, 12)]
+    out, feed = run_feed(stream, 3, [False] * 8)
+    assert [(i, c) for i, c, _ in out] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 4), (7, 4)]
+    # each part divides by its count per micro-batch: weighs 2/3 and 1/3 of the step
+    assert out[3][2] == pytest.approx([1 / 2, (4 + 5) / 2, 3]) and out[5][2] == pytest.approx([1, 2, 3])
 
 
 def test_text_only_rows_and_stand_ins_are_counted_as_the_losses_see_them():

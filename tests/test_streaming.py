@@ -581,7 +581,9 @@ def test_a_resume_on_other_data_mid_epoch_says_it_is_not_exact(tmp_path, vocab_f
 
 def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file):
     """The trainer fetches one batch ahead; its checkpoint's loader state leaves that batch
-    out (``state_dict(held_back=1)``), mid-epoch and when it is the next epoch's first."""
+    out (``state_dict(held_back=1)``), mid-epoch and when it is the next epoch's first; and
+    the last batches of a finished epoch (a step's micro-batches the epoch's end cut short,
+    pulled before they train), when the next has not started."""
     ds = write_captions(str(tmp_path / "ds"), 18, size_limit=1 << 12)
 
     def ids(batches):
@@ -597,8 +599,14 @@ def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file
     resumed = _single_loader(ds, tmp_path / "b", vocab_file)
     resumed.load_state_dict(state)
     assert ids(resumed) == held + rest
-    with pytest.raises(ValueError, match="held_back=2"):
-        loader.state_dict(held_back=2)                              # the epoch is over
+    assert (loader.state_dict()["epoch"], loader.state_dict()["sample_in_epoch"]) == (0, 18)   # over: epoch 1 next
+    state = loader.state_dict(held_back=2)                          # its last two, not trained on
+    assert (state["epoch"], state["sample_in_epoch"]) == (0, 8)
+    resumed = _single_loader(ds, tmp_path / "b2", vocab_file)
+    resumed.load_state_dict(state)
+    assert ids(resumed) == held + rest
+    with pytest.raises(ValueError, match="held_back=5"):
+        loader.state_dict(held_back=5)                              # more than the epoch yielded
 
     loader = _single_loader(ds, tmp_path / "c", vocab_file)
     epoch0 = ids(loader)

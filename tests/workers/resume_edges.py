@@ -24,6 +24,8 @@ full disk) during one save. Runs, in order:
             step 2: the step skipped, train/overflow_skipped and the logged lr
   accum     grad_accum=2, NaN at micro-batch 4 (a step's last): uninterrupted, then with
             SIGUSR1 at that micro-batch (exit 75) and a resume
+  epochcut  grad_accum=2, NaN at micro-batch 3: an epoch ends inside step 16; step 15's
+            checkpoint (the epoch's last micro-batch held back) resumed
   valstop   SIGUSR1 during step 2, at which a validation is due (val_every=2; log_every=3):
             uninterrupted (valref), stopped, resumed: the skipped validation runs first (before
             the resumed run's profiled window, step 3), and the interval logged at step 3
@@ -265,6 +267,17 @@ def main():
     code, losses, t = train(cfg_of(corpus, out, "accum", *accum, "train.resume=auto"), faults)
     t.close()
     res["accum_resumed"] = {"code": code, "losses": losses}
+
+    # 256 samples, 16 a step: a NaN at micro-batch 3 moves the steps by one, so step 16 takes the
+    # epoch's last micro-batch and the next epoch's first; step 15's save holds the first back
+    cut = ["train.max_steps=18", "train.grad_accum=2", "train.save_every_steps=15"]
+    code, losses, t = train(cfg_of(corpus, out, "epochcut", *cut), faults, nan_at=3)
+    t.close()
+    res["epochcut_ref"] = {"code": code, "losses": losses}
+    code, losses, t = train(cfg_of(corpus, out, "epochcut_resumed", *cut,
+                                   f"train.resume={out}/epochcut/checkpoints/step_00000015"), faults)
+    t.close()
+    res["epochcut_resumed"] = {"code": code, "losses": losses}
 
     vs = ["train.max_steps=4", "train.save_every_steps=0", f"data.val={corpus}/captions/val", "train.val_every=2",
           "train.log_every=3"]

@@ -101,7 +101,8 @@ class VLDataLoader(StreamingDataLoader):
     would still yield (each rank's share is padded, and ``drop_last`` keeps what fills its micro
     batches) depend on the world size; ending at the global batch keeps every epoch's samples
     and steps the same after a checkpoint moves to another world size, and no optimizer step
-    spans two epochs. 0: the whole pass (evaluation).
+    spans two epochs (unless a micro-batch skipped for a non-finite loss moved the steps by
+    one: vltrain/engine/step_feed.py). 0: the whole pass (evaluation).
     """
 
     def __init__(self, dataset, *, collator: PretrainCollator, batch_size: int,
@@ -220,10 +221,11 @@ class VLDataLoader(StreamingDataLoader):
         """Resumption state; identical on every rank (save it from rank 0).
 
         ``held_back``: how many of the batches yielded last were not trained on yet (the
-        trainer fetches one ahead): the state is the one from before they were yielded, so a
-        resumed run starts with them. They must all come from the current epoch."""
+        trainer holds a step's micro-batches: vltrain/engine/step_feed.py): the state is the one
+        from before they were yielded, so a resumed run starts with them. They must all come
+        from the current (or just finished) epoch."""
         if held_back:
-            if not self._started or self._epoch_done or held_back > len(self._yielded):
+            if not self._started or held_back > len(self._yielded):
                 raise ValueError(f"state_dict(held_back={held_back}): only {len(self._yielded)} batches of "
                                  f"this epoch were yielded")
             back = list(self._yielded)[-held_back:]
@@ -260,8 +262,8 @@ class VLDataLoader(StreamingDataLoader):
         at = self._in_epoch(self.num_samples_yielded - unyielded)
         st = self.dataset.state_dict(at - self._offset, False)  # fills num_canonical_nodes, shuffle_seed, ...
         # a finished epoch (its last global batch out: the next iter() yields nothing of it)
-        # resumes at the next one
-        done = self._epoch_done or at >= self._epoch_end()
+        # resumes at the next one; one whose last batches are held back, at them
+        done = at >= self._epoch_end() or (self._epoch_done and not unyielded)
         st.update(epoch=self.epoch, sample_in_epoch=max(at, int(self.dataset.epoch_size)) if done else at)
         st["num_skipped"] = self.num_skipped - unskipped
         return st

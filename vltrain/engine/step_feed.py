@@ -16,11 +16,13 @@ with the batches; the sum over ranks is one small all-reduce per step on the dev
 when the step's first batch is taken into use, without a host sync. The pulled batches wait
 on the host (the loader's ``prefetch_factor`` covers a step: vltrain/data/loader.py).
 
-A step never takes batches of two epochs in one count: the loader's epoch ends after a whole
-number of steps, and a count stops at an epoch's end (``EPOCH_END``), so the batches held back
-at a save are all of one epoch, as the loader's state needs. A micro-batch skipped for a
-non-finite loss is replaced by the next batch (``extend``), trained with the divisor of the
-count it was pulled in: that step's weights are off by the difference, the next is exact.
+Counts follow DeepSpeed's steps (``grad_accum`` micro-batches each): a micro-batch skipped
+for a non-finite loss is replaced by the next batch (``extend``) under the step's count, so
+that step's weights are off by the difference and the next step is counted whole again. A
+count stops at an epoch's end (``EPOCH_END``; the epoch ends after a whole number of steps
+unless a skip moved them by one): the batches held back at a save are all of one epoch, as
+the loader's state needs, and a step across the end takes two counts, each weighed by its
+share of the step's micro-batches.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.objectives.reduce import token_counts
 
 EPOCH_END = object()            # what the trainer's batch stream yields between epochs
-COUNTS_KEY = "_step_counts"     # Batch.task: the step's token counts on this rank (a tensor, copied with it)
+COUNTS_KEY = "_step_counts"     # Batch.task of a count's first batch: its token counts on this rank (copied with it)
 STEP_KEY = "_step"              # Batch.task: (which count, how many micro-batches it covers)
 
 
@@ -48,14 +50,14 @@ class StepFeed:
     def __init__(self, batches: Iterator, copier: DeviceCopier, grad_accum: int, world: int, counting: bool,
                  data_wait: Callable):
         self._batches, self._copier, self._data_wait = batches, copier, data_wait
-        self.group_size = grad_accum if counting else 1
-        self.world = world
-        self.counting = counting
-        self._pending: collections.deque[Batch] = collections.deque()
-        self._due = 0                  # batches still to hand out under the current count
+        self.grad_accum, self.world, self.counting = grad_accum, world, counting
+        self._pending: collections.deque[Batch] = collections.deque()   # pulled, of the current count
+        self._left = 0                 # micro-batches the current step still takes (0: the next starts one)
+        self._in_count = 0             # how many more are handed out under the current count
+        self._started_step = False     # the last batch handed out started a step
         self._count = 0                # which count the batches handed out now carry
-        self._opened = False           # the last batch handed out opened its count
-        self._tags: dict = {}         # what the batches of the current count carry
+        self._tags: dict = {}          # what they carry
+        self._first: Optional[dict] = None   # what the first of them carries (the counts), until handed out
         self._reduced: Optional[tuple[int, torch.Tensor]] = None
 
     @property
@@ -69,65 +71,87 @@ class StepFeed:
             b = next(self._batches)
         return None if b is EPOCH_END else b
 
+    def _next_batch(self) -> Batch:
+        """The next batch, in the next epoch if this one has ended."""
+        b = self._pull()
+        while b is None:
+            b = self._pull()
+        return b
+
     def _open(self) -> None:
-        """Pull the next step's batches (up to the epoch's end) and count them."""
-        while len(self._pending) < self.group_size:
+        """Count the step's next batches: the ``_left`` it still takes, or those up to the epoch's
+        end (the next epoch's count apart: a count's batches are of one epoch)."""
+        while len(self._pending) < self._left:
             b = self._pull()
             if b is None:
                 if self._pending:
-                    break            # the epoch ends inside this count: the next epoch's batches count apart
+                    break
                 continue
             self._pending.append(b)
-        self._due = len(self._pending)
-        if not self.counting:
-            return
-        self._count += 1
+        size = min(len(self._pending), self._left)
         sums = [0.0, 0.0, 0.0]
-        for b in self._pending:
+        for b in list(self._pending)[:size]:
             if not b.task.get(STAND_IN_KEY):        # a repeated batch standing in for bad samples counts 0
                 sums = [a + c for a, c in zip(sums, token_counts(b))]
-        self._tags = {STEP_KEY: (self._count, self._due), COUNTS_KEY: torch.tensor(sums, dtype=torch.float32)}
-        self._pending = collections.deque(self._tagged(b) for b in self._pending)
-
-    def _tagged(self, b: Batch) -> Batch:
-        return dataclasses.replace(b, task={**b.task, **self._tags}) if self._tags else b
+        self._count += 1
+        counts = torch.tensor(sums, dtype=torch.float32)
+        # pinned: a copy from pageable memory may hold the host until the copy stream gets to it
+        self._first = {STEP_KEY: (self._count, size),
+                       COUNTS_KEY: counts.pin_memory() if torch.cuda.is_available() else counts}
+        self._tags = {STEP_KEY: (self._count, size)}
+        self._in_count = size
 
     def fetch(self) -> InFlight:
         """Start the copy of the next micro-batch."""
-        self._opened = self._due == 0
-        if self._opened:
+        if not self.counting:
+            return self._copier.start(self._next_batch())
+        self._started_step = self._left == 0
+        if self._started_step:
+            self._left = self.grad_accum
+        if self._in_count == 0:
             self._open()
         elif not self._pending:      # one more than counted (extend): the next batch, under this count
-            b = self._pull()
-            while b is None:
-                b = self._pull()
-            self._pending.append(self._tagged(b))
-        self._due -= 1
-        return self._copier.start(self._pending.popleft())
+            self._pending.append(self._next_batch())
+        self._left -= 1
+        self._in_count -= 1
+        b = self._pending.popleft()
+        tags, self._first = self._first or self._tags, None     # the counts travel with the count's first
+        return self._copier.start(dataclasses.replace(b, task={**b.task, **tags}))
 
     def extend(self, prefetched: bool) -> None:
         """The micro-batch just trained was skipped: the step takes one more. ``prefetched``:
-        the trainer fetched the next batch already; if it opened the next step's count, it
-        becomes this step's last and the next step counts from the batch after it."""
-        if prefetched and self._opened:
-            self._due = 0
-            self._opened = False
+        the trainer fetched the next batch already; if that one started the next step, it
+        becomes this step's last instead (under the next step's count), and the next step
+        starts, and is counted, from the batch after it."""
+        if not self.counting:
+            return
+        if prefetched and self._started_step:
+            self._left = self._in_count = 0
+            self._started_step = False
         else:
-            self._due += 1
+            self._left += 1
+            self._in_count += 1
 
     def take(self, inflight: InFlight) -> Batch:
         """The batch on the device, with the step's divisors summed over ranks (the first of a
         step issues the all-reduce, the others reuse it)."""
         batch = inflight.get()
-        counts = batch.task.get(COUNTS_KEY)
-        if counts is None:
+        if STEP_KEY not in batch.task:
             return batch
         count, size = batch.task[STEP_KEY]
-        if self._reduced is None or self._reduced[0] != count:
-            total = counts.clone()
+        if self._reduced is None or self._reduced[0] != count:       # the count's first batch
+            total = batch.task[COUNTS_KEY].clone()
             if self.world > 1 and dist.is_initialized():
                 dist.all_reduce(total)
             # a kind the step lacks: its sum is 0 whatever it is divided by
             self._reduced = (count, total.clamp(min=1.0) / (self.world * size))
         batch.token_divisors = self._reduced[1]
         return batch
+
+
+def stand_in_shares(metrics: dict) -> dict:
+    """What a stand-in micro-batch (the loader's repeat for an all-bad one, trained at weight 0)
+    adds to its step's logged losses under the step's token means: 0 each. The other
+    micro-batches divide by the step's micro-batches, this one included; left out of the
+    step's mean, it would raise it by grad_accum / (grad_accum - 1)."""
+    return {k: v * 0.0 for k, v in metrics.items() if k.startswith("loss")}

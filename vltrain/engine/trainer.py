@@ -28,7 +28,7 @@ from vltrain.engine.device_copy import DeviceCopier, InFlight
 from vltrain.engine.resume import CheckpointError
 from vltrain.engine.run_lock import release_run_lock
 from vltrain.engine.signals import EXIT_PREEMPTED, STOP, ValidationInterrupted
-from vltrain.engine.step_feed import EPOCH_END, StepFeed
+from vltrain.engine.step_feed import EPOCH_END, StepFeed, stand_in_shares
 from vltrain.monitor import MicroBatches, Ratio
 from vltrain.profiling import StepProfiler
 from vltrain.tasks.base import batch_work
@@ -307,6 +307,8 @@ class Trainer:
                 else:
                     micro.add(metrics, batch.batch_size, work.tokens,
                               self.flops.count(work.tokens, work.tokens_sq, work.mlm_rows))
+            elif batch.token_divisors is not None:
+                micro.add(stand_in_shares(metrics), 0)
             if not boundary:
                 continue
             self.step += 1
