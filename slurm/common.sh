@@ -19,6 +19,7 @@
 #                                    the requeued job resumes from `latest` (train.resume=auto)
 #        69 (beside 0/1/75/killed) -> the object store did not answer: requeued the same way, at
 #                                    most STORAGE_REQUEUES times in a row without a new checkpoint
+#                                    (the 69 rank ignores srun's SIGTERM as it exits: not a 143)
 #        anything else            -> a real failure: exit with that code (FAILED, not requeued)
 #
 # Variables (export them before sbatch, or `sbatch --export=ALL,CONFIG=...`):

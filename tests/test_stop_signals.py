@@ -6,7 +6,8 @@ multiprocessing's resource tracker, Inductor's compile-worker sidecar (with its 
 and a plain child (as Triton's ptxas or DeepSpeed's op build would be) survive both signals
 and the pool still compiles; a child started inside ``children_take_stop_signals`` (the
 caption scorers' Java) ends on USR1 as before. Without the shield the helpers die: the test
-can fail.
+can fail. And a rank exiting with its verdict (69: the store did not answer) keeps that code
+through the SIGTERM srun sends the step once a peer has failed.
 """
 import json
 import subprocess
@@ -120,3 +121,35 @@ def test_ctrl_c_stops_a_run_with_one_line_not_tracebacks(synthetic_corpus, tmp_p
     text = log.read_text()
     assert "interrupted (SIGINT, Ctrl-C): stopped without a checkpoint" in text, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+
+
+def test_a_rank_exiting_69_keeps_its_code_through_srun_s_sigterm(tmp_path):
+    """The object store down: the rank exits 69 (requeue). srun ends the step with SIGTERM as
+    soon as a peer that lost this rank exits 1; arriving while Python finalizes (seconds with
+    torch loaded, default handlers again), it made the rank 143, and the batch script failed
+    the job instead of requeueing it. SIGTERM sent every 50 ms from the exit line on."""
+    import os
+    import signal
+    import time
+    from tests.fixtures.corpus import rank_env
+    from vltrain.engine.distributed import free_port
+    log = tmp_path / "rank0.log"
+    env = rank_env(0, 1, free_port(), S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+                   AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    args = ["--config", "configs/debug.yaml", f"output_root={tmp_path}", "data.val=", "data.train=s3://gone/x",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.download_retry=1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "vltrain/run.py", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while "exiting with 69" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        assert proc.returncode == 69, (proc.returncode, log.read_text()[-3000:])
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)

@@ -87,10 +87,15 @@ def main(argv=None) -> int:
         log.error("%s: %s", type(e).__name__, error_text(e))
         log.error("exiting with %d (storage unavailable): the checkpoints are intact; the Slurm templates "
                   "requeue the job, elsewhere rerun it with train.resume=auto", EXIT_STORAGE)
+        # The code is the verdict: a peer that lost this rank exits 1 first and srun ends the
+        # step with SIGTERM, which, once Python finalizes (seconds, default handlers again),
+        # made this rank 143 and the job a failure instead of a requeue.
+        STOP.exiting()
         return EXIT_STORAGE
     except (ConfigError, DSConfigError, DataError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, error_text(e))
         log.debug("%s", traceback.format_exc())
+        STOP.exiting()       # as above: the batch log names this rank's 2, not a 143
         return EXIT_BAD_INPUT
     finally:
         _shutdown()
