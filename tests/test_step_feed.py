@@ -1,7 +1,8 @@
 """objectives.loss_reduction=token over the optimizer step (vltrain/engine/step_feed.py): the
 micro-batches' token means divide by the step's count, so a global batch trains the same
 however it is split; and the feed that counts each step's micro-batches before they train.
-The 2-rank -> 1-rank resume with the default reduction is in test_ckpt_tools."""
+The 2-rank -> 1-rank resume with the default reduction is in test_ckpt_tools, a resume inside
+a step an epoch's end cuts in test_resume_edges."""
 import contextlib
 import dataclasses
 
