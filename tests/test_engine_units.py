@@ -272,6 +272,44 @@ def test_cut_short_saves_are_named_and_cleaned_up(tmp_path, caplog):
         locate(os.path.join(save, "best"), check_files=False)
 
 
+def test_a_save_clears_cut_short_saves_first_and_names_a_full_disk(tmp_path, monkeypatch):
+    """A save that failed on a full disk left step_25.partial; resumed from step 20, every later
+    save failed again for the space it held (a requeued job, at every requeue): a save removes
+    cut-short step saves first (not a complete .partial: a replace cut between its renames).
+    A save that fails says what failed and what is intact; torch's own words on a full disk
+    were "basic_ios::clear: iostream error"."""
+    import shutil
+    from collections import namedtuple
+    save = str(tmp_path)
+    _tag(save, 20)
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(20))
+    os.makedirs(os.path.join(save, "step_00000025.partial", "global_step25"))          # cut short
+    os.makedirs(os.path.join(save, "step_00000030.partial"))                           # complete
+    with open(os.path.join(save, "step_00000030.partial", ckpt.COMPLETE_FILE), "w") as f:
+        json.dump({"step": 30, "world_size": 1}, f)
+    os.makedirs(os.path.join(save, "best.partial"))                                   # best's own save clears it
+
+    class DiskFull:      # the engine's writer on a full filesystem, as torch reports it
+        def save_checkpoint(self, *a, **k):
+            raise RuntimeError("basic_ios::clear: iostream error")
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+    cfg = load_config("configs/debug.yaml")
+    with pytest.raises(ckpt.SaveFailed) as e:
+        ckpt.save(DiskFull(), save, ckpt.step_tag(40), step=40, cfg=cfg, rank_state={}, info={}, rank=0,
+                  local_rank=0, keep_last=3)
+    assert str(e.value) == (f"saving checkpoint step_00000040 to {save} failed: the filesystem is full (1 MiB free): "
+                            "free space there, lower train.keep_last, or set output_root on a larger one "
+                            "(RuntimeError: basic_ios::clear: iostream error); step_00000020 (latest) is intact "
+                            "and a resume (train.resume=auto) starts there")
+    assert sorted(os.listdir(save)) == ["best.partial", ckpt.LATEST_FILE, "step_00000020", "step_00000030.partial"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1 << 40, 1 << 30, 1 << 39))
+    with pytest.raises(ckpt.SaveFailed, match=r"step_00000040 to .* failed: RuntimeError: basic_ios::clear: iostream "
+                                              r"error; step_00000020 \(latest\) is intact"):
+        ckpt.save(DiskFull(), save, ckpt.step_tag(40), step=40, cfg=cfg, rank_state={}, info={}, rank=0,
+                  local_rank=0, keep_last=3)
+
+
 def test_no_checkpoint_and_explicit_paths(tmp_path):
     assert ckpt.find_resume_point(str(tmp_path / "none")) is None
     d = _tag(str(tmp_path), 40)

@@ -230,6 +230,29 @@ def test_monitor_writes_expected_tags_and_only_rank0(tmp_path, monkeypatch):
     assert b"zero_optimization.stage" in blob and b"train.lr" in blob
 
 
+def test_a_full_disk_stops_tensorboard_not_the_training(tmp_path, caplog):
+    """TensorBoard's writer failing (its filesystem full: the first thing to fail when
+    output_root fills, before any checkpoint) ended the run with its OSError; now logging
+    there stops with one warning and the log lines go on."""
+    import errno
+    logs = []
+    mon = Monitor(str(tmp_path), rank=0, log_every=1, log_fn=logs.append)
+    mon.step_end(1, {"loss": 1.0}, samples=4)
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    mon.writer.flush = full
+    mon.step_end(2, {"loss": 0.5}, samples=4)
+    mon.log_scalar("perf/checkpoint_save_s", 1.0, 2)
+    mon.step_end(3, {"loss": 0.25}, samples=4)
+    mon.close()
+    assert [ln.split(" |")[0] for ln in logs] == ["step 1", "step 2", "step 3"]
+    warned = [r.getMessage() for r in caplog.records if "TensorBoard logging" in r.getMessage()]
+    assert warned == [f"TensorBoard logging to {tmp_path}/tensorboard stopped (OSError: [Errno 28] No space left "
+                      "on device); training goes on, the figures stay in the log"], warned
+    assert mon.writer is None
+
+
 def test_no_mfu_without_a_peak_and_loss_scale_when_given(tmp_path):
     mon = Monitor(str(tmp_path), rank=0, log_every=1, peak_tflops=None, log_fn=lambda s: None)
     for step in (1, 2):

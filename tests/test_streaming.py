@@ -877,3 +877,72 @@ def test_ranks_agree_on_the_shared_memory_prefix_beside_another_job():
     finally:
         for s in held:
             s.cleanup()
+
+
+def test_a_worker_the_oom_killer_ends_is_named_as_such(tmp_path, vocab_file):
+    """A DataLoader worker SIGKILLed mid-epoch (what the kernel's OOM killer does) was torch's
+    "DataLoader worker (pid(s) N) exited unexpectedly"; the rank now says it was killed, most
+    likely for host memory, and what to lower."""
+    import signal
+    from multiprocessing import forkserver
+    from vltrain.data.host_limits import HostLimitError
+    ds = write_captions(str(tmp_path / "ds"), 200, size_limit=1 << 14)
+    it = iter(_single_loader(ds, tmp_path / "a", vocab_file, num_workers=1))
+    next(it)
+    server = forkserver._forkserver._forkserver_pid
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == server]
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+    with pytest.raises(HostLimitError, match=rf"data loader worker \(pid {workers[0]}\) was killed \(SIGKILL\), most "
+                                             r"likely by the kernel's OOM killer: .* lower data.num_workers"):
+        for _ in it:
+            pass
+
+
+def _ppid(pid: str):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_a_full_dev_shm_is_named_with_what_to_do(monkeypatch):
+    """torch's words for a full /dev/shm, from a worker or from a semaphore, become one naming
+    /dev/shm, its size, and the remedies; a small /dev/shm is warned of at the start."""
+    import errno
+    import shutil
+    from collections import namedtuple
+    from vltrain.data import host_limits
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(64 << 20, 63 << 20, 1 << 20))
+    worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\nRuntimeError: "
+                          "unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
+    for e in (worker, OSError(errno.ENOSPC, "No space left on device")):
+        msg = str(host_limits.explain(e))
+        assert msg.startswith("the data loader ran out of shared memory (/dev/shm: 64 MiB, 1 MiB free): give the "
+                              "job more shared memory (docker run --shm-size=16g or --ipc=host"), msg
+    assert host_limits.explain(RuntimeError("CUDA error: out of memory")) is None
+    assert host_limits.explain(RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly"), ()) is None
+    assert "/dev/shm: 64 MiB" in host_limits.check_shm(8) and host_limits.check_shm(0) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(32 << 30, 0, 32 << 30))
+    assert host_limits.check_shm(8) is None
+
+
+def test_a_full_cache_disk_is_named_not_blamed_on_the_shard(tmp_path, vocab_file, monkeypatch):
+    """The cache folder's filesystem full while a shard is written there was "shard ... could
+    not be downloaded or decompressed", read as a bad dataset; now the folder, its free space
+    and the keys to change."""
+    import errno
+    from streaming import StreamingDataset
+    from vltrain.data.errors import CacheFull
+    ds = write_captions(str(tmp_path / "ds"), 8, size_limit=1 << 12)
+
+    def full(self, shard_id, blocking=True):       # the write of the shard's file into the cache
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(StreamingDataset, "prepare_shard", full)
+    with pytest.raises(CacheFull, match=r"shard\.0000.* could not be written to the cache folder .*/cache/.*: its "
+                                        r"filesystem is full \(\d+ MiB free; OSError: \[Errno 28\] No space left on "
+                                        r"device\)\. Point data.cache_dir at a larger disk, .* data.cache_limit"):
+        for _ in _single_loader(ds, tmp_path, vocab_file):
+            pass

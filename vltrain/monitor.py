@@ -30,6 +30,7 @@ Timing is wall-clock between logging boundaries, so it is exact at those boundar
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -312,9 +313,10 @@ class Monitor:
         if sub not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
             d = os.path.join(self.tb_dir, sub) if sub else self.tb_dir
-            os.makedirs(d, exist_ok=True)
-            self._writers[sub] = SummaryWriter(log_dir=d, purge_step=self._purge.get(sub))
-        return self._writers[sub]
+            with self._tensorboard():
+                os.makedirs(d, exist_ok=True)
+                self._writers[sub] = SummaryWriter(log_dir=d, purge_step=self._purge.get(sub))
+        return self._writers.get(sub)
 
     @property
     def writer(self):
@@ -501,16 +503,18 @@ class Monitor:
         self.last = out
         w = self.writer
         if w is not None:
-            for k, v in out.items():
-                w.add_scalar(k, v, step)
-            w.flush()
-            # samples seen as x: a separate TensorBoard run ("by_samples"), so that purging
-            # by step on resume does not hide these points (their steps are sample counts)
-            ws = self._writer("by_samples")
-            if "train/loss" in out:
-                ws.add_scalar("by_samples/loss", out["train/loss"], self.samples_seen)
-            ws.add_scalar("by_samples/samples_per_s", out["perf/samples_per_s"], self.samples_seen)
-            ws.flush()
+            with self._tensorboard():
+                for k, v in out.items():
+                    w.add_scalar(k, v, step)
+                w.flush()
+                # samples seen as x: a separate TensorBoard run ("by_samples"), so that purging
+                # by step on resume does not hide these points (their steps are sample counts)
+                ws = self._writer("by_samples")
+                if ws is not None:
+                    if "train/loss" in out:
+                        ws.add_scalar("by_samples/loss", out["train/loss"], self.samples_seen)
+                    ws.add_scalar("by_samples/samples_per_s", out["perf/samples_per_s"], self.samples_seen)
+                    ws.flush()
         if self.rank == 0:
             self.log_fn(self.format_line(step, out))
         self._reset_interval()
@@ -541,9 +545,10 @@ class Monitor:
         out = {f"val/{k}": float(v.item() if _is_tensor(v) else v) for k, v in metrics.items()}
         w = self.writer
         if w is not None:
-            for k, v in out.items():
-                w.add_scalar(k, v, step)
-            w.flush()
+            with self._tensorboard():
+                for k, v in out.items():
+                    w.add_scalar(k, v, step)
+                w.flush()
         if self.rank == 0:
             self.log_fn(f"val step {step} | " + " | ".join(f"{k[4:]} {v:.4g}" for k, v in out.items()))
         return out
@@ -552,14 +557,16 @@ class Monitor:
         """``run``: a TensorBoard run of its own under tensorboard/ (mode=eval's ``eval``)."""
         w = self._writer(run)
         if w is not None:
-            w.add_scalar(tag, float(value), step)
+            with self._tensorboard():
+                w.add_scalar(tag, float(value), step)
 
     def log_text(self, tag: str, text: str, step: int):
         """Markdown in TensorBoard's text tab (rank 0), e.g. a profile's summary."""
         w = self.writer
         if w is not None:
-            w.add_text(tag, text, step)
-            w.flush()
+            with self._tensorboard():
+                w.add_text(tag, text, step)
+                w.flush()
 
     def log_hparams(self, config: Mapping, ds_config: Optional[Mapping] = None,
                     metric_tags: Iterable[str] = ("train/loss", "val/loss"), step: int = 0):
@@ -580,15 +587,36 @@ class Monitor:
             for s in (exp, ssi, sei):
                 fw.add_summary(s)
         table = "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in hp.items())
-        w.add_text("hparams", table, step)
-        w.flush()
+        with self._tensorboard():
+            w.add_text("hparams", table, step)
+            w.flush()
 
     def close(self):
-        for w in self._writers.values():
-            w.flush()
-            w.close()
+        with self._tensorboard():
+            for w in self._writers.values():
+                w.flush()
+                w.close()
         self._writers = {}
         self._closed = True
+
+    @contextmanager
+    def _tensorboard(self):
+        """TensorBoard's writes failing (a full or lost filesystem): warned once, logging there
+        stops, training goes on (a full disk then shows at the next checkpoint, whose error
+        says what is intact), and the log lines keep every figure."""
+        try:
+            yield
+        except OSError as e:
+            log = logging.getLogger(__name__)
+            log.warning("TensorBoard logging to %s stopped (%s: %s); training goes on, the figures stay in "
+                        "the log", self.tb_dir, type(e).__name__, e)
+            for w in self._writers.values():
+                try:
+                    w.close()
+                except OSError:
+                    pass
+            self._writers = {}
+            self._closed = True       # _writer() gives None from now on
 
     def __enter__(self):
         return self

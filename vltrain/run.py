@@ -14,6 +14,7 @@ Exit codes: 0 done; 75 stopped on SIGUSR1/SIGTERM after checkpointing (requeue m
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import re
@@ -56,6 +57,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A fatal signal (SIGBUS from a full /dev/shm, a segfault in an extension) prints the
+    # Python stack instead of nothing; the variable carries it to the DataLoader workers'
+    # forkserver, started later from this environment.
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+    faulthandler.enable()
     from vltrain.engine.signals import STOP
     STOP.install()   # before the slow start-up: a preemption signal then is kept, not fatal
     STOP.shield_children()   # and taken by this rank alone, not by the helpers it starts

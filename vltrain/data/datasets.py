@@ -13,11 +13,13 @@ folder), and a dataset rewritten in place is read afresh.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -32,7 +34,7 @@ from vltrain.config import ConfigError
 from vltrain.data import schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data import storage_faults
-from vltrain.data.errors import DataError, MetaError, ShardError, StorageUnavailable
+from vltrain.data.errors import CacheFull, DataError, MetaError, ShardError, StorageUnavailable
 from vltrain.redact import redact
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,13 @@ class VLStreamingDataset(StreamingDataset):
                     f"{self._describe(shard_id)} could not be downloaded: {storage_faults.store_of(stream.remote)} "
                     f"did not answer in {stream.download_retry} tries (data.download_retry) "
                     f"({type(e).__name__}: {e})") from e
+            full = _disk_full(e)
+            if full is not None:
+                local = self.streams[int(self.stream_per_shard[shard_id])].local
+                raise CacheFull(f"{self._describe(shard_id)} could not be written to the cache folder {local}: its "
+                                f"filesystem is full ({_free_mib(local)} MiB free; {full}). Point data.cache_dir at a "
+                                "larger disk, free space there, or set data.cache_limit (e.g. 20gb) so older shards "
+                                "are evicted") from e
             what = "failed its hash check (corrupt shard or download)" if "Checksum failure" in str(e) \
                 else "could not be downloaded or decompressed"
             hint = f"; {storage_faults.DENIED_HINT}" if storage_faults.is_denied(e) else ""
@@ -324,6 +333,24 @@ class VLStreamingDataset(StreamingDataset):
         yield from super().__iter__()
         if self._bg_error is not None:   # streaming ends the epoch quietly; we do not
             raise self._bg_error
+
+
+def _disk_full(e: BaseException) -> Optional[str]:
+    """The ENOSPC / EDQUOT in ``e`` or what it was raised from, as text; else None."""
+    for _ in range(8):             # the chain's first links: the write that failed is near
+        if e is None:
+            break
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{type(e).__name__}: {e}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _free_mib(path: str) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f}"
+    except OSError:
+        return "?"
 
 
 # ---------------------------------------------------------------------------- building

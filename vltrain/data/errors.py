@@ -23,3 +23,8 @@ class StorageUnavailable(DataError):
     throttling reply) for a shard or a dataset's metadata, after ``data.download_retry``
     tries. Transient by nature: ``run.py`` exits with ``EXIT_STORAGE`` and the Slurm
     templates requeue the job (a bounded number of times)."""
+
+
+class CacheFull(DataError):
+    """The local cache folder (``data.cache_dir``) had no room for a shard: not the shard's
+    fault; the message names the folder, its free space and the keys to change."""

@@ -31,6 +31,7 @@ from vltrain.data.collate import SKIPPED_KEY, TRUNCATED_KEY, PretrainCollator, S
 from vltrain.data.datasets import build_dataset, clean_stale_shared_memory, is_remote
 from vltrain.data.batch import Batch
 from vltrain.data.errors import BadSampleError, DataError, MetaError
+from vltrain.data import host_limits
 from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
 from vltrain.data.storage_faults import store_of
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 _SHM_CLEANED = False
 
 
-def prepare_streaming_once() -> None:
+def prepare_streaming_once(num_workers: int = 0) -> None:
     """Clean stale streaming shared memory, once per process, before the first dataset exists.
 
     Segments a live process maps (this process's datasets, another job's on the same host)
@@ -54,6 +55,9 @@ def prepare_streaming_once() -> None:
     if not _SHM_CLEANED:
         clean_stale_shared_memory()
         _SHM_CLEANED = True
+        small = host_limits.check_shm(num_workers)
+        if small:
+            log.warning("%s", small)
 
 
 class PackInWorkers:
@@ -143,7 +147,10 @@ class VLDataLoader(StreamingDataLoader):
         self.skipped_in_pass: list[str] = []     # this pass's skip messages (an evaluation counts them)
         self._yielded.clear()
         self.worker_init_fn = WorkerStart() if self.num_workers > 0 else None
-        it = DataLoader.__iter__(self)   # workers are created (dataset and collator pickled) here
+        try:
+            it = DataLoader.__iter__(self)   # workers are created (dataset and collator pickled) here
+        except OSError as e:
+            raise host_limits.explain(e) or e
         # All-bad micro-batches met before any good batch (a start, a resume): the next good
         # batch stands in for each, yielded first in their place.
         waiting: list[list[str]] = []
@@ -165,6 +172,11 @@ class VLDataLoader(StreamingDataLoader):
                 # so a checkpoint taken now resumes at the next epoch, as an unbroken run would.
                 self._epoch_done = True
                 return
+            except Exception as e:   # noqa: BLE001 - a worker killed for memory, a full /dev/shm: said so
+                explained = host_limits.explain(e, getattr(it, "_workers", ()))
+                if explained is None:
+                    raise
+                raise explained from e
             if isinstance(batch, PackedBatch):
                 batch = batch.unpack()
             skipped = list(batch.task.pop(SKIPPED_KEY, None) or ())
@@ -333,7 +345,7 @@ def pretrain_collator(cfg, tokenizer, infos: list[StreamInfo], train: bool) -> P
 def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
             make_collator=None) -> tuple[VLDataLoader, PretrainCollator]:
     from streaming.base.world import World
-    prepare_streaming_once()
+    prepare_streaming_once(int(cfg.data.num_workers))
     try:
         ds, infos = build_dataset(cfg, batch_size, split=split, shuffle=cfg.data.shuffle if train else False)
         _check_meta_vs_model(cfg, infos)

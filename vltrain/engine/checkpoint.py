@@ -29,6 +29,7 @@ journal kept and shard data it had not written yet: a tag marked complete with t
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -234,14 +235,19 @@ def save(engine, save_dir: str, tag: str, *, step: int, cfg, rank_state: dict, i
 
     tag_dir = os.path.join(save_dir, tag)
     staging = tag_dir + PARTIAL
-    if rank == 0 and os.path.isdir(staging):
-        shutil.rmtree(staging)  # a save of this tag that was cut short
-    _barrier()
-    engine.save_checkpoint(save_dir, tag=tag + PARTIAL, save_latest=False,
-                           client_state={UNIVERSAL_CHECKPOINT_INFO: {}, "vltrain_step": step})
-    torch.save({"step": step, "rng": rng_state(), **rank_state}, rank_state_file(staging, rank))
     if rank == 0:
-        save_config(cfg, os.path.join(staging, "config.yaml"))
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)  # a save of this tag that was cut short
+        clear_cut_short_saves(save_dir)
+    _barrier()
+    try:
+        engine.save_checkpoint(save_dir, tag=tag + PARTIAL, save_latest=False,
+                               client_state={UNIVERSAL_CHECKPOINT_INFO: {}, "vltrain_step": step})
+        torch.save({"step": step, "rng": rng_state(), **rank_state}, rank_state_file(staging, rank))
+        if rank == 0:
+            save_config(cfg, os.path.join(staging, "config.yaml"))
+    except Exception as e:  # noqa: BLE001 - torch's writer names no file and no cause when the disk is full
+        raise SaveFailed(save_failed_message(save_dir, tag, e)) from e
     _barrier()  # every rank's files are written ...
     if local_rank == 0:
         sync_tree(staging)
@@ -254,6 +260,44 @@ def save(engine, save_dir: str, tag: str, *, step: int, cfg, rank_state: dict, i
             rotate(save_dir, step, keep_last)
     _barrier()  # nobody exits or resumes before the commit
     return tag_dir
+
+
+class SaveFailed(OSError):
+    """A checkpoint save that could not write its files; the message says what is still safe."""
+
+
+def save_failed_message(save_dir: str, tag: str, e: BaseException) -> str:
+    """What went wrong (a full filesystem named as such: torch's writer says "iostream error"),
+    and what is intact: ``latest`` is moved only after a whole save."""
+    cause = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError:
+        free = None
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20)
+    latest = read_latest(save_dir)
+    kept = (f"{latest} (latest) is intact and a resume (train.resume=auto) starts there" if latest
+            else "no earlier checkpoint of this run exists")
+    what = (f"the filesystem is full ({free / 2**20:.0f} MiB free): free space there, lower train.keep_last, or "
+            f"set output_root on a larger one ({cause})" if full else cause)
+    return f"saving checkpoint {tag} to {save_dir} failed: {what}; {kept}"
+
+
+def clear_cut_short_saves(save_dir: str) -> list[str]:
+    """Remove the cut-short saves of steps (``step_*.partial`` without a completion record) before
+    a save: their space may be what the save needs (a save that failed on a full disk, resumed
+    from an earlier step, failed there again at every requeue). A complete ``.partial`` (a
+    replace cut between its renames) stays. Returns the removed."""
+    removed = []
+    for name in sorted(os.listdir(save_dir)) if os.path.isdir(save_dir) else ():
+        m = _STEP_LEFTOVER.fullmatch(name)
+        path = os.path.join(save_dir, name)
+        if m and m.group(2) == PARTIAL and read_ckpt_info(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    if removed:
+        log.info("removed the cut-short save(s) %s before saving", ", ".join(removed))
+    return removed
 
 
 def _rename_into_place(staging: str, tag_dir: str) -> None:
