@@ -49,7 +49,8 @@ def explain(e: BaseException, workers: Iterable = ()) -> Optional[HostLimitError
     if _is_shm_exhaustion(e):
         return HostLimitError(f"the data loader ran out of shared memory ({shm_state()}): {SHM_ADVICE}")
     # what a worker's death shows as first: torch's words, or the queue's end under the batch it sent
-    symptom = "DataLoader worker" in str(e) or isinstance(e, (EOFError, ConnectionError))
+    # (not "Caught ... in DataLoader worker process N": an error the worker raised, re-raised here)
+    symptom = "DataLoader worker (pid" in str(e) or isinstance(e, (EOFError, ConnectionError))
     for pid, code in _dead(list(workers), wait_s=2.0 if symptom else 0.0):
         if code == -signal.SIGKILL:
             return HostLimitError(
