@@ -13,13 +13,11 @@ folder), and a dataset rewritten in place is read afresh.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import socket
 import tempfile
 import time
@@ -31,7 +29,7 @@ from streaming.base.dataset import _ShardState
 from streaming.base.storage import CloudDownloader
 
 from vltrain.config import ConfigError
-from vltrain.data import schema, shm_prefix
+from vltrain.data import host_limits, schema, shm_prefix
 from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data import storage_faults
 from vltrain.data.errors import CacheFull, DataError, MetaError, ShardError, StorageUnavailable
@@ -269,11 +267,11 @@ class VLStreamingDataset(StreamingDataset):
                     f"{self._describe(shard_id)} could not be downloaded: {storage_faults.store_of(stream.remote)} "
                     f"did not answer in {stream.download_retry} tries (data.download_retry) "
                     f"({type(e).__name__}: {e})") from e
-            full = _disk_full(e)
+            full = host_limits.disk_full(e)
             if full is not None:
                 local = self.streams[int(self.stream_per_shard[shard_id])].local
                 raise CacheFull(f"{self._describe(shard_id)} could not be written to the cache folder {local}: its "
-                                f"filesystem is full ({_free_mib(local)} MiB free; {full}). Point data.cache_dir at a "
+                                f"filesystem is full ({host_limits.free_mib(local)} MiB free; {full}). Point data.cache_dir at a "
                                 "larger disk, free space there, or set data.cache_limit (e.g. 20gb) so older shards "
                                 "are evicted") from e
             what = "failed its hash check (corrupt shard or download)" if "Checksum failure" in str(e) \
@@ -333,24 +331,6 @@ class VLStreamingDataset(StreamingDataset):
         yield from super().__iter__()
         if self._bg_error is not None:   # streaming ends the epoch quietly; we do not
             raise self._bg_error
-
-
-def _disk_full(e: BaseException) -> Optional[str]:
-    """The ENOSPC / EDQUOT in ``e`` or what it was raised from, as text; else None."""
-    for _ in range(8):             # the chain's first links: the write that failed is near
-        if e is None:
-            break
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"{type(e).__name__}: {e}"
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _free_mib(path: str) -> str:
-    try:
-        return f"{shutil.disk_usage(path).free / 2**20:.0f}"
-    except OSError:
-        return "?"
 
 
 # ---------------------------------------------------------------------------- building

@@ -1,4 +1,5 @@
-"""A data loader that failed for want of a host resource, told as such.
+"""A run that failed for want of a host resource, told as such: disk space (the cache's, a
+checkpoint's: ``disk_full``), host memory and /dev/shm for the data loader.
 
 Why: torch reports a DataLoader worker the kernel killed as "DataLoader worker (pid(s) N)
 exited unexpectedly", and a full /dev/shm as "unable to allocate shared memory(shm) ... No
@@ -73,6 +74,25 @@ def _dead(workers: list, wait_s: float) -> list[tuple[int, int]]:
         if dead or time.monotonic() >= deadline:
             return dead
         time.sleep(0.05)
+
+
+def disk_full(e: BaseException) -> Optional[str]:
+    """The ENOSPC / EDQUOT in ``e`` or what it was raised from, as text; else None."""
+    for _ in range(8):             # the chain's first links: the write that failed is near
+        if e is None:
+            break
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{type(e).__name__}: {e}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def free_mib(path: str) -> str:
+    """The free space of ``path``'s filesystem in MiB, as text ("?" when it cannot be read)."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f}"
+    except OSError:
+        return "?"
 
 
 def check_shm(num_workers: int) -> Optional[str]:

@@ -29,7 +29,6 @@ journal kept and shard data it had not written yet: a tag marked complete with t
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from vltrain.config import save_config
+from vltrain.data import host_limits
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +274,12 @@ def save_failed_message(save_dir: str, tag: str, e: BaseException) -> str:
         free = shutil.disk_usage(save_dir).free
     except OSError:
         free = None
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20)
+    full = host_limits.disk_full(e) is not None or (free is not None and free < 64 << 20)
     latest = read_latest(save_dir)
     kept = (f"{latest} (latest) is intact and a resume (train.resume=auto) starts there" if latest
             else "no earlier checkpoint of this run exists")
-    what = (f"the filesystem is full ({free / 2**20:.0f} MiB free): free space there, lower train.keep_last, or "
+    mib = "?" if free is None else f"{free / 2**20:.0f}"      # unreadable: an ENOSPC still says full
+    what = (f"the filesystem is full ({mib} MiB free): free space there, lower train.keep_last, or "
             f"set output_root on a larger one ({cause})" if full else cause)
     return f"saving checkpoint {tag} to {save_dir} failed: {what}; {kept}"
 
