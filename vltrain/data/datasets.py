@@ -271,9 +271,9 @@ class VLStreamingDataset(StreamingDataset):
             if full is not None:
                 local = self.streams[int(self.stream_per_shard[shard_id])].local
                 raise CacheFull(f"{self._describe(shard_id)} could not be written to the cache folder {local}: its "
-                                f"filesystem is full ({host_limits.free_mib(local)} MiB free; {full}). Point data.cache_dir at a "
-                                "larger disk, free space there, or set data.cache_limit (e.g. 20gb) so older shards "
-                                "are evicted") from e
+                                f"filesystem is full ({host_limits.free_mib(local)} MiB free; {full}). Point "
+                                "data.cache_dir at a larger disk, free space there, or set data.cache_limit (e.g. "
+                                "20gb) so older shards are evicted") from e
             what = "failed its hash check (corrupt shard or download)" if "Checksum failure" in str(e) \
                 else "could not be downloaded or decompressed"
             hint = f"; {storage_faults.DENIED_HINT}" if storage_faults.is_denied(e) else ""
