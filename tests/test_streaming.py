@@ -619,41 +619,51 @@ def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file
     assert ids(resumed)[:1] == held and resumed.epoch == 1 and held != epoch0[:1]
 
 
-def test_stale_shm_sweep_keeps_live_and_young_segments(tmp_path):
+def test_stale_shm_sweep_keeps_live_and_starting_segments(tmp_path):
     """The sweep unlinks streaming segments no process maps (a crashed run's), but keeps one a
-    live process maps (another job on the same node) and one just created (a starting job);
-    streaming's own helper unlinked all of them."""
+    live process maps (another job on the same node); streaming's own helper unlinked all of
+    them. Young ones it waits for, then looks again: one a starting job maps meanwhile stays, one
+    nobody maps (a run SIGKILLed a moment ago, restarted at once) goes."""
     import subprocess
     import sys
     import time
     from multiprocessing import shared_memory
 
-    from vltrain.data.datasets import SHM_DIR, _clean_host_shm
-    stale, live, young = "999990_locals", "999991_barrier", "999992_next_epoch"
+    from vltrain.data.datasets import SHM_DIR, SHM_MIN_AGE_S, _clean_host_shm
+    stale, live, starting, killed = "999990_locals", "999991_barrier", "999992_next_epoch", "999994_locals"
     old = time.time() - 3600
     with open(os.path.join(SHM_DIR, stale), "wb") as f:      # what a SIGKILLed run leaves
         f.write(b"\0" * 8)
     os.utime(os.path.join(SHM_DIR, stale), (old, old))
-    with open(os.path.join(SHM_DIR, young), "wb") as f:
-        f.write(b"\0" * 8)
-    # Another process maps `live` for as long as it runs (the other job).
+    # Another process maps `live` for as long as it runs (the other job), and `starting` 1.5 s
+    # after it is told to (a job that created it and maps it next).
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom multiprocessing import shared_memory, resource_tracker\n"
         f"m = shared_memory.SharedMemory({live!r}, create=True, size=8)\n"
-        "resource_tracker.unregister(m._name, 'shared_memory')\nprint('ready', flush=True)\ntime.sleep(600)\n")],
-        stdout=subprocess.PIPE, text=True)
+        "resource_tracker.unregister(m._name, 'shared_memory')\nprint('ready', flush=True)\n"
+        f"sys.stdin.readline()\ntime.sleep(1.5)\ns = shared_memory.SharedMemory({starting!r})\n"
+        "resource_tracker.unregister(s._name, 'shared_memory')\nprint('mapped', flush=True)\ntime.sleep(600)\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
         os.utime(os.path.join(SHM_DIR, live), (old, old))
+        for name in (starting, killed):
+            with open(os.path.join(SHM_DIR, name), "wb") as f:
+                f.write(b"\0" * 8)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        t0 = time.time()
         removed = _clean_host_shm()
-        assert stale in removed and live not in removed and young not in removed
-        assert not os.path.exists(os.path.join(SHM_DIR, stale))
-        assert os.path.exists(os.path.join(SHM_DIR, live)) and os.path.exists(os.path.join(SHM_DIR, young))
+        assert time.time() - t0 >= SHM_MIN_AGE_S - 1            # it waited for the young ones
+        assert holder.stdout.readline().strip() == "mapped"
+        assert {stale, killed} <= set(removed) and live not in removed and starting not in removed
+        assert [os.path.exists(os.path.join(SHM_DIR, n)) for n in (stale, live, starting, killed)] == \
+            [False, True, True, False]
         shared_memory.SharedMemory(live).close()                # the other job can still attach
     finally:
         holder.kill()
         holder.wait()
-        for name in (stale, live, young):
+        for name in (stale, live, starting, killed):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
@@ -671,15 +681,16 @@ def test_stale_shm_sweep_keeps_a_prefix_whose_registration_a_live_rank_holds():
     from vltrain.data.datasets import SHM_DIR, _clean_host_shm
     names = ["999993_locals", "999993_barrier", "999993_shard_states"]
     old = time.time() - 3600
-    for n in names:
-        with open(os.path.join(SHM_DIR, n), "wb") as f:
-            f.write(b"\0" * 8)
-        os.utime(os.path.join(SHM_DIR, n), (old, old))
+    # The holder creates them (young: no sweep takes them before it holds them), then they age.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom vltrain.data.shm_prefix import hold_registration\nhold_registration(999993)\n"
-        "print('ready', flush=True)\ntime.sleep(600)\n")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        "import time\nfrom vltrain.data.shm_prefix import hold_registration\n"
+        f"for n in {names!r}:\n    open({SHM_DIR!r} + '/' + n, 'wb').write(bytes(8))\n"
+        "hold_registration(999993)\nprint('ready', flush=True)\ntime.sleep(600)\n")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
+        for n in names:
+            os.utime(os.path.join(SHM_DIR, n), (old, old))
         assert not set(names) & set(_clean_host_shm())
         assert all(os.path.exists(os.path.join(SHM_DIR, n)) for n in names)
         holder.kill()

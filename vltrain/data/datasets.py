@@ -337,8 +337,9 @@ class VLStreamingDataset(StreamingDataset):
 
 SHM_DIR = "/dev/shm"
 # Younger segments may be a starting job's, created but not yet mapped (microseconds) or its
-# registration not yet locked (shm_prefix.hold_registration): never touched. Short, because a
-# job restarted right after a SIGKILL meets its own leaked registration, which streaming
+# registration not yet locked (shm_prefix.hold_registration): the sweep waits until they are
+# this old and looks again. It must not leave them: a job restarted right after a SIGKILL
+# (its segments created seconds before) meets its own leaked registration, which streaming
 # refuses ("Reused local directory") until this sweep removes it.
 SHM_MIN_AGE_S = 5.0
 
@@ -361,20 +362,23 @@ def _mapped_shm_names() -> set:
     return names
 
 
-def _remove_old(folder: str, names: list[str]) -> list[str]:
+def _remove_old(folder: str, names: list[str]) -> tuple[list[str], float]:
     """Unlink the files ``names`` of ``folder`` older than ``SHM_MIN_AGE_S`` (younger ones may be
-    a starting job's); returns those removed. One that vanished or is another user's stays."""
-    now, removed = time.time(), []
+    a starting job's); returns those removed and the seconds until the youngest kept is that old
+    (0: none kept). One that vanished or is another user's stays."""
+    now, removed, wait = time.time(), [], 0.0
     for name in names:
         path = os.path.join(folder, name)
         try:
-            if now - os.stat(path).st_mtime < SHM_MIN_AGE_S:
+            age = now - os.stat(path).st_mtime
+            if age < SHM_MIN_AGE_S:
+                wait = max(wait, min(SHM_MIN_AGE_S, SHM_MIN_AGE_S - age))   # a future mtime: one wait
                 continue
             os.unlink(path)
             removed.append(name)
         except OSError:
             continue
-    return removed
+    return removed, wait
 
 
 def _clean_host_shm() -> list[str]:
@@ -386,17 +390,27 @@ def _clean_host_shm() -> list[str]:
     other job's next epoch or dataloader worker), and stops at the first unused prefix, so
     leaks above a gap stay. This sweep keeps anything a process we can see maps, every
     segment of a prefix whose registration a live rank holds (``shm_prefix.registration_held``:
-    also a job in another PID namespace), and anything younger than ``SHM_MIN_AGE_S``."""
+    also a job in another PID namespace), and what is younger than ``SHM_MIN_AGE_S``: it waits
+    (at most that long) until those are old enough and looks again, keeping what is then mapped,
+    held or younger still."""
     from streaming.base.constant import SHM_TO_CLEAN
     if not os.path.isdir(SHM_DIR) or not os.path.isdir("/proc"):
         return []                # not Linux: leave streaming's segments alone
     pattern = re.compile(r"^\d{6}_(%s)$" % "|".join(map(re.escape, SHM_TO_CLEAN)))
-    candidates = [n for n in os.listdir(SHM_DIR) if pattern.match(n)]
-    if not candidates:
-        return []
-    in_use = _mapped_shm_names()
-    held = {p for p in {n[:6] for n in candidates} if shm_prefix.registration_held(int(p))}
-    removed = _remove_old(SHM_DIR, [n for n in candidates if n not in in_use and n[:6] not in held])
+    removed = []
+    for last in (False, True):      # young ones: wait until they are old enough, then look again
+        candidates = [n for n in os.listdir(SHM_DIR) if pattern.match(n)]
+        if not candidates:
+            break
+        in_use = _mapped_shm_names()
+        held = {p for p in {n[:6] for n in candidates} if shm_prefix.registration_held(int(p))}
+        gone, wait = _remove_old(SHM_DIR, [n for n in candidates if n not in in_use and n[:6] not in held])
+        removed += gone
+        if not wait or last:
+            break
+        log.info("waiting %.1f s for young unused streaming shared memory (a run that just ended, or one "
+                 "starting) before sweeping it", wait)
+        time.sleep(wait)
     if removed:
         log.info("removed %d stale streaming shared-memory segments (%s ...)", len(removed), removed[0])
     return removed
@@ -415,7 +429,7 @@ def _clean_host_filelocks() -> list[str]:
     lock = re.compile(r"^(\d{6})_(%s|%s)$" % (re.escape(BARRIER_FILELOCK), re.escape(CACHE_FILELOCK)))
     live = {n[:6] for n in os.listdir(SHM_DIR) if re.match(r"^\d{6}_", n)}
     tmp = tempfile.gettempdir()
-    removed = _remove_old(tmp, [n for n in os.listdir(tmp) if (m := lock.match(n)) and m.group(1) not in live])
+    removed, _ = _remove_old(tmp, [n for n in os.listdir(tmp) if (m := lock.match(n)) and m.group(1) not in live])
     if removed:
         log.info("removed %d stale streaming lock files under %s (%s ...)", len(removed), tmp, removed[0])
     return removed
