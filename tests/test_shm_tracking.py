@@ -1,17 +1,23 @@
-"""A rank's DataLoader workers leave the shared memory they attach to alone
-(vltrain/data/shm_tracking.py, installed by the workers' forkserver preload).
+"""Streaming's shared memory stays out of the resource tracker (vltrain/data/shm_tracking.py,
+installed by VLStreamingDataset and by the workers' forkserver preload): no process's tracker
+unlinks a segment by name once the name may be someone else's.
 
-The segment stands for the local leader's (another process created it); a child process stands
+1. The segment stands for the local leader's (another process created it); a child process stands
 for a non-leader rank: it attaches as streaming does, and its workers (our worker context) get
 the segment pickled with their dataset. After the rank, its workers and its resource tracker
 are gone, the segment must still exist. With a forkserver without our preload the tracker
 unlinks it: the test can fail.
+
+2. A rank that created a segment dies alone (the OOM killer; its workers live on, holding its
+tracker); a new job on the host takes the same name; the dead rank's tracker, ending later,
+must not unlink it. Without the rule it does.
 """
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
-import uuid
 from multiprocessing import resource_tracker, shared_memory
 
 import pytest
@@ -22,6 +28,12 @@ from tests.fixtures.procs import alive
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RANK = os.path.join(REPO, "tests", "workers", "shm_rank.py")
+CREATOR = os.path.join(REPO, "tests", "workers", "shm_creator.py")
+
+
+def _streaming_name(kind: str = "barrier") -> str:
+    """A streaming segment's name no job here uses (real prefixes count up from 0)."""
+    return f"{random.randint(900000, 989999)}_{kind}"
 
 
 def _exists(name):
@@ -36,7 +48,7 @@ def _exists(name):
 
 @pytest.mark.parametrize("mode", ["ours", "plain"])
 def test_a_ranks_workers_leave_the_leaders_shared_memory_alone(mode):
-    name = f"vltrain_test_{uuid.uuid4().hex[:12]}"
+    name = _streaming_name()
     leader = shared_memory.SharedMemory(name, create=True, size=16)
     leader.buf[:3] = bytes([7, 8, 9])
     try:
@@ -62,3 +74,46 @@ def test_a_ranks_workers_leave_the_leaders_shared_memory_alone(mode):
             leader.unlink()
         except FileNotFoundError:     # the plain run's tracker did; ours is still registered
             resource_tracker.unregister(leader._name, "shared_memory")
+
+
+@pytest.mark.parametrize("mode", ["ours", "plain"])
+def test_a_dead_ranks_tracker_leaves_a_new_jobs_segment_of_the_same_name(mode):
+    name = _streaming_name("locals")
+    p = subprocess.Popen([sys.executable, CREATOR, name, mode], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    new = None
+    try:
+        words = p.stdout.readline().split()
+        assert words[:1] == ["CREATED"], words + [p.stderr.read()[-2000:]]
+        tracker, worker = int(words[1]), int(words[2])
+        os.kill(p.pid, signal.SIGKILL)             # the rank dies alone; its worker keeps its tracker
+        p.wait()
+        assert alive(tracker) and alive(worker)
+        shared_memory.SharedMemory(name).unlink()  # the start-up sweep of the next job: nobody maps it
+        new = shared_memory.SharedMemory(name, create=True, size=16)     # that job takes the name
+        resource_tracker.unregister(new._name, "shared_memory")           # (only the tracker under test unlinks)
+        new.buf[:3] = bytes([1, 2, 3])
+        os.kill(worker, signal.SIGKILL)            # the worker goes: the dead rank's tracker ends
+        deadline = time.time() + 60
+        while alive(tracker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive(tracker), "the dead rank's resource tracker did not end"
+        assert _exists(name) == (mode == "ours"), f"{mode}: the new job's segment was unlinked by the dead rank's tracker"
+    finally:
+        p.kill()
+        if new is not None:
+            new.close()
+            try:
+                os.unlink("/dev/shm/" + name)
+            except FileNotFoundError:
+                pass
+
+
+def test_the_names_are_streamings():
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path
+
+    from vltrain.data.shm_tracking import STREAMING_SEGMENTS, is_streaming_segment
+    assert set(STREAMING_SEGMENTS) == set(SHM_TO_CLEAN)
+    assert all(is_streaming_segment("/" + _get_path(p, n)) for p in (0, 17, 999999) for n in SHM_TO_CLEAN)
+    assert not any(is_streaming_segment(n) for n in ("/psm_0a1b2c", "/000001_lockz", "/1_locals", "000001_locals/x"))

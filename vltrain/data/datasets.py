@@ -34,6 +34,7 @@ from vltrain.data.collate import STREAM_KEY, StreamInfo
 from vltrain.data import storage_faults
 from vltrain.data.errors import CacheFull, DataError, MetaError, ShardError, StorageUnavailable
 from vltrain.redact import redact
+from vltrain.data.shm_tracking import untrack_streaming_segments
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class VLStreamingDataset(StreamingDataset):
 
     def __init__(self, *args, **kwargs):
         shm_prefix.install()
+        untrack_streaming_segments()      # before its segments exist
         super().__init__(*args, **kwargs)
         self._size_checked: set[int] = set()
         self._bg_error: Optional[BaseException] = None

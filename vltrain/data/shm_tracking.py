@@ -1,49 +1,58 @@
-"""Shared memory a DataLoader worker attaches to is not the worker's to unlink.
+"""Streaming's shared memory stays out of the resource tracker: no tracker unlinks it by name.
 
-A worker gets streaming's dataset pickled, and with it the ``multiprocessing.shared_memory``
-segments the rank's dataset holds; unpickling one attaches to it (``SharedMemory(name,
-create=False)``), and CPython (3.11, 3.12; 3.13 too, where unpickling keeps ``track=True``)
-then registers the name with the resource tracker the worker shares with its rank. Nothing
-unregisters it (streaming's fix only covers attachments made by its own constructor), so when
-the rank and its workers are gone the tracker unlinks every such name, whoever owns it by then:
-on a non-leader rank that is the local leader's live segments (the trackers' "leaked
-shared_memory ... No such file" report at the end of every multi-rank run), and a job that
-started on the host in the meantime and took the same prefix would lose its own
-(FileNotFoundError: '/000000_barrier' in a worker). The creator of a segment still registers
-it, so a killed rank's segments are still cleaned up by its tracker.
+CPython registers every ``multiprocessing.shared_memory`` segment a process creates or
+attaches to with the resource tracker it shares with its children (a DataLoader worker
+attaches when it unpickles its dataset), and when they are all gone the tracker unlinks every
+name still registered, whoever owns that name by then. Streaming unregisters only the
+attachments its own constructor makes. So:
+
+- a non-leader rank's tracker unlinked its leader's live segments as the rank ended (the
+  "leaked shared_memory ... No such file" lines that ended every multi-rank run);
+- a rank that died alone (the OOM killer takes the rank, not its workers) left a tracker that
+  unlinked the rank's names once the workers had noticed and gone, seconds later: a job that
+  started on the host meanwhile (its start-up sweep removes segments nobody maps) and took the
+  same prefix lost its own (``FileNotFoundError: '/000000_barrier'`` in its worker).
+
+Here streaming's segments (``NNNNNN_<name>``, streaming's names) are neither registered nor
+unregistered, in the rank (``VLStreamingDataset``) and in its workers (the forkserver's
+preload). A run that ends unlinks its segments (streaming's exit handler); a killed one leaves
+them (bytes to kilobytes each) to the next start-up sweep on the host
+(vltrain/data/datasets.py: ``_clean_host_shm``), as a Slurm job's did already (the step's
+processes, its trackers too, are killed together). Other shared memory is tracked as CPython does.
 """
 from __future__ import annotations
 
-import functools
-import threading
-from multiprocessing import resource_tracker, shared_memory
+import re
+from multiprocessing import resource_tracker
 
-_attaching = threading.local()
+# streaming.base.constant.SHM_TO_CLEAN of mosaicml-streaming 0.13, spelled out: this module is
+# imported by the workers' forkserver before anything heavy (tests/test_shm_tracking.py compares).
+STREAMING_SEGMENTS = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times",
+                      "resume", "epoch_shape", "epoch_data")
+_STREAMING_NAME = re.compile(r"/?\d{6}_(%s)" % "|".join(STREAMING_SEGMENTS))
 
 
-def untrack_attachments() -> None:
-    """Attachments (``create=False``) of this process and its forks register nothing with the
-    resource tracker. Idempotent. Per thread: a segment another thread creates meanwhile is
-    still registered (its ``unlink`` unregisters it; an unknown name would make the tracker
-    print a KeyError traceback)."""
-    init = shared_memory.SharedMemory.__init__
-    if getattr(init, "untracked_attachments", False):
+def is_streaming_segment(name: str) -> bool:
+    """``name`` (CPython's, with its leading '/') is one of streaming's segments."""
+    return _STREAMING_NAME.fullmatch(name) is not None
+
+
+def untrack_streaming_segments() -> None:
+    """From now on this process (and its forks) registers and unregisters no streaming segment
+    with the resource tracker. Idempotent."""
+    if getattr(resource_tracker.register, "untracks_streaming", False):
         return
-    register = resource_tracker.register
+    register, unregister = resource_tracker.register, resource_tracker.unregister
 
-    def register_unless_attaching(name, rtype):
-        if rtype == "shared_memory" and getattr(_attaching, "on", False):
+    def register_others(name, rtype):
+        if rtype == "shared_memory" and is_streaming_segment(name):
             return None
         return register(name, rtype)
 
-    @functools.wraps(init)
-    def attach_untracked(self, name=None, create=False, size=0, *args, **kwargs):
-        _attaching.on = not create
-        try:
-            init(self, name, create, size, *args, **kwargs)
-        finally:
-            _attaching.on = False
+    def unregister_others(name, rtype):       # one never registered: the tracker prints a KeyError
+        if rtype == "shared_memory" and is_streaming_segment(name):
+            return None
+        return unregister(name, rtype)
 
-    attach_untracked.untracked_attachments = True
-    resource_tracker.register = register_unless_attaching
-    shared_memory.SharedMemory.__init__ = attach_untracked
+    register_others.untracks_streaming = True
+    resource_tracker.register, resource_tracker.unregister = register_others, unregister_others
