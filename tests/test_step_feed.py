@@ -19,7 +19,7 @@ from vltrain.engine.device_copy import DeviceCopier
 from vltrain.engine.step_feed import COUNTS_KEY, EPOCH_END, STEP_KEY, StepFeed, stand_in_shares
 from vltrain.model import VLModel
 from vltrain.objectives.pretrain import pretrain_losses
-from vltrain.objectives.reduce import token_counts
+from vltrain.objectives.reduce import step_divisors, token_counts
 from vltrain.tokenization import Tokenizer
 
 VLBERT = ["model.region_embedding=vlbert", "model.type_vocab_size=3", "model.image_token_type=2",
@@ -58,7 +58,7 @@ def step_gradient(model, micro_batches, objectives, divide_by_step: bool):
     """What DeepSpeed accumulates over one rank's micro-batches: the mean of their gradients."""
     model.zero_grad()
     k = len(micro_batches)
-    step = torch.tensor([token_counts(b) for b in micro_batches]).sum(0).clamp(min=1) / k
+    step = step_divisors(torch.tensor([token_counts(b) for b in micro_batches]).sum(0), k)
     for b in micro_batches:
         b = dataclasses.replace(b, token_divisors=step if divide_by_step else None)
         (pretrain_losses(model, b, objectives)[0] / k).backward()
@@ -83,6 +83,32 @@ def test_a_step_split_into_micro_batches_trains_as_one_batch(mixed, separate):
     assert max((own[n] - whole[n]).abs().max() for n in whole) > 1e-2 * scale
 
 
+def test_without_text_only_rows_the_mean_is_over_the_masked_tokens():
+    """Every run without data.text_train: no text-only rows. The step's MLM loss is the mean over
+    its masked tokens, as the batch's own mean and per-example means at one token per row say
+    (the two kinds clamped to 1 apart and added divided by the count + 1: half the loss, and
+    its gradient, at one masked token)."""
+    cfg = load_config("configs/debug.yaml", [])
+    collate = PretrainCollator(Tokenizer(cfg.data.vocab), cfg.data, cfg.objectives, 0,
+                               [StreamInfo("mem", make_meta("captions", 64, 17, ("cls_prob",)))])
+    batch = collate(make_caption_samples(4, feature_dim=64, num_classes=17, seed=5))
+    torch.manual_seed(0)
+    model = VLModel(cfg.model)
+    counts = token_counts(batch)
+    assert counts[0] == 0 and counts[1] == batch.mlm_positions.numel() > 0
+    with torch.no_grad():
+        own = pretrain_losses(model, batch, cfg.objectives)[1]["loss_mlm"]
+        step = pretrain_losses(model, dataclasses.replace(batch, token_divisors=step_divisors(
+            torch.tensor(counts), 1)), cfg.objectives)[1]["loss_mlm"]
+        one = rows(batch, 0, 1)
+        one = dataclasses.replace(one, mlm_positions=one.mlm_positions[:1], mlm_labels=one.mlm_labels[:1])
+        single = pretrain_losses(model, dataclasses.replace(one, token_divisors=step_divisors(
+            torch.tensor(token_counts(one)), 1)), cfg.objectives)[1]["loss_mlm"]
+        per_token = pretrain_losses(model, one, cfg.objectives)[1]["loss_mlm"]
+    torch.testing.assert_close(step, own)
+    torch.testing.assert_close(single, per_token)
+
+
 def test_the_step_mean_of_the_micro_batches_metrics_is_the_batchs_loss(mixed):
     """What the monitor logs for a step, the mean over its micro-batches (and ranks), is the
     loss of the batch they split: a micro-batch without regions reports a region loss of 0
@@ -90,7 +116,7 @@ def test_the_step_mean_of_the_micro_batches_metrics_is_the_batchs_loss(mixed):
     cfg, model, batch = mixed
     objectives = dataclasses.replace(cfg.objectives, mrc=True)
     split = [rows(batch, i, i + 2) for i in range(0, 8, 2)]
-    step = torch.tensor([token_counts(b) for b in split]).sum(0).clamp(min=1) / 4
+    step = step_divisors(torch.tensor([token_counts(b) for b in split]).sum(0), 4)
     with torch.no_grad():
         whole = pretrain_losses(model, batch, objectives)[1]
         parts = [pretrain_losses(model, dataclasses.replace(b, token_divisors=step), objectives)[1] for b in split]
@@ -106,7 +132,7 @@ def test_a_stand_in_micro_batch_logs_its_share_of_the_step_mean(mixed):
     from vltrain.monitor import MicroBatches
     cfg, model, batch = mixed
     objectives = dataclasses.replace(cfg.objectives, mrc=True)
-    step = torch.tensor(token_counts(batch)).clamp(min=1) / 2
+    step = step_divisors(torch.tensor(token_counts(batch)), 2)
     with torch.no_grad():
         own = pretrain_losses(model, batch, objectives)[1]
         real = pretrain_losses(model, dataclasses.replace(batch, token_divisors=step), objectives)[1]
@@ -130,7 +156,7 @@ def test_one_batch_divides_by_its_own_counts(mixed):
     assert 0 < text_rows < batch.mlm_positions.numel()
     with torch.no_grad():
         own = pretrain_losses(model, batch, objectives)[1]
-        step = pretrain_losses(model, dataclasses.replace(batch, token_divisors=torch.tensor(counts)), objectives)[1]
+        step = pretrain_losses(model, dataclasses.replace(batch, token_divisors=step_divisors(torch.tensor(counts), 1)), objectives)[1]
     for k in ("loss", "loss_mlm", "loss_mrc"):
         torch.testing.assert_close(step[k], own[k])
 
@@ -167,9 +193,10 @@ def test_the_feed_counts_each_step_before_it_trains():
     stream = [host_batch(i, masked=i + 1) for i in range(6)] + [EPOCH_END] + [host_batch(i, 2) for i in range(6, 12)]
     out, feed = run_feed(stream, 3, [False] * 6)
     assert [(i, c) for i, c, _ in out] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
-    # the step's masked tokens / its micro-batches; a kind it lacks (text-only rows) divides by 1
-    assert out[0][2] == pytest.approx([1 / 3, (1 + 2 + 3) / 3, 3])
-    assert out[3][2] == pytest.approx([1 / 3, (4 + 5 + 6) / 3, 3])
+    # the step's masked tokens / its micro-batches; a kind it lacks (text-only rows) divides by
+    # 1, all masked tokens by their count (not count + 1)
+    assert out[0][2] == pytest.approx([1 / 3, (1 + 2 + 3) / 3, 3, (1 + 2 + 3) / 3])
+    assert out[3][2] == pytest.approx([1 / 3, (4 + 5 + 6) / 3, 3, (4 + 5 + 6) / 3])
     # at the save after step 2, batch 6 fetched ahead: the rest of its step, pulled and counted
     assert feed.held == 2 and feed._tags[STEP_KEY] == (3, 3)
     assert sorted(b.task["i"] for b in feed._pending) == [7, 8]
@@ -184,14 +211,14 @@ def test_a_count_stops_at_the_epochs_end():
     out, feed = run_feed(stream, 3, [False] * 8)
     assert [(i, c) for i, c, _ in out] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 4), (7, 4)]
     # each part divides by its count per micro-batch: weighs 2/3 and 1/3 of the step
-    assert out[3][2] == pytest.approx([1 / 2, (4 + 5) / 2, 3]) and out[5][2] == pytest.approx([1, 2, 3])
+    assert out[3][2] == pytest.approx([1 / 2, (4 + 5) / 2, 3, (4 + 5) / 2]) and out[5][2] == pytest.approx([1, 2, 3, 2])
 
 
 def test_text_only_rows_and_stand_ins_are_counted_as_the_losses_see_them():
     stand_in = dataclasses.replace(host_batch(1, 4), task={"i": 1, STAND_IN_KEY: True})
     stream = [host_batch(0, 2, text_only=True), stand_in, host_batch(2, 3)]
     out, _ = run_feed(stream, 3, [False] * 2)
-    assert out[0][2] == pytest.approx([2 / 3, 3 / 3, 3 / 3])   # text-only tokens apart; the stand-in counts 0
+    assert out[0][2] == pytest.approx([2 / 3, 3 / 3, 3 / 3, 5 / 3])   # text-only tokens apart; the stand-in counts 0
 
 
 def test_a_skipped_micro_batch_is_replaced_under_the_same_count():
@@ -203,7 +230,7 @@ def test_a_skipped_micro_batch_is_replaced_under_the_same_count():
     # step 1; step 2 is counted again from batch 4
     out, _ = run_feed(stream, 3, [False, False, True, False, False, False, False])
     assert [(i, c) for i, c, _ in out] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 3), (5, 3), (6, 3)]
-    assert out[4][2] == pytest.approx([1 / 3, (1 + 2 + 1) / 3, 3])
+    assert out[4][2] == pytest.approx([1 / 3, (1 + 2 + 1) / 3, 3, (1 + 2 + 1) / 3])
 
 
 def test_without_a_token_mean_batches_pass_one_at_a_time():

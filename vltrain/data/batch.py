@@ -47,7 +47,7 @@ class Batch:
     # Training with objectives.loss_reduction=token: what each token mean divides a sum by, the
     # optimizer step's count over all its micro-batches and ranks per micro-batch (order in
     # vltrain/objectives/reduce.py; set by vltrain/engine/step_feed.py). None: the batch's own.
-    token_divisors: Optional[torch.Tensor] = None  # (3,) float32
+    token_divisors: Optional[torch.Tensor] = None  # (4,) float32
     # Task fields (filled by task collators).
     task: dict = field(default_factory=dict)
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from vltrain.data.batch import Batch
 from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine.device_copy import DeviceCopier, InFlight
-from vltrain.objectives.reduce import token_counts
+from vltrain.objectives.reduce import step_divisors, token_counts
 
 EPOCH_END = object()            # what the trainer's batch stream yields between epochs
 COUNTS_KEY = "_step_counts"     # Batch.task of a count's first batch: its token counts on this rank (copied with it)
@@ -143,8 +143,7 @@ class StepFeed:
             total = batch.task[COUNTS_KEY].clone()
             if self.world > 1 and dist.is_initialized():
                 dist.all_reduce(total)
-            # a kind the step lacks: its sum is 0 whatever it is divided by
-            self._reduced = (count, total.clamp(min=1.0) / (self.world * size))
+            self._reduced = (count, step_divisors(total, self.world * size))
         batch.token_divisors = self._reduced[1]
         return batch
 

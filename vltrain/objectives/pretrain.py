@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from vltrain.config import ObjectivesConfig
 from vltrain.data.batch import Batch
 from vltrain.monitor import accuracy
-from vltrain.objectives.reduce import IMAGE_ROW_TOKENS, REGIONS, TEXT_ROW_TOKENS, reduce_loss, text_only_rows
+from vltrain.objectives.reduce import IMAGE_ROW_TOKENS, MASKED_TOKENS, REGIONS, TEXT_ROW_TOKENS, reduce_loss, \
+    text_only_rows
 
 
 def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool = False):
@@ -29,8 +30,7 @@ def mlm_loss(model, hidden, batch: Batch, T: int, how: str, separate_text: bool 
     acc = accuracy(logits.argmax(-1), batch.mlm_labels)
     d = batch.token_divisors
     if not separate_text:
-        divisor = None if d is None else d[TEXT_ROW_TOKENS] + d[IMAGE_ROW_TOKENS]
-        return reduce_loss(per_tok, rows, B, how, divisor=divisor), acc
+        return reduce_loss(per_tok, rows, B, how, divisor=None if d is None else d[MASKED_TOKENS]), acc
     text_row = text_only_rows(batch)
     loss = per_tok.new_zeros(())
     for kind, which in ((text_row, TEXT_ROW_TOKENS), (~text_row, IMAGE_ROW_TOKENS)):

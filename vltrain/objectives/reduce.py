@@ -9,8 +9,9 @@ from typing import Optional
 
 import torch
 
-# Batch.token_divisors: masked text tokens in text-only rows, in rows with an image; masked regions
-TEXT_ROW_TOKENS, IMAGE_ROW_TOKENS, REGIONS = range(3)
+# Batch.token_divisors: masked text tokens in text-only rows, in rows with an image; masked
+# regions (the three token_counts gives); all masked text tokens (step_divisors adds it)
+TEXT_ROW_TOKENS, IMAGE_ROW_TOKENS, REGIONS, MASKED_TOKENS = range(4)
 
 
 def text_only_rows(batch) -> torch.Tensor:
@@ -32,6 +33,17 @@ def token_counts(batch) -> list[float]:
         text = float(text_only_rows(batch)[rows].sum())
     regions = 0 if batch.mrc_positions is None else batch.mrc_positions.numel()
     return [text, masked - text, float(regions)]
+
+
+def step_divisors(counts: torch.Tensor, parts: int) -> torch.Tensor:
+    """``Batch.token_divisors`` of a step: ``counts``, token_counts summed over the step's
+    micro-batches and ranks, then all masked text tokens (MASKED_TOKENS, the sum of the two
+    kinds), each divided by ``parts`` (ranks x micro-batches). Each is clamped to 1 (a kind
+    the step lacks sums to 0 whatever it is divided by), the total only after its sum: the two
+    kinds clamped apart and then added made a step without text-only rows (every run without
+    data.text_train) divide by its count + 1."""
+    total = torch.cat([counts, counts[:REGIONS].sum(0, keepdim=True)])
+    return total.clamp(min=1.0) / parts
 
 
 def reduce_loss(per_item: torch.Tensor, example_index: torch.Tensor, batch_size: int, how: str,

@@ -34,7 +34,7 @@ from vltrain.data.collate import PretrainCollator
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode
 from vltrain.engine.signals import STOP, ValidationInterrupted, children_take_stop_signals
 from vltrain.monitor import accuracy
-from vltrain.objectives.reduce import IMAGE_ROW_TOKENS, TEXT_ROW_TOKENS, reduce_loss
+from vltrain.objectives.reduce import MASKED_TOKENS, reduce_loss
 from vltrain.tasks.base import TaskSpec, mlm_work
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class CaptionTask(nn.Module):
             rows = positions // T
             d = batch.token_divisors
             loss = reduce_loss(per_tok, rows, B, self.objectives.loss_reduction,
-                               divisor=None if d is None else d[TEXT_ROW_TOKENS] + d[IMAGE_ROW_TOKENS])
+                               divisor=None if d is None else d[MASKED_TOKENS])
             total = total + loss
             metrics.update(loss_mlm=loss.detach(), mlm_acc=accuracy(logits.argmax(-1), batch.mlm_labels))
             if per_example:
