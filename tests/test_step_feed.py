@@ -107,6 +107,17 @@ def test_without_text_only_rows_the_mean_is_over_the_masked_tokens():
         per_token = pretrain_losses(model, one, cfg.objectives)[1]["loss_mlm"]
     torch.testing.assert_close(step, own)
     torch.testing.assert_close(single, per_token)
+    # caption fine-tuning's cross-entropy (the same divisor): its step mean is its token mean
+    from vltrain.tasks.caption import build_caption, make_caption_collator
+    cap_cfg = load_config("configs/caption_debug.yaml", [])
+    caps = make_caption_collator(cap_cfg, Tokenizer(cap_cfg.data.vocab), [StreamInfo(
+        "mem", make_meta("captions", 64, 17, ("cls_prob",)))], train=True)(
+        make_caption_samples(4, feature_dim=64, num_classes=17, seed=6))
+    task = build_caption(cap_cfg, VLModel(cap_cfg.model))
+    with torch.no_grad():
+        own = task(caps)[1]["loss_mlm"]
+        step = task(dataclasses.replace(caps, token_divisors=step_divisors(torch.tensor(token_counts(caps)), 1)))[1]
+    torch.testing.assert_close(step["loss_mlm"], own)
 
 
 def test_the_step_mean_of_the_micro_batches_metrics_is_the_batchs_loss(mixed):
