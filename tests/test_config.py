@@ -155,10 +155,19 @@ def test_a_key_of_one_task_set_for_another_is_refused():
     for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain"),
                        (["task.vqa_question_noise=1", "task.name=mc"], "vqa"),
                        (["task.mc_loss=sigmoid"], "mc"),
-                       (["data.text_train=/t", "data.text_proportion=0.3", "task.name=vqa"], "pretrain")):
+                       (["data.text_train=/t", "data.text_proportion=0.3", "task.name=vqa"], "pretrain"),
+                       (["task.scst=true", "task.name=vqa"], "caption"), (["task.label_smoothing=0.1"], "caption"),
+                       (["task.beam_size=3", "task.name=refs"], "caption"), (["task.vqa_head=vlbert"], "vqa"),
+                       (["objectives.mrc=true", "task.name=vqa"], "pretrain"),
+                       (["task.vqa_head=vlbert", "task.name=mc"], "vqa")):
         with pytest.raises(ConfigError, match=rf"is read by task.name={task} only, not by task.name="):
             load_config(None, over)
     assert load_config(None, ["task.mc_loss=sigmoid", "task.name=mc"]).task.mc_loss == "sigmoid"
+    assert load_config(None, ["task.scst=true", "task.name=caption"]).task.scst
+    for off in (["objectives.mlm=false"], ["objectives.mlm_weight=0"]):       # and mrc off (the default)
+        with pytest.raises(ConfigError, match=r"'objectives.mlm': pretraining with .* trains nothing"):
+            load_config(None, off)
+        assert load_config(None, off + ["objectives.mrc=true"]).objectives.mrc
     with pytest.raises(ConfigError, match="'train.init_segment_b_from_a': needs train.init_from"):
         load_config(None, ["train.init_segment_b_from_a=true"])
 
@@ -284,7 +293,8 @@ def test_a_section_override_merges_and_home_is_expanded(tmp_path, monkeypatch):
 def test_values_no_run_can_mean_are_refused_naming_the_key(override, message):
     """They trained before (exit 0) with the value taken silently, or failed at the first
     validation hours in (task.val_beam_size), or with a traceback naming no key."""
-    overrides = [override] + (["objectives.random_token_prob=0.2"] if "mask_token" in override else [])
+    overrides = [override] + (["objectives.random_token_prob=0.2"] if "mask_token" in override else []) + \
+        (["task.name=caption", "objectives.mrc=false"] if override.startswith("task.val_beam") else [])
     with pytest.raises(ConfigError, match=message):
         load_config("configs/debug.yaml", overrides)
     if not override.startswith("task.name"):                      # (a choice: refused in any config)

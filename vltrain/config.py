@@ -568,15 +568,30 @@ def check_url_credentials(cfg: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
+# Keys read by one task only (the task collators turn MLM and MRC targets off: MRC is pretraining's)
+ONE_TASK_KEYS = {"data.max_sequence": "pretrain", "data.text_train": "pretrain", "objectives.mrc": "pretrain",
+                 "task.vqa_question_noise": "vqa", "task.vqa_head": "vqa", "task.num_answers": "vqa",
+                 "task.mc_loss": "mc",
+                 **{f"task.{k}": "caption" for k in ("beam_size", "val_beam_size", "max_len", "min_len", "length_penalty",
+                                                     "no_repeat_ngram", "label_smoothing", "scst", "scst_samples",
+                                                     "scst_references")}}
+
+
 def check_task_keys(cfg: Config) -> None:
-    """Keys one task reads, set for another, would change nothing without a word: refused."""
-    for key, value, default, task in (("data.max_sequence", cfg.data.max_sequence, 0, "pretrain"),
-                                      ("data.text_train", cfg.data.text_train, "", "pretrain"),
-                                      ("task.vqa_question_noise", cfg.task.vqa_question_noise, 0, "vqa"),
-                                      ("task.mc_loss", cfg.task.mc_loss, "softmax", "mc")):
-        if value != default and cfg.task.name != task:
+    """Keys one task reads, set for another, would change nothing without a word: refused. So is
+    a pretraining run with no objective to train (it logged a loss of 0 and saved checkpoints)."""
+    default = Config()
+    for key, task in ONE_TASK_KEYS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != getattr(getattr(default, section), name) and cfg.task.name != task:
             raise ConfigError(f"config key '{key}': {value!r} is read by task.name={task} only, not by "
                               f"task.name={cfg.task.name}")
+    o = cfg.objectives
+    if cfg.task.name == "pretrain" and not (o.mlm and o.mlm_weight > 0) and not (o.mrc and o.mrc_weight > 0):
+        raise ConfigError(f"config key 'objectives.mlm': pretraining with objectives.mlm={o.mlm} "
+                          f"(mlm_weight={o.mlm_weight:g}) and objectives.mrc={o.mrc} (mrc_weight={o.mrc_weight:g}) "
+                          "trains nothing: turn one on with a weight above 0")
     if cfg.train.init_segment_b_from_a and not cfg.train.init_from:
         raise ConfigError("config key 'train.init_segment_b_from_a': needs train.init_from (the weights whose "
                           "segment A row it copies)")
