@@ -12,12 +12,20 @@ is host time. Rows: the model's own loop (torch's fused AdamW) and the engine un
 as ``vltrain/run.py`` builds it; all in one process, timed round-robin. Beside the times, two
 counts per step that do not depend on the machine's load: Python function calls (cProfile)
 and aten operators dispatched (torch profiler; on a GPU each is a kernel launch or more).
+
+A second table: the trainer's step feed (vltrain/engine/step_feed.py, the step's token counts
+under ``objectives.loss_reduction=token``) per micro-batch, beside the same feed passing
+batches through (``example``), at a base-size micro-batch (64 x 100 regions + 40 tokens) and
+grad_accum 1 and 8: host time only (one rank, batches already collated; the all-reduce of the
+counts, one per step on the device, is not in it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,7 +34,9 @@ import torch  # noqa: E402
 from benchmarks.common import Size, emit_report, machine_description, make_batch, markdown_table, median, \
     time_interleaved  # noqa: E402
 from benchmarks.train_throughput import build_engine, build_ours, init_single_process_group  # noqa: E402
-from vltrain.config import debug_model_config  # noqa: E402
+from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
+from vltrain.engine.device_copy import DeviceCopier  # noqa: E402
+from vltrain.engine.step_feed import EPOCH_END, StepFeed  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -50,6 +60,29 @@ def host_work(step, steps: int = 5) -> tuple[float, float]:
             step()
     ops = sum(e.count for e in tp.key_averages() if e.key.startswith("aten::")) / steps
     return calls, ops
+
+
+def feed_times(grad_accum: int, rounds: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per micro-batch of ``StepFeed.fetch`` + ``take``: counting, passing through;
+    interleaved rounds of ``steps`` optimizer steps each, an epoch ending every 10 steps."""
+    batch = make_batch(Size("base", ModelConfig(), batch=64, regions=100, text=40), seed=1)
+
+    def stream():
+        while True:
+            for _ in range(10 * grad_accum):
+                yield batch
+            yield EPOCH_END
+    feeds = [StepFeed(stream(), DeviceCopier(torch.device("cpu")), grad_accum, 1, counting, contextlib.nullcontext)
+             for counting in (True, False)]
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(rounds + 1):                             # round 0 warms up
+        for feed, out in zip(feeds, times):
+            t0 = time.perf_counter()
+            for _ in range(steps * grad_accum):
+                feed.take(feed.fetch())
+            if i:
+                out.append((time.perf_counter() - t0) / (steps * grad_accum))
+    return times
 
 
 def main(argv=None) -> int:
@@ -91,6 +124,14 @@ def main(argv=None) -> int:
           "steps, interleaved.", "",
           markdown_table(["configuration", "step ms (median)", "× own loop", "engine's extra ms",
                           "Python calls / step", "aten ops / step"], rows)]
+    feed_rows = []
+    for accum in (1, 8):
+        counting, passing = (median(t) * 1e6 for t in feed_times(accum, args.rounds, 20))
+        feed_rows.append([accum, counting, passing, counting - passing])
+    md += ["", "The step feed per micro-batch (base-size micro-batch 64 x 100 regions + 40 tokens, host time, "
+           f"one rank; median of {args.rounds} rounds of 20 steps, interleaved):", "",
+           markdown_table(["grad_accum", "µs, counting (token means)", "µs, passing through (example)",
+                           "counting's extra µs"], feed_rows)]
     emit_report("\n".join(md), args.out)
     return 0
 

@@ -295,6 +295,9 @@ def test_engine_overhead_quick_has_every_row(tmp_path):
     assert all(finite(c) for r in rows for c in r[1:]) and all(r[0] > 0 and r[3] > 0 and r[4] > 0 for r in num), rows
     assert all(r[4] > num[0][4] for r in num[1:]), rows       # an engine dispatches more than the bare loop
     assert rows[0][2] == "1" and "(37 parameter tensors)" in out        # 2 blocks x 2 + the rest
+    _, feed = table_rows(out, "grad_accum")                  # the step feed, counting beside passing through
+    assert [r[0] for r in feed] == ["1", "8"], feed
+    assert all(float(c) > 0 for r in feed for c in r[1:3]) and all(finite(r[3]) for r in feed), feed
     assert md.read_text().strip() == out.strip()
 
 
