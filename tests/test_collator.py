@@ -178,8 +178,8 @@ def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
                                              "model.use_cls_probs=false", "model.geometry_conf=false",
                                              "data.max_text_len=40", "data.max_regions=100", "data.max_sequence=24",
                                              "objectives.mlm=false", "train.seed=3",
-                                             "objectives.mrc=false", "model.region_feat_dim=8", "model.num_region_classes=5"],
-                      to_run=False)                   # no objective: a collator's view, not a run
+                                             "objectives.mrc=false", "model.region_feat_dim=8",
+                                             "model.num_region_classes=5"], to_run=False)   # no objective: not a run
     built = pretrain_collator(cfg, tok, [StreamInfo("s3://bkt/ds0", CAPS_META)], train=True)(samples)
     torch.testing.assert_close(built.region_mask, boxed.region_mask)
     # the order needs the class distribution, not a use of it: read for the order alone

@@ -98,7 +98,7 @@ def test_a_dead_ranks_tracker_leaves_a_new_jobs_segment_of_the_same_name(mode):
         while alive(tracker) and time.time() < deadline:
             time.sleep(0.2)
         assert not alive(tracker), "the dead rank's resource tracker did not end"
-        assert _exists(name) == (mode == "ours"), f"{mode}: the new job's segment was unlinked by the dead rank's tracker"
+        assert _exists(name) == (mode == "ours"), f"{mode}: the dead rank's tracker unlinked the new job's segment"
     finally:
         p.kill()
         if new is not None:

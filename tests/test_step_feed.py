@@ -167,7 +167,8 @@ def test_one_batch_divides_by_its_own_counts(mixed):
     assert 0 < text_rows < batch.mlm_positions.numel()
     with torch.no_grad():
         own = pretrain_losses(model, batch, objectives)[1]
-        step = pretrain_losses(model, dataclasses.replace(batch, token_divisors=step_divisors(torch.tensor(counts), 1)), objectives)[1]
+        divisors = step_divisors(torch.tensor(counts), 1)
+        step = pretrain_losses(model, dataclasses.replace(batch, token_divisors=divisors), objectives)[1]
     for k in ("loss", "loss_mlm", "loss_mrc"):
         torch.testing.assert_close(step[k], own[k])
 

@@ -572,9 +572,9 @@ def check_url_credentials(cfg: Config) -> None:
 ONE_TASK_KEYS = {"data.max_sequence": "pretrain", "data.text_train": "pretrain", "objectives.mrc": "pretrain",
                  "task.vqa_question_noise": "vqa", "task.vqa_head": "vqa", "task.num_answers": "vqa",
                  "task.mc_loss": "mc",
-                 **{f"task.{k}": "caption" for k in ("beam_size", "val_beam_size", "max_len", "min_len", "length_penalty",
-                                                     "no_repeat_ngram", "label_smoothing", "scst", "scst_samples",
-                                                     "scst_references")}}
+                 **{f"task.{k}": "caption" for k in ("beam_size", "val_beam_size", "max_len", "min_len",
+                                                     "length_penalty", "no_repeat_ngram", "label_smoothing", "scst",
+                                                     "scst_samples", "scst_references")}}
 
 
 def check_task_keys(cfg: Config) -> None:
