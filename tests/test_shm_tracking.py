@@ -76,6 +76,24 @@ def test_a_ranks_workers_leave_the_leaders_shared_memory_alone(mode):
             resource_tracker.unregister(leader._name, "shared_memory")
 
 
+def test_a_worker_from_a_forkserver_without_our_preload_says_so():
+    """Another user of the rank's process started the forkserver first (our preload never reaches
+    it): the worker's attachments were registered as it unpickled its dataset; it says so."""
+    name = _streaming_name()
+    leader = shared_memory.SharedMemory(name, create=True, size=16)
+    try:
+        p = subprocess.run([sys.executable, RANK, name, "bare"], cwd=REPO, env=script_env(), capture_output=True,
+                           text=True, timeout=180)
+        assert p.returncode == 0 and p.stdout.startswith("READ [0, 0, 0]"), p.stdout + p.stderr[-2000:]
+        assert "started from a forkserver without vltrain.data.forkserver_preload" in p.stderr, p.stderr[-2000:]
+    finally:
+        leader.close()
+        try:
+            leader.unlink()
+        except FileNotFoundError:     # the rank's tracker did
+            resource_tracker.unregister(leader._name, "shared_memory")
+
+
 @pytest.mark.parametrize("mode", ["ours", "plain"])
 def test_a_dead_ranks_tracker_leaves_a_new_jobs_segment_of_the_same_name(mode):
     name = _streaming_name("locals")

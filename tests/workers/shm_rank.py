@@ -1,7 +1,8 @@
 """A non-leader rank for tests/test_shm_tracking.py: attaches to the leader's segment as
 streaming does, reads it through DataLoader workers, prints what they read and its tracker's pid.
 
-    python tests/workers/shm_rank.py NAME ours|plain   (plain: a forkserver without our preload)
+    python tests/workers/shm_rank.py NAME ours|plain|bare   (plain: a forkserver without our
+    preload; bare: that forkserver with our worker_init_fn)
 """
 import multiprocessing
 import sys
@@ -29,7 +30,7 @@ def main(name, mode):
     if mode == "ours":
         ctx, init = worker_context(), WorkerStart()
     else:
-        ctx, init = multiprocessing.get_context("forkserver"), None
+        ctx, init = multiprocessing.get_context("forkserver"), WorkerStart() if mode == "bare" else None
         ctx.set_forkserver_preload([])
     loader = DataLoader(Holds(shm.shm), batch_size=None, num_workers=2, multiprocessing_context=ctx,
                         worker_init_fn=init)

@@ -340,9 +340,10 @@ class VLStreamingDataset(StreamingDataset):
 SHM_DIR = "/dev/shm"
 # Younger segments may be a starting job's, created but not yet mapped (microseconds) or its
 # registration not yet locked (shm_prefix.hold_registration): the sweep waits until they are
-# this old and looks again. It must not leave them: a job restarted right after a SIGKILL
+# this old and looks again, rather than leave them: a job restarted right after a SIGKILL
 # (its segments created seconds before) meets its own leaked registration, which streaming
-# refuses ("Reused local directory") until this sweep removes it.
+# refuses ("Reused local directory") until this sweep removes it. (Segments a killed rank's
+# workers still map, for up to 5 s after it, are not waited for.)
 SHM_MIN_AGE_S = 5.0
 
 

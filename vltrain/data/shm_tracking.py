@@ -15,8 +15,10 @@ attachments its own constructor makes. So:
 
 Here streaming's segments (``NNNNNN_<name>``, streaming's names) are neither registered nor
 unregistered, in the rank (``VLStreamingDataset``) and in its workers (the forkserver's
-preload). A run that ends unlinks its segments (streaming's exit handler); a killed one leaves
-them (bytes to kilobytes each) to the next start-up sweep on the host
+preload; a worker from a forkserver without it says so). A run that ends unlinks its segments
+(streaming's exit handler); a killed one leaves them (bytes to kilobytes each, but for the
+epoch's sample ids, 8 bytes a sample: tens of MB for a CC3M-size epoch, kept only while the
+workers share out an epoch's start) to the next start-up sweep on the host
 (vltrain/data/datasets.py: ``_clean_host_shm``), as a Slurm job's did already (the step's
 processes, its trackers too, are killed together). Other shared memory is tracked as CPython does.
 """
