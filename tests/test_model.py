@@ -114,8 +114,20 @@ def test_vlbert_from_bert_starts_with_zero_visual_terms(minilm_dir):
 
 
 def test_from_pretrained_shape_mismatch_names_parameter(minilm_dir):
-    with pytest.raises(ValueError, match="embeddings.word.weight"):
+    with pytest.raises(ValueError, match="embeddings.word.weight") as e:
         VLModel.from_pretrained(minilm_dir, vocab_size=1000)
+    assert "model.vocab_size=1000 here, 30522 in the source: set model.vocab_size=30522" in str(e.value)
+
+
+def test_a_source_of_other_model_sizes_names_the_keys():
+    """A checkpoint's token-type table larger than the model's (VL-BERT's 3 into 2) and another
+    class count: the error names the keys and the source's values, not only the tensors."""
+    from vltrain.model.bert_weights import load_into
+    src = make_model(type_vocab_size=3, num_region_classes=9)
+    with pytest.raises(ValueError, match="shapes do not match") as e:
+        load_into(make_model(), src.state_dict(), "ckpt")
+    assert "model.type_vocab_size=2 here, 3 in the source: set model.type_vocab_size=3" in str(e.value)
+    assert "model.num_region_classes=17 here, 9 in the source: set model.num_region_classes=9" in str(e.value)
 
 
 # --------------------------------------------------------------------------- VL-BERT geometry

@@ -178,6 +178,31 @@ def _why_unreadable(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+# Parameters one dimension of which is one model key's value: (name, dimension, key)
+SIZED_BY = (("embeddings.word.weight", 0, "vocab_size"), ("mlm_head.bias", 0, "vocab_size"),
+            ("embeddings.position.weight", 0, "max_position_embeddings"),
+            ("embeddings.token_type.weight", 0, "type_vocab_size"),
+            ("region_embeddings.feat.weight", 1, "region_feat_dim"),
+            ("region_embeddings.cls.weight", 1, "num_region_classes"),
+            ("mrc_head.decoder.weight", 0, "num_region_classes"))
+
+
+def sized_by_hint(ours: dict, own: dict, cfg) -> str:
+    """Lines naming the model key behind a mismatch of SIZED_BY's parameters that differ in that
+    dimension only, with the value the source was trained with."""
+    hints = []
+    for name, dim, key in SIZED_BY:
+        a, b = ours.get(name), own.get(name)
+        if a is None or b is None or a.dim() != b.dim() or a.shape == b.shape:
+            continue
+        if all(x == y for i, (x, y) in enumerate(zip(a.shape, b.shape)) if i != dim):
+            line = (f"\n{name}: model.{key}={getattr(cfg, key)} here, {a.shape[dim]} in the source: set "
+                    f"model.{key}={a.shape[dim]}")
+            if line not in hints:
+                hints.append(line)
+    return "".join(hints)
+
+
 def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: bool = True) -> list[str]:
     """Copy ``state`` (HF or our names) into ``model``; returns the parameter names left fresh.
 
@@ -225,7 +250,7 @@ def load_into(model, state: dict[str, torch.Tensor], source: str, strict_text: b
         loaded.add(name)
     if errors:
         raise ValueError(f"{source}: parameter shapes do not match the model:\n  " + "\n  ".join(errors)
-                         + vlbert_load_hint(errors, model.config))
+                         + sized_by_hint(ours, own, model.config) + vlbert_load_hint(errors, model.config))
     fresh = [n for n in own if n not in loaded]
     if "region_embeddings.proj.weight" in loaded and any(n in fresh for n in VISUAL_LN_PARAMS):
         # fresh LayerNorms (gain model.vlbert_visual_scale_init) would silently rescale or, at
