@@ -39,11 +39,11 @@ def is_streaming_segment(name: str) -> bool:
     return _STREAMING_NAME.fullmatch(name) is not None
 
 
-def untrack_streaming_segments() -> None:
+def untrack_streaming_segments() -> bool:
     """From now on this process (and its forks) registers and unregisters no streaming segment
-    with the resource tracker. Idempotent."""
+    with the resource tracker. Idempotent: True if it was not so before."""
     if getattr(resource_tracker.register, "untracks_streaming", False):
-        return
+        return False
     register, unregister = resource_tracker.register, resource_tracker.unregister
 
     def register_others(name, rtype):
@@ -58,3 +58,4 @@ def untrack_streaming_segments() -> None:
 
     register_others.untracks_streaming = True
     resource_tracker.register, resource_tracker.unregister = register_others, unregister_others
+    return True

@@ -135,14 +135,11 @@ class WorkerStart:
         tempfile.tempdir = self.tempdir
         from vltrain.redact import setup_logging   # the rank's (its RANK, SLURM_JOB_ID are back)
         setup_logging(worker=worker_id)
-        from multiprocessing import resource_tracker
-
         from vltrain.data.shm_tracking import untrack_streaming_segments
-        if not getattr(resource_tracker.register, "untracks_streaming", False):
-            # A forkserver another user of this process started first, without our preload: the
+        if untrack_streaming_segments():    # what the worker creates from now on is not tracked, but:
+            # a forkserver another user of this process started first, without our preload: the
             # dataset's segments this worker attached to as it unpickled it are registered with
             # the rank's tracker, which unlinks them by name once the rank and its workers end.
-            untrack_streaming_segments()     # (what it creates from now on is not)
             logging.getLogger(__name__).warning(
                 "DataLoader worker %d started from a forkserver without %s: streaming's shared memory it "
                 "attached to is in the resource tracker, which may unlink it after the run (harmless unless "

@@ -196,10 +196,8 @@ def sized_by_hint(ours: dict, own: dict, cfg) -> str:
         if a is None or b is None or a.dim() != b.dim() or a.shape == b.shape:
             continue
         if all(x == y for i, (x, y) in enumerate(zip(a.shape, b.shape)) if i != dim):
-            line = (f"\n{name}: model.{key}={getattr(cfg, key)} here, {a.shape[dim]} in the source: set "
-                    f"model.{key}={a.shape[dim]}")
-            if line not in hints:
-                hints.append(line)
+            hints.append(f"\n{name}: model.{key}={getattr(cfg, key)} here, {a.shape[dim]} in the source: set "
+                         f"model.{key}={a.shape[dim]}")
     return "".join(hints)
 
 
