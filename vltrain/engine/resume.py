@@ -249,11 +249,13 @@ def check_model_matches(tag_dir: str, module) -> None:
         hint = ""
         cfg_path = os.path.join(tag_dir, "config.yaml")
         model = getattr(module, "model", None)
+        saved_cfg = None
         if os.path.isfile(cfg_path) and hasattr(model, "config"):
             # name the blocks' pieces (layers.0.qkv.weight), each side split by its own config
             from vltrain.config import load_config
             try:
-                saved_pieces = _piece_shapes(saved, load_config(cfg_path, to_run=False).model)
+                saved_cfg = load_config(cfg_path, to_run=False).model
+                saved_pieces = _piece_shapes(saved, saved_cfg)
             except ValueError:        # the config does not describe these shapes: flat names then
                 saved_pieces = None
             if saved_pieces is not None:
@@ -266,12 +268,41 @@ def check_model_matches(tag_dir: str, module) -> None:
                     f"with train.init_from={tag_dir}")
         if os.path.isfile(cfg_path):
             hint = (f"\nThe checkpoint was trained with the model section of {cfg_path}; resume with the "
-                    "same model.* settings, or start a new run from its weights with train.init_from=")
+                    f"same model.* settings, or start a new run from its weights with train.init_from={tag_dir}")
+        if saved_cfg is not None:
+            hint += model_keys_differing(saved_cfg, model.config)
         if hasattr(model, "config"):
             from vltrain.model.embeddings import vlbert_load_hint
             hint += vlbert_load_hint(diffs, model.config)
         raise CheckpointError(f"checkpoint {tag_dir} does not fit this model (different shapes):\n  "
                               + "\n  ".join(diffs) + hint)
+
+
+def model_keys_differing(saved_cfg, ours) -> str:
+    """Lines naming each ``model.*`` key whose value differs between a checkpoint's saved config
+    and this run's and changes the model's parameter shapes (the names alone leave the user to
+    guess which setting made them): each key is tried alone on a meta-device model."""
+    from dataclasses import fields, replace
+
+    import torch
+    from vltrain.model.vl_model import VLModel
+
+    def shapes(cfg):
+        with torch.device("meta"):
+            return {n: p.shape for n, p in VLModel(cfg).named_parameters()}
+    base, lines = None, []
+    for f in fields(ours):
+        here, there = getattr(ours, f.name), getattr(saved_cfg, f.name)
+        if here == there:
+            continue
+        base = base or shapes(saved_cfg)
+        try:
+            changed = shapes(replace(saved_cfg, **{f.name: here})) != base
+        except (ValueError, RuntimeError):    # this key alone is no valid model (heads vs hidden size)
+            changed = True
+        if changed:
+            lines.append(f"\n  model.{f.name}={here!r} here, {there!r} in the checkpoint")
+    return "\nThe model keys that size parameters and differ:" + "".join(lines) if lines else ""
 
 
 def _stage_family(stage: int) -> str:
