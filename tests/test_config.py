@@ -151,8 +151,15 @@ def test_run_name_worker_count_and_override_yaml_are_checked_naming_them():
 
 
 def test_a_key_of_one_task_set_for_another_is_refused():
-    """A key only one task reads, set for another task, would change nothing: refused, naming it."""
-    for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain"),
+    """A key only some tasks read, set for another task, would change nothing: refused, naming it."""
+    for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain or caption"),
+                       (["objectives.mlm_weight=0.5", "task.name=caption"], "pretrain"),
+                       (["objectives.separate_text_mlm=true", "task.name=refs"], "pretrain"),
+                       (["objectives.mrc_prob=0.3", "task.name=caption"], "pretrain"),
+                       (["objectives.mlm_prob=0.3", "task.name=mc"], "pretrain or caption"),
+                       (["objectives.loss_reduction=example", "task.name=vqa"], "pretrain or caption"),
+                       (["objectives.mask_token_prob=0.5", "task.name=refs"], "pretrain or caption or vqa"),
+                       (["task.answer_vocab_sha256=ab", "task.name=caption"], "vqa"),
                        (["task.vqa_question_noise=1", "task.name=mc"], "vqa"),
                        (["task.mc_loss=sigmoid"], "mc"),
                        (["data.text_train=/t", "data.text_proportion=0.3", "task.name=vqa"], "pretrain"),
@@ -170,6 +177,31 @@ def test_a_key_of_one_task_set_for_another_is_refused():
         assert load_config(None, off + ["objectives.mrc=true"]).objectives.mrc
     with pytest.raises(ConfigError, match="'train.init_segment_b_from_a': needs train.init_from"):
         load_config(None, ["train.init_segment_b_from_a=true"])
+
+
+def test_keys_a_task_reads_only_in_some_settings_are_refused_outside_them():
+    """Where a task fixes a key or reads it only under another setting, a value that would change
+    nothing is refused naming why; the values that do take effect load."""
+    for task, v in (("caption", 0.5), ("vqa", 0.5), ("mc", 1.0), ("refs", 0.3)):
+        with pytest.raises(ConfigError, match=rf"'objectives.seq2seq_prob': task.name={task} trains every example at"):
+            load_config(None, [f"task.name={task}", f"objectives.seq2seq_prob={v}"])
+    assert load_config(None, ["task.name=vqa", "objectives.seq2seq_prob=0.0"]).objectives.seq2seq_prob == 0.0
+    assert load_config(None, ["task.name=caption", "objectives.seq2seq_prob=1.0"]).task.name == "caption"
+    with pytest.raises(ConfigError, match=r"'objectives.random_token_prob': .* only with task.vqa_question_noise > 0"):
+        load_config(None, ["task.name=vqa", "objectives.random_token_prob=0.2"])
+    noisy = load_config(None, ["task.name=vqa", "task.vqa_question_noise=1", "objectives.random_token_prob=0.2"])
+    assert noisy.objectives.random_token_prob == 0.2
+    assert load_config(None, ["task.name=caption", "data.max_sequence=64"]).data.max_sequence == 64
+    with pytest.raises(ConfigError, match=r"'objectives.mlm': caption training with .* trains nothing"):
+        load_config(None, ["task.name=caption", "objectives.mlm=false"])
+    for ok in (["task.scst=true"], ["mode=eval", "train.init_from=/w"]):
+        assert not load_config(None, ["task.name=caption", "objectives.mlm=false", *ok]).objectives.mlm
+    for over in (["task.name=refs"], ["task.name=vqa"]):
+        with pytest.raises(ConfigError, match=r"'train.init_segment_b_from_a': .* puts no token in segment B"):
+            load_config(None, [*over, "train.init_segment_b_from_a=true", "train.init_from=/w"])
+    for over in (["task.name=refs", "model.image_token_type=1"], ["task.name=vqa", "task.vqa_head=vlbert"],
+                 ["task.name=mc"]):
+        assert load_config(None, [*over, "train.init_segment_b_from_a=true", "train.init_from=/w"]).train.init_from
 
 
 def test_a_saved_config_reads_as_the_run_had_it(tmp_path):

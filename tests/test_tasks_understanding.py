@@ -280,6 +280,13 @@ def test_every_vqa_split_must_share_the_heads_answer_vocabulary(synthetic_corpus
                    f"task.answer_vocab_sha256={vocab_sha256(vocab)}")
     with pytest.raises(ValueError, match=r"^data.val: its answer_vocab.json differs from the one the head was "):
         get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    # training with the key set (a run's saved config passed as --config): it must be data.train's
+    cfg = task_cfg(synthetic_corpus, "vqa", f"task.answer_vocab_sha256={vocab_sha256(vocab[::-1])}")
+    with pytest.raises(ValueError, match=r"^config key 'task.answer_vocab_sha256': .* is not the answer vocabulary "
+                                         r"of data.train"):
+        get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    cfg = task_cfg(synthetic_corpus, "vqa", f"task.answer_vocab_sha256={vocab_sha256(vocab)}")
+    get_task("vqa").build_module(cfg, VLModel(cfg.model))
     # a captions dataset where a VQA split belongs: its kind is named, not a missing file
     cfg = task_cfg(synthetic_corpus, "vqa", "mode=eval", f"data.val={synthetic_corpus}/captions/val")
     with pytest.raises(MetaError, match=r"^data.val: dataset .*captions/val has kind 'captions', but task.name=vqa "

@@ -92,7 +92,7 @@ class DataConfig:
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
     max_text_len: int = 40
     max_regions: int = 100
-    # pretraining, image-caption samples: > 0 = VL-BERT's joint budget (its seq_len): regions
+    # pretraining and caption, image-caption samples: > 0 = VL-BERT's joint budget (its seq_len): regions
     # ordered by detector confidence, text + regions cut together to this many positions
     # (data/collate.share_budget); 0 = max_text_len and max_regions apply separately
     max_sequence: int = 0
@@ -568,33 +568,69 @@ def check_url_credentials(cfg: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
-# Keys read by one task only (the task collators turn MLM and MRC targets off: MRC is pretraining's)
-ONE_TASK_KEYS = {"data.max_sequence": "pretrain", "data.text_train": "pretrain", "objectives.mrc": "pretrain",
-                 "task.vqa_question_noise": "vqa", "task.vqa_head": "vqa", "task.num_answers": "vqa",
-                 "task.mc_loss": "mc",
-                 **{f"task.{k}": "caption" for k in ("beam_size", "val_beam_size", "max_len", "min_len",
-                                                     "length_penalty", "no_repeat_ngram", "label_smoothing", "scst",
-                                                     "scst_samples", "scst_references")}}
+# Keys that only some tasks read, set for another, would change nothing without a word. The task
+# collators turn MLM and MRC targets off: MRC is pretraining's; caption's loss is its masked-token
+# cross-entropy (no mlm_weight, no text-only rows); vqa reads the corruption split for its question
+# noise only. A saved config is read as it is (load_run_config).
+_PRETRAIN, _MLM = ("pretrain",), ("pretrain", "caption")
+TASK_KEYS = {"data.max_sequence": _MLM, "data.text_train": _PRETRAIN,
+             **{f"objectives.{k}": _PRETRAIN for k in ("mrc", "mrc_prob", "mrc_zero_prob", "mrc_mask_word",
+                                                       "mrc_weight", "mlm_weight", "separate_text_mlm")},
+             **{f"objectives.{k}": _MLM for k in ("mlm", "mlm_prob", "max_pred", "mask_sampling", "whole_word_mask",
+                                                  "loss_reduction")},
+             "objectives.mask_token_prob": _MLM + ("vqa",), "objectives.random_token_prob": _MLM + ("vqa",),
+             **{f"task.{k}": ("vqa",) for k in ("vqa_question_noise", "vqa_head", "num_answers",
+                                                "answer_vocab_sha256")},
+             "task.mc_loss": ("mc",),
+             **{f"task.{k}": ("caption",) for k in ("beam_size", "val_beam_size", "max_len", "min_len",
+                                                    "length_penalty", "no_repeat_ngram", "label_smoothing", "scst",
+                                                    "scst_samples", "scst_references")}}
+# Keys a task fixes: caption trains every example seq2seq (VLP's lambda = 1), the understanding
+# tasks every one bidirectional (lambda = 0)
+TASK_FIXED = {"objectives.seq2seq_prob": {"caption": 1.0, "vqa": 0.0, "mc": 0.0, "refs": 0.0}}
 
 
 def check_task_keys(cfg: Config) -> None:
-    """Keys one task reads, set for another, would change nothing without a word: refused. So is
-    a pretraining run with no objective to train (it logged a loss of 0 and saved checkpoints)."""
-    default = Config()
-    for key, task in ONE_TASK_KEYS.items():
+    """Keys set for a task that does not read them (or away from the value a task fixes) would
+    change nothing without a word: refused, naming the key and the tasks that read it. So is a
+    training run with no objective to train (pretraining logged a loss of 0 and saved checkpoints)."""
+    default, task, o = Config(), cfg.task.name, cfg.objectives
+
+    def value(key):
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value != getattr(getattr(default, section), name) and cfg.task.name != task:
-            raise ConfigError(f"config key '{key}': {value!r} is read by task.name={task} only, not by "
-                              f"task.name={cfg.task.name}")
-    o = cfg.objectives
-    if cfg.task.name == "pretrain" and not (o.mlm and o.mlm_weight > 0) and not (o.mrc and o.mrc_weight > 0):
+        return getattr(getattr(cfg, section), name), getattr(getattr(default, section), name)
+    for key, tasks in TASK_KEYS.items():
+        v, d = value(key)
+        if v != d and task not in tasks:
+            raise ConfigError(f"config key '{key}': {v!r} is read by task.name={' or '.join(tasks)} only, not by "
+                              f"task.name={task}")
+    for key, fixed in TASK_FIXED.items():
+        v, d = value(key)
+        if v != d and task in fixed and v != fixed[task]:
+            raise ConfigError(f"config key '{key}': task.name={task} trains every example at {key}={fixed[task]:g} "
+                              f"whatever it is set to; got {v!r}")
+    if task == "vqa" and not cfg.task.vqa_question_noise:
+        for key in ("objectives.mask_token_prob", "objectives.random_token_prob"):
+            v, d = value(key)
+            if v != d:
+                raise ConfigError(f"config key '{key}': {v!r} is read by task.name=vqa only with "
+                                  "task.vqa_question_noise > 0 (how its noisy question words are corrupted)")
+    if task == "pretrain" and not (o.mlm and o.mlm_weight > 0) and not (o.mrc and o.mrc_weight > 0):
         raise ConfigError(f"config key 'objectives.mlm': pretraining with objectives.mlm={o.mlm} "
                           f"(mlm_weight={o.mlm_weight:g}) and objectives.mrc={o.mrc} (mrc_weight={o.mrc_weight:g}) "
                           "trains nothing: turn one on with a weight above 0")
+    if task == "caption" and cfg.mode == "train" and not o.mlm and not cfg.task.scst:
+        raise ConfigError("config key 'objectives.mlm': caption training with objectives.mlm=false and "
+                          "task.scst=false trains nothing (its loss is the masked caption words'): set "
+                          "objectives.mlm=true, or task.scst=true")
     if cfg.train.init_segment_b_from_a and not cfg.train.init_from:
         raise ConfigError("config key 'train.init_segment_b_from_a': needs train.init_from (the weights whose "
                           "segment A row it copies)")
+    if cfg.train.init_segment_b_from_a and cfg.model.image_token_type != 1 and (
+            task == "refs" or (task == "vqa" and cfg.task.vqa_head == "vlp")):
+        what = "task.name=refs" if task == "refs" else "task.name=vqa with task.vqa_head=vlp"
+        raise ConfigError(f"config key 'train.init_segment_b_from_a': {what} puts no token in segment B "
+                          f"(model.image_token_type={cfg.model.image_token_type}), so the copied row is never read")
 
 
 PLACEHOLDER = "CHANGE-ME"      # what the cluster recipes name their data and weights with

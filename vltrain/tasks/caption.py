@@ -53,10 +53,12 @@ class CaptionCollator(PretrainCollator):
     each batch also carries ``task["image_id"]`` (list of str) and ``task["references"]``
     (every reference caption of each image): SCST rewards and evaluation need them."""
 
-    def __init__(self, tokenizer, data, objectives, seed, streams=None, require_cls_probs=False, **model_dims):
+    def __init__(self, tokenizer, data, objectives, seed, streams=None, require_cls_probs=False,
+                 whole_image: bool = False, **model_dims):
         objectives = dataclasses.replace(objectives, seq2seq_prob=1.0, mrc=False)
         super().__init__(tokenizer, data, objectives, seed, streams, require_cls_probs=require_cls_probs,
                          **model_dims)
+        self.whole_image = whole_image      # a VL-BERT model's, with VLP's caption sequence
 
     def _check_stream(self, info) -> None:
         if info.meta and info.meta.get("kind") != "captions":
@@ -82,7 +84,8 @@ def make_caption_collator(cfg, tokenizer, infos, train: bool) -> CaptionCollator
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
     return CaptionCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
                            require_cls_probs=need_cls, num_classes=cfg.model.num_region_classes,
-                           feat_dim=cfg.model.region_feat_dim)
+                           feat_dim=cfg.model.region_feat_dim, image_box=cfg.model.vlbert_image_box,
+                           whole_image=cfg.model.region_embedding == "vlbert")
 
 
 # ------------------------------------------------------------------------------ module

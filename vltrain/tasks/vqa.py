@@ -121,7 +121,11 @@ def build_vqa(cfg, model) -> VQATask:
     sha = vocab_sha256(vocab)
     # Evaluation: another vocabulary than the head's is the cause to name first; its size
     # (below) would only send the user to task.num_answers and then here.
-    if cfg.mode != "train" and cfg.task.answer_vocab_sha256 and cfg.task.answer_vocab_sha256 != sha:
+    if cfg.task.answer_vocab_sha256 and cfg.task.answer_vocab_sha256 != sha:
+        if cfg.mode == "train":       # set in the config (a run's saved config.yaml carries its own)
+            raise ValueError(f"config key 'task.answer_vocab_sha256': {cfg.task.answer_vocab_sha256} is not the "
+                             f"answer vocabulary of data.train ({sha}); training on it sets the key: leave it "
+                             "unset (task.answer_vocab_sha256=)")
         raise ValueError(_VOCAB_DIFFERS.format(split=f"data.{split}", theirs="the one the head was trained on "
                                                "(task.answer_vocab_sha256 of train.init_from's config)"))
     if len(vocab) != cfg.task.num_answers:
