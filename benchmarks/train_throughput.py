@@ -10,8 +10,9 @@ Sections of the Markdown report:
      ``vltrain/run.py`` trains (ZeRO-2, one rank, sdpa; bf16 weights on GPU), and of
      ``transformers.VisualBertForPreTraining`` of the same size, on the same batch, in the
      same process, timed round-robin (A B C A B C ...) so machine noise hits all alike.
-     samples/s, tokens/s, achieved TFLOP/s and MFU (both with ``vltrain.monitor``'s formula,
-     so the peer is credited with the same useful work), peak memory per configuration.
+     samples/s, tokens/s, achieved TFLOP/s and MFU (both with ``vltrain.monitor``'s formula on
+     each model's own N: MLM only, so neither is credited with its full-vocabulary logits nor
+     ours with the region and [CLS] heads MLM never runs), peak memory per configuration.
      Precision: fp32 on CPU, bf16 autocast on GPU (both models). MFU divides by the GPU's
      spec dense bf16 peak; on CPU, which has no spec entry, by the fp32 matmul rate measured
      in the same run (labelled so).
@@ -129,8 +130,8 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
     from vltrain.config import ObjectivesConfig
     from vltrain.model import VLModel
     from vltrain.model.compile import compile_blocks
-    from vltrain.monitor import FlopCounter
-    from vltrain.tasks.pretrain import PretrainTask
+    from vltrain.monitor import FlopCounter, flop_params
+    from vltrain.tasks.pretrain import PretrainTask, pretrain_heads
 
     over = dict(model_over, attention_backend=backend)
     note = ""
@@ -164,7 +165,8 @@ def build_ours(size: Size, backend: str, compiled: bool, batch, device, flops_pr
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = FlopCounter(model, cfg).batch(size.batch, size.seq_len, flops_pred)
+    flops = FlopCounter(flop_params(task, model, pretrain_heads(task.objectives)), cfg).batch(
+        size.batch, size.seq_len, flops_pred)
     label = FULL_LAST if full_last else f"{backend}{' +compile' if compiled else ''}"
     if full_last:
         note = "ablation: last block at every position"
@@ -206,8 +208,8 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
     from vltrain.engine.ds_readbacks import drop_step_readbacks
     from vltrain.model import VLModel
     from vltrain.model.compile import maybe_compile
-    from vltrain.monitor import FlopCounter
-    from vltrain.tasks.pretrain import PretrainTask
+    from vltrain.monitor import FlopCounter, flop_params
+    from vltrain.tasks.pretrain import PretrainTask, pretrain_heads
 
     gpu = device.type == "cuda"
     cfg = Config(model=dataclasses.replace(size.model, attention_backend="sdpa", compile=gpu))
@@ -235,7 +237,8 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
         else:
             engine.step()
 
-    flops = FlopCounter(model, cfg.model).batch(size.batch, size.seq_len, flops_pred)
+    flops = FlopCounter(flop_params(task, model, pretrain_heads(cfg.objectives)), cfg.model).batch(
+        size.batch, size.seq_len, flops_pred)
     label = f"DeepSpeed engine, ZeRO-{stage}, sdpa{' +compile' if gpu else ''}"
     optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
     note = f"what vltrain/run.py runs: {optim}; memory includes zero{stage}.json's reduce buckets"
@@ -393,9 +396,10 @@ def throughput_section(size: Size, device: torch.device, args) -> tuple[str, dic
              f"warm-up step(s), interleaved round-robin.",
              f"- FLOPs per step: ours {runners[0].flops_per_step / 1e9:,.4g} GFLOP, peer "
              f"{peer.flops_per_step / 1e9:,.4g} GFLOP (vltrain.monitor: 6·N_non-emb + 12·layers·hidden·seq per "
-             f"token + 6·hidden·vocab per masked token; the peer is credited with the same useful work, not "
-             f"with its full-vocabulary logits), the count the trainer's `perf/mfu` uses; ours is credited with "
-             f"it although its last block runs only at the masked positions. {peak_note}.",
+             f"token + 6·hidden·vocab per masked token, N each model's own, less the heads this MLM step never "
+             f"runs: the peer is not credited with its full-vocabulary logits, ours not with its region and "
+             f"[CLS] heads), the count the trainer's `perf/mfu` uses; ours is credited with it although its "
+             f"last block runs only at the masked positions. {peak_note}.",
              f"- Peak memory = parameters + optimizer state + the step's peak transient allocation "
              f"({'CUDA allocator peak' if not cpu else 'torch profiler allocation events'}).",
              f"- Best of ours: {best['label']} at {best['samples_per_s']:.3g} samples/s = "

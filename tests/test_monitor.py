@@ -40,17 +40,20 @@ def test_non_embedding_params_by_hand():
     assert non_embedding_params(m, lambda name, mod: isinstance(mod, nn.Embedding) or name == "region") == hand - 56
 
 
-@pytest.mark.parametrize("task_name,heads", [("refs", ()), ("mc", ("cls_head",)), ("caption", ("mlm_head",)),
-                                             ("pretrain", ("mlm_head", "mrc_head", "cls_head"))])
-def test_a_tasks_n_holds_its_own_heads_not_the_models_unused_ones(task_name, heads):
-    """A fine-tune's MFU counted N over the model, pretraining heads included, task head not:
+@pytest.mark.parametrize("task_name,over,heads", [
+    ("refs", [], ()), ("mc", [], ("cls_head",)), ("caption", [], ("mlm_head",)), ("pretrain", [], ("mlm_head",)),
+    ("pretrain", ["objectives.mrc=true"], ("mlm_head", "mrc_head")),
+    ("pretrain", ["objectives.mrc=true", "objectives.mlm=false"], ("mrc_head",))])
+def test_a_tasks_n_holds_its_own_heads_not_the_models_unused_ones(task_name, over, heads):
+    """A fine-tune's MFU counted N over the model, pretraining heads included, task head not,
+    and pretraining's the [CLS] scorer and (without MRC) the region head, which it never runs:
     N is now the task module's, less the model's heads the task never runs."""
     from vltrain.model import VLModel
     from vltrain.monitor import flop_params
     from vltrain.tasks import get_task
-    cfg = Config()
+    from vltrain.config import load_config
+    cfg = load_config(None, [f"task.name={task_name}", *over], to_run=False)
     cfg.model = debug_model_config()
-    cfg.task.name = task_name
     model = VLModel(cfg.model)
     spec = get_task(task_name)
     task = spec.build_module(cfg, model)
@@ -58,9 +61,9 @@ def test_a_tasks_n_holds_its_own_heads_not_the_models_unused_ones(task_name, hea
     run_heads = sum(p.numel() for h in heads for p in getattr(model, h).parameters())
     all_heads = sum(p.numel() for h in ("mlm_head", "mrc_head", "cls_head") for p in getattr(model, h).parameters())
     want = non_embedding_params(model) - all_heads + run_heads + own
-    assert spec.model_heads == (None if task_name == "pretrain" else heads)
-    assert flop_params(task, model, spec.model_heads) == want
-    assert task_name == "pretrain" or want != non_embedding_params(model)     # the old count was another
+    assert spec.model_heads(cfg) == heads
+    assert flop_params(task, model, spec.model_heads(cfg)) == want
+    assert want != non_embedding_params(model)     # the old count was another
 
 
 def test_flops_per_sample_formula():

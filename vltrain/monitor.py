@@ -120,10 +120,11 @@ def model_flops(n: int, model_cfg, tokens, tokens_sq, mlm_rows=0):
 def flops_per_sample(model_or_n: Union[nn.Module, int], model_cfg, seq_len: int, n_mlm_pred: float = 0.0) -> float:
     """Model FLOPs (forward + backward) of one sample of ``seq_len`` tokens (regions included):
     DESIGN.md's count, 6·N + 12·L·H·S per token (PaLM's convention) + 6·H·V per predicted MLM
-    token. N is every non-embedding parameter, charged at every token although the heads, the
-    region embedding and (pretraining, caption fine-tuning) the last block's attention output
-    and FFN run at fewer rows (at base size, 100 regions + 40 text, 9.8% of the count is work
-    not done; the benchmarks' and the issue's MFU figures are on this count).
+    token. N is every non-embedding parameter (the trainer's and benchmarks': less the heads the
+    task never runs, :func:`flop_params`), charged at every token although the heads, the region
+    embedding and (pretraining, caption fine-tuning) the last block's attention output and FFN
+    run at fewer rows (MLM pretraining at base size, 100 regions + 40 text: 8.2% of the count is
+    work not done, by FlopCounterMode; the benchmarks' and the issue's MFU figures are on this count).
 
     ``model_or_n``: the nn.Module (N counted with :func:`non_embedding_params`) or N itself;
     ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``vocab_size``;
@@ -136,12 +137,12 @@ def flops_per_sample(model_or_n: Union[nn.Module, int], model_cfg, seq_len: int,
 MODEL_HEADS = ("mlm_head", "mrc_head", "cls_head")
 
 
-def flop_params(task: nn.Module, model: nn.Module, heads: Optional[tuple[str, ...]]) -> int:
+def flop_params(task: nn.Module, model: nn.Module, heads: tuple[str, ...]) -> int:
     """N of a task module wrapping ``model``: its non-embedding parameters (the task's own heads
-    included) less those of the model's heads the task never runs (``heads``: those it runs;
-    None: all of them). A VQA fine-tune's N held the MLM and region heads but not its answer
-    head, 3% and 6.5% of N at base size."""
-    unused = [getattr(model, h) for h in MODEL_HEADS if heads is not None and h not in heads]
+    included) less those of the model's heads the task never runs (``heads``: those it runs).
+    A VQA fine-tune's N held the MLM and region heads but not its answer head, 3% and 6.5% of N
+    at base size; VLP pretraining's held the region and [CLS] heads, 2.6% of N."""
+    unused = [getattr(model, h) for h in MODEL_HEADS if h not in heads]
     return non_embedding_params(task) - sum(non_embedding_params(m) for m in unused)
 
 

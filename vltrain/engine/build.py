@@ -469,7 +469,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         monitor = Monitor(run_dir, rank=info.rank, world_size=info.world, log_every=cfg.train.log_every,
                           peak_tflops=device_peak_tflops(precision, cfg.train.peak_tflops),
                           max_steps=cfg.train.max_steps, log_fn=logging.getLogger("vltrain.train").info, device=device)
-        flops = FlopCounter(flop_params(task, model, spec.model_heads), cfg.model)
+        flops = FlopCounter(flop_params(task, model, spec.model_heads(cfg)), cfg.model)
         trainer = Trainer(cfg, engine, info, loader, val_loader, monitor, flops, run_dir,
                           device, float_dtype, ds, spec=spec, tokenizer=tokenizer)
         trainer.created_run_dir = info.is_main and not existed

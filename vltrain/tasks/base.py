@@ -31,10 +31,9 @@ class TaskSpec:
     # data-dependent length): then no tokens/s and no MFU are reported. Unset = one sequence
     # per sample (text + region slots), no MLM logits.
     work: Optional[Callable] = None
-    # The model's heads (VLModel's mlm_head, mrc_head, cls_head) the task runs; the others are
-    # left out of the MFU's N, and the task's own heads are in it (flop_params). None: all three,
-    # pretraining's count (as the benchmarks count it).
-    model_heads: Optional[tuple[str, ...]] = None
+    # (cfg) -> the model's heads (VLModel's mlm_head, mrc_head, cls_head) the task runs; the
+    # others are left out of the MFU's N, and the task's own heads are in it (flop_params)
+    model_heads: Callable = lambda cfg: ()
     # (cfg) -> whether the training loss holds means over masked tokens (reduce_loss ``token``
     # at batch.mlm_positions / mrc_positions): the trainer then counts each optimizer step's
     # tokens before it trains (Batch.token_divisors, vltrain/engine/step_feed.py).

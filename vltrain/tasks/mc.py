@@ -91,4 +91,4 @@ def mc_work(cfg, batch: Batch) -> Work:
 SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, cfg.task.mc_loss),
                 make_collator=lambda cfg, tok, infos, train: MCCollator(cfg, tok, infos, train),
                 evaluate=evaluate_mc, best_metric="accuracy", higher_is_better=True, work=mc_work,
-                model_heads=("cls_head",))
+                model_heads=lambda cfg: ("cls_head",))

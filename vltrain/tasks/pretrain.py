@@ -19,3 +19,9 @@ class PretrainTask(nn.Module):
 
     def forward(self, batch: Batch):
         return pretrain_losses(self.model, batch, self.objectives)
+
+
+def pretrain_heads(o: ObjectivesConfig) -> tuple[str, ...]:
+    """The model's heads pretraining runs (the MFU's N leaves the others out): the MLM head with
+    ``objectives.mlm``, the region classifier with ``objectives.mrc``; never the ``[CLS]`` scorer."""
+    return tuple(h for h, on in (("mlm_head", o.mlm), ("mrc_head", o.mrc)) if on)

@@ -86,4 +86,4 @@ def evaluate_refs(trainer, split: str) -> dict:
 
 SPEC = TaskSpec("refs", build_module=lambda cfg, model: GroundingTask(model),
                 make_collator=lambda cfg, tok, infos, train: RefsCollator(cfg, tok, infos, train),
-                evaluate=evaluate_refs, best_metric="accuracy", higher_is_better=True, model_heads=())
+                evaluate=evaluate_refs, best_metric="accuracy", higher_is_better=True, model_heads=lambda cfg: ())

@@ -203,4 +203,4 @@ def make_vqa_collator(cfg, tokenizer, infos, train):
 
 
 SPEC = TaskSpec("vqa", build_module=build_vqa, make_collator=make_vqa_collator, evaluate=evaluate_vqa,
-                best_metric="accuracy", higher_is_better=True, model_heads=())
+                best_metric="accuracy", higher_is_better=True, model_heads=lambda cfg: ())
