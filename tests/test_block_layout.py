@@ -80,7 +80,8 @@ def test_resume_shape_mismatch_names_the_model_keys_that_size_parameters(tmp_pat
         check_model_matches(str(tag), PretrainTask(VLModel(debug_model_config()), ObjectivesConfig()))
     msg = str(e.value)
     assert "model.embeddings.word.weight: checkpoint (1000, 32) vs model (30522, 64)" in msg
-    for line in ("model.vocab_size=30522 here, 1000 in the checkpoint", "model.hidden_size=64 here, 32 in the checkpoint",
+    for line in ("model.vocab_size=30522 here, 1000 in the checkpoint",
+                 "model.hidden_size=64 here, 32 in the checkpoint",
                  "model.intermediate_size=128 here, 64 in the checkpoint"):
         assert line in msg
     assert "model.num_heads" not in msg and "model.hidden_dropout" not in msg

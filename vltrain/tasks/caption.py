@@ -327,5 +327,6 @@ def evaluate_caption(trainer, split: str) -> dict:
 
 SPEC = TaskSpec("caption", build_module=build_caption, make_collator=make_caption_collator,
                 work=lambda cfg, batch: None if cfg.task.scst else mlm_work(cfg, batch, caption_positions(batch)),
-                evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True, model_heads=lambda cfg: ("mlm_head",),
+                evaluate=evaluate_caption, best_metric="CIDEr", higher_is_better=True,
+                model_heads=lambda cfg: ("mlm_head",),
                 token_mean=lambda cfg: cfg.objectives.loss_reduction == "token" and not cfg.task.scst)
