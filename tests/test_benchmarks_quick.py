@@ -301,6 +301,18 @@ def test_engine_overhead_quick_has_every_row(tmp_path):
     assert md.read_text().strip() == out.strip()
 
 
+def test_grad_accum_precision_quick_has_every_row(tmp_path):
+    """Both accumulation dtypes at grad_accum 1 and 8 on a real ZeRO-2 engine: equal at 1 (no
+    sum), and at 8 the fp32 sum is the micro-batches' own sum where the bf16 one is not."""
+    out = run_script(["benchmarks/grad_accum_precision.py", "--quick"], env_extra={"DS_ACCELERATOR": "cpu"})
+    _, rows = table_rows(out, "stage")
+    assert [(r[0], r[1]) for r in rows] == [("ZeRO-2", "1"), ("ZeRO-2", "8")], rows
+    assert all(finite(c) for r in rows for c in r[2:]), rows
+    num = [[float(c) for c in r[2:]] for r in rows]
+    assert num[0][0] == num[0][1] == 0 and num[0][2] == num[0][3] > 0, rows
+    assert num[1][1] < 1e-3 < num[1][0], rows                 # percent: fp32 exact, bf16 ~0.3%
+
+
 def test_checkpoint_io_quick_has_every_row(tmp_path):
     """vltrain's save/load under ZeRO-0..3 on 2 real ranks and the plain torch.save peer, each
     with finite times and its fsync part; ZeRO-0 is written by rank 0 alone, ZeRO-1/2/3 shard

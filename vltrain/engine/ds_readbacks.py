@@ -74,6 +74,10 @@ def drop_step_readbacks(optimizer) -> bool:
     except ImportError:
         return False
     if not isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer):
+        if type(optimizer).__name__ == "BF16_Optimizer":     # ZeRO-1 + bf16 + fp32 grad_accum_dtype
+            log.warning("DeepSpeed's BF16_Optimizer (ZeRO-1, bf16, data_types.grad_accum_dtype=fp32) reads the "
+                        "gradient norm back in every step (a wait for the GPU) and keeps an unsharded fp32 "
+                        "gradient buffer; ZeRO-2 sums gradients in fp32 without either (vltrain's default for bf16)")
         return False
     theirs = {"mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
               "unscale_and_clip_grads": stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads}
