@@ -3,7 +3,8 @@
     python benchmarks/grad_accum_precision.py [--quick] [--out F.md]
 
 DeepSpeed sums a bf16 run's micro-batch gradients in bf16 unless ``data_types.grad_accum_dtype``
-says otherwise; vltrain's resolved config sets fp32 for ZeRO-2/3 (vltrain/engine/ds_config.py).
+says otherwise; vltrain's resolved config sets fp32 for ZeRO-2/3 where grad_accum > 1
+(vltrain/engine/ds_config.py).
 For each ZeRO stage, grad_accum and accumulation dtype, one real engine (one CPU rank) steps
 ``grad_accum`` distinct micro-batches of random pretraining samples; the fp32 gradient it hands
 its optimizer is compared, by relative L2 error, with two fp64 references computed from the
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 from benchmarks.common import REPO, Size, emit_report, make_batch, markdown_table  # noqa: E402
 from benchmarks.train_throughput import init_single_process_group  # noqa: E402
 from vltrain.config import Config, debug_model_config  # noqa: E402
+from vltrain.model import VLModel  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -39,19 +41,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def step_gradients(size: Size, stage: int, accum: str, ga: int, seed: int = 0) -> dict[str, float]:
+def step_gradients(size: Size, stage: int, accum: str | None, ga: int, seed: int = 0) -> dict:
     """One optimizer step of a bf16 ZeRO-``stage`` engine (``data_types.grad_accum_dtype`` =
-    ``accum``) over ``ga`` micro-batches: its accumulated gradient's relative error against the
-    fp64 sum of the micro-batches' bf16 gradients, and against the fp64 model's gradient."""
+    ``accum``; None: as vltrain resolves it) over ``ga`` micro-batches: its accumulated
+    gradient's relative error against the fp64 sum of the micro-batches' bf16 gradients and
+    against the fp64 model's gradient, and the dtype DeepSpeed summed in."""
     import deepspeed
     from vltrain.engine.ds_config import no_decay_param_groups, resolve_ds_config
-    from vltrain.model import VLModel
     from vltrain.tasks.pretrain import PretrainTask
     cfg = Config(model=size.model)
     cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.precision = size.batch, ga, "bf16"
     cfg.train.grad_clip = 0.0
     ds = resolve_ds_config(os.path.join(REPO, "ds_configs", f"zero{stage}.json"), cfg, 1, "cpu")
-    ds.setdefault("data_types", {})["grad_accum_dtype"] = accum
+    if accum is not None:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = accum
     torch.manual_seed(seed)
     task = PretrainTask(VLModel(cfg.model), cfg.objectives)
     bf16, fp64 = copy.deepcopy(task).to(torch.bfloat16), copy.deepcopy(task).to(torch.bfloat16).double()
@@ -72,6 +75,7 @@ def step_gradients(size: Size, stage: int, accum: str, ga: int, seed: int = 0) -
         loss, _ = eng(b.to("cpu", float_dtype=torch.bfloat16))
         eng.backward(loss)
         eng.step()
+    summed_in = str(getattr(opt, "gradient_accumulation_dtype", None))
     eng.destroy()
     names = {id(p): n for n, p in task.named_parameters()}
     refs = []
@@ -86,8 +90,9 @@ def step_gradients(size: Size, stage: int, accum: str, ga: int, seed: int = 0) -
                     total[n] += p.grad.double()
         shape = (lambda p: p.ds_shape) if stage == 3 else (lambda p: p.shape)
         refs.append(torch.cat([total[names[id(p)]].reshape(shape(p)).reshape(-1) for g in groups for p in g]))
-    g = torch.cat(got)[: refs[0].numel()]
-    return {"vs_sum": rel(g, refs[0]), "vs_fp64": rel(g, refs[1])}
+    # each group's flat partition may end in alignment padding
+    g = torch.cat([flat[: sum(getattr(p, "ds_numel", p.numel()) for p in group)] for flat, group in zip(got, groups)])
+    return {"vs_sum": rel(g, refs[0]), "vs_fp64": rel(g, refs[1]), "summed_in": summed_in}
 
 
 def main(argv=None) -> int:
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
                 r[accum] = step_gradients(size, stage, accum, ga)
             rows.append([f"ZeRO-{stage}", ga, 100 * r["bf16"]["vs_sum"], 100 * r["fp32"]["vs_sum"],
                          100 * r["bf16"]["vs_fp64"], 100 * r["fp32"]["vs_fp64"]])
-    n = sum(p.numel() for p in __import__("vltrain.model", fromlist=["VLModel"]).VLModel(model).parameters())
+    n = sum(p.numel() for p in VLModel(model).parameters())
     md = [f"Model: {size.name} ({n / 1e6:.1f}M parameters), micro-batch {size.batch} x ({size.regions} regions + "
           f"{size.text} text), bf16, one CPU rank; relative L2 error of the step's accumulated gradient, %.", "",
           markdown_table(["stage", "grad_accum", "bf16 sum vs the micro-batches' sum", "fp32 sum vs the micro-batches' "

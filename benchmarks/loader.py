@@ -19,7 +19,7 @@ GIL-free release).
 Every sample also carries its regions' class distributions (fp16, ``--classes`` 1601 as
 VLP's Visual Genome detector: another ~320 KB at 100 regions, read from the same files as
 the features in every layout). The figure that matters on a GPU node: at 100 regions x 2048
-fp16 (~400 KB/sample), 5,500 samples/s per H100 needs ~2.3 GB/s of features per GPU, so
+fp16 (~400 KB/sample), 5,700 samples/s per H100 needs ~2.3 GB/s of features per GPU, so
 ``workers per GPU = needed / (rate per worker)``.
 """
 from __future__ import annotations

@@ -65,9 +65,10 @@ def test_flat_block_state_of_another_size_is_refused_naming_it():
 
 
 def test_resume_shape_mismatch_names_the_model_keys_that_size_parameters(tmp_path):
-    """A checkpoint of another hidden size and vocabulary resumed into the debug model: besides
+    """A checkpoint of another hidden size and vocabulary resumed into a debug model: besides
     the parameters, the refusal names each model key that sizes them with both values, and not
-    a key that differs without changing a shape (dropout, heads at a fixed hidden size)."""
+    a key that differs without changing a shape (dropout; heads, although 3 heads do not divide
+    the checkpoint's hidden size)."""
     old = Config(model=debug_model_config(hidden_size=32, intermediate_size=64, vocab_size=1000,
                                           num_heads=2, hidden_dropout=0.2))
     tag = tmp_path / "step_00000006"
@@ -77,11 +78,12 @@ def test_resume_shape_mismatch_names_the_model_keys_that_size_parameters(tmp_pat
                tag / "mp_rank_00_model_states.pt")
     save_config(old, str(tag / "config.yaml"))
     with pytest.raises(CheckpointError) as e:
-        check_model_matches(str(tag), PretrainTask(VLModel(debug_model_config()), ObjectivesConfig()))
+        check_model_matches(str(tag), PretrainTask(VLModel(debug_model_config(hidden_size=48, num_heads=3)),
+                                                   ObjectivesConfig()))
     msg = str(e.value)
-    assert "model.embeddings.word.weight: checkpoint (1000, 32) vs model (30522, 64)" in msg
+    assert "model.embeddings.word.weight: checkpoint (1000, 32) vs model (30522, 48)" in msg
     for line in ("model.vocab_size=30522 here, 1000 in the checkpoint",
-                 "model.hidden_size=64 here, 32 in the checkpoint",
+                 "model.hidden_size=48 here, 32 in the checkpoint",
                  "model.intermediate_size=128 here, 64 in the checkpoint"):
         assert line in msg
     assert "model.num_heads" not in msg and "model.hidden_dropout" not in msg

@@ -195,34 +195,6 @@ def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
         np.testing.assert_array_equal(plain.region_feats[i, :k].float().numpy(), smp["features"].astype(np.float32))
 
 
-def test_caption_of_a_vlbert_model_shares_the_budget_as_pretraining(tok):
-    """Caption fine-tuning of a VL-BERT model with data.max_sequence: VLP's caption sequence
-    ([CLS] [SEP] w.. [STOP]), regions ordered by confidence and cut with the text, the
-    whole-image region counted among them, and the text tokens' whole-image feature the mean
-    of every region, those the budget leaves out too (as pretraining's collator)."""
-    from vltrain.config import load_config
-    from vltrain.data.collate import share_budget
-    from vltrain.tasks.caption import make_caption_collator
-    samples = caps(40, regions=(10, 30), words=(2, 25))
-    cfg = load_config("configs/caption_debug.yaml", [
-        "model.region_embedding=vlbert", "model.vlbert_image_box=true", "model.use_cls_probs=false",
-        "model.geometry_conf=false", "data.max_text_len=40", "data.max_regions=100", "data.max_sequence=24",
-        "data.image_feature=regions_mean", "model.region_feat_dim=8", "model.num_region_classes=5"])
-    b = make_caption_collator(cfg, tok, [StreamInfo("s3://bkt/ds0", CAPS_META)], train=True)(samples)
-    got = rows(b)
-    assert sum(int(b.region_mask[i].sum()) < len(smp["features"]) for i, smp in enumerate(samples)) > 10
-    for i, smp in enumerate(samples):
-        ids, r, k = got[smp["sample_id"]][1], int(b.region_mask[i].sum()), len(smp["features"])
-        assert ids[:2] == [CLS, SEP] and len(ids) + r + 1 <= 24
-        full = [len(e) for e in (tok.encode(c)[:37] for c in smp["captions"])]
-        assert (len(ids), r + 1) in {share_budget(n + 3, k + 1, 24, min_text=3) for n in full}, (len(ids), r, full)
-        order = np.argsort(-smp["cls_prob"].astype(np.float32).max(1), kind="stable")[:r]
-        np.testing.assert_array_equal(b.region_feats[i, :r].float().numpy(), smp["features"][order].astype(np.float32))
-        if r < k:
-            np.testing.assert_allclose(b.image_feat[i].float().numpy(), smp["features"].astype(np.float32).mean(0),
-                                       rtol=1e-2, atol=2e-3)
-
-
 def test_vlbert_mrc_keeps_the_stored_whole_image_feature_out(tok):
     """A stored whole-image feature was extracted with the masked regions in view: a VL-BERT
     model with MRC refuses it (naming the key); with regions_mean the batch carries the mean of

@@ -152,7 +152,7 @@ def test_run_name_worker_count_and_override_yaml_are_checked_naming_them():
 
 def test_a_key_of_one_task_set_for_another_is_refused():
     """A key only some tasks read, set for another task, would change nothing: refused, naming it."""
-    for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain or caption"),
+    for over, task in ((["data.max_sequence=64", "task.name=vqa"], "pretrain"),
                        (["objectives.mlm_weight=0.5", "task.name=caption"], "pretrain"),
                        (["objectives.separate_text_mlm=true", "task.name=refs"], "pretrain"),
                        (["objectives.mrc_prob=0.3", "task.name=caption"], "pretrain"),
@@ -191,7 +191,9 @@ def test_keys_a_task_reads_only_in_some_settings_are_refused_outside_them():
         load_config(None, ["task.name=vqa", "objectives.random_token_prob=0.2"])
     noisy = load_config(None, ["task.name=vqa", "task.vqa_question_noise=1", "objectives.random_token_prob=0.2"])
     assert noisy.objectives.random_token_prob == 0.2
-    assert load_config(None, ["task.name=caption", "data.max_sequence=64"]).data.max_sequence == 64
+    with pytest.raises(ConfigError, match=r"'data.max_sequence': 64 is pretraining's joint budget; caption .* "
+                                          r"reference caption drawn"):
+        load_config(None, ["task.name=caption", "data.max_sequence=64"])
     with pytest.raises(ConfigError, match=r"'objectives.mlm': caption training with .* trains nothing"):
         load_config(None, ["task.name=caption", "objectives.mlm=false"])
     for ok in (["task.scst=true"], ["mode=eval", "train.init_from=/w"]):

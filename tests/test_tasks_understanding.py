@@ -285,6 +285,9 @@ def test_every_vqa_split_must_share_the_heads_answer_vocabulary(synthetic_corpus
     with pytest.raises(ValueError, match=r"^config key 'task.answer_vocab_sha256': .* is not the answer vocabulary "
                                          r"of data.train"):
         get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    cfg.train.resume = "auto"
+    with pytest.raises(ValueError, match=r"of data.train .*; a resumed run needs the dataset it trained on"):
+        get_task("vqa").build_module(cfg, VLModel(cfg.model))
     cfg = task_cfg(synthetic_corpus, "vqa", f"task.answer_vocab_sha256={vocab_sha256(vocab)}")
     get_task("vqa").build_module(cfg, VLModel(cfg.model))
     # a captions dataset where a VQA split belongs: its kind is named, not a missing file

@@ -92,7 +92,7 @@ class DataConfig:
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
     max_text_len: int = 40
     max_regions: int = 100
-    # pretraining and caption, image-caption samples: > 0 = VL-BERT's joint budget (its seq_len): regions
+    # pretraining, image-caption samples: > 0 = VL-BERT's joint budget (its seq_len): regions
     # ordered by detector confidence, text + regions cut together to this many positions
     # (data/collate.share_budget); 0 = max_text_len and max_regions apply separately
     max_sequence: int = 0
@@ -573,7 +573,7 @@ def check_url_credentials(cfg: Config) -> None:
 # cross-entropy (no mlm_weight, no text-only rows); vqa reads the corruption split for its question
 # noise only. A saved config is read as it is (load_run_config).
 _PRETRAIN, _MLM = ("pretrain",), ("pretrain", "caption")
-TASK_KEYS = {"data.max_sequence": _MLM, "data.text_train": _PRETRAIN,
+TASK_KEYS = {"data.max_sequence": _PRETRAIN, "data.text_train": _PRETRAIN,
              **{f"objectives.{k}": _PRETRAIN for k in ("mrc", "mrc_prob", "mrc_zero_prob", "mrc_mask_word",
                                                        "mrc_weight", "mlm_weight", "separate_text_mlm")},
              **{f"objectives.{k}": _MLM for k in ("mlm", "mlm_prob", "max_pred", "mask_sampling", "whole_word_mask",
@@ -599,6 +599,12 @@ def check_task_keys(cfg: Config) -> None:
     def value(key):
         section, name = key.split(".")
         return getattr(getattr(cfg, section), name), getattr(getattr(default, section), name)
+    if task == "caption" and cfg.data.max_sequence:
+        # the shared collator would cut an evaluated image's regions by the length of the
+        # reference caption it draws: decoding inputs (and CIDEr) would depend on the label
+        raise ConfigError(f"config key 'data.max_sequence': {cfg.data.max_sequence} is pretraining's joint "
+                          "budget; caption fine-tuning would cut an evaluated image's regions by the reference "
+                          "caption drawn: set data.max_regions and data.max_text_len instead")
     for key, tasks in TASK_KEYS.items():
         v, d = value(key)
         if v != d and task not in tasks:

@@ -168,9 +168,6 @@ class PretrainCollator:
         self.streams = list(streams) if streams else [StreamInfo("<unnamed dataset>", {})]
         self.require_cls_probs = require_cls_probs
         self.vlbert = bool(vlbert)
-        # a VL-BERT model's text tokens see the whole image: the mean of all of a sample's regions,
-        # those data.max_sequence leaves out included (caption keeps VLP's sequence with either model)
-        self.whole_image = self.vlbert
         # the model's whole-image region (model.vlbert_image_box) takes one of data.max_sequence's
         # positions, as VL-BERT's code counts it among the boxes
         self.image_box = int(image_box)
@@ -408,7 +405,7 @@ class PretrainCollator:
                               obj.mask_token_prob, obj.random_token_prob, groups=words_of)
         if kind == "captions":
             ex.feats, ex.boxes, ex.cls, ex.image_feat, ex.cut_regions = regions
-            if self.whole_image and ex.image_feat is None and len(rest):
+            if self.vlbert and ex.image_feat is None and len(rest):
                 ex.rest_sum, ex.rest_n = rest.astype(np.float32).sum(0), len(rest)
             if obj.mrc:   # zeroing and targets happen in _assemble, on the batch tensors
                 ex.mrc_pos = masking.choose_regions(rng, len(ex.feats), obj.mrc_prob, obj.mask_sampling)
@@ -540,7 +537,7 @@ class PretrainCollator:
         zero = torch.from_numpy(np.concatenate(zero_pos)) if zero_pos else torch.zeros(0, dtype=torch.long)
         # VL-BERT's whole-image mean where the model's own (of the regions in the batch) is not it
         left_out = [(i, e) for i, e in enumerate(exs) if e.rest_n]
-        if self.whole_image and image_feat is None and (self.obj.mrc or left_out):
+        if self.vlbert and image_feat is None and (self.obj.mrc or left_out):
             rest_sum, rest_n = torch.zeros((B, D)), torch.zeros(B)
             for i, e in left_out:
                 rest_sum[i], rest_n[i] = torch.from_numpy(e.rest_sum), e.rest_n

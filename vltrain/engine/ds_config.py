@@ -379,13 +379,13 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
             if value is None:
                 raise r.err(f"'zero_optimization.{key}' = \"auto\" needs the model config (model.*)")
             zero[key] = value
-    if bf16["enabled"] and stage in (2, 3):
+    if bf16["enabled"] and stage in (2, 3) and t.grad_accum > 1:
         # DeepSpeed sums a bf16 run's micro-batch gradients in bf16 unless told otherwise: at
-        # grad_accum 8 / 32 (a 512 batch moved from 64 GPUs to 8 or 2) that added 0.34% / 0.59%
-        # relative error to the step's gradient on its own (BENCHMARKS.md, "Gradient
-        # accumulation in bf16"). ZeRO-2/3 then sum into an fp32 partition (+2 bytes per
-        # parameter / ranks). Not ZeRO-1: it would switch to BF16_Optimizer (an unsharded fp32
-        # gradient buffer, and a host wait per step that ds_readbacks does not remove).
+        # grad_accum 8 / 32 that added 0.35% / 0.59% relative error to the step's gradient on
+        # its own (BENCHMARKS.md, "Gradient accumulation in bf16"). ZeRO-2/3 then sum into an
+        # fp32 partition (+2 bytes per parameter / ranks). With nothing to sum (grad_accum 1)
+        # DeepSpeed's own path is kept. Not ZeRO-1: it would switch to BF16_Optimizer (an
+        # unsharded fp32 gradient buffer, and a host wait per step that ds_readbacks does not remove).
         data_types = _section(r, "data_types")
         if data_types.get("grad_accum_dtype", AUTO) == AUTO:
             data_types["grad_accum_dtype"] = "fp32"

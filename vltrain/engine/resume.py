@@ -281,26 +281,28 @@ def check_model_matches(tag_dir: str, module) -> None:
 def model_keys_differing(saved_cfg, ours) -> str:
     """Lines naming each ``model.*`` key whose value differs between a checkpoint's saved config
     and this run's and changes the model's parameter shapes (the names alone leave the user to
-    guess which setting made them): each key is tried alone on a meta-device model."""
+    guess which setting made them). Each key is tried alone both ways on a meta-device model:
+    this run's value in the checkpoint's config, the checkpoint's in this run's; a change that
+    makes no valid model (heads that do not divide that hidden size) tells nothing."""
     from dataclasses import fields, replace
 
     import torch
     from vltrain.model.vl_model import VLModel
 
-    def shapes(cfg):
-        with torch.device("meta"):
-            return {n: p.shape for n, p in VLModel(cfg).named_parameters()}
-    base, lines = None, []
+    def shapes(cfg, **change):
+        try:
+            with torch.device("meta"):
+                return {n: p.shape for n, p in VLModel(replace(cfg, **change)).named_parameters()}
+        except Exception:  # noqa: BLE001 - a combination no model accepts
+            return None
+    base = {"theirs": shapes(saved_cfg), "ours": shapes(ours)}
+    lines = []
     for f in fields(ours):
         here, there = getattr(ours, f.name), getattr(saved_cfg, f.name)
         if here == there:
             continue
-        base = base or shapes(saved_cfg)
-        try:
-            changed = shapes(replace(saved_cfg, **{f.name: here})) != base
-        except Exception:  # noqa: BLE001 - this key alone makes no valid model (heads vs hidden size)
-            changed = True
-        if changed:
+        tried = ((shapes(saved_cfg, **{f.name: here}), base["theirs"]), (shapes(ours, **{f.name: there}), base["ours"]))
+        if any(a is not None and b is not None and a != b for a, b in tried):
             lines.append(f"\n  model.{f.name}={here!r} here, {there!r} in the checkpoint")
     return "\nThe model keys that size parameters and differ:" + "".join(lines) if lines else ""
 

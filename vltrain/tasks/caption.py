@@ -3,8 +3,9 @@
 Training (``task.scst=false``): VLP's seq2seq objective with λ = 1 — every example is
 ``[CLS] r1..rN [SEP] w1..wT [STOP]`` in seq2seq mode and masked LM runs on the caption tokens
 and [STOP] only (``objectives.mlm_prob`` / ``max_pred``), cross-entropy with optional label
-smoothing (``task.label_smoothing``). ``objectives.seq2seq_prob`` and ``objectives.mrc`` are
-ignored: the caption collator forces λ = 1 and no region masking.
+smoothing (``task.label_smoothing``). The caption collator forces λ = 1 and no region masking:
+another ``objectives.seq2seq_prob``, ``objectives.mrc`` or ``data.max_sequence`` is refused
+as the config loads (``vltrain.config.check_task_keys``).
 
 Self-critical (``task.scst=true``, start from a fine-tuned checkpoint with ``train.init_from``):
 see ``vltrain.tasks.scst``; rewards use CIDEr-D with document frequencies of
@@ -53,12 +54,10 @@ class CaptionCollator(PretrainCollator):
     each batch also carries ``task["image_id"]`` (list of str) and ``task["references"]``
     (every reference caption of each image): SCST rewards and evaluation need them."""
 
-    def __init__(self, tokenizer, data, objectives, seed, streams=None, require_cls_probs=False,
-                 whole_image: bool = False, **model_dims):
+    def __init__(self, tokenizer, data, objectives, seed, streams=None, require_cls_probs=False, **model_dims):
         objectives = dataclasses.replace(objectives, seq2seq_prob=1.0, mrc=False)
         super().__init__(tokenizer, data, objectives, seed, streams, require_cls_probs=require_cls_probs,
                          **model_dims)
-        self.whole_image = whole_image      # a VL-BERT model's, with VLP's caption sequence
 
     def _check_stream(self, info) -> None:
         if info.meta and info.meta.get("kind") != "captions":
@@ -84,8 +83,7 @@ def make_caption_collator(cfg, tokenizer, infos, train: bool) -> CaptionCollator
     need_cls = cfg.model.region_embedding == "vlp" and cfg.model.use_cls_probs
     return CaptionCollator(tokenizer, cfg.data, cfg.objectives, cfg.train.seed, infos,
                            require_cls_probs=need_cls, num_classes=cfg.model.num_region_classes,
-                           feat_dim=cfg.model.region_feat_dim, image_box=cfg.model.vlbert_image_box,
-                           whole_image=cfg.model.region_embedding == "vlbert")
+                           feat_dim=cfg.model.region_feat_dim)
 
 
 # ------------------------------------------------------------------------------ module

@@ -123,9 +123,10 @@ def build_vqa(cfg, model) -> VQATask:
     # (below) would only send the user to task.num_answers and then here.
     if cfg.task.answer_vocab_sha256 and cfg.task.answer_vocab_sha256 != sha:
         if cfg.mode == "train":       # set in the config (a run's saved config.yaml carries its own)
+            fix = ("a resumed run needs the dataset it trained on" if cfg.train.resume else
+                   "training on data.train sets the key: leave it unset (task.answer_vocab_sha256=)")
             raise ValueError(f"config key 'task.answer_vocab_sha256': {cfg.task.answer_vocab_sha256} is not the "
-                             f"answer vocabulary of data.train ({sha}); training on it sets the key: leave it "
-                             "unset (task.answer_vocab_sha256=)")
+                             f"answer vocabulary of data.train ({sha}); {fix}")
         raise ValueError(_VOCAB_DIFFERS.format(split=f"data.{split}", theirs="the one the head was trained on "
                                                "(task.answer_vocab_sha256 of train.init_from's config)"))
     if len(vocab) != cfg.task.num_answers:
