@@ -555,6 +555,19 @@ def test_missing_cls_prob_names_the_column(tok):
     (lambda s: s.__setitem__("captions", []), r"column 'captions' holds no captions"),
     (lambda s: s.pop("features"), r"missing column 'features'"),
     (lambda s: s["cls_prob"].__setitem__((0, 0), np.nan), r"column 'cls_prob' has 1 NaN/inf"),
+    # checks added after a malformed-data audit, each of which trained on silently or crashed unnamed
+    (lambda s: s.__setitem__("captions", ["a red circle \ud83d"]),
+     r"caption 0 is not valid Unicode \(a lone surrogate at character 13"),
+    (lambda s: s.__setitem__("features", s["features"].astype(np.int32)),
+     r"column 'features' has dtype int32, expected floating point"),
+    (lambda s: s.__setitem__("boxes", s["boxes"] * 640),
+     r"column 'boxes' holds values in \[.*\]; boxes are normalised"),
+    (lambda s: s["boxes"].__setitem__(0, np.array([0.5, 0.2, 0.3, 0.9], np.float32)),
+     r"column .boxes. has boxes with x2 < x1 or y2 < y1"),
+    (lambda s: s.__setitem__("cls_prob", (s["cls_prob"] - 0.5).astype(np.float16)),
+     r"column 'cls_prob' is no class distribution per region \(smallest value -0\.\d+"),
+    (lambda s: s.__setitem__("cls_prob", (s["cls_prob"] * 50).astype(np.float16)),
+     r"column 'cls_prob' is no class distribution per region \(smallest value .*, largest row sum 50"),
 ])
 def test_bad_sample_errors_name_dataset_and_sample(tok, breakage, message):
     samples = caps(4)
@@ -605,9 +618,10 @@ def test_skip_bad_samples_counts_them(tok):
     samples = caps(5) + texts(2)
     samples[1]["features"][0, 0] = np.inf
     samples[6]["text"] = " "
+    samples[4]["captions"] = ["a cat \udc80"]          # the tokenizer's TypeError named no sample
     b = col(samples)
-    assert sorted(b.sample_id.tolist()) == [0, 2, 3, 4, 1000]
-    assert len(b.task[SKIPPED_KEY]) == 2
+    assert sorted(b.sample_id.tolist()) == [0, 2, 3, 1000]
+    assert len(b.task[SKIPPED_KEY]) == 3
     assert any("sample_id 1" in m for m in b.task[SKIPPED_KEY])
     assert any("sample_id 1001: text is empty" in m for m in b.task[SKIPPED_KEY])
     empty = col([samples[1]])

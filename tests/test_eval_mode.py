@@ -128,6 +128,7 @@ def test_two_ranks_keep_each_sample_once_and_match_one_rank(evaluated, task):
         assert res["metrics.json"]["step"] == TRAIN_STEPS and res["metrics.json"]["split"] == "test"
         assert res["metrics.json"]["truncated"] == {"text": 0, "regions": len(rows) if task in EVAL_CUT else 0}
         assert res["metrics.json"]["skipped"] == bad
+        assert res["metrics.json"]["repeated_ids"] == 0          # streaming's padding repeats are no such thing
         assert res["metrics.json"]["converter_skipped"] == CONVERTER_SKIPPED.get(task, {})
         assert res["metrics.json"]["converter_left_out"] == CONVERTER_LEFT_OUT.get(
             task, {"samples_left_out": 0, "input_samples": 0, "input_unit": ""})
@@ -238,3 +239,25 @@ def test_eval_refuses_a_split_converted_with_another_answer_vocabulary(evaluated
     assert ("data.val: its answer_vocab.json differs from the one the head was trained on" in ranks.log(0)
             ), ranks.log(0)[-3000:]
     assert "task.num_answers" not in ranks.log(0), ranks.log(0)[-3000:]
+
+
+def test_samples_sharing_a_sample_id_are_counted_not_silently_dropped(evaluated, synthetic_corpus, tmp_path):
+    """Predictions are kept one per sample id: two samples of a split with one id were scored
+    once between them without a word (a malformed-data audit: VQA 64 -> 62 samples,
+    metrics.json skipped 0). Now metrics.json says how many went unscored, and the log warns."""
+    from tests.fixtures.corpus import Ranks
+    from vltrain.engine.distributed import free_port
+    root = evaluated["root"]
+    vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
+    ckpt = os.path.join(root, "train", "vqa-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
+    dst = str(tmp_path / "vqa_same_ids")
+    write_subset(os.path.join(synthetic_corpus, "vqa", "val"), dst, 12, repeat_ids=2)
+    args = ["--config", "configs/vqa_debug.yaml", "mode=eval", "task.eval_split=val", f"train.init_from={ckpt}",
+            f"output_root={tmp_path}", "run_name=ev", *common(root, vocab, nvocab, "vqa"), f"data.val={dst}"]
+    ranks = Ranks(args, 1, str(tmp_path / "logs"), free_port())
+    assert ranks.wait(300) == [0], ranks.log(0)[-3000:]
+    with open(tmp_path / "ev" / "eval" / f"val_step{TRAIN_STEPS:08d}" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert (metrics["num_samples"], metrics["repeated_ids"], metrics["skipped"]) == (10, 2, 0), metrics
+    assert "2 of the split's samples share a sample_id with another and were not scored" in ranks.log(0)
+

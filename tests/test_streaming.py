@@ -400,6 +400,30 @@ def test_an_unreadable_cached_shard_is_dropped(tmp_path, vocab_file):
     assert sum(b.batch_size for b in loader) == 24
 
 
+def test_a_sample_whose_text_does_not_decode_is_a_bad_sample(tmp_path, vocab_file):
+    """A captions column whose bytes are not UTF-8 (written so: right size, no hash): one bad
+    sample named by shard and index, skipped and counted with data.skip_bad_samples (it ended
+    the run, skipping on, and the cached copy was dropped for a rerun that reads the same)."""
+    from tests.fixtures.mds import make_caption_samples
+    from vltrain.data.errors import BadSampleError
+    ds = write_captions(str(tmp_path / "ds"), 12)
+    (shard,) = _shards(ds)
+    path = tmp_path / "ds" / shard
+    data = path.read_bytes()
+    caption = make_caption_samples(12)[5]["captions"][0].encode()
+    at = data.index(caption)
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    with pytest.raises(BadSampleError, match=rf"shard {shard}: sample 5: a text column does not decode "
+                                             r"\(UnicodeDecodeError"):
+        for _ in _single_loader(ds, tmp_path, vocab_file, validate_hash="", shuffle=False):
+            pass
+    loader = _single_loader(ds, tmp_path, vocab_file, validate_hash="", shuffle=False, skip_bad_samples=True,
+                            run_name="skipping")
+    assert sum(b.batch_size for b in loader) == 11 and loader.num_skipped == 1
+    (cache,) = (tmp_path / "cache" / "node0" / "debug").iterdir()
+    assert shard in os.listdir(cache)                 # kept: its bytes are the source's
+
+
 def test_truncated_shard_names_the_shard(tmp_path, vocab_file):
     from vltrain.data.errors import ShardError
     ds = write_captions(str(tmp_path / "ds"), 24, size_limit=1 << 12)

@@ -55,6 +55,9 @@ from vltrain.data.packed import ScratchPool
 
 # Keys the reader adds to every sample (see datasets.VLStreamingDataset.get_item).
 STREAM_KEY = "_stream"
+# Set by the dataset on a sample whose stored text does not decode: the collator makes it a bad
+# sample (skipped and counted with data.skip_bad_samples, else the run's error)
+UNREADABLE_KEY = "_unreadable"
 # Key in ``Batch.task`` carrying skipped-sample messages from the worker to the loader.
 SKIPPED_KEY = "_skipped"
 # Key in ``Batch.task``: (sample ids whose text was cut to data.max_text_len, sample ids whose
@@ -235,6 +238,8 @@ class PretrainCollator:
 
     # ------------------------------------------------------------------ per sample
     def _stream_of(self, sample: dict) -> tuple[int, StreamInfo]:
+        if UNREADABLE_KEY in sample:
+            raise BadSampleError(sample[UNREADABLE_KEY])
         s = int(sample.get(STREAM_KEY, 0))
         if not 0 <= s < len(self.streams):
             raise ValueError(f"sample has stream index {s} but the collator knows "
@@ -265,13 +270,46 @@ class PretrainCollator:
             n_bad = int((~np.isfinite(arr.astype(np.float32))).sum())
             raise self._bad(info, sample, f"column '{col}' has {n_bad} NaN/inf values")
 
+    def _floats(self, info, sample, col, arr: np.ndarray) -> np.ndarray:
+        """``arr`` if it holds floating-point numbers (a batch takes its tensor's dtype from its
+        first sample: an integer one zeroed the fractions of the others)."""
+        if arr.dtype.kind != "f":
+            raise self._bad(info, sample, f"column '{col}' has dtype {arr.dtype}, expected floating point "
+                                          "(data_tools write float16)")
+        return arr
+
+    def _boxes_ok(self, info, sample, col: str, boxes: np.ndarray) -> None:
+        """Boxes (x1, y1, x2, y2) normalised to [0, 1] with x1 <= x2, y1 <= y2: pixel boxes or
+        swapped corners trained silently (a grounding target then matched no region)."""
+        lo, hi = float(boxes.min(initial=0.0)), float(boxes.max(initial=0.0))
+        if lo < -BOX_TOL or hi > 1.0 + BOX_TOL:
+            raise self._bad(info, sample, f"column '{col}' holds values in [{lo:.4g}, {hi:.4g}]; boxes are "
+                                          "normalised by the image size to [0, 1] (pixel boxes? see the "
+                                          "converter's image size)")
+        if len(boxes) and bool(((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])).any()):
+            raise self._bad(info, sample, f"column '{col}' has boxes with x2 < x1 or y2 < y1; expected "
+                                          "(x1, y1, x2, y2)")
+
+    def _text_ok(self, info, sample, text, what: str) -> str:
+        """``text`` if it is a non-blank string the tokenizer can take: a lone surrogate (a
+        character cut in half in a JSON column) made it raise a TypeError naming no sample."""
+        if not isinstance(text, str) or not text.strip():
+            raise self._bad(info, sample, f"{what} is empty: {text!r}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise self._bad(info, sample, f"{what} is not valid Unicode (a lone surrogate at character "
+                                              f"{e.start}: a character cut in half?): {text!r}") from None
+        return text
+
     def _regions(self, info: StreamInfo, sample: dict, by_confidence: bool = False):
         """Validated (feats, boxes, cls or None, image_feat or None, cut), cut to max_regions;
         ``by_confidence``: first ordered by the detector's confidence (the highest class
         probability, highest first; stored order where the sample has no class distribution),
         as VL-BERT's pretraining orders them before its joint cut."""
         meta = info.meta
-        feats = np.asarray(self._get(info, sample, "features"))
+        feats = self._floats(info, sample, "features", np.asarray(self._get(info, sample, "features")))
         if feats.ndim != 2:
             raise self._bad(info, sample, f"column 'features' has shape {feats.shape}, expected (N, D)")
         n, d = feats.shape
@@ -300,10 +338,12 @@ class PretrainCollator:
         feats, boxes = feats[:k], boxes[:k]
         self._finite(info, sample, "features", feats)
         self._finite(info, sample, "boxes", boxes)
+        self._boxes_ok(info, sample, "boxes", boxes)
         image_feat = None
         stored = meta.get("has_image_feature") or (not meta and "image_feature" in sample)
         if stored and self.data.image_feature == "stored":
             image_feat = np.asarray(self._get(info, sample, "image_feature"))
+            self._floats(info, sample, "image_feature", image_feat)
             if image_feat.shape != (d,):
                 raise self._bad(info, sample, f"column 'image_feature' has shape {image_feat.shape}, "
                                               f"expected ({d},)")
@@ -318,12 +358,18 @@ class PretrainCollator:
         # dataset's samples are checked here.
         num_classes = None if any_width else meta.get("num_classes") or self.num_classes
         if _has_cls_prob(meta, sample):
-            cls = np.asarray(self._get(info, sample, "cls_prob"))
+            cls = self._floats(info, sample, "cls_prob", np.asarray(self._get(info, sample, "cls_prob")))
             if cls.ndim != 2 or cls.shape[0] != n or (num_classes and cls.shape[1] != num_classes):
                 want = f"({n}, {num_classes or 'C'})"
                 raise self._bad(info, sample, f"column 'cls_prob' has shape {cls.shape}, expected {want}")
             cls = cls[:k]
             self._finite(info, sample, "cls_prob", cls)
+            # probabilities: a negative one made the region-classification loss negative
+            low, total = float(cls.min(initial=0.0)), float(cls.astype(np.float32).sum(1).max(initial=0.0))
+            if low < -PROB_TOL or total > 1.0 + PROB_TOL:
+                raise self._bad(info, sample, f"column 'cls_prob' is no class distribution per region (smallest "
+                                              f"value {low:.3g}, largest row sum {total:.4g}): a detector's softmax "
+                                              "output is expected")
             return cls
         if not (self.data.hard_class_targets and (meta.get("has_obj_labels") or "obj_labels" in sample)):
             raise self._bad(info, sample, "missing column 'cls_prob' (detector class distribution), needed for "
@@ -421,16 +467,12 @@ class PretrainCollator:
             if not isinstance(caps, list) or not caps:
                 raise self._bad(info, sample, "column 'captions' holds no captions")
             for i, c in enumerate(caps):
-                if not isinstance(c, str) or not c.strip():
-                    raise self._bad(info, sample, f"caption {i} is empty")
+                self._text_ok(info, sample, c, f"caption {i}")
             sid = int(self._get(info, sample, "sample_id"))
             rng = masking.sample_rng(self.seed, self.epoch, sid, s)
             return caps[int(rng.integers(len(caps)))]
         if kind == "text":
-            text = self._get(info, sample, "text")
-            if not isinstance(text, str) or not text.strip():
-                raise self._bad(info, sample, "text is empty")
-            return text
+            return self._text_ok(info, sample, self._get(info, sample, "text"), "text")
         raise self._bad(info, sample, f"dataset kind {kind!r} is not a pretraining kind")
 
     # ------------------------------------------------------------------ batch
@@ -568,6 +610,10 @@ def _unmasked_mean(feats: torch.Tensor, rmask: torch.Tensor, pos: torch.Tensor,
     k = keep[..., None].float()
     total = (feats.float() * k).sum(1) + rest_sum
     return (total / (k.sum(1) + rest_n[:, None]).clamp(min=1)).to(feats.dtype)
+
+
+PROB_TOL = 0.01          # float16 storage of a softmax rounds each of 1601 classes
+BOX_TOL = 0.01           # boxes normalised by the image size; a pixel past the edge rounds
 
 
 def _all_finite(arr: np.ndarray) -> bool:

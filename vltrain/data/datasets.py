@@ -30,7 +30,7 @@ from streaming.base.storage import CloudDownloader
 
 from vltrain.config import ConfigError
 from vltrain.data import host_limits, schema, shm_prefix
-from vltrain.data.collate import STREAM_KEY, StreamInfo
+from vltrain.data.collate import STREAM_KEY, UNREADABLE_KEY, StreamInfo
 from vltrain.data import storage_faults
 from vltrain.data.errors import CacheFull, DataError, MetaError, ShardError, StorageUnavailable
 from vltrain.redact import redact
@@ -293,6 +293,13 @@ class VLStreamingDataset(StreamingDataset):
             if self._bg_error is not None:
                 raise self._bg_error from e
             self._check_size(shard_id)
+            if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)):
+                # The shard's bytes are as written (right size, a str / json column that is not
+                # UTF-8 or JSON): one bad sample, for the collator to skip or report; the cached
+                # copy stays, as a rerun would read the same
+                return {UNREADABLE_KEY: f"{self._describe(shard_id)}: sample {sample_id}: a text column does "
+                                        f"not decode ({type(e).__name__}: {e}): it was written so",
+                        STREAM_KEY: int(self.stream_per_shard[shard_id])}
             # Right size, unreadable (corrupt after decompression, hash check off): drop the
             # cached copy, or every later run on this cache fails the same way.
             raise ShardError(f"{self._describe(shard_id)}: cannot read sample {sample_id} "

@@ -75,8 +75,7 @@ class TaskCollator(PretrainCollator):
     def _tagged(self, info, sample, text, refs, what: str) -> tuple[list[int], list[int]]:
         """WordPiece ids of ``text`` (``what`` names it in errors) and, per id, the region its
         reference in ``refs`` ([char_start, char_end, region] triples) names (-1: none)."""
-        if not isinstance(text, str) or not text.strip():
-            raise self._bad(info, sample, f"{what} is empty: {text!r}")
+        self._text_ok(info, sample, text, what)
         if not refs:
             ids = self.tok.encode(text)
             regions = [-1] * len(ids)
@@ -169,8 +168,13 @@ class VQACollator(TaskCollator):
             raise self._bad(info, sample, f"target_ids {tids.shape} and target_scores {tsc.shape} differ")
         if not np.isfinite(tsc).all():
             raise self._bad(info, sample, "target_scores has NaN/inf values")
+        if len(tsc) and (tsc.min() < 0 or tsc.max() > 1):
+            raise self._bad(info, sample, f"target_scores {tsc.tolist()} outside [0, 1] (VQA soft scores: "
+                                          "min(#annotators who gave the answer / 3, 1))")
         keep = tsc > 0                         # [0]/[0.0] is the "no in-vocabulary answer" placeholder
         tids, tsc = tids[keep], tsc[keep]
+        if len(np.unique(tids)) < len(tids):
+            raise self._bad(info, sample, f"target_ids {tids.tolist()} name an answer twice")
         if len(tids) and (tids.min() < 0 or tids.max() >= self.num_answers):
             raise self._bad(info, sample, f"target_ids {tids.tolist()} outside [0, {self.num_answers}): the "
                                           f"dataset's answer vocabulary is larger than task.num_answers")
@@ -184,6 +188,8 @@ class VQACollator(TaskCollator):
                  "image_id": str(sample.get("image_id", ""))}
         if not self.train:
             answers = sample.get("answers") or []
+            if not isinstance(answers, list):   # a plain string was scored letter by letter
+                raise self._bad(info, sample, f"column 'answers' must list the annotators' answers, got {answers!r}")
             extra["answers"] = [str(a) for a in answers]
             # optional column: datasets converted before it existed have none
             extra["answer_type"] = str(sample.get("answer_type") or "")
@@ -219,6 +225,8 @@ class MCCollator(TaskCollator):
         label = int(self._get(info, sample, "label"))
         if not -1 <= label < len(choices):
             raise self._bad(info, sample, f"label {label} outside [0, {len(choices)}) (-1 = unlabeled)")
+        if label == -1 and self.train:       # it would train nothing, and a split of them trains NaN
+            raise self._bad(info, sample, "label -1 (unlabeled: a test split?) in a training split")
         linked = self.link_refs and sample.get("question_refs") is not None
         choice_refs = sample.get("choice_refs") if linked else None
         if linked and not (isinstance(choice_refs, list) and len(choice_refs) == len(choices)):
@@ -280,6 +288,7 @@ class RefsCollator(TaskCollator):
         box = np.asarray(self._get(info, sample, "target_box"), dtype=np.float32).reshape(-1)
         if box.shape != (4,) or not np.isfinite(box).all():
             raise self._bad(info, sample, f"column 'target_box' must be 4 finite numbers, got {box.tolist()}")
+        self._boxes_ok(info, sample, "target_box", box)
         ex = self._image_example(info, sample, ids, [0] * len(ids), len(words) < len(expression))
         region = int(self._get(info, sample, "target_region"))
         if region >= len(ex.feats):

@@ -3,7 +3,9 @@ by sample id (each sample once across ranks), and the result files of one evalua
 
 Files of one evaluation, written by rank 0 under ``<run_dir>/eval/<split>_step<NNNNNNNN>/``:
   ``metrics.json``       {"task", "split", "step", "init_from", "num_samples", "truncated", "skipped",
-                         "converter_skipped", "converter_left_out", "metrics"} (truncated: how many of the samples had
+                         "repeated_ids", "converter_skipped", "converter_left_out", "metrics"}
+                         (repeated_ids: samples of the split left unscored because another sample
+                         has their sample_id; truncated: how many of the samples had
                          their text cut to data.max_text_len / their regions to data.max_regions;
                          skipped: how many bad samples data.skip_bad_samples left out, not in
                          num_samples; converter_skipped: the bad inputs data_tools --skip-bad left
@@ -68,8 +70,11 @@ def predict_split(trainer, split: str, collect: Callable) -> tuple[dict, dict]:
         for key in ("samples_left_out", "input_samples"):      # datasets converted before them lack them
             left_out[key] += int(info.meta.get(key) or 0)
         left_out["input_unit"] = info.meta.get("input_unit") or left_out["input_unit"]
+    # Samples sharing an id with another were scored once between them (the dict keeps one):
+    # the split's sample count tells how many (the converters refuse such ids; a reader does not)
+    repeated = max(int(loader.dataset.num_samples) - len(merged) - len(skipped), 0)
     return merged, {"text": len(text), "regions": len(regions), "skipped": len(skipped),
-                    "converter_skipped": converted, "converter_left_out": left_out}
+                    "repeated_ids": repeated, "converter_skipped": converted, "converter_left_out": left_out}
 
 
 def first_seen_counts(per_rank: list[list[list[int]]]) -> list[list[int]]:
@@ -126,6 +131,10 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
         if counts["skipped"]:
             log.warning("%s evaluation: %d bad samples skipped (data.skip_bad_samples), not scored "
                         "(metrics.json: skipped)", split, counts["skipped"])
+        if counts["repeated_ids"]:
+            log.warning("%s evaluation: %d of the split's samples share a sample_id with another and were not "
+                        "scored (one per id; metrics.json: repeated_ids): the dataset's sample ids repeat",
+                        split, counts["repeated_ids"])
         left = counts["converter_left_out"]
         if left["samples_left_out"]:
             log.warning("%s evaluation: the split's converter left out %d of its input's %d %s (%.1f%%; %s; "
@@ -148,6 +157,7 @@ def write_results(trainer, split: str, metrics: dict, predictions: dict, counts:
         write_json({"task": trainer.cfg.task.name, "split": split, "step": trainer.step,
                     "init_from": trainer.cfg.train.init_from, "num_samples": len(predictions),
                     "truncated": {k: counts[k] for k in ("text", "regions")}, "skipped": counts["skipped"],
+                    "repeated_ids": counts["repeated_ids"],
                     "converter_skipped": counts["converter_skipped"],
                     "converter_left_out": counts["converter_left_out"], "metrics": metrics}, os.path.join(out, "metrics.json"))
         log.info("%s evaluation on %s (%d samples) written to %s", trainer.cfg.task.name, split,
