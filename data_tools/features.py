@@ -47,6 +47,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data_tools.common import BadInputError, SkipCounter
+from vltrain.data.schema import BOX_TOLERANCE
 
 DEFAULT_TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 FIELD_ALIASES = {"img_id": "image_id", "img_w": "image_w", "img_h": "image_h"}
@@ -54,7 +55,6 @@ KNOWN_FIELDS = {"image_id", "image_w", "image_h", "num_boxes", "boxes", "feature
                 "objects_id", "objects_conf", "attrs_id", "attrs_conf", "image_feature",
                 *FIELD_ALIASES}
 FP16_MAX = float(np.finfo(np.float16).max)
-BOX_TOLERANCE = 0.01          # boxes may poke out of the image by 1% (rounding); more is an error
 
 
 # A COCO image file's stem (``COCO_train2014_000000000009``), how LXMERT's TSVs and extractors

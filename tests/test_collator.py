@@ -552,6 +552,7 @@ def test_missing_cls_prob_names_the_column(tok):
     (lambda s: s.__setitem__("features", s["features"][:0]), r"image has zero regions"),
     (lambda s: s.__setitem__("boxes", s["boxes"][:-1]), r"column 'boxes' has shape"),
     (lambda s: s.__setitem__("captions", ["a cat", "  "]), r"caption 1 is empty"),
+    (lambda s: s.__setitem__("captions", ["a cat", None]), r"caption 1 is not text: None"),
     (lambda s: s.__setitem__("captions", []), r"column 'captions' holds no captions"),
     (lambda s: s.pop("features"), r"missing column 'features'"),
     (lambda s: s["cls_prob"].__setitem__((0, 0), np.nan), r"column 'cls_prob' has 1 NaN/inf"),

@@ -50,7 +50,7 @@ import torch
 
 from vltrain.data.batch import MODE_BIDIRECTIONAL, MODE_SEQ2SEQ, Batch
 from vltrain.data.errors import BadSampleError
-from vltrain.data import masking
+from vltrain.data import masking, schema
 from vltrain.data.packed import ScratchPool
 
 # Keys the reader adds to every sample (see datasets.VLStreamingDataset.get_item).
@@ -282,7 +282,7 @@ class PretrainCollator:
         """Boxes (x1, y1, x2, y2) normalised to [0, 1] with x1 <= x2, y1 <= y2: pixel boxes or
         swapped corners trained silently (a grounding target then matched no region)."""
         lo, hi = float(boxes.min(initial=0.0)), float(boxes.max(initial=0.0))
-        if lo < -BOX_TOL or hi > 1.0 + BOX_TOL:
+        if lo < -schema.BOX_TOLERANCE or hi > 1.0 + schema.BOX_TOLERANCE:
             raise self._bad(info, sample, f"column '{col}' holds values in [{lo:.4g}, {hi:.4g}]; boxes are "
                                           "normalised by the image size to [0, 1] (pixel boxes? see the "
                                           "converter's image size)")
@@ -293,7 +293,9 @@ class PretrainCollator:
     def _text_ok(self, info, sample, text, what: str) -> str:
         """``text`` if it is a non-blank string the tokenizer can take: a lone surrogate (a
         character cut in half in a JSON column) made it raise a TypeError naming no sample."""
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise self._bad(info, sample, f"{what} is not text: {text!r}")
+        if not text.strip():
             raise self._bad(info, sample, f"{what} is empty: {text!r}")
         if not text.isascii():
             try:
@@ -613,7 +615,6 @@ def _unmasked_mean(feats: torch.Tensor, rmask: torch.Tensor, pos: torch.Tensor,
 
 
 PROB_TOL = 0.01          # float16 storage of a softmax rounds each of 1601 classes
-BOX_TOL = 0.01           # boxes normalised by the image size; a pixel past the edge rounds
 
 
 def _all_finite(arr: np.ndarray) -> bool:

@@ -71,6 +71,9 @@ OPTIONAL_KIND_COLUMNS = {
 
 # Answer vocabulary of a VQA dataset: a JSON list of answers, index = class id.
 ANSWER_VOCAB_FILE = "answer_vocab.json"
+# Boxes are (x1, y1, x2, y2) normalised by the image size; they may poke out by 1% (rounding):
+# the converters refuse more, and the collators refuse such a sample (a dataset written otherwise)
+BOX_TOLERANCE = 0.01
 # every input a converter's --skip-bad left out, beside the shards: [{"reason", "input"}]
 SKIPPED_FILE = "vltrain_skipped.json"
 
