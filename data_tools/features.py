@@ -47,7 +47,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data_tools.common import BadInputError, SkipCounter
-from vltrain.data.schema import BOX_TOLERANCE
+from vltrain.data.schema import box_faults
 
 DEFAULT_TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 FIELD_ALIASES = {"img_id": "image_id", "img_w": "image_w", "img_h": "image_h"}
@@ -417,13 +417,14 @@ class RegionChecker:
                                      f"{r.optional['image_feature'].shape}, expected ({d},)")
             return None
         boxes = r.boxes.astype(np.float64) / np.array([w, h, w, h], dtype=np.float64)
-        if (boxes < -BOX_TOLERANCE).any() or (boxes > 1 + BOX_TOLERANCE).any():
-            i = int(np.argwhere((boxes < -BOX_TOLERANCE) | (boxes > 1 + BOX_TOLERANCE))[0][0])
+        outside, swapped = box_faults(boxes)
+        if outside.any():
+            i = int(outside.argmax())
             bad("box_outside_image", f"{r.where}: box {i} {r.boxes[i].tolist()} lies outside the "
                                      f"{w}x{h} image (wrong image size or box format?)")
             return None
-        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-            i = int(np.argwhere((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0][0])
+        if swapped.any():
+            i = int(swapped.argmax())
             bad("bad_box", f"{r.where}: box {i} {r.boxes[i].tolist()} has x2<x1 or y2<y1 "
                            f"(expected x1,y1,x2,y2)")
             return None

@@ -281,12 +281,13 @@ class PretrainCollator:
     def _boxes_ok(self, info, sample, col: str, boxes: np.ndarray) -> None:
         """Boxes (x1, y1, x2, y2) normalised to [0, 1] with x1 <= x2, y1 <= y2: pixel boxes or
         swapped corners trained silently (a grounding target then matched no region)."""
-        lo, hi = float(boxes.min(initial=0.0)), float(boxes.max(initial=0.0))
-        if lo < -schema.BOX_TOLERANCE or hi > 1.0 + schema.BOX_TOLERANCE:
+        outside, swapped = schema.box_faults(boxes)
+        if outside.any():
+            lo, hi = float(boxes.min()), float(boxes.max())
             raise self._bad(info, sample, f"column '{col}' holds values in [{lo:.4g}, {hi:.4g}]; boxes are "
                                           "normalised by the image size to [0, 1] (pixel boxes? see the "
                                           "converter's image size)")
-        if len(boxes) and bool(((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])).any()):
+        if swapped.any():
             raise self._bad(info, sample, f"column '{col}' has boxes with x2 < x1 or y2 < y1; expected "
                                           "(x1, y1, x2, y2)")
 

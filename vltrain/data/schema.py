@@ -74,6 +74,15 @@ ANSWER_VOCAB_FILE = "answer_vocab.json"
 # Boxes are (x1, y1, x2, y2) normalised by the image size; they may poke out by 1% (rounding):
 # the converters refuse more, and the collators refuse such a sample (a dataset written otherwise)
 BOX_TOLERANCE = 0.01
+
+
+def box_faults(boxes):
+    """Per box of ``boxes`` (an array (..., 4), normalised): (outside [0, 1] by more than
+    BOX_TOLERANCE, corners swapped: x2 < x1 or y2 < y1). The converters and the collators
+    refuse either."""
+    outside = ((boxes < -BOX_TOLERANCE) | (boxes > 1 + BOX_TOLERANCE)).any(-1)
+    swapped = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+    return outside, swapped
 # every input a converter's --skip-bad left out, beside the shards: [{"reason", "input"}]
 SKIPPED_FILE = "vltrain_skipped.json"
 
