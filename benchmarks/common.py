@@ -223,6 +223,7 @@ class Runner:
     peak_bytes: int = 0
     note: str = ""
     engine: object = None          # the DeepSpeed engine, for the engine row
+    grad_accum: int = 1            # micro-batches a step (the engine's accumulation rows)
 
 
 def runs_here(runner: Runner, device: torch.device) -> Optional[str]:

@@ -32,7 +32,8 @@
 #            micro-batch $TPUT_BATCH
 #   levers   benchmarks/mfu_levers.py at micro-batch $TPUT_BATCH: autocast vs bf16 weights vs 2x batch
 #            vs bf16 weights with the triton attention backend (32/64-wide blocks) vs the
-#            DeepSpeed engine (bf16, ZeRO-2), and the bf16 steps' kernel-class breakdowns; the
+#            DeepSpeed engine (bf16, ZeRO-2; at grad_accum 2 with the gradients summed in fp32 vs
+#            bf16), and the bf16 steps' kernel-class breakdowns; the
 #            hidden dropouts' RNG (none, Inductor's fallback_random, align_random_eager, vltrain's
 #            packed masks: model.hidden_dropout_masks=packed); each distinct graph compiles
 #            once, so rows cost the step's time limit: LEVERS_ARGS=--h2d adds the batch's

@@ -21,7 +21,10 @@ Rows, all ours with compiled blocks and sdpa unless a row says otherwise (the be
                                   beside it the same engine with DeepSpeed's own ZeRO step (which
                                   reads the gradient norm back), and with that and DeepSpeed's
                                   default throughput timer (which synchronizes the device twice
-                                  per step): vltrain's engine before it took both out
+                                  per step): vltrain's engine before it took both out; and at
+                                  grad_accum 2 (micro-batch samples twice a step), the bf16
+                                  gradients summed in fp32 (vltrain) vs in bf16 (DeepSpeed's
+                                  default); fp32 on CPU: one row
   peer            transformers' VisualBertForPreTraining, bf16 autocast (as in the throughput table;
                   the "× peer" column's reference), and with bf16 weights (as ours' bf16-weights rows)
   dropout's RNG   (--rng) what the hidden dropouts' random numbers cost inside the compiled
@@ -57,6 +60,9 @@ import torch  # noqa: E402
 from benchmarks.common import (Runner, emit_report, full_size, machine_description, make_batch,  # noqa: E402
                                markdown_table, median, quick_size, runs_here, sync, time_interleaved)
 from benchmarks.train_throughput import build_engine, build_ours, build_peer, init_single_process_group  # noqa: E402
+
+ACCUM = 2      # micro-batches a step in the engine's gradient-accumulation rows
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -190,11 +196,20 @@ def main(argv=None) -> int:
                               ", no gradient hooks"),
                              (0, {}, "")]
             precision = "bf16" if device.type == "cuda" else "fp32"
-            for stage, keys, tag, *readbacks in variants:
+            variants = [(stage, keys, tag, bool(readbacks), 1) for stage, keys, tag, *readbacks in variants]
+            # Two micro-batches a step: the bf16 run's gradients summed in fp32 (vltrain's resolved
+            # ds_config at grad_accum > 1) vs in bf16 (DeepSpeed's default): what the sum costs
+            accum = f", grad_accum {ACCUM}"
+            variants += [(2, {}, accum + (", fp32 gradient sum (vltrain)" if device.type == "cuda" else ""),
+                          False, ACCUM)]
+            if device.type == "cuda":
+                variants += [(2, {"data_types": {"grad_accum_dtype": "bf16"}},
+                              accum + ", bf16 gradient sum (DeepSpeed's default)", False, ACCUM)]
+            for stage, keys, tag, readbacks, ga in variants:
                 log(f"building: DeepSpeed engine ZeRO-{stage}{tag}")
                 r = build_engine(sizes["1x"], batches["1x"], device, preds["1x"], stage=stage, ds_keys=keys,
-                                 ds_readbacks=bool(readbacks))
-                r.label, r.batch = f"DeepSpeed engine (ZeRO-{stage}, {precision}{tag})", args.batch
+                                 ds_readbacks=readbacks, grad_accum=ga)
+                r.label, r.batch = f"DeepSpeed engine (ZeRO-{stage}, {precision}{tag})", ga * args.batch
                 runners.append(r)
         except Exception as e:  # noqa: BLE001 — e.g. FusedAdam cannot be built: report, go on
             import traceback
@@ -219,7 +234,7 @@ def main(argv=None) -> int:
     for r in runners:
         t = median(r.times)
         tflops = r.flops_per_step / t / 1e12
-        rows.append([r.label, r.batch, r.batch / t, t * 1e3, tflops, 100 * tflops / peak if peak else float("nan"),
+        rows.append([r.label, r.batch // r.grad_accum, r.batch / t, t * 1e3, tflops, 100 * tflops / peak if peak else float("nan"),
                      (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
     md = [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
           f"text tokens, sdpa unless a row says otherwise, compiled blocks; {args.rounds} rounds of "

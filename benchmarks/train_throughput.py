@@ -194,14 +194,16 @@ ENGINE_STAGE = 2      # ds_configs/zero2.json, the recipes' default, "auto" keys
 
 
 def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE_STAGE,
-                 ds_keys: dict | None = None, ds_readbacks: bool = False) -> Runner:
+                 ds_keys: dict | None = None, ds_readbacks: bool = False, grad_accum: int = 1) -> Runner:
     """Ours through the DeepSpeed engine, as ``vltrain/run.py`` trains: ZeRO-2 on one rank,
     sdpa, ``model.compile`` on GPU, ``train.precision`` bf16 on GPU (weights in bf16, fp32
     master copy, DeepSpeed's fused Adam) and fp32 on CPU (torch's fused AdamW).
     ``stage`` picks ds_configs/zero<stage>.json; ``ds_keys`` ({section: {key: value}}) are set
     in the resolved config (the diagnosis rows of benchmarks/mfu_levers.py); ``ds_readbacks``
     keeps DeepSpeed's own ZeRO step, which waits for the GPU before each step (vltrain's
-    replaces it: vltrain/engine/ds_readbacks.py)."""
+    replaces it: vltrain/engine/ds_readbacks.py). ``grad_accum`` micro-batches (the same batch)
+    make one step, whose samples and FLOPs count all of them; under bf16 ZeRO-2/3 the resolved
+    config then sums gradients in fp32 (vltrain/engine/ds_config.py) unless ``ds_keys`` says."""
     import deepspeed
     from vltrain.config import Config
     from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, resolve_ds_config
@@ -214,6 +216,7 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
     gpu = device.type == "cuda"
     cfg = Config(model=dataclasses.replace(size.model, attention_backend="sdpa", compile=gpu))
     cfg.train.micro_batch_size = size.batch
+    cfg.train.grad_accum = grad_accum
     cfg.train.precision = "bf16" if gpu else "fp32"
     ds = resolve_ds_config(os.path.join(REPO, "ds_configs", f"zero{stage}.json"), cfg, 1, device.type)
     for section, keys in (ds_keys or {}).items():
@@ -229,20 +232,22 @@ def build_engine(size: Size, batch, device, flops_pred: int, stage: int = ENGINE
     b = batch.to(device, float_dtype=torch.bfloat16 if gpu else None)
 
     def step():
-        loss, _ = engine(b)
-        engine.backward(loss)
-        if ds_readbacks:
-            with deepspeeds_own_norm_mask():
+        for _ in range(grad_accum):        # the engine steps the optimizer at the last one
+            loss, _ = engine(b)
+            engine.backward(loss)
+            if ds_readbacks:
+                with deepspeeds_own_norm_mask():
+                    engine.step()
+            else:
                 engine.step()
-        else:
-            engine.step()
 
-    flops = FlopCounter(flop_params(task, model, pretrain_heads(cfg.objectives)), cfg.model).batch(
+    flops = grad_accum * FlopCounter(flop_params(task, model, pretrain_heads(cfg.objectives)), cfg.model).batch(
         size.batch, size.seq_len, flops_pred)
     label = f"DeepSpeed engine, ZeRO-{stage}, sdpa{' +compile' if gpu else ''}"
     optim = "bf16 weights + fp32 master, fused Adam" if gpu else "fp32, torch's fused AdamW"
     note = f"what vltrain/run.py runs: {optim}; memory includes zero{stage}.json's reduce buckets"
-    return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine)
+    return Runner(label, OURS, label, gpu, step, task, engine.optimizer, flops, note=note, engine=engine,
+                  grad_accum=grad_accum)
 
 
 @contextlib.contextmanager

@@ -216,10 +216,15 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
                       "DeepSpeed engine (ZeRO-2, fp32, bf16.check_grad_overflow=true)",
                       "DeepSpeed engine (ZeRO-2, fp32, overlap_comm=true)", "DeepSpeed engine (ZeRO-1, fp32)",
                       "DeepSpeed engine (ZeRO-1, fp32, no gradient hooks)",
-                      "DeepSpeed engine (ZeRO-0, fp32)", "peer: VisualBertForPreTraining (fp32, eager)",
+                      "DeepSpeed engine (ZeRO-0, fp32)", "DeepSpeed engine (ZeRO-2, fp32, grad_accum 2)",
+                      "peer: VisualBertForPreTraining (fp32, eager)",
                       "peer: VisualBertForPreTraining (bf16 weights, eager)", "bf16 weights, micro-batch 4"]
     assert all(finite(r[2]) and float(r[2].replace(",", "")) > 0 for r in rows), rows     # samples/s
     assert rows[0][6] == "1" and rows[-3][7] == "1"                    # × first row, × (autocast) peer
+    accum, one = rows[labels.index("DeepSpeed engine (ZeRO-2, fp32, grad_accum 2)")], rows[labels.index(
+        "DeepSpeed engine (ZeRO-2, fp32)")]
+    assert accum[1] == one[1] == "2"                                    # micro-batch 2 both; FLOPs count both
+    assert float(accum[4]) / float(accum[2]) == pytest.approx(float(one[4]) / float(one[2]), rel=0.02)  # 3 digits
     # the profiler's breakdown (vltrain.profiling) of the first two rows and the engine's
     breakdowns = [line for line in out.splitlines() if line.startswith("Operator time per step, ")]
     assert len(breakdowns) == 3, breakdowns
