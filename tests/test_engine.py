@@ -22,12 +22,14 @@ import pytest
 from tests.fixtures.corpus import REPO, Ranks, rank_env
 from vltrain.engine.distributed import free_port
 from tests.fixtures.s3 import S3_SECRET_SENTINEL
+from tests.fixtures.tasks import read_rows, write_subset
 from vltrain.engine.checkpoint import COMPLETE_FILE, find_resume_point
 from vltrain.engine.signals import EXIT_PREEMPTED
 
 STEPS = 40
 LOG_EVERY = 7       # resumes from the step-10/20/30 checkpoints fall between log steps
 LOGGED = [*range(LOG_EVERY, STEPS, LOG_EVERY), STEPS]      # and at the last step
+BAD_VAL = 3         # bad samples in U's validation split
 
 
 def upload_dir(local, bucket, prefix):
@@ -78,14 +80,17 @@ def runs(tmp_path_factory, synthetic_corpus, s3_endpoint):
     local_train = os.path.join(synthetic_corpus, "captions", "pretrain")
     local_val = os.path.join(synthetic_corpus, "captions", "val")
     s3_train = upload_dir(local_train, s3_bucket, "corpus/pretrain")
-    s3_val = upload_dir(local_val, s3_bucket, "corpus/val")
+    # U validates on the split with its last BAD_VAL samples broken (NaN features), skipped
+    bad_val = str(root / "val_bad")
+    write_subset(local_val, bad_val, len(read_rows(local_val)), BAD_VAL)
+    s3_val = upload_dir(bad_val, s3_bucket, "corpus/val")
     res = {"out": out, "logs": logs}
 
     # U: deepspeed launcher, data from S3.
     env = launcher_env()
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "vltrain/run.py",
            "--config", "configs/debug.yaml", "--deepspeed_config", "ds_configs/zero2.json",
-           *overrides(out, "U", s3_train, s3_val, str(root / "cacheU"))]
+           *overrides(out, "U", s3_train, s3_val, str(root / "cacheU"), **{"data.skip_bad_samples": "true"})]
     with open(os.path.join(logs, "U.log"), "w") as f:
         u = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     res["U_code"] = u.returncode
@@ -152,7 +157,8 @@ def test_tensorboard_has_every_cpu_tag(runs):
     want = {"train/loss", "train/loss_mlm", "train/loss_mrc", "train/mlm_acc", "train/mrc_acc", "train/lr",
             "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_frac",
             "perf/step_time_s", "perf/peak_mem_gb", "val/loss", "val/mlm_acc", "val/mrc_acc",
-            "data/skipped_samples", "data/truncated_text", "data/truncated_regions", "perf/checkpoint_save_s",
+            "data/skipped_samples", "val/skipped_samples", "data/truncated_text", "data/truncated_regions",
+            "perf/checkpoint_save_s",
             "perf/best_save_s"}
     assert want <= tags, want - tags
     assert "perf/mfu" not in tags          # no known peak for a CPU
@@ -163,6 +169,12 @@ def test_tensorboard_has_every_cpu_tag(runs):
         assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
     for tag in ("data/truncated_text", "data/truncated_regions"):   # the corpus fits debug.yaml's limits
         assert {e.value for e in acc.Scalars(tag)} == {0.0}, tag
+    # the validation split's bad samples: counted once each at each validation, apart from
+    # training's (none), though streaming's padding may give one to both ranks
+    assert [(e.step, e.value) for e in acc.Scalars("val/skipped_samples")] == [(20, BAD_VAL), (40, BAD_VAL)]
+    assert {e.value for e in acc.Scalars("data/skipped_samples")} == {0.0}
+    log = open(os.path.join(runs["logs"], "U.log")).read()
+    assert log.count(f"validation: {BAD_VAL} bad samples skipped (data.skip_bad_samples)") == 2, log[-3000:]
     assert [s for s, _ in losses] == LOGGED
     assert losses[-1][1] < losses[0][1]
     assert len(acc.Tensors("_hparams_/experiment") if "_hparams_/experiment" in acc.Tags()["tensors"] else []) \

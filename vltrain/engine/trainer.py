@@ -476,7 +476,9 @@ class Trainer:
         """Mean of the module's metrics over a loader, each sample once across all ranks (a
         batch's metrics weigh as many samples as it holds that no earlier batch, on this rank
         or a lower one, held). A metric is averaged over the batches that report it; a
-        ``Ratio`` (accuracy over masked tokens) is its numerators' sum over its denominators'."""
+        ``Ratio`` (accuracy over masked tokens) is its numerators' sum over its denominators'.
+        ``skipped_samples``: the bad samples ``data.skip_bad_samples`` left out of the means
+        (each once: streaming's padding may give one to two ranks)."""
         self.engine.eval()
         batches: list[tuple[list[int], dict]] = []
         for batch in loader:
@@ -487,15 +489,19 @@ class Trainer:
             batches.append((ids, {k: Ratio(*(x.detach().float() for x in v)) if isinstance(v, Ratio)
                                   else v.detach().float() for k, v in metrics.items()}))
         self.engine.train()
-        mine = ([ids for ids, _ in batches], sorted({k for _, m in batches for k in m}))
+        mine = ([ids for ids, _ in batches], sorted({k for _, m in batches for k in m}), set(loader.skipped_in_pass))
         everyone = [mine]
         if dist.is_initialized():
             everyone = [None] * self.info.world
             dist.all_gather_object(everyone, mine)
-        weights = first_seen_counts([ids for ids, _ in everyone])[self.info.rank]
-        keys = sorted({k for _, ks in everyone for k in ks})
+        weights = first_seen_counts([ids for ids, _, _ in everyone])[self.info.rank]
+        keys = sorted({k for _, ks, _ in everyone for k in ks})
+        skipped = len(set().union(*(s for _, _, s in everyone)))
+        if skipped and self.info.is_main:
+            log.warning("validation: %d bad samples skipped (data.skip_bad_samples), not in its means", skipped)
         sums = metric_sums(batches, weights, keys, self.device)
         if dist.is_initialized():
             dist.all_reduce(sums)
         sums = sums.tolist()
-        return {k: sums[i] / sums[len(keys) + i] if sums[len(keys) + i] > 0 else 0.0 for i, k in enumerate(keys)}
+        means = {k: sums[i] / sums[len(keys) + i] if sums[len(keys) + i] > 0 else 0.0 for i, k in enumerate(keys)}
+        return {**means, "skipped_samples": skipped}
