@@ -170,7 +170,8 @@ class VQACollator(TaskCollator):
             raise self._bad(info, sample, "target_scores has NaN/inf values")
         if len(tsc) and (tsc.min() < 0 or tsc.max() > 1):
             raise self._bad(info, sample, f"target_scores {tsc.tolist()} outside [0, 1] (VQA soft scores: "
-                                          "min(#annotators who gave the answer / 3, 1))")
+                                          "the official accuracy of the answer, 0.3/0.6/0.9/1 for 1/2/3/4+ of 10 "
+                                          "annotators)")
         keep = tsc > 0                         # [0]/[0.0] is the "no in-vocabulary answer" placeholder
         tids, tsc = tids[keep], tsc[keep]
         if len(np.unique(tids)) < len(tids):
