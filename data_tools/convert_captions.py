@@ -44,6 +44,13 @@ from data_tools.common import (BadInputError, SkipCounter, add_output_args, open
 from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 
+
+def _empty(text: str) -> str:
+    """What is wrong with a caption that makes no token: blank, or only characters BERT's
+    tokenizer drops (which the collator would refuse, in whichever epoch drew it)."""
+    return "empty caption" if not text.strip() else f"empty caption (only characters BERT's tokenizer drops: {ascii(text)})"
+
+
 def _is_gcc_header(line: str) -> bool:
     """img2dataset's CC3M recipe prepends ``caption<TAB>url`` (its column names) to the TSV."""
     return [c.strip().lower() for c in line.split("\t")] == ["caption", "url"]
@@ -70,8 +77,8 @@ def _gcc_tsv(path: str, skips: SkipCounter) -> dict[str, list[str]]:
                     skips.bad("malformed_line", f"{path} line {lineno}: not 'caption<TAB>url' "
                                                 f"(a Conceptual Captions TSV)")
                     continue
-                if not text.strip():
-                    skips.bad("empty_caption", f"{path} line {lineno} (image {row}): empty caption")
+                if not schema.yields_tokens(text):
+                    skips.bad("empty_caption", f"{path} line {lineno} (image {row}): {_empty(text)}")
                     continue
                 caps[str(row)] = [text.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -140,9 +147,9 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
                 skips.bad("unknown_image", f"{path} annotation {k} (id {ann.get('id')}): image_id "
                                            f"{ann.get('image_id')!r} is not in 'images'")
                 continue
-            if not text:
+            if not schema.yields_tokens(text):
                 skips.bad("empty_caption", f"{path} annotation {k} (id {ann.get('id')}, image {iid}): "
-                                           f"empty caption")
+                                           f"{_empty(text)}")
                 continue
             caps.setdefault(iid, []).append(text)
         caps = dict(sorted(caps.items(), key=lambda kv: order[kv[0]]))
@@ -172,9 +179,9 @@ def load_captions(path: str, split: str, include_restval: bool, image_key: str,
         texts = []
         for j, sent in enumerate(im.get("sentences", [])):
             text = str(sent.get("raw") or "").strip()
-            if not text:
+            if not schema.yields_tokens(text):
                 skips.bad("empty_caption", f"{path} image {k} ({im.get('filename', iid)}, id {iid}) "
-                                           f"sentence {j}: empty caption")
+                                           f"sentence {j}: {_empty(text)}")
                 continue
             texts.append(text)
         if not texts:

@@ -920,6 +920,11 @@ def test_bad_captions_and_missing_features(tmp_path, capsys):
     kp, tsv = _caption_inputs(tmp_path, [tsv_row(i + 1, g[i]) for i in range(3)], i4=["ok", "   "])
     assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--out", str(tmp_path / "o2")]) == 2
     assert "(COCO_train2014_000000000004.jpg, id 4) sentence 1: empty caption" in capsys.readouterr().err
+    # a caption of characters BERT's tokenizer drops (mojibake): empty too
+    kp, tsv = _caption_inputs(tmp_path, [tsv_row(i + 1, g[i]) for i in range(3)], i4=["ok", "\ufffd\ufffd\u200b"])
+    assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--out", str(tmp_path / "o2b")]) == 2
+    assert (r"sentence 1: empty caption (only characters BERT's tokenizer drops: '\ufffd\ufffd\u200b')"
+            in capsys.readouterr().err)
     # a caption whose image has no features
     kp, tsv = _caption_inputs(tmp_path, [tsv_row(i + 1, g[i]) for i in range(3)], i8=["a lonely caption"])
     assert convert_captions.main(["--captions", kp, "--tsv", tsv, "--out", str(tmp_path / "o3")]) == 2

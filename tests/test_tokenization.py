@@ -1,4 +1,6 @@
 """WordPiece tokenizer and the deliberate special-token mapping."""
+import json
+
 import pytest
 
 from vltrain.tokenization import Tokenizer
@@ -61,11 +63,11 @@ def test_a_constructor_without_vocab_file_gets_the_vocabulary_as_vocab(monkeypat
     given = []
 
     class TakesVocab(T.BertTokenizerFast):
-        def __init__(self, vocab=None, do_lower_case=True):
+        def __init__(self, vocab=None, do_lower_case=True, strip_accents=None):
             given.append(vocab)
             path = tmp_path / "vocab.txt"
             path.write_text("".join(f"{w}\n" for w in sorted(vocab, key=vocab.get)))
-            super().__init__(vocab_file=str(path), do_lower_case=do_lower_case)
+            super().__init__(vocab_file=str(path), do_lower_case=do_lower_case, strip_accents=strip_accents)
     monkeypatch.setattr(T, "BertTokenizerFast", TakesVocab)
     tok = T.Tokenizer("bert-base-uncased")
     assert isinstance(given[0], dict) and len(given[0]) == 30522 and given[0]["[MASK]"] == 103
@@ -74,7 +76,7 @@ def test_a_constructor_without_vocab_file_gets_the_vocabulary_as_vocab(monkeypat
 
 REFS = ["a man in a t-shirt holding a hot-dog.", "a close-up of a double-decker bus",
         "a black-and-white photo of a two-story house", "the dogs' toys on a couch", "a 2.5 inch screw at 7/11",
-        "the man's hat isn't red, is it?", "a u.s. flag at 3:30 pm", "they're here and we'll go; i'd say",
+        "the man's hat isn't red, is it?", "a u.s. flag at 3:30 pm", "at 3 p.m. u.s. time", "they're here and we'll go; i'd say",
         "a clock that reads 10 o'clock", "1,000 birds", "the letter 't' on a sign"]
 
 
@@ -94,3 +96,66 @@ def test_decoded_captions_read_as_their_references(vocab_file):
     if shutil.which("java"):            # CI installs it (.ci/run); the caption tests need it too
         got = ptb_tokenize({i: [d] for i, d in enumerate(decoded)})
         assert got == ptb_tokenize({i: [r.lower()] for i, r in enumerate(REFS)})
+
+
+CASED = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "The", "the", "Dog", "dog", "in",
+         "Paris", "paris", "Café", "cafe", "at", "a", "##s", ".", "é"]
+SENTENCES = ["The Dog in Paris at a Café.", "the dogs in paris at a cafe", "THE DOG", "Café café CAFÉ"]
+
+
+def _folder(root, words, config=None):
+    root.mkdir()
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    if config is not None:
+        (root / "tokenizer_config.json").write_text(config)
+    return str(root)
+
+
+def test_a_cased_vocabulary_is_read_cased(tmp_path):
+    """A cased vocabulary's text keeps its capitals and accents, as transformers'
+    ``from_pretrained`` reads it (every caller passed only the vocabulary: a cased model was
+    fed lowercase ids, "Paris" as "paris", without a word). Its tokenizer_config.json decides
+    (``do_lower_case``, ``strip_accents``); without one, capitals A-Z in the words mean cased."""
+    from transformers import BertTokenizerFast
+    bare = Tokenizer(_folder(tmp_path / "bare", CASED))
+    assert not bare.lowercase and not bare.strip_accents and "has words with capitals (e.g. 'The')" in bare.casing_source
+    told = _folder(tmp_path / "told", CASED, '{"do_lower_case": false}')
+    said_lower = _folder(tmp_path / "lower", CASED, '{"do_lower_case": true}')
+    for folder, tok in ((told, Tokenizer(told)), (said_lower, Tokenizer(said_lower))):
+        hf = BertTokenizerFast.from_pretrained(folder)
+        assert [tok.encode(s) for s in SENTENCES] == [hf(s, add_special_tokens=False)["input_ids"] for s in SENTENCES]
+    assert Tokenizer(told).encode("The Dog in Paris") == bare.encode("The Dog in Paris") == [7, 9, 11, 12]
+    assert Tokenizer(said_lower).encode("The Dog in Paris") == [8, 10, 11, 13]
+    # an export writes the casing it trained with
+    bare.hf.save_pretrained(str(tmp_path / "export"))
+    assert not json.load(open(tmp_path / "export" / "tokenizer_config.json"))["do_lower_case"]
+    uncased = Tokenizer("bert-base-uncased")
+    assert uncased.lowercase and uncased.strip_accents and "no word with capitals" in uncased.casing_source
+    broken = _folder(tmp_path / "broken", CASED, "{not json")
+    with pytest.raises(ValueError, match=r"broken/tokenizer_config.json: not a readable tokenizer config"):
+        Tokenizer(broken)
+
+
+def test_yields_tokens_agrees_with_the_tokenizer(tmp_path):
+    """schema.yields_tokens (the collators' and converters' "empty after tokenisation" test,
+    vocabulary-free) says exactly when the tokenizer makes no token, uncased and cased, on
+    random strings over the scripts, controls, marks and private-use ranges that BERT's
+    normalizer treats apart."""
+    import random
+
+    from vltrain.data.schema import yields_tokens
+    toks = {True: Tokenizer("bert-base-uncased"), False: Tokenizer(_folder(tmp_path / "cased", CASED))}
+    rng = random.Random(0)
+    ranges = [(0, 0x7f), (0x80, 0x24f), (0x300, 0x36f), (0x2000, 0x206f), (0xfff0, 0xffff), (0x4e00, 0x4e20),
+              (0x1f300, 0x1f320), (0xe000, 0xe010), (0x600, 0x6ff), (0xe0000, 0xe007f), (0x900, 0x97f)]
+    checked = 0
+    for _ in range(3000):
+        s = "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(1, 4)))
+        if any(0xd800 <= ord(c) <= 0xdfff for c in s):
+            continue
+        for strip, tok in toks.items():
+            assert yields_tokens(s, strip) == bool(tok.encode(s)), (s, strip)
+            checked += 1
+    assert checked > 5000
+    assert not yields_tokens("\ufffd\ufffd\u200b") and not yields_tokens(" \t\x7f")
+    assert not yields_tokens("\u0301") and yields_tokens("\u0301", strip_accents=False)   # a lone accent

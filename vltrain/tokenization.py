@@ -12,9 +12,11 @@ A vocab.txt without [unusedK] slots gets [IMG]/[END] appended as new tokens (the
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 from functools import cached_property
+from typing import Optional
 
 import transformers
 from transformers import BertTokenizerFast
@@ -28,16 +30,41 @@ BUILTIN_VOCABS = {"bert-base-uncased": os.path.join(os.path.dirname(__file__), "
                                                     "bert-base-uncased-vocab.txt")}
 
 
-def _bert_tokenizer(vocab_file: str, lowercase: bool) -> BertTokenizerFast:
+def casing(vocab_file: str, words) -> tuple[bool, Optional[bool], str]:
+    """``(lowercase, strip_accents, why)`` for a vocabulary: its folder's tokenizer_config.json
+    (``do_lower_case``, ``strip_accents``) as transformers' ``from_pretrained`` reads it; without
+    one, cased exactly where the vocabulary has words with capitals A-Z (an uncased BERT
+    vocabulary has none). Lowercasing a cased vocabulary's text would feed its model ids it was
+    never trained on (every capitalised word a lowercase one or [UNK]), without an error."""
+    path = os.path.join(os.path.dirname(vocab_file), "tokenizer_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                conf = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable tokenizer config ({e})") from None
+        if isinstance(conf, dict) and "do_lower_case" in conf:
+            lower, strip = bool(conf["do_lower_case"]), conf.get("strip_accents")
+            return lower, (None if strip is None else bool(strip)), f"{path}: do_lower_case={lower}"
+    capitals = next((w for w in words if not (w.startswith("[") and w.endswith("]")) and _CAPITAL.search(w)), None)
+    if capitals is not None:
+        return False, None, f"{vocab_file} has words with capitals (e.g. {capitals!r}) and no tokenizer_config.json"
+    return True, None, f"{vocab_file} has no word with capitals A-Z"
+
+
+_CAPITAL = re.compile("[A-Z]")
+
+
+def _bert_tokenizer(vocab_file: str, words, lowercase: bool, strip_accents: Optional[bool]) -> BertTokenizerFast:
     """BERT's WordPiece tokenizer over ``vocab_file``. transformers 4 reads ``vocab_file=``;
     transformers 5 takes ``vocab=`` and silently ignores ``vocab_file=`` (a 5-token
     vocabulary: every word [UNK]), so the keyword is chosen by the constructor's signature
     and the result is checked against the file."""
-    words = load_vocab(vocab_file)
+    case = {"do_lower_case": lowercase, "strip_accents": strip_accents}
     if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:
-        hf = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=lowercase)
+        hf = BertTokenizerFast(vocab_file=vocab_file, **case)
     else:
-        hf = BertTokenizerFast(vocab=dict(words), do_lower_case=lowercase)
+        hf = BertTokenizerFast(vocab=dict(words), **case)
     if len(hf.get_vocab()) < len(words):
         raise RuntimeError(f"tokenizer vocab file {vocab_file}: transformers {transformers.__version__} "
                            f"loaded {len(hf.get_vocab())} of its {len(words)} tokens")
@@ -47,14 +74,17 @@ def _bert_tokenizer(vocab_file: str, lowercase: bool) -> BertTokenizerFast:
 class Tokenizer:
     """Thin wrapper over ``transformers.BertTokenizerFast`` exposing the ids we use."""
 
-    def __init__(self, vocab_file: str, lowercase: bool = True):
+    def __init__(self, vocab_file: str):
         vocab_file = BUILTIN_VOCABS.get(vocab_file, vocab_file)
         if os.path.isdir(vocab_file):
             vocab_file = os.path.join(vocab_file, "vocab.txt")
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"tokenizer vocab file not found: {vocab_file}")
         self.vocab_file = vocab_file
-        self.hf = _bert_tokenizer(vocab_file, lowercase)
+        words = load_vocab(vocab_file)
+        self.lowercase, strip, self.casing_source = casing(vocab_file, words)
+        self.strip_accents = self.lowercase if strip is None else strip     # BERT's default: with lowercasing
+        self.hf = _bert_tokenizer(vocab_file, words, self.lowercase, strip)
         vocab = self.hf.get_vocab()
         extra = [tok for alias, tok in ALIASES.items() if tok not in vocab and alias != "[STOP]"]
         if extra:  # no reserved slots: add the VL tokens under their own names
@@ -129,7 +159,8 @@ _REJOIN = [
     (re.compile(r"(?<=\w) ([-/]) (?=\w)"), r"\1"),                   # t-shirt, black-and-white, and/or, 7/11
     (re.compile(r"(?<=\d)\. (?=\d)"), "."),                           # 2.5 (decoded "2. 5")
     (re.compile(r"(?<=\d) : (?=\d)"), ":"),                           # 3:30 ("3 : 30")
-    (re.compile(r"(?<=\b\w)\. (?=\w\.)"), "."),                       # u.s. ("u. s.")
+    (re.compile(r"\b(\w)\. (\w)\."), r"\1.\2."),                    # u.s. ("u. s."), pairwise: "p.m. u.s."
+    #                                                                  stays two words (a chain made one)
     (re.compile(r"(?<=\d), (?=\d{3}\b)"), ","),                       # 1,000 ("1, 000")
     (re.compile(r"(?<=\w) ' (s|m|d|re|ve|ll|clock)\b"), r"'\1"),      # man's, it's, they're, o'clock
     (re.compile(r"(?<=\wn) ' t\b"), "'t"),                            # isn't, don't (not the letter 't')

@@ -304,6 +304,11 @@ class PretrainCollator:
             except UnicodeEncodeError as e:
                 raise self._bad(info, sample, f"{what} is not valid Unicode (a lone surrogate at character "
                                               f"{e.start}: a character cut in half?): {text!r}") from None
+        # every caption of a sample, not only the one an epoch draws: else the sample fails
+        # (or is skipped) in some epochs and not others
+        if not schema.yields_tokens(text, self.tok.strip_accents):
+            raise self._bad(info, sample, f"{what} is empty after tokenisation (only characters BERT's "
+                                          f"tokenizer drops): {ascii(text)}")
         return text
 
     def _regions(self, info: StreamInfo, sample: dict, by_confidence: bool = False):
@@ -397,10 +402,7 @@ class PretrainCollator:
         rng = masking.sample_rng(self.seed, self.epoch, sid, s)
         obj = self.obj
         if kind == "captions":
-            caps = self._get(info, sample, "captions")
-            j = int(rng.integers(len(caps)))
-            if not text_ids:
-                raise self._bad(info, sample, f"caption {j} is empty after tokenisation: {caps[j]!r}")
+            rng.integers(len(self._get(info, sample, "captions")))     # _text_of's draw: keeps the order
             regions = self._regions(info, sample, by_confidence=bool(self.data.max_sequence))
             rest = regions[0][:0]                                    # regions the budget leaves out
             special = 2 if self.vlbert else 3
@@ -427,8 +429,6 @@ class PretrainCollator:
             end = len(ids) - 1 if self.vlbert else len(ids)
             cand = np.arange(first, end, dtype=np.int64)
         elif kind == "text":
-            if not text_ids:
-                raise self._bad(info, sample, "text is empty after tokenisation")
             words = text_ids[: self.data.max_text_len - 2]
             ids = np.array([self.cls_id, *words, self.sep_id], np.int64)
             rng.random()                                             # keep the draw order fixed

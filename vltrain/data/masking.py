@@ -35,9 +35,10 @@ def choose_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, n_mas
     Token level: ``min(n_mask, len(candidates))`` positions drawn without replacement.
     Whole-word (``word_start`` given, one bool per candidate): candidates are grouped into
     words (a word starts where ``word_start`` is True); words are visited in random order and
-    taken whole while the total stays <= ``n_mask`` (Google BERT's rule). If no word fits, the
-    first ``n_mask`` pieces of the first visited word are taken, so something is always masked
-    and never more than ``n_mask`` (``max_pred`` holds).
+    taken whole while the total stays <= ``n_mask`` (Google BERT's
+    ``create_masked_lm_predictions``): where no word fits, nothing is masked. (Masking part of
+    a word instead let its other pieces give the answer away, which whole-word masking exists
+    to prevent. A VLP caption always has a word that fits: its [STOP].)
     """
     candidates = np.asarray(candidates, dtype=np.int64)
     if len(candidates) == 0 or n_mask <= 0:
@@ -60,9 +61,7 @@ def choose_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, n_mas
         total += len(words[w])
         if total == n_mask:
             break
-    if not chosen:
-        chosen = [words[order[0]][:n_mask]]
-    return np.sort(np.concatenate(chosen))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 def bernoulli_mlm_positions(rng: np.random.Generator, candidates: np.ndarray, prob: float,

@@ -9,6 +9,8 @@ Boxes are ``x1, y1, x2, y2`` normalised to [0, 1] by the image size.
 """
 from __future__ import annotations
 
+import functools
+
 META_FILE = "vltrain_meta.json"
 META_VERSION = 1
 
@@ -83,6 +85,29 @@ def box_faults(boxes):
     outside = ((boxes < -BOX_TOLERANCE) | (boxes > 1 + BOX_TOLERANCE)).any(-1)
     swapped = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
     return outside, swapped
+
+
+def yields_tokens(text: str, strip_accents: bool = True) -> bool:
+    """Whether BERT's tokenizer makes at least one token of ``text`` (a word piece or [UNK]):
+    its normalizer drops control, format and private-use characters, U+FFFD (a decoder's
+    replacement character) and, with accent stripping, combining marks, so a caption of only
+    such characters (mojibake: "\ufffd\ufffd\u200b") passes ``str.strip()`` and tokenizes to
+    nothing. Asked of the tokenizers library's own normalizer and pre-tokenizer (no
+    vocabulary needed: the converters have none); printable ASCII always makes a token."""
+    if text.isascii():
+        return any("!" <= c <= "~" for c in text)
+    normalizer, pre = _bert_text_steps(bool(strip_accents))
+    return bool(pre.pre_tokenize_str(normalizer.normalize_str(text)))
+
+
+@functools.lru_cache(maxsize=None)
+def _bert_text_steps(strip_accents: bool):
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    return BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents,
+                          lowercase=False), BertPreTokenizer()
+
+
 # every input a converter's --skip-bad left out, beside the shards: [{"reason", "input"}]
 SKIPPED_FILE = "vltrain_skipped.json"
 

@@ -404,6 +404,9 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         precision = precision_of(ds)
 
         tokenizer = Tokenizer(cfg.data.vocab)
+        if info.is_main:
+            log.info("tokenizer %s: %s (%s)", tokenizer.vocab_file, "lowercased" if tokenizer.lowercase else "cased",
+                     tokenizer.casing_source)
         check_tokenizer(cfg, tokenizer)
         check_positions(cfg)
         problem = unusable(cfg.model.attention_backend, device.type, cfg.model.attention_dropout, cfg.mode == "train")

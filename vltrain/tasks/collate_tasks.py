@@ -90,8 +90,6 @@ class TaskCollator(PretrainCollator):
                 for j, (a, b) in enumerate(enc["offset_mapping"]):
                     if a < ref[1] and b > ref[0]:
                         regions[j] = ref[2]
-        if not ids:
-            raise self._bad(info, sample, f"{what} is empty after tokenisation: {text!r}")
         return ids, regions
 
     def _image_example(self, info, sample, ids: list[int], ttype: list[int], cut_text: bool) -> _Example:
