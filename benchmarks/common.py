@@ -239,10 +239,12 @@ def runs_here(runner: Runner, device: torch.device) -> Optional[str]:
 
 
 def time_interleaved(runners: Sequence[Runner], device: torch.device, warmup: int, rounds: int,
-                     log: Callable[[str], None] = print, steps_per_round: int = 1) -> None:
+                     log: Callable[[str], None] = print, steps_per_round: int = 1,
+                     on_round: Optional[Callable[[int], None]] = None) -> None:
     """Warm every runner up, then time them round-robin (A B C A B C ...), so machine noise
     (other jobs, thermal) lands on every configuration alike. A round of a runner is
-    ``steps_per_round`` steps and one sync; its per-step time is recorded."""
+    ``steps_per_round`` steps and one sync; its per-step time is recorded. ``on_round(k)``
+    after the k-th round (e.g. a partial report that a time limit cutting the run keeps)."""
     for r in runners:
         for i in range(warmup):
             t0 = time.perf_counter()
@@ -259,6 +261,8 @@ def time_interleaved(runners: Sequence[Runner], device: torch.device, warmup: in
             r.times.append((time.perf_counter() - t0) / steps_per_round)
             r.cpu_times.append((time.process_time() - c0) / steps_per_round)
         log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{r.label} {r.times[-1]:.2f}s" for r in runners))
+        if on_round is not None:
+            on_round(i + 1)
 
 
 def measured_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

@@ -38,7 +38,8 @@
 #            packed masks: model.hidden_dropout_masks=packed); each distinct graph compiles
 #            once, so rows cost the step's time limit: LEVERS_ARGS=--h2d adds the batch's
 #            host-to-device copy rows (measured on the H200: the side stream stays), --autotune
-#            the max-autotune row (long compile), --diagnose the what-ifs
+#            the max-autotune row (long compile), --diagnose the what-ifs; its table is written
+#            after every timed round, so a step cut at its limit keeps the rounds done
 #   e2e      benchmarks/trainer_e2e.py at micro-batch $TPUT_BATCH: the Trainer as run.py trains
 #            (MDS corpus written there, 8 loader workers, ZeRO-2 engine, monitor's MFU and data
 #            wait) beside the engine alone and the model's own loop on one batch, then the

@@ -223,24 +223,34 @@ def main(argv=None) -> int:
     peer16.label, peer16.batch = "peer: VisualBertForPreTraining (bf16 weights, eager)", args.batch
     runners.append(peer16)
     runners.append(mk(f"bf16 weights, micro-batch {2 * args.batch}", key="2x", ck=static))
-    time_interleaved(runners, device, warmup=3, rounds=args.rounds, log=log,
-                     steps_per_round=args.steps_per_round)
-
     from vltrain.monitor import device_peak_tflops
     peak = device_peak_tflops("bf16") if device.type == "cuda" else None
-    ref_sps = runners[0].batch / median(runners[0].times)
-    peer_sps = peer.batch / median(peer.times)
-    rows = []
-    for r in runners:
-        t = median(r.times)
-        tflops = r.flops_per_step / t / 1e12
-        rows.append([r.label, r.batch // r.grad_accum, r.batch / t, t * 1e3, tflops, 100 * tflops / peak if peak else float("nan"),
-                     (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
-    md = [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
-          f"text tokens, sdpa unless a row says otherwise, compiled blocks; {args.rounds} rounds of "
-          f"{args.steps_per_round} steps, interleaved.",
-          "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
-                              "× first row", "× peer"], rows)]
+
+    def table(rounds: int) -> list[str]:
+        ref_sps = runners[0].batch / median(runners[0].times)
+        peer_sps = peer.batch / median(peer.times)
+        rows = []
+        for r in runners:
+            t = median(r.times)
+            tflops = r.flops_per_step / t / 1e12
+            rows.append([r.label, r.batch // r.grad_accum, r.batch / t, t * 1e3, tflops,
+                         100 * tflops / peak if peak else float("nan"), (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
+        return [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
+                f"text tokens, sdpa unless a row says otherwise, compiled blocks; {rounds} rounds of "
+                f"{args.steps_per_round} steps, interleaved.",
+                "", markdown_table(["configuration", "micro-batch", "samples/s", "step ms", "TFLOP/s", "MFU %",
+                                    "× first row", "× peer"], rows)]
+
+    def partial(done: int) -> None:
+        """The table so far into --out after each round: a time limit that ends the run (the GPU
+        suite's) keeps it; the finished run overwrites it."""
+        if args.out and done < args.rounds:
+            with open(args.out, "w") as f:
+                f.write("\n".join(table(done) + ["", f"(cut short: {done} of {args.rounds} rounds done)"]) + "\n")
+
+    time_interleaved(runners, device, warmup=3, rounds=args.rounds, log=log,
+                     steps_per_round=args.steps_per_round, on_round=partial)
+    md = table(args.rounds)
     engines = [r for r in runners if r.engine is not None][:1]
     for r in runners[:2] + triton_rows[-1:] + engines:
         log(f"profiling: {r.label}")

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -196,9 +197,20 @@ def test_mfu_levers_quick_has_every_row(tmp_path):
     """Every lever, what-if and engine-variant row, with finite numbers; the engine rows are
     real DeepSpeed engines (one rank, CPU accelerator) built from ds_configs/zero<N>.json."""
     md = tmp_path / "levers.md"
-    out = run_script(["benchmarks/mfu_levers.py", "--quick", "--device", "cpu", "--batch", "2", "--engine",
-                      "--diagnose", "--rng", "--h2d", "--rounds", "1", "--steps-per-round", "1", "--out", str(md)],
-                     env_extra={"DS_ACCELERATOR": "cpu"})
+    p = subprocess.Popen([sys.executable, "benchmarks/mfu_levers.py", "--quick", "--device", "cpu", "--batch", "2",
+                          "--engine", "--diagnose", "--rng", "--h2d", "--rounds", "2", "--steps-per-round", "1",
+                          "--out", str(md)], cwd=REPO, env=script_env(DS_ACCELERATOR="cpu"),
+                         stdout=open(tmp_path / "levers.out", "w"), stderr=open(tmp_path / "levers.log", "w"))
+    partial = None      # the table after round 1, which a time limit ending the run (the GPU suite's) keeps
+    while p.poll() is None:
+        text = md.read_text() if md.exists() else ""
+        if "(cut short: 1 of 2 rounds done)" in text:
+            partial = text
+        time.sleep(0.02)
+    out = (tmp_path / "levers.out").read_text()
+    assert p.returncode == 0, out[-3000:] + (tmp_path / "levers.log").read_text()[-5000:]
+    assert partial is not None and "| DeepSpeed engine (ZeRO-2, fp32, grad_accum 2) | 2 |" in partial, partial
+    assert "cut short" not in md.read_text()
     _, rows = table_rows(out, "configuration")
     labels = [r[0] for r in rows]
     assert labels == ["fp32 weights, no autocast (CPU)", "bf16 weights", "diagnose: bf16 weights, no compile",
