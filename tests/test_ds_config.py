@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import textwrap
 
 import pytest
@@ -438,18 +439,61 @@ def test_zero_stages_agree_in_fp32(engine_results):
 
 def test_top_level_keys_deepspeed_never_reads_are_named(caplog):
     """DeepSpeed ignores a top-level key its config parser does not read (its sections are
-    strict): a typo would silently drop the setting. The shipped configs read clean."""
+    strict): a typo would silently drop the setting ('zero_optimisation' trained ZeRO-0), so a
+    key close to one it reads is refused; another (a newer DeepSpeed's section) is warned. The
+    shipped configs read clean."""
     from vltrain.engine.ds_config import unread_keys
     for path in DS_CONFIGS:
         assert unread_keys(resolve_ds_config(path, debug_cfg(), 2, "cpu")) == [], path
     with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
-        typo = json.load(f)
-    typo.update(zero_optimisation={"stage": 3}, train_micro_batch_size=4)
+        base = json.load(f)
+    with pytest.raises(DSConfigError, match=re.escape(
+            "unknown top-level key 'train_micro_batch_size' (did you mean 'train_micro_batch_size_per_gpu'?); "
+            "unknown top-level key 'zero_optimisation' (did you mean 'zero_optimization'?)")):
+        resolve_ds_config({**base, "zero_optimisation": {"stage": 3}, "train_micro_batch_size": 4}, debug_cfg(), 2,
+                          "cpu")
     with caplog.at_level("WARNING", logger="vltrain.engine.ds_config"):
-        resolve_ds_config(typo, debug_cfg(), 2, "cpu")
-    assert ("<dict>: DeepSpeed's config parser never reads 'train_micro_batch_size' (did you mean "
-            "'train_micro_batch_size_per_gpu'?), 'zero_optimisation' (did you mean 'zero_optimization'?): "
+        resolve_ds_config({**base, "quantum_sharding": {"qubits": 8}}, debug_cfg(), 2, "cpu")
+    assert ("<dict>: DeepSpeed's config parser never reads 'quantum_sharding' (did you mean 'quantize_training'?): "
             "ignored") in caplog.text
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"activation_checkpointing": {"partition_activations": True}},
+     "has an 'activation_checkpointing' section, which configures deepspeed.checkpointing; vltrain's model "
+     "checkpoints its blocks itself (torch.utils.checkpoint): remove the section and set "
+     "model.activation_checkpointing=true"),
+    ({"data_efficiency": {"enabled": True, "data_sampling": {"enabled": True}}},
+     "enables 'data_efficiency' (curriculum learning, data sampling, random-LTD), which works through "
+     "DeepSpeed's own data loader"),
+    ({"optimizer": {"type": "AdamW", "params": {"bias_correction": False}}},
+     "'optimizer.params.bias_correction' is not an argument of torch.optim.AdamW, which optimizes with "
+     "'torch_adam' = true"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+     "'zero_optimization.offload_param.device' = \"nvme\" needs 'zero_optimization.offload_param.nvme_path'"),
+], ids=["activation_checkpointing", "data_efficiency", "torch_adam_params", "nvme"])
+def test_keys_that_would_do_nothing_or_crash_after_the_build_are_refused(extra, message):
+    """From an audit of DeepSpeed keys a user brings: DeepSpeed's activation checkpointing and
+    data efficiency act through code vltrain does not run (trained on without a word); a
+    FusedAdam argument reached torch's AdamW (TypeError after the model's build); nvme offload
+    without its path (a TypeError inside DeepSpeed)."""
+    with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
+        ds = json.load(f)
+    for k, v in extra.items():
+        ds[k] = {**ds.get(k, {}), **v} if k != "optimizer" else v
+    with pytest.raises(DSConfigError, match=re.escape(message)):
+        resolve_ds_config(ds, debug_cfg(), 2, "cpu")
+
+
+def test_a_precision_auto_chose_is_named_in_a_contradiction():
+    """train.precision=auto resuming an fp32 checkpoint with a bf16 ds_config: the message says
+    where fp32 came from, not "train.precision = 'fp32'" which the user never set."""
+    cfg = debug_cfg()
+    cfg.train.precision = "fp32"
+    with pytest.raises(DSConfigError, match=re.escape(
+            "contradicts train.precision = \"auto (fp32: the checkpoint's, /runs/x/step_00000003)\"")):
+        resolve_ds_config({"bf16": {"enabled": True}}, cfg, 1, "cpu",
+                          precision_why="the checkpoint's, /runs/x/step_00000003")
 
 
 @pytest.mark.parametrize("section, bad, message", [

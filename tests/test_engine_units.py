@@ -501,3 +501,54 @@ def test_precision_auto_follows_a_continued_checkpoint(tmp_path):
     assert continued_precision("auto", ev, None)[0] == "bf16"               # evaluated as it validated
     ev.train.init_from = str(tmp_path)                                        # not a checkpoint: the machine's
     assert continued_precision("auto", ev, None) == ("auto", "")
+
+
+def test_load_universal_follows_the_checkpoint_resumed_and_monitors_write_in_the_run(tmp_path):
+    """checkpoint.load_universal is the resumed checkpoint's kind (a ds_config's true made every
+    ordinary checkpoint of the run fail to load, reading like damage); DeepSpeed's own
+    TensorBoard / CSV monitors write under the run folder, not the working directory."""
+    from vltrain.engine.build import set_checkpoint_keys
+    from vltrain.engine.checkpoint import Found
+    from vltrain.engine.ds_config import DSConfigError
+    plain, universal = Found(str(tmp_path), "step_00000003", {}), Found(str(tmp_path), "u", {"universal": True})
+    for found, want in ((None, False), (plain, False), (universal, True)):
+        ds = {"tensorboard": {"enabled": True}, "csv_monitor": {"enabled": True, "output_path": "/elsewhere/"}}
+        set_checkpoint_keys(ds, found, str(tmp_path / "run"))
+        assert ds["checkpoint"]["load_universal"] is want
+        assert ds["tensorboard"]["output_path"] == str(tmp_path / "run" / "deepspeed_monitor") + os.sep
+        assert ds["csv_monitor"]["output_path"] == "/elsewhere/"                  # the user's path kept
+    with pytest.raises(DSConfigError, match=r"'checkpoint.load_universal' = true, but .*step_00000003 is an "
+                                            r"ordinary checkpoint: vltrain sets it from the checkpoint resumed"):
+        set_checkpoint_keys({"checkpoint": {"load_universal": True}}, plain, str(tmp_path))
+    set_checkpoint_keys({"checkpoint": {"load_universal": True}}, universal, str(tmp_path))   # agrees: fine
+
+
+def test_a_resume_keeps_this_runs_fp16_loss_scaler_settings():
+    """DeepSpeed's load installs the checkpoint's loss scaler; at the same precision that is the
+    exact continuation, unless this run configures it otherwise (fp16 loss_scale, window,
+    hysteresis, min scale), which was then silently ignored: this run's scaler is kept, a dynamic
+    one going on from the checkpoint's scale; clipping is always this run's. (DeepSpeed's real
+    scaler classes; the optimizer is a holder of the attributes its load sets.)"""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from vltrain.engine.resume import optimizer_run_settings, restore_run_settings
+
+    def dynamic(window, scale=2.0 ** 16):
+        return DynamicLossScaler(scale, window, 1.0, 2, False)
+
+    def loaded(run_scaler, ckpt_scaler):
+        opt = SimpleNamespace(loss_scaler=run_scaler, dynamic_loss_scale=True, clip_grad=1.0)
+        kept = optimizer_run_settings(opt)
+        opt.loss_scaler, opt.clip_grad = ckpt_scaler, 5.0                         # what DeepSpeed's load sets
+        return opt, restore_run_settings(opt, kept, same_precision=True)
+    ckpt = dynamic(1000, scale=512.0)
+    opt, changed = loaded(dynamic(1000), ckpt)                                   # same settings: the checkpoint's
+    assert opt.loss_scaler is ckpt and changed is None and opt.clip_grad == 1.0
+    run = dynamic(200)
+    opt, changed = loaded(run, dynamic(1000, scale=512.0))                       # another window
+    assert opt.loss_scaler is run and run.cur_scale == 512.0 and run.scale_window == 200
+    assert "'scale_window': 200" in changed and "continuing from its scale 512" in changed
+    static = LossScaler(128)
+    opt, changed = loaded(static, dynamic(1000, scale=512.0))                    # loss_scale 128: static now
+    assert opt.loss_scaler is static and static.cur_scale == 128 and "{'dynamic': False, 'scale': 128}" in changed

@@ -3,6 +3,7 @@ monitor, and resume. Every rank runs this; errors are raised before training sta
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -16,7 +17,8 @@ from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict,
 from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
 from vltrain.engine.distributed import init_distributed, raise_on_every_rank
-from vltrain.engine.ds_config import check_buildable, no_decay_param_groups, precision_of, resolve_ds_config
+from vltrain.engine.ds_config import (DSConfigError, check_buildable, no_decay_param_groups, precision_of,
+                                      resolve_ds_config)
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, \
     check_resume_stage, continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, \
@@ -264,6 +266,30 @@ def set_aside_previous_run(run_dir: str) -> Optional[str]:
     return msg
 
 
+def set_checkpoint_keys(ds: dict, found, run_dir: str) -> None:
+    """What a ds_config cannot know: ``checkpoint.load_universal`` is whether the checkpoint
+    resumed is a universal one (its completion record says; a user's ``true`` made DeepSpeed
+    look for universal files in every ordinary checkpoint of the run, an AssertionError that
+    read like damage at each requeue), and DeepSpeed's own monitors write under the run folder
+    (``deepspeed_monitor/``, not a ``DeepSpeedJobName/`` in the working directory shared by
+    every run)."""
+    universal = bool(found is not None and found.info.get("universal"))
+    section = ds.setdefault("checkpoint", {})
+    given = section.get("load_universal", universal)
+    if given not in (universal, "auto"):
+        raise DSConfigError(
+            f"ds_config 'checkpoint.load_universal' = {json.dumps(given)}, but "
+            + (f"{found.path} is {'a universal' if universal else 'an ordinary'} checkpoint" if found is not None
+               else "this run resumes nothing")
+            + ": vltrain sets it from the checkpoint resumed (universal ones come from vltrain-ckpt reshard); "
+              "remove it")
+    section["load_universal"] = universal
+    for monitor in ("tensorboard", "csv_monitor"):
+        conf = ds.get(monitor)
+        if isinstance(conf, dict) and conf.get("enabled") and not conf.get("output_path"):
+            conf["output_path"] = os.path.join(run_dir, "deepspeed_monitor", "")
+
+
 def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
     """The model's token ids agree with the tokenizer's vocabulary."""
     if len(tokenizer) > cfg.model.vocab_size:
@@ -390,13 +416,13 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                      t.samples_per_step(info.world), t.micro_batch_size, t.grad_accum, info.world)
         if cfg.data.num_workers > 0:
             worker_context()     # the DataLoader workers' forkserver: its imports overlap the model's build
-        ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name())
+        ds = resolve_ds_config(ds_config_path or DEFAULT_DS_CONFIG, cfg, info.world, acc.device_name(),
+                               precision_why=why if asked == "auto" and cfg.train.precision != "auto" else "")
         if cfg.train.precision == "auto":
             cfg.train.precision, why = precision_of(ds), f"the ds_config's or this machine's ({acc.device_name()})"
         if asked == "auto" and info.is_main:
             log.info("train.precision=auto: %s (%s)", cfg.train.precision, why)
-        if found is not None and found.info.get("universal"):
-            ds.setdefault("checkpoint", {})["load_universal"] = True
+        set_checkpoint_keys(ds, found, run_dir)
         if found is not None:
             check_resume_stage(found, ds)           # a stage its files can be loaded under
             check_resume_precision(found, cfg.train.precision)

@@ -240,13 +240,15 @@ def offloads_optimizer(ds: dict) -> bool:
 
 
 def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_size: int,
-                      accelerator_name: str) -> dict:
+                      accelerator_name: str, precision_why: str = "") -> dict:
     """Load a ds_config (path or dict), fill every "auto" from ``cfg``, check the rest.
 
     ``cfg`` is our :class:`vltrain.config.Config` (``train.*`` and ``model.hidden_size`` are
     read); ``world_size`` the data-parallel size; ``accelerator_name`` DeepSpeed's
     ``get_accelerator().device_name()`` ('cuda', 'cpu', ...). Raises :class:`DSConfigError`
     naming the ds_config key, its value and our config key and value on a contradiction.
+    ``precision_why``: where ``train.precision`` came from when ``auto`` chose it before (a
+    resumed checkpoint's), said in a contradiction instead of a value the user never gave.
     """
     ds, source = _load(path_or_dict)
     r = _Resolver(ds, source)
@@ -303,6 +305,28 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
         # torch's fused AdamW kernel: one pass over each (ZeRO: flat fp32) tensor instead of
         # ~10; measured 4.88 -> 4.53 s per base-size ZeRO-2 step on the 2-core CPU.
         params.setdefault("fused", True)
+        # DeepSpeed hands the rest of the params to torch.optim.AdamW, whose TypeError after the
+        # model's build named no key (e.g. FusedAdam's bias_correction)
+        import inspect
+
+        import torch
+        takes = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}
+        foreign = sorted(set(params) - takes - {"torch_adam", "adam_w_mode"})
+        if foreign:
+            raise r.err(f"'optimizer.params.{foreign[0]}' is not an argument of torch.optim.AdamW, which "
+                        f"optimizes with 'torch_adam' = true (on the CPU accelerator always); its arguments: "
+                        f"{', '.join(sorted(takes))}")
+
+    # --- sections that act through code vltrain does not run: silently nothing, or (an
+    # incomplete data_efficiency) DeepSpeed's assertion after the model's build
+    if _truthy(ds.get("activation_checkpointing")):
+        raise r.err("has an 'activation_checkpointing' section, which configures deepspeed.checkpointing; "
+                    "vltrain's model checkpoints its blocks itself (torch.utils.checkpoint): remove the section "
+                    "and set model.activation_checkpointing=true")
+    for key in ("data_efficiency", "curriculum_learning"):
+        if _enabled_anywhere(ds.get(key)):
+            raise r.err(f"enables '{key}' (curriculum learning, data sampling, random-LTD), which works through "
+                        "DeepSpeed's own data loader; vltrain reads its data with mosaicml-streaming: remove it")
 
     # --- scheduler: ours, never DeepSpeed's
     if "scheduler" in ds:
@@ -321,7 +345,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
             raise r.err("has both 'bf16' and its legacy spelling 'bfloat16'; keep 'bf16'")
         ds["bf16"] = ds.pop("bfloat16")
     want = cfg_precision(cfg)
-    shown = want
+    shown = f"auto ({want}: {precision_why})" if precision_why else want
     if want == AUTO:
         want = _ds_choice(ds) or auto_precision(accelerator_name)
         shown = f"auto ({want} here)"
@@ -394,10 +418,37 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     if offloads_optimizer(ds) and stage == 0:
         raise r.err("'zero_optimization.offload_optimizer' needs ZeRO stage 1, 2 or 3, "
                     "but 'zero_optimization.stage' = 0")
+    for what in ("offload_optimizer", "offload_param"):
+        off = zero.get(what) or {}
+        if isinstance(off, dict) and off.get("device") == "nvme" and not off.get("nvme_path"):
+            raise r.err(f"'zero_optimization.{what}.device' = \"nvme\" needs "
+                        f"'zero_optimization.{what}.nvme_path' (a folder on the NVMe drive)")
 
     _check_no_auto(r, ds, "")
-    warn_unread_keys(ds, source, parsed=check_sections(r, ds))
+    parsed = check_sections(r, ds)
+    # a misspelling of a key DeepSpeed reads (zero_optimisation trained ZeRO-0 without it);
+    # a key merely like one (a newer DeepSpeed's section) is only warned of below
+    import difflib
+    typos = [(k, c) for k, c in (unread_keys(ds, parsed) if parsed is not None else [])
+             if c and difflib.SequenceMatcher(None, k, c).ratio() >= 0.8]
+    if typos:
+        raise r.err("; ".join(f"unknown top-level key '{k}' (did you mean '{close}'?)" for k, close in typos))
+    warn_unread_keys(ds, source, parsed=parsed)
     return ds
+
+
+def _truthy(node) -> bool:
+    """Any true / non-zero / non-empty value in ``node``'s leaves."""
+    if isinstance(node, dict):
+        return any(_truthy(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_truthy(v) for v in node)
+    return bool(node) and node not in ("none", "None")
+
+
+def _enabled_anywhere(node) -> bool:
+    """An ``"enabled": true`` in ``node`` or in a section nested in it."""
+    return isinstance(node, dict) and (node.get("enabled") is True or any(map(_enabled_anywhere, node.values())))
 
 
 def _parsed(ds: dict) -> _ReadRecorder:
@@ -493,12 +544,13 @@ class _ReadRecorder(dict):
         return super().__contains__(key)
 
 
-def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[str]:
-    """Top-level ds_config keys DeepSpeed's own config parser never reads: it ignores them (a
-    typo such as 'zero_optimisation' or 'train_micro_batch_size' would go unnoticed; its
-    sections are checked by DeepSpeed's strict models, ``check_sections``). ``parsed``: ``ds``'s
-    ``_parsed``, made here if not given. [] when DeepSpeed cannot parse it (its own error comes
-    at deepspeed.initialize)."""
+def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[tuple[str, str]]:
+    """Top-level ds_config keys DeepSpeed's own config parser never reads, each with the closest
+    key it looked for ("" if none): it ignores them (a typo such as 'zero_optimisation' or
+    'train_micro_batch_size' would go unnoticed; its sections are checked by DeepSpeed's strict
+    models, ``check_sections``). ``resolve_ds_config`` refuses those with a close key and warns
+    of the rest (a newer DeepSpeed's section, say). ``parsed``: ``ds``'s ``_parsed``, made here if
+    not given. [] when DeepSpeed cannot parse it (its own error comes at deepspeed.initialize)."""
     import difflib
     rec = parsed
     if rec is None:
@@ -507,11 +559,8 @@ def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[str]:
         except Exception:  # noqa: BLE001 - DeepSpeed reports it itself, with its own message
             return []
     looked_for = sorted(k for k in rec.read if isinstance(k, str))     # present or not
-    out = []
-    for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE):
-        close = difflib.get_close_matches(key, looked_for, n=1)
-        out.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    return out
+    return [(key, next(iter(difflib.get_close_matches(key, looked_for, n=1)), ""))
+            for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE)]
 
 
 def warn_unread_keys(ds: dict, source: str, parsed: Optional[_ReadRecorder]) -> None:
@@ -522,7 +571,8 @@ def warn_unread_keys(ds: dict, source: str, parsed: Optional[_ReadRecorder]) -> 
         return
     unread = unread_keys(ds, parsed)
     if unread:
-        log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source, ", ".join(unread))
+        log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source,
+                    ", ".join(f"'{k}'" + (f" (did you mean '{c}'?)" if c else "") for k, c in unread))
 
 
 def _check_no_auto(r: _Resolver, node: Any, prefix: str):

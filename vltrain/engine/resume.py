@@ -140,12 +140,34 @@ def optimizer_run_settings(optimizer) -> dict:
     return {k: getattr(optimizer, k) for k in _RUN_CLIP + _RUN_SCALER if hasattr(optimizer, k)}
 
 
-def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> None:
+def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> Optional[str]:
     """After the load: this run's clipping always; its loss scaler when the checkpoint trained
-    at another precision (at the same one, the checkpoint's scaler is the exact continuation)."""
+    at another precision (at the same one, the checkpoint's scaler is the exact continuation),
+    or when this run configures it otherwise (fp16's loss_scale, loss_scale_window,
+    hysteresis, min_loss_scale: the checkpoint's would silently win), dynamic scaling then
+    going on from the checkpoint's scale. Returns what changed, for the log, or None."""
+    changed = None
+    ours, theirs = kept.get("loss_scaler"), getattr(optimizer, "loss_scaler", None)
+    if same_precision and ours is not None and theirs is not None and _scaler_setup(ours) != _scaler_setup(theirs):
+        changed = (f"the fp16 loss scaler is this run's ({_scaler_setup(ours)}), not the checkpoint's "
+                   f"({_scaler_setup(theirs)})")
+        if getattr(ours, "dynamic", False) and getattr(theirs, "dynamic", False):
+            ours.cur_scale = theirs.cur_scale            # where the checkpoint's run had got to
+            changed += f", continuing from its scale {theirs.cur_scale:g}"
+        same_precision = False
     for k in _RUN_CLIP + (() if same_precision else _RUN_SCALER):
         if k in kept:
             setattr(optimizer, k, kept[k])
+    return changed
+
+
+def _scaler_setup(scaler) -> dict:
+    """A DeepSpeed loss scaler's configuration (not its running state)."""
+    if getattr(scaler, "dynamic", False):
+        return {"dynamic": True, **{k: getattr(scaler, k, None)
+                                    for k in ("scale_factor", "scale_window", "min_scale", "delayed_shift",
+                                              "consecutive_hysteresis")}}
+    return {"dynamic": False, "scale": getattr(scaler, "cur_scale", None)}
 
 
 def unreadable_message(tag_dir: str) -> Optional[str]:

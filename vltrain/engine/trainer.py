@@ -150,8 +150,10 @@ class Trainer:
         restore_group_settings(self.engine, settings)
         schedule.reapply(self.engine.lr_scheduler, base_lrs)
         saved_precision = checkpoint_precision(found.path)
-        restore_run_settings(self.engine.optimizer, run_settings,
-                             same_precision=saved_precision in (None, self.cfg.train.precision))
+        changed = restore_run_settings(self.engine.optimizer, run_settings,
+                                       same_precision=saved_precision in (None, self.cfg.train.precision))
+        if changed and self.info.is_main:
+            log.warning("resume: %s", changed)
         state = ckpt.load_rank_state(found.path, self.info.rank, found.info["world_size"], self.info.world)
         inexact = self.loader.load_state_dict(state["loader"])
         if inexact and self.info.is_main:
