@@ -334,12 +334,13 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
 
 # ---------------------------------------------------------------- CLI helpers
 
-def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True) -> None:
+def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True, size_limit: str = DEFAULT_SIZE_LIMIT,
+                    size_why: str = "") -> None:
     p.add_argument("--out", required=True,
                    help="output dataset: a local folder (must be empty) or s3://bucket/prefix "
                         "(credentials and S3_ENDPOINT_URL from the environment)")
-    p.add_argument("--size-limit", default=DEFAULT_SIZE_LIMIT,
-                   help="shard size limit before compression (default %(default)s)")
+    p.add_argument("--size-limit", default=size_limit,
+                   help=f"shard size limit before compression (default %(default)s{size_why})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (a non-empty local folder is emptied first; on s3:// "
                         "the old index.json is deleted first and the new one written last, so a replacement "

@@ -527,6 +527,18 @@ def test_convert_text(tmp_path):
     assert [int(s["sample_id"]) for s in samples] == list(range(8))
 
 
+def test_text_shards_are_small_by_default(tmp_path):
+    """A text corpus is written in ~1 MB shards (not the 64 MB of the image datasets, ~250k short
+    samples each): streaming shuffles whole shards within 262,144-sample blocks, so a mix with
+    captions came in long runs of one kind."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i} says something about a picture of a dog on a sofa\n\n"
+                              for i in range(40000)), encoding="utf-8")       # ~2.6 MB of text
+    assert convert_text.main(["--input", str(corpus), "--out", str(tmp_path / "t")]) == 0
+    shards = json.load(open(tmp_path / "t" / "index.json"))["shards"]
+    assert len(shards) >= 3 and all(s["raw_data"]["bytes"] <= 1 << 20 for s in shards), len(shards)
+
+
 # ---------------------------------------------------------------- synthetic corpus
 
 SYN_ARGS = ["--images-pretrain", "12", "--images-train", "16", "--images-val", "6", "--images-test", "6",

@@ -261,10 +261,24 @@ def _single_loader(remote, tmp_path, vocab_file, **data):
     cfg = _cfg(spec)
     cfg.run_name = data.pop("run_name", cfg.run_name)
     cfg.train.seed = data.pop("seed", cfg.train.seed)
+    cfg.train.grad_accum = data.pop("grad_accum", cfg.train.grad_accum)
     for k, v in data.items():
         setattr(cfg.data, k, v)
     L._SHM_CLEANED = True   # leave other processes' streaming shared memory alone
     return L.build_train_loader(cfg, Tokenizer(vocab_file))[0]
+
+
+def test_an_epoch_smaller_than_one_global_batch_is_refused(tmp_path, vocab_file):
+    """An epoch ends after its last whole global batch; with none (20 samples, a global batch of
+    32) each rank still took one micro-batch of every epoch: every step mixed two epochs, and
+    what trained depended on the world size. Refused where the loader is built, naming why."""
+    from vltrain.data.errors import DataError
+    ds = write_captions(str(tmp_path / "ds"), 20)
+    with pytest.raises(DataError, match=rf"data.train={re.escape(ds)}: an epoch holds 20 samples, fewer than one "
+                                        r"global batch of 32 \(world size x train.micro_batch_size x "
+                                        r"train.grad_accum\)"):
+        _single_loader(ds, tmp_path, vocab_file, grad_accum=32 // BATCH)
+    assert next(iter(_single_loader(ds, tmp_path / "b", vocab_file))).batch_size == BATCH   # 20 >= BATCH: trains
 
 
 def _shards(folder):

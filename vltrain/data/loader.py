@@ -356,6 +356,15 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
         if type(e) is not ValueError:
             raise
         raise ValueError(f"data.{split}: {e}") from None
+    global_batch = cfg.train.samples_per_step(World.detect().num_ranks) if train else 0
+    if int(ds.epoch_size) < global_batch:
+        # an epoch ends after its last whole global batch: with none, each rank still took a
+        # micro-batch of every epoch, so each step mixed epochs and what trained depended on
+        # the world size
+        raise DataError(f"data.train={cfg.data.train}: an epoch holds {int(ds.epoch_size)} samples"
+                        f"{' (with data.text_train)' if cfg.data.text_train else ''}, fewer than one global batch of "
+                        f"{global_batch} (world size x train.micro_batch_size x train.grad_accum): use more data, "
+                        "or a smaller train.micro_batch_size / train.global_batch")
     workers = int(cfg.data.num_workers)
     # Training holds a step's micro-batches before it trains them (step_feed.py): the workers'
     # queue must hold a step's too, or the GPU waits at each step start for its remaining ones.
@@ -370,7 +379,7 @@ def _loader(cfg, tokenizer, batch_size: int, split: str, train: bool,
                           generator=torch.Generator().manual_seed(cfg.train.seed),
                           # the bound a rank waits for its peers, also for a batch
                           wait_timeout_s=cfg.train.dist_timeout_s,
-                          global_batch=cfg.train.samples_per_step(World.detect().num_ranks) if train else 0,
+                          global_batch=global_batch,
                           what=f"data.{split}={getattr(cfg.data, split)}",
                           store=", ".join(sorted({store_of(i.name) for i in infos if is_remote(i.name)})))
     return loader, collator
