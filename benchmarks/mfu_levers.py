@@ -226,15 +226,16 @@ def main(argv=None) -> int:
     from vltrain.monitor import device_peak_tflops
     peak = device_peak_tflops("bf16") if device.type == "cuda" else None
 
-    def table(rounds: int) -> list[str]:
+    def report(rounds: int) -> list[str]:
         ref_sps = runners[0].batch / median(runners[0].times)
         peer_sps = peer.batch / median(peer.times)
         rows = []
         for r in runners:
             t = median(r.times)
             tflops = r.flops_per_step / t / 1e12
-            rows.append([r.label, r.batch // r.grad_accum, r.batch / t, t * 1e3, tflops,
-                         100 * tflops / peak if peak else float("nan"), (r.batch / t) / ref_sps, (r.batch / t) / peer_sps])
+            sps = r.batch / t
+            rows.append([r.label, r.batch // r.grad_accum, sps, t * 1e3, tflops,
+                         100 * tflops / peak if peak else float("nan"), sps / ref_sps, sps / peer_sps])
         return [f"Machine: {machine_description(device)}. Size: {base.name}, {base.regions} regions + {base.text} "
                 f"text tokens, sdpa unless a row says otherwise, compiled blocks; {rounds} rounds of "
                 f"{args.steps_per_round} steps, interleaved.",
@@ -242,22 +243,25 @@ def main(argv=None) -> int:
                                     "× first row", "× peer"], rows)]
 
     def partial(done: int) -> None:
-        """The table so far into --out after each round: a time limit that ends the run (the GPU
-        suite's) keeps it; the finished run overwrites it."""
-        if args.out and done < args.rounds:
+        """The table so far into --out after each round, and the whole table before the
+        profiles: a time limit that ends the run (the GPU suite's) keeps it; the finished run
+        overwrites it."""
+        if args.out:
+            note = (f"(cut short: {done} of {args.rounds} rounds done)" if done < args.rounds
+                    else "(kernel profiles pending)")
             with open(args.out, "w") as f:
-                f.write("\n".join(table(done) + ["", f"(cut short: {done} of {args.rounds} rounds done)"]) + "\n")
+                f.write("\n".join(report(done) + ["", note]) + "\n")
 
     time_interleaved(runners, device, warmup=3, rounds=args.rounds, log=log,
                      steps_per_round=args.steps_per_round, on_round=partial)
-    md = table(args.rounds)
+    md = report(args.rounds)
     engines = [r for r in runners if r.engine is not None][:1]
     for r in runners[:2] + triton_rows[-1:] + engines:
         log(f"profiling: {r.label}")
-        table = kernel_breakdown(r, device)
+        breakdown = kernel_breakdown(r, device)
         what = "Kernel" if device.type == "cuda" else "Operator"
         md += ["", f"{what} time per step, `{r.label}` at micro-batch {args.batch} (torch profiler, 3 steps):",
-               "", table]
+               "", breakdown]
     emit_report("\n".join(md), args.out)
     return 0
 

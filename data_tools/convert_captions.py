@@ -47,8 +47,12 @@ from vltrain.data import schema
 
 def _empty(text: str) -> str:
     """What is wrong with a caption that makes no token: blank, or only characters BERT's
-    tokenizer drops (which the collator would refuse, in whichever epoch drew it)."""
-    return "empty caption" if not text.strip() else f"empty caption (only characters BERT's tokenizer drops: {ascii(text)})"
+    tokenizer drops (which the collator would refuse, in whichever epoch drew it). Judged with
+    accent stripping (the converter knows no vocabulary): a caption of combining marks alone,
+    which a cased tokenizer would keep as [UNK], is refused too."""
+    if not text.strip():
+        return "empty caption"
+    return f"empty caption (only characters BERT's tokenizer drops: {ascii(text)})"
 
 
 def _is_gcc_header(line: str) -> bool:

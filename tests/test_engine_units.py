@@ -138,16 +138,17 @@ def test_img_token_id_must_be_the_tokenizers(tmp_path):
         check_tokenizer(cfg, tok)
 
 
-def test_init_from_source_trained_with_another_vlbert_sequence(tmp_path, caplog):
-    """model.vlbert_image_box / vlbert_end_token add no parameter, so only the source's config
-    tells which sequence it was trained with: mode=eval refuses another, naming the settings to
-    use; training warns; the same settings, a VLP model or a BERT folder say nothing."""
+def test_init_from_source_trained_with_other_weightless_settings(tmp_path, caplog):
+    """model.vlbert_image_box / vlbert_end_token (and the activation, LayerNorm epsilon, the
+    regions' segment) add no parameter, so only the source's config tells what it was trained
+    with: mode=eval refuses another, naming the settings to use; training warns; the same
+    settings, a VLP model or a BERT folder say nothing."""
     import logging
     from vltrain.config import save_config
-    from vltrain.engine.build import check_source_sequence, source_config
+    from vltrain.engine.build import check_source_settings, source_config
 
     def check(c):                     # as build_training calls it
-        check_source_sequence(c, source_config(c.train.init_from))
+        check_source_settings(c, source_config(c.train.init_from))
     src = tmp_path / "export"                                   # an export-hf folder
     src.mkdir()
     (src / "config.json").write_text("{}")
@@ -158,13 +159,18 @@ def test_init_from_source_trained_with_another_vlbert_sequence(tmp_path, caplog)
     run.mode = "eval"
     with pytest.raises(ValueError, match=re.escape(
             f"train.init_from={src} was trained with model.vlbert_image_box=false ({src}/vltrain_config.yaml), "
-            "this run has model.vlbert_image_box=true: VL-BERT's sequence around the regions differs; evaluate "
-            "with the source's settings: model.vlbert_image_box=false")):
+            "this run has model.vlbert_image_box=true: settings without weights of their own, which the weights "
+            "cannot tell; evaluate with the source's settings: model.vlbert_image_box=false")):
         check(run)
+    other = load_config("configs/debug.yaml", [*over, "model.vlbert_end_token=true", "model.hidden_act=relu",
+                                               "model.image_token_type=1", "mode=eval"])
+    with pytest.raises(ValueError, match=re.escape("evaluate with the source's settings: model.hidden_act=gelu "
+                                                   "model.image_token_type=0")):
+        check(other)
     run.mode = "train"
     with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
         check(run)
-    assert "fine-tuning starts from weights that never saw it (set model.vlbert_image_box=false" in caplog.text
+    assert "fine-tuning starts from weights that never saw them (set model.vlbert_image_box=false" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
         same = load_config("configs/debug.yaml", [*over, "model.vlbert_end_token=true", "mode=eval"])
@@ -538,9 +544,10 @@ def test_a_resume_keeps_this_runs_fp16_loss_scaler_settings():
         return DynamicLossScaler(scale, window, 1.0, 2, False)
 
     def loaded(run_scaler, ckpt_scaler):
-        opt = SimpleNamespace(loss_scaler=run_scaler, dynamic_loss_scale=True, clip_grad=1.0)
+        opt = SimpleNamespace(loss_scaler=run_scaler, dynamic_loss_scale=run_scaler.dynamic, clip_grad=1.0)
         kept = optimizer_run_settings(opt)
-        opt.loss_scaler, opt.clip_grad = ckpt_scaler, 5.0                         # what DeepSpeed's load sets
+        # what DeepSpeed's load sets
+        opt.loss_scaler, opt.dynamic_loss_scale, opt.clip_grad = ckpt_scaler, ckpt_scaler.dynamic, 5.0
         return opt, restore_run_settings(opt, kept, same_precision=True)
     ckpt = dynamic(1000, scale=512.0)
     opt, changed = loaded(dynamic(1000), ckpt)                                   # same settings: the checkpoint's
@@ -552,3 +559,38 @@ def test_a_resume_keeps_this_runs_fp16_loss_scaler_settings():
     static = LossScaler(128)
     opt, changed = loaded(static, dynamic(1000, scale=512.0))                    # loss_scale 128: static now
     assert opt.loss_scaler is static and static.cur_scale == 128 and "{'dynamic': False, 'scale': 128}" in changed
+    assert opt.dynamic_loss_scale is False
+
+    # ZeRO-0's fp16 optimizers keep a LossScaleConfig, which their load overwrites in place
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaleConfig
+
+    def zero0(window):
+        return LossScaleConfig(torch.float16, True, 1.0, {"init_scale": 2.0 ** 16, "scale_window": window,
+                                                          "min_scale": 1.0, "delayed_shift": 2,
+                                                          "consecutive_hysteresis": False})
+    opt = SimpleNamespace(loss_scale_config=zero0(200), clip_grad=1.0)
+    kept = optimizer_run_settings(opt)
+    c = opt.loss_scale_config            # as FP16_Optimizer.load_state_dict sets it from a window-1000 run
+    c.dynamic_loss_scale, c.cur_scale, c.cur_iter, c.last_overflow_iter, c.scale_factor, c.scale_window = \
+        True, 512.0, 7000, 6990, 2.0, 1000
+    changed = restore_run_settings(opt, kept, same_precision=True)
+    assert opt.loss_scale_config.scale_window == 200 and opt.loss_scale_config.cur_scale == 512.0
+    assert opt.loss_scale_config.cur_iter == 7000 and "continuing from its scale 512" in changed
+
+
+def test_a_resume_keeps_the_casing_its_run_recorded(tmp_path):
+    """data.casing=auto is recorded as what it chose; a resume whose tokenizer would read the
+    text otherwise (another vocab folder, a changed tokenizer_config.json) is refused."""
+    from vltrain.engine.build import check_resume_casing
+    from vltrain.engine.checkpoint import Found
+    tag = tmp_path / "step_00000003"
+    tag.mkdir()
+    (tag / "config.yaml").write_text("data:\n  casing: uncased\n")
+    found = Found(str(tmp_path), "step_00000003", {})
+    assert check_resume_casing(found, "uncased") == "uncased" and check_resume_casing(None, "cased") == "cased"
+    with pytest.raises(ValueError, match=r"step_00000003 trained on uncased text, and this run's tokenizer reads "
+                                         r"it cased: resume with data.casing=uncased"):
+        check_resume_casing(found, "cased")
+    (tag / "config.yaml").write_text("data:\n  vocab: bert-base-uncased\n")           # written before the key
+    assert check_resume_casing(found, "cased") == "cased"

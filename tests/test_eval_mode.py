@@ -195,6 +195,35 @@ def test_eval_needs_the_tasks_own_weights(evaluated, synthetic_corpus):
         load_task_weights(other, refs_state, ckpt["refs"], require_heads=True)
 
 
+def test_fine_tuning_takes_no_head_of_another_task_or_answer_vocabulary(evaluated, synthetic_corpus, caplog):
+    """A grounding head and VL-BERT's VQA head share names and shapes (head.transform.*): name
+    matching loaded one into the other when fine-tuning from the other task's checkpoint. Heads
+    come only from a source of the same task, and for VQA of the same answer vocabulary."""
+    import torch
+    from vltrain.config import load_config
+    from vltrain.engine.build import head_source_problem, init_weights, load_task_weights
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    root = evaluated["root"]
+    vocab, nvocab = synthetic_vocab(synthetic_corpus, os.path.join(root, "vocab"))
+    ckpt = os.path.join(root, "train", "refs-debug", "checkpoints", f"step_{TRAIN_STEPS:08d}")
+    cfg = load_config("configs/vqa_debug.yaml", [f"data.train={synthetic_corpus}/vqa/train", f"data.vocab={vocab}",
+                                                 f"model.vocab_size={nvocab}", "data.val=", *TASK_OVERRIDES["vqa"]])
+    task = get_task("vqa").build_module(cfg, VLModel(cfg.model))
+    refs_state = init_weights(task.model, ckpt)
+    assert any(n.startswith("head.transform.") and n in dict(task.named_parameters()) for n in refs_state)
+    built = {n: p.detach().clone() for n, p in task.named_parameters() if n.startswith("head.")}
+    skip = head_source_problem(cfg, "refs", "")
+    assert skip == "it was trained for task refs, not vqa: its heads mean other things"
+    with caplog.at_level("WARNING", logger="vltrain.engine.build"):
+        load_task_weights(task, refs_state, ckpt, require_heads=False, same_task=False, skip=skip)
+    assert all(torch.equal(p, built[n]) for n, p in task.named_parameters() if n in built)    # as the task built it
+    assert f"train.init_from={ckpt}: its head weights not loaded: it was trained for task refs" in caplog.text
+    vocab_sha = cfg.task.answer_vocab_sha256
+    assert vocab_sha and head_source_problem(cfg, "vqa", vocab_sha) == "" and head_source_problem(cfg, "vqa", "") == ""
+    assert "another answer vocabulary" in head_source_problem(cfg, "vqa", "0" * 64)
+
+
 @pytest.mark.parametrize("task", ["vqa", "mc"])
 def test_eval_of_a_split_that_cannot_be_opened_names_it_and_leaves_no_run_folder(evaluated, synthetic_corpus,
                                                                                 tmp_path, task):

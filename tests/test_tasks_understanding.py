@@ -601,7 +601,7 @@ def test_fine_tuned_sources_keep_their_segment_b_and_stale_heads_are_named(finet
     task = get_task("refs").build_module(refs_cfg, VLModel(refs_cfg.model))
     old = {"head.mlp.1.weight": torch.zeros(4, 4), "head.mlp.1.bias": torch.zeros(4)}
     with pytest.raises(ValueError, match=r"\['head.mlp.1.bias', 'head.mlp.1.weight'\] match no parameter of "
-                                         r"the GroundingTask.*earlier layout"):
+                                         r"the GroundingTask.*another layout of this task's head"):
         load_task_weights(task, old, "old-refs", require_heads=True, same_task=True)
     with pytest.raises(ValueError, match=r"needs a checkpoint fine-tuned for this task"):
         load_task_weights(task, old, "a-vqa-model", require_heads=True, same_task=False)

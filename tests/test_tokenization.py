@@ -76,7 +76,8 @@ def test_a_constructor_without_vocab_file_gets_the_vocabulary_as_vocab(monkeypat
 
 REFS = ["a man in a t-shirt holding a hot-dog.", "a close-up of a double-decker bus",
         "a black-and-white photo of a two-story house", "the dogs' toys on a couch", "a 2.5 inch screw at 7/11",
-        "the man's hat isn't red, is it?", "a u.s. flag at 3:30 pm", "at 3 p.m. u.s. time", "they're here and we'll go; i'd say",
+        "the man's hat isn't red, is it?", "a u.s. flag at 3:30 pm", "at 3 p.m. u.s. time", "a u.s.a. flag",
+        "they're here and we'll go; i'd say",
         "a clock that reads 10 o'clock", "1,000 birds", "the letter 't' on a sign"]
 
 
@@ -118,7 +119,8 @@ def test_a_cased_vocabulary_is_read_cased(tmp_path):
     (``do_lower_case``, ``strip_accents``); without one, capitals A-Z in the words mean cased."""
     from transformers import BertTokenizerFast
     bare = Tokenizer(_folder(tmp_path / "bare", CASED))
-    assert not bare.lowercase and not bare.strip_accents and "has words with capitals (e.g. 'The')" in bare.casing_source
+    assert not bare.lowercase and not bare.strip_accents
+    assert "has words with capitals (e.g. 'The')" in bare.casing_source
     told = _folder(tmp_path / "told", CASED, '{"do_lower_case": false}')
     said_lower = _folder(tmp_path / "lower", CASED, '{"do_lower_case": true}')
     for folder, tok in ((told, Tokenizer(told)), (said_lower, Tokenizer(said_lower))):
@@ -131,6 +133,9 @@ def test_a_cased_vocabulary_is_read_cased(tmp_path):
     assert not json.load(open(tmp_path / "export" / "tokenizer_config.json"))["do_lower_case"]
     uncased = Tokenizer("bert-base-uncased")
     assert uncased.lowercase and uncased.strip_accents and "no word with capitals" in uncased.casing_source
+    # data.casing overrides what auto reads
+    assert Tokenizer(told, "uncased").encode("The Dog in Paris") == [8, 10, 11, 13]
+    assert not Tokenizer("bert-base-uncased", "cased").lowercase
     broken = _folder(tmp_path / "broken", CASED, "{not json")
     with pytest.raises(ValueError, match=r"broken/tokenizer_config.json: not a readable tokenizer config"):
         Tokenizer(broken)

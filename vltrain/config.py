@@ -90,6 +90,9 @@ class DataConfig:
     cache_dir: str = ""                      # per-node local cache root (node id appended); "":
                                              # <temp dir>/vltrain_cache-<user> (TMPDIR honoured)
     vocab: str = "bert-base-uncased"         # built-in name, vocab.txt, or a folder holding one
+    # auto: the vocab folder's tokenizer_config.json (do_lower_case), else cased where the
+    # vocabulary has words with capitals A-Z; a run records what auto chose
+    casing: Literal["auto", "uncased", "cased"] = "auto"
     max_text_len: int = 40
     max_regions: int = 100
     # pretraining, image-caption samples: > 0 = VL-BERT's joint budget (its seq_len): regions

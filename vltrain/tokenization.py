@@ -30,7 +30,7 @@ BUILTIN_VOCABS = {"bert-base-uncased": os.path.join(os.path.dirname(__file__), "
                                                     "bert-base-uncased-vocab.txt")}
 
 
-def casing(vocab_file: str, words) -> tuple[bool, Optional[bool], str]:
+def vocab_casing(vocab_file: str, words) -> tuple[bool, Optional[bool], str]:
     """``(lowercase, strip_accents, why)`` for a vocabulary: its folder's tokenizer_config.json
     (``do_lower_case``, ``strip_accents``) as transformers' ``from_pretrained`` reads it; without
     one, cased exactly where the vocabulary has words with capitals A-Z (an uncased BERT
@@ -74,7 +74,7 @@ def _bert_tokenizer(vocab_file: str, words, lowercase: bool, strip_accents: Opti
 class Tokenizer:
     """Thin wrapper over ``transformers.BertTokenizerFast`` exposing the ids we use."""
 
-    def __init__(self, vocab_file: str):
+    def __init__(self, vocab_file: str, casing: str = "auto"):
         vocab_file = BUILTIN_VOCABS.get(vocab_file, vocab_file)
         if os.path.isdir(vocab_file):
             vocab_file = os.path.join(vocab_file, "vocab.txt")
@@ -82,7 +82,10 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer vocab file not found: {vocab_file}")
         self.vocab_file = vocab_file
         words = load_vocab(vocab_file)
-        self.lowercase, strip, self.casing_source = casing(vocab_file, words)
+        if casing == "auto":
+            self.lowercase, strip, self.casing_source = vocab_casing(vocab_file, words)
+        else:                                   # data.casing: BERT's accent stripping goes with lowercasing
+            self.lowercase, strip, self.casing_source = casing == "uncased", None, f"data.casing={casing}"
         self.strip_accents = self.lowercase if strip is None else strip     # BERT's default: with lowercasing
         self.hf = _bert_tokenizer(vocab_file, words, self.lowercase, strip)
         vocab = self.hf.get_vocab()
@@ -161,6 +164,7 @@ _REJOIN = [
     (re.compile(r"(?<=\d) : (?=\d)"), ":"),                           # 3:30 ("3 : 30")
     (re.compile(r"\b(\w)\. (\w)\."), r"\1.\2."),                    # u.s. ("u. s."), pairwise: "p.m. u.s."
     #                                                                  stays two words (a chain made one)
+    (re.compile(r"\b(\w\.\w\.) (\w)\.(?=\s|$)"), r"\1\2."),         # u.s.a., a.k.a. (a third letter)
     (re.compile(r"(?<=\d), (?=\d{3}\b)"), ","),                       # 1,000 ("1, 000")
     (re.compile(r"(?<=\w) ' (s|m|d|re|ve|ll|clock)\b"), r"'\1"),      # man's, it's, they're, o'clock
     (re.compile(r"(?<=\wn) ' t\b"), "'t"),                            # isn't, don't (not the letter 't')

@@ -147,7 +147,7 @@ def export_hf(found: ckpt.Found, out_dir: str, *, overwrite: bool = False, verbo
     from vltrain.tokenization import Tokenizer
 
     cfg, state, note = config_and_weights(found, verbose)
-    tok = Tokenizer(cfg.data.vocab)
+    tok = Tokenizer(cfg.data.vocab, cfg.data.casing)
     state = to_hf_state_dict(state)
     out_abs = os.path.abspath(out_dir)
     with staged_dir(out_dir, overwrite) as tmp:

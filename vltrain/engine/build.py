@@ -70,7 +70,9 @@ def init_weights(model: VLModel, path: str) -> dict:
     with torch.no_grad():
         fresh = load_into(model, state, source=source)
     # the model's tensors only: the task's heads are loaded (or not) after, and logged there
-    log.info("model weights from %s (%d of the model's tensors not in it start as initialised)", source, len(fresh))
+    groups = sorted({n.split(".")[0] for n in fresh})
+    log.info("model weights from %s (%d of the model's tensors not in it start as initialised%s)", source,
+             len(fresh), f": {', '.join(groups)}" if groups else "")
     return task_state
 
 
@@ -110,33 +112,53 @@ def trained_task(yml: Optional[str]) -> Optional[str]:
         return None
 
 
-def check_source_sequence(cfg: Config, yml: Optional[str]) -> None:
-    """VL-BERT's whole-image region and [END] (``SEQUENCE_KEYS``) add no parameter, so the
-    weights cannot tell which sequence a train.init_from source was trained with: its saved
-    config (``yml``, ``source_config``'s) can. Another sequence than the source's is refused in
-    mode=eval (the scores would be of inputs the model never saw) and warned in training
-    (fine-tuning may adapt to it, as from an earlier checkpoint without them). Sources without
-    a vltrain config (BERT) are not checked."""
-    if cfg.model.region_embedding != "vlbert" or yml is None:
+# Model settings that hold no weights of their own, so that a train.init_from source's tensors
+# load under any value: its saved config is the only record of what it was trained with.
+WEIGHTLESS_MODEL_KEYS = ("hidden_act", "layer_norm_eps", "image_token_type")
+
+
+def _weightless_keys(m) -> list[str]:
+    keys = list(WEIGHTLESS_MODEL_KEYS)
+    if m.region_embedding == "vlbert":      # VL-BERT's sequence around the regions, its [IMG] row
+        keys += [*SEQUENCE_KEYS, "img_token_id"] + (["end_token_id"] if m.vlbert_end_token else [])
+    return keys
+
+
+def _shown(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def check_source_settings(cfg: Config, yml: Optional[str]) -> None:
+    """Model settings without weights (``_weightless_keys``: the activation, LayerNorm epsilon,
+    the regions' segment, VL-BERT's whole-image region and [END] and their token ids): the
+    weights cannot tell which a train.init_from source was trained with, its saved config
+    (``yml``, ``source_config``'s) can. Another value than the source's is refused in mode=eval
+    (the scores would be of a model the weights never were) and warned in training
+    (fine-tuning may adapt to it, as from an earlier checkpoint without VL-BERT's sequence keys,
+    which default to false as those were trained). Sources without a vltrain config (BERT) are
+    not checked; keys a source's config predates count as their defaults."""
+    if yml is None:
         return
+    from vltrain.config import ModelConfig
+    keys, default = _weightless_keys(cfg.model), ModelConfig()
     try:
         model = written_section(yml, "model")
-        theirs = {k: bool(model.get(k, False)) for k in SEQUENCE_KEYS}
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        log.warning("train.init_from=%s: cannot read %s for its sequence (%s)", cfg.train.init_from, yml, e)
+        theirs = {k: type(getattr(default, k))(model.get(k, getattr(default, k))) for k in keys}
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+        log.warning("train.init_from=%s: cannot read %s for the model settings it was trained with (%s)",
+                    cfg.train.init_from, yml, e)
         return
-    differ = [k for k in SEQUENCE_KEYS if theirs[k] != getattr(cfg.model, k)]
+    differ = [k for k in keys if theirs[k] != getattr(cfg.model, k)]
     if not differ:
         return
+    keep = " ".join(f"model.{k}={_shown(theirs[k])}" for k in differ)
     msg = (f"train.init_from={cfg.train.init_from} was trained with "
-           + ", ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ) + f" ({yml}), this run has "
-           + ", ".join(f"model.{k}={str(getattr(cfg.model, k)).lower()}" for k in differ)
-           + ": VL-BERT's sequence around the regions differs")
+           + ", ".join(f"model.{k}={_shown(theirs[k])}" for k in differ) + f" ({yml}), this run has "
+           + ", ".join(f"model.{k}={_shown(getattr(cfg.model, k))}" for k in differ)
+           + ": settings without weights of their own, which the weights cannot tell")
     if cfg.mode == "eval":
-        raise ValueError(msg + "; evaluate with the source's settings: "
-                         + " ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ))
-    log.warning("%s; fine-tuning starts from weights that never saw it (set %s to keep the source's)", msg,
-                " ".join(f"model.{k}={str(theirs[k]).lower()}" for k in differ))
+        raise ValueError(msg + f"; evaluate with the source's settings: {keep}")
+    log.warning("%s; fine-tuning starts from weights that never saw them (set %s to keep the source's)", msg, keep)
 
 
 def recorded_answer_vocab(yml: Optional[str]) -> str:
@@ -162,13 +184,19 @@ def segment_b_from_a(model: VLModel) -> None:
 
 
 def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, require_heads: bool,
-                      same_task: bool = False) -> None:
+                      same_task: bool = False, skip: str = "") -> None:
     """Copy a checkpoint's task-level tensors (heads) into the task module where the names
     match. ``require_heads`` (mode=eval): every task-level parameter must come from the
     checkpoint, so a checkpoint of another task is an error rather than random predictions.
     ``same_task``: the source was trained for this task (``trained_task``), so a head tensor
-    of it that fits no parameter is an earlier layout of this head, named as such."""
+    of it that fits no parameter is another layout of this head, named as such. ``skip``: why
+    none may be loaded (``head_source_problem``); the heads start as the task builds them."""
     own = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
+    if skip:
+        fits = sorted({n.split(".")[0] for n in task_state if n in own})     # what name matching would load
+        if fits:
+            log.warning("train.init_from=%s: its %s weights not loaded: %s", source, ", ".join(fits), skip)
+        task_state = {}
     loaded = []
     with torch.no_grad():
         for name, t in task_state.items():
@@ -187,7 +215,7 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
     if stale and same_task:
         msg = (f"train.init_from={source}: {stale[:6]} match no parameter of the {type(task).__name__}, "
                f"whose head has other parameters ({sorted(set(own) - set(loaded))[:6]}): written by "
-               f"an earlier layout of this task's head")
+               f"another layout of this task's head (another task.vqa_head, or an earlier vltrain's)")
         if require_heads:
             raise ValueError(msg + "; evaluate it with the vltrain version that trained it")
         log.warning("%s; that head starts fresh", msg)
@@ -200,6 +228,21 @@ def load_task_weights(task: torch.nn.Module, task_state: dict, source: str, requ
     if missing:     # in training (eval refused above): say which head starts as the task builds it
         log.info("task weights not in %s, as the task initialises them (fresh or from the model's heads): %s",
                  source, ", ".join(sorted({n.split('.')[0] for n in missing})))
+
+
+def head_source_problem(cfg: Config, source_task: Optional[str], source_vocab: str) -> str:
+    """Why a train.init_from source's task heads must not be loaded, or "": trained for another
+    task (a VQA answer head and a grounding head share names and shapes, so name matching loaded
+    one into the other), or, for VQA training, on another answer vocabulary than ``data.train``'s
+    (``task.answer_vocab_sha256``, set by the task's build: class i's row would score another
+    answer). A source without a saved config (a BERT folder) has no task heads to load."""
+    if source_task is not None and source_task != cfg.task.name:
+        return f"it was trained for task {source_task}, not {cfg.task.name}: its heads mean other things"
+    if cfg.task.name == "vqa" and cfg.mode == "train" and source_vocab and source_vocab != cfg.task.answer_vocab_sha256:
+        return ("it was trained on another answer vocabulary (task.answer_vocab_sha256 "
+                f"{source_vocab[:12]}...) than data.train's ({cfg.task.answer_vocab_sha256[:12]}...): its class ids "
+                "name other answers")
+    return ""
 
 
 def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
@@ -225,7 +268,8 @@ def find_resume(cfg: Config, run_dir: str) -> Optional[ckpt.Found]:
 _RESUME_KEYS = {"train.resume", "train.init_from", "train.grad_accum", "data.num_canonical_nodes", "data.cache_dir",
                 "train.global_batch",         # reconcile_resume refuses one other than the checkpoint's
                 "output_root", "train.dist_timeout_s", "train.log_every", "data.num_workers",
-                "task.answer_vocab_sha256"}    # filled by the VQA task later in the build: checked there
+                "task.answer_vocab_sha256",    # filled by the VQA task later in the build: checked there
+                "data.casing"}                 # auto resolved with the tokenizer: checked there
 
 
 def warn_config_changes(cfg: Config, tag_dir: str) -> list[str]:
@@ -266,6 +310,21 @@ def set_aside_previous_run(run_dir: str) -> Optional[str]:
     return msg
 
 
+def check_resume_casing(found, casing: str) -> str:
+    """``casing`` (what ``data.casing`` resolved to), refused where the resumed checkpoint's run
+    recorded the other: its text would be tokenized otherwise from here on (a run written before
+    ``data.casing`` records nothing: not checked)."""
+    if found is not None:
+        try:
+            saved = str(written_setting(os.path.join(found.path, "config.yaml"), "data", "casing", "auto"))
+        except (OSError, yaml.YAMLError, AttributeError):
+            saved = "auto"
+        if saved in ("cased", "uncased") and saved != casing:
+            raise ValueError(f"{found.path} trained on {saved} text, and this run's tokenizer reads it {casing}: "
+                             f"resume with data.casing={saved}")
+    return casing
+
+
 def set_checkpoint_keys(ds: dict, found, run_dir: str) -> None:
     """What a ds_config cannot know: ``checkpoint.load_universal`` is whether the checkpoint
     resumed is a universal one (its completion record says; a user's ``true`` made DeepSpeed
@@ -276,7 +335,7 @@ def set_checkpoint_keys(ds: dict, found, run_dir: str) -> None:
     universal = bool(found is not None and found.info.get("universal"))
     section = ds.setdefault("checkpoint", {})
     given = section.get("load_universal", universal)
-    if given not in (universal, "auto"):
+    if given != universal:
         raise DSConfigError(
             f"ds_config 'checkpoint.load_universal' = {json.dumps(given)}, but "
             + (f"{found.path} is {'a universal' if universal else 'an ordinary'} checkpoint" if found is not None
@@ -429,10 +488,11 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         check_buildable(ds)
         precision = precision_of(ds)
 
-        tokenizer = Tokenizer(cfg.data.vocab)
+        tokenizer = Tokenizer(cfg.data.vocab, cfg.data.casing)
         if info.is_main:
             log.info("tokenizer %s: %s (%s)", tokenizer.vocab_file, "lowercased" if tokenizer.lowercase else "cased",
                      tokenizer.casing_source)
+        cfg.data.casing = check_resume_casing(found, "uncased" if tokenizer.lowercase else "cased")
         check_tokenizer(cfg, tokenizer)
         check_positions(cfg)
         problem = unusable(cfg.model.attention_backend, device.type, cfg.model.attention_dropout, cfg.mode == "train")
@@ -448,12 +508,13 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
         model = VLModel(cfg.model)
         task_state: dict = {}
-        source_task = None
+        source_task, source_vocab = None, ""
         if cfg.train.init_from and found is None:
             task_state = init_weights(model, cfg.train.init_from)
             saved = source_config(cfg.train.init_from)
             source_task = trained_task(saved)
-            check_source_sequence(cfg, saved)
+            source_vocab = recorded_answer_vocab(saved) if source_task == "vqa" else ""
+            check_source_settings(cfg, saved)
             if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
                 # the vocabulary the head was trained on: build_vqa refuses a split converted with another
                 cfg.task.answer_vocab_sha256 = recorded_answer_vocab(saved)
@@ -476,7 +537,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         task = spec.build_module(cfg, model)
         if cfg.mode == "eval" or (cfg.train.init_from and found is None):
             load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
-                              same_task=source_task == cfg.task.name)
+                              same_task=source_task == cfg.task.name,
+                              skip=head_source_problem(cfg, source_task, source_vocab))
         if found is not None:
             check_model_matches(found.path, task)   # names the mismatched parameters and shapes
             recorded = recorded_answer_vocab(os.path.join(found.path, "config.yaml"))

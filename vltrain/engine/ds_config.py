@@ -429,11 +429,11 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
     # a misspelling of a key DeepSpeed reads (zero_optimisation trained ZeRO-0 without it);
     # a key merely like one (a newer DeepSpeed's section) is only warned of below
     import difflib
-    typos = [(k, c) for k, c in (unread_keys(ds, parsed) if parsed is not None else [])
-             if c and difflib.SequenceMatcher(None, k, c).ratio() >= 0.8]
+    unread = unread_keys(ds, parsed) if parsed is not None else []
+    typos = [(k, c) for k, c in unread if c and difflib.SequenceMatcher(None, k, c).ratio() >= 0.8]
     if typos:
         raise r.err("; ".join(f"unknown top-level key '{k}' (did you mean '{close}'?)" for k, close in typos))
-    warn_unread_keys(ds, source, parsed=parsed)
+    warn_unread_keys(unread, source)
     return ds
 
 
@@ -563,13 +563,11 @@ def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[tuple[
             for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE)]
 
 
-def warn_unread_keys(ds: dict, source: str, parsed: Optional[_ReadRecorder]) -> None:
-    """``unread_keys`` as a warning, from the first rank only (every rank resolves the config);
-    nothing where DeepSpeed could not parse it (``parsed`` None)."""
+def warn_unread_keys(unread: list[tuple[str, str]], source: str) -> None:
+    """``unread_keys``' list as a warning, from the first rank only (every rank resolves the config)."""
     import torch.distributed as dist
-    if parsed is None or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    unread = unread_keys(ds, parsed)
     if unread:
         log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source,
                     ", ".join(f"'{k}'" + (f" (did you mean '{c}'?)" if c else "") for k, c in unread))

@@ -136,8 +136,14 @@ def zero0_layout_mismatch(tag_dir: str, optimizer) -> Optional[str]:
 
 
 def optimizer_run_settings(optimizer) -> dict:
-    """This run's clipping and loss scaler on DeepSpeed's optimizer, before a checkpoint load."""
-    return {k: getattr(optimizer, k) for k in _RUN_CLIP + _RUN_SCALER if hasattr(optimizer, k)}
+    """This run's clipping and loss scaler on DeepSpeed's optimizer, before a checkpoint load
+    (ZeRO-1/2/3 replace ``loss_scaler`` on load; ZeRO-0's fp16 optimizers write the checkpoint's
+    scaling into their ``loss_scale_config`` in place, so a copy of it is kept)."""
+    import copy
+    kept = {k: getattr(optimizer, k) for k in _RUN_CLIP + _RUN_SCALER if hasattr(optimizer, k)}
+    if getattr(getattr(optimizer, "loss_scale_config", None), "use_grad_scaling", False):
+        kept["loss_scale_config"] = copy.copy(optimizer.loss_scale_config)
+    return kept
 
 
 def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> Optional[str]:
@@ -147,14 +153,20 @@ def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> Optiona
     hysteresis, min_loss_scale: the checkpoint's would silently win), dynamic scaling then
     going on from the checkpoint's scale. Returns what changed, for the log, or None."""
     changed = None
-    ours, theirs = kept.get("loss_scaler"), getattr(optimizer, "loss_scaler", None)
-    if same_precision and ours is not None and theirs is not None and _scaler_setup(ours) != _scaler_setup(theirs):
-        changed = (f"the fp16 loss scaler is this run's ({_scaler_setup(ours)}), not the checkpoint's "
+    for key in ("loss_scaler", "loss_scale_config"):
+        ours, theirs = kept.get(key), getattr(optimizer, key, None)
+        if not same_precision or ours is None or theirs is None or _scaler_setup(ours) == _scaler_setup(theirs):
+            continue
+        changed = (f"the fp16 loss scaling is this run's ({_scaler_setup(ours)}), not the checkpoint's "
                    f"({_scaler_setup(theirs)})")
-        if getattr(ours, "dynamic", False) and getattr(theirs, "dynamic", False):
-            ours.cur_scale = theirs.cur_scale            # where the checkpoint's run had got to
+        if _scaler_setup(ours)["dynamic"] and _scaler_setup(theirs)["dynamic"]:
+            # where the checkpoint's run had got to
+            for state in ("cur_scale", "cur_iter", "last_overflow_iter"):
+                setattr(ours, state, getattr(theirs, state))
             changed += f", continuing from its scale {theirs.cur_scale:g}"
-        same_precision = False
+        setattr(optimizer, key, ours)
+        if key == "loss_scaler":
+            optimizer.dynamic_loss_scale = kept.get("dynamic_loss_scale", _scaler_setup(ours)["dynamic"])
     for k in _RUN_CLIP + (() if same_precision else _RUN_SCALER):
         if k in kept:
             setattr(optimizer, k, kept[k])
@@ -162,11 +174,12 @@ def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> Optiona
 
 
 def _scaler_setup(scaler) -> dict:
-    """A DeepSpeed loss scaler's configuration (not its running state)."""
-    if getattr(scaler, "dynamic", False):
-        return {"dynamic": True, **{k: getattr(scaler, k, None)
-                                    for k in ("scale_factor", "scale_window", "min_scale", "delayed_shift",
-                                              "consecutive_hysteresis")}}
+    """A DeepSpeed loss scaler's configuration, not its running state: ZeRO-1/2/3's
+    ``LossScaler`` / ``DynamicLossScaler`` or ZeRO-0's ``LossScaleConfig``."""
+    if getattr(scaler, "dynamic", getattr(scaler, "dynamic_loss_scale", False)):
+        return {"dynamic": True, **{k: getattr(scaler, k) for k in ("scale_factor", "scale_window", "min_scale",
+                                                                    "min_loss_scale", "delayed_shift",
+                                                                    "consecutive_hysteresis") if hasattr(scaler, k)}}
     return {"dynamic": False, "scale": getattr(scaler, "cur_scale", None)}
 
 

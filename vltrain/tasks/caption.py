@@ -171,7 +171,7 @@ class CaptionTask(nn.Module):
 def build_caption(cfg, model) -> CaptionTask:
     from vltrain.tokenization import Tokenizer
     t = cfg.task
-    tok = Tokenizer(cfg.data.vocab)
+    tok = Tokenizer(cfg.data.vocab, cfg.data.casing)
     decode_options(t, t.beam_size)                   # fail on bad decoding settings at build time
     scst = None
     if t.scst and cfg.mode == "train":

@@ -141,7 +141,7 @@ def build_vqa(cfg, model) -> VQATask:
     tok = None
     if cfg.task.vqa_head == "vlbert":
         from vltrain.tokenization import Tokenizer
-        tok = Tokenizer(cfg.data.vocab)
+        tok = Tokenizer(cfg.data.vocab, cfg.data.casing)
     return VQATask(model, cfg.task.vqa_head, vocab, tok)
 
 
