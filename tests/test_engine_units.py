@@ -167,6 +167,13 @@ def test_init_from_source_trained_with_other_weightless_settings(tmp_path, caplo
     with pytest.raises(ValueError, match=re.escape("evaluate with the source's settings: model.hidden_act=gelu "
                                                    "model.image_token_type=0")):
         check(other)
+    cased = tmp_path / "cased"                              # a run recorded the casing its auto chose
+    cased.mkdir()
+    (cased / "config.json").write_text("{}")
+    save_config(load_config("configs/debug.yaml", ["data.casing=uncased"]), str(cased / "vltrain_config.yaml"))
+    with pytest.raises(ValueError, match=re.escape("this run has data.casing=cased: settings without weights")):
+        check(load_config("configs/debug.yaml", [f"train.init_from={cased}", "data.casing=cased", "mode=eval"]))
+    check(load_config("configs/debug.yaml", [f"train.init_from={cased}", "data.casing=uncased", "mode=eval"]))
     run.mode = "train"
     with caplog.at_level(logging.WARNING, logger="vltrain.engine.build"):
         check(run)

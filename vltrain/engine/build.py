@@ -135,26 +135,32 @@ def check_source_settings(cfg: Config, yml: Optional[str]) -> None:
     (``yml``, ``source_config``'s) can. Another value than the source's is refused in mode=eval
     (the scores would be of a model the weights never were) and warned in training
     (fine-tuning may adapt to it, as from an earlier checkpoint without VL-BERT's sequence keys,
-    which default to false as those were trained). Sources without a vltrain config (BERT) are
-    not checked; keys a source's config predates count as their defaults."""
+    which default to false as those were trained). So is the text's casing (``data.casing``, as
+    the source's run recorded it: ``cfg.data.casing`` is resolved by then). Sources without a
+    vltrain config (BERT) are not checked; keys a source's config predates count as their
+    defaults (``data.casing``: not checked)."""
     if yml is None:
         return
     from vltrain.config import ModelConfig
     keys, default = _weightless_keys(cfg.model), ModelConfig()
     try:
         model = written_section(yml, "model")
-        theirs = {k: type(getattr(default, k))(model.get(k, getattr(default, k))) for k in keys}
+        differ = [(f"model.{k}", type(getattr(default, k))(model.get(k, getattr(default, k))), getattr(cfg.model, k))
+                  for k in keys]
+        casing = str(written_setting(yml, "data", "casing", "auto"))
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
         log.warning("train.init_from=%s: cannot read %s for the model settings it was trained with (%s)",
                     cfg.train.init_from, yml, e)
         return
-    differ = [k for k in keys if theirs[k] != getattr(cfg.model, k)]
+    if casing in ("cased", "uncased"):
+        differ.append(("data.casing", casing, cfg.data.casing))
+    differ = [(k, theirs, ours) for k, theirs, ours in differ if theirs != ours]
     if not differ:
         return
-    keep = " ".join(f"model.{k}={_shown(theirs[k])}" for k in differ)
+    keep = " ".join(f"{k}={_shown(theirs)}" for k, theirs, _ in differ)
     msg = (f"train.init_from={cfg.train.init_from} was trained with "
-           + ", ".join(f"model.{k}={_shown(theirs[k])}" for k in differ) + f" ({yml}), this run has "
-           + ", ".join(f"model.{k}={_shown(getattr(cfg.model, k))}" for k in differ)
+           + ", ".join(f"{k}={_shown(theirs)}" for k, theirs, _ in differ) + f" ({yml}), this run has "
+           + ", ".join(f"{k}={_shown(ours)}" for k, _, ours in differ)
            + ": settings without weights of their own, which the weights cannot tell")
     if cfg.mode == "eval":
         raise ValueError(msg + f"; evaluate with the source's settings: {keep}")
