@@ -155,18 +155,20 @@ def restore_run_settings(optimizer, kept: dict, same_precision: bool) -> Optiona
     changed = None
     for key in ("loss_scaler", "loss_scale_config"):
         ours, theirs = kept.get(key), getattr(optimizer, key, None)
-        if not same_precision or ours is None or theirs is None or _scaler_setup(ours) == _scaler_setup(theirs):
+        if not same_precision or ours is None or theirs is None:
             continue
-        changed = (f"the fp16 loss scaling is this run's ({_scaler_setup(ours)}), not the checkpoint's "
-                   f"({_scaler_setup(theirs)})")
-        if _scaler_setup(ours)["dynamic"] and _scaler_setup(theirs)["dynamic"]:
+        setup, saved = _scaler_setup(ours), _scaler_setup(theirs)
+        if setup == saved:
+            continue
+        changed = f"the fp16 loss scaling is this run's ({setup}), not the checkpoint's ({saved})"
+        if setup["dynamic"] and saved["dynamic"]:
             # where the checkpoint's run had got to
             for state in ("cur_scale", "cur_iter", "last_overflow_iter"):
                 setattr(ours, state, getattr(theirs, state))
             changed += f", continuing from its scale {theirs.cur_scale:g}"
         setattr(optimizer, key, ours)
         if key == "loss_scaler":
-            optimizer.dynamic_loss_scale = kept.get("dynamic_loss_scale", _scaler_setup(ours)["dynamic"])
+            optimizer.dynamic_loss_scale = kept.get("dynamic_loss_scale", setup["dynamic"])
     for k in _RUN_CLIP + (() if same_precision else _RUN_SCALER):
         if k in kept:
             setattr(optimizer, k, kept[k])
