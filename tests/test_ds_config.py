@@ -158,6 +158,17 @@ def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_asked(caplog):
             and "synchronized" in r.getMessage()], caplog.text
 
 
+def test_a_save_16bit_model_key_is_warned_of_as_without_effect(caplog):
+    for key in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vltrain.engine.ds_config"):
+            resolve_ds_config({"zero_optimization": {"stage": 3, key: False}}, debug_cfg(), 1, "cpu")
+            assert not caplog.records
+            resolve_ds_config({"zero_optimization": {"stage": 3, key: True}}, debug_cfg(), 1, "cpu")
+        assert [r for r in caplog.records if f"'zero_optimization.{key}' has no effect" in r.getMessage()
+                and "vltrain-ckpt consolidate" in r.getMessage()], caplog.text
+
+
 @pytest.mark.parametrize("before, after", [
     ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0a+PTX 10.0f", "9.0+PTX;10.0"), ("8.6;9.0", None), ("", None)])
 def test_arch_specific_cuda_arch_lists_are_made_readable_for_deepspeed(before, after):

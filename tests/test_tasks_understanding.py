@@ -219,6 +219,22 @@ def test_mc_collator_links_object_references_to_regions(synthetic_corpus):
         collate([dict(row, question_refs=[[7, 12, n]])])
     with pytest.raises(BadSampleError, match="reference \\[30, 40, 1\\] is not"):
         collate([dict(row, question_refs=[[30, 40, 1]])])
+    # a choice the model reads as the answer is a bad sample; the same words tied to other regions
+    # are another input (VL-BERT), not for VLP, which reads no links
+    twin = dict(row, label=0, choices=["riley stands", "no", "riley stands", "the chair"],
+                choice_refs=[[[0, 5, 0]], [], [[0, 5, 0]], [[4, 9, -1]]])
+    with pytest.raises(BadSampleError, match=r"choice 2 reads the same as the answer \(choice 0\): no model"):
+        collate([twin])
+    other = dict(twin, choice_refs=[[[0, 5, 0]], [], [[0, 5, 1]], [[4, 9, -1]]])
+    assert collate([other]).task["choice_valid"].all()
+    with pytest.raises(BadSampleError, match=r"choice 2 reads the same as the answer \(choice 0\): no model"):
+        get_task("mc").make_collator(task_cfg(synthetic_corpus, "mc"), tok, [StreamInfo("mem", meta)], False)([other])
+    long = dict(row, label=2, choices=["riley stands", "no", "casey and riley wait", "casey and riley sit"],
+                choice_refs=[[[0, 5, 0]], [], [[0, 5, 1]], [[0, 5, 1]]])
+    with pytest.raises(BadSampleError, match=r"choice 3 reads the same as the answer \(choice 2\) once tokenized and "
+                                             r"cut to data.max_text_len=10"):
+        collate([long], "data.max_text_len=10")
+    assert collate([long]).task["label"].tolist() == [2]
     # the task's forward feeds them to the model: the scores change when the links are dropped
     from vltrain.model import VLModel
     from vltrain.tasks.mc import MultipleChoiceTask

@@ -21,8 +21,8 @@ from vltrain.engine.ds_config import (DSConfigError, check_buildable, no_decay_p
                                       resolve_ds_config)
 from vltrain.engine.ds_readbacks import drop_step_readbacks
 from vltrain.engine.resume import CheckpointError, check_files_open, check_model_matches, check_resume_precision, \
-    check_resume_stage, continued_precision, fit_global_batch, reconcile_resume, saved_config, written_section, \
-    written_setting
+    check_resume_stage, continued_precision, fit_global_batch, reconcile_resume, recorded_setting, saved_config, \
+    written_section, written_setting
 from vltrain.engine.run_lock import LOCK_FILE, hold_run_lock
 from vltrain.engine.schedule import linear_warmup_decay
 from vltrain.engine.trainer import Trainer
@@ -169,10 +169,7 @@ def check_source_settings(cfg: Config, yml: Optional[str]) -> None:
 
 def recorded_answer_vocab(yml: Optional[str]) -> str:
     """``task.answer_vocab_sha256`` of a saved config ("" without one, or a config older than it)."""
-    try:
-        return str(written_setting(yml, "task", "answer_vocab_sha256", "")) if yml else ""
-    except (OSError, yaml.YAMLError, AttributeError):
-        return ""
+    return str(recorded_setting(yml, "task", "answer_vocab_sha256", ""))
 
 
 def segment_b_from_a(model: VLModel) -> None:
@@ -321,10 +318,7 @@ def check_resume_casing(found, casing: str) -> str:
     recorded the other: its text would be tokenized otherwise from here on (a run written before
     ``data.casing`` records nothing: not checked)."""
     if found is not None:
-        try:
-            saved = str(written_setting(os.path.join(found.path, "config.yaml"), "data", "casing", "auto"))
-        except (OSError, yaml.YAMLError, AttributeError):
-            saved = "auto"
+        saved = str(recorded_setting(os.path.join(found.path, "config.yaml"), "data", "casing", "auto"))
         if saved in ("cased", "uncased") and saved != casing:
             raise ValueError(f"{found.path} trained on {saved} text, and this run's tokenizer reads it {casing}: "
                              f"resume with data.casing={saved}")

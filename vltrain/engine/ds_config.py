@@ -423,6 +423,10 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
         if isinstance(off, dict) and off.get("device") == "nvme" and not off.get("nvme_path"):
             raise r.err(f"'zero_optimization.{what}.device' = \"nvme\" needs "
                         f"'zero_optimization.{what}.nvme_path' (a folder on the NVMe drive)")
+    for key in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
+        if zero.get(key) is True:     # it configures save_16bit_model(), which vltrain never calls
+            log.warning("%s: 'zero_optimization.%s' has no effect: vltrain saves DeepSpeed checkpoints only; "
+                        "write their weights with vltrain-ckpt consolidate / export", source, key)
 
     _check_no_auto(r, ds, "")
     parsed = check_sections(r, ds)

@@ -391,6 +391,19 @@ def written_setting(path: str, section: str, key: str, default):
     return written_section(path, section).get(key, default)
 
 
+def recorded_setting(path: Optional[str], section: str, key: str, default):
+    """``written_setting`` of a setting a run records for later runs to compare with, or
+    ``default`` where there is no record to read (``path`` None, missing or unreadable): then
+    nothing is compared, as for a run written before the setting was recorded."""
+    import yaml
+    if path is None:
+        return default
+    try:
+        return written_setting(path, section, key, default)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return default
+
+
 def checkpoint_precision(tag_dir: str) -> Optional[str]:
     """The ``train.precision`` a checkpoint trained at, read from its config.yaml as written; a
     file without the key trained fp32 (as ``load_run_config`` reads it); None without a

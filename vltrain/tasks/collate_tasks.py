@@ -240,6 +240,15 @@ class MCCollator(TaskCollator):
             rows.append([self.cls_id, *qa, self.sep_id, *aa, self.sep_id])
             types.append([0] * (len(qa) + 2) + [1] * (len(aa) + 1))
             regions.append([-1, *rq[:len(qa)], -1, *ra[:len(aa)], -1])
+        # Another choice the model reads exactly as the answer gets the same score: trained, the
+        # loss cannot fall below log 2; scored, the tie goes to the lower index, whichever is right.
+        same = [k for k in range(len(rows)) if label >= 0 and k != label
+                and (rows[k], regions[k]) == (rows[label], regions[label])]
+        if same:
+            how = "" if choices[same[0]] == choices[label] else \
+                f" once tokenized and cut to data.max_text_len={self.data.max_text_len}"
+            raise self._bad(info, sample, f"choice {same[0]} reads the same as the answer (choice {label}){how}: "
+                                          "no model can tell them apart")
         ex = self._image_example(info, sample, rows[0], types[0], cut)
         extra = {"rows": rows, "types": types, "label": label, "image_id": str(sample.get("image_id", ""))}
         if linked:
