@@ -529,24 +529,45 @@ def test_a_bad_key_inside_a_section_is_named_with_its_file(tmp_path, section, ba
 
 
 def test_a_stale_jit_build_lock_is_refused_naming_it(tmp_path, monkeypatch):
-    """A lock left by a job killed while torch compiled DeepSpeed's Adam would hang every later
-    start (torch waits for it without a timeout): refused naming the file; a fresh one (a build
-    under way) is waited for as torch does."""
+    """Under a torch whose JIT build waits while its lock file exists (FileBaton), a lock left
+    by a job killed while torch compiled DeepSpeed's Adam would hang every later start (torch
+    waits for it without a timeout): refused naming the file; a fresh one (a build under way) is
+    waited for as torch does. Such a torch is made here by giving cpp_extension its FileBaton
+    back where this one has none."""
     import time
-    from torch.utils.cpp_extension import _get_build_directory
-    from vltrain.engine.ds_config import STALE_LOCK_S, build_lock_path, check_build_lock
+    from torch.utils import cpp_extension
+    from torch.utils.file_baton import FileBaton
+    from vltrain.engine.ds_config import STALE_LOCK_S, build_lock_path, check_build_lock, lock_file_blocks
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     # the folder torch's JIT build would use (its private helper, which makes it)
-    assert build_lock_path("fused_adam") == os.path.join(_get_build_directory("fused_adam", False), "lock")
+    assert build_lock_path("fused_adam") == os.path.join(cpp_extension._get_build_directory("fused_adam", False), "lock")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpp_extension, "FileBaton", FileBaton, raising=False)
+    assert lock_file_blocks()
     lock = tmp_path / "ext" / "fused_adam" / "lock"
     check_build_lock("fused_adam")                                   # no lock
     lock.parent.mkdir(parents=True)
-    lock.write_text("")
-    check_build_lock("fused_adam")                                   # a build under way
+    assert FileBaton(str(lock)).try_acquire()                        # a build, killed before its release
+    check_build_lock("fused_adam")                                   # ... or under way
     with pytest.raises(DSConfigError, match=rf"{lock} is 16 minutes old.*DS_BUILD_FUSED_ADAM=1"):
         check_build_lock("fused_adam", now=time.time() + STALE_LOCK_S + 60)
+
+
+def test_the_lock_file_a_finished_jit_build_leaves_is_not_refused(tmp_path, monkeypatch):
+    """torch's own JIT build (cpp_extension.load, as DeepSpeed's op builder calls it) of a tiny
+    standalone program named fused_adam: whatever lock it leaves does not stop a start later
+    than the stale age (this torch holds an OS lock and leaves its file: every GPU start from 15
+    minutes after the first FusedAdam build was refused)."""
+    import time
+    from torch.utils import cpp_extension
+    from vltrain.engine.ds_config import STALE_LOCK_S, check_build_lock
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    (tmp_path / "main.cpp").write_text("int main() { return 0; }\n")
+    cpp_extension.load("fused_adam", [str(tmp_path / "main.cpp")], is_standalone=True, is_python_module=False,
+                       with_cuda=False)
+    assert (tmp_path / "ext" / "fused_adam" / "fused_adam").is_file()
+    check_build_lock("fused_adam", now=time.time() + STALE_LOCK_S + 60)
 
 
 ACCUM_SCRIPT = textwrap.dedent(r"""

@@ -703,12 +703,25 @@ def build_lock_path(op: str) -> str:
     return os.path.join(root, op, "lock")
 
 
+def lock_file_blocks() -> bool:
+    """Whether torch's JIT build waits for as long as its lock file exists (``FileBaton``: the
+    builder deletes it when done, so a build killed mid-way leaves one that blocks every later
+    build). torch since pytorch#189245 holds an OS lock on the file instead (``FileLock``): the
+    kernel releases it with its holder, and the file stays behind every build, at any age."""
+    from torch.utils import cpp_extension
+    return hasattr(cpp_extension, "FileBaton")
+
+
 def check_build_lock(op: str, now: Optional[float] = None) -> None:
     """Refuse to start on a build lock left by a job killed while compiling ``op`` (preempted,
     cancelled, timed out: every rank of every job on the shared home builds it at its first
-    start). torch waits for a lock without a timeout, so every later job would hang there
-    until its time limit, before training and before any checkpoint."""
+    start), where torch's lock is a file whose existence blocks (``lock_file_blocks``): torch
+    waits for it without a timeout, so every later job would hang there until its time limit,
+    before training and before any checkpoint. An OS lock cannot go stale: nothing to check
+    (its file, left by every build, was refused 15 minutes after the first)."""
     import time
+    if not lock_file_blocks():
+        return
     path = build_lock_path(op)
     try:
         age = (now if now is not None else time.time()) - os.path.getmtime(path)
