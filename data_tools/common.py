@@ -216,6 +216,9 @@ class DatasetWriter:
         self.count = 0
         self._extra: dict[str, Any] = {}
         self._ids: set[int] = set()
+        if kind == "captions":        # self-critical training reads these, not the shards
+            self.meta["references_file"] = schema.REFERENCES_FILE
+            self._extra[schema.REFERENCES_FILE] = {}
 
     def write(self, sample: dict[str, Any]) -> None:
         missing = set(self.columns) - set(sample)
@@ -229,6 +232,8 @@ class DatasetWriter:
             raise BadInputError(f"duplicate sample_id {sid} in {self.out} (image/question ids must be unique)")
         self._ids.add(sid)
         self._w.write(sample)
+        if self.kind == "captions":
+            self._extra[schema.REFERENCES_FILE][schema.references_key(sample)] = [str(c) for c in sample["captions"]]
         self.count += 1
 
     def add_json(self, name: str, obj: Any) -> None:

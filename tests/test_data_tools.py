@@ -146,6 +146,9 @@ def test_convert_captions_karpathy_tsv(tmp_path):
     assert meta["has_cls_prob"] and meta["has_obj_labels"] and not meta["has_image_feature"]
     assert meta["num_samples"] == 3 and meta["skipped_total"] == 0
     assert set(meta["optional_columns"]) == {"cls_prob", "obj_labels", "obj_conf"}
+    # the references self-critical training reads instead of the shards
+    assert meta["references_file"] == "references.json"
+    assert json.loads((out / "references.json").read_text()) == {s["image_id"]: s["captions"] for s in samples}
 
 
 def test_convert_captions_coco_json_npz(tmp_path, capsys):

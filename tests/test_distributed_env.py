@@ -449,6 +449,29 @@ def test_sbatch_task_picks_the_cpu_accelerator_only_without_allocated_gpus(tmp_p
         assert p.returncode == 0 and want in p.stdout, (extra, p.stdout, p.stderr)
 
 
+def test_a_rank_on_allocated_gpus_that_torch_cannot_see_stops_instead_of_taking_gloo(monkeypatch):
+    """A GPU node whose CUDA is broken (CPU-only torch, old driver) took the CPU accelerator and
+    gloo beside its peers' NCCL: a hang until the rendezvous timeout. Where Slurm allocated GPUs
+    (this machine has none) it stops naming them; without an allocation it is a CPU rank."""
+    import torch
+    from vltrain.engine.distributed import pick_backend
+    assert not torch.cuda.is_available()
+    for k in ("DS_ACCELERATOR", "SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        monkeypatch.delenv(k, raising=False)
+    for given in ({"SLURM_GPUS_ON_NODE": "4"}, {"SLURM_STEP_GPUS": "0,1"}, {"SLURM_JOB_GPUS": "0"}):
+        with monkeypatch.context() as m:
+            for k, v in given.items():
+                m.setenv(k, v)
+            with pytest.raises(RuntimeError, match=rf"Slurm allocated GPUs to this task \({k}={v}\) but torch sees "
+                                                   r"none .*set DS_ACCELERATOR=cpu"):
+                pick_backend()
+            assert "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")           # a count
+    assert pick_backend() == ("cpu", "gloo") and os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("SLURM_STEP_GPUS", "0")              # GPU 0, but DS_ACCELERATOR=cpu is the user's choice
+    assert pick_backend() == ("cpu", "gloo")
+
+
 @pytest.mark.parametrize("leftover", [{"RANK": "3"}, {"WORLD_SIZE": "8"}])
 def test_half_a_launcher_environment_is_refused(leftover):
     env = srun_task_env(**leftover)

@@ -480,6 +480,35 @@ def test_vcr_leaderboard_csv_from_five_evaluations(tmp_path, capsys):
     assert "annot_id test-9 (sample id 9) is not in the Q->A evaluation" in capsys.readouterr().err
 
 
+def test_scst_reads_a_captions_datasets_references_file_not_its_shards(synthetic_corpus, tmp_path, caplog):
+    """Self-critical training's references from a captions dataset: its references.json (every
+    rank read every shard, region features included: tens of GB for COCO before the first
+    collective), equal to the shards' captions; a dataset converted before the file is read
+    from its shards, saying so; another kind of dataset is named."""
+    import shutil
+    from vltrain.data.errors import MetaError
+    from vltrain.data.schema import references_key
+    from vltrain.tasks.scst import iter_mds_samples, read_caption_references
+    split = os.path.join(synthetic_corpus, "captions", "train")
+    from_shards = {references_key(s): list(s["captions"]) for s in iter_mds_samples(split)}
+    assert len(from_shards) > 100
+    light = tmp_path / "light"                     # the file alone: no shard is read
+    shutil.copytree(split, light, ignore=shutil.ignore_patterns("*.mds*"))
+    assert not list(light.glob("*.mds*"))
+    assert read_caption_references(str(light)) == from_shards
+    old = tmp_path / "old"                         # converted before references.json
+    shutil.copytree(split, old)
+    os.remove(old / "references.json")
+    meta = json.loads((old / "vltrain_meta.json").read_text())
+    del meta["references_file"]
+    (old / "vltrain_meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("INFO", logger="vltrain.tasks.scst"):
+        assert read_caption_references(str(old)) == from_shards
+    assert "has no references.json (converted before it): reading its references from every shard" in caplog.text
+    with pytest.raises(MetaError, match=r"dataset .*/vqa/train is a 'vqa' dataset, not a captions one"):
+        read_caption_references(os.path.join(synthetic_corpus, "vqa", "train"))
+
+
 def test_scst_references_json_needs_a_list_per_image(tmp_path):
     """task.scst_references as JSON: each image maps to a list of captions. A bare string
     would have been read as one-character captions (silently wrong CIDEr-D rewards)."""

@@ -458,6 +458,29 @@ def test_task_module_trains_and_predicts(synthetic_corpus, task, extra):
         assert scores.shape[1] == b.region_feats.shape[1]
 
 
+def test_a_caption_batch_with_nothing_masked_gives_the_mlm_head_zero_gradients(synthetic_corpus):
+    """objectives.mask_sampling=bernoulli can mask no caption token in a small micro-batch while
+    other ranks' have targets: every rank must give the same parameters gradients (ZeRO-2's
+    reduction, ZeRO-3's gathers); the MLM head got none (pretraining's already did)."""
+    from vltrain.model import VLModel
+    from vltrain.tasks import get_task
+    cfg = task_cfg(synthetic_corpus, "caption")
+    torch.manual_seed(0)
+    module = get_task("caption").build_module(cfg, VLModel(cfg.model))
+    b = collator(cfg, train=True)(read_rows(cfg.data.val)[:4])
+    assert b.mlm_positions.numel()
+    module(b)[0].backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    none = dataclasses.replace(b, mlm_positions=b.mlm_positions[:0], mlm_labels=b.mlm_labels[:0])
+    loss, metrics = module(none)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and "mlm_acc" not in metrics
+    got = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert {n for n in with_grad if n.startswith("model.mlm_head.")} and set(got) == with_grad
+    assert all(not g.any() for g in got.values())
+
+
 def test_mc_sigmoid_loss_is_binary_cross_entropy_over_the_real_choices(synthetic_corpus):
     """task.mc_loss=sigmoid (VL-BERT's VCR): each real choice of a labelled sample is a binary
     target (1 for the right one), the loss their mean BCE; padded choices and unlabelled

@@ -30,7 +30,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, MutableMapping, Optional
+from typing import Callable, Mapping, MutableMapping, Optional
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MASTER_PORT = 29500
@@ -290,6 +290,14 @@ def setup_env(environ: Optional[MutableMapping[str, str]] = None, use_scontrol: 
     return DistInfo.from_env(env)
 
 
+def slurm_gpus(env: Mapping[str, str]) -> str:
+    """The GPUs Slurm says it allocated to this task's node or step ("" for none), as the
+    variables say it: the templates' test for a GPU node (slurm/common.sh)."""
+    given = [f"{k}={env[k]}" for k in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+             if env.get(k, "").strip() not in ("", "0" if k == "SLURM_GPUS_ON_NODE" else "")]  # a count; GPU ids
+    return ", ".join(given)
+
+
 def pick_backend() -> tuple[str, str]:
     """(accelerator, backend): ('cuda', 'nccl') with a GPU, else ('cpu', 'gloo') and DS_ACCELERATOR=cpu.
 
@@ -303,6 +311,13 @@ def pick_backend() -> tuple[str, str]:
             return "cuda", "nccl"
         if forced == "cuda":
             raise RuntimeError("DS_ACCELERATOR=cuda but torch sees no GPU (CUDA_VISIBLE_DEVICES, driver?)")
+        slurm = slurm_gpus(os.environ)
+        if slurm:   # on CPU this rank would take gloo beside its peers' NCCL: a hang, not an error
+            raise RuntimeError(
+                f"Slurm allocated GPUs to this task ({slurm}) but torch sees none (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}; a CPU-only torch, a driver older than that CUDA, or a "
+                "container without the GPU devices?). To train on CPUs set DS_ACCELERATOR=cpu (another "
+                "accelerator: DS_ACCELERATOR=<its DeepSpeed name>)")
         os.environ["DS_ACCELERATOR"] = "cpu"
         return "cpu", "gloo"
     from deepspeed.accelerator import get_accelerator   # another accelerator the user chose

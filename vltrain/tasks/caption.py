@@ -145,8 +145,13 @@ class CaptionTask(nn.Module):
                 cnt = nll.new_zeros(B).index_add_(0, rows, torch.ones_like(nll))
                 metrics["nll"] = sums / cnt.clamp(min=1)
                 metrics["nll_count"] = cnt
-        elif batch.token_divisors is not None and self.objectives.loss_reduction == "token":
-            metrics["loss_mlm"] = torch.zeros((), device=total.device)   # its share of the step's token mean
+        else:
+            # Nothing masked here (objectives.mask_sampling=bernoulli can pick no token in a small
+            # micro-batch) while other ranks have targets: the MLM head gets zero gradients too,
+            # so that every rank reduces (ZeRO-3: gathers) the same parameters.
+            total = total + self.model.mlm_logits(h[:0]).sum()
+            if batch.token_divisors is not None and self.objectives.loss_reduction == "token":
+                metrics["loss_mlm"] = torch.zeros((), device=total.device)   # its share of the step's token mean
         metrics["loss"] = total.detach()
         return total, metrics
 
@@ -294,13 +299,16 @@ def evaluate_caption(trainer, split: str) -> dict:
 
     # Scored on rank 0 only (Java, METEOR's JVM); every rank gets the same numbers, so the
     # `best` checkpoint decision agrees everywhere. The others wait for them in a group of
-    # their own (gloo, SCORING_WAIT_S): the default group's wait is train.dist_timeout_s.
+    # their own (SCORING_WAIT_S): the default group's wait is train.dist_timeout_s. Its backend
+    # is the default group's (NCCL on GPUs): a gloo group on GPU nodes would need gloo's own
+    # addressing (GLOO_SOCKET_IFNAME where a node's hostname resolves to loopback), first
+    # tried at the first validation, hours into a run.
     payload = [None]
     group = None
     if trainer.info.world > 1 and dist.is_initialized():
         if trainer.scoring_group is None:        # collective: every rank makes it, at its first validation
             trainer.scoring_group = dist.new_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=max(SCORING_WAIT_S, cfg.train.dist_timeout_s)))
+                timeout=datetime.timedelta(seconds=max(SCORING_WAIT_S, cfg.train.dist_timeout_s)))
         group = trainer.scoring_group
     if trainer.info.is_main:
         payload = [_score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval")]

@@ -70,27 +70,41 @@ def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, l
     """``{image_id: [reference captions]}`` of a captions dataset.
 
     ``location``: a JSON file mapping image id -> list of captions, or an MDS captions
-    dataset (local folder or remote prefix; see ``iter_mds_samples``)."""
+    dataset (local folder or remote prefix): its ``references.json`` (schema.REFERENCES_FILE,
+    written by the converters), else, for a dataset converted before that file, every sample of
+    its shards (``iter_mds_samples``: region features included, on every rank)."""
+    from vltrain.data import schema
+    from vltrain.data.datasets import _read_text, read_meta
     from vltrain.data.errors import MetaError
     if location.endswith(".json"):
         with open(location) as f:
-            refs = json.load(f)
-        if not isinstance(refs, dict) or not refs:
-            raise MetaError(f"{location}: expected a JSON object image_id -> [captions]")
-        bad = next((k for k, v in refs.items() if not isinstance(v, list)), None)
-        if bad is not None:   # a bare string would be read as a list of one-character captions
-            raise MetaError(f"{location}: image {bad}: expected a list of captions, "
-                            f"got {type(refs[bad]).__name__}")
-        return {str(k): [str(c) for c in v] for k, v in refs.items()}
-    refs: dict[str, list[str]] = {}
-    for s in iter_mds_samples(location, timeout):
-        if "captions" not in s:
-            raise MetaError(f"dataset {location} has no 'captions' column: not a captions dataset")
-        image_id = s.get("image_id")
-        refs[str(image_id) if image_id not in (None, "") else str(s["sample_id"])] = [str(c) for c in s["captions"]]
+            return _references(json.load(f), location)
+    meta = read_meta(location, timeout)
+    if meta["kind"] != "captions":
+        raise MetaError(f"dataset {location} is a {meta['kind']!r} dataset, not a captions one")
+    if meta.get("references_file"):
+        name = meta["references_file"]
+        try:
+            return _references(json.loads(_read_text(location, name, timeout)), f"dataset {location}: {name}")
+        except json.JSONDecodeError as e:
+            raise MetaError(f"dataset {location}: {name} is not valid JSON: {e}") from e
+    log.info("dataset %s has no %s (converted before it): reading its references from every shard, region "
+             "features included; convert it again, or pass task.scst_references=<that file>",
+             location, schema.REFERENCES_FILE)
+    refs = {schema.references_key(s): [str(c) for c in s["captions"]] for s in iter_mds_samples(location, timeout)}
     if not refs:
         raise MetaError(f"dataset {location} holds no captions")
     return refs
+
+
+def _references(refs, where: str) -> dict[str, list[str]]:
+    from vltrain.data.errors import MetaError
+    if not isinstance(refs, dict) or not refs:
+        raise MetaError(f"{where}: expected a JSON object image_id -> [captions]")
+    bad = next((k for k, v in refs.items() if not isinstance(v, list)), None)
+    if bad is not None:   # a bare string would be read as a list of one-character captions
+        raise MetaError(f"{where}: image {bad}: expected a list of captions, got {type(refs[bad]).__name__}")
+    return {str(k): [str(c) for c in v] for k, v in refs.items()}
 
 
 def sampled_captions(words: torch.Tensor, mask: torch.Tensor, pad_id: int) -> list[list[int]]:
