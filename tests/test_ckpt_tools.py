@@ -613,6 +613,36 @@ def test_resume_keeps_global_batch_and_canonical_nodes(tmp_path):
         reconcile_resume(load_config("configs/debug.yaml"), found, world=8, nodes=1)
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_zero_checkpoint_on_another_world_size_must_be_resharded(tmp_path, stage):
+    """ZeRO-1 partitions Adam's state by rank as ZeRO-2/3 do: a ZeRO-1 checkpoint of 2 ranks
+    resumed on 1 rank, not resharded, must be refused like a ZeRO-2 one (only ZeRO-2 ran end to
+    end), where DeepSpeed would otherwise fail on, or mis-load, shards laid out for 2 ranks.
+    ZeRO-0 keeps whole optimizer states: it resumes on any world size. (A folder laid out like
+    the checkpoint; only file names and the record are read.)"""
+    from vltrain.config import load_config
+    from vltrain.ckpt.layout import locate
+    from vltrain.engine.resume import CheckpointError, model_states_files, reconcile_resume
+    tag = tmp_path / f"z{stage}"
+    os.makedirs(tag)
+    shards = [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)] if stage else []
+    for name in ["config.yaml", "vltrain_rank00000.pt", "vltrain_rank00001.pt", *model_states_files(str(tag), stage, 2),
+                 *shards]:
+        (tag / name).write_bytes(b"")
+    record = {"world_size": 2, "zero_stage": stage, "micro_batch_size": 8, "grad_accum": 1, "global_batch": 16,
+              "num_canonical_nodes": 1, "step": 3, "universal": False}
+    (tag / "vltrain_ckpt.json").write_text(json.dumps(record))
+    found = locate(str(tag), check_files=False)
+    cfg = load_config("configs/debug.yaml")                       # micro batch 8
+    assert reconcile_resume(load_config("configs/debug.yaml"), found, world=2) == []   # same world: any stage
+    if stage == 0:
+        reconcile_resume(cfg, found, world=1)
+        assert cfg.train.grad_accum == 2                           # the global batch of 16 kept on 1 rank
+        return
+    with pytest.raises(CheckpointError, match=rf"(?s)saved on 2 rank\(s\) with ZeRO-{stage}: .*vltrain-ckpt reshard"):
+        reconcile_resume(cfg, found, world=1)
+
+
 def linked_copy(src, dest):
     """A copy of a tag folder made of hard links (cheap); change its files with `rewrite` only."""
     shutil.copytree(src, dest, copy_function=os.link)

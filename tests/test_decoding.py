@@ -3,10 +3,13 @@
 
 The references here are written independently of the code under test: a naive decoder that
 re-runs the model's full forward for every step of every hypothesis and applies the
-constraints in plain Python, and an exhaustive search over a 4-word vocabulary.
+constraints in plain Python, an exhaustive search over a 4-word vocabulary, and a plain-Python
+beam search over a fixed logit table (where a beam of 2 prunes).
 """
 import itertools
 import math
+import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -305,6 +308,89 @@ def test_beam_search_is_exact_when_the_beam_holds_every_hypothesis(ids, alpha):
                     best = cand
             assert res.tokens[b] == best[1] and res.stopped[b] == best[2]
             assert res.scores[b] == pytest.approx(best[0], abs=1e-4)
+
+
+TABLE_V, TABLE_STOP = 6, 0            # a 6-token vocabulary: [STOP] and 5 words
+
+
+def table_logits(image_no: int, words) -> torch.Tensor:
+    """A fixed logit table: the next-token logits of image ``image_no`` after ``words``, drawn
+    from a seed of both (flat enough that [STOP] often ranks just behind the beam)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((image_no, tuple(words))).encode()))
+    return 0.5 * torch.randn(TABLE_V, generator=g)
+
+
+class TableModel(torch.nn.Module):
+    """Stands in for the model in the uncached decoding path (``model(ids, ...)`` then
+    ``mlm_logits``): the logits at the trailing [MASK] of ``[CLS] [SEP] words [MASK]`` are
+    ``table_logits`` of the image (numbered by its region features) and the words."""
+
+    def forward(self, ids, token_types, attention_mask, *, mode, region_feats, **_):
+        hidden = torch.zeros(*ids.shape, TABLE_V)
+        for r in range(ids.shape[0]):
+            hidden[r, -1] = table_logits(int(region_feats[r, 0, 0]), ids[r, 2:-1].tolist())
+        return SimpleNamespace(text_hidden=hidden)
+
+    def mlm_logits(self, hidden):
+        return hidden
+
+
+def reference_beam(image_no, K, max_len, alpha, stop_ranks=None):
+    """Beam search as HF/VLP run it, for one image, in plain Python: per step the 2K best
+    extensions of the live beams; a [STOP] among the first ``stop_ranks`` (K) of them finishes
+    a hypothesis (``log P / lp(words + 1)``), the first K others are the next beams; done once K
+    have finished and the best live beam, at the most favourable length penalty still
+    reachable, cannot beat the worst; at ``max_len`` the live beams finish without [STOP]."""
+    stop_ranks = K if stop_ranks is None else stop_ranks
+    live, fin = [(0.0, [])], []
+
+    def add(score, words, stopped):
+        if len(fin) < K or score > fin[-1][0]:
+            fin.append((score, words, stopped))
+            fin.sort(key=lambda h: -h[0])
+            del fin[K:]
+
+    for t in range(max_len):
+        cands = []
+        for s, words in live:
+            logp = F.log_softmax(table_logits(image_no, words), -1).tolist()
+            cands += [(s + logp[v], words, v) for v in range(TABLE_V)]
+        nxt = []
+        for rank, (s, words, v) in enumerate(sorted(cands, key=lambda c: -c[0])[:2 * K]):
+            if v == TABLE_STOP:
+                if rank < stop_ranks:
+                    add(s / length_penalty(t + 1, alpha), words, True)
+            elif len(nxt) < K:
+                nxt.append((s, words + [v]))
+        bound = length_penalty(max_len if alpha >= 0 else min(t + 2, max_len), alpha)
+        if len(fin) >= K and nxt[0][0] / bound <= fin[-1][0]:
+            return fin[0]
+        live = nxt
+    for s, words in live:
+        add(s / length_penalty(max_len, alpha), words, False)
+    return fin[0]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.5])
+def test_beam_search_prunes_as_the_reference_does(alpha):
+    """With a beam of 2 that prunes (the exhaustive test above never does): only a [STOP] among
+    the best K of the 2K candidates finishes a hypothesis. One ranked K..2K-1 finishing too
+    (a [STOP] the reference never keeps) changes the chosen caption of some images here."""
+    B, K, max_len = 8, 2, 4
+    # decoding reads only the images' region inputs; the one "region feature" numbers the image
+    batch = SimpleNamespace(region_feats=torch.arange(B, dtype=torch.float).view(B, 1, 1))
+    tokens = DecodeTokens(cls_id=TABLE_V, sep_id=TABLE_STOP, stop_id=TABLE_STOP, mask_id=TABLE_V + 1,
+                          pad_id=TABLE_V + 2)
+    # the table model only runs the full forward (no cache to step); the cached path equals it elsewhere
+    res = beam_search(TableModel(), batch, tokens, beam_size=K, max_len=max_len, length_penalty=alpha,
+                      use_cache=False)
+    for b in range(B):
+        score, words, stopped = reference_beam(b, K, max_len, alpha)
+        assert (res.tokens[b], res.stopped[b]) == (words, stopped), b
+        assert res.scores[b] == pytest.approx(score, abs=1e-4)
+    # the table makes the rank rule matter: with [STOP]s ranked K..2K-1 finishing too, some differ
+    assert any(reference_beam(b, K, max_len, alpha, stop_ranks=2 * K)[1:] != reference_beam(b, K, max_len, alpha)[1:]
+               for b in range(B))
 
 
 def test_beam_scores_are_length_penalised_log_probabilities(ids):

@@ -657,6 +657,30 @@ def test_state_with_a_held_back_batch_resumes_at_that_batch(tmp_path, vocab_file
     assert ids(resumed)[:1] == held and resumed.epoch == 1 and held != epoch0[:1]
 
 
+def test_state_with_a_held_back_batch_leaves_out_its_skipped_samples(tmp_path, vocab_file):
+    """A held-back batch is read again after a resume, its bad samples skipped and counted again:
+    the saved ``num_skipped`` must leave them out, or every checkpoint taken right after a batch
+    with a bad sample counts it twice (data/skipped drifts up with each resume)."""
+    samples = make_caption_samples(16)
+    for i in (5, 13):                                              # one bad sample in batches 2 and 4
+        samples[i]["features"][0, 0] = np.nan
+    ds = write_mds(str(tmp_path / "ds"), "captions", samples, optional=("cls_prob",),
+                   feature_dim=8, num_classes=5)
+    whole = _single_loader(ds, tmp_path / "a", vocab_file, shuffle=False, skip_bad_samples=True)
+    assert [b.sample_id.tolist() for b in whole][1] == [4, 6, 7] and whole.num_skipped == 2
+    loader = _single_loader(ds, tmp_path / "b", vocab_file, shuffle=False, skip_bad_samples=True)
+    it = iter(loader)
+    next(it)
+    next(it)                                                       # fetched ahead (skipped 5), not trained on
+    assert loader.num_skipped == 1 and loader.state_dict()["num_skipped"] == 1
+    state = loader.state_dict(held_back=1)
+    assert (state["sample_in_epoch"], state["num_skipped"]) == (4, 0)
+    resumed = _single_loader(ds, tmp_path / "c", vocab_file, shuffle=False, skip_bad_samples=True)
+    resumed.load_state_dict(state)
+    assert [b.sample_id.tolist() for b in resumed] == [[4, 6, 7], [8, 9, 10, 11], [12, 14, 15]]
+    assert resumed.num_skipped == whole.num_skipped == 2           # as the uninterrupted read
+
+
 def test_stale_shm_sweep_keeps_live_and_starting_segments(tmp_path):
     """The sweep unlinks streaming segments no process maps (a crashed run's), but keeps one a
     live process maps (another job on the same node); streaming's own helper unlinked all of
@@ -744,6 +768,19 @@ def test_stale_shm_sweep_keeps_a_prefix_whose_registration_a_live_rank_holds():
                 pass
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of process group ``pgid`` is still alive (not a zombie)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def test_a_run_restarted_right_after_a_sigkill_starts(tmp_path, synthetic_corpus):
     """SIGKILL of a whole run (the OOM killer, `kill -9`, Slurm past its grace time) leaves its
     datasets' shared-memory registrations; the validation set's, never read, has no lock file,
@@ -771,6 +808,12 @@ def test_a_run_restarted_right_after_a_sigkill_starts(tmp_path, synthetic_corpus
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # ... and its loader workers and forkserver gone too (under load the kernel takes a moment to
+    # tear a killed process down, and a segment it still maps is rightly not swept)
+    deadline = time.time() + 60
+    while _group_alive(proc.pid):
+        assert time.time() < deadline, "the killed run's processes did not exit"
+        time.sleep(0.1)
     r = subprocess.run([sys.executable, *args, "train.max_steps=5"], cwd=REPO, env=rank_env(0, 1, free_port()),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
