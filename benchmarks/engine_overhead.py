@@ -37,6 +37,7 @@ from benchmarks.train_throughput import build_engine, build_ours, init_single_pr
 from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
 from vltrain.engine.device_copy import DeviceCopier  # noqa: E402
 from vltrain.engine.step_feed import EPOCH_END, StepFeed  # noqa: E402
+from vltrain.objectives.reduce import token_counts  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -72,8 +73,8 @@ def feed_times(grad_accum: int, rounds: int, steps: int) -> tuple[list[float], l
             for _ in range(10 * grad_accum):
                 yield batch
             yield EPOCH_END
-    feeds = [StepFeed(stream(), DeviceCopier(torch.device("cpu")), grad_accum, 1, counting, contextlib.nullcontext)
-             for counting in (True, False)]
+    feeds = [StepFeed(stream(), DeviceCopier(torch.device("cpu")), grad_accum, 1, counts, contextlib.nullcontext)
+             for counts in (token_counts, None)]
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(rounds + 1):                             # round 0 warms up
         for feed, out in zip(feeds, times):

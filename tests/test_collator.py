@@ -133,6 +133,7 @@ def test_share_budget_is_vlbert_rule():
     assert share_budget(10, 20, 64) == (10, 20)        # under the budget: nothing cut
     assert share_budget(10, 10, 4) == (2, 2)           # [CLS] [SEP] and a region always stay
     assert share_budget(13, 10, 6, min_text=3) == (3, 3)   # VLP's layout: [CLS] [SEP] [STOP] stay
+    assert share_budget(40, 100, 63) == (31, 32)       # at a tie the text gives the token up
 
 
 def test_joint_budget_orders_regions_by_confidence_and_shares_positions(tok):
@@ -244,7 +245,7 @@ def test_bucket_padding(tok):
     assert b.input_ids.shape == (3, 8) and b.region_feats.shape[:2] == (3, 12)
     b = col(short + [dict(caps(1, seed=5)[0], sample_id=99, captions=["a " * 10])])
     assert b.input_ids.shape[1] == 16
-    for n_words in (3, 12, 30):                       # text-only batch: a plain BERT input
+    for n_words in (3, 6, 12, 14, 30):                # text-only batch: a plain BERT input (6, 14: exact fits)
         b = col([dict(t, text="dog " * n_words) for t in texts(2, start_id=5000)])
         longest = min(n_words + 2, 24)
         assert b.input_ids.shape[1] == min(x for x in (8, 16, 24) if x >= longest)

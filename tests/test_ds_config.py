@@ -107,6 +107,9 @@ def test_gpu_resolution_uses_deepspeed_adam_and_allows_fp16(path):
     assert precision_of(ds) == "fp16"
     assert ds["fp16"]["loss_scale"] == 0                      # dynamic loss scaling
     assert ds["bf16"]["enabled"] is False
+    # ... also where the user's fp16 section does not say (its own default would be static 1)
+    assert resolve_ds_config({"fp16": {"enabled": "auto"}}, debug_cfg(precision="fp16"), 1, "cuda")["fp16"][
+        "loss_scale"] == 0
     assert ds["train_batch_size"] == 4 * 2 * 8
 
 
@@ -331,6 +334,8 @@ def test_schedule_values():
     assert lr_at(cfg, 110) == 0.0 and lr_at(cfg, 200) == 0.0
     ratio = debug_cfg(warmup_steps=-1, warmup_ratio=0.1, max_steps=1000)
     assert warmup_steps_of(ratio) == 100
+    # rounded up, as Hugging Face's get_warmup_steps (ceil): 1.5 steps warm up for 2
+    assert warmup_steps_of(debug_cfg(warmup_steps=-1, warmup_ratio=0.15, max_steps=10)) == 2
     no_warm = debug_cfg(lr=1.0, warmup_steps=0, max_steps=4)
     assert [lr_at(no_warm, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     with pytest.raises(ValueError, match=r"longer than train.max_steps \(10\): set train.warmup_steps=1 \(10%\) "

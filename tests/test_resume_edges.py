@@ -160,6 +160,16 @@ def test_a_validation_due_at_the_last_step_runs_on_resume_and_the_last_checkpoin
     assert off["code"] == 0 and off["validated_at"] == [], off
 
 
+def test_a_finished_run_started_again_neither_validates_nor_saves_again(edges):
+    """A run whose last step is no validation step validates at its end; started again (a
+    requeue after it finished, the same command) it validated and saved that step once more,
+    a second val/ point at the step: the checkpoint now says the step was validated."""
+    first, again = edges["valodd"], edges["valodd_again"]
+    assert first["code"] == 0 and first["validated_at"] == [2, 3] and first["latest"] == "step_00000003", first
+    assert again["code"] == 0 and again["validated_at"] == [] and not again["resaved"], again
+    assert again["best_step"] == first["best_step"] and again["best_metric"] == first["best_metric"]
+
+
 @pytest.mark.skipif(not shutil.which("java"), reason="java not installed (pycocoevalcap's scorers)")
 def test_a_validation_cut_short_by_the_stop_signal_runs_again_on_resume(edges):
     """USR1 reaches the rank and the caption scorer's JVM (which it ends) while step 2's

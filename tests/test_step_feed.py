@@ -186,7 +186,8 @@ def host_batch(i: int, masked: int, text_only: bool = False) -> Batch:
 def run_feed(stream, accum, script, counting=True):
     """Drive a StepFeed as the trainer does; ``script``: per micro-batch taken, whether it is
     skipped (non-finite). Returns [(batch i, count, divisors)] in training order."""
-    feed = StepFeed(iter(stream), DeviceCopier(torch.device("cpu")), accum, 1, counting, contextlib.nullcontext)
+    feed = StepFeed(iter(stream), DeviceCopier(torch.device("cpu")), accum, 1, token_counts if counting else None,
+                    contextlib.nullcontext)
     out, ahead = [], feed.fetch()
     feed.carried = []                         # the batches that carried their count's counts
     for skipped in script:

@@ -301,6 +301,17 @@ def main():
     code, _, t = train(cfg_of(corpus, out, "valoff", *vs, "train.resume=auto", "data.val="), faults)
     t.close()
     res["valoff"] = outcome(code, {}, t)
+    # a finished run whose last step is no validation step (validated at the end), started again
+    odd = ["train.max_steps=3", "train.save_every_steps=0", f"data.val={corpus}/captions/val", "train.val_every=2"]
+    code, _, t = train(cfg_of(corpus, out, "valodd", *odd), faults)
+    t.close()
+    res["valodd"] = outcome(code, {}, t)
+    last = os.path.join(t.save_dir, "step_00000003")
+    files = lambda: sorted((f, os.stat(os.path.join(last, f)).st_mtime_ns) for f in os.listdir(last))  # noqa: E731
+    before = files()
+    code, _, t = train(cfg_of(corpus, out, "valodd", *odd, "train.resume=auto"), faults)
+    t.close()
+    res["valodd_again"] = {**outcome(code, {}, t), "resaved": files() != before}
 
     if shutil.which("java"):
         cap = ["train.max_steps=2", "train.val_every=2", "train.save_every_steps=0", "data.num_workers=0",

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from vltrain.data.batch import Batch
 from vltrain.data.loader import STAND_IN_KEY
 from vltrain.engine.device_copy import DeviceCopier, InFlight
-from vltrain.objectives.reduce import step_divisors, token_counts
+from vltrain.objectives.reduce import step_divisors
 
 EPOCH_END = object()            # what the trainer's batch stream yields between epochs
 COUNTS_KEY = "_step_counts"     # Batch.task of a count's first batch: its token counts on this rank (copied with it)
@@ -45,12 +45,14 @@ STEP_KEY = "_step"              # Batch.task: (which count, how many micro-batch
 
 class StepFeed:
     """``fetch()`` -> the next micro-batch's copy (InFlight); ``take(inflight)`` -> the batch
-    with its step's ``token_divisors``. ``counting`` False: batches pass one at a time."""
+    with its step's ``token_divisors``. ``counts``: a host batch's counts (``token_counts``, or
+    the task's ``TaskSpec.step_counts``); None: batches pass one at a time."""
 
-    def __init__(self, batches: Iterator, copier: DeviceCopier, grad_accum: int, world: int, counting: bool,
-                 data_wait: Callable):
+    def __init__(self, batches: Iterator, copier: DeviceCopier, grad_accum: int, world: int,
+                 counts: Optional[Callable[[Batch], list]], data_wait: Callable):
         self._batches, self._copier, self._data_wait = batches, copier, data_wait
-        self.grad_accum, self.world, self.counting = grad_accum, world, counting
+        self.grad_accum, self.world, self.counts = grad_accum, world, counts
+        self.counting = counts is not None
         self._pending: collections.deque[Batch] = collections.deque()   # pulled, of the current count
         self._left = 0                 # micro-batches the current step still takes (0: the next starts one)
         self._in_count = 0             # how many more are handed out under the current count
@@ -95,7 +97,7 @@ class StepFeed:
         sums = [0.0, 0.0, 0.0]
         for b in list(self._pending)[:size]:
             if not b.task.get(STAND_IN_KEY):        # a repeated batch standing in for bad samples counts 0
-                sums = [a + c for a, c in zip(sums, token_counts(b))]
+                sums = [a + c for a, c in zip(sums, self.counts(b))]
         self._count += 1
         counts = torch.tensor(sums, dtype=torch.float32)
         self._first = {STEP_KEY: (self._count, size), COUNTS_KEY: counts.pin_memory() if self._pin else counts}

@@ -106,6 +106,7 @@ class Trainer:
         # validation still due, and the monitor's open logging interval (summed over ranks).
         rank_state = {"loader": loader_state,
                       "best_metric": self.best_metric, "val_pending": self._val_pending,
+                      "validated_step": self._validated_step,
                       "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
                       "samples_seen": self.monitor.samples_seen, "monitor": self.monitor.pending_state(),
                       "cuts": list(self._cuts)}
@@ -174,6 +175,9 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self._val_pending = bool(state.get("val_pending", False))
+        # a finished run's last checkpoint comes after its end-of-run validation: started again,
+        # it does not validate (and save) that step once more
+        self._validated_step = state.get("validated_step")
         self.monitor.resume_at(self.step, int(state.get("samples_seen", 0)), state.get("monitor"))
         if self.info.is_main:
             log.info("resumed from %s at step %d", found.path, self.step)
@@ -229,8 +233,9 @@ class Trainer:
         best = self.spec.best_metric if self.spec is not None else "loss"
         self.monitor.log_hparams(config_to_dict(self.cfg), self.ds_config,
                                  metric_tags=dict.fromkeys(("train/loss", "val/loss", f"val/{best}")), step=self.step)
+        counted = self.spec is not None and self.spec.token_mean(self.cfg)
         self._feed = StepFeed(self._batches(), self.to_device, self.engine.gradient_accumulation_steps(),
-                              self.info.world, self.spec is not None and self.spec.token_mean(self.cfg),
+                              self.info.world, self.spec.step_counts if counted else None,
                               self.monitor.data_wait)
         save_due = False
         micro = MicroBatches()

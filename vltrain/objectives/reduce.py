@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 
 # Batch.token_divisors: masked text tokens in text-only rows, in rows with an image; masked
-# regions (the three token_counts gives); all masked text tokens (step_divisors adds it)
+# regions (the three token_counts gives; a fine-tuning task's loss items instead, as its
+# TaskSpec.step_counts gives them: grounding's real regions); all masked text tokens
+# (step_divisors adds it)
 TEXT_ROW_TOKENS, IMAGE_ROW_TOKENS, REGIONS, MASKED_TOKENS = range(4)
 
 

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Optional
 import torch.nn as nn
 
 from vltrain.model.vl_model import region_slots
+from vltrain.objectives.reduce import token_counts
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,14 @@ class TaskSpec:
     # (cfg) -> the model's heads (VLModel's mlm_head, mrc_head, cls_head) the task runs; the
     # others are left out of the MFU's N, and the task's own heads are in it (flop_params)
     model_heads: Callable = lambda cfg: ()
-    # (cfg) -> whether the training loss holds means over masked tokens (reduce_loss ``token``
-    # at batch.mlm_positions / mrc_positions): the trainer then counts each optimizer step's
-    # tokens before it trains (Batch.token_divisors, vltrain/engine/step_feed.py).
+    # (cfg) -> whether the training loss holds means over items of varying count (reduce_loss
+    # ``token`` at batch.mlm_positions / mrc_positions; grounding's regions): the trainer then
+    # counts each optimizer step's items before it trains (Batch.token_divisors,
+    # vltrain/engine/step_feed.py), so the loss is the same however the step is split.
     token_mean: Callable = lambda cfg: False
+    # (host batch) -> its counts in token_divisors order (objectives.reduce.token_counts: masked
+    # tokens and regions; a task averaging other items puts their count in the REGIONS slot)
+    step_counts: Callable = token_counts
 
 
 class Work(NamedTuple):

@@ -232,22 +232,22 @@ class MCCollator(TaskCollator):
             raise self._bad(info, sample, f"column 'choice_refs' must hold one list per choice, got {choice_refs!r}")
         q, rq = self._tagged(info, sample, self._get(info, sample, "question"),
                              sample.get("question_refs") if linked else None, "column 'question'")
-        rows, types, regions, cut = [], [], [], False
+        rows, types, regions, cut, answers = [], [], [], False, []
         for k, c in enumerate(choices):
             a, ra = self._tagged(info, sample, c, choice_refs[k] if linked else None, f"choice {k}")
+            answers.append((a, ra))
             qa, aa = self._pair(q, a, self.data.max_text_len - 3)     # each keeps a prefix
             cut = cut or len(qa) + len(aa) < len(q) + len(a)
             rows.append([self.cls_id, *qa, self.sep_id, *aa, self.sep_id])
             types.append([0] * (len(qa) + 2) + [1] * (len(aa) + 1))
             regions.append([-1, *rq[:len(qa)], -1, *ra[:len(aa)], -1])
-        # Another choice the model reads exactly as the answer gets the same score: trained, the
-        # loss cannot fall below log 2; scored, the tie goes to the lower index, whichever is right.
-        same = [k for k in range(len(rows)) if label >= 0 and k != label
-                and (rows[k], regions[k]) == (rows[label], regions[label])]
+        # Another choice that tokenizes as the answer (its word-pieces and object links) gets the
+        # same score: trained, the loss cannot fall below log 2; scored, the tie goes to the lower
+        # index, whichever is right. (Answers that only data.max_text_len's cut makes alike are
+        # the config's, counted as cut text: refusing them would stop a run at the first.)
+        same = [k for k in range(len(answers)) if label >= 0 and k != label and answers[k] == answers[label]]
         if same:
-            how = "" if choices[same[0]] == choices[label] else \
-                f" once tokenized and cut to data.max_text_len={self.data.max_text_len}"
-            raise self._bad(info, sample, f"choice {same[0]} reads the same as the answer (choice {label}){how}: "
+            raise self._bad(info, sample, f"choice {same[0]} tokenizes as the answer (choice {label}): "
                                           "no model can tell them apart")
         ex = self._image_example(info, sample, rows[0], types[0], cut)
         extra = {"rows": rows, "types": types, "label": label, "image_id": str(sample.get("image_id", ""))}

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.data.batch import Batch
+from vltrain.objectives.reduce import REGIONS
 from vltrain.tasks.base import TaskSpec, Work, row_regions, work_of
 from vltrain.tasks.collate_tasks import MCCollator
 from vltrain.tasks.evaluation import predict_split, write_results
@@ -47,7 +48,8 @@ class MultipleChoiceTask(nn.Module):
             real = t["choice_valid"] & (label >= 0)[:, None]
             right = F.one_hot(label.clamp(min=0), K).to(scores.dtype)
             per = F.binary_cross_entropy_with_logits(scores.masked_fill(~real, 0.0), right, reduction="none")
-            loss = (per * real).sum() / real.sum().clamp(min=1)
+            d = batch.token_divisors      # the step's real choices (see refs.py)
+            loss = (per * real).sum() / (real.sum().clamp(min=1) if d is None else d[REGIONS])
         else:
             loss = F.cross_entropy(scores, label, ignore_index=-1)
         acc = (scores.argmax(1) == label).float().mean()
@@ -91,4 +93,5 @@ def mc_work(cfg, batch: Batch) -> Work:
 SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, cfg.task.mc_loss),
                 make_collator=lambda cfg, tok, infos, train: MCCollator(cfg, tok, infos, train),
                 evaluate=evaluate_mc, best_metric="accuracy", higher_is_better=True, work=mc_work,
-                model_heads=lambda cfg: ("cls_head",))
+                model_heads=lambda cfg: ("cls_head",), token_mean=lambda cfg: cfg.task.mc_loss == "sigmoid",
+                step_counts=lambda b: [0.0, 0.0, float(b.task["choice_valid"][b.task["label"] >= 0].sum())])

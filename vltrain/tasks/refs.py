@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.data.batch import Batch
+from vltrain.objectives.reduce import REGIONS
 from vltrain.tasks.base import TaskSpec
 from vltrain.tasks.collate_tasks import RefsCollator
 from vltrain.tasks.evaluation import predict_split, write_results
@@ -40,7 +41,10 @@ class GroundingTask(nn.Module):
             return {"scores": scores.masked_fill(~real, float("-inf"))}
         labels = batch.task["region_labels"].float()
         per = F.binary_cross_entropy_with_logits(scores, labels, reduction="none")
-        loss = (per * real).sum() / real.sum().clamp(min=1)
+        # the mean over the optimizer step's real regions (its count from the trainer: a mean per
+        # micro-batch changed with the split, e.g. on a resume at another world size)
+        d = batch.token_divisors
+        loss = (per * real).sum() / (real.sum().clamp(min=1) if d is None else d[REGIONS])
         pick = scores.masked_fill(~real, float("-inf")).argmax(1, keepdim=True)
         acc = labels.gather(1, pick).mean()
         return loss, {"loss": loss.detach(), "ground_acc": acc.detach()}
@@ -86,4 +90,5 @@ def evaluate_refs(trainer, split: str) -> dict:
 
 SPEC = TaskSpec("refs", build_module=lambda cfg, model: GroundingTask(model),
                 make_collator=lambda cfg, tok, infos, train: RefsCollator(cfg, tok, infos, train),
-                evaluate=evaluate_refs, best_metric="accuracy", higher_is_better=True, model_heads=lambda cfg: ())
+                evaluate=evaluate_refs, best_metric="accuracy", higher_is_better=True, model_heads=lambda cfg: (),
+                token_mean=lambda cfg: True, step_counts=lambda b: [0.0, 0.0, float(b.region_mask.sum())])
