@@ -74,6 +74,11 @@ def test_step_variables_win_over_job_variables():
     env = srun_task_env(SLURM_STEP_NODELIST="node[2-3]", SLURM_STEP_NUM_TASKS="4", SLURM_STEP_TASKS_PER_NODE="2(x2)")
     setup_env_from_slurm(env, use_scontrol=False)
     assert env["MASTER_ADDR"] == "node2" and env["WORLD_SIZE"] == "4"
+    # a step of 1 task per node in a job of 2 per node (an eval beside training): the step's layout
+    env = srun_task_env(SLURM_STEP_NODELIST="node[2-3]", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)",
+                        SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NODEID="1")
+    setup_env_from_slurm(env, use_scontrol=False)
+    assert (env["LOCAL_WORLD_SIZE"], env["RANK"], env["NODE_RANK"]) == ("1", "1", "1")
 
 
 @pytest.mark.parametrize("text, want", [("2(x3)", [2, 2, 2]), ("4", [4]), ("2(x2),1", [2, 2, 1]),

@@ -509,6 +509,19 @@ def test_scst_reads_a_captions_datasets_references_file_not_its_shards(synthetic
         read_caption_references(os.path.join(synthetic_corpus, "vqa", "train"))
 
 
+def test_each_sampled_caption_is_scored_against_its_own_images_greedy_caption():
+    """Two images, two samples each (image-major, as sample_captions returns them): sample j's
+    baseline is image j // 2's greedy reward. Pairing them image-minor (repeat, not
+    repeat_interleave) leaves the mean advantage alone and changes the loss."""
+    from vltrain.tasks.scst import self_critical_loss
+    r_sample, r_greedy = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0])
+    logps = torch.tensor([[0.0, 0.5], [1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])   # 6 sampled tokens
+    loss, adv = self_critical_loss(r_sample, r_greedy, logps, mask)
+    assert adv.tolist() == [-9.0, -8.0, -17.0, -16.0]
+    assert float(loss) == pytest.approx(-(-8.0 * 1.0 + -16.0 * 2.0) / 6)
+
+
 def test_scst_references_json_needs_a_list_per_image(tmp_path):
     """task.scst_references as JSON: each image maps to a list of captions. A bare string
     would have been read as one-character captions (silently wrong CIDEr-D rewards)."""

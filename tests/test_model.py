@@ -872,3 +872,13 @@ def check_losses_equal_gathered_full_forward(model, batch):
     assert abs(float(metrics["loss_mlm"]) - float(mlm)) < 1e-5
     assert abs(float(metrics["loss_mrc"]) - float(mrc)) < 1e-5
     assert abs(float(loss) - float(mlm + mrc)) < 1e-5
+
+
+def test_vlp_geometry_is_the_box_its_area_and_the_best_object_class_confidence():
+    """VLP's G_i: x1, y1, x2, y2, the relative area and the detector's confidence, which is the
+    largest class probability other than background (column 0), as bottom-up attention's
+    objects_conf."""
+    from vltrain.model.embeddings import vlp_geometry
+    boxes, probs = torch.tensor([[0.1, 0.2, 0.5, 0.6]]), torch.tensor([[0.7, 0.2, 0.1]])
+    torch.testing.assert_close(vlp_geometry(boxes, probs, True), torch.tensor([[0.1, 0.2, 0.5, 0.6, 0.16, 0.2]]))
+    torch.testing.assert_close(vlp_geometry(boxes, probs, False), torch.tensor([[0.1, 0.2, 0.5, 0.6, 0.16]]))

@@ -345,23 +345,29 @@ def _read_all(tb_dir):
 
 def _monitor_rank(rank: int, port: int, out: str):
     """One gloo rank: rank 1's micro-steps had no region loss (text-only batches), and its
-    loader is slow; then a step 3 the checkpoint's pending interval holds."""
+    loader is slower (0.3 s a step, rank 0's 0.1 s, then 0.1 s of "compute" each); each step
+    counts 4 samples and 1 MFLOP against a 1 MFLOP/s peak; then a step 3 the checkpoint's
+    pending interval holds."""
     import json
     import time
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    mon = Monitor(None, rank=rank, world_size=2, log_every=2, log_fn=lambda s: None)
+    mon = Monitor(None, rank=rank, world_size=2, log_every=2, log_fn=lambda s: None, peak_tflops=1e-6)
+    start = time.perf_counter()
     for step in (1, 2):
         with mon.data_wait():
-            time.sleep(0.3 * rank)
+            time.sleep(0.1 + 0.2 * rank)
+        time.sleep(0.1)
         metrics = {"loss": torch.tensor(1.0 + rank)}
         if rank == 0:
             metrics["loss_mrc"] = torch.tensor(3.0 * step)
-        logged = mon.step_end(step, metrics, samples=4)
+        if step == 2:
+            wall = time.perf_counter() - start      # this rank's own clock over the interval
+        logged = mon.step_end(step, metrics, samples=4, flops=1e6)
     mon.step_end(3, {"loss": torch.tensor(1.0 + rank)}, samples=4)
     pending = mon.pending_state()
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump({"logged": logged, "pending": pending}, f)
+        json.dump({"logged": logged, "pending": pending, "wall": wall}, f)
     torch.distributed.destroy_process_group()
 
 
@@ -383,9 +389,23 @@ def test_ranks_with_different_metrics_reduce_their_union(two_ranks):
         logged = json.load(open(two_ranks / f"rank{rank}.json"))["logged"]
         assert logged["train/loss"] == pytest.approx(1.5)              # (1 + 1 + 2 + 2) / 4
         assert logged["train/loss_mrc"] == pytest.approx(4.5)          # (3 + 6) / 2, rank 0's only
-        # rank 1 waited for data most of the interval, rank 0 not at all: the slowest rank's
-        # share, which holds the job (their mean read about half of it)
-        assert logged["perf/data_wait_frac"] > 0.7, logged
+        # rank 1 waited for data 3/4 of the interval, rank 0 half of it: the slowest rank's
+        # share, which holds the job (their mean read less, their sum more than all of it)
+        assert 0.7 < logged["perf/data_wait_frac"] < 0.85, logged
+
+
+def test_throughput_and_mfu_over_ranks_are_the_jobs(two_ranks):
+    """Two ranks each train 4 samples and 1 MFLOP a step against a 1 MFLOP/s peak: the step
+    time is the job's (the ranks meet at the log step's reduction, so each clock reads the slower
+    rank's interval; averaged over ranks, not summed), samples/s counts both ranks' samples, and
+    MFU divides both ranks' FLOPs by both ranks' peak."""
+    import json
+    runs = [json.load(open(two_ranks / f"rank{rank}.json")) for rank in (0, 1)]
+    logged = runs[0]["logged"]
+    step = logged["perf/step_time_s"]
+    assert step == pytest.approx(max(r["wall"] for r in runs) / 2, rel=0.2), (logged, runs)
+    assert logged["perf/samples_per_s"] * step == pytest.approx(8.0)      # 2 ranks x 4 samples a step
+    assert logged["perf/mfu"] * step == pytest.approx(1.0)                # 1 s of peak work a step, per rank
 
 
 def test_a_resume_on_fewer_ranks_weighs_the_saved_steps_as_its_own(two_ranks):

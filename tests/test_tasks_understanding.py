@@ -147,6 +147,12 @@ def test_mc_and_refs_collators(synthetic_corpus):
         assert b.task["region_labels"][i, r["target_region"]] == 1      # the object's own region
         assert b.input_ids[i, :int(b.attention_mask[i].sum())].tolist() == \
             [tok.cls_id, *tok.encode(r["expression"]), tok.sep_id]
+    # IoU exactly 0.5 is a positive region (VL-BERT: >= 0.5)
+    half = dict(rows[0], boxes=np.concatenate([[[0.0, 0.0, 0.5, 1.0]], np.asarray(rows[0]["boxes"])[1:]]),
+                target_box=np.array([0.0, 0.0, 1.0, 1.0], np.float32))
+    assert col([half]).task["region_labels"][0, 0] == 1
+    # a pair over its budget loses pieces from the longer text; at a tie from the second (BERT's rule)
+    assert col._pair([1, 2, 3], [4], 3) == ([1, 2], [4]) and col._pair([1, 2], [3, 4], 3) == ([1, 2], [3])
     work = batch_work(get_task("refs"), b, Config())     # the default: one sequence per sample
     lengths = b.attention_mask.sum(1) + b.region_mask.sum(1)
     assert (int(work.tokens), int(work.tokens_sq)) == (int(lengths.sum()), int((lengths ** 2).sum()))

@@ -118,6 +118,17 @@ def sampled_captions(words: torch.Tensor, mask: torch.Tensor, pad_id: int) -> li
     return out
 
 
+def self_critical_loss(r_sample: torch.Tensor, r_greedy: torch.Tensor, logps: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, advantage) of samples whose rewards ``r_sample`` (B*n,) are grouped by image, n per
+    image in a row (``sample_captions``' order), against their image's greedy reward ``r_greedy``
+    (B,): - (r_sample - r_greedy of its image) * log p, averaged over the sampled tokens
+    (``logps``, ``mask``: (B*n, T))."""
+    n = r_sample.shape[0] // max(1, r_greedy.shape[0])
+    adv = r_sample - r_greedy.repeat_interleave(n)
+    return -(adv[:, None] * logps * mask).sum() / mask.sum().clamp(min=1.0), adv
+
+
 class SelfCritical:
     """The SCST loss of a batch (image ids and regions) for a ``VLModel``.
 
@@ -159,8 +170,7 @@ class SelfCritical:
         sample_ids = [i for i in image_ids for _ in range(n)]
         r_sample = self.rewards(sample_ids, sampled_captions(words, mask, self.tokens.pad_id)).to(logps.device)
         r_greedy = self.rewards(image_ids, greedy.tokens).to(logps.device)
-        adv = r_sample - r_greedy.repeat_interleave(n)
-        loss = -(adv[:, None] * logps * mask).sum() / mask.sum().clamp(min=1.0)
+        loss, adv = self_critical_loss(r_sample, r_greedy, logps, mask)
         metrics = {"loss": loss.detach(), "reward_sample": r_sample.mean(), "reward_greedy": r_greedy.mean(),
                    "advantage": adv.mean()}
         return loss, metrics
