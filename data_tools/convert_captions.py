@@ -43,6 +43,7 @@ from data_tools.common import (BadInputError, SkipCounter, add_output_args, open
                                summarize)
 from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
+from vltrain.redact import RedactingArgumentParser
 
 
 def _empty(text: str) -> str:
@@ -235,7 +236,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_captions.py", description=__doc__,
+    p = RedactingArgumentParser(prog="convert_captions.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", required=True,
                    help="Karpathy split JSON (dataset_coco.json, dataset_cc.json), COCO captions_*.json "

@@ -49,6 +49,7 @@ from data_tools.common import (BadInputError, SkipCounter, add_output_args, open
 from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 from vltrain.metrics.accuracy import box_iou
+from vltrain.redact import RedactingArgumentParser
 
 IOU_REACHABLE = 0.5     # the grounding accuracy's threshold
 
@@ -209,7 +210,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_refs.py", description=__doc__,
+    p = RedactingArgumentParser(prog="convert_refs.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--refs", required=True, help="refer's refs(unc).p / refs(umd).p, or the same as JSON")
     p.add_argument("--instances", required=True, help="refer's instances.json (COCO format)")

@@ -28,6 +28,7 @@ from typing import Iterator
 from data_tools.common import (BadInputError, SkipCounter, add_output_args, open_writer, run_main,
                                summarize)
 from vltrain.data import schema
+from vltrain.redact import RedactingArgumentParser
 
 TEXT_SIZE_LIMIT = "1mb"
 
@@ -105,7 +106,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_text.py", description=__doc__,
+    p = RedactingArgumentParser(prog="convert_text.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="UTF-8 text file(s)")
     p.add_argument("--max-words", type=int, default=None,

@@ -90,6 +90,7 @@ from data_tools.features import RegionChecker, add_feature_args, feature_source,
 from vltrain.data import schema
 from vltrain.metrics.accuracy import box_iou
 from vltrain.metrics.vcr import sample_id_of
+from vltrain.redact import RedactingArgumentParser
 
 # VL-BERT's list (vcr/data/datasets/vcr.py): 13 names, none twice. R2C's has 15 with Peyton
 # twice, which gave two people of one image the same name.
@@ -438,7 +439,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_vcr.py", description=__doc__,
+    p = RedactingArgumentParser(prog="convert_vcr.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", required=True, help="VCR annotations: train.jsonl, val.jsonl or test.jsonl")
     p.add_argument("--task", choices=("qa", "qar"), default="qa",

@@ -59,6 +59,7 @@ from data_tools.common import (BadInputError, SkipCounter, add_output_args, open
 from data_tools.features import RegionChecker, add_feature_args, feature_source, iter_image_regions, norm_id
 from vltrain.data import schema
 from vltrain.metrics.vqa import answer_scores, normalize_answer
+from vltrain.redact import RedactingArgumentParser
 
 DEFAULT_NUM_ANSWERS = 3129
 EMPTY_TARGET = (np.zeros(1, np.int32), np.zeros(1, np.float32))
@@ -303,7 +304,7 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_vqa.py", description=__doc__,
+    p = RedactingArgumentParser(prog="convert_vqa.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", required=True, help="VQA v2 questions JSON")
     p.add_argument("--annotations", help="VQA v2 annotations JSON (leave out for test questions)")

@@ -36,6 +36,7 @@ import numpy as np
 from data_tools.common import BadInputError, download_file, is_remote, join_location, run_main
 from vltrain.data import schema
 from vltrain.data.datasets import remote_hint
+from vltrain.redact import RedactingArgumentParser
 
 TEXT_FIELDS = {"captions": "captions", "vqa": "question", "mc": "question", "refs": "expression",
                "text": "text"}
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="inspect.py", description=__doc__,
+    p = RedactingArgumentParser(prog="inspect.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="MDS dataset: local folder or s3://bucket/prefix")
     p.add_argument("--sample", type=int, default=0, help="index of the sample to decode (default %(default)s)")

@@ -65,6 +65,7 @@ from PIL import Image, ImageDraw
 from data_tools.common import (BadInputError, add_output_args, join_location,
                                open_writer, run_main, upload_file)
 from vltrain.data import schema
+from vltrain.redact import RedactingArgumentParser
 
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -527,7 +528,7 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make_synthetic.py", description=__doc__,
+    p = RedactingArgumentParser(prog="make_synthetic.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default %(default)s)")
     p.add_argument("--images-pretrain", type=int, default=2000, help="default %(default)s")

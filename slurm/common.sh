@@ -165,13 +165,14 @@ vltrain_job_field() {
 
 # $1 with credentials masked by vltrain/redact.py's rules (tests/test_redact.py holds the two
 # to the same cases): a URL's user:password@ or bare user@ (up to the token's last @, kept
-# when it holds a / and no :), a presigned URL's signature parameters, a secret's assignment.
+# when it holds a / and no :), a presigned URL's signature parameters, the value after a secret's name.
 # The overrides echoed to the batch log may carry one.
 vltrain_redact() {
+    local secret_names="AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN|GCS_SECRET|AZURE_ACCOUNT_ACCESS_KEY|DATABRICKS_TOKEN"
     sed -E -e 's#([A-Za-z][A-Za-z0-9_+.-]*://)[^[:space:]]*:[^[:space:]]*@#\1***@#g' \
         -e 's#([A-Za-z][A-Za-z0-9_+.-]*://)[^[:space:]/:]*@([^[:space:]@]*)([[:space:]]|$)#\1***@\2\3#g' \
         -e 's~([?&](x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|signature|sig|awsaccesskeyid)=)[^&#[:space:]]+~\1***~gI' \
-        -e 's~\b((AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN)=)[^[:space:]]+~\1***~g' <<<"$1"
+        -e 's~\b(('"$secret_names"')["'"'"']?[[:space:]]*[=:][[:space:]]*["'"'"']?)[^[:space:]"'"'"',}]+~\1***~gI' <<<"$1"
 }
 
 # This job for scontrol: an array task as <array job>_<task>. The bare SLURM_JOB_ID of the
@@ -377,7 +378,7 @@ vltrain_main() {
     local kv i
     for i in "${!ov[@]}"; do
         kv="$(vltrain_array_fields "${ov[$i]}")"
-        [[ "$kv" == *=* ]] || vltrain_fail 2 "argument '$kv' is not a key=value config override"
+        [[ "$kv" == *=* ]] || vltrain_fail 2 "argument '$(vltrain_redact "$kv")' is not a key=value config override"
         ov[i]=$kv
     done
 

@@ -33,6 +33,11 @@ RULES = [
     ("env AWS_SECRET_ACCESS_KEY=wJal/r AWS_SESSION_TOKEN=FQo HF_TOKEN=hf_x AWS_REGION=us-east-1",
      "env AWS_SECRET_ACCESS_KEY=*** AWS_SESSION_TOKEN=*** HF_TOKEN=*** AWS_REGION=us-east-1"),
     ("SignatureDoesNotMatch: the signature", "SignatureDoesNotMatch: the signature"),
+    ("aws_secret_access_key = wJal/r", "aws_secret_access_key = ***"),      # ~/.aws/credentials
+    ("{'AWS_SECRET_ACCESS_KEY': 'wJal/r', 'x': 1}", "{'AWS_SECRET_ACCESS_KEY': '***', 'x': 1}"),   # a dict's repr
+    ('"aws_session_token":"FQo"}', '"aws_session_token":"***"}'),
+    ("GCS_SECRET=g AZURE_ACCOUNT_ACCESS_KEY=a DATABRICKS_TOKEN=d GCS_KEY=id",
+     "GCS_SECRET=*** AZURE_ACCOUNT_ACCESS_KEY=*** DATABRICKS_TOKEN=*** GCS_KEY=id"),
 ]
 
 
@@ -66,6 +71,11 @@ def test_an_object_store_url_with_credentials_is_refused_naming_the_key_or_argum
         load_config("configs/debug.yaml")
     assert convert_text.main(["--input", "x.txt", "--out", "s3://bucket/x"]) == 2
     assert "SuperSecretPw" not in capsys.readouterr().err
+    # without its http:// (botocore quoted it whole as an invalid endpoint)
+    monkeypatch.setenv("S3_ENDPOINT_URL", "AKIAURLKEY000001:urlSecret/0@127.0.0.1:9000")
+    with pytest.raises(ConfigError, match=r"S3_ENDPOINT_URL=\*\*\*@127.0.0.1:9000 has credentials") as e:
+        load_config("configs/debug.yaml")
+    assert "urlSecret" not in str(e.value)
 
 
 def test_saved_config_and_resume_diff_hold_no_credentials(tmp_path):
@@ -141,3 +151,25 @@ def test_config_errors_quote_values_redacted(override):
     with pytest.raises(ConfigError) as e:
         load_config("configs/debug.yaml", [override])
     assert SECRET not in str(e.value) and "s3://***@bucket/x" in str(e.value), str(e.value)
+
+
+def test_a_mistyped_argument_holding_credentials_is_quoted_redacted(capsys):
+    """Where a flag or a key=value override was expected: argparse's "unrecognized arguments"
+    (before any logging is set up) and the sbatch templates' refusal quoted it whole."""
+    import os
+    from data_tools import convert_text
+    url = "s3://AKIAEXAMPLE:" + SECRET + "/x@bucket/x"
+    p = subprocess.run([sys.executable, "vltrain/run.py", "--config", "configs/debug.yaml", f"--data.train={url}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unrecognized arguments: --data.train=s3://***@bucket/x" in p.stderr, p.stderr
+    assert SECRET not in p.stdout + p.stderr
+    with pytest.raises(SystemExit):
+        convert_text.main(["--input", "x.txt", "--out", "o", "--bogus", url])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus s3://***@bucket/x" in err and SECRET not in err, err
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_ID": "7", "CONFIG": "configs/debug.yaml", "VLTRAIN_HOME": os.getcwd()}
+    p = subprocess.run(["bash", "-c", 'source slurm/common.sh; vltrain_main "$1"', "_", url], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "argument 's3://***@bucket/x' is not a key=value config override" in p.stderr, p
+    assert SECRET not in p.stdout + p.stderr

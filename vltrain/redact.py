@@ -8,12 +8,14 @@ messages. One rule for all of them: in ``scheme://<info>@...`` the ``<info>`` (u
 whitespace) becomes ``***`` when it holds a ``:`` (user:password; AWS secrets may hold ``/``
 and ``@``) or no ``/`` (a bare user). An ``@`` inside a path (``s3://bucket/img@0.npz``, VCR's
 file names) is kept. Also masked, wherever they appear: a presigned URL's signature and
-credential parameters (``X-Amz-Signature=...``) and an environment assignment of a secret
-(``AWS_SECRET_ACCESS_KEY=...``). slurm/common.sh's ``vltrain_redact`` applies the same rules
+credential parameters (``X-Amz-Signature=...``) and the value given a secret's name
+(``AWS_SECRET_ACCESS_KEY=...``, a credentials file's ``aws_secret_access_key = ...``, a dict's
+``'AWS_SESSION_TOKEN': '...'``). slurm/common.sh's ``vltrain_redact`` applies the same rules
 (tests/test_redact.py holds them to these).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -24,7 +26,10 @@ from typing import Optional
 _USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)(\S*)@")
 _QUERY_SECRET = re.compile(r"([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
                            r"|signature|sig|awsaccesskeyid)=)[^&#\s]+", re.I)
-_ENV_SECRET = re.compile(r"\b((?:AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN)=)\S+")
+# an environment assignment, a credentials file's line or a dict's item, any case:
+# AWS_SECRET_ACCESS_KEY=x, aws_secret_access_key = x, {'AWS_SESSION_TOKEN': 'x'}
+_SECRET_NAMES = "AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN|GCS_SECRET|AZURE_ACCOUNT_ACCESS_KEY|DATABRICKS_TOKEN"
+_ENV_SECRET = re.compile(r"\b((?:%s)[\"']?\s*[=:]\s*[\"']?)[^\s\"',}]+" % _SECRET_NAMES, re.I)
 
 
 def redact(text: str) -> str:
@@ -71,6 +76,15 @@ def setup_logging(worker: Optional[int] = None) -> None:
     logging.getLogger("vltrain.profiling").setLevel(logging.INFO)
 
 
+class RedactingArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are redacted: "unrecognized arguments: ..." quotes what was
+    typed, before any logging is set up (a URL with user:password@ where a flag was expected)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+
+
 def install_excepthook() -> None:
     """An uncaught exception's traceback, printed redacted (its message may hold a URL)."""
     def hook(kind, value, tb):
@@ -106,6 +120,8 @@ def endpoint_credentials_error(environ=os.environ) -> Optional[str]:
     url = environ.get("S3_ENDPOINT_URL") or ""
     if _has_userinfo(url):
         return f"S3_ENDPOINT_URL={redact(url)} has credentials in the URL; {_HOW}"
+    if "://" not in url and "@" in url:     # KEY:SECRET@host: botocore quotes it as an invalid endpoint
+        return f"S3_ENDPOINT_URL=***@{url.rsplit('@', 1)[1]} has credentials in it; {_HOW}"
     return None
 
 

@@ -45,7 +45,8 @@ class _Once(argparse.Action):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from vltrain.redact import RedactingArgumentParser
+    p = RedactingArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, action=_Once, help="recipe YAML (configs/*.yaml)")
     p.add_argument("--deepspeed_config", "--ds_config", dest="ds_config", default=None, action=_Once,
                    help="DeepSpeed JSON (ds_configs/*.json); default ds_configs/zero2.json")

@@ -45,7 +45,8 @@ def _rank_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vltrain-ckpt", description=__doc__,
+    from vltrain.redact import RedactingArgumentParser
+    p = RedactingArgumentParser(prog="vltrain-ckpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
