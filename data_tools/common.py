@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -358,9 +359,14 @@ def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True, size_limi
 
 def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
-    """Parse ``argv``, run ``fn``; bad input -> message on stderr and exit code 2."""
-    from vltrain.redact import credentials_errors, redact
+    """Parse ``argv``, run ``fn``; bad input -> message on stderr and exit code 2. Log lines
+    (streaming's uploader's) and other threads' tracebacks are printed redacted."""
+    from vltrain.redact import RedactingFormatter, credentials_errors, install_excepthook, redact
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])    # a no-op where logging is set up
+    install_excepthook()
     names = {a.dest: (a.option_strings or [a.dest])[-1] for a in parser._actions}
     problems = credentials_errors((names.get(k, k), v) for k, v in vars(args).items())
     if problems:

@@ -173,3 +173,15 @@ def test_a_mistyped_argument_holding_credentials_is_quoted_redacted(capsys):
                        text=True, env=env, timeout=120)
     assert p.returncode == 2 and "argument 's3://***@bucket/x' is not a key=value config override" in p.stderr, p
     assert SECRET not in p.stdout + p.stderr
+
+
+def test_another_threads_traceback_is_printed_redacted():
+    """streaming uploads and downloads in threads of its own: an uncaught exception there was
+    printed by threading's hook, unredacted (run.py, the converters install ours)."""
+    code = ("from vltrain.redact import install_excepthook; import threading\n"
+            "install_excepthook()\n"
+            "def fail():\n    raise RuntimeError('upload to %s failed')\n"
+            "t = threading.Thread(target=fail, name='uploader'); t.start(); t.join()\n") % AWS
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Exception in thread uploader:" in p.stderr and "upload to s3://***@bucket/x failed" in p.stderr, p.stderr
+    assert SECRET not in p.stderr

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 from typing import Optional
 
@@ -86,10 +87,20 @@ class RedactingArgumentParser(argparse.ArgumentParser):
 
 
 def install_excepthook() -> None:
-    """An uncaught exception's traceback, printed redacted (its message may hold a URL)."""
+    """An uncaught exception's traceback, printed redacted (its message may hold a URL), in the
+    main thread and in any other (streaming's download and upload threads)."""
     def hook(kind, value, tb):
         sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
+
+    def thread_hook(args):
+        if args.exc_type is SystemExit:          # as threading's own hook: silent
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        sys.stderr.write(redact(f"Exception in thread {name}:\n"
+                                + "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                                     args.exc_traceback))))
     sys.excepthook = hook
+    threading.excepthook = thread_hook
 
 
 # Object stores whose clients take credentials from the environment only. The user:password@
