@@ -217,9 +217,12 @@ class DatasetWriter:
         self.count = 0
         self._extra: dict[str, Any] = {}
         self._ids: set[int] = set()
-        if kind == "captions":        # self-critical training reads these, not the shards
+        # a captions dataset's references, which self-critical training reads instead of the
+        # shards: one JSON line a sample, written as it goes (CC's millions in no memory)
+        self._refs = None
+        if kind == "captions":
             self.meta["references_file"] = schema.REFERENCES_FILE
-            self._extra[schema.REFERENCES_FILE] = {}
+            self._refs = open(os.path.join(mds_writer.local, schema.REFERENCES_FILE), "w", encoding="utf-8")
 
     def write(self, sample: dict[str, Any]) -> None:
         missing = set(self.columns) - set(sample)
@@ -233,9 +236,18 @@ class DatasetWriter:
             raise BadInputError(f"duplicate sample_id {sid} in {self.out} (image/question ids must be unique)")
         self._ids.add(sid)
         self._w.write(sample)
-        if self.kind == "captions":
-            self._extra[schema.REFERENCES_FILE][schema.references_key(sample)] = [str(c) for c in sample["captions"]]
         self.count += 1
+        if self._refs is not None:
+            self._refs.write(json.dumps([schema.references_key(sample), [str(c) for c in sample["captions"]]]) + "\n")
+
+    def close_references(self, remote: str | None) -> None:
+        """The references file complete (and uploaded, for a remote dataset), or closed on a failure
+        (``remote`` None: the partial output is removed)."""
+        if self._refs is None:
+            return
+        self._refs.close()
+        if remote:
+            upload_file(self._refs.name, join_location(remote, schema.REFERENCES_FILE))
 
     def add_json(self, name: str, obj: Any) -> None:
         """An extra JSON file written beside the shards (e.g. the answer vocabulary)."""
@@ -324,9 +336,11 @@ def open_writer(out: str, kind: str, optional: tuple[str, ...] | list[str], meta
         yield writer
     except BaseException:
         mds.cancel_future_jobs()
+        writer.close_references(None)
         _remove_partial(mds.local)
         raise
     try:
+        writer.close_references(remote)
         writer.meta["num_samples"] = writer.count
         for name, obj in writer._extra.items():
             write_json_to(mds.local, remote, name, obj)
@@ -360,13 +374,15 @@ def add_output_args(p: argparse.ArgumentParser, skip_bad: bool = True, size_limi
 def run_main(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
     """Parse ``argv``, run ``fn``; bad input -> message on stderr and exit code 2. Log lines
-    (streaming's uploader's) and other threads' tracebacks are printed redacted."""
+    (streaming's uploader's) and, for a command line (``argv`` None: not a caller's own process,
+    such as a test session's), other threads' tracebacks are printed redacted."""
     from vltrain.redact import RedactingFormatter, credentials_errors, install_excepthook, redact
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])    # a no-op where logging is set up
-    install_excepthook()
+    if argv is None:
+        install_excepthook()
     names = {a.dest: (a.option_strings or [a.dest])[-1] for a in parser._actions}
     problems = credentials_errors((names.get(k, k), v) for k, v in vars(args).items())
     if problems:

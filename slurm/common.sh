@@ -168,11 +168,13 @@ vltrain_job_field() {
 # when it holds a / and no :), a presigned URL's signature parameters, the value after a secret's name.
 # The overrides echoed to the batch log may carry one.
 vltrain_redact() {
-    local secret_names="AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN|GCS_SECRET|AZURE_ACCOUNT_ACCESS_KEY|DATABRICKS_TOKEN"
+    local secret_names="AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN|HUGGING_FACE_HUB_TOKEN|GCS_SECRET"
+    secret_names+="|AZURE_ACCOUNT_ACCESS_KEY|DATABRICKS_TOKEN|COMET_API_KEY|WANDB_API_KEY"
     sed -E -e 's#([A-Za-z][A-Za-z0-9_+.-]*://)[^[:space:]]*:[^[:space:]]*@#\1***@#g' \
         -e 's#([A-Za-z][A-Za-z0-9_+.-]*://)[^[:space:]/:]*@([^[:space:]@]*)([[:space:]]|$)#\1***@\2\3#g' \
         -e 's~([?&](x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|signature|sig|awsaccesskeyid)=)[^&#[:space:]]+~\1***~gI' \
-        -e 's~\b(('"$secret_names"')["'"'"']?[[:space:]]*[=:][[:space:]]*["'"'"']?)[^[:space:]"'"'"',}]+~\1***~gI' <<<"$1"
+        -e 's~([A-Za-z0-9_]*('"$secret_names"')["'"'"']?[[:blank:]]*[=:][[:blank:]]*)("[^"]*"|'"'"'[^'"'"']*'"'"'|[^[:space:]"'"'"',}]+)~\1***~gI' \
+        <<<"$1"
 }
 
 # This job for scontrol: an array task as <array job>_<task>. The bare SLURM_JOB_ID of the

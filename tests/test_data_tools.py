@@ -147,8 +147,9 @@ def test_convert_captions_karpathy_tsv(tmp_path):
     assert meta["num_samples"] == 3 and meta["skipped_total"] == 0
     assert set(meta["optional_columns"]) == {"cls_prob", "obj_labels", "obj_conf"}
     # the references self-critical training reads instead of the shards
-    assert meta["references_file"] == "references.json"
-    assert json.loads((out / "references.json").read_text()) == {s["image_id"]: s["captions"] for s in samples}
+    assert meta["references_file"] == "references.jsonl"
+    lines = (out / "references.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [[s["image_id"], s["captions"]] for s in samples]
 
 
 def test_convert_captions_coco_json_npz(tmp_path, capsys):
@@ -657,7 +658,10 @@ def test_synthetic_to_s3_and_inspect(s3_bucket, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     samples = read_mds(tmp_path / "cache", remote=f"{url}/vqa/train")
     assert len(samples) == 8 * 4 and all(len(s["answers"]) == 10 for s in samples)
-    assert len(read_mds(tmp_path / "cache2", remote=f"{url}/captions/val")) == 4
+    captions = read_mds(tmp_path / "cache2", remote=f"{url}/captions/val")
+    assert len(captions) == 4
+    from vltrain.tasks.scst import read_caption_references     # uploaded beside the shards
+    assert read_caption_references(f"{url}/captions/val") == {s["image_id"]: list(s["captions"]) for s in captions}
 
     s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]

@@ -461,7 +461,7 @@ def test_a_rank_on_allocated_gpus_that_torch_cannot_see_stops_instead_of_taking_
     import torch
     from vltrain.engine.distributed import pick_backend
     assert not torch.cuda.is_available()
-    for k in ("DS_ACCELERATOR", "SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+    for k in ("DS_ACCELERATOR", "SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_STEP_ID"):
         monkeypatch.delenv(k, raising=False)
     for given in ({"SLURM_GPUS_ON_NODE": "4"}, {"SLURM_STEP_GPUS": "0,1"}, {"SLURM_JOB_GPUS": "0"}):
         with monkeypatch.context() as m:
@@ -471,6 +471,11 @@ def test_a_rank_on_allocated_gpus_that_torch_cannot_see_stops_instead_of_taking_
                                                    r"none .*set DS_ACCELERATOR=cpu"):
                 pick_backend()
             assert "DS_ACCELERATOR" not in os.environ
+    with monkeypatch.context() as m:             # a CPU step of a GPU job: the job's GPUs are not its own
+        m.setenv("SLURM_JOB_GPUS", "0,1")
+        m.setenv("SLURM_STEP_ID", "3")
+        assert pick_backend() == ("cpu", "gloo")
+    del os.environ["DS_ACCELERATOR"]            # set by pick_backend (the outer monkeypatch restores it)
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")           # a count
     assert pick_backend() == ("cpu", "gloo") and os.environ["DS_ACCELERATOR"] == "cpu"
     monkeypatch.setenv("SLURM_STEP_GPUS", "0")              # GPU 0, but DS_ACCELERATOR=cpu is the user's choice

@@ -481,10 +481,10 @@ def test_vcr_leaderboard_csv_from_five_evaluations(tmp_path, capsys):
 
 
 def test_scst_reads_a_captions_datasets_references_file_not_its_shards(synthetic_corpus, tmp_path, caplog):
-    """Self-critical training's references from a captions dataset: its references.json (every
+    """Self-critical training's references from a captions dataset: its references.jsonl (every
     rank read every shard, region features included: tens of GB for COCO before the first
-    collective), equal to the shards' captions; a dataset converted before the file is read
-    from its shards, saying so; another kind of dataset is named."""
+    collective), equal to the shards' captions; a dataset converted before the file, or copied
+    without it, is read from its shards, saying so; another kind of dataset is named."""
     import shutil
     from vltrain.data.errors import MetaError
     from vltrain.data.schema import references_key
@@ -496,15 +496,23 @@ def test_scst_reads_a_captions_datasets_references_file_not_its_shards(synthetic
     shutil.copytree(split, light, ignore=shutil.ignore_patterns("*.mds*"))
     assert not list(light.glob("*.mds*"))
     assert read_caption_references(str(light)) == from_shards
-    old = tmp_path / "old"                         # converted before references.json
-    shutil.copytree(split, old)
-    os.remove(old / "references.json")
+    lost = tmp_path / "lost"                       # copied without it
+    shutil.copytree(split, lost)
+    os.remove(lost / "references.jsonl")
+    with caplog.at_level("WARNING", logger="vltrain.tasks.scst"):
+        assert read_caption_references(str(lost)) == from_shards
+    assert "no references.jsonl; is this a dataset written by data_tools?; reading the references from the " \
+           "shards instead" in caplog.text
+    caplog.clear()
+    old = tmp_path / "old"                         # converted before references.jsonl
+    shutil.copytree(lost, old)
     meta = json.loads((old / "vltrain_meta.json").read_text())
     del meta["references_file"]
     (old / "vltrain_meta.json").write_text(json.dumps(meta))
-    with caplog.at_level("INFO", logger="vltrain.tasks.scst"):
+    with caplog.at_level("WARNING", logger="vltrain.tasks.scst"):
         assert read_caption_references(str(old)) == from_shards
-    assert "has no references.json (converted before it): reading its references from every shard" in caplog.text
+    assert "reading its references from every shard, region features included (a dataset without " \
+           "references.jsonl" in caplog.text
     with pytest.raises(MetaError, match=r"dataset .*/vqa/train is a 'vqa' dataset, not a captions one"):
         read_caption_references(os.path.join(synthetic_corpus, "vqa", "train"))
 

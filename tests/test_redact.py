@@ -34,8 +34,11 @@ RULES = [
      "env AWS_SECRET_ACCESS_KEY=*** AWS_SESSION_TOKEN=*** HF_TOKEN=*** AWS_REGION=us-east-1"),
     ("SignatureDoesNotMatch: the signature", "SignatureDoesNotMatch: the signature"),
     ("aws_secret_access_key = wJal/r", "aws_secret_access_key = ***"),      # ~/.aws/credentials
-    ("{'AWS_SECRET_ACCESS_KEY': 'wJal/r', 'x': 1}", "{'AWS_SECRET_ACCESS_KEY': '***', 'x': 1}"),   # a dict's repr
-    ('"aws_session_token":"FQo"}', '"aws_session_token":"***"}'),
+    ("{'AWS_SECRET_ACCESS_KEY': 'wJal r', 'x': 1}", "{'AWS_SECRET_ACCESS_KEY': ***, 'x': 1}"),   # a dict's repr
+    ('"aws_session_token":"FQo"}', '"aws_session_token":***}'),
+    ("MY_HF_TOKEN=hf_x COMET_API_KEY=c WANDB_API_KEY='w x' HF_TOKENIZERS_PARALLELISM=false",
+     "MY_HF_TOKEN=*** COMET_API_KEY=*** WANDB_API_KEY=*** HF_TOKENIZERS_PARALLELISM=false"),
+    ("HF_TOKEN=", "HF_TOKEN="),                                           # nothing after it: nothing masked
     ("GCS_SECRET=g AZURE_ACCOUNT_ACCESS_KEY=a DATABRICKS_TOKEN=d GCS_KEY=id",
      "GCS_SECRET=*** AZURE_ACCOUNT_ACCESS_KEY=*** DATABRICKS_TOKEN=*** GCS_KEY=id"),
 ]
@@ -44,6 +47,11 @@ RULES = [
 @pytest.mark.parametrize("text, want", RULES)
 def test_redact_rule(text, want):
     assert redact(text) == want
+
+
+def test_a_secrets_value_is_looked_for_on_its_own_line():
+    """as the templates' sed reads line by line: an empty assignment masks nothing on the next"""
+    assert redact("HF_TOKEN=\nPATH=/usr/bin") == "HF_TOKEN=\nPATH=/usr/bin"
 
 
 def test_the_slurm_templates_redact_by_the_same_rules():

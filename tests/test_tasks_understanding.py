@@ -199,10 +199,10 @@ def test_mc_collator_links_object_references_to_regions(synthetic_corpus):
                choice_refs=[[[0, 5, 0]], [], [[0, 5, 1], [10, 15, 0]], [[4, 9, -1]]])
     meta = schema.make_meta("mc", 64, 17, ("cls_prob", "question_refs", "choice_refs"))
 
-    def collate(rows, *extra):
+    def collate(rows, *extra, train=False):
         cfg = task_cfg(synthetic_corpus, "mc", "model.region_embedding=vlbert", "model.type_vocab_size=3",
                        "model.image_token_type=2", *extra)
-        return get_task("mc").make_collator(cfg, Tokenizer(cfg.data.vocab), [StreamInfo("mem", meta)], False)(rows)
+        return get_task("mc").make_collator(cfg, Tokenizer(cfg.data.vocab), [StreamInfo("mem", meta)], train)(rows)
 
     tok = Tokenizer(task_cfg(synthetic_corpus, "mc").data.vocab)
     qi, L = tok.encode(q), len(tok.encode(q))
@@ -226,20 +226,22 @@ def test_mc_collator_links_object_references_to_regions(synthetic_corpus):
         collate([dict(row, question_refs=[[7, 12, n]])])
     with pytest.raises(BadSampleError, match="reference \\[30, 40, 1\\] is not"):
         collate([dict(row, question_refs=[[30, 40, 1]])])
-    # a choice that tokenizes as the answer is a bad sample; the same words tied to other regions
-    # are another input (VL-BERT), not for VLP, which reads no links
+    # in training, a choice that tokenizes as the answer is a bad sample; the same words tied to
+    # other regions are another input (VL-BERT), not for VLP, which reads no links; an evaluation
+    # scores every sample of its split
     twin = dict(row, label=0, choices=["riley stands", "no", "Riley stands", "the chair"],
                 choice_refs=[[[0, 5, 0]], [], [[0, 5, 0]], [[4, 9, -1]]])
     with pytest.raises(BadSampleError, match=r"choice 2 tokenizes as the answer \(choice 0\): no model"):
-        collate([twin])
+        collate([twin], train=True)
+    assert collate([twin]).task["label"].tolist() == [0]
     other = dict(twin, choice_refs=[[[0, 5, 0]], [], [[0, 5, 1]], [[4, 9, -1]]])
-    assert collate([other]).task["choice_valid"].all()
+    assert collate([other], train=True).task["choice_valid"].all()
     with pytest.raises(BadSampleError, match=r"choice 2 tokenizes as the answer \(choice 0\): no model"):
-        get_task("mc").make_collator(task_cfg(synthetic_corpus, "mc"), tok, [StreamInfo("mem", meta)], False)([other])
+        get_task("mc").make_collator(task_cfg(synthetic_corpus, "mc"), tok, [StreamInfo("mem", meta)], True)([other])
     # answers the cut makes alike are the config's doing, counted as cut text: kept
     long = dict(row, label=2, choices=["riley stands", "no", "casey and riley wait", "casey and riley sit"],
                 choice_refs=[[[0, 5, 0]], [], [[0, 5, 1]], [[0, 5, 1]]])
-    b = collate([long], "data.max_text_len=10")
+    b = collate([long], "data.max_text_len=10", train=True)
     assert b.task["choice_ids"][0, 2].tolist() == b.task["choice_ids"][0, 3].tolist()
     # the task's forward feeds them to the model: the scores change when the links are dropped
     from vltrain.model import VLModel

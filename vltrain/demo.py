@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 from vltrain.config import CHECKOUT, in_checkout
+from vltrain.redact import RedactingArgumentParser
 
 
 def minilm_dir() -> str:
@@ -50,7 +51,7 @@ def launcher_cmd(nproc: int, script: str = "vltrain/run.py") -> tuple[list[str],
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = RedactingArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for the corpus and the run (default demo_out)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--images", type=int, default=512, help="pretraining images to render")

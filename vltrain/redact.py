@@ -27,10 +27,13 @@ from typing import Optional
 _USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)(\S*)@")
 _QUERY_SECRET = re.compile(r"([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
                            r"|signature|sig|awsaccesskeyid)=)[^&#\s]+", re.I)
-# an environment assignment, a credentials file's line or a dict's item, any case:
-# AWS_SECRET_ACCESS_KEY=x, aws_secret_access_key = x, {'AWS_SESSION_TOKEN': 'x'}
-_SECRET_NAMES = "AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN|GCS_SECRET|AZURE_ACCOUNT_ACCESS_KEY|DATABRICKS_TOKEN"
-_ENV_SECRET = re.compile(r"\b((?:%s)[\"']?\s*[=:]\s*[\"']?)[^\s\"',}]+" % _SECRET_NAMES, re.I)
+# the value after a secret's name (also with a prefix, MY_HF_TOKEN) in an environment
+# assignment, a credentials file's line or a dict's item, any case, on one line:
+# AWS_SECRET_ACCESS_KEY=x, aws_secret_access_key = x, {'AWS_SESSION_TOKEN': 'x y'}
+_SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|HF_TOKEN|HUGGING_FACE_HUB_TOKEN|GCS_SECRET"
+                 "|AZURE_ACCOUNT_ACCESS_KEY|DATABRICKS_TOKEN|COMET_API_KEY|WANDB_API_KEY")
+_ENV_SECRET = re.compile(r"([A-Za-z0-9_]*(?:%s)[\"']?[ \t]*[=:][ \t]*)(\"[^\"\n]*\"|'[^'\n]*'|[^\s\"',}]+)"
+                         % _SECRET_NAMES, re.I)
 
 
 def redact(text: str) -> str:

@@ -73,16 +73,10 @@ OPTIONAL_KIND_COLUMNS = {
 
 # Answer vocabulary of a VQA dataset: a JSON list of answers, index = class id.
 ANSWER_VOCAB_FILE = "answer_vocab.json"
-# A captions dataset's reference captions, {references_key: [captions]}, written beside its
-# shards: what self-critical training scores against, without reading the shards (their region
-# features: tens of GB for COCO, on every rank).
-REFERENCES_FILE = "references.json"
-
-
-def references_key(sample: dict) -> str:
-    """The key of a captions sample's references: its ``image_id`` (the sample id without one)."""
-    image_id = sample.get("image_id")
-    return str(image_id) if image_id not in (None, "") else str(sample["sample_id"])
+# A captions dataset's reference captions, one JSON line [references_key, [captions]] a sample,
+# written beside its shards: what self-critical training scores against, without reading the
+# shards (their region features: tens of GB for COCO, on every rank).
+REFERENCES_FILE = "references.jsonl"
 # Boxes are (x1, y1, x2, y2) normalised by the image size; they may poke out by 1% (rounding):
 # the converters refuse more, and the collators refuse such a sample (a dataset written otherwise)
 BOX_TOLERANCE = 0.01
@@ -152,3 +146,9 @@ def make_meta(kind: str, feature_dim: int | None, num_classes: int | None,
         "optional_columns": sorted(optional),
         **extra,
     }
+
+
+def references_key(sample: dict) -> str:
+    """The key of a captions sample's references: its ``image_id`` (the sample id without one)."""
+    image_id = sample.get("image_id")
+    return str(image_id) if image_id not in (None, "") else str(sample["sample_id"])

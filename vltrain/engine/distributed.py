@@ -292,8 +292,10 @@ def setup_env(environ: Optional[MutableMapping[str, str]] = None, use_scontrol: 
 
 def slurm_gpus(env: Mapping[str, str]) -> str:
     """The GPUs Slurm says it allocated to this task's node or step ("" for none), as the
-    variables say it: the templates' test for a GPU node (slurm/common.sh)."""
-    given = [f"{k}={env[k]}" for k in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+    variables say it: the templates' test for a GPU node (slurm/common.sh). Inside a step its own
+    (a CPU step of a GPU job, `srun --gpus=0`, inherits the job's SLURM_JOB_GPUS)."""
+    keys = ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS") + (() if env.get("SLURM_STEP_ID") else ("SLURM_JOB_GPUS",))
+    given = [f"{k}={env[k]}" for k in keys
              if env.get(k, "").strip() not in ("", "0" if k == "SLURM_GPUS_ON_NODE" else "")]  # a count; GPU ids
     return ", ".join(given)
 

@@ -424,7 +424,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
             raise r.err(f"'zero_optimization.{what}.device' = \"nvme\" needs "
                         f"'zero_optimization.{what}.nvme_path' (a folder on the NVMe drive)")
     for key in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
-        if zero.get(key) is True:     # it configures save_16bit_model(), which vltrain never calls
+        if zero.get(key) is True and _first_rank():     # it configures save_16bit_model(), never called
             log.warning("%s: 'zero_optimization.%s' has no effect: vltrain saves DeepSpeed checkpoints only; "
                         "write their weights with vltrain-ckpt consolidate / export", source, key)
 
@@ -567,12 +567,15 @@ def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[tuple[
             for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE)]
 
 
+def _first_rank() -> bool:
+    """Whether this process warns of the config's problems (every rank resolves it): rank 0."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
 def warn_unread_keys(unread: list[tuple[str, str]], source: str) -> None:
     """``unread_keys``' list as a warning, from the first rank only (every rank resolves the config)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return
-    if unread:
+    if unread and _first_rank():
         log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source,
                     ", ".join(f"'{k}'" + (f" (did you mean '{c}'?)" if c else "") for k, c in unread))
 

@@ -30,6 +30,7 @@ import os
 import sys
 
 from vltrain.data.schema import stable_sample_id
+from vltrain.redact import RedactingArgumentParser
 
 NUM_CHOICES = 4   # VCR: four answers, four rationales
 
@@ -113,7 +114,7 @@ def _load(path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vltrain.metrics.vcr", description=__doc__,
+    p = RedactingArgumentParser(prog="python -m vltrain.metrics.vcr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("evals", nargs="+", metavar="EVAL",
                    help="evaluation folders (or predictions.json): Q->A then QA->R; with --leaderboard, "

@@ -309,6 +309,10 @@ def evaluate_caption(trainer, split: str) -> dict:
         if trainer.scoring_group is None:        # collective: every rank makes it, at its first validation
             trainer.scoring_group = dist.new_group(
                 timeout=datetime.timedelta(seconds=max(SCORING_WAIT_S, cfg.train.dist_timeout_s)))
+            # connected now, while every rank is here: NCCL would otherwise connect a group at
+            # its first collective, the broadcast below, and the ranks waiting for rank 0's
+            # scores would wait for its connection within the store's timeout (dist_timeout_s)
+            dist.barrier(group=trainer.scoring_group)
         group = trainer.scoring_group
     if trainer.info.is_main:
         payload = [_score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval")]

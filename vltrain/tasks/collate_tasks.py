@@ -243,9 +243,10 @@ class MCCollator(TaskCollator):
             regions.append([-1, *rq[:len(qa)], -1, *ra[:len(aa)], -1])
         # Another choice that tokenizes as the answer (its word-pieces and object links) gets the
         # same score: trained, the loss cannot fall below log 2; scored, the tie goes to the lower
-        # index, whichever is right. (Answers that only data.max_text_len's cut makes alike are
+        # index, whichever is right. Refused in training; an evaluation scores every sample of its
+        # split (the official count). (Answers that only data.max_text_len's cut makes alike are
         # the config's, counted as cut text: refusing them would stop a run at the first.)
-        same = [k for k in range(len(answers)) if label >= 0 and k != label and answers[k] == answers[label]]
+        same = [k for k in range(len(answers)) if self.train and k != label and answers[k] == answers[label]]
         if same:
             raise self._bad(info, sample, f"choice {same[0]} tokenizes as the answer (choice {label}): "
                                           "no model can tell them apart")

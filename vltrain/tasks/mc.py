@@ -15,11 +15,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.data.batch import Batch
-from vltrain.objectives.reduce import REGIONS
+from vltrain.objectives.reduce import REGIONS, reduce_loss
 from vltrain.tasks.base import TaskSpec, Work, row_regions, work_of
 from vltrain.tasks.collate_tasks import MCCollator
 from vltrain.tasks.evaluation import predict_split, write_results
 from vltrain.tasks.heads import expand_regions
+
+
+def real_choices(task: dict) -> torch.Tensor:
+    """(B, K) bool: the choices the sigmoid loss averages over (a sample's own, of labelled samples)."""
+    return task["choice_valid"] & (task["label"] >= 0)[:, None]
 
 
 class MultipleChoiceTask(nn.Module):
@@ -45,11 +50,12 @@ class MultipleChoiceTask(nn.Module):
         label = t["label"]
         if self.loss == "sigmoid":
             # masked mean, not boolean indexing: that would read the count back to the host
-            real = t["choice_valid"] & (label >= 0)[:, None]
+            real = real_choices(t)
             right = F.one_hot(label.clamp(min=0), K).to(scores.dtype)
             per = F.binary_cross_entropy_with_logits(scores.masked_fill(~real, 0.0), right, reduction="none")
             d = batch.token_divisors      # the step's real choices (see refs.py)
-            loss = (per * real).sum() / (real.sum().clamp(min=1) if d is None else d[REGIONS])
+            loss = reduce_loss((per * real).flatten(), None, B, "token", weights=real.flatten(),
+                               divisor=None if d is None else d[REGIONS])
         else:
             loss = F.cross_entropy(scores, label, ignore_index=-1)
         acc = (scores.argmax(1) == label).float().mean()
@@ -94,4 +100,4 @@ SPEC = TaskSpec("mc", build_module=lambda cfg, model: MultipleChoiceTask(model, 
                 make_collator=lambda cfg, tok, infos, train: MCCollator(cfg, tok, infos, train),
                 evaluate=evaluate_mc, best_metric="accuracy", higher_is_better=True, work=mc_work,
                 model_heads=lambda cfg: ("cls_head",), token_mean=lambda cfg: cfg.task.mc_loss == "sigmoid",
-                step_counts=lambda b: [0.0, 0.0, float(b.task["choice_valid"][b.task["label"] >= 0].sum())])
+                step_counts=lambda b: [0.0, 0.0, float(real_choices(b.task).sum())])

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vltrain.data.batch import Batch
-from vltrain.objectives.reduce import REGIONS
+from vltrain.objectives.reduce import REGIONS, reduce_loss
 from vltrain.tasks.base import TaskSpec
 from vltrain.tasks.collate_tasks import RefsCollator
 from vltrain.tasks.evaluation import predict_split, write_results
@@ -44,7 +44,8 @@ class GroundingTask(nn.Module):
         # the mean over the optimizer step's real regions (its count from the trainer: a mean per
         # micro-batch changed with the split, e.g. on a resume at another world size)
         d = batch.token_divisors
-        loss = (per * real).sum() / (real.sum().clamp(min=1) if d is None else d[REGIONS])
+        loss = reduce_loss((per * real).flatten(), None, per.shape[0], "token", weights=real.flatten(),
+                           divisor=None if d is None else d[REGIONS])
         pick = scores.masked_fill(~real, float("-inf")).argmax(1, keepdim=True)
         acc = labels.gather(1, pick).mean()
         return loss, {"loss": loss.detach(), "ground_acc": acc.detach()}

@@ -70,9 +70,10 @@ def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, l
     """``{image_id: [reference captions]}`` of a captions dataset.
 
     ``location``: a JSON file mapping image id -> list of captions, or an MDS captions
-    dataset (local folder or remote prefix): its ``references.json`` (schema.REFERENCES_FILE,
-    written by the converters), else, for a dataset converted before that file, every sample of
-    its shards (``iter_mds_samples``: region features included, on every rank)."""
+    dataset (local folder or remote prefix): its ``references.jsonl`` (schema.REFERENCES_FILE,
+    written by the converters), else (a dataset converted before that file, or one copied
+    without it) every sample of its shards (``iter_mds_samples``: region features included, on
+    every rank)."""
     from vltrain.data import schema
     from vltrain.data.datasets import _read_text, read_meta
     from vltrain.data.errors import MetaError
@@ -82,15 +83,21 @@ def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, l
     meta = read_meta(location, timeout)
     if meta["kind"] != "captions":
         raise MetaError(f"dataset {location} is a {meta['kind']!r} dataset, not a captions one")
-    if meta.get("references_file"):
-        name = meta["references_file"]
+    name = meta.get("references_file")
+    try:
+        text = _read_text(location, name, timeout) if name else None
+    except MetaError as e:           # named but not there (a copy without it): the shards say the same
+        log.warning("%s; reading the references from the shards instead", e)
+        text = None
+    if text is not None:
+        where = f"dataset {location}: {name}"
         try:
-            return _references(json.loads(_read_text(location, name, timeout)), f"dataset {location}: {name}")
-        except json.JSONDecodeError as e:
-            raise MetaError(f"dataset {location}: {name} is not valid JSON: {e}") from e
-    log.info("dataset %s has no %s (converted before it): reading its references from every shard, region "
-             "features included; convert it again, or pass task.scst_references=<that file>",
-             location, schema.REFERENCES_FILE)
+            return _references(dict(json.loads(line) for line in text.splitlines() if line.strip()), where)
+        except (ValueError, TypeError) as e:
+            raise MetaError(f"{where} is not one JSON [image_id, [captions]] a line: {e}") from e
+    log.warning("dataset %s: reading its references from every shard, region features included (a dataset "
+                "without %s: convert it again, or pass task.scst_references=<a JSON file>)",
+                location, schema.REFERENCES_FILE)
     refs = {schema.references_key(s): [str(c) for c in s["captions"]] for s in iter_mds_samples(location, timeout)}
     if not refs:
         raise MetaError(f"dataset {location} holds no captions")
