@@ -641,6 +641,9 @@ def test_a_zero_checkpoint_on_another_world_size_must_be_resharded(tmp_path, sta
         return
     with pytest.raises(CheckpointError, match=rf"(?s)saved on 2 rank\(s\) with ZeRO-{stage}: .*vltrain-ckpt reshard"):
         reconcile_resume(cfg, found, world=1)
+    os.remove(tag / shards[1])                                     # a shard lost in a copy: named
+    with pytest.raises(CheckpointError, match=r"is incomplete: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"):
+        reconcile_resume(load_config("configs/debug.yaml"), found, world=2)
 
 
 def linked_copy(src, dest):

@@ -62,12 +62,14 @@ def check_checkpoint_files(tag_dir: str, info: dict) -> None:
         raise CheckpointError(f"{where} is incomplete: {name} is missing ({what}); "
                               "copy it back from where the checkpoint was written, or use another tag")
 
-    if not os.path.isfile(os.path.join(tag_dir, "config.yaml")):
+    # one listing of the folder, not a look-up per saved rank (every rank checks: 512 x 512)
+    present = set(os.listdir(tag_dir))
+    if "config.yaml" not in present:
         missing("config.yaml", "the resolved config the run was trained with")
     for r in range(world):
-        path = rank_state_file(tag_dir, r)
-        if not os.path.isfile(path):
-            missing(os.path.basename(path), f"rank {r}'s dataloader and RNG state")
+        name = os.path.basename(rank_state_file(tag_dir, r))
+        if name not in present:
+            missing(name, f"rank {r}'s dataloader and RNG state")
     if info.get("universal"):
         zero = os.path.join(tag_dir, "zero")
         if not os.path.isdir(zero):
@@ -90,13 +92,15 @@ def check_checkpoint_files(tag_dir: str, info: dict) -> None:
                 + "; copy them back from where the checkpoint was written, or reshard its source again")
         return
     for name in model_states_files(tag_dir, stage, world):
-        if not os.path.isfile(os.path.join(tag_dir, name)):
+        if name not in present:
             missing(name, "DeepSpeed's model states" + (f" of rank {name.split('_')[3]}" if stage == 3 else ""))
     if stage >= 1:
+        # (bf16 runs' carry a prefix: bf16_zero_pp_rank_...)
+        shards = {"zero_pp_rank_" + f.split("zero_pp_rank_", 1)[1] for f in present if "zero_pp_rank_" in f}
         for r in range(world):
-            pattern = f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            if not glob.glob(os.path.join(glob.escape(tag_dir), pattern)):
-                missing(pattern.lstrip("*"), f"rank {r}'s ZeRO optimizer shard: fp32 weights and Adam moments")
+            name = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            if name not in shards:
+                missing(name, f"rank {r}'s ZeRO optimizer shard: fp32 weights and Adam moments")
 
 
 # What DeepSpeed's optimizer load (_load_global_state) takes from the checkpoint although it is
