@@ -87,14 +87,14 @@ def worker(out: str, quick: bool, rounds: int, where: str) -> None:
     batch = make_batch(size, seed=1 + info.rank).to("cpu")
     res: dict = {"size": size.name, "rounds": rounds, "stages": {}}
 
-    sync_times: list[float] = []      # rank 0 (the node's first rank) syncs the tag: time that part
-    sync_tree = ckpt.sync_tree
+    sync_times: list[float] = []      # every rank syncs its files (a collective: the slowest's time)
+    sync_written = ckpt.sync_written
 
-    def timed_sync_tree(path: str) -> None:
+    def timed_sync_written(*args) -> None:
         t0 = time.perf_counter()
-        sync_tree(path)
+        sync_written(*args)
         sync_times.append(time.perf_counter() - t0)
-    ckpt.sync_tree = timed_sync_tree
+    ckpt.sync_written = timed_sync_written
 
     def timed(fn) -> float:
         dist.barrier()
@@ -113,7 +113,7 @@ def worker(out: str, quick: bool, rounds: int, where: str) -> None:
             tag = f"step_{r + 1:08d}"
             saves.append(timed(lambda: ckpt.save(
                 engine, save_dir, tag, step=r + 1, cfg=cfg, rank_state={"loader": {}},
-                info={"world_size": info.world, "zero_stage": stage}, rank=info.rank, local_rank=info.local_rank,
+                info={"world_size": info.world, "zero_stage": stage}, rank=info.rank,
                 keep_last=rounds)))
             if info.rank == 0:
                 cold = _drop_caches() and cold
@@ -147,7 +147,7 @@ def worker(out: str, quick: bool, rounds: int, where: str) -> None:
             t0 = time.perf_counter()
             torch.save({"model": task.state_dict(), "optimizer": opt.state_dict()}, path)
             t1 = time.perf_counter()
-            sync_tree(where)    # synced as vltrain's are (its folder holds only this file now)
+            ckpt.sync_tree(where)    # synced as vltrain's are (its folder holds only this file now)
             saves.append(time.perf_counter() - t0)
             syncs.append(time.perf_counter() - t1)
             cold = _drop_caches() and cold
@@ -200,7 +200,7 @@ def report(res: dict, args) -> str:
              f"- The save is what a stop signal must fit in: under Slurm give preemption a `GraceTime` (and "
              f"`KillWait` for cancels and the time limit) above one step plus the run's `perf/checkpoint_save_s`. "
              f"Here ZeRO-2 (the default) took {zero2['save_s']:.2f} s, the peer {peer['save_s']:.2f} s. Every save "
-             f"ends with its files fsynced (vltrain: by the first rank of each node, before the completion record, "
+             f"ends with its files fsynced (vltrain: each by the rank that wrote it, before the completion record, "
              f"so that neither a killed save nor a node's power lost right after one leaves a tag marked complete "
              f"with data still in the page cache); \"of which fsync\" is that part, without which a save "
              f"returns as soon as the kernel holds the data (hand-written trainers usually stop there).",

@@ -9,10 +9,15 @@ record takes its name, the record and ``latest`` are each fsynced before their r
 their folder after it, and the tag folder takes its name only after its record. Same for
 the offline tools' outputs (reshard, export).
 """
+import json
 import os
+import re
+import subprocess
+import sys
 import textwrap
 
-from tests.fixtures.corpus import run_one_rank
+from tests.fixtures.corpus import REPO, rank_env, run_one_rank
+from vltrain.engine.distributed import free_port
 
 RECORDER = textwrap.dedent(r"""
     import os
@@ -128,3 +133,38 @@ def test_the_offline_tools_outputs_are_synced_before_they_take_their_names(tmp_p
     for t, i in zip(res["files"], renames):
         assert not synced_before(events, [t], i), events
     assert ("fsync", str(tmp_path / "w")) in events[max(renames) + 1:], events
+
+
+TRAIN_2 = TRAIN.replace('"train.max_steps=2"', '"train.max_steps=1"').replace('"run_name=durable"', '"run_name=durable2"')
+
+
+def test_two_ranks_each_sync_the_files_they_wrote_and_together_all(synthetic_corpus, tmp_path):
+    """ZeRO-2 on two ranks: each rank fsyncs its own optimizer shard and rank state (only the
+    writer's page cache holds their unwritten data) and not the other's; rank 0 the model
+    states, the config, the files no rank names and every folder; all before the record."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", TRAIN_2, synthetic_corpus, str(tmp_path)], cwd=REPO,
+                              env=rank_env(r, 2, port, OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    res = []
+    for p, out in zip(procs, outs):
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULTS ")]
+        assert p.returncode == 0 and lines, out[-5000:]
+        res.append(json.loads(lines[-1][len("RESULTS "):]))
+    tag_dir = os.path.join(res[0]["save_dir"], "step_00000001")
+    staging = tag_dir + ".partial"
+    record = os.path.join(staging, "vltrain_ckpt.json")
+    events = [[tuple(e) for e in r["events"]] for r in res]
+    commit = check_record_commit(events[0], record + ".tmp", record)
+    synced = [{e[1] for e in ev if e[0] == "fsync"} for ev in (events[0][:commit], events[1])]
+    files = sorted(os.path.join(root, n).replace(tag_dir, staging, 1)
+                   for root, _, names in os.walk(tag_dir) for n in names)
+    own = [{f for f in files if re.search(rf"(zero_pp_rank_{r}_.*optim_states|vltrain_rank0000{r})\.pt$", f)}
+           for r in range(2)]
+    assert all(len(o) == 2 for o in own), files
+    assert own[1] <= synced[1] and not own[0] & synced[1], (own, synced[1])
+    assert own[0] <= synced[0] and not own[1] & synced[0], (own, synced[0])
+    folders = {os.path.join(root, d).replace(tag_dir, staging, 1) for root, dirs, _ in os.walk(tag_dir) for d in dirs}
+    assert not (set(files) - {record}) - synced[0] - synced[1], files           # every file by someone
+    assert folders | {staging} <= synced[0], folders                           # rank 0: the folders

@@ -303,6 +303,8 @@ def test_a_save_clears_cut_short_saves_first_and_names_a_full_disk(tmp_path, mon
     os.makedirs(os.path.join(save, "best.partial"))                                   # best's own save clears it
 
     class DiskFull:      # the engine's writer on a full filesystem, as torch reports it
+        checkpoint_engine = None
+
         def save_checkpoint(self, *a, **k):
             raise RuntimeError("basic_ios::clear: iostream error")
     Usage = namedtuple("Usage", "total used free")
@@ -310,7 +312,7 @@ def test_a_save_clears_cut_short_saves_first_and_names_a_full_disk(tmp_path, mon
     cfg = load_config("configs/debug.yaml")
     with pytest.raises(ckpt.SaveFailed) as e:
         ckpt.save(DiskFull(), save, ckpt.step_tag(40), step=40, cfg=cfg, rank_state={}, info={}, rank=0,
-                  local_rank=0, keep_last=3)
+                  keep_last=3)
     assert str(e.value) == (f"saving checkpoint step_00000040 to {save} failed: the filesystem is full (1 MiB free): "
                             "free space there, lower train.keep_last, or set output_root on a larger one "
                             "(RuntimeError: basic_ios::clear: iostream error); step_00000020 (latest) is intact "
@@ -320,7 +322,7 @@ def test_a_save_clears_cut_short_saves_first_and_names_a_full_disk(tmp_path, mon
     with pytest.raises(ckpt.SaveFailed, match=r"step_00000040 to .* failed: RuntimeError: basic_ios::clear: iostream "
                                               r"error; step_00000020 \(latest\) is intact"):
         ckpt.save(DiskFull(), save, ckpt.step_tag(40), step=40, cfg=cfg, rank_state={}, info={}, rank=0,
-                  local_rank=0, keep_last=3)
+                  keep_last=3)
 
 
 def test_no_checkpoint_and_explicit_paths(tmp_path):

@@ -113,7 +113,7 @@ class Trainer:
         start = time.time()
         path = ckpt.save(self.engine, self.save_dir, tag, step=self.step, cfg=self.cfg,
                          rank_state=rank_state, info=self.checkpoint_info(loader_state), rank=self.info.rank,
-                         local_rank=self.info.local_rank, keep_last=self.cfg.train.keep_last)
+                         keep_last=self.cfg.train.keep_last)
         now = time.time()
         if tag != ckpt.BEST_TAG:
             # best/ is no resume point: it must not put off the next save_every_minutes checkpoint
