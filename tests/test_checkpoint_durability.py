@@ -12,9 +12,12 @@ the offline tools' outputs (reshard, export).
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from tests.fixtures.corpus import REPO, rank_env, run_one_rank
 from vltrain.engine.distributed import free_port
@@ -138,12 +141,10 @@ def test_the_offline_tools_outputs_are_synced_before_they_take_their_names(tmp_p
 TRAIN_2 = TRAIN.replace('"train.max_steps=2"', '"train.max_steps=1"').replace('"run_name=durable"', '"run_name=durable2"')
 
 
-def test_two_ranks_each_sync_the_files_they_wrote_and_together_all(synthetic_corpus, tmp_path):
-    """ZeRO-2 on two ranks: each rank fsyncs its own optimizer shard and rank state (only the
-    writer's page cache holds their unwritten data) and not the other's; rank 0 the model
-    states, the config, the files no rank names and every folder; all before the record."""
+def run_two_ranks(script: str, *args: str) -> list[dict]:
+    """``python -c script args`` as 2 ranks (CPU DeepSpeed, gloo); each rank's ``RESULTS`` line."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", TRAIN_2, synthetic_corpus, str(tmp_path)], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO,
                               env=rank_env(r, 2, port, OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -152,6 +153,20 @@ def test_two_ranks_each_sync_the_files_they_wrote_and_together_all(synthetic_cor
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULTS ")]
         assert p.returncode == 0 and lines, out[-5000:]
         res.append(json.loads(lines[-1][len("RESULTS "):]))
+    return res
+
+
+@pytest.fixture(scope="module")
+def two_rank_save(synthetic_corpus, tmp_path_factory):
+    """One step of ZeRO-2 on two ranks, saved, each rank's fsyncs recorded."""
+    return run_two_ranks(TRAIN_2, synthetic_corpus, str(tmp_path_factory.mktemp("durable2")))
+
+
+def test_two_ranks_each_sync_the_files_they_wrote_and_together_all(two_rank_save):
+    """ZeRO-2 on two ranks: each rank fsyncs its own optimizer shard and rank state (only the
+    writer's page cache holds their unwritten data) and not the other's; rank 0 the model
+    states, the config, the files no rank names and every folder; all before the record."""
+    res = two_rank_save
     tag_dir = os.path.join(res[0]["save_dir"], "step_00000001")
     staging = tag_dir + ".partial"
     record = os.path.join(staging, "vltrain_ckpt.json")
@@ -168,3 +183,52 @@ def test_two_ranks_each_sync_the_files_they_wrote_and_together_all(synthetic_cor
     folders = {os.path.join(root, d).replace(tag_dir, staging, 1) for root, dirs, _ in os.walk(tag_dir) for d in dirs}
     assert not (set(files) - {record}) - synced[0] - synced[1], files           # every file by someone
     assert folders | {staging} <= synced[0], folders                           # rank 0: the folders
+
+
+INIT_FROM = textwrap.dedent(r"""
+    import hashlib, json, os, shutil, sys
+    import torch
+    torch.set_num_threads(1)
+    LOADS = []
+    real_load = torch.load
+    def spy_load(f, *a, **k):
+        LOADS.append(os.path.basename(str(f)))
+        return real_load(f, *a, **k)
+    torch.load = spy_load
+    from vltrain.config import load_config
+    from vltrain.engine.build import init_weights
+    from vltrain.engine.distributed import init_distributed
+    from vltrain.model import VLModel
+    tag, bad = sys.argv[1], sys.argv[2]
+    info = init_distributed(120)
+    model = VLModel(load_config("configs/debug.yaml").model)
+    try:
+        init_weights(model, bad, info.is_main)
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    del LOADS[:]
+    init_weights(model, tag, info.is_main)
+    digest = {k: hashlib.sha256(v.detach().double().numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()}
+    print("RESULTS " + json.dumps({"loads": LOADS, "digest": digest, "error": error}), flush=True)
+""")
+
+
+def test_init_from_a_zero_checkpoint_is_read_by_the_main_rank_alone(two_rank_save, tmp_path):
+    """train.init_from a ZeRO-2 checkpoint on two ranks: rank 0 reads the shards and broadcasts
+    the weights (rank 1 reads no shard and ends with the same tensors); a shard rank 0 cannot
+    read fails every rank with its error, not rank 0 alone while rank 1 waits."""
+    tag = os.path.join(two_rank_save[0]["save_dir"], "step_00000001")
+    bad = str(tmp_path / "step_00000001")
+    shutil.copytree(tag, bad, copy_function=os.link)
+    shard = os.path.join(bad, "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    if not os.path.exists(shard):
+        shard = os.path.join(bad, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    os.remove(shard)
+    with open(shard, "wb") as f:
+        f.write(b"not a torch file")
+    res = run_two_ranks(INIT_FROM, tag, bad)
+    assert any("optim_states" in n for n in res[0]["loads"]), res[0]["loads"]
+    assert res[1]["loads"] == [], res[1]["loads"]
+    assert res[0]["digest"] == res[1]["digest"]
+    assert res[0]["error"] and res[1]["error"] == res[0]["error"], (res[0]["error"], res[1]["error"])

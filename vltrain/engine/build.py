@@ -16,7 +16,7 @@ from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
 from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.distributed import init_distributed, raise_on_every_rank
+from vltrain.engine.distributed import init_distributed, raise_on_every_rank, tensors_from_main_rank
 from vltrain.engine.ds_config import (DSConfigError, check_buildable, no_decay_param_groups, precision_of,
                                       resolve_ds_config)
 from vltrain.engine.ds_readbacks import drop_step_readbacks
@@ -44,28 +44,29 @@ def run_dir_of(cfg: Config) -> str:
     return os.path.join(cfg.output_root, cfg.run_name)
 
 
-def init_weights(model: VLModel, path: str) -> dict:
+def init_weights(model: VLModel, path: str, is_main: bool = True) -> dict:
     """train.init_from: a Hugging Face BERT folder, our export, a consolidated .safetensors,
-    or one of our DeepSpeed checkpoints (weights only, any ZeRO stage).
+    or one of our DeepSpeed checkpoints (weights only, any ZeRO stage). The main rank reads it
+    and broadcasts the tensors (``tensors_from_main_rank``); every rank checks its path.
 
     Returns what ``load_task_weights`` may take the task's heads from (a fine-tuned VQA head):
     a checkpoint's tensors outside ``model.``, or the whole file of an export (its heads keep
     vltrain's names, which ``load_task_weights`` matches; the model's are matched here)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"train.init_from={path} does not exist{ckpt.tags_beside(path)}")
-    task_state: dict = {}
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         from vltrain.ckpt.weights import fp32_state_dict
         from vltrain.model.transformer import named_pieces
         found = locate(path)                     # any ZeRO stage, or a resharded (universal) one
         # the blocks' flat parameters split by the checkpoint's own config: a model of another
         # shape is then refused naming the pieces (layers.0.qkv.weight: checkpoint .. vs model ..)
-        state = named_pieces(fp32_state_dict(found), read_config(found).model)
+        state = tensors_from_main_rank(lambda: named_pieces(fp32_state_dict(found), read_config(found).model),
+                                       is_main)
         task_state = {k: v for k, v in state.items() if not k.startswith("model.")}
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         source = found.path
     else:
-        state = task_state = read_state_dict(path)
+        state = task_state = tensors_from_main_rank(lambda: read_state_dict(path), is_main)
         source = path
     with torch.no_grad():
         fresh = load_into(model, state, source=source)
@@ -510,7 +511,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         task_state: dict = {}
         source_task, source_vocab = None, ""
         if cfg.train.init_from and found is None:
-            task_state = init_weights(model, cfg.train.init_from)
+            task_state = init_weights(model, cfg.train.init_from, info.is_main)
             saved = source_config(cfg.train.init_from)
             source_task = trained_task(saved)
             source_vocab = recorded_answer_vocab(saved) if source_task == "vqa" else ""

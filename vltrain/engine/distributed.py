@@ -386,3 +386,46 @@ def raise_on_every_rank(decide: Callable[[], Optional[BaseException]], is_main: 
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise verdict[0]
+
+
+def tensors_from_main_rank(read: Callable[[], dict], is_main: bool) -> dict:
+    """``read()`` (a state dict) on the main rank only, its tensors broadcast to every rank (on
+    the CPU), its error raised on every rank.
+
+    Why: ``train.init_from`` a ZeRO checkpoint is consolidated from every rank's optimizer shard
+    (fp32 master and Adam moments: ~1.4 GB for a base model); read on each of 512 ranks, that was
+    64 nodes re-reading it from the shared filesystem and eight copies in each node's memory at
+    the start. One read and a broadcast (NCCL's tree on GPUs) give every rank the same tensors."""
+    import pickle
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return read()
+    state, failure, header = {}, None, None
+    if is_main:
+        try:
+            state = read()
+            header = [(k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, None, v) for k, v in state.items()]
+        except Exception as e:   # noqa: BLE001 - every rank raises it (below)
+            failure = e
+            try:
+                header = pickle.loads(pickle.dumps(e))
+            except Exception:    # noqa: BLE001 - an exception that does not unpickle: its words
+                header = RuntimeError(f"{type(e).__name__}: {e}")
+    box = [header]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    out = {}
+    for key, shape, what in box[0]:
+        if shape is None:          # not a tensor: it travelled in the header
+            out[key] = what
+            continue
+        t = state[key].contiguous().to(device) if is_main else torch.empty(shape, dtype=what, device=device)
+        dist.broadcast(t, src=0)
+        out[key] = state[key] if is_main else t.cpu()
+    return out
