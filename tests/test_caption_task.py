@@ -230,3 +230,46 @@ def test_caption_eval_without_java_stops_before_decoding(finetuned, tmp_path):
     assert "mode=eval, task.name=caption scores by the COCO protocol on rank 0: java not found" in ranks.log(0), \
         ranks.log(0)[-3000:]
     assert not (tmp_path / "ev").exists()
+
+
+def _scst_rank(rank: int, port: int, train: str, out: str) -> None:
+    """One of two gloo ranks building the SCST caption task: which dataset files it read itself,
+    and the references' image count."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+    import vltrain.data.datasets as vds
+    from vltrain.config import load_config
+    from vltrain.model import VLModel
+    from vltrain.tasks.caption import build_caption
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    reads, read_text = [], vds._read_text
+
+    def recorded_read(remote, name, timeout):
+        reads.append(name)
+        return read_text(remote, name, timeout)
+    vds._read_text = recorded_read
+    try:
+        cfg = load_config("configs/caption_debug.yaml", ["task.scst=true", f"data.train={train}"])
+        task = build_caption(cfg, VLModel(cfg.model))
+        with open(out, "w") as f:
+            json.dump({"reads": reads, "images": len(task.scst.cider._cooked)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_scst_references_are_read_by_rank_0_and_broadcast(synthetic_corpus, tmp_path):
+    """Each rank scores its own samples against all references; rank 0 alone reads them (COCO's
+    references.jsonl is ~35 MB from the object store: once, not once a rank)."""
+    import multiprocessing as mp
+    train, port = os.path.join(synthetic_corpus, "captions", "train"), free_port()
+    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
+    procs = [mp.get_context("fork").Process(target=_scst_rank, args=(r, port, train, outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    res = [json.load(open(o)) for o in outs]
+    assert sorted(res[0]["reads"]) == ["references.jsonl", "vltrain_meta.json"], res[0]["reads"]
+    assert res[1]["reads"] == [] and res[0]["images"] == res[1]["images"] == 128, res

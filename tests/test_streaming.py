@@ -67,9 +67,23 @@ def _rank_main(rank, world, local_world, spec, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        import vltrain.data.datasets as vds
         from vltrain.data.loader import build_train_loader
         from vltrain.tokenization import Tokenizer
-        loader, _ = build_train_loader(_cfg(spec), Tokenizer(spec["vocab"]))
+        reads, read_text = [], vds._read_text
+
+        def recorded_read(remote, name, timeout):       # what this rank downloads or opens itself
+            reads.append(f"{remote.rstrip('/').rsplit('/', 1)[-1]}/{name}")
+            return read_text(remote, name, timeout)
+        vds._read_text = recorded_read
+        try:
+            loader, _ = build_train_loader(_cfg(spec), Tokenizer(spec["vocab"]))
+        except Exception as e:
+            if not spec.get("expect_error"):
+                raise
+            with open(out, "w") as f:
+                json.dump({"error": f"{type(e).__name__}: {e}", "reads": reads}, f)
+            return
         if spec.get("log"):
             import logging
             logging.getLogger().addHandler(logging.FileHandler(f"{spec['log']}.rank{rank}"))
@@ -84,7 +98,7 @@ def _rank_main(rank, world, local_world, spec, out):
             return
         if spec.get("state"):
             loader.load_state_dict(spec["state"])
-        res = {"epochs": [], "sigs": {}, "kinds": {}}
+        res = {"epochs": [], "sigs": {}, "kinds": {}, "reads": reads}
         n = 0
         for _ in range(spec.get("epochs", 1)):
             ids = []
@@ -165,6 +179,10 @@ def test_two_ranks_from_s3_partition_and_exact_resume(s3_caps, vocab_file, tmp_p
             got = part[r]["sigs"].get(key) or rest[r]["sigs"][key]
             assert got == full[r]["sigs"][key], key
     assert full[0]["cache_dirs"] == ["node0"]
+    # rank 0 read the dataset's files, once, and broadcast what they say (streaming's own copy
+    # of index.json: one a node)
+    assert sorted(full[0]["reads"]) == ["caps/index.json", "caps/vltrain_meta.json"], full[0]["reads"]
+    assert full[1]["reads"] == [], full[1]["reads"]
     # Resumed on 1 rank instead of 2 (same num_canonical_nodes, saved in the state): exactly
     # the samples not yet seen, none twice.
     solo = run_ranks(tmp_path, dict(base, cache=str(tmp_path / "c_solo"), state=state), world=1, local_world=1)
@@ -220,6 +238,21 @@ def test_text_mixing_on_two_emulated_nodes_one_host(s3_bucket, vocab_file, tmp_p
                 assert mode == 0 and ids_row[0] == 101 and ids_row[-1] == 102 and not any(types)
     assert sorted(os.listdir(tmp_path / "cache")) == ["node0", "node1"]
     assert [len(r["cache_dirs"]) for r in res] == [2, 2]
+    assert sorted(res[0]["reads"]) == [f"{d}/{f}" for d in ("caps", "text") for f in ("index.json", "vltrain_meta.json")]
+    assert res[1]["reads"] == []
+
+
+def test_a_dataset_rank_0_cannot_read_fails_every_rank_alike(tmp_path, vocab_file):
+    """Rank 0 reads the index for all: its error is every rank's, not rank 0's alone while the
+    other waits at the next collective."""
+    ds = write_captions(str(tmp_path / "caps"), 8)
+    with open(os.path.join(ds, "index.json"), "w") as f:
+        f.write('{"version": 2, "shards": [{"samples": ')
+    res = run_ranks(tmp_path, {"train": ds, "vocab": vocab_file, "cache": str(tmp_path / "cache"),
+                               "expect_error": True})
+    assert res[0]["error"] == res[1]["error"], res
+    assert re.match(r"MetaError: data.train: dataset .*caps: index.json is unreadable", res[0]["error"]), res
+    assert res[1]["reads"] == []
 
 
 def test_small_text_corpus_repeats_get_their_own_masks(tmp_path, vocab_file):
@@ -911,7 +944,7 @@ def test_default_cache_root_is_per_user_under_the_temp_dir(monkeypatch, tmp_path
     creates, so a root shared by all users failed the next user's job there), under $TMPDIR."""
     import tempfile
     from vltrain.config import DataConfig
-    from vltrain.data.datasets import cache_dir_for, default_cache_root
+    from vltrain.data.datasets import cache_dir_for, default_cache_root, index_digest
     assert DataConfig().cache_dir == ""
     monkeypatch.setattr(tempfile, "tempdir", None)          # re-read $TMPDIR
     monkeypatch.setenv("TMPDIR", str(tmp_path))
@@ -919,9 +952,9 @@ def test_default_cache_root_is_per_user_under_the_temp_dir(monkeypatch, tmp_path
         monkeypatch.setenv("USER", user)
         monkeypatch.setenv("LOGNAME", user)
         assert default_cache_root() == str(tmp_path / f"vltrain_cache-{user}")
-        got = cache_dir_for("", "run", "s3://b/ds", "{}", "train")
+        got = cache_dir_for("", "run", "s3://b/ds", index_digest("{}"), "train")
         assert got.startswith(str(tmp_path / f"vltrain_cache-{user}" / "node"))
-    assert cache_dir_for("/scratch/c", "run", "s3://b/ds", "{}").startswith("/scratch/c/node")
+    assert cache_dir_for("/scratch/c", "run", "s3://b/ds", index_digest("{}")).startswith("/scratch/c/node")
 
 
 def test_ranks_agree_on_the_shared_memory_prefix_beside_another_job():

@@ -22,6 +22,7 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 from streaming import Stream, StreamingDataset
@@ -35,6 +36,7 @@ from vltrain.data import storage_faults
 from vltrain.data.errors import CacheFull, DataError, MetaError, ShardError, StorageUnavailable
 from vltrain.redact import redact
 from vltrain.data.shm_tracking import untrack_streaming_segments
+from vltrain.engine.distributed import from_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,9 @@ def default_cache_root() -> str:
     return os.path.join(tempfile.gettempdir(), f"vltrain_cache-{user}")
 
 
-def cache_dir_for(cache_root: str, run_name: str, remote: str, index_text: str, role: str = "train") -> str:
-    """``<cache_root>/node<N>/<run_name>/<blake2s(remote)[:12]>-<blake2s(index.json)[:12]>-<role>``
-    (``cache_root`` "": ``default_cache_root()``).
+def cache_dir_for(cache_root: str, run_name: str, remote: str, digest: str, role: str = "train") -> str:
+    """``<cache_root>/node<N>/<run_name>/<blake2s(remote)[:12]>-<digest>-<role>`` (``digest``:
+    ``index_digest`` of its index.json; ``cache_root`` "": ``default_cache_root()``).
 
     Per run: streaming refuses two live datasets on one local folder, so two jobs sharing a
     node (a sweep, an eval beside training) each need their own; a requeued job keeps its
@@ -77,7 +79,7 @@ def cache_dir_for(cache_root: str, run_name: str, remote: str, index_text: str, 
     read from the old copy's index and shards."""
     h = hashlib.blake2s(remote.rstrip("/").encode(), digest_size=6).hexdigest()
     return os.path.join(cache_root or default_cache_root(), f"node{node_rank()}", run_name,
-                        f"{h}-{index_digest(index_text)}-{role}")
+                        f"{h}-{digest}-{role}")
 
 
 def index_digest(index_text: str) -> str:
@@ -155,13 +157,39 @@ def hash_to_validate(setting: str, index_text: str, remote: str) -> Optional[str
     return "xxh64" if ok else None
 
 
-def count_samples(remote: str, timeout: float = 60.0) -> int:
+def count_samples(index_text: str, remote: str) -> int:
     """Number of samples of an MDS dataset, from its ``index.json``."""
     try:
-        index = json.loads(_read_text(remote, "index.json", timeout))
-        return int(sum(int(s["samples"]) for s in index["shards"]))
+        return int(sum(int(s["samples"]) for s in json.loads(index_text)["shards"]))
     except (ValueError, KeyError, TypeError) as e:
         raise MetaError(f"dataset {remote}: index.json is unreadable ({e})") from e
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a run takes from a dataset's ``vltrain_meta.json`` and ``index.json``."""
+    meta: dict
+    digest: str                    # index_digest: its identity (cache folder, resume check)
+    validate_hash: Optional[str]   # hash_to_validate's
+    samples: int
+
+
+def read_facts(remotes: list[str], d) -> dict[str, DatasetFacts]:
+    """``DatasetFacts`` of each of ``remotes`` (``d``: the config's data section), read by rank 0
+    and broadcast (``from_main_rank``; collective when torch.distributed is on).
+
+    Why: an index.json lists every shard (~125 MB for CC12M in 64 MB shards); every rank
+    downloading and parsing it was 64 GB from the object store at each start of 512 ranks,
+    before streaming's own copy (one a node). Its errors are rank 0's, raised on every rank."""
+    def read() -> dict[str, DatasetFacts]:
+        out = {}
+        for remote in dict.fromkeys(remotes):
+            meta = read_meta(remote, d.download_timeout)
+            index = _read_text(remote, "index.json", d.download_timeout)
+            out[remote] = DatasetFacts(meta, index_digest(index), hash_to_validate(d.validate_hash, index, remote),
+                                       count_samples(index, remote))
+        return out
+    return from_main_rank(read)
 
 
 def read_meta(remote: str, timeout: float = 60.0) -> dict:
@@ -543,7 +571,19 @@ def _serialised_if_nodes_share_host():
 MAX_TEXT_VISITS = 8   # more visits of a text corpus per epoch than this is a misconfigured mix
 
 
-def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]:
+def split_remotes(cfg, split: str = "train") -> list[str]:
+    """The datasets ``split`` reads: data.train (+ data.text_train) or ``data.<split>``."""
+    d = cfg.data
+    if split == "train":
+        if not d.train:
+            raise MetaError("data.train is empty: set it to an MDS folder or s3:// prefix")
+        return [d.train] + ([d.text_train] if d.text_train else [])
+    if not getattr(d, split):
+        raise MetaError(f"data.{split} is empty")
+    return [getattr(d, split)]
+
+
+def stream_remotes(cfg, facts: dict[str, DatasetFacts], split: str = "train") -> list[tuple[str, Optional[int]]]:
     """``[(remote, choose)]`` for ``split``; ``choose`` None = every sample once per epoch.
 
     Mixing (``data.text_train``): an epoch is one pass over the image-text data plus
@@ -557,13 +597,12 @@ def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]
     stream would repeat the sample id, and with it the masks). At most ``MAX_TEXT_VISITS``.
     """
     d = cfg.data
+    remotes = split_remotes(cfg, split)
     if split == "train":
-        if not d.train:
-            raise MetaError("data.train is empty: set it to an MDS folder or s3:// prefix")
         if d.text_train:               # (text_proportion in (0, 1): config.check_values)
-            n = count_samples(d.train, d.download_timeout)
+            n = facts[d.train].samples
             k = max(1, int(round(n * d.text_proportion / (1.0 - d.text_proportion))))
-            m = count_samples(d.text_train, d.download_timeout)
+            m = facts[d.text_train].samples
             if m == 0:
                 raise MetaError(f"data.text_train ({d.text_train}) holds no samples")
             full, rest = divmod(k, m)
@@ -574,11 +613,7 @@ def stream_remotes(cfg, split: str = "train") -> list[tuple[str, Optional[int]]]
                     f"each would be read {k / m:.1f} times an epoch (at most {MAX_TEXT_VISITS}); "
                     f"use a larger text corpus or a lower data.text_proportion")
             return [(d.train, None)] + [(d.text_train, None)] * full + ([(d.text_train, rest)] if rest else [])
-        return [(d.train, None)]
-    remote = getattr(d, split)
-    if not remote:
-        raise MetaError(f"data.{split} is empty")
-    return [(remote, None)]
+    return [(remotes[0], None)]
 
 
 def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[bool] = None
@@ -590,19 +625,17 @@ def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[
     d = cfg.data
     shuffle = d.shuffle if shuffle is None else shuffle
     infos, streams, identity = [], [], []
-    read: dict[str, tuple[dict, str]] = {}      # a text corpus read several times: its files once
-    for remote, choose in stream_remotes(cfg, split):
+    facts = read_facts(split_remotes(cfg, split), d)      # a text corpus read several times: once
+    for remote, choose in stream_remotes(cfg, facts, split):
         visit = sum(i.name == remote for i in infos)          # streaming wants a folder per stream
-        if remote not in read:
-            read[remote] = read_meta(remote, d.download_timeout), _read_text(remote, "index.json", d.download_timeout)
-        meta, index = read[remote]
-        infos.append(StreamInfo(remote, meta))
+        fact = facts[remote]
+        infos.append(StreamInfo(remote, fact.meta))
         role = split if not visit else f"{split}-visit{visit}"
         streams.append(Stream(remote=remote if is_remote(remote) else os.path.abspath(remote),
-                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, index, role), choose=choose,
-                              validate_hash=hash_to_validate(d.validate_hash, index, remote)))
+                              local=cache_dir_for(d.cache_dir, cfg.run_name, remote, fact.digest, role),
+                              choose=choose, validate_hash=fact.validate_hash))
         # (saved in checkpoints: an sftp:// password never)
-        identity.append({"dataset": redact(remote), "choose": choose, "index": index_digest(index)})
+        identity.append({"dataset": redact(remote), "choose": choose, "index": fact.digest})
     kw = dict(streams=streams, batch_size=batch_size, shuffle=shuffle,
               shuffle_seed=int(cfg.train.seed) % (2 ** 32),
               download_timeout=float(d.download_timeout), download_retry=int(d.download_retry))

@@ -374,18 +374,44 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     return dataclasses.replace(info, accelerator=accel, backend=backend)
 
 
-def raise_on_every_rank(decide: Callable[[], Optional[BaseException]], is_main: bool) -> None:
-    """``decide()`` runs on the main rank only; the error it returns is raised on every rank.
+def from_main_rank(read: Callable, is_main: Optional[bool] = None):
+    """``read()`` on the main rank (``is_main``; None: torch.distributed's rank 0) only; its
+    result (picklable) returned on every rank, or the error it raised raised on every rank.
 
-    Why: a check of the main rank's (the run folder, a checkpoint's files) failing there
-    alone leaves the other ranks waiting at their next collective until its timeout, or dying
-    there with gloo's "Connection closed by peer"; broadcast, all stop on the same message."""
+    Why: a read or check of the main rank's (the run folder, a checkpoint's files, a dataset's
+    index) failing there alone leaves the other ranks waiting at their next collective until
+    its timeout, or dying there with gloo's "Connection closed by peer"; broadcast, all stop on
+    the same message. Collective: every rank calls it, in the same order."""
+    import pickle
     import torch.distributed as dist
-    verdict = [decide() if is_main else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise verdict[0]
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return read()
+    is_main = dist.get_rank() == 0 if is_main is None else is_main
+    box, failure = [None], None
+    if is_main:
+        try:
+            box[0] = (True, read())
+        except Exception as e:   # noqa: BLE001 - every rank raises it (below)
+            failure = e
+            try:
+                box[0] = (False, pickle.loads(pickle.dumps(e)))
+            except Exception:    # noqa: BLE001 - an exception that does not unpickle: its words
+                box[0] = (False, RuntimeError(f"{type(e).__name__}: {e}"))
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def raise_on_every_rank(decide: Callable[[], Optional[BaseException]], is_main: bool) -> None:
+    """``decide()`` runs on the main rank only; the error it returns (or raises) is raised on
+    every rank (``from_main_rank``)."""
+    verdict = from_main_rank(decide, is_main)
+    if verdict is not None:
+        raise verdict
 
 
 def tensors_from_main_rank(read: Callable[[], dict], is_main: bool) -> dict:
@@ -396,32 +422,19 @@ def tensors_from_main_rank(read: Callable[[], dict], is_main: bool) -> dict:
     (fp32 master and Adam moments: ~1.4 GB for a base model); read on each of 512 ranks, that was
     64 nodes re-reading it from the shared filesystem and eight copies in each node's memory at
     the start. One read and a broadcast (NCCL's tree on GPUs) give every rank the same tensors."""
-    import pickle
     import torch
     import torch.distributed as dist
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return read()
-    state, failure, header = {}, None, None
-    if is_main:
-        try:
-            state = read()
-            header = [(k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, None, v) for k, v in state.items()]
-        except Exception as e:   # noqa: BLE001 - every rank raises it (below)
-            failure = e
-            try:
-                header = pickle.loads(pickle.dumps(e))
-            except Exception:    # noqa: BLE001 - an exception that does not unpickle: its words
-                header = RuntimeError(f"{type(e).__name__}: {e}")
-    box = [header]
-    dist.broadcast_object_list(box, src=0)
-    if failure is not None:
-        raise failure
-    if isinstance(box[0], BaseException):
-        raise box[0]
+    state: dict = {}
+
+    def header() -> list:
+        state.update(read())
+        return [(k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, None, v) for k, v in state.items()]
     device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
               else torch.device("cpu"))
     out = {}
-    for key, shape, what in box[0]:
+    for key, shape, what in from_main_rank(header, is_main):
         if shape is None:          # not a tensor: it travelled in the header
             out[key] = what
             continue

@@ -379,7 +379,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
         raise r.err(f"'timers.throughput' must be an object, got {json.dumps(throughput)}")
     if throughput.get("enabled", AUTO) == AUTO:
         throughput["enabled"] = False
-    if throughput["enabled"] and throughput.get("synchronized", True):
+    if throughput["enabled"] and throughput.get("synchronized", True) and _first_rank():
         log.warning("%s: 'timers.throughput' is enabled and synchronized: DeepSpeed will wait for the "
                     "whole device at every forward and step (GPU idle between steps); set "
                     "'timers.throughput.synchronized' to false, or leave the timer off (vltrain "
@@ -667,7 +667,7 @@ def check_buildable(ds: dict) -> None:
     """Raise a clear error before deepspeed.initialize if the resolved config needs an op we
     can't build; make TORCH_CUDA_ARCH_LIST readable by DeepSpeed's JIT builder."""
     old = plain_cuda_arch_list()
-    if old is not None:
+    if old is not None and _first_rank():
         log.warning("TORCH_CUDA_ARCH_LIST=%r has arch-specific entries DeepSpeed's op builder cannot parse; "
                     "using %r", old, os.environ["TORCH_CUDA_ARCH_LIST"])
     params = (ds.get("optimizer") or {}).get("params") or {}

@@ -180,9 +180,11 @@ def build_caption(cfg, model) -> CaptionTask:
     decode_options(t, t.beam_size)                   # fail on bad decoding settings at build time
     scst = None
     if t.scst and cfg.mode == "train":
+        from vltrain.engine.distributed import from_main_rank
         from vltrain.tasks.scst import SelfCritical, read_caption_references
         source = t.scst_references or cfg.data.train
-        refs = read_caption_references(source, cfg.data.download_timeout)
+        # read by rank 0 (COCO's: ~35 MB, from the object store) and broadcast to every rank
+        refs = from_main_rank(lambda: read_caption_references(source, cfg.data.download_timeout))
         log.info("self-critical training: CIDEr-D document frequencies from %d images of %s", len(refs), source)
         scst = SelfCritical(refs, tok, decode_options(t, 1), samples=t.scst_samples,
                             source=f"task.scst_references={source}" if t.scst_references else f"data.train={source}")
