@@ -138,7 +138,8 @@ def test_the_offline_tools_outputs_are_synced_before_they_take_their_names(tmp_p
     assert ("fsync", str(tmp_path / "w")) in events[max(renames) + 1:], events
 
 
-TRAIN_2 = TRAIN.replace('"train.max_steps=2"', '"train.max_steps=1"').replace('"run_name=durable"', '"run_name=durable2"')
+TRAIN_2 = (TRAIN.replace('"train.max_steps=2"', '"train.max_steps=1"')
+           .replace('"run_name=durable"', '"run_name=durable2"'))
 
 
 def run_two_ranks(script: str, *args: str) -> list[dict]:
@@ -209,7 +210,8 @@ INIT_FROM = textwrap.dedent(r"""
         error = f"{type(e).__name__}: {e}"
     del LOADS[:]
     init_weights(model, tag, info.is_main)
-    digest = {k: hashlib.sha256(v.detach().double().numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()}
+    digest = {k: hashlib.sha256(v.detach().double().numpy().tobytes()).hexdigest()
+              for k, v in model.state_dict().items()}
     print("RESULTS " + json.dumps({"loads": LOADS, "digest": digest, "error": error}), flush=True)
 """)
 

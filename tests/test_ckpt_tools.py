@@ -32,6 +32,7 @@ from tests.fixtures.assets import bert_text_diff
 from tests.fixtures.corpus import REPO, Ranks, rank_env
 from vltrain.engine.distributed import free_port
 from vltrain.ckpt.__main__ import main as ckpt_main
+from vltrain.ckpt.export import written_step
 from vltrain.config import debug_model_config
 from vltrain.model.transformer import named_pieces
 
@@ -301,6 +302,15 @@ def test_consolidated_file_round_trips_with_tied_decoder(ckpts, tmp_path, capsys
     from vltrain.model import VLModel
     out = tmp_path / "model.safetensors"
     assert cli(capsys, "consolidate", ckpts["z2"], out)[0] == 0          # latest: step 6
+    assert written_step(str(out)) == 6
+    # a tag folder given with another --tag: that tag, beside it (the weights it says it holds)
+    three = tmp_path / "three" / "model.safetensors"
+    assert cli(capsys, "consolidate", os.path.join(ckpts["z2"], "step_00000006"), three,
+               "--tag", "step_00000003")[0] == 0
+    live3 = load_dump(ckpts, "z2_save3")["fp32"]
+    got3 = load_file(str(three))
+    assert written_step(str(three)) == 3
+    assert torch.equal(got3["embeddings.word.weight"], live3["model.embeddings.word.weight"])
     umask = os.umask(0o022)
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask               # for sharing: not mkstemp's 0600
@@ -360,6 +370,7 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
     from transformers import AutoTokenizer      # truncation stops at the model's 128 positions
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.model_max_length == 128 and len(tok("word " * 300, truncation=True)["input_ids"]) == 128
+    assert config["vltrain_step"] == 6 and written_step(str(out)) == 6     # mode=eval names its results by it
     # with its MLM head: every weight found, text-only logits equal ours
     mlm, info = BertForMaskedLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
@@ -370,6 +381,13 @@ def test_export_hf_loads_in_transformers_and_vltrain(ckpts, tmp_path, capsys):
         h = ours(ids, torch.zeros_like(ids), torch.ones_like(ids), mode="bidirectional").text_hidden
         got = ours.mlm_head(h, ours.embeddings.word)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    # --overwrite replaces a folder that holds an export (one file of another kind left in it
+    # goes with it), here by the step-3 tag given beside the folder of tags
+    (out / "marker").write_text("x")
+    code, _, err = cli(capsys, "export-hf", ckpts["z2"], out, "--tag", "step_00000003", "--overwrite")
+    assert code == 0, err
+    assert not (out / "marker").exists() and written_step(str(out)) == 3
+    assert json.loads((out / "config.json").read_text())["vltrain_step"] == 3
 
 
 @pytest.mark.parametrize("run, key, value", [("z0vl", "vlbert_visual_embedding", "linear"),

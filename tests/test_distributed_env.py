@@ -520,3 +520,42 @@ def test_a_taken_master_port_is_named_with_the_fix(tmp_path):
     assert (f"ValueError: MASTER_PORT={port} on 127.0.0.1 is taken (another job on this machine, launched with "
             "the same default port?): start this one on another port (deepspeed --master_port N") in r.stderr
     assert "Traceback" not in r.stderr and not os.listdir(tmp_path)
+
+
+def _slow_main_rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks whose process group waits 3 s; rank 0's read takes 6 s, then an
+    error of rank 0's own."""
+    import json
+    from datetime import timedelta
+    import torch.distributed as dist
+    from vltrain.engine.distributed import from_main_rank
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=3))
+    got = from_main_rank(lambda: (time.sleep(6), {"samples": 42})[1])
+    try:
+        from_main_rank(lambda: int("index.json"))
+        error = None
+    except ValueError as e:
+        error = str(e)
+    with open(out, "w") as f:
+        json.dump({"got": got, "error": error}, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_wait_for_the_main_ranks_read_past_the_groups_timeout(tmp_path):
+    """Rank 0 reads (a dataset's index, a checkpoint to consolidate, SCST references from every
+    shard) while the others wait: past train.dist_timeout_s, which bounds collectives of ranks
+    all at work; its error reaches every rank."""
+    import json
+    import multiprocessing as mp
+    from vltrain.engine.distributed import free_port
+    port, outs = free_port(), [str(tmp_path / f"r{r}.json") for r in range(2)]
+    procs = [mp.get_context("fork").Process(target=_slow_main_rank, args=(r, port, outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    res = [json.load(open(o)) for o in outs]
+    assert res[0] == res[1] and res[0]["got"] == {"samples": 42}, res
+    assert "invalid literal for int() with base 10: 'index.json'" in res[1]["error"], res

@@ -264,6 +264,62 @@ def test_incomplete_latest_is_reported_and_skipped(tmp_path, caplog):
     assert "step_00000040 (latest); taking step_00000020 instead, the newest complete checkpoint" in caplog.text
 
 
+def test_latest_is_the_resume_point_before_newer_tags(tmp_path):
+    """A run restarted from step 10 (after a divergence) with the old run's step 20 still there:
+    `latest` names what this run saved last, and resume takes it, not the newest step."""
+    save = str(tmp_path)
+    _tag(save, 10)
+    _tag(save, 20)
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(10))
+    assert ckpt.find_resume_point(save).tag == ckpt.step_tag(10)
+    assert locate(save, check_files=False).tag == ckpt.step_tag(10)
+    # a tag folder given with another tag: that tag, beside it
+    assert locate(os.path.join(save, ckpt.step_tag(20)), tag=ckpt.step_tag(10), check_files=False).tag == \
+        ckpt.step_tag(10)
+    # best/ without its record is named incomplete, with the complete tags there
+    os.makedirs(os.path.join(save, ckpt.BEST_TAG))
+    with pytest.raises(CheckpointError, match=r"is incomplete.*complete tags there"):
+        locate(save, tag=ckpt.BEST_TAG, check_files=False)
+
+
+def test_keep_last_0_keeps_the_save_just_made(tmp_path):
+    """train.keep_last=0 keeps one (the newest): deleting the tag just saved left `latest`
+    naming nothing."""
+    save = str(tmp_path)
+    _tag(save, 5)
+    _tag(save, 10)
+    assert ckpt.rotate(save, 10, keep_last=0) == ["step_00000005"]
+    assert os.listdir(save) == ["step_00000010"]
+
+
+class TagWriter:
+    """DeepSpeed's engine as far as a save sees it: writes a rank-0 model file into the tag."""
+    checkpoint_engine = None
+
+    def save_checkpoint(self, save_dir, tag, **kwargs):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save({"w": torch.ones(2)}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+def test_a_best_save_moves_no_latest_and_rotates_nothing(tmp_path):
+    """best/ is no resume point: its save leaves `latest` and the step tags alone, and a stale
+    best.partial (a cut-short save of another world size: rank 1's shard) is not carried in."""
+    save = str(tmp_path)
+    for step in (3, 4):
+        _tag(save, step)
+    (tmp_path / ckpt.LATEST_FILE).write_text(ckpt.step_tag(4))
+    stale = os.path.join(save, "best.partial", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "w").close()
+    cfg = load_config("configs/debug.yaml")
+    ckpt.save(TagWriter(), save, ckpt.BEST_TAG, step=5, cfg=cfg, rank_state={}, info={}, rank=0, keep_last=1)
+    assert ckpt.read_latest(save) == ckpt.step_tag(4)
+    assert sorted(os.listdir(save)) == [ckpt.BEST_TAG, ckpt.LATEST_FILE, "step_00000003", "step_00000004"]
+    assert sorted(os.listdir(os.path.join(save, ckpt.BEST_TAG))) == [
+        "config.yaml", "mp_rank_00_model_states.pt", "vltrain_ckpt.json", "vltrain_rank00000.pt"]
+    assert ckpt.read_ckpt_info(os.path.join(save, ckpt.BEST_TAG))["step"] == 5
+
+
 def test_cut_short_saves_are_named_and_cleaned_up(tmp_path, caplog):
     """A save writes <tag>.partial; one cut short is named at the next resume and deleted by a
     later save's rotation; a replace cut between its two renames is named with what to rename."""

@@ -238,7 +238,8 @@ def test_text_mixing_on_two_emulated_nodes_one_host(s3_bucket, vocab_file, tmp_p
                 assert mode == 0 and ids_row[0] == 101 and ids_row[-1] == 102 and not any(types)
     assert sorted(os.listdir(tmp_path / "cache")) == ["node0", "node1"]
     assert [len(r["cache_dirs"]) for r in res] == [2, 2]
-    assert sorted(res[0]["reads"]) == [f"{d}/{f}" for d in ("caps", "text") for f in ("index.json", "vltrain_meta.json")]
+    assert sorted(res[0]["reads"]) == [f"{d}/{f}" for d in ("caps", "text")
+                                       for f in ("index.json", "vltrain_meta.json")]
     assert res[1]["reads"] == []
 
 

@@ -16,7 +16,8 @@ from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
 from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.distributed import init_distributed, raise_on_every_rank, tensors_from_main_rank
+from vltrain.engine.distributed import (from_main_rank, init_distributed, raise_on_every_rank,
+                                        tensors_from_main_rank)
 from vltrain.engine.ds_config import (DSConfigError, check_buildable, no_decay_param_groups, precision_of,
                                       resolve_ds_config)
 from vltrain.engine.ds_readbacks import drop_step_readbacks
@@ -457,7 +458,9 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
 
     claim_run_dir(cfg, run_dir, info.is_main)    # before anything of the folder is read
     with removed_if_left_empty(run_dir, info.is_main and not existed):
-        found = find_resume(cfg, run_dir)
+        # rank 0's view of the folder for all: each rank's own (an NFS client's stale listing at a
+        # requeue) could send ranks into different collectives (resume's, or init_from's broadcast)
+        found = from_main_rank(lambda: find_resume(cfg, run_dir), info.is_main)
         check_placeholders(cfg, resuming=found is not None)
         asked = cfg.train.precision
         cfg.train.precision, why = continued_precision(asked, cfg, found)   # before the comparisons below
@@ -500,12 +503,16 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         if problem:      # before the first step would fail, leaving the run folder behind
             raise ValueError(problem)
         warn_flex_shapes(cfg)
-        if cfg.mode == "eval" and cfg.task.name == "caption" and info.is_main:   # rank 0 scores
-            from vltrain.metrics.caption import JavaNotFoundError, require_java
-            try:                 # now, not after the whole split is decoded
-                require_java()
-            except JavaNotFoundError as e:
-                raise ValueError(f"mode=eval, task.name=caption scores by the COCO protocol on rank 0: {e}") from None
+        if cfg.mode == "eval" and cfg.task.name == "caption":   # rank 0 scores: its Java, now, not after
+            from vltrain.metrics.caption import JavaNotFoundError, require_java     # the split is decoded
+
+            def java_missing() -> Optional[ValueError]:
+                try:
+                    require_java()
+                except JavaNotFoundError as e:
+                    return ValueError(f"mode=eval, task.name=caption scores by the COCO protocol on rank 0: {e}")
+                return None
+            raise_on_every_rank(java_missing, info.is_main)
         torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
         model = VLModel(cfg.model)
         task_state: dict = {}

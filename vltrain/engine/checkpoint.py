@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from vltrain.config import save_config
 from vltrain.data import host_limits
+from vltrain.engine.distributed import from_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +194,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def sync_path(path: str) -> None:
     """fsync a file or a folder."""
     fd = os.open(path, os.O_RDONLY)   # a folder too: Linux syncs its entries this way
@@ -279,11 +275,21 @@ def save(engine, save_dir: str, tag: str, *, step: int, cfg, rank_state: dict, i
 
     tag_dir = os.path.join(save_dir, tag)
     staging = tag_dir + PARTIAL
-    if rank == 0:
+
+    def prepare() -> None:
         if os.path.isdir(staging):
             shutil.rmtree(staging)  # a save of this tag that was cut short
         clear_cut_short_saves(save_dir)
-    _barrier()
+
+    def commit() -> None:
+        _write_durably(os.path.join(staging, COMPLETE_FILE), json.dumps(dict(info, step=step, tag=tag), indent=1))
+        _rename_into_place(staging, tag_dir)
+        if tag != BEST_TAG:
+            _write_durably(os.path.join(save_dir, LATEST_FILE), tag)
+            rotate(save_dir, step, keep_last)
+    # rank 0's folder work, its error raised on every rank (not rank 0's alone, the others
+    # waiting at the next collective); the others wait for it as at a barrier
+    from_main_rank(prepare, rank == 0)
     writer = _recording(engine)
     own = [os.path.abspath(rank_state_file(staging, rank))] + ([os.path.abspath(os.path.join(staging, "config.yaml"))]
                                                                 if rank == 0 else [])
@@ -296,13 +302,7 @@ def save(engine, save_dir: str, tag: str, *, step: int, cfg, rank_state: dict, i
     except Exception as e:  # noqa: BLE001 - torch's writer names no file and no cause when the disk is full
         raise SaveFailed(save_failed_message(save_dir, tag, e)) from e
     sync_written(staging, writer.saved + own, rank)   # its gather: every rank's files written and synced
-    if rank == 0:
-        _write_durably(os.path.join(staging, COMPLETE_FILE), json.dumps(dict(info, step=step, tag=tag), indent=1))
-        _rename_into_place(staging, tag_dir)
-        if tag != BEST_TAG:
-            _write_durably(os.path.join(save_dir, LATEST_FILE), tag)
-            rotate(save_dir, step, keep_last)
-    _barrier()  # nobody exits or resumes before the commit
+    from_main_rank(commit, rank == 0)                 # nobody exits or resumes before the commit
     return tag_dir
 
 

@@ -33,6 +33,7 @@ from datetime import timedelta
 from typing import Callable, Mapping, MutableMapping, Optional
 
 DEFAULT_TIMEOUT_S = 600.0
+_DIST_TIMEOUT_S = [DEFAULT_TIMEOUT_S]     # the run's (init_distributed's timeout_s)
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -348,6 +349,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     ``timeout_s``: ``train.dist_timeout_s`` (default 600 s): the longest a collective may wait.
     """
     info = setup_env(os.environ)
+    _DIST_TIMEOUT_S[0] = float(timeout_s)
     accel, backend = pick_backend()
     import deepspeed
     if accel == "cpu":
@@ -374,6 +376,30 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     return dataclasses.replace(info, accelerator=accel, backend=backend)
 
 
+# How long ranks wait for the main rank's own work (a dataset's index, a checkpoint to
+# consolidate, SCST references read from every shard, caption scores with SPICE on a COCO-size
+# split: minutes to an hour) where the process group's bound, train.dist_timeout_s (default
+# 600 s), is for collectives whose peers are all at work on the same thing.
+MAIN_RANK_WAIT_S = 4 * 3600
+_WAIT_GROUP: dict = {}
+
+
+def main_rank_wait_group():
+    """A group of every rank that waits up to ``MAIN_RANK_WAIT_S`` (or the run's own bound, if
+    longer), on the run's backend (a gloo group on GPU nodes would need gloo's own addressing,
+    first tried when first used). Collective where first called: every rank reaches that call
+    (from_main_rank's callers, caption scoring) in the same order. Connected at once, while
+    every rank is there: NCCL would otherwise connect it at its first collective, whose peers
+    wait for the main rank's work within the store's timeout (dist_timeout_s)."""
+    import torch.distributed as dist
+    world = dist.group.WORLD
+    if _WAIT_GROUP.get("world") is not world:         # a process group made again (tests)
+        group = dist.new_group(timeout=timedelta(seconds=max(MAIN_RANK_WAIT_S, _DIST_TIMEOUT_S[0])))
+        dist.barrier(group=group)
+        _WAIT_GROUP.update(world=world, group=group)
+    return _WAIT_GROUP["group"]
+
+
 def from_main_rank(read: Callable, is_main: Optional[bool] = None):
     """``read()`` on the main rank (``is_main``; None: torch.distributed's rank 0) only; its
     result (picklable) returned on every rank, or the error it raised raised on every rank.
@@ -387,6 +413,7 @@ def from_main_rank(read: Callable, is_main: Optional[bool] = None):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return read()
     is_main = dist.get_rank() == 0 if is_main is None else is_main
+    group = main_rank_wait_group()      # before the main rank starts its work
     box, failure = [None], None
     if is_main:
         try:
@@ -397,7 +424,7 @@ def from_main_rank(read: Callable, is_main: Optional[bool] = None):
                 box[0] = (False, pickle.loads(pickle.dumps(e)))
             except Exception:    # noqa: BLE001 - an exception that does not unpickle: its words
                 box[0] = (False, RuntimeError(f"{type(e).__name__}: {e}"))
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     if failure is not None:
         raise failure
     ok, value = box[0]

@@ -56,7 +56,6 @@ class Trainer:
         self.spec, self.tokenizer = spec, tokenizer
         self.save_dir = os.path.join(run_dir, "checkpoints")
         self.created_run_dir = False      # by this job (build.py): mode=eval removes it if left empty
-        self.scoring_group = None         # where ranks wait for rank 0's caption scores (tasks/caption.py)
         self.step = 0                     # optimizer steps done
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0

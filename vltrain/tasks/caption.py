@@ -23,7 +23,6 @@ it can run). Files (``vltrain.tasks.evaluation.write_results``): ``predictions.j
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 
 import torch
@@ -41,9 +40,6 @@ from vltrain.tasks.base import TaskSpec, mlm_work
 log = logging.getLogger(__name__)
 
 SUBMISSION_FILE = "captions_results.json"
-# How long the other ranks wait for rank 0's scores: SPICE (mode=eval) on a COCO-size split
-# runs for minutes to an hour on one core, past train.dist_timeout_s, the default group's bound.
-SCORING_WAIT_S = 4 * 3600
 SCORED = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
@@ -271,7 +267,7 @@ def evaluate_caption(trainer, split: str) -> dict:
     Validation during training decodes with ``task.val_beam_size`` (greedy by default);
     ``mode=eval`` with ``task.beam_size``. Returns CIDEr etc. (fractions, x1 as
     pycocoevalcap) plus ``loss`` (masked-token cross-entropy on the same batches)."""
-    import torch.distributed as dist
+    from vltrain.engine.distributed import from_main_rank
     from vltrain.tasks.evaluation import predict_split, write_results
 
     cfg = trainer.cfg
@@ -300,27 +296,11 @@ def evaluate_caption(trainer, split: str) -> dict:
     nlls = [r["nll"] for r in preds.values() if "nll" in r]
 
     # Scored on rank 0 only (Java, METEOR's JVM); every rank gets the same numbers, so the
-    # `best` checkpoint decision agrees everywhere. The others wait for them in a group of
-    # their own (SCORING_WAIT_S): the default group's wait is train.dist_timeout_s. Its backend
-    # is the default group's (NCCL on GPUs): a gloo group on GPU nodes would need gloo's own
-    # addressing (GLOO_SOCKET_IFNAME where a node's hostname resolves to loopback), first
-    # tried at the first validation, hours into a run.
-    payload = [None]
-    group = None
-    if trainer.info.world > 1 and dist.is_initialized():
-        if trainer.scoring_group is None:        # collective: every rank makes it, at its first validation
-            trainer.scoring_group = dist.new_group(
-                timeout=datetime.timedelta(seconds=max(SCORING_WAIT_S, cfg.train.dist_timeout_s)))
-            # connected now, while every rank is here: NCCL would otherwise connect a group at
-            # its first collective, the broadcast below, and the ranks waiting for rank 0's
-            # scores would wait for its connection within the store's timeout (dist_timeout_s)
-            dist.barrier(group=trainer.scoring_group)
-        group = trainer.scoring_group
-    if trainer.info.is_main:
-        payload = [_score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval")]
-    if group is not None:
-        dist.broadcast_object_list(payload, src=0, group=group)
-    numeric, full, err = payload[0]
+    # `best` checkpoint decision agrees everywhere. The others wait for them up to
+    # MAIN_RANK_WAIT_S (from_main_rank), not train.dist_timeout_s: SPICE on a COCO-size split
+    # runs for minutes to an hour on one core.
+    numeric, full, err = from_main_rank(lambda: _score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval"),
+                                        trainer.info.is_main)
     if err:
         raise RuntimeError(f"caption scoring failed on rank 0: {err}")
     if full.get("interrupted"):         # the same on every rank (broadcast)
