@@ -203,7 +203,10 @@ def report(res: dict, args) -> str:
              f"ends with its files fsynced (vltrain: each by the rank that wrote it, before the completion record, "
              f"so that neither a killed save nor a node's power lost right after one leaves a tag marked complete "
              f"with data still in the page cache); \"of which fsync\" is that part, without which a save "
-             f"returns as soon as the kernel holds the data (hand-written trainers usually stop there).",
+             f"returns as soon as the kernel holds the data (hand-written trainers usually stop there). Here "
+             f"both ranks share one node, whose page cache holds every file either way; what each rank "
+             f"syncing only its own files saves (rather than each node's first rank syncing all of them) is "
+             f"on many nodes over a shared filesystem: one open and fsync per file, not one per file and node.",
              f"- ZeRO-1/2 write the fp32 master weights beside the model's, in fp32 training a second copy of them "
              f"({zero2['total_bytes'] / mb:,.0f} MB in all against ZeRO-0's {zero0['total_bytes'] / mb:,.0f} MB); "
              f"ZeRO-3 writes only each rank's partitions, its busiest rank {max(zero3['rank_bytes']) / mb:,.0f} MB "
