@@ -361,3 +361,15 @@ def test_scst_samples_quick_times_both_ways_on_the_same_captions(tmp_path):
     assert [r[0] for r in rows] == ["shared prefix (vltrain)", "images repeated n-fold (before)"]
     assert all(finite(c.rstrip("x")) and float(c.rstrip("x")) > 0 for r in rows for c in r[1:]), rows
     assert "Same captions drawn both ways: yes." in out
+
+
+def test_shard_metadata_quick_has_every_row(tmp_path):
+    """vltrain's dataset and streaming's own, at two shard counts, each with positive per-shard
+    figures, and the projection to a CC12M-size corpus."""
+    out = run_script(["benchmarks/shard_metadata.py", "--quick", "--out", str(tmp_path / "shards.md")])
+    _, rows = table_rows(out, "dataset object")
+    assert [(r[0], r[1]) for r in rows] == [("vltrain build_dataset", "40"), ("peer: streaming StreamingDataset", "40"),
+                                            ("vltrain build_dataset", "120"),
+                                            ("peer: streaming StreamingDataset", "120")], rows
+    assert all(finite(c.replace(",", "")) and float(c.replace(",", "")) > 0 for r in rows for c in r[2:7]), rows
+    assert "at `--size-limit 64mb` ~75k shards" in out and "at `--size-limit 256mb` ~19k shards" in out
