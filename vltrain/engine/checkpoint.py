@@ -232,6 +232,8 @@ class RecordingEngine:
         return self.inner.save(state_dict, path, *args, **kwargs)
 
     def __getattr__(self, name):
+        if name == "inner":          # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
