@@ -214,6 +214,8 @@ vltrain_check_even_tasks() {
 
 # The error lines of the ranks' last run in LOG_DIR/JOB-<rank>.log (appended to across
 # requeues), at most 10. An uncaught exception has no ERROR line: its traceback's last line.
+# A message several ranks logged is one line naming them (every rank refusing the same config
+# filled the 10 lines with one error, hiding another rank's own).
 vltrain_rank_errors() {
     local f
     for f in "$1/$2"-*.log; do
@@ -221,7 +223,22 @@ vltrain_rank_errors() {
             / ERROR / {buf = buf $0 "\n"}
             /^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)/ {last = $0}
             END {printf "%s", (buf != "" ? buf : (last != "" ? last "\n" : ""))}' "$f"
-    done | sort -u | head -n 10
+    done | awk '{
+            msg = $0; rank = ""
+            if (match(msg, / rank=[0-9]+( worker=[0-9]+)? /)) {
+                rank = substr(msg, RSTART + 6); sub(/ .*/, "", rank); msg = substr(msg, RSTART + RLENGTH)
+            }
+            if (!(msg in n)) order[++count] = msg
+            n[msg]++
+            if (rank != "" && n[msg] <= 3) ranks[msg] = ranks[msg] (ranks[msg] == "" ? "" : ",") rank
+        }
+        END {
+            for (i = 1; i <= count && i <= 10; i++) {
+                m = order[i]; tag = ""
+                if (ranks[m] != "") tag = (n[m] > 1 ? " [ranks " : " [rank ") ranks[m] (n[m] > 3 ? " and " n[m] - 3 " more" : "") "]"
+                print m tag
+            }
+        }'
 }
 
 # Seconds of a Slurm time as squeue's %l prints it ([D-]HH:MM:SS or MM:SS); nothing for

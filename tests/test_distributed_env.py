@@ -426,8 +426,16 @@ def test_the_batch_log_quotes_each_ranks_error_of_its_last_run(tmp_path):
     (tmp_path / "9-1.log").write_text(start + "2026 job=9 rank=1 ERROR vltrain.run: DataError: data.train: gone\n"
                                       "ValueError: not this one\n")
     p = _common_sh(f"vltrain_rank_errors {tmp_path} 9")
-    assert p.stdout.splitlines() == ["2026 job=9 rank=1 ERROR vltrain.run: DataError: data.train: gone",
-                                     "ModuleNotFoundError: No module named 'torch'"], p.stdout
+    assert p.stdout.splitlines() == ["ModuleNotFoundError: No module named 'torch'",
+                                     "ERROR vltrain.run: DataError: data.train: gone [rank 1]"], p.stdout
+    # one error of every rank (a config refused alike) is one line, naming the ranks; another's stays
+    for r in range(2, 8):
+        (tmp_path / f"9-{r}.log").write_text(start + f"2026 job=9 rank={r} ERROR vltrain.run: ValueError: lr\n")
+    (tmp_path / "9-8.log").write_text(start + "2026 job=9 rank=8 worker=1 ERROR vltrain.run: ValueError: lr\n")
+    p = _common_sh(f"vltrain_rank_errors {tmp_path} 9")
+    assert p.stdout.splitlines() == ["ModuleNotFoundError: No module named 'torch'",
+                                     "ERROR vltrain.run: DataError: data.train: gone [rank 1]",
+                                     "ERROR vltrain.run: ValueError: lr [ranks 2,3,4 and 4 more]"], p.stdout
 
 
 def test_a_rank_that_sees_fewer_gpus_than_its_local_rank_is_told_why():

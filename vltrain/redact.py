@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import traceback
+import warnings
 from typing import Optional
 
 _USERINFO = re.compile(r"([A-Za-z][\w+.-]*://)(\S*)@")
@@ -73,6 +74,14 @@ def setup_logging(worker: Optional[int] = None) -> None:
     handler.setFormatter(RedactingFormatter(f"%(asctime)s job={job} {where} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, handlers=[handler], force=True)
     install_excepthook()
+    # Python warnings through the same handler (job, rank, redacted), from rank 0: a library's
+    # notice is the same on every rank. DeepSpeed's use of a collective torch deprecated is none
+    # of the user's business.
+    logging.captureWarnings(True)
+    if rank != "0":
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     # (botocore: "Found credentials in environment variables" once per S3 client)
     for noisy in ("DeepSpeed", "deepspeed", "streaming", "torch.distributed", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

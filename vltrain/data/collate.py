@@ -633,10 +633,14 @@ def _torch_dtype(np_dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
 
 
+# MDS-decoded arrays are read-only; the tensors viewing them are only ever read from. Filtered
+# once here: a catch_warnings() around each call made Python show every other warning of the
+# process again at each batch (leaving it resets the once-per-place memory).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
 def _t(arr: np.ndarray) -> torch.Tensor:
     """Tensor view of a (possibly read-only, MDS-decoded) array, only ever read from."""
     if not arr.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.from_numpy(arr)
+        return torch.from_numpy(arr)
     return torch.from_numpy(np.ascontiguousarray(arr))

@@ -178,8 +178,8 @@ def read_facts(remotes: list[str], d) -> dict[str, DatasetFacts]:
     """``DatasetFacts`` of each of ``remotes`` (``d``: the config's data section), read by rank 0
     and broadcast (``from_main_rank``; collective when torch.distributed is on).
 
-    Why: an index.json lists every shard (~125 MB for CC12M in 64 MB shards); every rank
-    downloading and parsing it was 64 GB from the object store at each start of 512 ranks,
+    Why: an index.json lists every shard (~45 MB for CC12M in 64 MB shards); every rank
+    downloading and parsing it was 23 GB from the object store at each start of 512 ranks,
     before streaming's own copy (one a node). Its errors are rank 0's, raised on every rank."""
     def read() -> dict[str, DatasetFacts]:
         out = {}

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -36,6 +37,7 @@ from vltrain.data.fetch_watchdog import FetchWatchdog
 from vltrain.data.packed import PackedBatch, ScratchPool, pack
 from vltrain.data.storage_faults import store_of
 from vltrain.data.worker_signals import WorkerStart, worker_context
+from vltrain.engine.distributed import first_rank
 
 STAND_IN_KEY = "stand_in"   # Batch.task flag: a repeated batch standing in for an all-bad one
 
@@ -56,7 +58,7 @@ def prepare_streaming_once(num_workers: int = 0) -> None:
         clean_stale_shared_memory()
         _SHM_CLEANED = True
         small = host_limits.check_shm(num_workers)
-        if small:
+        if small and int(os.environ.get("LOCAL_RANK", "0")) == 0:     # the node's: said once a node
             log.warning("%s", small)
 
 
@@ -217,6 +219,10 @@ class VLDataLoader(StreamingDataLoader):
         return dataclasses.replace(self._last, task={**self._last.task, STAND_IN_KEY: True})
 
     def _warn_cuts(self, batch: Batch) -> None:
+        """Said by rank 0 (a property of the config against the data, alike on every rank; the
+        share of all ranks' samples is logged, data/truncated_*)."""
+        if not first_rank():
+            return
         text, regions = map(len, batch.task.get(TRUNCATED_KEY, ((), ())))
         if text and not self._warned_cuts[0]:
             self._warned_cuts[0] = True

@@ -16,7 +16,7 @@ from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
 from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.distributed import (from_main_rank, init_distributed, raise_on_every_rank,
+from vltrain.engine.distributed import (from_main_rank, init_distributed, raise_on_every_rank, said_by_main_rank,
                                         tensors_from_main_rank)
 from vltrain.engine.ds_config import (DSConfigError, check_buildable, no_decay_param_groups, precision_of,
                                       resolve_ds_config)
@@ -502,7 +502,8 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         problem = unusable(cfg.model.attention_backend, device.type, cfg.model.attention_dropout, cfg.mode == "train")
         if problem:      # before the first step would fail, leaving the run folder behind
             raise ValueError(problem)
-        warn_flex_shapes(cfg)
+        if info.is_main:
+            warn_flex_shapes(cfg)
         if cfg.mode == "eval" and cfg.task.name == "caption":   # rank 0 scores: its Java, now, not after
             from vltrain.metrics.caption import JavaNotFoundError, require_java     # the split is decoded
 
@@ -518,25 +519,26 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         task_state: dict = {}
         source_task, source_vocab = None, ""
         if cfg.train.init_from and found is None:
-            task_state = init_weights(model, cfg.train.init_from, info.is_main)
-            saved = source_config(cfg.train.init_from)
-            source_task = trained_task(saved)
-            source_vocab = recorded_answer_vocab(saved) if source_task == "vqa" else ""
-            check_source_settings(cfg, saved)
-            if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
-                # the vocabulary the head was trained on: build_vqa refuses a split converted with another
-                cfg.task.answer_vocab_sha256 = recorded_answer_vocab(saved)
-                # (weights of another task have no VQA head: load_task_weights says so below)
-                if not cfg.task.answer_vocab_sha256 and source_task in (None, "vqa"):
-                    log.warning("train.init_from=%s records no answer vocabulary (a config older than "
-                                "task.answer_vocab_sha256): data.%s's cannot be checked against the head's",
-                                cfg.train.init_from, cfg.task.eval_split)
-            if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
-                if source_task == cfg.task.name:
-                    log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
-                                "B row is kept", cfg.train.init_from, source_task)
-                else:
-                    segment_b_from_a(model)
+            with said_by_main_rank(info.is_main):    # the source's notes, alike on every rank
+                task_state = init_weights(model, cfg.train.init_from, info.is_main)
+                saved = source_config(cfg.train.init_from)
+                source_task = trained_task(saved)
+                source_vocab = recorded_answer_vocab(saved) if source_task == "vqa" else ""
+                check_source_settings(cfg, saved)
+                if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
+                    # the vocabulary the head was trained on: build_vqa refuses a split converted with another
+                    cfg.task.answer_vocab_sha256 = recorded_answer_vocab(saved)
+                    # (weights of another task have no VQA head: load_task_weights says so below)
+                    if not cfg.task.answer_vocab_sha256 and source_task in (None, "vqa"):
+                        log.warning("train.init_from=%s records no answer vocabulary (a config older than "
+                                    "task.answer_vocab_sha256): data.%s's cannot be checked against the head's",
+                                    cfg.train.init_from, cfg.task.eval_split)
+                if cfg.train.init_segment_b_from_a and cfg.mode == "train":     # eval keeps the trained row
+                    if source_task == cfg.task.name:
+                        log.warning("train.init_segment_b_from_a: %s was fine-tuned for task %s already: its segment "
+                                    "B row is kept", cfg.train.init_from, source_task)
+                    else:
+                        segment_b_from_a(model)
         elif cfg.mode == "eval":
             raise ValueError("mode=eval needs train.init_from=<checkpoint>: the weights to evaluate")
         from vltrain.model.compile import maybe_compile
@@ -544,9 +546,10 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         spec = get_task(cfg.task.name)
         task = spec.build_module(cfg, model)
         if cfg.mode == "eval" or (cfg.train.init_from and found is None):
-            load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
-                              same_task=source_task == cfg.task.name,
-                              skip=head_source_problem(cfg, source_task, source_vocab))
+            with said_by_main_rank(info.is_main):
+                load_task_weights(task, task_state, cfg.train.init_from, require_heads=cfg.mode == "eval",
+                                  same_task=source_task == cfg.task.name,
+                                  skip=head_source_problem(cfg, source_task, source_vocab))
         if found is not None:
             check_model_matches(found.path, task)   # names the mismatched parameters and shapes
             recorded = recorded_answer_vocab(os.path.join(found.path, "config.yaml"))

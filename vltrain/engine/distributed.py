@@ -21,7 +21,9 @@ exits). A dead peer usually fails faster than that, as soon as its sockets close
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import random
 import re
@@ -374,6 +376,29 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
                          f"(deepspeed --master_port N, torchrun --master_port N, or MASTER_PORT=N; a free one now: "
                          f"{free_port()})") from None
     return dataclasses.replace(info, accelerator=accel, backend=backend)
+
+
+def first_rank() -> bool:
+    """Whether this process says what every rank would say alike (a config's problem, a stop
+    signal every rank got): torch.distributed's rank 0, or a process without it."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+@contextlib.contextmanager
+def said_by_main_rank(is_main: bool):
+    """vltrain's log lines inside, alike on every rank (drawn from the config and the same files),
+    logged by the main rank only: 512 copies of a line bury a job's log. Errors still raise."""
+    if is_main:
+        yield
+        return
+    ours = logging.getLogger("vltrain")
+    level = ours.level
+    ours.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ours.setLevel(level)
 
 
 # How long ranks wait for the main rank's own work (a dataset's index, a checkpoint to

@@ -50,6 +50,8 @@ from typing import Any, MutableMapping, Optional, Union
 
 from vltrain.config import ConfigError, missing_file_hint
 
+from vltrain.engine.distributed import first_rank
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -379,7 +381,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
         raise r.err(f"'timers.throughput' must be an object, got {json.dumps(throughput)}")
     if throughput.get("enabled", AUTO) == AUTO:
         throughput["enabled"] = False
-    if throughput["enabled"] and throughput.get("synchronized", True) and _first_rank():
+    if throughput["enabled"] and throughput.get("synchronized", True) and first_rank():
         log.warning("%s: 'timers.throughput' is enabled and synchronized: DeepSpeed will wait for the "
                     "whole device at every forward and step (GPU idle between steps); set "
                     "'timers.throughput.synchronized' to false, or leave the timer off (vltrain "
@@ -424,7 +426,7 @@ def resolve_ds_config(path_or_dict: Union[str, os.PathLike, dict], cfg, world_si
             raise r.err(f"'zero_optimization.{what}.device' = \"nvme\" needs "
                         f"'zero_optimization.{what}.nvme_path' (a folder on the NVMe drive)")
     for key in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
-        if zero.get(key) is True and _first_rank():     # it configures save_16bit_model(), never called
+        if zero.get(key) is True and first_rank():     # it configures save_16bit_model(), never called
             log.warning("%s: 'zero_optimization.%s' has no effect: vltrain saves DeepSpeed checkpoints only; "
                         "write their weights with vltrain-ckpt consolidate / export", source, key)
 
@@ -567,15 +569,9 @@ def unread_keys(ds: dict, parsed: Optional[_ReadRecorder] = None) -> list[tuple[
             for key in sorted(set(ds) - rec.read - _READ_ELSEWHERE)]
 
 
-def _first_rank() -> bool:
-    """Whether this process warns of the config's problems (every rank resolves it): rank 0."""
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
-
-
 def warn_unread_keys(unread: list[tuple[str, str]], source: str) -> None:
     """``unread_keys``' list as a warning, from the first rank only (every rank resolves the config)."""
-    if unread and _first_rank():
+    if unread and first_rank():
         log.warning("%s: DeepSpeed's config parser never reads %s: ignored", source,
                     ", ".join(f"'{k}'" + (f" (did you mean '{c}'?)" if c else "") for k, c in unread))
 
@@ -667,7 +663,7 @@ def check_buildable(ds: dict) -> None:
     """Raise a clear error before deepspeed.initialize if the resolved config needs an op we
     can't build; make TORCH_CUDA_ARCH_LIST readable by DeepSpeed's JIT builder."""
     old = plain_cuda_arch_list()
-    if old is not None and _first_rank():
+    if old is not None and first_rank():
         log.warning("TORCH_CUDA_ARCH_LIST=%r has arch-specific entries DeepSpeed's op builder cannot parse; "
                     "using %r", old, os.environ["TORCH_CUDA_ARCH_LIST"])
     params = (ds.get("optimizer") or {}).get("params") or {}

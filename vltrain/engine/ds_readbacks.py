@@ -27,6 +27,7 @@ import types
 
 import torch
 
+from vltrain.engine.distributed import first_rank
 from vltrain.upstream import source_hash
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def drop_step_readbacks(optimizer) -> bool:
     except ImportError:
         return False
     if not isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer):
-        if type(optimizer).__name__ == "BF16_Optimizer":     # ZeRO-1 + bf16 + fp32 grad_accum_dtype
+        if type(optimizer).__name__ == "BF16_Optimizer" and first_rank():     # ZeRO-1 + bf16 + fp32 accum
             log.warning("DeepSpeed's BF16_Optimizer (ZeRO-1, bf16, data_types.grad_accum_dtype=fp32) reads the "
                         "gradient norm back in every step (a wait for the GPU) and keeps an unsharded fp32 "
                         "gradient buffer; ZeRO-2 sums gradients in fp32 without either (vltrain's default for bf16)")
@@ -87,9 +88,10 @@ def drop_step_readbacks(optimizer) -> bool:
         changed.append("stage_1_and_2.mask_nan_or_inf_with_val_inplace")
     if changed:
         import deepspeed
-        log.warning("DeepSpeed %s has other code in %s than vltrain's sync-free replacement was written "
-                    "for: its ZeRO step keeps its own (it may wait for the GPU in every step)",
-                    deepspeed.__version__, ", ".join(changed))
+        if first_rank():
+            log.warning("DeepSpeed %s has other code in %s than vltrain's sync-free replacement was written "
+                        "for: its ZeRO step keeps its own (it may wait for the GPU in every step)",
+                        deepspeed.__version__, ", ".join(changed))
         return False
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
     optimizer.unscale_and_clip_grads = types.MethodType(unscale_and_clip_grads, optimizer)

@@ -24,7 +24,7 @@ import os
 from typing import Iterable, Optional
 
 from vltrain.config import ConfigError
-from vltrain.engine.distributed import raise_on_every_rank
+from vltrain.engine.distributed import first_rank, raise_on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +573,7 @@ def reconcile_resume(cfg, found, world: int, nodes: int = 1) -> list[str]:
             notes.append(f"data.num_canonical_nodes {cfg.data.num_canonical_nodes} -> {ncn}: the saved loader "
                          "state fixes it (changing it would change the sample order)")
         cfg.data.num_canonical_nodes = int(ncn)
-    for n in notes:
+    for n in notes if first_rank() else ():     # alike on every rank
         log.warning("resume: %s", n)
     return notes
 

@@ -68,9 +68,10 @@ class StopFlag:
         self._receiver.start()
 
     def _handle(self, signum, frame):
-        if self.signum is None:
-            log.warning("received %s: will checkpoint and exit at the next step boundary",
-                        signal.Signals(signum).name)
+        if self.signum is None:      # Slurm signals every task: said by rank 0, the others at INFO
+            from vltrain.engine.distributed import first_rank
+            log.log(logging.WARNING if first_rank() else logging.INFO,
+                    "received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
         self.signum = signum
 
     @property

@@ -1,7 +1,7 @@
 """The training loop around a DeepSpeed engine: data, steps, agreement between ranks,
 validation, checkpoints, preemption.
 
-Per micro-step the ranks all-reduce (max) one small flag vector — [loss non-finite, stop
+Per micro-step the ranks all-reduce (sum) one small flag vector — [loss non-finite, stop
 signal seen, time-based save due (rank 0's clock)] — so every rank takes the same branch
 and no collective can hang. This is the one host-device sync per micro-step; everything
 else (metrics) stays on the device until a logging boundary.
@@ -59,6 +59,7 @@ class Trainer:
         self.step = 0                     # optimizer steps done
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self._stop_ranks = 0              # ranks that had received a stop signal, at the step it was seen
         self._val_pending = False         # the validation due at self.step was skipped or cut short by a stop
         self._validated_step: Optional[int] = None
         self._cuts = [0, 0, 0]           # samples trained on since the last log, of them cut texts, regions
@@ -186,7 +187,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _flags(self, loss: torch.Tensor) -> list[bool]:
+    def _flags(self, loss: torch.Tensor) -> list[int]:
+        """[ranks whose loss is non-finite, ranks asked to stop, ranks whose save is due], summed
+        over the ranks: one collective and the step's one host-device sync."""
         flags = torch.zeros(3, device=self.device)
         flags[FLAG_NONFINITE] = (~torch.isfinite(loss.detach())).float()
         flags[FLAG_STOP] = float(self.stop.requested)
@@ -194,8 +197,8 @@ class Trainer:
         if self.info.is_main and every > 0 and time.time() - self._last_save_time >= every * 60:
             flags[FLAG_SAVE] = 1.0
         if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in flags.tolist()]
+            dist.all_reduce(flags)
+        return [round(v) for v in flags.tolist()]
 
     def _batches(self):
         """Endless batches across epochs (the loader keeps the epoch), ``EPOCH_END`` after each.
@@ -273,6 +276,7 @@ class Trainer:
             with phase("flags"):
                 nonfinite, stop, save_now = self._flags(loss)
             save_due = save_due or save_now
+            self._stop_ranks = max(stop, self._stop_ranks)
             if nonfinite:
                 # Every rank skips this micro-batch before backward: no gradient, no update.
                 self.nonfinite_total += 1
@@ -280,8 +284,10 @@ class Trainer:
                 # at the step it belongs to: logged at the steps done, a resume (which purges
                 # from its step + 1) kept the old point beside the new one
                 self.monitor.log_scalar("train/nonfinite_skipped", self.nonfinite_total, self.step + 1)
-                log.warning("non-finite loss at step %d: micro-batch skipped on every rank (%d in a row, "
-                            "%d in total)", self.step, self.nonfinite_in_row, self.nonfinite_total)
+                if self.info.is_main:       # the same on every rank: said once, with how many had it
+                    log.warning("non-finite loss at step %d on %d of %d rank(s): micro-batch skipped on every "
+                                "rank (%d in a row, %d in total)", self.step, nonfinite, self.info.world,
+                                self.nonfinite_in_row, self.nonfinite_total)
                 if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step} "
@@ -397,10 +403,11 @@ class Trainer:
         self._val_pending = val_pending
         self.save()
         self.stop.exiting()
-        if self.info.is_main:
+        if self.info.is_main:     # the other ranks that got the signal said so at INFO (Slurm signals all)
+            got = f"; {self._stop_ranks} of {self.info.world} rank(s) received it" if self._stop_ranks else ""
             log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (to continue: the same "
                         "command with train.resume=auto; the Slurm templates requeue the job themselves unless it "
-                        "is being cancelled)", self.step, EXIT_PREEMPTED)
+                        "is being cancelled)%s", self.step, EXIT_PREEMPTED, got)
         self.monitor.close()
         if dist.is_initialized():
             # srun --kill-on-bad-exit ends every task once the first exits 75: wait until every

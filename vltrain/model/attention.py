@@ -59,6 +59,8 @@ except ImportError:          # torch < 2.5
     create_block_mask = flex_attention = None
 
 log = logging.getLogger(__name__)
+# flex_attention outside torch.compile (CPU: PyTorch's unfused reference, tests and inference)
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
 
 @dataclass
@@ -222,10 +224,9 @@ def flex_attention_backend(q, k, v, block_mask, dropout_p: float) -> torch.Tenso
     if not q.is_cuda:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise RuntimeError(FLEX_CPU_MESSAGE)
-        # CPU: PyTorch's unfused reference (tests, inference); no compile, quiet about it.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            return _flex_call(q, k, v, block_mask)
+        # CPU: PyTorch's unfused reference (tests, inference); no compile, quiet about it
+        # (the module's filter: a catch_warnings() per call would show other warnings again)
+        return _flex_call(q, k, v, block_mask)
     if torch.compiler.is_compiling():       # inside a compiled block: Dynamo fuses it there
         return _flex_call(q, k, v, block_mask)
     return compiled_flex(flex_cache_key(q, k))(q, k, v, block_mask)
