@@ -260,18 +260,10 @@ def _scst_rank(rank: int, port: int, train: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_scst_references_are_read_by_rank_0_and_broadcast(synthetic_corpus, tmp_path):
+def test_scst_references_are_read_by_rank_0_and_broadcast(synthetic_corpus):
     """Each rank scores its own samples against all references; rank 0 alone reads them (COCO's
     references.jsonl is ~35 MB from the object store: once, not once a rank)."""
-    import multiprocessing as mp
-    train, port = os.path.join(synthetic_corpus, "captions", "train"), free_port()
-    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    procs = [mp.get_context("fork").Process(target=_scst_rank, args=(r, port, train, outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    res = [json.load(open(o)) for o in outs]
+    from tests.fixtures.corpus import fork_ranks
+    res = fork_ranks(_scst_rank, 2, free_port(), os.path.join(synthetic_corpus, "captions", "train"))
     assert sorted(res[0]["reads"]) == ["references.jsonl", "vltrain_meta.json"], res[0]["reads"]
     assert res[1]["reads"] == [] and res[0]["images"] == res[1]["images"] == 128, res

@@ -550,20 +550,12 @@ def _slow_main_rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ranks_wait_for_the_main_ranks_read_past_the_groups_timeout(tmp_path):
+def test_ranks_wait_for_the_main_ranks_read_past_the_groups_timeout():
     """Rank 0 reads (a dataset's index, a checkpoint to consolidate, SCST references from every
     shard) while the others wait: past train.dist_timeout_s, which bounds collectives of ranks
     all at work; its error reaches every rank."""
-    import json
-    import multiprocessing as mp
+    from tests.fixtures.corpus import fork_ranks
     from vltrain.engine.distributed import free_port
-    port, outs = free_port(), [str(tmp_path / f"r{r}.json") for r in range(2)]
-    procs = [mp.get_context("fork").Process(target=_slow_main_rank, args=(r, port, outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    res = [json.load(open(o)) for o in outs]
+    res = fork_ranks(_slow_main_rank, 2, free_port(), timeout=60)
     assert res[0] == res[1] and res[0]["got"] == {"samples": 42}, res
     assert "invalid literal for int() with base 10: 'index.json'" in res[1]["error"], res
