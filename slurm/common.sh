@@ -98,8 +98,10 @@ vltrain_tasks_per_node() {
 vltrain_wait() {
     while kill -0 "$1" 2>/dev/null; do
         # sleep with USR1/TERM ignored: Slurm signals every process of the step, and bash
-        # reports a killed sleep ("User defined signal 1"), which reads like a crash in the log
-        (trap '' USR1 TERM; exec sleep 1)
+        # reports a killed sleep ("User defined signal 1"), which reads like a crash in the log;
+        # a signal between the subshell's fork and its trap still kills it (seen under load):
+        # bash's report of that goes to the group's stderr, /dev/null
+        { (trap '' USR1 TERM; exec sleep 1); } 2>/dev/null
     done
     wait "$1"
     vltrain_rc=$?
@@ -218,7 +220,8 @@ vltrain_check_even_tasks() {
 # filled the 10 lines with one error, hiding another rank's own).
 vltrain_rank_errors() {
     local f
-    for f in "$1/$2"-*.log; do
+    # ranks in numeric order (the glob's is 0, 1, 10, 100, 11, ...)
+    printf '%s\n' "$1/$2"-*.log | sort -V | while IFS= read -r f; do
         [[ -f "$f" ]] && awk '/: starting vltrain\/run.py$/ {buf = ""; last = ""}
             / ERROR / {buf = buf $0 "\n"}
             /^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt)(: |$)/ {last = $0}
@@ -228,6 +231,8 @@ vltrain_rank_errors() {
             if (match(msg, / rank=[0-9]+( worker=[0-9]+)? /)) {
                 rank = substr(msg, RSTART + 6); sub(/ .*/, "", rank); msg = substr(msg, RSTART + RLENGTH)
             }
+            if ((msg, rank) in seen) next          # a rank and its worker logging it: one rank
+            seen[msg, rank] = 1
             if (!(msg in n)) order[++count] = msg
             n[msg]++
             if (rank != "" && n[msg] <= 3) ranks[msg] = ranks[msg] (ranks[msg] == "" ? "" : ",") rank

@@ -234,3 +234,27 @@ def test_init_from_a_zero_checkpoint_is_read_by_the_main_rank_alone(two_rank_sav
     assert res[1]["loads"] == [], res[1]["loads"]
     assert res[0]["digest"] == res[1]["digest"]
     assert res[0]["error"] and res[1]["error"] == res[0]["error"], (res[0]["error"], res[1]["error"])
+
+
+SYNC_RELATIVE = RECORDER + textwrap.dedent(r"""
+    import json, sys
+    from vltrain.engine.checkpoint import sync_written
+    os.chdir(sys.argv[1])
+    os.makedirs("runs/ck/step_1.partial/sub")
+    for name in ("mine.pt", "sub/unnamed.py"):
+        with open(os.path.join("runs/ck/step_1.partial", name), "w") as f:
+            f.write("x")
+    sync_written("runs/ck/step_1.partial", [os.path.abspath("runs/ck/step_1.partial/mine.pt")], rank=0)
+    print("RESULTS " + json.dumps({"events": EVENTS}), flush=True)
+""")
+
+
+def test_a_relative_output_root_syncs_each_file_once(tmp_path):
+    """output_root is relative by default ("runs"): the files a rank names are absolute, and
+    rank 0's walk of the tag compared relative paths with them, syncing every rank's files again."""
+    res = run_one_rank(SYNC_RELATIVE, str(tmp_path))
+    synced = [e[1] for e in res["events"] if e[0] == "fsync"]
+    tag = str(tmp_path / "runs" / "ck" / "step_1.partial")
+    assert synced.count(os.path.join(tag, "mine.pt")) == 1, synced
+    assert synced.count(os.path.join(tag, "sub", "unnamed.py")) == 1, synced
+    assert {tag, os.path.join(tag, "sub"), os.path.dirname(tag)} <= set(synced), synced

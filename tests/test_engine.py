@@ -192,7 +192,7 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank(runs):
     # rank 1 got the signal (its own line at INFO, not shown on a rank other than 0: Slurm signals
     # every rank at once); rank 0 says how many had it
     assert "received SIGUSR1" not in runs["P_logs"][0] + runs["P_logs"][1]
-    assert "; 1 of 2 rank(s) received it" in runs["P_logs"][0], runs["P_logs"][0][-3000:]
+    assert "; 1 of 2 rank(s) had received it by then" in runs["P_logs"][0], runs["P_logs"][0][-3000:]
 
 
 def test_profiled_window_cut_short_by_the_signal(runs):

@@ -282,7 +282,7 @@ def test_preemption_and_scancel_checkpoint_on_sigterm(slurm_cluster, synthetic_c
     # The urgent job started only once the run had checkpointed (Slurm waited for it to end).
     assert _slurm_time(info["StartTime"]) >= math.floor(_log_time(stopped.group(1))), (info, job.logs())
     # every rank stopped on it (rank 0 says so, with how many had it by then: rank 1 says it at INFO)
-    assert "received SIGTERM" in job.rank_log(0) and re.search(r"; [12] of 2 rank\(s\) received it$",
+    assert "received SIGTERM" in job.rank_log(0) and re.search(r"; [12] of 2 rank\(s\) had received it by then$",
                                                                job.rank_log(0), flags=re.M), job.logs()
     assert re.search(r"restart=0: srun exited with \d+; ranks: rank0=75 rank1=75$", job.batch_log, flags=re.M), \
         job.batch_log   # not 143: a rank past its checkpoint ignores srun's SIGTERM to the step

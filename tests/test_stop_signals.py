@@ -153,3 +153,17 @@ def test_a_rank_exiting_69_keeps_its_code_through_srun_s_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+
+
+def test_a_signal_during_the_start_ups_imports_is_kept():
+    """run.py installs the handler before the slow start-up so that a preemption then is kept;
+    the handler once imported torch.distributed to pick its log level, which, with the signal
+    landing inside torch's own import, broke that import (a partially initialised module) or
+    lost the signal. Signalled while `import deepspeed` runs, at two moments."""
+    code = ("import os, subprocess, sys\nfrom vltrain.engine.signals import STOP\nSTOP.install()\n"
+            "subprocess.Popen(['sh', '-c', f'sleep {sys.argv[1]}; kill -USR1 {os.getpid()}'])\n"
+            "import deepspeed\nimport time\ntime.sleep(1.5)\nprint('REQUESTED', STOP.requested, flush=True)\n")
+    for delay in ("0.2", "0.5"):
+        p = subprocess.run([sys.executable, "-c", code, delay], cwd=REPO, env=script_env(), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0 and "REQUESTED True" in p.stdout, (delay, p.stdout[-2000:], p.stderr[-3000:])

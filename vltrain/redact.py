@@ -74,12 +74,10 @@ def setup_logging(worker: Optional[int] = None) -> None:
     handler.setFormatter(RedactingFormatter(f"%(asctime)s job={job} {where} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, handlers=[handler], force=True)
     install_excepthook()
-    # Python warnings through the same handler (job, rank, redacted), from rank 0: a library's
-    # notice is the same on every rank. DeepSpeed's use of a collective torch deprecated is none
-    # of the user's business.
+    # Python warnings through the same handler (job, rank, redacted; each once per place, as
+    # Python shows them), on every rank: one may be that rank's own (its data, its device).
+    # DeepSpeed's use of a collective torch deprecated is none of the user's business.
     logging.captureWarnings(True)
-    if rank != "0":
-        logging.getLogger("py.warnings").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
     # (botocore: "Found credentials in environment variables" once per S3 client)

@@ -188,7 +188,7 @@ def main():
         failed = str(e)
     finally:
         torch.save = real_save
-    timed_due_after_best = t._flags(torch.tensor(1.0))[FLAG_SAVE]     # best/ is no resume point
+    timed_due_after_best = bool(t._flags(torch.tensor(1.0))[FLAG_SAVE])     # best/ is no resume point
     kept = {"record": record(best), "mtime_same": os.stat(os.path.join(best, "vltrain_ckpt.json")).st_mtime_ns == mtime,
             "names": sorted(os.listdir(ckpts))}
     t.step = 5          # the number the next save records, to tell it from the first

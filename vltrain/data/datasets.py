@@ -189,7 +189,7 @@ def read_facts(remotes: list[str], d) -> dict[str, DatasetFacts]:
             out[remote] = DatasetFacts(meta, index_digest(index), hash_to_validate(d.validate_hash, index, remote),
                                        count_samples(index, remote))
         return out
-    return from_main_rank(read)
+    return from_main_rank(read, long_wait=True)      # an index's download retried: minutes
 
 
 def read_meta(remote: str, timeout: float = 60.0) -> dict:

@@ -75,7 +75,7 @@ OPTIONAL_KIND_COLUMNS = {
 ANSWER_VOCAB_FILE = "answer_vocab.json"
 # A captions dataset's reference captions, one JSON line [references_key, [captions]] a sample,
 # written beside its shards: what self-critical training scores against, without reading the
-# shards (their region features: tens of GB for COCO, on every rank).
+# shards (their region features: tens of GB for COCO).
 REFERENCES_FILE = "references.jsonl"
 # Boxes are (x1, y1, x2, y2) normalised by the image size; they may poke out by 1% (rounding):
 # the converters refuse more, and the collators refuse such a sample (a dataset written otherwise)

@@ -45,20 +45,26 @@ def run_dir_of(cfg: Config) -> str:
     return os.path.join(cfg.output_root, cfg.run_name)
 
 
-def init_weights(model: VLModel, path: str, is_main: bool = True) -> dict:
+def init_weights(model: VLModel, path: str, is_main: Optional[bool] = None) -> dict:
     """train.init_from: a Hugging Face BERT folder, our export, a consolidated .safetensors,
-    or one of our DeepSpeed checkpoints (weights only, any ZeRO stage). The main rank reads it
-    and broadcasts the tensors (``tensors_from_main_rank``); every rank checks its path.
+    or one of our DeepSpeed checkpoints (weights only, any ZeRO stage). The main rank (``is_main``;
+    None: torch.distributed's rank 0) finds and reads it and broadcasts the tensors
+    (``tensors_from_main_rank``): every rank takes its view of the path (a rank whose own listing
+    failed would stop alone while the others wait for it).
 
     Returns what ``load_task_weights`` may take the task's heads from (a fine-tuned VQA head):
     a checkpoint's tensors outside ``model.``, or the whole file of an export (its heads keep
     vltrain's names, which ``load_task_weights`` matches; the model's are matched here)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"train.init_from={path} does not exist{ckpt.tags_beside(path)}")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    def where() -> Optional[ckpt.Found]:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"train.init_from={path} does not exist{ckpt.tags_beside(path)}")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            return locate(path)                  # any ZeRO stage, or a resharded (universal) one
+        return None
+    found = from_main_rank(where, is_main)
+    if found is not None:
         from vltrain.ckpt.weights import fp32_state_dict
         from vltrain.model.transformer import named_pieces
-        found = locate(path)                     # any ZeRO stage, or a resharded (universal) one
         # the blocks' flat parameters split by the checkpoint's own config: a model of another
         # shape is then refused naming the pieces (layers.0.qkv.weight: checkpoint .. vs model ..)
         state = tensors_from_main_rank(lambda: named_pieces(fp32_state_dict(found), read_config(found).model),
@@ -167,6 +173,13 @@ def check_source_settings(cfg: Config, yml: Optional[str]) -> None:
     if cfg.mode == "eval":
         raise ValueError(msg + f"; evaluate with the source's settings: {keep}")
     log.warning("%s; fine-tuning starts from weights that never saw them (set %s to keep the source's)", msg, keep)
+
+
+def source_facts(path: str) -> tuple[Optional[str], Optional[str], str]:
+    """(its saved config, the task it was trained for, its answer vocabulary's sha256) of a
+    train.init_from source (``source_config``, ``trained_task``, ``recorded_answer_vocab``)."""
+    saved = source_config(path)
+    return saved, trained_task(saved), recorded_answer_vocab(saved)
 
 
 def recorded_answer_vocab(yml: Optional[str]) -> str:
@@ -521,13 +534,15 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         if cfg.train.init_from and found is None:
             with said_by_main_rank(info.is_main):    # the source's notes, alike on every rank
                 task_state = init_weights(model, cfg.train.init_from, info.is_main)
-                saved = source_config(cfg.train.init_from)
-                source_task = trained_task(saved)
-                source_vocab = recorded_answer_vocab(saved) if source_task == "vqa" else ""
-                check_source_settings(cfg, saved)
+                # the source's saved config as rank 0 reads it: a rank failing to would take other
+                # branches (its heads, its vocabulary) than the others
+                saved, source_task, recorded_vocab = from_main_rank(lambda: source_facts(cfg.train.init_from),
+                                                                    info.is_main)
+                source_vocab = recorded_vocab if source_task == "vqa" else ""
+                raise_on_every_rank(lambda: check_source_settings(cfg, saved), info.is_main)
                 if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
                     # the vocabulary the head was trained on: build_vqa refuses a split converted with another
-                    cfg.task.answer_vocab_sha256 = recorded_answer_vocab(saved)
+                    cfg.task.answer_vocab_sha256 = recorded_vocab
                     # (weights of another task have no VQA head: load_task_weights says so below)
                     if not cfg.task.answer_vocab_sha256 and source_task in (None, "vqa"):
                         log.warning("train.init_from=%s records no answer vocabulary (a config older than "
@@ -551,11 +566,15 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                                   same_task=source_task == cfg.task.name,
                                   skip=head_source_problem(cfg, source_task, source_vocab))
         if found is not None:
-            check_model_matches(found.path, task)   # names the mismatched parameters and shapes
-            recorded = recorded_answer_vocab(os.path.join(found.path, "config.yaml"))
-            if cfg.task.name == "vqa" and recorded and recorded != cfg.task.answer_vocab_sha256:
-                raise ValueError(f"data.train: its answer_vocab.json differs from the one {found.path} was trained "
-                                 "with, so the head's class ids would name other answers; resume with that dataset")
+            def resume_mismatch() -> Optional[ValueError]:     # rank 0's reading, for every rank
+                check_model_matches(found.path, task)   # names the mismatched parameters and shapes
+                recorded = recorded_answer_vocab(os.path.join(found.path, "config.yaml"))
+                if cfg.task.name == "vqa" and recorded and recorded != cfg.task.answer_vocab_sha256:
+                    return ValueError(f"data.train: its answer_vocab.json differs from the one {found.path} was "
+                                      "trained with, so the head's class ids would name other answers; resume with "
+                                      "that dataset")
+                return None
+            raise_on_every_rank(resume_mismatch, info.is_main)
 
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,

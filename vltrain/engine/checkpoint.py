@@ -254,8 +254,8 @@ def sync_written(staging: str, own: list[str], rank: int) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         named = [None] * dist.get_world_size()
         dist.all_gather_object(named, own)
-    if rank == 0:
-        sync_tree(staging, skip=frozenset(p for paths in named for p in paths))
+    if rank == 0:      # absolute, as the named are (output_root is relative by default: "runs")
+        sync_tree(os.path.abspath(staging), skip=frozenset(p for paths in named for p in paths))
 
 
 def _write_durably(path: str, text: str) -> None:

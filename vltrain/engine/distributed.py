@@ -413,7 +413,7 @@ def main_rank_wait_group():
     """A group of every rank that waits up to ``MAIN_RANK_WAIT_S`` (or the run's own bound, if
     longer), on the run's backend (a gloo group on GPU nodes would need gloo's own addressing,
     first tried when first used). Collective where first called: every rank reaches that call
-    (from_main_rank's callers, caption scoring) in the same order. Connected at once, while
+    (from_main_rank's with long_wait) in the same order. Connected at once, while
     every rank is there: NCCL would otherwise connect it at its first collective, whose peers
     wait for the main rank's work within the store's timeout (dist_timeout_s)."""
     import torch.distributed as dist
@@ -425,9 +425,12 @@ def main_rank_wait_group():
     return _WAIT_GROUP["group"]
 
 
-def from_main_rank(read: Callable, is_main: Optional[bool] = None):
+def from_main_rank(read: Callable, is_main: Optional[bool] = None, long_wait: bool = False):
     """``read()`` on the main rank (``is_main``; None: torch.distributed's rank 0) only; its
     result (picklable) returned on every rank, or the error it raised raised on every rank.
+    ``long_wait``: the others wait up to MAIN_RANK_WAIT_S (``main_rank_wait_group``), for work
+    that can outlast train.dist_timeout_s (consolidating a checkpoint, reading every shard,
+    scoring); else the run's bound, which a main rank stuck on a folder operation should meet.
 
     Why: a read or check of the main rank's (the run folder, a checkpoint's files, a dataset's
     index) failing there alone leaves the other ranks waiting at their next collective until
@@ -438,7 +441,7 @@ def from_main_rank(read: Callable, is_main: Optional[bool] = None):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return read()
     is_main = dist.get_rank() == 0 if is_main is None else is_main
-    group = main_rank_wait_group()      # before the main rank starts its work
+    group = main_rank_wait_group() if long_wait else None    # made before the main rank starts its work
     box, failure = [None], None
     if is_main:
         try:
@@ -466,7 +469,7 @@ def raise_on_every_rank(decide: Callable[[], Optional[BaseException]], is_main: 
         raise verdict
 
 
-def tensors_from_main_rank(read: Callable[[], dict], is_main: bool) -> dict:
+def tensors_from_main_rank(read: Callable[[], dict], is_main: Optional[bool] = None) -> dict:
     """``read()`` (a state dict) on the main rank only, its tensors broadcast to every rank (on
     the CPU), its error raised on every rank.
 
@@ -478,6 +481,7 @@ def tensors_from_main_rank(read: Callable[[], dict], is_main: bool) -> dict:
     import torch.distributed as dist
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return read()
+    is_main = dist.get_rank() == 0 if is_main is None else is_main
     state: dict = {}
 
     def header() -> list:
@@ -486,7 +490,7 @@ def tensors_from_main_rank(read: Callable[[], dict], is_main: bool) -> dict:
     device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
               else torch.device("cpu"))
     out = {}
-    for key, shape, what in from_main_rank(header, is_main):
+    for key, shape, what in from_main_rank(header, is_main, long_wait=True):
         if shape is None:          # not a tensor: it travelled in the header
             out[key] = what
             continue

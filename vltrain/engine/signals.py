@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -68,9 +69,12 @@ class StopFlag:
         self._receiver.start()
 
     def _handle(self, signum, frame):
-        if self.signum is None:      # Slurm signals every task: said by rank 0, the others at INFO
-            from vltrain.engine.distributed import first_rank
-            log.log(logging.WARNING if first_rank() else logging.INFO,
+        if self.signum is None:
+            # Slurm signals every task: said by rank 0, the others at INFO. The rank from the
+            # environment (setup_logging's rule): no import in a handler that may run in the
+            # middle of torch's (a signal during start-up: it broke that import, or was lost)
+            first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+            log.log(logging.WARNING if first else logging.INFO,
                     "received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
         self.signum = signum
 

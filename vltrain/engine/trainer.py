@@ -404,7 +404,8 @@ class Trainer:
         self.save()
         self.stop.exiting()
         if self.info.is_main:     # the other ranks that got the signal said so at INFO (Slurm signals all)
-            got = f"; {self._stop_ranks} of {self.info.world} rank(s) received it" if self._stop_ranks else ""
+            got = (f"; {self._stop_ranks} of {self.info.world} rank(s) had received it by then"
+                   if self._stop_ranks else "")
             log.warning("stopped on signal at step %d; checkpoint saved; exiting with %d (to continue: the same "
                         "command with train.resume=auto; the Slurm templates requeue the job themselves unless it "
                         "is being cancelled)%s", self.step, EXIT_PREEMPTED, got)

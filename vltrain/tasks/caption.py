@@ -180,7 +180,7 @@ def build_caption(cfg, model) -> CaptionTask:
         from vltrain.tasks.scst import SelfCritical, read_caption_references
         source = t.scst_references or cfg.data.train
         # read by rank 0 (COCO's: ~35 MB, from the object store) and broadcast to every rank
-        refs = from_main_rank(lambda: read_caption_references(source, cfg.data.download_timeout))
+        refs = from_main_rank(lambda: read_caption_references(source, cfg.data.download_timeout), long_wait=True)
         log.info("self-critical training: CIDEr-D document frequencies from %d images of %s", len(refs), source)
         scst = SelfCritical(refs, tok, decode_options(t, 1), samples=t.scst_samples,
                             source=f"task.scst_references={source}" if t.scst_references else f"data.train={source}")
@@ -300,7 +300,7 @@ def evaluate_caption(trainer, split: str) -> dict:
     # MAIN_RANK_WAIT_S (from_main_rank), not train.dist_timeout_s: SPICE on a COCO-size split
     # runs for minutes to an hour on one core.
     numeric, full, err = from_main_rank(lambda: _score_on_main(split, refs, cands, final=trainer.cfg.mode == "eval"),
-                                        trainer.info.is_main)
+                                        trainer.info.is_main, long_wait=True)
     if err:
         raise RuntimeError(f"caption scoring failed on rank 0: {err}")
     if full.get("interrupted"):         # the same on every rank (broadcast)

@@ -72,8 +72,8 @@ def read_caption_references(location: str, timeout: float = 60.0) -> dict[str, l
     ``location``: a JSON file mapping image id -> list of captions, or an MDS captions
     dataset (local folder or remote prefix): its ``references.jsonl`` (schema.REFERENCES_FILE,
     written by the converters), else (a dataset converted before that file, or one copied
-    without it) every sample of its shards (``iter_mds_samples``: region features included, on
-    every rank)."""
+    without it) every sample of its shards (``iter_mds_samples``: region features included).
+    Training reads it on rank 0 and broadcasts it (``build_caption``)."""
     from vltrain.data import schema
     from vltrain.data.datasets import _read_text, read_meta
     from vltrain.data.errors import MetaError
