@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import Size, emit_report, full_size, machine_description, make_batch, markdown_table, \
-    median, quick_size, run_two_ranks, update_benchmarks  # noqa: E402
+    median, quick_size, run_two_ranks  # noqa: E402
 
 SECTION = "## Checkpoint save and load"
 
@@ -235,9 +235,7 @@ def main(argv=None) -> int:
         return 0
     res = run_ranks(args)
     text = report(res, args)
-    emit_report(text, args.out)
-    if args.update_benchmarks:
-        update_benchmarks(SECTION, text)
+    emit_report(text, args.out, SECTION if args.update_benchmarks else None)
     return 0
 
 

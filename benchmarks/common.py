@@ -320,12 +320,15 @@ def run_two_ranks(cmd: list[str], what: str, timeout: float) -> list[str]:
     return logs
 
 
-def emit_report(text: str, out: str | None) -> None:
-    """Print a Markdown report, and write it to ``out`` when given (``--out``)."""
+def emit_report(text: str, out: str | None, section: str | None = None) -> None:
+    """Print a Markdown report, write it to ``out`` when given (``--out``), and replace its
+    ``section`` of BENCHMARKS.md with it when given (``--update-benchmarks``)."""
     print(text)
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+    if section:
+        update_benchmarks(section, text)
 
 
 def update_benchmarks(section: str, text: str, path: str = os.path.join(REPO, "BENCHMARKS.md")) -> None:

@@ -28,8 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (emit_report, machine_description, markdown_table, median, sync,  # noqa: E402
-                               update_benchmarks)
+from benchmarks.common import emit_report, machine_description, markdown_table, median, sync  # noqa: E402
 from vltrain.config import ModelConfig, debug_model_config  # noqa: E402
 from vltrain.data.batch import Batch  # noqa: E402
 from vltrain.decoding import DecodeOptions, DecodeTokens, decode  # noqa: E402
@@ -146,9 +145,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     res = run(args)
     text = report(args, res)
-    emit_report(text, args.out)
-    if args.update_benchmarks:
-        update_benchmarks(SECTION, text)
+    emit_report(text, args.out, SECTION if args.update_benchmarks else None)
     ok = all(res["same"].values()) and res["lengths"] == [args.max_len]
     return 0 if ok else 1
 

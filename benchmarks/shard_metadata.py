@@ -24,7 +24,7 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit_report, update_benchmarks  # noqa: E402
+from benchmarks.common import emit_report  # noqa: E402
 from vltrain.profiling import markdown_table  # noqa: E402
 
 SECTION = "## Shard metadata per process"
@@ -124,9 +124,7 @@ def main(argv=None) -> int:
         "size is better written with `--size-limit 256mb` (each shard download 4x larger: the cache's "
         "headroom, `data.cache_limit`, grows with it).",
     ])
-    emit_report(text, args.out)
-    if args.update_benchmarks:
-        update_benchmarks(SECTION, text)
+    emit_report(text, args.out, SECTION if args.update_benchmarks else None)
     return 0
 
 

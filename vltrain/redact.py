@@ -67,7 +67,8 @@ def setup_logging(worker: Optional[int] = None) -> None:
     """A rank's logging (or, with ``worker``, one of its DataLoader workers', which would
     otherwise print through Python's last-resort handler: bare, unredacted): every line says
     which job and rank (and worker) wrote it, with credentials redacted."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    from vltrain.engine.distributed import launch_rank
+    rank = launch_rank()
     job = os.environ.get("SLURM_JOB_ID", "-")
     where = f"rank={rank}" if worker is None else f"rank={rank} worker={worker}"
     handler = logging.StreamHandler()

@@ -137,7 +137,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         # Ctrl-C (SIGINT to the terminal's whole process group): nothing to report but that;
         # a traceback per rank (and per launcher) only hid it. Said by rank 0: every rank got it.
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        from vltrain.engine.distributed import launch_rank
+        if launch_rank() == "0":
             logging.getLogger("vltrain.run").warning(
                 "interrupted (SIGINT, Ctrl-C): stopped without a checkpoint; continue from the last one with "
                 "train.resume=auto (kill -USR1 <rank pid> stops with one)")

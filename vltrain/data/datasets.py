@@ -596,8 +596,7 @@ def stream_remotes(cfg, facts: dict[str, DatasetFacts], split: str = "train") ->
     repeats get their own stream index and so their own masks (streaming's up-sampling of one
     stream would repeat the sample id, and with it the masks). At most ``MAX_TEXT_VISITS``.
     """
-    d = cfg.data
-    remotes = split_remotes(cfg, split)
+    d = cfg.data                       # (split_remotes, read before, refused an empty one)
     if split == "train":
         if d.text_train:               # (text_proportion in (0, 1): config.check_values)
             n = facts[d.train].samples
@@ -613,7 +612,8 @@ def stream_remotes(cfg, facts: dict[str, DatasetFacts], split: str = "train") ->
                     f"each would be read {k / m:.1f} times an epoch (at most {MAX_TEXT_VISITS}); "
                     f"use a larger text corpus or a lower data.text_proportion")
             return [(d.train, None)] + [(d.text_train, None)] * full + ([(d.text_train, rest)] if rest else [])
-    return [(remotes[0], None)]
+        return [(d.train, None)]
+    return [(getattr(d, split), None)]
 
 
 def build_dataset(cfg, batch_size: int, split: str = "train", shuffle: Optional[bool] = None

@@ -14,10 +14,8 @@ import yaml
 
 from vltrain.ckpt.layout import locate, read_config
 from vltrain.config import CHECKOUT, Config, check_placeholders, config_to_dict, flatten
-from vltrain.data.errors import StorageUnavailable
 from vltrain.engine import checkpoint as ckpt
-from vltrain.engine.distributed import (from_main_rank, init_distributed, raise_on_every_rank, said_by_main_rank,
-                                        tensors_from_main_rank)
+from vltrain.engine.distributed import from_main_rank, init_distributed, said_by_main_rank, tensors_from_main_rank
 from vltrain.engine.ds_config import (DSConfigError, check_buildable, no_decay_param_groups, precision_of,
                                       resolve_ds_config)
 from vltrain.engine.ds_readbacks import drop_step_readbacks
@@ -409,15 +407,11 @@ def claim_run_dir(cfg: Config, run_dir: str, is_main: bool) -> None:
     gets its verdict, so all stop on the same message. Only the main rank makes the folder:
     it removes it on a failed start, and a slower rank making it after that removal left it
     behind (the others write there after the engine is built)."""
-    def claim() -> Optional[BaseException]:
-        try:
-            make_run_dir(cfg, run_dir)
-            if cfg.mode == "train":     # an evaluation writes no checkpoints: it may run beside the training
-                hold_run_lock(run_dir, cfg.run_name)
-        except (ValueError, StorageUnavailable, OSError) as e:    # any: the other ranks must not wait for it
-            return e
-        return None
-    raise_on_every_rank(claim, is_main)
+    def claim() -> None:
+        make_run_dir(cfg, run_dir)
+        if cfg.mode == "train":     # an evaluation writes no checkpoints: it may run beside the training
+            hold_run_lock(run_dir, cfg.run_name)
+    from_main_rank(claim, is_main)       # any error of it: the other ranks must not wait for it
 
 
 @contextlib.contextmanager
@@ -520,13 +514,13 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
         if cfg.mode == "eval" and cfg.task.name == "caption":   # rank 0 scores: its Java, now, not after
             from vltrain.metrics.caption import JavaNotFoundError, require_java     # the split is decoded
 
-            def java_missing() -> Optional[ValueError]:
+            def java_present() -> None:
                 try:
                     require_java()
                 except JavaNotFoundError as e:
-                    return ValueError(f"mode=eval, task.name=caption scores by the COCO protocol on rank 0: {e}")
-                return None
-            raise_on_every_rank(java_missing, info.is_main)
+                    raise ValueError(f"mode=eval, task.name=caption scores by the COCO protocol on rank 0: "
+                                     f"{e}") from None
+            from_main_rank(java_present, info.is_main)
         torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
         model = VLModel(cfg.model)
         task_state: dict = {}
@@ -539,7 +533,7 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                 saved, source_task, recorded_vocab = from_main_rank(lambda: source_facts(cfg.train.init_from),
                                                                     info.is_main)
                 source_vocab = recorded_vocab if source_task == "vqa" else ""
-                raise_on_every_rank(lambda: check_source_settings(cfg, saved), info.is_main)
+                from_main_rank(lambda: check_source_settings(cfg, saved), info.is_main)
                 if cfg.mode == "eval" and cfg.task.name == "vqa" and not cfg.task.answer_vocab_sha256:
                     # the vocabulary the head was trained on: build_vqa refuses a split converted with another
                     cfg.task.answer_vocab_sha256 = recorded_vocab
@@ -566,15 +560,14 @@ def build_training(cfg: Config, ds_config_path: Optional[str] = None) -> Trainer
                                   same_task=source_task == cfg.task.name,
                                   skip=head_source_problem(cfg, source_task, source_vocab))
         if found is not None:
-            def resume_mismatch() -> Optional[ValueError]:     # rank 0's reading, for every rank
+            def resume_matches() -> None:     # rank 0's reading, for every rank
                 check_model_matches(found.path, task)   # names the mismatched parameters and shapes
                 recorded = recorded_answer_vocab(os.path.join(found.path, "config.yaml"))
                 if cfg.task.name == "vqa" and recorded and recorded != cfg.task.answer_vocab_sha256:
-                    return ValueError(f"data.train: its answer_vocab.json differs from the one {found.path} was "
-                                      "trained with, so the head's class ids would name other answers; resume with "
-                                      "that dataset")
-                return None
-            raise_on_every_rank(resume_mismatch, info.is_main)
+                    raise ValueError(f"data.train: its answer_vocab.json differs from the one {found.path} was "
+                                     "trained with, so the head's class ids would name other answers; resume with "
+                                     "that dataset")
+            from_main_rank(resume_matches, info.is_main)
 
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=no_decay_param_groups(task, cfg.train.weight_decay), config=ds,

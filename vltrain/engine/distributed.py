@@ -378,6 +378,13 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     return dataclasses.replace(info, accelerator=accel, backend=backend)
 
 
+def launch_rank() -> str:
+    """This process's rank as its launcher gave it (RANK, or Slurm's SLURM_PROCID; "0" without
+    either): readable before torch.distributed starts, and with no import (a signal handler
+    that may run in the middle of torch's own)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+
+
 def first_rank() -> bool:
     """Whether this process says what every rank would say alike (a config's problem, a stop
     signal every rank got): torch.distributed's rank 0, or a process without it."""
@@ -459,14 +466,6 @@ def from_main_rank(read: Callable, is_main: Optional[bool] = None, long_wait: bo
     if not ok:
         raise value
     return value
-
-
-def raise_on_every_rank(decide: Callable[[], Optional[BaseException]], is_main: bool) -> None:
-    """``decide()`` runs on the main rank only; the error it returns (or raises) is raised on
-    every rank (``from_main_rank``)."""
-    verdict = from_main_rank(decide, is_main)
-    if verdict is not None:
-        raise verdict
 
 
 def tensors_from_main_rank(read: Callable[[], dict], is_main: Optional[bool] = None) -> dict:

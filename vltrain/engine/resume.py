@@ -24,7 +24,7 @@ import os
 from typing import Iterable, Optional
 
 from vltrain.config import ConfigError
-from vltrain.engine.distributed import first_rank, raise_on_every_rank
+from vltrain.engine.distributed import first_rank, from_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,13 @@ def check_files_open(found, rank: int) -> None:
     name no file); the others would load theirs and die at the next collective with gloo's
     "Connection closed by peer". Rank 0 opens every file (lazily, a second or so) before the
     engine is built, and the verdict is broadcast: all ranks stop on the same message."""
-    def check() -> Optional[CheckpointError]:
+    def check() -> None:
         bad = unreadable_message(found.path)
-        return CheckpointError(f"cannot load checkpoint {found.path}: {bad}. Resume from another checkpoint "
-                               "with train.resume=<its tag folder> (`vltrain-ckpt inspect` lists the complete "
-                               "ones)") if bad else None
-    raise_on_every_rank(check, rank == 0)
+        if bad:
+            raise CheckpointError(f"cannot load checkpoint {found.path}: {bad}. Resume from another checkpoint "
+                                  "with train.resume=<its tag folder> (`vltrain-ckpt inspect` lists the complete "
+                                  "ones)")
+    from_main_rank(check, rank == 0)
 
 
 def unreadable_files(tag_dir: str) -> list[str]:

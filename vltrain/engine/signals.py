@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
 from multiprocessing import resource_tracker
+
+from vltrain.engine.distributed import launch_rank
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,10 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is None:
-            # Slurm signals every task: said by rank 0, the others at INFO. The rank from the
-            # environment (setup_logging's rule): no import in a handler that may run in the
-            # middle of torch's (a signal during start-up: it broke that import, or was lost)
-            first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-            log.log(logging.WARNING if first else logging.INFO,
+            # Slurm signals every task: said by rank 0, the others at INFO. The launcher's rank:
+            # no import in a handler that may run in the middle of torch's (a signal during
+            # start-up: it broke that import, or was lost)
+            log.log(logging.WARNING if launch_rank() == "0" else logging.INFO,
                     "received %s: will checkpoint and exit at the next step boundary", signal.Signals(signum).name)
         self.signum = signum
 
